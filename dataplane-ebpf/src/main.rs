@@ -1,0 +1,80 @@
+//! Entry programs, one per hook. Each is thin: it calls into the module of each concern and maps
+//! the outcome onto an explicit verdict.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod parse;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use dataplane_common::{DropReason, hook};
+
+use crate::parse::Frame;
+
+/// Verdict that hands the packet to the next program of the TCX chain (or to the stack when
+/// there is none). `TC_ACT_OK` would skip programs attached after ours.
+const TC_PASS: i32 = TC_ACT_UNSPEC;
+
+#[inline(always)]
+fn skb_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` points at the context the kernel passed to this program.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Traffic leaving a container (tc ingress of its host-side veth).
+#[classifier]
+pub fn dp_container_ingress(ctx: TcContext) -> i32 {
+    stats::count_packet(skb_ifindex(&ctx), hook::CONTAINER_INGRESS, ctx.len());
+    match parse::parse_tc(&ctx) {
+        Frame::Malformed => {
+            stats::count_drop(DropReason::Malformed);
+            TC_ACT_SHOT
+        }
+        Frame::Ipv4(_) | Frame::Other => TC_PASS,
+    }
+}
+
+/// Traffic arriving from outside the host (tc ingress of the uplink).
+#[classifier]
+pub fn dp_uplink_ingress(ctx: TcContext) -> i32 {
+    stats::count_packet(skb_ifindex(&ctx), hook::UPLINK_INGRESS, ctx.len());
+    match parse::parse_tc(&ctx) {
+        Frame::Malformed => {
+            stats::count_drop(DropReason::Malformed);
+            TC_ACT_SHOT
+        }
+        Frame::Ipv4(_) | Frame::Other => TC_PASS,
+    }
+}
+
+/// Traffic leaving the host (tc egress of the uplink).
+#[classifier]
+pub fn dp_uplink_egress(ctx: TcContext) -> i32 {
+    stats::count_packet(skb_ifindex(&ctx), hook::UPLINK_EGRESS, ctx.len());
+    TC_PASS
+}
+
+/// Early path on the uplink, before a socket buffer exists.
+#[xdp]
+pub fn dp_uplink_xdp(ctx: XdpContext) -> u32 {
+    // SAFETY: `ctx` points at the xdp_md the kernel passed to this program.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let len = (ctx.data_end() - ctx.data()) as u32;
+    stats::count_packet(ifindex, hook::UPLINK_XDP, len);
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

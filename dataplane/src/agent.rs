@@ -1,0 +1,286 @@
+//! `dataplane agent`: loads the kernel programs, keeps them attached and their maps in line with
+//! the desired state, follows changes to the state file, and answers local clients.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use dataplane_common::hook;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+
+use crate::{
+    DEFAULT_PIN_DIR, DEFAULT_SOCKET, control,
+    ebpf::Datapath,
+    model::{Model, StateError},
+    netdev,
+    reconciler::{self, ReconcileError},
+    status::{self, Status},
+};
+
+/// How often the state file is checked for changes and the kernel state re-checked (an
+/// interface that came back with a new index gets its programs again).
+const POLL_INTERVAL: Duration = Duration::from_millis(300);
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    /// Declarative state file (YAML or JSON); changes to it apply while the agent runs.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Interface facing the outside (overrides `uplink:` of the state file; default: the
+    /// interface of the default route).
+    #[arg(long)]
+    uplink: Option<String>,
+    /// Directory on bpffs where the maps are pinned (kept across restarts).
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Control socket for `dataplane status` and other local clients.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
+struct Agent {
+    datapath: Datapath,
+    args: AgentArgs,
+    /// The last state that was applied in full.
+    applied: Model,
+    uplink: String,
+    /// Text of the state file when it was last read, to notice edits.
+    seen_text: Option<String>,
+    last_error: Option<String>,
+    reconciles: u64,
+    last_applied_unix: Option<u64>,
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let initial = match &args.state {
+        Some(path) => Model::load(path)?.1,
+        None => Model::default(),
+    };
+    let datapath = Datapath::load(&args.pin_dir)?;
+    log::info!(
+        "kernel programs loaded; maps pinned under {}",
+        args.pin_dir.display()
+    );
+    let listener = control::bind(&args.socket)?;
+    let _socket_file = control::SocketFile(args.socket.clone());
+    let seen_text = args
+        .state
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok());
+    let mut agent = Agent {
+        datapath,
+        uplink: String::new(),
+        args,
+        applied: Model::default(),
+        seen_text,
+        last_error: None,
+        reconciles: 0,
+        last_applied_unix: None,
+    };
+    // The first state must apply: an agent that cannot start says why and exits.
+    agent.apply(initial).context("applying the initial state")?;
+
+    let (requests_tx, mut requests) = mpsc::channel::<control::Request>(16);
+    tokio::spawn(control::serve(listener, requests_tx));
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    log::info!(
+        "agent running; control socket {}",
+        agent.args.socket.display()
+    );
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = tick.tick() => agent.poll(),
+            Some(request) = requests.recv() => {
+                let reply = agent.handle(&request.command);
+                let _ = request.reply.send(reply);
+            }
+        }
+    }
+    log::info!(
+        "stopping: detaching programs (maps stay pinned in {})",
+        agent.args.pin_dir.display()
+    );
+    agent.datapath.detach_all();
+    Ok(())
+}
+
+impl Agent {
+    fn effective_uplink(&self, model: &Model) -> Result<String, ReconcileError> {
+        self.args
+            .uplink
+            .clone()
+            .or_else(|| model.uplink.clone())
+            .or_else(netdev::default_route_interface)
+            .ok_or(ReconcileError::NoUplink)
+    }
+
+    /// Applies `model`; on failure re-applies the last good state so nothing is left half done.
+    fn apply(&mut self, model: Model) -> Result<(), ReconcileError> {
+        let started = std::time::Instant::now();
+        let result = self.effective_uplink(&model).and_then(|uplink| {
+            let desired = reconciler::desired(&model, &uplink, &self.datapath)?;
+            let changes = reconciler::apply(&desired, &mut self.datapath)?;
+            Ok((uplink, changes))
+        });
+        match result {
+            Ok((uplink, changes)) => {
+                if !changes.is_empty() {
+                    log::info!("applied state in {:?}: {changes:?}", started.elapsed());
+                    self.reconciles += 1;
+                }
+                self.uplink = uplink;
+                self.applied = model;
+                self.last_error = None;
+                self.last_applied_unix = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs());
+                Ok(())
+            }
+            Err(err) => {
+                if self.last_applied_unix.is_some() {
+                    let last_good = self.applied.clone();
+                    if let Err(e) = self.effective_uplink(&last_good).and_then(|uplink| {
+                        let desired = reconciler::desired(&last_good, &uplink, &self.datapath)?;
+                        reconciler::apply(&desired, &mut self.datapath)
+                    }) {
+                        log::warn!("re-applying the last good state: {e}");
+                    }
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Picks up edits of the state file and repairs drift (e.g. a recreated interface).
+    fn poll(&mut self) {
+        if let Some(path) = self.args.state.clone() {
+            match std::fs::read_to_string(&path) {
+                Ok(text) if Some(&text) != self.seen_text.as_ref() => {
+                    self.seen_text = Some(text);
+                    match Model::load(&path) {
+                        Ok((_, model)) => {
+                            log::info!("state file {} changed; applying", path.display());
+                            if let Err(e) = self.apply(model) {
+                                self.reject(e.to_string());
+                            }
+                        }
+                        Err(e) => self.reject(e.to_string()),
+                    }
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let e = StateError::Read {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    };
+                    if self.last_error.as_deref() != Some(&e.to_string()) {
+                        self.reject(e.to_string());
+                    }
+                    return;
+                }
+            }
+        }
+        if self.last_error.is_none() {
+            // Same model; apply() only writes what differs from the kernel.
+            let model = self.applied.clone();
+            if let Err(e) = self.apply(model) {
+                self.reject(e.to_string());
+            }
+        }
+    }
+
+    fn reject(&mut self, error: String) {
+        log::error!("state not applied, keeping the last good state: {error}");
+        self.last_error = Some(error);
+    }
+
+    fn handle(&mut self, command: &str) -> String {
+        match command {
+            "status" => match self.status() {
+                Ok(s) => serde_json::to_string(&s).expect("status serialises"),
+                Err(e) => format!("{{\"error\": {:?}}}", e.to_string()),
+            },
+            other => format!("{{\"error\": \"unknown request {other:?}\"}}"),
+        }
+    }
+
+    fn status(&self) -> anyhow::Result<Status> {
+        let attachments = self
+            .datapath
+            .attachments()
+            .into_iter()
+            .map(|(interface, hook, ifindex)| status::Attachment {
+                interface,
+                ifindex,
+                hook: hook::name(hook.number()).to_owned(),
+                program: hook.program().to_owned(),
+            })
+            .collect();
+        let maps = self
+            .datapath
+            .map_fill()?
+            .into_iter()
+            .map(|m| status::MapFill {
+                name: m.name.to_owned(),
+                entries: m.entries,
+                capacity: m.capacity,
+            })
+            .collect();
+        let interfaces = self
+            .datapath
+            .iface_stats()?
+            .into_iter()
+            .map(|(key, stats)| status::InterfaceCounters {
+                interface: netdev::ifname(key.ifindex)
+                    .unwrap_or_else(|| format!("ifindex {}", key.ifindex)),
+                ifindex: key.ifindex,
+                hook: hook::name(key.hook).to_owned(),
+                packets: stats.packets,
+                bytes: stats.bytes,
+            })
+            .collect();
+        let endpoints = self
+            .applied
+            .endpoints
+            .iter()
+            .flat_map(|e| {
+                e.interfaces.iter().map(|i| status::EndpointRow {
+                    name: e.name.clone(),
+                    network: i.network.clone(),
+                    ip: i.ip.to_string(),
+                    host_veth: i.host_veth.clone(),
+                })
+            })
+            .collect();
+        let drops = self
+            .datapath
+            .drops()?
+            .into_iter()
+            .map(|(reason, count)| (reason.desc().to_owned(), count))
+            .collect();
+        Ok(Status {
+            pin_dir: self.datapath.pin_dir().display().to_string(),
+            state_file: self.args.state.as_ref().map(|p| p.display().to_string()),
+            uplink: self.uplink.clone(),
+            attachments,
+            maps,
+            interfaces,
+            endpoints,
+            drops,
+            reconciles: self.reconciles,
+            last_applied_unix: self.last_applied_unix,
+            last_error: self.last_error.clone(),
+        })
+    }
+}

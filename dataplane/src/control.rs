@@ -1,0 +1,95 @@
+//! The agent's control socket: local clients (`status`, later `observe`) send one request line
+//! and read the reply until the agent closes the connection.
+
+use std::{
+    io::{BufReader, Read as _, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _},
+    net::UnixListener,
+    sync::{mpsc, oneshot},
+};
+
+/// A request from a client, handed to the agent's main loop (the only owner of the kernel
+/// state), with the channel for its reply.
+pub struct Request {
+    pub command: String,
+    pub reply: oneshot::Sender<String>,
+}
+
+/// Binds the control socket, replacing a stale socket file left by a killed agent.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if UnixStream::connect(path).is_ok() {
+        anyhow::bail!(
+            "another agent is listening on {}; give this one its own --socket",
+            path.display()
+        );
+    }
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))
+}
+
+/// Accepts clients forever, passing each request line to `requests`.
+pub async fn serve(listener: UnixListener, requests: mpsc::Sender<Request>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = tokio::io::BufReader::new(read);
+            if reader.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let (reply, answer) = oneshot::channel();
+            let request = Request {
+                command: line.trim().to_owned(),
+                reply,
+            };
+            if requests.send(request).await.is_err() {
+                return;
+            }
+            if let Ok(text) = answer.await {
+                let _ = write.write_all(text.as_bytes()).await;
+                let _ = write.shutdown().await;
+            }
+        });
+    }
+}
+
+/// Client side: sends `command` and returns the whole reply.
+pub fn request(socket: &Path, command: &str) -> anyhow::Result<String> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the agent on {} (is `dataplane agent` running? give --socket if it \
+             uses another)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    writeln!(stream, "{command}")?;
+    let mut reply = String::new();
+    BufReader::new(&mut stream)
+        .read_to_string(&mut reply)
+        .context("reading the agent's reply")?;
+    Ok(reply)
+}
+
+/// Removes the socket file when the agent stops.
+pub struct SocketFile(pub PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

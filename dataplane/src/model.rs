@@ -1,0 +1,1207 @@
+//! The one model of desired state, and the state file that describes it (shared/DESIGN.md
+//! section 5). Every source (state file, Docker, sandbox) produces a [`Model`]; the reconciler
+//! is the only thing that turns it into map entries.
+//!
+//! Parsing is two steps: serde reads the file into `*Spec` structs (rejecting unknown fields
+//! and wrong types with a line and column), then [`Model::from_spec`] checks meaning and names
+//! the entry and field of the first problem, e.g. `endpoints[web1].interfaces[0].ip`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    net::Ipv4Addr,
+    path::Path,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// A problem in the state file, located by entry and field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateError {
+    #[error("cannot read state file {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("state file {path} is not valid YAML/JSON for this schema: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{entry}.{field}: {message}")]
+    Invalid {
+        /// The entry, e.g. `endpoints[web1]` or `networks[2]` when it has no name.
+        entry: String,
+        /// The field within the entry, e.g. `interfaces[0].ip`.
+        field: String,
+        message: String,
+    },
+}
+
+fn invalid(
+    entry: impl Into<String>,
+    field: impl Into<String>,
+    message: impl fmt::Display,
+) -> StateError {
+    StateError::Invalid {
+        entry: entry.into(),
+        field: field.into(),
+        message: message.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written (serde).
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<String>,
+    #[serde(default)]
+    pub networks: Vec<NetworkSpec>,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    #[serde(default)]
+    pub policies: Vec<PolicySpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    pub name: String,
+    pub bridge: String,
+    pub subnet: String,
+    pub gateway: String,
+    #[serde(default)]
+    pub internal: bool,
+    #[serde(default = "default_true")]
+    pub icc: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceSpec {
+    pub network: String,
+    pub ip: String,
+    pub mac: String,
+    pub host_veth: String,
+}
+
+/// A port number or a range written as "8000-8010".
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum PortValue {
+    Number(u32),
+    Text(String),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<String>,
+    pub host_port: PortValue,
+    pub container_port: PortValue,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub vip: String,
+    pub port: u32,
+    #[serde(default = "default_tcp")]
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<String>>,
+    #[serde(default = "default_algorithm")]
+    pub algorithm: String,
+}
+
+fn default_tcp() -> String {
+    "tcp".into()
+}
+
+fn default_algorithm() -> String {
+    "maglev".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    pub name: String,
+    pub action: String,
+    #[serde(default)]
+    pub from: SelectorSpec,
+    #[serde(default)]
+    pub to: SelectorSpec,
+    #[serde(default)]
+    pub ports: Vec<String>,
+}
+
+/// Whom a policy side matches. Empty matches everything.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SelectorSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated model.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    fn parse(text: &str) -> Option<Protocol> {
+        match text {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, len) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not a CIDR (expected a.b.c.d/len)"))?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+        let prefix_len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("prefix length {len:?} is not 0-32"))?;
+        let cidr = Cidr { addr, prefix_len };
+        if cidr.network() != addr {
+            return Err(format!(
+                "{text} has host bits set (the network is {}/{prefix_len})",
+                cidr.network()
+            ));
+        }
+        Ok(cidr)
+    }
+
+    fn mask(&self) -> u32 {
+        if self.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix_len))
+        }
+    }
+
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Network {
+    pub name: String,
+    pub bridge: String,
+    pub subnet: Cidr,
+    pub gateway: Ipv4Addr,
+    pub internal: bool,
+    pub icc: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Interface {
+    pub network: String,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub host_veth: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub interfaces: Vec<Interface>,
+}
+
+/// Inclusive port range; a single port has `first == last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    fn parse(value: &PortValue) -> Result<PortRange, String> {
+        let port = |n: u32| -> Result<u16, String> {
+            u16::try_from(n)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("port {n} is not 1-65535"))
+        };
+        match value {
+            PortValue::Number(n) => {
+                let p = port(*n)?;
+                Ok(PortRange { first: p, last: p })
+            }
+            PortValue::Text(text) => {
+                let number = |s: &str| -> Result<u16, String> {
+                    let n: u32 = s
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("{text:?} is not a port or a range like 8000-8010"))?;
+                    port(n)
+                };
+                let (first, last) = match text.split_once('-') {
+                    Some((a, b)) => (number(a)?, number(b)?),
+                    None => {
+                        let p = number(text)?;
+                        (p, p)
+                    }
+                };
+                if first > last {
+                    return Err(format!("range {text:?} ends before it starts"));
+                }
+                Ok(PortRange { first, last })
+            }
+        }
+    }
+
+    pub fn len(&self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+
+    fn overlaps(&self, other: &PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
+
+/// What a published port leads to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortTarget {
+    Endpoint(String),
+    Service(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PublishedPort {
+    pub target: PortTarget,
+    pub protocol: Protocol,
+    /// `None`: every host address.
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_ports: PortRange,
+    pub container_ports: PortRange,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    Maglev,
+    Random,
+    RoundRobin,
+    SourceHash,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub target_port: u16,
+    pub algorithm: Algorithm,
+    /// Endpoint names, resolved from the selector or the list, sorted.
+    pub backends: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Selector {
+    Any,
+    Network(String),
+    Endpoint(String),
+    Labels(BTreeMap<String, String>),
+    Cidr(Cidr),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    pub name: String,
+    pub action: Action,
+    pub from: Selector,
+    pub to: Selector,
+    /// Empty: every port and protocol.
+    pub ports: Vec<(u16, Protocol)>,
+}
+
+/// The desired state of the dataplane, validated.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Model {
+    pub uplink: Option<String>,
+    pub networks: Vec<Network>,
+    pub endpoints: Vec<Endpoint>,
+    pub ports: Vec<PublishedPort>,
+    pub services: Vec<Service>,
+    pub policies: Vec<Policy>,
+}
+
+/// An interface name as Linux accepts it.
+fn check_ifname(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".into());
+    }
+    if name.len() > 15 {
+        return Err(format!(
+            "{name:?} is longer than 15 characters (Linux IFNAMSIZ)"
+        ));
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c.is_whitespace() || c == ':')
+    {
+        return Err(format!("{name:?} contains '/', ':' or whitespace"));
+    }
+    Ok(())
+}
+
+fn parse_ip(text: &str) -> Result<Ipv4Addr, String> {
+    text.parse()
+        .map_err(|_| format!("{text:?} is not an IPv4 address"))
+}
+
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let bad = || format!("{text:?} is not a MAC address like 02:42:ac:1e:01:02");
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 == 1 {
+        return Err(format!("{text} is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// `entries[name]` when the entry has a usable name, else `entries[index]`.
+fn entry_label(kind: &str, index: usize, name: &str) -> String {
+    if name.is_empty() {
+        format!("{kind}[{index}]")
+    } else {
+        format!("{kind}[{name}]")
+    }
+}
+
+impl Model {
+    /// Reads and validates a state file (YAML or JSON).
+    pub fn load(path: &Path) -> Result<(StateFile, Model), StateError> {
+        let text = std::fs::read_to_string(path).map_err(|e| StateError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let spec = StateFile::parse(&text).map_err(|message| StateError::Syntax {
+            path: path.display().to_string(),
+            message,
+        })?;
+        let model = Model::from_spec(&spec)?;
+        Ok((spec, model))
+    }
+
+    pub fn from_spec(spec: &StateFile) -> Result<Model, StateError> {
+        if let Some(uplink) = &spec.uplink {
+            check_ifname(uplink).map_err(|m| invalid("state", "uplink", m))?;
+        }
+        let networks = Self::networks(spec)?;
+        let endpoints = Self::endpoints(spec, &networks)?;
+        let services = Self::services(spec, &endpoints)?;
+        let ports = Self::ports(spec, &endpoints, &services)?;
+        let policies = Self::policies(spec, &networks, &endpoints)?;
+        Ok(Model {
+            uplink: spec.uplink.clone(),
+            networks,
+            endpoints,
+            ports,
+            services,
+            policies,
+        })
+    }
+
+    fn networks(spec: &StateFile) -> Result<Vec<Network>, StateError> {
+        let mut names = BTreeSet::new();
+        let mut bridges = HashMap::new();
+        let mut networks: Vec<Network> = Vec::new();
+        for (i, n) in spec.networks.iter().enumerate() {
+            let entry = entry_label("networks", i, &n.name);
+            if n.name.is_empty() {
+                return Err(invalid(entry, "name", "is empty"));
+            }
+            if !names.insert(n.name.as_str()) {
+                return Err(invalid(entry, "name", "is used by an earlier network"));
+            }
+            check_ifname(&n.bridge).map_err(|m| invalid(&entry, "bridge", m))?;
+            if let Some(other) = bridges.insert(n.bridge.as_str(), n.name.as_str()) {
+                return Err(invalid(
+                    entry,
+                    "bridge",
+                    format!("{:?} is already the bridge of network {other}", n.bridge),
+                ));
+            }
+            let subnet = Cidr::parse(&n.subnet).map_err(|m| invalid(&entry, "subnet", m))?;
+            if let Some(other) = networks
+                .iter()
+                .find(|o| o.subnet.contains(subnet.addr) || subnet.contains(o.subnet.addr))
+            {
+                return Err(invalid(
+                    entry,
+                    "subnet",
+                    format!(
+                        "{subnet} overlaps {} of network {}",
+                        other.subnet, other.name
+                    ),
+                ));
+            }
+            let gateway = parse_ip(&n.gateway).map_err(|m| invalid(&entry, "gateway", m))?;
+            if !subnet.contains(gateway) {
+                return Err(invalid(
+                    entry,
+                    "gateway",
+                    format!("{gateway} is outside the subnet {subnet}"),
+                ));
+            }
+            networks.push(Network {
+                name: n.name.clone(),
+                bridge: n.bridge.clone(),
+                subnet,
+                gateway,
+                internal: n.internal,
+                icc: n.icc,
+            });
+        }
+        Ok(networks)
+    }
+
+    fn endpoints(spec: &StateFile, networks: &[Network]) -> Result<Vec<Endpoint>, StateError> {
+        let mut names = BTreeSet::new();
+        // Address -> (endpoint, field) of its first use, to name both sides of a duplicate.
+        let mut ips: HashMap<Ipv4Addr, String> = HashMap::new();
+        let mut veths: HashMap<&str, String> = HashMap::new();
+        let mut macs: HashMap<[u8; 6], String> = HashMap::new();
+        let mut endpoints = Vec::new();
+        for (i, e) in spec.endpoints.iter().enumerate() {
+            let entry = entry_label("endpoints", i, &e.name);
+            if e.name.is_empty() {
+                return Err(invalid(entry, "name", "is empty"));
+            }
+            if !names.insert(e.name.as_str()) {
+                return Err(invalid(entry, "name", "is used by an earlier endpoint"));
+            }
+            let mut interfaces = Vec::new();
+            let mut on_networks = BTreeSet::new();
+            for (j, itf) in e.interfaces.iter().enumerate() {
+                let field = |f: &str| format!("interfaces[{j}].{f}");
+                let network = networks
+                    .iter()
+                    .find(|n| n.name == itf.network)
+                    .ok_or_else(|| {
+                        invalid(
+                            &entry,
+                            field("network"),
+                            format!("unknown network {:?}", itf.network),
+                        )
+                    })?;
+                if !on_networks.insert(itf.network.as_str()) {
+                    return Err(invalid(
+                        &entry,
+                        field("network"),
+                        format!("the endpoint is already on network {}", itf.network),
+                    ));
+                }
+                let ip = parse_ip(&itf.ip).map_err(|m| invalid(&entry, field("ip"), m))?;
+                if !network.subnet.contains(ip) {
+                    return Err(invalid(
+                        &entry,
+                        field("ip"),
+                        format!(
+                            "{ip} is outside {}'s subnet {}",
+                            network.name, network.subnet
+                        ),
+                    ));
+                }
+                if ip == network.gateway {
+                    return Err(invalid(
+                        &entry,
+                        field("ip"),
+                        format!("{ip} is the gateway of network {}", network.name),
+                    ));
+                }
+                if let Some(first) = ips.insert(ip, format!("{entry}.{}", field("ip"))) {
+                    return Err(invalid(
+                        &entry,
+                        field("ip"),
+                        format!("duplicate IP {ip}: already used by {first}"),
+                    ));
+                }
+                let mac = parse_mac(&itf.mac).map_err(|m| invalid(&entry, field("mac"), m))?;
+                if let Some(first) = macs.insert(mac, entry.clone()) {
+                    return Err(invalid(
+                        &entry,
+                        field("mac"),
+                        format!("duplicate MAC {}: already used by {first}", itf.mac),
+                    ));
+                }
+                check_ifname(&itf.host_veth).map_err(|m| invalid(&entry, field("host_veth"), m))?;
+                if networks.iter().any(|n| n.bridge == itf.host_veth) {
+                    return Err(invalid(
+                        &entry,
+                        field("host_veth"),
+                        format!("{:?} is the name of a bridge", itf.host_veth),
+                    ));
+                }
+                if let Some(first) = veths.insert(itf.host_veth.as_str(), entry.clone()) {
+                    return Err(invalid(
+                        &entry,
+                        field("host_veth"),
+                        format!("{:?} is already used by {first}", itf.host_veth),
+                    ));
+                }
+                interfaces.push(Interface {
+                    network: itf.network.clone(),
+                    ip,
+                    mac,
+                    host_veth: itf.host_veth.clone(),
+                });
+            }
+            endpoints.push(Endpoint {
+                name: e.name.clone(),
+                labels: e.labels.clone(),
+                interfaces,
+            });
+        }
+        Ok(endpoints)
+    }
+
+    fn services(spec: &StateFile, endpoints: &[Endpoint]) -> Result<Vec<Service>, StateError> {
+        let mut names = BTreeSet::new();
+        let mut vips = HashMap::new();
+        let mut services = Vec::new();
+        for (i, s) in spec.services.iter().enumerate() {
+            let entry = entry_label("services", i, &s.name);
+            if s.name.is_empty() {
+                return Err(invalid(entry, "name", "is empty"));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(invalid(entry, "name", "is used by an earlier service"));
+            }
+            let vip = parse_ip(&s.vip).map_err(|m| invalid(&entry, "vip", m))?;
+            let port = single_port(s.port).map_err(|m| invalid(&entry, "port", m))?;
+            let protocol = Protocol::parse(&s.protocol).ok_or_else(|| {
+                invalid(
+                    &entry,
+                    "protocol",
+                    format!("{:?} is not tcp or udp", s.protocol),
+                )
+            })?;
+            if let Some(first) = vips.insert((vip, port, protocol), entry.clone()) {
+                return Err(invalid(
+                    &entry,
+                    "vip",
+                    format!("{vip}:{port}/{protocol} is already the address of {first}"),
+                ));
+            }
+            let target_port = match s.target_port {
+                Some(p) => single_port(p).map_err(|m| invalid(&entry, "target_port", m))?,
+                None => port,
+            };
+            let algorithm = match s.algorithm.as_str() {
+                "maglev" => Algorithm::Maglev,
+                "random" => Algorithm::Random,
+                "round_robin" => Algorithm::RoundRobin,
+                "source_hash" => Algorithm::SourceHash,
+                other => {
+                    return Err(invalid(
+                        &entry,
+                        "algorithm",
+                        format!("{other:?} is not maglev, random, round_robin or source_hash"),
+                    ));
+                }
+            };
+            let backends = match (&s.selector, &s.endpoints) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        &entry,
+                        "selector",
+                        "give either selector or endpoints, not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(invalid(&entry, "selector", "give a selector or endpoints"));
+                }
+                (Some(selector), None) => endpoints
+                    .iter()
+                    .filter(|e| labels_match(selector, &e.labels))
+                    .map(|e| e.name.clone())
+                    .collect(),
+                (None, Some(list)) => {
+                    let mut backends = Vec::new();
+                    for (j, name) in list.iter().enumerate() {
+                        if !endpoints.iter().any(|e| &e.name == name) {
+                            return Err(invalid(
+                                &entry,
+                                format!("endpoints[{j}]"),
+                                format!("unknown endpoint {name:?}"),
+                            ));
+                        }
+                        backends.push(name.clone());
+                    }
+                    backends
+                }
+            };
+            let mut backends: Vec<String> = backends;
+            backends.sort();
+            backends.dedup();
+            services.push(Service {
+                name: s.name.clone(),
+                vip,
+                port,
+                protocol,
+                target_port,
+                algorithm,
+                backends,
+            });
+        }
+        Ok(services)
+    }
+
+    fn ports(
+        spec: &StateFile,
+        endpoints: &[Endpoint],
+        services: &[Service],
+    ) -> Result<Vec<PublishedPort>, StateError> {
+        let mut ports: Vec<(String, PublishedPort)> = Vec::new();
+        for (i, p) in spec.ports.iter().enumerate() {
+            let entry = format!("ports[{i}]");
+            let target = match (&p.endpoint, &p.service) {
+                (Some(e), None) => {
+                    if !endpoints.iter().any(|x| &x.name == e) {
+                        return Err(invalid(
+                            entry,
+                            "endpoint",
+                            format!("unknown endpoint {e:?}"),
+                        ));
+                    }
+                    PortTarget::Endpoint(e.clone())
+                }
+                (None, Some(s)) => {
+                    if !services.iter().any(|x| &x.name == s) {
+                        return Err(invalid(entry, "service", format!("unknown service {s:?}")));
+                    }
+                    PortTarget::Service(s.clone())
+                }
+                _ => {
+                    return Err(invalid(
+                        entry,
+                        "endpoint",
+                        "give exactly one of endpoint or service",
+                    ));
+                }
+            };
+            let protocol = Protocol::parse(&p.protocol).ok_or_else(|| {
+                invalid(
+                    &entry,
+                    "protocol",
+                    format!("{:?} is not tcp or udp", p.protocol),
+                )
+            })?;
+            let host_ip = match p.host_ip.as_deref() {
+                None | Some("0.0.0.0") => None,
+                Some(text) => Some(parse_ip(text).map_err(|m| invalid(&entry, "host_ip", m))?),
+            };
+            let host_ports =
+                PortRange::parse(&p.host_port).map_err(|m| invalid(&entry, "host_port", m))?;
+            let container_ports = PortRange::parse(&p.container_port)
+                .map_err(|m| invalid(&entry, "container_port", m))?;
+            if host_ports.len() != container_ports.len() {
+                return Err(invalid(
+                    &entry,
+                    "container_port",
+                    format!(
+                        "range of {} ports does not match host_port's {}",
+                        container_ports.len(),
+                        host_ports.len()
+                    ),
+                ));
+            }
+            let port = PublishedPort {
+                target,
+                protocol,
+                host_ip,
+                host_ports,
+                container_ports,
+            };
+            // Two bindings may share a port only on different, specific host addresses.
+            if let Some((first, _)) = ports.iter().find(|(_, o)| {
+                o.protocol == port.protocol
+                    && o.host_ports.overlaps(&port.host_ports)
+                    && (o.host_ip.is_none() || port.host_ip.is_none() || o.host_ip == port.host_ip)
+            }) {
+                return Err(invalid(
+                    &entry,
+                    "host_port",
+                    format!("overlaps the ports of {first}"),
+                ));
+            }
+            ports.push((entry, port));
+        }
+        Ok(ports.into_iter().map(|(_, p)| p).collect())
+    }
+
+    fn policies(
+        spec: &StateFile,
+        networks: &[Network],
+        endpoints: &[Endpoint],
+    ) -> Result<Vec<Policy>, StateError> {
+        let mut policies = Vec::new();
+        for (i, p) in spec.policies.iter().enumerate() {
+            let entry = entry_label("policies", i, &p.name);
+            let action = match p.action.as_str() {
+                "allow" => Action::Allow,
+                "deny" => Action::Deny,
+                other => {
+                    return Err(invalid(
+                        entry,
+                        "action",
+                        format!("{other:?} is not allow or deny"),
+                    ));
+                }
+            };
+            let from = selector(&p.from, networks, endpoints)
+                .map_err(|(f, m)| invalid(&entry, format!("from.{f}"), m))?;
+            let to = selector(&p.to, networks, endpoints)
+                .map_err(|(f, m)| invalid(&entry, format!("to.{f}"), m))?;
+            let mut ports = Vec::new();
+            for (j, text) in p.ports.iter().enumerate() {
+                let bad = || {
+                    invalid(
+                        &entry,
+                        format!("ports[{j}]"),
+                        format!("{text:?} is not like \"5432/tcp\""),
+                    )
+                };
+                let (port, proto) = text.split_once('/').ok_or_else(bad)?;
+                let port: u32 = port.parse().map_err(|_| bad())?;
+                let port = single_port(port).map_err(|_| bad())?;
+                let proto = Protocol::parse(proto).ok_or_else(bad)?;
+                ports.push((port, proto));
+            }
+            policies.push(Policy {
+                name: p.name.clone(),
+                action,
+                from,
+                to,
+                ports,
+            });
+        }
+        Ok(policies)
+    }
+
+    pub fn network(&self, name: &str) -> Option<&Network> {
+        self.networks.iter().find(|n| n.name == name)
+    }
+}
+
+fn single_port(n: u32) -> Result<u16, String> {
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("port {n} is not 1-65535"))
+}
+
+pub fn labels_match(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn selector(
+    spec: &SelectorSpec,
+    networks: &[Network],
+    endpoints: &[Endpoint],
+) -> Result<Selector, (&'static str, String)> {
+    let given = [
+        spec.network.is_some(),
+        spec.endpoint.is_some(),
+        spec.labels.is_some(),
+        spec.cidr.is_some(),
+    ]
+    .iter()
+    .filter(|g| **g)
+    .count();
+    if given > 1 {
+        return Err((
+            "network",
+            "give one of network, endpoint, labels or cidr".into(),
+        ));
+    }
+    if let Some(n) = &spec.network {
+        if !networks.iter().any(|x| &x.name == n) {
+            return Err(("network", format!("unknown network {n:?}")));
+        }
+        return Ok(Selector::Network(n.clone()));
+    }
+    if let Some(e) = &spec.endpoint {
+        if !endpoints.iter().any(|x| &x.name == e) {
+            return Err(("endpoint", format!("unknown endpoint {e:?}")));
+        }
+        return Ok(Selector::Endpoint(e.clone()));
+    }
+    if let Some(l) = &spec.labels {
+        return Ok(Selector::Labels(l.clone()));
+    }
+    if let Some(c) = &spec.cidr {
+        return Ok(Selector::Cidr(Cidr::parse(c).map_err(|m| ("cidr", m))?));
+    }
+    Ok(Selector::Any)
+}
+
+impl StateFile {
+    /// Parses YAML or JSON (JSON is YAML), reporting line and column of syntax errors.
+    pub fn parse(text: &str) -> Result<StateFile, String> {
+        if text.trim().is_empty() {
+            return Ok(StateFile::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("a StateFile always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+uplink: eth0
+networks:
+  - name: frontend
+    bridge: br-frontend
+    subnet: 172.30.1.0/24
+    gateway: 172.30.1.1
+  - name: backend
+    bridge: br-backend
+    subnet: 172.30.2.0/24
+    gateway: 172.30.2.1
+    internal: true
+    icc: false
+endpoints:
+  - name: web1
+    labels: {app: web}
+    interfaces:
+      - {network: frontend, ip: 172.30.1.2, mac: "02:42:ac:1e:01:02", host_veth: veth-web1}
+  - name: db
+    labels: {tier: db}
+    interfaces:
+      - {network: backend, ip: 172.30.2.2, mac: "02:42:ac:1e:02:02", host_veth: veth-db}
+ports:
+  - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}
+  - {endpoint: web1, protocol: udp, host_ip: 192.0.2.1, host_port: "9000-9002", container_port: "7000-7002"}
+services:
+  - {name: web, vip: 10.96.0.10, port: 80, selector: {app: web}}
+policies:
+  - name: no-frontend-to-db
+    action: deny
+    from: {network: frontend}
+    to: {labels: {tier: db}}
+    ports: ["5432/tcp"]
+"#;
+
+    fn good() -> StateFile {
+        StateFile::parse(GOOD).unwrap()
+    }
+
+    fn error_of(spec: &StateFile) -> String {
+        Model::from_spec(spec).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_the_design_example() {
+        let model = Model::from_spec(&good()).unwrap();
+        assert_eq!(model.networks.len(), 2);
+        assert!(!model.networks[1].icc && model.networks[1].internal);
+        assert!(model.networks[0].icc && !model.networks[0].internal);
+        assert_eq!(
+            model.endpoints[0].interfaces[0].mac,
+            [2, 0x42, 0xac, 0x1e, 1, 2]
+        );
+        assert_eq!(
+            model.ports[1].host_ports,
+            PortRange {
+                first: 9000,
+                last: 9002
+            }
+        );
+        assert_eq!(model.ports[1].host_ip, Some(Ipv4Addr::new(192, 0, 2, 1)));
+        assert_eq!(model.services[0].backends, vec!["web1".to_string()]);
+        assert_eq!(model.services[0].algorithm, Algorithm::Maglev);
+        assert_eq!(model.policies[0].ports, vec![(5432, Protocol::Tcp)]);
+    }
+
+    #[test]
+    fn json_is_accepted_too() {
+        let json = serde_json::to_string(&good()).unwrap();
+        assert_eq!(StateFile::parse(&json).unwrap(), good());
+    }
+
+    #[test]
+    fn syntax_errors_give_a_location() {
+        let err = StateFile::parse("networks:\n  - name: [unclosed\n").unwrap_err();
+        assert!(err.contains("line"), "{err}");
+        let err = StateFile::parse("networks:\n  - name: a\n    colour: red\n").unwrap_err();
+        assert!(err.contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_network_names_the_entry_and_field() {
+        let mut spec = good();
+        spec.endpoints[0].interfaces[0].network = "nope".into();
+        assert_eq!(
+            error_of(&spec),
+            "endpoints[web1].interfaces[0].network: unknown network \"nope\""
+        );
+    }
+
+    #[test]
+    fn duplicate_ip_names_both_entries() {
+        let mut spec = good();
+        spec.endpoints[1].interfaces[0].network = "frontend".into();
+        spec.endpoints[1].interfaces[0].ip = "172.30.1.2".into();
+        assert_eq!(
+            error_of(&spec),
+            "endpoints[db].interfaces[0].ip: duplicate IP 172.30.1.2: already used by \
+             endpoints[web1].interfaces[0].ip"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_rejected_by_field() {
+        type Mutation = Box<dyn Fn(&mut StateFile)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|s| s.networks[0].subnet = "172.30.1.0/33".into()),
+                "networks[frontend].subnet",
+            ),
+            (
+                Box::new(|s| s.networks[0].subnet = "172.30.1.5/24".into()),
+                "networks[frontend].subnet",
+            ),
+            (
+                Box::new(|s| s.networks[1].subnet = "172.30.0.0/16".into()),
+                "networks[backend].subnet",
+            ),
+            (
+                Box::new(|s| s.networks[0].gateway = "10.0.0.1".into()),
+                "networks[frontend].gateway",
+            ),
+            (
+                Box::new(|s| s.networks[1].bridge = "br-frontend".into()),
+                "networks[backend].bridge",
+            ),
+            (
+                Box::new(|s| s.networks[1].name = "frontend".into()),
+                "networks[frontend].name",
+            ),
+            (
+                Box::new(|s| s.endpoints[0].interfaces[0].ip = "172.30.2.9".into()),
+                "endpoints[web1].interfaces[0].ip",
+            ),
+            (
+                Box::new(|s| s.endpoints[0].interfaces[0].ip = "172.30.1.1".into()),
+                "endpoints[web1].interfaces[0].ip",
+            ),
+            (
+                Box::new(|s| s.endpoints[0].interfaces[0].mac = "zz:42:ac:1e:01:02".into()),
+                "endpoints[web1].interfaces[0].mac",
+            ),
+            (
+                Box::new(|s| {
+                    s.endpoints[0].interfaces[0].host_veth = "a-very-long-interface".into()
+                }),
+                "endpoints[web1].interfaces[0].host_veth",
+            ),
+            (
+                Box::new(|s| s.endpoints[1].interfaces[0].host_veth = "veth-web1".into()),
+                "endpoints[db].interfaces[0].host_veth",
+            ),
+            (
+                Box::new(|s| s.endpoints[1].name = "web1".into()),
+                "endpoints[web1].name",
+            ),
+            (
+                Box::new(|s| s.ports[0].endpoint = Some("ghost".into())),
+                "ports[0].endpoint",
+            ),
+            (
+                Box::new(|s| s.ports[0].protocol = "sctp".into()),
+                "ports[0].protocol",
+            ),
+            (
+                Box::new(|s| s.ports[0].host_port = PortValue::Number(70000)),
+                "ports[0].host_port",
+            ),
+            (
+                Box::new(|s| s.ports[1].container_port = PortValue::Text("7000-7005".into())),
+                "ports[1].container_port",
+            ),
+            (
+                Box::new(|s| s.ports[1].host_port = PortValue::Text("9002-9000".into())),
+                "ports[1].host_port",
+            ),
+            (
+                Box::new(|s| s.ports[1].host_ip = Some("999.1.1.1".into())),
+                "ports[1].host_ip",
+            ),
+            (
+                Box::new(|s| {
+                    s.ports[1].protocol = "tcp".into();
+                    s.ports[1].host_port = PortValue::Text("8079-8081".into());
+                }),
+                "ports[1].host_port",
+            ),
+            (
+                Box::new(|s| s.services[0].algorithm = "fastest".into()),
+                "services[web].algorithm",
+            ),
+            (
+                Box::new(|s| s.services[0].selector = None),
+                "services[web].selector",
+            ),
+            (
+                Box::new(|s| {
+                    s.services[0].selector = None;
+                    s.services[0].endpoints = Some(vec!["ghost".into()]);
+                }),
+                "services[web].endpoints[0]",
+            ),
+            (
+                Box::new(|s| s.policies[0].action = "maybe".into()),
+                "policies[no-frontend-to-db].action",
+            ),
+            (
+                Box::new(|s| s.policies[0].from.network = Some("ghost".into())),
+                "policies[no-frontend-to-db].from.network",
+            ),
+            (
+                Box::new(|s| s.policies[0].ports = vec!["5432".into()]),
+                "policies[no-frontend-to-db].ports[0]",
+            ),
+            (
+                Box::new(|s| {
+                    s.policies[0].to.labels = None;
+                    s.policies[0].to.cidr = Some("10.0.0.0/99".into());
+                }),
+                "policies[no-frontend-to-db].to.cidr",
+            ),
+        ];
+        for (mutate, expected_location) in cases {
+            let mut spec = good();
+            mutate(&mut spec);
+            let err = error_of(&spec);
+            assert!(
+                err.starts_with(&format!("{expected_location}: ")),
+                "expected an error at {expected_location}, got: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn port_ranges_and_cidrs() {
+        let r = PortRange::parse(&PortValue::Text("8000-8010".into())).unwrap();
+        assert_eq!((r.first, r.last, r.len()), (8000, 8010, 11));
+        assert!(PortRange::parse(&PortValue::Number(0)).is_err());
+        let c = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(c.contains("10.255.1.1".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("1.2.3.4".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn yaml_round_trip() {
+        let spec = good();
+        assert_eq!(StateFile::parse(&spec.to_yaml()).unwrap(), spec);
+    }
+}

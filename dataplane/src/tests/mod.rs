@@ -1,0 +1,4 @@
+//! Tests of the kernel programs through BPF_PROG_TEST_RUN (need root).
+
+mod packet;
+mod programs;

@@ -1,0 +1,156 @@
+//! Crafting and checking packets for the packet tests: Ethernet + IPv4 (+ options) + TCP/UDP,
+//! with correct checksums, and checksum verification of what the programs return.
+
+use std::net::Ipv4Addr;
+
+pub const ETH_LEN: usize = 14;
+
+#[derive(Clone, Debug)]
+pub struct Ipv4Spec {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub protocol: u8,
+    /// Extra option bytes (multiple of 4) after the 20-byte header.
+    pub options: Vec<u8>,
+    pub ttl: u8,
+}
+
+impl Ipv4Spec {
+    pub fn new(src: [u8; 4], dst: [u8; 4], protocol: u8) -> Ipv4Spec {
+        Ipv4Spec {
+            src: Ipv4Addr::from(src),
+            dst: Ipv4Addr::from(dst),
+            protocol,
+            options: Vec::new(),
+            ttl: 64,
+        }
+    }
+}
+
+/// RFC 1071 one's-complement sum folded to 16 bits.
+pub fn csum_fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+pub fn sum_words(data: &[u8]) -> u32 {
+    let mut sum = 0u32;
+    for chunk in data.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
+        sum += u32::from(word);
+    }
+    sum
+}
+
+fn l4_pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4_len: usize) -> u32 {
+    sum_words(&src.octets()) + sum_words(&dst.octets()) + u32::from(protocol) + l4_len as u32
+}
+
+/// An Ethernet frame carrying IPv4 and `l4` (a TCP or UDP header plus payload, checksum field
+/// zero); fills in both checksums.
+pub fn ipv4_frame(ip: &Ipv4Spec, l4: &[u8]) -> Vec<u8> {
+    let header_len = 20 + ip.options.len();
+    assert_eq!(header_len % 4, 0, "IPv4 options must pad to 4 bytes");
+    let total_len = header_len + l4.len();
+    let mut frame = Vec::with_capacity(ETH_LEN + total_len);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]); // dst MAC
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]); // src MAC
+    frame.extend_from_slice(&0x0800u16.to_be_bytes());
+    frame.push(0x40 | (header_len / 4) as u8);
+    frame.push(0);
+    frame.extend_from_slice(&(total_len as u16).to_be_bytes());
+    frame.extend_from_slice(&[0x12, 0x34, 0x40, 0x00]); // id, DF
+    frame.push(ip.ttl);
+    frame.push(ip.protocol);
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend_from_slice(&ip.src.octets());
+    frame.extend_from_slice(&ip.dst.octets());
+    frame.extend_from_slice(&ip.options);
+    let ip_csum = csum_fold(sum_words(&frame[ETH_LEN..ETH_LEN + header_len]));
+    frame[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&ip_csum.to_be_bytes());
+    frame.extend_from_slice(l4);
+    let l4_start = ETH_LEN + header_len;
+    let csum_offset = match ip.protocol {
+        6 => Some(16),
+        17 => Some(6),
+        _ => None,
+    };
+    if let Some(off) = csum_offset {
+        let sum =
+            l4_pseudo_sum(ip.src, ip.dst, ip.protocol, l4.len()) + sum_words(&frame[l4_start..]);
+        let mut csum = csum_fold(sum);
+        if ip.protocol == 17 && csum == 0 {
+            csum = 0xffff;
+        }
+        frame[l4_start + off..l4_start + off + 2].copy_from_slice(&csum.to_be_bytes());
+    }
+    frame
+}
+
+/// A TCP header (20 bytes, checksum zero) with `payload`.
+pub fn tcp(src_port: u16, dst_port: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(20 + payload.len());
+    h.extend_from_slice(&src_port.to_be_bytes());
+    h.extend_from_slice(&dst_port.to_be_bytes());
+    h.extend_from_slice(&1000u32.to_be_bytes()); // seq
+    h.extend_from_slice(&0u32.to_be_bytes()); // ack
+    h.push(5 << 4);
+    h.push(flags);
+    h.extend_from_slice(&64240u16.to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+    h.extend_from_slice(payload);
+    h
+}
+
+/// A UDP header (checksum zero) with `payload`.
+pub fn udp(src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(8 + payload.len());
+    h.extend_from_slice(&src_port.to_be_bytes());
+    h.extend_from_slice(&dst_port.to_be_bytes());
+    h.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(payload);
+    h
+}
+
+pub const TCP_SYN: u8 = 0x02;
+
+/// Checks the IPv4 header checksum and the TCP/UDP checksum of `frame`; panics with what is
+/// wrong.
+pub fn assert_checksums(frame: &[u8]) {
+    let ihl = usize::from(frame[ETH_LEN] & 0x0f) * 4;
+    let header = &frame[ETH_LEN..ETH_LEN + ihl];
+    assert_eq!(
+        csum_fold(sum_words(header)),
+        0,
+        "IPv4 header checksum is wrong"
+    );
+    let total_len = usize::from(u16::from_be_bytes([frame[ETH_LEN + 2], frame[ETH_LEN + 3]]));
+    let l4 = &frame[ETH_LEN + ihl..ETH_LEN + total_len];
+    let protocol = frame[ETH_LEN + 9];
+    let src = Ipv4Addr::new(header[12], header[13], header[14], header[15]);
+    let dst = Ipv4Addr::new(header[16], header[17], header[18], header[19]);
+    if protocol == 6 || protocol == 17 {
+        let sum = l4_pseudo_sum(src, dst, protocol, l4.len()) + sum_words(l4);
+        assert_eq!(
+            csum_fold(sum),
+            0,
+            "L4 checksum (protocol {protocol}) is wrong"
+        );
+    }
+}
+
+#[test]
+fn crafted_frames_have_valid_checksums() {
+    let mut ip = Ipv4Spec::new([10, 0, 0, 1], [10, 0, 0, 2], 6);
+    assert_checksums(&ipv4_frame(&ip, &tcp(1234, 80, TCP_SYN, b"hello")));
+    ip.options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
+    ip.protocol = 17;
+    assert_checksums(&ipv4_frame(&ip, &udp(53, 5353, b"abc")));
+}

@@ -1,0 +1,231 @@
+//! The agent on a real (namespaced) host: programs attached where the state says, seeing real
+//! traffic, following state-file edits, refusing bad ones, detaching on SIGTERM.
+
+use dataplane_tests::{Agent, Sandbox, attached_programs, dataplane_bin, has_program};
+use serde_json::Value;
+
+const SPEC: &str = r#"
+uplink: eth0
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1}
+  - {name: back, bridge: br-back, subnet: 172.30.2.0/24, gateway: 172.30.2.1}
+endpoints:
+  - name: web1
+    labels: {app: web}
+    interfaces: [{network: front, ip: 172.30.1.2, mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
+  - name: web2
+    labels: {app: web}
+    interfaces: [{network: front, ip: 172.30.1.3, mac: "02:42:ac:1e:01:03", host_veth: veth-web2}]
+  - name: db
+    interfaces: [{network: back, ip: 172.30.2.2, mac: "02:42:ac:1e:02:02", host_veth: veth-db}]
+"#;
+
+fn attachments(status: &Value) -> Vec<(String, String)> {
+    status["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["interface"].as_str().unwrap().to_owned(),
+                a["program"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn packets(status: &Value, interface: &str, hook: &str) -> u64 {
+    status["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["interface"] == interface && c["hook"] == hook)
+        .map(|c| c["packets"].as_u64().unwrap())
+        .sum()
+}
+
+fn map_entries(status: &Value, name: &str) -> u64 {
+    status["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .unwrap_or_else(|| panic!("map {name} in status"))["entries"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn attached_programs_see_real_traffic() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    let status = agent.status();
+    let attached = attachments(&status);
+    for (interface, program) in [
+        ("eth0", "dp_uplink_ingress"),
+        ("eth0", "dp_uplink_egress"),
+        ("eth0", "dp_uplink_xdp"),
+        ("veth-web1", "dp_container_ingress"),
+        ("veth-web2", "dp_container_ingress"),
+        ("veth-db", "dp_container_ingress"),
+    ] {
+        assert!(
+            attached.contains(&(interface.into(), program.into())),
+            "{program} on {interface}: {attached:?}"
+        );
+    }
+    assert_eq!(attached.len(), 6, "{attached:?}");
+    assert_eq!(map_entries(&status, "dp_endpoints_v1"), 3);
+    // The kernel agrees (bpftool, not the agent's own account).
+    let seen = attached_programs(&sandbox.netns("host"), "veth-web1");
+    assert!(
+        has_program(&seen, "dp_container_ingress"),
+        "kernel reports {seen:?}"
+    );
+    let seen = attached_programs(&sandbox.netns("host"), "eth0");
+    for program in ["dp_uplink_xdp", "dp_uplink_ingress", "dp_uplink_egress"] {
+        assert!(has_program(&seen, program), "kernel reports {seen:?}");
+    }
+
+    // Real traffic: 5 TCP exchanges web2 -> web1 (same network), pings from outside.
+    for _ in 0..5 {
+        let reply = sandbox.exec_ok("web2", &["nc", "-w2", "172.30.1.2", "80"]);
+        assert!(reply.starts_with("web1 172.30.1.3:"), "reply: {reply}");
+    }
+    sandbox.exec_ok("outside", &["ping", "-c3", "-i0.2", "-W1", "192.0.2.1"]);
+
+    let status = agent.wait_for("counters", |s| {
+        packets(s, "veth-web2", "tc-ingress(container)") >= 5 * 4
+            && packets(s, "veth-web1", "tc-ingress(container)") >= 5 * 3
+            && packets(s, "eth0", "tc-ingress(uplink)") >= 3
+            && packets(s, "eth0", "xdp(uplink)") >= 3
+            && packets(s, "eth0", "tc-egress(uplink)") >= 3
+    });
+    // db sent nothing: its counter stays at zero, so counts are per interface, not global.
+    assert_eq!(
+        packets(&status, "veth-db", "tc-ingress(container)"),
+        0,
+        "{status:#}"
+    );
+}
+
+#[test]
+fn state_edits_apply_and_bad_edits_keep_the_last_good_state() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+
+    // A good edit: db leaves; its veth loses the program, its map entry goes.
+    let without_db = SPEC.split("  - name: db").next().unwrap().to_owned();
+    sandbox.write_state(&without_db);
+    let status = agent.wait_for("db removed", |s| map_entries(s, "dp_endpoints_v1") == 2);
+    assert!(!attachments(&status).iter().any(|(i, _)| i == "veth-db"));
+    assert!(status["last_error"].is_null(), "{status:#}");
+    let seen = attached_programs(&sandbox.netns("host"), "veth-db");
+    assert!(seen.is_empty(), "kernel still reports {seen:?}");
+
+    // Bad edits, each rejected with entry and field named, each leaving the last good state.
+    let cases = [
+        (
+            without_db.replace(
+                "network: front, ip: 172.30.1.3",
+                "network: nowhere, ip: 172.30.1.3",
+            ),
+            "endpoints[web2].interfaces[0].network: unknown network \"nowhere\"",
+        ),
+        (
+            without_db.replace("ip: 172.30.1.3", "ip: 172.30.1.2"),
+            "endpoints[web2].interfaces[0].ip: duplicate IP 172.30.1.2",
+        ),
+        (
+            without_db.replace("host_veth: veth-web2", "host_veth: veth-ghost"),
+            "endpoints[web2].interfaces[0].host_veth: interface \"veth-ghost\" does not exist",
+        ),
+        (
+            format!("{without_db}\n  - {{name: [oops\n"),
+            "is not valid YAML/JSON",
+        ),
+    ];
+    for (text, expected) in cases {
+        sandbox.write_state(&text);
+        let status = agent.wait_for(expected, |s| {
+            s["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(expected))
+        });
+        assert_eq!(map_entries(&status, "dp_endpoints_v1"), 2, "{status:#}");
+        assert_eq!(attachments(&status).len(), 5, "{status:#}");
+        // Traffic still flows under the last good state.
+        let reply = sandbox.exec_ok("web2", &["nc", "-w2", "172.30.1.2", "80"]);
+        assert!(reply.starts_with("web1 "), "{reply}");
+    }
+
+    // Fixing the file clears the error and applies it.
+    sandbox.write_state(SPEC);
+    let status = agent.wait_for("db back", |s| {
+        s["last_error"].is_null() && map_entries(s, "dp_endpoints_v1") == 3
+    });
+    assert!(attachments(&status).contains(&("veth-db".into(), "dp_container_ingress".into())));
+}
+
+#[test]
+fn a_bad_state_file_at_start_is_refused_with_entry_and_field() {
+    let sandbox = Sandbox::up(SPEC);
+    let bad = SPEC.replace("subnet: 172.30.2.0/24", "subnet: 172.30.2.0/33");
+    let path = sandbox.dir.join("bad.yaml");
+    std::fs::write(&path, bad).unwrap();
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", sandbox.netns("host")))
+        .arg(dataplane_bin())
+        .args(["agent", "--state"])
+        .arg(&path)
+        .args(["--pin-dir", &format!("/sys/fs/bpf/{}", sandbox.name)])
+        .args(["--socket", &format!("/run/dataplane/{}.sock", sandbox.name)])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/{}", sandbox.name));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("networks[back].subnet: prefix length \"33\" is not 0-32"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sigterm_detaches_and_a_restart_adopts_the_pinned_maps() {
+    let sandbox = Sandbox::up(SPEC);
+    let mut agent = Agent::start(&sandbox);
+    sandbox.exec_ok("web2", &["nc", "-w2", "172.30.1.2", "80"]);
+    let before = agent.wait_for("traffic counted", |s| {
+        packets(s, "veth-web2", "tc-ingress(container)") > 0
+    });
+    let counted = packets(&before, "veth-web2", "tc-ingress(container)");
+
+    let exit = agent.stop("TERM");
+    assert!(
+        exit.success(),
+        "agent exit on SIGTERM: {exit}\n{}",
+        agent.log_text()
+    );
+    for interface in ["eth0", "veth-web1"] {
+        let seen = attached_programs(&sandbox.netns("host"), interface);
+        assert!(seen.is_empty(), "{interface} still has {seen:?}");
+    }
+    assert!(
+        agent.pin_dir.join("dp_endpoints_v1").exists(),
+        "maps stay pinned"
+    );
+
+    // SIGKILL leaves no chance to clean up; the next agent must still start on the same pins.
+    agent.restart(&sandbox);
+    let after = agent.status();
+    assert!(
+        packets(&after, "veth-web2", "tc-ingress(container)") >= counted,
+        "counters survive the restart: {after:#}"
+    );
+    agent.stop("KILL");
+    agent.restart(&sandbox);
+    let status = agent.status();
+    assert_eq!(attachments(&status).len(), 6, "{status:#}");
+    assert_eq!(map_entries(&status, "dp_endpoints_v1"), 3);
+}

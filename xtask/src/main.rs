@@ -1,0 +1,122 @@
+//! Project tasks: `cargo xtask setup | test | demo`.
+//!
+//! Every task first runs `setup`, which installs what a new machine lacks (Debian packages,
+//! the nightly toolchain's rust-src, bpf-linker built against Debian's LLVM 22), skips what is
+//! present, and stops with the name of the step that failed.
+
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent).
+    Setup,
+    /// Set up, build, and run every test (unit, packet, namespace). Needs root.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter), after `--`.
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Set up, build, and show the dataplane at work in a sandbox of network namespaces.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::run(),
+        Task::Test { cargo_test_args } => {
+            setup::run()?;
+            require_root("the tests load kernel programs and create network namespaces")?;
+            build()?;
+            step("test", "cargo test (unit, packet and namespace tests)");
+            let mut cmd = cargo();
+            cmd.arg("test");
+            if !cargo_test_args.is_empty() {
+                cmd.arg("--").args(&cargo_test_args);
+            }
+            run_checked(&mut cmd, "cargo test")
+        }
+        Task::Demo => {
+            setup::run()?;
+            require_root("the demo loads kernel programs and creates network namespaces")?;
+            build()?;
+            demo::run(&dataplane_binary())
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_owned()
+}
+
+/// The agent binary `cargo build` leaves behind.
+pub fn dataplane_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join("debug").join("dataplane")
+}
+
+/// `cargo` with ~/.cargo/bin on PATH, so a freshly installed bpf-linker is found.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd.env("PATH", setup::path_with_cargo_bin());
+    cmd
+}
+
+fn build() -> anyhow::Result<()> {
+    step(
+        "build",
+        "cargo build (the kernel object is built and embedded by dataplane/build.rs)",
+    );
+    run_checked(cargo().args(["build"]), "cargo build")
+}
+
+fn require_root(why: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Prints a progress line for a task step.
+pub fn step(name: &str, what: &str) {
+    eprintln!("\x1b[1m==> [{name}]\x1b[0m {what}");
+}
+
+/// Runs `cmd`, failing with the step's name when it does not succeed.
+pub fn run_checked(cmd: &mut Command, step_name: &str) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("step `{step_name}`: cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("step `{step_name}` failed ({status}): {cmd:?}");
+    }
+    Ok(())
+}
