@@ -15,6 +15,14 @@ pub mod map_names {
     pub const DROPS: &str = "dp_drops_v1";
     /// Container endpoints by IPv4 address: where a packet for that address is delivered.
     pub const ENDPOINTS: &str = "dp_endpoints_v1";
+    /// Connection tracking: one entry per direction of each translated connection.
+    pub const CONNTRACK: &str = "dp_ct_v1";
+    /// Published ports: (host address, port, protocol) -> container address and port.
+    pub const PORTS: &str = "dp_ports_v1";
+    /// The host's own IPv4 addresses: which destinations "all host addresses" means.
+    pub const LOCAL_ADDRS: &str = "dp_local_addrs_v1";
+    /// Settings the agent writes at run time (uplink, masquerade address, port range).
+    pub const CONFIG: &str = "dp_config_v1";
 }
 
 /// Names of the kernel programs in the object file.
@@ -38,6 +46,29 @@ pub mod capacity {
     /// One entry per container interface; Docker's default address pools hold far fewer
     /// containers per host than this.
     pub const ENDPOINTS: u32 = 16384;
+    /// Two entries per translated connection. 262,144 entries = 131,072 connections, what
+    /// Linux's nf_conntrack_max gives a host of this size; entries are allocated on use
+    /// (BPF_F_NO_PREALLOC), so an idle host does not pay for the capacity. A plain hash, not
+    /// LRU: LRU would silently evict a live connection's translation when full; a full plain
+    /// hash refuses the new connection, which is counted (CT_MAP_INSERTION_FAILED).
+    pub const CONNTRACK: u32 = 262_144;
+    /// One entry per published (address, port, protocol); ranges take one entry per port.
+    pub const PORTS: u32 = 65_536;
+    /// Addresses of the host's interfaces.
+    pub const LOCAL_ADDRS: u32 = 256;
+}
+
+/// Connection-tracking timeouts in seconds, by protocol and state (applied by the agent's
+/// garbage collector against each entry's `last_seen_ns`). TCP follows Cilium's choices:
+/// long for established, short once a FIN or RST was seen.
+pub mod ct_timeout {
+    pub const TCP_ESTABLISHED: u64 = 6 * 3600;
+    /// Until both directions have been seen (a SYN with no answer).
+    pub const TCP_SYN: u64 = 60;
+    /// After FIN or RST in either direction.
+    pub const TCP_CLOSING: u64 = 10;
+    pub const UDP: u64 = 60;
+    pub const ICMP: u64 = 30;
 }
 
 /// The hook a counter belongs to. Stored as a plain `u32` in [`IfaceStatsKey::hook`].
@@ -88,6 +119,102 @@ pub struct EndpointInfo {
     pub _pad: [u8; 2],
 }
 
+/// A connection as seen on the wire in one direction: the conntrack key. Addresses and ports
+/// in network byte order, as in the packet. For ICMP echo, `sport` is the echo identifier and
+/// `dport` 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Which translation created a conntrack entry; each hook acts only on the kinds it owns.
+pub mod ct_origin {
+    /// A published port: outside (or hairpin) client -> host address:port -> container.
+    pub const PUBLISHED: u8 = 1;
+    /// Masquerade: container -> outside, source rewritten to the host's address.
+    pub const MASQUERADE: u8 = 2;
+}
+
+/// What to rewrite in a packet matching the entry.
+pub mod ct_rewrite {
+    /// Destination address and port (DNAT, or the reply of an SNAT).
+    pub const DST: u8 = 1;
+    /// Source address and port (SNAT, or the reply of a DNAT).
+    pub const SRC: u8 = 2;
+}
+
+/// TCP flags as stored in [`CtEntry::tcp_flags`] (the header's bits).
+pub mod tcp_flag {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// One direction of a tracked connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// Address and port to write (network byte order), into the field `rewrite` names.
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    /// One of [`ct_rewrite`].
+    pub rewrite: u8,
+    /// One of [`ct_origin`].
+    pub origin: u8,
+    /// TCP flags seen in this direction (OR of every packet's).
+    pub tcp_flags: u8,
+    /// 1 for the reply direction of the connection.
+    pub is_reply: u8,
+    pub _pad: [u8; 6],
+    /// bpf_ktime_get_ns (CLOCK_MONOTONIC) of the first and the latest packet.
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    /// Updated without atomics from several CPUs: close enough for flow counters.
+    pub packets: u64,
+    pub bytes: u64,
+    /// The key of the other direction, so both go together.
+    pub peer: CtKey,
+}
+
+/// A published port as the kernel looks it up. `addr` 0 means every host address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Where a published port leads: a container address and port (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortTarget {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Run-time settings, one element at index 0 of the config array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The uplink's address masqueraded connections leave with (network byte order); 0 while
+    /// the uplink has no address (masquerade then passes packets untranslated).
+    pub masquerade_addr: u32,
+    /// Source ports for masquerade, host byte order, inclusive. Kept apart from the host's own
+    /// ephemeral range (32768-60999) so a translated port never meets a local socket's.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+
 /// Why a packet was dropped. One numbering for kernel counters, flow records and metric labels
 /// (like Cilium's drop_reasons.h, shared with flow.proto). Values are stable: add, never renumber.
 #[repr(u32)]
@@ -101,16 +228,19 @@ pub enum DropReason {
     CtMapInsertionFailed = 3,
     /// A service has no backend.
     NoServiceBackend = 4,
+    /// Masquerade found no free source port for the destination after its probes.
+    SnatNoFreePort = 5,
 }
 
 impl DropReason {
     /// Slots of the drop counter array: every reason's value is below this.
     pub const SLOTS: u32 = 16;
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 5] = [
         DropReason::Malformed,
         DropReason::PolicyDenied,
         DropReason::CtMapInsertionFailed,
         DropReason::NoServiceBackend,
+        DropReason::SnatNoFreePort,
     ];
 
     /// The reason as Hubble names it (`drop_reason_desc`).
@@ -120,6 +250,7 @@ impl DropReason {
             DropReason::PolicyDenied => "POLICY_DENIED",
             DropReason::CtMapInsertionFailed => "CT_MAP_INSERTION_FAILED",
             DropReason::NoServiceBackend => "NO_SERVICE_BACKEND",
+            DropReason::SnatNoFreePort => "SNAT_NO_FREE_PORT",
         }
     }
 
@@ -131,6 +262,11 @@ impl DropReason {
 const _: () = assert!(core::mem::size_of::<IfaceStatsKey>() == 8);
 const _: () = assert!(core::mem::size_of::<IfaceStats>() == 16);
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 64);
+const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
+const _: () = assert!(core::mem::size_of::<PortTarget>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -140,4 +276,14 @@ mod pod {
     unsafe impl aya::Pod for super::IfaceStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::EndpointInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PortTarget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Config {}
 }

@@ -3,18 +3,21 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod maps;
+mod nat;
 mod parse;
 mod stats;
+mod translate;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use dataplane_common::{DropReason, hook};
+use dataplane_common::hook;
 
-use crate::parse::Frame;
+use crate::translate::Verdict;
 
 /// Verdict that hands the packet to the next program of the TCX chain (or to the stack when
 /// there is none). `TC_ACT_OK` would skip programs attached after ours.
@@ -26,37 +29,39 @@ fn skb_ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
+/// Runs the translations of `hook` and turns the outcome into a tc verdict, counting drops.
+#[inline(always)]
+fn tc_verdict(ctx: &TcContext, counter_hook: u32, hook: translate::Hook) -> i32 {
+    stats::count_packet(skb_ifindex(ctx), counter_hook, ctx.len());
+    match translate::handle(ctx, hook) {
+        Verdict::Pass => TC_PASS,
+        Verdict::Drop(reason) => {
+            stats::count_drop(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
 /// Traffic leaving a container (tc ingress of its host-side veth).
 #[classifier]
 pub fn dp_container_ingress(ctx: TcContext) -> i32 {
-    stats::count_packet(skb_ifindex(&ctx), hook::CONTAINER_INGRESS, ctx.len());
-    match parse::parse_tc(&ctx) {
-        Frame::Malformed => {
-            stats::count_drop(DropReason::Malformed);
-            TC_ACT_SHOT
-        }
-        Frame::Ipv4(_) | Frame::Other => TC_PASS,
-    }
+    tc_verdict(
+        &ctx,
+        hook::CONTAINER_INGRESS,
+        translate::Hook::ContainerIngress,
+    )
 }
 
 /// Traffic arriving from outside the host (tc ingress of the uplink).
 #[classifier]
 pub fn dp_uplink_ingress(ctx: TcContext) -> i32 {
-    stats::count_packet(skb_ifindex(&ctx), hook::UPLINK_INGRESS, ctx.len());
-    match parse::parse_tc(&ctx) {
-        Frame::Malformed => {
-            stats::count_drop(DropReason::Malformed);
-            TC_ACT_SHOT
-        }
-        Frame::Ipv4(_) | Frame::Other => TC_PASS,
-    }
+    tc_verdict(&ctx, hook::UPLINK_INGRESS, translate::Hook::UplinkIngress)
 }
 
 /// Traffic leaving the host (tc egress of the uplink).
 #[classifier]
 pub fn dp_uplink_egress(ctx: TcContext) -> i32 {
-    stats::count_packet(skb_ifindex(&ctx), hook::UPLINK_EGRESS, ctx.len());
-    TC_PASS
+    tc_verdict(&ctx, hook::UPLINK_EGRESS, translate::Hook::UplinkEgress)
 }
 
 /// Early path on the uplink, before a socket buffer exists.

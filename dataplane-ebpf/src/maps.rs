@@ -3,10 +3,14 @@
 //! describe).
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
-use dataplane_common::{DropReason, EndpointInfo, IfaceStats, IfaceStatsKey, capacity};
+use dataplane_common::{
+    Config, CtEntry, CtKey, DropReason, EndpointInfo, IfaceStats, IfaceStatsKey, PortKey,
+    PortTarget, capacity,
+};
 
 /// Packets and bytes per (interface, hook); per-CPU so the hot path never contends.
 #[map(name = "dp_iface_stats_v1")]
@@ -21,3 +25,22 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::SLOTS, 0);
 /// reconciler only.
 #[map(name = "dp_endpoints_v1")]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
+
+/// Conntrack, one entry per direction of every translated connection (see
+/// `capacity::CONNTRACK` for the size and why it is a plain hash). Written by the programs;
+/// the agent only deletes expired entries.
+#[map(name = "dp_ct_v1")]
+pub static CONNTRACK: HashMap<CtKey, CtEntry> =
+    HashMap::pinned(capacity::CONNTRACK, BPF_F_NO_PREALLOC);
+
+/// Published ports, written by the reconciler only.
+#[map(name = "dp_ports_v1")]
+pub static PORTS: HashMap<PortKey, PortTarget> = HashMap::pinned(capacity::PORTS, 0);
+
+/// The host's own addresses (network byte order), written by the reconciler only.
+#[map(name = "dp_local_addrs_v1")]
+pub static LOCAL_ADDRS: HashMap<u32, u8> = HashMap::pinned(capacity::LOCAL_ADDRS, 0);
+
+/// Run-time settings at index 0, written by the reconciler only.
+#[map(name = "dp_config_v1")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);

@@ -1,5 +1,6 @@
 //! Header parsing. Fields are read as integers at offsets; packet bytes are never cast to Rust
-//! enums. IPv4 options are honoured through the header length.
+//! enums. IPv4 options are honoured through the header length. Addresses and ports stay in
+//! network byte order, as they are in the packet and in the maps.
 
 use aya_ebpf::programs::TcContext;
 
@@ -8,6 +9,13 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+
+/// Offsets of the IPv4 fields the dataplane rewrites.
+pub const IP_CSUM_OFF: usize = ETH_HDR_LEN + 10;
+pub const IP_SADDR_OFF: usize = ETH_HDR_LEN + 12;
+pub const IP_DADDR_OFF: usize = ETH_HDR_LEN + 16;
 
 /// The parts of an IPv4 packet the dataplane decides on.
 #[derive(Clone, Copy)]
@@ -15,9 +23,27 @@ pub struct Ipv4Packet {
     /// Offset of the L4 header (after IPv4 options).
     pub l4_offset: usize,
     pub protocol: u8,
-    /// Addresses in network byte order, as they are in the packet and in the maps.
     pub saddr: u32,
     pub daddr: u32,
+    /// Length of the frame (for counters).
+    pub len: u32,
+}
+
+/// The transport part of a packet that conntrack and NAT work on.
+#[derive(Clone, Copy)]
+pub struct L4 {
+    /// Source and destination ports; for ICMP echo `sport` is the identifier, `dport` 0.
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP flags byte (0 for other protocols).
+    pub tcp_flags: u8,
+    /// Offset of the L4 checksum field.
+    pub csum_offset: usize,
+    /// Offset of the field that holds the source "port" (the ICMP identifier for echo).
+    pub sport_offset: usize,
+    /// Offset of the destination port; equal to `sport_offset` for ICMP echo, whose one
+    /// identifier plays both roles.
+    pub dport_offset: usize,
 }
 
 /// What the first headers of a frame are.
@@ -55,8 +81,8 @@ pub fn parse_tc(ctx: &TcContext) -> Frame {
     }
     let (Ok(protocol), Ok(saddr), Ok(daddr)) = (
         ctx.load::<u8>(ETH_HDR_LEN + 9),
-        ctx.load::<u32>(ETH_HDR_LEN + 12),
-        ctx.load::<u32>(ETH_HDR_LEN + 16),
+        ctx.load::<u32>(IP_SADDR_OFF),
+        ctx.load::<u32>(IP_DADDR_OFF),
     ) else {
         return Frame::Malformed;
     };
@@ -65,5 +91,79 @@ pub fn parse_tc(ctx: &TcContext) -> Frame {
         protocol,
         saddr,
         daddr,
+        len: ctx.len(),
     })
+}
+
+/// Whether the packet is a fragment after the first (no L4 header of its own).
+#[inline(always)]
+pub fn is_later_fragment(ctx: &TcContext) -> bool {
+    match ctx.load::<u16>(ETH_HDR_LEN + 6) {
+        Ok(frag) => u16::from_be(frag) & 0x1fff != 0,
+        Err(_) => true,
+    }
+}
+
+/// What the transport header says, for the protocols the dataplane translates.
+pub enum Transport {
+    /// TCP, UDP, or ICMP echo.
+    Tracked(L4),
+    /// Another protocol, another ICMP type, or a later fragment: passed untranslated.
+    Untracked,
+    /// A header cut short.
+    Malformed,
+}
+
+#[inline(always)]
+pub fn parse_l4(ctx: &TcContext, ip: &Ipv4Packet) -> Transport {
+    let off = ip.l4_offset;
+    match ip.protocol {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            if is_later_fragment(ctx) {
+                return Transport::Untracked;
+            }
+            let (Ok(sport), Ok(dport)) = (ctx.load::<u16>(off), ctx.load::<u16>(off + 2)) else {
+                return Transport::Malformed;
+            };
+            let (tcp_flags, csum_offset) = if ip.protocol == IPPROTO_TCP {
+                let Ok(flags) = ctx.load::<u8>(off + 13) else {
+                    return Transport::Malformed;
+                };
+                (flags, off + 16)
+            } else {
+                if ctx.load::<u16>(off + 6).is_err() {
+                    return Transport::Malformed;
+                }
+                (0, off + 6)
+            };
+            Transport::Tracked(L4 {
+                sport,
+                dport,
+                tcp_flags,
+                csum_offset,
+                sport_offset: off,
+                dport_offset: off + 2,
+            })
+        }
+        IPPROTO_ICMP => {
+            if is_later_fragment(ctx) {
+                return Transport::Untracked;
+            }
+            let (Ok(icmp_type), Ok(id)) = (ctx.load::<u8>(off), ctx.load::<u16>(off + 4)) else {
+                return Transport::Malformed;
+            };
+            if icmp_type != ICMP_ECHO_REQUEST && icmp_type != ICMP_ECHO_REPLY {
+                return Transport::Untracked;
+            }
+            Transport::Tracked(L4 {
+                sport: id,
+                dport: 0,
+                tcp_flags: 0,
+                csum_offset: off + 2,
+                sport_offset: off + 4,
+                dport_offset: off + 4,
+            })
+        }
+        _ => Transport::Untracked,
+    }
 }

@@ -7,15 +7,15 @@ use std::{
 };
 
 use anyhow::Context as _;
-use dataplane_common::hook;
+use dataplane_common::{CtEntry, CtKey, hook, map_names};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
 
 use crate::{
-    DEFAULT_PIN_DIR, DEFAULT_SOCKET, control,
-    ebpf::Datapath,
+    DEFAULT_PIN_DIR, DEFAULT_SOCKET, conntrack, control,
+    ebpf::{Datapath, LoadOptions},
     model::{Model, StateError},
     netdev,
     reconciler::{self, ReconcileError},
@@ -25,6 +25,9 @@ use crate::{
 /// How often the state file is checked for changes and the kernel state re-checked (an
 /// interface that came back with a new index gets its programs again).
 const POLL_INTERVAL: Duration = Duration::from_millis(300);
+/// How often expired connections are removed from the conntrack table. The shortest timeout
+/// is 10 s, so entries live at most a couple of seconds past theirs.
+const GC_INTERVAL: Duration = Duration::from_secs(2);
 
 #[derive(clap::Args)]
 pub struct AgentArgs {
@@ -41,6 +44,10 @@ pub struct AgentArgs {
     /// Control socket for `dataplane status` and other local clients.
     #[arg(long, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Capacity of the connection-tracking table (two entries per connection); takes effect
+    /// when the table is created, not on one already pinned.
+    #[arg(long, default_value_t = dataplane_common::capacity::CONNTRACK)]
+    ct_max_entries: u32,
 }
 
 struct Agent {
@@ -54,6 +61,8 @@ struct Agent {
     last_error: Option<String>,
     reconciles: u64,
     last_applied_unix: Option<u64>,
+    /// Conntrack entries removed by the garbage collector since start.
+    ct_collected: u64,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -61,7 +70,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         Some(path) => Model::load(path)?.1,
         None => Model::default(),
     };
-    let datapath = Datapath::load(&args.pin_dir)?;
+    let options = LoadOptions {
+        ct_max_entries: args.ct_max_entries,
+    };
+    let datapath = Datapath::load(&args.pin_dir, &options)?;
     log::info!(
         "kernel programs loaded; maps pinned under {}",
         args.pin_dir.display()
@@ -81,6 +93,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         last_error: None,
         reconciles: 0,
         last_applied_unix: None,
+        ct_collected: 0,
     };
     // The first state must apply: an agent that cannot start says why and exits.
     agent.apply(initial).context("applying the initial state")?;
@@ -90,6 +103,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(POLL_INTERVAL);
+    let mut gc_tick = tokio::time::interval(GC_INTERVAL);
     log::info!(
         "agent running; control socket {}",
         agent.args.socket.display()
@@ -99,6 +113,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = tick.tick() => agent.poll(),
+            _ = gc_tick.tick() => agent.collect_garbage(),
             Some(request) = requests.recv() => {
                 let reply = agent.handle(&request.command);
                 let _ = request.reply.send(reply);
@@ -200,6 +215,33 @@ impl Agent {
         }
     }
 
+    /// Removes expired connections from the conntrack table.
+    fn collect_garbage(&mut self) {
+        let entries = match self
+            .datapath
+            .entries::<CtKey, CtEntry>(map_names::CONNTRACK)
+        {
+            Ok(entries) => entries,
+            Err(e) => {
+                log::warn!("conntrack gc: reading the table: {e}");
+                return;
+            }
+        };
+        let doomed = conntrack::expired(&entries, conntrack::monotonic_now_ns());
+        for key in &doomed {
+            if let Err(e) = self
+                .datapath
+                .remove::<CtKey, CtEntry>(map_names::CONNTRACK, *key)
+            {
+                log::warn!("conntrack gc: {e}");
+            }
+        }
+        if !doomed.is_empty() {
+            log::debug!("conntrack gc removed {} entries", doomed.len());
+            self.ct_collected += doomed.len() as u64;
+        }
+    }
+
     fn reject(&mut self, error: String) {
         log::error!("state not applied, keeping the last good state: {error}");
         self.last_error = Some(error);
@@ -279,6 +321,7 @@ impl Agent {
             endpoints,
             drops,
             reconciles: self.reconciles,
+            ct_collected: self.ct_collected,
             last_applied_unix: self.last_applied_unix,
             last_error: self.last_error.clone(),
         })

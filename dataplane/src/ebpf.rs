@@ -5,19 +5,21 @@
 use std::{
     collections::BTreeMap,
     ffi::CString,
-    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap},
+    Ebpf, EbpfLoader, Pod,
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 use dataplane_common::{
-    DropReason, EndpointInfo, IfaceStats, IfaceStatsKey, capacity, hook, map_names, program_names,
+    Config, DropReason, IfaceStats, IfaceStatsKey, capacity, hook, map_names, program_names,
 };
 use serde::Serialize;
 
@@ -58,6 +60,15 @@ pub enum DatapathError {
     },
     #[error("map {0} is missing from the kernel object")]
     MissingMap(&'static str),
+    #[error("pinning the link of {program} on {interface} at {path}: {message}")]
+    PinLink {
+        program: &'static str,
+        interface: String,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("load settings: {0}")]
+    Settings(String),
 }
 
 /// Where a program is attached.
@@ -92,16 +103,35 @@ impl Hook {
     }
 }
 
-enum LinkId {
-    Tc(SchedClassifierLinkId),
-    Xdp(XdpLinkId),
+/// An attached program: the kernel link, pinned so that it outlives the agent (a crash or
+/// SIGKILL leaves the datapath running; the next agent adopts the link and swaps in its
+/// program atomically).
+struct Attachment {
+    ifindex: u32,
+    link: FdLink,
+    pin: PathBuf,
 }
 
 /// The loaded kernel programs and their maps.
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    links: BTreeMap<(String, Hook), (u32, LinkId)>,
+    links: BTreeMap<(String, Hook), Attachment>,
+}
+
+/// Load-time choices.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Capacity of the conntrack map (applies when the map is created, not to a pinned one).
+    pub ct_max_entries: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            ct_max_entries: capacity::CONNTRACK,
+        }
+    }
 }
 
 /// One map's fill level, for `status` and metrics.
@@ -156,10 +186,16 @@ fn is_bpffs(path: &Path) -> bool {
 impl Datapath {
     /// Loads the kernel programs, reusing maps already pinned in `pin_dir` (so connections and
     /// counters survive an agent restart) and pinning new ones there.
-    pub fn load(pin_dir: &Path) -> Result<Datapath, DatapathError> {
+    pub fn load(pin_dir: &Path, options: &LoadOptions) -> Result<Datapath, DatapathError> {
         prepare_pin_dir(pin_dir)?;
+        if options.ct_max_entries == 0 {
+            return Err(DatapathError::Settings(
+                "conntrack capacity must be above 0".into(),
+            ));
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .map_max_entries(map_names::CONNTRACK, options.ct_max_entries)
             .load(KERNEL_OBJECT)
             .map_err(DatapathError::Load)?;
         for hook in [
@@ -189,11 +225,17 @@ impl Datapath {
         &self.pin_dir
     }
 
-    /// Attaches the program of `hook` to `interface`. Attaching twice is a no-op.
+    fn link_pin(&self, interface: &str, hook: Hook) -> PathBuf {
+        self.pin_dir
+            .join("links")
+            .join(format!("{interface}@{}", hook.program()))
+    }
+
+    /// Attaches the program of `hook` to `interface`: adopts a link pinned by an earlier agent
+    /// (replacing its program atomically) or creates and pins a new one. Attaching what is
+    /// already attached is a no-op; an attachment to an interface that has since been replaced
+    /// (same name, new index) is redone.
     pub fn attach(&mut self, interface: &str, hook: Hook) -> Result<(), DatapathError> {
-        if self.links.contains_key(&(interface.to_owned(), hook)) {
-            return Ok(());
-        }
         let attach_err = |source| DatapathError::Attach {
             program: hook.program(),
             interface: interface.to_owned(),
@@ -204,14 +246,38 @@ impl Datapath {
                 name: interface.to_owned(),
             })
         })?;
-        let link = match hook {
+        let key = (interface.to_owned(), hook);
+        match self.links.get(&key) {
+            Some(a) if a.ifindex == ifindex => return Ok(()),
+            Some(_) => self.detach(interface, hook)?,
+            None => {}
+        }
+        let pin = self.link_pin(interface, hook);
+        if pin.exists() {
+            match self.adopt(&pin, hook) {
+                Ok(link) => {
+                    log::info!("adopted the pinned {} link on {interface}", hook.program());
+                    self.links.insert(key, Attachment { ifindex, link, pin });
+                    return Ok(());
+                }
+                Err(e) => {
+                    // E.g. the interface was recreated and the old link died with it.
+                    log::info!(
+                        "pinned link {} is stale ({e}); attaching anew",
+                        pin.display()
+                    );
+                    let _ = std::fs::remove_file(&pin);
+                }
+            }
+        }
+        let link: FdLink = match hook {
             Hook::UplinkXdp => {
                 let program: &mut Xdp = program_mut(&mut self.ebpf, hook.program())?;
-                LinkId::Xdp(
-                    program
-                        .attach_to_if_index(ifindex, XdpMode::Default)
-                        .map_err(attach_err)?,
-                )
+                let id = program
+                    .attach_to_if_index(ifindex, XdpMode::Default)
+                    .map_err(attach_err)?;
+                let link = program.take_link(id).map_err(attach_err)?;
+                FdLink::try_from(link).map_err(|e| self.pin_err(interface, hook, &pin, e))?
             }
             Hook::ContainerIngress | Hook::UplinkIngress | Hook::UplinkEgress => {
                 let direction = if hook == Hook::UplinkEgress {
@@ -220,41 +286,69 @@ impl Datapath {
                     TcAttachType::Ingress
                 };
                 let program: &mut SchedClassifier = program_mut(&mut self.ebpf, hook.program())?;
-                LinkId::Tc(program.attach(interface, direction).map_err(attach_err)?)
+                let id = program.attach(interface, direction).map_err(attach_err)?;
+                let link = program.take_link(id).map_err(attach_err)?;
+                FdLink::try_from(link).map_err(|e| self.pin_err(interface, hook, &pin, e))?
             }
         };
+        if let Some(dir) = pin.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| self.pin_err(interface, hook, &pin, e))?;
+        }
+        let link: FdLink = link
+            .pin(&pin)
+            .map_err(|e| self.pin_err(interface, hook, &pin, e))?
+            .into();
         log::info!(
             "attached {} to {interface} (ifindex {ifindex})",
             hook.program()
         );
-        self.links
-            .insert((interface.to_owned(), hook), (ifindex, link));
+        self.links.insert(key, Attachment { ifindex, link, pin });
         Ok(())
     }
 
-    /// Detaches the program of `hook` from `interface`. A vanished interface has already lost
-    /// its attachment in the kernel; that is not an error.
+    fn pin_err(
+        &self,
+        interface: &str,
+        hook: Hook,
+        pin: &Path,
+        e: impl std::fmt::Display,
+    ) -> DatapathError {
+        DatapathError::PinLink {
+            program: hook.program(),
+            interface: interface.to_owned(),
+            path: pin.to_owned(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Takes over a pinned link: this agent's program replaces the running one in place.
+    fn adopt(&mut self, pin: &Path, hook: Hook) -> anyhow::Result<FdLink> {
+        let old: FdLink = PinnedLink::from_pin(pin)?.into();
+        Ok(match hook {
+            Hook::UplinkXdp => {
+                let program: &mut Xdp = program_mut(&mut self.ebpf, hook.program())?;
+                let id = program.attach_to_link(XdpLink::try_from(old)?)?;
+                FdLink::try_from(program.take_link(id)?)?
+            }
+            Hook::ContainerIngress | Hook::UplinkIngress | Hook::UplinkEgress => {
+                let program: &mut SchedClassifier = program_mut(&mut self.ebpf, hook.program())?;
+                let id = program.attach_to_link(SchedClassifierLink::try_from(old)?)?;
+                FdLink::try_from(program.take_link(id)?)?
+            }
+        })
+    }
+
+    /// Detaches the program of `hook` from `interface`: unpins and closes its link. A
+    /// vanished interface has already lost its attachment in the kernel; that is not an error.
     pub fn detach(&mut self, interface: &str, hook: Hook) -> Result<(), DatapathError> {
-        let Some((_, link)) = self.links.remove(&(interface.to_owned(), hook)) else {
+        let Some(attachment) = self.links.remove(&(interface.to_owned(), hook)) else {
             return Ok(());
         };
-        let result = match link {
-            LinkId::Tc(id) => {
-                let program: &mut SchedClassifier = program_mut(&mut self.ebpf, hook.program())?;
-                program.detach(id)
-            }
-            LinkId::Xdp(id) => {
-                let program: &mut Xdp = program_mut(&mut self.ebpf, hook.program())?;
-                program.detach(id)
-            }
-        };
-        match result {
-            Ok(()) => log::info!("detached {} from {interface}", hook.program()),
-            Err(e) => log::warn!(
-                "detaching {} from {interface}: {e} (interface gone?)",
-                hook.program()
-            ),
+        if let Err(e) = std::fs::remove_file(&attachment.pin) {
+            log::warn!("unpinning {}: {e}", attachment.pin.display());
         }
+        drop(attachment.link);
+        log::info!("detached {} from {interface}", hook.program());
         Ok(())
     }
 
@@ -262,7 +356,7 @@ impl Datapath {
     pub fn detach_all(&mut self) {
         let attached: Vec<(String, Hook)> = self.links.keys().cloned().collect();
         for (interface, hook) in attached {
-            // detach() only fails on a missing program, which load() has ruled out.
+            // detach() cannot fail once the attachment is known.
             let _ = self.detach(&interface, hook);
         }
     }
@@ -271,65 +365,99 @@ impl Datapath {
     pub fn attachments(&self) -> Vec<(String, Hook, u32)> {
         self.links
             .iter()
-            .map(|((interface, hook), (ifindex, _))| (interface.clone(), *hook, *ifindex))
+            .map(|((interface, hook), a)| (interface.clone(), *hook, a.ifindex))
             .collect()
     }
 
-    fn endpoints_map(&self) -> Result<HashMap<&MapData, u32, EndpointInfo>, DatapathError> {
-        let map = self
-            .ebpf
-            .map(map_names::ENDPOINTS)
-            .ok_or(DatapathError::MissingMap(map_names::ENDPOINTS))?;
-        HashMap::try_from(map).map_err(|source| DatapathError::Map {
-            map: map_names::ENDPOINTS,
-            source,
-        })
+    fn map_ref(&self, name: &'static str) -> Result<&aya::maps::Map, DatapathError> {
+        self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))
     }
 
-    fn endpoints_map_mut(
+    fn hash<K: Pod, V: Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<HashMap<&MapData, K, V>, DatapathError> {
+        HashMap::try_from(self.map_ref(name)?)
+            .map_err(|source| DatapathError::Map { map: name, source })
+    }
+
+    fn hash_mut<K: Pod, V: Pod>(
         &mut self,
-    ) -> Result<HashMap<&mut MapData, u32, EndpointInfo>, DatapathError> {
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, DatapathError> {
         let map = self
             .ebpf
-            .map_mut(map_names::ENDPOINTS)
-            .ok_or(DatapathError::MissingMap(map_names::ENDPOINTS))?;
-        HashMap::try_from(map).map_err(|source| DatapathError::Map {
-            map: map_names::ENDPOINTS,
-            source,
-        })
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        HashMap::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
     }
 
-    /// The endpoints map as the kernel has it (including entries pinned by an earlier agent).
-    pub fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointInfo>, DatapathError> {
-        let map = self.endpoints_map()?;
-        map.iter()
-            .map(|entry| {
-                entry
-                    .map(|(ip, info)| (Ipv4Addr::from(u32::from_be(ip)), info))
-                    .map_err(|source| DatapathError::Map {
-                        map: map_names::ENDPOINTS,
-                        source,
-                    })
-            })
+    /// Every entry of the hash map `name` (including entries pinned by an earlier agent).
+    pub fn entries<K: Pod + Ord, V: Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<BTreeMap<K, V>, DatapathError> {
+        self.hash::<K, V>(name)?
+            .iter()
+            .map(|entry| entry.map_err(|source| DatapathError::Map { map: name, source }))
             .collect()
     }
 
-    pub fn set_endpoint(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> Result<(), DatapathError> {
-        self.endpoints_map_mut()?
-            .insert(u32::from(ip).to_be(), info, 0)
-            .map_err(|source| DatapathError::Map {
-                map: map_names::ENDPOINTS,
-                source,
-            })
+    pub fn set<K: Pod, V: Pod>(
+        &mut self,
+        name: &'static str,
+        key: K,
+        value: V,
+    ) -> Result<(), DatapathError> {
+        self.hash_mut::<K, V>(name)?
+            .insert(key, value, 0)
+            .map_err(|source| DatapathError::Map { map: name, source })
     }
 
-    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        self.endpoints_map_mut()?
-            .remove(&u32::from(ip).to_be())
-            .map_err(|source| DatapathError::Map {
-                map: map_names::ENDPOINTS,
-                source,
-            })
+    /// Removes `key` from `name`; a key already gone is not an error.
+    pub fn remove<K: Pod, V: Pod>(
+        &mut self,
+        name: &'static str,
+        key: K,
+    ) -> Result<(), DatapathError> {
+        match self.hash_mut::<K, V>(name)?.remove(&key) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(DatapathError::Map { map: name, source }),
+        }
+    }
+
+    /// Number of entries in the hash map `name`.
+    fn count<K: Pod, V: Pod>(&self, name: &'static str) -> Result<u32, DatapathError> {
+        Ok(self.hash::<K, V>(name)?.keys().count() as u32)
+    }
+
+    pub fn config(&self) -> Result<Config, DatapathError> {
+        let err = |source| DatapathError::Map {
+            map: map_names::CONFIG,
+            source,
+        };
+        let array: Array<&MapData, Config> =
+            Array::try_from(self.map_ref(map_names::CONFIG)?).map_err(err)?;
+        array.get(&0, 0).map_err(err)
+    }
+
+    pub fn set_config(&mut self, config: Config) -> Result<(), DatapathError> {
+        let err = |source| DatapathError::Map {
+            map: map_names::CONFIG,
+            source,
+        };
+        let map = self
+            .ebpf
+            .map_mut(map_names::CONFIG)
+            .ok_or(DatapathError::MissingMap(map_names::CONFIG))?;
+        let mut array: Array<&mut MapData, Config> = Array::try_from(map).map_err(err)?;
+        array.set(0, config, 0).map_err(err)
     }
 
     /// Packets and bytes per (ifindex, hook number), summed over CPUs.
@@ -381,21 +509,40 @@ impl Datapath {
 
     /// How full each map is.
     pub fn map_fill(&self) -> Result<Vec<MapFill>, DatapathError> {
+        use dataplane_common::{CtEntry, CtKey, EndpointInfo, PortKey, PortTarget};
+        let ct_capacity = self
+            .map_ref(map_names::CONNTRACK)
+            .ok()
+            .and_then(|m| match m {
+                aya::maps::Map::HashMap(data) => data.info().ok().map(|i| i.max_entries()),
+                _ => None,
+            })
+            .unwrap_or(capacity::CONNTRACK);
         Ok(vec![
             MapFill {
+                name: map_names::CONNTRACK,
+                entries: self.count::<CtKey, CtEntry>(map_names::CONNTRACK)?,
+                capacity: ct_capacity,
+            },
+            MapFill {
+                name: map_names::PORTS,
+                entries: self.count::<PortKey, PortTarget>(map_names::PORTS)?,
+                capacity: capacity::PORTS,
+            },
+            MapFill {
                 name: map_names::ENDPOINTS,
-                entries: self.endpoints()?.len() as u32,
+                entries: self.count::<u32, EndpointInfo>(map_names::ENDPOINTS)?,
                 capacity: capacity::ENDPOINTS,
+            },
+            MapFill {
+                name: map_names::LOCAL_ADDRS,
+                entries: self.count::<u32, u8>(map_names::LOCAL_ADDRS)?,
+                capacity: capacity::LOCAL_ADDRS,
             },
             MapFill {
                 name: map_names::IFACE_STATS,
                 entries: self.iface_stats()?.len() as u32,
                 capacity: capacity::IFACE_STATS,
-            },
-            MapFill {
-                name: map_names::DROPS,
-                entries: DropReason::SLOTS,
-                capacity: DropReason::SLOTS,
             },
         ])
     }
@@ -413,12 +560,6 @@ where
         program: name,
         source,
     })
-}
-
-impl Drop for Datapath {
-    fn drop(&mut self) {
-        self.detach_all();
-    }
 }
 
 /// Test access to the loaded programs (BPF_PROG_TEST_RUN) for the packet tests.

@@ -1,6 +1,7 @@
 //! `dataplane`: the host agent and its command line (shared/DESIGN.md section 6).
 
 mod agent;
+mod conntrack;
 mod control;
 mod ebpf;
 mod model;

@@ -186,6 +186,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
     fn parse(text: &str) -> Option<Protocol> {
         match text {
             "tcp" => Some(Protocol::Tcp),

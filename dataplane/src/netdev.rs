@@ -1,6 +1,9 @@
 //! Network interfaces of the namespace the agent runs in, by name and index.
 
-use std::ffi::{CStr, CString};
+use std::{
+    ffi::{CStr, CString},
+    net::Ipv4Addr,
+};
 
 /// The index of interface `name`, or None when it does not exist.
 pub fn ifindex(name: &str) -> Option<u32> {
@@ -23,6 +26,37 @@ pub fn ifname(index: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
+/// IPv4 addresses of every interface in this network namespace: (interface, address).
+pub fn ipv4_addresses() -> Vec<(String, Ipv4Addr)> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Vec::new();
+    }
+    let mut addresses = Vec::new();
+    let mut cursor = head;
+    while !cursor.is_null() {
+        // SAFETY: cursor walks the list getifaddrs returned, which stays valid until freed.
+        let entry = unsafe { &*cursor };
+        if !entry.ifa_addr.is_null()
+            // SAFETY: ifa_addr is non-null and points at a sockaddr.
+            && i32::from(unsafe { (*entry.ifa_addr).sa_family }) == libc::AF_INET
+        {
+            // SAFETY: an AF_INET address is a sockaddr_in.
+            let sin = unsafe { &*entry.ifa_addr.cast::<libc::sockaddr_in>() };
+            // SAFETY: ifa_name is a NUL-terminated string.
+            let name = unsafe { CStr::from_ptr(entry.ifa_name) }
+                .to_string_lossy()
+                .into_owned();
+            addresses.push((name, Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+        }
+        cursor = entry.ifa_next;
+    }
+    // SAFETY: head came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    addresses
+}
+
 /// The interface of the default IPv4 route, read from /proc/net/route.
 pub fn default_route_interface() -> Option<String> {
     let routes = std::fs::read_to_string("/proc/net/route").ok()?;
@@ -36,10 +70,13 @@ pub fn default_route_interface() -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     #[test]
     fn loopback_round_trips() {
         let index = super::ifindex("lo").expect("every namespace has lo");
         assert_eq!(super::ifname(index).as_deref(), Some("lo"));
         assert_eq!(super::ifindex("no-such-if0"), None);
+        assert!(super::ipv4_addresses().contains(&("lo".to_string(), Ipv4Addr::LOCALHOST)));
     }
 }

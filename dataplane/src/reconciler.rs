@@ -8,28 +8,49 @@ use std::{
     net::Ipv4Addr,
 };
 
-use dataplane_common::EndpointInfo;
+use aya::Pod;
+use dataplane_common::{Config, EndpointInfo, PortKey, PortTarget, map_names};
 
 use crate::{
     ebpf::{Datapath, DatapathError, Hook},
-    model::{Model, StateError},
+    model::{Model, PortTarget as ModelPortTarget, StateError},
 };
 
+/// Source ports masquerade uses, kept apart from Linux's default ephemeral range
+/// (32768-60999) so that a translated connection never takes a port a local socket uses.
+pub const SNAT_PORTS: (u16, u16) = (20000, 32767);
+
 /// What the reconciler needs from the kernel; [`Datapath`] is the real one, tests use a fake.
+/// Map keys and values are the kernel's own types, in network byte order.
 pub trait Kernel {
     /// The index of an interface in the agent's namespace.
     fn ifindex(&self, interface: &str) -> Option<u32>;
+    /// IPv4 addresses of the interfaces in the agent's namespace: (interface, address).
+    fn addresses(&self) -> Vec<(String, Ipv4Addr)>;
     fn attach(&mut self, interface: &str, hook: Hook) -> Result<(), DatapathError>;
     fn detach(&mut self, interface: &str, hook: Hook) -> Result<(), DatapathError>;
     fn attachments(&self) -> BTreeSet<(String, Hook)>;
-    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointInfo>, DatapathError>;
-    fn set_endpoint(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> Result<(), DatapathError>;
-    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError>;
+    fn entries<K: Pod + Ord, V: Pod>(
+        &self,
+        map: &'static str,
+    ) -> Result<BTreeMap<K, V>, DatapathError>;
+    fn set<K: Pod, V: Pod>(
+        &mut self,
+        map: &'static str,
+        key: K,
+        value: V,
+    ) -> Result<(), DatapathError>;
+    fn remove<K: Pod, V: Pod>(&mut self, map: &'static str, key: K) -> Result<(), DatapathError>;
+    fn config(&self) -> Result<Config, DatapathError>;
+    fn set_config(&mut self, config: Config) -> Result<(), DatapathError>;
 }
 
 impl Kernel for Datapath {
     fn ifindex(&self, interface: &str) -> Option<u32> {
         crate::netdev::ifindex(interface)
+    }
+    fn addresses(&self) -> Vec<(String, Ipv4Addr)> {
+        crate::netdev::ipv4_addresses()
     }
     fn attach(&mut self, interface: &str, hook: Hook) -> Result<(), DatapathError> {
         Datapath::attach(self, interface, hook)
@@ -38,19 +59,35 @@ impl Kernel for Datapath {
         Datapath::detach(self, interface, hook)
     }
     fn attachments(&self) -> BTreeSet<(String, Hook)> {
+        // An attachment whose interface was replaced (new index) counts as missing.
         Datapath::attachments(self)
             .into_iter()
+            .filter(|(interface, _, ifindex)| crate::netdev::ifindex(interface) == Some(*ifindex))
             .map(|(interface, hook, _)| (interface, hook))
             .collect()
     }
-    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointInfo>, DatapathError> {
-        Datapath::endpoints(self)
+    fn entries<K: Pod + Ord, V: Pod>(
+        &self,
+        map: &'static str,
+    ) -> Result<BTreeMap<K, V>, DatapathError> {
+        Datapath::entries(self, map)
     }
-    fn set_endpoint(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> Result<(), DatapathError> {
-        Datapath::set_endpoint(self, ip, info)
+    fn set<K: Pod, V: Pod>(
+        &mut self,
+        map: &'static str,
+        key: K,
+        value: V,
+    ) -> Result<(), DatapathError> {
+        Datapath::set(self, map, key, value)
     }
-    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        Datapath::remove_endpoint(self, ip)
+    fn remove<K: Pod, V: Pod>(&mut self, map: &'static str, key: K) -> Result<(), DatapathError> {
+        Datapath::remove::<K, V>(self, map, key)
+    }
+    fn config(&self) -> Result<Config, DatapathError> {
+        Datapath::config(self)
+    }
+    fn set_config(&mut self, config: Config) -> Result<(), DatapathError> {
+        Datapath::set_config(self, config)
     }
 }
 
@@ -69,8 +106,9 @@ pub enum ReconcileError {
 pub struct Changes {
     pub attached: Vec<String>,
     pub detached: Vec<String>,
-    pub endpoints_set: usize,
-    pub endpoints_removed: usize,
+    /// Map entries written (new or changed) and removed, over all maps.
+    pub entries_set: usize,
+    pub entries_removed: usize,
 }
 
 impl Changes {
@@ -83,7 +121,12 @@ impl Changes {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub attachments: BTreeSet<(String, Hook)>,
-    pub endpoints: BTreeMap<Ipv4Addr, EndpointInfo>,
+    /// Keyed by container address (network byte order).
+    pub endpoints: BTreeMap<u32, EndpointInfo>,
+    pub ports: BTreeMap<PortKey, PortTarget>,
+    /// The host's own addresses (network byte order).
+    pub local_addrs: BTreeMap<u32, u8>,
+    pub config: Config,
 }
 
 /// Computes the desired kernel state, checking that every interface the model names exists
@@ -132,7 +175,7 @@ pub fn desired(
                 as u32
                 + 1;
             desired.endpoints.insert(
-                itf.ip,
+                be(itf.ip),
                 EndpointInfo {
                     ifindex,
                     network_id,
@@ -145,20 +188,126 @@ pub fn desired(
                 .insert((itf.host_veth.clone(), Hook::ContainerIngress));
         }
     }
+    for (i, port) in model.ports.iter().enumerate() {
+        let ModelPortTarget::Endpoint(name) = &port.target else {
+            return Err(StateError::Invalid {
+                entry: format!("ports[{i}]"),
+                field: "service".into(),
+                message:
+                    "ports leading to a service are not supported yet (service VIPs come next)"
+                        .into(),
+            }
+            .into());
+        };
+        let endpoint = model
+            .endpoints
+            .iter()
+            .find(|e| &e.name == name)
+            .expect("validated: the port's endpoint exists");
+        // Docker publishes to the container's address on its first network.
+        let Some(itf) = endpoint.interfaces.first() else {
+            return Err(StateError::Invalid {
+                entry: format!("ports[{i}]"),
+                field: "endpoint".into(),
+                message: format!("endpoint {name} has no interface to publish to"),
+            }
+            .into());
+        };
+        for offset in 0..port.host_ports.len() {
+            let host_port = port.host_ports.first + offset as u16;
+            let container_port = port.container_ports.first + offset as u16;
+            desired.ports.insert(
+                PortKey {
+                    addr: port.host_ip.map(be).unwrap_or(0),
+                    port: host_port.to_be(),
+                    proto: port.protocol.number(),
+                    _pad: 0,
+                },
+                PortTarget {
+                    addr: be(itf.ip),
+                    port: container_port.to_be(),
+                    _pad: [0; 2],
+                },
+            );
+        }
+    }
+    let addresses = kernel.addresses();
+    for (_, addr) in &addresses {
+        desired.local_addrs.insert(be(*addr), 1);
+    }
+    desired.config = Config {
+        // Masquerade to the uplink's first address; none yet means no masquerade yet.
+        masquerade_addr: addresses
+            .iter()
+            .find(|(interface, _)| interface == uplink)
+            .map(|(_, addr)| be(*addr))
+            .unwrap_or(0),
+        snat_port_min: SNAT_PORTS.0,
+        snat_port_max: SNAT_PORTS.1,
+    };
     Ok(desired)
 }
 
-/// Brings the kernel to `desired`. Map entries for new endpoints are written before their
-/// interfaces get programs, and programs leave an interface before its entries go, so a program
-/// never runs against a half-written state.
+/// An address as the kernel keeps it: the bytes in network order, read as a native u32.
+pub fn be(addr: Ipv4Addr) -> u32 {
+    u32::from(addr).to_be()
+}
+
+/// Writes the entries of `desired` that `current` lacks or has different; returns how many.
+fn write_missing<K: Pod + Ord, V: Pod + PartialEq>(
+    kernel: &mut impl Kernel,
+    map: &'static str,
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+) -> Result<usize, DatapathError> {
+    let mut written = 0;
+    for (key, value) in desired {
+        if current.get(key) != Some(value) {
+            kernel.set(map, *key, *value)?;
+            written += 1;
+        }
+    }
+    Ok(written)
+}
+
+/// Removes the entries of `current` that `desired` lacks; returns how many.
+fn remove_stale<K: Pod + Ord, V: Pod>(
+    kernel: &mut impl Kernel,
+    map: &'static str,
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+) -> Result<usize, DatapathError> {
+    let mut removed = 0;
+    for key in current.keys() {
+        if !desired.contains_key(key) {
+            kernel.remove::<K, V>(map, *key)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Brings the kernel to `desired`. Map entries are written before programs are attached, and
+/// programs leave an interface before stale entries go, so a program never runs against a
+/// half-written state. A removed published port stops matching new connections at once;
+/// connections already tracked keep their translation until they end.
 pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, ReconcileError> {
     let mut changes = Changes::default();
-    let current_endpoints = kernel.endpoints()?;
-    for (ip, info) in &desired.endpoints {
-        if current_endpoints.get(ip) != Some(info) {
-            kernel.set_endpoint(*ip, *info)?;
-            changes.endpoints_set += 1;
-        }
+    let endpoints = kernel.entries::<u32, EndpointInfo>(map_names::ENDPOINTS)?;
+    let ports = kernel.entries::<PortKey, PortTarget>(map_names::PORTS)?;
+    let local_addrs = kernel.entries::<u32, u8>(map_names::LOCAL_ADDRS)?;
+    changes.entries_set +=
+        write_missing(kernel, map_names::ENDPOINTS, &endpoints, &desired.endpoints)?;
+    changes.entries_set += write_missing(
+        kernel,
+        map_names::LOCAL_ADDRS,
+        &local_addrs,
+        &desired.local_addrs,
+    )?;
+    changes.entries_set += write_missing(kernel, map_names::PORTS, &ports, &desired.ports)?;
+    if kernel.config()? != desired.config {
+        kernel.set_config(desired.config)?;
+        changes.entries_set += 1;
     }
     let current_attachments = kernel.attachments();
     for (interface, hook) in desired.attachments.difference(&current_attachments) {
@@ -173,31 +322,58 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
             .detached
             .push(format!("{}@{interface}", hook.program()));
     }
-    for ip in current_endpoints.keys() {
-        if !desired.endpoints.contains_key(ip) {
-            kernel.remove_endpoint(*ip)?;
-            changes.endpoints_removed += 1;
-        }
-    }
+    changes.entries_removed += remove_stale(kernel, map_names::PORTS, &ports, &desired.ports)?;
+    changes.entries_removed += remove_stale(
+        kernel,
+        map_names::LOCAL_ADDRS,
+        &local_addrs,
+        &desired.local_addrs,
+    )?;
+    changes.entries_removed +=
+        remove_stale(kernel, map_names::ENDPOINTS, &endpoints, &desired.endpoints)?;
     Ok(changes)
 }
 
 #[cfg(test)]
 pub mod fake {
-    //! An in-memory kernel for reconciler tests.
+    //! An in-memory kernel for reconciler tests: maps as bytes, like the kernel keeps them.
     use super::*;
+
+    fn bytes<T: Pod>(value: &T) -> Vec<u8> {
+        // SAFETY: Pod types are plain bytes with no padding left uninitialised.
+        unsafe {
+            std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()).to_vec()
+        }
+    }
+
+    fn from_bytes<T: Pod>(bytes: &[u8]) -> T {
+        assert_eq!(bytes.len(), size_of::<T>());
+        // SAFETY: any bit pattern is a valid Pod value; the length matches.
+        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
+    }
 
     #[derive(Default)]
     pub struct FakeKernel {
         pub interfaces: BTreeMap<String, u32>,
+        pub addresses: Vec<(String, Ipv4Addr)>,
         pub attached: BTreeSet<(String, Hook)>,
-        pub endpoints: BTreeMap<Ipv4Addr, EndpointInfo>,
+        pub maps: BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>,
+        pub config: Config,
         pub writes: usize,
+    }
+
+    impl FakeKernel {
+        pub fn map<K: Pod + Ord, V: Pod>(&self, map: &'static str) -> BTreeMap<K, V> {
+            self.entries(map).unwrap()
+        }
     }
 
     impl Kernel for FakeKernel {
         fn ifindex(&self, interface: &str) -> Option<u32> {
             self.interfaces.get(interface).copied()
+        }
+        fn addresses(&self) -> Vec<(String, Ipv4Addr)> {
+            self.addresses.clone()
         }
         fn attach(&mut self, interface: &str, hook: Hook) -> Result<(), DatapathError> {
             self.writes += 1;
@@ -212,17 +388,48 @@ pub mod fake {
         fn attachments(&self) -> BTreeSet<(String, Hook)> {
             self.attached.clone()
         }
-        fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointInfo>, DatapathError> {
-            Ok(self.endpoints.clone())
+        fn entries<K: Pod + Ord, V: Pod>(
+            &self,
+            map: &'static str,
+        ) -> Result<BTreeMap<K, V>, DatapathError> {
+            Ok(self
+                .maps
+                .get(map)
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (from_bytes(k), from_bytes(v)))
+                        .collect()
+                })
+                .unwrap_or_default())
         }
-        fn set_endpoint(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> Result<(), DatapathError> {
+        fn set<K: Pod, V: Pod>(
+            &mut self,
+            map: &'static str,
+            key: K,
+            value: V,
+        ) -> Result<(), DatapathError> {
             self.writes += 1;
-            self.endpoints.insert(ip, info);
+            self.maps
+                .entry(map)
+                .or_default()
+                .insert(bytes(&key), bytes(&value));
             Ok(())
         }
-        fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        fn remove<K: Pod, V: Pod>(
+            &mut self,
+            map: &'static str,
+            key: K,
+        ) -> Result<(), DatapathError> {
             self.writes += 1;
-            self.endpoints.remove(&ip);
+            self.maps.entry(map).or_default().remove(&bytes(&key));
+            Ok(())
+        }
+        fn config(&self) -> Result<Config, DatapathError> {
+            Ok(self.config)
+        }
+        fn set_config(&mut self, config: Config) -> Result<(), DatapathError> {
+            self.writes += 1;
+            self.config = config;
             Ok(())
         }
     }
@@ -243,6 +450,12 @@ endpoints:
     interfaces: [{network: a, ip: 10.1.0.3, mac: "02:00:00:00:00:03", host_veth: veth-two}]
 "#;
 
+    const PORTS: &str = r#"
+ports:
+  - {endpoint: one, protocol: tcp, host_port: 8080, container_port: 80}
+  - {endpoint: two, protocol: udp, host_ip: 192.0.2.1, host_port: "9000-9002", container_port: "7000-7002"}
+"#;
+
     fn model(text: &str) -> Model {
         Model::from_spec(&StateFile::parse(text).unwrap()).unwrap()
     }
@@ -252,6 +465,11 @@ endpoints:
         for (i, name) in ["eth0", "br-a", "veth-one", "veth-two"].iter().enumerate() {
             k.interfaces.insert(name.to_string(), i as u32 + 10);
         }
+        k.addresses = vec![
+            ("lo".into(), Ipv4Addr::LOCALHOST),
+            ("eth0".into(), "192.0.2.1".parse().unwrap()),
+            ("br-a".into(), "10.1.0.1".parse().unwrap()),
+        ];
         k
     }
 
@@ -260,21 +478,62 @@ endpoints:
         apply(&desired, kernel)
     }
 
+    fn ip(text: &str) -> u32 {
+        be(text.parse().unwrap())
+    }
+
     #[test]
-    fn first_apply_attaches_everything_and_writes_endpoints() {
+    fn first_apply_attaches_everything_and_writes_the_maps() {
         let mut k = kernel();
         let changes = reconcile(&model(STATE), &mut k).unwrap();
         assert_eq!(changes.attached.len(), 5, "{changes:?}"); // 3 uplink hooks + 2 veths
-        assert_eq!(changes.endpoints_set, 2);
-        let info = k.endpoints[&"10.1.0.3".parse::<Ipv4Addr>().unwrap()];
+        let endpoints = k.map::<u32, EndpointInfo>(map_names::ENDPOINTS);
+        assert_eq!(endpoints.len(), 2);
+        let info = endpoints[&ip("10.1.0.3")];
         assert_eq!((info.ifindex, info.network_id), (13, 1));
         assert_eq!(info.mac, [2, 0, 0, 0, 0, 3]);
+        assert_eq!(k.map::<u32, u8>(map_names::LOCAL_ADDRS).len(), 3);
+        assert_eq!(k.config.masquerade_addr, ip("192.0.2.1"));
+        assert_eq!((k.config.snat_port_min, k.config.snat_port_max), SNAT_PORTS);
+    }
+
+    #[test]
+    fn published_ports_expand_ranges_in_network_byte_order() {
+        let mut k = kernel();
+        reconcile(&model(&format!("{STATE}{PORTS}")), &mut k).unwrap();
+        let ports = k.map::<PortKey, PortTarget>(map_names::PORTS);
+        assert_eq!(ports.len(), 4);
+        let tcp = ports[&PortKey {
+            addr: 0,
+            port: 8080u16.to_be(),
+            proto: 6,
+            _pad: 0,
+        }];
+        assert_eq!((tcp.addr, tcp.port), (ip("10.1.0.2"), 80u16.to_be()));
+        let udp = ports[&PortKey {
+            addr: ip("192.0.2.1"),
+            port: 9001u16.to_be(),
+            proto: 17,
+            _pad: 0,
+        }];
+        assert_eq!((udp.addr, udp.port), (ip("10.1.0.3"), 7001u16.to_be()));
+        // Removing the TCP port removes just its entry.
+        let fewer = format!(
+            "{STATE}{}",
+            PORTS.replace(
+                "  - {endpoint: one, protocol: tcp, host_port: 8080, container_port: 80}\n",
+                ""
+            )
+        );
+        let changes = reconcile(&model(&fewer), &mut k).unwrap();
+        assert_eq!(changes.entries_removed, 1, "{changes:?}");
+        assert_eq!(k.map::<PortKey, PortTarget>(map_names::PORTS).len(), 3);
     }
 
     #[test]
     fn second_apply_of_the_same_model_writes_nothing() {
         let mut k = kernel();
-        let m = model(STATE);
+        let m = model(&format!("{STATE}{PORTS}"));
         reconcile(&m, &mut k).unwrap();
         let writes = k.writes;
         assert!(reconcile(&m, &mut k).unwrap().is_empty());
@@ -291,8 +550,8 @@ endpoints:
             changes.detached,
             vec!["dp_container_ingress@veth-two".to_string()]
         );
-        assert_eq!(changes.endpoints_removed, 1);
-        assert_eq!(k.endpoints.len(), 1);
+        assert_eq!(changes.entries_removed, 1);
+        assert_eq!(k.map::<u32, EndpointInfo>(map_names::ENDPOINTS).len(), 1);
         assert!(
             !k.attached
                 .contains(&("veth-two".into(), Hook::ContainerIngress))
@@ -302,11 +561,18 @@ endpoints:
     #[test]
     fn stale_pinned_entries_of_an_earlier_agent_are_removed() {
         let mut k = kernel();
-        k.endpoints
-            .insert("10.9.9.9".parse().unwrap(), EndpointInfo::default());
+        k.set(
+            map_names::ENDPOINTS,
+            ip("10.9.9.9"),
+            EndpointInfo::default(),
+        )
+        .unwrap();
         let changes = reconcile(&model(STATE), &mut k).unwrap();
-        assert_eq!(changes.endpoints_removed, 1);
-        assert!(!k.endpoints.contains_key(&"10.9.9.9".parse().unwrap()));
+        assert_eq!(changes.entries_removed, 1);
+        assert!(
+            !k.map::<u32, EndpointInfo>(map_names::ENDPOINTS)
+                .contains_key(&ip("10.9.9.9"))
+        );
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct Status {
     /// Drops by Hubble reason name.
     pub drops: BTreeMap<String, u64>,
     pub reconciles: u64,
+    /// Conntrack entries removed as expired since the agent started.
+    pub ct_collected: u64,
     /// Seconds since the Unix epoch of the last successful apply.
     pub last_applied_unix: Option<u64>,
     /// Why the latest state could not be applied (the last good state stays in force).
@@ -74,9 +76,10 @@ fn render(s: &Status) -> String {
     let _ = writeln!(out, "uplink: {}   pin dir: {}", s.uplink, s.pin_dir);
     let _ = writeln!(
         out,
-        "state: {}   reconciles: {}",
+        "state: {}   reconciles: {}   expired connections removed: {}",
         s.state_file.as_deref().unwrap_or("(none)"),
-        s.reconciles
+        s.reconciles,
+        s.ct_collected
     );
     if let Some(e) = &s.last_error {
         let _ = writeln!(out, "last error (last good state still in force): {e}");

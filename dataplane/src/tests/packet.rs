@@ -76,6 +76,10 @@ pub fn ipv4_frame(ip: &Ipv4Spec, l4: &[u8]) -> Vec<u8> {
     frame[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&ip_csum.to_be_bytes());
     frame.extend_from_slice(l4);
     let l4_start = ETH_LEN + header_len;
+    if ip.protocol == 1 {
+        let csum = csum_fold(sum_words(&frame[l4_start..]));
+        frame[l4_start + 2..l4_start + 4].copy_from_slice(&csum.to_be_bytes());
+    }
     let csum_offset = match ip.protocol {
         6 => Some(16),
         17 => Some(6),
@@ -119,7 +123,41 @@ pub fn udp(src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
     h
 }
 
+/// An ICMP echo request (type 8) or reply (type 0), checksum zero.
+pub fn icmp_echo(icmp_type: u8, id: u16, seq: u16) -> Vec<u8> {
+    let mut h = vec![icmp_type, 0, 0, 0];
+    h.extend_from_slice(&id.to_be_bytes());
+    h.extend_from_slice(&seq.to_be_bytes());
+    h.extend_from_slice(b"pingpong");
+    h
+}
+
+/// The addresses and ports (ICMP: identifier as both) of an IPv4 frame, in host order.
+pub fn tuple(frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
+    let ihl = usize::from(frame[ETH_LEN] & 0x0f) * 4;
+    let l4 = ETH_LEN + ihl;
+    let src = Ipv4Addr::new(
+        frame[ETH_LEN + 12],
+        frame[ETH_LEN + 13],
+        frame[ETH_LEN + 14],
+        frame[ETH_LEN + 15],
+    );
+    let dst = Ipv4Addr::new(
+        frame[ETH_LEN + 16],
+        frame[ETH_LEN + 17],
+        frame[ETH_LEN + 18],
+        frame[ETH_LEN + 19],
+    );
+    let word = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+    if frame[ETH_LEN + 9] == 1 {
+        (src, dst, word(l4 + 4), word(l4 + 4))
+    } else {
+        (src, dst, word(l4), word(l4 + 2))
+    }
+}
+
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Checks the IPv4 header checksum and the TCP/UDP checksum of `frame`; panics with what is
 /// wrong.
@@ -153,4 +191,6 @@ fn crafted_frames_have_valid_checksums() {
     ip.options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
     ip.protocol = 17;
     assert_checksums(&ipv4_frame(&ip, &udp(53, 5353, b"abc")));
+    ip.protocol = 1;
+    assert_checksums(&ipv4_frame(&ip, &icmp_echo(8, 77, 1)));
 }

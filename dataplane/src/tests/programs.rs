@@ -11,30 +11,34 @@ use aya::programs::{TestRun, TestRunOptions};
 use dataplane_common::{DropReason, hook};
 
 use super::packet::{Ipv4Spec, TCP_SYN, assert_checksums, ipv4_frame, tcp, udp};
-use crate::ebpf::{Datapath, Hook};
+use crate::ebpf::{Datapath, Hook, LoadOptions};
 
-const TC_PASS: u32 = -1i32 as u32; // TC_ACT_UNSPEC: on to the next program / the stack
-const TC_SHOT: u32 = 2;
+pub(super) const TC_PASS: u32 = -1i32 as u32; // TC_ACT_UNSPEC: on to the next program / the stack
+pub(super) const TC_SHOT: u32 = 2;
 const XDP_PASS: u32 = 2;
 /// BPF_PROG_TEST_RUN runs skb programs as if on the namespace's loopback device.
 const TEST_RUN_IFINDEX: u32 = 1;
 
 /// A loaded datapath with its own pin directory, removed on drop so tests can run in
 /// parallel and leave nothing behind.
-struct TestDatapath {
+pub(super) struct TestDatapath {
     datapath: Option<Datapath>,
     pin_dir: PathBuf,
 }
 
 impl TestDatapath {
-    fn load() -> TestDatapath {
+    pub(super) fn load() -> TestDatapath {
+        TestDatapath::load_with(&LoadOptions::default())
+    }
+
+    pub(super) fn load_with(options: &LoadOptions) -> TestDatapath {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/dp-unit-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let datapath = Datapath::load(&pin_dir)
+        let datapath = Datapath::load(&pin_dir, options)
             .unwrap_or_else(|e| panic!("loading the kernel programs (root needed): {e}"));
         TestDatapath {
             datapath: Some(datapath),
@@ -42,7 +46,7 @@ impl TestDatapath {
         }
     }
 
-    fn get(&mut self) -> &mut Datapath {
+    pub(super) fn get(&mut self) -> &mut Datapath {
         self.datapath.as_mut().expect("loaded")
     }
 }
@@ -55,7 +59,7 @@ impl Drop for TestDatapath {
 }
 
 /// Runs the tc program of `hook` on `input`; returns (verdict, output packet).
-fn run_tc(dp: &mut Datapath, hook: Hook, input: &[u8]) -> (u32, Vec<u8>) {
+pub(super) fn run_tc(dp: &mut Datapath, hook: Hook, input: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; input.len() + 256];
     let result = dp
         .classifier(hook)
@@ -220,22 +224,31 @@ fn uplink_programs_pass_and_count() {
 #[test]
 fn maps_are_pinned_and_adopted_by_the_next_load() {
     let mut t = TestDatapath::load();
-    let ip = "172.30.1.9".parse().unwrap();
+    let ip = u32::from_be_bytes([172, 30, 1, 9]).to_be();
     let info = dataplane_common::EndpointInfo {
         ifindex: 7,
         network_id: 1,
         mac: [2, 0, 0, 0, 0, 9],
         _pad: [0; 2],
     };
-    t.get().set_endpoint(ip, info).unwrap();
+    t.get()
+        .set(dataplane_common::map_names::ENDPOINTS, ip, info)
+        .unwrap();
     for name in [
         dataplane_common::map_names::ENDPOINTS,
         dataplane_common::map_names::IFACE_STATS,
         dataplane_common::map_names::DROPS,
+        dataplane_common::map_names::CONNTRACK,
+        dataplane_common::map_names::PORTS,
+        dataplane_common::map_names::LOCAL_ADDRS,
+        dataplane_common::map_names::CONFIG,
     ] {
         assert!(t.pin_dir.join(name).exists(), "{name} is pinned");
     }
     // A second agent (a restart) sees the entry the first one wrote.
-    let again = Datapath::load(&t.pin_dir).unwrap();
-    assert_eq!(again.endpoints().unwrap().get(&ip), Some(&info));
+    let again = Datapath::load(&t.pin_dir, &LoadOptions::default()).unwrap();
+    let endpoints = again
+        .entries::<u32, dataplane_common::EndpointInfo>(dataplane_common::map_names::ENDPOINTS)
+        .unwrap();
+    assert_eq!(endpoints.get(&ip), Some(&info));
 }

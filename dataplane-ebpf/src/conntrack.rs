@@ -1,0 +1,155 @@
+//! Connection tracking shared by published ports and masquerade (and, later, load balancing
+//! and policy): lookup, creation of both directions at once, and per-packet accounting.
+//! Entries expire in the agent's garbage collector (timeouts in `dataplane_common::ct_timeout`).
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use dataplane_common::{CtEntry, CtKey, ct_rewrite};
+
+use crate::{
+    maps::CONNTRACK,
+    parse::{IPPROTO_ICMP, Ipv4Packet, L4},
+};
+
+/// BPF_NOEXIST: fail with -EEXIST when the key is present.
+const BPF_NOEXIST: u64 = 1;
+/// The error a full hash map gives on insert.
+const E2BIG: i32 = 7;
+const EEXIST: i32 = 17;
+
+/// The key of a packet as it is on the wire.
+#[inline(always)]
+pub fn key_of(ip: &Ipv4Packet, l4: &L4) -> CtKey {
+    CtKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: ip.protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// The key the reply of a connection whose packets (`forward`) leave translated to the
+/// destination `daddr`:`dport` and source `saddr`:`sport` will carry.
+#[inline(always)]
+pub fn reply_key(proto: u8, saddr: u32, sport: u16, daddr: u32, dport: u16) -> CtKey {
+    if proto == IPPROTO_ICMP {
+        // An echo reply keeps the request's identifier, in the same field.
+        CtKey {
+            saddr: daddr,
+            daddr: saddr,
+            sport,
+            dport: 0,
+            proto,
+            _pad: [0; 3],
+        }
+    } else {
+        CtKey {
+            saddr: daddr,
+            daddr: saddr,
+            sport: dport,
+            dport: sport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// The entry of `key`, if tracked. The pointer stays valid for this program run.
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
+    CONNTRACK.get_ptr_mut(key)
+}
+
+/// Records a packet of `len` bytes with `tcp_flags` on an entry.
+#[inline(always)]
+pub fn account(entry: *mut CtEntry, len: u32, tcp_flags: u8) {
+    // SAFETY: `entry` came from a map lookup in this program run; map values stay valid
+    // while the program runs. Concurrent CPUs may race on these plain adds: counters are
+    // approximate by design (no atomics on the hot path).
+    unsafe {
+        (*entry).last_seen_ns = bpf_ktime_get_ns();
+        (*entry).packets += 1;
+        (*entry).bytes += u64::from(len);
+        (*entry).tcp_flags |= tcp_flags;
+    }
+}
+
+/// Why a connection could not be tracked.
+pub enum CtError {
+    /// The table is full.
+    Full,
+    /// The reply key is taken by another connection.
+    Exists,
+}
+
+fn insert(key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), CtError> {
+    match CONNTRACK.insert(key, entry, flags) {
+        Ok(()) => Ok(()),
+        Err(e) if e == -EEXIST => Err(CtError::Exists),
+        Err(e) if e == -E2BIG => Err(CtError::Full),
+        // ENOMEM and the like: no room either.
+        Err(_) => Err(CtError::Full),
+    }
+}
+
+/// A new connection: `forward` is its first packet's key, rewritten by (`rewrite`, `nat_addr`,
+/// `nat_port`); `reply` is the key its answers will carry, which get the inverse rewrite back
+/// to (`orig_addr`, `orig_port`). The reply entry goes in first with NOEXIST, so two
+/// connections can never share a reply key (masquerade probes the next port on `Exists`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn create(
+    forward: &CtKey,
+    reply: &CtKey,
+    origin: u8,
+    rewrite: u8,
+    nat_addr: u32,
+    nat_port: u16,
+    orig_addr: u32,
+    orig_port: u16,
+    len: u32,
+    tcp_flags: u8,
+) -> Result<(), CtError> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let inverse = if rewrite == ct_rewrite::DST {
+        ct_rewrite::SRC
+    } else {
+        ct_rewrite::DST
+    };
+    let reply_entry = CtEntry {
+        nat_addr: orig_addr,
+        nat_port: orig_port,
+        rewrite: inverse,
+        origin,
+        tcp_flags: 0,
+        is_reply: 1,
+        _pad: [0; 6],
+        created_ns: now,
+        last_seen_ns: now,
+        packets: 0,
+        bytes: 0,
+        peer: *forward,
+    };
+    insert(reply, &reply_entry, BPF_NOEXIST)?;
+    let forward_entry = CtEntry {
+        nat_addr,
+        nat_port,
+        rewrite,
+        origin,
+        tcp_flags,
+        is_reply: 0,
+        _pad: [0; 6],
+        created_ns: now,
+        last_seen_ns: now,
+        packets: 1,
+        bytes: u64::from(len),
+        peer: *reply,
+    };
+    if let Err(e) = insert(forward, &forward_entry, 0) {
+        // Never leave half a connection behind.
+        let _ = CONNTRACK.remove(reply);
+        return Err(e);
+    }
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! The translations of each hook, built on conntrack and NAT:
+//!
+//! | hook | tracked packet (hit) | new connection (miss) |
+//! |---|---|---|
+//! | container veth ingress | published-port replies (source back to host:port) and hairpin requests | hairpin: a container to its host's published port |
+//! | uplink ingress | published-port requests, masquerade replies | published port from outside |
+//! | uplink egress | masquerade requests | masquerade of a container's connection |
+//!
+//! Each hook acts only on the entries whose origin it owns, so one connection is translated
+//! exactly once per packet.
+
+use dataplane_common::{Config, CtKey, DropReason, PortKey, PortTarget, ct_origin, ct_rewrite};
+
+use crate::{
+    conntrack::{self, CtError},
+    maps::{CONFIG, CONNTRACK, ENDPOINTS, LOCAL_ADDRS, PORTS},
+    nat,
+    parse::{Frame, IPPROTO_ICMP, Ipv4Packet, L4, Transport, parse_l4, parse_tc},
+};
+use aya_ebpf::programs::TcContext;
+
+/// What a hook decided.
+pub enum Verdict {
+    Pass,
+    Drop(DropReason),
+}
+
+/// How many source ports masquerade tries for one new connection before giving up.
+const SNAT_PROBES: u32 = 32;
+
+/// Where the hook runs, which decides the entries it acts on and what a miss means.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    ContainerIngress,
+    UplinkIngress,
+    UplinkEgress,
+}
+
+#[inline(always)]
+pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
+    let mut ip = match parse_tc(ctx) {
+        Frame::Ipv4(ip) => ip,
+        Frame::Other => return Verdict::Pass,
+        Frame::Malformed => return Verdict::Drop(DropReason::Malformed),
+    };
+    let mut l4 = match parse_l4(ctx, &ip) {
+        Transport::Tracked(l4) => l4,
+        Transport::Untracked => return Verdict::Pass,
+        Transport::Malformed => return Verdict::Drop(DropReason::Malformed),
+    };
+    let key = conntrack::key_of(&ip, &l4);
+    if let Some(entry) = conntrack::lookup(&key) {
+        // SAFETY: a map value from this program run's lookup.
+        let (origin, rewrite, addr, port) = unsafe {
+            (
+                (*entry).origin,
+                (*entry).rewrite,
+                (*entry).nat_addr,
+                (*entry).nat_port,
+            )
+        };
+        let ours = match hook {
+            Hook::ContainerIngress => origin == ct_origin::PUBLISHED,
+            Hook::UplinkIngress => rewrite == ct_rewrite::DST,
+            Hook::UplinkEgress => origin == ct_origin::MASQUERADE && rewrite == ct_rewrite::SRC,
+        };
+        if !ours {
+            return Verdict::Pass;
+        }
+        conntrack::account(entry, ip.len, l4.tcp_flags);
+        return match nat::rewrite(ctx, &mut ip, &mut l4, rewrite, addr, port) {
+            Ok(()) => Verdict::Pass,
+            Err(_) => Verdict::Drop(DropReason::Malformed),
+        };
+    }
+    match hook {
+        Hook::ContainerIngress | Hook::UplinkIngress => publish(ctx, &mut ip, &mut l4, &key),
+        Hook::UplinkEgress => masquerade(ctx, &mut ip, &mut l4, &key),
+    }
+}
+
+/// The container a published port leads to, if the destination is one: an exact host
+/// address binding first, then a binding on every host address when the destination is one of
+/// the host's own (Docker's `--dst-type LOCAL`).
+#[inline(always)]
+fn published_target(ip: &Ipv4Packet, l4: &L4) -> Option<PortTarget> {
+    let mut key = PortKey {
+        addr: ip.daddr,
+        port: l4.dport,
+        proto: ip.protocol,
+        _pad: 0,
+    };
+    if let Some(target) = PORTS.get_ptr(&key) {
+        // SAFETY: a map value from this program run's lookup.
+        return Some(unsafe { *target });
+    }
+    LOCAL_ADDRS.get_ptr(&ip.daddr)?;
+    key.addr = 0;
+    // SAFETY: as above.
+    PORTS.get_ptr(&key).map(|target| unsafe { *target })
+}
+
+/// A new connection to a published port: track it and rewrite its destination.
+#[inline(always)]
+fn publish(ctx: &TcContext, ip: &mut Ipv4Packet, l4: &mut L4, forward: &CtKey) -> Verdict {
+    if ip.protocol == IPPROTO_ICMP {
+        return Verdict::Pass;
+    }
+    let Some(target) = published_target(ip, l4) else {
+        return Verdict::Pass;
+    };
+    let reply = conntrack::reply_key(ip.protocol, ip.saddr, l4.sport, target.addr, target.port);
+    let create = || {
+        conntrack::create(
+            forward,
+            &reply,
+            ct_origin::PUBLISHED,
+            ct_rewrite::DST,
+            target.addr,
+            target.port,
+            ip.daddr,
+            l4.dport,
+            ip.len,
+            l4.tcp_flags,
+        )
+    };
+    let created = match create() {
+        Err(CtError::Exists) => {
+            // The same client address:port reached the same container address:port before
+            // (through another binding, or a connection whose forward entry is gone): the new
+            // connection replaces the old one, as a reused TCP tuple does.
+            if let Some(old) = conntrack::lookup(&reply) {
+                // SAFETY: a map value from this program run's lookup.
+                let old_forward = unsafe { (*old).peer };
+                let _ = CONNTRACK.remove(&old_forward);
+            }
+            let _ = CONNTRACK.remove(&reply);
+            create()
+        }
+        other => other,
+    };
+    match created {
+        Ok(()) => match nat::rewrite(ctx, ip, l4, ct_rewrite::DST, target.addr, target.port) {
+            Ok(()) => Verdict::Pass,
+            Err(_) => Verdict::Drop(DropReason::Malformed),
+        },
+        Err(_) => Verdict::Drop(DropReason::CtMapInsertionFailed),
+    }
+}
+
+#[inline(always)]
+fn mix(key: &CtKey) -> u32 {
+    let mut h =
+        key.saddr ^ key.daddr.rotate_left(11) ^ (u32::from(key.sport) << 16 | u32::from(key.dport));
+    h ^= u32::from(key.proto).rotate_left(7);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x45d9_f3b);
+    h ^= h >> 16;
+    h
+}
+
+/// A container's new connection leaving through the uplink: pick a free source port on the
+/// host's address (probing from a hash of the connection, so collisions between containers
+/// using the same source port resolve to different ports), track it, rewrite the source.
+#[inline(always)]
+fn masquerade(ctx: &TcContext, ip: &mut Ipv4Packet, l4: &mut L4, forward: &CtKey) -> Verdict {
+    if ENDPOINTS.get_ptr(&ip.saddr).is_none() {
+        return Verdict::Pass; // not a container: the host's own traffic keeps its address
+    }
+    let Some(config) = CONFIG.get_ptr(0) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: array element 0 always exists.
+    let Config {
+        masquerade_addr,
+        snat_port_min,
+        snat_port_max,
+    } = unsafe { *config };
+    if masquerade_addr == 0 || snat_port_max < snat_port_min {
+        return Verdict::Pass;
+    }
+    let range = u32::from(snat_port_max) - u32::from(snat_port_min) + 1;
+    let start = mix(forward) % range;
+    for probe in 0..SNAT_PROBES {
+        let port = (u32::from(snat_port_min) + (start + probe) % range) as u16;
+        let port = port.to_be();
+        let reply = conntrack::reply_key(ip.protocol, masquerade_addr, port, ip.daddr, l4.dport);
+        match conntrack::create(
+            forward,
+            &reply,
+            ct_origin::MASQUERADE,
+            ct_rewrite::SRC,
+            masquerade_addr,
+            port,
+            ip.saddr,
+            l4.sport,
+            ip.len,
+            l4.tcp_flags,
+        ) {
+            Ok(()) => {
+                return match nat::rewrite(ctx, ip, l4, ct_rewrite::SRC, masquerade_addr, port) {
+                    Ok(()) => Verdict::Pass,
+                    Err(_) => Verdict::Drop(DropReason::Malformed),
+                };
+            }
+            Err(CtError::Exists) => continue,
+            Err(CtError::Full) => return Verdict::Drop(DropReason::CtMapInsertionFailed),
+        }
+    }
+    Verdict::Drop(DropReason::SnatNoFreePort)
+}
