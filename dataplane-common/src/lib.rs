@@ -22,7 +22,7 @@ pub mod map_names {
     /// The host's own IPv4 addresses: which destinations "all host addresses" means.
     pub const LOCAL_ADDRS: &str = "dp_local_addrs_v1";
     /// Settings the agent writes at run time (uplink, masquerade address, port range).
-    pub const CONFIG: &str = "dp_config_v1";
+    pub const CONFIG: &str = "dp_config_v2";
 }
 
 /// Names of the kernel programs in the object file.
@@ -209,10 +209,14 @@ pub struct Config {
     /// The uplink's address masqueraded connections leave with (network byte order); 0 while
     /// the uplink has no address (masquerade then passes packets untranslated).
     pub masquerade_addr: u32,
+    /// The uplink, where replies of published ports are sent straight to (see
+    /// `translate.rs` in the kernel crate for why they cannot go through the host's stack).
+    pub uplink_ifindex: u32,
     /// Source ports for masquerade, host byte order, inclusive. Kept apart from the host's own
     /// ephemeral range (32768-60999) so a translated port never meets a local socket's.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    pub _pad: u32,
 }
 
 /// Why a packet was dropped. One numbering for kernel counters, flow records and metric labels
@@ -266,7 +270,7 @@ const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 64);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PortTarget>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -12,6 +12,7 @@ mod translate;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    helpers::bpf_redirect_neigh,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -39,6 +40,10 @@ fn tc_verdict(ctx: &TcContext, counter_hook: u32, hook: translate::Hook) -> i32 
             stats::count_drop(reason);
             TC_ACT_SHOT
         }
+        // SAFETY: a helper call with no parameters block (the kernel looks the neighbour up).
+        Verdict::RedirectNeigh(ifindex) => unsafe {
+            bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
     }
 }
 

@@ -23,6 +23,8 @@ use aya_ebpf::programs::TcContext;
 pub enum Verdict {
     Pass,
     Drop(DropReason),
+    /// Send out of this interface, with the neighbour (next hop MAC) resolved by the kernel.
+    RedirectNeigh(u32),
 }
 
 /// How many source ports masquerade tries for one new connection before giving up.
@@ -68,14 +70,36 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
             return Verdict::Pass;
         }
         conntrack::account(entry, ip.len, l4.tcp_flags);
-        return match nat::rewrite(ctx, &mut ip, &mut l4, rewrite, addr, port) {
-            Ok(()) => Verdict::Pass,
-            Err(_) => Verdict::Drop(DropReason::Malformed),
-        };
+        if nat::rewrite(ctx, &mut ip, &mut l4, rewrite, addr, port).is_err() {
+            return Verdict::Drop(DropReason::Malformed);
+        }
+        if hook == Hook::ContainerIngress && rewrite == ct_rewrite::SRC {
+            return reply_to_client(&ip);
+        }
+        return Verdict::Pass;
     }
     match hook {
         Hook::ContainerIngress | Hook::UplinkIngress => publish(ctx, &mut ip, &mut l4, &key),
         Hook::UplinkEgress => masquerade(ctx, &mut ip, &mut l4, &key),
+    }
+}
+
+/// Where a published port's reply goes once its source is the host's address again. Towards
+/// a container (hairpin) the bridge delivers it at layer 2. Towards anything else it must not
+/// enter the host's IP stack: a packet arriving with one of the host's own addresses as source
+/// is a martian and dropped (accept_local=0), so it goes straight out of the uplink, the
+/// kernel resolving the next hop (bpf_redirect_neigh), as Cilium does.
+#[inline(always)]
+fn reply_to_client(ip: &Ipv4Packet) -> Verdict {
+    if ENDPOINTS.get_ptr(&ip.daddr).is_some() {
+        return Verdict::Pass;
+    }
+    match CONFIG.get_ptr(0) {
+        // SAFETY: array element 0 always exists.
+        Some(config) if unsafe { (*config).uplink_ifindex } != 0 => {
+            Verdict::RedirectNeigh(unsafe { (*config).uplink_ifindex })
+        }
+        _ => Verdict::Pass,
     }
 }
 
@@ -175,6 +199,7 @@ fn masquerade(ctx: &TcContext, ip: &mut Ipv4Packet, l4: &mut L4, forward: &CtKey
         masquerade_addr,
         snat_port_min,
         snat_port_max,
+        ..
     } = unsafe { *config };
     if masquerade_addr == 0 || snat_port_max < snat_port_min {
         return Verdict::Pass;

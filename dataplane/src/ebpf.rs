@@ -69,6 +69,18 @@ pub enum DatapathError {
     },
     #[error("load settings: {0}")]
     Settings(String),
+    #[error(
+        "the map pinned at {path} has another layout (key {key_size} / value {value_size} bytes, \
+         expected {expected_key} / {expected_value}): it was left by an incompatible version. \
+         Remove it (its connections reset) and start again"
+    )]
+    PinnedLayout {
+        path: PathBuf,
+        key_size: u32,
+        value_size: u32,
+        expected_key: u32,
+        expected_value: u32,
+    },
 }
 
 /// Where a program is attached.
@@ -173,6 +185,60 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
+/// Refuses maps pinned by a version whose key or value layout differs from this one's: the
+/// programs would read them wrongly (a layout change gets a new map name; this catches what
+/// slipped through).
+fn check_layouts(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
+    use std::mem::size_of;
+
+    use aya::maps::Map;
+    use dataplane_common::{CtEntry, CtKey, EndpointInfo, PortKey, PortTarget};
+    let expected: [(&'static str, usize, usize); 7] = [
+        (
+            map_names::CONNTRACK,
+            size_of::<CtKey>(),
+            size_of::<CtEntry>(),
+        ),
+        (
+            map_names::PORTS,
+            size_of::<PortKey>(),
+            size_of::<PortTarget>(),
+        ),
+        (
+            map_names::ENDPOINTS,
+            size_of::<u32>(),
+            size_of::<EndpointInfo>(),
+        ),
+        (map_names::LOCAL_ADDRS, size_of::<u32>(), size_of::<u8>()),
+        (map_names::CONFIG, size_of::<u32>(), size_of::<Config>()),
+        (
+            map_names::IFACE_STATS,
+            size_of::<IfaceStatsKey>(),
+            size_of::<IfaceStats>(),
+        ),
+        (map_names::DROPS, size_of::<u32>(), size_of::<u64>()),
+    ];
+    for (name, key, value) in expected {
+        let data = match ebpf.map(name).ok_or(DatapathError::MissingMap(name))? {
+            Map::HashMap(d) | Map::PerCpuHashMap(d) | Map::Array(d) | Map::PerCpuArray(d) => d,
+            _ => return Err(DatapathError::MissingMap(name)),
+        };
+        let info = data
+            .info()
+            .map_err(|source| DatapathError::Map { map: name, source })?;
+        if (info.key_size(), info.value_size()) != (key as u32, value as u32) {
+            return Err(DatapathError::PinnedLayout {
+                path: pin_dir.join(name),
+                key_size: info.key_size(),
+                value_size: info.value_size(),
+                expected_key: key as u32,
+                expected_value: value as u32,
+            });
+        }
+    }
+    Ok(())
+}
+
 fn is_bpffs(path: &Path) -> bool {
     let Ok(c_path) = CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
@@ -198,6 +264,7 @@ impl Datapath {
             .map_max_entries(map_names::CONNTRACK, options.ct_max_entries)
             .load(KERNEL_OBJECT)
             .map_err(DatapathError::Load)?;
+        check_layouts(&ebpf, pin_dir)?;
         for hook in [
             Hook::ContainerIngress,
             Hook::UplinkIngress,

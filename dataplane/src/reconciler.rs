@@ -242,8 +242,10 @@ pub fn desired(
             .find(|(interface, _)| interface == uplink)
             .map(|(_, addr)| be(*addr))
             .unwrap_or(0),
+        uplink_ifindex: kernel.ifindex(uplink).unwrap_or(0),
         snat_port_min: SNAT_PORTS.0,
         snat_port_max: SNAT_PORTS.1,
+        _pad: 0,
     };
     Ok(desired)
 }
@@ -494,6 +496,7 @@ ports:
         assert_eq!(info.mac, [2, 0, 0, 0, 0, 3]);
         assert_eq!(k.map::<u32, u8>(map_names::LOCAL_ADDRS).len(), 3);
         assert_eq!(k.config.masquerade_addr, ip("192.0.2.1"));
+        assert_eq!(k.config.uplink_ifindex, 10);
         assert_eq!((k.config.snat_port_min, k.config.snat_port_max), SNAT_PORTS);
     }
 

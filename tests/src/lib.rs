@@ -94,7 +94,10 @@ impl Sandbox {
         sandbox
     }
 
+    /// The namespace of `target`: an endpoint, `host`, or `outside` (the sandbox calls the
+    /// outside client's namespace `{name}-out`).
     pub fn netns(&self, target: &str) -> String {
+        let target = if target == "outside" { "out" } else { target };
         format!("{}-{target}", self.name)
     }
 
@@ -243,7 +246,17 @@ impl Agent {
         what: &str,
         check: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        self.wait_for_within(Duration::from_secs(10), what, check)
+    }
+
+    /// [`Agent::wait_for`] with a time limit of its own.
+    pub fn wait_for_within(
+        &self,
+        limit: Duration,
+        what: &str,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
         loop {
             let status = self.status();
             if check(&status) {
@@ -284,22 +297,94 @@ impl Drop for Agent {
     }
 }
 
+/// Runs `f` on a thread inside network namespace `netns` and returns its result. Sockets made
+/// there keep their namespace when handed back, so a test can hold a connection of the
+/// outside client open while it restarts the agent.
+pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::os::fd::AsRawFd as _;
+
+    let netns_path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let netns_file = std::fs::File::open(&netns_path).expect("namespace file");
+        // SAFETY: a valid namespace fd; setns affects only this thread.
+        let rc = unsafe { libc::setns(netns_file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns into {netns_path}");
+        f()
+    })
+    .join()
+    .expect("thread in namespace")
+}
+
+/// A process started in a sandbox namespace, killed on drop.
+pub struct Background(Child);
+
+impl Sandbox {
+    /// Starts `cmd` in the namespace of `target` without waiting for it.
+    pub fn spawn(&self, target: &str, cmd: &[&str]) -> Background {
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns(target)))
+            .arg("--")
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting a background command");
+        Background(child)
+    }
+}
+
+impl Background {
+    /// Waits until the process prints a line containing `text` (e.g. a "ready" line).
+    pub fn wait_for_line(&mut self, text: &str) {
+        use std::io::BufRead as _;
+        let stdout = self.0.stdout.take().expect("stdout is piped");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let text = text.to_owned();
+        let found = std::thread::spawn(move || lines.any(|l| l.is_ok_and(|l| l.contains(&text))));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !found.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "background command printed no ready line"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            found.join().unwrap(),
+            "background command ended before its ready line"
+        );
+    }
+}
+
+impl Background {
+    /// Waits for the process to end and returns what it printed.
+    pub fn wait_output(mut self) -> String {
+        use std::io::Read as _;
+        let mut text = String::new();
+        if let Some(mut stdout) = self.0.stdout.take() {
+            let _ = stdout.read_to_string(&mut text);
+        }
+        let _ = self.0.wait();
+        text
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Names of the BPF programs the kernel has attached to `interface` in namespace `netns`
 /// (TCX ingress and egress, and XDP), asked of the kernel directly rather than of the agent.
 /// The kernel keeps the first 15 characters of a program's name.
 pub fn attached_programs(netns: &str, interface: &str) -> Vec<String> {
-    use std::os::fd::AsRawFd as _;
-
     use aya::programs::{SchedClassifier, TcAttachType};
 
-    let netns_path = format!("/run/netns/{netns}");
     let interface = interface.to_owned();
-    // setns changes the namespace of the calling thread only: do it on a thread of its own.
-    std::thread::spawn(move || {
-        let netns_file = std::fs::File::open(&netns_path).expect("namespace file");
-        // SAFETY: a valid namespace fd; affects only this thread.
-        let rc = unsafe { libc::setns(netns_file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns into {netns_path}");
+    in_netns(netns, move || {
         let mut names = Vec::new();
         for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
             if let Ok((_, programs)) = SchedClassifier::query_tcx(&interface, direction) {
@@ -322,8 +407,6 @@ pub fn attached_programs(netns: &str, interface: &str) -> Vec<String> {
         }
         names
     })
-    .join()
-    .expect("query thread")
 }
 
 /// Whether `program` is among `attached` (comparing the 15 characters the kernel keeps).

@@ -22,6 +22,9 @@ const WEB1: [u8; 4] = [172, 30, 1, 2];
 const WEB2: [u8; 4] = [172, 30, 1, 3];
 const SERVER: [u8; 4] = [198, 51, 100, 7];
 const SNAT_RANGE: (u16, u16) = (20000, 32767);
+/// BPF_PROG_TEST_RUN runs on the namespace's loopback, so redirects are aimed at it.
+const UPLINK_IFINDEX: u32 = 1;
+const TC_REDIRECT: u32 = 7;
 
 fn be(ip: [u8; 4]) -> u32 {
     u32::from_be_bytes(ip).to_be()
@@ -59,8 +62,10 @@ fn host(dp: &mut Datapath) {
     publish(dp, be(HOST), 9090, 6, 90);
     dp.set_config(Config {
         masquerade_addr: be(HOST),
+        uplink_ifindex: UPLINK_IFINDEX,
         snat_port_min: SNAT_RANGE.0,
         snat_port_max: SNAT_RANGE.1,
+        _pad: 0,
     })
     .unwrap();
 }
@@ -74,6 +79,17 @@ fn pass(dp: &mut Datapath, hook: Hook, frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16
     let (verdict, out) = run_tc(dp, hook, frame);
     assert_eq!(verdict, TC_PASS, "{hook:?} verdict");
     assert_eq!(out.len(), frame.len());
+    assert_checksums(&out);
+    tuple(&out)
+}
+
+/// Like [`pass`], for a published port's reply sent straight out of the uplink.
+fn redirected(dp: &mut Datapath, hook: Hook, frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
+    let (verdict, out) = run_tc(dp, hook, frame);
+    assert_eq!(
+        verdict, TC_REDIRECT,
+        "{hook:?} verdict: redirect to the uplink"
+    );
     assert_checksums(&out);
     tuple(&out)
 }
@@ -112,7 +128,7 @@ fn published_tcp_port_and_its_replies() {
         &tcp(80, 40000, TCP_SYN | TCP_ACK, b""),
     );
     assert_eq!(
-        pass(dp, Hook::ContainerIngress, &synack),
+        redirected(dp, Hook::ContainerIngress, &synack),
         (ip4(HOST), ip4(CLIENT), 8080, 40000)
     );
     // Later packets of the connection follow the entry, payload untouched.
@@ -150,7 +166,7 @@ fn published_udp_port_and_host_ip_bindings() {
     );
     let answer = ipv4_frame(&Ipv4Spec::new(WEB1, CLIENT, 17), &udp(53, 33333, b"answer"));
     assert_eq!(
-        pass(dp, Hook::ContainerIngress, &answer),
+        redirected(dp, Hook::ContainerIngress, &answer),
         (ip4(HOST), ip4(CLIENT), 5353, 33333)
     );
     // 9090 is bound to 192.0.2.1 only: another local address does not match it.
@@ -317,7 +333,7 @@ fn a_full_conntrack_table_refuses_and_counts_never_mistranslates() {
         &tcp(80, 40000, TCP_SYN | TCP_ACK, b""),
     );
     assert_eq!(
-        pass(dp, Hook::ContainerIngress, &reply),
+        redirected(dp, Hook::ContainerIngress, &reply),
         (ip4(HOST), ip4(CLIENT), 8080, 40000)
     );
 }

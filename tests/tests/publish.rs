@@ -1,0 +1,331 @@
+//! Port publishing, masquerade and conntrack on a namespaced host with real clients (curl, nc,
+//! iperf3 and sockets of the test itself) from the outside client and from containers.
+
+use std::{
+    collections::BTreeSet,
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    time::Duration,
+};
+
+use dataplane_tests::{Agent, Sandbox, attached_programs, dataplane_bin, has_program, in_netns};
+use serde_json::Value;
+
+const SPEC: &str = r#"
+uplink: eth0
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1}
+endpoints:
+  - name: web1
+    interfaces: [{network: front, ip: 172.30.1.2, mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
+  - name: web2
+    interfaces: [{network: front, ip: 172.30.1.3, mac: "02:42:ac:1e:01:03", host_veth: veth-web2}]
+ports:
+  - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}
+  - {endpoint: web1, protocol: udp, host_port: 5353, container_port: 80}
+  - {endpoint: web1, protocol: tcp, host_port: "9000-9002", container_port: "7000-7002"}
+  - {endpoint: web2, protocol: tcp, host_ip: 192.0.2.1, host_port: 9090, container_port: 80}
+"#;
+
+const HOST: &str = "192.0.2.1";
+const OUTSIDE: &str = "192.0.2.2";
+
+fn map_entries(status: &Value, name: &str) -> u64 {
+    status["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .unwrap_or_else(|| panic!("map {name} in status"))["entries"]
+        .as_u64()
+        .unwrap()
+}
+
+fn drops(status: &Value, reason: &str) -> u64 {
+    status["drops"][reason].as_u64().unwrap_or(0)
+}
+
+fn curl(sandbox: &Sandbox, from: &str, url: &str) -> std::process::Output {
+    sandbox.exec(from, &["curl", "-sS", "--max-time", "3", url])
+}
+
+/// A keep-alive HTTP connection of the outside client to a published port, made with the
+/// test's own socket so it stays open across agent restarts and state edits.
+struct KeepAlive(TcpStream);
+
+impl KeepAlive {
+    /// Connects and makes a first request at once (the sandbox's server answers a client that
+    /// stays silent with one line and closes), checking who answered.
+    fn open(sandbox: &Sandbox, addr: &'static str) -> KeepAlive {
+        let stream = in_netns(&sandbox.netns("outside"), move || {
+            TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3))
+        })
+        .expect("connecting through the published port");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut conn = KeepAlive(stream);
+        let body = conn.get().expect("first request");
+        assert!(body.starts_with(&format!("web1 {OUTSIDE}:")), "{body}");
+        conn
+    }
+
+    /// One request and its response body.
+    fn get(&mut self) -> std::io::Result<String> {
+        self.0.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")?;
+        let mut buf = [0u8; 1024];
+        let mut text = String::new();
+        while !text.contains("\r\n\r\n") || !text.ends_with('\n') {
+            let n = self.0.read(&mut buf)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        Ok(text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
+    }
+}
+
+#[test]
+fn published_ports_reach_the_container_with_the_client_address() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+
+    // TCP through curl: the container sees the outside client's own address.
+    let out = curl(&sandbox, "outside", &format!("http://{HOST}:8080/"));
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.starts_with(&format!("web1 {OUTSIDE}:")), "{out:?}");
+    // UDP through nc.
+    let reply = sandbox.exec_ok(
+        "outside",
+        &["sh", "-c", &format!("echo hi | nc -u -w1 {HOST} 5353")],
+    );
+    assert!(
+        reply.starts_with(&format!("web1 {OUTSIDE}:")),
+        "udp reply: {reply:?}"
+    );
+    // A range: host port 9002 leads to container port 7002.
+    let reply = sandbox.exec_ok("outside", &["nc", "-w3", HOST, "9002"]);
+    assert!(
+        reply.starts_with(&format!("web1 {OUTSIDE}:")),
+        "range reply: {reply:?}"
+    );
+
+    // A binding on one host address does not answer on another address of the host.
+    sandbox.exec_ok(
+        "host",
+        &["ip", "addr", "add", "192.0.2.3/24", "dev", "eth0"],
+    );
+    agent.wait_for("the new host address", |s| {
+        map_entries(s, "dp_local_addrs_v1") >= 4
+    });
+    let reply = sandbox.exec_ok("outside", &["nc", "-w3", HOST, "9090"]);
+    assert!(reply.starts_with(&format!("web2 {OUTSIDE}:")), "{reply:?}");
+    let refused = sandbox.exec("outside", &["nc", "-w3", "192.0.2.3", "9090"]);
+    assert!(
+        !refused.status.success(),
+        "9090 is bound to {HOST} only: {refused:?}"
+    );
+    // ...while an all-addresses binding answers on the new one too.
+    let out = curl(&sandbox, "outside", "http://192.0.2.3:8080/");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("web1 "),
+        "{out:?}"
+    );
+
+    // Closed TCP connections leave the table (10 s after FIN, plus a GC round); the UDP flow
+    // (two entries) stays for its 60 s.
+    agent.wait_for_within(Duration::from_secs(25), "closed connections removed", |s| {
+        map_entries(s, "dp_ct_v1") == 2
+    });
+}
+
+#[test]
+fn hairpin_a_container_reaches_a_published_port_of_its_host() {
+    let sandbox = Sandbox::up(SPEC);
+    let _agent = Agent::start(&sandbox);
+    let out = curl(&sandbox, "web2", &format!("http://{HOST}:8080/"));
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.starts_with("web1 172.30.1.3:"), "{out:?}");
+}
+
+#[test]
+fn iperf3_through_a_published_port() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    let with_iperf = format!(
+        "{SPEC}  - {{endpoint: web1, protocol: tcp, host_port: 15201, container_port: 5201}}\n"
+    );
+    sandbox.write_state(&with_iperf);
+    agent.wait_for("iperf port published", |s| {
+        map_entries(s, "dp_ports_v1") == 7
+    });
+    let mut server = sandbox.spawn(
+        "web1",
+        &["iperf3", "-s", "-1", "-p", "5201", "--forceflush"],
+    );
+    server.wait_for_line("Server listening");
+    let out = sandbox.exec_ok(
+        "outside",
+        &["iperf3", "-c", HOST, "-p", "15201", "-t", "1", "-J"],
+    );
+    let report: Value = serde_json::from_str(&out).expect("iperf3 JSON");
+    let bits = report["end"]["sum_received"]["bits_per_second"].as_f64();
+    assert!(bits.is_some_and(|b| b > 0.0), "{report:#}");
+}
+
+#[test]
+fn masquerade_gives_containers_the_host_address_outside() {
+    let sandbox = Sandbox::up(SPEC);
+    let _agent = Agent::start(&sandbox);
+    let bin = dataplane_bin();
+    let mut server = sandbox.spawn(
+        "outside",
+        &[
+            bin.to_str().unwrap(),
+            "sandbox",
+            "serve",
+            "--name",
+            "outside",
+            "--tcp",
+            "9999",
+            "--udp",
+            "9999",
+        ],
+    );
+    server.wait_for_line("ready");
+
+    let reply = sandbox.exec_ok("web1", &["nc", "-w3", OUTSIDE, "9999"]);
+    let seen = reply
+        .trim()
+        .strip_prefix("outside ")
+        .expect("outside answered");
+    let (addr, port) = seen.split_once(':').unwrap();
+    assert_eq!(addr, HOST, "the outside sees the host's address");
+    let port: u16 = port.parse().unwrap();
+    assert!((20000..=32767).contains(&port), "masquerade port {port}");
+    let reply = sandbox.exec_ok(
+        "web2",
+        &["sh", "-c", &format!("echo hi | nc -u -w1 {OUTSIDE} 9999")],
+    );
+    assert!(reply.starts_with(&format!("outside {HOST}:")), "{reply:?}");
+    sandbox.exec_ok("web2", &["ping", "-c2", "-i0.2", "-W2", OUTSIDE]);
+}
+
+#[test]
+fn two_hundred_parallel_connections_from_colliding_source_ports() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    let bin = dataplane_bin();
+    let mut server = sandbox.spawn(
+        "outside",
+        &[
+            bin.to_str().unwrap(),
+            "sandbox",
+            "serve",
+            "--name",
+            "outside",
+            "--tcp",
+            "9999",
+        ],
+    );
+    server.wait_for_line("ready");
+    // web1 and web2 each open 100 connections at once, from the same 100 source ports, to
+    // the same server port: without port allocation every pair would collide on the host.
+    let script = format!("seq 41000 41099 | xargs -P 100 -I{{}} nc -d -w5 -p {{}} {OUTSIDE} 9999");
+    let web1 = sandbox.spawn("web1", &["sh", "-c", &script]);
+    let web2 = sandbox.spawn("web2", &["sh", "-c", &script]);
+    let mut ports = BTreeSet::new();
+    for background in [web1, web2] {
+        let output = background.wait_output();
+        let replies: Vec<&str> = output
+            .lines()
+            .filter(|l| l.starts_with("outside "))
+            .collect();
+        assert_eq!(replies.len(), 100, "every connection answered:\n{output}");
+        for reply in replies {
+            let (addr, port) = reply["outside ".len()..].trim().split_once(':').unwrap();
+            assert_eq!(addr, HOST);
+            ports.insert(port.parse::<u16>().unwrap());
+        }
+    }
+    assert_eq!(ports.len(), 200, "200 distinct host ports");
+    let status = agent.status();
+    assert_eq!(drops(&status, "SNAT_NO_FREE_PORT"), 0);
+    assert_eq!(drops(&status, "CT_MAP_INSERTION_FAILED"), 0);
+}
+
+#[test]
+fn an_established_connection_survives_agent_kill_and_restart() {
+    let sandbox = Sandbox::up(SPEC);
+    let mut agent = Agent::start(&sandbox);
+    let mut conn = KeepAlive::open(&sandbox, "192.0.2.1:8080");
+
+    agent.stop("KILL");
+    // The datapath keeps running without its agent: links and maps are pinned.
+    let attached = attached_programs(&sandbox.netns("host"), "eth0");
+    assert!(has_program(&attached, "dp_uplink_ingress"), "{attached:?}");
+    assert!(
+        conn.get().unwrap().starts_with("web1 "),
+        "while the agent is down"
+    );
+
+    agent.restart(&sandbox);
+    assert!(
+        conn.get().unwrap().starts_with("web1 "),
+        "after the restart"
+    );
+    // The restarted agent adopted the links rather than adding a second program.
+    let attached = attached_programs(&sandbox.netns("host"), "eth0");
+    assert_eq!(attached.len(), 3, "{attached:?}");
+}
+
+#[test]
+fn removing_a_port_stops_new_connections_at_once() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    let mut conn = KeepAlive::open(&sandbox, "192.0.2.1:8080");
+    let without_8080 = SPEC.replace(
+        "  - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}\n",
+        "",
+    );
+    sandbox.write_state(&without_8080);
+    agent.wait_for("port removed", |s| map_entries(s, "dp_ports_v1") == 5);
+    let out = curl(&sandbox, "outside", &format!("http://{HOST}:8080/"));
+    assert!(
+        !out.status.success(),
+        "new connections are refused: {out:?}"
+    );
+    // Documented choice: a connection already established keeps its translation until it ends.
+    assert!(conn.get().unwrap().starts_with("web1 "));
+}
+
+#[test]
+fn a_full_conntrack_table_refuses_new_connections_and_counts_them() {
+    let sandbox = Sandbox::up(SPEC);
+    // Room for two connections.
+    let agent = Agent::start_with(&sandbox, &["--ct-max-entries", "4"]);
+    let mut first = KeepAlive::open(&sandbox, "192.0.2.1:8080");
+    let mut second = KeepAlive::open(&sandbox, "192.0.2.1:8080");
+    let out = sandbox.exec(
+        "outside",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "2",
+            &format!("http://{HOST}:8080/"),
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "a third connection does not fit: {out:?}"
+    );
+    let status = agent.wait_for("a counted drop", |s| {
+        drops(s, "CT_MAP_INSERTION_FAILED") > 0
+    });
+    assert_eq!(map_entries(&status, "dp_ct_v1"), 4);
+    // The tracked connections are unaffected.
+    assert!(first.get().unwrap().starts_with("web1 "));
+    assert!(second.get().unwrap().starts_with("web1 "));
+}
