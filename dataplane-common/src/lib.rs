@@ -22,7 +22,7 @@ pub mod map_names {
     /// The host's own IPv4 addresses: which destinations "all host addresses" means.
     pub const LOCAL_ADDRS: &str = "dp_local_addrs_v1";
     /// Settings the agent writes at run time (uplink, masquerade address, port range).
-    pub const CONFIG: &str = "dp_config_v2";
+    pub const CONFIG: &str = "dp_config_v3";
 }
 
 /// Names of the kernel programs in the object file.
@@ -35,6 +35,9 @@ pub mod program_names {
     pub const UPLINK_EGRESS: &str = "dp_uplink_egress";
     /// XDP on the uplink: early decisions before a socket buffer exists.
     pub const UPLINK_XDP: &str = "dp_uplink_xdp";
+    /// cgroup connect4: host processes connecting to a published port (what docker-proxy
+    /// does for localhost), translated at the socket before any packet exists.
+    pub const SOCK_CONNECT4: &str = "dp_sock_connect4";
 }
 
 /// Capacities of the maps (see the map declarations in `dataplane-ebpf/src/maps.rs` for the
@@ -77,6 +80,8 @@ pub mod hook {
     pub const UPLINK_INGRESS: u32 = 2;
     pub const UPLINK_EGRESS: u32 = 3;
     pub const UPLINK_XDP: u32 = 4;
+    /// Not a packet hook (no counters): the cgroup connect4 hook, for naming only.
+    pub const SOCK_CONNECT4: u32 = 5;
 
     /// The hook's name as `dataplane status` prints it.
     pub fn name(hook: u32) -> &'static str {
@@ -85,6 +90,7 @@ pub mod hook {
             UPLINK_INGRESS => "tc-ingress(uplink)",
             UPLINK_EGRESS => "tc-egress(uplink)",
             UPLINK_XDP => "xdp(uplink)",
+            SOCK_CONNECT4 => "cgroup-connect4",
             _ => "unknown",
         }
     }
@@ -217,6 +223,9 @@ pub struct Config {
     pub snat_port_min: u16,
     pub snat_port_max: u16,
     pub _pad: u32,
+    /// The network namespace the agent serves (SO_NETNS_COOKIE): socket hooks run for every
+    /// process of their cgroup, and translate only connections made in this namespace.
+    pub netns_cookie: u64,
 }
 
 /// Why a packet was dropped. One numbering for kernel counters, flow records and metric labels
@@ -270,7 +279,7 @@ const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 64);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PortTarget>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {

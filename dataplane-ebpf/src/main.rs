@@ -7,14 +7,15 @@ mod conntrack;
 mod maps;
 mod nat;
 mod parse;
+mod sock;
 mod stats;
 mod translate;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::bpf_redirect_neigh,
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use dataplane_common::hook;
 
@@ -77,6 +78,14 @@ pub fn dp_uplink_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
     stats::count_packet(ifindex, hook::UPLINK_XDP, len);
     xdp_action::XDP_PASS
+}
+
+/// Host processes connecting to published ports (cgroup connect4). Always allows the connect;
+/// it only changes where it goes.
+#[cgroup_sock_addr(connect4)]
+pub fn dp_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect4(&ctx);
+    1
 }
 
 #[cfg(not(test))]

@@ -18,7 +18,7 @@ use crate::{
     ebpf::{Datapath, LoadOptions},
     model::{Model, StateError},
     netdev,
-    reconciler::{self, ReconcileError},
+    reconciler::{self, HostSettings, ReconcileError},
     status::{self, Status},
 };
 
@@ -48,6 +48,12 @@ pub struct AgentArgs {
     /// when the table is created, not on one already pinned.
     #[arg(long, default_value_t = dataplane_common::capacity::CONNTRACK)]
     ct_max_entries: u32,
+    /// cgroup (v2) whose processes reach published ports on the host's addresses and on
+    /// localhost through socket-level translation (default: the cgroup2 root, i.e. every
+    /// process; only connections made in the agent's network namespace are translated).
+    /// `none` turns it off.
+    #[arg(long)]
+    cgroup: Option<String>,
 }
 
 struct Agent {
@@ -61,6 +67,9 @@ struct Agent {
     last_error: Option<String>,
     reconciles: u64,
     last_applied_unix: Option<u64>,
+    /// See [`AgentArgs::cgroup`]; None when off or when the host has no cgroup2.
+    cgroup: Option<String>,
+    netns_cookie: u64,
     /// Conntrack entries removed by the garbage collector since start.
     ct_collected: u64,
 }
@@ -78,6 +87,18 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         "kernel programs loaded; maps pinned under {}",
         args.pin_dir.display()
     );
+    let cgroup = match args.cgroup.as_deref() {
+        Some("none") => None,
+        Some(path) => Some(path.to_owned()),
+        None => {
+            let root = netdev::cgroup2_root();
+            if root.is_none() {
+                log::warn!("no cgroup2 mounted: host processes cannot reach published ports");
+            }
+            root
+        }
+    };
+    let netns_cookie = netdev::netns_cookie().context("reading this network namespace's cookie")?;
     let listener = control::bind(&args.socket)?;
     let _socket_file = control::SocketFile(args.socket.clone());
     let seen_text = args
@@ -93,6 +114,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         last_error: None,
         reconciles: 0,
         last_applied_unix: None,
+        cgroup,
+        netns_cookie,
         ct_collected: 0,
     };
     // The first state must apply: an agent that cannot start says why and exits.
@@ -129,24 +152,37 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 impl Agent {
-    fn effective_uplink(&self, model: &Model) -> Result<String, ReconcileError> {
-        self.args
+    /// Where the agent is, for `model`: the uplink (--uplink, else the state file's, else the
+    /// default route's interface), the cgroup and the namespace.
+    fn host_settings(&self, model: &Model) -> Result<HostSettings, ReconcileError> {
+        let uplink = self
+            .args
             .uplink
             .clone()
             .or_else(|| model.uplink.clone())
             .or_else(netdev::default_route_interface)
-            .ok_or(ReconcileError::NoUplink)
+            .ok_or(ReconcileError::NoUplink)?;
+        Ok(HostSettings {
+            uplink,
+            cgroup: self.cgroup.clone(),
+            netns_cookie: self.netns_cookie,
+        })
+    }
+
+    fn reconcile(
+        &mut self,
+        model: &Model,
+    ) -> Result<(String, reconciler::Changes), ReconcileError> {
+        let host = self.host_settings(model)?;
+        let desired = reconciler::desired(model, &host, &self.datapath)?;
+        let changes = reconciler::apply(&desired, &mut self.datapath)?;
+        Ok((host.uplink, changes))
     }
 
     /// Applies `model`; on failure re-applies the last good state so nothing is left half done.
     fn apply(&mut self, model: Model) -> Result<(), ReconcileError> {
         let started = std::time::Instant::now();
-        let result = self.effective_uplink(&model).and_then(|uplink| {
-            let desired = reconciler::desired(&model, &uplink, &self.datapath)?;
-            let changes = reconciler::apply(&desired, &mut self.datapath)?;
-            Ok((uplink, changes))
-        });
-        match result {
+        match self.reconcile(&model) {
             Ok((uplink, changes)) => {
                 if !changes.is_empty() {
                     log::info!("applied state in {:?}: {changes:?}", started.elapsed());
@@ -164,10 +200,7 @@ impl Agent {
             Err(err) => {
                 if self.last_applied_unix.is_some() {
                     let last_good = self.applied.clone();
-                    if let Err(e) = self.effective_uplink(&last_good).and_then(|uplink| {
-                        let desired = reconciler::desired(&last_good, &uplink, &self.datapath)?;
-                        reconciler::apply(&desired, &mut self.datapath)
-                    }) {
+                    if let Err(e) = self.reconcile(&last_good) {
                         log::warn!("re-applying the last good state: {e}");
                     }
                 }

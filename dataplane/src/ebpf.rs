@@ -12,7 +12,7 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
@@ -92,6 +92,8 @@ pub enum Hook {
     UplinkIngress,
     UplinkEgress,
     UplinkXdp,
+    /// cgroup connect4 on the cgroup of the host's processes (target: the cgroup's path).
+    SockConnect4,
 }
 
 impl Hook {
@@ -101,6 +103,7 @@ impl Hook {
             Hook::UplinkIngress => program_names::UPLINK_INGRESS,
             Hook::UplinkEgress => program_names::UPLINK_EGRESS,
             Hook::UplinkXdp => program_names::UPLINK_XDP,
+            Hook::SockConnect4 => program_names::SOCK_CONNECT4,
         }
     }
 
@@ -111,7 +114,13 @@ impl Hook {
             Hook::UplinkIngress => hook::UPLINK_INGRESS,
             Hook::UplinkEgress => hook::UPLINK_EGRESS,
             Hook::UplinkXdp => hook::UPLINK_XDP,
+            Hook::SockConnect4 => hook::SOCK_CONNECT4,
         }
+    }
+
+    /// Whether the hook attaches to a cgroup rather than to an interface.
+    pub fn is_cgroup(self) -> bool {
+        self == Hook::SockConnect4
     }
 }
 
@@ -281,6 +290,11 @@ impl Datapath {
             program: Hook::UplinkXdp.program(),
             source,
         })?;
+        let connect4: &mut CgroupSockAddr = program_mut(&mut ebpf, Hook::SockConnect4.program())?;
+        connect4.load().map_err(|source| DatapathError::Program {
+            program: Hook::SockConnect4.program(),
+            source,
+        })?;
         Ok(Datapath {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -292,10 +306,68 @@ impl Datapath {
         &self.pin_dir
     }
 
-    fn link_pin(&self, interface: &str, hook: Hook) -> PathBuf {
+    fn link_pin(&self, target: &str, hook: Hook) -> PathBuf {
+        // A cgroup target is a path: flatten it into one file name.
+        let target = target.trim_start_matches('/').replace('/', "_");
         self.pin_dir
             .join("links")
-            .join(format!("{interface}@{}", hook.program()))
+            .join(format!("{target}@{}", hook.program()))
+    }
+
+    /// Attaches the connect4 program to the cgroup at `cgroup`. A link pinned by an earlier
+    /// agent keeps running the old program until the new one is attached beside it
+    /// (cgroup links cannot be updated in place); then the old pin goes, and the old link
+    /// with it.
+    fn attach_cgroup(&mut self, cgroup: &str) -> Result<(), DatapathError> {
+        let hook = Hook::SockConnect4;
+        let key = (cgroup.to_owned(), hook);
+        if self.links.contains_key(&key) {
+            return Ok(());
+        }
+        let pin = self.link_pin(cgroup, hook);
+        let attach_err = |source| DatapathError::Attach {
+            program: hook.program(),
+            interface: cgroup.to_owned(),
+            source,
+        };
+        let file = std::fs::File::open(cgroup).map_err(|e| {
+            attach_err(aya::programs::ProgramError::IOError(std::io::Error::new(
+                e.kind(),
+                format!("opening cgroup {cgroup}: {e}"),
+            )))
+        })?;
+        let program: &mut CgroupSockAddr = program_mut(&mut self.ebpf, hook.program())?;
+        let id = program
+            // Single means no flags, which is what link_create wants; cgroup links always
+            // coexist with other programs on the cgroup.
+            .attach(&file, CgroupAttachMode::Single)
+            .map_err(attach_err)?;
+        let link = program.take_link(id).map_err(attach_err)?;
+        let link = FdLink::try_from(link).map_err(|e| self.pin_err(cgroup, hook, &pin, e))?;
+        if pin.exists() {
+            log::info!(
+                "replacing the {} link an earlier agent pinned on {cgroup}",
+                hook.program()
+            );
+            let _ = std::fs::remove_file(&pin);
+        }
+        if let Some(dir) = pin.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| self.pin_err(cgroup, hook, &pin, e))?;
+        }
+        let link: FdLink = link
+            .pin(&pin)
+            .map_err(|e| self.pin_err(cgroup, hook, &pin, e))?
+            .into();
+        log::info!("attached {} to cgroup {cgroup}", hook.program());
+        self.links.insert(
+            key,
+            Attachment {
+                ifindex: 0,
+                link,
+                pin,
+            },
+        );
+        Ok(())
     }
 
     /// Attaches the program of `hook` to `interface`: adopts a link pinned by an earlier agent
@@ -303,6 +375,9 @@ impl Datapath {
     /// already attached is a no-op; an attachment to an interface that has since been replaced
     /// (same name, new index) is redone.
     pub fn attach(&mut self, interface: &str, hook: Hook) -> Result<(), DatapathError> {
+        if hook.is_cgroup() {
+            return self.attach_cgroup(interface);
+        }
         let attach_err = |source| DatapathError::Attach {
             program: hook.program(),
             interface: interface.to_owned(),
@@ -346,6 +421,7 @@ impl Datapath {
                 let link = program.take_link(id).map_err(attach_err)?;
                 FdLink::try_from(link).map_err(|e| self.pin_err(interface, hook, &pin, e))?
             }
+            Hook::SockConnect4 => unreachable!("cgroup hooks attach in attach_cgroup"),
             Hook::ContainerIngress | Hook::UplinkIngress | Hook::UplinkEgress => {
                 let direction = if hook == Hook::UplinkEgress {
                     TcAttachType::Egress
@@ -397,6 +473,7 @@ impl Datapath {
                 let id = program.attach_to_link(XdpLink::try_from(old)?)?;
                 FdLink::try_from(program.take_link(id)?)?
             }
+            Hook::SockConnect4 => anyhow::bail!("cgroup links are replaced, not adopted"),
             Hook::ContainerIngress | Hook::UplinkIngress | Hook::UplinkEgress => {
                 let program: &mut SchedClassifier = program_mut(&mut self.ebpf, hook.program())?;
                 let id = program.attach_to_link(SchedClassifierLink::try_from(old)?)?;

@@ -57,6 +57,45 @@ pub fn ipv4_addresses() -> Vec<(String, Ipv4Addr)> {
     addresses
 }
 
+/// The cookie the kernel gives this network namespace (SO_NETNS_COOKIE), which kernel
+/// programs compare with bpf_get_netns_cookie.
+pub fn netns_cookie() -> std::io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: plain socket syscalls on a descriptor we own and close.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc != 0 {
+            return Err(err);
+        }
+        Ok(cookie)
+    }
+}
+
+/// Where the cgroup2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on
+/// hybrid hosts), from /proc/self/mounts.
+pub fn cgroup2_root() -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, mount_point, fs_type) = (fields.next()?, fields.next()?, fields.next()?);
+        (fs_type == "cgroup2").then(|| mount_point.to_owned())
+    })
+}
+
 /// The interface of the default IPv4 route, read from /proc/net/route.
 pub fn default_route_interface() -> Option<String> {
     let routes = std::fs::read_to_string("/proc/net/route").ok()?;
@@ -78,5 +117,6 @@ mod tests {
         assert_eq!(super::ifname(index).as_deref(), Some("lo"));
         assert_eq!(super::ifindex("no-such-if0"), None);
         assert!(super::ipv4_addresses().contains(&("lo".to_string(), Ipv4Addr::LOCALHOST)));
+        assert_ne!(super::netns_cookie().unwrap(), 0);
     }
 }

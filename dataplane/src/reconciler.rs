@@ -59,10 +59,17 @@ impl Kernel for Datapath {
         Datapath::detach(self, interface, hook)
     }
     fn attachments(&self) -> BTreeSet<(String, Hook)> {
-        // An attachment whose interface was replaced (new index) counts as missing.
+        // An attachment whose interface was replaced (new index), or whose cgroup is gone,
+        // counts as missing.
         Datapath::attachments(self)
             .into_iter()
-            .filter(|(interface, _, ifindex)| crate::netdev::ifindex(interface) == Some(*ifindex))
+            .filter(|(target, hook, ifindex)| {
+                if hook.is_cgroup() {
+                    std::path::Path::new(target).is_dir()
+                } else {
+                    crate::netdev::ifindex(target) == Some(*ifindex)
+                }
+            })
             .map(|(interface, hook, _)| (interface, hook))
             .collect()
     }
@@ -131,11 +138,21 @@ pub struct Desired {
 
 /// Computes the desired kernel state, checking that every interface the model names exists
 /// (the error names the entry and field that refers to the missing one).
+/// Where the agent is: its uplink, the cgroup of the host processes whose connections to
+/// published ports it translates (None: not translated), and its network namespace.
+#[derive(Debug, Clone, Default)]
+pub struct HostSettings {
+    pub uplink: String,
+    pub cgroup: Option<String>,
+    pub netns_cookie: u64,
+}
+
 pub fn desired(
     model: &Model,
-    uplink: &str,
+    host: &HostSettings,
     kernel: &impl Kernel,
 ) -> Result<Desired, ReconcileError> {
+    let uplink = host.uplink.as_str();
     let missing = |entry: String, field: String, name: &str| StateError::Invalid {
         entry,
         field,
@@ -147,6 +164,11 @@ pub fn desired(
     let mut desired = Desired::default();
     for hook in [Hook::UplinkIngress, Hook::UplinkEgress, Hook::UplinkXdp] {
         desired.attachments.insert((uplink.to_owned(), hook));
+    }
+    if let Some(cgroup) = &host.cgroup {
+        desired
+            .attachments
+            .insert((cgroup.clone(), Hook::SockConnect4));
     }
     for network in &model.networks {
         if kernel.ifindex(&network.bridge).is_none() {
@@ -246,6 +268,7 @@ pub fn desired(
         snat_port_min: SNAT_PORTS.0,
         snat_port_max: SNAT_PORTS.1,
         _pad: 0,
+        netns_cookie: host.netns_cookie,
     };
     Ok(desired)
 }
@@ -476,7 +499,12 @@ ports:
     }
 
     fn reconcile(model: &Model, kernel: &mut FakeKernel) -> Result<Changes, ReconcileError> {
-        let desired = desired(model, "eth0", kernel)?;
+        let host = HostSettings {
+            uplink: "eth0".into(),
+            cgroup: None,
+            netns_cookie: 7,
+        };
+        let desired = desired(model, &host, kernel)?;
         apply(&desired, kernel)
     }
 
@@ -497,6 +525,7 @@ ports:
         assert_eq!(k.map::<u32, u8>(map_names::LOCAL_ADDRS).len(), 3);
         assert_eq!(k.config.masquerade_addr, ip("192.0.2.1"));
         assert_eq!(k.config.uplink_ifindex, 10);
+        assert_eq!(k.config.netns_cookie, 7);
         assert_eq!((k.config.snat_port_min, k.config.snat_port_max), SNAT_PORTS);
     }
 

@@ -132,6 +132,18 @@ impl Sandbox {
         })
     }
 
+    /// The cgroup (v2) the host's processes of `exec host` run in, and the one the agent's
+    /// socket hook is meant for (`--cgroup`); None where the host has no cgroup2. A cgroup of
+    /// its own keeps the sandbox from touching the processes of the real host.
+    fn host_cgroup(&self) -> Option<PathBuf> {
+        crate::netdev::cgroup2_root()
+            .map(|root| Path::new(&root).join(format!("dataplane-sandbox-{}", self.name)))
+    }
+
+    fn cgroup_path_file(&self) -> PathBuf {
+        self.dir.join("cgroup")
+    }
+
     fn host_ns(&self) -> String {
         format!("{}-host", self.name)
     }
@@ -335,7 +347,9 @@ fn up(spec_path: &Path, name: &str, state_out: Option<&Path>) -> anyhow::Result<
             anyhow::Error::new(e).context(format!("creating {}", sandbox.dir.display()))
         }
     })?;
-    match build(&sandbox, spec_path, &spec, &model, state_out) {
+    let built = make_host_cgroup(&sandbox)
+        .and_then(|()| build(&sandbox, spec_path, &spec, &model, state_out));
+    match built {
         Ok(state) => Ok(state),
         Err(e) => {
             if let Err(cleanup) = down_quietly(&sandbox) {
@@ -716,6 +730,17 @@ fn wait_for_servers(sandbox: &Sandbox, children: &mut [(String, Child)]) -> anyh
 // ---------------------------------------------------------------------------------------------
 // down
 
+/// Creates the host's cgroup and records its path in `{dir}/cgroup` for the agent's
+/// `--cgroup` (tests and the demo read it there).
+fn make_host_cgroup(sandbox: &Sandbox) -> anyhow::Result<()> {
+    let Some(cgroup) = sandbox.host_cgroup() else {
+        return Ok(());
+    };
+    fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+    fs::write(sandbox.cgroup_path_file(), cgroup.display().to_string())
+        .with_context(|| format!("writing {}", sandbox.cgroup_path_file().display()))
+}
+
 fn down(name: &str) -> anyhow::Result<()> {
     let sandbox = Sandbox::new(name)?;
     let removed = down_quietly(&sandbox)?;
@@ -773,7 +798,26 @@ fn down_quietly(sandbox: &Sandbox) -> anyhow::Result<Vec<String>> {
             Err(e) => note(Err(e)),
         }
     }
+    // And whatever runs in the host's cgroup (commands of `exec host`).
+    let cgroup = sandbox.host_cgroup().filter(|c| c.exists());
+    if let Some(cgroup) = &cgroup {
+        for pid in read_lines(&cgroup.join("cgroup.procs")) {
+            if let Ok(pid) = pid.trim().parse::<i32>()
+                && pid != me
+                && !victims.contains(&pid)
+            {
+                victims.push(pid);
+                removed.push(format!("process {pid} in {}", cgroup.display()));
+            }
+        }
+    }
     terminate(&victims);
+    if let Some(cgroup) = &cgroup {
+        match fs::remove_dir(cgroup) {
+            Ok(()) => removed.push(format!("cgroup {}", cgroup.display())),
+            Err(e) => note(Err(e).with_context(|| format!("removing cgroup {}", cgroup.display()))),
+        }
+    }
 
     for ns in &namespaces {
         let result = run_step(
@@ -923,11 +967,24 @@ fn exec(name: &str, target: &str, command: &[String]) -> anyhow::Result<i32> {
         );
     }
     let (program, args) = command.split_first().context("no command given")?;
-    let status = Command::new("nsenter")
+    let mut nsenter = Command::new("nsenter");
+    nsenter
         .arg(format!("--net={}", netns_path(&ns)))
         .arg("--")
         .arg(program)
-        .args(args)
+        .args(args);
+    // The host's processes run in the sandbox's host cgroup, where the agent's socket hook
+    // (localhost and host-address access to published ports) is attached.
+    if target == "host"
+        && let Some(cgroup) = sandbox.host_cgroup().filter(|c| c.exists())
+    {
+        let procs = cgroup.join("cgroup.procs");
+        // SAFETY: the closure runs in the child between fork and exec and only writes a file.
+        unsafe {
+            nsenter.pre_exec(move || fs::write(&procs, "0"));
+        }
+    }
+    let status = nsenter
         .status()
         .with_context(|| format!("running nsenter for {target} ({ns})"))?;
     Ok(status

@@ -181,11 +181,17 @@ impl Agent {
             .unwrap();
         // nsenter --net, not `ip netns exec`: the latter remounts /sys and hides the shared
         // bpffs where the maps are pinned.
+        // The socket hook goes on the sandbox's own host cgroup, never on the real host's.
+        let cgroup =
+            std::fs::read_to_string(format!("/run/dataplane/sandbox/{}/cgroup", sandbox.name))
+                .unwrap_or_else(|_| "none".into());
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", sandbox.netns("host")))
             .arg("--")
             .arg(dataplane_bin())
             .arg("agent")
+            .arg("--cgroup")
+            .arg(cgroup.trim())
             .arg("--state")
             .arg(&sandbox.state_file)
             .arg("--pin-dir")

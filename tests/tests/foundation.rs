@@ -74,7 +74,14 @@ fn attached_programs_see_real_traffic() {
             "{program} on {interface}: {attached:?}"
         );
     }
-    assert_eq!(attached.len(), 6, "{attached:?}");
+    // ...and the socket hook on the sandbox's host cgroup.
+    assert!(
+        attached.iter().any(|(target, program)| target
+            .ends_with(&format!("dataplane-sandbox-{}", sandbox.name))
+            && program == "dp_sock_connect4"),
+        "{attached:?}"
+    );
+    assert_eq!(attached.len(), 7, "{attached:?}");
     assert_eq!(map_entries(&status, "dp_endpoints_v1"), 3);
     // The kernel agrees (bpftool, not the agent's own account).
     let seen = attached_programs(&sandbox.netns("host"), "veth-web1");
@@ -153,7 +160,7 @@ fn state_edits_apply_and_bad_edits_keep_the_last_good_state() {
                 .is_some_and(|e| e.contains(expected))
         });
         assert_eq!(map_entries(&status, "dp_endpoints_v1"), 2, "{status:#}");
-        assert_eq!(attachments(&status).len(), 5, "{status:#}");
+        assert_eq!(attachments(&status).len(), 6, "{status:#}");
         // Traffic still flows under the last good state.
         let reply = sandbox.exec_ok("web2", &["nc", "-w2", "172.30.1.2", "80"]);
         assert!(reply.starts_with("web1 "), "{reply}");
@@ -226,6 +233,6 @@ fn sigterm_detaches_and_a_restart_adopts_the_pinned_maps() {
     agent.stop("KILL");
     agent.restart(&sandbox);
     let status = agent.status();
-    assert_eq!(attachments(&status).len(), 6, "{status:#}");
+    assert_eq!(attachments(&status).len(), 7, "{status:#}");
     assert_eq!(map_entries(&status, "dp_endpoints_v1"), 3);
 }

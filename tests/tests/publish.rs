@@ -150,6 +150,33 @@ fn hairpin_a_container_reaches_a_published_port_of_its_host() {
 }
 
 #[test]
+fn host_processes_reach_published_ports_on_localhost_and_host_addresses() {
+    let sandbox = Sandbox::up(SPEC);
+    let _agent = Agent::start(&sandbox);
+    // What docker-proxy offers, done at connect(): the connection goes straight to the
+    // container, from the host's address on the container's bridge.
+    for url in [
+        "http://127.0.0.1:8080/",
+        "http://localhost:8080/",
+        "http://192.0.2.1:8080/",
+    ] {
+        let out = curl(&sandbox, "host", url);
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(body.starts_with("web1 172.30.1.1:"), "{url}: {out:?}");
+    }
+    let reply = sandbox.exec_ok("host", &["sh", "-c", "echo hi | nc -u -w1 127.0.0.1 5353"]);
+    assert!(reply.starts_with("web1 172.30.1.1:"), "udp: {reply:?}");
+    // Bound to 192.0.2.1 only: not on localhost.
+    let out = curl(&sandbox, "host", "http://127.0.0.1:9090/");
+    assert!(!out.status.success(), "{out:?}");
+    let out = curl(&sandbox, "host", "http://192.0.2.1:9090/");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("web2 "),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn iperf3_through_a_published_port() {
     let sandbox = Sandbox::up(SPEC);
     let agent = Agent::start(&sandbox);

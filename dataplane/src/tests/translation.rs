@@ -66,6 +66,7 @@ fn host(dp: &mut Datapath) {
         snat_port_min: SNAT_RANGE.0,
         snat_port_max: SNAT_RANGE.1,
         _pad: 0,
+        netns_cookie: crate::netdev::netns_cookie().unwrap(),
     })
     .unwrap();
 }
