@@ -8,7 +8,7 @@ use aya_ebpf::{
 use dataplane_common::ct_rewrite;
 
 use crate::parse::{
-    IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPPROTO_ICMP, IPPROTO_UDP, Ipv4Packet, L4,
+    IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPPROTO_ICMP, IPPROTO_UDP, Ipv4Packet, L4, Quoted,
 };
 
 /// The rewrite failed in a kernel helper (the packet was not changed consistently).
@@ -77,6 +77,105 @@ pub fn rewrite(
     } else {
         ip.saddr = addr;
         l4.sport = port;
+    }
+    Ok(())
+}
+
+/// Translates an ICMP error about a tracked connection the way its connection's own packets
+/// are: `which` names the field of the error's outer header to rewrite (as for a packet of the
+/// connection travelling the same way); the quoted packet, which travelled the other way, gets
+/// the matching change on its other side. The ICMP checksum covers the quoted bytes, so every
+/// quoted change (address, port, and the quoted header's own checksum) is folded into it.
+#[inline(always)]
+pub fn rewrite_icmp_error(
+    ctx: &TcContext,
+    ip: &mut Ipv4Packet,
+    quoted: &Quoted,
+    which: u8,
+    addr: u32,
+    port: u16,
+) -> Result<(), RewriteFailed> {
+    let (
+        outer_offset,
+        old_outer,
+        quoted_addr_offset,
+        old_quoted_addr,
+        quoted_port_offset,
+        old_port,
+    ) = if which == ct_rewrite::DST {
+        (
+            IP_DADDR_OFF,
+            ip.daddr,
+            quoted.ip_offset + 12,
+            quoted.saddr,
+            quoted.l4_offset,
+            quoted.sport,
+        )
+    } else {
+        (
+            IP_SADDR_OFF,
+            ip.saddr,
+            quoted.ip_offset + 16,
+            quoted.daddr,
+            quoted.l4_offset + 2,
+            quoted.dport,
+        )
+    };
+    // Outer header: the address and the IP checksum (ICMP has no pseudo-header).
+    if old_outer != addr {
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_outer), u64::from(addr), 4)
+            .map_err(|_| RewriteFailed)?;
+        ctx.store(outer_offset, &addr, 0)
+            .map_err(|_| RewriteFailed)?;
+        if which == ct_rewrite::DST {
+            ip.daddr = addr;
+        } else {
+            ip.saddr = addr;
+        }
+    }
+    // Quoted header: the address, its checksum, and both changes in the ICMP checksum.
+    if old_quoted_addr != addr {
+        let quoted_csum_offset = quoted.ip_offset + 10;
+        let old_csum = ctx
+            .load::<u16>(quoted_csum_offset)
+            .map_err(|_| RewriteFailed)?;
+        ctx.l3_csum_replace(
+            quoted_csum_offset,
+            u64::from(old_quoted_addr),
+            u64::from(addr),
+            4,
+        )
+        .map_err(|_| RewriteFailed)?;
+        let new_csum = ctx
+            .load::<u16>(quoted_csum_offset)
+            .map_err(|_| RewriteFailed)?;
+        ctx.store(quoted_addr_offset, &addr, 0)
+            .map_err(|_| RewriteFailed)?;
+        ctx.l4_csum_replace(
+            quoted.icmp_csum_offset,
+            u64::from(old_quoted_addr),
+            u64::from(addr),
+            4,
+        )
+        .map_err(|_| RewriteFailed)?;
+        ctx.l4_csum_replace(
+            quoted.icmp_csum_offset,
+            u64::from(old_csum),
+            u64::from(new_csum),
+            2,
+        )
+        .map_err(|_| RewriteFailed)?;
+    }
+    if old_port != port {
+        ctx.store(quoted_port_offset, &port, 0)
+            .map_err(|_| RewriteFailed)?;
+        ctx.l4_csum_replace(
+            quoted.icmp_csum_offset,
+            u64::from(old_port),
+            u64::from(port),
+            2,
+        )
+        .map_err(|_| RewriteFailed)?;
     }
     Ok(())
 }

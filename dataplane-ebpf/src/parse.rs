@@ -11,6 +11,11 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
+/// ICMP errors that quote the packet they are about: destination unreachable (including
+/// "fragmentation needed"), time exceeded, parameter problem.
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
 /// Offsets of the IPv4 fields the dataplane rewrites.
 pub const IP_CSUM_OFF: usize = ETH_HDR_LEN + 10;
@@ -104,10 +109,30 @@ pub fn is_later_fragment(ctx: &TcContext) -> bool {
     }
 }
 
+/// The packet an ICMP error quotes: its IPv4 header and the first 8 bytes of its TCP or UDP
+/// header, as they were when the packet left (so its tuple is the reverse of the error's own
+/// direction).
+#[derive(Clone, Copy)]
+pub struct Quoted {
+    /// Offset of the ICMP checksum.
+    pub icmp_csum_offset: usize,
+    /// Offset of the quoted IPv4 header.
+    pub ip_offset: usize,
+    /// Offset of the quoted TCP/UDP header.
+    pub l4_offset: usize,
+    pub protocol: u8,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
 /// What the transport header says, for the protocols the dataplane translates.
 pub enum Transport {
     /// TCP, UDP, or ICMP echo.
     Tracked(L4),
+    /// An ICMP error about a TCP or UDP packet.
+    IcmpError(Quoted),
     /// Another protocol, another ICMP type, or a later fragment: passed untranslated.
     Untracked,
     /// A header cut short.
@@ -152,6 +177,12 @@ pub fn parse_l4(ctx: &TcContext, ip: &Ipv4Packet) -> Transport {
             let (Ok(icmp_type), Ok(id)) = (ctx.load::<u8>(off), ctx.load::<u16>(off + 4)) else {
                 return Transport::Malformed;
             };
+            if matches!(
+                icmp_type,
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+            ) {
+                return parse_quoted(ctx, off);
+            }
             if icmp_type != ICMP_ECHO_REQUEST && icmp_type != ICMP_ECHO_REPLY {
                 return Transport::Untracked;
             }
@@ -166,4 +197,40 @@ pub fn parse_l4(ctx: &TcContext, ip: &Ipv4Packet) -> Transport {
         }
         _ => Transport::Untracked,
     }
+}
+
+/// Reads the packet quoted by the ICMP error whose header starts at `icmp_offset`.
+#[inline(always)]
+fn parse_quoted(ctx: &TcContext, icmp_offset: usize) -> Transport {
+    let ip_offset = icmp_offset + 8;
+    let Ok(version_ihl) = ctx.load::<u8>(ip_offset) else {
+        return Transport::Malformed;
+    };
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || header_len < 20 {
+        return Transport::Malformed;
+    }
+    let l4_offset = ip_offset + header_len;
+    let (Ok(protocol), Ok(saddr), Ok(daddr), Ok(sport), Ok(dport)) = (
+        ctx.load::<u8>(ip_offset + 9),
+        ctx.load::<u32>(ip_offset + 12),
+        ctx.load::<u32>(ip_offset + 16),
+        ctx.load::<u16>(l4_offset),
+        ctx.load::<u16>(l4_offset + 2),
+    ) else {
+        return Transport::Malformed;
+    };
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        return Transport::Untracked;
+    }
+    Transport::IcmpError(Quoted {
+        icmp_csum_offset: icmp_offset + 2,
+        ip_offset,
+        l4_offset,
+        protocol,
+        saddr,
+        daddr,
+        sport,
+        dport,
+    })
 }

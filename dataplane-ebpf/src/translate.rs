@@ -15,7 +15,7 @@ use crate::{
     conntrack::{self, CtError},
     maps::{CONFIG, CONNTRACK, ENDPOINTS, LOCAL_ADDRS, PORTS},
     nat,
-    parse::{Frame, IPPROTO_ICMP, Ipv4Packet, L4, Transport, parse_l4, parse_tc},
+    parse::{Frame, IPPROTO_ICMP, Ipv4Packet, L4, Quoted, Transport, parse_l4, parse_tc},
 };
 use aya_ebpf::programs::TcContext;
 
@@ -47,6 +47,7 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
     };
     let mut l4 = match parse_l4(ctx, &ip) {
         Transport::Tracked(l4) => l4,
+        Transport::IcmpError(quoted) => return icmp_error(ctx, hook, &mut ip, &quoted),
         Transport::Untracked => return Verdict::Pass,
         Transport::Malformed => return Verdict::Drop(DropReason::Malformed),
     };
@@ -61,12 +62,7 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
                 (*entry).nat_port,
             )
         };
-        let ours = match hook {
-            Hook::ContainerIngress => origin == ct_origin::PUBLISHED,
-            Hook::UplinkIngress => rewrite == ct_rewrite::DST,
-            Hook::UplinkEgress => origin == ct_origin::MASQUERADE && rewrite == ct_rewrite::SRC,
-        };
-        if !ours {
+        if !owns(hook, origin, rewrite) {
             return Verdict::Pass;
         }
         conntrack::account(entry, ip.len, l4.tcp_flags);
@@ -82,6 +78,53 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
         Hook::ContainerIngress | Hook::UplinkIngress => publish(ctx, &mut ip, &mut l4, &key),
         Hook::UplinkEgress => masquerade(ctx, &mut ip, &mut l4, &key),
     }
+}
+
+/// Whether `hook` translates packets of entries with this origin and rewrite.
+#[inline(always)]
+fn owns(hook: Hook, origin: u8, rewrite: u8) -> bool {
+    match hook {
+        Hook::ContainerIngress => origin == ct_origin::PUBLISHED,
+        Hook::UplinkIngress => rewrite == ct_rewrite::DST,
+        Hook::UplinkEgress => origin == ct_origin::MASQUERADE && rewrite == ct_rewrite::SRC,
+    }
+}
+
+/// An ICMP error (unreachable, time exceeded, ...) about a translated connection: found by
+/// the quoted packet's reversed tuple, which is the key a packet of the connection travelling
+/// the error's way carries, and translated like one.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, hook: Hook, ip: &mut Ipv4Packet, quoted: &Quoted) -> Verdict {
+    let key = CtKey {
+        saddr: quoted.daddr,
+        daddr: quoted.saddr,
+        sport: quoted.dport,
+        dport: quoted.sport,
+        proto: quoted.protocol,
+        _pad: [0; 3],
+    };
+    let Some(entry) = conntrack::lookup(&key) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: a map value from this program run's lookup.
+    let (origin, rewrite, addr, port) = unsafe {
+        (
+            (*entry).origin,
+            (*entry).rewrite,
+            (*entry).nat_addr,
+            (*entry).nat_port,
+        )
+    };
+    if !owns(hook, origin, rewrite) {
+        return Verdict::Pass;
+    }
+    if nat::rewrite_icmp_error(ctx, ip, quoted, rewrite, addr, port).is_err() {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    if hook == Hook::ContainerIngress && rewrite == ct_rewrite::SRC {
+        return reply_to_client(ip);
+    }
+    Verdict::Pass
 }
 
 /// Where a published port's reply goes once its source is the host's address again. Towards

@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeSet,
     io::{Read as _, Write as _},
-    net::TcpStream,
+    net::{TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -355,4 +355,33 @@ fn a_full_conntrack_table_refuses_new_connections_and_counts_them() {
     // The tracked connections are unaffected.
     assert!(first.get().unwrap().starts_with("web1 "));
     assert!(second.get().unwrap().starts_with("web1 "));
+}
+
+/// What a connected UDP socket in `netns` gets back for one datagram to `to`.
+fn udp_exchange(sandbox: &Sandbox, netns: &str, to: &'static str) -> std::io::Result<usize> {
+    in_netns(&sandbox.netns(netns), move || {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(to)?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        socket.send(b"anyone?")?;
+        socket.recv(&mut [0u8; 256])
+    })
+}
+
+#[test]
+fn icmp_errors_reach_the_clients_of_translated_connections() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    // A published UDP port whose container port nobody listens on: the container's "port
+    // unreachable" must reach the client as coming from the address it used.
+    let closed = format!(
+        "{SPEC}  - {{endpoint: web1, protocol: udp, host_port: 6000, container_port: 6000}}\n"
+    );
+    sandbox.write_state(&closed);
+    agent.wait_for("udp 6000 published", |s| map_entries(s, "dp_ports_v1") == 7);
+    let err = udp_exchange(&sandbox, "outside", "192.0.2.1:6000").unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    // Masquerade: the outside's "port unreachable" to the host reaches the container.
+    let err = udp_exchange(&sandbox, "web1", "192.0.2.2:7777").unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
 }

@@ -132,6 +132,24 @@ pub fn icmp_echo(icmp_type: u8, id: u16, seq: u16) -> Vec<u8> {
     h
 }
 
+/// An ICMP error (e.g. type 3 code 3, port unreachable) quoting `frame` (an Ethernet frame as
+/// it left): its IPv4 header and the first 8 bytes of its L4 header, checksum zero.
+pub fn icmp_error(icmp_type: u8, code: u8, frame: &[u8]) -> Vec<u8> {
+    let ihl = usize::from(frame[ETH_LEN] & 0x0f) * 4;
+    let mut h = vec![icmp_type, code, 0, 0, 0, 0, 0, 0];
+    h.extend_from_slice(&frame[ETH_LEN..ETH_LEN + ihl + 8]);
+    h
+}
+
+/// The tuple of the packet an ICMP error in `frame` quotes, in host order.
+pub fn quoted_tuple(frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
+    let ihl = usize::from(frame[ETH_LEN] & 0x0f) * 4;
+    // Present the quoted header as a frame of its own (a fake Ethernet header in front).
+    let mut inner = vec![0u8; ETH_LEN];
+    inner.extend_from_slice(&frame[ETH_LEN + ihl + 8..]);
+    tuple(&inner)
+}
+
 /// The addresses and ports (ICMP: identifier as both) of an IPv4 frame, in host order.
 pub fn tuple(frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
     let ihl = usize::from(frame[ETH_LEN] & 0x0f) * 4;

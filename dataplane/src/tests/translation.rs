@@ -10,7 +10,8 @@ use dataplane_common::{
 
 use super::{
     packet::{
-        Ipv4Spec, TCP_ACK, TCP_SYN, assert_checksums, icmp_echo, ipv4_frame, tcp, tuple, udp,
+        Ipv4Spec, TCP_ACK, TCP_SYN, assert_checksums, icmp_echo, icmp_error, ipv4_frame,
+        quoted_tuple, tcp, tuple, udp,
     },
     programs::{TC_PASS, TC_SHOT, TestDatapath, run_tc},
 };
@@ -337,4 +338,46 @@ fn a_full_conntrack_table_refuses_and_counts_never_mistranslates() {
         redirected(dp, Hook::ContainerIngress, &reply),
         (ip4(HOST), ip4(CLIENT), 8080, 40000)
     );
+}
+
+#[test]
+fn icmp_errors_about_translated_connections_are_translated_back() {
+    let mut t = TestDatapath::load();
+    let dp = t.get();
+    host(dp);
+    // Masquerade: a server answers web1's datagram with "port unreachable", addressed to the
+    // host and quoting the datagram as it left (host:port -> server:53).
+    let datagram = ipv4_frame(&Ipv4Spec::new(WEB1, SERVER, 17), &udp(41000, 53, b"q"));
+    let (verdict, left) = run_tc(dp, Hook::UplinkEgress, &datagram);
+    assert_eq!(verdict, TC_PASS);
+    let unreachable = ipv4_frame(&Ipv4Spec::new(SERVER, HOST, 1), &icmp_error(3, 3, &left));
+    let (verdict, out) = run_tc(dp, Hook::UplinkIngress, &unreachable);
+    assert_eq!(verdict, TC_PASS);
+    assert_checksums(&out);
+    assert_eq!(tuple(&out).1, ip4(WEB1), "the error goes to the container");
+    assert_eq!(
+        quoted_tuple(&out),
+        (ip4(WEB1), ip4(SERVER), 41000, 53),
+        "quoting what it sent"
+    );
+
+    // Published port: web1 answers a datagram to a closed port with "port unreachable"; the
+    // client must see it come from the address and port it used.
+    let query = ipv4_frame(
+        &Ipv4Spec::new(CLIENT, HOST, 17),
+        &udp(33333, 5353, b"query"),
+    );
+    let (_, arrived) = run_tc(dp, Hook::UplinkIngress, &query);
+    let refused = ipv4_frame(&Ipv4Spec::new(WEB1, CLIENT, 1), &icmp_error(3, 3, &arrived));
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &refused);
+    assert_eq!(verdict, TC_REDIRECT);
+    assert_checksums(&out);
+    assert_eq!(tuple(&out).0, ip4(HOST));
+    assert_eq!(quoted_tuple(&out), (ip4(CLIENT), ip4(HOST), 33333, 5353));
+
+    // An error about no connection of ours passes untouched.
+    let stray = ipv4_frame(&Ipv4Spec::new(SERVER, HOST, 17), &udp(53, 29999, b"x"));
+    let unrelated = ipv4_frame(&Ipv4Spec::new(SERVER, HOST, 1), &icmp_error(3, 3, &stray));
+    let (verdict, out) = run_tc(dp, Hook::UplinkIngress, &unrelated);
+    assert_eq!((verdict, &out), (TC_PASS, &unrelated));
 }
