@@ -26,6 +26,9 @@ endpoints:
   - name: db
     labels: {tier: db}
     interfaces: [{network: backend, ip: 172.30.2.2, mac: "02:42:ac:1e:02:02", host_veth: veth-db}]
+ports:
+  - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}
+  - {endpoint: web2, protocol: udp, host_port: 5353, container_port: 53}
 "#;
 
 /// Stops the agent and removes the sandbox and pins, also when the demo fails halfway.
@@ -101,6 +104,10 @@ pub fn run(binary: &Path) -> anyhow::Result<()> {
         "demo",
         &format!("starting the agent in {NAME}-host on {state}"),
     );
+    // Host processes of the sandbox live in a cgroup of their own; the agent's socket hook
+    // (localhost to published ports) goes there, never on the real host's processes.
+    let cgroup = std::fs::read_to_string(format!("/run/dataplane/sandbox/{NAME}/cgroup"))
+        .unwrap_or_else(|_| "none".into());
     let agent = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{NAME}-host"))
         .arg("--")
@@ -114,6 +121,7 @@ pub fn run(binary: &Path) -> anyhow::Result<()> {
             "--socket",
             &socket(),
         ])
+        .args(["--cgroup", cgroup.trim()])
         .stderr(std::fs::File::create(work.join("agent.log"))?)
         .spawn()
         .context("starting the agent")?;
@@ -129,30 +137,64 @@ pub fn run(binary: &Path) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    step("demo", "traffic");
+    // The outside client runs a server too, so containers have something to reach outside.
+    let outside_server = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{NAME}-out"))
+        .arg("--")
+        .arg(binary)
+        .args(["sandbox", "serve", "--name", "outside", "--tcp", "9999"])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting the outside server")?;
+    let _outside_server = KillOnDrop(outside_server);
+    std::thread::sleep(Duration::from_millis(300));
+
+    step(
+        "demo",
+        "traffic (each server answers with its name and the client address it saw)",
+    );
+    let curl = |url: &'static str| vec!["curl", "-sS", "--max-time", "3", url];
     show(
         binary,
-        "web2 -> web1:80 (same network, TCP)",
+        "outside -> host:8080 -> web1:80 (published)",
+        "outside",
+        &curl("http://192.0.2.1:8080/"),
+    );
+    show(
+        binary,
+        "outside -> host:5353/udp -> web2:53 (published)",
+        "outside",
+        &["sh", "-c", "echo hi | nc -u -w1 192.0.2.1 5353"],
+    );
+    show(
+        binary,
+        "host process -> localhost:8080 (no proxy)",
+        "host",
+        &curl("http://127.0.0.1:8080/"),
+    );
+    show(
+        binary,
+        "web2 -> host:8080 (hairpin)",
+        "web2",
+        &curl("http://192.0.2.1:8080/"),
+    );
+    show(
+        binary,
+        "web1 -> outside:9999 (masquerade)",
+        "web1",
+        &["nc", "-w3", "192.0.2.2", "9999"],
+    );
+    show(
+        binary,
+        "db -> outside (ping, masquerade)",
+        "db",
+        &["ping", "-c1", "-W2", "192.0.2.2"],
+    );
+    show(
+        binary,
+        "web2 -> web1:80 (same network)",
         "web2",
         &["nc", "-w2", "172.30.1.2", "80"],
-    );
-    show(
-        binary,
-        "web1 -> web2:80 (same network, UDP)",
-        "web1",
-        &["sh", "-c", "echo hi | nc -u -w1 172.30.1.3 80"],
-    );
-    show(
-        binary,
-        "db -> web1:80 (other network, routed by the host)",
-        "db",
-        &["nc", "-w2", "172.30.1.2", "80"],
-    );
-    show(
-        binary,
-        "web1 -> host 192.0.2.1 (ping)",
-        "web1",
-        &["ping", "-c1", "-W1", "192.0.2.1"],
     );
 
     step("demo", "what the agent reports (`dataplane status`)");
@@ -166,6 +208,15 @@ pub fn run(binary: &Path) -> anyhow::Result<()> {
     drop(cleanup);
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn show(binary: &Path, what: &str, from: &str, cmd: &[&str]) {
@@ -186,5 +237,5 @@ fn show(binary: &Path, what: &str, from: &str, cmd: &[&str]) {
         Err(e) => (false, e.to_string()),
     };
     let mark = if ok { "ok  " } else { "FAIL" };
-    println!("  {mark} {what:<52} {text}");
+    println!("  {mark} {what:<50} {text}");
 }
