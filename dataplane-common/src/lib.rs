@@ -17,8 +17,17 @@ pub mod map_names {
     pub const ENDPOINTS: &str = "dp_endpoints_v1";
     /// Connection tracking: one entry per direction of each translated connection.
     pub const CONNTRACK: &str = "dp_ct_v1";
-    /// Published ports: (host address, port, protocol) -> container address and port.
-    pub const PORTS: &str = "dp_ports_v1";
+    /// Published ports: (host address, port, protocol) -> container address and port, or a
+    /// service.
+    pub const PORTS: &str = "dp_ports_v2";
+    /// Service VIPs: (VIP, port, protocol) -> service id, algorithm, backend count.
+    pub const SERVICES: &str = "dp_services_v1";
+    /// Backends of services: (service id, index) -> address and port.
+    pub const BACKENDS: &str = "dp_backends_v1";
+    /// Maglev lookup tables, [`MAGLEV_STRIDE`] backend indexes per service id, flat.
+    pub const MAGLEV: &str = "dp_maglev_v1";
+    /// Round-robin position per service (per CPU).
+    pub const RR_POSITION: &str = "dp_rr_v1";
     /// The host's own IPv4 addresses: which destinations "all host addresses" means.
     pub const LOCAL_ADDRS: &str = "dp_local_addrs_v1";
     /// Settings the agent writes at run time (uplink, masquerade address, port range).
@@ -59,6 +68,34 @@ pub mod capacity {
     pub const PORTS: u32 = 65_536;
     /// Addresses of the host's interfaces.
     pub const LOCAL_ADDRS: u32 = 256;
+    /// Services (VIP:port/protocol) by default; a load-time setting (`--max-services`) since the
+    /// Maglev tables take `MAGLEV_TABLE_SIZE * 4` bytes per possible service (4 KiB), allocated
+    /// up front: 4,096 services = 16 MiB.
+    pub const SERVICES: u32 = 4096;
+    /// Backends over all services (allocated on use).
+    pub const BACKENDS: u32 = 65_536;
+}
+
+/// Slots of one service's Maglev table. Prime, as Maglev needs; 1021 slots keep backends within
+/// about 1% of even up to ~10 backends and within a few percent up to ~30 (each backend owns
+/// M/N slots, off by at most one). Removing one of N backends moves about 1/N of the flows.
+pub const MAGLEV_TABLE_SIZE: u32 = 1021;
+
+/// Slots between the starts of two services' tables in the flat Maglev map. The map's
+/// elements are pairs of slots (`[u32; 2]`: BPF array elements are 8-byte aligned, so single
+/// u32s would leave half of an mmap-ed map as padding); an even stride keeps every table at
+/// the start of an element.
+pub const MAGLEV_STRIDE: u32 = MAGLEV_TABLE_SIZE + 1;
+
+/// Load-balancing algorithms, as stored in [`ServiceInfo::algorithm`].
+pub mod algorithm {
+    /// Consistent hashing of the connection's 5-tuple through the Maglev table.
+    pub const MAGLEV: u8 = 1;
+    pub const RANDOM: u8 = 2;
+    /// Per CPU: each CPU walks the backends in turn.
+    pub const ROUND_ROBIN: u8 = 3;
+    /// Consistent hashing of the client address only (client affinity), through the table.
+    pub const SOURCE_HASH: u8 = 4;
 }
 
 /// Connection-tracking timeouts in seconds, by protocol and state (applied by the agent's
@@ -145,6 +182,8 @@ pub mod ct_origin {
     pub const PUBLISHED: u8 = 1;
     /// Masquerade: container -> outside, source rewritten to the host's address.
     pub const MASQUERADE: u8 = 2;
+    /// A service VIP: container -> VIP:port -> a backend; replies come from the VIP.
+    pub const SERVICE: u8 = 3;
 }
 
 /// What to rewrite in a packet matching the entry.
@@ -199,10 +238,50 @@ pub struct PortKey {
     pub _pad: u8,
 }
 
-/// Where a published port leads: a container address and port (network byte order).
+/// Where a published port leads: a container address and port (network byte order), or, when
+/// `is_service` is 1, a service's VIP and port, whose backend is picked per connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortTarget {
+    pub addr: u32,
+    pub port: u16,
+    pub is_service: u8,
+    pub _pad: u8,
+}
+
+/// A service VIP as the kernel looks it up (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub vip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// A service: its id (1-based index of its Maglev table and round-robin slot), how many
+/// backends it has (indexes `0..backend_count` in the backends map) and how it picks one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub id: u32,
+    pub backend_count: u32,
+    /// One of [`algorithm`].
+    pub algorithm: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub service_id: u32,
+    pub index: u32,
+}
+
+/// A backend: container address and target port (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
     pub addr: u32,
     pub port: u16,
     pub _pad: [u8; 2],
@@ -279,6 +358,10 @@ const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 64);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PortTarget>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceInfo>() == 12);
+const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
 
 #[cfg(feature = "user")]
@@ -299,4 +382,12 @@ mod pod {
     unsafe impl aya::Pod for super::PortTarget {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BackendKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend {}
 }

@@ -4,16 +4,18 @@
 #![no_main]
 
 mod conntrack;
+mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod reject;
 mod sock;
 mod stats;
 mod translate;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
-    helpers::bpf_redirect_neigh,
+    helpers::{bpf_redirect, bpf_redirect_neigh},
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
@@ -45,6 +47,11 @@ fn tc_verdict(ctx: &TcContext, counter_hook: u32, hook: translate::Hook) -> i32 
         Verdict::RedirectNeigh(ifindex) => unsafe {
             bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
         },
+        Verdict::Refuse(reason, ifindex) => {
+            stats::count_drop(reason);
+            // SAFETY: plain helper call; flags 0 sends out of (egress) `ifindex`.
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
+        }
     }
 }
 

@@ -3,13 +3,13 @@
 //! describe).
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
 use dataplane_common::{
-    Config, CtEntry, CtKey, DropReason, EndpointInfo, IfaceStats, IfaceStatsKey, PortKey,
-    PortTarget, capacity,
+    Backend, BackendKey, Config, CtEntry, CtKey, DropReason, EndpointInfo, IfaceStats,
+    IfaceStatsKey, MAGLEV_STRIDE, PortKey, PortTarget, ServiceInfo, ServiceKey, capacity,
 };
 
 /// Packets and bytes per (interface, hook); per-CPU so the hot path never contends.
@@ -34,7 +34,7 @@ pub static CONNTRACK: HashMap<CtKey, CtEntry> =
     HashMap::pinned(capacity::CONNTRACK, BPF_F_NO_PREALLOC);
 
 /// Published ports, written by the reconciler only.
-#[map(name = "dp_ports_v1")]
+#[map(name = "dp_ports_v2")]
 pub static PORTS: HashMap<PortKey, PortTarget> = HashMap::pinned(capacity::PORTS, 0);
 
 /// The host's own addresses (network byte order), written by the reconciler only.
@@ -44,3 +44,23 @@ pub static LOCAL_ADDRS: HashMap<u32, u8> = HashMap::pinned(capacity::LOCAL_ADDRS
 /// Run-time settings at index 0, written by the reconciler only.
 #[map(name = "dp_config_v3")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// Service VIPs, written by the reconciler only. The agent sets the size (`--max-services`).
+#[map(name = "dp_services_v1")]
+pub static SERVICES: HashMap<ServiceKey, ServiceInfo> = HashMap::pinned(capacity::SERVICES, 0);
+
+/// Backends of every service, written by the reconciler only; allocated on use.
+#[map(name = "dp_backends_v1")]
+pub static BACKENDS: HashMap<BackendKey, Backend> =
+    HashMap::pinned(capacity::BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Maglev tables: slot `id * MAGLEV_STRIDE + h` holds a backend index of service `id`, two
+/// slots per element. Flat and mmap-able so the agent writes a whole table as memory, not
+/// 1021 syscalls; its size follows `--max-services` (ids start at 1: one spare table).
+#[map(name = "dp_maglev_v1")]
+pub static MAGLEV: Array<[u32; 2]> =
+    Array::pinned((capacity::SERVICES + 1) * MAGLEV_STRIDE / 2, BPF_F_MMAPABLE);
+
+/// Round-robin position per service id, per CPU (no atomics on the hot path).
+#[map(name = "dp_rr_v1")]
+pub static RR_POSITION: PerCpuArray<u32> = PerCpuArray::pinned(capacity::SERVICES + 1, 0);

@@ -9,13 +9,17 @@
 //! Each hook acts only on the entries whose origin it owns, so one connection is translated
 //! exactly once per packet.
 
-use dataplane_common::{Config, CtKey, DropReason, PortKey, PortTarget, ct_origin, ct_rewrite};
+use dataplane_common::{
+    Config, CtKey, DropReason, PortKey, PortTarget, ServiceInfo, ServiceKey, ct_origin, ct_rewrite,
+};
 
 use crate::{
     conntrack::{self, CtError},
-    maps::{CONFIG, CONNTRACK, ENDPOINTS, LOCAL_ADDRS, PORTS},
+    lb,
+    maps::{CONFIG, CONNTRACK, ENDPOINTS, LOCAL_ADDRS, PORTS, SERVICES},
     nat,
     parse::{Frame, IPPROTO_ICMP, Ipv4Packet, L4, Quoted, Transport, parse_l4, parse_tc},
+    reject,
 };
 use aya_ebpf::programs::TcContext;
 
@@ -23,6 +27,9 @@ use aya_ebpf::programs::TcContext;
 pub enum Verdict {
     Pass,
     Drop(DropReason),
+    /// Count a drop for the reason, and send the packet (rewritten into a refusal) out of
+    /// this interface.
+    Refuse(DropReason, u32),
     /// Send out of this interface, with the neighbour (next hop MAC) resolved by the kernel.
     RedirectNeigh(u32),
 }
@@ -75,7 +82,11 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
         return Verdict::Pass;
     }
     match hook {
-        Hook::ContainerIngress | Hook::UplinkIngress => publish(ctx, &mut ip, &mut l4, &key),
+        Hook::ContainerIngress => match lb::service_of(&ip, &l4) {
+            Some(service) => balance(ctx, &mut ip, &mut l4, &key, &service),
+            None => publish(ctx, &mut ip, &mut l4, &key),
+        },
+        Hook::UplinkIngress => publish(ctx, &mut ip, &mut l4, &key),
         Hook::UplinkEgress => masquerade(ctx, &mut ip, &mut l4, &key),
     }
 }
@@ -84,7 +95,7 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
 #[inline(always)]
 fn owns(hook: Hook, origin: u8, rewrite: u8) -> bool {
     match hook {
-        Hook::ContainerIngress => origin == ct_origin::PUBLISHED,
+        Hook::ContainerIngress => origin == ct_origin::PUBLISHED || origin == ct_origin::SERVICE,
         Hook::UplinkIngress => rewrite == ct_rewrite::DST,
         Hook::UplinkEgress => origin == ct_origin::MASQUERADE && rewrite == ct_rewrite::SRC,
     }
@@ -167,7 +178,8 @@ fn published_target(ip: &Ipv4Packet, l4: &L4) -> Option<PortTarget> {
     PORTS.get_ptr(&key).map(|target| unsafe { *target })
 }
 
-/// A new connection to a published port: track it and rewrite its destination.
+/// A new connection to a published port: track it and rewrite its destination (to the
+/// container, or to a backend of the service the port leads to).
 #[inline(always)]
 fn publish(ctx: &TcContext, ip: &mut Ipv4Packet, l4: &mut L4, forward: &CtKey) -> Verdict {
     if ip.protocol == IPPROTO_ICMP {
@@ -176,15 +188,82 @@ fn publish(ctx: &TcContext, ip: &mut Ipv4Packet, l4: &mut L4, forward: &CtKey) -
     let Some(target) = published_target(ip, l4) else {
         return Verdict::Pass;
     };
-    let reply = conntrack::reply_key(ip.protocol, ip.saddr, l4.sport, target.addr, target.port);
+    if target.is_service == 0 {
+        return track_dnat(
+            ctx,
+            ip,
+            l4,
+            forward,
+            ct_origin::PUBLISHED,
+            target.addr,
+            target.port,
+        );
+    }
+    let key = ServiceKey {
+        vip: target.addr,
+        port: target.port,
+        proto: ip.protocol,
+        _pad: 0,
+    };
+    let Some(service) = SERVICES.get_ptr(&key) else {
+        return Verdict::Drop(DropReason::NoServiceBackend);
+    };
+    // SAFETY: a map value from this program run's lookup.
+    let service = unsafe { *service };
+    match lb::pick(&service, forward) {
+        Some(b) => track_dnat(ctx, ip, l4, forward, ct_origin::PUBLISHED, b.addr, b.port),
+        None => refuse(ctx, ip, l4),
+    }
+}
+
+/// A new connection to a service VIP from a container: pick a backend, track, rewrite.
+#[inline(always)]
+fn balance(
+    ctx: &TcContext,
+    ip: &mut Ipv4Packet,
+    l4: &mut L4,
+    forward: &CtKey,
+    service: &ServiceInfo,
+) -> Verdict {
+    match lb::pick(service, forward) {
+        Some(b) => track_dnat(ctx, ip, l4, forward, ct_origin::SERVICE, b.addr, b.port),
+        None => refuse(ctx, ip, l4),
+    }
+}
+
+/// No backend: a TCP client gets a reset at once (sent back out of the interface it came
+/// in on); anything else is dropped. Both count as NO_SERVICE_BACKEND.
+#[inline(always)]
+fn refuse(ctx: &TcContext, ip: &Ipv4Packet, l4: &L4) -> Verdict {
+    // SAFETY: `skb` points at the context the kernel passed to this program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match reject::tcp_reset(ctx, ip, l4) {
+        Ok(()) => Verdict::Refuse(DropReason::NoServiceBackend, ifindex),
+        Err(()) => Verdict::Drop(DropReason::NoServiceBackend),
+    }
+}
+
+/// Tracks a new connection whose destination becomes `addr`:`port` and whose replies get the
+/// original destination back as their source, then rewrites the packet.
+#[inline(always)]
+fn track_dnat(
+    ctx: &TcContext,
+    ip: &mut Ipv4Packet,
+    l4: &mut L4,
+    forward: &CtKey,
+    origin: u8,
+    addr: u32,
+    port: u16,
+) -> Verdict {
+    let reply = conntrack::reply_key(ip.protocol, ip.saddr, l4.sport, addr, port);
     let create = || {
         conntrack::create(
             forward,
             &reply,
-            ct_origin::PUBLISHED,
+            origin,
             ct_rewrite::DST,
-            target.addr,
-            target.port,
+            addr,
+            port,
             ip.daddr,
             l4.dport,
             ip.len,
@@ -193,7 +272,7 @@ fn publish(ctx: &TcContext, ip: &mut Ipv4Packet, l4: &mut L4, forward: &CtKey) -
     };
     let created = match create() {
         Err(CtError::Exists) => {
-            // The same client address:port reached the same container address:port before
+            // The same client address:port reached the same backend address:port before
             // (through another binding, or a connection whose forward entry is gone): the new
             // connection replaces the old one, as a reused TCP tuple does.
             if let Some(old) = conntrack::lookup(&reply) {
@@ -207,7 +286,7 @@ fn publish(ctx: &TcContext, ip: &mut Ipv4Packet, l4: &mut L4, forward: &CtKey) -
         other => other,
     };
     match created {
-        Ok(()) => match nat::rewrite(ctx, ip, l4, ct_rewrite::DST, target.addr, target.port) {
+        Ok(()) => match nat::rewrite(ctx, ip, l4, ct_rewrite::DST, addr, port) {
             Ok(()) => Verdict::Pass,
             Err(_) => Verdict::Drop(DropReason::Malformed),
         },

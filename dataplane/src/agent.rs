@@ -48,6 +48,10 @@ pub struct AgentArgs {
     /// when the table is created, not on one already pinned.
     #[arg(long, default_value_t = dataplane_common::capacity::CONNTRACK)]
     ct_max_entries: u32,
+    /// How many services (VIP:port/protocol) the maps hold; each possible service reserves a
+    /// 4 KiB Maglev table. Takes effect when the maps are created.
+    #[arg(long, default_value_t = dataplane_common::capacity::SERVICES)]
+    max_services: u32,
     /// cgroup (v2) whose processes reach published ports on the host's addresses and on
     /// localhost through socket-level translation (default: the cgroup2 root, i.e. every
     /// process; only connections made in the agent's network namespace are translated).
@@ -81,6 +85,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let options = LoadOptions {
         ct_max_entries: args.ct_max_entries,
+        max_services: args.max_services,
     };
     let datapath = Datapath::load(&args.pin_dir, &options)?;
     log::info!(

@@ -19,7 +19,8 @@ use aya::{
     },
 };
 use dataplane_common::{
-    Config, DropReason, IfaceStats, IfaceStatsKey, capacity, hook, map_names, program_names,
+    Config, DropReason, IfaceStats, IfaceStatsKey, MAGLEV_STRIDE, MAGLEV_TABLE_SIZE, capacity,
+    hook, map_names, program_names,
 };
 use serde::Serialize;
 
@@ -135,9 +136,13 @@ struct Attachment {
 
 /// The loaded kernel programs and their maps.
 pub struct Datapath {
+    // Field order matters for drop: the mapping goes before the maps.
+    maglev: MaglevTables,
     ebpf: Ebpf,
     pin_dir: PathBuf,
     links: BTreeMap<(String, Hook), Attachment>,
+    /// Services the maps hold (from the pinned maps when adopted).
+    max_services: u32,
 }
 
 /// Load-time choices.
@@ -145,13 +150,106 @@ pub struct Datapath {
 pub struct LoadOptions {
     /// Capacity of the conntrack map (applies when the map is created, not to a pinned one).
     pub ct_max_entries: u32,
+    /// How many services the maps hold (sizes the Maglev tables; as above, at creation).
+    pub max_services: u32,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             ct_max_entries: capacity::CONNTRACK,
+            max_services: capacity::SERVICES,
         }
+    }
+}
+
+/// The Maglev tables, mapped into the agent's memory (the map is BPF_F_MMAPABLE): a table is
+/// written as one copy instead of one syscall per slot.
+struct MaglevTables {
+    base: *mut u32,
+    /// Slots (u32) in the map: two per element.
+    slots: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only touched through &self/&mut self.
+unsafe impl Send for MaglevTables {}
+
+impl MaglevTables {
+    fn map(ebpf: &Ebpf) -> Result<MaglevTables, DatapathError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let name = map_names::MAGLEV;
+        let data = match ebpf.map(name).ok_or(DatapathError::MissingMap(name))? {
+            aya::maps::Map::Array(data) => data,
+            _ => return Err(DatapathError::MissingMap(name)),
+        };
+        let info = data
+            .info()
+            .map_err(|source| DatapathError::Map { map: name, source })?;
+        let slots = info.max_entries() as usize * 2;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let bytes = (slots * 4).div_ceil(page) * page;
+        let fd = data.fd().as_fd().as_raw_fd();
+        // SAFETY: mapping a BPF array fd as the kernel allows for BPF_F_MMAPABLE maps; the
+        // length is the map's size rounded up to whole pages.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(DatapathError::Settings(format!(
+                "mapping {name} into memory: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(MaglevTables {
+            base: base.cast(),
+            slots,
+            bytes,
+        })
+    }
+
+    fn range(&self, id: u32) -> Option<std::ops::Range<usize>> {
+        let size = MAGLEV_TABLE_SIZE as usize;
+        let start = id as usize * MAGLEV_STRIDE as usize;
+        (start + size <= self.slots).then(|| start..start + size)
+    }
+
+    fn get(&self, id: u32) -> &[u32] {
+        let Some(range) = self.range(id) else {
+            return &[];
+        };
+        // SAFETY: the range lies inside the mapping, which lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.base.add(range.start), range.len()) }
+    }
+
+    fn set(&mut self, id: u32, table: &[u32]) -> Result<(), DatapathError> {
+        let range = self
+            .range(id)
+            .filter(|r| r.len() == table.len())
+            .ok_or_else(|| {
+                DatapathError::Settings(format!("Maglev table {id} is outside the map"))
+            })?;
+        // SAFETY: as in get(); the kernel reads slots one u32 at a time, so a reader sees old
+        // or new backend indexes, both valid while the table changes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(table.as_ptr(), self.base.add(range.start), table.len())
+        };
+        Ok(())
+    }
+}
+
+impl Drop for MaglevTables {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what map() mapped.
+        unsafe { libc::munmap(self.base.cast(), self.bytes) };
     }
 }
 
@@ -201,8 +299,20 @@ fn check_layouts(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
     use std::mem::size_of;
 
     use aya::maps::Map;
+    use dataplane_common::{Backend, BackendKey, ServiceInfo, ServiceKey};
     use dataplane_common::{CtEntry, CtKey, EndpointInfo, PortKey, PortTarget};
-    let expected: [(&'static str, usize, usize); 7] = [
+    let expected: [(&'static str, usize, usize); 10] = [
+        (
+            map_names::SERVICES,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceInfo>(),
+        ),
+        (
+            map_names::BACKENDS,
+            size_of::<BackendKey>(),
+            size_of::<Backend>(),
+        ),
+        (map_names::MAGLEV, size_of::<u32>(), size_of::<[u32; 2]>()),
         (
             map_names::CONNTRACK,
             size_of::<CtKey>(),
@@ -271,9 +381,18 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(map_names::CONNTRACK, options.ct_max_entries)
+            .map_max_entries(map_names::SERVICES, options.max_services)
+            .map_max_entries(
+                map_names::MAGLEV,
+                (options.max_services + 1) * MAGLEV_STRIDE / 2,
+            )
+            .map_max_entries(map_names::RR_POSITION, options.max_services + 1)
             .load(KERNEL_OBJECT)
             .map_err(DatapathError::Load)?;
         check_layouts(&ebpf, pin_dir)?;
+        let maglev = MaglevTables::map(&ebpf)?;
+        // Pinned maps keep the size they were made with: trust them over the options.
+        let max_services = (maglev.slots as u32 / MAGLEV_STRIDE).saturating_sub(1);
         for hook in [
             Hook::ContainerIngress,
             Hook::UplinkIngress,
@@ -296,9 +415,11 @@ impl Datapath {
             source,
         })?;
         Ok(Datapath {
+            maglev,
             ebpf,
             pin_dir: pin_dir.to_owned(),
             links: BTreeMap::new(),
+            max_services,
         })
     }
 
@@ -581,6 +702,19 @@ impl Datapath {
         Ok(self.hash::<K, V>(name)?.keys().count() as u32)
     }
 
+    pub fn max_services(&self) -> u32 {
+        self.max_services
+    }
+
+    /// The Maglev table of service `id` as the kernel sees it.
+    pub fn maglev(&self, id: u32) -> Vec<u32> {
+        self.maglev.get(id).to_vec()
+    }
+
+    pub fn set_maglev(&mut self, id: u32, table: &[u32]) -> Result<(), DatapathError> {
+        self.maglev.set(id, table)
+    }
+
     pub fn config(&self) -> Result<Config, DatapathError> {
         let err = |source| DatapathError::Map {
             map: map_names::CONFIG,
@@ -653,7 +787,10 @@ impl Datapath {
 
     /// How full each map is.
     pub fn map_fill(&self) -> Result<Vec<MapFill>, DatapathError> {
-        use dataplane_common::{CtEntry, CtKey, EndpointInfo, PortKey, PortTarget};
+        use dataplane_common::{
+            Backend, BackendKey, CtEntry, CtKey, EndpointInfo, PortKey, PortTarget, ServiceInfo,
+            ServiceKey,
+        };
         let ct_capacity = self
             .map_ref(map_names::CONNTRACK)
             .ok()
@@ -672,6 +809,16 @@ impl Datapath {
                 name: map_names::PORTS,
                 entries: self.count::<PortKey, PortTarget>(map_names::PORTS)?,
                 capacity: capacity::PORTS,
+            },
+            MapFill {
+                name: map_names::SERVICES,
+                entries: self.count::<ServiceKey, ServiceInfo>(map_names::SERVICES)?,
+                capacity: self.max_services,
+            },
+            MapFill {
+                name: map_names::BACKENDS,
+                entries: self.count::<BackendKey, Backend>(map_names::BACKENDS)?,
+                capacity: capacity::BACKENDS,
             },
             MapFill {
                 name: map_names::ENDPOINTS,

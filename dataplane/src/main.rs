@@ -4,6 +4,7 @@ mod agent;
 mod conntrack;
 mod control;
 mod ebpf;
+mod maglev;
 mod model;
 mod netdev;
 mod reconciler;

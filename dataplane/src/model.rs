@@ -138,6 +138,10 @@ pub struct ServiceSpec {
     pub endpoints: Option<Vec<String>>,
     #[serde(default = "default_algorithm")]
     pub algorithm: String,
+    /// Relative weights of backends by endpoint name (default 1; 0 takes a backend out of
+    /// new connections). Used by maglev and source_hash.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub weights: BTreeMap<String, u32>,
 }
 
 fn default_tcp() -> String {
@@ -378,6 +382,8 @@ pub struct Service {
     pub algorithm: Algorithm,
     /// Endpoint names, resolved from the selector or the list, sorted.
     pub backends: Vec<String>,
+    /// Weight of each backend (same order as `backends`).
+    pub weights: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -736,6 +742,19 @@ impl Model {
             let mut backends: Vec<String> = backends;
             backends.sort();
             backends.dedup();
+            for name in s.weights.keys() {
+                if !endpoints.iter().any(|e| &e.name == name) {
+                    return Err(invalid(
+                        &entry,
+                        format!("weights.{name}"),
+                        format!("unknown endpoint {name:?}"),
+                    ));
+                }
+            }
+            let weights = backends
+                .iter()
+                .map(|b| s.weights.get(b).copied().unwrap_or(1))
+                .collect();
             services.push(Service {
                 name: s.name.clone(),
                 vip,
@@ -744,6 +763,7 @@ impl Model {
                 target_port,
                 algorithm,
                 backends,
+                weights,
             });
         }
         Ok(services)

@@ -9,11 +9,15 @@ use std::{
 };
 
 use aya::Pod;
-use dataplane_common::{Config, EndpointInfo, PortKey, PortTarget, map_names};
+use dataplane_common::{
+    Backend, BackendKey, Config, EndpointInfo, MAGLEV_TABLE_SIZE, PortKey, PortTarget, ServiceInfo,
+    ServiceKey, algorithm, map_names,
+};
 
 use crate::{
     ebpf::{Datapath, DatapathError, Hook},
-    model::{Model, PortTarget as ModelPortTarget, StateError},
+    maglev,
+    model::{Algorithm, Model, PortTarget as ModelPortTarget, StateError},
 };
 
 /// Source ports masquerade uses, kept apart from Linux's default ephemeral range
@@ -43,6 +47,11 @@ pub trait Kernel {
     fn remove<K: Pod, V: Pod>(&mut self, map: &'static str, key: K) -> Result<(), DatapathError>;
     fn config(&self) -> Result<Config, DatapathError>;
     fn set_config(&mut self, config: Config) -> Result<(), DatapathError>;
+    /// How many services the maps hold (service ids are 1..=this).
+    fn max_services(&self) -> u32;
+    /// The Maglev table of service `id`.
+    fn maglev(&self, id: u32) -> Vec<u32>;
+    fn set_maglev(&mut self, id: u32, table: &[u32]) -> Result<(), DatapathError>;
 }
 
 impl Kernel for Datapath {
@@ -96,6 +105,15 @@ impl Kernel for Datapath {
     fn set_config(&mut self, config: Config) -> Result<(), DatapathError> {
         Datapath::set_config(self, config)
     }
+    fn max_services(&self) -> u32 {
+        Datapath::max_services(self)
+    }
+    fn maglev(&self, id: u32) -> Vec<u32> {
+        Datapath::maglev(self, id)
+    }
+    fn set_maglev(&mut self, id: u32, table: &[u32]) -> Result<(), DatapathError> {
+        Datapath::set_maglev(self, id, table)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +122,11 @@ pub enum ReconcileError {
     State(#[from] StateError),
     #[error("no uplink: give `uplink:` in the state file or --uplink (no default route either)")]
     NoUplink,
+    #[error(
+        "{wanted} services do not fit the maps' {max}; start the agent with a larger \
+         --max-services (on a new pin directory)"
+    )]
+    TooManyServices { wanted: usize, max: u32 },
     #[error(transparent)]
     Kernel(#[from] DatapathError),
 }
@@ -134,6 +157,17 @@ pub struct Desired {
     /// The host's own addresses (network byte order).
     pub local_addrs: BTreeMap<u32, u8>,
     pub config: Config,
+    pub services: BTreeMap<ServiceKey, DesiredService>,
+}
+
+/// A service as the kernel should have it, before it gets an id.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DesiredService {
+    pub algorithm: u8,
+    /// In index order.
+    pub backends: Vec<Backend>,
+    /// The Maglev table (backend indexes), for maglev and source_hash; empty otherwise.
+    pub table: Vec<u32>,
 }
 
 /// Computes the desired kernel state, checking that every interface the model names exists
@@ -210,16 +244,53 @@ pub fn desired(
                 .insert((itf.host_veth.clone(), Hook::ContainerIngress));
         }
     }
+    for service in &model.services {
+        desired.services.insert(
+            ServiceKey {
+                vip: be(service.vip),
+                port: service.port.to_be(),
+                proto: service.protocol.number(),
+                _pad: 0,
+            },
+            desired_service(model, service),
+        );
+    }
     for (i, port) in model.ports.iter().enumerate() {
-        let ModelPortTarget::Endpoint(name) = &port.target else {
-            return Err(StateError::Invalid {
-                entry: format!("ports[{i}]"),
-                field: "service".into(),
-                message:
-                    "ports leading to a service are not supported yet (service VIPs come next)"
-                        .into(),
+        let name = match &port.target {
+            ModelPortTarget::Endpoint(name) => name,
+            ModelPortTarget::Service(name) => {
+                let service = model
+                    .services
+                    .iter()
+                    .find(|s| &s.name == name)
+                    .expect("validated: the port's service exists");
+                if port.host_ports.len() != 1 || service.protocol != port.protocol {
+                    return Err(StateError::Invalid {
+                        entry: format!("ports[{i}]"),
+                        field: "service".into(),
+                        message: format!(
+                            "a port leading to a service is one {} port (the service's protocol)",
+                            service.protocol
+                        ),
+                    }
+                    .into());
+                }
+                desired.ports.insert(
+                    PortKey {
+                        addr: port.host_ip.map(be).unwrap_or(0),
+                        port: port.host_ports.first.to_be(),
+                        proto: port.protocol.number(),
+                        _pad: 0,
+                    },
+                    PortTarget {
+                        addr: be(service.vip),
+                        port: service.port.to_be(),
+                        is_service: 1,
+                        _pad: 0,
+                    },
+                );
+                continue;
             }
-            .into());
         };
         let endpoint = model
             .endpoints
@@ -248,7 +319,8 @@ pub fn desired(
                 PortTarget {
                     addr: be(itf.ip),
                     port: container_port.to_be(),
-                    _pad: [0; 2],
+                    is_service: 0,
+                    _pad: 0,
                 },
             );
         }
@@ -271,6 +343,132 @@ pub fn desired(
         netns_cookie: host.netns_cookie,
     };
     Ok(desired)
+}
+
+/// The kernel's view of `service`: backends at their endpoint's first address and the
+/// target port, and the Maglev table over their names (so it does not depend on addresses or
+/// order).
+fn desired_service(model: &Model, service: &crate::model::Service) -> DesiredService {
+    let mut backends = Vec::new();
+    let mut members = Vec::new();
+    for (name, weight) in service.backends.iter().zip(&service.weights) {
+        let Some(itf) = model
+            .endpoints
+            .iter()
+            .find(|e| &e.name == name)
+            .and_then(|e| e.interfaces.first())
+        else {
+            continue; // an endpoint without interfaces serves nothing
+        };
+        backends.push(Backend {
+            addr: be(itf.ip),
+            port: service.target_port.to_be(),
+            _pad: [0; 2],
+        });
+        members.push(maglev::Member {
+            identity: name.clone(),
+            weight: *weight,
+        });
+    }
+    let algorithm = match service.algorithm {
+        Algorithm::Maglev => algorithm::MAGLEV,
+        Algorithm::Random => algorithm::RANDOM,
+        Algorithm::RoundRobin => algorithm::ROUND_ROBIN,
+        Algorithm::SourceHash => algorithm::SOURCE_HASH,
+    };
+    let table = match service.algorithm {
+        Algorithm::Maglev | Algorithm::SourceHash => maglev::table(&members, MAGLEV_TABLE_SIZE),
+        Algorithm::Random | Algorithm::RoundRobin => Vec::new(),
+    };
+    DesiredService {
+        algorithm,
+        backends,
+        table,
+    }
+}
+
+/// Brings the services to `desired`: a service keeps its id (and so its table and its
+/// connections' backends) while it exists; a new one gets the lowest free id. Per service the
+/// order is backends, then table, then the backend count, then stale backends, so a lookup in
+/// between always lands on a valid backend.
+fn apply_services(
+    desired: &Desired,
+    kernel: &mut impl Kernel,
+) -> Result<(usize, usize), ReconcileError> {
+    let current = kernel.entries::<ServiceKey, ServiceInfo>(map_names::SERVICES)?;
+    let backends = kernel.entries::<BackendKey, Backend>(map_names::BACKENDS)?;
+    let max = kernel.max_services();
+    if desired.services.len() > max as usize {
+        return Err(ReconcileError::TooManyServices {
+            wanted: desired.services.len(),
+            max,
+        });
+    }
+    let mut used: BTreeSet<u32> = desired
+        .services
+        .keys()
+        .filter_map(|k| current.get(k).map(|info| info.id))
+        .collect();
+    let mut next_free = 1;
+    let (mut set, mut removed) = (0, 0);
+    for (key, service) in &desired.services {
+        let id = match current.get(key) {
+            Some(info) => info.id,
+            None => {
+                while used.contains(&next_free) {
+                    next_free += 1;
+                }
+                used.insert(next_free);
+                next_free
+            }
+        };
+        for (index, backend) in service.backends.iter().enumerate() {
+            let bkey = BackendKey {
+                service_id: id,
+                index: index as u32,
+            };
+            if backends.get(&bkey) != Some(backend) {
+                kernel.set(map_names::BACKENDS, bkey, *backend)?;
+                set += 1;
+            }
+        }
+        if !service.table.is_empty() && kernel.maglev(id) != service.table {
+            kernel.set_maglev(id, &service.table)?;
+            set += 1;
+        }
+        let info = ServiceInfo {
+            id,
+            backend_count: service.backends.len() as u32,
+            algorithm: service.algorithm,
+            _pad: [0; 3],
+        };
+        if current.get(key) != Some(&info) {
+            kernel.set(map_names::SERVICES, *key, info)?;
+            set += 1;
+        }
+    }
+    // Services that went, and backends past each service's count.
+    for key in current.keys() {
+        if !desired.services.contains_key(key) {
+            kernel.remove::<ServiceKey, ServiceInfo>(map_names::SERVICES, *key)?;
+            removed += 1;
+        }
+    }
+    let counts: BTreeMap<u32, u32> = kernel
+        .entries::<ServiceKey, ServiceInfo>(map_names::SERVICES)?
+        .values()
+        .map(|info| (info.id, info.backend_count))
+        .collect();
+    for bkey in backends.keys() {
+        if counts
+            .get(&bkey.service_id)
+            .is_none_or(|count| bkey.index >= *count)
+        {
+            kernel.remove::<BackendKey, Backend>(map_names::BACKENDS, *bkey)?;
+            removed += 1;
+        }
+    }
+    Ok((set, removed))
 }
 
 /// An address as the kernel keeps it: the bytes in network order, read as a native u32.
@@ -329,6 +527,9 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
         &local_addrs,
         &desired.local_addrs,
     )?;
+    // Services before the ports that may lead to them.
+    let (services_set, services_removed) = apply_services(desired, kernel)?;
+    changes.entries_set += services_set;
     changes.entries_set += write_missing(kernel, map_names::PORTS, &ports, &desired.ports)?;
     if kernel.config()? != desired.config {
         kernel.set_config(desired.config)?;
@@ -356,6 +557,7 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
     )?;
     changes.entries_removed +=
         remove_stale(kernel, map_names::ENDPOINTS, &endpoints, &desired.endpoints)?;
+    changes.entries_removed += services_removed;
     Ok(changes)
 }
 
@@ -384,6 +586,7 @@ pub mod fake {
         pub attached: BTreeSet<(String, Hook)>,
         pub maps: BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>,
         pub config: Config,
+        pub maglev: BTreeMap<u32, Vec<u32>>,
         pub writes: usize,
     }
 
@@ -455,6 +658,20 @@ pub mod fake {
         fn set_config(&mut self, config: Config) -> Result<(), DatapathError> {
             self.writes += 1;
             self.config = config;
+            Ok(())
+        }
+        fn max_services(&self) -> u32 {
+            16
+        }
+        fn maglev(&self, id: u32) -> Vec<u32> {
+            self.maglev
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| vec![0; MAGLEV_TABLE_SIZE as usize])
+        }
+        fn set_maglev(&mut self, id: u32, table: &[u32]) -> Result<(), DatapathError> {
+            self.writes += 1;
+            self.maglev.insert(id, table.to_vec());
             Ok(())
         }
     }
@@ -562,10 +779,91 @@ ports:
         assert_eq!(k.map::<PortKey, PortTarget>(map_names::PORTS).len(), 3);
     }
 
+    const SERVICES: &str = r#"
+services:
+  - {name: web, vip: 10.96.0.10, port: 80, target_port: 8080, endpoints: [one, two]}
+  - {name: dns, vip: 10.96.0.53, port: 53, protocol: udp, endpoints: [two], algorithm: round_robin}
+"#;
+
+    fn services(k: &FakeKernel) -> BTreeMap<ServiceKey, ServiceInfo> {
+        k.map(map_names::SERVICES)
+    }
+
+    #[test]
+    fn services_get_stable_ids_backends_and_tables() {
+        let mut k = kernel();
+        reconcile(&model(&format!("{STATE}{SERVICES}")), &mut k).unwrap();
+        let svcs = services(&k);
+        let web_key = ServiceKey {
+            vip: ip("10.96.0.10"),
+            port: 80u16.to_be(),
+            proto: 6,
+            _pad: 0,
+        };
+        let web = svcs[&web_key];
+        assert_eq!((web.backend_count, web.algorithm), (2, algorithm::MAGLEV));
+        let backends = k.map::<BackendKey, Backend>(map_names::BACKENDS);
+        assert_eq!(backends.len(), 3);
+        let first = backends[&BackendKey {
+            service_id: web.id,
+            index: 0,
+        }];
+        assert_eq!((first.addr, first.port), (ip("10.1.0.2"), 8080u16.to_be()));
+        let table = &k.maglev[&web.id];
+        assert_eq!(table.len(), MAGLEV_TABLE_SIZE as usize);
+        assert!(table.iter().all(|i| *i < 2));
+        let dns_id = svcs
+            .values()
+            .find(|i| i.algorithm == algorithm::ROUND_ROBIN)
+            .unwrap()
+            .id;
+        assert!(
+            !k.maglev.contains_key(&dns_id),
+            "round robin needs no table"
+        );
+
+        // A backend goes: same id, count and table follow, its entry is removed; the other
+        // service is not touched.
+        let writes = k.writes;
+        let fewer = SERVICES.replace("endpoints: [one, two]}", "endpoints: [one]}");
+        let changes = reconcile(&model(&format!("{STATE}{fewer}")), &mut k).unwrap();
+        let web_after = services(&k)[&web_key];
+        assert_eq!((web_after.id, web_after.backend_count), (web.id, 1));
+        assert!(k.maglev[&web.id].iter().all(|i| *i == 0));
+        assert_eq!(k.map::<BackendKey, Backend>(map_names::BACKENDS).len(), 2);
+        assert_eq!(changes.entries_removed, 1, "{changes:?}");
+        // "one" keeps index 0: the table, the count and the removal; nothing else.
+        assert_eq!(k.writes - writes, 3);
+        // The service goes entirely.
+        reconcile(&model(STATE), &mut k).unwrap();
+        assert!(services(&k).is_empty());
+        assert!(k.map::<BackendKey, Backend>(map_names::BACKENDS).is_empty());
+    }
+
+    #[test]
+    fn a_published_port_can_lead_to_a_service() {
+        let mut k = kernel();
+        let text = format!(
+            "{STATE}{SERVICES}ports:\n  - {{service: web, protocol: tcp, host_port: 8000, container_port: 80}}\n"
+        );
+        reconcile(&model(&text), &mut k).unwrap();
+        let ports = k.map::<PortKey, PortTarget>(map_names::PORTS);
+        let target = ports[&PortKey {
+            addr: 0,
+            port: 8000u16.to_be(),
+            proto: 6,
+            _pad: 0,
+        }];
+        assert_eq!(
+            (target.addr, target.port, target.is_service),
+            (ip("10.96.0.10"), 80u16.to_be(), 1)
+        );
+    }
+
     #[test]
     fn second_apply_of_the_same_model_writes_nothing() {
         let mut k = kernel();
-        let m = model(&format!("{STATE}{PORTS}"));
+        let m = model(&format!("{STATE}{PORTS}{SERVICES}"));
         reconcile(&m, &mut k).unwrap();
         let writes = k.writes;
         assert!(reconcile(&m, &mut k).unwrap().is_empty());

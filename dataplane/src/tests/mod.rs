@@ -1,5 +1,6 @@
 //! Tests of the kernel programs through BPF_PROG_TEST_RUN (need root).
 
+mod balancing;
 mod packet;
 mod programs;
 mod translation;

@@ -54,7 +54,8 @@ fn host(dp: &mut Datapath) {
         let target = PortTarget {
             addr: be(WEB1),
             port: container_port.to_be(),
-            _pad: [0; 2],
+            is_service: 0,
+            _pad: 0,
         };
         dp.set(map_names::PORTS, key, target).unwrap();
     };
@@ -307,7 +308,10 @@ fn masquerade_of_udp_and_icmp_echo() {
 #[test]
 fn a_full_conntrack_table_refuses_and_counts_never_mistranslates() {
     // Room for exactly one connection (two entries).
-    let mut t = TestDatapath::load_with(&LoadOptions { ct_max_entries: 2 });
+    let mut t = TestDatapath::load_with(&LoadOptions {
+        ct_max_entries: 2,
+        ..LoadOptions::default()
+    });
     let dp = t.get();
     host(dp);
     let first = ipv4_frame(

@@ -1,0 +1,85 @@
+//! Service load balancing: the VIP lookup and the choice of a backend for a new connection.
+//! The choice is made once per connection; conntrack keeps the connection on its backend
+//! whatever happens to the backend set afterwards.
+
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use dataplane_common::{
+    Backend, BackendKey, CtKey, MAGLEV_STRIDE, MAGLEV_TABLE_SIZE, ServiceInfo, ServiceKey,
+    algorithm,
+};
+
+use crate::{
+    maps::{BACKENDS, MAGLEV, RR_POSITION, SERVICES},
+    parse::{Ipv4Packet, L4},
+};
+
+/// The service whose VIP:port the packet is addressed to.
+#[inline(always)]
+pub fn service_of(ip: &Ipv4Packet, l4: &L4) -> Option<ServiceInfo> {
+    let key = ServiceKey {
+        vip: ip.daddr,
+        port: l4.dport,
+        proto: ip.protocol,
+        _pad: 0,
+    };
+    // SAFETY: a map value from this program run's lookup.
+    SERVICES.get_ptr(&key).map(|info| unsafe { *info })
+}
+
+/// Jenkins-style mixing: spreads nearby tuples (consecutive ports) over the table.
+#[inline(always)]
+fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^= h >> 16;
+    h
+}
+
+#[inline(always)]
+fn flow_hash(flow: &CtKey) -> u32 {
+    mix(flow.saddr
+        ^ mix(flow.daddr)
+        ^ mix(u32::from(flow.sport) << 16 | u32::from(flow.dport))
+        ^ u32::from(flow.proto))
+}
+
+/// Picks the backend of `service` for the new connection `flow`; None when it has none.
+#[inline(always)]
+pub fn pick(service: &ServiceInfo, flow: &CtKey) -> Option<Backend> {
+    let count = service.backend_count;
+    if count == 0 {
+        return None;
+    }
+    let index = match service.algorithm {
+        // SAFETY: a helper without arguments.
+        algorithm::RANDOM => (unsafe { bpf_get_prandom_u32() }) % count,
+        algorithm::ROUND_ROBIN => {
+            let position = RR_POSITION.get_ptr_mut(service.id)?;
+            // SAFETY: a per-CPU array element: no other CPU writes it.
+            unsafe {
+                let index = *position % count;
+                *position = index + 1;
+                index
+            }
+        }
+        // Maglev and source hash: consistent hashing through the service's table.
+        _ => {
+            let hash = if service.algorithm == algorithm::SOURCE_HASH {
+                mix(flow.saddr)
+            } else {
+                flow_hash(flow)
+            };
+            let slot = service.id * MAGLEV_STRIDE + hash % MAGLEV_TABLE_SIZE;
+            let pair = MAGLEV.get(slot / 2)?;
+            pair[(slot & 1) as usize]
+        }
+    };
+    let key = BackendKey {
+        service_id: service.id,
+        index,
+    };
+    // SAFETY: a map value from this program run's lookup.
+    BACKENDS.get_ptr(&key).map(|backend| unsafe { *backend })
+}
