@@ -194,8 +194,12 @@ impl Agent {
                     self.reconciles += 1;
                 }
                 self.uplink = uplink;
+                let gone = conntrack::departed_addresses(&self.applied, &model);
                 self.applied = model;
                 self.last_error = None;
+                if !gone.is_empty() {
+                    self.reset_connections_to(&gone);
+                }
                 self.last_applied_unix = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .ok()
@@ -250,6 +254,37 @@ impl Agent {
             if let Err(e) = self.apply(model) {
                 self.reject(e.to_string());
             }
+        }
+    }
+
+    /// Removes the tracked connections translated to containers that went away, so their
+    /// clients get a reset from whichever backend the next packet reaches instead of waiting
+    /// on an address nobody answers any more.
+    fn reset_connections_to(&mut self, addresses: &std::collections::BTreeSet<u32>) {
+        let entries = match self
+            .datapath
+            .entries::<CtKey, CtEntry>(map_names::CONNTRACK)
+        {
+            Ok(entries) => entries,
+            Err(e) => {
+                log::warn!("conntrack: reading the table: {e}");
+                return;
+            }
+        };
+        let doomed = conntrack::translated_to(&entries, addresses);
+        for key in &doomed {
+            if let Err(e) = self
+                .datapath
+                .remove::<CtKey, CtEntry>(map_names::CONNTRACK, *key)
+            {
+                log::warn!("conntrack: {e}");
+            }
+        }
+        if !doomed.is_empty() {
+            log::info!(
+                "removed {} conntrack entries of departed containers",
+                doomed.len()
+            );
         }
     }
 

@@ -2,9 +2,11 @@
 //! refresh entries; the agent removes both directions of a connection once it has been idle for
 //! longer than its protocol and state allow (`dataplane_common::ct_timeout`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use dataplane_common::{CtEntry, CtKey, ct_timeout, tcp_flag};
+use dataplane_common::{CtEntry, CtKey, ct_rewrite, ct_timeout, tcp_flag};
+
+use crate::model::Model;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 const IPPROTO_TCP: u8 = 6;
@@ -70,6 +72,33 @@ pub fn expired(entries: &BTreeMap<CtKey, CtEntry>, now_ns: u64) -> Vec<CtKey> {
         let last_seen = entry.last_seen_ns.max(reply.map_or(0, |r| r.last_seen_ns));
         let idle = now_ns.saturating_sub(last_seen);
         if idle > timeout_secs(entry, reply, key.proto) * NS_PER_SEC {
+            doomed.push(*key);
+            doomed.push(entry.peer);
+        }
+    }
+    doomed
+}
+
+/// Addresses (network byte order, as in the maps) of container interfaces in `old` that
+/// `new` no longer has.
+pub fn departed_addresses(old: &Model, new: &Model) -> BTreeSet<u32> {
+    let addresses = |m: &Model| -> BTreeSet<u32> {
+        m.endpoints
+            .iter()
+            .flat_map(|e| e.interfaces.iter().map(|i| u32::from(i.ip).to_be()))
+            .collect()
+    };
+    addresses(old)
+        .difference(&addresses(new))
+        .copied()
+        .collect()
+}
+
+/// Both directions of every connection translated to one of `addresses`.
+pub fn translated_to(entries: &BTreeMap<CtKey, CtEntry>, addresses: &BTreeSet<u32>) -> Vec<CtKey> {
+    let mut doomed = Vec::new();
+    for (key, entry) in entries {
+        if entry.rewrite == ct_rewrite::DST && addresses.contains(&entry.nat_addr) {
             doomed.push(*key);
             doomed.push(entry.peer);
         }
@@ -146,6 +175,19 @@ mod tests {
         let udp = pair(IPPROTO_UDP, 0, 0, 1, 1000);
         assert!(expired(&udp, at(ct_timeout::UDP - 1)).is_empty());
         assert_eq!(expired(&udp, at(ct_timeout::UDP + 1)).len(), 2);
+    }
+
+    #[test]
+    fn connections_to_departed_backends_are_found_with_their_replies() {
+        let mut entries = pair(IPPROTO_TCP, SYN, 0, 0, 1000);
+        for entry in entries.values_mut() {
+            if entry.is_reply == 0 {
+                entry.rewrite = ct_rewrite::DST;
+                entry.nat_addr = 42;
+            }
+        }
+        assert_eq!(translated_to(&entries, &BTreeSet::from([42])).len(), 2);
+        assert!(translated_to(&entries, &BTreeSet::from([43])).is_empty());
     }
 
     #[test]

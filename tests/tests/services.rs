@@ -1,0 +1,227 @@
+//! Service VIPs on a namespaced host: balance over real backends, client affinity, stickiness
+//! of a long-lived connection while backends come and go, immediate refusal without backends,
+//! and a published port leading to a service.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use dataplane_tests::{Agent, Sandbox, in_netns};
+use serde_json::Value;
+
+const SPEC: &str = r#"
+uplink: eth0
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1}
+endpoints:
+  - name: client
+    interfaces: [{network: front, ip: 172.30.1.9, mac: "02:42:ac:1e:01:09", host_veth: veth-client}]
+  - name: web1
+    labels: {app: web}
+    interfaces: [{network: front, ip: 172.30.1.2, mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
+  - name: web2
+    labels: {app: web}
+    interfaces: [{network: front, ip: 172.30.1.3, mac: "02:42:ac:1e:01:03", host_veth: veth-web2}]
+  - name: web3
+    labels: {app: web}
+    interfaces: [{network: front, ip: 172.30.1.4, mac: "02:42:ac:1e:01:04", host_veth: veth-web3}]
+services:
+  - {name: web, vip: 10.96.0.10, port: 80, selector: {app: web}}
+  - {name: sticky, vip: 10.96.0.11, port: 80, selector: {app: web}, algorithm: source_hash}
+  - {name: empty, vip: 10.96.0.12, port: 80, selector: {app: nothing}}
+ports:
+  - {service: web, protocol: tcp, host_port: 8000, container_port: 80}
+"#;
+
+/// One HTTP request on a fresh connection; the name of the server that answered.
+fn ask(addr: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok(body
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// `count` connections from `netns` to `addr`, 8 at a time; how many each server answered.
+fn spread(
+    sandbox: &Sandbox,
+    netns: &str,
+    addr: &'static str,
+    count: usize,
+) -> BTreeMap<String, usize> {
+    in_netns(&sandbox.netns(netns), move || {
+        // Threads made here share this thread's namespace.
+        let workers: Vec<_> = (0..8)
+            .map(|w| {
+                std::thread::spawn(move || {
+                    let mut seen = BTreeMap::new();
+                    for _ in (w..count).step_by(8) {
+                        let name = ask(addr).expect("a connection through the VIP");
+                        *seen.entry(name).or_insert(0) += 1;
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let mut total = BTreeMap::new();
+        for worker in workers {
+            for (name, n) in worker.join().unwrap() {
+                *total.entry(name).or_insert(0) += n;
+            }
+        }
+        total
+    })
+}
+
+fn drops(status: &Value, reason: &str) -> u64 {
+    status["drops"][reason].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn three_thousand_connections_spread_evenly_over_three_backends() {
+    let sandbox = Sandbox::up(SPEC);
+    let _agent = Agent::start(&sandbox);
+    let counts = spread(&sandbox, "client", "10.96.0.10:80", 3000);
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (backend, n) in &counts {
+        assert!(
+            (900..=1100).contains(n),
+            "{backend}: {n} of 3000, not within 10%: {counts:?}"
+        );
+    }
+}
+
+#[test]
+fn source_hash_keeps_a_client_on_one_backend() {
+    let sandbox = Sandbox::up(SPEC);
+    let _agent = Agent::start(&sandbox);
+    let counts = spread(&sandbox, "client", "10.96.0.11:80", 50);
+    assert_eq!(counts.len(), 1, "{counts:?}");
+}
+
+#[test]
+fn a_published_port_leads_to_the_service() {
+    let sandbox = Sandbox::up(SPEC);
+    let _agent = Agent::start(&sandbox);
+    let counts = spread(&sandbox, "outside", "192.0.2.1:8000", 300);
+    assert_eq!(counts.len(), 3, "north-south balances too: {counts:?}");
+}
+
+#[test]
+fn a_service_without_backends_refuses_at_once_and_counts_it() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    let started = Instant::now();
+    let err = in_netns(&sandbox.netns("client"), || ask("10.96.0.12:80")).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once, not after retries"
+    );
+    agent.wait_for("a counted drop", |s| drops(s, "NO_SERVICE_BACKEND") >= 1);
+}
+
+/// A keep-alive connection of the client to the VIP.
+struct KeepAlive(TcpStream);
+
+impl KeepAlive {
+    fn open(sandbox: &Sandbox) -> KeepAlive {
+        let stream = in_netns(&sandbox.netns("client"), || {
+            TcpStream::connect_timeout(&"10.96.0.10:80".parse().unwrap(), Duration::from_secs(3))
+        })
+        .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        KeepAlive(stream)
+    }
+
+    fn who(&mut self) -> std::io::Result<String> {
+        self.0.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")?;
+        let mut buf = [0u8; 512];
+        let mut text = String::new();
+        while !(text.contains("\r\n\r\n") && text.ends_with('\n')) {
+            let n = self.0.read(&mut buf)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+        Ok(body
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned())
+    }
+}
+
+#[test]
+fn a_long_lived_connection_keeps_its_backend_while_others_come_and_go() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    let mut conn = KeepAlive::open(&sandbox);
+    let mine = conn.who().unwrap();
+    let others: Vec<&str> = ["web1", "web2", "web3"]
+        .into_iter()
+        .filter(|w| *w != mine)
+        .collect();
+
+    // Another backend leaves the service (its label changes): my connection stays put.
+    let relabelled = SPEC.replacen(
+        &format!("  - name: {}\n    labels: {{app: web}}", others[0]),
+        &format!("  - name: {}\n    labels: {{app: other}}", others[0]),
+        1,
+    );
+    sandbox.write_state(&relabelled);
+    agent.wait_for("two backends", |s| {
+        s["maps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "dp_backends_v1" && m["entries"] == 4)
+    });
+    assert_eq!(conn.who().unwrap(), mine);
+    // It comes back: still put.
+    sandbox.write_state(SPEC);
+    agent.wait_for("three backends", |s| {
+        s["maps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "dp_backends_v1" && m["entries"] == 6)
+    });
+    assert_eq!(conn.who().unwrap(), mine);
+
+    // My own backend's container goes away: the connection ends with a reset rather than
+    // hanging on an address nobody answers.
+    let mut lines: Vec<&str> = SPEC.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| *l == format!("  - name: {mine}"))
+        .expect("my backend in the spec");
+    lines.drain(at..at + 3); // name, labels, interfaces
+    let without_mine = lines.join("\n") + "\n";
+    sandbox.write_state(&without_mine);
+    agent.wait_for("my backend gone", |s| {
+        s["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["name"] != mine.as_str())
+    });
+    let after = conn.who();
+    assert!(
+        after.is_err(),
+        "the connection to a departed backend ends: {after:?}"
+    );
+}
