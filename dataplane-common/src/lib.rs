@@ -28,6 +28,10 @@ pub mod map_names {
     pub const MAGLEV: &str = "dp_maglev_v1";
     /// Round-robin position per service (per CPU).
     pub const RR_POSITION: &str = "dp_rr_v1";
+    /// Flow events (ring buffer): connections opened and closed, packets dropped.
+    pub const FLOW_EVENTS: &str = "dp_flow_events_v1";
+    /// Flow events that found the ring buffer full, per CPU (the kernel does not count them).
+    pub const FLOW_EVENTS_LOST: &str = "dp_flow_events_lost_v1";
     /// The host's own IPv4 addresses: which destinations "all host addresses" means.
     pub const LOCAL_ADDRS: &str = "dp_local_addrs_v1";
     /// Settings the agent writes at run time (uplink, masquerade address, port range).
@@ -184,10 +188,15 @@ pub mod ct_origin {
     pub const MASQUERADE: u8 = 2;
     /// A service VIP: container -> VIP:port -> a backend; replies come from the VIP.
     pub const SERVICE: u8 = 3;
+    /// Not translated: a container's connection to another container or to the host, tracked
+    /// for flow logs and policy.
+    pub const PLAIN: u8 = 4;
 }
 
 /// What to rewrite in a packet matching the entry.
 pub mod ct_rewrite {
+    /// Nothing (a connection tracked without translation).
+    pub const NONE: u8 = 0;
     /// Destination address and port (DNAT, or the reply of an SNAT).
     pub const DST: u8 = 1;
     /// Source address and port (SNAT, or the reply of a DNAT).
@@ -307,6 +316,54 @@ pub struct Config {
     pub netns_cookie: u64,
 }
 
+/// What a flow event reports, in [`FlowEvent::kind`].
+pub mod flow_kind {
+    /// A connection was tracked for the first time (its first packet passed).
+    pub const NEW: u8 = 1;
+    /// A TCP connection saw its first FIN or RST (counters of both directions so far).
+    pub const CLOSE: u8 = 2;
+    /// A packet was dropped (`drop_reason` says why).
+    pub const DROP: u8 = 3;
+}
+
+/// One flow event from the kernel (ring buffer), per connection or per drop, never per
+/// forwarded packet. Addresses and ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// bpf_ktime_get_ns (CLOCK_MONOTONIC).
+    pub time_ns: u64,
+    /// Counters of the connection's first direction, and of its replies.
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// The connection as its first packet was (before translation), or the dropped packet.
+    pub tuple: CtKey,
+    /// Where the translation sent it (destination for DNAT/VIP, source for masquerade).
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    /// One of [`flow_kind`].
+    pub kind: u8,
+    /// One of [`ct_origin`] (0 for drops).
+    pub origin: u8,
+    /// One of [`ct_rewrite`].
+    pub rewrite: u8,
+    /// TCP flags seen (both directions for CLOSE).
+    pub tcp_flags: u8,
+    /// A [`DropReason`] for DROP, else 0.
+    pub drop_reason: u8,
+    /// One of [`hook`]: where it happened.
+    pub hook: u8,
+    /// The interface it happened on.
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+
+/// Size of the flow ring buffer: at 80 bytes an event, 1 MiB holds about 13,000 events between
+/// two reads of the agent (which reads continuously).
+pub const FLOW_RING_BYTES: u32 = 1 << 20;
+
 /// Why a packet was dropped. One numbering for kernel counters, flow records and metric labels
 /// (like Cilium's drop_reasons.h, shared with flow.proto). Values are stable: add, never renumber.
 #[repr(u32)]
@@ -363,6 +420,7 @@ const _: () = assert!(core::mem::size_of::<ServiceInfo>() == 12);
 const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 80);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -390,4 +448,6 @@ mod pod {
     unsafe impl aya::Pod for super::BackendKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowEvent {}
 }

@@ -3,7 +3,7 @@
 //! Entries expire in the agent's garbage collector (timeouts in `dataplane_common::ct_timeout`).
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use dataplane_common::{CtEntry, CtKey, ct_rewrite};
+use dataplane_common::{CtEntry, CtKey, ct_rewrite, tcp_flag};
 
 use crate::{
     maps::CONNTRACK,
@@ -61,17 +61,32 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
     CONNTRACK.get_ptr_mut(key)
 }
 
-/// Records a packet of `len` bytes with `tcp_flags` on an entry.
+/// Records a packet of `len` bytes with `tcp_flags` on the entry of `key`; the first FIN or
+/// RST of a connection becomes a CLOSE flow event (seen at `hook` on `ifindex`).
 #[inline(always)]
-pub fn account(entry: *mut CtEntry, len: u32, tcp_flags: u8) {
+pub fn account(key: &CtKey, entry: *mut CtEntry, len: u32, tcp_flags: u8, hook: u32, ifindex: u32) {
+    const CLOSING: u8 = tcp_flag::FIN | tcp_flag::RST;
     // SAFETY: `entry` came from a map lookup in this program run; map values stay valid
     // while the program runs. Concurrent CPUs may race on these plain adds: counters are
     // approximate by design (no atomics on the hot path).
-    unsafe {
+    let before = unsafe {
+        let before = (*entry).tcp_flags;
         (*entry).last_seen_ns = bpf_ktime_get_ns();
         (*entry).packets += 1;
         (*entry).bytes += u64::from(len);
-        (*entry).tcp_flags |= tcp_flags;
+        (*entry).tcp_flags = before | tcp_flags;
+        before
+    };
+    if tcp_flags & CLOSING != 0 && before & CLOSING == 0 {
+        // SAFETY: as above; the peer is another value of the same map.
+        let peer_closing = unsafe {
+            CONNTRACK
+                .get_ptr(&(*entry).peer)
+                .is_some_and(|p| (*p).tcp_flags & CLOSING != 0)
+        };
+        if !peer_closing {
+            crate::flow::closed(key, entry, hook, ifindex);
+        }
     }
 }
 
@@ -112,10 +127,10 @@ pub fn create(
     tcp_flags: u8,
 ) -> Result<(), CtError> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let inverse = if rewrite == ct_rewrite::DST {
-        ct_rewrite::SRC
-    } else {
-        ct_rewrite::DST
+    let inverse = match rewrite {
+        ct_rewrite::DST => ct_rewrite::SRC,
+        ct_rewrite::SRC => ct_rewrite::DST,
+        _ => ct_rewrite::NONE,
     };
     let reply_entry = CtEntry {
         nat_addr: orig_addr,

@@ -4,6 +4,7 @@
 #![no_main]
 
 mod conntrack;
+mod flow;
 mod lb;
 mod maps;
 mod nat;
@@ -15,7 +16,7 @@ mod translate;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
-    helpers::{bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
@@ -47,6 +48,8 @@ fn tc_verdict(ctx: &TcContext, counter_hook: u32, hook: translate::Hook) -> i32 
         Verdict::RedirectNeigh(ifindex) => unsafe {
             bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
         },
+        // SAFETY: plain helper call.
+        Verdict::RedirectPeer(ifindex) => unsafe { bpf_redirect_peer(ifindex, 0) as i32 },
         Verdict::Refuse(reason, ifindex) => {
             stats::count_drop(reason);
             // SAFETY: plain helper call; flags 0 sends out of (egress) `ifindex`.

@@ -5,11 +5,12 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use dataplane_common::{
-    Backend, BackendKey, Config, CtEntry, CtKey, DropReason, EndpointInfo, IfaceStats,
-    IfaceStatsKey, MAGLEV_STRIDE, PortKey, PortTarget, ServiceInfo, ServiceKey, capacity,
+    Backend, BackendKey, Config, CtEntry, CtKey, DropReason, EndpointInfo, FLOW_RING_BYTES,
+    IfaceStats, IfaceStatsKey, MAGLEV_STRIDE, PortKey, PortTarget, ServiceInfo, ServiceKey,
+    capacity,
 };
 
 /// Packets and bytes per (interface, hook); per-CPU so the hot path never contends.
@@ -64,3 +65,13 @@ pub static MAGLEV: Array<[u32; 2]> =
 /// Round-robin position per service id, per CPU (no atomics on the hot path).
 #[map(name = "dp_rr_v1")]
 pub static RR_POSITION: PerCpuArray<u32> = PerCpuArray::pinned(capacity::SERVICES + 1, 0);
+
+/// Flow events to the agent: one per new connection, per TCP close, per drop (never per
+/// forwarded packet, so logging costs no throughput). See `FLOW_RING_BYTES` for the size.
+#[map(name = "dp_flow_events_v1")]
+pub static FLOW_EVENTS: RingBuf = RingBuf::pinned(FLOW_RING_BYTES, 0);
+
+/// Events that found the ring full (per CPU, slot 0): the kernel does not count failed
+/// reserves, so the programs do, and the agent reports them.
+#[map(name = "dp_flow_events_lost_v1")]
+pub static FLOW_EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);

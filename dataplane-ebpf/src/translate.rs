@@ -11,11 +11,12 @@
 
 use dataplane_common::{
     Config, CtKey, DropReason, PortKey, PortTarget, ServiceInfo, ServiceKey, ct_origin, ct_rewrite,
+    hook,
 };
 
 use crate::{
     conntrack::{self, CtError},
-    lb,
+    flow, lb,
     maps::{CONFIG, CONNTRACK, ENDPOINTS, LOCAL_ADDRS, PORTS, SERVICES},
     nat,
     parse::{Frame, IPPROTO_ICMP, Ipv4Packet, L4, Quoted, Transport, parse_l4, parse_tc},
@@ -32,6 +33,8 @@ pub enum Verdict {
     Refuse(DropReason, u32),
     /// Send out of this interface, with the neighbour (next hop MAC) resolved by the kernel.
     RedirectNeigh(u32),
+    /// Deliver straight into the namespace of this veth's peer (the container's eth).
+    RedirectPeer(u32),
 }
 
 /// How many source ports masquerade tries for one new connection before giving up.
@@ -45,8 +48,59 @@ pub enum Hook {
     UplinkEgress,
 }
 
+impl Hook {
+    /// The hook's number in counters and flow events.
+    pub fn number(self) -> u32 {
+        match self {
+            Hook::ContainerIngress => hook::CONTAINER_INGRESS,
+            Hook::UplinkIngress => hook::UPLINK_INGRESS,
+            Hook::UplinkEgress => hook::UPLINK_EGRESS,
+        }
+    }
+}
+
+/// Where a packet is being handled: for flow events and for sending refusals back.
+#[derive(Clone, Copy)]
+struct Site {
+    hook: Hook,
+    ifindex: u32,
+}
+
+/// What a packet was when it arrived (before any rewrite), for the flow event of a drop.
+struct Seen {
+    tuple: CtKey,
+    tcp_flags: u8,
+}
+
+/// Runs the hook's translations on the packet in `ctx`; a drop also becomes a flow event.
 #[inline(always)]
 pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
+    // SAFETY: `skb` points at the context the kernel passed to this program.
+    let site = Site {
+        hook,
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+    };
+    let mut seen = Seen {
+        tuple: CtKey::default(),
+        tcp_flags: 0,
+    };
+    let verdict = decide(ctx, site, &mut seen);
+    if let Verdict::Drop(reason) | Verdict::Refuse(reason, _) = verdict {
+        flow::dropped(
+            &seen.tuple,
+            seen.tcp_flags,
+            ctx.len(),
+            reason,
+            hook.number(),
+            site.ifindex,
+        );
+    }
+    verdict
+}
+
+#[inline(always)]
+fn decide(ctx: &TcContext, site: Site, seen: &mut Seen) -> Verdict {
+    let hook = site.hook;
     let mut ip = match parse_tc(ctx) {
         Frame::Ipv4(ip) => ip,
         Frame::Other => return Verdict::Pass,
@@ -59,6 +113,8 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
         Transport::Malformed => return Verdict::Drop(DropReason::Malformed),
     };
     let key = conntrack::key_of(&ip, &l4);
+    seen.tuple = key;
+    seen.tcp_flags = l4.tcp_flags;
     if let Some(entry) = conntrack::lookup(&key) {
         // SAFETY: a map value from this program run's lookup.
         let (origin, rewrite, addr, port) = unsafe {
@@ -72,30 +128,95 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
         if !owns(hook, origin, rewrite) {
             return Verdict::Pass;
         }
-        conntrack::account(entry, ip.len, l4.tcp_flags);
+        conntrack::account(
+            &key,
+            entry,
+            ip.len,
+            l4.tcp_flags,
+            hook.number(),
+            site.ifindex,
+        );
+        if rewrite == ct_rewrite::NONE {
+            return Verdict::Pass;
+        }
         if nat::rewrite(ctx, &mut ip, &mut l4, rewrite, addr, port).is_err() {
             return Verdict::Drop(DropReason::Malformed);
         }
         if hook == Hook::ContainerIngress && rewrite == ct_rewrite::SRC {
             return reply_to_client(&ip);
         }
+        if hook == Hook::UplinkIngress {
+            return deliver(ctx, &ip);
+        }
         return Verdict::Pass;
     }
     match hook {
-        Hook::ContainerIngress => match lb::service_of(&ip, &l4) {
-            Some(service) => balance(ctx, &mut ip, &mut l4, &key, &service),
-            None => publish(ctx, &mut ip, &mut l4, &key),
+        Hook::ContainerIngress => {
+            if let Some(service) = lb::service_of(&ip, &l4) {
+                return balance(ctx, site, &mut ip, &mut l4, &key, &service);
+            }
+            if let Some(verdict) = publish(ctx, site, &mut ip, &mut l4, &key) {
+                return verdict;
+            }
+            track_plain(site, &ip, &l4, &key)
+        }
+        Hook::UplinkIngress => match publish(ctx, site, &mut ip, &mut l4, &key) {
+            Some(Verdict::Pass) => deliver(ctx, &ip),
+            Some(verdict) => verdict,
+            None => Verdict::Pass,
         },
-        Hook::UplinkIngress => publish(ctx, &mut ip, &mut l4, &key),
-        Hook::UplinkEgress => masquerade(ctx, &mut ip, &mut l4, &key),
+        Hook::UplinkEgress => masquerade(ctx, site, &mut ip, &mut l4, &key),
     }
+}
+
+/// A new connection between two containers: tracked without translation, for its flow
+/// record and (with policy) so that its replies are known as replies. Connections to the host
+/// are not tracked: their replies never cross a hook of ours.
+#[inline(always)]
+fn track_plain(site: Site, ip: &Ipv4Packet, l4: &L4, forward: &CtKey) -> Verdict {
+    if ENDPOINTS.get_ptr(&ip.daddr).is_none() {
+        return Verdict::Pass;
+    }
+    let reply = conntrack::reply_key(ip.protocol, ip.saddr, l4.sport, ip.daddr, l4.dport);
+    let created = conntrack::create(
+        forward,
+        &reply,
+        ct_origin::PLAIN,
+        ct_rewrite::NONE,
+        0,
+        0,
+        0,
+        0,
+        ip.len,
+        l4.tcp_flags,
+    );
+    if created.is_ok() {
+        flow::new_connection(
+            forward,
+            ct_origin::PLAIN,
+            ct_rewrite::NONE,
+            0,
+            0,
+            ip.len,
+            l4.tcp_flags,
+            site.hook.number(),
+            site.ifindex,
+        );
+    }
+    // Untranslated traffic does not depend on its entry: a full table costs the flow record,
+    // not the connection.
+    Verdict::Pass
 }
 
 /// Whether `hook` translates packets of entries with this origin and rewrite.
 #[inline(always)]
 fn owns(hook: Hook, origin: u8, rewrite: u8) -> bool {
     match hook {
-        Hook::ContainerIngress => origin == ct_origin::PUBLISHED || origin == ct_origin::SERVICE,
+        Hook::ContainerIngress => {
+            origin == ct_origin::PUBLISHED
+                || origin == ct_origin::SERVICE
+                || origin == ct_origin::PLAIN
+        }
         Hook::UplinkIngress => rewrite == ct_rewrite::DST,
         Hook::UplinkEgress => origin == ct_origin::MASQUERADE && rewrite == ct_rewrite::SRC,
     }
@@ -157,6 +278,22 @@ fn reply_to_client(ip: &Ipv4Packet) -> Verdict {
     }
 }
 
+/// A packet from the uplink, translated towards a container: straight into the container's
+/// namespace (bpf_redirect_peer), with the container's MAC, skipping the host's routing and
+/// bridge on the way in, as Cilium does. Anything else goes on through the host.
+#[inline(always)]
+fn deliver(ctx: &TcContext, ip: &Ipv4Packet) -> Verdict {
+    let Some(endpoint) = ENDPOINTS.get_ptr(&ip.daddr) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: a map value from this program run's lookup.
+    let endpoint = unsafe { *endpoint };
+    if endpoint.ifindex == 0 || ctx.store(0, &endpoint.mac, 0).is_err() {
+        return Verdict::Pass;
+    }
+    Verdict::RedirectPeer(endpoint.ifindex)
+}
+
 /// The container a published port leads to, if the destination is one: an exact host
 /// address binding first, then a binding on every host address when the destination is one of
 /// the host's own (Docker's `--dst-type LOCAL`).
@@ -181,23 +318,29 @@ fn published_target(ip: &Ipv4Packet, l4: &L4) -> Option<PortTarget> {
 /// A new connection to a published port: track it and rewrite its destination (to the
 /// container, or to a backend of the service the port leads to).
 #[inline(always)]
-fn publish(ctx: &TcContext, ip: &mut Ipv4Packet, l4: &mut L4, forward: &CtKey) -> Verdict {
+fn publish(
+    ctx: &TcContext,
+    site: Site,
+    ip: &mut Ipv4Packet,
+    l4: &mut L4,
+    forward: &CtKey,
+) -> Option<Verdict> {
     if ip.protocol == IPPROTO_ICMP {
-        return Verdict::Pass;
+        return None;
     }
-    let Some(target) = published_target(ip, l4) else {
-        return Verdict::Pass;
-    };
+    let target = published_target(ip, l4)?;
     if target.is_service == 0 {
-        return track_dnat(
+        let (addr, port) = (target.addr, target.port);
+        return Some(track_dnat(
             ctx,
+            site,
             ip,
             l4,
             forward,
             ct_origin::PUBLISHED,
-            target.addr,
-            target.port,
-        );
+            addr,
+            port,
+        ));
     }
     let key = ServiceKey {
         vip: target.addr,
@@ -206,39 +349,56 @@ fn publish(ctx: &TcContext, ip: &mut Ipv4Packet, l4: &mut L4, forward: &CtKey) -
         _pad: 0,
     };
     let Some(service) = SERVICES.get_ptr(&key) else {
-        return Verdict::Drop(DropReason::NoServiceBackend);
+        return Some(Verdict::Drop(DropReason::NoServiceBackend));
     };
     // SAFETY: a map value from this program run's lookup.
     let service = unsafe { *service };
-    match lb::pick(&service, forward) {
-        Some(b) => track_dnat(ctx, ip, l4, forward, ct_origin::PUBLISHED, b.addr, b.port),
-        None => refuse(ctx, ip, l4),
-    }
+    Some(match lb::pick(&service, forward) {
+        Some(b) => track_dnat(
+            ctx,
+            site,
+            ip,
+            l4,
+            forward,
+            ct_origin::PUBLISHED,
+            b.addr,
+            b.port,
+        ),
+        None => refuse(ctx, site, ip, l4),
+    })
 }
 
 /// A new connection to a service VIP from a container: pick a backend, track, rewrite.
 #[inline(always)]
 fn balance(
     ctx: &TcContext,
+    site: Site,
     ip: &mut Ipv4Packet,
     l4: &mut L4,
     forward: &CtKey,
     service: &ServiceInfo,
 ) -> Verdict {
     match lb::pick(service, forward) {
-        Some(b) => track_dnat(ctx, ip, l4, forward, ct_origin::SERVICE, b.addr, b.port),
-        None => refuse(ctx, ip, l4),
+        Some(b) => track_dnat(
+            ctx,
+            site,
+            ip,
+            l4,
+            forward,
+            ct_origin::SERVICE,
+            b.addr,
+            b.port,
+        ),
+        None => refuse(ctx, site, ip, l4),
     }
 }
 
 /// No backend: a TCP client gets a reset at once (sent back out of the interface it came
 /// in on); anything else is dropped. Both count as NO_SERVICE_BACKEND.
 #[inline(always)]
-fn refuse(ctx: &TcContext, ip: &Ipv4Packet, l4: &L4) -> Verdict {
-    // SAFETY: `skb` points at the context the kernel passed to this program.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+fn refuse(ctx: &TcContext, site: Site, ip: &Ipv4Packet, l4: &L4) -> Verdict {
     match reject::tcp_reset(ctx, ip, l4) {
-        Ok(()) => Verdict::Refuse(DropReason::NoServiceBackend, ifindex),
+        Ok(()) => Verdict::Refuse(DropReason::NoServiceBackend, site.ifindex),
         Err(()) => Verdict::Drop(DropReason::NoServiceBackend),
     }
 }
@@ -246,8 +406,10 @@ fn refuse(ctx: &TcContext, ip: &Ipv4Packet, l4: &L4) -> Verdict {
 /// Tracks a new connection whose destination becomes `addr`:`port` and whose replies get the
 /// original destination back as their source, then rewrites the packet.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn track_dnat(
     ctx: &TcContext,
+    site: Site,
     ip: &mut Ipv4Packet,
     l4: &mut L4,
     forward: &CtKey,
@@ -285,12 +447,23 @@ fn track_dnat(
         }
         other => other,
     };
-    match created {
-        Ok(()) => match nat::rewrite(ctx, ip, l4, ct_rewrite::DST, addr, port) {
-            Ok(()) => Verdict::Pass,
-            Err(_) => Verdict::Drop(DropReason::Malformed),
-        },
-        Err(_) => Verdict::Drop(DropReason::CtMapInsertionFailed),
+    if created.is_err() {
+        return Verdict::Drop(DropReason::CtMapInsertionFailed);
+    }
+    flow::new_connection(
+        forward,
+        origin,
+        ct_rewrite::DST,
+        addr,
+        port,
+        ip.len,
+        l4.tcp_flags,
+        site.hook.number(),
+        site.ifindex,
+    );
+    match nat::rewrite(ctx, ip, l4, ct_rewrite::DST, addr, port) {
+        Ok(()) => Verdict::Pass,
+        Err(_) => Verdict::Drop(DropReason::Malformed),
     }
 }
 
@@ -309,7 +482,13 @@ fn mix(key: &CtKey) -> u32 {
 /// host's address (probing from a hash of the connection, so collisions between containers
 /// using the same source port resolve to different ports), track it, rewrite the source.
 #[inline(always)]
-fn masquerade(ctx: &TcContext, ip: &mut Ipv4Packet, l4: &mut L4, forward: &CtKey) -> Verdict {
+fn masquerade(
+    ctx: &TcContext,
+    site: Site,
+    ip: &mut Ipv4Packet,
+    l4: &mut L4,
+    forward: &CtKey,
+) -> Verdict {
     if ENDPOINTS.get_ptr(&ip.saddr).is_none() {
         return Verdict::Pass; // not a container: the host's own traffic keeps its address
     }
@@ -345,6 +524,17 @@ fn masquerade(ctx: &TcContext, ip: &mut Ipv4Packet, l4: &mut L4, forward: &CtKey
             l4.tcp_flags,
         ) {
             Ok(()) => {
+                flow::new_connection(
+                    forward,
+                    ct_origin::MASQUERADE,
+                    ct_rewrite::SRC,
+                    masquerade_addr,
+                    port,
+                    ip.len,
+                    l4.tcp_flags,
+                    site.hook.number(),
+                    site.ifindex,
+                );
                 return match nat::rewrite(ctx, ip, l4, ct_rewrite::SRC, masquerade_addr, port) {
                     Ok(()) => Verdict::Pass,
                     Err(_) => Verdict::Drop(DropReason::Malformed),

@@ -179,6 +179,8 @@ pub struct HostSettings {
     pub uplink: String,
     pub cgroup: Option<String>,
     pub netns_cookie: u64,
+    /// Whether the uplink gets the XDP program (see `XdpMode` in agent.rs).
+    pub xdp: bool,
 }
 
 pub fn desired(
@@ -196,8 +198,13 @@ pub fn desired(
         return Err(missing("state".into(), "uplink".into(), uplink).into());
     }
     let mut desired = Desired::default();
-    for hook in [Hook::UplinkIngress, Hook::UplinkEgress, Hook::UplinkXdp] {
+    for hook in [Hook::UplinkIngress, Hook::UplinkEgress] {
         desired.attachments.insert((uplink.to_owned(), hook));
+    }
+    if host.xdp {
+        desired
+            .attachments
+            .insert((uplink.to_owned(), Hook::UplinkXdp));
     }
     if let Some(cgroup) = &host.cgroup {
         desired
@@ -720,6 +727,7 @@ ports:
             uplink: "eth0".into(),
             cgroup: None,
             netns_cookie: 7,
+            xdp: true,
         };
         let desired = desired(model, &host, kernel)?;
         apply(&desired, kernel)

@@ -185,7 +185,7 @@ fn iperf3_through_a_published_port() {
     );
     sandbox.write_state(&with_iperf);
     agent.wait_for("iperf port published", |s| {
-        map_entries(s, "dp_ports_v1") == 7
+        map_entries(s, "dp_ports_v2") == 7
     });
     let mut server = sandbox.spawn(
         "web1",
@@ -304,7 +304,7 @@ fn an_established_connection_survives_agent_kill_and_restart() {
     );
     // The restarted agent adopted the links rather than adding a second program.
     let attached = attached_programs(&sandbox.netns("host"), "eth0");
-    assert_eq!(attached.len(), 3, "{attached:?}");
+    assert_eq!(attached.len(), 2, "{attached:?}");
 }
 
 #[test]
@@ -317,7 +317,7 @@ fn removing_a_port_stops_new_connections_at_once() {
         "",
     );
     sandbox.write_state(&without_8080);
-    agent.wait_for("port removed", |s| map_entries(s, "dp_ports_v1") == 5);
+    agent.wait_for("port removed", |s| map_entries(s, "dp_ports_v2") == 5);
     let out = curl(&sandbox, "outside", &format!("http://{HOST}:8080/"));
     assert!(
         !out.status.success(),
@@ -378,7 +378,7 @@ fn icmp_errors_reach_the_clients_of_translated_connections() {
         "{SPEC}  - {{endpoint: web1, protocol: udp, host_port: 6000, container_port: 6000}}\n"
     );
     sandbox.write_state(&closed);
-    agent.wait_for("udp 6000 published", |s| map_entries(s, "dp_ports_v1") == 7);
+    agent.wait_for("udp 6000 published", |s| map_entries(s, "dp_ports_v2") == 7);
     let err = udp_exchange(&sandbox, "outside", "192.0.2.1:6000").unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     // Masquerade: the outside's "port unreachable" to the host reaches the container.

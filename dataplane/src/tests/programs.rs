@@ -38,8 +38,10 @@ impl TestDatapath {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let datapath = Datapath::load(&pin_dir, options)
-            .unwrap_or_else(|e| panic!("loading the kernel programs (root needed): {e}"));
+        let datapath = Datapath::load(&pin_dir, options).unwrap_or_else(|e| {
+            let _ = std::fs::remove_dir_all(&pin_dir);
+            panic!("loading the kernel programs (root needed): {e}")
+        });
         TestDatapath {
             datapath: Some(datapath),
             pin_dir,

@@ -86,6 +86,22 @@ fn pass(dp: &mut Datapath, hook: Hook, frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16
     tuple(&out)
 }
 
+/// Like [`pass`], for a packet from outside translated to a container: delivered straight into
+/// the container's namespace, addressed to its MAC.
+fn delivered(dp: &mut Datapath, hook: Hook, frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
+    let (verdict, out) = run_tc(dp, hook, frame);
+    assert_eq!(
+        verdict, TC_REDIRECT,
+        "{hook:?} verdict: redirect into the container"
+    );
+    assert_eq!(out.len(), frame.len());
+    assert_checksums(&out);
+    let to = tuple(&out).1.octets();
+    let ifindex = if to == WEB1 { 5 } else { 6 };
+    assert_eq!(&out[..6], &[2, 0, 0, 0, 0, ifindex], "the container's MAC");
+    tuple(&out)
+}
+
 /// Like [`pass`], for a published port's reply sent straight out of the uplink.
 fn redirected(dp: &mut Datapath, hook: Hook, frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
     let (verdict, out) = run_tc(dp, hook, frame);
@@ -121,7 +137,7 @@ fn published_tcp_port_and_its_replies() {
         &tcp(40000, 8080, TCP_SYN, b""),
     );
     assert_eq!(
-        pass(dp, Hook::UplinkIngress, &syn),
+        delivered(dp, Hook::UplinkIngress, &syn),
         (ip4(CLIENT), ip4(WEB1), 40000, 80)
     );
     assert_eq!(ct(dp).len(), 2, "one entry per direction");
@@ -140,7 +156,7 @@ fn published_tcp_port_and_its_replies() {
         &tcp(40000, 8080, TCP_ACK, b"GET / HTTP/1.1\r\n\r\n"),
     );
     let (verdict, out) = run_tc(dp, Hook::UplinkIngress, &data);
-    assert_eq!(verdict, TC_PASS);
+    assert_eq!(verdict, TC_REDIRECT);
     assert_checksums(&out);
     assert_eq!(tuple(&out), (ip4(CLIENT), ip4(WEB1), 40000, 80));
     assert!(out.ends_with(b"GET / HTTP/1.1\r\n\r\n"));
@@ -164,7 +180,7 @@ fn published_udp_port_and_host_ip_bindings() {
         &udp(33333, 5353, b"query"),
     );
     assert_eq!(
-        pass(dp, Hook::UplinkIngress, &query),
+        delivered(dp, Hook::UplinkIngress, &query),
         (ip4(CLIENT), ip4(WEB1), 33333, 53)
     );
     let answer = ipv4_frame(&Ipv4Spec::new(WEB1, CLIENT, 17), &udp(53, 33333, b"answer"));
@@ -186,7 +202,7 @@ fn published_udp_port_and_host_ip_bindings() {
         &tcp(40001, 9090, TCP_SYN, b""),
     );
     assert_eq!(
-        pass(dp, Hook::UplinkIngress, &bound_addr),
+        delivered(dp, Hook::UplinkIngress, &bound_addr),
         (ip4(CLIENT), ip4(WEB1), 40001, 90)
     );
     // An address that is not the host's is routed traffic, not a published port.
@@ -255,7 +271,7 @@ fn masquerade_allocates_distinct_ports_and_restores_replies() {
             &tcp(443, port, TCP_SYN | TCP_ACK, b""),
         );
         assert_eq!(
-            pass(dp, Hook::UplinkIngress, &reply),
+            delivered(dp, Hook::UplinkIngress, &reply),
             (ip4(SERVER), ip4(container), 443, 50000)
         );
     }
@@ -291,7 +307,7 @@ fn masquerade_of_udp_and_icmp_echo() {
     assert_eq!(src, ip4(HOST));
     let answer = ipv4_frame(&Ipv4Spec::new(SERVER, HOST, 17), &udp(53, port, b"a"));
     assert_eq!(
-        pass(dp, Hook::UplinkIngress, &answer),
+        delivered(dp, Hook::UplinkIngress, &answer),
         (ip4(SERVER), ip4(WEB1), 53, 41000)
     );
 
@@ -300,7 +316,7 @@ fn masquerade_of_udp_and_icmp_echo() {
     assert_eq!((src, dst), (ip4(HOST), ip4(SERVER)));
     let pong = ipv4_frame(&Ipv4Spec::new(SERVER, HOST, 1), &icmp_echo(0, id, 1));
     assert_eq!(
-        pass(dp, Hook::UplinkIngress, &pong),
+        delivered(dp, Hook::UplinkIngress, &pong),
         (ip4(SERVER), ip4(WEB2), 0x1234, 0x1234)
     );
 }
@@ -318,7 +334,7 @@ fn a_full_conntrack_table_refuses_and_counts_never_mistranslates() {
         &Ipv4Spec::new(CLIENT, HOST, 6),
         &tcp(40000, 8080, TCP_SYN, b""),
     );
-    assert_eq!(pass(dp, Hook::UplinkIngress, &first).1, ip4(WEB1));
+    assert_eq!(delivered(dp, Hook::UplinkIngress, &first).1, ip4(WEB1));
     let second = ipv4_frame(
         &Ipv4Spec::new(CLIENT, HOST, 6),
         &tcp(40001, 8080, TCP_SYN, b""),
@@ -384,4 +400,40 @@ fn icmp_errors_about_translated_connections_are_translated_back() {
     let unrelated = ipv4_frame(&Ipv4Spec::new(SERVER, HOST, 1), &icmp_error(3, 3, &stray));
     let (verdict, out) = run_tc(dp, Hook::UplinkIngress, &unrelated);
     assert_eq!((verdict, &out), (TC_PASS, &unrelated));
+}
+
+#[test]
+fn connections_between_containers_are_tracked_untranslated() {
+    let mut t = TestDatapath::load();
+    let dp = t.get();
+    host(dp);
+    let syn = ipv4_frame(&Ipv4Spec::new(WEB2, WEB1, 6), &tcp(46000, 80, TCP_SYN, b""));
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &syn);
+    assert_eq!((verdict, &out), (TC_PASS, &syn), "unchanged");
+    let synack = ipv4_frame(
+        &Ipv4Spec::new(WEB1, WEB2, 6),
+        &tcp(80, 46000, TCP_SYN | TCP_ACK, b""),
+    );
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &synack);
+    assert_eq!(
+        (verdict, &out),
+        (TC_PASS, &synack),
+        "the reply is unchanged too"
+    );
+    let entries = ct(dp);
+    assert_eq!(entries.len(), 2);
+    assert!(
+        entries
+            .values()
+            .all(|e| e.origin == dataplane_common::ct_origin::PLAIN
+                && e.rewrite == dataplane_common::ct_rewrite::NONE
+                && e.packets == 1)
+    );
+    // Traffic to somewhere that is not a container is not tracked here.
+    let out_bound = ipv4_frame(
+        &Ipv4Spec::new(WEB2, SERVER, 6),
+        &tcp(46001, 443, TCP_SYN, b""),
+    );
+    run_tc(dp, Hook::ContainerIngress, &out_bound);
+    assert_eq!(ct(dp).len(), 2);
 }
