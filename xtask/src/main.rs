@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | test | demo`.
+//! Project tasks: `cargo xtask setup | test | demo | bench`.
 //!
 //! Every task first runs `setup`, which installs what a new machine lacks (Debian packages,
 //! the nightly toolchain's rust-src, bpf-linker built against Debian's LLVM 22), skips what is
 //! present, and stops with the name of the step that failed.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -34,6 +35,13 @@ enum Task {
     },
     /// Set up, build, and show the dataplane at work in a sandbox of network namespaces.
     Demo,
+    /// Set up, build (release), and measure the dataplane against iptables and plain routing
+    /// in sandboxes of network namespaces (see bench/README.md). Needs root.
+    Bench {
+        /// Shorter runs (3 s instead of 10 s each; still 3 runs) for a result in a few minutes.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +66,20 @@ fn main() -> anyhow::Result<()> {
             build()?;
             demo::run(&dataplane_binary())
         }
+        Task::Bench { quick } => {
+            setup::run()?;
+            require_root("the bench loads kernel programs and creates network namespaces")?;
+            // Optimised code in the agent; the kernel programs are built the same either way.
+            step(
+                "build",
+                "cargo build --release -p dataplane (the binary the bench runs)",
+            );
+            run_checked(
+                cargo().args(["build", "--release", "-p", "dataplane"]),
+                "cargo build --release",
+            )?;
+            bench::run(&target_dir().join("release").join("dataplane"), quick)
+        }
     }
 }
 
@@ -68,12 +90,15 @@ pub fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
 /// The agent binary `cargo build` leaves behind.
 pub fn dataplane_binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    target.join("debug").join("dataplane")
+    target_dir().join("debug").join("dataplane")
 }
 
 /// `cargo` with ~/.cargo/bin on PATH, so a freshly installed bpf-linker is found.

@@ -15,8 +15,13 @@ const BUILD_PACKAGES: &[&str] = &[
     "zlib1g-dev",
 ];
 
-/// Debian packages the tests and the demo drive: namespaces and links (iproute2), nsenter
-/// (util-linux), traffic (curl, netcat, iperf3, ping), process tools (procps).
+/// Debian packages the tests, the demo and the bench drive: namespaces, links and `ss`
+/// (iproute2), nsenter (util-linux), traffic (curl, netcat, iperf3, ping), process tools
+/// (procps); for `cargo xtask bench` also the HTTP load generator (wrk), the server it loads
+/// (nginx-light: the bench starts it in a sandbox namespace with a config of its own; the
+/// packaged service does not start on install here, as this machine kind has no init system
+/// and a policy-rc.d that refuses service starts), and iptables for the baseline that loads
+/// Docker's rules (the bench uses it only inside a sandbox namespace).
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
@@ -25,6 +30,9 @@ const TEST_PACKAGES: &[&str] = &[
     "curl",
     "netcat-openbsd",
     "iperf3",
+    "wrk",
+    "nginx-light",
+    "iptables",
 ];
 
 /// The toolchain aya-build compiles the kernel programs with (`-Z build-std=core`).

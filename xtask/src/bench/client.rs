@@ -1,0 +1,226 @@
+//! The clients: curl for the functional check, wrk and iperf3 for the measurements, and the
+//! parsing of what they report.
+
+use std::{
+    net::SocketAddrV4,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{bed::Bed, check_interrupted, scenario::Targets};
+
+/// Connections wrk keeps open; one thread (the other core serves).
+const WRK_CONNECTIONS: u32 = 32;
+/// Extra time a client gets beyond its own duration before it is killed.
+const CLIENT_SLACK: Duration = Duration::from_secs(20);
+/// How long the functional check keeps trying (an agent may still be writing its maps).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// A run where more than this share of requests saw a socket error does not count.
+const MAX_ERROR_SHARE: f64 = 0.01;
+
+/// wrk's `done` hook prints exact counters and microsecond percentiles, instead of the rounded
+/// and unit-suffixed text of its normal report.
+const WRK_SCRIPT: &str = r#"-- Written by cargo xtask bench: one line it parses.
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "XTASK_BENCH requests=%d duration_us=%d p50_us=%d p99_us=%d connect=%d read=%d write=%d status=%d timeout=%d\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"#;
+
+/// One request through the path must be answered `ok` before any measurement.
+pub fn functional_check(bed: &Bed, client: &str, targets: &Targets) -> anyhow::Result<()> {
+    let url = format!("http://{}/", targets.http);
+    let deadline = Instant::now() + CHECK_TIMEOUT;
+    loop {
+        check_interrupted()?;
+        let out = bed.run(
+            client,
+            &["curl", "-sS", "--max-time", "2", &url],
+            Duration::from_secs(10),
+        )?;
+        if out.status.success() && out.stdout.trim() == "ok" {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let got = if out.status.success() {
+                format!("answered {:?} instead of \"ok\"", out.stdout.trim())
+            } else {
+                out.complaint()
+            };
+            let agent = bed.agent_log();
+            let agent = if agent.is_empty() {
+                String::new()
+            } else {
+                format!(" (agent log: {agent})")
+            };
+            bail!("functional check: `curl {url}` from {client}: {got}{agent}");
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[derive(Debug, PartialEq)]
+pub struct WrkResult {
+    pub requests: u64,
+    pub requests_per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub socket_errors: u64,
+}
+
+pub fn wrk(bed: &Bed, client: &str, url: &str, secs: u32) -> anyhow::Result<WrkResult> {
+    let script = bed.work_file("wrk-report.lua");
+    std::fs::write(&script, WRK_SCRIPT)?;
+    let args = [
+        "wrk".to_string(),
+        "-t1".into(),
+        format!("-c{WRK_CONNECTIONS}"),
+        format!("-d{secs}s"),
+        "--latency".into(),
+        "-s".into(),
+        script.to_string_lossy().into_owned(),
+        url.to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = bed.run(
+        client,
+        &args,
+        Duration::from_secs(secs.into()) + CLIENT_SLACK,
+    )?;
+    if !out.status.success() {
+        bail!("wrk {url}: {}", out.complaint());
+    }
+    parse_wrk(&out.stdout).with_context(|| format!("wrk {url}"))
+}
+
+fn parse_wrk(stdout: &str) -> anyhow::Result<WrkResult> {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("XTASK_BENCH "))
+        .with_context(|| format!("no XTASK_BENCH line in its output: {}", stdout.trim()))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .with_context(|| format!("no {name} in {line:?}"))?
+            .parse()
+            .with_context(|| format!("{name} in {line:?}"))
+    };
+    let requests = field("requests")?;
+    let duration_us = field("duration_us")?;
+    let socket_errors = field("connect")? + field("read")? + field("write")? + field("timeout")?;
+    let bad_status = field("status")?;
+    if requests == 0 || duration_us == 0 {
+        bail!("no request completed ({socket_errors} socket errors)");
+    }
+    if bad_status > 0 {
+        bail!("{bad_status} of {requests} responses were not 2xx/3xx");
+    }
+    if socket_errors as f64 > requests as f64 * MAX_ERROR_SHARE {
+        bail!("{socket_errors} socket errors in {requests} requests");
+    }
+    Ok(WrkResult {
+        requests,
+        requests_per_sec: requests as f64 / (duration_us as f64 / 1e6),
+        p50_us: field("p50_us")? as f64,
+        p99_us: field("p99_us")? as f64,
+        socket_errors,
+    })
+}
+
+/// `iperf3 -c` for `secs` with `streams` parallel streams; returns the bits/s the server
+/// received (what arrived, not what the client managed to send).
+pub fn iperf3(
+    bed: &Bed,
+    client: &str,
+    target: SocketAddrV4,
+    streams: u32,
+    secs: u32,
+) -> anyhow::Result<f64> {
+    let args = [
+        "iperf3".to_string(),
+        "-c".into(),
+        target.ip().to_string(),
+        "-p".into(),
+        target.port().to_string(),
+        "-t".into(),
+        secs.to_string(),
+        "-P".into(),
+        streams.to_string(),
+        "-J".into(),
+        // Milliseconds: a path that drops the SYN fails fast instead of after minutes.
+        "--connect-timeout".into(),
+        "3000".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = bed.run(
+        client,
+        &args,
+        Duration::from_secs(secs.into()) + CLIENT_SLACK,
+    )?;
+    // With -J, iperf3 reports its errors in the JSON too, also when it exits non-zero.
+    match parse_iperf3(&out.stdout) {
+        Ok(bps) if out.status.success() => Ok(bps),
+        Ok(_) => bail!("iperf3 to {target}: {}", out.complaint()),
+        Err(e) if out.stdout.trim().is_empty() => {
+            bail!("iperf3 to {target}: {} ({e:#})", out.complaint())
+        }
+        Err(e) => Err(e.context(format!("iperf3 to {target}"))),
+    }
+}
+
+fn parse_iperf3(stdout: &str) -> anyhow::Result<f64> {
+    let json: serde_json::Value = serde_json::from_str(stdout).context("its output is not JSON")?;
+    if let Some(error) = json.get("error").and_then(|e| e.as_str()) {
+        bail!("{error}");
+    }
+    json.pointer("/end/sum_received/bits_per_second")
+        .and_then(|v| v.as_f64())
+        .context("no end.sum_received.bits_per_second in its JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_line_is_parsed() {
+        let out = "Running 3s test @ http://x/\nXTASK_BENCH requests=300000 duration_us=3000000 \
+                   p50_us=290 p99_us=812 connect=0 read=1 write=0 status=0 timeout=0\n";
+        let r = parse_wrk(out).unwrap();
+        assert_eq!(r.requests, 300_000);
+        assert_eq!(r.requests_per_sec, 100_000.0);
+        assert_eq!((r.p50_us, r.p99_us), (290.0, 812.0));
+        assert_eq!(r.socket_errors, 1);
+    }
+
+    #[test]
+    fn wrk_failures_are_named() {
+        let line = |requests: u32, connect: u32, status: u32| {
+            format!(
+                "XTASK_BENCH requests={requests} duration_us=3000000 p50_us=0 p99_us=0 \
+                 connect={connect} read=0 write=0 status={status} timeout=0"
+            )
+        };
+        let err = |text: String| format!("{:#}", parse_wrk(&text).unwrap_err());
+        assert!(err(line(0, 96, 0)).contains("no request completed (96 socket errors)"));
+        assert!(err(line(1000, 0, 3)).contains("3 of 1000 responses were not 2xx/3xx"));
+        assert!(err(line(1000, 50, 0)).contains("50 socket errors in 1000 requests"));
+        assert!(err("garbage".into()).contains("no XTASK_BENCH line"));
+    }
+
+    #[test]
+    fn iperf3_json_is_parsed() {
+        let ok = r#"{"start": {}, "end": {"sum_received": {"bits_per_second": 1.38e10}}}"#;
+        assert_eq!(parse_iperf3(ok).unwrap(), 1.38e10);
+        let failed = r#"{"start": {}, "error": "unable to connect to server: Connection refused"}"#;
+        assert_eq!(
+            format!("{:#}", parse_iperf3(failed).unwrap_err()),
+            "unable to connect to server: Connection refused"
+        );
+    }
+}
