@@ -38,6 +38,12 @@ pub mod map_names {
     pub const CONFIG: &str = "dp_config_v3";
 }
 
+/// Load-time settings of the kernel programs (`Global`s, set through `EbpfLoader`).
+pub mod globals {
+    /// u8: 1 sends flow events (the default), 0 sends none.
+    pub const FLOW_EVENTS_ON: &str = "FLOW_EVENTS_ON";
+}
+
 /// Names of the kernel programs in the object file.
 pub mod program_names {
     /// tc ingress on a container's host-side veth: traffic leaving the container.

@@ -1,13 +1,21 @@
 //! Flow events: what the agent turns into Hubble-style flow records. Emitted once per
 //! connection (new, first close) and per drop; a full ring counts the loss instead.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{Global, helpers::bpf_ktime_get_ns};
 use dataplane_common::{CtEntry, CtKey, DropReason, FlowEvent, flow_kind};
 
 use crate::maps::{CONNTRACK, FLOW_EVENTS, FLOW_EVENTS_LOST};
 
+/// Whether flow events are sent at all: a load-time setting (`--flow-events off` on the agent),
+/// so the cost of flow logging can be measured against none.
+#[unsafe(no_mangle)]
+static FLOW_EVENTS_ON: Global<u8> = Global::new(1);
+
 #[inline(always)]
 fn send(event: FlowEvent) {
+    if FLOW_EVENTS_ON.load() == 0 {
+        return;
+    }
     if FLOW_EVENTS.output::<FlowEvent>(&event, 0).is_err()
         && let Some(lost) = FLOW_EVENTS_LOST.get_ptr_mut(0)
     {

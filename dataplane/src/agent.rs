@@ -101,6 +101,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let options = LoadOptions {
         ct_max_entries: args.ct_max_entries,
         max_services: args.max_services,
+        flow_events: true,
     };
     let datapath = Datapath::load(&args.pin_dir, &options)?;
     log::info!(

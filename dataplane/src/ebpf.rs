@@ -152,6 +152,8 @@ pub struct LoadOptions {
     pub ct_max_entries: u32,
     /// How many services the maps hold (sizes the Maglev tables; as above, at creation).
     pub max_services: u32,
+    /// Whether the programs send flow events.
+    pub flow_events: bool,
 }
 
 impl Default for LoadOptions {
@@ -159,6 +161,7 @@ impl Default for LoadOptions {
         LoadOptions {
             ct_max_entries: capacity::CONNTRACK,
             max_services: capacity::SERVICES,
+            flow_events: true,
         }
     }
 }
@@ -387,6 +390,11 @@ impl Datapath {
                 (options.max_services + 1) * MAGLEV_STRIDE / 2,
             )
             .map_max_entries(map_names::RR_POSITION, options.max_services + 1)
+            .override_global(
+                dataplane_common::globals::FLOW_EVENTS_ON,
+                &u8::from(options.flow_events),
+                true,
+            )
             .load(KERNEL_OBJECT)
             .map_err(DatapathError::Load)?;
         check_layouts(&ebpf, pin_dir)?;
