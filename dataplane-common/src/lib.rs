@@ -13,8 +13,13 @@ pub mod map_names {
     pub const IFACE_STATS: &str = "dp_iface_stats_v1";
     /// Per-CPU drop counters indexed by [`crate::DropReason`].
     pub const DROPS: &str = "dp_drops_v1";
-    /// Container endpoints by IPv4 address: where a packet for that address is delivered.
-    pub const ENDPOINTS: &str = "dp_endpoints_v1";
+    /// Container endpoints by IPv4 address: where a packet for that address is delivered, and
+    /// who it is for policy.
+    pub const ENDPOINTS: &str = "dp_endpoints_v2";
+    /// Policy rules in order (first match wins); `Config::rule_count` of them are live.
+    pub const POLICY_RULES: &str = "dp_policy_rules_v1";
+    /// Outside sources denied at XDP on the uplink (LPM trie of prefixes).
+    pub const DENY_SOURCES: &str = "dp_deny_sources_v1";
     /// Connection tracking: one entry per direction of each translated connection.
     pub const CONNTRACK: &str = "dp_ct_v1";
     /// Published ports: (host address, port, protocol) -> container address and port, or a
@@ -35,7 +40,7 @@ pub mod map_names {
     /// The host's own IPv4 addresses: which destinations "all host addresses" means.
     pub const LOCAL_ADDRS: &str = "dp_local_addrs_v1";
     /// Settings the agent writes at run time (uplink, masquerade address, port range).
-    pub const CONFIG: &str = "dp_config_v3";
+    pub const CONFIG: &str = "dp_config_v4";
 }
 
 /// Load-time settings of the kernel programs (`Global`s, set through `EbpfLoader`).
@@ -68,6 +73,12 @@ pub mod capacity {
     /// One entry per container interface; Docker's default address pools hold far fewer
     /// containers per host than this.
     pub const ENDPOINTS: u32 = 16384;
+    /// Policy rules after expanding each rule's port list (a rule with three ports is three).
+    /// The programs walk them in order for each new connection, so the bound also bounds that
+    /// walk.
+    pub const POLICY_RULES: u32 = 256;
+    /// Prefixes of the XDP deny list.
+    pub const DENY_SOURCES: u32 = 16384;
     /// Two entries per translated connection. 262,144 entries = 131,072 connections, what
     /// Linux's nf_conntrack_max gives a host of this size; entries are allocated on use
     /// (BPF_F_NO_PREALLOC), so an idle host does not pay for the capacity. A plain hash, not
@@ -160,16 +171,77 @@ pub struct IfaceStats {
     pub bytes: u64,
 }
 
-/// Where packets for a container's address go.
+/// Where packets for a container's address go, and who the container is for policy.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointInfo {
+    /// Bit `i` set: the container's labels match label selector `i` of the policy rules.
+    pub label_bits: u64,
     /// Host-side veth of the container interface.
     pub ifindex: u32,
-    /// Index of the network in the agent's model (stable while the network exists).
+    /// The interface's network (1-based position in the agent's model).
     pub network_id: u32,
+    /// The container (1-based position in the agent's model): the same for all its interfaces.
+    pub endpoint_id: u32,
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// [`net_flags`] of the interface's network.
+    pub net_flags: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Properties of a network, in [`EndpointInfo::net_flags`].
+pub mod net_flags {
+    /// `internal: true`: no traffic between the network and outside the host.
+    pub const INTERNAL: u8 = 1;
+    /// `icc: false`: containers of the network cannot reach each other.
+    pub const NO_ICC: u8 = 2;
+}
+
+/// What a selector of a policy rule matches, in [`PolicyRule`]'s `*_kind`.
+pub mod selector_kind {
+    pub const ANY: u8 = 0;
+    /// `value` is a network id.
+    pub const NETWORK: u8 = 1;
+    /// `value` is an endpoint id.
+    pub const ENDPOINT: u8 = 2;
+    /// `value` is a bit index into [`crate::EndpointInfo::label_bits`].
+    pub const LABELS: u8 = 3;
+    /// `value` and `mask` are an address prefix (network byte order).
+    pub const CIDR: u8 = 4;
+}
+
+/// One policy rule, as the programs evaluate it on each new connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyRule {
+    pub from_kind: u8,
+    pub to_kind: u8,
+    /// 1 allow, 2 deny.
+    pub action: u8,
+    /// IP protocol, 0 for any.
+    pub proto: u8,
+    /// Destination port (network byte order), 0 for any.
+    pub port: u16,
+    pub _pad: u16,
+    pub from_value: u32,
+    pub from_mask: u32,
+    pub to_value: u32,
+    pub to_mask: u32,
+}
+
+/// [`PolicyRule::action`] values.
+pub mod policy_action {
+    pub const ALLOW: u8 = 1;
+    pub const DENY: u8 = 2;
+}
+
+/// Key of the XDP deny list (an LPM trie): the prefix length, then the address in network
+/// byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PrefixKey {
+    pub prefix_len: u32,
+    pub addr: u32,
 }
 
 /// A connection as seen on the wire in one direction: the conntrack key. Addresses and ports
@@ -232,7 +304,10 @@ pub struct CtEntry {
     pub tcp_flags: u8,
     /// 1 for the reply direction of the connection.
     pub is_reply: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// [`Config::policy_generation`] when the connection was last judged by policy; the next
+    /// packet after a change has it judged again.
+    pub policy_generation: u32,
     /// bpf_ktime_get_ns (CLOCK_MONOTONIC) of the first and the latest packet.
     pub created_ns: u64,
     pub last_seen_ns: u64,
@@ -316,10 +391,15 @@ pub struct Config {
     /// ephemeral range (32768-60999) so a translated port never meets a local socket's.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _pad: u32,
+    /// Bumped by the agent whenever rules or endpoints change, so that tracked connections
+    /// are judged again (see `CtEntry::policy_generation`).
+    pub policy_generation: u32,
     /// The network namespace the agent serves (SO_NETNS_COOKIE): socket hooks run for every
     /// process of their cgroup, and translate only connections made in this namespace.
     pub netns_cookie: u64,
+    /// Live rules in the policy rules map.
+    pub rule_count: u32,
+    pub _pad: u32,
 }
 
 /// What a flow event reports, in [`FlowEvent::kind`].
@@ -416,7 +496,9 @@ impl DropReason {
 
 const _: () = assert!(core::mem::size_of::<IfaceStatsKey>() == 8);
 const _: () = assert!(core::mem::size_of::<IfaceStats>() == 16);
-const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 32);
+const _: () = assert!(core::mem::size_of::<PolicyRule>() == 24);
+const _: () = assert!(core::mem::size_of::<PrefixKey>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 64);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
@@ -425,7 +507,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceInfo>() == 12);
 const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 24);
+const _: () = assert!(core::mem::size_of::<Config>() == 32);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 80);
 
 #[cfg(feature = "user")]
@@ -456,4 +538,8 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyRule {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PrefixKey {}
 }

@@ -3,11 +3,12 @@
 //! Entries expire in the agent's garbage collector (timeouts in `dataplane_common::ct_timeout`).
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use dataplane_common::{CtEntry, CtKey, ct_rewrite, tcp_flag};
+use dataplane_common::{CtEntry, CtKey, ct_origin, ct_rewrite, tcp_flag};
 
 use crate::{
-    maps::CONNTRACK,
+    maps::{CONFIG, CONNTRACK},
     parse::{IPPROTO_ICMP, Ipv4Packet, L4},
+    policy::{self, Via},
 };
 
 /// BPF_NOEXIST: fail with -EEXIST when the key is present.
@@ -127,6 +128,10 @@ pub fn create(
     tcp_flags: u8,
 ) -> Result<(), CtError> {
     let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: array element 0 always exists. New connections were judged just now.
+    let generation = CONFIG
+        .get_ptr(0)
+        .map_or(0, |c| unsafe { (*c).policy_generation });
     let inverse = match rewrite {
         ct_rewrite::DST => ct_rewrite::SRC,
         ct_rewrite::SRC => ct_rewrite::DST,
@@ -139,7 +144,8 @@ pub fn create(
         origin,
         tcp_flags: 0,
         is_reply: 1,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        policy_generation: generation,
         created_ns: now,
         last_seen_ns: now,
         packets: 0,
@@ -154,7 +160,8 @@ pub fn create(
         origin,
         tcp_flags,
         is_reply: 0,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        policy_generation: generation,
         created_ns: now,
         last_seen_ns: now,
         packets: 1,
@@ -167,4 +174,50 @@ pub fn create(
         return Err(e);
     }
     Ok(())
+}
+
+/// Whether the connection of `entry` (found under `key`) may go on: judged again by policy
+/// when the policy changed since it was last judged (each entry remembers the generation).
+/// A connection the new policy denies loses both entries; its packets are dropped from now on.
+#[inline(always)]
+pub fn still_allowed(key: &CtKey, entry: *mut CtEntry) -> bool {
+    let Some(config) = CONFIG.get_ptr(0) else {
+        return true;
+    };
+    // SAFETY: `entry`, `config` and the peer are map values from lookups in this program run.
+    unsafe {
+        let generation = (*config).policy_generation;
+        if (*entry).policy_generation == generation {
+            return true;
+        }
+        let peer_key = (*entry).peer;
+        let Some(peer) = CONNTRACK.get_ptr_mut(&peer_key) else {
+            return true; // half a connection: the GC removes it
+        };
+        let (forward_key, forward) = if (*entry).is_reply == 1 {
+            (peer_key, peer)
+        } else {
+            (*key, entry)
+        };
+        // The destination as policy first saw it: after translation for DNAT.
+        let (daddr, dport) = if (*forward).rewrite == ct_rewrite::DST {
+            ((*forward).nat_addr, (*forward).nat_port)
+        } else {
+            (forward_key.daddr, forward_key.dport)
+        };
+        let via = if (*forward).origin == ct_origin::PUBLISHED {
+            Via::Published
+        } else {
+            Via::Direct
+        };
+        if policy::allows(forward_key.saddr, daddr, forward_key.proto, dport, via) {
+            (*entry).policy_generation = generation;
+            (*peer).policy_generation = generation;
+            true
+        } else {
+            let _ = CONNTRACK.remove(&peer_key);
+            let _ = CONNTRACK.remove(key);
+            false
+        }
+    }
 }

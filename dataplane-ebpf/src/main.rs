@@ -4,11 +4,13 @@
 #![no_main]
 
 mod conntrack;
+mod early;
 mod flow;
 mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod policy;
 mod reject;
 mod sock;
 mod stats;
@@ -20,7 +22,7 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use dataplane_common::hook;
+use dataplane_common::{DropReason, hook};
 
 use crate::translate::Verdict;
 
@@ -80,14 +82,29 @@ pub fn dp_uplink_egress(ctx: TcContext) -> i32 {
     tc_verdict(&ctx, hook::UPLINK_EGRESS, translate::Hook::UplinkEgress)
 }
 
-/// Early path on the uplink, before a socket buffer exists.
+/// Early path on the uplink, before a socket buffer exists: drops outside sources on the deny
+/// list (attached only while the list has entries; see the agent's `--xdp`).
 #[xdp]
 pub fn dp_uplink_xdp(ctx: XdpContext) -> u32 {
     // SAFETY: `ctx` points at the xdp_md the kernel passed to this program.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let len = (ctx.data_end() - ctx.data()) as u32;
     stats::count_packet(ifindex, hook::UPLINK_XDP, len);
-    xdp_action::XDP_PASS
+    match early::denied_source(&ctx) {
+        Some(tuple) => {
+            stats::count_drop(DropReason::PolicyDenied);
+            flow::dropped(
+                &tuple,
+                0,
+                len,
+                DropReason::PolicyDenied,
+                hook::UPLINK_XDP,
+                ifindex,
+            );
+            xdp_action::XDP_DROP
+        }
+        None => xdp_action::XDP_PASS,
+    }
 }
 
 /// Host processes connecting to published ports (cgroup connect4). Always allows the connect;

@@ -5,12 +5,12 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use dataplane_common::{
     Backend, BackendKey, Config, CtEntry, CtKey, DropReason, EndpointInfo, FLOW_RING_BYTES,
-    IfaceStats, IfaceStatsKey, MAGLEV_STRIDE, PortKey, PortTarget, ServiceInfo, ServiceKey,
-    capacity,
+    IfaceStats, IfaceStatsKey, MAGLEV_STRIDE, PolicyRule, PortKey, PortTarget, ServiceInfo,
+    ServiceKey, capacity,
 };
 
 /// Packets and bytes per (interface, hook); per-CPU so the hot path never contends.
@@ -24,7 +24,7 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::SLOTS, 0);
 
 /// Container interfaces by IPv4 address (network byte order), written by the agent's
 /// reconciler only.
-#[map(name = "dp_endpoints_v1")]
+#[map(name = "dp_endpoints_v2")]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
 /// Conntrack, one entry per direction of every translated connection (see
@@ -43,7 +43,7 @@ pub static PORTS: HashMap<PortKey, PortTarget> = HashMap::pinned(capacity::PORTS
 pub static LOCAL_ADDRS: HashMap<u32, u8> = HashMap::pinned(capacity::LOCAL_ADDRS, 0);
 
 /// Run-time settings at index 0, written by the reconciler only.
-#[map(name = "dp_config_v3")]
+#[map(name = "dp_config_v4")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 /// Service VIPs, written by the reconciler only. The agent sets the size (`--max-services`).
@@ -75,3 +75,11 @@ pub static FLOW_EVENTS: RingBuf = RingBuf::pinned(FLOW_RING_BYTES, 0);
 /// reserves, so the programs do, and the agent reports them.
 #[map(name = "dp_flow_events_lost_v1")]
 pub static FLOW_EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// Policy rules in order, written by the reconciler only; `Config::rule_count` are live.
+#[map(name = "dp_policy_rules_v1")]
+pub static POLICY_RULES: Array<PolicyRule> = Array::pinned(capacity::POLICY_RULES, 0);
+
+/// Outside source prefixes XDP drops on the uplink, written by the reconciler only.
+#[map(name = "dp_deny_sources_v1")]
+pub static DENY_SOURCES: LpmTrie<u32, u8> = LpmTrie::pinned(capacity::DENY_SOURCES, 0);

@@ -20,6 +20,7 @@ use crate::{
     maps::{CONFIG, CONNTRACK, ENDPOINTS, LOCAL_ADDRS, PORTS, SERVICES},
     nat,
     parse::{Frame, IPPROTO_ICMP, Ipv4Packet, L4, Quoted, Transport, parse_l4, parse_tc},
+    policy::{self, Via},
     reject,
 };
 use aya_ebpf::programs::TcContext;
@@ -128,6 +129,9 @@ fn decide(ctx: &TcContext, site: Site, seen: &mut Seen) -> Verdict {
         if !owns(hook, origin, rewrite) {
             return Verdict::Pass;
         }
+        if !conntrack::still_allowed(&key, entry) {
+            return Verdict::Drop(DropReason::PolicyDenied);
+        }
         conntrack::account(
             &key,
             entry,
@@ -163,6 +167,13 @@ fn decide(ctx: &TcContext, site: Site, seen: &mut Seen) -> Verdict {
         Hook::UplinkIngress => match publish(ctx, site, &mut ip, &mut l4, &key) {
             Some(Verdict::Pass) => deliver(ctx, &ip),
             Some(verdict) => verdict,
+            // Routed from outside straight to a container's address: judged per packet
+            // (Docker drops it unless a user rule lets it in).
+            None if ENDPOINTS.get_ptr(&ip.daddr).is_some()
+                && !policy::allows(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Routed) =>
+            {
+                Verdict::Drop(DropReason::PolicyDenied)
+            }
             None => Verdict::Pass,
         },
         Hook::UplinkEgress => masquerade(ctx, site, &mut ip, &mut l4, &key),
@@ -175,7 +186,17 @@ fn decide(ctx: &TcContext, site: Site, seen: &mut Seen) -> Verdict {
 #[inline(always)]
 fn track_plain(site: Site, ip: &Ipv4Packet, l4: &L4, forward: &CtKey) -> Verdict {
     if ENDPOINTS.get_ptr(&ip.daddr).is_none() {
+        // To the host: judged per packet (nothing tracks it). Out of the host: judged once,
+        // where masquerade tracks it.
+        if LOCAL_ADDRS.get_ptr(&ip.daddr).is_some()
+            && !policy::allows(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct)
+        {
+            return Verdict::Drop(DropReason::PolicyDenied);
+        }
         return Verdict::Pass;
+    }
+    if !policy::allows(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
+        return Verdict::Drop(DropReason::PolicyDenied);
     }
     let reply = conntrack::reply_key(ip.protocol, ip.saddr, l4.sport, ip.daddr, l4.dport);
     let created = conntrack::create(
@@ -404,7 +425,8 @@ fn refuse(ctx: &TcContext, site: Site, ip: &Ipv4Packet, l4: &L4) -> Verdict {
 }
 
 /// Tracks a new connection whose destination becomes `addr`:`port` and whose replies get the
-/// original destination back as their source, then rewrites the packet.
+/// original destination back as their source, then rewrites the packet; unless policy denies
+/// it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn track_dnat(
@@ -417,6 +439,15 @@ fn track_dnat(
     addr: u32,
     port: u16,
 ) -> Verdict {
+    // Policy judges the connection by where it really goes: the translated destination.
+    let via = if origin == ct_origin::PUBLISHED {
+        Via::Published
+    } else {
+        Via::Direct
+    };
+    if !policy::allows(ip.saddr, addr, ip.protocol, port, via) {
+        return Verdict::Drop(DropReason::PolicyDenied);
+    }
     let reply = conntrack::reply_key(ip.protocol, ip.saddr, l4.sport, addr, port);
     let create = || {
         conntrack::create(
@@ -505,7 +536,15 @@ fn masquerade(
     if masquerade_addr == 0 || snat_port_max < snat_port_min {
         return Verdict::Pass;
     }
+    if !policy::allows(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
+        return Verdict::Drop(DropReason::PolicyDenied);
+    }
     let range = u32::from(snat_port_max) - u32::from(snat_port_min) + 1;
+    if range == 0 {
+        // Cannot happen (max >= min), but said so: no division by zero, and no panic path
+        // for the verifier.
+        return Verdict::Pass;
+    }
     let start = mix(forward) % range;
     for probe in 0..SNAT_PROBES {
         let port = (u32::from(snat_port_min) + (start + probe) % range) as u16;

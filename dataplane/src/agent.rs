@@ -188,9 +188,9 @@ impl Agent {
             cgroup: self.cgroup.clone(),
             netns_cookie: self.netns_cookie,
             xdp: match self.args.xdp {
-                XdpMode::Always => true,
-                // Nothing for XDP to do yet; it has a cost (see XdpMode::Auto).
-                XdpMode::Auto | XdpMode::Never => false,
+                XdpMode::Always => Some(true),
+                XdpMode::Never => Some(false),
+                XdpMode::Auto => None,
             },
         })
     }

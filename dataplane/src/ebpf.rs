@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -19,8 +19,8 @@ use aya::{
     },
 };
 use dataplane_common::{
-    Config, DropReason, IfaceStats, IfaceStatsKey, MAGLEV_STRIDE, MAGLEV_TABLE_SIZE, capacity,
-    hook, map_names, program_names,
+    Config, DropReason, IfaceStats, IfaceStatsKey, MAGLEV_STRIDE, MAGLEV_TABLE_SIZE, PolicyRule,
+    PrefixKey, capacity, hook, map_names, program_names,
 };
 use serde::Serialize;
 
@@ -304,7 +304,12 @@ fn check_layouts(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
     use aya::maps::Map;
     use dataplane_common::{Backend, BackendKey, ServiceInfo, ServiceKey};
     use dataplane_common::{CtEntry, CtKey, EndpointInfo, PortKey, PortTarget};
-    let expected: [(&'static str, usize, usize); 10] = [
+    let expected: [(&'static str, usize, usize); 11] = [
+        (
+            map_names::POLICY_RULES,
+            size_of::<u32>(),
+            size_of::<PolicyRule>(),
+        ),
         (
             map_names::SERVICES,
             size_of::<ServiceKey>(),
@@ -714,6 +719,73 @@ impl Datapath {
         self.max_services
     }
 
+    fn rules_array(&self) -> Result<Array<&MapData, PolicyRule>, DatapathError> {
+        let name = map_names::POLICY_RULES;
+        Array::try_from(self.map_ref(name)?)
+            .map_err(|source| DatapathError::Map { map: name, source })
+    }
+
+    /// The first `count` policy rules.
+    pub fn rules(&self, count: u32) -> Result<Vec<PolicyRule>, DatapathError> {
+        let array = self.rules_array()?;
+        (0..count.min(array.len()))
+            .map(|i| {
+                array.get(&i, 0).map_err(|source| DatapathError::Map {
+                    map: map_names::POLICY_RULES,
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    pub fn set_rule(&mut self, index: u32, rule: PolicyRule) -> Result<(), DatapathError> {
+        let name = map_names::POLICY_RULES;
+        let err = |source| DatapathError::Map { map: name, source };
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let mut array: Array<&mut MapData, PolicyRule> = Array::try_from(map).map_err(err)?;
+        array.set(index, rule, 0).map_err(err)
+    }
+
+    /// The prefixes on the XDP deny list.
+    pub fn deny_sources(&self) -> Result<std::collections::BTreeSet<PrefixKey>, DatapathError> {
+        let name = map_names::DENY_SOURCES;
+        let err = |source| DatapathError::Map { map: name, source };
+        let trie: LpmTrie<&MapData, u32, u8> =
+            LpmTrie::try_from(self.map_ref(name)?).map_err(err)?;
+        trie.keys()
+            .map(|key| {
+                key.map(|k| PrefixKey {
+                    prefix_len: k.prefix_len(),
+                    addr: k.data(),
+                })
+                .map_err(err)
+            })
+            .collect()
+    }
+
+    /// Puts `prefix` on the XDP deny list (`deny`) or takes it off.
+    pub fn set_deny_source(&mut self, prefix: PrefixKey, deny: bool) -> Result<(), DatapathError> {
+        let name = map_names::DENY_SOURCES;
+        let err = |source| DatapathError::Map { map: name, source };
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let mut trie: LpmTrie<&mut MapData, u32, u8> = LpmTrie::try_from(map).map_err(err)?;
+        let key = aya::maps::lpm_trie::Key::new(prefix.prefix_len, prefix.addr);
+        if deny {
+            trie.insert(&key, 1, 0).map_err(err)
+        } else {
+            match trie.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(err(e)),
+            }
+        }
+    }
+
     /// The Maglev table of service `id` as the kernel sees it.
     pub fn maglev(&self, id: u32) -> Vec<u32> {
         self.maglev.get(id).to_vec()
@@ -870,5 +942,43 @@ impl Datapath {
 
     pub fn xdp(&mut self) -> &mut Xdp {
         program_mut(&mut self.ebpf, Hook::UplinkXdp.program()).expect("program is loaded")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flow events (flow logging, dataplane/src/flows): the ring buffer and its loss counter.
+
+impl Datapath {
+    /// Takes the flow-event ring buffer out of the loaded object: the reader task owns it from
+    /// then on (the programs keep writing to it; only the agent's handle moves).
+    pub fn take_flow_events(&mut self) -> Result<aya::maps::RingBuf<MapData>, DatapathError> {
+        let name = map_names::FLOW_EVENTS;
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        aya::maps::RingBuf::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+    }
+
+    /// Flow events that found the ring full, summed over CPUs, since the map was created (it
+    /// is pinned: an agent restart keeps counting).
+    pub fn flow_events_lost(&self) -> Result<u64, DatapathError> {
+        let name = map_names::FLOW_EVENTS_LOST;
+        let err = |source| DatapathError::Map { map: name, source };
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map_ref(name)?).map_err(err)?;
+        Ok(map.get(&0, 0).map_err(err)?.iter().sum())
+    }
+
+    /// Capacity of the conntrack map (the pinned map's, which may differ from the default).
+    pub fn conntrack_capacity(&self) -> Result<u32, DatapathError> {
+        let name = map_names::CONNTRACK;
+        match self.map_ref(name)? {
+            aya::maps::Map::HashMap(data) => data
+                .info()
+                .map(|i| i.max_entries())
+                .map_err(|source| DatapathError::Map { map: name, source }),
+            _ => Err(DatapathError::MissingMap(name)),
+        }
     }
 }

@@ -7,6 +7,7 @@ mod ebpf;
 mod maglev;
 mod model;
 mod netdev;
+mod policy;
 mod reconciler;
 mod sandbox;
 mod server;

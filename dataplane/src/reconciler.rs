@@ -10,8 +10,8 @@ use std::{
 
 use aya::Pod;
 use dataplane_common::{
-    Backend, BackendKey, Config, EndpointInfo, MAGLEV_TABLE_SIZE, PortKey, PortTarget, ServiceInfo,
-    ServiceKey, algorithm, map_names,
+    Backend, BackendKey, Config, EndpointInfo, MAGLEV_TABLE_SIZE, PolicyRule, PortKey, PortTarget,
+    PrefixKey, ServiceInfo, ServiceKey, algorithm, map_names, net_flags,
 };
 
 use crate::{
@@ -47,6 +47,11 @@ pub trait Kernel {
     fn remove<K: Pod, V: Pod>(&mut self, map: &'static str, key: K) -> Result<(), DatapathError>;
     fn config(&self) -> Result<Config, DatapathError>;
     fn set_config(&mut self, config: Config) -> Result<(), DatapathError>;
+    /// The first `count` policy rules.
+    fn rules(&self, count: u32) -> Result<Vec<PolicyRule>, DatapathError>;
+    fn set_rule(&mut self, index: u32, rule: PolicyRule) -> Result<(), DatapathError>;
+    fn deny_sources(&self) -> Result<BTreeSet<PrefixKey>, DatapathError>;
+    fn set_deny_source(&mut self, prefix: PrefixKey, deny: bool) -> Result<(), DatapathError>;
     /// How many services the maps hold (service ids are 1..=this).
     fn max_services(&self) -> u32;
     /// The Maglev table of service `id`.
@@ -105,6 +110,18 @@ impl Kernel for Datapath {
     fn set_config(&mut self, config: Config) -> Result<(), DatapathError> {
         Datapath::set_config(self, config)
     }
+    fn rules(&self, count: u32) -> Result<Vec<PolicyRule>, DatapathError> {
+        Datapath::rules(self, count)
+    }
+    fn set_rule(&mut self, index: u32, rule: PolicyRule) -> Result<(), DatapathError> {
+        Datapath::set_rule(self, index, rule)
+    }
+    fn deny_sources(&self) -> Result<BTreeSet<PrefixKey>, DatapathError> {
+        Datapath::deny_sources(self)
+    }
+    fn set_deny_source(&mut self, prefix: PrefixKey, deny: bool) -> Result<(), DatapathError> {
+        Datapath::set_deny_source(self, prefix, deny)
+    }
     fn max_services(&self) -> u32 {
         Datapath::max_services(self)
     }
@@ -129,6 +146,8 @@ pub enum ReconcileError {
     TooManyServices { wanted: usize, max: u32 },
     #[error(transparent)]
     Kernel(#[from] DatapathError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
 }
 
 /// What one reconcile changed.
@@ -158,6 +177,9 @@ pub struct Desired {
     pub local_addrs: BTreeMap<u32, u8>,
     pub config: Config,
     pub services: BTreeMap<ServiceKey, DesiredService>,
+    /// Policy rules in order.
+    pub rules: Vec<PolicyRule>,
+    pub deny_sources: BTreeSet<PrefixKey>,
 }
 
 /// A service as the kernel should have it, before it gets an id.
@@ -179,8 +201,9 @@ pub struct HostSettings {
     pub uplink: String,
     pub cgroup: Option<String>,
     pub netns_cookie: u64,
-    /// Whether the uplink gets the XDP program (see `XdpMode` in agent.rs).
-    pub xdp: bool,
+    /// Whether the uplink gets the XDP program: always (Some(true)), never (Some(false)), or
+    /// while it has work, the deny list (None). See `XdpMode` in agent.rs.
+    pub xdp: Option<bool>,
 }
 
 pub fn desired(
@@ -201,7 +224,8 @@ pub fn desired(
     for hook in [Hook::UplinkIngress, Hook::UplinkEgress] {
         desired.attachments.insert((uplink.to_owned(), hook));
     }
-    if host.xdp {
+    let policy = crate::policy::compile(model)?;
+    if host.xdp.unwrap_or(!policy.deny_sources.is_empty()) {
         desired
             .attachments
             .insert((uplink.to_owned(), Hook::UplinkXdp));
@@ -221,7 +245,8 @@ pub fn desired(
             .into());
         }
     }
-    for endpoint in &model.endpoints {
+    for (endpoint_index, endpoint) in model.endpoints.iter().enumerate() {
+        let label_bits = policy.label_bits(&endpoint.labels);
         for (j, itf) in endpoint.interfaces.iter().enumerate() {
             let ifindex = kernel.ifindex(&itf.host_veth).ok_or_else(|| {
                 missing(
@@ -237,13 +262,24 @@ pub fn desired(
                 .expect("validated: the interface's network exists")
                 as u32
                 + 1;
+            let network = &model.networks[network_id as usize - 1];
+            let mut flags = 0;
+            if network.internal {
+                flags |= net_flags::INTERNAL;
+            }
+            if !network.icc {
+                flags |= net_flags::NO_ICC;
+            }
             desired.endpoints.insert(
                 be(itf.ip),
                 EndpointInfo {
+                    label_bits,
                     ifindex,
                     network_id,
+                    endpoint_id: endpoint_index as u32 + 1,
                     mac: itf.mac,
-                    _pad: [0; 2],
+                    net_flags: flags,
+                    _pad: [0; 5],
                 },
             );
             desired
@@ -346,9 +382,14 @@ pub fn desired(
         uplink_ifindex: kernel.ifindex(uplink).unwrap_or(0),
         snat_port_min: SNAT_PORTS.0,
         snat_port_max: SNAT_PORTS.1,
-        _pad: 0,
+        // Set in apply(), which knows whether anything the policy depends on changed.
+        policy_generation: 0,
         netns_cookie: host.netns_cookie,
+        rule_count: policy.rules.len() as u32,
+        _pad: 0,
     };
+    desired.rules = policy.rules;
+    desired.deny_sources = policy.deny_sources.into_iter().collect();
     Ok(desired)
 }
 
@@ -526,8 +567,34 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
     let endpoints = kernel.entries::<u32, EndpointInfo>(map_names::ENDPOINTS)?;
     let ports = kernel.entries::<PortKey, PortTarget>(map_names::PORTS)?;
     let local_addrs = kernel.entries::<u32, u8>(map_names::LOCAL_ADDRS)?;
-    changes.entries_set +=
+    let endpoints_written =
         write_missing(kernel, map_names::ENDPOINTS, &endpoints, &desired.endpoints)?;
+    changes.entries_set += endpoints_written;
+    // Rules before the config that makes them live; a changed rule set or changed endpoints
+    // bump the policy generation so tracked connections are judged again.
+    let current_config = kernel.config()?;
+    let current_rules = kernel.rules(current_config.rule_count)?;
+    let mut rules_written = 0;
+    for (index, rule) in desired.rules.iter().enumerate() {
+        if current_rules.get(index) != Some(rule) {
+            kernel.set_rule(index as u32, *rule)?;
+            rules_written += 1;
+        }
+    }
+    changes.entries_set += rules_written;
+    let current_deny = kernel.deny_sources()?;
+    for prefix in desired.deny_sources.difference(&current_deny) {
+        kernel.set_deny_source(*prefix, true)?;
+        changes.entries_set += 1;
+    }
+    let endpoints_removed = endpoints
+        .keys()
+        .filter(|k| !desired.endpoints.contains_key(k))
+        .count();
+    let policy_changed = endpoints_written > 0
+        || endpoints_removed > 0
+        || rules_written > 0
+        || current_config.rule_count != desired.config.rule_count;
     changes.entries_set += write_missing(
         kernel,
         map_names::LOCAL_ADDRS,
@@ -538,8 +605,12 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
     let (services_set, services_removed) = apply_services(desired, kernel)?;
     changes.entries_set += services_set;
     changes.entries_set += write_missing(kernel, map_names::PORTS, &ports, &desired.ports)?;
-    if kernel.config()? != desired.config {
-        kernel.set_config(desired.config)?;
+    let config = Config {
+        policy_generation: current_config.policy_generation + u32::from(policy_changed),
+        ..desired.config
+    };
+    if current_config != config {
+        kernel.set_config(config)?;
         changes.entries_set += 1;
     }
     let current_attachments = kernel.attachments();
@@ -565,6 +636,10 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
     changes.entries_removed +=
         remove_stale(kernel, map_names::ENDPOINTS, &endpoints, &desired.endpoints)?;
     changes.entries_removed += services_removed;
+    for prefix in current_deny.difference(&desired.deny_sources) {
+        kernel.set_deny_source(*prefix, false)?;
+        changes.entries_removed += 1;
+    }
     Ok(changes)
 }
 
@@ -594,6 +669,8 @@ pub mod fake {
         pub maps: BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>,
         pub config: Config,
         pub maglev: BTreeMap<u32, Vec<u32>>,
+        pub rules: BTreeMap<u32, PolicyRule>,
+        pub deny: BTreeSet<PrefixKey>,
         pub writes: usize,
     }
 
@@ -667,6 +744,28 @@ pub mod fake {
             self.config = config;
             Ok(())
         }
+        fn rules(&self, count: u32) -> Result<Vec<PolicyRule>, DatapathError> {
+            Ok((0..count)
+                .map(|i| self.rules.get(&i).copied().unwrap_or_default())
+                .collect())
+        }
+        fn set_rule(&mut self, index: u32, rule: PolicyRule) -> Result<(), DatapathError> {
+            self.writes += 1;
+            self.rules.insert(index, rule);
+            Ok(())
+        }
+        fn deny_sources(&self) -> Result<BTreeSet<PrefixKey>, DatapathError> {
+            Ok(self.deny.clone())
+        }
+        fn set_deny_source(&mut self, prefix: PrefixKey, deny: bool) -> Result<(), DatapathError> {
+            self.writes += 1;
+            if deny {
+                self.deny.insert(prefix);
+            } else {
+                self.deny.remove(&prefix);
+            }
+            Ok(())
+        }
         fn max_services(&self) -> u32 {
             16
         }
@@ -727,7 +826,8 @@ ports:
             uplink: "eth0".into(),
             cgroup: None,
             netns_cookie: 7,
-            xdp: true,
+            // Auto: XDP only while the deny list has entries.
+            xdp: None,
         };
         let desired = desired(model, &host, kernel)?;
         apply(&desired, kernel)
@@ -741,7 +841,8 @@ ports:
     fn first_apply_attaches_everything_and_writes_the_maps() {
         let mut k = kernel();
         let changes = reconcile(&model(STATE), &mut k).unwrap();
-        assert_eq!(changes.attached.len(), 5, "{changes:?}"); // 3 uplink hooks + 2 veths
+        // 2 uplink tc hooks (no XDP: nothing for it to do) + 2 veths.
+        assert_eq!(changes.attached.len(), 4, "{changes:?}");
         let endpoints = k.map::<u32, EndpointInfo>(map_names::ENDPOINTS);
         assert_eq!(endpoints.len(), 2);
         let info = endpoints[&ip("10.1.0.3")];
@@ -866,6 +967,53 @@ services:
             (target.addr, target.port, target.is_service),
             (ip("10.96.0.10"), 80u16.to_be(), 1)
         );
+    }
+
+    const POLICIES: &str = r#"
+policies:
+  - {name: deny-one-to-two, action: deny, from: {endpoint: one}, to: {endpoint: two}, ports: ["80/tcp"]}
+  - {name: blocklist, action: deny, from: {cidr: 203.0.113.0/24}}
+"#;
+
+    #[test]
+    fn policies_become_rules_and_changes_bump_the_generation() {
+        let mut k = kernel();
+        reconcile(&model(STATE), &mut k).unwrap();
+        let generation = k.config.policy_generation;
+        reconcile(&model(&format!("{STATE}{POLICIES}")), &mut k).unwrap();
+        assert_eq!(k.config.rule_count, 2);
+        assert_eq!(k.rules[&0].port, 80u16.to_be());
+        assert_eq!(k.config.policy_generation, generation + 1);
+        // The deny list is not shadowed by an allow: XDP gets it.
+        assert_eq!(k.deny.len(), 1);
+        assert!(k.attached.contains(&("eth0".into(), Hook::UplinkXdp)));
+        // The same again: nothing to judge anew.
+        reconcile(&model(&format!("{STATE}{POLICIES}")), &mut k).unwrap();
+        assert_eq!(k.config.policy_generation, generation + 1);
+        // Rules gone: the count drops, the generation moves, the deny list empties.
+        reconcile(&model(STATE), &mut k).unwrap();
+        assert_eq!(
+            (k.config.rule_count, k.config.policy_generation),
+            (0, generation + 2)
+        );
+        assert!(k.deny.is_empty());
+        assert!(!k.attached.contains(&("eth0".into(), Hook::UplinkXdp)));
+    }
+
+    #[test]
+    fn endpoints_carry_network_flags_ids_and_label_bits() {
+        let mut k = kernel();
+        let text = STATE.replace(
+            "gateway: 10.1.0.1}",
+            "gateway: 10.1.0.1, internal: true, icc: false}",
+        ) + "policies:\n  - {name: p, action: deny, from: {labels: {app: x}}}\n";
+        let text = text.replace("  - name: two\n", "  - name: two\n    labels: {app: x}\n");
+        reconcile(&model(&text), &mut k).unwrap();
+        let endpoints = k.map::<u32, EndpointInfo>(map_names::ENDPOINTS);
+        let two = endpoints[&ip("10.1.0.3")];
+        assert_eq!((two.endpoint_id, two.label_bits), (2, 1));
+        assert_eq!(two.net_flags, net_flags::INTERNAL | net_flags::NO_ICC);
+        assert_eq!(endpoints[&ip("10.1.0.2")].label_bits, 0);
     }
 
     #[test]

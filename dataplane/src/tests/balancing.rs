@@ -72,7 +72,8 @@ fn service(dp: &mut Datapath, backends: &[[u8; 4]], algo: u8) {
         ifindex: 9,
         network_id: 1,
         mac: [2, 0, 0, 0, 0, 9],
-        _pad: [0; 2],
+        endpoint_id: 1,
+        ..Default::default()
     };
     dp.set(map_names::ENDPOINTS, be(CLIENT), endpoint).unwrap();
 }

@@ -2,5 +2,6 @@
 
 mod balancing;
 mod packet;
+mod policy;
 mod programs;
 mod translation;

@@ -231,7 +231,8 @@ fn maps_are_pinned_and_adopted_by_the_next_load() {
         ifindex: 7,
         network_id: 1,
         mac: [2, 0, 0, 0, 0, 9],
-        _pad: [0; 2],
+        endpoint_id: 1,
+        ..Default::default()
     };
     t.get()
         .set(dataplane_common::map_names::ENDPOINTS, ip, info)

@@ -39,7 +39,8 @@ fn host(dp: &mut Datapath) {
             ifindex,
             network_id: 1,
             mac: [2, 0, 0, 0, 0, ifindex as u8],
-            _pad: [0; 2],
+            endpoint_id: ifindex,
+            ..Default::default()
         };
         dp.set(map_names::ENDPOINTS, be(ip), info).unwrap();
     }
@@ -67,8 +68,8 @@ fn host(dp: &mut Datapath) {
         uplink_ifindex: UPLINK_IFINDEX,
         snat_port_min: SNAT_RANGE.0,
         snat_port_max: SNAT_RANGE.1,
-        _pad: 0,
         netns_cookie: crate::netdev::netns_cookie().unwrap(),
+        ..Config::default()
     })
     .unwrap();
 }

@@ -1,0 +1,39 @@
+//! Early decisions at XDP on the uplink, before a socket buffer exists: outside sources on the
+//! deny list are dropped here, which costs a fraction of dropping them later.
+
+use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
+use dataplane_common::CtKey;
+
+use crate::maps::DENY_SOURCES;
+
+const ETH_HDR_LEN: usize = 14;
+
+/// The one accessor for packet memory at XDP: a pointer to a `T` at `offset`, if the packet
+/// holds one. The bounds check is what the verifier needs to see before any access.
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    // SAFETY: bounds checked just above; packet data has no alignment guarantee.
+    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+}
+
+/// The packet's addresses when its IPv4 source is on the deny list.
+#[inline(always)]
+pub fn denied_source(ctx: &XdpContext) -> Option<CtKey> {
+    let ether_type: u16 = read(ctx, 12)?;
+    if u16::from_be(ether_type) != 0x0800 {
+        return None;
+    }
+    let saddr: u32 = read(ctx, ETH_HDR_LEN + 12)?;
+    DENY_SOURCES.get(Key::new(32, saddr))?;
+    Some(CtKey {
+        saddr,
+        daddr: read(ctx, ETH_HDR_LEN + 16).unwrap_or(0),
+        proto: read(ctx, ETH_HDR_LEN + 9).unwrap_or(0),
+        ..CtKey::default()
+    })
+}

@@ -1,0 +1,168 @@
+//! Policy: whether a new connection may exist. User rules first, in order, first match wins
+//! (what Docker's DOCKER-USER chain is for); then Docker's own isolation: networks apart,
+//! `internal` networks kept off the outside, `icc: false` networks without
+//! container-to-container traffic, container addresses not routed to from outside. Judged once
+//! per connection (conntrack remembers), again after a policy change.
+
+use aya_ebpf::{cty::c_void, helpers::bpf_loop};
+use dataplane_common::{PolicyRule, capacity, net_flags, policy_action, selector_kind};
+
+use crate::maps::{CONFIG, ENDPOINTS, LOCAL_ADDRS, POLICY_RULES};
+
+/// Who one side of a connection is.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Who {
+    addr: u32,
+    container: bool,
+    network_id: u32,
+    endpoint_id: u32,
+    label_bits: u64,
+    net_flags: u8,
+}
+
+#[inline(always)]
+fn who(addr: u32) -> Who {
+    match ENDPOINTS.get_ptr(&addr) {
+        // SAFETY: a map value from this program run's lookup; fields read one by one.
+        Some(e) => unsafe {
+            Who {
+                addr,
+                container: true,
+                network_id: (*e).network_id,
+                endpoint_id: (*e).endpoint_id,
+                label_bits: (*e).label_bits,
+                net_flags: (*e).net_flags,
+            }
+        },
+        None => Who {
+            addr,
+            container: false,
+            network_id: 0,
+            endpoint_id: 0,
+            label_bits: 0,
+            net_flags: 0,
+        },
+    }
+}
+
+#[inline(always)]
+fn selects(kind: u8, value: u32, mask: u32, side: &Who) -> bool {
+    match kind {
+        selector_kind::ANY => true,
+        selector_kind::NETWORK => side.container && side.network_id == value,
+        selector_kind::ENDPOINT => side.container && side.endpoint_id == value,
+        selector_kind::LABELS => {
+            side.container && value < 64 && (side.label_bits >> value) & 1 == 1
+        }
+        selector_kind::CIDR => side.addr & mask == value,
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn rule_matches(rule: &PolicyRule, from: &Who, to: &Who, proto: u8, dport: u16) -> bool {
+    (rule.proto == 0 || rule.proto == proto)
+        && (rule.port == 0 || rule.port == dport)
+        && selects(rule.from_kind, rule.from_value, rule.from_mask, from)
+        && selects(rule.to_kind, rule.to_value, rule.to_mask, to)
+}
+
+/// How a connection reaches its destination, which Docker's isolation cares about.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Straight to the address (container to container, container out, host to container).
+    Direct,
+    /// Through a published port of the host (the destination is the translated one).
+    Published,
+    /// Routed from outside the host straight to a container address.
+    Routed,
+}
+
+/// The state of one walk over the rules (bpf_loop's context).
+#[repr(C)]
+struct RuleWalk {
+    from: Who,
+    to: Who,
+    count: u32,
+    dport: u16,
+    proto: u8,
+    /// The matching rule's action, 0 while none matched.
+    action: u8,
+}
+
+/// One step of the walk: bpf_loop calls it for rule `index`; 1 stops the walk. Being a
+/// callback, the verifier checks it once, however many rules and call sites there are.
+#[inline(never)]
+unsafe extern "C" fn rule_step(index: u64, walk: *mut c_void) -> i64 {
+    // SAFETY: `walk` is the RuleWalk that allows() passed to bpf_loop.
+    let walk = unsafe { &mut *walk.cast::<RuleWalk>() };
+    let index = index as u32;
+    if index >= walk.count {
+        return 1;
+    }
+    let Some(rule) = POLICY_RULES.get(index) else {
+        return 1;
+    };
+    if rule_matches(rule, &walk.from, &walk.to, walk.proto, walk.dport) {
+        walk.action = rule.action;
+        return 1;
+    }
+    0
+}
+
+/// Whether a new connection from `saddr` to `daddr`:`dport` (the destination after any
+/// translation) may exist.
+#[inline(always)]
+pub fn allows(saddr: u32, daddr: u32, proto: u8, dport: u16, via: Via) -> bool {
+    // SAFETY: array element 0 always exists.
+    let count = CONFIG.get_ptr(0).map_or(0, |c| unsafe { (*c).rule_count });
+    let mut walk = RuleWalk {
+        from: who(saddr),
+        to: who(daddr),
+        count,
+        dport,
+        proto,
+        action: 0,
+    };
+    if count > 0 {
+        // SAFETY: the callback and its context outlive the call; the kernel bounds the loop.
+        unsafe {
+            bpf_loop(
+                capacity::POLICY_RULES,
+                rule_step as *mut c_void,
+                (&mut walk as *mut RuleWalk).cast(),
+                0,
+            )
+        };
+    }
+    match walk.action {
+        policy_action::ALLOW => true,
+        policy_action::DENY => false,
+        _ => isolation(&walk.from, &walk.to, via),
+    }
+}
+
+/// Docker's isolation, where no user rule decided.
+#[inline(always)]
+fn isolation(from: &Who, to: &Who, via: Via) -> bool {
+    if from.container && to.container {
+        if via == Via::Published {
+            // Published ports are for everyone but internal networks (as with docker-proxy).
+            return to.net_flags & net_flags::INTERNAL == 0;
+        }
+        if from.network_id != to.network_id {
+            return false;
+        }
+        return from.net_flags & net_flags::NO_ICC == 0 || from.endpoint_id == to.endpoint_id;
+    }
+    if from.container {
+        // To the host or outside: internal networks stay on the host.
+        return from.net_flags & net_flags::INTERNAL == 0
+            || LOCAL_ADDRS.get_ptr(&to.addr).is_some();
+    }
+    if to.container {
+        return to.net_flags & net_flags::INTERNAL == 0 && via != Via::Routed;
+    }
+    true
+}
