@@ -147,7 +147,7 @@ fn decide(ctx: &TcContext, site: Site, seen: &mut Seen) -> Verdict {
             return Verdict::Drop(DropReason::Malformed);
         }
         if hook == Hook::ContainerIngress && rewrite == ct_rewrite::SRC {
-            return reply_to_client(&ip);
+            return reply_to_client(ctx, &ip);
         }
         if hook == Hook::UplinkIngress {
             return deliver(ctx, &ip);
@@ -275,20 +275,21 @@ fn icmp_error(ctx: &TcContext, hook: Hook, ip: &mut Ipv4Packet, quoted: &Quoted)
         return Verdict::Drop(DropReason::Malformed);
     }
     if hook == Hook::ContainerIngress && rewrite == ct_rewrite::SRC {
-        return reply_to_client(ip);
+        return reply_to_client(ctx, ip);
     }
     Verdict::Pass
 }
 
-/// Where a published port's reply goes once its source is the host's address again. Towards
-/// a container (hairpin) the bridge delivers it at layer 2. Towards anything else it must not
+/// Where a reply goes once its source is the published address (or VIP) again. It must not
 /// enter the host's IP stack: a packet arriving with one of the host's own addresses as source
-/// is a martian and dropped (accept_local=0), so it goes straight out of the uplink, the
-/// kernel resolving the next hop (bpf_redirect_neigh), as Cilium does.
+/// is a martian and dropped (accept_local=0). Towards a container (hairpin, a VIP's client)
+/// it goes straight into that container (bpf_redirect_peer; also across networks, where the
+/// bridge alone would hand it to the stack); anything else goes straight out of the uplink,
+/// the kernel resolving the next hop (bpf_redirect_neigh), as Cilium does.
 #[inline(always)]
-fn reply_to_client(ip: &Ipv4Packet) -> Verdict {
+fn reply_to_client(ctx: &TcContext, ip: &Ipv4Packet) -> Verdict {
     if ENDPOINTS.get_ptr(&ip.daddr).is_some() {
-        return Verdict::Pass;
+        return deliver(ctx, ip);
     }
     match CONFIG.get_ptr(0) {
         // SAFETY: array element 0 always exists.

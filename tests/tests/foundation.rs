@@ -83,7 +83,7 @@ fn attached_programs_see_real_traffic() {
         "{attached:?}"
     );
     assert_eq!(attached.len(), 7, "{attached:?}");
-    assert_eq!(map_entries(&status, "dp_endpoints_v1"), 3);
+    assert_eq!(map_entries(&status, "dp_endpoints_v2"), 3);
     // The kernel agrees (bpftool, not the agent's own account).
     let seen = attached_programs(&sandbox.netns("host"), "veth-web1");
     assert!(
@@ -125,7 +125,7 @@ fn state_edits_apply_and_bad_edits_keep_the_last_good_state() {
     // A good edit: db leaves; its veth loses the program, its map entry goes.
     let without_db = SPEC.split("  - name: db").next().unwrap().to_owned();
     sandbox.write_state(&without_db);
-    let status = agent.wait_for("db removed", |s| map_entries(s, "dp_endpoints_v1") == 2);
+    let status = agent.wait_for("db removed", |s| map_entries(s, "dp_endpoints_v2") == 2);
     assert!(!attachments(&status).iter().any(|(i, _)| i == "veth-db"));
     assert!(status["last_error"].is_null(), "{status:#}");
     let seen = attached_programs(&sandbox.netns("host"), "veth-db");
@@ -160,7 +160,7 @@ fn state_edits_apply_and_bad_edits_keep_the_last_good_state() {
                 .as_str()
                 .is_some_and(|e| e.contains(expected))
         });
-        assert_eq!(map_entries(&status, "dp_endpoints_v1"), 2, "{status:#}");
+        assert_eq!(map_entries(&status, "dp_endpoints_v2"), 2, "{status:#}");
         assert_eq!(attachments(&status).len(), 5, "{status:#}");
         // Traffic still flows under the last good state.
         let reply = sandbox.exec_ok("web2", &["nc", "-w2", "172.30.1.2", "80"]);
@@ -170,7 +170,7 @@ fn state_edits_apply_and_bad_edits_keep_the_last_good_state() {
     // Fixing the file clears the error and applies it.
     sandbox.write_state(SPEC);
     let status = agent.wait_for("db back", |s| {
-        s["last_error"].is_null() && map_entries(s, "dp_endpoints_v1") == 3
+        s["last_error"].is_null() && map_entries(s, "dp_endpoints_v2") == 3
     });
     assert!(attachments(&status).contains(&("veth-db".into(), "dp_container_ingress".into())));
 }
@@ -220,7 +220,7 @@ fn sigterm_detaches_and_a_restart_adopts_the_pinned_maps() {
         assert!(seen.is_empty(), "{interface} still has {seen:?}");
     }
     assert!(
-        agent.pin_dir.join("dp_endpoints_v1").exists(),
+        agent.pin_dir.join("dp_endpoints_v2").exists(),
         "maps stay pinned"
     );
 
@@ -235,5 +235,5 @@ fn sigterm_detaches_and_a_restart_adopts_the_pinned_maps() {
     agent.restart(&sandbox);
     let status = agent.status();
     assert_eq!(attachments(&status).len(), 6, "{status:#}");
-    assert_eq!(map_entries(&status, "dp_endpoints_v1"), 3);
+    assert_eq!(map_entries(&status, "dp_endpoints_v2"), 3);
 }

@@ -123,7 +123,12 @@ fn maglev_spreads_connections_evenly_and_replies_come_from_the_vip() {
         &tcp(8080, 20000, TCP_SYN | TCP_ACK, b""),
     );
     let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &reply);
-    assert_eq!(verdict, TC_PASS, "to a container: stays on the bridge");
+    assert_eq!(verdict, TC_REDIRECT, "straight into the client container");
+    assert_eq!(
+        &out[..6],
+        &[2, 0, 0, 0, 0, 9],
+        "addressed to the client's MAC"
+    );
     assert_checksums(&out);
     assert_eq!(
         tuple(&out),

@@ -233,7 +233,7 @@ fn hairpin_a_container_reaches_its_hosts_published_port() {
         &tcp(80, 45000, TCP_SYN | TCP_ACK, b""),
     );
     assert_eq!(
-        pass(dp, Hook::ContainerIngress, &synack),
+        delivered(dp, Hook::ContainerIngress, &synack),
         (ip4(HOST), ip4(WEB2), 8080, 45000)
     );
 }
