@@ -223,7 +223,6 @@ fn rules_apply_to_new_and_open_connections() {
     // Documented choice: a connection the new rules deny is cut too (judged again on its
     // next packet).
     assert!(get(&mut open).is_err(), "the open connection is cut");
-    // Other ports of web1 stay reachable for web2 (the rule names port 80 only).
     let status = agent.wait_for("denials counted", |s| drops(s, "POLICY_DENIED") >= 2);
     assert!(status["last_error"].is_null(), "{status:#}");
 }
