@@ -117,15 +117,7 @@ fn decide(ctx: &TcContext, site: Site, seen: &mut Seen) -> Verdict {
     seen.tuple = key;
     seen.tcp_flags = l4.tcp_flags;
     if let Some(entry) = conntrack::lookup(&key) {
-        // SAFETY: a map value from this program run's lookup.
-        let (origin, rewrite, addr, port) = unsafe {
-            (
-                (*entry).origin,
-                (*entry).rewrite,
-                (*entry).nat_addr,
-                (*entry).nat_port,
-            )
-        };
+        let (origin, rewrite, addr, port) = translation_of(entry);
         if !owns(hook, origin, rewrite) {
             return Verdict::Pass;
         }
@@ -146,13 +138,7 @@ fn decide(ctx: &TcContext, site: Site, seen: &mut Seen) -> Verdict {
         if nat::rewrite(ctx, &mut ip, &mut l4, rewrite, addr, port).is_err() {
             return Verdict::Drop(DropReason::Malformed);
         }
-        if hook == Hook::ContainerIngress && rewrite == ct_rewrite::SRC {
-            return reply_to_client(ctx, &ip);
-        }
-        if hook == Hook::UplinkIngress {
-            return deliver(ctx, &ip);
-        }
-        return Verdict::Pass;
+        return onward(ctx, hook, &ip, rewrite);
     }
     match hook {
         Hook::ContainerIngress => {
@@ -259,25 +245,38 @@ fn icmp_error(ctx: &TcContext, hook: Hook, ip: &mut Ipv4Packet, quoted: &Quoted)
     let Some(entry) = conntrack::lookup(&key) else {
         return Verdict::Pass;
     };
-    // SAFETY: a map value from this program run's lookup.
-    let (origin, rewrite, addr, port) = unsafe {
-        (
-            (*entry).origin,
-            (*entry).rewrite,
-            (*entry).nat_addr,
-            (*entry).nat_port,
-        )
-    };
+    let (origin, rewrite, addr, port) = translation_of(entry);
     if !owns(hook, origin, rewrite) {
         return Verdict::Pass;
     }
     if nat::rewrite_icmp_error(ctx, ip, quoted, rewrite, addr, port).is_err() {
         return Verdict::Drop(DropReason::Malformed);
     }
-    if hook == Hook::ContainerIngress && rewrite == ct_rewrite::SRC {
-        return reply_to_client(ctx, ip);
+    onward(ctx, hook, ip, rewrite)
+}
+
+/// What a tracked entry says to do: (origin, rewrite, address, port).
+#[inline(always)]
+fn translation_of(entry: *const dataplane_common::CtEntry) -> (u8, u8, u32, u16) {
+    // SAFETY: a map value from this program run's lookup.
+    unsafe {
+        (
+            (*entry).origin,
+            (*entry).rewrite,
+            (*entry).nat_addr,
+            (*entry).nat_port,
+        )
     }
-    Verdict::Pass
+}
+
+/// Where a packet of a tracked connection goes once rewritten (by `rewrite`) at `hook`.
+#[inline(always)]
+fn onward(ctx: &TcContext, hook: Hook, ip: &Ipv4Packet, rewrite: u8) -> Verdict {
+    match hook {
+        Hook::ContainerIngress if rewrite == ct_rewrite::SRC => reply_to_client(ctx, ip),
+        Hook::UplinkIngress => deliver(ctx, ip),
+        _ => Verdict::Pass,
+    }
 }
 
 /// Where a reply goes once its source is the published address (or VIP) again. It must not

@@ -324,7 +324,51 @@ pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + '
 /// A process started in a sandbox namespace, killed on drop.
 pub struct Background(Child);
 
+/// Reading what the agent's status JSON says.
+pub mod status {
+    use serde_json::Value;
+
+    /// Entries in the map `name`.
+    pub fn map_entries(status: &Value, name: &str) -> u64 {
+        status["maps"]
+            .as_array()
+            .expect("maps in status")
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("map {name} in status"))["entries"]
+            .as_u64()
+            .expect("entries")
+    }
+
+    /// Drops counted for `reason` (its Hubble name).
+    pub fn drops(status: &Value, reason: &str) -> u64 {
+        status["drops"][reason].as_u64().unwrap_or(0)
+    }
+}
+
 impl Sandbox {
+    /// Runs the sandbox's name server in the outside client's namespace on `tcp` (and `udp`)
+    /// ports, so containers have something outside to reach; it answers
+    /// `outside <peer-address>:<port>`. Ready when this returns.
+    pub fn serve_outside(&self, tcp: &str, udp: Option<&str>) -> Background {
+        let bin = dataplane_bin();
+        let mut cmd = vec![
+            bin.to_str().expect("UTF-8 path"),
+            "sandbox",
+            "serve",
+            "--name",
+            "outside",
+            "--tcp",
+            tcp,
+        ];
+        if let Some(udp) = udp {
+            cmd.extend(["--udp", udp]);
+        }
+        let mut server = self.spawn("outside", &cmd);
+        server.wait_for_line("ready");
+        server
+    }
+
     /// Starts `cmd` in the namespace of `target` without waiting for it.
     pub fn spawn(&self, target: &str, cmd: &[&str]) -> Background {
         let child = Command::new("nsenter")

@@ -1,7 +1,9 @@
 //! The agent on a real (namespaced) host: programs attached where the state says, seeing real
 //! traffic, following state-file edits, refusing bad ones, detaching on SIGTERM.
 
-use dataplane_tests::{Agent, Sandbox, attached_programs, dataplane_bin, has_program};
+use dataplane_tests::{
+    Agent, Sandbox, attached_programs, dataplane_bin, has_program, status::map_entries,
+};
 use serde_json::Value;
 
 const SPEC: &str = r#"
@@ -42,17 +44,6 @@ fn packets(status: &Value, interface: &str, hook: &str) -> u64 {
         .filter(|c| c["interface"] == interface && c["hook"] == hook)
         .map(|c| c["packets"].as_u64().unwrap())
         .sum()
-}
-
-fn map_entries(status: &Value, name: &str) -> u64 {
-    status["maps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == name)
-        .unwrap_or_else(|| panic!("map {name} in status"))["entries"]
-        .as_u64()
-        .unwrap()
 }
 
 #[test]

@@ -9,8 +9,7 @@ use std::{
     time::Duration,
 };
 
-use dataplane_tests::{Agent, Sandbox, attached_programs, has_program, in_netns};
-use serde_json::Value;
+use dataplane_tests::{Agent, Sandbox, attached_programs, has_program, in_netns, status::drops};
 
 const SPEC: &str = r#"
 uplink: eth0
@@ -53,28 +52,11 @@ fn reaches(sandbox: &Sandbox, from: &str, addr: &str, port: u16) -> bool {
     out.status.success() && !out.stdout.is_empty()
 }
 
-fn drops(status: &Value, reason: &str) -> u64 {
-    status["drops"][reason].as_u64().unwrap_or(0)
-}
-
 #[test]
 fn reachability_matrix_behaves_like_docker() {
     let sandbox = Sandbox::up(SPEC);
     let agent = Agent::start(&sandbox);
-    let bin = dataplane_tests::dataplane_bin();
-    let mut server = sandbox.spawn(
-        "outside",
-        &[
-            bin.to_str().unwrap(),
-            "sandbox",
-            "serve",
-            "--name",
-            "outside",
-            "--tcp",
-            "9999",
-        ],
-    );
-    server.wait_for_line("ready");
+    let _server = sandbox.serve_outside("9999", None);
     // Give the outside client a route to the containers, to show it still cannot use it.
     sandbox.exec_ok(
         "outside",

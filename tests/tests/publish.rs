@@ -8,7 +8,10 @@ use std::{
     time::Duration,
 };
 
-use dataplane_tests::{Agent, Sandbox, attached_programs, dataplane_bin, has_program, in_netns};
+use dataplane_tests::{
+    Agent, Sandbox, attached_programs, has_program, in_netns,
+    status::{drops, map_entries},
+};
 use serde_json::Value;
 
 const SPEC: &str = r#"
@@ -29,21 +32,6 @@ ports:
 
 const HOST: &str = "192.0.2.1";
 const OUTSIDE: &str = "192.0.2.2";
-
-fn map_entries(status: &Value, name: &str) -> u64 {
-    status["maps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == name)
-        .unwrap_or_else(|| panic!("map {name} in status"))["entries"]
-        .as_u64()
-        .unwrap()
-}
-
-fn drops(status: &Value, reason: &str) -> u64 {
-    status["drops"][reason].as_u64().unwrap_or(0)
-}
 
 fn curl(sandbox: &Sandbox, from: &str, url: &str) -> std::process::Output {
     sandbox.exec(from, &["curl", "-sS", "--max-time", "3", url])
@@ -205,22 +193,7 @@ fn iperf3_through_a_published_port() {
 fn masquerade_gives_containers_the_host_address_outside() {
     let sandbox = Sandbox::up(SPEC);
     let _agent = Agent::start(&sandbox);
-    let bin = dataplane_bin();
-    let mut server = sandbox.spawn(
-        "outside",
-        &[
-            bin.to_str().unwrap(),
-            "sandbox",
-            "serve",
-            "--name",
-            "outside",
-            "--tcp",
-            "9999",
-            "--udp",
-            "9999",
-        ],
-    );
-    server.wait_for_line("ready");
+    let _server = sandbox.serve_outside("9999", Some("9999"));
 
     let reply = sandbox.exec_ok("web1", &["nc", "-w3", OUTSIDE, "9999"]);
     let seen = reply
@@ -243,20 +216,7 @@ fn masquerade_gives_containers_the_host_address_outside() {
 fn two_hundred_parallel_connections_from_colliding_source_ports() {
     let sandbox = Sandbox::up(SPEC);
     let agent = Agent::start(&sandbox);
-    let bin = dataplane_bin();
-    let mut server = sandbox.spawn(
-        "outside",
-        &[
-            bin.to_str().unwrap(),
-            "sandbox",
-            "serve",
-            "--name",
-            "outside",
-            "--tcp",
-            "9999",
-        ],
-    );
-    server.wait_for_line("ready");
+    let _server = sandbox.serve_outside("9999", None);
     // web1 and web2 each open 100 connections at once, from the same 100 source ports, to
     // the same server port: without port allocation every pair would collide on the host.
     let script = format!("seq 41000 41099 | xargs -P 100 -I{{}} nc -d -w5 -p {{}} {OUTSIDE} 9999");

@@ -9,8 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_tests::{Agent, Sandbox, in_netns};
-use serde_json::Value;
+use dataplane_tests::{Agent, Sandbox, in_netns, status::drops};
 
 const SPEC: &str = r#"
 uplink: eth0
@@ -80,10 +79,6 @@ fn spread(
         }
         total
     })
-}
-
-fn drops(status: &Value, reason: &str) -> u64 {
-    status["drops"][reason].as_u64().unwrap_or(0)
 }
 
 #[test]

@@ -373,7 +373,7 @@ fn icmp_errors_about_translated_connections_are_translated_back() {
     assert_eq!(verdict, TC_PASS);
     let unreachable = ipv4_frame(&Ipv4Spec::new(SERVER, HOST, 1), &icmp_error(3, 3, &left));
     let (verdict, out) = run_tc(dp, Hook::UplinkIngress, &unreachable);
-    assert_eq!(verdict, TC_PASS);
+    assert_eq!(verdict, TC_REDIRECT, "delivered into the container like its connection");
     assert_checksums(&out);
     assert_eq!(tuple(&out).1, ip4(WEB1), "the error goes to the container");
     assert_eq!(
