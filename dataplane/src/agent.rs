@@ -14,7 +14,7 @@ use tokio::{
 };
 
 use crate::{
-    DEFAULT_PIN_DIR, DEFAULT_SOCKET, conntrack, control,
+    DEFAULT_PIN_DIR, DEFAULT_SOCKET, conntrack, control, docker,
     ebpf::{Datapath, LoadOptions},
     model::{Model, StateError},
     netdev,
@@ -46,6 +46,8 @@ pub struct AgentArgs {
     /// Declarative state file (YAML or JSON); changes to it apply while the agent runs.
     #[arg(long)]
     state: Option<PathBuf>,
+    #[command(flatten)]
+    docker: docker::DockerArgs,
     /// Interface facing the outside (overrides `uplink:` of the state file; default: the
     /// interface of the default route).
     #[arg(long)]
@@ -94,9 +96,10 @@ struct Agent {
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let mut docker = docker::Source::start(&args.docker);
     let initial = match &args.state {
         Some(path) => Model::load(path)?.1,
-        None => Model::default(),
+        None => docker.first_model(docker::FIRST_SYNC_WAIT).await,
     };
     let options = LoadOptions {
         ct_max_entries: args.ct_max_entries,
@@ -158,6 +161,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = tick.tick() => agent.poll(),
             _ = gc_tick.tick() => agent.collect_garbage(),
+            model = docker.next_model() => {
+                if let Err(e) = agent.apply(model) {
+                    agent.reject(e.to_string());
+                }
+            }
             Some(request) = requests.recv() => {
                 let reply = agent.handle(&request.command);
                 let _ = request.reply.send(reply);

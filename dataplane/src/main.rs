@@ -3,6 +3,7 @@
 mod agent;
 mod conntrack;
 mod control;
+mod docker;
 mod ebpf;
 mod maglev;
 mod model;

@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod docker;
+
 /// The `dataplane` binary under test: $DATAPLANE_BIN, or the one cargo built next to this
 /// test executable (target/debug/deps/<test> -> target/debug/dataplane).
 pub fn dataplane_bin() -> PathBuf {

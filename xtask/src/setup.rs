@@ -33,6 +33,16 @@ const TEST_PACKAGES: &[&str] = &[
     "wrk",
     "nginx-light",
     "iptables",
+    // A real Prometheus server that tests/tests/metrics.rs starts in a sandbox namespace to
+    // scrape the agent's /metrics (the packaged service does not start here, as for nginx).
+    "prometheus",
+    // A real Docker engine (dockerd 20.10, API 1.41, with containerd and runc) that
+    // tests/tests/docker.rs starts in a namespace of its own, and busybox-static, whose
+    // /bin/busybox those tests turn into the containers' image with `docker import` (no image
+    // can be pulled here). The packaged docker service does not start here, as for nginx; the
+    // tests also use iptables (above) to check that Docker installed no NAT rules.
+    "docker.io",
+    "busybox-static",
 ];
 
 /// The toolchain aya-build compiles the kernel programs with (`-Z build-std=core`).

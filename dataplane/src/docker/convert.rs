@@ -1,0 +1,1134 @@
+//! What the engine reports, turned into the state file's structs ([`StateFile`]) and checked by
+//! the same [`Model::from_spec`] every source goes through. Pure functions of the engine's
+//! objects, the host-side veths found for each container and the VIPs handed out so far.
+//!
+//! - networks: bridge-driver networks with an IPv4 subnet; the bridge is
+//!   `com.docker.network.bridge.name` or `br-` + the first 12 characters of the id (docker0 for
+//!   the default `bridge` network), `icc` from `com.docker.network.bridge.enable_icc`;
+//! - endpoints: running containers with at least one interface on such a network, named like
+//!   the container, with its labels; the network it was started on comes first (Docker
+//!   publishes ports to that address);
+//! - ports: every IPv4 binding of `NetworkSettings.Ports` (host IP "" or 0.0.0.0 = all),
+//!   consecutive ports merged back into the ranges `-p 9000-9002:7000-7002` made;
+//! - services: see [`SERVICE_LABEL`].
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use super::api::{ContainerInspect, NetworkInspect};
+use crate::model::{
+    Cidr, EndpointSpec, InterfaceSpec, Model, NetworkSpec, PortSpec, PortValue, Protocol,
+    ServiceSpec, StateError, StateFile, parse_mac,
+};
+
+/// A container joins the service named by this label's value, whatever Compose says.
+pub const SERVICE_LABEL: &str = "dataplane.service";
+/// The service's ports on this container: "80", "53/udp" or a list "80,443"; default: the
+/// container's exposed ports (`EXPOSE`, `--expose`, and every published port).
+pub const SERVICE_PORT_LABEL: &str = "dataplane.service.port";
+pub const COMPOSE_PROJECT_LABEL: &str = "com.docker.compose.project";
+pub const COMPOSE_SERVICE_LABEL: &str = "com.docker.compose.service";
+/// `docker compose run` containers carry "True": they never become backends.
+pub const COMPOSE_ONEOFF_LABEL: &str = "com.docker.compose.oneoff";
+
+const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
+const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
+
+/// A running container: the engine's view and the host-side veth of each of its interfaces.
+#[derive(Debug, Clone, Default)]
+pub struct Container {
+    pub inspect: ContainerInspect,
+    /// Host-side veth name by the MAC of the container's end.
+    pub host_veths: BTreeMap<[u8; 6], String>,
+    /// Why the veths could not be found, when they could not.
+    pub veth_error: Option<String>,
+}
+
+impl Container {
+    pub fn name(&self) -> &str {
+        self.inspect.name.trim_start_matches('/')
+    }
+}
+
+/// Everything a state file is made from.
+pub struct Inputs<'a> {
+    pub networks: &'a [NetworkInspect],
+    /// By container id.
+    pub containers: &'a BTreeMap<String, Container>,
+    /// Whether an interface exists in the agent's namespace now (the reconciler refuses a
+    /// model that names one that does not).
+    pub interface_exists: &'a dyn Fn(&str) -> bool,
+}
+
+/// A state file and what was left out of it, and why (for the log).
+#[derive(Debug, Default)]
+pub struct Built {
+    pub spec: StateFile,
+    pub notes: Vec<String>,
+}
+
+pub fn build(inputs: &Inputs<'_>, vips: &mut VipAllocator) -> Built {
+    let mut notes = Vec::new();
+    let networks = networks(inputs, &mut notes);
+    let mut endpoints = Vec::new();
+    let mut ports = Vec::new();
+    // (endpoint, container) of those that made it, for the services.
+    let mut members = Vec::new();
+    let mut containers: Vec<&Container> = inputs.containers.values().collect();
+    containers.sort_by(|a, b| a.name().cmp(b.name()));
+    for container in containers {
+        let Some(endpoint) = endpoint(container, &networks, inputs, &mut notes) else {
+            continue;
+        };
+        ports.extend(published_ports(container, &endpoint.name, &mut notes));
+        members.push((endpoint.name.clone(), container));
+        endpoints.push(endpoint);
+    }
+    let subnets: Vec<Cidr> = networks
+        .iter()
+        .filter_map(|(n, _)| Cidr::parse(&n.subnet).ok())
+        .collect();
+    let services = services(&members, vips, &subnets, &mut notes);
+    Built {
+        spec: StateFile {
+            uplink: None,
+            networks: networks.into_iter().map(|(n, _)| n).collect(),
+            endpoints,
+            ports: merge_ranges(ports),
+            services,
+            policies: Vec::new(),
+        },
+        notes,
+    }
+}
+
+/// The bridge networks, oldest first (the reconciler numbers networks by position, so new
+/// networks go last), each with its engine id.
+fn networks(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Vec<(NetworkSpec, String)> {
+    let mut list: Vec<&NetworkInspect> = inputs
+        .networks
+        .iter()
+        .filter(|n| n.driver == "bridge" && !n.config_only)
+        .collect();
+    list.sort_by(|a, b| (&a.created, &a.name).cmp(&(&b.created, &b.name)));
+    let mut out = Vec::new();
+    for n in list {
+        let Some((subnet, ipam_gateway)) = n.ipam.config.iter().find_map(|c| {
+            let subnet = Cidr::parse(&c.subnet).ok()?;
+            let gateway = c.gateway.split('/').next().unwrap_or_default();
+            Some((subnet, gateway.parse::<Ipv4Addr>().ok()))
+        }) else {
+            notes.push(format!("network {}: no IPv4 subnet; left out", n.name));
+            continue;
+        };
+        // The default bridge's IPAM config has no gateway: take the one its containers
+        // were given, else the subnet's first address (Docker's choice).
+        let gateway = ipam_gateway
+            .or_else(|| {
+                inputs.containers.values().find_map(|c| {
+                    c.inspect
+                        .network_settings
+                        .networks
+                        .values()
+                        .find(|e| e.network_id == n.id)
+                        .and_then(|e| e.gateway.parse().ok())
+                })
+            })
+            .unwrap_or_else(|| Ipv4Addr::from(u32::from(subnet.network()) + 1));
+        let bridge = match n.options.get(BRIDGE_NAME_OPTION) {
+            Some(name) if !name.is_empty() => name.clone(),
+            _ => format!("br-{}", n.id.get(..12).unwrap_or(&n.id)),
+        };
+        if !(inputs.interface_exists)(&bridge) {
+            notes.push(format!(
+                "network {}: its bridge {bridge} is not in the agent's network namespace; \
+                 left out (is the agent in dockerd's namespace?)",
+                n.name
+            ));
+            continue;
+        }
+        let icc = n
+            .options
+            .get(ICC_OPTION)
+            .is_none_or(|v| !v.eq_ignore_ascii_case("false"));
+        out.push((
+            NetworkSpec {
+                name: n.name.clone(),
+                bridge,
+                subnet: subnet.to_string(),
+                gateway: gateway.to_string(),
+                internal: n.internal,
+                icc,
+            },
+            n.id.clone(),
+        ));
+    }
+    out
+}
+
+fn endpoint(
+    container: &Container,
+    networks: &[(NetworkSpec, String)],
+    inputs: &Inputs<'_>,
+    notes: &mut Vec<String>,
+) -> Option<EndpointSpec> {
+    let name = container.name();
+    let settings = &container.inspect.network_settings;
+    let primary = match container.inspect.host_config.network_mode.as_str() {
+        "default" | "" => "bridge",
+        mode => mode,
+    };
+    // The network the container was started on first, then the others by name.
+    let mut attached: Vec<(&String, &super::api::EndpointSettings)> =
+        settings.networks.iter().collect();
+    attached.sort_by_key(|(net, _)| (net.as_str() != primary, net.as_str()));
+    let mut interfaces = Vec::new();
+    for (net_name, ep) in attached {
+        let Some((network, _)) = networks.iter().find(|(n, id)| {
+            (!ep.network_id.is_empty() && *id == ep.network_id) || n.name == *net_name
+        }) else {
+            continue; // host, none, another driver, or a network left out above
+        };
+        let problem = |what: String| format!("container {name}: network {net_name}: {what}");
+        if ep.ip_address.parse::<Ipv4Addr>().is_err() {
+            notes.push(problem(format!(
+                "no IPv4 address ({:?}); interface left out",
+                ep.ip_address
+            )));
+            continue;
+        }
+        let Ok(mac) = parse_mac(&ep.mac_address) else {
+            notes.push(problem(format!(
+                "MAC {:?} unusable; interface left out",
+                ep.mac_address
+            )));
+            continue;
+        };
+        let Some(host_veth) = container.host_veths.get(&mac) else {
+            notes.push(problem(format!(
+                "no host-side veth for MAC {}{}; interface left out",
+                ep.mac_address,
+                container
+                    .veth_error
+                    .as_ref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            )));
+            continue;
+        };
+        if !(inputs.interface_exists)(host_veth) {
+            notes.push(problem(format!(
+                "host-side veth {host_veth} is gone; interface left out"
+            )));
+            continue;
+        }
+        interfaces.push(InterfaceSpec {
+            network: network.name.clone(),
+            ip: ep.ip_address.clone(),
+            mac: ep.mac_address.to_ascii_lowercase(),
+            host_veth: host_veth.clone(),
+        });
+    }
+    if interfaces.is_empty() {
+        return None;
+    }
+    Some(EndpointSpec {
+        name: name.to_owned(),
+        labels: container.inspect.config.labels.clone(),
+        interfaces,
+    })
+}
+
+/// "80/tcp" -> (80, tcp).
+fn parse_port_key(key: &str) -> Option<(u16, Option<Protocol>)> {
+    let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
+    let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    let proto = match proto {
+        "tcp" => Some(Protocol::Tcp),
+        "udp" => Some(Protocol::Udp),
+        _ => None,
+    };
+    Some((port, proto))
+}
+
+/// One published port before merging: (endpoint, protocol, host ip, host port, container port).
+type Binding = (String, Protocol, Option<Ipv4Addr>, u16, u16);
+
+fn published_ports(container: &Container, endpoint: &str, notes: &mut Vec<String>) -> Vec<Binding> {
+    let mut out = Vec::new();
+    for (key, bindings) in &container.inspect.network_settings.ports {
+        let Some(bindings) = bindings.as_ref().filter(|b| !b.is_empty()) else {
+            continue; // exposed, not published
+        };
+        let Some((container_port, proto)) = parse_port_key(key) else {
+            notes.push(format!(
+                "container {endpoint}: port {key:?} unreadable; left out"
+            ));
+            continue;
+        };
+        let Some(proto) = proto else {
+            notes.push(format!(
+                "container {endpoint}: port {key}: only tcp and udp are published; left out"
+            ));
+            continue;
+        };
+        for binding in bindings {
+            let host_ip = match binding.host_ip.as_str() {
+                "" | "0.0.0.0" => None,
+                text => match text.parse::<Ipv4Addr>() {
+                    Ok(ip) => Some(ip),
+                    Err(_) => continue, // an IPv6 binding ("::"); the dataplane is IPv4
+                },
+            };
+            let Some(host_port) = binding.host_port.parse::<u16>().ok().filter(|p| *p != 0) else {
+                continue;
+            };
+            out.push((
+                endpoint.to_owned(),
+                proto,
+                host_ip,
+                host_port,
+                container_port,
+            ));
+        }
+    }
+    out
+}
+
+/// Runs of consecutive host ports leading to consecutive container ports become one range.
+fn merge_ranges(mut bindings: Vec<Binding>) -> Vec<PortSpec> {
+    bindings.sort();
+    bindings.dedup();
+    // (binding of the run's first port, run length)
+    let mut runs: Vec<(Binding, u16)> = Vec::new();
+    for b in bindings {
+        if let Some((first, len)) = runs.last_mut()
+            && first.0 == b.0
+            && first.1 == b.1
+            && first.2 == b.2
+            && u32::from(first.3) + u32::from(*len) == u32::from(b.3)
+            && u32::from(first.4) + u32::from(*len) == u32::from(b.4)
+        {
+            *len += 1;
+            continue;
+        }
+        runs.push((b, 1));
+    }
+    runs.into_iter()
+        .map(
+            |((endpoint, proto, host_ip, host_port, container_port), len)| {
+                let value = |first: u16| {
+                    if len == 1 {
+                        PortValue::Number(u32::from(first))
+                    } else {
+                        PortValue::Text(format!("{first}-{}", first + (len - 1)))
+                    }
+                };
+                PortSpec {
+                    endpoint: Some(endpoint),
+                    service: None,
+                    protocol: proto.to_string(),
+                    host_ip: host_ip.map(|ip| ip.to_string()),
+                    host_port: value(host_port),
+                    container_port: value(container_port),
+                }
+            },
+        )
+        .collect()
+}
+
+/// "80", "53/udp", "80,443/tcp" -> ports; None when unreadable.
+fn parse_port_list(text: &str) -> Option<BTreeSet<(u16, Protocol)>> {
+    let mut out = BTreeSet::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (port, proto) = parse_port_key(part)?;
+        out.insert((port, proto?));
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// A container's place in a service.
+struct Membership {
+    service: String,
+    ports: BTreeSet<(u16, Protocol)>,
+    /// Asked for with [`SERVICE_LABEL`] (rather than implied by Compose's labels).
+    explicit: bool,
+}
+
+/// The service a container belongs to, and the ports it serves for it.
+fn membership(
+    endpoint: &str,
+    container: &Container,
+    notes: &mut Vec<String>,
+) -> Option<Membership> {
+    let labels = &container.inspect.config.labels;
+    let explicit = labels.get(SERVICE_LABEL).is_some_and(|s| !s.is_empty());
+    let group = match labels.get(SERVICE_LABEL).filter(|s| !s.is_empty()) {
+        Some(name) => name.clone(),
+        None => {
+            let project = labels.get(COMPOSE_PROJECT_LABEL)?;
+            let service = labels.get(COMPOSE_SERVICE_LABEL)?;
+            if labels
+                .get(COMPOSE_ONEOFF_LABEL)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            {
+                return None;
+            }
+            format!("{project}_{service}")
+        }
+    };
+    let ports = match labels.get(SERVICE_PORT_LABEL) {
+        Some(text) => match parse_port_list(text) {
+            Some(ports) => ports,
+            None => {
+                notes.push(format!(
+                    "container {endpoint}: label {SERVICE_PORT_LABEL}={text:?} is not like \
+                     \"80\", \"53/udp\" or \"80,443\"; not a backend of {group}"
+                ));
+                return None;
+            }
+        },
+        None => container
+            .inspect
+            .config
+            .exposed_ports
+            .keys()
+            .filter_map(|k| match parse_port_key(k)? {
+                (port, Some(proto)) => Some((port, proto)),
+                _ => None,
+            })
+            .collect(),
+    };
+    Some(Membership {
+        service: group,
+        ports,
+        explicit,
+    })
+}
+
+/// One service entry per (group, port): the VIP is the group's, the backends are the members
+/// that serve that port.
+fn services(
+    members: &[(String, &Container)],
+    vips: &mut VipAllocator,
+    avoid: &[Cidr],
+    notes: &mut Vec<String>,
+) -> Vec<ServiceSpec> {
+    // group -> port -> endpoints
+    let mut groups: BTreeMap<String, BTreeMap<(u16, Protocol), BTreeSet<String>>> = BTreeMap::new();
+    for (endpoint, container) in members {
+        let Some(Membership {
+            service: group,
+            ports,
+            explicit,
+        }) = membership(endpoint, container, notes)
+        else {
+            continue;
+        };
+        let entry = groups.entry(group.clone()).or_default();
+        // A Compose service without ports (a worker, say) needs no VIP; one asked for by
+        // label does.
+        if ports.is_empty() && explicit {
+            notes.push(format!(
+                "container {endpoint}: exposes no port; not a backend of {group} (use --expose \
+                 or the label {SERVICE_PORT_LABEL})"
+            ));
+        }
+        for port in ports {
+            entry.entry(port).or_default().insert(endpoint.clone());
+        }
+    }
+    groups.retain(|_, ports| !ports.is_empty());
+    let names: BTreeSet<String> = groups.keys().cloned().collect();
+    let assigned = vips.assign(&names, avoid);
+    let mut out = Vec::new();
+    for (group, ports) in groups {
+        let Some(vip) = assigned.get(&group) else {
+            notes.push(format!(
+                "service {group}: no free VIP left in {}; left out",
+                vips.range()
+            ));
+            continue;
+        };
+        let single = ports.len() == 1;
+        for ((port, proto), endpoints) in ports {
+            let name = match (single, proto) {
+                (true, _) => group.clone(),
+                (false, Protocol::Tcp) => format!("{group}:{port}"),
+                (false, Protocol::Udp) => format!("{group}:{port}/udp"),
+            };
+            out.push(ServiceSpec {
+                name,
+                vip: vip.to_string(),
+                port: u32::from(port),
+                protocol: proto.to_string(),
+                target_port: None,
+                selector: None,
+                endpoints: Some(endpoints.into_iter().collect()),
+                algorithm: "maglev".into(),
+                weights: BTreeMap::new(),
+            });
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// VIPs.
+
+/// Hands out service VIPs from a range: a name's first choice is a hash of it (so a service
+/// gets the same VIP across agent restarts unless two names collide), taken addresses are
+/// skipped linearly; a name keeps its VIP for as long as it exists.
+#[derive(Debug, Clone)]
+pub struct VipAllocator {
+    range: Cidr,
+    by_name: BTreeMap<String, Ipv4Addr>,
+}
+
+impl VipAllocator {
+    pub fn new(range: Cidr) -> VipAllocator {
+        VipAllocator {
+            range,
+            by_name: BTreeMap::new(),
+        }
+    }
+
+    pub fn range(&self) -> Cidr {
+        self.range
+    }
+
+    /// First usable address and how many there are (network and broadcast addresses left out
+    /// of ranges that have them).
+    fn usable(&self) -> (u32, u64) {
+        let base = u32::from(self.range.network());
+        let size = 1u64 << (32 - u32::from(self.range.prefix_len));
+        if size >= 4 {
+            (base + 1, size - 2)
+        } else {
+            (base, size)
+        }
+    }
+
+    /// VIPs for exactly `names`: kept for those that have one, new for the others; VIPs of
+    /// names no longer given are released. Addresses inside `avoid` (the networks' subnets)
+    /// are never handed out. A name missing from the result found no free address.
+    pub fn assign(
+        &mut self,
+        names: &BTreeSet<String>,
+        avoid: &[Cidr],
+    ) -> BTreeMap<String, Ipv4Addr> {
+        self.by_name
+            .retain(|name, ip| names.contains(name) && !avoid.iter().any(|c| c.contains(*ip)));
+        let mut taken: BTreeSet<Ipv4Addr> = self.by_name.values().copied().collect();
+        let (first, count) = self.usable();
+        // Probing a whole /8 for a free address is pointless; 65536 tries is plenty.
+        let tries = count.min(1 << 16);
+        for name in names {
+            if self.by_name.contains_key(name) {
+                continue;
+            }
+            let start = fnv1a(name.as_bytes()) % count;
+            let found = (0..tries)
+                .map(|i| Ipv4Addr::from(first + ((start + i) % count) as u32))
+                .find(|ip| !taken.contains(ip) && !avoid.iter().any(|c| c.contains(*ip)));
+            if let Some(ip) = found {
+                taken.insert(ip);
+                self.by_name.insert(name.clone(), ip);
+            }
+        }
+        self.by_name.clone()
+    }
+}
+
+/// 64-bit FNV-1a: a hash that stays the same across Rust versions and runs.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+
+/// Validates `spec` with [`Model::from_spec`]. An entry the model refuses is left out (with a
+/// note) and the rest tried again, so that one odd container or network never holds back the
+/// state of every other one.
+pub fn validate(mut spec: StateFile, notes: &mut Vec<String>) -> Result<Model, StateError> {
+    let rounds =
+        spec.networks.len() + spec.endpoints.len() + spec.ports.len() + spec.services.len();
+    for _ in 0..=rounds {
+        let err = match Model::from_spec(&spec) {
+            Ok(model) => return Ok(model),
+            Err(err) => err,
+        };
+        let StateError::Invalid { entry, .. } = &err else {
+            return Err(err);
+        };
+        let Some((kind, key)) = entry.strip_suffix(']').and_then(|e| e.split_once('[')) else {
+            return Err(err);
+        };
+        let before = (
+            spec.networks.len(),
+            spec.endpoints.len(),
+            spec.ports.len(),
+            spec.services.len(),
+        );
+        match kind {
+            "networks" => drop_network(&mut spec, key),
+            "endpoints" => drop_endpoint(&mut spec, key),
+            "services" => spec.services.retain(|s| s.name != key),
+            "ports" => {
+                if let Ok(i) = key.parse::<usize>()
+                    && i < spec.ports.len()
+                {
+                    spec.ports.remove(i);
+                }
+            }
+            _ => return Err(err),
+        }
+        let after = (
+            spec.networks.len(),
+            spec.endpoints.len(),
+            spec.ports.len(),
+            spec.services.len(),
+        );
+        if before == after {
+            return Err(err);
+        }
+        notes.push(format!("left out: {err}"));
+    }
+    Model::from_spec(&spec)
+}
+
+fn drop_network(spec: &mut StateFile, name: &str) {
+    spec.networks.retain(|n| n.name != name);
+    let mut emptied = Vec::new();
+    for e in &mut spec.endpoints {
+        let had = e.interfaces.len();
+        e.interfaces.retain(|i| i.network != name);
+        if had > 0 && e.interfaces.is_empty() {
+            emptied.push(e.name.clone());
+        }
+    }
+    for endpoint in emptied {
+        drop_endpoint(spec, &endpoint);
+    }
+}
+
+fn drop_endpoint(spec: &mut StateFile, name: &str) {
+    spec.endpoints.retain(|e| e.name != name);
+    spec.ports.retain(|p| p.endpoint.as_deref() != Some(name));
+    for s in &mut spec.services {
+        if let Some(list) = &mut s.endpoints {
+            list.retain(|e| e != name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PortTarget;
+
+    // Trimmed from what dockerd 20.10 answered for `GET /v1.41/networks` after
+    // `docker network create net1` and
+    // `docker network create -o com.docker.network.bridge.enable_icc=false --internal net2`.
+    const NETWORKS: &str = r#"[
+      {"Name":"net1","Id":"cfba64a4ecd571bb3bfa75af94140d90fe6ae9115b0fba1ca56e4a6be33b58a1",
+       "Created":"2026-11-25T09:33:43.544068594Z","Scope":"local","Driver":"bridge",
+       "EnableIPv6":false,"IPAM":{"Driver":"default","Options":{},
+       "Config":[{"Subnet":"172.18.0.0/16","Gateway":"172.18.0.1"}]},"Internal":false,
+       "Attachable":false,"Ingress":false,"ConfigFrom":{"Network":""},"ConfigOnly":false,
+       "Containers":{},"Options":{},"Labels":{"x":"y"}},
+      {"Name":"net2","Id":"371560432c173e11cd4e0e4b33025df685dc903c53a639a097a20b41d2fdf901",
+       "Created":"2026-11-25T09:33:43.565023688Z","Scope":"local","Driver":"bridge",
+       "IPAM":{"Driver":"default","Options":{},
+       "Config":[{"Subnet":"172.19.0.0/16","Gateway":"172.19.0.1"}]},"Internal":true,
+       "ConfigOnly":false,"Containers":{},
+       "Options":{"com.docker.network.bridge.enable_icc":"false"},"Labels":{}},
+      {"Name":"none","Id":"b181a2f82322ac7ab3ef139dba431fdf83aabde92ea521bcf3b41d5e1c94431e",
+       "Created":"2026-11-25T09:33:36.560478505Z","Scope":"local","Driver":"null",
+       "IPAM":{"Driver":"default","Options":null,"Config":[]},"Internal":false,
+       "ConfigOnly":false,"Containers":{},"Options":{},"Labels":{}},
+      {"Name":"host","Id":"3120b5b3264efd7d0d3bf98f100ec467f8bcc9888c8835535ac5edd846be4547",
+       "Created":"2026-11-25T09:33:36.561540269Z","Scope":"local","Driver":"host",
+       "IPAM":{"Driver":"default","Options":null,"Config":[]},"Internal":false,
+       "ConfigOnly":false,"Containers":{},"Options":{},"Labels":{}},
+      {"Name":"bridge","Id":"c1c8c76559f1d2697b46d3dd7fda6e27f01a7c5c71cece78d408c3892d67e241",
+       "Created":"2026-11-25T09:33:36.56244628Z","Scope":"local","Driver":"bridge",
+       "IPAM":{"Driver":"default","Options":null,"Config":[{"Subnet":"172.17.0.0/16"}]},
+       "Internal":false,"ConfigOnly":false,"Containers":{},
+       "Options":{"com.docker.network.bridge.default_bridge":"true",
+         "com.docker.network.bridge.enable_icc":"true",
+         "com.docker.network.bridge.enable_ip_masquerade":"false",
+         "com.docker.network.bridge.host_binding_ipv4":"0.0.0.0",
+         "com.docker.network.bridge.name":"docker0","com.docker.network.driver.mtu":"1500"},
+       "Labels":{}}
+    ]"#;
+
+    // Trimmed from `GET /v1.41/containers/web/json` after
+    // `docker run -d --name web -p 8080:80 -p 5353:53/udp -p 9000-9002:7000-7002
+    //  --label app=web bb:latest httpd -f -p 80 -h /www`.
+    const WEB: &str = r#"{
+      "Id":"587c79dc035de862b2d6a04ab2d9b51ffa26a73811f1fa00fdaeefeb53253540",
+      "Name":"/web",
+      "State":{"Status":"running","Running":true,"Paused":false,"Pid":27611},
+      "HostConfig":{"NetworkMode":"default",
+        "PortBindings":{"80/tcp":[{"HostIp":"","HostPort":"8080"}]}},
+      "Config":{"Hostname":"587c79dc035d","Env":null,
+        "ExposedPorts":{"53/udp":{},"7000/tcp":{},"7001/tcp":{},"7002/tcp":{},"80/tcp":{}},
+        "Labels":{"app":"web"}},
+      "NetworkSettings":{"Bridge":"","SandboxID":"4a4f344e1fc0c2c04adb2bf85a3a8d55822e",
+        "Ports":{"53/udp":[{"HostIp":"0.0.0.0","HostPort":"5353"}],
+          "7000/tcp":[{"HostIp":"0.0.0.0","HostPort":"9000"}],
+          "7001/tcp":[{"HostIp":"0.0.0.0","HostPort":"9001"}],
+          "7002/tcp":[{"HostIp":"0.0.0.0","HostPort":"9002"}],
+          "80/tcp":[{"HostIp":"0.0.0.0","HostPort":"8080"}]},
+        "SandboxKey":"/tmp/dkx/exec/netns/4a4f344e1fc0",
+        "IPAddress":"172.17.0.2","MacAddress":"02:42:ac:11:00:02",
+        "Networks":{"bridge":{"IPAMConfig":null,"Links":null,"Aliases":null,
+          "NetworkID":"c1c8c76559f1d2697b46d3dd7fda6e27f01a7c5c71cece78d408c3892d67e241",
+          "EndpointID":"0e1b1674b8247379fef060301c0f43e53ad10cb226df89da2eb340fa752009bf",
+          "Gateway":"172.17.0.1","IPAddress":"172.17.0.2","IPPrefixLen":16,
+          "MacAddress":"02:42:ac:11:00:02","DriverOpts":null}}}
+    }"#;
+
+    // Trimmed from `GET /v1.41/containers/two/json` after
+    // `docker run -d --name two --network net1 -l com.docker.compose.project=p
+    //  -l com.docker.compose.service=s bb:latest sleep 1000; docker network connect net2 two`.
+    const TWO: &str = r#"{
+      "Id":"43b0b4f7da9a99b1158bef40bf16bedee18af183625d3c6aed74e75f10920264",
+      "Name":"/two",
+      "State":{"Status":"running","Running":true,"Pid":27686},
+      "HostConfig":{"NetworkMode":"net1"},
+      "Config":{"Hostname":"43b0b4f7da9a","Env":null,"Cmd":["sleep","1000"],
+        "Labels":{"com.docker.compose.project":"p","com.docker.compose.service":"s"}},
+      "NetworkSettings":{"Ports":{},"SandboxKey":"/tmp/dkx/exec/netns/08a3c33e80a6",
+        "IPAddress":"","MacAddress":"",
+        "Networks":{
+          "net1":{"IPAMConfig":null,"Aliases":["43b0b4f7da9a"],
+            "NetworkID":"cfba64a4ecd571bb3bfa75af94140d90fe6ae9115b0fba1ca56e4a6be33b58a1",
+            "Gateway":"172.18.0.1","IPAddress":"172.18.0.2","IPPrefixLen":16,
+            "MacAddress":"02:42:ac:12:00:02","DriverOpts":null},
+          "net2":{"IPAMConfig":{},"Aliases":["43b0b4f7da9a"],
+            "NetworkID":"371560432c173e11cd4e0e4b33025df685dc903c53a639a097a20b41d2fdf901",
+            "Gateway":"172.19.0.1","IPAddress":"172.19.0.2","IPPrefixLen":16,
+            "MacAddress":"02:42:ac:13:00:02","DriverOpts":{}}}}
+    }"#;
+
+    fn container(json: &str, veths: &[([u8; 6], &str)]) -> Container {
+        Container {
+            inspect: serde_json::from_str(json).unwrap(),
+            host_veths: veths.iter().map(|(m, n)| (*m, n.to_string())).collect(),
+            veth_error: None,
+        }
+    }
+
+    fn sample() -> (Vec<NetworkInspect>, BTreeMap<String, Container>) {
+        let networks = serde_json::from_str(NETWORKS).unwrap();
+        let mut containers = BTreeMap::new();
+        containers.insert(
+            "587c".to_string(),
+            container(WEB, &[([2, 0x42, 0xac, 0x11, 0, 2], "veth2bfa2e0")]),
+        );
+        containers.insert(
+            "43b0".to_string(),
+            container(
+                TWO,
+                &[
+                    ([2, 0x42, 0xac, 0x12, 0, 2], "veth62fd343"),
+                    ([2, 0x42, 0xac, 0x13, 0, 2], "veth9f7d20d"),
+                ],
+            ),
+        );
+        (networks, containers)
+    }
+
+    fn build_sample(
+        networks: &[NetworkInspect],
+        containers: &BTreeMap<String, Container>,
+        vips: &mut VipAllocator,
+    ) -> Built {
+        let exists = |_: &str| true;
+        build(
+            &Inputs {
+                networks,
+                containers,
+                interface_exists: &exists,
+            },
+            vips,
+        )
+    }
+
+    fn vips() -> VipAllocator {
+        VipAllocator::new(Cidr::parse("10.96.0.0/16").unwrap())
+    }
+
+    #[test]
+    fn engine_state_becomes_a_valid_model() {
+        let (networks, containers) = sample();
+        let built = build_sample(&networks, &containers, &mut vips());
+        assert_eq!(built.notes, Vec::<String>::new());
+        let spec = &built.spec;
+
+        // Bridge networks only, oldest first; the default bridge is docker0 with the gateway
+        // its containers use; others are br-<id>.
+        let nets: Vec<(&str, &str, &str, &str, bool, bool)> = spec
+            .networks
+            .iter()
+            .map(|n| {
+                (
+                    n.name.as_str(),
+                    n.bridge.as_str(),
+                    n.subnet.as_str(),
+                    n.gateway.as_str(),
+                    n.internal,
+                    n.icc,
+                )
+            })
+            .collect();
+        assert_eq!(
+            nets,
+            vec![
+                (
+                    "bridge",
+                    "docker0",
+                    "172.17.0.0/16",
+                    "172.17.0.1",
+                    false,
+                    true
+                ),
+                (
+                    "net1",
+                    "br-cfba64a4ecd5",
+                    "172.18.0.0/16",
+                    "172.18.0.1",
+                    false,
+                    true
+                ),
+                (
+                    "net2",
+                    "br-371560432c17",
+                    "172.19.0.0/16",
+                    "172.19.0.1",
+                    true,
+                    false
+                ),
+            ]
+        );
+
+        let model = validate(spec.clone(), &mut Vec::new()).unwrap();
+        let two = model.endpoints.iter().find(|e| e.name == "two").unwrap();
+        // The network it was started on first.
+        let on: Vec<(&str, String, &str)> = two
+            .interfaces
+            .iter()
+            .map(|i| (i.network.as_str(), i.ip.to_string(), i.host_veth.as_str()))
+            .collect();
+        assert_eq!(
+            on,
+            vec![
+                ("net1", "172.18.0.2".into(), "veth62fd343"),
+                ("net2", "172.19.0.2".into(), "veth9f7d20d"),
+            ]
+        );
+        assert_eq!(two.labels["com.docker.compose.service"], "s");
+        let web = model.endpoints.iter().find(|e| e.name == "web").unwrap();
+        assert_eq!(web.interfaces[0].mac, [2, 0x42, 0xac, 0x11, 0, 2]);
+        assert_eq!(web.labels["app"], "web");
+
+        // Ports: the range came back as one entry, UDP kept.
+        let ports: Vec<(String, Protocol, u16, u16, u16)> = model
+            .ports
+            .iter()
+            .map(|p| {
+                assert_eq!(p.target, PortTarget::Endpoint("web".into()));
+                assert_eq!(p.host_ip, None);
+                (
+                    format!("{}-{}", p.host_ports.first, p.host_ports.last),
+                    p.protocol,
+                    p.host_ports.first,
+                    p.container_ports.first,
+                    p.container_ports.last,
+                )
+            })
+            .collect();
+        assert_eq!(
+            ports,
+            vec![
+                ("8080-8080".into(), Protocol::Tcp, 8080, 80, 80),
+                ("9000-9002".into(), Protocol::Tcp, 9000, 7000, 7002),
+                ("5353-5353".into(), Protocol::Udp, 5353, 53, 53),
+            ]
+        );
+        // `two` is a Compose service member, but exposes no port: no service, and a note.
+        assert!(model.services.is_empty());
+    }
+
+    #[test]
+    fn stopped_or_unresolved_containers_are_left_out() {
+        let (networks, mut containers) = sample();
+        // No veth found for `two`'s second interface: only that interface goes.
+        containers.get_mut("43b0").unwrap().host_veths.pop_last();
+        let built = build_sample(&networks, &containers, &mut vips());
+        let two = built
+            .spec
+            .endpoints
+            .iter()
+            .find(|e| e.name == "two")
+            .unwrap();
+        assert_eq!(two.interfaces.len(), 1);
+        assert!(
+            built
+                .notes
+                .iter()
+                .any(|n| n.contains("container two: network net2: no host-side veth")),
+            "{:?}",
+            built.notes
+        );
+        // No veth at all for `web`: the endpoint and its ports go.
+        containers.get_mut("587c").unwrap().host_veths.clear();
+        let built = build_sample(&networks, &containers, &mut vips());
+        assert!(built.spec.endpoints.iter().all(|e| e.name != "web"));
+        assert!(built.spec.ports.is_empty());
+        // A bridge missing from the agent's namespace: the network and its interfaces go.
+        let exists = |name: &str| name != "br-371560432c17";
+        let built = build(
+            &Inputs {
+                networks: &networks,
+                containers: &containers,
+                interface_exists: &exists,
+            },
+            &mut vips(),
+        );
+        assert!(built.spec.networks.iter().all(|n| n.name != "net2"));
+        let model = validate(built.spec, &mut Vec::new()).unwrap();
+        assert_eq!(model.endpoints.len(), 1);
+    }
+
+    #[test]
+    fn ports_with_host_ips_and_ipv6_bindings() {
+        let (networks, mut containers) = sample();
+        let web = containers.get_mut("587c").unwrap();
+        web.inspect.network_settings.ports = serde_json::from_str(
+            r#"{"80/tcp":[{"HostIp":"192.0.2.1","HostPort":"9090"},{"HostIp":"::","HostPort":"9090"}],
+                "81/tcp":[{"HostIp":"0.0.0.0","HostPort":"9091"}],
+                "82/tcp":null,
+                "132/sctp":[{"HostIp":"","HostPort":"132"}]}"#,
+        )
+        .unwrap();
+        let built = build_sample(&networks, &containers, &mut vips());
+        let ports: Vec<(Option<&str>, String)> = built
+            .spec
+            .ports
+            .iter()
+            .map(|p| (p.host_ip.as_deref(), format!("{:?}", p.host_port)))
+            .collect();
+        // 9090 on one address and 9091 on all are not one range.
+        assert_eq!(
+            ports,
+            vec![
+                (None, "Number(9091)".to_string()),
+                (Some("192.0.2.1"), "Number(9090)".to_string()),
+            ]
+        );
+        assert!(built.notes.iter().any(|n| n.contains("132/sctp")));
+    }
+
+    fn with_labels(json: &str, labels: &[(&str, &str)], exposed: &[&str]) -> ContainerInspect {
+        let mut inspect: ContainerInspect = serde_json::from_str(json).unwrap();
+        inspect.config.labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        inspect.config.exposed_ports = exposed
+            .iter()
+            .map(|p| (p.to_string(), serde_json::json!({})))
+            .collect();
+        inspect
+    }
+
+    /// A container to make: name, labels, exposed ports.
+    type Replica<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+
+    /// Containers on the default bridge.
+    fn replicas(specs: &[Replica<'_>]) -> BTreeMap<String, Container> {
+        let mut containers = BTreeMap::new();
+        for (i, (name, labels, exposed)) in specs.iter().enumerate() {
+            let mut inspect = with_labels(WEB, labels, exposed);
+            inspect.name = format!("/{name}");
+            inspect.network_settings.ports.clear();
+            let ip = format!("172.17.0.{}", 10 + i);
+            let mac = [2, 0x42, 0xac, 0x11, 0, 10 + i as u8];
+            let ep = inspect.network_settings.networks.get_mut("bridge").unwrap();
+            ep.ip_address = ip;
+            ep.mac_address = mac
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            containers.insert(
+                format!("id{i}"),
+                Container {
+                    inspect,
+                    host_veths: [(mac, format!("veth{i}"))].into(),
+                    veth_error: None,
+                },
+            );
+        }
+        containers
+    }
+
+    #[test]
+    fn compose_services_and_the_service_label() {
+        let compose = [
+            (COMPOSE_PROJECT_LABEL, "shop"),
+            (COMPOSE_SERVICE_LABEL, "web"),
+            (COMPOSE_ONEOFF_LABEL, "False"),
+        ];
+        let oneoff = [
+            (COMPOSE_PROJECT_LABEL, "shop"),
+            (COMPOSE_SERVICE_LABEL, "web"),
+            (COMPOSE_ONEOFF_LABEL, "True"),
+        ];
+        let containers = replicas(&[
+            ("shop-web-1", &compose, &["80/tcp"]),
+            ("shop-web-2", &compose, &["80/tcp", "443/tcp"]),
+            ("shop-web-run-1", &oneoff, &["80/tcp"]),
+            (
+                "dns",
+                &[(SERVICE_LABEL, "resolver"), (SERVICE_PORT_LABEL, "53/udp")],
+                &[],
+            ),
+            // The label wins over Compose's.
+            (
+                "odd",
+                &[
+                    (COMPOSE_PROJECT_LABEL, "shop"),
+                    (COMPOSE_SERVICE_LABEL, "web"),
+                    (SERVICE_LABEL, "resolver"),
+                    (SERVICE_PORT_LABEL, "53/udp"),
+                ],
+                &["80/tcp"],
+            ),
+        ]);
+        let networks: Vec<NetworkInspect> = serde_json::from_str(NETWORKS).unwrap();
+        let mut vips = vips();
+        let built = build_sample(&networks, &containers, &mut vips);
+        let model = validate(built.spec.clone(), &mut Vec::new()).unwrap();
+        let services: Vec<(&str, u16, Protocol, Vec<&str>)> = model
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    s.name.as_str(),
+                    s.port,
+                    s.protocol,
+                    s.backends.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            services,
+            vec![
+                ("resolver", 53, Protocol::Udp, vec!["dns", "odd"]),
+                (
+                    "shop_web:80",
+                    80,
+                    Protocol::Tcp,
+                    vec!["shop-web-1", "shop-web-2"]
+                ),
+                ("shop_web:443", 443, Protocol::Tcp, vec!["shop-web-2"]),
+            ]
+        );
+        // One VIP per service name, inside the range, kept across rebuilds.
+        let vip_of =
+            |m: &Model, name: &str| m.services.iter().find(|s| s.name == name).unwrap().vip;
+        assert_eq!(
+            vip_of(&model, "shop_web:80"),
+            vip_of(&model, "shop_web:443")
+        );
+        assert_ne!(vip_of(&model, "shop_web:80"), vip_of(&model, "resolver"));
+        let range = Cidr::parse("10.96.0.0/16").unwrap();
+        assert!(range.contains(vip_of(&model, "resolver")));
+        let again = validate(
+            build_sample(&networks, &containers, &mut vips).spec,
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(again.services, model.services);
+    }
+
+    #[test]
+    fn vips_are_stable_distinct_and_avoid_subnets() {
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        let range = Cidr::parse("10.96.0.0/16").unwrap();
+        let mut a = VipAllocator::new(range);
+        let first = a.assign(&names(&["x", "y", "z"]), &[]);
+        assert_eq!(first.len(), 3);
+        assert_eq!(first.values().collect::<BTreeSet<_>>().len(), 3);
+        // Another allocator (an agent restart) hands out the same VIPs.
+        let mut b = VipAllocator::new(range);
+        assert_eq!(b.assign(&names(&["z", "y", "x"]), &[]), first);
+        // Names keep theirs while others come and go.
+        let later = a.assign(&names(&["x", "z", "w"]), &[]);
+        assert_eq!(later["x"], first["x"]);
+        assert_eq!(later["z"], first["z"]);
+        assert!(!later.contains_key("y"));
+
+        // A /30 has two usable addresses; the third name gets none.
+        let mut small = VipAllocator::new(Cidr::parse("10.96.0.0/30").unwrap());
+        let got = small.assign(&names(&["a", "b", "c"]), &[]);
+        assert_eq!(got.len(), 2);
+        let mut got: Vec<Ipv4Addr> = got.into_values().collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![Ipv4Addr::new(10, 96, 0, 1), Ipv4Addr::new(10, 96, 0, 2)]
+        );
+        // A /32 is one VIP, which a test can count on.
+        let mut one = VipAllocator::new(Cidr::parse("10.96.0.10/32").unwrap());
+        assert_eq!(
+            one.assign(&names(&["svc"]), &[])["svc"],
+            Ipv4Addr::new(10, 96, 0, 10)
+        );
+        // Never inside a network's subnet.
+        let overlap = Cidr::parse("10.96.0.0/24").unwrap();
+        let mut c = VipAllocator::new(Cidr::parse("10.96.0.0/23").unwrap());
+        let got = c.assign(&names(&["a", "b", "c", "d"]), &[overlap]);
+        assert!(got.values().all(|ip| !overlap.contains(*ip)), "{got:?}");
+    }
+
+    #[test]
+    fn validation_leaves_out_what_the_model_refuses() {
+        let (networks, containers) = sample();
+        let mut spec = build_sample(&networks, &containers, &mut vips()).spec;
+        // Two containers claiming one MAC (cannot happen in one engine, but a model refusing
+        // one entry must not hold back the others).
+        let mut clone = spec.endpoints[0].clone();
+        clone.name = "clone".into();
+        clone.interfaces[0].ip = "172.17.0.99".into();
+        clone.interfaces[0].host_veth = "vethclone".into();
+        spec.endpoints.push(clone);
+        spec.ports.push(PortSpec {
+            endpoint: Some("clone".into()),
+            service: None,
+            protocol: "tcp".into(),
+            host_ip: None,
+            host_port: PortValue::Number(7777),
+            container_port: PortValue::Number(80),
+        });
+        let mut notes = Vec::new();
+        let model = validate(spec, &mut notes).unwrap();
+        assert!(model.endpoints.iter().all(|e| e.name != "clone"));
+        assert_eq!(model.endpoints.len(), 2);
+        assert!(model.ports.iter().all(|p| p.host_ports.first != 7777));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("endpoints[clone]"), "{notes:?}");
+    }
+}

@@ -1,0 +1,490 @@
+//! The agent following a real Docker engine (`dataplane agent --docker`): dockerd 20.10 from
+//! Debian in a namespace of its own with Docker's iptables and docker-proxy off, containers
+//! from a busybox image, an outside client on a veth, real traffic (tests/src/docker.rs).
+
+use std::{collections::BTreeSet, process::Output, time::Duration};
+
+use dataplane_tests::{
+    Agent, dataplane_bin,
+    docker::{Dockerd, HOST, IMAGE, OUTSIDE},
+};
+use serde_json::Value;
+
+/// Entries of the map whose name is `prefix` plus a version suffix (`dp_ports` matches
+/// `dp_ports_v2`), so a layout bump elsewhere does not break these tests.
+fn map_entries(status: &Value, prefix: &str) -> u64 {
+    status["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| {
+            m["name"]
+                .as_str()
+                .is_some_and(|n| n.strip_prefix(prefix).is_some_and(|v| v.starts_with("_v")))
+        })
+        .unwrap_or_else(|| panic!("map {prefix}_v* in status: {status:#}"))["entries"]
+        .as_u64()
+        .unwrap()
+}
+
+fn endpoint_names(status: &Value) -> BTreeSet<String> {
+    status["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// (network, ip, host veth) of each interface of endpoint `name`.
+fn interfaces_of(status: &Value, name: &str) -> Vec<(String, String, String)> {
+    status["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == name)
+        .map(|e| {
+            let text = |f: &str| e[f].as_str().unwrap().to_owned();
+            (text("network"), text("ip"), text("host_veth"))
+        })
+        .collect()
+}
+
+/// Whether interface `name` exists in dockerd's namespace.
+fn interface_exists(dockerd: &Dockerd, name: &str) -> bool {
+    std::process::Command::new("ip")
+        .args(["-n", &dockerd.name, "link", "show", "dev", name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn attached_to(status: &Value, interface: &str) -> bool {
+    status["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["interface"] == interface)
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// An httpd container answering `<name> <client address>` on /cgi-bin/who.
+fn run_web(dockerd: &Dockerd, name: &str, extra: &[&str]) {
+    // busybox as PID 1 ignores SIGTERM: stop (and dockerd's shutdown) would wait 10 s.
+    let mut args = vec![
+        "run",
+        "-d",
+        "--stop-timeout",
+        "1",
+        "--name",
+        name,
+        "--hostname",
+        name,
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, "httpd", "-f", "-p", "80", "-h", "/www"]);
+    dockerd.docker_ok(&args);
+}
+
+/// A container that only sleeps, to run clients in with `docker exec`.
+fn run_client(dockerd: &Dockerd, name: &str, extra: &[&str]) {
+    // busybox as PID 1 ignores SIGTERM: stop (and dockerd's shutdown) would wait 10 s.
+    let mut args = vec![
+        "run",
+        "-d",
+        "--stop-timeout",
+        "1",
+        "--name",
+        name,
+        "--hostname",
+        name,
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, "sleep", "3600"]);
+    dockerd.docker_ok(&args);
+}
+
+/// GET /cgi-bin/who from the outside client: `<container> [::ffff:<client>]`, or the error.
+fn who_from_outside(dockerd: &Dockerd, addr: &str) -> Result<String, String> {
+    let out = dockerd.outside(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "3",
+        &format!("http://{addr}/cgi-bin/who"),
+    ]);
+    if out.status.success() {
+        Ok(text(&out))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+/// Runs `count` GETs of /cgi-bin/who at `addr` from container `client`; the body lines.
+fn who_from_container(dockerd: &Dockerd, client: &str, addr: &str, count: u32) -> Vec<String> {
+    let (ip, port) = addr.split_once(':').unwrap();
+    let script = format!(
+        "for i in $(seq {count}); do \
+           printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} {port} | tail -n 1; \
+         done"
+    );
+    let out = dockerd.docker(&["exec", client, "sh", "-c", &script]);
+    text(&out).lines().map(str::to_owned).collect()
+}
+
+/// The outside answers `outside <peer-ip>:<port>` on TCP 9999.
+fn outside_server(dockerd: &Dockerd) -> dataplane_tests::Background {
+    let bin = dataplane_bin();
+    let mut server = dockerd.spawn_outside(&[
+        bin.to_str().unwrap(),
+        "sandbox",
+        "serve",
+        "--name",
+        "outside",
+        "--tcp",
+        "9999",
+    ]);
+    server.wait_for_line("ready");
+    server
+}
+
+/// The address the outside saw a connection from container `client` come from.
+fn seen_outside(dockerd: &Dockerd, client: &str) -> String {
+    let reply = dockerd.docker_ok(&["exec", client, "nc", "-w", "3", OUTSIDE, "9999"]);
+    let seen = reply
+        .strip_prefix("outside ")
+        .unwrap_or_else(|| panic!("the outside did not answer {client}: {reply:?}"));
+    seen.split_once(':').unwrap().0.to_owned()
+}
+
+#[test]
+fn published_ports_reach_the_container_with_the_client_address() {
+    let dockerd = Dockerd::start();
+    let agent = dockerd.agent(&[]);
+    run_web(
+        &dockerd,
+        "web",
+        &[
+            "-p",
+            "8080:80",
+            "-p",
+            "5353:53/udp",
+            "-p",
+            "9000-9002:7000-7002",
+            "-p",
+            &format!("{HOST}:9090:80"),
+        ],
+    );
+    // 8080, 5353/udp, 9000-9002 and 9090 on one address: six ports in the map.
+    agent.wait_for("web and its published ports", |s| {
+        endpoint_names(s).contains("web") && map_entries(s, "dp_ports") == 6
+    });
+    // Docker's own NAT is off: what answers is the dataplane.
+    let nat = dockerd_iptables(&dockerd);
+    assert!(
+        !nat.contains("DOCKER"),
+        "Docker installed NAT rules:\n{nat}"
+    );
+
+    let body = who_from_outside(&dockerd, &format!("{HOST}:8080")).unwrap();
+    assert!(
+        body.starts_with("web ") && body.contains(&format!(":{OUTSIDE}]")),
+        "the container must see the outside client's address: {body:?}"
+    );
+    let body = who_from_outside(&dockerd, &format!("{HOST}:9090")).unwrap();
+    assert!(body.contains(OUTSIDE), "{body:?}");
+    // A port of the range: 9001 leads to 7001.
+    dockerd.docker_ok(&[
+        "exec", "-d", "web", "httpd", "-f", "-p", "7001", "-h", "/www",
+    ]);
+    let mut body = Err(String::new());
+    for _ in 0..20 {
+        body = who_from_outside(&dockerd, &format!("{HOST}:9001"));
+        if body.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let body = body.expect("host port 9001 reaches container port 7001");
+    assert!(
+        body.starts_with("web ") && body.contains(OUTSIDE),
+        "{body:?}"
+    );
+}
+
+/// The nat table of dockerd's namespace.
+fn dockerd_iptables(dockerd: &Dockerd) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", dockerd.name))
+        .args(["iptables", "-t", "nat", "-S"])
+        .output()
+        .expect("running iptables");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn outbound_traffic_from_containers_is_masqueraded() {
+    let dockerd = Dockerd::start();
+    let agent = dockerd.agent(&[]);
+    let _server = outside_server(&dockerd);
+    dockerd.docker_ok(&["network", "create", "apps"]);
+    run_client(&dockerd, "c1", &[]);
+    run_client(&dockerd, "c2", &["--network", "apps"]);
+    agent.wait_for("both clients", |s| {
+        endpoint_names(s).is_superset(&["c1".to_owned(), "c2".to_owned()].into())
+    });
+    assert_eq!(seen_outside(&dockerd, "c1"), HOST, "default bridge");
+    assert_eq!(seen_outside(&dockerd, "c2"), HOST, "user network");
+}
+
+#[test]
+fn containers_on_two_user_networks() {
+    let dockerd = Dockerd::start();
+    let agent = dockerd.agent(&[]);
+    let _server = outside_server(&dockerd);
+    dockerd.docker_ok(&["network", "create", "front"]);
+    dockerd.docker_ok(&["network", "create", "back"]);
+    run_web(&dockerd, "alpha", &["--network", "front", "-p", "8081:80"]);
+    run_web(&dockerd, "beta", &["--network", "back", "-p", "8082:80"]);
+    let status = agent.wait_for("a and b", |s| {
+        endpoint_names(s).is_superset(&["alpha".to_owned(), "beta".to_owned()].into())
+            && map_entries(s, "dp_ports") == 2
+    });
+
+    // Each on its own network, with the veth Docker made for it, and the programs on it.
+    for (name, network) in [("alpha", "front"), ("beta", "back")] {
+        let interfaces = interfaces_of(&status, name);
+        assert_eq!(interfaces.len(), 1, "{interfaces:?}");
+        let (net, ip, veth) = &interfaces[0];
+        assert_eq!(net, network);
+        let docker_ip = dockerd.inspect(
+            name,
+            &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
+        );
+        assert_eq!(ip, &docker_ip);
+        assert!(attached_to(&status, veth), "{veth} in {status:#}");
+    }
+    // Both reachable from outside, both leave the host with its address.
+    for (port, name) in [(8081, "alpha"), (8082, "beta")] {
+        let body = who_from_outside(&dockerd, &format!("{HOST}:{port}")).unwrap();
+        assert!(
+            body.starts_with(&format!("{name} ")) && body.contains(OUTSIDE),
+            "{body:?}"
+        );
+        assert_eq!(seen_outside(&dockerd, name), HOST);
+    }
+    // Isolated from each other (Docker's rule, done by the dataplane): alpha cannot reach
+    // beta...
+    let beta_ip = interfaces_of(&status, "beta")[0].1.clone();
+    let reply = who_from_container(&dockerd, "alpha", &format!("{beta_ip}:80"), 1);
+    assert!(
+        reply.iter().all(|l| !l.starts_with("beta ")),
+        "alpha reached beta across networks: {reply:?}"
+    );
+    // ...while beta's published port stays reachable from alpha, as with Docker.
+    let reply = who_from_container(&dockerd, "alpha", &format!("{HOST}:8082"), 1);
+    assert!(reply.iter().any(|l| l.starts_with("beta ")), "{reply:?}");
+
+    // Connected to back as well, alpha gets a second interface (after the one it started on)
+    // and reaches beta there; disconnected, it loses it again.
+    dockerd.docker_ok(&["network", "connect", "back", "alpha"]);
+    let status = agent.wait_for("alpha on both networks", |s| {
+        interfaces_of(s, "alpha").len() == 2
+    });
+    let networks: Vec<String> = interfaces_of(&status, "alpha")
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect();
+    assert_eq!(networks, ["front", "back"]);
+    let reply = who_from_container(&dockerd, "alpha", &format!("{beta_ip}:80"), 1);
+    assert!(reply.iter().any(|l| l.starts_with("beta ")), "{reply:?}");
+    dockerd.docker_ok(&["network", "disconnect", "back", "alpha"]);
+    agent.wait_for("alpha on front only", |s| {
+        interfaces_of(s, "alpha").len() == 1 && map_entries(s, "dp_endpoints") == 2
+    });
+}
+
+#[test]
+fn compose_style_service_balances_over_its_replicas() {
+    let dockerd = Dockerd::start();
+    // A one-address range: the VIP is known without asking the agent.
+    let vip = "10.96.0.10";
+    let agent = dockerd.agent(&["--service-vip-range", &format!("{vip}/32")]);
+    let compose = [
+        "-l",
+        "com.docker.compose.project=shop",
+        "-l",
+        "com.docker.compose.service=web",
+        "--expose",
+        "80",
+    ];
+    run_web(&dockerd, "shop-web-1", &compose);
+    run_web(&dockerd, "shop-web-2", &compose);
+    run_client(&dockerd, "client", &[]);
+    agent.wait_for("the service and its two backends", |s| {
+        endpoint_names(s).len() == 3
+            && map_entries(s, "dp_services") >= 1
+            && map_entries(s, "dp_backends") >= 2
+    });
+    assert!(
+        agent
+            .log_text()
+            .contains(&format!("shop_web {vip}:80/tcp -> 2 backends")),
+        "{}",
+        agent.log_text()
+    );
+    let seen = |count| -> BTreeSet<String> {
+        who_from_container(&dockerd, "client", &format!("{vip}:80"), count)
+            .iter()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect()
+    };
+    let answered = seen(30);
+    assert_eq!(
+        answered,
+        ["shop-web-1", "shop-web-2"].map(String::from).into(),
+        "both replicas answer through {vip}:80"
+    );
+
+    // Any container joins a service with the documented label.
+    run_web(
+        &dockerd,
+        "extra",
+        &[
+            "-l",
+            "dataplane.service=shop_web",
+            "-l",
+            "dataplane.service.port=80",
+        ],
+    );
+    agent.wait_for("the third backend", |s| endpoint_names(s).contains("extra"));
+    let answered = seen(45);
+    assert!(answered.contains("extra"), "{answered:?}");
+    assert_eq!(answered.len(), 3, "{answered:?}");
+
+    // A stopped replica leaves the service.
+    dockerd.docker_ok(&["stop", "shop-web-1"]);
+    agent.wait_for("shop-web-1 gone", |s| {
+        !endpoint_names(s).contains("shop-web-1")
+    });
+    let answered = seen(20);
+    assert!(!answered.contains("shop-web-1"), "{answered:?}");
+    assert!(answered.contains("shop-web-2"), "{answered:?}");
+}
+
+#[test]
+fn stopping_a_container_removes_its_entries() {
+    let dockerd = Dockerd::start();
+    let agent = dockerd.agent(&[]);
+    run_web(&dockerd, "keep", &["-p", "8081:80"]);
+    run_web(&dockerd, "gone", &["-p", "8082:80", "-p", "8083:80"]);
+    let before = agent.wait_for("both containers", |s| {
+        endpoint_names(s).len() == 2 && map_entries(s, "dp_ports") == 3
+    });
+    let gone_veth = interfaces_of(&before, "gone")[0].2.clone();
+    assert!(attached_to(&before, &gone_veth));
+    let endpoints_before = map_entries(&before, "dp_endpoints");
+    who_from_outside(&dockerd, &format!("{HOST}:8082")).unwrap();
+
+    dockerd.docker_ok(&["stop", "gone"]);
+    let after = agent.wait_for("gone's entries removed", |s| {
+        endpoint_names(s) == ["keep".to_owned()].into()
+            && map_entries(s, "dp_ports") == 1
+            && map_entries(s, "dp_endpoints") == endpoints_before - 1
+    });
+    // Docker removed the veth, and with it the program on it.
+    assert!(!interface_exists(&dockerd, &gone_veth));
+    assert!(after["last_error"].is_null(), "{after:#}");
+    assert!(who_from_outside(&dockerd, &format!("{HOST}:8082")).is_err());
+    assert!(who_from_outside(&dockerd, &format!("{HOST}:8081")).is_ok());
+
+    // Started again it comes back (on a new veth); removed, it leaves nothing.
+    dockerd.docker_ok(&["start", "gone"]);
+    agent.wait_for("gone back", |s| {
+        endpoint_names(s).len() == 2 && map_entries(s, "dp_ports") == 3
+    });
+    who_from_outside(&dockerd, &format!("{HOST}:8083")).unwrap();
+    dockerd.docker_ok(&["rm", "-f", "gone"]);
+    agent.wait_for("gone removed", |s| {
+        endpoint_names(s).len() == 1
+            && map_entries(s, "dp_ports") == 1
+            && map_entries(s, "dp_endpoints") == endpoints_before - 1
+    });
+}
+
+#[test]
+fn agent_started_after_the_containers_picks_them_up() {
+    let dockerd = Dockerd::start();
+    dockerd.docker_ok(&["network", "create", "back"]);
+    run_web(&dockerd, "alpha", &["-p", "8081:80"]);
+    run_web(&dockerd, "beta", &["--network", "back", "-p", "8082:80"]);
+    // The agent reads the engine before it applies anything: when it first answers, the
+    // containers are there already.
+    let agent: Agent = dockerd.agent(&[]);
+    let status = agent.status();
+    assert_eq!(
+        endpoint_names(&status),
+        ["alpha".to_owned(), "beta".to_owned()].into(),
+        "{status:#}"
+    );
+    assert_eq!(map_entries(&status, "dp_ports"), 2);
+    assert_eq!(map_entries(&status, "dp_endpoints"), 2);
+    for (port, name) in [(8081, "alpha"), (8082, "beta")] {
+        let body = who_from_outside(&dockerd, &format!("{HOST}:{port}")).unwrap();
+        assert!(
+            body.starts_with(&format!("{name} ")) && body.contains(OUTSIDE),
+            "{body:?}"
+        );
+    }
+}
+
+#[test]
+fn dockerd_restarted_under_a_running_agent_ends_with_the_right_maps() {
+    let mut dockerd = Dockerd::start();
+    let agent = dockerd.agent(&[]);
+    run_web(&dockerd, "keep", &["--restart", "always", "-p", "8081:80"]);
+    run_web(&dockerd, "once", &["-p", "8082:80"]);
+    let before = agent.wait_for("both containers", |s| {
+        endpoint_names(s).len() == 2 && map_entries(s, "dp_ports") == 2
+    });
+    let old_veth = interfaces_of(&before, "keep")[0].2.clone();
+
+    // dockerd stops its containers on the way down; `keep` comes back with it, `once` not.
+    let stopped = std::time::Instant::now();
+    dockerd.stop();
+    eprintln!("dockerd stopped in {:?}", stopped.elapsed());
+    dockerd.spawn();
+    let after = agent.wait_for_within(
+        Duration::from_secs(30),
+        "the state after the restart",
+        |s| {
+            endpoint_names(s) == ["keep".to_owned()].into()
+                && map_entries(s, "dp_ports") == 1
+                && map_entries(s, "dp_endpoints") == 1
+                && s["last_error"].is_null()
+        },
+    );
+    let (_, ip, veth) = interfaces_of(&after, "keep")[0].clone();
+    assert_ne!(veth, old_veth, "keep was restarted on a new veth");
+    assert_eq!(
+        ip,
+        dockerd.inspect("keep", "{{.NetworkSettings.IPAddress}}")
+    );
+    assert!(attached_to(&after, &veth));
+    assert!(!interface_exists(&dockerd, &old_veth));
+    assert!(
+        agent.log_text().contains("retrying"),
+        "the agent noticed the lost engine"
+    );
+    let body = who_from_outside(&dockerd, &format!("{HOST}:8081")).unwrap();
+    assert!(
+        body.starts_with("keep ") && body.contains(OUTSIDE),
+        "{body:?}"
+    );
+    assert!(who_from_outside(&dockerd, &format!("{HOST}:8082")).is_err());
+}
