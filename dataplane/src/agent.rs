@@ -207,6 +207,10 @@ impl Agent {
         &mut self,
         model: &Model,
     ) -> Result<(String, reconciler::Changes), ReconcileError> {
+        // Interfaces that went away (a container stopped) took their links with them.
+        for gone in self.datapath.prune_vanished() {
+            log::info!("{gone}: the interface is gone, and its attachment with it");
+        }
         let host = self.host_settings(model)?;
         let desired = reconciler::desired(model, &host, &self.datapath)?;
         let changes = reconciler::apply(&desired, &mut self.datapath)?;

@@ -630,6 +630,32 @@ impl Datapath {
         Ok(())
     }
 
+    /// Forgets attachments whose interface (or cgroup) is gone or was replaced: the kernel
+    /// dropped those links with the interface; what remains here is the record, its fd and its
+    /// pin. Returns what it forgot.
+    pub fn prune_vanished(&mut self) -> Vec<String> {
+        let vanished: Vec<(String, Hook)> = self
+            .links
+            .iter()
+            .filter(|((target, hook), attachment)| {
+                if hook.is_cgroup() {
+                    !Path::new(target).is_dir()
+                } else {
+                    crate::netdev::ifindex(target) != Some(attachment.ifindex)
+                }
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        vanished
+            .into_iter()
+            .map(|(target, hook)| {
+                // detach() only unpins and closes here; the kernel side is already gone.
+                let _ = self.detach(&target, hook);
+                format!("{}@{target}", hook.program())
+            })
+            .collect()
+    }
+
     /// Detaches everything (on shutdown). Maps stay pinned.
     pub fn detach_all(&mut self) {
         let attached: Vec<(String, Hook)> = self.links.keys().cloned().collect();

@@ -73,17 +73,8 @@ impl Kernel for Datapath {
         Datapath::detach(self, interface, hook)
     }
     fn attachments(&self) -> BTreeSet<(String, Hook)> {
-        // An attachment whose interface was replaced (new index), or whose cgroup is gone,
-        // counts as missing.
         Datapath::attachments(self)
             .into_iter()
-            .filter(|(target, hook, ifindex)| {
-                if hook.is_cgroup() {
-                    std::path::Path::new(target).is_dir()
-                } else {
-                    crate::netdev::ifindex(target) == Some(*ifindex)
-                }
-            })
             .map(|(interface, hook, _)| (interface, hook))
             .collect()
     }

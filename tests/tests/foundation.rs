@@ -228,3 +228,23 @@ fn sigterm_detaches_and_a_restart_adopts_the_pinned_maps() {
     assert_eq!(attachments(&status).len(), 6, "{status:#}");
     assert_eq!(map_entries(&status, "dp_endpoints_v2"), 3);
 }
+
+#[test]
+fn a_vanished_interface_is_reported_and_its_attachment_forgotten() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    // The container's veth goes away behind the agent's back (as when a container dies).
+    sandbox.exec_ok("host", &["ip", "link", "del", "veth-db"]);
+    let status = agent.wait_for("the missing interface reported", |s| {
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("endpoints[db].interfaces[0].host_veth"))
+    });
+    assert!(
+        !attachments(&status).iter().any(|(interface, _)| interface == "veth-db"),
+        "no attachment record outlives its interface: {status:#}"
+    );
+    // Everything else keeps working under the last good state.
+    let reply = sandbox.exec_ok("web2", &["nc", "-w2", "172.30.1.2", "80"]);
+    assert!(reply.starts_with("web1 "), "{reply}");
+}
