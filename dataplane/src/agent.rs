@@ -16,6 +16,7 @@ use tokio::{
 use crate::{
     DEFAULT_PIN_DIR, DEFAULT_SOCKET, conntrack, control, docker,
     ebpf::{Datapath, LoadOptions},
+    flows, metrics,
     model::{Model, StateError},
     netdev,
     reconciler::{self, HostSettings, ReconcileError},
@@ -75,6 +76,8 @@ pub struct AgentArgs {
     /// When to attach the XDP program to the uplink.
     #[arg(long, value_enum, default_value = "auto")]
     xdp: XdpMode,
+    #[command(flatten)]
+    flows: flows::FlowArgs,
 }
 
 struct Agent {
@@ -93,6 +96,8 @@ struct Agent {
     netns_cookie: u64,
     /// Conntrack entries removed by the garbage collector since start.
     ct_collected: u64,
+    /// Flow records: history, followers, export, metrics.
+    flows: flows::Pipeline,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -104,9 +109,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let options = LoadOptions {
         ct_max_entries: args.ct_max_entries,
         max_services: args.max_services,
-        flow_events: true,
+        flow_events: args.flows.events_on(),
     };
-    let datapath = Datapath::load(&args.pin_dir, &options)?;
+    let mut datapath = Datapath::load(&args.pin_dir, &options)?;
+    let mut flow_events = flows::spawn_reader(datapath.take_flow_events()?)?;
+    let (metrics, registry) = metrics::Metrics::new();
+    if let metrics::Listen(Some(addr)) = args.flows.metrics {
+        let listener = metrics::bind(addr).await?;
+        tokio::spawn(metrics::serve(listener, std::sync::Arc::new(registry)));
+        log::info!("metrics on http://{addr}/metrics");
+    }
+    let flow_pipeline = flows::Pipeline::new(&args.flows, metrics)?;
     log::info!(
         "kernel programs loaded; maps pinned under {}",
         args.pin_dir.display()
@@ -141,6 +154,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         cgroup,
         netns_cookie,
         ct_collected: 0,
+        flows: flow_pipeline,
     };
     // The first state must apply: an agent that cannot start says why and exits.
     agent.apply(initial).context("applying the initial state")?;
@@ -167,9 +181,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 }
             }
             Some(request) = requests.recv() => {
-                let reply = agent.handle(&request.command);
+                let reply = agent.handle(&request);
                 let _ = request.reply.send(reply);
             }
+            Some(events) = flow_events.recv() => agent.flows.ingest(events),
         }
     }
     log::info!(
@@ -220,7 +235,11 @@ impl Agent {
     /// Applies `model`; on failure re-applies the last good state so nothing is left half done.
     fn apply(&mut self, model: Model) -> Result<(), ReconcileError> {
         let started = std::time::Instant::now();
-        match self.reconcile(&model) {
+        let result = self.reconcile(&model);
+        self.flows
+            .metrics()
+            .reconciled(started.elapsed(), result.is_ok());
+        match result {
             Ok((uplink, changes)) => {
                 if !changes.is_empty() {
                     log::info!("applied state in {:?}: {changes:?}", started.elapsed());
@@ -229,6 +248,7 @@ impl Agent {
                 self.uplink = uplink;
                 let gone = conntrack::departed_addresses(&self.applied, &model);
                 self.applied = model;
+                self.flows.set_model(&self.applied);
                 self.last_error = None;
                 if !gone.is_empty() {
                     self.reset_connections_to(&gone);
@@ -333,7 +353,8 @@ impl Agent {
                 return;
             }
         };
-        let doomed = conntrack::expired(&entries, conntrack::monotonic_now_ns());
+        let now = conntrack::monotonic_now_ns();
+        let doomed = conntrack::expired(&entries, now);
         for key in &doomed {
             if let Err(e) = self
                 .datapath
@@ -346,6 +367,9 @@ impl Agent {
             log::debug!("conntrack gc removed {} entries", doomed.len());
             self.ct_collected += doomed.len() as u64;
         }
+        // The same walk gives the flow records of expired and long-lived connections.
+        self.flows
+            .after_conntrack_walk(&self.datapath, &entries, &doomed, now);
     }
 
     fn reject(&mut self, error: String) {
@@ -353,7 +377,14 @@ impl Agent {
         self.last_error = Some(error);
     }
 
-    fn handle(&mut self, command: &str) -> String {
+    fn handle(&mut self, request: &control::Request) -> String {
+        let command = request.command.as_str();
+        if let Some(observe) = command
+            .strip_prefix("observe")
+            .filter(|rest| rest.is_empty() || rest.starts_with(' '))
+        {
+            return self.flows.observe(observe, &request.stream);
+        }
         match command {
             "status" => match self.status() {
                 Ok(s) => serde_json::to_string(&s).expect("status serialises"),
@@ -430,6 +461,18 @@ impl Agent {
             ct_collected: self.ct_collected,
             last_applied_unix: self.last_applied_unix,
             last_error: self.last_error.clone(),
+            flows: self.flow_status(),
         })
+    }
+
+    fn flow_status(&self) -> status::FlowStatus {
+        let stats = self.flows.stats();
+        status::FlowStatus {
+            events: self.args.flows.events_on(),
+            lost: self.datapath.flow_events_lost().unwrap_or(0),
+            records: stats.records,
+            history: stats.history,
+            followers: stats.followers,
+        }
     }
 }

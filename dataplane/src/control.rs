@@ -1,5 +1,6 @@
-//! The agent's control socket: local clients (`status`, later `observe`) send one request line
-//! and read the reply until the agent closes the connection.
+//! The agent's control socket: local clients (`status`, `observe`) send one request line and
+//! read the reply until the agent closes the connection. A request that follows something
+//! (`observe --follow`) gets more lines after its reply, for as long as the client stays.
 
 use std::{
     io::{BufReader, Read as _, Write as _},
@@ -10,7 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _},
     net::UnixListener,
     sync::{mpsc, oneshot},
 };
@@ -20,7 +21,14 @@ use tokio::{
 pub struct Request {
     pub command: String,
     pub reply: oneshot::Sender<String>,
+    /// Lines written to the client after the reply, until every sender is dropped or the
+    /// client goes away (a request that keeps no clone of it ends with its reply).
+    pub stream: mpsc::Sender<String>,
 }
+
+/// Lines a streaming client may have waiting; the agent skips lines for a client this far
+/// behind rather than wait for it.
+const STREAM_QUEUE: usize = crate::flows::FOLLOWER_QUEUE;
 
 /// Binds the control socket, replacing a stale socket file left by a killed agent.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
@@ -52,17 +60,41 @@ pub async fn serve(listener: UnixListener, requests: mpsc::Sender<Request>) {
                 return;
             }
             let (reply, answer) = oneshot::channel();
+            let (stream, mut lines) = mpsc::channel::<String>(STREAM_QUEUE);
             let request = Request {
                 command: line.trim().to_owned(),
                 reply,
+                stream,
             };
             if requests.send(request).await.is_err() {
                 return;
             }
-            if let Ok(text) = answer.await {
-                let _ = write.write_all(text.as_bytes()).await;
-                let _ = write.shutdown().await;
+            let Ok(text) = answer.await else {
+                return;
+            };
+            if write.write_all(text.as_bytes()).await.is_err() {
+                return;
             }
+            // Streamed lines until the agent drops the stream or the client hangs up (EOF or
+            // an error on its side of the socket).
+            let mut rest = [0u8; 256];
+            loop {
+                tokio::select! {
+                    line = lines.recv() => {
+                        let Some(mut line) = line else { break };
+                        line.push('\n');
+                        if write.write_all(line.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    read = reader.read(&mut rest) => {
+                        if matches!(read, Ok(0) | Err(_)) {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = write.shutdown().await;
         });
     }
 }

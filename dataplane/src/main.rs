@@ -5,9 +5,12 @@ mod conntrack;
 mod control;
 mod docker;
 mod ebpf;
+mod flows;
 mod maglev;
+mod metrics;
 mod model;
 mod netdev;
+mod observe;
 mod policy;
 mod reconciler;
 mod sandbox;
@@ -49,6 +52,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the flows the agent saw (like `hubble observe`): the latest, or new ones as they
+    /// come, filtered.
+    Observe(observe::ObserveArgs),
     /// Build or remove a host with networks, containers and an outside client, all as network
     /// namespaces, for demos and tests.
     #[command(subcommand)]
@@ -75,6 +81,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(agent::run(args))
         }
         Command::Status { socket, json } => status::print(&socket, json),
+        Command::Observe(args) => observe::run(args),
         Command::Sandbox(command) => sandbox::run(command),
     }
 }

@@ -23,6 +23,23 @@ pub struct Status {
     pub last_applied_unix: Option<u64>,
     /// Why the latest state could not be applied (the last good state stays in force).
     pub last_error: Option<String>,
+    #[serde(default)]
+    pub flows: FlowStatus,
+}
+
+/// Flow logging: events from the kernel and the records made of them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FlowStatus {
+    /// Whether the kernel programs send flow events (`--flow-events`).
+    pub events: bool,
+    /// Events the kernel could not write because the ring buffer was full, since the ring
+    /// was created (it is pinned: agent restarts keep counting).
+    pub lost: u64,
+    /// Records made since the agent started, records in its history, `observe --follow`
+    /// clients.
+    pub records: u64,
+    pub history: usize,
+    pub followers: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,5 +142,16 @@ fn render(s: &Status) -> String {
     for (reason, count) in &s.drops {
         let _ = writeln!(out, "  {reason:<28} {count}");
     }
+    let f = &s.flows;
+    let _ = writeln!(out, "\nFLOWS");
+    let _ = writeln!(
+        out,
+        "  events {}   lost (ring full) {}   records {}   in history {}   followers {}",
+        if f.events { "on" } else { "off" },
+        f.lost,
+        f.records,
+        f.history,
+        f.followers
+    );
     out
 }

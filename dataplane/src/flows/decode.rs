@@ -1,0 +1,376 @@
+//! Flow events as the agent works with them: the kernel's [`FlowEvent`] decoded into addresses,
+//! host-order ports and enums, and the same shape built from conntrack entries for the
+//! records the agent adds itself (periodic counters, the end of a connection that expired).
+
+use std::net::Ipv4Addr;
+
+use dataplane_common::{CtEntry, CtKey, DropReason, FlowEvent, ct_origin, ct_rewrite, flow_kind};
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// An event the kernel wrote that this agent cannot read. The layout is shared through
+/// dataplane-common, so these mean a kernel object of another version is running.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("flow event of {size} bytes, expected {expected}")]
+    Size { size: usize, expected: usize },
+    #[error("flow event of unknown kind {0}")]
+    Kind(u8),
+    #[error("drop event with unknown reason {0}")]
+    DropReason(u8),
+}
+
+/// What a record says about its connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The connection's first packet passed (kernel).
+    New,
+    /// A TCP connection's first FIN or RST (kernel), with both directions' counters.
+    Close,
+    /// Counters of a connection still open, reported by the agent every
+    /// `--flow-report-interval` (30 s).
+    Update,
+    /// A connection without a close event (UDP, ICMP, TCP that never saw FIN/RST) expired and
+    /// was removed by the agent's garbage collector: its final counters.
+    End,
+    /// A packet was dropped (kernel).
+    Drop(DropReason),
+}
+
+/// Which translation a connection went through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TranslationKind {
+    PublishedPort,
+    Masquerade,
+    Service,
+}
+
+impl TranslationKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TranslationKind::PublishedPort => "published_port",
+            TranslationKind::Masquerade => "masquerade",
+            TranslationKind::Service => "service",
+        }
+    }
+}
+
+/// A translation: which side was rewritten and to what.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nat {
+    pub kind: TranslationKind,
+    /// The destination was rewritten (published port, service); else the source (masquerade).
+    pub destination: bool,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+/// A connection's 5-tuple as its first packet (or the dropped packet) had it, ports in host
+/// byte order. For ICMP echo `sport` is the identifier and `dport` 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub proto: u8,
+    pub saddr: Ipv4Addr,
+    pub sport: u16,
+    pub daddr: Ipv4Addr,
+    pub dport: u16,
+}
+
+impl From<&CtKey> for Tuple {
+    fn from(key: &CtKey) -> Tuple {
+        Tuple {
+            proto: key.proto,
+            saddr: Ipv4Addr::from(u32::from_be(key.saddr)),
+            sport: u16::from_be(key.sport),
+            daddr: Ipv4Addr::from(u32::from_be(key.daddr)),
+            dport: u16::from_be(key.dport),
+        }
+    }
+}
+
+/// Packets and bytes of the connection's first direction and of its replies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+/// One event, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_MONOTONIC nanoseconds (the kernel's bpf_ktime_get_ns).
+    pub time_ns: u64,
+    pub kind: Kind,
+    pub tuple: Tuple,
+    /// None for untranslated connections and for drops.
+    pub nat: Option<Nat>,
+    /// TCP header flags seen (see [`FlowEvent::tcp_flags`]).
+    pub tcp_flags: u8,
+    pub counters: Counters,
+    /// One of `dataplane_common::hook`, 0 when the agent made the record.
+    pub hook: u32,
+    /// The interface the kernel saw it on, 0 when the agent made the record.
+    pub ifindex: u32,
+}
+
+fn nat(origin: u8, rewrite: u8, addr: u32, port: u16) -> Option<Nat> {
+    let kind = match origin {
+        ct_origin::PUBLISHED => TranslationKind::PublishedPort,
+        ct_origin::MASQUERADE => TranslationKind::Masquerade,
+        ct_origin::SERVICE => TranslationKind::Service,
+        // PLAIN, and 0 for drops.
+        _ => return None,
+    };
+    Some(Nat {
+        kind,
+        destination: rewrite == ct_rewrite::DST,
+        addr: Ipv4Addr::from(u32::from_be(addr)),
+        port: u16::from_be(port),
+    })
+}
+
+/// Copies one ring-buffer record out of the ring (the reader task does this much only, so
+/// that the ring is freed at once; [`from_raw`] does the rest in the main loop).
+pub fn copy_event(bytes: &[u8]) -> Result<FlowEvent, DecodeError> {
+    let expected = std::mem::size_of::<FlowEvent>();
+    if bytes.len() < expected {
+        return Err(DecodeError::Size {
+            size: bytes.len(),
+            expected,
+        });
+    }
+    // SAFETY: FlowEvent is plain #[repr(C)] integers (every bit pattern is valid) and the
+    // slice holds at least its size; read_unaligned because the ring guarantees only 8-byte
+    // alignment of records, whatever the type asks for.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
+/// Decodes a kernel event already copied out of the ring.
+pub fn from_raw(raw: &FlowEvent) -> Result<Event, DecodeError> {
+    let kind = match raw.kind {
+        flow_kind::NEW => Kind::New,
+        flow_kind::CLOSE => Kind::Close,
+        flow_kind::DROP => Kind::Drop(
+            DropReason::from_u32(u32::from(raw.drop_reason))
+                .ok_or(DecodeError::DropReason(raw.drop_reason))?,
+        ),
+        other => return Err(DecodeError::Kind(other)),
+    };
+    Ok(Event {
+        time_ns: raw.time_ns,
+        kind,
+        tuple: Tuple::from(&raw.tuple),
+        nat: nat(raw.origin, raw.rewrite, raw.nat_addr, raw.nat_port),
+        tcp_flags: raw.tcp_flags,
+        counters: Counters {
+            packets: raw.packets,
+            bytes: raw.bytes,
+            reply_packets: raw.reply_packets,
+            reply_bytes: raw.reply_bytes,
+        },
+        hook: u32::from(raw.hook),
+        ifindex: raw.ifindex,
+    })
+}
+
+/// A record the agent makes from a connection's conntrack entries (`key`/`forward` its first
+/// direction, `reply` the other when present), at `now_ns`.
+pub fn from_conntrack(
+    key: &CtKey,
+    forward: &CtEntry,
+    reply: Option<&CtEntry>,
+    kind: Kind,
+    now_ns: u64,
+) -> Event {
+    Event {
+        time_ns: now_ns,
+        kind,
+        tuple: Tuple::from(key),
+        nat: nat(
+            forward.origin,
+            forward.rewrite,
+            forward.nat_addr,
+            forward.nat_port,
+        ),
+        tcp_flags: forward.tcp_flags | reply.map_or(0, |r| r.tcp_flags),
+        counters: Counters {
+            packets: forward.packets,
+            bytes: forward.bytes,
+            reply_packets: reply.map_or(0, |r| r.packets),
+            reply_bytes: reply.map_or(0, |r| r.bytes),
+        },
+        hook: 0,
+        ifindex: 0,
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use dataplane_common::hook;
+
+    use super::*;
+
+    /// A kernel event as the programs write it: addresses and ports in network byte order.
+    pub fn raw_event(
+        kind: u8,
+        proto: u8,
+        (saddr, sport): (&str, u16),
+        (daddr, dport): (&str, u16),
+    ) -> FlowEvent {
+        let ip = |s: &str| u32::from(s.parse::<Ipv4Addr>().unwrap()).to_be();
+        FlowEvent {
+            time_ns: 5_000_000_000,
+            packets: 1,
+            bytes: 60,
+            tuple: CtKey {
+                saddr: ip(saddr),
+                daddr: ip(daddr),
+                sport: sport.to_be(),
+                dport: dport.to_be(),
+                proto,
+                _pad: [0; 3],
+            },
+            kind,
+            tcp_flags: if proto == IPPROTO_TCP { 0x02 } else { 0 },
+            hook: hook::CONTAINER_INGRESS as u8,
+            ifindex: 7,
+            ..FlowEvent::default()
+        }
+    }
+
+    fn as_bytes(event: &FlowEvent) -> Vec<u8> {
+        // SAFETY: a plain #[repr(C)] value viewed as its bytes.
+        unsafe {
+            std::slice::from_raw_parts(
+                (event as *const FlowEvent).cast::<u8>(),
+                std::mem::size_of::<FlowEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn a_published_port_event_decodes_to_host_order_with_its_translation() {
+        let mut raw = raw_event(
+            flow_kind::NEW,
+            IPPROTO_TCP,
+            ("192.0.2.2", 41234),
+            ("192.0.2.1", 8080),
+        );
+        raw.origin = ct_origin::PUBLISHED;
+        raw.rewrite = ct_rewrite::DST;
+        raw.nat_addr = u32::from(Ipv4Addr::new(172, 30, 1, 2)).to_be();
+        raw.nat_port = 80u16.to_be();
+        let event = from_raw(&copy_event(&as_bytes(&raw)).unwrap()).unwrap();
+        assert_eq!(event.kind, Kind::New);
+        assert_eq!(
+            event.tuple,
+            Tuple {
+                proto: IPPROTO_TCP,
+                saddr: Ipv4Addr::new(192, 0, 2, 2),
+                sport: 41234,
+                daddr: Ipv4Addr::new(192, 0, 2, 1),
+                dport: 8080,
+            }
+        );
+        assert_eq!(
+            event.nat,
+            Some(Nat {
+                kind: TranslationKind::PublishedPort,
+                destination: true,
+                addr: Ipv4Addr::new(172, 30, 1, 2),
+                port: 80,
+            })
+        );
+        assert_eq!(event.ifindex, 7);
+        assert_eq!(event.hook, hook::CONTAINER_INGRESS);
+    }
+
+    #[test]
+    fn drops_carry_their_reason_and_plain_connections_no_translation() {
+        let mut raw = raw_event(
+            flow_kind::DROP,
+            IPPROTO_TCP,
+            ("172.30.1.9", 5000),
+            ("10.96.0.12", 80),
+        );
+        raw.drop_reason = DropReason::NoServiceBackend as u8;
+        let event = from_raw(&copy_event(&as_bytes(&raw)).unwrap()).unwrap();
+        assert_eq!(event.kind, Kind::Drop(DropReason::NoServiceBackend));
+        assert_eq!(event.nat, None);
+        let mut plain = raw_event(
+            flow_kind::NEW,
+            IPPROTO_UDP,
+            ("172.30.1.9", 5000),
+            ("172.30.1.2", 53),
+        );
+        plain.origin = ct_origin::PLAIN;
+        assert_eq!(from_raw(&plain).unwrap().nat, None);
+    }
+
+    #[test]
+    fn unreadable_events_are_refused_with_what_is_wrong() {
+        let raw = raw_event(flow_kind::NEW, IPPROTO_TCP, ("1.1.1.1", 1), ("2.2.2.2", 2));
+        let bytes = as_bytes(&raw);
+        assert_eq!(copy_event(&bytes), Ok(raw));
+        assert_eq!(
+            copy_event(&bytes[..40]),
+            Err(DecodeError::Size {
+                size: 40,
+                expected: 80
+            })
+        );
+        let mut odd = raw;
+        odd.kind = 9;
+        assert_eq!(from_raw(&odd), Err(DecodeError::Kind(9)));
+        let mut odd = raw;
+        odd.kind = flow_kind::DROP;
+        odd.drop_reason = 15;
+        assert_eq!(from_raw(&odd), Err(DecodeError::DropReason(15)));
+    }
+
+    #[test]
+    fn conntrack_entries_give_both_directions_counters() {
+        let key = raw_event(
+            flow_kind::NEW,
+            IPPROTO_UDP,
+            ("172.30.1.2", 5000),
+            ("192.0.2.2", 53),
+        )
+        .tuple;
+        let forward = CtEntry {
+            origin: ct_origin::MASQUERADE,
+            rewrite: ct_rewrite::SRC,
+            nat_addr: u32::from(Ipv4Addr::new(192, 0, 2, 1)).to_be(),
+            nat_port: 20001u16.to_be(),
+            packets: 3,
+            bytes: 300,
+            ..CtEntry::default()
+        };
+        let reply = CtEntry {
+            packets: 2,
+            bytes: 500,
+            is_reply: 1,
+            ..CtEntry::default()
+        };
+        let event = from_conntrack(&key, &forward, Some(&reply), Kind::End, 42);
+        assert_eq!(
+            event.counters,
+            Counters {
+                packets: 3,
+                bytes: 300,
+                reply_packets: 2,
+                reply_bytes: 500
+            }
+        );
+        let nat = event.nat.unwrap();
+        assert_eq!(nat.kind, TranslationKind::Masquerade);
+        assert!(!nat.destination);
+        assert_eq!((nat.addr, nat.port), (Ipv4Addr::new(192, 0, 2, 1), 20001));
+        assert_eq!(event.time_ns, 42);
+    }
+}

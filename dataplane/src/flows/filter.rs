@@ -1,0 +1,270 @@
+//! What `dataplane observe` asks the agent for: history, following, and the filters records
+//! must match (all of them). Sent as JSON after the word `observe` on the control socket.
+
+use serde::{Deserialize, Serialize};
+
+use super::record::{Endpoint, Flow, LABEL_HOST, LABEL_WORLD, Verdict};
+
+/// How many records `observe` prints when it neither follows nor says `--last`.
+pub const DEFAULT_LAST: usize = 20;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FilterError {
+    #[error("--verdict {0:?}: expected FORWARDED, DROPPED or TRANSLATED")]
+    Verdict(String),
+    #[error("--protocol {0:?}: expected tcp, udp or icmp")]
+    Protocol(String),
+    #[error("the observe request is not valid: {0}")]
+    Request(String),
+}
+
+/// Filters of one request; `None` matches everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+    /// The source: a container name, an IP address, `host` or `world`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The destination: a container name, an IP address, a service name, `host` or `world`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Either end's port, or the port of the translation's original or translated address
+    /// (so `--port 8080` finds the connections to a published port 8080).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+/// A whole request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObserveRequest {
+    /// Keep the connection open and send new matching records as they come.
+    #[serde(default)]
+    pub follow: bool,
+    /// How many of the latest matching records to send first (default: [`DEFAULT_LAST`]
+    /// without `follow`, none with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<usize>,
+    #[serde(default)]
+    pub filter: Filter,
+}
+
+impl ObserveRequest {
+    pub fn parse(text: &str) -> Result<ObserveRequest, FilterError> {
+        let request: ObserveRequest = if text.trim().is_empty() {
+            ObserveRequest::default()
+        } else {
+            serde_json::from_str(text).map_err(|e| FilterError::Request(e.to_string()))?
+        };
+        request.filter.check()?;
+        Ok(request)
+    }
+
+    /// How many history records to send before following.
+    pub fn history(&self) -> usize {
+        self.last
+            .unwrap_or(if self.follow { 0 } else { DEFAULT_LAST })
+    }
+}
+
+fn parse_verdict(text: &str) -> Option<Verdict> {
+    match text.to_ascii_uppercase().as_str() {
+        "FORWARDED" => Some(Verdict::Forwarded),
+        "DROPPED" => Some(Verdict::Dropped),
+        "TRANSLATED" => Some(Verdict::Translated),
+        _ => None,
+    }
+}
+
+/// Hubble's protocol name for what the user wrote.
+fn parse_protocol(text: &str) -> Option<&'static str> {
+    match text.to_ascii_lowercase().as_str() {
+        "tcp" => Some("TCP"),
+        "udp" => Some("UDP"),
+        "icmp" | "icmpv4" => Some("ICMPv4"),
+        _ => None,
+    }
+}
+
+fn port_of(addr: &str) -> Option<u16> {
+    addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+}
+
+/// Whether `who` names this end (`ip` is its address).
+fn names(who: &str, endpoint: &Endpoint, ip: &str) -> bool {
+    who == ip
+        || (endpoint.is_container() && endpoint.pod_name == who)
+        || (who == "host" && endpoint.has_label(LABEL_HOST))
+        || (who == "world" && endpoint.has_label(LABEL_WORLD))
+}
+
+impl Filter {
+    /// Refuses values that could never match, so a typo is an error rather than silence.
+    pub fn check(&self) -> Result<(), FilterError> {
+        if let Some(v) = &self.verdict
+            && parse_verdict(v).is_none()
+        {
+            return Err(FilterError::Verdict(v.clone()));
+        }
+        if let Some(p) = &self.protocol
+            && parse_protocol(p).is_none()
+        {
+            return Err(FilterError::Protocol(p.clone()));
+        }
+        Ok(())
+    }
+
+    pub fn matches(&self, flow: &Flow) -> bool {
+        if let Some(v) = &self.verdict
+            && parse_verdict(v) != Some(flow.verdict)
+        {
+            return false;
+        }
+        if let Some(p) = &self.protocol
+            && parse_protocol(p) != Some(flow.protocol())
+        {
+            return false;
+        }
+        if let Some(from) = &self.from
+            && !names(from, &flow.source, &flow.ip.source)
+        {
+            return false;
+        }
+        if let Some(to) = &self.to {
+            let service = flow
+                .destination_service
+                .as_ref()
+                .is_some_and(|s| &s.name == to);
+            if !service && !names(to, &flow.destination, &flow.ip.destination) {
+                return false;
+            }
+        }
+        if let Some(port) = self.port {
+            let l4 = flow.ports().is_some_and(|(s, d)| s == port || d == port);
+            let translated = flow.translation.as_ref().is_some_and(|t| {
+                port_of(&t.original) == Some(port) || port_of(&t.translated) == Some(port)
+            });
+            if !l4 && !translated {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::record::{
+        Connection, EventType, Ip, L4, Service, TcpFlags, Translation, Verdict,
+    };
+
+    fn flow() -> Flow {
+        Flow {
+            time: String::new(),
+            verdict: Verdict::Translated,
+            drop_reason: None,
+            ip: Ip {
+                source: "192.0.2.2".into(),
+                destination: "172.30.1.2".into(),
+                ip_version: "IPv4".into(),
+            },
+            l4: Some(L4::Tcp {
+                source_port: 41234,
+                destination_port: 80,
+                flags: TcpFlags::default(),
+            }),
+            source: Endpoint {
+                identity: 2,
+                labels: vec![LABEL_WORLD.into()],
+                ..Endpoint::default()
+            },
+            destination: Endpoint {
+                namespace: "front".into(),
+                pod_name: "web1".into(),
+                ..Endpoint::default()
+            },
+            flow_type: "L3_L4".into(),
+            node_name: String::new(),
+            event_type: EventType {
+                event_type: 4,
+                sub_type: 0,
+            },
+            destination_service: Some(Service {
+                name: "web".into(),
+                namespace: String::new(),
+            }),
+            traffic_direction: "INGRESS".into(),
+            trace_observation_point: None,
+            drop_reason_desc: None,
+            is_reply: false,
+            interface: None,
+            summary: String::new(),
+            translation: Some(Translation {
+                original: "192.0.2.1:8080".into(),
+                translated: "172.30.1.2:80".into(),
+                kind: "published_port".into(),
+            }),
+            connection: Connection::default(),
+        }
+    }
+
+    fn filter(json: &str) -> Filter {
+        ObserveRequest::parse(&format!("{{\"filter\": {json}}}"))
+            .unwrap()
+            .filter
+    }
+
+    #[test]
+    fn every_filter_must_match() {
+        let f = flow();
+        let cases = [
+            ("{}", true),
+            (r#"{"verdict": "translated"}"#, true),
+            (r#"{"verdict": "DROPPED"}"#, false),
+            (r#"{"protocol": "tcp"}"#, true),
+            (r#"{"protocol": "udp"}"#, false),
+            (r#"{"from": "world"}"#, true),
+            (r#"{"from": "192.0.2.2"}"#, true),
+            (r#"{"from": "web1"}"#, false),
+            (r#"{"to": "web1"}"#, true),
+            (r#"{"to": "web"}"#, true),
+            (r#"{"to": "host"}"#, false),
+            (r#"{"port": 80}"#, true),
+            (r#"{"port": 41234}"#, true),
+            (r#"{"port": 8080}"#, true),
+            (r#"{"port": 9999}"#, false),
+            (r#"{"to": "web1", "port": 80, "protocol": "tcp"}"#, true),
+            (r#"{"to": "web1", "port": 80, "protocol": "udp"}"#, false),
+        ];
+        for (json, expected) in cases {
+            assert_eq!(filter(json).matches(&f), expected, "{json}");
+        }
+    }
+
+    #[test]
+    fn requests_default_and_refuse_what_cannot_match() {
+        let plain = ObserveRequest::parse("").unwrap();
+        assert_eq!(plain.history(), DEFAULT_LAST);
+        let follow = ObserveRequest::parse(r#"{"follow": true}"#).unwrap();
+        assert_eq!(follow.history(), 0);
+        let last = ObserveRequest::parse(r#"{"follow": true, "last": 5}"#).unwrap();
+        assert_eq!(last.history(), 5);
+        assert_eq!(
+            ObserveRequest::parse(r#"{"filter": {"verdict": "ok"}}"#),
+            Err(FilterError::Verdict("ok".into()))
+        );
+        assert_eq!(
+            ObserveRequest::parse(r#"{"filter": {"protocol": "sctp"}}"#),
+            Err(FilterError::Protocol("sctp".into()))
+        );
+        assert!(matches!(
+            ObserveRequest::parse(r#"{"filter": {"colour": "red"}}"#),
+            Err(FilterError::Request(_))
+        ));
+    }
+}

@@ -1,0 +1,125 @@
+//! The agent's memory of recent flows, for `dataplane observe --last N`: a bounded ring, the
+//! oldest record going when a new one comes (like Hubble's ring buffer of flows).
+
+use std::{collections::VecDeque, sync::Arc};
+
+use super::{filter::Filter, record::Record};
+
+/// A record and its JSON line, serialised once for every reader.
+#[derive(Debug)]
+pub struct Stored {
+    pub record: Record,
+    pub json: String,
+}
+
+pub struct History {
+    records: VecDeque<Arc<Stored>>,
+    capacity: usize,
+}
+
+impl History {
+    pub fn new(capacity: usize) -> History {
+        History {
+            records: VecDeque::with_capacity(capacity.min(1 << 16)),
+            capacity,
+        }
+    }
+
+    pub fn push(&mut self, stored: Arc<Stored>) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.records.len() == self.capacity {
+            self.records.pop_front();
+        }
+        self.records.push_back(stored);
+    }
+
+    /// The latest `n` records matching `filter`, oldest first.
+    pub fn last(&self, filter: &Filter, n: usize) -> Vec<Arc<Stored>> {
+        let mut found: Vec<Arc<Stored>> = self
+            .records
+            .iter()
+            .rev()
+            .filter(|s| filter.matches(&s.record.flow))
+            .take(n)
+            .cloned()
+            .collect();
+        found.reverse();
+        found
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::{
+        clock::Clock,
+        decode::{self, IPPROTO_TCP, IPPROTO_UDP, tests::raw_event},
+        record::{self, Context, Identities},
+    };
+
+    fn stored(proto: u8, sport: u16) -> Arc<Stored> {
+        let raw = raw_event(
+            dataplane_common::flow_kind::NEW,
+            proto,
+            ("192.0.2.2", sport),
+            ("192.0.2.9", 80),
+        );
+        let record = record::build(
+            &decode::from_raw(&raw).unwrap(),
+            &Context {
+                identities: &Identities::default(),
+                clock: &Clock::with_offset(0),
+                node_name: "n",
+                ifname: None,
+            },
+        );
+        let json = serde_json::to_string(&record).unwrap();
+        Arc::new(Stored { record, json })
+    }
+
+    fn sport(s: &Stored) -> u16 {
+        s.record.flow.ports().unwrap().0
+    }
+
+    #[test]
+    fn the_oldest_goes_and_the_last_come_in_order() {
+        let mut history = History::new(3);
+        for port in 1..=5 {
+            history.push(stored(IPPROTO_TCP, port));
+        }
+        assert_eq!(history.len(), 3);
+        let all: Vec<u16> = history
+            .last(&Filter::default(), 10)
+            .iter()
+            .map(|s| sport(s))
+            .collect();
+        assert_eq!(all, vec![3, 4, 5]);
+        let two: Vec<u16> = history
+            .last(&Filter::default(), 2)
+            .iter()
+            .map(|s| sport(s))
+            .collect();
+        assert_eq!(two, vec![4, 5]);
+    }
+
+    #[test]
+    fn last_counts_matching_records_only() {
+        let mut history = History::new(10);
+        history.push(stored(IPPROTO_UDP, 1));
+        history.push(stored(IPPROTO_TCP, 2));
+        history.push(stored(IPPROTO_UDP, 3));
+        history.push(stored(IPPROTO_TCP, 4));
+        let udp = Filter {
+            protocol: Some("udp".into()),
+            ..Filter::default()
+        };
+        let found: Vec<u16> = history.last(&udp, 5).iter().map(|s| sport(s)).collect();
+        assert_eq!(found, vec![1, 3]);
+    }
+}

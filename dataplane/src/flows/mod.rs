@@ -1,0 +1,480 @@
+//! Flow logging (shared/DESIGN.md section 7): the kernel's flow events in, Hubble-style records
+//! out, to the history that `dataplane observe` reads, to its followers, to the JSON-lines
+//! export and to the metrics.
+//!
+//! ```text
+//!  FLOW_EVENTS ring ──> reader task ──batches──> Pipeline (the agent's main loop):
+//!  (kernel: new, close, drop)                     decode, identity from the model, record
+//!                                                   ──> history (observe --last)
+//!  conntrack walk of the GC (every 2 s) ────────>   ──> followers (observe --follow)
+//!  (agent: update every 30 s, end when expired)     ──> --flow-log (JSON lines)
+//!                                                   ──> metrics
+//! ```
+//!
+//! The reader task only copies events out of the ring, so the ring is drained even while the
+//! main loop is busy; the main loop owns the model, so identity is always the applied state's.
+
+pub mod clock;
+pub mod decode;
+pub mod export;
+pub mod filter;
+pub mod history;
+pub mod periodic;
+pub mod record;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    sync::Arc,
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use dataplane_common::{CtEntry, CtKey, FlowEvent, map_names};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+};
+
+use crate::{ebpf::Datapath, metrics::Metrics, model::Model};
+use export::FlowLog;
+use filter::ObserveRequest;
+use history::{History, Stored};
+use record::{Context, Identities};
+
+/// Every how many conntrack walks (one per GC round, 2 s) the fill level of every map is read
+/// for the metrics; counting a map walks it, so not on every round.
+const MAP_FILL_EVERY: u32 = 5;
+/// Events handed from the reader task to the main loop at once, at most.
+const MAX_BATCH: usize = 4096;
+/// Batches waiting for the main loop; when they are all taken, the reader stops draining and
+/// the ring fills, where a loss is counted (never silent).
+const BATCH_QUEUE: usize = 64;
+/// Records a follower (observe --follow) may have waiting before newer ones are skipped for it:
+/// a slow reader never holds up the agent.
+pub const FOLLOWER_QUEUE: usize = 4096;
+
+/// on | off
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+/// The agent's flow and metrics options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FlowArgs {
+    /// Whether the kernel programs send flow events (off measures what logging costs; metrics
+    /// from the kernel's counters stay). Takes effect when the programs are loaded.
+    #[arg(long, value_enum, default_value = "on")]
+    pub flow_events: OnOff,
+    /// Write every flow record as a JSON line to this file (rotated by size), or `-` for
+    /// stdout.
+    #[arg(long, value_name = "PATH|-")]
+    pub flow_log: Option<String>,
+    /// Size at which the flow log file is rotated (PATH -> PATH.1 -> PATH.2 ...).
+    #[arg(long, default_value_t = 10 * 1024 * 1024)]
+    pub flow_log_max_bytes: u64,
+    /// Rotated flow log files kept.
+    #[arg(long, default_value_t = 3)]
+    pub flow_log_keep: u32,
+    /// Recent flow records kept for `dataplane observe --last N`.
+    #[arg(long, default_value_t = 10_000)]
+    pub flow_history: usize,
+    /// Every how many seconds a connection still open gets a record with its counters so far
+    /// (`"connection": {"event": "update"}`).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub flow_report_interval: u64,
+    /// Where /metrics is served (Prometheus), or `none`.
+    #[arg(long, default_value = "127.0.0.1:9965", value_parser = crate::metrics::parse_listen)]
+    pub metrics: crate::metrics::Listen,
+}
+
+impl FlowArgs {
+    pub fn events_on(&self) -> bool {
+        self.flow_events == OnOff::On
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    #[error(transparent)]
+    Export(#[from] export::ExportError),
+    #[error("the flow event ring buffer: {0}")]
+    Ring(#[source] std::io::Error),
+}
+
+/// Reads the flow-event ring buffer from its own task and hands the events on in batches.
+pub fn spawn_reader(ring: RingBuf<MapData>) -> Result<mpsc::Receiver<Vec<FlowEvent>>, FlowError> {
+    // SAFETY: the ring buffer owns its map's fd and keeps it open, unchanged, for as long as
+    // it lives, and it moves into (and dies with) the AsyncFd.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| FlowError::Ring(e.into()))?;
+    let (tx, rx) = mpsc::channel(BATCH_QUEUE);
+    tokio::spawn(async move {
+        let mut reported_bad = false;
+        loop {
+            // Besides the kernel's wakeups, look every half second: a wakeup can be missed
+            // between the last read and clearing readiness (the kernel wakes the reader only
+            // when it had caught up), and then the ring would sit unread until the next one.
+            let ready = tokio::time::timeout(Duration::from_millis(500), fd.readable_mut()).await;
+            let mut batch = Vec::new();
+            match ready {
+                Ok(Ok(mut guard)) => {
+                    drain(guard.get_inner_mut(), &mut batch, &mut reported_bad);
+                    guard.clear_ready();
+                }
+                Ok(Err(e)) => {
+                    log::error!("flow events: waiting on the ring buffer: {e}; flow logging stops");
+                    return;
+                }
+                Err(_elapsed) => {}
+            }
+            drain(fd.get_mut(), &mut batch, &mut reported_bad);
+            for chunk in batch.chunks(MAX_BATCH) {
+                if tx.send(chunk.to_vec()).await.is_err() {
+                    return; // the agent is stopping
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+fn drain(ring: &mut RingBuf<MapData>, batch: &mut Vec<FlowEvent>, reported_bad: &mut bool) {
+    while let Some(item) = ring.next() {
+        match decode::copy_event(&item) {
+            Ok(event) => batch.push(event),
+            Err(e) => {
+                if !*reported_bad {
+                    log::warn!("flow events: {e} (kernel programs of another version?)");
+                    *reported_bad = true;
+                }
+            }
+        }
+    }
+}
+
+/// A client of `observe --follow`.
+struct Follower {
+    request: ObserveRequest,
+    lines: mpsc::Sender<String>,
+    skipped: u64,
+}
+
+/// Counts for `dataplane status`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FlowStats {
+    pub records: u64,
+    pub history: usize,
+    pub followers: usize,
+    pub undecodable: u64,
+}
+
+pub struct Pipeline {
+    clock: clock::Clock,
+    node_name: String,
+    /// The model the identities were built from, and the host's addresses.
+    model: Model,
+    host_addrs: Vec<Ipv4Addr>,
+    identities: Identities,
+    ifnames: HashMap<u32, String>,
+    history: History,
+    followers: Vec<Follower>,
+    log: Option<FlowLog>,
+    log_failing: bool,
+    metrics: Metrics,
+    last_report_ns: u64,
+    report_interval: Duration,
+    walks: u32,
+    stats: FlowStats,
+}
+
+fn node_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..len]).into_owned()
+}
+
+impl Pipeline {
+    pub fn new(args: &FlowArgs, metrics: Metrics) -> Result<Pipeline, FlowError> {
+        let log = match &args.flow_log {
+            Some(target) => {
+                let log = FlowLog::open(target, args.flow_log_max_bytes, args.flow_log_keep)?;
+                log::info!(
+                    "flow records go to {} as JSON lines",
+                    if target == "-" { "stdout" } else { target }
+                );
+                Some(log)
+            }
+            None => None,
+        };
+        Ok(Pipeline {
+            clock: clock::Clock::now(),
+            node_name: node_name(),
+            model: Model::default(),
+            host_addrs: Vec::new(),
+            identities: Identities::default(),
+            ifnames: HashMap::new(),
+            history: History::new(args.flow_history),
+            followers: Vec::new(),
+            log,
+            log_failing: false,
+            metrics,
+            last_report_ns: crate::conntrack::monotonic_now_ns(),
+            report_interval: Duration::from_secs(args.flow_report_interval.max(1)),
+            walks: 0,
+            stats: FlowStats::default(),
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn stats(&self) -> FlowStats {
+        FlowStats {
+            history: self.history.len(),
+            followers: self.followers.len(),
+            ..self.stats
+        }
+    }
+
+    /// The model just applied: identities follow it (rebuilt only when it changed).
+    pub fn set_model(&mut self, model: &Model) {
+        if *model != self.model {
+            self.model = model.clone();
+            self.identities = Identities::new(&self.model, self.host_addrs.iter().copied());
+            // Interfaces come and go with containers.
+            self.ifnames.clear();
+        }
+    }
+
+    fn set_host_addrs(&mut self, mut addrs: Vec<Ipv4Addr>) {
+        addrs.sort();
+        if addrs != self.host_addrs {
+            self.host_addrs = addrs;
+            self.identities = Identities::new(&self.model, self.host_addrs.iter().copied());
+        }
+    }
+
+    /// Events from the kernel.
+    pub fn ingest(&mut self, events: Vec<FlowEvent>) {
+        for raw in &events {
+            match decode::from_raw(raw) {
+                Ok(event) => self.publish(&event),
+                Err(e) => {
+                    if self.stats.undecodable == 0 {
+                        log::warn!("flow events: {e} (kernel programs of another version?)");
+                    }
+                    self.stats.undecodable += 1;
+                }
+            }
+        }
+        self.flush_log();
+    }
+
+    fn ifname(&mut self, ifindex: u32) -> Option<String> {
+        if ifindex == 0 {
+            return None;
+        }
+        if let Some(name) = self.ifnames.get(&ifindex) {
+            return Some(name.clone());
+        }
+        let name = crate::netdev::ifname(ifindex)?;
+        self.ifnames.insert(ifindex, name.clone());
+        Some(name)
+    }
+
+    fn publish(&mut self, event: &decode::Event) {
+        let ifname = self.ifname(event.ifindex);
+        let record = record::build(
+            event,
+            &Context {
+                identities: &self.identities,
+                clock: &self.clock,
+                node_name: &self.node_name,
+                ifname: ifname.as_deref(),
+            },
+        );
+        let json = serde_json::to_string(&record).expect("flow records serialise");
+        self.metrics.record(&record.flow);
+        self.stats.records += 1;
+        if let Some(log) = &mut self.log {
+            match log.write_line(&json) {
+                Ok(()) => self.log_failing = false,
+                Err(e) => {
+                    if !self.log_failing {
+                        log::warn!("flow log: {e}; records are skipped until it works again");
+                    }
+                    self.log_failing = true;
+                }
+            }
+        }
+        let stored = Arc::new(Stored { record, json });
+        self.followers.retain_mut(|f| {
+            if !f.request.filter.matches(&stored.record.flow) {
+                return !f.lines.is_closed();
+            }
+            match f.lines.try_send(stored.json.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if f.skipped == 0 {
+                        log::warn!(
+                            "an `observe --follow` client reads too slowly; records are \
+                             skipped for it"
+                        );
+                    }
+                    f.skipped += 1;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        self.history.push(stored);
+    }
+
+    fn flush_log(&mut self) {
+        if let Some(log) = &mut self.log
+            && let Err(e) = log.flush()
+            && !self.log_failing
+        {
+            log::warn!("flow log: {e}");
+            self.log_failing = true;
+        }
+    }
+
+    /// After each conntrack walk of the garbage collector (`entries` the table, `doomed` the
+    /// keys it is removing, at `now_ns`): the final record of expired connections that had no
+    /// close event, every report interval the counters of connections still open, and the
+    /// kernel-side metrics.
+    pub fn after_conntrack_walk(
+        &mut self,
+        datapath: &Datapath,
+        entries: &BTreeMap<CtKey, CtEntry>,
+        doomed: &[CtKey],
+        now_ns: u64,
+    ) {
+        for event in periodic::ended(entries, doomed, now_ns) {
+            self.publish(&event);
+        }
+        let interval = self.report_interval.as_nanos() as u64;
+        if now_ns.saturating_sub(self.last_report_ns) >= interval {
+            let since = std::mem::replace(&mut self.last_report_ns, now_ns);
+            for event in periodic::updates(entries, doomed, since, now_ns, interval) {
+                self.publish(&event);
+            }
+        }
+        self.flush_log();
+        self.refresh_kernel_metrics(datapath, entries.len());
+    }
+
+    fn refresh_kernel_metrics(&mut self, datapath: &Datapath, conntrack_entries: usize) {
+        let capacity = self.metrics_ct_capacity(datapath);
+        self.metrics.conntrack(conntrack_entries as u64, capacity);
+        match datapath.flow_events_lost() {
+            Ok(lost) => self.metrics.flow_events_lost(lost),
+            Err(e) => log::debug!("metrics: {e}"),
+        }
+        match datapath.drops() {
+            Ok(drops) => self.metrics.kernel_drops(&drops),
+            Err(e) => log::debug!("metrics: {e}"),
+        }
+        self.metrics.programs_attached(datapath.attachments().len());
+        if self.walks.is_multiple_of(MAP_FILL_EVERY) {
+            match datapath.map_fill() {
+                Ok(fill) => {
+                    for map in fill {
+                        self.metrics.map_fill(map.name, map.entries, map.capacity);
+                    }
+                }
+                Err(e) => log::debug!("metrics: {e}"),
+            }
+            match datapath.entries::<u32, u8>(map_names::LOCAL_ADDRS) {
+                Ok(addrs) => self.set_host_addrs(
+                    addrs
+                        .keys()
+                        .map(|a| Ipv4Addr::from(u32::from_be(*a)))
+                        .collect(),
+                ),
+                Err(e) => log::debug!("flows: reading the host's addresses: {e}"),
+            }
+        }
+        self.walks = self.walks.wrapping_add(1);
+    }
+
+    fn metrics_ct_capacity(&self, datapath: &Datapath) -> u64 {
+        datapath
+            .conntrack_capacity()
+            .map_or(u64::from(dataplane_common::capacity::CONNTRACK), u64::from)
+    }
+
+    /// `observe {json}` from the control socket: the reply (the latest matching records, one
+    /// JSON line each), and with `follow` the client stays subscribed through `lines`.
+    pub fn observe(&mut self, request: &str, lines: &mpsc::Sender<String>) -> String {
+        let request = match ObserveRequest::parse(request) {
+            Ok(r) => r,
+            Err(e) => return serde_json::json!({ "error": e.to_string() }).to_string() + "\n",
+        };
+        let mut reply = String::new();
+        for stored in self.history.last(&request.filter, request.history()) {
+            reply.push_str(&stored.json);
+            reply.push('\n');
+        }
+        if request.follow {
+            self.followers.push(Follower {
+                request,
+                lines: lines.clone(),
+                skipped: 0,
+            });
+        }
+        reply
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        flows: FlowArgs,
+    }
+
+    #[test]
+    fn the_agent_options_parse_with_their_defaults() {
+        let defaults = Cli::try_parse_from(["agent"]).unwrap().flows;
+        assert!(defaults.events_on());
+        assert_eq!(defaults.flow_log, None);
+        assert_eq!(defaults.flow_log_max_bytes, 10 * 1024 * 1024);
+        assert_eq!(defaults.flow_log_keep, 3);
+        assert_eq!(defaults.flow_history, 10_000);
+        assert_eq!(
+            defaults.metrics,
+            crate::metrics::Listen(Some("127.0.0.1:9965".parse().unwrap()))
+        );
+        let set = Cli::try_parse_from([
+            "agent",
+            "--flow-events",
+            "off",
+            "--flow-log",
+            "-",
+            "--metrics",
+            "none",
+        ])
+        .unwrap()
+        .flows;
+        assert!(!set.events_on());
+        assert_eq!(set.flow_log.as_deref(), Some("-"));
+        assert_eq!(set.metrics, crate::metrics::Listen(None));
+        assert!(Cli::try_parse_from(["agent", "--metrics", "9965"]).is_err());
+    }
+}

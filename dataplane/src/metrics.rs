@@ -1,0 +1,572 @@
+//! Prometheus metrics (shared/DESIGN.md section 8) and the `/metrics` endpoint.
+//!
+//! Hubble's names and labels, so existing dashboards work, derived from the flow records:
+//! `hubble_flows_processed_total{type,subtype,verdict,protocol}`,
+//! `hubble_drop_total{reason,protocol}`, `hubble_tcp_flags_total{flag,family}`,
+//! `hubble_port_distribution_total{protocol,port}`; and the agent's own `dataplane_*` from the
+//! kernel maps and the reconciler.
+//!
+//! `hubble_drop_total` has two sources, so that it counts every drop and still agrees with the
+//! flows: each drop record counts under its protocol (like Hubble, which derives it from
+//! flows), and the kernel's per-reason counters (the DROPS map, which counts a drop also when
+//! its event found the ring full or flow events are off) add what the records missed under
+//! `protocol="unknown"`. A kernel count is trusted only one refresh later (2 s), so an event
+//! still on its way is not counted twice. Summed over `protocol`, the counter is the kernel's
+//! count since the agent started.
+//!
+//! The endpoint is a small HTTP/1.1 server (GET /metrics, one request per connection) that
+//! speaks OpenMetrics to clients that ask for it (Prometheus does) and the classic text format
+//! 0.0.4 to everything else.
+
+use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Duration};
+
+use dataplane_common::DropReason;
+use prometheus_client::{
+    encoding::{prometheus_text, text},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::flows::record::{ConnectionEvent, Flow, L4, Verdict};
+
+type Labels<const N: usize> = [(&'static str, Cow<'static, str>); N];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error(
+        "cannot listen for /metrics on {addr}: {source} (another agent in this network \
+         namespace? give --metrics another address, or `--metrics none`)"
+    )]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Per reason (indexed by `DropReason as usize`).
+type PerReason = [u64; DropReason::SLOTS as usize];
+
+/// Per-reason drop counts: what records counted, what was added for lost events, and the
+/// kernel's counters (since the agent started) at the previous refresh.
+#[derive(Default)]
+struct DropAccounting {
+    /// Kernel counters when the agent started (the DROPS map is pinned and keeps counting
+    /// across agent restarts; these metrics start at zero like any process's).
+    baseline: Option<PerReason>,
+    previous: PerReason,
+    recorded: PerReason,
+    unattributed: PerReason,
+}
+
+/// The metric handles the agent updates. The registry they are in goes to the HTTP server.
+pub struct Metrics {
+    flows_processed: Family<Labels<4>, Counter>,
+    drops: Family<Labels<2>, Counter>,
+    tcp_flags: Family<Labels<2>, Counter>,
+    ports: Family<Labels<2>, Counter>,
+    conntrack_entries: Gauge,
+    conntrack_capacity: Gauge,
+    map_entries: Family<Labels<1>, Gauge>,
+    map_capacity: Family<Labels<1>, Gauge>,
+    flow_events_lost: Counter,
+    reconcile_duration: Histogram,
+    reconcile_errors: Counter,
+    programs_attached: Gauge,
+    drop_accounting: DropAccounting,
+}
+
+fn drop_reason_of(desc: &str) -> Option<DropReason> {
+    DropReason::ALL.into_iter().find(|r| r.desc() == desc)
+}
+
+impl Metrics {
+    pub fn new() -> (Metrics, Registry) {
+        let mut registry = Registry::default();
+        let metrics = Metrics {
+            flows_processed: Family::default(),
+            drops: Family::default(),
+            tcp_flags: Family::default(),
+            ports: Family::default(),
+            conntrack_entries: Gauge::default(),
+            conntrack_capacity: Gauge::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            flow_events_lost: Counter::default(),
+            // 0.5 ms .. ~4 s: a no-op pass takes about a millisecond, a large change seconds.
+            reconcile_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            reconcile_errors: Counter::default(),
+            programs_attached: Gauge::default(),
+            drop_accounting: DropAccounting::default(),
+        };
+        // Counters get their `_total` suffix from the encoder.
+        registry.register(
+            "hubble_flows_processed",
+            "Total number of flows processed",
+            metrics.flows_processed.clone(),
+        );
+        registry.register("hubble_drop", "Number of drops", metrics.drops.clone());
+        registry.register(
+            "hubble_tcp_flags",
+            "TCP flag occurrences",
+            metrics.tcp_flags.clone(),
+        );
+        registry.register(
+            "hubble_port_distribution",
+            "Numbers of packets distributed by destination port",
+            metrics.ports.clone(),
+        );
+        registry.register(
+            "dataplane_conntrack_entries",
+            "Entries in the connection-tracking table (two per connection)",
+            metrics.conntrack_entries.clone(),
+        );
+        registry.register(
+            "dataplane_conntrack_capacity",
+            "Capacity of the connection-tracking table",
+            metrics.conntrack_capacity.clone(),
+        );
+        registry.register(
+            "dataplane_map_entries",
+            "Entries in each BPF map",
+            metrics.map_entries.clone(),
+        );
+        registry.register(
+            "dataplane_map_capacity",
+            "Capacity of each BPF map",
+            metrics.map_capacity.clone(),
+        );
+        registry.register(
+            "dataplane_flow_events_lost",
+            "Flow events the kernel could not write because the ring buffer was full, since \
+             the ring was created",
+            metrics.flow_events_lost.clone(),
+        );
+        registry.register(
+            "dataplane_reconcile_duration_seconds",
+            "Duration of reconcile passes (applying a state and the periodic drift checks)",
+            metrics.reconcile_duration.clone(),
+        );
+        registry.register(
+            "dataplane_reconcile_errors",
+            "Reconcile passes that failed (the last good state stayed in force)",
+            metrics.reconcile_errors.clone(),
+        );
+        registry.register(
+            "dataplane_programs_attached",
+            "Kernel programs attached (interface hooks and the cgroup hook)",
+            metrics.programs_attached.clone(),
+        );
+        (metrics, registry)
+    }
+
+    /// Counts a flow record.
+    pub fn record(&mut self, flow: &Flow) {
+        let protocol = flow.protocol();
+        let dropped = flow.verdict == Verdict::Dropped;
+        let subtype = flow.trace_point().map_or("", |p| p.short_name());
+        self.flows_processed
+            .get_or_create(&[
+                ("protocol", protocol.into()),
+                ("type", if dropped { "Drop" } else { "Trace" }.into()),
+                ("subtype", subtype.into()),
+                ("verdict", flow.verdict.name().into()),
+            ])
+            .inc();
+        if let Some(desc) = &flow.drop_reason_desc {
+            self.drops
+                .get_or_create(&[
+                    ("reason", Cow::Owned(desc.clone())),
+                    ("protocol", protocol.into()),
+                ])
+                .inc();
+            if let Some(reason) = drop_reason_of(desc) {
+                self.drop_accounting.recorded[reason as usize] += 1;
+            }
+        }
+        if let Some(L4::Tcp { flags, .. }) = &flow.l4 {
+            // Once per connection and event, not per packet: SYN of the opening, FIN/RST of
+            // the close, every flag of a dropped packet.
+            let counted: Vec<&'static str> = match flow.connection.event {
+                ConnectionEvent::New | ConnectionEvent::Drop => {
+                    let mut names = Vec::new();
+                    match (flags.syn, flags.ack) {
+                        (true, true) => names.push("SYN-ACK"),
+                        (true, false) => names.push("SYN"),
+                        _ => {}
+                    }
+                    if flags.fin {
+                        names.push("FIN");
+                    }
+                    if flags.rst {
+                        names.push("RST");
+                    }
+                    names
+                }
+                ConnectionEvent::Close => [(flags.fin, "FIN"), (flags.rst, "RST")]
+                    .into_iter()
+                    .filter_map(|(set, name)| set.then_some(name))
+                    .collect(),
+                ConnectionEvent::Update | ConnectionEvent::End => Vec::new(),
+            };
+            for flag in counted {
+                self.tcp_flags
+                    .get_or_create(&[("flag", flag.into()), ("family", "IPv4".into())])
+                    .inc();
+            }
+        }
+        if flow.connection.event == ConnectionEvent::New
+            && let Some((_, port)) = flow.ports()
+        {
+            self.ports
+                .get_or_create(&[
+                    ("protocol", protocol.into()),
+                    ("port", Cow::Owned(port.to_string())),
+                ])
+                .inc();
+        }
+    }
+
+    /// The kernel's drop counters (totals since the map was created), read every refresh.
+    pub fn kernel_drops(&mut self, totals: &[(DropReason, u64)]) {
+        let acc = &mut self.drop_accounting;
+        let mut now = PerReason::default();
+        for (reason, total) in totals {
+            now[*reason as usize] = *total;
+        }
+        let Some(baseline) = acc.baseline else {
+            acc.baseline = Some(now);
+            return;
+        };
+        for reason in DropReason::ALL {
+            let i = reason as usize;
+            let missing = acc.previous[i].saturating_sub(acc.recorded[i] + acc.unattributed[i]);
+            if missing > 0 {
+                acc.unattributed[i] += missing;
+                self.drops
+                    .get_or_create(&[
+                        ("reason", reason.desc().into()),
+                        ("protocol", "unknown".into()),
+                    ])
+                    .inc_by(missing);
+            }
+        }
+        for i in 0..now.len() {
+            acc.previous[i] = now[i].saturating_sub(baseline[i]);
+        }
+    }
+
+    /// The kernel's count of lost flow events (a total since the ring was created).
+    pub fn flow_events_lost(&self, total: u64) {
+        let seen = self.flow_events_lost.get();
+        if total > seen {
+            self.flow_events_lost.inc_by(total - seen);
+        }
+    }
+
+    pub fn conntrack(&self, entries: u64, capacity: u64) {
+        self.conntrack_entries.set(entries as i64);
+        self.conntrack_capacity.set(capacity as i64);
+    }
+
+    pub fn map_fill(&self, name: &'static str, entries: u32, capacity: u32) {
+        self.map_entries
+            .get_or_create(&[("map", name.into())])
+            .set(i64::from(entries));
+        self.map_capacity
+            .get_or_create(&[("map", name.into())])
+            .set(i64::from(capacity));
+    }
+
+    pub fn programs_attached(&self, count: usize) {
+        self.programs_attached.set(count as i64);
+    }
+
+    pub fn reconciled(&self, took: Duration, ok: bool) {
+        self.reconcile_duration.observe(took.as_secs_f64());
+        if !ok {
+            self.reconcile_errors.inc();
+        }
+    }
+}
+
+/// Where `/metrics` is served (`--metrics ADDR`), or nowhere (`--metrics none`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+pub fn parse_listen(text: &str) -> Result<Listen, String> {
+    if text == "none" {
+        return Ok(Listen(None));
+    }
+    crate::parse_socket_addr(text).map(|addr| Listen(Some(addr)))
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })
+}
+
+/// Serves `/metrics` from `registry` until the agent stops.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            // A client that sends nothing is not waited for long.
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &registry)).await;
+        });
+    }
+}
+
+/// The request line and headers, up to the blank line (requests to /metrics have no body).
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
+    const LIMIT: usize = 16 * 1024;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < LIMIT {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// The response to one request head: status line, content type, body.
+fn respond(head: &str, registry: &Registry) -> (&'static str, &'static str, String) {
+    let mut lines = head.lines();
+    let mut request = lines.next().unwrap_or_default().split_whitespace();
+    let (method, target) = (request.next().unwrap_or(""), request.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    if method != "GET" && method != "HEAD" {
+        return ("405 Method Not Allowed", "text/plain", "GET only\n".into());
+    }
+    match path {
+        "/metrics" => {
+            let openmetrics = lines.any(|l| {
+                let l = l.to_ascii_lowercase();
+                l.starts_with("accept:") && l.contains("application/openmetrics-text")
+            });
+            let mut body = String::new();
+            let (content_type, encoded) = if openmetrics {
+                (
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text::encode(&mut body, registry),
+                )
+            } else {
+                (
+                    prometheus_text::CONTENT_TYPE,
+                    prometheus_text::encode(&mut body, registry),
+                )
+            };
+            match encoded {
+                Ok(()) => ("200 OK", content_type, body),
+                Err(_) => (
+                    "500 Internal Server Error",
+                    "text/plain",
+                    "encoding the metrics failed\n".into(),
+                ),
+            }
+        }
+        "/" => (
+            "200 OK",
+            "text/plain",
+            "dataplane agent: metrics at /metrics\n".into(),
+        ),
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "not found; try /metrics\n".into(),
+        ),
+    }
+}
+
+async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
+    let head = read_head(&mut stream).await?;
+    let (status, content_type, body) = respond(&head, registry);
+    let head_only = head.starts_with("HEAD ");
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    if !head_only {
+        response.push_str(&body);
+    }
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::{
+        clock::Clock,
+        decode::{self, IPPROTO_TCP, IPPROTO_UDP, tests::raw_event},
+        record::{self, Context, Identities},
+    };
+
+    fn flow(kind: u8, proto: u8, flags: u8, reason: Option<DropReason>) -> Flow {
+        let mut raw = raw_event(kind, proto, ("192.0.2.2", 5000), ("192.0.2.9", 80));
+        raw.tcp_flags = flags;
+        if let Some(reason) = reason {
+            raw.drop_reason = reason as u8;
+        }
+        record::build(
+            &decode::from_raw(&raw).unwrap(),
+            &Context {
+                identities: &Identities::default(),
+                clock: &Clock::with_offset(0),
+                node_name: "n",
+                ifname: None,
+            },
+        )
+        .flow
+    }
+
+    fn scrape(registry: &Registry) -> String {
+        let (status, content_type, body) =
+            respond("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", registry);
+        assert_eq!(status, "200 OK");
+        assert!(content_type.starts_with("text/plain; version=0.0.4"));
+        body
+    }
+
+    use dataplane_common::{flow_kind, tcp_flag};
+
+    #[test]
+    fn records_become_hubbles_metrics() {
+        let (mut metrics, registry) = Metrics::new();
+        metrics.record(&flow(flow_kind::NEW, IPPROTO_TCP, tcp_flag::SYN, None));
+        metrics.record(&flow(
+            flow_kind::CLOSE,
+            IPPROTO_TCP,
+            tcp_flag::SYN | tcp_flag::ACK | tcp_flag::FIN,
+            None,
+        ));
+        metrics.record(&flow(flow_kind::NEW, IPPROTO_UDP, 0, None));
+        metrics.record(&flow(
+            flow_kind::DROP,
+            IPPROTO_TCP,
+            tcp_flag::SYN,
+            Some(DropReason::NoServiceBackend),
+        ));
+        let text = scrape(&registry);
+        for line in [
+            "hubble_flows_processed_total{protocol=\"TCP\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\"} 2",
+            "hubble_flows_processed_total{protocol=\"UDP\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\"} 1",
+            "hubble_flows_processed_total{protocol=\"TCP\",type=\"Drop\",subtype=\"\",verdict=\"DROPPED\"} 1",
+            "hubble_drop_total{reason=\"NO_SERVICE_BACKEND\",protocol=\"TCP\"} 1",
+            // SYN of the new connection and of the dropped packet; the close adds FIN only.
+            "hubble_tcp_flags_total{flag=\"SYN\",family=\"IPv4\"} 2",
+            "hubble_tcp_flags_total{flag=\"FIN\",family=\"IPv4\"} 1",
+            "hubble_port_distribution_total{protocol=\"TCP\",port=\"80\"} 1",
+            "hubble_port_distribution_total{protocol=\"UDP\",port=\"80\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn kernel_drops_without_records_count_as_unknown_one_refresh_later() {
+        let (mut metrics, registry) = Metrics::new();
+        // Before the agent: 100 drops, never counted.
+        metrics.kernel_drops(&[(DropReason::PolicyDenied, 100)]);
+        // Three more; one record arrives.
+        metrics.record(&flow(
+            flow_kind::DROP,
+            IPPROTO_TCP,
+            tcp_flag::SYN,
+            Some(DropReason::PolicyDenied),
+        ));
+        metrics.kernel_drops(&[(DropReason::PolicyDenied, 103)]);
+        assert!(!scrape(&registry).contains("protocol=\"unknown\""));
+        // A second record arrives late; the third never does.
+        metrics.record(&flow(
+            flow_kind::DROP,
+            IPPROTO_TCP,
+            tcp_flag::SYN,
+            Some(DropReason::PolicyDenied),
+        ));
+        metrics.kernel_drops(&[(DropReason::PolicyDenied, 103)]);
+        let text = scrape(&registry);
+        assert!(
+            text.contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"TCP\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"unknown\"} 1"),
+            "{text}"
+        );
+        // Nothing new: nothing added.
+        metrics.kernel_drops(&[(DropReason::PolicyDenied, 103)]);
+        assert!(
+            scrape(&registry)
+                .contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"unknown\"} 1")
+        );
+    }
+
+    #[test]
+    fn gauges_and_the_lost_counter_follow_the_kernel() {
+        let (metrics, registry) = Metrics::new();
+        metrics.flow_events_lost(5);
+        metrics.flow_events_lost(7);
+        metrics.conntrack(10, 262_144);
+        metrics.map_fill("dp_ports_v2", 3, 65_536);
+        metrics.programs_attached(4);
+        metrics.reconciled(Duration::from_millis(3), true);
+        metrics.reconciled(Duration::from_millis(3), false);
+        let text = scrape(&registry);
+        for line in [
+            "dataplane_flow_events_lost_total 7",
+            "dataplane_conntrack_entries 10",
+            "dataplane_conntrack_capacity 262144",
+            "dataplane_map_entries{map=\"dp_ports_v2\"} 3",
+            "dataplane_map_capacity{map=\"dp_ports_v2\"} 65536",
+            "dataplane_programs_attached 4",
+            "dataplane_reconcile_errors_total 1",
+            "dataplane_reconcile_duration_seconds_count 2",
+        ] {
+            assert!(text.contains(line), "missing {line} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn http_answers_openmetrics_when_asked_and_refuses_the_rest() {
+        let (_metrics, registry) = Metrics::new();
+        let (status, content_type, body) = respond(
+            "GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0\r\n\r\n",
+            &registry,
+        );
+        assert_eq!(status, "200 OK");
+        assert!(content_type.starts_with("application/openmetrics-text"));
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        assert_eq!(
+            respond("GET /nope HTTP/1.1\r\n\r\n", &registry).0,
+            "404 Not Found"
+        );
+        assert_eq!(
+            respond("POST /metrics HTTP/1.1\r\n\r\n", &registry).0,
+            "405 Method Not Allowed"
+        );
+        assert_eq!(parse_listen("none"), Ok(Listen(None)));
+        assert_eq!(
+            parse_listen("127.0.0.1:9965"),
+            Ok(Listen(Some("127.0.0.1:9965".parse().unwrap())))
+        );
+        assert!(parse_listen("localhost").is_err());
+    }
+}

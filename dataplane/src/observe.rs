@@ -1,0 +1,122 @@
+//! `dataplane observe`: the agent's flow records, like `hubble observe`: the latest ones, or
+//! following new ones as they come, as JSON lines or one compact line each, filtered by
+//! verdict, source, destination, port and protocol.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    DEFAULT_SOCKET,
+    flows::{
+        filter::{Filter, ObserveRequest},
+        record::{self, Record},
+    },
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// One line per flow: time, ends, where it went, verdict, flags, translation.
+    Compact,
+    /// The records as the agent keeps them: `hubble observe -o json` lines.
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ObserveArgs {
+    /// Keep printing new flows as they come (until interrupted).
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// Print the last N matching flows first (default 20; with --follow none).
+    #[arg(long, value_name = "N")]
+    last: Option<usize>,
+    #[arg(short = 'o', long, value_enum, default_value = "compact")]
+    output: Output,
+    /// Only flows with this verdict: FORWARDED, TRANSLATED or DROPPED.
+    #[arg(long)]
+    verdict: Option<String>,
+    /// Only flows from this container (name), IP address, `host` or `world`.
+    #[arg(long, value_name = "NAME")]
+    from: Option<String>,
+    /// Only flows to this container (name), service (name), IP address, `host` or `world`.
+    #[arg(long, value_name = "NAME")]
+    to: Option<String>,
+    /// Only flows with this port at either end (or as a translated address's port, e.g. a
+    /// published port).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Only flows of this protocol: tcp, udp or icmp.
+    #[arg(long)]
+    protocol: Option<String>,
+    /// The agent's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
+impl ObserveArgs {
+    fn request(&self) -> ObserveRequest {
+        ObserveRequest {
+            follow: self.follow,
+            last: self.last,
+            filter: Filter {
+                verdict: self.verdict.clone(),
+                from: self.from.clone(),
+                to: self.to.clone(),
+                port: self.port,
+                protocol: self.protocol.clone(),
+            },
+        }
+    }
+}
+
+/// What the agent sent instead of records.
+#[derive(serde::Deserialize)]
+struct AgentError {
+    error: String,
+}
+
+pub fn run(args: ObserveArgs) -> anyhow::Result<()> {
+    let request = args.request();
+    request.filter.check()?;
+    let mut stream = UnixStream::connect(&args.socket).with_context(|| {
+        format!(
+            "cannot reach the agent on {} (is `dataplane agent` running? give --socket if it \
+             uses another)",
+            args.socket.display()
+        )
+    })?;
+    if !args.follow {
+        // The history comes at once; a silent agent is a stuck one.
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    }
+    let line = serde_json::to_string(&request).context("encoding the request")?;
+    writeln!(stream, "observe {line}").context("sending the request")?;
+    let mut out = std::io::stdout().lock();
+    for line in BufReader::new(stream).lines() {
+        let line = line.context("reading the agent's reply")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Ok(AgentError { error }) = serde_json::from_str(&line) {
+            bail!("the agent refused the request: {error}");
+        }
+        let text = match args.output {
+            Output::Json => line,
+            Output::Compact => {
+                let record: Record = serde_json::from_str(&line)
+                    .with_context(|| format!("a record the agent sent is not valid: {line}"))?;
+                record::compact(&record)
+            }
+        };
+        // A closed stdout (`| head`) ends the command quietly.
+        if writeln!(out, "{text}").is_err() || (args.follow && out.flush().is_err()) {
+            return Ok(());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,492 @@
+//! Flow logs on a namespaced host: known connections (a published port from outside, container
+//! to container over TCP and UDP, a service VIP, masquerade to the outside) give exactly their
+//! flows with the right ends, ports, verdicts and translations; a connection to a service
+//! without backends gives a DROPPED flow with its reason; `observe` filters, follows, and the
+//! JSON-lines export writes what it shows.
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::TcpStream,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use dataplane_tests::{Agent, Sandbox, dataplane_bin, in_netns};
+use serde_json::Value;
+
+const SPEC: &str = r#"
+uplink: eth0
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1}
+endpoints:
+  - name: client
+    labels: {role: client}
+    interfaces: [{network: front, ip: 172.30.1.9, mac: "02:42:ac:1e:01:09", host_veth: veth-client}]
+  - name: web1
+    labels: {app: web}
+    interfaces: [{network: front, ip: 172.30.1.2, mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
+services:
+  - {name: web, vip: 10.96.0.10, port: 80, selector: {app: web}}
+  - {name: empty, vip: 10.96.0.12, port: 80, selector: {app: nothing}}
+ports:
+  - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}
+"#;
+
+const HOST: &str = "192.0.2.1";
+const OUTSIDE: &str = "192.0.2.2";
+const CLIENT: &str = "172.30.1.9";
+const WEB1: &str = "172.30.1.2";
+
+/// `dataplane observe -o json ARGS` against the agent: its records.
+fn observe(agent: &Agent, args: &[&str]) -> Vec<Value> {
+    let out = Command::new(dataplane_bin())
+        .args(["observe", "-o", "json", "--socket"])
+        .arg(&agent.socket)
+        .args(args)
+        .output()
+        .expect("running dataplane observe");
+    assert!(
+        out.status.success(),
+        "observe {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn event(record: &Value) -> &str {
+    record["flow"]["connection"]["event"].as_str().unwrap_or("")
+}
+
+/// Waits until the records of `observe --last 1000` satisfy `done`; returns them.
+fn wait_for_records(agent: &Agent, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let records = observe(agent, &["--last", "1000"]);
+        if done(&records) {
+            return records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; records:\n{}",
+            records
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The port in a sandbox server's reply `NAME ADDR:PORT` (the client address it saw).
+fn seen_port(reply: &str, name: &str, addr: &str) -> u16 {
+    let seen = reply
+        .trim()
+        .strip_prefix(&format!("{name} {addr}:"))
+        .unwrap_or_else(|| panic!("{name} answered {reply:?}, expected it to see {addr}"));
+    seen.parse().unwrap()
+}
+
+/// What a NEW flow says, in a form to compare whole.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Seen {
+    verdict: String,
+    protocol: String,
+    source: String,
+    source_port: u64,
+    destination: String,
+    destination_port: u64,
+    direction: String,
+    translation: Option<(String, String, String)>,
+    service: Option<String>,
+}
+
+/// A container by its name, anything else by its address and reserved label.
+fn end(endpoint: &Value, ip: &Value) -> String {
+    match endpoint["pod_name"].as_str() {
+        Some(name) => format!("{name} ({})", endpoint["namespace"].as_str().unwrap()),
+        None => format!(
+            "{} ({})",
+            ip.as_str().unwrap(),
+            endpoint["labels"][0].as_str().unwrap()
+        ),
+    }
+}
+
+fn seen(record: &Value) -> Seen {
+    let flow = &record["flow"];
+    let (protocol, l4) = flow["l4"]
+        .as_object()
+        .and_then(|o| o.iter().next())
+        .expect("l4");
+    Seen {
+        verdict: flow["verdict"].as_str().unwrap().into(),
+        protocol: protocol.clone(),
+        source: end(&flow["source"], &flow["IP"]["source"]),
+        source_port: l4["source_port"].as_u64().unwrap(),
+        destination: end(&flow["destination"], &flow["IP"]["destination"]),
+        destination_port: l4["destination_port"].as_u64().unwrap(),
+        direction: flow["traffic_direction"].as_str().unwrap().into(),
+        translation: flow.get("translation").map(|t| {
+            (
+                t["kind"].as_str().unwrap().into(),
+                t["original"].as_str().unwrap().into(),
+                t["translated"].as_str().unwrap().into(),
+            )
+        }),
+        service: flow["destination_service"]["name"].as_str().map(Into::into),
+    }
+}
+
+#[test]
+fn known_connections_give_exactly_their_flows_and_a_drop_its_reason() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    let bin = dataplane_bin();
+    let mut outside_server = sandbox.spawn(
+        "outside",
+        &[
+            bin.to_str().unwrap(),
+            "sandbox",
+            "serve",
+            "--name",
+            "outside",
+            "--tcp",
+            "9999",
+        ],
+    );
+    outside_server.wait_for_line("ready");
+
+    // 1. From outside through the published port.
+    let reply = sandbox.exec_ok(
+        "outside",
+        &["curl", "-sS", "--max-time", "3", "http://192.0.2.1:8080/"],
+    );
+    let published_port = seen_port(&reply, "web1", OUTSIDE);
+    // 2. Container to container, TCP.
+    let reply = sandbox.exec_ok("client", &["nc", "-w3", WEB1, "80"]);
+    let tcp_port = seen_port(&reply, "web1", CLIENT);
+    // 3. Through the service VIP.
+    let reply = sandbox.exec_ok(
+        "client",
+        &["curl", "-sS", "--max-time", "3", "http://10.96.0.10/"],
+    );
+    let vip_port = seen_port(&reply, "web1", CLIENT);
+    // 4. Masqueraded to the outside: its server says which host port it saw.
+    let reply = sandbox.exec_ok("web1", &["nc", "-w3", OUTSIDE, "9999"]);
+    let masquerade_port = seen_port(&reply, "outside", HOST);
+    // 5. Container to container, UDP.
+    let reply = sandbox.exec_ok(
+        "client",
+        &["sh", "-c", &format!("echo hi | nc -u -w1 {WEB1} 80")],
+    );
+    let udp_port = seen_port(&reply, "web1", CLIENT);
+    // And a service without backends: refused, a drop.
+    let refused = sandbox.exec(
+        "client",
+        &["curl", "-sS", "--max-time", "3", "http://10.96.0.12/"],
+    );
+    assert!(!refused.status.success(), "{refused:?}");
+
+    let records = wait_for_records(&agent, "5 new flows, a drop and 4 closes", |r| {
+        let count = |e: &str| r.iter().filter(|x| event(x) == e).count();
+        count("new") >= 5 && count("drop") >= 1 && count("close") >= 4
+    });
+    let new: BTreeSet<Seen> = records
+        .iter()
+        .filter(|r| event(r) == "new")
+        .map(seen)
+        .collect();
+    let tcp = |verdict: &str, source: &str, sport: u16, destination: &str, dport: u16| Seen {
+        verdict: verdict.into(),
+        protocol: "TCP".into(),
+        source: source.into(),
+        source_port: sport.into(),
+        destination: destination.into(),
+        destination_port: dport.into(),
+        direction: "EGRESS".into(),
+        translation: None,
+        service: None,
+    };
+    let masquerade_sport = new
+        .iter()
+        .find(|s| s.destination_port == 9999)
+        .map(|s| s.source_port as u16)
+        .expect("a flow to port 9999");
+    let expected: BTreeSet<Seen> = [
+        Seen {
+            direction: "INGRESS".into(),
+            translation: Some((
+                "published_port".into(),
+                "192.0.2.1:8080".into(),
+                "172.30.1.2:80".into(),
+            )),
+            ..tcp(
+                "TRANSLATED",
+                "192.0.2.2 (reserved:world)",
+                published_port,
+                "web1 (front)",
+                80,
+            )
+        },
+        tcp("FORWARDED", "client (front)", tcp_port, "web1 (front)", 80),
+        Seen {
+            translation: Some((
+                "service".into(),
+                "10.96.0.10:80".into(),
+                "172.30.1.2:80".into(),
+            )),
+            service: Some("web".into()),
+            ..tcp("TRANSLATED", "client (front)", vip_port, "web1 (front)", 80)
+        },
+        Seen {
+            translation: Some((
+                "masquerade".into(),
+                format!("172.30.1.2:{masquerade_sport}"),
+                format!("192.0.2.1:{masquerade_port}"),
+            )),
+            ..tcp(
+                "TRANSLATED",
+                "web1 (front)",
+                masquerade_sport,
+                "192.0.2.2 (reserved:world)",
+                9999,
+            )
+        },
+        Seen {
+            protocol: "UDP".into(),
+            ..tcp("FORWARDED", "client (front)", udp_port, "web1 (front)", 80)
+        },
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(new, expected);
+    assert_eq!(
+        records.iter().filter(|r| event(r) == "new").count(),
+        5,
+        "exactly one new flow per connection"
+    );
+
+    // Identity from the model.
+    let to_web1 = records
+        .iter()
+        .find(|r| event(r) == "new" && r["flow"]["destination"]["pod_name"] == "web1")
+        .unwrap();
+    assert_eq!(to_web1["flow"]["destination"]["labels"][0], "app=web");
+    assert_eq!(to_web1["flow"]["Type"], "L3_L4");
+    assert_eq!(to_web1["flow"]["is_reply"], false);
+    assert_eq!(to_web1["flow"]["IP"]["ipVersion"], "IPv4");
+
+    // The drop.
+    let drops: Vec<&Value> = records.iter().filter(|r| event(r) == "drop").collect();
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    let drop = &drops[0]["flow"];
+    assert_eq!(drop["verdict"], "DROPPED");
+    assert_eq!(drop["drop_reason_desc"], "NO_SERVICE_BACKEND");
+    assert_eq!(drop["source"]["pod_name"], "client");
+    assert_eq!(drop["IP"]["destination"], "10.96.0.12");
+    assert_eq!(drop["l4"]["TCP"]["destination_port"], 80);
+    assert_eq!(drop["destination_service"]["name"], "empty");
+    assert_eq!(drop["event_type"]["type"], 1);
+
+    // Each TCP connection's close carries both directions' counters.
+    for close in records.iter().filter(|r| event(r) == "close") {
+        let c = &close["flow"]["connection"];
+        assert!(c["packets"].as_u64().unwrap() >= 2, "{close}");
+        assert!(c["reply_packets"].as_u64().unwrap() >= 2, "{close}");
+    }
+
+    // Filters.
+    let dropped = observe(&agent, &["--last", "100", "--verdict", "DROPPED"]);
+    assert_eq!(dropped.len(), 1);
+    let udp = observe(&agent, &["--last", "100", "--protocol", "udp"]);
+    assert_eq!(udp.len(), 1);
+    assert_eq!(udp[0]["flow"]["l4"]["UDP"]["source_port"], udp_port);
+    let to_outside = observe(&agent, &["--last", "100", "--port", "9999"]);
+    assert!(to_outside.iter().all(|r| seen(r).destination_port == 9999));
+    assert_eq!(to_outside.len(), 2, "new and close");
+    let published = observe(
+        &agent,
+        &["--last", "100", "--port", "8080", "--from", "world"],
+    );
+    assert_eq!(published.len(), 2, "new and close of the published port");
+    let from_client = observe(
+        &agent,
+        &["--last", "100", "--from", "client", "--to", "web"],
+    );
+    assert!(
+        from_client
+            .iter()
+            .all(|r| r["flow"]["destination_service"]["name"] == "web")
+    );
+    assert_eq!(from_client.len(), 2, "the VIP connection: new and close");
+    let last_two = observe(&agent, &["--last", "2"]);
+    assert_eq!(last_two.len(), 2);
+    assert_eq!(
+        last_two[1],
+        *records.last().unwrap(),
+        "the latest come last"
+    );
+    // A filter that can never match is refused, not silently empty.
+    let out = Command::new(dataplane_bin())
+        .args(["observe", "--verdict", "OK", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // Compact output, one line per record.
+    let out = Command::new(dataplane_bin())
+        .args([
+            "observe",
+            "--last",
+            "100",
+            "--verdict",
+            "dropped",
+            "--socket",
+        ])
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.trim().ends_with(
+            " (front) -> 10.96.0.12:80 (service) NO_SERVICE_BACKEND DROPPED (TCP Flags: SYN) \
+             service empty"
+        ) && text.contains(": client:")
+            && text.lines().count() == 1,
+        "{text}"
+    );
+}
+
+/// `dataplane observe --follow` as a child whose lines arrive on a channel.
+struct Follower {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Follower {
+    fn start(agent: &Agent, args: &[&str]) -> Follower {
+        let mut child = Command::new(dataplane_bin())
+            .args(["observe", "--follow", "-o", "json", "--socket"])
+            .arg(&agent.socket)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting observe --follow");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Follower { child, lines }
+    }
+
+    /// The next record, within `limit`.
+    fn next(&self, limit: Duration) -> Option<Value> {
+        self.lines
+            .recv_timeout(limit)
+            .ok()
+            .map(|l| serde_json::from_str(&l).unwrap())
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn follow_streams_new_records_with_periodic_counters_and_the_export_has_them() {
+    let sandbox = Sandbox::up(SPEC);
+    let log = sandbox.dir.join("flows.json");
+    let agent = Agent::start_with(
+        &sandbox,
+        &[
+            "--flow-log",
+            log.to_str().unwrap(),
+            "--flow-report-interval",
+            "2",
+        ],
+    );
+    // A first connection, so that `--last 1` gives the follower a line to wait for: once it
+    // came, the follower is subscribed.
+    sandbox.exec_ok("client", &["nc", "-w3", WEB1, "80"]);
+    wait_for_records(&agent, "the first flow", |r| !r.is_empty());
+    let follower = Follower::start(&agent, &["--last", "1", "--from", "world"]);
+    let all = Follower::start(&agent, &["--last", "1"]);
+    // Neither is from the world: `--last` counts matching records only.
+    assert!(follower.next(Duration::from_secs(2)).is_none());
+    all.next(Duration::from_secs(5))
+        .expect("the unfiltered follower's history line");
+
+    // Not from the world: filtered out.
+    sandbox.exec_ok("client", &["nc", "-w3", WEB1, "80"]);
+    // A keep-alive connection from outside, busy for a few report intervals.
+    let mut conn = in_netns(&sandbox.netns("outside"), || {
+        TcpStream::connect_timeout(&"192.0.2.1:8080".parse().unwrap(), Duration::from_secs(3))
+    })
+    .expect("connecting to the published port");
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let local_port = conn.local_addr().unwrap().port();
+    let first = follower
+        .next(Duration::from_secs(5))
+        .expect("the new connection streamed");
+    assert_eq!(event(&first), "new");
+    assert_eq!(first["flow"]["l4"]["TCP"]["source_port"], local_port);
+    assert_eq!(first["flow"]["destination"]["pod_name"], "web1");
+
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut update = None;
+    while update.is_none() && Instant::now() < deadline {
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = conn.read(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("web1"));
+        while let Some(record) = follower.next(Duration::from_millis(300)) {
+            if event(&record) == "update" {
+                update = Some(record);
+            }
+        }
+    }
+    let update = update.expect("a periodic counter record of the open connection");
+    assert_eq!(update["flow"]["l4"]["TCP"]["source_port"], local_port);
+    assert!(
+        update["flow"]["connection"]["reply_packets"]
+            .as_u64()
+            .unwrap()
+            >= 2
+    );
+    drop(conn);
+    let close = std::iter::from_fn(|| follower.next(Duration::from_secs(5)))
+        .find(|r| event(r) == "close")
+        .expect("the close streamed");
+    assert_eq!(close["flow"]["l4"]["TCP"]["source_port"], local_port);
+
+    // The export has every record the agent made (all still in its history), as JSON lines.
+    let history = observe(&agent, &["--last", "1000"]);
+    let exported: Vec<Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for record in history.iter().chain([&first, &update, &close]) {
+        assert!(exported.contains(record), "{record} not in the flow log");
+    }
+    let status = agent.status();
+    assert_eq!(status["flows"]["lost"], 0);
+    assert_eq!(status["flows"]["events"], true);
+    assert_eq!(status["flows"]["followers"], 2);
+}
