@@ -7,7 +7,7 @@ use dataplane_common::{CtEntry, CtKey, ct_origin, ct_rewrite, tcp_flag};
 
 use crate::{
     maps::{CONFIG, CONNTRACK},
-    parse::{IPPROTO_ICMP, Ipv4Packet, L4},
+    parse::{IPPROTO_ICMP, IPPROTO_TCP, Ipv4Packet, L4},
     policy::{self, Via},
 };
 
@@ -60,6 +60,33 @@ pub fn reply_key(proto: u8, saddr: u32, sport: u16, daddr: u32, dport: u16) -> C
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
     CONNTRACK.get_ptr_mut(key)
+}
+
+/// The entry of the packet with `key`, unless the packet opens a new TCP connection on the
+/// tuple of one that is closing (a SYN after FIN or RST, as a client reusing its source port
+/// does): then the old connection's entries go, and the packet is a new connection, with its
+/// own translation, policy judgement and flow record (Cilium's conntrack does the same).
+#[inline(always)]
+pub fn lookup_packet(key: &CtKey, tcp_flags: u8) -> Option<*mut CtEntry> {
+    const CLOSING: u8 = tcp_flag::FIN | tcp_flag::RST;
+    let entry = CONNTRACK.get_ptr_mut(key)?;
+    if key.proto != IPPROTO_TCP || tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) != tcp_flag::SYN {
+        return Some(entry);
+    }
+    // SAFETY: map values from lookups in this program run.
+    unsafe {
+        let peer = (*entry).peer;
+        let closing = (*entry).tcp_flags & CLOSING != 0
+            || CONNTRACK
+                .get_ptr(&peer)
+                .is_some_and(|p| (*p).tcp_flags & CLOSING != 0);
+        if !closing {
+            return Some(entry);
+        }
+        let _ = CONNTRACK.remove(&peer);
+        let _ = CONNTRACK.remove(key);
+    }
+    None
 }
 
 /// Records a packet of `len` bytes with `tcp_flags` on the entry of `key`; the first FIN or

@@ -116,7 +116,7 @@ fn decide(ctx: &TcContext, site: Site, seen: &mut Seen) -> Verdict {
     let key = conntrack::key_of(&ip, &l4);
     seen.tuple = key;
     seen.tcp_flags = l4.tcp_flags;
-    if let Some(entry) = conntrack::lookup(&key) {
+    if let Some(entry) = conntrack::lookup_packet(&key, l4.tcp_flags) {
         let (origin, rewrite, addr, port) = translation_of(entry);
         if !owns(hook, origin, rewrite) {
             return Verdict::Pass;
@@ -481,21 +481,23 @@ fn track_dnat(
     if created.is_err() {
         return Verdict::Drop(DropReason::CtMapInsertionFailed);
     }
+    let (len, tcp_flags) = (ip.len, l4.tcp_flags);
+    if nat::rewrite(ctx, ip, l4, ct_rewrite::DST, addr, port).is_err() {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    // Reported once the packet really goes on: a failed rewrite is a drop, not a connection.
     flow::new_connection(
         forward,
         origin,
         ct_rewrite::DST,
         addr,
         port,
-        ip.len,
-        l4.tcp_flags,
+        len,
+        tcp_flags,
         site.hook.number(),
         site.ifindex,
     );
-    match nat::rewrite(ctx, ip, l4, ct_rewrite::DST, addr, port) {
-        Ok(()) => Verdict::Pass,
-        Err(_) => Verdict::Drop(DropReason::Malformed),
-    }
+    Verdict::Pass
 }
 
 #[inline(always)]
@@ -563,21 +565,22 @@ fn masquerade(
             l4.tcp_flags,
         ) {
             Ok(()) => {
+                let (len, tcp_flags) = (ip.len, l4.tcp_flags);
+                if nat::rewrite(ctx, ip, l4, ct_rewrite::SRC, masquerade_addr, port).is_err() {
+                    return Verdict::Drop(DropReason::Malformed);
+                }
                 flow::new_connection(
                     forward,
                     ct_origin::MASQUERADE,
                     ct_rewrite::SRC,
                     masquerade_addr,
                     port,
-                    ip.len,
-                    l4.tcp_flags,
+                    len,
+                    tcp_flags,
                     site.hook.number(),
                     site.ifindex,
                 );
-                return match nat::rewrite(ctx, ip, l4, ct_rewrite::SRC, masquerade_addr, port) {
-                    Ok(()) => Verdict::Pass,
-                    Err(_) => Verdict::Drop(DropReason::Malformed),
-                };
+                return Verdict::Pass;
             }
             Err(CtError::Exists) => continue,
             Err(CtError::Full) => return Verdict::Drop(DropReason::CtMapInsertionFailed),

@@ -373,7 +373,10 @@ fn icmp_errors_about_translated_connections_are_translated_back() {
     assert_eq!(verdict, TC_PASS);
     let unreachable = ipv4_frame(&Ipv4Spec::new(SERVER, HOST, 1), &icmp_error(3, 3, &left));
     let (verdict, out) = run_tc(dp, Hook::UplinkIngress, &unreachable);
-    assert_eq!(verdict, TC_REDIRECT, "delivered into the container like its connection");
+    assert_eq!(
+        verdict, TC_REDIRECT,
+        "delivered into the container like its connection"
+    );
     assert_checksums(&out);
     assert_eq!(tuple(&out).1, ip4(WEB1), "the error goes to the container");
     assert_eq!(
@@ -437,4 +440,36 @@ fn connections_between_containers_are_tracked_untranslated() {
     );
     run_tc(dp, Hook::ContainerIngress, &out_bound);
     assert_eq!(ct(dp).len(), 2);
+}
+
+#[test]
+fn a_syn_reusing_the_tuple_of_a_closed_connection_is_a_new_connection() {
+    let mut t = TestDatapath::load();
+    let dp = t.get();
+    host(dp);
+    let syn = ipv4_frame(
+        &Ipv4Spec::new(CLIENT, HOST, 6),
+        &tcp(40000, 8080, TCP_SYN, b""),
+    );
+    delivered(dp, Hook::UplinkIngress, &syn);
+    let fin = ipv4_frame(
+        &Ipv4Spec::new(CLIENT, HOST, 6),
+        &tcp(40000, 8080, TCP_ACK | 0x01, b""),
+    );
+    delivered(dp, Hook::UplinkIngress, &fin);
+    let before = ct(dp);
+    assert!(
+        before.values().any(|e| e.tcp_flags & 0x01 != 0),
+        "the close was seen"
+    );
+    // The client reuses its port within the closing timeout: a fresh connection, fresh entries.
+    delivered(dp, Hook::UplinkIngress, &syn);
+    let after = ct(dp);
+    assert_eq!(after.len(), 2);
+    assert!(
+        after.values().all(|e| e.tcp_flags & 0x01 == 0),
+        "no FIN on the new connection"
+    );
+    let forward = after.values().find(|e| e.is_reply == 0).unwrap();
+    assert_eq!(forward.packets, 1, "counted from the new SYN on");
 }
