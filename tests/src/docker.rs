@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Agent, Background, dataplane_bin, output_text, unique_name};
+use crate::{Agent, Background, output_text, unique_name};
 
 /// The uplink address of dockerd's namespace and the outside client's (TEST-NET-1).
 pub const HOST: &str = "192.0.2.1";
@@ -485,46 +485,7 @@ impl Agent {
             socket: PathBuf::from(format!("/run/dataplane/{name}.sock")),
             log,
         };
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&agent.log)
-            .unwrap();
-        // nsenter --net, not `ip netns exec`: the latter remounts /sys and hides the shared
-        // bpffs where the maps are pinned.
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{netns}"))
-            .arg("--")
-            .arg(dataplane_bin())
-            .arg("agent")
-            .arg("--pin-dir")
-            .arg(&agent.pin_dir)
-            .arg("--socket")
-            .arg(&agent.socket)
-            .args(args)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting the agent");
-        agent.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
-                agent.child = None;
-                panic!(
-                    "the agent exited ({status}) during start:\n{}",
-                    agent.log_text()
-                );
-            }
-            if agent.try_status().is_some() {
-                return agent;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not answer:\n{}",
-                agent.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        agent.launch(netns, args);
+        agent
     }
 }

@@ -149,7 +149,7 @@ impl Drop for Sandbox {
 
 /// An agent running in a sandbox's host namespace with its own pin directory and socket.
 pub struct Agent {
-    child: Option<Child>,
+    pub(crate) child: Option<Child>,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
@@ -176,6 +176,19 @@ impl Agent {
     }
 
     fn spawn(&mut self, sandbox: &Sandbox, extra: &[&str]) {
+        // The socket hook goes on the sandbox's own host cgroup, never on the real host's.
+        let cgroup =
+            std::fs::read_to_string(format!("/run/dataplane/sandbox/{}/cgroup", sandbox.name))
+                .unwrap_or_else(|_| "none".into());
+        let state = sandbox.state_file.to_str().expect("UTF-8 path");
+        let mut args = vec!["--cgroup", cgroup.trim(), "--state", state];
+        args.extend_from_slice(extra);
+        self.launch(&sandbox.netns("host"), &args);
+    }
+
+    /// Starts `dataplane agent` with this agent's pin dir and socket and `args` in network
+    /// namespace `netns`, and waits until it answers (or panics with its log).
+    pub fn launch(&mut self, netns: &str, args: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -183,24 +196,16 @@ impl Agent {
             .unwrap();
         // nsenter --net, not `ip netns exec`: the latter remounts /sys and hides the shared
         // bpffs where the maps are pinned.
-        // The socket hook goes on the sandbox's own host cgroup, never on the real host's.
-        let cgroup =
-            std::fs::read_to_string(format!("/run/dataplane/sandbox/{}/cgroup", sandbox.name))
-                .unwrap_or_else(|_| "none".into());
         let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", sandbox.netns("host")))
+            .arg(format!("--net=/run/netns/{netns}"))
             .arg("--")
             .arg(dataplane_bin())
             .arg("agent")
-            .arg("--cgroup")
-            .arg(cgroup.trim())
-            .arg("--state")
-            .arg(&sandbox.state_file)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .arg("--socket")
             .arg(&self.socket)
-            .args(extra)
+            .args(args)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -209,6 +214,7 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
                 panic!(
                     "the agent exited ({status}) during start:\n{}",
                     self.log_text()
