@@ -132,10 +132,9 @@ fn decide(ctx: &TcContext, site: Site, seen: &mut Seen) -> Verdict {
             hook.number(),
             site.ifindex,
         );
-        if rewrite == ct_rewrite::NONE {
-            return Verdict::Pass;
-        }
-        if nat::rewrite(ctx, &mut ip, &mut l4, rewrite, addr, port).is_err() {
+        if rewrite != ct_rewrite::NONE
+            && nat::rewrite(ctx, &mut ip, &mut l4, rewrite, addr, port).is_err()
+        {
             return Verdict::Drop(DropReason::Malformed);
         }
         return onward(ctx, hook, &ip, rewrite);
@@ -148,7 +147,7 @@ fn decide(ctx: &TcContext, site: Site, seen: &mut Seen) -> Verdict {
             if let Some(verdict) = publish(ctx, site, &mut ip, &mut l4, &key) {
                 return verdict;
             }
-            track_plain(site, &ip, &l4, &key)
+            track_plain(ctx, site, &ip, &l4, &key)
         }
         Hook::UplinkIngress => match publish(ctx, site, &mut ip, &mut l4, &key) {
             Some(Verdict::Pass) => deliver(ctx, &ip),
@@ -170,7 +169,7 @@ fn decide(ctx: &TcContext, site: Site, seen: &mut Seen) -> Verdict {
 /// record and (with policy) so that its replies are known as replies. Connections to the host
 /// are not tracked: their replies never cross a hook of ours.
 #[inline(always)]
-fn track_plain(site: Site, ip: &Ipv4Packet, l4: &L4, forward: &CtKey) -> Verdict {
+fn track_plain(ctx: &TcContext, site: Site, ip: &Ipv4Packet, l4: &L4, forward: &CtKey) -> Verdict {
     if ENDPOINTS.get_ptr(&ip.daddr).is_none() {
         // To the host: judged per packet (nothing tracks it). Out of the host: judged once,
         // where masquerade tracks it.
@@ -212,7 +211,7 @@ fn track_plain(site: Site, ip: &Ipv4Packet, l4: &L4, forward: &CtKey) -> Verdict
     }
     // Untranslated traffic does not depend on its entry: a full table costs the flow record,
     // not the connection.
-    Verdict::Pass
+    deliver(ctx, ip)
 }
 
 /// Whether `hook` translates packets of entries with this origin and rewrite.
@@ -274,8 +273,9 @@ fn translation_of(entry: *const dataplane_common::CtEntry) -> (u8, u8, u32, u16)
 fn onward(ctx: &TcContext, hook: Hook, ip: &Ipv4Packet, rewrite: u8) -> Verdict {
     match hook {
         Hook::ContainerIngress if rewrite == ct_rewrite::SRC => reply_to_client(ctx, ip),
-        Hook::UplinkIngress => deliver(ctx, ip),
-        _ => Verdict::Pass,
+        // Towards a container: straight in, skipping the bridge and the host's routing.
+        Hook::ContainerIngress | Hook::UplinkIngress => deliver(ctx, ip),
+        Hook::UplinkEgress => Verdict::Pass,
     }
 }
 
@@ -497,7 +497,7 @@ fn track_dnat(
         site.hook.number(),
         site.ifindex,
     );
-    Verdict::Pass
+    onward(ctx, site.hook, ip, ct_rewrite::DST)
 }
 
 #[inline(always)]

@@ -225,7 +225,7 @@ fn hairpin_a_container_reaches_its_hosts_published_port() {
         &tcp(45000, 8080, TCP_SYN, b""),
     );
     assert_eq!(
-        pass(dp, Hook::ContainerIngress, &syn),
+        delivered(dp, Hook::ContainerIngress, &syn),
         (ip4(WEB2), ip4(WEB1), 45000, 80)
     );
     let synack = ipv4_frame(
@@ -412,18 +412,25 @@ fn connections_between_containers_are_tracked_untranslated() {
     let dp = t.get();
     host(dp);
     let syn = ipv4_frame(&Ipv4Spec::new(WEB2, WEB1, 6), &tcp(46000, 80, TCP_SYN, b""));
+    // Addresses and ports unchanged; delivered straight into the other container.
     let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &syn);
-    assert_eq!((verdict, &out), (TC_PASS, &syn), "unchanged");
+    assert_eq!(
+        (verdict, &out[12..]),
+        (TC_REDIRECT, &syn[12..]),
+        "unchanged but the MAC"
+    );
+    assert_eq!(&out[..6], &[2, 0, 0, 0, 0, 5], "web1's MAC");
     let synack = ipv4_frame(
         &Ipv4Spec::new(WEB1, WEB2, 6),
         &tcp(80, 46000, TCP_SYN | TCP_ACK, b""),
     );
     let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &synack);
     assert_eq!(
-        (verdict, &out),
-        (TC_PASS, &synack),
-        "the reply is unchanged too"
+        (verdict, &out[12..]),
+        (TC_REDIRECT, &synack[12..]),
+        "the reply too"
     );
+    assert_eq!(&out[..6], &[2, 0, 0, 0, 0, 6], "web2's MAC");
     let entries = ct(dp);
     assert_eq!(entries.len(), 2);
     assert!(
