@@ -62,6 +62,29 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
     CONNTRACK.get_ptr_mut(key)
 }
 
+/// Removes the connection whose entry is `key` if it has closed both ways (FIN each way, or a
+/// RST), and says whether it did.
+#[inline(always)]
+pub fn retire_if_closed(key: &CtKey) -> bool {
+    let Some(entry) = CONNTRACK.get_ptr(key) else {
+        return false;
+    };
+    // SAFETY: map values from lookups in this program run.
+    unsafe {
+        let peer = (*entry).peer;
+        let mine = (*entry).tcp_flags;
+        let theirs = CONNTRACK.get_ptr(&peer).map_or(0, |p| (*p).tcp_flags);
+        let closed = (mine | theirs) & tcp_flag::RST != 0
+            || (mine & tcp_flag::FIN != 0 && theirs & tcp_flag::FIN != 0);
+        if !closed {
+            return false;
+        }
+        let _ = CONNTRACK.remove(&peer);
+        let _ = CONNTRACK.remove(key);
+    }
+    true
+}
+
 /// The entry of the packet with `key`, unless the packet opens a new TCP connection on the
 /// tuple of one that is closing (a SYN after FIN or RST, as a client reusing its source port
 /// does): then the old connection's entries go, and the packet is a new connection, with its

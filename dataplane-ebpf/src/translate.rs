@@ -40,6 +40,9 @@ pub enum Verdict {
 
 /// How many source ports masquerade tries for one new connection before giving up.
 const SNAT_PROBES: u32 = 32;
+/// Distance between two probes (prime, so it is coprime with any range that is not its
+/// multiple: the probes visit distinct ports).
+const SNAT_PROBE_STRIDE: u32 = 7919;
 
 /// Where the hook runs, which decides the entries it acts on and what a miss means.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -549,21 +552,33 @@ fn masquerade(
     }
     let start = mix(forward) % range;
     for probe in 0..SNAT_PROBES {
-        let port = (u32::from(snat_port_min) + (start + probe) % range) as u16;
+        // A prime stride spreads the probes over the range: linear probing would walk the
+        // clusters that busy destinations build.
+        let port = (u32::from(snat_port_min) + (start + probe * SNAT_PROBE_STRIDE) % range) as u16;
         let port = port.to_be();
         let reply = conntrack::reply_key(ip.protocol, masquerade_addr, port, ip.daddr, l4.dport);
-        match conntrack::create(
-            forward,
-            &reply,
-            ct_origin::MASQUERADE,
-            ct_rewrite::SRC,
-            masquerade_addr,
-            port,
-            ip.saddr,
-            l4.sport,
-            ip.len,
-            l4.tcp_flags,
-        ) {
+        let create = || {
+            conntrack::create(
+                forward,
+                &reply,
+                ct_origin::MASQUERADE,
+                ct_rewrite::SRC,
+                masquerade_addr,
+                port,
+                ip.saddr,
+                l4.sport,
+                ip.len,
+                l4.tcp_flags,
+            )
+        };
+        let mut created = create();
+        // A port held by a connection that has closed both ways is free again (the far end
+        // takes a new SYN on a TIME_WAIT tuple), so short connections at a high rate do not
+        // run the range dry for their 10 s of closing timeout.
+        if matches!(created, Err(CtError::Exists)) && conntrack::retire_if_closed(&reply) {
+            created = create();
+        }
+        match created {
             Ok(()) => {
                 let (len, tcp_flags) = (ip.len, l4.tcp_flags);
                 if nat::rewrite(ctx, ip, l4, ct_rewrite::SRC, masquerade_addr, port).is_err() {
