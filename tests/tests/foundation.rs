@@ -241,7 +241,9 @@ fn a_vanished_interface_is_reported_and_its_attachment_forgotten() {
             .is_some_and(|e| e.contains("endpoints[db].interfaces[0].host_veth"))
     });
     assert!(
-        !attachments(&status).iter().any(|(interface, _)| interface == "veth-db"),
+        !attachments(&status)
+            .iter()
+            .any(|(interface, _)| interface == "veth-db"),
         "no attachment record outlives its interface: {status:#}"
     );
     // Everything else keeps working under the last good state.

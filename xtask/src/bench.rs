@@ -17,6 +17,7 @@ mod bed;
 mod client;
 mod report;
 mod scenario;
+mod scenarios;
 mod svg;
 
 use std::{
@@ -45,16 +46,21 @@ pub struct Durations {
     /// warm; its numbers are thrown away.
     pub warmup_secs: u32,
     pub iperf_secs: u32,
+    /// `--quick`: scenarios may also skip their largest sizes (scale skips 50,000).
+    pub quick: bool,
 }
 
 impl Durations {
     fn new(quick: bool) -> Durations {
-        let secs = if quick { 3 } else { 10 };
+        // Full runs were 10 s; 5 s keeps the whole run of all scenarios near 25 minutes on
+        // 2 cores (bench/README.md), with 3 runs still giving a median and a spread.
+        let secs = if quick { 3 } else { 5 };
         Durations {
             runs: 3,
             wrk_secs: secs,
             warmup_secs: 1,
             iperf_secs: secs,
+            quick,
         }
     }
 }
@@ -93,7 +99,15 @@ fn install_signal_handlers() {
 /// sandboxes were left behind by a run that died (its pid is gone) and remove them.
 const NAME_PREFIX: &str = "dpbench";
 
-pub fn run(binary: &Path, quick: bool) -> anyhow::Result<()> {
+/// `xtask bench-probe ADDR SECS`: the latency probe some scenarios run in a client's
+/// namespace (scenarios/probe.rs).
+pub fn probe_main(addr: std::net::SocketAddrV4, secs: u32) -> anyhow::Result<()> {
+    scenarios::probe::main(addr, secs)
+}
+
+/// Runs every scenario, or those named in `only`.
+pub fn run(binary: &Path, quick: bool, only: &[String]) -> anyhow::Result<()> {
+    let scenarios = select(scenario::all(), only)?;
     install_signal_handlers();
     check_tools()?;
     sweep_stale(binary);
@@ -101,12 +115,33 @@ pub fn run(binary: &Path, quick: bool) -> anyhow::Result<()> {
     let durations = Durations::new(quick);
     let work = std::env::temp_dir().join(format!("{NAME_PREFIX}-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let result = run_in(binary, quick, durations, &work);
+    let result = run_in(binary, quick, durations, &work, scenarios, only);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
-fn run_in(binary: &Path, quick: bool, durations: Durations, work: &Path) -> anyhow::Result<()> {
+/// The scenarios named in `only` (all when empty), or which names exist.
+fn select(all: Vec<Scenario>, only: &[String]) -> anyhow::Result<Vec<Scenario>> {
+    if let Some(unknown) = only.iter().find(|n| !all.iter().any(|s| &s.name == n)) {
+        bail!(
+            "no scenario {unknown:?}; there are {}",
+            all.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(all
+        .into_iter()
+        .filter(|s| only.is_empty() || only.iter().any(|n| n == s.name))
+        .collect())
+}
+
+fn run_in(
+    binary: &Path,
+    quick: bool,
+    durations: Durations,
+    work: &Path,
+    selected: Vec<Scenario>,
+    only: &[String],
+) -> anyhow::Result<()> {
     let started = report::now_utc();
     let machine = report::Machine::collect();
     step(
@@ -142,7 +177,7 @@ fn run_in(binary: &Path, quick: bool, durations: Durations, work: &Path) -> anyh
     }
 
     let mut scenarios = Vec::new();
-    for scenario in scenario::all() {
+    for scenario in selected {
         check_interrupted()?;
         scenarios.push(run_scenario(binary, &scenario, durations, work)?);
     }
@@ -151,7 +186,13 @@ fn run_in(binary: &Path, quick: bool, durations: Durations, work: &Path) -> anyh
     println!();
     print!("{}", report.text_table());
     let dir = workspace_root().join("bench").join("results");
-    let written = report.write(&dir)?;
+    // A run of some scenarios leaves the full run's latest.* alone.
+    let latest = if only.is_empty() {
+        "latest".to_owned()
+    } else {
+        format!("latest-{}", only.join("-"))
+    };
+    let written = report.write(&dir, &latest)?;
     step(
         "bench",
         &format!(
@@ -414,9 +455,27 @@ mod tests {
     }
 
     #[test]
+    fn scenarios_are_selected_by_name() -> anyhow::Result<()> {
+        let names = |only: &[&str]| {
+            let only: Vec<String> = only.iter().map(|s| s.to_string()).collect();
+            select(scenario::all(), &only).map(|v| v.iter().map(|s| s.name).collect::<Vec<_>>())
+        };
+        assert_eq!(names(&[])?.len(), scenario::all().len());
+        assert_eq!(names(&[])?[..2], ["published-port", "flow-logging"]);
+        assert_eq!(names(&["flow-logging"])?, vec!["flow-logging"]);
+        assert_eq!(names(&["vip", "localhost"])?, vec!["vip", "localhost"]);
+        let err = format!("{:#}", names(&["nope"]).unwrap_err());
+        assert!(
+            err.contains("there are published-port, flow-logging, vip"),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn quick_keeps_three_runs() {
         assert_eq!(Durations::new(true).runs, 3);
         assert_eq!(Durations::new(true).wrk_secs, 3);
-        assert_eq!(Durations::new(false).iperf_secs, 10);
+        assert_eq!(Durations::new(false).iperf_secs, 5);
     }
 }

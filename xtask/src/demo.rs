@@ -197,9 +197,20 @@ pub fn run(binary: &Path) -> anyhow::Result<()> {
         &["nc", "-w2", "172.30.1.2", "80"],
     );
 
-    step("demo", "the flows it logged (`dataplane observe --last 20 -o compact`)");
+    step(
+        "demo",
+        "the flows it logged (`dataplane observe --last 20 -o compact`)",
+    );
     let observe = Command::new(binary)
-        .args(["observe", "--last", "20", "-o", "compact", "--socket", &socket()])
+        .args([
+            "observe",
+            "--last",
+            "20",
+            "-o",
+            "compact",
+            "--socket",
+            &socket(),
+        ])
         .status()?;
     if !observe.success() {
         bail!("dataplane observe failed");

@@ -41,6 +41,22 @@ enum Task {
         /// Shorter runs (3 s instead of 10 s each; still 3 runs) for a result in a few minutes.
         #[arg(long)]
         quick: bool,
+        /// Run only these scenarios (repeatable or comma-separated, `--only` is the same;
+        /// default all). Results of such a run go to bench/results/latest-NAME.* instead of
+        /// latest.*.
+        #[arg(
+            long = "scenario",
+            alias = "only",
+            value_name = "NAME",
+            value_delimiter = ','
+        )]
+        scenarios: Vec<String>,
+    },
+    /// The bench's latency probe, run by the bench in a client's namespace (not for people).
+    #[command(hide = true)]
+    BenchProbe {
+        addr: std::net::SocketAddrV4,
+        secs: u32,
     },
 }
 
@@ -66,7 +82,8 @@ fn main() -> anyhow::Result<()> {
             build()?;
             demo::run(&dataplane_binary())
         }
-        Task::Bench { quick } => {
+        Task::BenchProbe { addr, secs } => bench::probe_main(addr, secs),
+        Task::Bench { quick, scenarios } => {
             setup::run()?;
             require_root("the bench loads kernel programs and creates network namespaces")?;
             // Optimised code in the agent; the kernel programs are built the same either way.
@@ -78,7 +95,11 @@ fn main() -> anyhow::Result<()> {
                 cargo().args(["build", "--release", "-p", "dataplane"]),
                 "cargo build --release",
             )?;
-            bench::run(&target_dir().join("release").join("dataplane"), quick)
+            bench::run(
+                &target_dir().join("release").join("dataplane"),
+                quick,
+                &scenarios,
+            )
         }
     }
 }

@@ -43,6 +43,10 @@ const TEST_PACKAGES: &[&str] = &[
     // tests also use iptables (above) to check that Docker installed no NAT rules.
     "docker.io",
     "busybox-static",
+    // trafgen, the packet generator of the bench's xdp-drop scenario (a UDP flood from the
+    // outside namespace at the sandbox host's uplink); the bench also runs docker.io's
+    // docker-proxy (above) standalone in its localhost scenario.
+    "netsniff-ng",
 ];
 
 /// The toolchain aya-build compiles the kernel programs with (`-Z build-std=core`).

@@ -18,6 +18,8 @@ use super::{check_interrupted, interrupted, scenario::Server};
 
 /// Where `dataplane sandbox` keeps one directory per sandbox (dataplane/src/sandbox.rs).
 pub const SANDBOX_ROOT: &str = "/run/dataplane/sandbox";
+/// The client target of a host process in the sandbox host's cgroup (see `Bed::netns`).
+pub const HOST_CGROUP: &str = "host-cgroup";
 /// How long a stopped process gets between SIGTERM and SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(3);
 /// How long a server or the agent may take to come up.
@@ -29,6 +31,9 @@ pub struct Bed {
     work: PathBuf,
     /// Started by us, stopped in reverse order by Drop.
     children: Vec<Started>,
+    /// Run first by Drop, in reverse order (what a path set up that stopping its processes
+    /// and removing the sandbox would not undo, e.g. a dockerd's containers and mounts).
+    teardown: Vec<Box<dyn FnOnce()>>,
 }
 
 struct Started {
@@ -71,6 +76,7 @@ impl Bed {
             name: name.to_owned(),
             work: work.to_owned(),
             children: Vec::new(),
+            teardown: Vec::new(),
         };
         let spec_path = work.join("spec.yaml");
         fs::write(&spec_path, spec).with_context(|| format!("writing {}", spec_path.display()))?;
@@ -91,10 +97,12 @@ impl Bed {
         self.work.join(name)
     }
 
-    /// The namespace of a sandbox target: `host`, `outside` or an endpoint name.
+    /// The namespace of a sandbox target: `host`, `outside` or an endpoint name; also
+    /// `host-cgroup`: the host namespace, with commands in the sandbox host's cgroup.
     pub fn netns(&self, target: &str) -> String {
         match target {
             "outside" => format!("{}-out", self.name),
+            HOST_CGROUP => format!("{}-host", self.name),
             other => format!("{}-{other}", self.name),
         }
     }
@@ -110,7 +118,29 @@ impl Bed {
         cmd.arg(format!("--net={}", self.netns_path(target)))
             .arg("--")
             .args(args);
+        if target == HOST_CGROUP {
+            // As `dataplane sandbox exec NAME host` runs commands: in the cgroup the sandbox
+            // made for its host (where the agent's socket hook goes with --cgroup).
+            if let Ok(cgroup) = fs::read_to_string(self.sandbox_dir().join("cgroup")) {
+                let procs = PathBuf::from(cgroup.trim()).join("cgroup.procs");
+                // SAFETY: the closure runs in the child between fork and exec and only writes
+                // a file.
+                unsafe {
+                    cmd.pre_exec(move || fs::write(&procs, "0"));
+                }
+            }
+        }
         cmd
+    }
+
+    /// The sandbox's own directory (its state file, the path of its host cgroup).
+    pub fn sandbox_dir(&self) -> PathBuf {
+        Path::new(SANDBOX_ROOT).join(&self.name)
+    }
+
+    /// The state file the agent of this bed reads.
+    pub fn state_file(&self) -> PathBuf {
+        self.sandbox_dir().join("state.yaml")
     }
 
     /// Runs a command in a target's namespace to completion (or `timeout`, or Ctrl-C).
@@ -129,7 +159,7 @@ impl Bed {
 
     /// Starts a long-running process in a target's namespace, in a process group of its own
     /// (Ctrl-C must not kill it before the clients; Drop stops it).
-    fn spawn(&mut self, what: &str, target: &str, args: &[&str]) -> anyhow::Result<usize> {
+    pub fn spawn(&mut self, what: &str, target: &str, args: &[&str]) -> anyhow::Result<usize> {
         let log = self.work.join(format!("{}.log", what.replace(' ', "-")));
         let file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = self
@@ -169,7 +199,8 @@ impl Bed {
         self.stop_sandbox_server(server.target())?;
         let index = match server {
             Server::Nginx { target, port } => {
-                let dir = self.work.join("nginx");
+                // One directory per server: a scenario may run several (scenarios/vip.rs).
+                let dir = self.work.join(format!("nginx-{target}-{port}"));
                 fs::create_dir_all(&dir)?;
                 let conf = dir.join("nginx.conf");
                 fs::write(&conf, nginx_conf(&dir, *port))?;
@@ -177,7 +208,7 @@ impl Bed {
                 let error_log = dir.join("error.log").to_string_lossy().into_owned();
                 let prefix = format!("{}/", dir.display());
                 self.spawn(
-                    "nginx",
+                    &format!("nginx in {target}"),
                     target,
                     &[
                         "nginx",
@@ -239,27 +270,47 @@ impl Bed {
         Ok(())
     }
 
+    /// Runs `f` when the bed goes, before its processes are stopped.
+    pub fn on_teardown(&mut self, f: impl FnOnce() + 'static) {
+        self.teardown.push(Box::new(f));
+    }
+
+    /// The pid of a process `spawn` started (its index).
+    pub fn pid(&self, index: usize) -> u32 {
+        self.children[index].child.id()
+    }
+
     /// Starts the agent on the sandbox's state file, in the host namespace, the way the tests
     /// do (tests/src/lib.rs `Agent::spawn`), and waits until `dataplane status` answers.
     pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        self.start_agent_with(&[])
+    }
+
+    /// [`Bed::start_agent`] with more options for the agent.
+    pub fn start_agent_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
         let state = format!("{SANDBOX_ROOT}/{}/state.yaml", self.name);
-        let pin_dir = pin_dir(&self.name);
+        let mut args = vec!["--state", state.as_str()];
+        args.extend_from_slice(extra);
+        self.start_agent_args(&args)
+    }
+
+    /// The agent with these options (and the bed's pin dir and socket) but no state file,
+    /// e.g. following a Docker engine (`--docker SOCKET`).
+    pub fn start_agent_args(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        let pin_dir = pin_dir(&self.name).to_string_lossy().into_owned();
         let socket = socket(&self.name);
+        let socket_text = socket.to_string_lossy().into_owned();
         let binary = self.binary.to_string_lossy().into_owned();
-        let index = self.spawn(
+        let mut args = vec![
+            binary.as_str(),
             "agent",
-            "host",
-            &[
-                &binary,
-                "agent",
-                "--state",
-                &state,
-                "--pin-dir",
-                &pin_dir.to_string_lossy(),
-                "--socket",
-                &socket.to_string_lossy(),
-            ],
-        )?;
+            "--pin-dir",
+            &pin_dir,
+            "--socket",
+            &socket_text,
+        ];
+        args.extend_from_slice(extra);
+        let index = self.spawn("agent", "host", &args)?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             check_interrupted()?;
@@ -284,6 +335,28 @@ impl Bed {
         }
     }
 
+    /// `dataplane status --json` of the bed's agent.
+    pub fn agent_status(&self) -> anyhow::Result<serde_json::Value> {
+        let out = run_timed(
+            Command::new(&self.binary)
+                .args(["status", "--json", "--socket"])
+                .arg(socket(&self.name)),
+            Duration::from_secs(10),
+        )?;
+        if !out.status.success() {
+            bail!("dataplane status: {}", out.complaint());
+        }
+        serde_json::from_str(&out.stdout).context("dataplane status --json is not JSON")
+    }
+
+    /// The pid of the agent this bed started (nsenter execs it, so it is the child's).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|c| c.what == "agent")
+            .map(|c| c.child.id())
+    }
+
     /// The last lines the agent logged, for failure reasons ("" without an agent).
     pub fn agent_log(&self) -> String {
         self.children
@@ -297,6 +370,9 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
+        for teardown in std::mem::take(&mut self.teardown).into_iter().rev() {
+            teardown();
+        }
         // Reverse order: the agent (started last) detaches its programs on SIGTERM first.
         let mut children = std::mem::take(&mut self.children);
         children.reverse();

@@ -74,18 +74,35 @@ pub struct WrkResult {
 }
 
 pub fn wrk(bed: &Bed, client: &str, url: &str, secs: u32) -> anyhow::Result<WrkResult> {
+    wrk_with(bed, client, url, secs, WRK_CONNECTIONS, false)
+}
+
+/// wrk with `connections` open at a time; with `close`, every request asks the server to
+/// close its connection (`Connection: close`), so each request is a new connection and
+/// requests/s is new connections/s.
+pub fn wrk_with(
+    bed: &Bed,
+    client: &str,
+    url: &str,
+    secs: u32,
+    connections: u32,
+    close: bool,
+) -> anyhow::Result<WrkResult> {
     let script = bed.work_file("wrk-report.lua");
     std::fs::write(&script, WRK_SCRIPT)?;
-    let args = [
+    let mut args = vec![
         "wrk".to_string(),
         "-t1".into(),
-        format!("-c{WRK_CONNECTIONS}"),
+        format!("-c{connections}"),
         format!("-d{secs}s"),
         "--latency".into(),
         "-s".into(),
         script.to_string_lossy().into_owned(),
-        url.to_string(),
     ];
+    if close {
+        args.extend(["-H".into(), "Connection: close".into()]);
+    }
+    args.push(url.to_string());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = bed.run(
         client,

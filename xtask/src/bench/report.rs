@@ -581,7 +581,8 @@ impl RunReport {
     }
 
     /// Writes `<timestamp>.json`, `latest.json`, `latest.svg` and `latest.md` to `dir`.
-    pub fn write(&self, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    /// Writes `<start stamp>.json` and `{latest}.json|.svg|.md` into `dir`.
+    pub fn write(&self, dir: &Path, latest: &str) -> anyhow::Result<Vec<PathBuf>> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let json = serde_json::to_string_pretty(self)? + "\n";
         let stamp: String = self
@@ -591,9 +592,9 @@ impl RunReport {
             .collect();
         let files = [
             (format!("{stamp}.json"), json.clone()),
-            ("latest.json".into(), json),
-            ("latest.svg".into(), svg::chart(self)),
-            ("latest.md".into(), self.markdown()),
+            (format!("{latest}.json"), json),
+            (format!("{latest}.svg"), svg::chart(self)),
+            (format!("{latest}.md"), self.markdown()),
         ];
         let mut written = Vec::new();
         for (name, text) in files {

@@ -1,6 +1,6 @@
 //! What the bench measures: scenarios, the paths each compares, the workloads and metrics.
 //!
-//! To add a scenario (masquerade, VIP load balancing, scale, flow logging, XDP drop): write a
+//! To add a scenario (masquerade, VIP load balancing, scale, XDP drop): write a
 //! function returning a `Scenario` with its sandbox spec, servers, client namespace, paths
 //! (each a setup function that puts one translation in place and says where clients connect)
 //! and workloads, and list it in `all()`. Running, interleaving, statistics, the table, JSON
@@ -80,6 +80,23 @@ pub enum Workload {
     Wrk,
     /// `iperf3 -P streams` against the iperf target: received Gbit/s.
     Iperf { streams: u32 },
+    /// `wrk -t1 -cN` with `Connection: close` (every request a new connection) against the
+    /// HTTP target at each concurrency N of `levels`, reading the agent's count of lost flow
+    /// events (and of records made) before and after each: the highest rate of new
+    /// connections at which no event was lost.
+    NewConnections { levels: &'static [u32] },
+    /// A workload a scenario brings itself (scenarios/): its label, metrics and run.
+    Custom(&'static CustomWorkload),
+}
+
+/// The parts of a workload defined outside this file (scenarios/*.rs).
+pub struct CustomWorkload {
+    pub label: &'static str,
+    pub metrics: &'static [&'static Metric],
+    /// One measured run (bed, client target, targets, durations): a value for each of
+    /// `metrics` (none at all: skipped, the cells stay empty).
+    #[allow(clippy::type_complexity)]
+    pub run: fn(&Bed, &str, &Targets, Durations) -> anyhow::Result<Vec<(&'static Metric, f64)>>,
 }
 
 impl Workload {
@@ -88,6 +105,8 @@ impl Workload {
             Workload::Wrk => "wrk".into(),
             Workload::Iperf { streams: 1 } => "iperf3 1 stream".into(),
             Workload::Iperf { streams } => format!("iperf3 {streams} streams"),
+            Workload::NewConnections { .. } => "new conns".into(),
+            Workload::Custom(custom) => custom.label.into(),
         }
     }
 
@@ -96,6 +115,8 @@ impl Workload {
             Workload::Wrk => vec![&HTTP_RPS, &HTTP_P50, &HTTP_P99],
             Workload::Iperf { streams: 1 } => vec![&TCP_1],
             Workload::Iperf { .. } => vec![&TCP_4],
+            Workload::NewConnections { .. } => vec![&NEW_CONNS],
+            Workload::Custom(custom) => custom.metrics.to_vec(),
         }
     }
 
@@ -112,6 +133,7 @@ impl Workload {
         durations: Durations,
     ) -> anyhow::Result<Vec<(&'static Metric, f64)>> {
         match self {
+            Workload::Custom(custom) => (custom.run)(bed, client_target, targets, durations),
             Workload::Wrk => {
                 let url = format!("http://{}/", targets.http);
                 client::wrk(bed, client_target, &url, durations.warmup_secs).context("warm-up")?;
@@ -133,8 +155,64 @@ impl Workload {
                 let metric = self.metrics()[0];
                 Ok(vec![(metric, bps / 1e9)])
             }
+            Workload::NewConnections { levels } => {
+                let url = format!("http://{}/", targets.http);
+                let mut best = 0.0f64;
+                let mut steps = Vec::new();
+                for &connections in *levels {
+                    let before = flow_counts(bed)?;
+                    let r = client::wrk_with(
+                        bed,
+                        client_target,
+                        &url,
+                        durations.wrk_secs,
+                        connections,
+                        true,
+                    )?;
+                    let after = flow_counts(bed)?;
+                    let lost = after.lost.saturating_sub(before.lost);
+                    // Records the agent made meanwhile (a new and a close per connection the
+                    // kernel reported), per second of the run.
+                    let records = after.records.saturating_sub(before.records);
+                    let mut step = format!(
+                        "c{connections} {} ({} records/s)",
+                        NEW_CONNS.format_bare(r.requests_per_sec),
+                        NEW_CONNS.format_bare(records as f64 / f64::from(durations.wrk_secs))
+                    );
+                    if lost > 0 {
+                        step.push_str(&format!(" ({lost} events lost)"));
+                    } else {
+                        best = best.max(r.requests_per_sec);
+                    }
+                    steps.push(step);
+                }
+                // The steps on the progress line, before the value the table gets.
+                eprint!("{} -> ", steps.join(", "));
+                Ok(vec![(&NEW_CONNS, best)])
+            }
         }
     }
+}
+
+/// The bed's agent's flow counters.
+struct FlowCounts {
+    /// Events the kernel could not write (ring buffer full).
+    lost: u64,
+    /// Records the agent made.
+    records: u64,
+}
+
+fn flow_counts(bed: &Bed) -> anyhow::Result<FlowCounts> {
+    let status = bed.agent_status()?;
+    let field = |name: &str| {
+        status["flows"][name]
+            .as_u64()
+            .with_context(|| format!("the agent's status has no flows.{name}"))
+    };
+    Ok(FlowCounts {
+        lost: field("lost")?,
+        records: field("records")?,
+    })
 }
 
 /// `52.1k req/s, p50 0.41 ms, p99 1.20 ms`
@@ -174,7 +252,7 @@ impl Metric {
     /// The value with its unit, for progress lines.
     pub fn format(&self, value: f64) -> String {
         match self.unit {
-            "req/s" => self.format_bare(value),
+            "req/s" | "conn/s" => self.format_bare(value),
             unit => format!("{} {unit}", self.format_bare(value)),
         }
     }
@@ -182,8 +260,8 @@ impl Metric {
     /// The value alone, for table cells whose row names the unit.
     pub fn format_bare(&self, value: f64) -> String {
         match self.unit {
-            "req/s" if value >= 1000.0 => format!("{:.1}k", value / 1000.0),
-            "req/s" => format!("{value:.0}"),
+            "req/s" | "conn/s" if value >= 1000.0 => format!("{:.1}k", value / 1000.0),
+            "req/s" | "conn/s" => format!("{value:.0}"),
             "ms" => format!("{value:.3}"),
             _ => format!("{value:.2}"),
         }
@@ -226,6 +304,14 @@ pub static TCP_4: Metric = Metric {
     better: Better::Higher,
 };
 
+pub static NEW_CONNS: Metric = Metric {
+    key: "new_connections_per_sec_no_loss",
+    label: "New conns/s, none lost",
+    short: "conn/s",
+    unit: "conn/s",
+    better: Better::Higher,
+};
+
 /// A goal: subject/baseline for `metric` (inverted for lower-is-better metrics) at least `min`.
 pub struct Goal {
     pub metric: &'static Metric,
@@ -236,7 +322,9 @@ pub struct Goal {
 }
 
 pub fn all() -> Vec<Scenario> {
-    vec![published_port()]
+    let mut all = vec![published_port(), flow_logging()];
+    all.extend(super::scenarios::all());
+    all
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -264,6 +352,18 @@ ports:
   - {endpoint: srv, protocol: tcp, host_port: 15201, container_port: 5201}
 "#;
 
+/// nginx and iperf3 in the container `srv`.
+const PUBLISHED_PORT_SERVERS: &[Server] = &[
+    Server::Nginx {
+        target: "srv",
+        port: HTTP_PORT,
+    },
+    Server::Iperf3 {
+        target: "srv",
+        port: IPERF_PORT,
+    },
+];
+
 static PUBLISHED_PORT_GOALS: [Goal; 2] = [
     Goal {
         metric: &HTTP_RPS,
@@ -285,16 +385,7 @@ fn published_port() -> Scenario {
         title: "outside client -> host port -> nginx / iperf3 in container srv \
                 (docker run -p 8080:80 -p 15201:5201)",
         spec: PUBLISHED_PORT_SPEC,
-        servers: &[
-            Server::Nginx {
-                target: "srv",
-                port: HTTP_PORT,
-            },
-            Server::Iperf3 {
-                target: "srv",
-                port: IPERF_PORT,
-            },
-        ],
+        servers: PUBLISHED_PORT_SERVERS,
         client: "outside",
         workloads: &[
             Workload::Wrk,
@@ -367,6 +458,79 @@ fn dataplane_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
         http: addr(HOST_IP, HTTP_HOST_PORT),
         iperf: addr(HOST_IP, IPERF_HOST_PORT),
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// flow-logging: the published-port traffic with the agent's flow events on against off.
+
+static FLOW_LOGGING_GOALS: [Goal; 2] = [
+    Goal {
+        metric: &HTTP_RPS,
+        baseline: "events-off",
+        min: 0.95,
+        source: "issue 6",
+    },
+    Goal {
+        metric: &TCP_1,
+        baseline: "events-off",
+        min: 0.95,
+        source: "issue 6",
+    },
+];
+
+/// Concurrencies of the new-connections workload: from below what saturates a core to well
+/// above it.
+const NEW_CONNECTION_LEVELS: &[u32] = &[4, 16, 64];
+
+fn flow_logging() -> Scenario {
+    Scenario {
+        name: "flow-logging",
+        title: "flow events on vs off: outside client -> host port 8080 -> nginx / iperf3 in srv",
+        spec: PUBLISHED_PORT_SPEC,
+        servers: PUBLISHED_PORT_SERVERS,
+        client: "outside",
+        workloads: &[
+            Workload::Wrk,
+            Workload::Iperf { streams: 1 },
+            Workload::NewConnections {
+                levels: NEW_CONNECTION_LEVELS,
+            },
+        ],
+        paths: vec![
+            PathDef {
+                name: "events-off",
+                description: "our agent with --flow-events off: the programs send no flow \
+                              events (conntrack and translation as usual)",
+                setup: events_off_setup,
+            },
+            PathDef {
+                name: "events-on",
+                description: "our agent with --flow-events on (the default): an event per new \
+                              and closed connection, read, enriched and kept by the agent",
+                setup: events_on_setup,
+            },
+        ],
+        subject: "events-on",
+        targets: &FLOW_LOGGING_GOALS,
+    }
+}
+
+/// The agent with flow events `on` or `off`; no socket-level hook (nothing here connects
+/// from the host), so that nothing outside the sandbox is touched.
+fn agent_with_flow_events(bed: &mut Bed, on_off: &str) -> anyhow::Result<Targets> {
+    bed.start_agent_with(&["--flow-events", on_off, "--cgroup", "none"])?;
+    Ok(Targets {
+        http: addr(HOST_IP, HTTP_HOST_PORT),
+        iperf: addr(HOST_IP, IPERF_HOST_PORT),
+    })
+}
+
+fn events_off_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
+    agent_with_flow_events(bed, "off")
+}
+
+fn events_on_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
+    agent_with_flow_events(bed, "on")
 }
 
 /// What `iptables-save` shows on a Docker 20.10 host with one bridge network and one container
@@ -470,5 +634,6 @@ mod tests {
         let text = describe_values(&[(&HTTP_RPS, 52_130.0), (&HTTP_P99, 1.2)]);
         assert_eq!(text, "req/s 52.1k, p99 1.200 ms");
         assert_eq!(describe_values(&[(&TCP_1, 13.456)]), "13.46 Gbit/s");
+        assert_eq!(describe_values(&[(&NEW_CONNS, 8_300.0)]), "conn/s 8.3k");
     }
 }

@@ -10,8 +10,12 @@ const PANEL_W: f64 = 220.0;
 const PANEL_GAP: f64 = 24.0;
 const MARGIN: f64 = 24.0;
 const HEADER_H: f64 = 112.0;
-/// Scenario title, panel titles, plot, labels and ratios.
-const SCENARIO_H: f64 = 360.0;
+/// Panels per row: a scenario with more metrics wraps onto further rows.
+const PANELS_PER_ROW: usize = 6;
+/// Panel title, plot and path labels of one row, before its ratio lines.
+const ROW_H: f64 = 300.0;
+/// The scenario's title above its first row.
+const TITLE_H: f64 = 30.0;
 const PLOT_TOP: f64 = 64.0;
 const PLOT_H: f64 = 190.0;
 const AXIS_W: f64 = 44.0;
@@ -36,15 +40,17 @@ pub fn chart(report: &RunReport) -> String {
         .map(|s| s.metrics().len())
         .max()
         .unwrap_or(1)
-        .max(1) as f64;
+        .clamp(1, PANELS_PER_ROW) as f64;
     let width = MARGIN * 2.0 + panels * PANEL_W + (panels - 1.0) * PANEL_GAP;
     let failures: usize = report
         .scenarios
         .iter()
         .map(|s| failure_lines(s).len())
         .sum();
-    let height =
-        HEADER_H + report.scenarios.len() as f64 * SCENARIO_H + failures as f64 * LINE_H + MARGIN;
+    let height = HEADER_H
+        + report.scenarios.iter().map(scenario_height).sum::<f64>()
+        + failures as f64 * LINE_H
+        + MARGIN;
 
     let mut svg = String::new();
     let _ = writeln!(
@@ -103,7 +109,7 @@ pub fn chart(report: &RunReport) -> String {
     let mut y = HEADER_H;
     for scenario in &report.scenarios {
         scenario_block(&mut svg, scenario, y);
-        y += SCENARIO_H;
+        y += scenario_height(scenario);
     }
     for scenario in &report.scenarios {
         for line in failure_lines(scenario) {
@@ -133,6 +139,16 @@ fn failure_lines(scenario: &ScenarioResult) -> Vec<String> {
     lines
 }
 
+/// One row of panels with its ratio lines (one per baseline).
+fn row_height(scenario: &ScenarioResult) -> f64 {
+    ROW_H + scenario.baselines().len() as f64 * LINE_H + 12.0
+}
+
+fn scenario_height(scenario: &ScenarioResult) -> f64 {
+    let rows = scenario.metrics().len().div_ceil(PANELS_PER_ROW).max(1);
+    TITLE_H + rows as f64 * row_height(scenario)
+}
+
 fn scenario_block(svg: &mut String, scenario: &ScenarioResult, top: f64) {
     text(
         svg,
@@ -145,22 +161,27 @@ fn scenario_block(svg: &mut String, scenario: &ScenarioResult, top: f64) {
         &format!("{}: {}", scenario.name, scenario.title),
     );
     for (i, metric) in scenario.metrics().into_iter().enumerate() {
-        let left = MARGIN + i as f64 * (PANEL_W + PANEL_GAP);
-        let panel_top = top + 30.0;
+        let left = MARGIN + (i % PANELS_PER_ROW) as f64 * (PANEL_W + PANEL_GAP);
+        let panel_top = top + TITLE_H + (i / PANELS_PER_ROW) as f64 * row_height(scenario);
+        // Long titles (scale's `N=1000: requests/s, ...`) take two lines.
+        let title = format!("{} ({})", metric.label, metric.unit);
+        let lines = title_lines(&title);
+        for (k, line) in lines.iter().enumerate() {
+            text(
+                svg,
+                left + PANEL_W / 2.0,
+                panel_top + 14.0 + k as f64 * 14.0,
+                if lines.len() > 1 { 12 } else { 13 },
+                "bold",
+                "#222",
+                "middle",
+                line,
+            );
+        }
         text(
             svg,
             left + PANEL_W / 2.0,
-            panel_top + 14.0,
-            13,
-            "bold",
-            "#222",
-            "middle",
-            &format!("{} ({})", metric.label, metric.unit),
-        );
-        text(
-            svg,
-            left + PANEL_W / 2.0,
-            panel_top + 30.0,
+            panel_top + 30.0 + (lines.len() - 1) as f64 * 12.0,
             11,
             "normal",
             "#666",
@@ -247,6 +268,20 @@ fn scenario_block(svg: &mut String, scenario: &ScenarioResult, top: f64) {
                         &metric.format_bare(median),
                     );
                 }
+                // Measured on no run and failed on none: the metric does not exist for this
+                // path (the agent's CPU of an iptables path) or was skipped (--quick).
+                (true, None) if m.is_none_or(|m| m.runs.is_empty() && m.error.is_none()) => {
+                    text(
+                        svg,
+                        center,
+                        plot_bottom - 8.0,
+                        11,
+                        "normal",
+                        "#888",
+                        "middle",
+                        "n/a",
+                    );
+                }
                 _ => {
                     let _ = writeln!(
                         svg,
@@ -298,6 +333,37 @@ fn scenario_block(svg: &mut String, scenario: &ScenarioResult, top: f64) {
     }
 }
 
+/// A panel title in lines that fit the panel: split after `N=...:`, then at the space nearest
+/// the middle of what is still too long.
+fn title_lines(title: &str) -> Vec<String> {
+    const MAX_CHARS: usize = 32;
+    let halve = |line: &str| -> Vec<String> {
+        if line.chars().count() <= MAX_CHARS {
+            return vec![line.to_string()];
+        }
+        let middle = line.len() / 2;
+        match line
+            .match_indices(' ')
+            .map(|(i, _)| i)
+            .min_by_key(|i| i.abs_diff(middle))
+        {
+            Some(i) => vec![line[..i].to_string(), line[i + 1..].to_string()],
+            None => vec![line.to_string()],
+        }
+    };
+    if title.chars().count() <= MAX_CHARS {
+        return vec![title.to_string()];
+    }
+    match title.split_once(": ") {
+        Some((first, rest)) => {
+            let mut lines = vec![format!("{first}:")];
+            lines.extend(halve(rest));
+            lines
+        }
+        None => halve(title),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn text(
     svg: &mut String,
@@ -341,6 +407,26 @@ fn nice_ceiling(v: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::bench::report::tests::sample;
+
+    #[test]
+    fn long_titles_take_two_lines() {
+        assert_eq!(
+            title_lines("HTTP requests/s (req/s)"),
+            ["HTTP requests/s (req/s)"]
+        );
+        assert_eq!(
+            title_lines("N=1000: latency p99, handshake included (ms)"),
+            ["N=1000:", "latency p99, handshake", "included (ms)"]
+        );
+        assert_eq!(
+            title_lines("N=10: agent reconcile (its log) (ms)"),
+            ["N=10:", "agent reconcile (its log) (ms)"]
+        );
+        assert_eq!(
+            title_lines("HTTP latency p50, new connection, handshake included (ms)").len(),
+            2
+        );
+    }
 
     #[test]
     fn nice_ceilings() {

@@ -1,0 +1,187 @@
+//! `vip` and `vip-outside` (issue 4): one service VIP load-balanced over three nginx backends,
+//! reached from a container (east-west) and from outside through a published port (north-south),
+//! against kube-proxy's iptables rules and against talking to one backend directly.
+
+use std::time::Duration;
+
+use super::{HOST_IP, KubeService, WRK, WRK_NEW_CONN, addr, iptables_restore, kube_proxy_rules};
+use crate::bench::{
+    bed::Bed,
+    scenario::{PathDef, Scenario, Server, Targets, Workload},
+};
+
+/// Client container `cli`, backends b1-b3 labelled app=web, the service `web` (Maglev) over
+/// them, and host port 8080 leading to it. Every path's sandbox is this one; only the agent
+/// reads `services` and `ports`.
+const SPEC: &str = r#"# Written by cargo xtask bench (scenarios vip, vip-outside).
+uplink: eth0
+networks:
+  - {name: bench, bridge: br-bench, subnet: 172.31.0.0/24, gateway: 172.31.0.1}
+endpoints:
+  - name: cli
+    interfaces: [{network: bench, ip: 172.31.0.2, mac: "02:42:ac:1f:00:02", host_veth: veth-cli}]
+  - name: b1
+    labels: {app: web}
+    interfaces: [{network: bench, ip: 172.31.0.3, mac: "02:42:ac:1f:00:03", host_veth: veth-b1}]
+  - name: b2
+    labels: {app: web}
+    interfaces: [{network: bench, ip: 172.31.0.4, mac: "02:42:ac:1f:00:04", host_veth: veth-b2}]
+  - name: b3
+    labels: {app: web}
+    interfaces: [{network: bench, ip: 172.31.0.5, mac: "02:42:ac:1f:00:05", host_veth: veth-b3}]
+services:
+  - {name: web, vip: 10.96.0.10, port: 80, target_port: 80, selector: {app: web}, algorithm: maglev}
+ports:
+  - {service: web, protocol: tcp, host_port: 8080, container_port: 80}
+"#;
+
+const VIP: &str = "10.96.0.10";
+const NODE_PORT: u16 = 8080;
+const BACKENDS: [&str; 3] = ["172.31.0.3", "172.31.0.4", "172.31.0.5"];
+
+static SERVERS: [Server; 3] = [
+    Server::Nginx {
+        target: "b1",
+        port: 80,
+    },
+    Server::Nginx {
+        target: "b2",
+        port: 80,
+    },
+    Server::Nginx {
+        target: "b3",
+        port: 80,
+    },
+];
+
+static WORKLOADS: [Workload; 2] = [Workload::Custom(&WRK), Workload::Custom(&WRK_NEW_CONN)];
+
+pub fn vip() -> Scenario {
+    Scenario {
+        name: "vip",
+        title: "container cli -> service VIP 10.96.0.10:80 -> 3 nginx backends (Maglev), \
+                east-west",
+        spec: SPEC,
+        servers: &SERVERS,
+        client: "cli",
+        workloads: &WORKLOADS,
+        paths: vec![
+            PathDef {
+                name: "plain",
+                description: "the client talks to backend b1's address directly over the \
+                              bridge: no VIP, no load balancing (upper bound; one nginx \
+                              instead of three)",
+                setup: plain_setup,
+            },
+            PathDef {
+                name: "iptables",
+                description: "kube-proxy's iptables mode in the host namespace: KUBE-SERVICES \
+                              -> KUBE-SVC (-m statistic --mode random) -> KUBE-SEP DNAT per \
+                              backend; replies cross the bridge through br_netfilter, on by \
+                              default in a new namespace",
+                setup: iptables_setup,
+            },
+            PathDef {
+                name: "dataplane",
+                description: "our agent: the VIP translated at the client's veth (tc), \
+                              Maglev backend choice, delivered with bpf_redirect_peer",
+                setup: dataplane_setup,
+            },
+        ],
+        subject: "dataplane",
+        targets: &[],
+    }
+}
+
+pub fn vip_outside() -> Scenario {
+    Scenario {
+        name: "vip-outside",
+        title: "outside client -> host port 8080 -> service web -> 3 nginx backends (Maglev), \
+                north-south",
+        spec: SPEC,
+        servers: &SERVERS,
+        client: "outside",
+        workloads: &WORKLOADS,
+        paths: vec![
+            PathDef {
+                name: "plain",
+                description: "the client routes to backend b1's address through the host: no \
+                              translation, no load balancing (upper bound; one nginx instead \
+                              of three)",
+                setup: plain_outside_setup,
+            },
+            PathDef {
+                name: "iptables",
+                description: "kube-proxy's iptables mode with a NodePort 8080: KUBE-NODEPORTS \
+                              -> KUBE-EXT (mark for masquerade, externalTrafficPolicy Cluster) \
+                              -> KUBE-SVC -> KUBE-SEP DNAT",
+                setup: iptables_outside_setup,
+            },
+            PathDef {
+                name: "dataplane",
+                description: "our agent: the published port leads to the service; translated \
+                              at tc on the uplink, client address kept",
+                setup: dataplane_outside_setup,
+            },
+        ],
+        subject: "dataplane",
+        targets: &[],
+    }
+}
+
+fn targets(ip: &str, port: u16) -> Targets {
+    Targets {
+        http: addr(ip, port),
+        iperf: addr(ip, 5201),
+    }
+}
+
+fn plain_setup(_bed: &mut Bed) -> anyhow::Result<Targets> {
+    Ok(targets(BACKENDS[0], 80))
+}
+
+fn plain_outside_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
+    bed.run_ok(
+        "outside",
+        &["ip", "route", "add", super::NETWORK, "via", HOST_IP],
+        Duration::from_secs(5),
+    )?;
+    Ok(targets(BACKENDS[0], 80))
+}
+
+/// The service with its NodePort, the way kube-proxy writes it; the same rules serve both
+/// scenarios (a container client uses the VIP, an outside one the NodePort).
+pub fn web_service() -> KubeService {
+    KubeService {
+        name: "web".into(),
+        vip: VIP.parse().expect("constant"),
+        port: 80,
+        backends: BACKENDS.iter().map(|ip| addr(ip, 80)).collect(),
+        node_port: Some(NODE_PORT),
+    }
+}
+
+fn install_kube_proxy(bed: &mut Bed) -> anyhow::Result<()> {
+    iptables_restore(bed, "kube-proxy.rules", &kube_proxy_rules(&[web_service()]))?;
+    Ok(())
+}
+
+fn iptables_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
+    install_kube_proxy(bed)?;
+    Ok(targets(VIP, 80))
+}
+
+fn iptables_outside_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
+    install_kube_proxy(bed)?;
+    Ok(targets(HOST_IP, NODE_PORT))
+}
+
+fn dataplane_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
+    bed.start_agent_with(&["--cgroup", "none"])?;
+    Ok(targets(VIP, 80))
+}
+
+fn dataplane_outside_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
+    bed.start_agent_with(&["--cgroup", "none"])?;
+    Ok(targets(HOST_IP, NODE_PORT))
+}
