@@ -309,6 +309,14 @@ impl Bed {
             "--socket",
             &socket_text,
         ];
+        // The socket hook goes on the sandbox's own host cgroup (or none), never on the
+        // machine's cgroup2 root, unless the scenario chose one itself.
+        let cgroup = fs::read_to_string(self.sandbox_dir().join("cgroup"))
+            .map(|c| c.trim().to_owned())
+            .unwrap_or_else(|_| "none".to_owned());
+        if !extra.contains(&"--cgroup") {
+            args.extend(["--cgroup", cgroup.as_str()]);
+        }
         args.extend_from_slice(extra);
         let index = self.spawn("agent", "host", &args)?;
         let deadline = Instant::now() + START_TIMEOUT;
