@@ -14,13 +14,15 @@ use tokio::{
 };
 
 use crate::{
-    DEFAULT_PIN_DIR, DEFAULT_SOCKET, conntrack, control, docker,
-    ebpf::{Datapath, LoadOptions},
-    flows, metrics,
+    control::{
+        self, DEFAULT_SOCKET,
+        status::{self, Status},
+    },
+    flows::{self, metrics},
+    kernel::{DEFAULT_PIN_DIR, Datapath, LoadOptions, conntrack, netdev},
     model::{Model, StateError},
-    netdev,
-    reconciler::{self, HostSettings, ReconcileError},
-    status::{self, Status},
+    reconcile::{self as reconciler, HostSettings, ReconcileError},
+    source::docker,
 };
 
 /// How often the state file is checked for changes.

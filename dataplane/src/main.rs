@@ -1,31 +1,10 @@
-//! `dataplane`: the host agent and its command line (shared/DESIGN.md section 6).
+//! `dataplane`: the host agent and its command line (docs/DESIGN.md, "Command line").
 
-mod agent;
-mod conntrack;
-mod control;
-mod docker;
-mod ebpf;
-mod flows;
-mod maglev;
-mod metrics;
-mod model;
-mod netdev;
-mod observe;
-mod policy;
-mod reconciler;
-mod sandbox;
-mod server;
-mod status;
-#[cfg(test)]
-mod tests;
-
-use std::{net::SocketAddr, path::PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dataplane";
-pub const DEFAULT_SOCKET: &str = "/run/dataplane/dataplane.sock";
+use dataplane::{agent, cli, control::DEFAULT_SOCKET, sandbox};
 
 #[derive(Parser)]
 #[command(
@@ -54,7 +33,7 @@ enum Command {
     },
     /// Show the flows the agent saw (like `hubble observe`): the latest, or new ones as they
     /// come, filtered.
-    Observe(observe::ObserveArgs),
+    Observe(cli::observe::ObserveArgs),
     /// Build or remove a host with networks, containers and an outside client, all as network
     /// namespaces, for demos and tests.
     #[command(subcommand)]
@@ -80,14 +59,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             runtime.block_on(agent::run(args))
         }
-        Command::Status { socket, json } => status::print(&socket, json),
-        Command::Observe(args) => observe::run(args),
+        Command::Status { socket, json } => cli::status::print(&socket, json),
+        Command::Observe(args) => cli::observe::run(args),
         Command::Sandbox(command) => sandbox::run(command),
     }
-}
-
-/// Parses `host:port` for `--metrics`.
-pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
-    text.parse()
-        .map_err(|_| format!("{text:?} is not an address like 127.0.0.1:9965"))
 }

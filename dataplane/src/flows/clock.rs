@@ -14,7 +14,7 @@ pub struct Clock {
 
 impl Clock {
     pub fn now() -> Clock {
-        let monotonic = crate::conntrack::monotonic_now_ns();
+        let monotonic = crate::kernel::conntrack::monotonic_now_ns();
         let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i128);
@@ -121,7 +121,7 @@ mod tests {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_nanos() as i128;
-        let converted = now.unix_ns(crate::conntrack::monotonic_now_ns());
+        let converted = now.unix_ns(crate::kernel::conntrack::monotonic_now_ns());
         assert!(
             (converted - wall).abs() < 1_000_000_000,
             "{converted} vs {wall}"

@@ -19,6 +19,7 @@ pub mod decode;
 pub mod export;
 pub mod filter;
 pub mod history;
+pub mod metrics;
 pub mod periodic;
 pub mod record;
 
@@ -36,10 +37,11 @@ use tokio::{
     sync::mpsc,
 };
 
-use crate::{ebpf::Datapath, metrics::Metrics, model::Model};
+use crate::{kernel::Datapath, model::Model};
 use export::FlowLog;
 use filter::ObserveRequest;
 use history::{History, Stored};
+use metrics::Metrics;
 use record::{Context, Identities};
 
 /// Every how many conntrack walks (one per GC round, 2 s) the fill level of every map is read
@@ -86,8 +88,8 @@ pub struct FlowArgs {
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     pub flow_report_interval: u64,
     /// Where /metrics is served (Prometheus), or `none`.
-    #[arg(long, default_value = "127.0.0.1:9965", value_parser = crate::metrics::parse_listen)]
-    pub metrics: crate::metrics::Listen,
+    #[arg(long, default_value = "127.0.0.1:9965", value_parser = crate::flows::metrics::parse_listen)]
+    pub metrics: crate::flows::metrics::Listen,
 }
 
 impl FlowArgs {
@@ -226,7 +228,7 @@ impl Pipeline {
             log,
             log_failing: false,
             metrics,
-            last_report_ns: crate::conntrack::monotonic_now_ns(),
+            last_report_ns: crate::kernel::conntrack::monotonic_now_ns(),
             report_interval: Duration::from_secs(args.flow_report_interval.max(1)),
             walks: 0,
             stats: FlowStats::default(),
@@ -286,7 +288,7 @@ impl Pipeline {
         if let Some(name) = self.ifnames.get(&ifindex) {
             return Some(name.clone());
         }
-        let name = crate::netdev::ifname(ifindex)?;
+        let name = crate::kernel::netdev::ifname(ifindex)?;
         self.ifnames.insert(ifindex, name.clone());
         Some(name)
     }
@@ -459,7 +461,7 @@ mod tests {
         assert_eq!(defaults.flow_history, 10_000);
         assert_eq!(
             defaults.metrics,
-            crate::metrics::Listen(Some("127.0.0.1:9965".parse().unwrap()))
+            crate::flows::metrics::Listen(Some("127.0.0.1:9965".parse().unwrap()))
         );
         let set = Cli::try_parse_from([
             "agent",
@@ -474,7 +476,7 @@ mod tests {
         .flows;
         assert!(!set.events_on());
         assert_eq!(set.flow_log.as_deref(), Some("-"));
-        assert_eq!(set.metrics, crate::metrics::Listen(None));
+        assert_eq!(set.metrics, crate::flows::metrics::Listen(None));
         assert!(Cli::try_parse_from(["agent", "--metrics", "9965"]).is_err());
     }
 }

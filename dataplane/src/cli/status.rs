@@ -1,83 +1,14 @@
-//! `dataplane status`: what the agent reports about the kernel side, and how it is printed.
+//! `dataplane status`: asks the agent for its [`Status`] and prints it for people.
 
-use std::{collections::BTreeMap, path::Path};
+use std::path::Path;
 
 use anyhow::Context as _;
-use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub pin_dir: String,
-    pub state_file: Option<String>,
-    pub uplink: String,
-    pub attachments: Vec<Attachment>,
-    pub maps: Vec<MapFill>,
-    pub interfaces: Vec<InterfaceCounters>,
-    pub endpoints: Vec<EndpointRow>,
-    /// Drops by Hubble reason name.
-    pub drops: BTreeMap<String, u64>,
-    pub reconciles: u64,
-    /// Conntrack entries removed as expired since the agent started.
-    pub ct_collected: u64,
-    /// Seconds since the Unix epoch of the last successful apply.
-    pub last_applied_unix: Option<u64>,
-    /// Why the latest state could not be applied (the last good state stays in force).
-    pub last_error: Option<String>,
-    #[serde(default)]
-    pub flows: FlowStatus,
-}
-
-/// Flow logging: events from the kernel and the records made of them.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct FlowStatus {
-    /// Whether the kernel programs send flow events (`--flow-events`).
-    pub events: bool,
-    /// Events the kernel could not write because the ring buffer was full, since the ring
-    /// was created (it is pinned: agent restarts keep counting).
-    pub lost: u64,
-    /// Records made since the agent started, records in its history, `observe --follow`
-    /// clients.
-    pub records: u64,
-    pub history: usize,
-    pub followers: usize,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Attachment {
-    pub interface: String,
-    pub ifindex: u32,
-    pub hook: String,
-    pub program: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MapFill {
-    pub name: String,
-    pub entries: u32,
-    pub capacity: u32,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InterfaceCounters {
-    /// Name now, or `ifindex N` when the interface is gone.
-    pub interface: String,
-    pub ifindex: u32,
-    pub hook: String,
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EndpointRow {
-    pub name: String,
-    pub network: String,
-    pub ip: String,
-    pub host_veth: String,
-}
+use crate::control::{self, status::Status};
 
 /// Asks the agent on `socket` for its status and prints it.
 pub fn print(socket: &Path, json: bool) -> anyhow::Result<()> {
-    let reply = crate::control::request(socket, "status")?;
+    let reply = control::request(socket, "status")?;
     if json {
         println!("{reply}");
         return Ok(());

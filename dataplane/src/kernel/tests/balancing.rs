@@ -14,8 +14,8 @@ use super::{
     programs::{TC_PASS, TestDatapath, run_tc},
 };
 use crate::{
-    ebpf::{Datapath, Hook},
-    maglev,
+    kernel::{Datapath, Hook},
+    reconcile::maglev,
 };
 
 const CLIENT: [u8; 4] = [172, 30, 1, 9];

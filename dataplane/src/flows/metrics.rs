@@ -307,7 +307,9 @@ pub fn parse_listen(text: &str) -> Result<Listen, String> {
     if text == "none" {
         return Ok(Listen(None));
     }
-    crate::parse_socket_addr(text).map(|addr| Listen(Some(addr)))
+    text.parse()
+        .map(|addr| Listen(Some(addr)))
+        .map_err(|_| format!("{text:?} is not an address like 127.0.0.1:9965"))
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {

@@ -33,10 +33,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
 
-use crate::{
-    model::{Endpoint, Model, PortTarget, Protocol, StateFile},
-    server,
-};
+use crate::model::{Endpoint, Model, PortTarget, Protocol, StateFile};
+
+pub mod server;
 
 /// Where each sandbox keeps its files, one directory per sandbox name.
 pub const SANDBOX_ROOT: &str = "/run/dataplane/sandbox";
@@ -136,7 +135,7 @@ impl Sandbox {
     /// socket hook is meant for (`--cgroup`); None where the host has no cgroup2. A cgroup of
     /// its own keeps the sandbox from touching the processes of the real host.
     fn host_cgroup(&self) -> Option<PathBuf> {
-        crate::netdev::cgroup2_root()
+        crate::kernel::netdev::cgroup2_root()
             .map(|root| Path::new(&root).join(format!("dataplane-sandbox-{}", self.name)))
     }
 

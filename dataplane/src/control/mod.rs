@@ -2,6 +2,8 @@
 //! read the reply until the agent closes the connection. A request that follows something
 //! (`observe --follow`) gets more lines after its reply, for as long as the client stays.
 
+pub mod status;
+
 use std::{
     io::{BufReader, Read as _, Write as _},
     os::unix::net::UnixStream,
@@ -29,6 +31,9 @@ pub struct Request {
 /// Lines a streaming client may have waiting; the agent skips lines for a client this far
 /// behind rather than wait for it.
 const STREAM_QUEUE: usize = crate::flows::FOLLOWER_QUEUE;
+
+/// Where local clients find the agent unless `--socket` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/dataplane/dataplane.sock";
 
 /// Binds the control socket, replacing a stale socket file left by a killed agent.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {

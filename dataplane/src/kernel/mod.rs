@@ -24,6 +24,14 @@ use dataplane_common::{
 };
 use serde::Serialize;
 
+pub mod conntrack;
+pub mod netdev;
+#[cfg(test)]
+mod tests;
+
+/// Where the maps and links are pinned unless `--pin-dir` says otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dataplane";
+
 /// The kernel programs, built by build.rs (aya-build) and embedded here.
 static KERNEL_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane-ebpf"));
@@ -517,7 +525,7 @@ impl Datapath {
             interface: interface.to_owned(),
             source,
         };
-        let ifindex = crate::netdev::ifindex(interface).ok_or_else(|| {
+        let ifindex = crate::kernel::netdev::ifindex(interface).ok_or_else(|| {
             attach_err(aya::programs::ProgramError::UnknownInterface {
                 name: interface.to_owned(),
             })
@@ -641,7 +649,7 @@ impl Datapath {
                 if hook.is_cgroup() {
                     !Path::new(target).is_dir()
                 } else {
-                    crate::netdev::ifindex(target) != Some(attachment.ifindex)
+                    crate::kernel::netdev::ifindex(target) != Some(attachment.ifindex)
                 }
             })
             .map(|(key, _)| key.clone())

@@ -200,7 +200,7 @@ mod tests {
     fn this_namespace_has_lo() {
         let links = links_here().unwrap();
         let lo = links.iter().find(|l| l.name == "lo").expect("lo");
-        assert_eq!(Some(lo.index), crate::netdev::ifindex("lo"));
+        assert_eq!(Some(lo.index), crate::kernel::netdev::ifindex("lo"));
         assert_eq!(lo.mac, Some([0; 6]));
     }
 

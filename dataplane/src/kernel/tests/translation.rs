@@ -15,7 +15,7 @@ use super::{
     },
     programs::{TC_PASS, TC_SHOT, TestDatapath, run_tc},
 };
-use crate::ebpf::{Datapath, Hook, LoadOptions};
+use crate::kernel::{Datapath, Hook, LoadOptions};
 
 const HOST: [u8; 4] = [192, 0, 2, 1];
 const CLIENT: [u8; 4] = [192, 0, 2, 2];
@@ -68,7 +68,7 @@ fn host(dp: &mut Datapath) {
         uplink_ifindex: UPLINK_IFINDEX,
         snat_port_min: SNAT_RANGE.0,
         snat_port_max: SNAT_RANGE.1,
-        netns_cookie: crate::netdev::netns_cookie().unwrap(),
+        netns_cookie: crate::kernel::netdev::netns_cookie().unwrap(),
         ..Config::default()
     })
     .unwrap();

@@ -11,7 +11,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use dataplane_common::{DropReason, hook};
 
 use super::packet::{Ipv4Spec, TCP_SYN, assert_checksums, ipv4_frame, tcp, udp};
-use crate::ebpf::{Datapath, Hook, LoadOptions};
+use crate::kernel::{Datapath, Hook, LoadOptions};
 
 pub(super) const TC_PASS: u32 = -1i32 as u32; // TC_ACT_UNSPEC: on to the next program / the stack
 pub(super) const TC_SHOT: u32 = 2;

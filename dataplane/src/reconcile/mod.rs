@@ -14,9 +14,11 @@ use dataplane_common::{
     PrefixKey, ServiceInfo, ServiceKey, algorithm, map_names, net_flags,
 };
 
+pub mod maglev;
+pub mod policy;
+
 use crate::{
-    ebpf::{Datapath, DatapathError, Hook},
-    maglev,
+    kernel::{Datapath, DatapathError, Hook},
     model::{Algorithm, Model, PortTarget as ModelPortTarget, StateError},
 };
 
@@ -61,10 +63,10 @@ pub trait Kernel {
 
 impl Kernel for Datapath {
     fn ifindex(&self, interface: &str) -> Option<u32> {
-        crate::netdev::ifindex(interface)
+        crate::kernel::netdev::ifindex(interface)
     }
     fn addresses(&self) -> Vec<(String, Ipv4Addr)> {
-        crate::netdev::ipv4_addresses()
+        crate::kernel::netdev::ipv4_addresses()
     }
     fn attach(&mut self, interface: &str, hook: Hook) -> Result<(), DatapathError> {
         Datapath::attach(self, interface, hook)
@@ -138,7 +140,7 @@ pub enum ReconcileError {
     #[error(transparent)]
     Kernel(#[from] DatapathError),
     #[error(transparent)]
-    Policy(#[from] crate::policy::PolicyError),
+    Policy(#[from] crate::reconcile::policy::PolicyError),
 }
 
 /// What one reconcile changed.
@@ -215,7 +217,7 @@ pub fn desired(
     for hook in [Hook::UplinkIngress, Hook::UplinkEgress] {
         desired.attachments.insert((uplink.to_owned(), hook));
     }
-    let policy = crate::policy::compile(model)?;
+    let policy = crate::reconcile::policy::compile(model)?;
     if host.xdp.unwrap_or(!policy.deny_sources.is_empty()) {
         desired
             .attachments

@@ -11,7 +11,7 @@ use super::{
     packet::{Ipv4Spec, TCP_ACK, TCP_SYN, ipv4_frame, tcp},
     programs::{TC_PASS, TC_SHOT, TestDatapath, run_tc},
 };
-use crate::ebpf::{Datapath, Hook};
+use crate::kernel::{Datapath, Hook};
 
 const A: [u8; 4] = [172, 30, 1, 2]; // net 1, labels bit 0 (app=web), endpoint 1
 const B: [u8; 4] = [172, 30, 1, 3]; // net 1, endpoint 2

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    DEFAULT_SOCKET,
+    control::DEFAULT_SOCKET,
     flows::{
         filter::{Filter, ObserveRequest},
         record::{self, Record},

@@ -422,7 +422,7 @@ fn host_veths(pid: u32, sandbox_key: &Path) -> Result<BTreeMap<[u8; 6], String>,
 
 /// Builds the state file from what the engine said, and sends the model when it changed.
 fn publish(engine: &mut Engine, tx: &watch::Sender<Option<Model>>) {
-    let exists = |name: &str| crate::netdev::ifindex(name).is_some();
+    let exists = |name: &str| crate::kernel::netdev::ifindex(name).is_some();
     let built = convert::build(
         &Inputs {
             networks: &engine.networks,
