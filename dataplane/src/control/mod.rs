@@ -28,9 +28,9 @@ pub struct Request {
     pub stream: mpsc::Sender<String>,
 }
 
-/// Lines a streaming client may have waiting; the agent skips lines for a client this far
-/// behind rather than wait for it.
-const STREAM_QUEUE: usize = crate::flows::FOLLOWER_QUEUE;
+/// Lines a streaming client (observe --follow) may have waiting; the agent skips lines for a
+/// client this far behind rather than wait for it, so a slow reader never holds it up.
+const STREAM_QUEUE: usize = 4096;
 
 /// Where local clients find the agent unless `--socket` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/dataplane/dataplane.sock";

@@ -23,21 +23,19 @@ pub mod metrics;
 pub mod periodic;
 pub mod record;
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, net::Ipv4Addr, sync::Arc, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
-use dataplane_common::{CtEntry, CtKey, FlowEvent, map_names};
+use dataplane_common::FlowEvent;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc,
 };
 
-use crate::{kernel::Datapath, model::Model};
+use crate::{
+    kernel::{Datapath, conntrack::Walk},
+    model::Model,
+};
 use export::FlowLog;
 use filter::ObserveRequest;
 use history::{History, Stored};
@@ -52,9 +50,6 @@ const MAX_BATCH: usize = 4096;
 /// Batches waiting for the main loop; when they are all taken, the reader stops draining and
 /// the ring fills, where a loss is counted (never silent).
 const BATCH_QUEUE: usize = 64;
-/// Records a follower (observe --follow) may have waiting before newer ones are skipped for it:
-/// a slow reader never holds up the agent.
-pub const FOLLOWER_QUEUE: usize = 4096;
 
 /// on | off
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -351,17 +346,11 @@ impl Pipeline {
         }
     }
 
-    /// After each conntrack walk of the garbage collector (`entries` the table, `doomed` the
-    /// keys it is removing, at `now_ns`): the final record of expired connections that had no
-    /// close event, every report interval the counters of connections still open, and the
-    /// kernel-side metrics.
-    pub fn after_conntrack_walk(
-        &mut self,
-        datapath: &Datapath,
-        entries: &BTreeMap<CtKey, CtEntry>,
-        doomed: &[CtKey],
-        now_ns: u64,
-    ) {
+    /// After each conntrack walk of the garbage collector (the table as read, the keys it
+    /// removed, when): the final record of expired connections that had no close event, every
+    /// report interval the counters of connections still open, and the kernel-side metrics.
+    pub fn after_conntrack_walk(&mut self, datapath: &Datapath, walk: &Walk) {
+        let (entries, doomed, now_ns) = (&walk.entries, walk.removed.as_slice(), walk.now_ns);
         for event in periodic::ended(entries, doomed, now_ns) {
             self.publish(&event);
         }
@@ -397,7 +386,7 @@ impl Pipeline {
                 }
                 Err(e) => log::debug!("metrics: {e}"),
             }
-            match datapath.entries::<u32, u8>(map_names::LOCAL_ADDRS) {
+            match datapath.entries::<crate::kernel::maps::LocalAddrs>() {
                 Ok(addrs) => self.set_host_addrs(
                     addrs
                         .keys()

@@ -304,10 +304,6 @@ pub fn cilium_drop_code(reason: DropReason) -> u32 {
 /// enum name for `trace_observation_point`, the name metrics and the compact output use, and
 /// Cilium's number for `event_type.sub_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[expect(
-    clippy::enum_variant_names,
-    reason = "Cilium's names for observation points: TO_ENDPOINT, TO_NETWORK, TO_STACK"
-)]
 pub enum TracePoint {
     /// Delivered to a container.
     ToEndpoint,

@@ -1,12 +1,131 @@
-//! Conntrack garbage collection: which entries have expired. The kernel programs create and
-//! refresh entries; the agent removes both directions of a connection once it has been idle for
-//! longer than its protocol and state allow (`dataplane_common::ct_timeout`).
+//! Conntrack garbage collection, the one agent-side writer of the conntrack map. The kernel
+//! programs create and refresh entries; the collector removes both directions of a connection
+//! once it has been idle for longer than its protocol and state allow
+//! (`dataplane_common::ct_timeout`), and the connections translated to containers that went
+//! away. It writes through [`ConntrackTable`], a handle only [`super::Datapath::load`] makes,
+//! so no other part of the agent can (see [`super::maps`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
 
+use aya::maps::{HashMap, Map, MapData};
 use dataplane_common::{CtEntry, CtKey, ct_rewrite, ct_timeout, tcp_flag};
 
-use crate::model::Model;
+use super::{
+    DatapathError,
+    maps::{Conntrack, HashMapSpec as _},
+};
+
+/// The agent's writable handle on the pinned conntrack map (its own file descriptor, apart from
+/// the [`super::Datapath`]'s).
+pub struct ConntrackTable {
+    map: HashMap<MapData, CtKey, CtEntry>,
+}
+
+impl ConntrackTable {
+    pub(super) fn open(pin_dir: &Path) -> Result<ConntrackTable, DatapathError> {
+        let err = |source| DatapathError::Map {
+            map: Conntrack::NAME,
+            source,
+        };
+        let data = MapData::from_pin(pin_dir.join(Conntrack::NAME)).map_err(err)?;
+        let map = HashMap::try_from(Map::HashMap(data)).map_err(err)?;
+        Ok(ConntrackTable { map })
+    }
+
+    /// Every entry of the table.
+    pub fn entries(&self) -> Result<BTreeMap<CtKey, CtEntry>, DatapathError> {
+        self.map
+            .iter()
+            .map(|entry| {
+                entry.map_err(|source| DatapathError::Map {
+                    map: Conntrack::NAME,
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// Removes `keys`; keys already gone are not errors. Returns how many it removed.
+    fn remove_all(&mut self, keys: &[CtKey]) -> usize {
+        let mut removed = 0;
+        for key in keys {
+            match super::removed(Conntrack::NAME, self.map.remove(key)) {
+                Ok(()) => removed += 1,
+                Err(e) => log::warn!("conntrack: {e}"),
+            }
+        }
+        removed
+    }
+}
+
+/// The collector: owns the table handle and counts what it removed.
+pub struct Collector {
+    table: ConntrackTable,
+    /// Entries removed as expired since the agent started.
+    pub collected: u64,
+}
+
+/// One pass of the collector: the table as it was read and what was removed from it.
+pub struct Walk {
+    pub entries: BTreeMap<CtKey, CtEntry>,
+    pub removed: Vec<CtKey>,
+    pub now_ns: u64,
+}
+
+impl Collector {
+    pub fn new(table: ConntrackTable) -> Collector {
+        Collector {
+            table,
+            collected: 0,
+        }
+    }
+
+    /// Removes expired connections; returns the walk (for the flow records of expired and
+    /// long-lived connections), or None when the table could not be read.
+    pub fn collect(&mut self) -> Option<Walk> {
+        let entries = match self.table.entries() {
+            Ok(entries) => entries,
+            Err(e) => {
+                log::warn!("conntrack gc: reading the table: {e}");
+                return None;
+            }
+        };
+        let now_ns = monotonic_now_ns();
+        let removed = expired(&entries, now_ns);
+        if !removed.is_empty() {
+            log::debug!("conntrack gc removes {} entries", removed.len());
+            self.collected += self.table.remove_all(&removed) as u64;
+        }
+        Some(Walk {
+            entries,
+            removed,
+            now_ns,
+        })
+    }
+
+    /// Removes the tracked connections translated to containers that went away, so their
+    /// clients get a reset from whichever backend the next packet reaches instead of waiting
+    /// on an address nobody answers any more.
+    pub fn forget_translated_to(&mut self, addresses: &BTreeSet<u32>) {
+        if addresses.is_empty() {
+            return;
+        }
+        let entries = match self.table.entries() {
+            Ok(entries) => entries,
+            Err(e) => {
+                log::warn!("conntrack: reading the table: {e}");
+                return;
+            }
+        };
+        let removed = self.table.remove_all(&translated_to(&entries, addresses));
+        if removed > 0 {
+            log::info!("removed {removed} conntrack entries of departed containers");
+        }
+    }
+}
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 const IPPROTO_TCP: u8 = 6;
@@ -79,23 +198,8 @@ pub fn expired(entries: &BTreeMap<CtKey, CtEntry>, now_ns: u64) -> Vec<CtKey> {
     doomed
 }
 
-/// Addresses (network byte order, as in the maps) of container interfaces in `old` that
-/// `new` no longer has.
-pub fn departed_addresses(old: &Model, new: &Model) -> BTreeSet<u32> {
-    let addresses = |m: &Model| -> BTreeSet<u32> {
-        m.endpoints
-            .iter()
-            .flat_map(|e| e.interfaces.iter().map(|i| u32::from(i.ip).to_be()))
-            .collect()
-    };
-    addresses(old)
-        .difference(&addresses(new))
-        .copied()
-        .collect()
-}
-
 /// Both directions of every connection translated to one of `addresses`.
-pub fn translated_to(entries: &BTreeMap<CtKey, CtEntry>, addresses: &BTreeSet<u32>) -> Vec<CtKey> {
+fn translated_to(entries: &BTreeMap<CtKey, CtEntry>, addresses: &BTreeSet<u32>) -> Vec<CtKey> {
     let mut doomed = Vec::new();
     for (key, entry) in entries {
         if entry.rewrite == ct_rewrite::DST && addresses.contains(&entry.nat_addr) {

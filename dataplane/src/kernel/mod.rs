@@ -25,7 +25,10 @@ use dataplane_common::{
 use serde::Serialize;
 
 pub mod conntrack;
+pub mod maps;
 pub mod netdev;
+
+use maps::{Backends, Conntrack, Endpoints, HashMapSpec, LocalAddrs, Ports, Reconciled, Services};
 #[cfg(test)]
 mod tests;
 
@@ -386,8 +389,12 @@ fn is_bpffs(path: &Path) -> bool {
 
 impl Datapath {
     /// Loads the kernel programs, reusing maps already pinned in `pin_dir` (so connections and
-    /// counters survive an agent restart) and pinning new ones there.
-    pub fn load(pin_dir: &Path, options: &LoadOptions) -> Result<Datapath, DatapathError> {
+    /// counters survive an agent restart) and pinning new ones there. Returns the datapath and
+    /// the conntrack table's one writable handle, for the garbage collector.
+    pub fn load(
+        pin_dir: &Path,
+        options: &LoadOptions,
+    ) -> Result<(Datapath, conntrack::ConntrackTable), DatapathError> {
         prepare_pin_dir(pin_dir)?;
         if options.ct_max_entries == 0 {
             return Err(DatapathError::Settings(
@@ -435,13 +442,15 @@ impl Datapath {
             program: Hook::SockConnect4.program(),
             source,
         })?;
-        Ok(Datapath {
+        let conntrack = conntrack::ConntrackTable::open(pin_dir)?;
+        let datapath = Datapath {
             maglev,
             ebpf,
             pin_dir: pin_dir.to_owned(),
             links: BTreeMap::new(),
             max_services,
-        })
+        };
+        Ok((datapath, conntrack))
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -704,49 +713,44 @@ impl Datapath {
         HashMap::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
     }
 
-    /// Every entry of the hash map `name` (including entries pinned by an earlier agent).
-    pub fn entries<K: Pod + Ord, V: Pod>(
-        &self,
-        name: &'static str,
-    ) -> Result<BTreeMap<K, V>, DatapathError> {
-        self.hash::<K, V>(name)?
+    /// Every entry of hash map `M` (including entries pinned by an earlier agent).
+    pub fn entries<M: HashMapSpec>(&self) -> Result<BTreeMap<M::Key, M::Value>, DatapathError> {
+        self.hash::<M::Key, M::Value>(M::NAME)?
             .iter()
-            .map(|entry| entry.map_err(|source| DatapathError::Map { map: name, source }))
+            .map(|entry| {
+                entry.map_err(|source| DatapathError::Map {
+                    map: M::NAME,
+                    source,
+                })
+            })
             .collect()
     }
 
-    pub fn set<K: Pod, V: Pod>(
+    /// Writes one entry of a map the reconciler owns (see [`maps`] for who writes what).
+    pub fn set<M: Reconciled>(
         &mut self,
-        name: &'static str,
-        key: K,
-        value: V,
+        key: M::Key,
+        value: M::Value,
     ) -> Result<(), DatapathError> {
-        self.hash_mut::<K, V>(name)?
+        self.hash_mut::<M::Key, M::Value>(M::NAME)?
             .insert(key, value, 0)
-            .map_err(|source| DatapathError::Map { map: name, source })
+            .map_err(|source| DatapathError::Map {
+                map: M::NAME,
+                source,
+            })
     }
 
-    /// Removes `key` from `name`; a key already gone is not an error.
-    pub fn remove<K: Pod, V: Pod>(
-        &mut self,
-        name: &'static str,
-        key: K,
-    ) -> Result<(), DatapathError> {
-        match self.hash_mut::<K, V>(name)?.remove(&key) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
-            {
-                Ok(())
-            }
-            Err(source) => Err(DatapathError::Map { map: name, source }),
-        }
+    /// Removes `key` from a map the reconciler owns; a key already gone is not an error.
+    pub fn remove<M: Reconciled>(&mut self, key: M::Key) -> Result<(), DatapathError> {
+        removed(
+            M::NAME,
+            self.hash_mut::<M::Key, M::Value>(M::NAME)?.remove(&key),
+        )
     }
 
-    /// Number of entries in the hash map `name`.
-    fn count<K: Pod, V: Pod>(&self, name: &'static str) -> Result<u32, DatapathError> {
-        Ok(self.hash::<K, V>(name)?.keys().count() as u32)
+    /// Number of entries in hash map `M`.
+    pub fn count<M: HashMapSpec>(&self) -> Result<u32, DatapathError> {
+        Ok(self.hash::<M::Key, M::Value>(M::NAME)?.keys().count() as u32)
     }
 
     pub fn max_services(&self) -> u32 {
@@ -901,47 +905,36 @@ impl Datapath {
 
     /// How full each map is.
     pub fn map_fill(&self) -> Result<Vec<MapFill>, DatapathError> {
-        use dataplane_common::{
-            Backend, BackendKey, CtEntry, CtKey, EndpointInfo, PortKey, PortTarget, ServiceInfo,
-            ServiceKey,
-        };
-        let ct_capacity = self
-            .map_ref(map_names::CONNTRACK)
-            .ok()
-            .and_then(|m| match m {
-                aya::maps::Map::HashMap(data) => data.info().ok().map(|i| i.max_entries()),
-                _ => None,
-            })
-            .unwrap_or(capacity::CONNTRACK);
+        let ct_capacity = self.conntrack_capacity()?;
         Ok(vec![
             MapFill {
                 name: map_names::CONNTRACK,
-                entries: self.count::<CtKey, CtEntry>(map_names::CONNTRACK)?,
+                entries: self.count::<Conntrack>()?,
                 capacity: ct_capacity,
             },
             MapFill {
                 name: map_names::PORTS,
-                entries: self.count::<PortKey, PortTarget>(map_names::PORTS)?,
+                entries: self.count::<Ports>()?,
                 capacity: capacity::PORTS,
             },
             MapFill {
                 name: map_names::SERVICES,
-                entries: self.count::<ServiceKey, ServiceInfo>(map_names::SERVICES)?,
+                entries: self.count::<Services>()?,
                 capacity: self.max_services,
             },
             MapFill {
                 name: map_names::BACKENDS,
-                entries: self.count::<BackendKey, Backend>(map_names::BACKENDS)?,
+                entries: self.count::<Backends>()?,
                 capacity: capacity::BACKENDS,
             },
             MapFill {
                 name: map_names::ENDPOINTS,
-                entries: self.count::<u32, EndpointInfo>(map_names::ENDPOINTS)?,
+                entries: self.count::<Endpoints>()?,
                 capacity: capacity::ENDPOINTS,
             },
             MapFill {
                 name: map_names::LOCAL_ADDRS,
-                entries: self.count::<u32, u8>(map_names::LOCAL_ADDRS)?,
+                entries: self.count::<LocalAddrs>()?,
                 capacity: capacity::LOCAL_ADDRS,
             },
             MapFill {
@@ -950,6 +943,22 @@ impl Datapath {
                 capacity: capacity::IFACE_STATS,
             },
         ])
+    }
+}
+
+/// The result of removing a key, where a key already gone counts as removed.
+fn removed(
+    map: &'static str,
+    result: Result<(), aya::maps::MapError>,
+) -> Result<(), DatapathError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(DatapathError::Map { map, source }),
     }
 }
 

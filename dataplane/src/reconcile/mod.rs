@@ -1,24 +1,27 @@
-//! The reconciler: the only writer of the kernel's maps and attachments. It turns a validated
-//! [`Model`] into desired attachments and map entries, diffs them against what the kernel has
-//! (including what an earlier agent left pinned) and applies the difference. Applying the same
-//! model twice changes nothing.
+//! The reconciler: the only writer of the kernel's maps and attachments (but conntrack, see
+//! [`crate::kernel::maps`]). It turns a validated [`Model`] into desired attachments and map
+//! entries ([`desired`]), diffs them against what the kernel has (including what an earlier
+//! agent left pinned) and applies the difference ([`apply`]). Applying the same model twice
+//! changes nothing. [`Reconciler`] owns the [`Datapath`], so nothing else can write to it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
 };
 
-use aya::Pod;
 use dataplane_common::{
     Backend, BackendKey, Config, EndpointInfo, MAGLEV_TABLE_SIZE, PolicyRule, PortKey, PortTarget,
-    PrefixKey, ServiceInfo, ServiceKey, algorithm, map_names, net_flags,
+    PrefixKey, ServiceInfo, ServiceKey, algorithm, net_flags,
 };
 
 pub mod maglev;
 pub mod policy;
 
 use crate::{
-    kernel::{Datapath, DatapathError, Hook},
+    kernel::{
+        Datapath, DatapathError, Hook,
+        maps::{Backends, Endpoints, LocalAddrs, Ports, Reconciled, Services},
+    },
     model::{Algorithm, Model, PortTarget as ModelPortTarget, StateError},
 };
 
@@ -36,17 +39,9 @@ pub trait Kernel {
     fn attach(&mut self, interface: &str, hook: Hook) -> Result<(), DatapathError>;
     fn detach(&mut self, interface: &str, hook: Hook) -> Result<(), DatapathError>;
     fn attachments(&self) -> BTreeSet<(String, Hook)>;
-    fn entries<K: Pod + Ord, V: Pod>(
-        &self,
-        map: &'static str,
-    ) -> Result<BTreeMap<K, V>, DatapathError>;
-    fn set<K: Pod, V: Pod>(
-        &mut self,
-        map: &'static str,
-        key: K,
-        value: V,
-    ) -> Result<(), DatapathError>;
-    fn remove<K: Pod, V: Pod>(&mut self, map: &'static str, key: K) -> Result<(), DatapathError>;
+    fn entries<M: Reconciled>(&self) -> Result<BTreeMap<M::Key, M::Value>, DatapathError>;
+    fn set<M: Reconciled>(&mut self, key: M::Key, value: M::Value) -> Result<(), DatapathError>;
+    fn remove<M: Reconciled>(&mut self, key: M::Key) -> Result<(), DatapathError>;
     fn config(&self) -> Result<Config, DatapathError>;
     fn set_config(&mut self, config: Config) -> Result<(), DatapathError>;
     /// The first `count` policy rules.
@@ -80,22 +75,14 @@ impl Kernel for Datapath {
             .map(|(interface, hook, _)| (interface, hook))
             .collect()
     }
-    fn entries<K: Pod + Ord, V: Pod>(
-        &self,
-        map: &'static str,
-    ) -> Result<BTreeMap<K, V>, DatapathError> {
-        Datapath::entries(self, map)
+    fn entries<M: Reconciled>(&self) -> Result<BTreeMap<M::Key, M::Value>, DatapathError> {
+        Datapath::entries::<M>(self)
     }
-    fn set<K: Pod, V: Pod>(
-        &mut self,
-        map: &'static str,
-        key: K,
-        value: V,
-    ) -> Result<(), DatapathError> {
-        Datapath::set(self, map, key, value)
+    fn set<M: Reconciled>(&mut self, key: M::Key, value: M::Value) -> Result<(), DatapathError> {
+        Datapath::set::<M>(self, key, value)
     }
-    fn remove<K: Pod, V: Pod>(&mut self, map: &'static str, key: K) -> Result<(), DatapathError> {
-        Datapath::remove::<K, V>(self, map, key)
+    fn remove<M: Reconciled>(&mut self, key: M::Key) -> Result<(), DatapathError> {
+        Datapath::remove::<M>(self, key)
     }
     fn config(&self) -> Result<Config, DatapathError> {
         Datapath::config(self)
@@ -143,6 +130,99 @@ pub enum ReconcileError {
     Policy(#[from] crate::reconcile::policy::PolicyError),
 }
 
+/// Owns the loaded datapath: every write to its maps and links goes through here. Everyone
+/// else reads it through [`Reconciler::datapath`].
+pub struct Reconciler {
+    datapath: Datapath,
+    /// The last model applied in full, and the host settings it was applied with.
+    last_good: Option<(Model, HostSettings)>,
+}
+
+/// What applying a model did.
+#[derive(Debug)]
+pub struct Applied {
+    pub changes: Changes,
+    /// Addresses (network byte order) of container interfaces the previous model had and this
+    /// one does not: their translated connections are to be forgotten.
+    pub departed: BTreeSet<u32>,
+}
+
+impl Reconciler {
+    pub fn new(datapath: Datapath) -> Reconciler {
+        Reconciler {
+            datapath,
+            last_good: None,
+        }
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.datapath
+    }
+
+    /// The last model applied in full.
+    pub fn applied(&self) -> Option<&Model> {
+        self.last_good.as_ref().map(|(model, _)| model)
+    }
+
+    /// The host settings of the last model applied in full.
+    pub fn host(&self) -> Option<&HostSettings> {
+        self.last_good.as_ref().map(|(_, host)| host)
+    }
+
+    /// Applies `model`; on failure re-applies the last good state, so nothing is left half
+    /// done, and returns the error.
+    pub fn apply(&mut self, model: Model, host: HostSettings) -> Result<Applied, ReconcileError> {
+        match self.reconcile(&model, &host) {
+            Ok(changes) => {
+                let departed = self
+                    .applied()
+                    .map(|old| departed_addresses(old, &model))
+                    .unwrap_or_default();
+                self.last_good = Some((model, host));
+                Ok(Applied { changes, departed })
+            }
+            Err(err) => {
+                if let Some((model, host)) = self.last_good.take() {
+                    if let Err(e) = self.reconcile(&model, &host) {
+                        log::warn!("re-applying the last good state: {e}");
+                    }
+                    self.last_good = Some((model, host));
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn reconcile(&mut self, model: &Model, host: &HostSettings) -> Result<Changes, ReconcileError> {
+        // Interfaces that went away (a container stopped) took their links with them.
+        for gone in self.datapath.prune_vanished() {
+            log::info!("{gone}: the interface is gone, and its attachment with it");
+        }
+        let desired = desired(model, host, &self.datapath)?;
+        apply(&desired, &mut self.datapath)
+    }
+
+    /// Detaches every program (on shutdown); the maps stay pinned.
+    pub fn detach_all(&mut self) {
+        self.datapath.detach_all();
+    }
+}
+
+/// Addresses (network byte order, as in the maps) of container interfaces in `old` that
+/// `new` no longer has.
+fn departed_addresses(old: &Model, new: &Model) -> BTreeSet<u32> {
+    let addresses = |m: &Model| -> BTreeSet<u32> {
+        m.endpoints
+            .iter()
+            .flat_map(|e| e.interfaces.iter().map(|i| be(i.ip)))
+            .collect()
+    };
+    addresses(old)
+        .difference(&addresses(new))
+        .copied()
+        .collect()
+}
+
 /// What one reconcile changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Changes {
@@ -185,8 +265,6 @@ pub struct DesiredService {
     pub table: Vec<u32>,
 }
 
-/// Computes the desired kernel state, checking that every interface the model names exists
-/// (the error names the entry and field that refers to the missing one).
 /// Where the agent is: its uplink, the cgroup of the host processes whose connections to
 /// published ports it translates (None: not translated), and its network namespace.
 #[derive(Debug, Clone, Default)]
@@ -199,6 +277,8 @@ pub struct HostSettings {
     pub xdp: Option<bool>,
 }
 
+/// Computes the desired kernel state, checking that every interface the model names exists
+/// (the error names the entry and field that refers to the missing one).
 pub fn desired(
     model: &Model,
     host: &HostSettings,
@@ -436,8 +516,8 @@ fn apply_services(
     desired: &Desired,
     kernel: &mut impl Kernel,
 ) -> Result<(usize, usize), ReconcileError> {
-    let current = kernel.entries::<ServiceKey, ServiceInfo>(map_names::SERVICES)?;
-    let backends = kernel.entries::<BackendKey, Backend>(map_names::BACKENDS)?;
+    let current = kernel.entries::<Services>()?;
+    let backends = kernel.entries::<Backends>()?;
     let max = kernel.max_services();
     if desired.services.len() > max as usize {
         return Err(ReconcileError::TooManyServices {
@@ -469,7 +549,7 @@ fn apply_services(
                 index: index as u32,
             };
             if backends.get(&bkey) != Some(backend) {
-                kernel.set(map_names::BACKENDS, bkey, *backend)?;
+                kernel.set::<Backends>(bkey, *backend)?;
                 set += 1;
             }
         }
@@ -484,19 +564,19 @@ fn apply_services(
             _pad: [0; 3],
         };
         if current.get(key) != Some(&info) {
-            kernel.set(map_names::SERVICES, *key, info)?;
+            kernel.set::<Services>(*key, info)?;
             set += 1;
         }
     }
     // Services that went, and backends past each service's count.
     for key in current.keys() {
         if !desired.services.contains_key(key) {
-            kernel.remove::<ServiceKey, ServiceInfo>(map_names::SERVICES, *key)?;
+            kernel.remove::<Services>(*key)?;
             removed += 1;
         }
     }
     let counts: BTreeMap<u32, u32> = kernel
-        .entries::<ServiceKey, ServiceInfo>(map_names::SERVICES)?
+        .entries::<Services>()?
         .values()
         .map(|info| (info.id, info.backend_count))
         .collect();
@@ -505,7 +585,7 @@ fn apply_services(
             .get(&bkey.service_id)
             .is_none_or(|count| bkey.index >= *count)
         {
-            kernel.remove::<BackendKey, Backend>(map_names::BACKENDS, *bkey)?;
+            kernel.remove::<Backends>(*bkey)?;
             removed += 1;
         }
     }
@@ -518,16 +598,18 @@ pub fn be(addr: Ipv4Addr) -> u32 {
 }
 
 /// Writes the entries of `desired` that `current` lacks or has different; returns how many.
-fn write_missing<K: Pod + Ord, V: Pod + PartialEq>(
+fn write_missing<M: Reconciled>(
     kernel: &mut impl Kernel,
-    map: &'static str,
-    current: &BTreeMap<K, V>,
-    desired: &BTreeMap<K, V>,
-) -> Result<usize, DatapathError> {
+    current: &BTreeMap<M::Key, M::Value>,
+    desired: &BTreeMap<M::Key, M::Value>,
+) -> Result<usize, DatapathError>
+where
+    M::Value: PartialEq,
+{
     let mut written = 0;
     for (key, value) in desired {
         if current.get(key) != Some(value) {
-            kernel.set(map, *key, *value)?;
+            kernel.set::<M>(*key, *value)?;
             written += 1;
         }
     }
@@ -535,16 +617,15 @@ fn write_missing<K: Pod + Ord, V: Pod + PartialEq>(
 }
 
 /// Removes the entries of `current` that `desired` lacks; returns how many.
-fn remove_stale<K: Pod + Ord, V: Pod>(
+fn remove_stale<M: Reconciled>(
     kernel: &mut impl Kernel,
-    map: &'static str,
-    current: &BTreeMap<K, V>,
-    desired: &BTreeMap<K, V>,
+    current: &BTreeMap<M::Key, M::Value>,
+    desired: &BTreeMap<M::Key, M::Value>,
 ) -> Result<usize, DatapathError> {
     let mut removed = 0;
     for key in current.keys() {
         if !desired.contains_key(key) {
-            kernel.remove::<K, V>(map, *key)?;
+            kernel.remove::<M>(*key)?;
             removed += 1;
         }
     }
@@ -557,11 +638,10 @@ fn remove_stale<K: Pod + Ord, V: Pod>(
 /// connections already tracked keep their translation until they end.
 pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, ReconcileError> {
     let mut changes = Changes::default();
-    let endpoints = kernel.entries::<u32, EndpointInfo>(map_names::ENDPOINTS)?;
-    let ports = kernel.entries::<PortKey, PortTarget>(map_names::PORTS)?;
-    let local_addrs = kernel.entries::<u32, u8>(map_names::LOCAL_ADDRS)?;
-    let endpoints_written =
-        write_missing(kernel, map_names::ENDPOINTS, &endpoints, &desired.endpoints)?;
+    let endpoints = kernel.entries::<Endpoints>()?;
+    let ports = kernel.entries::<Ports>()?;
+    let local_addrs = kernel.entries::<LocalAddrs>()?;
+    let endpoints_written = write_missing::<Endpoints>(kernel, &endpoints, &desired.endpoints)?;
     changes.entries_set += endpoints_written;
     // Rules before the config that makes them live; a changed rule set or changed endpoints
     // bump the policy generation so tracked connections are judged again.
@@ -588,16 +668,11 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
         || endpoints_removed > 0
         || rules_written > 0
         || current_config.rule_count != desired.config.rule_count;
-    changes.entries_set += write_missing(
-        kernel,
-        map_names::LOCAL_ADDRS,
-        &local_addrs,
-        &desired.local_addrs,
-    )?;
+    changes.entries_set += write_missing::<LocalAddrs>(kernel, &local_addrs, &desired.local_addrs)?;
     // Services before the ports that may lead to them.
     let (services_set, services_removed) = apply_services(desired, kernel)?;
     changes.entries_set += services_set;
-    changes.entries_set += write_missing(kernel, map_names::PORTS, &ports, &desired.ports)?;
+    changes.entries_set += write_missing::<Ports>(kernel, &ports, &desired.ports)?;
     let config = Config {
         policy_generation: current_config.policy_generation + u32::from(policy_changed),
         ..desired.config
@@ -619,15 +694,10 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
             .detached
             .push(format!("{}@{interface}", hook.program()));
     }
-    changes.entries_removed += remove_stale(kernel, map_names::PORTS, &ports, &desired.ports)?;
-    changes.entries_removed += remove_stale(
-        kernel,
-        map_names::LOCAL_ADDRS,
-        &local_addrs,
-        &desired.local_addrs,
-    )?;
+    changes.entries_removed += remove_stale::<Ports>(kernel, &ports, &desired.ports)?;
     changes.entries_removed +=
-        remove_stale(kernel, map_names::ENDPOINTS, &endpoints, &desired.endpoints)?;
+        remove_stale::<LocalAddrs>(kernel, &local_addrs, &desired.local_addrs)?;
+    changes.entries_removed += remove_stale::<Endpoints>(kernel, &endpoints, &desired.endpoints)?;
     changes.entries_removed += services_removed;
     for prefix in current_deny.difference(&desired.deny_sources) {
         kernel.set_deny_source(*prefix, false)?;
@@ -640,6 +710,8 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
 pub mod fake {
     //! An in-memory kernel for reconciler tests: maps as bytes, like the kernel keeps them.
     use super::*;
+
+    use aya::Pod;
 
     fn bytes<T: Pod>(value: &T) -> Vec<u8> {
         // SAFETY: Pod types are plain bytes with no padding left uninitialised.
@@ -668,8 +740,8 @@ pub mod fake {
     }
 
     impl FakeKernel {
-        pub fn map<K: Pod + Ord, V: Pod>(&self, map: &'static str) -> BTreeMap<K, V> {
-            self.entries(map).unwrap()
+        pub fn map<M: Reconciled>(&self) -> BTreeMap<M::Key, M::Value> {
+            self.entries::<M>().unwrap()
         }
     }
 
@@ -693,13 +765,10 @@ pub mod fake {
         fn attachments(&self) -> BTreeSet<(String, Hook)> {
             self.attached.clone()
         }
-        fn entries<K: Pod + Ord, V: Pod>(
-            &self,
-            map: &'static str,
-        ) -> Result<BTreeMap<K, V>, DatapathError> {
+        fn entries<M: Reconciled>(&self) -> Result<BTreeMap<M::Key, M::Value>, DatapathError> {
             Ok(self
                 .maps
-                .get(map)
+                .get(M::NAME)
                 .map(|m| {
                     m.iter()
                         .map(|(k, v)| (from_bytes(k), from_bytes(v)))
@@ -707,26 +776,21 @@ pub mod fake {
                 })
                 .unwrap_or_default())
         }
-        fn set<K: Pod, V: Pod>(
+        fn set<M: Reconciled>(
             &mut self,
-            map: &'static str,
-            key: K,
-            value: V,
+            key: M::Key,
+            value: M::Value,
         ) -> Result<(), DatapathError> {
             self.writes += 1;
             self.maps
-                .entry(map)
+                .entry(M::NAME)
                 .or_default()
                 .insert(bytes(&key), bytes(&value));
             Ok(())
         }
-        fn remove<K: Pod, V: Pod>(
-            &mut self,
-            map: &'static str,
-            key: K,
-        ) -> Result<(), DatapathError> {
+        fn remove<M: Reconciled>(&mut self, key: M::Key) -> Result<(), DatapathError> {
             self.writes += 1;
-            self.maps.entry(map).or_default().remove(&bytes(&key));
+            self.maps.entry(M::NAME).or_default().remove(&bytes(&key));
             Ok(())
         }
         fn config(&self) -> Result<Config, DatapathError> {
@@ -836,12 +900,12 @@ ports:
         let changes = reconcile(&model(STATE), &mut k).unwrap();
         // 2 uplink tc hooks (no XDP: nothing for it to do) + 2 veths.
         assert_eq!(changes.attached.len(), 4, "{changes:?}");
-        let endpoints = k.map::<u32, EndpointInfo>(map_names::ENDPOINTS);
+        let endpoints = k.map::<Endpoints>();
         assert_eq!(endpoints.len(), 2);
         let info = endpoints[&ip("10.1.0.3")];
         assert_eq!((info.ifindex, info.network_id), (13, 1));
         assert_eq!(info.mac, [2, 0, 0, 0, 0, 3]);
-        assert_eq!(k.map::<u32, u8>(map_names::LOCAL_ADDRS).len(), 3);
+        assert_eq!(k.map::<LocalAddrs>().len(), 3);
         assert_eq!(k.config.masquerade_addr, ip("192.0.2.1"));
         assert_eq!(k.config.uplink_ifindex, 10);
         assert_eq!(k.config.netns_cookie, 7);
@@ -852,7 +916,7 @@ ports:
     fn published_ports_expand_ranges_in_network_byte_order() {
         let mut k = kernel();
         reconcile(&model(&format!("{STATE}{PORTS}")), &mut k).unwrap();
-        let ports = k.map::<PortKey, PortTarget>(map_names::PORTS);
+        let ports = k.map::<Ports>();
         assert_eq!(ports.len(), 4);
         let tcp = ports[&PortKey {
             addr: 0,
@@ -878,7 +942,7 @@ ports:
         );
         let changes = reconcile(&model(&fewer), &mut k).unwrap();
         assert_eq!(changes.entries_removed, 1, "{changes:?}");
-        assert_eq!(k.map::<PortKey, PortTarget>(map_names::PORTS).len(), 3);
+        assert_eq!(k.map::<Ports>().len(), 3);
     }
 
     const SERVICES: &str = r#"
@@ -888,7 +952,7 @@ services:
 "#;
 
     fn services(k: &FakeKernel) -> BTreeMap<ServiceKey, ServiceInfo> {
-        k.map(map_names::SERVICES)
+        k.map::<Services>()
     }
 
     #[test]
@@ -904,7 +968,7 @@ services:
         };
         let web = svcs[&web_key];
         assert_eq!((web.backend_count, web.algorithm), (2, algorithm::MAGLEV));
-        let backends = k.map::<BackendKey, Backend>(map_names::BACKENDS);
+        let backends = k.map::<Backends>();
         assert_eq!(backends.len(), 3);
         let first = backends[&BackendKey {
             service_id: web.id,
@@ -932,14 +996,14 @@ services:
         let web_after = services(&k)[&web_key];
         assert_eq!((web_after.id, web_after.backend_count), (web.id, 1));
         assert!(k.maglev[&web.id].iter().all(|i| *i == 0));
-        assert_eq!(k.map::<BackendKey, Backend>(map_names::BACKENDS).len(), 2);
+        assert_eq!(k.map::<Backends>().len(), 2);
         assert_eq!(changes.entries_removed, 1, "{changes:?}");
         // "one" keeps index 0: the table, the count and the removal; nothing else.
         assert_eq!(k.writes - writes, 3);
         // The service goes entirely.
         reconcile(&model(STATE), &mut k).unwrap();
         assert!(services(&k).is_empty());
-        assert!(k.map::<BackendKey, Backend>(map_names::BACKENDS).is_empty());
+        assert!(k.map::<Backends>().is_empty());
     }
 
     #[test]
@@ -949,7 +1013,7 @@ services:
             "{STATE}{SERVICES}ports:\n  - {{service: web, protocol: tcp, host_port: 8000, container_port: 80}}\n"
         );
         reconcile(&model(&text), &mut k).unwrap();
-        let ports = k.map::<PortKey, PortTarget>(map_names::PORTS);
+        let ports = k.map::<Ports>();
         let target = ports[&PortKey {
             addr: 0,
             port: 8000u16.to_be(),
@@ -1002,7 +1066,7 @@ policies:
         ) + "policies:\n  - {name: p, action: deny, from: {labels: {app: x}}}\n";
         let text = text.replace("  - name: two\n", "  - name: two\n    labels: {app: x}\n");
         reconcile(&model(&text), &mut k).unwrap();
-        let endpoints = k.map::<u32, EndpointInfo>(map_names::ENDPOINTS);
+        let endpoints = k.map::<Endpoints>();
         let two = endpoints[&ip("10.1.0.3")];
         assert_eq!((two.endpoint_id, two.label_bits), (2, 1));
         assert_eq!(two.net_flags, net_flags::INTERNAL | net_flags::NO_ICC);
@@ -1030,7 +1094,7 @@ policies:
             vec!["dp_container_ingress@veth-two".to_string()]
         );
         assert_eq!(changes.entries_removed, 1);
-        assert_eq!(k.map::<u32, EndpointInfo>(map_names::ENDPOINTS).len(), 1);
+        assert_eq!(k.map::<Endpoints>().len(), 1);
         assert!(
             !k.attached
                 .contains(&("veth-two".into(), Hook::ContainerIngress))
@@ -1040,18 +1104,11 @@ policies:
     #[test]
     fn stale_pinned_entries_of_an_earlier_agent_are_removed() {
         let mut k = kernel();
-        k.set(
-            map_names::ENDPOINTS,
-            ip("10.9.9.9"),
-            EndpointInfo::default(),
-        )
-        .unwrap();
+        k.set::<Endpoints>(ip("10.9.9.9"), EndpointInfo::default())
+            .unwrap();
         let changes = reconcile(&model(STATE), &mut k).unwrap();
         assert_eq!(changes.entries_removed, 1);
-        assert!(
-            !k.map::<u32, EndpointInfo>(map_names::ENDPOINTS)
-                .contains_key(&ip("10.9.9.9"))
-        );
+        assert!(!k.map::<Endpoints>().contains_key(&ip("10.9.9.9")));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use dataplane_common::{
     Backend, BackendKey, DropReason, EndpointInfo, PortKey, PortTarget, ServiceInfo, ServiceKey,
-    algorithm, map_names,
+    algorithm,
 };
 
 use super::{
@@ -52,7 +52,8 @@ fn service(dp: &mut Datapath, backends: &[[u8; 4]], algo: u8) {
             port: 8080u16.to_be(),
             _pad: [0; 2],
         };
-        dp.set(map_names::BACKENDS, bkey, backend).unwrap();
+        dp.set::<crate::kernel::maps::Backends>(bkey, backend)
+            .unwrap();
     }
     if !backends.is_empty() {
         dp.set_maglev(
@@ -67,7 +68,7 @@ fn service(dp: &mut Datapath, backends: &[[u8; 4]], algo: u8) {
         algorithm: algo,
         _pad: [0; 3],
     };
-    dp.set(map_names::SERVICES, key, info).unwrap();
+    dp.set::<crate::kernel::maps::Services>(key, info).unwrap();
     let endpoint = EndpointInfo {
         ifindex: 9,
         network_id: 1,
@@ -75,7 +76,8 @@ fn service(dp: &mut Datapath, backends: &[[u8; 4]], algo: u8) {
         endpoint_id: 1,
         ..Default::default()
     };
-    dp.set(map_names::ENDPOINTS, be(CLIENT), endpoint).unwrap();
+    dp.set::<crate::kernel::maps::Endpoints>(be(CLIENT), endpoint)
+        .unwrap();
 }
 
 fn syn(sport: u16) -> Vec<u8> {
@@ -226,7 +228,8 @@ fn a_published_port_can_lead_to_a_service() {
     let dp = t.get();
     service(dp, &BACKENDS, algorithm::MAGLEV);
     let host = [192, 0, 2, 1];
-    dp.set(map_names::LOCAL_ADDRS, be(host), 1u8).unwrap();
+    dp.set::<crate::kernel::maps::LocalAddrs>(be(host), 1u8)
+        .unwrap();
     let key = PortKey {
         addr: 0,
         port: 8000u16.to_be(),
@@ -239,7 +242,7 @@ fn a_published_port_can_lead_to_a_service() {
         is_service: 1,
         _pad: 0,
     };
-    dp.set(map_names::PORTS, key, target).unwrap();
+    dp.set::<crate::kernel::maps::Ports>(key, target).unwrap();
     let mut seen = BTreeMap::new();
     for sport in 0..60u16 {
         let frame = ipv4_frame(

@@ -3,8 +3,8 @@
 //! reaching connections already tracked, and the XDP deny list.
 
 use dataplane_common::{
-    Config, DropReason, EndpointInfo, PolicyRule, PortKey, PortTarget, PrefixKey, map_names,
-    net_flags, policy_action, selector_kind,
+    Config, DropReason, EndpointInfo, PolicyRule, PortKey, PortTarget, PrefixKey, net_flags,
+    policy_action, selector_kind,
 };
 
 use super::{
@@ -45,9 +45,11 @@ fn host(dp: &mut Datapath) {
             net_flags: flags,
             _pad: [0; 5],
         };
-        dp.set(map_names::ENDPOINTS, be(ip), info).unwrap();
+        dp.set::<crate::kernel::maps::Endpoints>(be(ip), info)
+            .unwrap();
     }
-    dp.set(map_names::LOCAL_ADDRS, be(HOST), 1u8).unwrap();
+    dp.set::<crate::kernel::maps::LocalAddrs>(be(HOST), 1u8)
+        .unwrap();
     // 8080 published to C (internal), 8081 to D (icc off).
     for (port, to) in [(8080u16, C), (8081, D)] {
         let key = PortKey {
@@ -62,7 +64,7 @@ fn host(dp: &mut Datapath) {
             is_service: 0,
             _pad: 0,
         };
-        dp.set(map_names::PORTS, key, target).unwrap();
+        dp.set::<crate::kernel::maps::Ports>(key, target).unwrap();
     }
     rules(dp, &[], 1);
 }
@@ -294,7 +296,7 @@ fn replies_pass_and_a_rule_change_reaches_tracked_connections() {
     let more = ipv4_frame(&Ipv4Spec::new(A, B, 6), &tcp(3000, 80, TCP_ACK, b"data"));
     assert_eq!(run_tc(dp, c, &more).0, TC_SHOT);
     assert!(
-        dp.entries::<dataplane_common::CtKey, dataplane_common::CtEntry>(map_names::CONNTRACK)
+        dp.entries::<crate::kernel::maps::Conntrack>()
             .unwrap()
             .is_empty()
     );

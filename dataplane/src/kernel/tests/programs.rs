@@ -11,7 +11,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use dataplane_common::{DropReason, hook};
 
 use super::packet::{Ipv4Spec, TCP_SYN, assert_checksums, ipv4_frame, tcp, udp};
-use crate::kernel::{Datapath, Hook, LoadOptions};
+use crate::kernel::{Datapath, Hook, LoadOptions, maps::Endpoints};
 
 pub(super) const TC_PASS: u32 = -1i32 as u32; // TC_ACT_UNSPEC: on to the next program / the stack
 pub(super) const TC_SHOT: u32 = 2;
@@ -38,7 +38,7 @@ impl TestDatapath {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let datapath = Datapath::load(&pin_dir, options).unwrap_or_else(|e| {
+        let (datapath, _conntrack) = Datapath::load(&pin_dir, options).unwrap_or_else(|e| {
             let _ = std::fs::remove_dir_all(&pin_dir);
             panic!("loading the kernel programs (root needed): {e}")
         });
@@ -235,7 +235,7 @@ fn maps_are_pinned_and_adopted_by_the_next_load() {
         ..Default::default()
     };
     t.get()
-        .set(dataplane_common::map_names::ENDPOINTS, ip, info)
+        .set::<crate::kernel::maps::Endpoints>(ip, info)
         .unwrap();
     for name in [
         dataplane_common::map_names::ENDPOINTS,
@@ -249,9 +249,7 @@ fn maps_are_pinned_and_adopted_by_the_next_load() {
         assert!(t.pin_dir.join(name).exists(), "{name} is pinned");
     }
     // A second agent (a restart) sees the entry the first one wrote.
-    let again = Datapath::load(&t.pin_dir, &LoadOptions::default()).unwrap();
-    let endpoints = again
-        .entries::<u32, dataplane_common::EndpointInfo>(dataplane_common::map_names::ENDPOINTS)
-        .unwrap();
+    let (again, _) = Datapath::load(&t.pin_dir, &LoadOptions::default()).unwrap();
+    let endpoints = again.entries::<Endpoints>().unwrap();
     assert_eq!(endpoints.get(&ip), Some(&info));
 }

@@ -4,9 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use dataplane_common::{
-    Config, CtEntry, CtKey, DropReason, EndpointInfo, PortKey, PortTarget, map_names,
-};
+use dataplane_common::{Config, CtEntry, CtKey, DropReason, EndpointInfo, PortKey, PortTarget};
 
 use super::{
     packet::{
@@ -42,9 +40,11 @@ fn host(dp: &mut Datapath) {
             endpoint_id: ifindex,
             ..Default::default()
         };
-        dp.set(map_names::ENDPOINTS, be(ip), info).unwrap();
+        dp.set::<crate::kernel::maps::Endpoints>(be(ip), info)
+            .unwrap();
     }
-    dp.set(map_names::LOCAL_ADDRS, be(HOST), 1u8).unwrap();
+    dp.set::<crate::kernel::maps::LocalAddrs>(be(HOST), 1u8)
+        .unwrap();
     let publish = |dp: &mut Datapath, addr: u32, host_port: u16, proto: u8, container_port: u16| {
         let key = PortKey {
             addr,
@@ -58,7 +58,7 @@ fn host(dp: &mut Datapath) {
             is_service: 0,
             _pad: 0,
         };
-        dp.set(map_names::PORTS, key, target).unwrap();
+        dp.set::<crate::kernel::maps::Ports>(key, target).unwrap();
     };
     publish(dp, 0, 8080, 6, 80);
     publish(dp, 0, 5353, 17, 53);
@@ -115,7 +115,7 @@ fn redirected(dp: &mut Datapath, hook: Hook, frame: &[u8]) -> (Ipv4Addr, Ipv4Add
 }
 
 fn ct(dp: &Datapath) -> std::collections::BTreeMap<CtKey, CtEntry> {
-    dp.entries(map_names::CONNTRACK).unwrap()
+    dp.entries::<crate::kernel::maps::Conntrack>().unwrap()
 }
 
 fn drops(dp: &Datapath, reason: DropReason) -> u64 {
@@ -190,7 +190,7 @@ fn published_udp_port_and_host_ip_bindings() {
         (ip4(HOST), ip4(CLIENT), 5353, 33333)
     );
     // 9090 is bound to 192.0.2.1 only: another local address does not match it.
-    dp.set(map_names::LOCAL_ADDRS, be([192, 0, 2, 3]), 1u8)
+    dp.set::<crate::kernel::maps::LocalAddrs>(be([192, 0, 2, 3]), 1u8)
         .unwrap();
     let other_addr = ipv4_frame(
         &Ipv4Spec::new(CLIENT, [192, 0, 2, 3], 6),

@@ -6,22 +6,20 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+mod status;
+
 use anyhow::Context as _;
-use dataplane_common::{CtEntry, CtKey, hook, map_names};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
 
 use crate::{
-    control::{
-        self, DEFAULT_SOCKET,
-        status::{self, Status},
-    },
+    control::{self, DEFAULT_SOCKET},
     flows::{self, metrics},
-    kernel::{DEFAULT_PIN_DIR, Datapath, LoadOptions, conntrack, netdev},
+    kernel::{DEFAULT_PIN_DIR, Datapath, LoadOptions, conntrack::Collector, netdev},
     model::{Model, StateError},
-    reconcile::{self as reconciler, HostSettings, ReconcileError},
+    reconcile::{HostSettings, ReconcileError, Reconciler},
     source::docker,
 };
 
@@ -87,11 +85,11 @@ pub struct AgentArgs {
 }
 
 struct Agent {
-    datapath: Datapath,
+    /// The only writer of the kernel's maps and links (it owns the datapath).
+    reconciler: Reconciler,
+    /// The only writer of the conntrack map besides the kernel.
+    collector: Collector,
     args: AgentArgs,
-    /// The last state that was applied in full.
-    applied: Model,
-    uplink: String,
     /// Text of the state file when it was last read, to notice edits.
     seen_text: Option<String>,
     last_error: Option<String>,
@@ -100,8 +98,6 @@ struct Agent {
     /// See [`AgentArgs::cgroup`]; None when off or when the host has no cgroup2.
     cgroup: Option<String>,
     netns_cookie: u64,
-    /// Conntrack entries removed by the garbage collector since start.
-    ct_collected: u64,
     /// Polls of the state file so far (see DRIFT_CHECK_EVERY).
     polls: u64,
     /// Flow records: history, followers, export, metrics.
@@ -119,7 +115,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         max_services: args.max_services,
         flow_events: args.flows.events_on(),
     };
-    let mut datapath = Datapath::load(&args.pin_dir, &options)?;
+    let (mut datapath, conntrack) = Datapath::load(&args.pin_dir, &options)?;
     let mut flow_events = flows::spawn_reader(datapath.take_flow_events()?)?;
     let (metrics, registry) = metrics::Metrics::new();
     if let metrics::Listen(Some(addr)) = args.flows.metrics {
@@ -151,17 +147,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .as_ref()
         .and_then(|p| std::fs::read_to_string(p).ok());
     let mut agent = Agent {
-        datapath,
-        uplink: String::new(),
+        reconciler: Reconciler::new(datapath),
+        collector: Collector::new(conntrack),
         args,
-        applied: Model::default(),
         seen_text,
         last_error: None,
         reconciles: 0,
         last_applied_unix: None,
         cgroup,
         netns_cookie,
-        ct_collected: 0,
         polls: 0,
         flows: flow_pipeline,
     };
@@ -200,7 +194,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         "stopping: detaching programs (maps stay pinned in {})",
         agent.args.pin_dir.display()
     );
-    agent.datapath.detach_all();
+    agent.reconciler.detach_all();
     Ok(())
 }
 
@@ -227,57 +221,34 @@ impl Agent {
         })
     }
 
-    fn reconcile(
-        &mut self,
-        model: &Model,
-    ) -> Result<(String, reconciler::Changes), ReconcileError> {
-        // Interfaces that went away (a container stopped) took their links with them.
-        for gone in self.datapath.prune_vanished() {
-            log::info!("{gone}: the interface is gone, and its attachment with it");
-        }
-        let host = self.host_settings(model)?;
-        let desired = reconciler::desired(model, &host, &self.datapath)?;
-        let changes = reconciler::apply(&desired, &mut self.datapath)?;
-        Ok((host.uplink, changes))
-    }
-
-    /// Applies `model`; on failure re-applies the last good state so nothing is left half done.
+    /// Applies `model` (the reconciler keeps the last good state in force when it fails).
     fn apply(&mut self, model: Model) -> Result<(), ReconcileError> {
         let started = std::time::Instant::now();
-        let result = self.reconcile(&model);
+        let result = self
+            .host_settings(&model)
+            .and_then(|host| self.reconciler.apply(model, host));
         self.flows
             .metrics()
             .reconciled(started.elapsed(), result.is_ok());
-        match result {
-            Ok((uplink, changes)) => {
-                if !changes.is_empty() {
-                    log::info!("applied state in {:?}: {changes:?}", started.elapsed());
-                    self.reconciles += 1;
-                }
-                self.uplink = uplink;
-                let gone = conntrack::departed_addresses(&self.applied, &model);
-                self.applied = model;
-                self.flows.set_model(&self.applied);
-                self.last_error = None;
-                if !gone.is_empty() {
-                    self.reset_connections_to(&gone);
-                }
-                self.last_applied_unix = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .ok()
-                    .map(|d| d.as_secs());
-                Ok(())
-            }
-            Err(err) => {
-                if self.last_applied_unix.is_some() {
-                    let last_good = self.applied.clone();
-                    if let Err(e) = self.reconcile(&last_good) {
-                        log::warn!("re-applying the last good state: {e}");
-                    }
-                }
-                Err(err)
-            }
+        let applied = result?;
+        if !applied.changes.is_empty() {
+            log::info!(
+                "applied state in {:?}: {:?}",
+                started.elapsed(),
+                applied.changes
+            );
+            self.reconciles += 1;
         }
+        if let Some(model) = self.reconciler.applied() {
+            self.flows.set_model(model);
+        }
+        self.last_error = None;
+        self.collector.forget_translated_to(&applied.departed);
+        self.last_applied_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
+        Ok(())
     }
 
     /// Picks up edits of the state file and repairs drift (e.g. a recreated interface).
@@ -311,75 +282,23 @@ impl Agent {
             }
         }
         self.polls += 1;
-        if self.last_error.is_none() && self.polls % DRIFT_CHECK_EVERY == 0 {
+        if self.last_error.is_none() && self.polls.is_multiple_of(DRIFT_CHECK_EVERY) {
             // Same model; apply() only writes what differs from the kernel.
-            let model = self.applied.clone();
-            if let Err(e) = self.apply(model) {
+            if let Some(model) = self.reconciler.applied().cloned()
+                && let Err(e) = self.apply(model)
+            {
                 self.reject(e.to_string());
             }
         }
     }
 
-    /// Removes the tracked connections translated to containers that went away, so their
-    /// clients get a reset from whichever backend the next packet reaches instead of waiting
-    /// on an address nobody answers any more.
-    fn reset_connections_to(&mut self, addresses: &std::collections::BTreeSet<u32>) {
-        let entries = match self
-            .datapath
-            .entries::<CtKey, CtEntry>(map_names::CONNTRACK)
-        {
-            Ok(entries) => entries,
-            Err(e) => {
-                log::warn!("conntrack: reading the table: {e}");
-                return;
-            }
-        };
-        let doomed = conntrack::translated_to(&entries, addresses);
-        for key in &doomed {
-            if let Err(e) = self
-                .datapath
-                .remove::<CtKey, CtEntry>(map_names::CONNTRACK, *key)
-            {
-                log::warn!("conntrack: {e}");
-            }
-        }
-        if !doomed.is_empty() {
-            log::info!(
-                "removed {} conntrack entries of departed containers",
-                doomed.len()
-            );
-        }
-    }
-
-    /// Removes expired connections from the conntrack table.
+    /// Removes expired connections from the conntrack table; the same walk gives the flow
+    /// records of expired and long-lived connections.
     fn collect_garbage(&mut self) {
-        let entries = match self
-            .datapath
-            .entries::<CtKey, CtEntry>(map_names::CONNTRACK)
-        {
-            Ok(entries) => entries,
-            Err(e) => {
-                log::warn!("conntrack gc: reading the table: {e}");
-                return;
-            }
-        };
-        let now = conntrack::monotonic_now_ns();
-        let doomed = conntrack::expired(&entries, now);
-        for key in &doomed {
-            if let Err(e) = self
-                .datapath
-                .remove::<CtKey, CtEntry>(map_names::CONNTRACK, *key)
-            {
-                log::warn!("conntrack gc: {e}");
-            }
+        if let Some(walk) = self.collector.collect() {
+            self.flows
+                .after_conntrack_walk(self.reconciler.datapath(), &walk);
         }
-        if !doomed.is_empty() {
-            log::debug!("conntrack gc removed {} entries", doomed.len());
-            self.ct_collected += doomed.len() as u64;
-        }
-        // The same walk gives the flow records of expired and long-lived connections.
-        self.flows
-            .after_conntrack_walk(&self.datapath, &entries, &doomed, now);
     }
 
     fn reject(&mut self, error: String) {
@@ -401,88 +320,6 @@ impl Agent {
                 Err(e) => format!("{{\"error\": {:?}}}", e.to_string()),
             },
             other => format!("{{\"error\": \"unknown request {other:?}\"}}"),
-        }
-    }
-
-    fn status(&self) -> anyhow::Result<Status> {
-        let attachments = self
-            .datapath
-            .attachments()
-            .into_iter()
-            .map(|(interface, hook, ifindex)| status::Attachment {
-                interface,
-                ifindex,
-                hook: hook::name(hook.number()).to_owned(),
-                program: hook.program().to_owned(),
-            })
-            .collect();
-        let maps = self
-            .datapath
-            .map_fill()?
-            .into_iter()
-            .map(|m| status::MapFill {
-                name: m.name.to_owned(),
-                entries: m.entries,
-                capacity: m.capacity,
-            })
-            .collect();
-        let interfaces = self
-            .datapath
-            .iface_stats()?
-            .into_iter()
-            .map(|(key, stats)| status::InterfaceCounters {
-                interface: netdev::ifname(key.ifindex)
-                    .unwrap_or_else(|| format!("ifindex {}", key.ifindex)),
-                ifindex: key.ifindex,
-                hook: hook::name(key.hook).to_owned(),
-                packets: stats.packets,
-                bytes: stats.bytes,
-            })
-            .collect();
-        let endpoints = self
-            .applied
-            .endpoints
-            .iter()
-            .flat_map(|e| {
-                e.interfaces.iter().map(|i| status::EndpointRow {
-                    name: e.name.clone(),
-                    network: i.network.clone(),
-                    ip: i.ip.to_string(),
-                    host_veth: i.host_veth.clone(),
-                })
-            })
-            .collect();
-        let drops = self
-            .datapath
-            .drops()?
-            .into_iter()
-            .map(|(reason, count)| (reason.desc().to_owned(), count))
-            .collect();
-        Ok(Status {
-            pin_dir: self.datapath.pin_dir().display().to_string(),
-            state_file: self.args.state.as_ref().map(|p| p.display().to_string()),
-            uplink: self.uplink.clone(),
-            attachments,
-            maps,
-            interfaces,
-            endpoints,
-            drops,
-            reconciles: self.reconciles,
-            ct_collected: self.ct_collected,
-            last_applied_unix: self.last_applied_unix,
-            last_error: self.last_error.clone(),
-            flows: self.flow_status(),
-        })
-    }
-
-    fn flow_status(&self) -> status::FlowStatus {
-        let stats = self.flows.stats();
-        status::FlowStatus {
-            events: self.args.flows.events_on(),
-            lost: self.datapath.flow_events_lost().unwrap_or(0),
-            records: stats.records,
-            history: stats.history,
-            followers: stats.followers,
         }
     }
 }

@@ -1,0 +1,96 @@
+//! What the agent answers to `dataplane status`: the kernel side as the datapath reports it,
+//! the state in force, and the flow pipeline.
+
+use dataplane_common::hook;
+
+use super::Agent;
+use crate::{
+    control::status::{self, Status},
+    kernel::netdev,
+};
+
+impl Agent {
+    pub(super) fn status(&self) -> anyhow::Result<Status> {
+        let datapath = self.reconciler.datapath();
+        let attachments = datapath
+            .attachments()
+            .into_iter()
+            .map(|(interface, hook, ifindex)| status::Attachment {
+                interface,
+                ifindex,
+                hook: hook::name(hook.number()).to_owned(),
+                program: hook.program().to_owned(),
+            })
+            .collect();
+        let maps = datapath
+            .map_fill()?
+            .into_iter()
+            .map(|m| status::MapFill {
+                name: m.name.to_owned(),
+                entries: m.entries,
+                capacity: m.capacity,
+            })
+            .collect();
+        let interfaces = datapath
+            .iface_stats()?
+            .into_iter()
+            .map(|(key, stats)| status::InterfaceCounters {
+                interface: netdev::ifname(key.ifindex)
+                    .unwrap_or_else(|| format!("ifindex {}", key.ifindex)),
+                ifindex: key.ifindex,
+                hook: hook::name(key.hook).to_owned(),
+                packets: stats.packets,
+                bytes: stats.bytes,
+            })
+            .collect();
+        let endpoints = self
+            .reconciler
+            .applied()
+            .iter()
+            .flat_map(|model| model.endpoints.iter())
+            .flat_map(|e| {
+                e.interfaces.iter().map(|i| status::EndpointRow {
+                    name: e.name.clone(),
+                    network: i.network.clone(),
+                    ip: i.ip.to_string(),
+                    host_veth: i.host_veth.clone(),
+                })
+            })
+            .collect();
+        let drops = datapath
+            .drops()?
+            .into_iter()
+            .map(|(reason, count)| (reason.desc().to_owned(), count))
+            .collect();
+        Ok(Status {
+            pin_dir: datapath.pin_dir().display().to_string(),
+            state_file: self.args.state.as_ref().map(|p| p.display().to_string()),
+            uplink: self
+                .reconciler
+                .host()
+                .map(|host| host.uplink.clone())
+                .unwrap_or_default(),
+            attachments,
+            maps,
+            interfaces,
+            endpoints,
+            drops,
+            reconciles: self.reconciles,
+            ct_collected: self.collector.collected,
+            last_applied_unix: self.last_applied_unix,
+            last_error: self.last_error.clone(),
+            flows: self.flow_status(),
+        })
+    }
+
+    fn flow_status(&self) -> status::FlowStatus {
+        let stats = self.flows.stats();
+        status::FlowStatus {
+            events: self.args.flows.events_on(),
+            lost: self.reconciler.datapath().flow_events_lost().unwrap_or(0),
+            records: stats.records,
+            history: stats.history,
+            followers: stats.followers,
+        }
+    }
+}
