@@ -1,4 +1,4 @@
-//! Prometheus metrics (shared/DESIGN.md section 8) and the `/metrics` endpoint.
+//! Prometheus metrics (docs/DESIGN.md section 8) and the `/metrics` endpoint.
 //!
 //! Hubble's names and labels, so existing dashboards work, derived from the flow records:
 //! `hubble_flows_processed_total{type,subtype,verdict,protocol}`,

@@ -1,4 +1,4 @@
-//! Flow logging (shared/DESIGN.md section 7): the kernel's flow events in, Hubble-style records
+//! Flow logging (docs/DESIGN.md section 7): the kernel's flow events in, Hubble-style records
 //! out, to the history that `dataplane observe` reads, to its followers, to the JSON-lines
 //! export and to the metrics.
 //!

@@ -1,4 +1,4 @@
-//! Flow records in the shape `hubble observe -o json` prints (shared/DESIGN.md section 7):
+//! Flow records in the shape `hubble observe -o json` prints (docs/DESIGN.md section 7):
 //! one `{"flow": {...}, "node_name": ..., "time": ...}` object per line, with Hubble's field
 //! names (cilium/cilium api/v1/flow/flow.proto through protobuf's JSON mapping), plus two
 //! fields of our own: `translation` (what NAT or load balancing did) and `connection` (which

@@ -381,6 +381,7 @@ fn is_bpffs(path: &Path) -> bool {
     let Ok(c_path) = CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
     };
+    // SAFETY: statfs is plain data, for which all-zero bytes are a valid value.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: c_path is NUL-terminated and stat is a valid out-pointer.
     let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };

@@ -1,4 +1,4 @@
-//! The one model of desired state, and the state file that describes it (shared/DESIGN.md
+//! The one model of desired state, and the state file that describes it (docs/DESIGN.md
 //! section 5). Every source (state file, Docker, sandbox) produces a [`Model`]; the reconciler
 //! is the only thing that turns it into map entries.
 //!

@@ -285,19 +285,24 @@ pub fn desired(
     kernel: &impl Kernel,
 ) -> Result<Desired, ReconcileError> {
     let uplink = host.uplink.as_str();
-    let missing = |entry: String, field: String, name: &str| StateError::Invalid {
-        entry,
-        field,
-        message: format!("interface {name:?} does not exist on this host"),
-    };
     if kernel.ifindex(uplink).is_none() {
-        return Err(missing("state".into(), "uplink".into(), uplink).into());
+        return Err(missing_interface("state".into(), "uplink".into(), uplink).into());
     }
+    for network in &model.networks {
+        if kernel.ifindex(&network.bridge).is_none() {
+            return Err(missing_interface(
+                format!("networks[{}]", network.name),
+                "bridge".into(),
+                &network.bridge,
+            )
+            .into());
+        }
+    }
+    let policy = crate::reconcile::policy::compile(model)?;
     let mut desired = Desired::default();
     for hook in [Hook::UplinkIngress, Hook::UplinkEgress] {
         desired.attachments.insert((uplink.to_owned(), hook));
     }
-    let policy = crate::reconcile::policy::compile(model)?;
     if host.xdp.unwrap_or(!policy.deny_sources.is_empty()) {
         desired
             .attachments
@@ -308,21 +313,67 @@ pub fn desired(
             .attachments
             .insert((cgroup.clone(), Hook::SockConnect4));
     }
-    for network in &model.networks {
-        if kernel.ifindex(&network.bridge).is_none() {
-            return Err(missing(
-                format!("networks[{}]", network.name),
-                "bridge".into(),
-                &network.bridge,
-            )
-            .into());
-        }
+    add_endpoints(&mut desired, model, &policy, kernel)?;
+    for service in &model.services {
+        desired.services.insert(
+            ServiceKey {
+                vip: be(service.vip),
+                port: service.port.to_be(),
+                proto: service.protocol.number(),
+                _pad: 0,
+            },
+            desired_service(model, service),
+        );
     }
+    for (i, port) in model.ports.iter().enumerate() {
+        add_port(&mut desired, model, i, port)?;
+    }
+    let addresses = kernel.addresses();
+    for (_, addr) in &addresses {
+        desired.local_addrs.insert(be(*addr), 1);
+    }
+    desired.config = Config {
+        // Masquerade to the uplink's first address; none yet means no masquerade yet.
+        masquerade_addr: addresses
+            .iter()
+            .find(|(interface, _)| interface == uplink)
+            .map(|(_, addr)| be(*addr))
+            .unwrap_or(0),
+        uplink_ifindex: kernel.ifindex(uplink).unwrap_or(0),
+        snat_port_min: SNAT_PORTS.0,
+        snat_port_max: SNAT_PORTS.1,
+        // Set in apply(), which knows whether anything the policy depends on changed.
+        policy_generation: 0,
+        netns_cookie: host.netns_cookie,
+        rule_count: policy.rules.len() as u32,
+        _pad: 0,
+    };
+    desired.rules = policy.rules;
+    desired.deny_sources = policy.deny_sources.into_iter().collect();
+    Ok(desired)
+}
+
+fn missing_interface(entry: String, field: String, name: &str) -> StateError {
+    StateError::Invalid {
+        entry,
+        field,
+        message: format!("interface {name:?} does not exist on this host"),
+    }
+}
+
+/// Every container interface: its endpoint entry (where packets for its address go, and who it
+/// is for policy) and the program on its host-side veth.
+fn add_endpoints(
+    desired: &mut Desired,
+    model: &Model,
+    policy: &crate::reconcile::policy::Compiled,
+    kernel: &impl Kernel,
+) -> Result<(), ReconcileError> {
     for (endpoint_index, endpoint) in model.endpoints.iter().enumerate() {
         let label_bits = policy.label_bits(&endpoint.labels);
         for (j, itf) in endpoint.interfaces.iter().enumerate() {
             let ifindex = kernel.ifindex(&itf.host_veth).ok_or_else(|| {
-                missing(
+                missing_interface(
                     format!("endpoints[{}]", endpoint.name),
                     format!("interfaces[{j}].host_veth"),
                     &itf.host_veth,
@@ -360,110 +411,80 @@ pub fn desired(
                 .insert((itf.host_veth.clone(), Hook::ContainerIngress));
         }
     }
-    for service in &model.services {
-        desired.services.insert(
-            ServiceKey {
-                vip: be(service.vip),
-                port: service.port.to_be(),
-                proto: service.protocol.number(),
-                _pad: 0,
-            },
-            desired_service(model, service),
-        );
-    }
-    for (i, port) in model.ports.iter().enumerate() {
-        let name = match &port.target {
-            ModelPortTarget::Endpoint(name) => name,
-            ModelPortTarget::Service(name) => {
-                let service = model
-                    .services
-                    .iter()
-                    .find(|s| &s.name == name)
-                    .expect("validated: the port's service exists");
-                if port.host_ports.len() != 1 || service.protocol != port.protocol {
-                    return Err(StateError::Invalid {
-                        entry: format!("ports[{i}]"),
-                        field: "service".into(),
-                        message: format!(
-                            "a port leading to a service is one {} port (the service's protocol)",
-                            service.protocol
-                        ),
-                    }
-                    .into());
+    Ok(())
+}
+
+/// The entries of published port `ports[i]`: one per host port of its range, leading to the
+/// container (on its first network, as Docker publishes) or to a service's VIP.
+fn add_port(
+    desired: &mut Desired,
+    model: &Model,
+    i: usize,
+    port: &crate::model::PublishedPort,
+) -> Result<(), ReconcileError> {
+    let key = |host_port: u16| PortKey {
+        addr: port.host_ip.map(be).unwrap_or(0),
+        port: host_port.to_be(),
+        proto: port.protocol.number(),
+        _pad: 0,
+    };
+    let name = match &port.target {
+        ModelPortTarget::Endpoint(name) => name,
+        ModelPortTarget::Service(name) => {
+            let service = model
+                .services
+                .iter()
+                .find(|s| &s.name == name)
+                .expect("validated: the port's service exists");
+            if port.host_ports.len() != 1 || service.protocol != port.protocol {
+                return Err(StateError::Invalid {
+                    entry: format!("ports[{i}]"),
+                    field: "service".into(),
+                    message: format!(
+                        "a port leading to a service is one {} port (the service's protocol)",
+                        service.protocol
+                    ),
                 }
-                desired.ports.insert(
-                    PortKey {
-                        addr: port.host_ip.map(be).unwrap_or(0),
-                        port: port.host_ports.first.to_be(),
-                        proto: port.protocol.number(),
-                        _pad: 0,
-                    },
-                    PortTarget {
-                        addr: be(service.vip),
-                        port: service.port.to_be(),
-                        is_service: 1,
-                        _pad: 0,
-                    },
-                );
-                continue;
+                .into());
             }
-        };
-        let endpoint = model
-            .endpoints
-            .iter()
-            .find(|e| &e.name == name)
-            .expect("validated: the port's endpoint exists");
-        // Docker publishes to the container's address on its first network.
-        let Some(itf) = endpoint.interfaces.first() else {
-            return Err(StateError::Invalid {
-                entry: format!("ports[{i}]"),
-                field: "endpoint".into(),
-                message: format!("endpoint {name} has no interface to publish to"),
-            }
-            .into());
-        };
-        for offset in 0..port.host_ports.len() {
-            let host_port = port.host_ports.first + offset as u16;
-            let container_port = port.container_ports.first + offset as u16;
             desired.ports.insert(
-                PortKey {
-                    addr: port.host_ip.map(be).unwrap_or(0),
-                    port: host_port.to_be(),
-                    proto: port.protocol.number(),
-                    _pad: 0,
-                },
+                key(port.host_ports.first),
                 PortTarget {
-                    addr: be(itf.ip),
-                    port: container_port.to_be(),
-                    is_service: 0,
+                    addr: be(service.vip),
+                    port: service.port.to_be(),
+                    is_service: 1,
                     _pad: 0,
                 },
             );
+            return Ok(());
         }
-    }
-    let addresses = kernel.addresses();
-    for (_, addr) in &addresses {
-        desired.local_addrs.insert(be(*addr), 1);
-    }
-    desired.config = Config {
-        // Masquerade to the uplink's first address; none yet means no masquerade yet.
-        masquerade_addr: addresses
-            .iter()
-            .find(|(interface, _)| interface == uplink)
-            .map(|(_, addr)| be(*addr))
-            .unwrap_or(0),
-        uplink_ifindex: kernel.ifindex(uplink).unwrap_or(0),
-        snat_port_min: SNAT_PORTS.0,
-        snat_port_max: SNAT_PORTS.1,
-        // Set in apply(), which knows whether anything the policy depends on changed.
-        policy_generation: 0,
-        netns_cookie: host.netns_cookie,
-        rule_count: policy.rules.len() as u32,
-        _pad: 0,
     };
-    desired.rules = policy.rules;
-    desired.deny_sources = policy.deny_sources.into_iter().collect();
-    Ok(desired)
+    let endpoint = model
+        .endpoints
+        .iter()
+        .find(|e| &e.name == name)
+        .expect("validated: the port's endpoint exists");
+    let Some(itf) = endpoint.interfaces.first() else {
+        return Err(StateError::Invalid {
+            entry: format!("ports[{i}]"),
+            field: "endpoint".into(),
+            message: format!("endpoint {name} has no interface to publish to"),
+        }
+        .into());
+    };
+    for offset in 0..port.host_ports.len() {
+        let container_port = port.container_ports.first + offset as u16;
+        desired.ports.insert(
+            key(port.host_ports.first + offset as u16),
+            PortTarget {
+                addr: be(itf.ip),
+                port: container_port.to_be(),
+                is_service: 0,
+                _pad: 0,
+            },
+        );
+    }
+    Ok(())
 }
 
 /// The kernel's view of `service`: backends at their endpoint's first address and the

@@ -1,8 +1,8 @@
 //! `dataplane sandbox`: a whole container host built from network namespaces, for demos and
-//! tests (shared/DESIGN.md sections 4 and 6).
+//! tests (docs/DESIGN.md sections 4 and 6).
 //!
 //! From a state file it builds Docker's topology (section 4) without Docker and without touching
-//! the root network namespace (shared/TOOLCHAIN.md, network rules):
+//! the root network namespace (docs/DESIGN.md section 9):
 //!
 //! ```text
 //!  {NAME}-out            {NAME}-host                                  {NAME}-{endpoint}

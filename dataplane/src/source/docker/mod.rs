@@ -1,5 +1,5 @@
 //! The Docker source (`dataplane agent --docker [SOCKET]`): follows a Docker engine through its
-//! API and turns what it reports into the one [`Model`] (shared/DESIGN.md section 2). It only
+//! API and turns what it reports into the one [`Model`] (docs/DESIGN.md section 2). It only
 //! produces models; the agent applies them like edits of a state file, so the reconciler stays
 //! the only writer of maps.
 //!
