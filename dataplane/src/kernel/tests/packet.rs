@@ -200,7 +200,26 @@ pub fn assert_checksums(frame: &[u8]) {
             "L4 checksum (protocol {protocol}) is wrong"
         );
     }
+    if protocol == 1 {
+        // ICMP's checksum covers the whole message, without a pseudo-header.
+        assert_eq!(csum_fold(sum_words(l4)), 0, "ICMP checksum is wrong");
+        if ICMP_ERRORS.contains(&l4[0]) {
+            // An error quotes the offending packet's IP header (and the start of its L4
+            // header): a translated quote must still carry a valid header checksum.
+            let quoted = &l4[8..];
+            let quoted_ihl = usize::from(quoted[0] & 0x0f) * 4;
+            assert_eq!(
+                csum_fold(sum_words(&quoted[..quoted_ihl])),
+                0,
+                "quoted IPv4 header checksum is wrong"
+            );
+        }
+    }
 }
+
+/// ICMP types that quote the packet they are about: unreachable, source quench, redirect,
+/// time exceeded, parameter problem.
+const ICMP_ERRORS: [u8; 5] = [3, 4, 5, 11, 12];
 
 #[test]
 fn crafted_frames_have_valid_checksums() {
