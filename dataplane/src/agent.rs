@@ -2,6 +2,7 @@
 //! the desired state, follows changes to the state file, and answers local clients.
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -25,6 +26,8 @@ use crate::{
     source::docker,
 };
 
+const IPPROTO_TCP: u8 = 6;
+
 /// How often the state file is checked for changes.
 const POLL_INTERVAL: Duration = Duration::from_millis(300);
 /// Every this many polls the kernel state is re-checked against the model (an interface that
@@ -32,9 +35,10 @@ const POLL_INTERVAL: Duration = Duration::from_millis(300);
 /// every poll: with tens of thousands of entries a re-check reads every map, and doing that
 /// three times a second cost a visible share of a core in the scale bench.
 const DRIFT_CHECK_EVERY: u64 = 10;
-/// How often expired connections are removed from the conntrack table. The shortest timeout
-/// is 10 s, so entries live at most a couple of seconds past theirs.
-const GC_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the agent checks whether the conntrack collector is due (its own interval adapts
+/// to how full the table is: `conntrack::next_interval`). The shortest timeout is 10 s, so
+/// entries live at most a couple of seconds past theirs.
+const GC_TICK: Duration = conntrack::GC_INTERVAL_PRESSED;
 
 /// When the uplink gets the XDP program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -102,6 +106,8 @@ struct Agent {
     netns_cookie: u64,
     /// Conntrack entries removed by the garbage collector since start.
     ct_collected: u64,
+    /// When the collector runs next.
+    next_gc: std::time::Instant,
     /// Polls of the state file so far (see DRIFT_CHECK_EVERY).
     polls: u64,
     /// Flow records: history, followers, export, metrics.
@@ -162,6 +168,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         cgroup,
         netns_cookie,
         ct_collected: 0,
+        next_gc: std::time::Instant::now(),
         polls: 0,
         flows: flow_pipeline,
     };
@@ -173,7 +180,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(POLL_INTERVAL);
-    let mut gc_tick = tokio::time::interval(GC_INTERVAL);
+    let mut gc_tick = tokio::time::interval(GC_TICK);
     log::info!(
         "agent running; control socket {}",
         agent.args.socket.display()
@@ -183,7 +190,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = tick.tick() => agent.poll(),
-            _ = gc_tick.tick() => agent.collect_garbage(),
+            _ = gc_tick.tick() => {
+                if std::time::Instant::now() >= agent.next_gc {
+                    agent.collect_garbage();
+                }
+            }
             model = docker.next_model() => {
                 if let Err(e) = agent.apply(model) {
                     agent.reject(e.to_string());
@@ -324,62 +335,69 @@ impl Agent {
     /// clients get a reset from whichever backend the next packet reaches instead of waiting
     /// on an address nobody answers any more.
     fn reset_connections_to(&mut self, addresses: &std::collections::BTreeSet<u32>) {
-        let entries = match self
-            .datapath
-            .entries::<CtKey, CtEntry>(map_names::CONNTRACK)
-        {
-            Ok(entries) => entries,
-            Err(e) => {
-                log::warn!("conntrack: reading the table: {e}");
-                return;
+        let mut removed = 0;
+        for table in [map_names::CONNTRACK, map_names::CONNTRACK_NEW] {
+            let entries = match self.datapath.entries::<CtKey, CtEntry>(table) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    log::warn!("conntrack: reading {table}: {e}");
+                    continue;
+                }
+            };
+            let doomed = conntrack::translated_to(&entries, addresses);
+            for key in &doomed {
+                if let Err(e) = self.datapath.remove::<CtKey, CtEntry>(table, *key) {
+                    log::warn!("conntrack: {e}");
+                }
             }
-        };
-        let doomed = conntrack::translated_to(&entries, addresses);
-        for key in &doomed {
-            if let Err(e) = self
-                .datapath
-                .remove::<CtKey, CtEntry>(map_names::CONNTRACK, *key)
-            {
-                log::warn!("conntrack: {e}");
-            }
+            removed += doomed.len();
         }
-        if !doomed.is_empty() {
-            log::info!(
-                "removed {} conntrack entries of departed containers",
-                doomed.len()
-            );
+        if removed > 0 {
+            log::info!("removed {removed} conntrack entries of departed containers");
         }
     }
 
-    /// Removes expired connections from the conntrack table.
+    /// Removes expired connections from both conntrack tables (established, and the LRU one
+    /// of handshakes under way), and decides when to look again.
     fn collect_garbage(&mut self) {
-        let entries = match self
-            .datapath
-            .entries::<CtKey, CtEntry>(map_names::CONNTRACK)
-        {
-            Ok(entries) => entries,
-            Err(e) => {
-                log::warn!("conntrack gc: reading the table: {e}");
-                return;
-            }
-        };
+        let started = std::time::Instant::now();
         let now = conntrack::monotonic_now_ns();
-        let doomed = conntrack::expired(&entries, now);
-        for key in &doomed {
-            if let Err(e) = self
-                .datapath
-                .remove::<CtKey, CtEntry>(map_names::CONNTRACK, *key)
-            {
-                log::warn!("conntrack gc: {e}");
+        let mut walked = BTreeMap::new();
+        let mut ended = Vec::new();
+        let mut main_fill = (0, 1);
+        for table in [map_names::CONNTRACK, map_names::CONNTRACK_NEW] {
+            let entries = match self.datapath.entries::<CtKey, CtEntry>(table) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    log::warn!("conntrack gc: reading {table}: {e}");
+                    continue;
+                }
+            };
+            let doomed = conntrack::expired(&entries, now);
+            for key in &doomed {
+                if let Err(e) = self.datapath.remove::<CtKey, CtEntry>(table, *key) {
+                    log::warn!("conntrack gc: {e}");
+                }
             }
-        }
-        if !doomed.is_empty() {
-            log::debug!("conntrack gc removed {} entries", doomed.len());
             self.ct_collected += doomed.len() as u64;
+            if table == map_names::CONNTRACK {
+                let capacity = self.datapath.conntrack_capacity().unwrap_or(1).max(1);
+                main_fill = (entries.len(), capacity as usize);
+                ended.extend(doomed);
+            } else {
+                // A handshake that never completed was never reported (TCP is reported once
+                // established): only the other protocols' ends are records.
+                ended.extend(doomed.into_iter().filter(|k| k.proto != IPPROTO_TCP));
+            }
+            walked.extend(entries);
         }
         // The same walk gives the flow records of expired and long-lived connections.
         self.flows
-            .after_conntrack_walk(&self.datapath, &entries, &doomed, now);
+            .after_conntrack_walk(&self.datapath, &walked, &ended, now);
+        let fill = main_fill.0 as f64 / main_fill.1 as f64;
+        let removed_share = ended.len() as f64 / walked.len().max(1) as f64;
+        self.next_gc = std::time::Instant::now()
+            + conntrack::next_interval(fill, removed_share, started.elapsed());
     }
 
     fn reject(&mut self, error: String) {

@@ -1,10 +1,15 @@
-//! Conntrack garbage collection: which entries have expired. The kernel programs create and
-//! refresh entries; the agent removes both directions of a connection once it has been idle for
-//! longer than its protocol and state allow (`dataplane_common::ct_timeout`).
+//! Conntrack garbage collection: which entries have expired, and how soon to look again. The
+//! kernel programs create and refresh entries; the agent removes both directions of a
+//! connection once it has been idle for longer than its protocol and state allow
+//! (`dataplane_common::ct_timeout`), in both tables: the main one (established connections)
+//! and the LRU one of connections whose handshake is under way.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
-use dataplane_common::{CtEntry, CtKey, ct_rewrite, ct_timeout, tcp_flag};
+use dataplane_common::{CtEntry, CtKey, ct_rewrite, ct_state, ct_timeout, tcp_flag};
 
 use crate::model::Model;
 
@@ -28,10 +33,12 @@ pub fn timeout_secs(forward: &CtEntry, reply: Option<&CtEntry>, proto: u8) -> u6
     match proto {
         IPPROTO_TCP => {
             let flags = forward.tcp_flags | reply.map_or(0, |r| r.tcp_flags);
-            let answered = reply.is_some_and(|r| r.packets > 0) || forward.is_reply == 1;
+            // Established only once the handshake completed (the kernel moved the connection
+            // to the main table): an answered SYN that nobody acknowledged (SYN_RECV, what a
+            // spoofed flood leaves) keeps the short timeout.
             if flags & (tcp_flag::FIN | tcp_flag::RST) != 0 {
                 ct_timeout::TCP_CLOSING
-            } else if answered {
+            } else if forward.state == ct_state::ESTABLISHED {
                 ct_timeout::TCP_ESTABLISHED
             } else {
                 ct_timeout::TCP_SYN
@@ -77,6 +84,29 @@ pub fn expired(entries: &BTreeMap<CtKey, CtEntry>, now_ns: u64) -> Vec<CtKey> {
         }
     }
     doomed
+}
+
+/// How often the collector runs when the main table has room.
+pub const GC_INTERVAL_RELAXED: Duration = Duration::from_secs(2);
+/// How often it runs at most, when the main table is nearly full.
+pub const GC_INTERVAL_PRESSED: Duration = Duration::from_millis(250);
+
+/// How long until the next collection, from how full the main table is (`fill`, 0..1), what
+/// share of its entries the last pass removed, and how long that pass took. The fuller the
+/// table, the sooner expired entries must make room for new connections: every 2 s when
+/// under half full, every 1 s above half or when the last pass found much to remove, every
+/// 250 ms above 80%. Never sooner than four times the last walk, so that collecting a large
+/// table costs at most a fifth of a core. (The table of unestablished connections needs no
+/// hurry: it is LRU and makes room by itself.)
+pub fn next_interval(fill: f64, removed_share: f64, last_walk: Duration) -> Duration {
+    let wanted = if fill >= 0.8 {
+        GC_INTERVAL_PRESSED
+    } else if fill >= 0.5 || removed_share >= 0.1 {
+        Duration::from_secs(1)
+    } else {
+        GC_INTERVAL_RELAXED
+    };
+    wanted.max(last_walk * 4)
 }
 
 /// Addresses (network byte order, as in the maps) of container interfaces in `old` that
@@ -133,7 +163,13 @@ mod tests {
             proto,
             _pad: [0; 3],
         };
+        let state = if reply_flags & ACK != 0 && fwd_flags & ACK != 0 {
+            ct_state::ESTABLISHED
+        } else {
+            ct_state::SYN_SENT
+        };
         let fwd = CtEntry {
+            state,
             tcp_flags: fwd_flags,
             last_seen_ns: last_seen_s * NS_PER_SEC,
             packets: 1,
@@ -141,6 +177,7 @@ mod tests {
             ..CtEntry::default()
         };
         let reply = CtEntry {
+            state,
             tcp_flags: reply_flags,
             is_reply: 1,
             last_seen_ns: last_seen_s * NS_PER_SEC,
@@ -170,11 +207,32 @@ mod tests {
         let reset = pair(IPPROTO_TCP, SYN, tcp_flag::RST, 1, 1000);
         assert_eq!(expired(&reset, at(ct_timeout::TCP_CLOSING + 1)).len(), 2);
         let unanswered = pair(IPPROTO_TCP, SYN, 0, 0, 1000);
-        assert!(expired(&unanswered, at(30)).is_empty());
+        assert!(expired(&unanswered, at(ct_timeout::TCP_SYN - 5)).is_empty());
         assert_eq!(expired(&unanswered, at(ct_timeout::TCP_SYN + 1)).len(), 2);
+        // Answered but never acknowledged (SYN_RECV: a spoofed SYN's SYN-ACK): short.
+        let mut half_open = pair(IPPROTO_TCP, SYN, SYN | ACK, 1, 1000);
+        for entry in half_open.values_mut() {
+            entry.state = ct_state::SYN_RECV;
+        }
+        assert!(expired(&half_open, at(ct_timeout::TCP_SYN - 1)).is_empty());
+        assert_eq!(expired(&half_open, at(ct_timeout::TCP_SYN + 1)).len(), 2);
         let udp = pair(IPPROTO_UDP, 0, 0, 1, 1000);
         assert!(expired(&udp, at(ct_timeout::UDP - 1)).is_empty());
         assert_eq!(expired(&udp, at(ct_timeout::UDP + 1)).len(), 2);
+    }
+
+    #[test]
+    fn collection_speeds_up_as_the_table_fills() {
+        let walk = Duration::from_millis(5);
+        assert_eq!(next_interval(0.1, 0.0, walk), GC_INTERVAL_RELAXED);
+        assert_eq!(next_interval(0.6, 0.0, walk), Duration::from_secs(1));
+        assert_eq!(next_interval(0.1, 0.5, walk), Duration::from_secs(1));
+        assert_eq!(next_interval(0.95, 0.0, walk), GC_INTERVAL_PRESSED);
+        // A walk that takes long is not repeated back to back.
+        assert_eq!(
+            next_interval(0.95, 0.0, Duration::from_millis(200)),
+            Duration::from_millis(800)
+        );
     }
 
     #[test]
