@@ -43,10 +43,12 @@ const GC_TICK: Duration = conntrack::GC_INTERVAL_PRESSED;
 /// When the uplink gets the XDP program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpMode {
-    /// Only while it has work (early drops for the uplink's deny list). An XDP program on a
-    /// veth uplink, even one that passes everything, turns off GRO aggregation there: measured
-    /// with `cargo xtask bench`, a no-op program took iperf3 through a published port from
-    /// ~18 to ~3.4 Gbit/s.
+    /// Only while it has work (early drops for the uplink's deny list), and only on an uplink
+    /// whose driver is a NIC's (ETHTOOL_GDRVINFO): on a virtual device (veth, bridge, vxlan,
+    /// macvlan, tun, ...) the socket buffer exists before XDP runs, and an XDP program on a
+    /// veth uplink, even one that passes everything, turns off GRO aggregation there
+    /// (measured with `cargo xtask bench`: a no-op program took iperf3 through a published
+    /// port from ~18 to ~3.4 Gbit/s). There the deny list is enforced at tc ingress instead.
     Auto,
     Always,
     Never,
@@ -226,15 +228,19 @@ impl Agent {
             .or_else(|| model.uplink.clone())
             .or_else(netdev::default_route_interface)
             .ok_or(ReconcileError::NoUplink)?;
+        let xdp = match self.args.xdp {
+            XdpMode::Always => Some(true),
+            XdpMode::Never => Some(false),
+            // On a NIC, XDP while the deny list has entries; on a virtual uplink never (the
+            // deny list is then enforced at tc ingress, which is cheaper there).
+            XdpMode::Auto if netdev::xdp_saves_work(&uplink) => None,
+            XdpMode::Auto => Some(false),
+        };
         Ok(HostSettings {
             uplink,
             cgroup: self.cgroup.clone(),
             netns_cookie: self.netns_cookie,
-            xdp: match self.args.xdp {
-                XdpMode::Always => Some(true),
-                XdpMode::Never => Some(false),
-                XdpMode::Auto => None,
-            },
+            xdp,
         })
     }
 
