@@ -20,8 +20,20 @@ pub mod map_names {
     pub const POLICY_RULES: &str = "dp_policy_rules_v1";
     /// Outside sources denied at XDP on the uplink (LPM trie of prefixes).
     pub const DENY_SOURCES: &str = "dp_deny_sources_v1";
-    /// Connection tracking: one entry per direction of each translated connection.
-    pub const CONNTRACK: &str = "dp_ct_v1";
+    /// Connection tracking of established connections: one entry per direction (v2: entries
+    /// carry [`crate::ct_state`]; only connections whose handshake completed live here).
+    pub const CONNTRACK: &str = "dp_ct_v2";
+    /// Connections not yet established (a TCP handshake under way, UDP not yet answered back),
+    /// both directions, in an LRU map of their own: when it is full the oldest unestablished
+    /// connection makes room, never an established one.
+    pub const CONNTRACK_NEW: &str = "dp_ct_new_v1";
+    /// First fragments of IPv4 datagrams seen lately: the ports later fragments stand for.
+    pub const FRAGMENTS: &str = "dp_fragments_v1";
+    /// Drop-event aggregation per (reason, source): what was already reported and what is
+    /// pending (LRU).
+    pub const DROP_AGGREGATES: &str = "dp_drop_agg_v1";
+    /// Per-CPU token bucket that bounds drop events per second overall.
+    pub const DROP_EVENT_BUDGET: &str = "dp_drop_budget_v1";
     /// Published ports: (host address, port, protocol) -> container address and port, or a
     /// service.
     pub const PORTS: &str = "dp_ports_v2";
@@ -95,6 +107,23 @@ pub mod capacity {
     pub const SERVICES: u32 = 4096;
     /// Backends over all services (allocated on use).
     pub const BACKENDS: u32 = 65_536;
+    /// Unestablished connections (two entries each) for a main table of `ct_max_entries`: a
+    /// quarter of it, at least [`CONNTRACK_NEW_MIN`]. An LRU map is preallocated, so it costs
+    /// its whole size at once (about 100 bytes an entry: 6.5 MiB at the default); a quarter is
+    /// 32,768 handshakes under way, which a 340 kpps spoofed flood turns over in about 0.2 s: a
+    /// legitimate handshake (one round trip) completes well before its entry is the oldest.
+    pub fn conntrack_new(ct_max_entries: u32) -> u32 {
+        (ct_max_entries / 4).max(CONNTRACK_NEW_MIN)
+    }
+    pub const CONNTRACK_NEW_MIN: u32 = 512;
+    /// Datagrams in flight as fragments. Fragments of one datagram arrive within microseconds
+    /// of each other; an LRU of 8,192 first fragments covers a few Gbit/s of 64 KiB datagrams
+    /// with the oldest entry far older than any reassembly still wanted.
+    pub const FRAGMENTS: u32 = 8192;
+    /// (reason, source) pairs whose drop events are being aggregated (LRU: a spoofed flood
+    /// evicts older sources; their pending counts are lost from the flow records only, never
+    /// from the per-reason counters).
+    pub const DROP_AGGREGATES: u32 = 4096;
 }
 
 /// Slots of one service's Maglev table. Prime, as Maglev needs; 1021 slots keep backends within
@@ -124,8 +153,12 @@ pub mod algorithm {
 /// long for established, short once a FIN or RST was seen.
 pub mod ct_timeout {
     pub const TCP_ESTABLISHED: u64 = 6 * 3600;
-    /// Until both directions have been seen (a SYN with no answer).
-    pub const TCP_SYN: u64 = 60;
+    /// Until the handshake completed (SYN_SENT, SYN_RECV). Linux gives SYN_RECV 60 s and
+    /// SYN_SENT 120 s; 20 s here, because a client retransmits its SYN after 1, 3 and 7 s
+    /// (each refreshes the entry) and a handshake whose answer took longer than that is not
+    /// worth holding a slot for while a flood is on. The LRU table of unestablished connections
+    /// makes room under pressure anyway; this timeout only frees slots when there is none.
+    pub const TCP_SYN: u64 = 20;
     /// After FIN or RST in either direction.
     pub const TCP_CLOSING: u64 = 10;
     pub const UDP: u64 = 60;
@@ -281,12 +314,27 @@ pub mod ct_rewrite {
     pub const SRC: u8 = 2;
 }
 
+/// How far a connection got, in [`CtEntry::state`] (the same in both of its entries).
+/// Only [`ct_state::ESTABLISHED`] connections live in the main table; the others are in the
+/// LRU table of unestablished connections.
+pub mod ct_state {
+    /// TCP: the client's SYN was seen, no answer yet. UDP/ICMP: one way only so far.
+    pub const SYN_SENT: u8 = 1;
+    /// TCP: the server answered with SYN-ACK. UDP/ICMP: the other side answered.
+    pub const SYN_RECV: u8 = 2;
+    /// TCP: the client's ACK after the SYN-ACK (the handshake completed). UDP/ICMP: the
+    /// first side spoke again after an answer (Linux's "assured").
+    pub const ESTABLISHED: u8 = 3;
+}
+
 /// TCP flags as stored in [`CtEntry::tcp_flags`] (the header's bits).
 pub mod tcp_flag {
     pub const FIN: u8 = 0x01;
     pub const SYN: u8 = 0x02;
     pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
     pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
 }
 
 /// One direction of a tracked connection.
@@ -304,7 +352,9 @@ pub struct CtEntry {
     pub tcp_flags: u8,
     /// 1 for the reply direction of the connection.
     pub is_reply: u8,
-    pub _pad: [u8; 2],
+    /// One of [`ct_state`].
+    pub state: u8,
+    pub _pad: u8,
     /// [`Config::policy_generation`] when the connection was last judged by policy; the next
     /// packet after a change has it judged again.
     pub policy_generation: u32,
@@ -316,6 +366,84 @@ pub struct CtEntry {
     pub bytes: u64,
     /// The key of the other direction, so both go together.
     pub peer: CtKey,
+    /// On the reply entry of a TCP connection in SYN_RECV: the acknowledgement number (host
+    /// order) the client's handshake ACK must carry (the SYN-ACK's sequence number + 1). A
+    /// spoofing attacker never sees the SYN-ACK, so cannot complete the handshake blindly.
+    pub handshake_ack: u32,
+    pub _pad2: u32,
+}
+
+/// A datagram as each of its IPv4 fragments carries it (the fragment map's key): addresses
+/// as on the wire at the hook (before any translation), protocol and IP identification.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// The IP header's identification field (network byte order).
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// What the first fragment of a datagram was: its L4 ports (network byte order; for ICMP
+/// echo the identifier as `sport`, `dport` 0), which the later fragments lack, and what
+/// became of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragEntry {
+    pub sport: u16,
+    pub dport: u16,
+    /// The [`DropReason`] the first fragment was dropped for, 0 when it went on.
+    pub drop_reason: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Drop events are aggregated per (source, reason, hook).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DropAggKey {
+    pub saddr: u32,
+    /// A [`DropReason`].
+    pub reason: u8,
+    /// One of [`hook`].
+    pub hook: u8,
+    pub _pad: u16,
+}
+
+/// Drops of one (source, reason, hook) not yet reported, and when the last event went out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropAggValue {
+    /// Drops since the last event (added atomically by every CPU).
+    pub pending: u64,
+    pub pending_bytes: u64,
+    /// bpf_ktime_get_ns of the last event for this key.
+    pub last_event_ns: u64,
+    /// The latest dropped packet of the key, reported with the next event.
+    pub tuple: CtKey,
+    pub tcp_flags: u8,
+    pub _pad: [u8; 3],
+    pub ifindex: u32,
+}
+
+/// Per-CPU token bucket for drop events (slot 0 of `dp_drop_budget_v1`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropBudget {
+    pub tokens: u64,
+    pub refilled_ns: u64,
+}
+
+/// How drop events are limited: one event per (source, reason, hook) per
+/// [`drop_events::INTERVAL_NS`] at most, carrying the count of drops it stands for, and at most
+/// [`drop_events::PER_SEC_PER_CPU`] events a second per CPU overall (a spoofed flood has a new
+/// source in every packet). The per-reason counters count every drop regardless.
+pub mod drop_events {
+    pub const INTERVAL_NS: u64 = 1_000_000_000;
+    pub const PER_SEC_PER_CPU: u64 = 200;
+    /// Bucket depth: a burst of distinct sources right after a quiet spell.
+    pub const BURST: u64 = 200;
 }
 
 /// A published port as the kernel looks it up. `addr` 0 means every host address.
@@ -399,7 +527,9 @@ pub struct Config {
     pub netns_cookie: u64,
     /// Live rules in the policy rules map.
     pub rule_count: u32,
-    pub _pad: u32,
+    /// 1: tc ingress of the uplink drops the deny list's sources (XDP is not attached there:
+    /// `--xdp auto` keeps XDP off uplinks that are not physical devices, where tc is cheaper).
+    pub deny_at_tc: u32,
 }
 
 /// What a flow event reports, in [`FlowEvent::kind`].
@@ -465,17 +595,26 @@ pub enum DropReason {
     NoServiceBackend = 4,
     /// Masquerade found no free source port for the destination after its probes.
     SnatNoFreePort = 5,
+    /// A later fragment of a datagram whose first fragment was not seen (or is too old): its
+    /// translation and verdict are unknown, so it is never delivered.
+    FragmentNotFound = 6,
+    /// A TCP or UDP header the receiving kernel would drop anyway: TCP with SYN and FIN, with
+    /// no flags, or with a data offset below 5; UDP whose length disagrees with the IP
+    /// packet's. Dropped before it can create a conntrack entry.
+    InvalidL4Header = 7,
 }
 
 impl DropReason {
     /// Slots of the drop counter array: every reason's value is below this.
     pub const SLOTS: u32 = 16;
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::Malformed,
         DropReason::PolicyDenied,
         DropReason::CtMapInsertionFailed,
         DropReason::NoServiceBackend,
         DropReason::SnatNoFreePort,
+        DropReason::FragmentNotFound,
+        DropReason::InvalidL4Header,
     ];
 
     /// The reason as Hubble names it (`drop_reason_desc`).
@@ -486,6 +625,8 @@ impl DropReason {
             DropReason::CtMapInsertionFailed => "CT_MAP_INSERTION_FAILED",
             DropReason::NoServiceBackend => "NO_SERVICE_BACKEND",
             DropReason::SnatNoFreePort => "SNAT_NO_FREE_PORT",
+            DropReason::FragmentNotFound => "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND",
+            DropReason::InvalidL4Header => "CT_TRUNCATED_OR_INVALID_HEADER",
         }
     }
 
@@ -500,8 +641,13 @@ const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<PolicyRule>() == 24);
 const _: () = assert!(core::mem::size_of::<PrefixKey>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 64);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 72);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FragEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<DropAggKey>() == 8);
+const _: () = assert!(core::mem::size_of::<DropAggValue>() == 48);
+const _: () = assert!(core::mem::size_of::<DropBudget>() == 16);
 const _: () = assert!(core::mem::size_of::<PortTarget>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceInfo>() == 12);
@@ -542,4 +688,12 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyRule {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PrefixKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DropAggKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DropAggValue {}
 }

@@ -1,12 +1,15 @@
-//! Connection tracking shared by published ports and masquerade (and, later, load balancing
-//! and policy): lookup, creation of both directions at once, and per-packet accounting.
+//! Connection tracking shared by published ports, masquerade, load balancing and policy:
+//! lookup, creation of both directions at once, per-packet accounting and the TCP handshake.
+//! A new connection is tracked in an LRU table of its own (`CONNTRACK_NEW`) until its
+//! handshake completed, then moved to the main table (`CONNTRACK`), so that connections an
+//! attacker opens but never completes can only push each other out, never an established one.
 //! Entries expire in the agent's garbage collector (timeouts in `dataplane_common::ct_timeout`).
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use dataplane_common::{CtEntry, CtKey, ct_origin, ct_rewrite, tcp_flag};
+use dataplane_common::{CtEntry, CtKey, ct_origin, ct_rewrite, ct_state, tcp_flag};
 
 use crate::{
-    maps::{CONFIG, CONNTRACK},
+    maps::{CONFIG, CONNTRACK, CONNTRACK_NEW},
     parse::{IPPROTO_ICMP, IPPROTO_TCP, Ipv4Packet, L4},
     policy::{self, Via},
 };
@@ -56,31 +59,43 @@ pub fn reply_key(proto: u8, saddr: u32, sport: u16, daddr: u32, dport: u16) -> C
     }
 }
 
-/// The entry of `key`, if tracked. The pointer stays valid for this program run.
+/// The entry of `key`, if tracked: established connections first (the common case of a
+/// packet), then those whose handshake is under way. The pointer stays valid for this program
+/// run.
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
-    CONNTRACK.get_ptr_mut(key)
+    CONNTRACK
+        .get_ptr_mut(key)
+        .or_else(|| CONNTRACK_NEW.get_ptr_mut(key))
+}
+
+/// Removes `key` from whichever table holds it.
+#[inline(always)]
+pub fn remove(key: &CtKey) {
+    if CONNTRACK.remove(key).is_err() {
+        let _ = CONNTRACK_NEW.remove(key);
+    }
 }
 
 /// Removes the connection whose entry is `key` if it has closed both ways (FIN each way, or a
 /// RST), and says whether it did.
 #[inline(always)]
 pub fn retire_if_closed(key: &CtKey) -> bool {
-    let Some(entry) = CONNTRACK.get_ptr(key) else {
+    let Some(entry) = lookup(key) else {
         return false;
     };
     // SAFETY: map values from lookups in this program run.
     unsafe {
         let peer = (*entry).peer;
         let mine = (*entry).tcp_flags;
-        let theirs = CONNTRACK.get_ptr(&peer).map_or(0, |p| (*p).tcp_flags);
+        let theirs = lookup(&peer).map_or(0, |p| (*p).tcp_flags);
         let closed = (mine | theirs) & tcp_flag::RST != 0
             || (mine & tcp_flag::FIN != 0 && theirs & tcp_flag::FIN != 0);
         if !closed {
             return false;
         }
-        let _ = CONNTRACK.remove(&peer);
-        let _ = CONNTRACK.remove(key);
+        remove(&peer);
+        remove(key);
     }
     true
 }
@@ -92,7 +107,7 @@ pub fn retire_if_closed(key: &CtKey) -> bool {
 #[inline(always)]
 pub fn lookup_packet(key: &CtKey, tcp_flags: u8) -> Option<*mut CtEntry> {
     const CLOSING: u8 = tcp_flag::FIN | tcp_flag::RST;
-    let entry = CONNTRACK.get_ptr_mut(key)?;
+    let entry = lookup(key)?;
     if key.proto != IPPROTO_TCP || tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) != tcp_flag::SYN {
         return Some(entry);
     }
@@ -100,44 +115,117 @@ pub fn lookup_packet(key: &CtKey, tcp_flags: u8) -> Option<*mut CtEntry> {
     unsafe {
         let peer = (*entry).peer;
         let closing = (*entry).tcp_flags & CLOSING != 0
-            || CONNTRACK
-                .get_ptr(&peer)
-                .is_some_and(|p| (*p).tcp_flags & CLOSING != 0);
+            || lookup(&peer).is_some_and(|p| (*p).tcp_flags & CLOSING != 0);
         if !closing {
             return Some(entry);
         }
-        let _ = CONNTRACK.remove(&peer);
-        let _ = CONNTRACK.remove(key);
+        remove(&peer);
+        remove(key);
     }
     None
 }
 
-/// Records a packet of `len` bytes with `tcp_flags` on the entry of `key`; the first FIN or
-/// RST of a connection becomes a CLOSE flow event (seen at `hook` on `ifindex`).
+/// A packet of a tracked connection, as conntrack accounts it.
+#[derive(Clone, Copy)]
+pub struct Seen {
+    pub len: u32,
+    pub tcp_flags: u8,
+    /// TCP sequence and acknowledgement numbers (host order; 0 for other protocols).
+    pub seq: u32,
+    pub ack_seq: u32,
+    /// Where it was seen (for the flow events of a close or of a completed handshake).
+    pub hook: u32,
+    pub ifindex: u32,
+}
+
+/// Records the packet `seen` on the entry of `key`; the first FIN or RST of a connection
+/// becomes a CLOSE flow event, and a connection not yet established moves on through its
+/// handshake (and into the main table once it completed).
 #[inline(always)]
-pub fn account(key: &CtKey, entry: *mut CtEntry, len: u32, tcp_flags: u8, hook: u32, ifindex: u32) {
+pub fn account(key: &CtKey, entry: *mut CtEntry, seen: &Seen) {
     const CLOSING: u8 = tcp_flag::FIN | tcp_flag::RST;
+    let tcp_flags = seen.tcp_flags;
     // SAFETY: `entry` came from a map lookup in this program run; map values stay valid
     // while the program runs. Concurrent CPUs may race on these plain adds: counters are
     // approximate by design (no atomics on the hot path).
-    let before = unsafe {
+    let (before, state) = unsafe {
         let before = (*entry).tcp_flags;
         (*entry).last_seen_ns = bpf_ktime_get_ns();
         (*entry).packets += 1;
-        (*entry).bytes += u64::from(len);
+        (*entry).bytes += u64::from(seen.len);
         (*entry).tcp_flags = before | tcp_flags;
-        before
+        (before, (*entry).state)
     };
     if tcp_flags & CLOSING != 0 && before & CLOSING == 0 {
-        // SAFETY: as above; the peer is another value of the same map.
-        let peer_closing = unsafe {
-            CONNTRACK
-                .get_ptr(&(*entry).peer)
-                .is_some_and(|p| (*p).tcp_flags & CLOSING != 0)
-        };
+        // SAFETY: as above; the peer is another value of the same tables.
+        let peer_closing =
+            unsafe { lookup(&(*entry).peer).is_some_and(|p| (*p).tcp_flags & CLOSING != 0) };
         if !peer_closing {
-            crate::flow::closed(key, entry, hook, ifindex);
+            crate::flow::closed(key, entry, seen.hook, seen.ifindex);
         }
+    }
+    if state != ct_state::ESTABLISHED {
+        handshake(key, entry, state, seen);
+    }
+}
+
+/// Moves a connection that is not yet established on by the packet `seen` of `entry`: the
+/// answer (TCP: the SYN-ACK) makes it SYN_RECV; the first side's next packet after that (TCP:
+/// an ACK without SYN or RST, the handshake's last step) makes it established, moving both of
+/// its entries into the main table. Until then an attacker's spoofed SYNs, which are answered
+/// but never acknowledged, occupy only the LRU table.
+#[inline(never)]
+fn handshake(key: &CtKey, entry: *mut CtEntry, state: u8, seen: &Seen) {
+    const SYN_ACK: u8 = tcp_flag::SYN | tcp_flag::ACK;
+    let tcp = key.proto == IPPROTO_TCP;
+    // SAFETY: map values from lookups in this program run.
+    unsafe {
+        let peer_key = (*entry).peer;
+        if (*entry).is_reply == 1 {
+            if state == ct_state::SYN_SENT && (!tcp || seen.tcp_flags & SYN_ACK == SYN_ACK) {
+                (*entry).state = ct_state::SYN_RECV;
+                (*entry).handshake_ack = seen.seq.wrapping_add(1);
+                if let Some(peer) = CONNTRACK_NEW.get_ptr_mut(&peer_key) {
+                    (*peer).state = ct_state::SYN_RECV;
+                }
+            }
+            return;
+        }
+        if state != ct_state::SYN_RECV {
+            return;
+        }
+        let Some(peer) = CONNTRACK_NEW.get_ptr_mut(&peer_key) else {
+            return; // evicted half: the connection stays where it is until it expires
+        };
+        // TCP: the handshake's ACK, acknowledging the SYN-ACK the server really sent.
+        let completes = !tcp
+            || (seen.tcp_flags & (tcp_flag::ACK | tcp_flag::SYN | tcp_flag::RST) == tcp_flag::ACK
+                && seen.ack_seq == (*peer).handshake_ack);
+        if !completes {
+            return;
+        }
+        (*entry).state = ct_state::ESTABLISHED;
+        (*peer).state = ct_state::ESTABLISHED;
+        // Straight from the LRU's values into the main table (no copies on the stack).
+        if CONNTRACK.insert(&peer_key, &*peer, 0).is_err() {
+            // The main table is full of established connections: this one goes on
+            // unestablished (and may be evicted); none of theirs is touched.
+            (*entry).state = ct_state::SYN_RECV;
+            (*peer).state = ct_state::SYN_RECV;
+            return;
+        }
+        if CONNTRACK.insert(key, &*entry, 0).is_err() {
+            let _ = CONNTRACK.remove(&peer_key);
+            (*entry).state = ct_state::SYN_RECV;
+            (*peer).state = ct_state::SYN_RECV;
+            return;
+        }
+        if tcp {
+            // A TCP connection is reported when it exists: a flood of SYNs reports nothing.
+            crate::flow::established(key, entry, seen.hook, seen.ifindex);
+        }
+        let _ = CONNTRACK_NEW.remove(key);
+        let _ = CONNTRACK_NEW.remove(&peer_key);
     }
 }
 
@@ -149,8 +237,8 @@ pub enum CtError {
     Exists,
 }
 
-fn insert(key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), CtError> {
-    match CONNTRACK.insert(key, entry, flags) {
+fn insert_new(key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), CtError> {
+    match CONNTRACK_NEW.insert(key, entry, flags) {
         Ok(()) => Ok(()),
         Err(e) if e == -EEXIST => Err(CtError::Exists),
         Err(e) if e == -E2BIG => Err(CtError::Full),
@@ -161,66 +249,73 @@ fn insert(key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), CtError> {
 
 /// A new connection: `forward` is its first packet's key, rewritten by (`rewrite`, `nat_addr`,
 /// `nat_port`); `reply` is the key its answers will carry, which get the inverse rewrite back
-/// to (`orig_addr`, `orig_port`). The reply entry goes in first with NOEXIST, so two
-/// connections can never share a reply key (masquerade probes the next port on `Exists`).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn create(
-    forward: &CtKey,
-    reply: &CtKey,
-    origin: u8,
-    rewrite: u8,
-    nat_addr: u32,
-    nat_port: u16,
-    orig_addr: u32,
-    orig_port: u16,
-    len: u32,
-    tcp_flags: u8,
-) -> Result<(), CtError> {
+/// to (`orig_addr`, `orig_port`).
+#[derive(Clone, Copy)]
+pub struct NewConnection {
+    pub forward: CtKey,
+    pub reply: CtKey,
+    pub origin: u8,
+    pub rewrite: u8,
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    pub orig_addr: u32,
+    pub orig_port: u16,
+    /// The first packet's length and TCP flags.
+    pub len: u32,
+    pub tcp_flags: u8,
+}
+
+/// Tracks `c` as not yet established (in the LRU table, which makes room by evicting the
+/// oldest unestablished connection). The reply entry goes in first with NOEXIST, and a reply
+/// key an established connection holds counts as taken, so two connections can never share a
+/// reply key (masquerade probes the next port on `Exists`).
+#[inline(never)]
+pub fn create(c: &NewConnection) -> Result<(), CtError> {
+    if CONNTRACK.get_ptr(&c.reply).is_some() {
+        return Err(CtError::Exists);
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: array element 0 always exists. New connections were judged just now.
     let generation = CONFIG
         .get_ptr(0)
         .map_or(0, |c| unsafe { (*c).policy_generation });
-    let inverse = match rewrite {
+    let inverse = match c.rewrite {
         ct_rewrite::DST => ct_rewrite::SRC,
         ct_rewrite::SRC => ct_rewrite::DST,
         _ => ct_rewrite::NONE,
     };
-    let reply_entry = CtEntry {
-        nat_addr: orig_addr,
-        nat_port: orig_port,
+    // One entry on the stack, written twice: the reply direction, then the forward one (the
+    // stack is 512 bytes for every frame of a program together).
+    let mut entry = CtEntry {
+        nat_addr: c.orig_addr,
+        nat_port: c.orig_port,
         rewrite: inverse,
-        origin,
+        origin: c.origin,
         tcp_flags: 0,
         is_reply: 1,
-        _pad: [0; 2],
+        state: ct_state::SYN_SENT,
+        _pad: 0,
         policy_generation: generation,
         created_ns: now,
         last_seen_ns: now,
         packets: 0,
         bytes: 0,
-        peer: *forward,
+        peer: c.forward,
+        handshake_ack: 0,
+        _pad2: 0,
     };
-    insert(reply, &reply_entry, BPF_NOEXIST)?;
-    let forward_entry = CtEntry {
-        nat_addr,
-        nat_port,
-        rewrite,
-        origin,
-        tcp_flags,
-        is_reply: 0,
-        _pad: [0; 2],
-        policy_generation: generation,
-        created_ns: now,
-        last_seen_ns: now,
-        packets: 1,
-        bytes: u64::from(len),
-        peer: *reply,
-    };
-    if let Err(e) = insert(forward, &forward_entry, 0) {
+    insert_new(&c.reply, &entry, BPF_NOEXIST)?;
+    entry.nat_addr = c.nat_addr;
+    entry.nat_port = c.nat_port;
+    entry.rewrite = c.rewrite;
+    entry.tcp_flags = c.tcp_flags;
+    entry.is_reply = 0;
+    entry.packets = 1;
+    entry.bytes = u64::from(c.len);
+    entry.peer = c.reply;
+    if let Err(e) = insert_new(&c.forward, &entry, 0) {
         // Never leave half a connection behind.
-        let _ = CONNTRACK.remove(reply);
+        let _ = CONNTRACK_NEW.remove(&c.reply);
         return Err(e);
     }
     Ok(())
@@ -241,7 +336,7 @@ pub fn still_allowed(key: &CtKey, entry: *mut CtEntry) -> bool {
             return true;
         }
         let peer_key = (*entry).peer;
-        let Some(peer) = CONNTRACK.get_ptr_mut(&peer_key) else {
+        let Some(peer) = lookup(&peer_key) else {
             return true; // half a connection: the GC removes it
         };
         let (forward_key, forward) = if (*entry).is_reply == 1 {
@@ -265,8 +360,8 @@ pub fn still_allowed(key: &CtKey, entry: *mut CtEntry) -> bool {
             (*peer).policy_generation = generation;
             true
         } else {
-            let _ = CONNTRACK.remove(&peer_key);
-            let _ = CONNTRACK.remove(key);
+            remove(&peer_key);
+            remove(key);
             false
         }
     }

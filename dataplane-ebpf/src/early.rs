@@ -30,10 +30,31 @@ pub fn denied_source(ctx: &XdpContext) -> Option<CtKey> {
     }
     let saddr: u32 = read(ctx, ETH_HDR_LEN + 12)?;
     DENY_SOURCES.get(Key::new(32, saddr))?;
+    // What else the record can say, read only for packets being dropped.
+    let proto: u8 = read(ctx, ETH_HDR_LEN + 9).unwrap_or(0);
+    let version_ihl: u8 = read(ctx, ETH_HDR_LEN).unwrap_or(0);
+    let frag: u16 = read(ctx, ETH_HDR_LEN + 6).unwrap_or(0);
+    let l4 = ETH_HDR_LEN + usize::from(version_ihl & 0x0f) * 4;
+    let has_ports = (proto == 6 || proto == 17) && u16::from_be(frag) & 0x1fff == 0;
+    let (sport, dport) = if has_ports {
+        (read(ctx, l4).unwrap_or(0), read(ctx, l4 + 2).unwrap_or(0))
+    } else {
+        (0, 0)
+    };
     Some(CtKey {
         saddr,
         daddr: read(ctx, ETH_HDR_LEN + 16).unwrap_or(0),
-        proto: read(ctx, ETH_HDR_LEN + 9).unwrap_or(0),
-        ..CtKey::default()
+        sport,
+        dport,
+        proto,
+        _pad: [0; 3],
     })
+}
+
+/// The same deny list at tc ingress of the uplink, for uplinks where XDP would cost more than
+/// it saves (a veth: the socket buffer already exists when XDP runs, and any XDP program there
+/// turns GRO off). Only consulted while the agent says so (`Config::deny_at_tc`).
+#[inline(always)]
+pub fn denied_source_tc(saddr: u32) -> bool {
+    DENY_SOURCES.get(Key::new(32, saddr)).is_some()
 }

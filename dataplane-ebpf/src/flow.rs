@@ -1,10 +1,21 @@
 //! Flow events: what the agent turns into Hubble-style flow records. Emitted once per
-//! connection (new, first close) and per drop; a full ring counts the loss instead.
+//! connection (new, first close) and for drops, aggregated; a full ring counts the loss
+//! instead.
+//!
+//! Drops are where a flood lands, so their events are bounded twice: per (source, reason,
+//! hook) at most one event per `drop_events::INTERVAL_NS`, carrying how many drops it stands
+//! for (the others wait in `DROP_AGGREGATES` for the next event, or for the agent, which
+//! collects what is left pending); and overall at most `drop_events::PER_SEC_PER_CPU` events a
+//! second per CPU (a spoofed flood has a new source in every packet). The per-reason counters
+//! (`stats::count_drop`) count every drop regardless.
 
 use aya_ebpf::{Global, helpers::bpf_ktime_get_ns};
-use dataplane_common::{CtEntry, CtKey, DropReason, FlowEvent, flow_kind};
+use dataplane_common::{
+    CtEntry, CtKey, DropAggKey, DropAggValue, DropReason, FlowEvent, drop_events, flow_kind,
+    tcp_flag,
+};
 
-use crate::maps::{CONNTRACK, FLOW_EVENTS, FLOW_EVENTS_LOST};
+use crate::maps::{DROP_AGGREGATES, DROP_EVENT_BUDGET, FLOW_EVENTS, FLOW_EVENTS_LOST};
 
 /// Whether flow events are sent at all: a load-time setting (`--flow-events off` on the agent),
 /// so the cost of flow logging can be measured against none.
@@ -12,108 +23,239 @@ use crate::maps::{CONNTRACK, FLOW_EVENTS, FLOW_EVENTS_LOST};
 static FLOW_EVENTS_ON: Global<u8> = Global::new(1);
 
 #[inline(always)]
-fn send(event: FlowEvent) {
-    if FLOW_EVENTS_ON.load() == 0 {
-        return;
+fn on() -> bool {
+    FLOW_EVENTS_ON.load() != 0
+}
+
+/// Writes an event straight into the ring (zeroed, then filled by `fill`): no copy of it on
+/// the stack, which every frame of a program shares (512 bytes).
+#[inline(always)]
+fn send(fill: impl FnOnce(&mut FlowEvent)) {
+    match FLOW_EVENTS.reserve::<FlowEvent>(0) {
+        Some(mut slot) => {
+            let event = slot.as_mut_ptr();
+            // SAFETY: the reservation holds a whole FlowEvent; zeroing makes it a valid one
+            // (plain integers) before `fill` writes its fields.
+            unsafe {
+                core::ptr::write_bytes(event, 0, 1);
+                fill(&mut *event);
+            }
+            slot.submit(0);
+        }
+        None => {
+            if let Some(lost) = FLOW_EVENTS_LOST.get_ptr_mut(0) {
+                // SAFETY: per-CPU slot: no concurrent writer.
+                unsafe { *lost += 1 };
+            }
+        }
     }
-    if FLOW_EVENTS.output::<FlowEvent>(&event, 0).is_err()
-        && let Some(lost) = FLOW_EVENTS_LOST.get_ptr_mut(0)
-    {
-        // SAFETY: per-CPU slot: no concurrent writer.
-        unsafe { *lost += 1 };
-    }
+}
+
+/// A connection just tracked (or, for TCP, just established), as its first packet was.
+#[derive(Clone, Copy)]
+pub struct NewFlow {
+    pub forward: CtKey,
+    pub origin: u8,
+    pub rewrite: u8,
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    pub packets: u64,
+    pub bytes: u64,
+    pub tcp_flags: u8,
+    pub hook: u32,
+    pub ifindex: u32,
 }
 
 /// A connection was just tracked: `forward` is its first packet's key.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn new_connection(
-    forward: &CtKey,
-    origin: u8,
-    rewrite: u8,
-    nat_addr: u32,
-    nat_port: u16,
-    len: u32,
-    tcp_flags: u8,
-    hook: u32,
-    ifindex: u32,
-) {
-    send(FlowEvent {
+pub fn new_connection(flow: &NewFlow) {
+    if !on() {
+        return;
+    }
+    send(|e| {
         // SAFETY: a helper without arguments.
-        time_ns: unsafe { bpf_ktime_get_ns() },
-        packets: 1,
-        bytes: u64::from(len),
-        tuple: *forward,
-        nat_addr,
-        nat_port,
-        kind: flow_kind::NEW,
-        origin,
-        rewrite,
-        tcp_flags,
-        hook: hook as u8,
-        ifindex,
-        ..FlowEvent::default()
+        e.time_ns = unsafe { bpf_ktime_get_ns() };
+        e.packets = flow.packets;
+        e.bytes = flow.bytes;
+        e.tuple = flow.forward;
+        e.nat_addr = flow.nat_addr;
+        e.nat_port = flow.nat_port;
+        e.kind = flow_kind::NEW;
+        e.origin = flow.origin;
+        e.rewrite = flow.rewrite;
+        e.tcp_flags = flow.tcp_flags;
+        e.hook = flow.hook as u8;
+        e.ifindex = flow.ifindex;
+    });
+}
+
+/// The TCP connection of the forward entry `entry` (under `key`) just completed its
+/// handshake: its NEW event, sent now rather than at the SYN so that SYNs nobody
+/// acknowledges (a spoofed flood) make no records. Reported as its first packet was (SYN).
+#[inline(always)]
+pub fn established(key: &CtKey, entry: *const CtEntry, hook: u32, ifindex: u32) {
+    if !on() {
+        return;
+    }
+    // SAFETY: a map value from a lookup in this program run.
+    send(|e| unsafe {
+        e.time_ns = bpf_ktime_get_ns();
+        e.packets = (*entry).packets;
+        e.bytes = (*entry).bytes;
+        e.tuple = *key;
+        e.nat_addr = (*entry).nat_addr;
+        e.nat_port = (*entry).nat_port;
+        e.kind = flow_kind::NEW;
+        e.origin = (*entry).origin;
+        e.rewrite = (*entry).rewrite;
+        e.tcp_flags = tcp_flag::SYN;
+        e.hook = hook as u8;
+        e.ifindex = ifindex;
     });
 }
 
 /// `entry` (of `key`) just saw its connection's first FIN or RST. Reports the connection from
 /// its forward side with both directions' counters. Reads fields through the map pointers
 /// rather than copying entries around: fewer stack copies for the verifier to follow.
-#[inline(always)]
+#[inline(never)]
 pub fn closed(key: &CtKey, entry: *const CtEntry, hook: u32, ifindex: u32) {
+    if !on() {
+        return;
+    }
     // SAFETY: `entry` and `peer` are map values from lookups in this program run.
     unsafe {
         let peer_key = (*entry).peer;
-        let Some(peer) = CONNTRACK.get_ptr(&peer_key) else {
+        let Some(peer) = crate::conntrack::lookup(&peer_key) else {
             return;
         };
         let (forward, reply, forward_key) = if (*entry).is_reply == 1 {
-            (peer, entry, peer_key)
+            (peer as *const CtEntry, entry, peer_key)
         } else {
-            (entry, peer, *key)
+            (entry, peer as *const CtEntry, *key)
         };
-        send(FlowEvent {
-            time_ns: bpf_ktime_get_ns(),
-            packets: (*forward).packets,
-            bytes: (*forward).bytes,
-            reply_packets: (*reply).packets,
-            reply_bytes: (*reply).bytes,
-            tuple: forward_key,
-            nat_addr: (*forward).nat_addr,
-            nat_port: (*forward).nat_port,
-            kind: flow_kind::CLOSE,
-            origin: (*forward).origin,
-            rewrite: (*forward).rewrite,
-            tcp_flags: (*forward).tcp_flags | (*reply).tcp_flags,
-            hook: hook as u8,
-            ifindex,
-            ..FlowEvent::default()
+        send(|e| {
+            e.time_ns = bpf_ktime_get_ns();
+            e.packets = (*forward).packets;
+            e.bytes = (*forward).bytes;
+            e.reply_packets = (*reply).packets;
+            e.reply_bytes = (*reply).bytes;
+            e.tuple = forward_key;
+            e.nat_addr = (*forward).nat_addr;
+            e.nat_port = (*forward).nat_port;
+            e.kind = flow_kind::CLOSE;
+            e.origin = (*forward).origin;
+            e.rewrite = (*forward).rewrite;
+            e.tcp_flags = (*forward).tcp_flags | (*reply).tcp_flags;
+            e.hook = hook as u8;
+            e.ifindex = ifindex;
         });
     }
 }
 
-/// A packet is being dropped for `reason`: `tuple` and `tcp_flags` are what it was when it
-/// arrived (zero where it could not be read).
+/// A packet being dropped: what it was when it arrived (zero where it could not be read).
+#[derive(Clone, Copy)]
+pub struct Dropped {
+    pub tuple: CtKey,
+    pub tcp_flags: u8,
+    pub len: u32,
+    pub reason: DropReason,
+    pub hook: u32,
+    pub ifindex: u32,
+}
+
+/// Takes one event from this CPU's budget, refilled at `PER_SEC_PER_CPU` a second.
 #[inline(always)]
-pub fn dropped(
-    tuple: &CtKey,
-    tcp_flags: u8,
-    len: u32,
-    reason: DropReason,
-    hook: u32,
-    ifindex: u32,
-) {
-    send(FlowEvent {
-        // SAFETY: a helper without arguments.
-        time_ns: unsafe { bpf_ktime_get_ns() },
-        packets: 1,
-        bytes: u64::from(len),
-        tuple: *tuple,
-        kind: flow_kind::DROP,
-        tcp_flags,
-        drop_reason: reason as u8,
-        hook: hook as u8,
-        ifindex,
-        ..FlowEvent::default()
+fn take_token(now: u64) -> bool {
+    let Some(budget) = DROP_EVENT_BUDGET.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: per-CPU slot: no concurrent writer.
+    unsafe {
+        let elapsed = now.saturating_sub((*budget).refilled_ns);
+        let refill = elapsed / (1_000_000_000 / drop_events::PER_SEC_PER_CPU);
+        if refill > 0 {
+            (*budget).tokens = ((*budget).tokens + refill).min(drop_events::BURST);
+            (*budget).refilled_ns = now;
+        }
+        if (*budget).tokens == 0 {
+            return false;
+        }
+        (*budget).tokens -= 1;
+    }
+    true
+}
+
+/// Counts the drop `d` towards its (source, reason, hook) and sends an event when that key's
+/// interval has passed and the budget allows, carrying every drop since the key's last event.
+#[inline(never)]
+pub fn dropped(d: &Dropped) {
+    if !on() {
+        return;
+    }
+    let key = DropAggKey {
+        saddr: d.tuple.saddr,
+        reason: d.reason as u8,
+        hook: d.hook as u8,
+        _pad: 0,
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (packets, bytes) = match DROP_AGGREGATES.get_ptr_mut(&key) {
+        Some(agg) => {
+            // SAFETY: a map value from this program run's lookup. Plain adds (the BPF target
+            // has no atomic read-modify-write in Rust's core): CPUs dropping for the same key
+            // at once may lose an increment, in the records only; the counters are exact.
+            unsafe {
+                let recent = now.saturating_sub((*agg).last_event_ns) < drop_events::INTERVAL_NS;
+                if recent || !take_token(now) {
+                    (*agg).pending += 1;
+                    (*agg).pending_bytes += u64::from(d.len);
+                    (*agg).tuple = d.tuple;
+                    (*agg).tcp_flags = d.tcp_flags;
+                    (*agg).ifindex = d.ifindex;
+                    return;
+                }
+                // Increments racing with this reset are lost from the records only.
+                let pending = (*agg).pending;
+                let pending_bytes = (*agg).pending_bytes;
+                (*agg).pending = 0;
+                (*agg).pending_bytes = 0;
+                (*agg).last_event_ns = now;
+                (pending + 1, pending_bytes + u64::from(d.len))
+            }
+        }
+        None => {
+            let sent = take_token(now);
+            let first = DropAggValue {
+                pending: u64::from(!sent),
+                pending_bytes: if sent { 0 } else { u64::from(d.len) },
+                // Without a token the first drop waits: the next one may send it.
+                last_event_ns: if sent {
+                    now
+                } else {
+                    now.saturating_sub(drop_events::INTERVAL_NS)
+                },
+                tuple: d.tuple,
+                tcp_flags: d.tcp_flags,
+                _pad: [0; 3],
+                ifindex: d.ifindex,
+            };
+            let _ = DROP_AGGREGATES.insert(&key, &first, 0);
+            if !sent {
+                return;
+            }
+            (1, u64::from(d.len))
+        }
+    };
+    send(|e| {
+        e.time_ns = now;
+        e.packets = packets;
+        e.bytes = bytes;
+        e.tuple = d.tuple;
+        e.kind = flow_kind::DROP;
+        e.tcp_flags = d.tcp_flags;
+        e.drop_reason = d.reason as u8;
+        e.hook = d.hook as u8;
+        e.ifindex = d.ifindex;
     });
 }

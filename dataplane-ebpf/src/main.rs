@@ -93,14 +93,14 @@ pub fn dp_uplink_xdp(ctx: XdpContext) -> u32 {
     match early::denied_source(&ctx) {
         Some(tuple) => {
             stats::count_drop(DropReason::PolicyDenied);
-            flow::dropped(
-                &tuple,
-                0,
+            flow::dropped(&flow::Dropped {
+                tuple,
+                tcp_flags: 0,
                 len,
-                DropReason::PolicyDenied,
-                hook::UPLINK_XDP,
+                reason: DropReason::PolicyDenied,
+                hook: hook::UPLINK_XDP,
                 ifindex,
-            );
+            });
             xdp_action::XDP_DROP
         }
         None => xdp_action::XDP_PASS,

@@ -5,12 +5,12 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use dataplane_common::{
-    Backend, BackendKey, Config, CtEntry, CtKey, DropReason, EndpointInfo, FLOW_RING_BYTES,
-    IfaceStats, IfaceStatsKey, MAGLEV_STRIDE, PolicyRule, PortKey, PortTarget, ServiceInfo,
-    ServiceKey, capacity,
+    Backend, BackendKey, Config, CtEntry, CtKey, DropAggKey, DropAggValue, DropBudget, DropReason,
+    EndpointInfo, FLOW_RING_BYTES, FragEntry, FragKey, IfaceStats, IfaceStatsKey, MAGLEV_STRIDE,
+    PolicyRule, PortKey, PortTarget, ServiceInfo, ServiceKey, capacity,
 };
 
 /// Packets and bytes per (interface, hook); per-CPU so the hot path never contends.
@@ -27,12 +27,38 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::SLOTS, 0);
 #[map(name = "dp_endpoints_v2")]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
-/// Conntrack, one entry per direction of every translated connection (see
-/// `capacity::CONNTRACK` for the size and why it is a plain hash). Written by the programs;
-/// the agent only deletes expired entries.
-#[map(name = "dp_ct_v1")]
+/// Conntrack of established connections, one entry per direction (see `capacity::CONNTRACK`
+/// for the size and why it is a plain hash). A connection gets here only once its handshake
+/// completed (moved from `CONNTRACK_NEW`), so a flood of SYNs from spoofed sources never
+/// fills it. Written by the programs; the agent only deletes expired entries.
+#[map(name = "dp_ct_v2")]
 pub static CONNTRACK: HashMap<CtKey, CtEntry> =
     HashMap::pinned(capacity::CONNTRACK, BPF_F_NO_PREALLOC);
+
+/// Conntrack of connections not yet established, both directions. LRU, so that when it is
+/// full a new connection evicts the least recently used unestablished one (Linux's early
+/// drop of unassured entries) instead of being refused: an attacker who can send SYNs but
+/// not complete handshakes holds nothing for long. The agent sets its size from
+/// `--ct-max-entries` (`capacity::conntrack_new`); LRU maps are preallocated.
+#[map(name = "dp_ct_new_v1")]
+pub static CONNTRACK_NEW: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::pinned(capacity::CONNTRACK_NEW_MIN, 0);
+
+/// First fragments of recent IPv4 datagrams: the ports (and fate) the datagram's later
+/// fragments, which carry no L4 header, stand for (Cilium's fragment map). LRU: entries are
+/// never deleted, the oldest datagram makes room (see `capacity::FRAGMENTS`).
+#[map(name = "dp_fragments_v1")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(capacity::FRAGMENTS, 0);
+
+/// Drop events not yet reported, per (source, reason, hook) (see `capacity::DROP_AGGREGATES`).
+#[map(name = "dp_drop_agg_v1")]
+pub static DROP_AGGREGATES: LruHashMap<DropAggKey, DropAggValue> =
+    LruHashMap::pinned(capacity::DROP_AGGREGATES, 0);
+
+/// Token bucket of drop events, per CPU (slot 0): bounds the events a flood of distinct
+/// sources can make.
+#[map(name = "dp_drop_budget_v1")]
+pub static DROP_EVENT_BUDGET: PerCpuArray<DropBudget> = PerCpuArray::pinned(1, 0);
 
 /// Published ports, written by the reconciler only.
 #[map(name = "dp_ports_v2")]

@@ -179,3 +179,32 @@ pub fn rewrite_icmp_error(
     }
     Ok(())
 }
+
+/// Rewrites only the address of a later fragment (which has no L4 header: the datagram's
+/// L4 checksum and ports are in its first fragment, rewritten there), keeping the IPv4 header
+/// checksum valid.
+#[inline(always)]
+pub fn rewrite_address(
+    ctx: &TcContext,
+    ip: &mut Ipv4Packet,
+    which: u8,
+    addr: u32,
+) -> Result<(), RewriteFailed> {
+    let (offset, old) = if which == ct_rewrite::DST {
+        (IP_DADDR_OFF, ip.daddr)
+    } else {
+        (IP_SADDR_OFF, ip.saddr)
+    };
+    if old == addr {
+        return Ok(());
+    }
+    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(addr), 4)
+        .map_err(|_| RewriteFailed)?;
+    ctx.store(offset, &addr, 0).map_err(|_| RewriteFailed)?;
+    if which == ct_rewrite::DST {
+        ip.daddr = addr;
+    } else {
+        ip.saddr = addr;
+    }
+    Ok(())
+}

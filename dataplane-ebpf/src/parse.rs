@@ -32,6 +32,31 @@ pub struct Ipv4Packet {
     pub daddr: u32,
     /// Length of the frame (for counters).
     pub len: u32,
+    /// The IP header's total length and the length of the header itself.
+    pub total_len: u16,
+    pub header_len: u16,
+    /// Identification (network byte order) and the flags + fragment offset word (host order).
+    pub id: u16,
+    pub frag: u16,
+}
+
+/// The "more fragments" flag of [`Ipv4Packet::frag`].
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+
+impl Ipv4Packet {
+    /// A fragment after the first: it has no L4 header of its own.
+    #[inline(always)]
+    pub fn is_later_fragment(&self) -> bool {
+        self.frag & IP_OFFSET_MASK != 0
+    }
+
+    /// The first fragment of a datagram that was split (its L4 header says what the others
+    /// are).
+    #[inline(always)]
+    pub fn is_first_fragment(&self) -> bool {
+        self.frag & IP_MF != 0 && self.frag & IP_OFFSET_MASK == 0
+    }
 }
 
 /// The transport part of a packet that conntrack and NAT work on.
@@ -42,6 +67,9 @@ pub struct L4 {
     pub dport: u16,
     /// TCP flags byte (0 for other protocols).
     pub tcp_flags: u8,
+    /// TCP sequence and acknowledgement numbers, host order (0 for other protocols).
+    pub seq: u32,
+    pub ack_seq: u32,
     /// Offset of the L4 checksum field.
     pub csum_offset: usize,
     /// Offset of the field that holds the source "port" (the ICMP identifier for echo).
@@ -58,6 +86,18 @@ pub enum Frame {
     Other,
     /// An IPv4 header that is truncated or inconsistent.
     Malformed,
+}
+
+/// Whatever addresses and protocol a frame that did not parse has at their usual places
+/// (zero where the frame is too short), so that the record of its drop says where it came
+/// from: (saddr, daddr, protocol).
+#[inline(always)]
+pub fn salvage_tc(ctx: &TcContext) -> (u32, u32, u8) {
+    (
+        ctx.load::<u32>(IP_SADDR_OFF).unwrap_or(0),
+        ctx.load::<u32>(IP_DADDR_OFF).unwrap_or(0),
+        ctx.load::<u8>(ETH_HDR_LEN + 9).unwrap_or(0),
+    )
 }
 
 /// Reads Ethernet and IPv4 headers of a tc packet. `bpf_skb_load_bytes` (behind `load`) does
@@ -84,10 +124,12 @@ pub fn parse_tc(ctx: &TcContext) -> Frame {
     if total_len < header_len || ETH_HDR_LEN + total_len > ctx.len() as usize {
         return Frame::Malformed;
     }
-    let (Ok(protocol), Ok(saddr), Ok(daddr)) = (
+    let (Ok(protocol), Ok(saddr), Ok(daddr), Ok(id), Ok(frag)) = (
         ctx.load::<u8>(ETH_HDR_LEN + 9),
         ctx.load::<u32>(IP_SADDR_OFF),
         ctx.load::<u32>(IP_DADDR_OFF),
+        ctx.load::<u16>(ETH_HDR_LEN + 4),
+        ctx.load::<u16>(ETH_HDR_LEN + 6),
     ) else {
         return Frame::Malformed;
     };
@@ -97,16 +139,11 @@ pub fn parse_tc(ctx: &TcContext) -> Frame {
         saddr,
         daddr,
         len: ctx.len(),
+        total_len: total_len as u16,
+        header_len: header_len as u16,
+        id,
+        frag: u16::from_be(frag),
     })
-}
-
-/// Whether the packet is a fragment after the first (no L4 header of its own).
-#[inline(always)]
-pub fn is_later_fragment(ctx: &TcContext) -> bool {
-    match ctx.load::<u16>(ETH_HDR_LEN + 6) {
-        Ok(frag) => u16::from_be(frag) & 0x1fff != 0,
-        Err(_) => true,
-    }
 }
 
 /// The packet an ICMP error quotes: its IPv4 header and the first 8 bytes of its TCP or UDP
@@ -133,10 +170,26 @@ pub enum Transport {
     Tracked(L4),
     /// An ICMP error about a TCP or UDP packet.
     IcmpError(Quoted),
-    /// Another protocol, another ICMP type, or a later fragment: passed untranslated.
+    /// Another protocol or another ICMP type: passed untranslated.
     Untracked,
+    /// A fragment after the first of a TCP, UDP or ICMP datagram: no L4 header; its first
+    /// fragment says what it is.
+    LaterFragment,
     /// A header cut short.
     Malformed,
+    /// A TCP or UDP header the receiving kernel drops anyway (see
+    /// `DropReason::InvalidL4Header`): dropped here, before it can be tracked.
+    Invalid,
+}
+
+/// Whether TCP `flags` are a combination no TCP stack accepts: none of the six classic flags,
+/// SYN with FIN, SYN with RST (scans and floods use them; Linux's conntrack calls them
+/// invalid).
+#[inline(always)]
+fn invalid_tcp_flags(flags: u8) -> bool {
+    const SYN_FIN: u8 = 0x02 | 0x01;
+    const SYN_RST: u8 = 0x02 | 0x04;
+    flags & 0x3f == 0 || flags & SYN_FIN == SYN_FIN || flags & SYN_RST == SYN_RST
 }
 
 #[inline(always)]
@@ -144,35 +197,58 @@ pub fn parse_l4(ctx: &TcContext, ip: &Ipv4Packet) -> Transport {
     let off = ip.l4_offset;
     match ip.protocol {
         IPPROTO_TCP | IPPROTO_UDP => {
-            if is_later_fragment(ctx) {
-                return Transport::Untracked;
+            if ip.is_later_fragment() {
+                return Transport::LaterFragment;
             }
             let (Ok(sport), Ok(dport)) = (ctx.load::<u16>(off), ctx.load::<u16>(off + 2)) else {
                 return Transport::Malformed;
             };
-            let (tcp_flags, csum_offset) = if ip.protocol == IPPROTO_TCP {
-                let Ok(flags) = ctx.load::<u8>(off + 13) else {
+            let (tcp_flags, csum_offset, seq, ack_seq) = if ip.protocol == IPPROTO_TCP {
+                let (Ok(seq), Ok(ack_seq), Ok(data_offset), Ok(flags)) = (
+                    ctx.load::<u32>(off + 4),
+                    ctx.load::<u32>(off + 8),
+                    ctx.load::<u8>(off + 12),
+                    ctx.load::<u8>(off + 13),
+                ) else {
                     return Transport::Malformed;
                 };
-                (flags, off + 16)
-            } else {
-                if ctx.load::<u16>(off + 6).is_err() {
-                    return Transport::Malformed;
+                if data_offset >> 4 < 5 || invalid_tcp_flags(flags) {
+                    return Transport::Invalid;
                 }
-                (0, off + 6)
+                (flags, off + 16, u32::from_be(seq), u32::from_be(ack_seq))
+            } else {
+                let (Ok(length), Ok(_)) = (ctx.load::<u16>(off + 4), ctx.load::<u16>(off + 6))
+                else {
+                    return Transport::Malformed;
+                };
+                // The UDP length covers the whole datagram: equal to what the IP header
+                // carries, unless this is a first fragment (then at least as long).
+                let length = u32::from(u16::from_be(length));
+                let carried = u32::from(ip.total_len) - u32::from(ip.header_len);
+                let fits = if ip.is_first_fragment() {
+                    length > carried
+                } else {
+                    length == carried
+                };
+                if length < 8 || !fits {
+                    return Transport::Invalid;
+                }
+                (0, off + 6, 0, 0)
             };
             Transport::Tracked(L4 {
                 sport,
                 dport,
                 tcp_flags,
+                seq,
+                ack_seq,
                 csum_offset,
                 sport_offset: off,
                 dport_offset: off + 2,
             })
         }
         IPPROTO_ICMP => {
-            if is_later_fragment(ctx) {
-                return Transport::Untracked;
+            if ip.is_later_fragment() {
+                return Transport::LaterFragment;
             }
             let (Ok(icmp_type), Ok(id)) = (ctx.load::<u8>(off), ctx.load::<u16>(off + 4)) else {
                 return Transport::Malformed;
@@ -190,6 +266,8 @@ pub fn parse_l4(ctx: &TcContext, ip: &Ipv4Packet) -> Transport {
                 sport: id,
                 dport: 0,
                 tcp_flags: 0,
+                seq: 0,
+                ack_seq: 0,
                 csum_offset: off + 2,
                 sport_offset: off + 4,
                 dport_offset: off + 4,

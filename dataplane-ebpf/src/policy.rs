@@ -13,11 +13,13 @@ use crate::maps::{CONFIG, ENDPOINTS, LOCAL_ADDRS, POLICY_RULES};
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Who {
+    // Widest first: no padding inside, so two of these (the rule walk's context, on the
+    // stack of a call frame) stay small.
+    label_bits: u64,
     addr: u32,
-    container: bool,
     network_id: u32,
     endpoint_id: u32,
-    label_bits: u64,
+    container: bool,
     net_flags: u8,
 }
 
@@ -113,7 +115,7 @@ unsafe extern "C" fn rule_step(index: u64, walk: *mut c_void) -> i64 {
 
 /// Whether a new connection from `saddr` to `daddr`:`dport` (the destination after any
 /// translation) may exist.
-#[inline(always)]
+#[inline(never)]
 pub fn allows(saddr: u32, daddr: u32, proto: u8, dport: u16, via: Via) -> bool {
     // SAFETY: array element 0 always exists.
     let count = CONFIG.get_ptr(0).map_or(0, |c| unsafe { (*c).rule_count });

@@ -10,20 +10,23 @@
 //! exactly once per packet.
 
 use dataplane_common::{
-    Config, CtKey, DropReason, PortKey, PortTarget, ServiceInfo, ServiceKey, ct_origin, ct_rewrite,
-    hook,
+    CtKey, DropReason, PortKey, PortTarget, ServiceInfo, ServiceKey, ct_origin, ct_rewrite, hook,
 };
 
 use crate::{
-    conntrack::{self, CtError},
-    flow, lb,
-    maps::{CONFIG, CONNTRACK, ENDPOINTS, LOCAL_ADDRS, PORTS, SERVICES},
+    conntrack::{self, CtError, NewConnection},
+    early, flow, lb,
+    maps::{CONFIG, ENDPOINTS, FRAGMENTS, LOCAL_ADDRS, PORTS, SERVICES},
     nat,
-    parse::{Frame, IPPROTO_ICMP, Ipv4Packet, L4, Quoted, Transport, parse_l4, parse_tc},
+    parse::{
+        Frame, IPPROTO_ICMP, IPPROTO_TCP, Ipv4Packet, L4, Quoted, Transport, parse_l4, parse_tc,
+        salvage_tc,
+    },
     policy::{self, Via},
     reject,
 };
 use aya_ebpf::programs::TcContext;
+use dataplane_common::{FragEntry, FragKey};
 
 /// What a hook decided.
 pub enum Verdict {
@@ -70,10 +73,14 @@ struct Site {
     ifindex: u32,
 }
 
-/// What a packet was when it arrived (before any rewrite), for the flow event of a drop.
-struct Seen {
-    tuple: CtKey,
-    tcp_flags: u8,
+/// What a packet was when it arrived (before any rewrite), for the flow event of a drop and
+/// for the fragment map.
+struct Arrived {
+    /// The drop's event, if it comes to that (tuple and flags as the packet arrived).
+    drop: flow::Dropped,
+    /// Set for the first fragment of a split datagram: its fate is recorded for the others.
+    first_fragment: bool,
+    ip_id: u16,
 }
 
 /// Runs the hook's translations on the packet in `ctx`; a drop also becomes a flow event.
@@ -84,41 +91,178 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
         hook,
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
     };
-    let mut seen = Seen {
-        tuple: CtKey::default(),
-        tcp_flags: 0,
+    let mut arrived = Arrived {
+        drop: flow::Dropped {
+            tuple: CtKey::default(),
+            tcp_flags: 0,
+            len: ctx.len(),
+            reason: DropReason::Malformed,
+            hook: hook.number(),
+            ifindex: site.ifindex,
+        },
+        first_fragment: false,
+        ip_id: 0,
     };
-    let verdict = decide(ctx, site, &mut seen);
-    if let Verdict::Drop(reason) | Verdict::Refuse(reason, _) = verdict {
-        flow::dropped(
-            &seen.tuple,
-            seen.tcp_flags,
-            ctx.len(),
-            reason,
-            hook.number(),
-            site.ifindex,
-        );
+    let verdict = decide(ctx, site, &mut arrived);
+    let dropped = match verdict {
+        Verdict::Drop(reason) | Verdict::Refuse(reason, _) => Some(reason),
+        _ => None,
+    };
+    if arrived.first_fragment {
+        remember_first_fragment(&arrived, dropped);
+    }
+    if let Some(reason) = dropped {
+        arrived.drop.reason = reason;
+        flow::dropped(&arrived.drop);
     }
     verdict
 }
 
+/// Records what the first fragment of a datagram was (its ports as it arrived) and whether it
+/// was dropped, for the later fragments of the same datagram (keyed as they arrive here: the
+/// same addresses, protocol and IP id).
 #[inline(always)]
-fn decide(ctx: &TcContext, site: Site, seen: &mut Seen) -> Verdict {
+fn remember_first_fragment(arrived: &Arrived, dropped: Option<DropReason>) {
+    let key = FragKey {
+        saddr: arrived.drop.tuple.saddr,
+        daddr: arrived.drop.tuple.daddr,
+        id: arrived.ip_id,
+        proto: arrived.drop.tuple.proto,
+        _pad: 0,
+    };
+    let entry = FragEntry {
+        sport: arrived.drop.tuple.sport,
+        dport: arrived.drop.tuple.dport,
+        drop_reason: dropped.map_or(0, |r| r as u8),
+        _pad: [0; 3],
+    };
+    // A full LRU drops the oldest datagram's entry; nothing to do on failure.
+    let _ = FRAGMENTS.insert(&key, &entry, 0);
+}
+
+/// The drop reason a fragment entry recorded (its numbers are `DropReason`'s).
+#[inline(always)]
+fn recorded_drop(reason: u8) -> DropReason {
+    match reason {
+        2 => DropReason::PolicyDenied,
+        3 => DropReason::CtMapInsertionFailed,
+        4 => DropReason::NoServiceBackend,
+        5 => DropReason::SnatNoFreePort,
+        6 => DropReason::FragmentNotFound,
+        7 => DropReason::InvalidL4Header,
+        _ => DropReason::Malformed,
+    }
+}
+
+/// A fragment after the first: it gets what its datagram's first fragment got here (found
+/// through the fragment map): dropped with it, or translated by the same connection's entry
+/// (addresses only: ports and the L4 checksum are in the first fragment), and delivered the
+/// same way. Without a first fragment it is dropped and counted, never passed untranslated.
+#[inline(always)]
+fn later_fragment(
+    ctx: &TcContext,
+    site: &Site,
+    ip: &mut Ipv4Packet,
+    arrived: &mut Arrived,
+) -> Verdict {
+    let site = *site;
+    let frag_key = FragKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        id: ip.id,
+        proto: ip.protocol,
+        _pad: 0,
+    };
+    let Some(first) = FRAGMENTS.get_ptr(&frag_key) else {
+        return Verdict::Drop(DropReason::FragmentNotFound);
+    };
+    // SAFETY: a map value from this program run's lookup.
+    let first = unsafe { *first };
+    arrived.drop.tuple.sport = first.sport;
+    arrived.drop.tuple.dport = first.dport;
+    if first.drop_reason != 0 {
+        return Verdict::Drop(recorded_drop(first.drop_reason));
+    }
+    let key = arrived.drop.tuple;
+    let Some(entry) = conntrack::lookup(&key) else {
+        // The first fragment went on untracked (to the host, routed, not ours).
+        return Verdict::Pass;
+    };
+    let (origin, rewrite, addr, _) = translation_of(entry);
+    if !owns(site.hook, origin, rewrite) {
+        return Verdict::Pass;
+    }
+    if !conntrack::still_allowed(&key, entry) {
+        return Verdict::Drop(DropReason::PolicyDenied);
+    }
+    conntrack::account(&key, entry, &packet_seen(site, ip.len, None));
+    if rewrite != ct_rewrite::NONE && nat::rewrite_address(ctx, ip, rewrite, addr).is_err() {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    onward(ctx, site.hook, ip, rewrite)
+}
+
+/// Whether the uplink's tc ingress enforces the deny list (XDP is not attached).
+#[inline(always)]
+fn deny_list_at_tc() -> bool {
+    // SAFETY: array element 0 always exists.
+    CONFIG
+        .get_ptr(0)
+        .is_some_and(|c| unsafe { (*c).deny_at_tc } != 0)
+}
+
+/// A packet as conntrack accounts it.
+#[inline(always)]
+fn packet_seen(site: Site, len: u32, l4: Option<&L4>) -> conntrack::Seen {
+    conntrack::Seen {
+        len,
+        tcp_flags: l4.map_or(0, |l| l.tcp_flags),
+        seq: l4.map_or(0, |l| l.seq),
+        ack_seq: l4.map_or(0, |l| l.ack_seq),
+        hook: site.hook.number(),
+        ifindex: site.ifindex,
+    }
+}
+
+#[inline(always)]
+fn decide(ctx: &TcContext, site: Site, arrived: &mut Arrived) -> Verdict {
     let hook = site.hook;
     let mut ip = match parse_tc(ctx) {
         Frame::Ipv4(ip) => ip,
         Frame::Other => return Verdict::Pass,
-        Frame::Malformed => return Verdict::Drop(DropReason::Malformed),
+        Frame::Malformed => {
+            // The record says where it came from, as far as the frame tells.
+            let (saddr, daddr, proto) = salvage_tc(ctx);
+            arrived.drop.tuple.saddr = saddr;
+            arrived.drop.tuple.daddr = daddr;
+            arrived.drop.tuple.proto = proto;
+            return Verdict::Drop(DropReason::Malformed);
+        }
     };
+    arrived.drop.tuple.saddr = ip.saddr;
+    arrived.drop.tuple.daddr = ip.daddr;
+    arrived.drop.tuple.proto = ip.protocol;
+    if hook == Hook::UplinkIngress && deny_list_at_tc() && early::denied_source_tc(ip.saddr) {
+        return Verdict::Drop(DropReason::PolicyDenied);
+    }
+    arrived.ip_id = ip.id;
+    arrived.first_fragment = ip.is_first_fragment();
     let mut l4 = match parse_l4(ctx, &ip) {
         Transport::Tracked(l4) => l4,
         Transport::IcmpError(quoted) => return icmp_error(ctx, hook, &mut ip, &quoted),
         Transport::Untracked => return Verdict::Pass,
+        Transport::LaterFragment => return later_fragment(ctx, &site, &mut ip, arrived),
         Transport::Malformed => return Verdict::Drop(DropReason::Malformed),
+        Transport::Invalid => {
+            arrived.drop.tuple.sport = ctx.load::<u16>(ip.l4_offset).unwrap_or(0);
+            arrived.drop.tuple.dport = ctx.load::<u16>(ip.l4_offset + 2).unwrap_or(0);
+            arrived.drop.tcp_flags = ctx.load::<u8>(ip.l4_offset + 13).unwrap_or(0);
+            return Verdict::Drop(DropReason::InvalidL4Header);
+        }
     };
     let key = conntrack::key_of(&ip, &l4);
-    seen.tuple = key;
-    seen.tcp_flags = l4.tcp_flags;
+    arrived.drop.tuple = key;
+    arrived.drop.tcp_flags = l4.tcp_flags;
     if let Some(entry) = conntrack::lookup_packet(&key, l4.tcp_flags) {
         let (origin, rewrite, addr, port) = translation_of(entry);
         if !owns(hook, origin, rewrite) {
@@ -127,14 +271,7 @@ fn decide(ctx: &TcContext, site: Site, seen: &mut Seen) -> Verdict {
         if !conntrack::still_allowed(&key, entry) {
             return Verdict::Drop(DropReason::PolicyDenied);
         }
-        conntrack::account(
-            &key,
-            entry,
-            ip.len,
-            l4.tcp_flags,
-            hook.number(),
-            site.ifindex,
-        );
+        conntrack::account(&key, entry, &packet_seen(site, ip.len, Some(&l4)));
         if rewrite != ct_rewrite::NONE
             && nat::rewrite(ctx, &mut ip, &mut l4, rewrite, addr, port).is_err()
         {
@@ -186,35 +323,46 @@ fn track_plain(ctx: &TcContext, site: Site, ip: &Ipv4Packet, l4: &L4, forward: &
     if !policy::allows(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
         return Verdict::Drop(DropReason::PolicyDenied);
     }
-    let reply = conntrack::reply_key(ip.protocol, ip.saddr, l4.sport, ip.daddr, l4.dport);
-    let created = conntrack::create(
-        forward,
-        &reply,
-        ct_origin::PLAIN,
-        ct_rewrite::NONE,
-        0,
-        0,
-        0,
-        0,
-        ip.len,
-        l4.tcp_flags,
-    );
-    if created.is_ok() {
-        flow::new_connection(
-            forward,
-            ct_origin::PLAIN,
-            ct_rewrite::NONE,
-            0,
-            0,
-            ip.len,
-            l4.tcp_flags,
-            site.hook.number(),
-            site.ifindex,
-        );
+    let connection = NewConnection {
+        forward: *forward,
+        reply: conntrack::reply_key(ip.protocol, ip.saddr, l4.sport, ip.daddr, l4.dport),
+        origin: ct_origin::PLAIN,
+        rewrite: ct_rewrite::NONE,
+        nat_addr: 0,
+        nat_port: 0,
+        orig_addr: 0,
+        orig_port: 0,
+        len: ip.len,
+        tcp_flags: l4.tcp_flags,
+    };
+    if conntrack::create(&connection).is_ok() {
+        report_new(&connection, site);
     }
     // Untranslated traffic does not depend on its entry: a full table costs the flow record,
     // not the connection.
     deliver(ctx, ip)
+}
+
+/// The NEW flow event of a connection just tracked, except TCP's: a TCP connection is
+/// reported when its handshake completes (`conntrack::account`), so SYNs that are never
+/// acknowledged make no records.
+#[inline(always)]
+fn report_new(c: &NewConnection, site: Site) {
+    if c.forward.proto == IPPROTO_TCP {
+        return;
+    }
+    flow::new_connection(&flow::NewFlow {
+        forward: c.forward,
+        origin: c.origin,
+        rewrite: c.rewrite,
+        nat_addr: c.nat_addr,
+        nat_port: c.nat_port,
+        packets: 1,
+        bytes: u64::from(c.len),
+        tcp_flags: c.tcp_flags,
+        hook: site.hook.number(),
+        ifindex: site.ifindex,
+    });
 }
 
 /// Whether `hook` translates packets of entries with this origin and rewrite.
@@ -310,12 +458,12 @@ fn deliver(ctx: &TcContext, ip: &Ipv4Packet) -> Verdict {
     let Some(endpoint) = ENDPOINTS.get_ptr(&ip.daddr) else {
         return Verdict::Pass;
     };
-    // SAFETY: a map value from this program run's lookup.
-    let endpoint = unsafe { *endpoint };
-    if endpoint.ifindex == 0 || ctx.store(0, &endpoint.mac, 0).is_err() {
+    // SAFETY: a map value from this program run's lookup, read in place.
+    let (ifindex, mac) = unsafe { ((*endpoint).ifindex, &(*endpoint).mac) };
+    if ifindex == 0 || ctx.store(0, mac, 0).is_err() {
         return Verdict::Pass;
     }
-    Verdict::RedirectPeer(endpoint.ifindex)
+    Verdict::RedirectPeer(ifindex)
 }
 
 /// The container a published port leads to, if the destination is one: an exact host
@@ -451,55 +599,41 @@ fn track_dnat(
     if !policy::allows(ip.saddr, addr, ip.protocol, port, via) {
         return Verdict::Drop(DropReason::PolicyDenied);
     }
-    let reply = conntrack::reply_key(ip.protocol, ip.saddr, l4.sport, addr, port);
-    let create = || {
-        conntrack::create(
-            forward,
-            &reply,
-            origin,
-            ct_rewrite::DST,
-            addr,
-            port,
-            ip.daddr,
-            l4.dport,
-            ip.len,
-            l4.tcp_flags,
-        )
+    let connection = NewConnection {
+        forward: *forward,
+        reply: conntrack::reply_key(ip.protocol, ip.saddr, l4.sport, addr, port),
+        origin,
+        rewrite: ct_rewrite::DST,
+        nat_addr: addr,
+        nat_port: port,
+        orig_addr: ip.daddr,
+        orig_port: l4.dport,
+        len: ip.len,
+        tcp_flags: l4.tcp_flags,
     };
-    let created = match create() {
+    let created = match conntrack::create(&connection) {
         Err(CtError::Exists) => {
             // The same client address:port reached the same backend address:port before
             // (through another binding, or a connection whose forward entry is gone): the new
             // connection replaces the old one, as a reused TCP tuple does.
-            if let Some(old) = conntrack::lookup(&reply) {
+            if let Some(old) = conntrack::lookup(&connection.reply) {
                 // SAFETY: a map value from this program run's lookup.
                 let old_forward = unsafe { (*old).peer };
-                let _ = CONNTRACK.remove(&old_forward);
+                conntrack::remove(&old_forward);
             }
-            let _ = CONNTRACK.remove(&reply);
-            create()
+            conntrack::remove(&connection.reply);
+            conntrack::create(&connection)
         }
         other => other,
     };
     if created.is_err() {
         return Verdict::Drop(DropReason::CtMapInsertionFailed);
     }
-    let (len, tcp_flags) = (ip.len, l4.tcp_flags);
     if nat::rewrite(ctx, ip, l4, ct_rewrite::DST, addr, port).is_err() {
         return Verdict::Drop(DropReason::Malformed);
     }
     // Reported once the packet really goes on: a failed rewrite is a drop, not a connection.
-    flow::new_connection(
-        forward,
-        origin,
-        ct_rewrite::DST,
-        addr,
-        port,
-        len,
-        tcp_flags,
-        site.hook.number(),
-        site.ifindex,
-    );
+    report_new(&connection, site);
     onward(ctx, site.hook, ip, ct_rewrite::DST)
 }
 
@@ -531,13 +665,15 @@ fn masquerade(
     let Some(config) = CONFIG.get_ptr(0) else {
         return Verdict::Pass;
     };
-    // SAFETY: array element 0 always exists.
-    let Config {
-        masquerade_addr,
-        snat_port_min,
-        snat_port_max,
-        ..
-    } = unsafe { *config };
+    // SAFETY: array element 0 always exists; fields read one by one (no copy of the whole
+    // settings on the stack).
+    let (masquerade_addr, snat_port_min, snat_port_max) = unsafe {
+        (
+            (*config).masquerade_addr,
+            (*config).snat_port_min,
+            (*config).snat_port_max,
+        )
+    };
     if masquerade_addr == 0 || snat_port_max < snat_port_min {
         return Verdict::Pass;
     }
@@ -556,45 +692,32 @@ fn masquerade(
         // clusters that busy destinations build.
         let port = (u32::from(snat_port_min) + (start + probe * SNAT_PROBE_STRIDE) % range) as u16;
         let port = port.to_be();
-        let reply = conntrack::reply_key(ip.protocol, masquerade_addr, port, ip.daddr, l4.dport);
-        let create = || {
-            conntrack::create(
-                forward,
-                &reply,
-                ct_origin::MASQUERADE,
-                ct_rewrite::SRC,
-                masquerade_addr,
-                port,
-                ip.saddr,
-                l4.sport,
-                ip.len,
-                l4.tcp_flags,
-            )
+        let connection = NewConnection {
+            forward: *forward,
+            reply: conntrack::reply_key(ip.protocol, masquerade_addr, port, ip.daddr, l4.dport),
+            origin: ct_origin::MASQUERADE,
+            rewrite: ct_rewrite::SRC,
+            nat_addr: masquerade_addr,
+            nat_port: port,
+            orig_addr: ip.saddr,
+            orig_port: l4.sport,
+            len: ip.len,
+            tcp_flags: l4.tcp_flags,
         };
-        let mut created = create();
+        let mut created = conntrack::create(&connection);
         // A port held by a connection that has closed both ways is free again (the far end
         // takes a new SYN on a TIME_WAIT tuple), so short connections at a high rate do not
         // run the range dry for their 10 s of closing timeout.
-        if matches!(created, Err(CtError::Exists)) && conntrack::retire_if_closed(&reply) {
-            created = create();
+        if matches!(created, Err(CtError::Exists)) && conntrack::retire_if_closed(&connection.reply)
+        {
+            created = conntrack::create(&connection);
         }
         match created {
             Ok(()) => {
-                let (len, tcp_flags) = (ip.len, l4.tcp_flags);
                 if nat::rewrite(ctx, ip, l4, ct_rewrite::SRC, masquerade_addr, port).is_err() {
                     return Verdict::Drop(DropReason::Malformed);
                 }
-                flow::new_connection(
-                    forward,
-                    ct_origin::MASQUERADE,
-                    ct_rewrite::SRC,
-                    masquerade_addr,
-                    port,
-                    len,
-                    tcp_flags,
-                    site.hook.number(),
-                    site.ifindex,
-                );
+                report_new(&connection, site);
                 return Verdict::Pass;
             }
             Err(CtError::Exists) => continue,

@@ -17,7 +17,11 @@ use tokio::{
 use crate::{
     control::{self, DEFAULT_SOCKET},
     flows::{self, metrics},
-    kernel::{DEFAULT_PIN_DIR, Datapath, LoadOptions, conntrack::Collector, netdev},
+    kernel::{
+        DEFAULT_PIN_DIR, Datapath, LoadOptions,
+        conntrack::{self, Collector},
+        netdev,
+    },
     model::{Model, StateError},
     reconcile::{HostSettings, ReconcileError, Reconciler},
     source::docker,
@@ -30,17 +34,20 @@ const POLL_INTERVAL: Duration = Duration::from_millis(300);
 /// every poll: with tens of thousands of entries a re-check reads every map, and doing that
 /// three times a second cost a visible share of a core in the scale bench.
 const DRIFT_CHECK_EVERY: u64 = 10;
-/// How often expired connections are removed from the conntrack table. The shortest timeout
-/// is 10 s, so entries live at most a couple of seconds past theirs.
-const GC_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the agent checks whether the conntrack collector is due (its own interval adapts
+/// to how full the table is: `conntrack::next_interval`). The shortest timeout is 10 s, so
+/// entries live at most a couple of seconds past theirs.
+const GC_TICK: Duration = conntrack::GC_INTERVAL_PRESSED;
 
 /// When the uplink gets the XDP program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpMode {
-    /// Only while it has work (early drops for the uplink's deny list). An XDP program on a
-    /// veth uplink, even one that passes everything, turns off GRO aggregation there: measured
-    /// with `cargo xtask bench`, a no-op program took iperf3 through a published port from
-    /// ~18 to ~3.4 Gbit/s.
+    /// Only while it has work (early drops for the uplink's deny list), and only on an uplink
+    /// whose driver is a NIC's (ETHTOOL_GDRVINFO): on a virtual device (veth, bridge, vxlan,
+    /// macvlan, tun, ...) the socket buffer exists before XDP runs, and an XDP program on a
+    /// veth uplink, even one that passes everything, turns off GRO aggregation there
+    /// (measured with `cargo xtask bench`: a no-op program took iperf3 through a published
+    /// port from ~18 to ~3.4 Gbit/s). There the deny list is enforced at tc ingress instead.
     Auto,
     Always,
     Never,
@@ -167,7 +174,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(POLL_INTERVAL);
-    let mut gc_tick = tokio::time::interval(GC_INTERVAL);
+    let mut gc_tick = tokio::time::interval(GC_TICK);
     log::info!(
         "agent running; control socket {}",
         agent.args.socket.display()
@@ -177,7 +184,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = tick.tick() => agent.poll(),
-            _ = gc_tick.tick() => agent.collect_garbage(),
+            _ = gc_tick.tick() => {
+                if agent.collector.due() {
+                    agent.collect_garbage();
+                }
+            }
             model = docker.next_model() => {
                 if let Err(e) = agent.apply(model) {
                     agent.reject(e.to_string());
@@ -209,15 +220,19 @@ impl Agent {
             .or_else(|| model.uplink.clone())
             .or_else(netdev::default_route_interface)
             .ok_or(ReconcileError::NoUplink)?;
+        let xdp = match self.args.xdp {
+            XdpMode::Always => Some(true),
+            XdpMode::Never => Some(false),
+            // On a NIC, XDP while the deny list has entries; on a virtual uplink never (the
+            // deny list is then enforced at tc ingress, which is cheaper there).
+            XdpMode::Auto if netdev::xdp_saves_work(&uplink) => None,
+            XdpMode::Auto => Some(false),
+        };
         Ok(HostSettings {
             uplink,
             cgroup: self.cgroup.clone(),
             netns_cookie: self.netns_cookie,
-            xdp: match self.args.xdp {
-                XdpMode::Always => Some(true),
-                XdpMode::Never => Some(false),
-                XdpMode::Auto => None,
-            },
+            xdp,
         })
     }
 
@@ -295,10 +310,9 @@ impl Agent {
     /// Removes expired connections from the conntrack table; the same walk gives the flow
     /// records of expired and long-lived connections.
     fn collect_garbage(&mut self) {
-        if let Some(walk) = self.collector.collect() {
-            self.flows
-                .after_conntrack_walk(self.reconciler.datapath(), &walk);
-        }
+        let walk = self.collector.collect();
+        self.flows
+            .after_conntrack_walk(self.reconciler.datapath(), &walk);
     }
 
     fn reject(&mut self, error: String) {

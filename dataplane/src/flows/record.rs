@@ -297,6 +297,8 @@ pub fn cilium_drop_code(reason: DropReason) -> u32 {
         DropReason::CtMapInsertionFailed => 155, // CT_MAP_INSERTION_FAILED
         DropReason::NoServiceBackend => 158,     // SERVICE_BACKEND_NOT_FOUND
         DropReason::SnatNoFreePort => 167,       // NO_MAPPING_FOR_NAT_MASQUERADE
+        DropReason::FragmentNotFound => 175,     // FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND
+        DropReason::InvalidL4Header => 135,      // CT_TRUNCATED_OR_INVALID_HEADER
     }
 }
 

@@ -1,38 +1,66 @@
-//! Conntrack garbage collection, the one agent-side writer of the conntrack map. The kernel
+//! Conntrack garbage collection, the one agent-side writer of the conntrack maps. The kernel
 //! programs create and refresh entries; the collector removes both directions of a connection
 //! once it has been idle for longer than its protocol and state allow
-//! (`dataplane_common::ct_timeout`), and the connections translated to containers that went
-//! away. It writes through [`ConntrackTable`], a handle only [`super::Datapath::load`] makes,
-//! so no other part of the agent can (see [`super::maps`]).
+//! (`dataplane_common::ct_timeout`), in both tables: the main one (established connections)
+//! and the LRU one of connections whose handshake is under way; and it forgets the connections
+//! translated to containers that went away. It decides how soon to look again from how full
+//! the main table is. It writes through [`ConntrackTable`]s, handles only
+//! [`super::Datapath::load`] makes, so no other part of the agent can (see [`super::maps`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::Path,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use dataplane_common::{CtEntry, CtKey, ct_rewrite, ct_timeout, tcp_flag};
+use dataplane_common::{CtEntry, CtKey, ct_rewrite, ct_state, ct_timeout, tcp_flag};
 
 use super::{
     DatapathError,
-    maps::{Conntrack, HashMapSpec as _},
+    maps::{Conntrack, ConntrackNew, HashMapSpec},
 };
 
-/// The agent's writable handle on the pinned conntrack map (its own file descriptor, apart from
-/// the [`super::Datapath`]'s).
+/// The agent's writable handle on one pinned conntrack map (its own file descriptor, apart
+/// from the [`super::Datapath`]'s).
 pub struct ConntrackTable {
+    name: &'static str,
     map: HashMap<MapData, CtKey, CtEntry>,
+    capacity: u32,
+}
+
+/// The two conntrack tables, as [`super::Datapath::load`] hands them to the collector.
+pub struct ConntrackTables {
+    established: ConntrackTable,
+    handshakes: ConntrackTable,
+}
+
+impl ConntrackTables {
+    pub(super) fn open(pin_dir: &Path) -> Result<ConntrackTables, DatapathError> {
+        Ok(ConntrackTables {
+            established: ConntrackTable::open::<Conntrack>(pin_dir, Map::HashMap)?,
+            handshakes: ConntrackTable::open::<ConntrackNew>(pin_dir, Map::LruHashMap)?,
+        })
+    }
 }
 
 impl ConntrackTable {
-    pub(super) fn open(pin_dir: &Path) -> Result<ConntrackTable, DatapathError> {
+    fn open<M: HashMapSpec<Key = CtKey, Value = CtEntry>>(
+        pin_dir: &Path,
+        kind: fn(MapData) -> Map,
+    ) -> Result<ConntrackTable, DatapathError> {
         let err = |source| DatapathError::Map {
-            map: Conntrack::NAME,
+            map: M::NAME,
             source,
         };
-        let data = MapData::from_pin(pin_dir.join(Conntrack::NAME)).map_err(err)?;
-        let map = HashMap::try_from(Map::HashMap(data)).map_err(err)?;
-        Ok(ConntrackTable { map })
+        let data = MapData::from_pin(pin_dir.join(M::NAME)).map_err(err)?;
+        let capacity = data.info().map_err(err)?.max_entries();
+        let map = HashMap::try_from(kind(data)).map_err(err)?;
+        Ok(ConntrackTable {
+            name: M::NAME,
+            map,
+            capacity,
+        })
     }
 
     /// Every entry of the table.
@@ -41,7 +69,7 @@ impl ConntrackTable {
             .iter()
             .map(|entry| {
                 entry.map_err(|source| DatapathError::Map {
-                    map: Conntrack::NAME,
+                    map: self.name,
                     source,
                 })
             })
@@ -52,7 +80,7 @@ impl ConntrackTable {
     fn remove_all(&mut self, keys: &[CtKey]) -> usize {
         let mut removed = 0;
         for key in keys {
-            match super::removed(Conntrack::NAME, self.map.remove(key)) {
+            match super::removed(self.name, self.map.remove(key)) {
                 Ok(()) => removed += 1,
                 Err(e) => log::warn!("conntrack: {e}"),
             }
@@ -61,14 +89,16 @@ impl ConntrackTable {
     }
 }
 
-/// The collector: owns the table handle and counts what it removed.
+/// The collector: owns the tables' handles, counts what it removed, and knows when it is due.
 pub struct Collector {
-    table: ConntrackTable,
+    tables: ConntrackTables,
     /// Entries removed as expired since the agent started.
     pub collected: u64,
+    next_run: Instant,
 }
 
-/// One pass of the collector: the table as it was read and what was removed from it.
+/// One pass of the collector over both tables: what it read, and the connections that ended
+/// (expired entries that stand for a connection that was reported).
 pub struct Walk {
     pub entries: BTreeMap<CtKey, CtEntry>,
     pub removed: Vec<CtKey>,
@@ -76,34 +106,58 @@ pub struct Walk {
 }
 
 impl Collector {
-    pub fn new(table: ConntrackTable) -> Collector {
+    pub fn new(tables: ConntrackTables) -> Collector {
         Collector {
-            table,
+            tables,
             collected: 0,
+            next_run: Instant::now(),
         }
     }
 
-    /// Removes expired connections; returns the walk (for the flow records of expired and
-    /// long-lived connections), or None when the table could not be read.
-    pub fn collect(&mut self) -> Option<Walk> {
-        let entries = match self.table.entries() {
-            Ok(entries) => entries,
-            Err(e) => {
-                log::warn!("conntrack gc: reading the table: {e}");
-                return None;
-            }
-        };
+    /// Whether a pass is due (see [`next_interval`]).
+    pub fn due(&self) -> bool {
+        Instant::now() >= self.next_run
+    }
+
+    /// Removes expired connections from both tables and decides when to look again; returns
+    /// the walk (for the flow records of expired and long-lived connections).
+    pub fn collect(&mut self) -> Walk {
+        let started = Instant::now();
         let now_ns = monotonic_now_ns();
-        let removed = expired(&entries, now_ns);
-        if !removed.is_empty() {
-            log::debug!("conntrack gc removes {} entries", removed.len());
-            self.collected += self.table.remove_all(&removed) as u64;
-        }
-        Some(Walk {
-            entries,
-            removed,
+        let mut walk = Walk {
+            entries: BTreeMap::new(),
+            removed: Vec::new(),
             now_ns,
-        })
+        };
+        let mut main_fill = 0.0;
+        let ConntrackTables {
+            established,
+            handshakes,
+        } = &mut self.tables;
+        for (table, is_main) in [(established, true), (handshakes, false)] {
+            let entries = match table.entries() {
+                Ok(entries) => entries,
+                Err(e) => {
+                    log::warn!("conntrack gc: reading {}: {e}", table.name);
+                    continue;
+                }
+            };
+            let doomed = expired(&entries, now_ns);
+            self.collected += table.remove_all(&doomed) as u64;
+            if is_main {
+                main_fill = entries.len() as f64 / f64::from(table.capacity.max(1));
+                walk.removed.extend(doomed);
+            } else {
+                // A handshake that never completed was never reported (TCP is reported once
+                // established): only the other protocols' ends are records.
+                walk.removed
+                    .extend(doomed.into_iter().filter(|k| k.proto != IPPROTO_TCP));
+            }
+            walk.entries.extend(entries);
+        }
+        let removed_share = walk.removed.len() as f64 / walk.entries.len().max(1) as f64;
+        self.next_run = Instant::now() + next_interval(main_fill, removed_share, started.elapsed());
+        walk
     }
 
     /// Removes the tracked connections translated to containers that went away, so their
@@ -113,14 +167,13 @@ impl Collector {
         if addresses.is_empty() {
             return;
         }
-        let entries = match self.table.entries() {
-            Ok(entries) => entries,
-            Err(e) => {
-                log::warn!("conntrack: reading the table: {e}");
-                return;
+        let mut removed = 0;
+        for table in [&mut self.tables.established, &mut self.tables.handshakes] {
+            match table.entries() {
+                Ok(entries) => removed += table.remove_all(&translated_to(&entries, addresses)),
+                Err(e) => log::warn!("conntrack: reading {}: {e}", table.name),
             }
-        };
-        let removed = self.table.remove_all(&translated_to(&entries, addresses));
+        }
         if removed > 0 {
             log::info!("removed {removed} conntrack entries of departed containers");
         }
@@ -147,10 +200,12 @@ pub fn timeout_secs(forward: &CtEntry, reply: Option<&CtEntry>, proto: u8) -> u6
     match proto {
         IPPROTO_TCP => {
             let flags = forward.tcp_flags | reply.map_or(0, |r| r.tcp_flags);
-            let answered = reply.is_some_and(|r| r.packets > 0) || forward.is_reply == 1;
+            // Established only once the handshake completed (the kernel moved the connection
+            // to the main table): an answered SYN that nobody acknowledged (SYN_RECV, what a
+            // spoofed flood leaves) keeps the short timeout.
             if flags & (tcp_flag::FIN | tcp_flag::RST) != 0 {
                 ct_timeout::TCP_CLOSING
-            } else if answered {
+            } else if forward.state == ct_state::ESTABLISHED {
                 ct_timeout::TCP_ESTABLISHED
             } else {
                 ct_timeout::TCP_SYN
@@ -198,6 +253,29 @@ pub fn expired(entries: &BTreeMap<CtKey, CtEntry>, now_ns: u64) -> Vec<CtKey> {
     doomed
 }
 
+/// How often the collector runs when the main table has room.
+pub const GC_INTERVAL_RELAXED: Duration = Duration::from_secs(2);
+/// How often it runs at most, when the main table is nearly full.
+pub const GC_INTERVAL_PRESSED: Duration = Duration::from_millis(250);
+
+/// How long until the next collection, from how full the main table is (`fill`, 0..1), what
+/// share of its entries the last pass removed, and how long that pass took. The fuller the
+/// table, the sooner expired entries must make room for new connections: every 2 s when
+/// under half full, every 1 s above half or when the last pass found much to remove, every
+/// 250 ms above 80%. Never sooner than four times the last walk, so that collecting a large
+/// table costs at most a fifth of a core. (The table of unestablished connections needs no
+/// hurry: it is LRU and makes room by itself.)
+pub fn next_interval(fill: f64, removed_share: f64, last_walk: Duration) -> Duration {
+    let wanted = if fill >= 0.8 {
+        GC_INTERVAL_PRESSED
+    } else if fill >= 0.5 || removed_share >= 0.1 {
+        Duration::from_secs(1)
+    } else {
+        GC_INTERVAL_RELAXED
+    };
+    wanted.max(last_walk * 4)
+}
+
 /// Both directions of every connection translated to one of `addresses`.
 fn translated_to(entries: &BTreeMap<CtKey, CtEntry>, addresses: &BTreeSet<u32>) -> Vec<CtKey> {
     let mut doomed = Vec::new();
@@ -237,7 +315,13 @@ mod tests {
             proto,
             _pad: [0; 3],
         };
+        let state = if reply_flags & ACK != 0 && fwd_flags & ACK != 0 {
+            ct_state::ESTABLISHED
+        } else {
+            ct_state::SYN_SENT
+        };
         let fwd = CtEntry {
+            state,
             tcp_flags: fwd_flags,
             last_seen_ns: last_seen_s * NS_PER_SEC,
             packets: 1,
@@ -245,6 +329,7 @@ mod tests {
             ..CtEntry::default()
         };
         let reply = CtEntry {
+            state,
             tcp_flags: reply_flags,
             is_reply: 1,
             last_seen_ns: last_seen_s * NS_PER_SEC,
@@ -274,11 +359,32 @@ mod tests {
         let reset = pair(IPPROTO_TCP, SYN, tcp_flag::RST, 1, 1000);
         assert_eq!(expired(&reset, at(ct_timeout::TCP_CLOSING + 1)).len(), 2);
         let unanswered = pair(IPPROTO_TCP, SYN, 0, 0, 1000);
-        assert!(expired(&unanswered, at(30)).is_empty());
+        assert!(expired(&unanswered, at(ct_timeout::TCP_SYN - 5)).is_empty());
         assert_eq!(expired(&unanswered, at(ct_timeout::TCP_SYN + 1)).len(), 2);
+        // Answered but never acknowledged (SYN_RECV: a spoofed SYN's SYN-ACK): short.
+        let mut half_open = pair(IPPROTO_TCP, SYN, SYN | ACK, 1, 1000);
+        for entry in half_open.values_mut() {
+            entry.state = ct_state::SYN_RECV;
+        }
+        assert!(expired(&half_open, at(ct_timeout::TCP_SYN - 1)).is_empty());
+        assert_eq!(expired(&half_open, at(ct_timeout::TCP_SYN + 1)).len(), 2);
         let udp = pair(IPPROTO_UDP, 0, 0, 1, 1000);
         assert!(expired(&udp, at(ct_timeout::UDP - 1)).is_empty());
         assert_eq!(expired(&udp, at(ct_timeout::UDP + 1)).len(), 2);
+    }
+
+    #[test]
+    fn collection_speeds_up_as_the_table_fills() {
+        let walk = Duration::from_millis(5);
+        assert_eq!(next_interval(0.1, 0.0, walk), GC_INTERVAL_RELAXED);
+        assert_eq!(next_interval(0.6, 0.0, walk), Duration::from_secs(1));
+        assert_eq!(next_interval(0.1, 0.5, walk), Duration::from_secs(1));
+        assert_eq!(next_interval(0.95, 0.0, walk), GC_INTERVAL_PRESSED);
+        // A walk that takes long is not repeated back to back.
+        assert_eq!(
+            next_interval(0.95, 0.0, Duration::from_millis(200)),
+            Duration::from_millis(800)
+        );
     }
 
     #[test]

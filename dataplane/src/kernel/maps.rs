@@ -66,7 +66,12 @@ hash_map!(
     LocalAddrs, map_names::LOCAL_ADDRS, u32 => u8, reconciled
 );
 hash_map!(
-    /// Connection tracking: created by the kernel programs, removed by the garbage collector
-    /// (`kernel::conntrack`); readable by everyone.
+    /// Connection tracking, established connections: created by the kernel programs, removed
+    /// by the garbage collector (`kernel::conntrack`); readable by everyone.
     Conntrack, map_names::CONNTRACK, CtKey => CtEntry
+);
+hash_map!(
+    /// Connection tracking, handshakes under way (an LRU map, so a flood of them evicts its
+    /// own kind): written like [`Conntrack`].
+    ConntrackNew, map_names::CONNTRACK_NEW, CtKey => CtEntry
 );

@@ -28,7 +28,10 @@ pub mod conntrack;
 pub mod maps;
 pub mod netdev;
 
-use maps::{Backends, Conntrack, Endpoints, HashMapSpec, LocalAddrs, Ports, Reconciled, Services};
+use maps::{
+    Backends, Conntrack, ConntrackNew, Endpoints, HashMapSpec, LocalAddrs, Ports, Reconciled,
+    Services,
+};
 #[cfg(test)]
 mod tests;
 
@@ -315,7 +318,8 @@ fn check_layouts(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
     use aya::maps::Map;
     use dataplane_common::{Backend, BackendKey, ServiceInfo, ServiceKey};
     use dataplane_common::{CtEntry, CtKey, EndpointInfo, PortKey, PortTarget};
-    let expected: [(&'static str, usize, usize); 11] = [
+    use dataplane_common::{FragEntry, FragKey};
+    let expected: [(&'static str, usize, usize); 13] = [
         (
             map_names::POLICY_RULES,
             size_of::<u32>(),
@@ -338,6 +342,16 @@ fn check_layouts(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
             size_of::<CtEntry>(),
         ),
         (
+            map_names::CONNTRACK_NEW,
+            size_of::<CtKey>(),
+            size_of::<CtEntry>(),
+        ),
+        (
+            map_names::FRAGMENTS,
+            size_of::<FragKey>(),
+            size_of::<FragEntry>(),
+        ),
+        (
             map_names::PORTS,
             size_of::<PortKey>(),
             size_of::<PortTarget>(),
@@ -358,7 +372,11 @@ fn check_layouts(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
     ];
     for (name, key, value) in expected {
         let data = match ebpf.map(name).ok_or(DatapathError::MissingMap(name))? {
-            Map::HashMap(d) | Map::PerCpuHashMap(d) | Map::Array(d) | Map::PerCpuArray(d) => d,
+            Map::HashMap(d)
+            | Map::LruHashMap(d)
+            | Map::PerCpuHashMap(d)
+            | Map::Array(d)
+            | Map::PerCpuArray(d) => d,
             _ => return Err(DatapathError::MissingMap(name)),
         };
         let info = data
@@ -395,7 +413,7 @@ impl Datapath {
     pub fn load(
         pin_dir: &Path,
         options: &LoadOptions,
-    ) -> Result<(Datapath, conntrack::ConntrackTable), DatapathError> {
+    ) -> Result<(Datapath, conntrack::ConntrackTables), DatapathError> {
         prepare_pin_dir(pin_dir)?;
         if options.ct_max_entries == 0 {
             return Err(DatapathError::Settings(
@@ -405,6 +423,10 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(map_names::CONNTRACK, options.ct_max_entries)
+            .map_max_entries(
+                map_names::CONNTRACK_NEW,
+                capacity::conntrack_new(options.ct_max_entries),
+            )
             .map_max_entries(map_names::SERVICES, options.max_services)
             .map_max_entries(
                 map_names::MAGLEV,
@@ -443,7 +465,7 @@ impl Datapath {
             program: Hook::SockConnect4.program(),
             source,
         })?;
-        let conntrack = conntrack::ConntrackTable::open(pin_dir)?;
+        let conntrack = conntrack::ConntrackTables::open(pin_dir)?;
         let datapath = Datapath {
             maglev,
             ebpf,
@@ -914,6 +936,11 @@ impl Datapath {
                 capacity: ct_capacity,
             },
             MapFill {
+                name: map_names::CONNTRACK_NEW,
+                entries: self.count::<ConntrackNew>()?,
+                capacity: self.conntrack_new_capacity()?,
+            },
+            MapFill {
                 name: map_names::PORTS,
                 entries: self.count::<Ports>()?,
                 capacity: capacity::PORTS,
@@ -1012,6 +1039,18 @@ impl Datapath {
         let map: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.map_ref(name)?).map_err(err)?;
         Ok(map.get(&0, 0).map_err(err)?.iter().sum())
+    }
+
+    /// Capacity of the table of unestablished connections (the pinned map's).
+    pub fn conntrack_new_capacity(&self) -> Result<u32, DatapathError> {
+        let name = map_names::CONNTRACK_NEW;
+        match self.map_ref(name)? {
+            aya::maps::Map::LruHashMap(data) => data
+                .info()
+                .map(|i| i.max_entries())
+                .map_err(|source| DatapathError::Map { map: name, source }),
+            _ => Err(DatapathError::MissingMap(name)),
+        }
     }
 
     /// Capacity of the conntrack map (the pinned map's, which may differ from the default).

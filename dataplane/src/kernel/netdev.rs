@@ -120,3 +120,62 @@ mod tests {
         assert_ne!(super::netns_cookie().unwrap(), 0);
     }
 }
+
+/// The driver of `interface` in this network namespace, as `ethtool -i` names it (ETHTOOL_GDRVINFO;
+/// sysfs is not used because it shows the namespace it was mounted in, not the agent's).
+pub fn driver(interface: &str) -> std::io::Result<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    if interface.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: zeroed plain C structs; the ioctl writes at most size_of::<DrvInfo>() into the
+    // buffer `ifr_data` points at; the socket is ours and closed below.
+    unsafe {
+        let mut info: DrvInfo = std::mem::zeroed();
+        info.cmd = ETHTOOL_GDRVINFO;
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(interface.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let rc = libc::ioctl(fd, SIOCETHTOOL, &mut ifr);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc < 0 {
+            return Err(err);
+        }
+        let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+        Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+    }
+}
+
+/// Whether XDP on `interface` runs before a socket buffer exists, so that an early drop
+/// there saves work: true for NIC drivers. Virtual devices (veth, bridge, vxlan, macvlan,
+/// tun, ...) build the skb first (veth's native XDP even converts it back), and any XDP
+/// program on a veth turns GRO off; there tc ingress is the cheaper place to drop.
+pub fn xdp_saves_work(interface: &str) -> bool {
+    const VIRTUAL: [&str; 9] = [
+        "veth", "bridge", "vxlan", "macvlan", "ipvlan", "tun", "dummy", "bonding", "",
+    ];
+    driver(interface).is_ok_and(|d| !VIRTUAL.contains(&d.as_str()))
+}

@@ -303,7 +303,9 @@ pub fn desired(
     for hook in [Hook::UplinkIngress, Hook::UplinkEgress] {
         desired.attachments.insert((uplink.to_owned(), hook));
     }
-    if host.xdp.unwrap_or(!policy.deny_sources.is_empty()) {
+    let has_deny_list = !policy.deny_sources.is_empty();
+    let xdp_attached = host.xdp.unwrap_or(has_deny_list);
+    if xdp_attached {
         desired
             .attachments
             .insert((uplink.to_owned(), Hook::UplinkXdp));
@@ -346,7 +348,8 @@ pub fn desired(
         policy_generation: 0,
         netns_cookie: host.netns_cookie,
         rule_count: policy.rules.len() as u32,
-        _pad: 0,
+        // Without XDP the deny list is enforced at tc ingress of the uplink instead.
+        deny_at_tc: u32::from(has_deny_list && !xdp_attached),
     };
     desired.rules = policy.rules;
     desired.deny_sources = policy.deny_sources.into_iter().collect();

@@ -231,3 +231,71 @@ fn crafted_frames_have_valid_checksums() {
     ip.protocol = 1;
     assert_checksums(&ipv4_frame(&ip, &icmp_echo(8, 77, 1)));
 }
+
+/// A TCP header like [`tcp`], with the given sequence and acknowledgement numbers.
+pub fn tcp_seq(src_port: u16, dst_port: u16, flags: u8, seq: u32, ack: u32) -> Vec<u8> {
+    let mut h = tcp(src_port, dst_port, flags, b"");
+    h[4..8].copy_from_slice(&seq.to_be_bytes());
+    h[8..12].copy_from_slice(&ack.to_be_bytes());
+    h
+}
+
+/// Recomputes the IPv4 header checksum of `frame` after its header was edited.
+pub fn fix_ip_checksum(frame: &mut [u8]) {
+    let ihl = usize::from(frame[ETH_LEN] & 0x0f) * 4;
+    frame[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&[0, 0]);
+    let csum = csum_fold(sum_words(&frame[ETH_LEN..ETH_LEN + ihl]));
+    frame[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&csum.to_be_bytes());
+}
+
+/// Splits the IPv4 datagram in `frame` into two fragments at `at` bytes of its payload (a
+/// multiple of 8), as a router would: the first with "more fragments", the second with the
+/// offset; both with valid header checksums and the datagram's L4 checksum untouched.
+pub fn fragments(frame: &[u8], at: usize) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(at % 8, 0);
+    let ihl = usize::from(frame[ETH_LEN] & 0x0f) * 4;
+    let header = &frame[..ETH_LEN + ihl];
+    let payload = &frame[ETH_LEN + ihl..];
+    let part = |bytes: &[u8], frag: u16| {
+        let mut f = header.to_vec();
+        f.extend_from_slice(bytes);
+        let total = (ihl + bytes.len()) as u16;
+        f[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total.to_be_bytes());
+        f[ETH_LEN + 6..ETH_LEN + 8].copy_from_slice(&frag.to_be_bytes());
+        fix_ip_checksum(&mut f);
+        f
+    };
+    (
+        part(&payload[..at], 0x2000),
+        part(&payload[at..], (at / 8) as u16),
+    )
+}
+
+/// Reassembles two fragments (as [`fragments`] made them, possibly rewritten) into one frame
+/// and checks every checksum of the whole datagram.
+pub fn assert_reassembles(first: &[u8], later: &[u8]) -> Vec<u8> {
+    let ihl = usize::from(first[ETH_LEN] & 0x0f) * 4;
+    let later_ihl = usize::from(later[ETH_LEN] & 0x0f) * 4;
+    assert_eq!(
+        first[ETH_LEN + 12..ETH_LEN + 20],
+        later[ETH_LEN + 12..ETH_LEN + 20],
+        "both fragments carry the same addresses"
+    );
+    let mut whole = first.to_vec();
+    whole.extend_from_slice(&later[ETH_LEN + later_ihl..]);
+    let total = (whole.len() - ETH_LEN) as u16;
+    whole[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total.to_be_bytes());
+    whole[ETH_LEN + 6..ETH_LEN + 8].copy_from_slice(&[0, 0]);
+    fix_ip_checksum(&mut whole);
+    assert_checksums(first_header_ok(first, ihl, &whole));
+    whole
+}
+
+fn first_header_ok<'a>(first: &[u8], ihl: usize, whole: &'a [u8]) -> &'a [u8] {
+    assert_eq!(
+        csum_fold(sum_words(&first[ETH_LEN..ETH_LEN + ihl])),
+        0,
+        "first fragment's IPv4 header checksum is wrong"
+    );
+    whole
+}
