@@ -10,11 +10,17 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
+use super::published_port::docker_rules;
 use super::{BRIDGE, WRK, WRK_NEW_CONN, addr, iptables_restore};
-use crate::bench::{
-    bed::{Bed, SANDBOX_ROOT},
-    scenario::{Goal, HTTP_RPS, PathDef, Scenario, Server, Targets, Workload, docker_rules},
-};
+use crate::bed::Bed;
+use crate::bed::Server;
+use crate::client::Targets;
+use crate::framework::metric::HTTP_RPS;
+use crate::framework::scenario::Goal;
+use crate::framework::scenario::PathDef;
+use crate::framework::scenario::Scenario;
+use crate::framework::workload::Workload;
+use dataplane::sandbox::SANDBOX_ROOT;
 
 const SPEC: &str = r#"# Written by cargo xtask bench (scenario localhost).
 uplink: eth0
