@@ -388,6 +388,9 @@ fn up(spec_path: &Path, name: &str, state_out: Option<&Path>) -> anyhow::Result<
     }
 }
 
+/// Everything `up` makes, in order: the host and outside namespaces joined by the uplink, a
+/// bridge per network, each endpoint on its veths, the servers (ready), then the state file for
+/// the agent.
 fn build(
     sandbox: &Names,
     spec_path: &Path,
@@ -397,10 +400,27 @@ fn build(
 ) -> anyhow::Result<PathBuf> {
     fs::copy(spec_path, sandbox.spec_path())
         .with_context(|| format!("copying the spec to {}", sandbox.spec_path().display()))?;
+    let uplink = model.uplink.as_deref().unwrap_or(DEFAULT_UPLINK);
+    build_host(sandbox, uplink)?;
+    build_bridges(&sandbox.host_ns(), model)?;
+    for endpoint in &model.endpoints {
+        build_endpoint(sandbox, model, endpoint)?;
+    }
+    let mut children = Vec::new();
+    for endpoint in &model.endpoints {
+        children.push(start_server(sandbox, model, endpoint)?);
+    }
+    wait_for_servers(sandbox, &mut children)?;
+    let state = write_state(sandbox, spec, uplink, state_out)?;
+    print_summary(sandbox, model, uplink);
+    Ok(state)
+}
 
+/// The host's namespace (forwarding on, no strict reverse-path filter) and the outside
+/// client's, joined by the uplink veth pair.
+fn build_host(sandbox: &Names, uplink: &str) -> anyhow::Result<()> {
     let host = sandbox.host_ns();
     let outside = sandbox.outside_ns();
-    let uplink = model.uplink.as_deref().unwrap_or(DEFAULT_UPLINK);
     add_namespace(sandbox, &host)?;
     add_namespace(sandbox, &outside)?;
     ip_in(
@@ -447,37 +467,40 @@ fn build(
         &outside,
         "bringing up the outside client",
         &["link", "set", "eth0", "up"],
-    )?;
+    )
+}
 
+/// One bridge per network in the host namespace, with the network's gateway address.
+fn build_bridges(host: &str, model: &Model) -> anyhow::Result<()> {
     for network in &model.networks {
         let step = format!(
             "creating bridge {} for network {}",
             network.bridge, network.name
         );
         ip_in(
-            &host,
+            host,
             &step,
             &["link", "add", &network.bridge, "type", "bridge"],
         )?;
         let gateway = format!("{}/{}", network.gateway, network.subnet.prefix_len);
         ip_in(
-            &host,
+            host,
             &step,
             &["addr", "add", &gateway, "dev", &network.bridge],
         )?;
-        ip_in(&host, &step, &["link", "set", &network.bridge, "up"])?;
+        ip_in(host, &step, &["link", "set", &network.bridge, "up"])?;
     }
+    Ok(())
+}
 
-    for endpoint in &model.endpoints {
-        build_endpoint(sandbox, model, endpoint)?;
-    }
-
-    let mut children = Vec::new();
-    for endpoint in &model.endpoints {
-        children.push(start_server(sandbox, model, endpoint)?);
-    }
-    wait_for_servers(sandbox, &mut children)?;
-
+/// The spec with the uplink filled in, as the agent's state file in the sandbox's directory
+/// (and at `--state-out`); returns its path.
+fn write_state(
+    sandbox: &Names,
+    spec: &StateFile,
+    uplink: &str,
+    state_out: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
     let mut state = spec.clone();
     state.uplink = Some(uplink.to_string());
     let yaml = state.to_yaml();
@@ -487,11 +510,17 @@ fn build(
         fs::write(path, &yaml)
             .with_context(|| format!("writing the state file to --state-out {}", path.display()))?;
     }
+    Ok(sandbox.state_path())
+}
 
+/// What was built, for people: namespaces, addresses, bridges, served ports.
+fn print_summary(sandbox: &Names, model: &Model, uplink: &str) {
     println!(
-        "sandbox {}: host namespace {host} (uplink {uplink} {UPLINK_HOST_CIDR}), outside \
-         namespace {outside} (eth0 {OUTSIDE_CIDR})",
-        sandbox.name
+        "sandbox {}: host namespace {} (uplink {uplink} {UPLINK_HOST_CIDR}), outside \
+         namespace {} (eth0 {OUTSIDE_CIDR})",
+        sandbox.name,
+        sandbox.host_ns(),
+        sandbox.outside_ns()
     );
     for network in &model.networks {
         println!(
@@ -515,7 +544,6 @@ fn build(
             port_list(&udp)
         );
     }
-    Ok(sandbox.state_path())
 }
 
 fn add_namespace(sandbox: &Names, ns: &str) -> anyhow::Result<()> {

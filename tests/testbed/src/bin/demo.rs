@@ -69,19 +69,7 @@ fn run() -> testbed::Result<()> {
     let agent = Agent::on_state_file(&sandbox, &[])?;
 
     // The outside client runs a server too, so containers have something to reach outside.
-    let mut outside_server = sandbox.spawn(
-        "outside",
-        &[
-            binary.to_str().expect("UTF-8 path"),
-            "sandbox",
-            "serve",
-            "--name",
-            "outside",
-            "--tcp",
-            "9999",
-        ],
-    );
-    outside_server.wait_for_line("ready");
+    let outside_server = sandbox.serve_outside("9999", None);
 
     step("traffic (each server answers with its name and the client address it saw)");
     let curl = |url: &'static str| vec!["curl", "-sS", "--max-time", "3", url];
