@@ -20,7 +20,6 @@ use crate::framework::scenario::Goal;
 use crate::framework::scenario::PathDef;
 use crate::framework::scenario::Scenario;
 use crate::framework::workload::Workload;
-use dataplane::sandbox::SANDBOX_ROOT;
 
 const SPEC: &str = r#"# Written by cargo xtask bench (scenario localhost).
 uplink: eth0
@@ -174,10 +173,12 @@ fn iptables_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
 }
 
 fn dataplane_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
-    let file = format!("{SANDBOX_ROOT}/{}/cgroup", bed.name);
-    let cgroup = std::fs::read_to_string(&file)
-        .with_context(|| format!("reading {file} (the sandbox host's cgroup; no cgroup2?)"))?;
-    bed.start_agent_with(&["--cgroup", cgroup.trim()])?;
+    // The socket hook must be on the sandbox host's cgroup here: that is what is measured.
+    let cgroup = bed
+        .sandbox()
+        .host_cgroup()
+        .context("the sandbox made no host cgroup (no cgroup2?)")?;
+    bed.start_agent_with(&["--cgroup", &cgroup])?;
     Ok(targets("127.0.0.1", 8080))
 }
 

@@ -4,7 +4,7 @@
 //! work (walking iptables' nat rules, choosing a backend, creating conntrack entries) on the
 //! SYN, so wrk's latency never shows it. This does.
 //!
-//! It runs as `xtask bench-probe ADDR SECS` (a hidden subcommand) in the client's namespace,
+//! It runs as `dataplane-bench probe ADDR SECS` (a hidden subcommand) in the client's namespace,
 //! like the other clients, so that it is also in the client's cgroup where that matters.
 
 use std::{

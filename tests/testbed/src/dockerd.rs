@@ -355,6 +355,7 @@ fn run(what: &str, cmd: &mut Command) {
 
 impl Dockerd {
     /// Namespaces, veth, dockerd, and the busybox image.
+    #[track_caller]
     pub fn start() -> Dockerd {
         crate::require_root();
         let name = crate::unique_name("dkr");

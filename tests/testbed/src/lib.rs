@@ -69,6 +69,7 @@ pub fn is_root() -> bool {
 }
 
 /// Panics with [`NEEDS_ROOT`] unless root: a test that cannot build its host says why.
+#[track_caller]
 pub fn require_root() {
     assert!(is_root(), "{NEEDS_ROOT}");
 }

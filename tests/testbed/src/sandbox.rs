@@ -59,6 +59,7 @@ impl Sandbox {
 
     /// For tests: [`Sandbox::create`] with a unique name, the `dataplane` binary cargo built
     /// and a temp dir; panics (with [`crate::NEEDS_ROOT`] when not root).
+    #[track_caller]
     pub fn up(spec: &str) -> Sandbox {
         crate::require_root();
         let name = crate::unique_name("dpt");
