@@ -4,51 +4,11 @@
 
 use std::{collections::BTreeSet, process::Output, time::Duration};
 
+use dataplane::control::status::Status;
 use dataplane_tests::{
-    Agent, dataplane_bin,
+    Agent, StatusExt as _, dataplane_bin,
     docker::{Dockerd, HOST, IMAGE, OUTSIDE},
 };
-use serde_json::Value;
-
-/// Entries of the map whose name is `prefix` plus a version suffix (`dp_ports` matches
-/// `dp_ports_v2`), so a layout bump elsewhere does not break these tests.
-fn map_entries(status: &Value, prefix: &str) -> u64 {
-    status["maps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| {
-            m["name"]
-                .as_str()
-                .is_some_and(|n| n.strip_prefix(prefix).is_some_and(|v| v.starts_with("_v")))
-        })
-        .unwrap_or_else(|| panic!("map {prefix}_v* in status: {status:#}"))["entries"]
-        .as_u64()
-        .unwrap()
-}
-
-fn endpoint_names(status: &Value) -> BTreeSet<String> {
-    status["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap().to_owned())
-        .collect()
-}
-
-/// (network, ip, host veth) of each interface of endpoint `name`.
-fn interfaces_of(status: &Value, name: &str) -> Vec<(String, String, String)> {
-    status["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["name"] == name)
-        .map(|e| {
-            let text = |f: &str| e[f].as_str().unwrap().to_owned();
-            (text("network"), text("ip"), text("host_veth"))
-        })
-        .collect()
-}
 
 /// Whether interface `name` exists in dockerd's namespace.
 fn interface_exists(dockerd: &Dockerd, name: &str) -> bool {
@@ -61,12 +21,8 @@ fn interface_exists(dockerd: &Dockerd, name: &str) -> bool {
         .success()
 }
 
-fn attached_to(status: &Value, interface: &str) -> bool {
-    status["attachments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|a| a["interface"] == interface)
+fn attached_to(status: &Status, interface: &str) -> bool {
+    status.attachments.iter().any(|a| a.interface == interface)
 }
 
 fn text(out: &Output) -> String {
@@ -182,7 +138,7 @@ fn published_ports_reach_the_container_with_the_client_address() {
     );
     // 8080, 5353/udp, 9000-9002 and 9090 on one address: six ports in the map.
     agent.wait_for("web and its published ports", |s| {
-        endpoint_names(s).contains("web") && map_entries(s, "dp_ports") == 6
+        s.endpoint_names().contains("web") && s.map_entries("dp_ports") == 6
     });
     // Docker's own NAT is off: what answers is the dataplane.
     let nat = dockerd_iptables(&dockerd);
@@ -236,7 +192,8 @@ fn outbound_traffic_from_containers_is_masqueraded() {
     run_client(&dockerd, "c1", &[]);
     run_client(&dockerd, "c2", &["--network", "apps"]);
     agent.wait_for("both clients", |s| {
-        endpoint_names(s).is_superset(&["c1".to_owned(), "c2".to_owned()].into())
+        s.endpoint_names()
+            .is_superset(&["c1".to_owned(), "c2".to_owned()].into())
     });
     assert_eq!(seen_outside(&dockerd, "c1"), HOST, "default bridge");
     assert_eq!(seen_outside(&dockerd, "c2"), HOST, "user network");
@@ -252,13 +209,14 @@ fn containers_on_two_user_networks() {
     run_web(&dockerd, "alpha", &["--network", "front", "-p", "8081:80"]);
     run_web(&dockerd, "beta", &["--network", "back", "-p", "8082:80"]);
     let status = agent.wait_for("a and b", |s| {
-        endpoint_names(s).is_superset(&["alpha".to_owned(), "beta".to_owned()].into())
-            && map_entries(s, "dp_ports") == 2
+        s.endpoint_names()
+            .is_superset(&["alpha".to_owned(), "beta".to_owned()].into())
+            && s.map_entries("dp_ports") == 2
     });
 
     // Each on its own network, with the veth Docker made for it, and the programs on it.
     for (name, network) in [("alpha", "front"), ("beta", "back")] {
-        let interfaces = interfaces_of(&status, name);
+        let interfaces = status.interfaces_of(name);
         assert_eq!(interfaces.len(), 1, "{interfaces:?}");
         let (net, ip, veth) = &interfaces[0];
         assert_eq!(net, network);
@@ -267,7 +225,7 @@ fn containers_on_two_user_networks() {
             &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
         );
         assert_eq!(ip, &docker_ip);
-        assert!(attached_to(&status, veth), "{veth} in {status:#}");
+        assert!(attached_to(&status, veth), "{veth} in {status:#?}");
     }
     // Both reachable from outside, both leave the host with its address.
     for (port, name) in [(8081, "alpha"), (8082, "beta")] {
@@ -280,7 +238,7 @@ fn containers_on_two_user_networks() {
     }
     // Isolated from each other (Docker's rule, done by the dataplane): alpha cannot reach
     // beta...
-    let beta_ip = interfaces_of(&status, "beta")[0].1.clone();
+    let beta_ip = status.interfaces_of("beta")[0].1.clone();
     let reply = who_from_container(&dockerd, "alpha", &format!("{beta_ip}:80"), 1);
     assert!(
         reply.iter().all(|l| !l.starts_with("beta ")),
@@ -294,9 +252,10 @@ fn containers_on_two_user_networks() {
     // and reaches beta there; disconnected, it loses it again.
     dockerd.docker_ok(&["network", "connect", "back", "alpha"]);
     let status = agent.wait_for("alpha on both networks", |s| {
-        interfaces_of(s, "alpha").len() == 2
+        s.interfaces_of("alpha").len() == 2
     });
-    let networks: Vec<String> = interfaces_of(&status, "alpha")
+    let networks: Vec<String> = status
+        .interfaces_of("alpha")
         .into_iter()
         .map(|(n, _, _)| n)
         .collect();
@@ -305,7 +264,7 @@ fn containers_on_two_user_networks() {
     assert!(reply.iter().any(|l| l.starts_with("beta ")), "{reply:?}");
     dockerd.docker_ok(&["network", "disconnect", "back", "alpha"]);
     agent.wait_for("alpha on front only", |s| {
-        interfaces_of(s, "alpha").len() == 1 && map_entries(s, "dp_endpoints") == 2
+        s.interfaces_of("alpha").len() == 1 && s.map_entries("dp_endpoints") == 2
     });
 }
 
@@ -327,9 +286,9 @@ fn compose_style_service_balances_over_its_replicas() {
     run_web(&dockerd, "shop-web-2", &compose);
     run_client(&dockerd, "client", &[]);
     agent.wait_for("the service and its two backends", |s| {
-        endpoint_names(s).len() == 3
-            && map_entries(s, "dp_services") >= 1
-            && map_entries(s, "dp_backends") >= 2
+        s.endpoint_names().len() == 3
+            && s.map_entries("dp_services") >= 1
+            && s.map_entries("dp_backends") >= 2
     });
     assert!(
         agent
@@ -362,7 +321,9 @@ fn compose_style_service_balances_over_its_replicas() {
             "dataplane.service.port=80",
         ],
     );
-    agent.wait_for("the third backend", |s| endpoint_names(s).contains("extra"));
+    agent.wait_for("the third backend", |s| {
+        s.endpoint_names().contains("extra")
+    });
     let answered = seen(45);
     assert!(answered.contains("extra"), "{answered:?}");
     assert_eq!(answered.len(), 3, "{answered:?}");
@@ -370,7 +331,7 @@ fn compose_style_service_balances_over_its_replicas() {
     // A stopped replica leaves the service.
     dockerd.docker_ok(&["stop", "shop-web-1"]);
     agent.wait_for("shop-web-1 gone", |s| {
-        !endpoint_names(s).contains("shop-web-1")
+        !s.endpoint_names().contains("shop-web-1")
     });
     let answered = seen(20);
     assert!(!answered.contains("shop-web-1"), "{answered:?}");
@@ -384,36 +345,36 @@ fn stopping_a_container_removes_its_entries() {
     run_web(&dockerd, "keep", &["-p", "8081:80"]);
     run_web(&dockerd, "gone", &["-p", "8082:80", "-p", "8083:80"]);
     let before = agent.wait_for("both containers", |s| {
-        endpoint_names(s).len() == 2 && map_entries(s, "dp_ports") == 3
+        s.endpoint_names().len() == 2 && s.map_entries("dp_ports") == 3
     });
-    let gone_veth = interfaces_of(&before, "gone")[0].2.clone();
+    let gone_veth = before.interfaces_of("gone")[0].2.clone();
     assert!(attached_to(&before, &gone_veth));
-    let endpoints_before = map_entries(&before, "dp_endpoints");
+    let endpoints_before = before.map_entries("dp_endpoints");
     who_from_outside(&dockerd, &format!("{HOST}:8082")).unwrap();
 
     dockerd.docker_ok(&["stop", "gone"]);
     let after = agent.wait_for("gone's entries removed", |s| {
-        endpoint_names(s) == ["keep".to_owned()].into()
-            && map_entries(s, "dp_ports") == 1
-            && map_entries(s, "dp_endpoints") == endpoints_before - 1
+        s.endpoint_names() == ["keep".to_owned()].into()
+            && s.map_entries("dp_ports") == 1
+            && s.map_entries("dp_endpoints") == endpoints_before - 1
     });
     // Docker removed the veth, and with it the program on it.
     assert!(!interface_exists(&dockerd, &gone_veth));
-    assert!(after["last_error"].is_null(), "{after:#}");
+    assert!(after.last_error.is_none(), "{after:#?}");
     assert!(who_from_outside(&dockerd, &format!("{HOST}:8082")).is_err());
     assert!(who_from_outside(&dockerd, &format!("{HOST}:8081")).is_ok());
 
     // Started again it comes back (on a new veth); removed, it leaves nothing.
     dockerd.docker_ok(&["start", "gone"]);
     agent.wait_for("gone back", |s| {
-        endpoint_names(s).len() == 2 && map_entries(s, "dp_ports") == 3
+        s.endpoint_names().len() == 2 && s.map_entries("dp_ports") == 3
     });
     who_from_outside(&dockerd, &format!("{HOST}:8083")).unwrap();
     dockerd.docker_ok(&["rm", "-f", "gone"]);
     agent.wait_for("gone removed", |s| {
-        endpoint_names(s).len() == 1
-            && map_entries(s, "dp_ports") == 1
-            && map_entries(s, "dp_endpoints") == endpoints_before - 1
+        s.endpoint_names().len() == 1
+            && s.map_entries("dp_ports") == 1
+            && s.map_entries("dp_endpoints") == endpoints_before - 1
     });
 }
 
@@ -428,12 +389,12 @@ fn agent_started_after_the_containers_picks_them_up() {
     let agent: Agent = dockerd.agent(&[]);
     let status = agent.status();
     assert_eq!(
-        endpoint_names(&status),
+        status.endpoint_names(),
         ["alpha".to_owned(), "beta".to_owned()].into(),
-        "{status:#}"
+        "{status:#?}"
     );
-    assert_eq!(map_entries(&status, "dp_ports"), 2);
-    assert_eq!(map_entries(&status, "dp_endpoints"), 2);
+    assert_eq!(status.map_entries("dp_ports"), 2);
+    assert_eq!(status.map_entries("dp_endpoints"), 2);
     for (port, name) in [(8081, "alpha"), (8082, "beta")] {
         let body = who_from_outside(&dockerd, &format!("{HOST}:{port}")).unwrap();
         assert!(
@@ -450,9 +411,9 @@ fn dockerd_restarted_under_a_running_agent_ends_with_the_right_maps() {
     run_web(&dockerd, "keep", &["--restart", "always", "-p", "8081:80"]);
     run_web(&dockerd, "once", &["-p", "8082:80"]);
     let before = agent.wait_for("both containers", |s| {
-        endpoint_names(s).len() == 2 && map_entries(s, "dp_ports") == 2
+        s.endpoint_names().len() == 2 && s.map_entries("dp_ports") == 2
     });
-    let old_veth = interfaces_of(&before, "keep")[0].2.clone();
+    let old_veth = before.interfaces_of("keep")[0].2.clone();
 
     // dockerd stops its containers on the way down; `keep` comes back with it, `once` not.
     let stopped = std::time::Instant::now();
@@ -463,13 +424,13 @@ fn dockerd_restarted_under_a_running_agent_ends_with_the_right_maps() {
         Duration::from_secs(30),
         "the state after the restart",
         |s| {
-            endpoint_names(s) == ["keep".to_owned()].into()
-                && map_entries(s, "dp_ports") == 1
-                && map_entries(s, "dp_endpoints") == 1
-                && s["last_error"].is_null()
+            s.endpoint_names() == ["keep".to_owned()].into()
+                && s.map_entries("dp_ports") == 1
+                && s.map_entries("dp_endpoints") == 1
+                && s.last_error.is_none()
         },
     );
-    let (_, ip, veth) = interfaces_of(&after, "keep")[0].clone();
+    let (_, ip, veth) = after.interfaces_of("keep")[0].clone();
     assert_ne!(veth, old_veth, "keep was restarted on a new veth");
     assert_eq!(
         ip,

@@ -486,7 +486,7 @@ fn follow_streams_new_records_with_periodic_counters_and_the_export_has_them() {
         assert!(exported.contains(record), "{record} not in the flow log");
     }
     let status = agent.status();
-    assert_eq!(status["flows"]["lost"], 0);
-    assert_eq!(status["flows"]["events"], true);
-    assert_eq!(status["flows"]["followers"], 2);
+    assert_eq!(status.flows.lost, 0);
+    assert!(status.flows.events);
+    assert_eq!(status.flows.followers, 2);
 }

@@ -2,9 +2,8 @@
 //! traffic, following state-file edits, refusing bad ones, detaching on SIGTERM.
 
 use dataplane_tests::{
-    Agent, Sandbox, attached_programs, dataplane_bin, has_program, status::map_entries,
+    Agent, Sandbox, StatusExt as _, attached_programs, dataplane_bin, has_program,
 };
-use serde_json::Value;
 
 const SPEC: &str = r#"
 uplink: eth0
@@ -22,37 +21,13 @@ endpoints:
     interfaces: [{network: back, ip: 172.30.2.2, mac: "02:42:ac:1e:02:02", host_veth: veth-db}]
 "#;
 
-fn attachments(status: &Value) -> Vec<(String, String)> {
-    status["attachments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| {
-            (
-                a["interface"].as_str().unwrap().to_owned(),
-                a["program"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
-fn packets(status: &Value, interface: &str, hook: &str) -> u64 {
-    status["interfaces"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["interface"] == interface && c["hook"] == hook)
-        .map(|c| c["packets"].as_u64().unwrap())
-        .sum()
-}
-
 #[test]
 fn attached_programs_see_real_traffic() {
     let sandbox = Sandbox::up(SPEC);
     // XDP attaches only when it has work (--xdp auto); here it is asked for, to see it count.
     let agent = Agent::start_with(&sandbox, &["--xdp", "always"]);
     let status = agent.status();
-    let attached = attachments(&status);
+    let attached = status.attached();
     for (interface, program) in [
         ("eth0", "dp_uplink_ingress"),
         ("eth0", "dp_uplink_egress"),
@@ -74,7 +49,7 @@ fn attached_programs_see_real_traffic() {
         "{attached:?}"
     );
     assert_eq!(attached.len(), 7, "{attached:?}");
-    assert_eq!(map_entries(&status, "dp_endpoints_v2"), 3);
+    assert_eq!(status.map_entries("dp_endpoints_v2"), 3);
     // The kernel agrees (bpftool, not the agent's own account).
     let seen = attached_programs(&sandbox.netns("host"), "veth-web1");
     assert!(
@@ -94,17 +69,17 @@ fn attached_programs_see_real_traffic() {
     sandbox.exec_ok("outside", &["ping", "-c3", "-i0.2", "-W1", "192.0.2.1"]);
 
     let status = agent.wait_for("counters", |s| {
-        packets(s, "veth-web2", "tc-ingress(container)") >= 5 * 4
-            && packets(s, "veth-web1", "tc-ingress(container)") >= 5 * 3
-            && packets(s, "eth0", "tc-ingress(uplink)") >= 3
-            && packets(s, "eth0", "xdp(uplink)") >= 3
-            && packets(s, "eth0", "tc-egress(uplink)") >= 3
+        s.packets("veth-web2", "tc-ingress(container)") >= 5 * 4
+            && s.packets("veth-web1", "tc-ingress(container)") >= 5 * 3
+            && s.packets("eth0", "tc-ingress(uplink)") >= 3
+            && s.packets("eth0", "xdp(uplink)") >= 3
+            && s.packets("eth0", "tc-egress(uplink)") >= 3
     });
     // db sent nothing: its counter stays at zero, so counts are per interface, not global.
     assert_eq!(
-        packets(&status, "veth-db", "tc-ingress(container)"),
+        status.packets("veth-db", "tc-ingress(container)"),
         0,
-        "{status:#}"
+        "{status:#?}"
     );
 }
 
@@ -116,9 +91,9 @@ fn state_edits_apply_and_bad_edits_keep_the_last_good_state() {
     // A good edit: db leaves; its veth loses the program, its map entry goes.
     let without_db = SPEC.split("  - name: db").next().unwrap().to_owned();
     sandbox.write_state(&without_db);
-    let status = agent.wait_for("db removed", |s| map_entries(s, "dp_endpoints_v2") == 2);
-    assert!(!attachments(&status).iter().any(|(i, _)| i == "veth-db"));
-    assert!(status["last_error"].is_null(), "{status:#}");
+    let status = agent.wait_for("db removed", |s| s.map_entries("dp_endpoints_v2") == 2);
+    assert!(!status.attached().iter().any(|(i, _)| i == "veth-db"));
+    assert!(status.last_error.is_none(), "{status:#?}");
     let seen = attached_programs(&sandbox.netns("host"), "veth-db");
     assert!(seen.is_empty(), "kernel still reports {seen:?}");
 
@@ -147,12 +122,12 @@ fn state_edits_apply_and_bad_edits_keep_the_last_good_state() {
     for (text, expected) in cases {
         sandbox.write_state(&text);
         let status = agent.wait_for(expected, |s| {
-            s["last_error"]
-                .as_str()
+            s.last_error
+                .as_deref()
                 .is_some_and(|e| e.contains(expected))
         });
-        assert_eq!(map_entries(&status, "dp_endpoints_v2"), 2, "{status:#}");
-        assert_eq!(attachments(&status).len(), 5, "{status:#}");
+        assert_eq!(status.map_entries("dp_endpoints_v2"), 2, "{status:#?}");
+        assert_eq!(status.attached().len(), 5, "{status:#?}");
         // Traffic still flows under the last good state.
         let reply = sandbox.exec_ok("web2", &["nc", "-w2", "172.30.1.2", "80"]);
         assert!(reply.starts_with("web1 "), "{reply}");
@@ -161,9 +136,13 @@ fn state_edits_apply_and_bad_edits_keep_the_last_good_state() {
     // Fixing the file clears the error and applies it.
     sandbox.write_state(SPEC);
     let status = agent.wait_for("db back", |s| {
-        s["last_error"].is_null() && map_entries(s, "dp_endpoints_v2") == 3
+        s.last_error.is_none() && s.map_entries("dp_endpoints_v2") == 3
     });
-    assert!(attachments(&status).contains(&("veth-db".into(), "dp_container_ingress".into())));
+    assert!(
+        status
+            .attached()
+            .contains(&("veth-db".into(), "dp_container_ingress".into()))
+    );
 }
 
 #[test]
@@ -196,9 +175,9 @@ fn sigterm_detaches_and_a_restart_adopts_the_pinned_maps() {
     let mut agent = Agent::start(&sandbox);
     sandbox.exec_ok("web2", &["nc", "-w2", "172.30.1.2", "80"]);
     let before = agent.wait_for("traffic counted", |s| {
-        packets(s, "veth-web2", "tc-ingress(container)") > 0
+        s.packets("veth-web2", "tc-ingress(container)") > 0
     });
-    let counted = packets(&before, "veth-web2", "tc-ingress(container)");
+    let counted = before.packets("veth-web2", "tc-ingress(container)");
 
     let exit = agent.stop("TERM");
     assert!(
@@ -216,17 +195,17 @@ fn sigterm_detaches_and_a_restart_adopts_the_pinned_maps() {
     );
 
     // SIGKILL leaves no chance to clean up; the next agent must still start on the same pins.
-    agent.restart(&sandbox);
+    agent.restart();
     let after = agent.status();
     assert!(
-        packets(&after, "veth-web2", "tc-ingress(container)") >= counted,
-        "counters survive the restart: {after:#}"
+        after.packets("veth-web2", "tc-ingress(container)") >= counted,
+        "counters survive the restart: {after:#?}"
     );
     agent.stop("KILL");
-    agent.restart(&sandbox);
+    agent.restart();
     let status = agent.status();
-    assert_eq!(attachments(&status).len(), 6, "{status:#}");
-    assert_eq!(map_entries(&status, "dp_endpoints_v2"), 3);
+    assert_eq!(status.attached().len(), 6, "{status:#?}");
+    assert_eq!(status.map_entries("dp_endpoints_v2"), 3);
 }
 
 #[test]
@@ -236,15 +215,16 @@ fn a_vanished_interface_is_reported_and_its_attachment_forgotten() {
     // The container's veth goes away behind the agent's back (as when a container dies).
     sandbox.exec_ok("host", &["ip", "link", "del", "veth-db"]);
     let status = agent.wait_for("the missing interface reported", |s| {
-        s["last_error"]
-            .as_str()
+        s.last_error
+            .as_deref()
             .is_some_and(|e| e.contains("endpoints[db].interfaces[0].host_veth"))
     });
     assert!(
-        !attachments(&status)
+        !status
+            .attached()
             .iter()
             .any(|(interface, _)| interface == "veth-db"),
-        "no attachment record outlives its interface: {status:#}"
+        "no attachment record outlives its interface: {status:#?}"
     );
     // Everything else keeps working under the last good state.
     let reply = sandbox.exec_ok("web2", &["nc", "-w2", "172.30.1.2", "80"]);

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use dataplane_tests::{Agent, Sandbox, attached_programs, has_program, in_netns, status::drops};
+use dataplane_tests::{Agent, Sandbox, StatusExt as _, attached_programs, has_program, in_netns};
 
 const SPEC: &str = r#"
 uplink: eth0
@@ -145,8 +145,8 @@ fn reachability_matrix_behaves_like_docker() {
     );
     let status = agent.status();
     assert!(
-        drops(&status, "POLICY_DENIED") >= 6,
-        "every denial counted: {status:#}"
+        status.drops("POLICY_DENIED") >= 6,
+        "every denial counted: {status:#?}"
     );
 }
 
@@ -186,12 +186,7 @@ fn rules_apply_to_new_and_open_connections() {
     );
     sandbox.write_state(&rules);
     agent.wait_for("rules applied", |s| {
-        s["last_error"].is_null()
-            && s["maps"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|m| m["name"] == "dp_ct_v1")
+        s.last_error.is_none() && s.find_map_entries("dp_ct_v1").is_some()
     });
     std::thread::sleep(Duration::from_millis(700));
     assert!(
@@ -205,8 +200,8 @@ fn rules_apply_to_new_and_open_connections() {
     // Documented choice: a connection the new rules deny is cut too (judged again on its
     // next packet).
     assert!(get(&mut open).is_err(), "the open connection is cut");
-    let status = agent.wait_for("denials counted", |s| drops(s, "POLICY_DENIED") >= 2);
-    assert!(status["last_error"].is_null(), "{status:#}");
+    let status = agent.wait_for("denials counted", |s| s.drops("POLICY_DENIED") >= 2);
+    assert!(status.last_error.is_none(), "{status:#?}");
 }
 
 #[test]
@@ -221,9 +216,9 @@ fn denied_outside_sources_drop_early() {
         "{SPEC}policies:\n  - {{name: blocklist, action: deny, from: {{cidr: 192.0.2.2/32}}}}\n"
     ));
     let status = agent.wait_for("denials counted", |s| {
-        !reaches(&sandbox, "outside", HOST, 8080) && drops(s, "POLICY_DENIED") > 0
+        !reaches(&sandbox, "outside", HOST, 8080) && s.drops("POLICY_DENIED") > 0
     });
-    assert!(status["last_error"].is_null());
+    assert!(status.last_error.is_none());
     assert!(
         !has_program(&attached_programs(&host, "eth0"), "dp_uplink_xdp"),
         "no XDP on a veth uplink"

@@ -8,10 +8,7 @@ use std::{
     time::Duration,
 };
 
-use dataplane_tests::{
-    Agent, Sandbox, attached_programs, has_program, in_netns,
-    status::{drops, map_entries},
-};
+use dataplane_tests::{Agent, Sandbox, StatusExt as _, attached_programs, has_program, in_netns};
 use serde_json::Value;
 
 const SPEC: &str = r#"
@@ -105,7 +102,7 @@ fn published_ports_reach_the_container_with_the_client_address() {
         &["ip", "addr", "add", "192.0.2.3/24", "dev", "eth0"],
     );
     agent.wait_for("the new host address", |s| {
-        map_entries(s, "dp_local_addrs_v1") >= 4
+        s.map_entries("dp_local_addrs_v1") >= 4
     });
     let reply = sandbox.exec_ok("outside", &["nc", "-w3", HOST, "9090"]);
     assert!(reply.starts_with(&format!("web2 {OUTSIDE}:")), "{reply:?}");
@@ -124,7 +121,7 @@ fn published_ports_reach_the_container_with_the_client_address() {
     // Closed TCP connections leave the table (10 s after FIN, plus a GC round); the UDP flow
     // (two entries) stays for its 60 s.
     agent.wait_for_within(Duration::from_secs(25), "closed connections removed", |s| {
-        map_entries(s, "dp_ct_v1") == 2
+        s.map_entries("dp_ct_v1") == 2
     });
 }
 
@@ -173,7 +170,7 @@ fn iperf3_through_a_published_port() {
     );
     sandbox.write_state(&with_iperf);
     agent.wait_for("iperf port published", |s| {
-        map_entries(s, "dp_ports_v2") == 7
+        s.map_entries("dp_ports_v2") == 7
     });
     let mut server = sandbox.spawn(
         "web1",
@@ -238,8 +235,8 @@ fn two_hundred_parallel_connections_from_colliding_source_ports() {
     }
     assert_eq!(ports.len(), 200, "200 distinct host ports");
     let status = agent.status();
-    assert_eq!(drops(&status, "SNAT_NO_FREE_PORT"), 0);
-    assert_eq!(drops(&status, "CT_MAP_INSERTION_FAILED"), 0);
+    assert_eq!(status.drops("SNAT_NO_FREE_PORT"), 0);
+    assert_eq!(status.drops("CT_MAP_INSERTION_FAILED"), 0);
 }
 
 #[test]
@@ -257,7 +254,7 @@ fn an_established_connection_survives_agent_kill_and_restart() {
         "while the agent is down"
     );
 
-    agent.restart(&sandbox);
+    agent.restart();
     assert!(
         conn.get().unwrap().starts_with("web1 "),
         "after the restart"
@@ -277,7 +274,7 @@ fn removing_a_port_stops_new_connections_at_once() {
         "",
     );
     sandbox.write_state(&without_8080);
-    agent.wait_for("port removed", |s| map_entries(s, "dp_ports_v2") == 5);
+    agent.wait_for("port removed", |s| s.map_entries("dp_ports_v2") == 5);
     let out = curl(&sandbox, "outside", &format!("http://{HOST}:8080/"));
     assert!(
         !out.status.success(),
@@ -308,10 +305,8 @@ fn a_full_conntrack_table_refuses_new_connections_and_counts_them() {
         !out.status.success(),
         "a third connection does not fit: {out:?}"
     );
-    let status = agent.wait_for("a counted drop", |s| {
-        drops(s, "CT_MAP_INSERTION_FAILED") > 0
-    });
-    assert_eq!(map_entries(&status, "dp_ct_v1"), 4);
+    let status = agent.wait_for("a counted drop", |s| s.drops("CT_MAP_INSERTION_FAILED") > 0);
+    assert_eq!(status.map_entries("dp_ct_v1"), 4);
     // The tracked connections are unaffected.
     assert!(first.get().unwrap().starts_with("web1 "));
     assert!(second.get().unwrap().starts_with("web1 "));
@@ -338,7 +333,7 @@ fn icmp_errors_reach_the_clients_of_translated_connections() {
         "{SPEC}  - {{endpoint: web1, protocol: udp, host_port: 6000, container_port: 6000}}\n"
     );
     sandbox.write_state(&closed);
-    agent.wait_for("udp 6000 published", |s| map_entries(s, "dp_ports_v2") == 7);
+    agent.wait_for("udp 6000 published", |s| s.map_entries("dp_ports_v2") == 7);
     let err = udp_exchange(&sandbox, "outside", "192.0.2.1:6000").unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     // Masquerade: the outside's "port unreachable" to the host reaches the container.

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_tests::{Agent, Sandbox, in_netns, status::drops};
+use dataplane_tests::{Agent, Sandbox, StatusExt as _, in_netns};
 
 const SPEC: &str = r#"
 uplink: eth0
@@ -122,7 +122,7 @@ fn a_service_without_backends_refuses_at_once_and_counts_it() {
         started.elapsed() < Duration::from_secs(1),
         "refused at once, not after retries"
     );
-    agent.wait_for("a counted drop", |s| drops(s, "NO_SERVICE_BACKEND") >= 1);
+    agent.wait_for("a counted drop", |s| s.drops("NO_SERVICE_BACKEND") >= 1);
 }
 
 /// A keep-alive connection of the client to the VIP.
@@ -178,23 +178,11 @@ fn a_long_lived_connection_keeps_its_backend_while_others_come_and_go() {
         1,
     );
     sandbox.write_state(&relabelled);
-    agent.wait_for("two backends", |s| {
-        s["maps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["name"] == "dp_backends_v1" && m["entries"] == 4)
-    });
+    agent.wait_for("two backends", |s| s.map_entries("dp_backends_v1") == 4);
     assert_eq!(conn.who().unwrap(), mine);
     // It comes back: still put.
     sandbox.write_state(SPEC);
-    agent.wait_for("three backends", |s| {
-        s["maps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["name"] == "dp_backends_v1" && m["entries"] == 6)
-    });
+    agent.wait_for("three backends", |s| s.map_entries("dp_backends_v1") == 6);
     assert_eq!(conn.who().unwrap(), mine);
 
     // My own backend's container goes away: the connection ends with a reset rather than
@@ -208,11 +196,7 @@ fn a_long_lived_connection_keeps_its_backend_while_others_come_and_go() {
     let without_mine = lines.join("\n") + "\n";
     sandbox.write_state(&without_mine);
     agent.wait_for("my backend gone", |s| {
-        s["endpoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|e| e["name"] != mine.as_str())
+        !s.endpoint_names().contains(mine.as_str())
     });
     let after = conn.who();
     assert!(

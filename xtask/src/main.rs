@@ -2,10 +2,11 @@
 //!
 //! Every task first runs `setup`, which installs what a new machine lacks (Debian packages,
 //! the nightly toolchain's rust-src, bpf-linker built against Debian's LLVM 22), skips what is
-//! present, and stops with the name of the step that failed.
+//! present, and stops with the name of the step that failed. That is why xtask depends on no
+//! crate of the workspace: building `dataplane` needs what setup installs. The demo (the test
+//! bed's `dataplane-demo`) and the bench (`dataplane-bench`, bench/) are binaries it builds and
+//! runs after setup.
 
-mod bench;
-mod demo;
 mod setup;
 
 use std::{
@@ -68,9 +69,17 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             require_root("the tests load kernel programs and create network namespaces")?;
             build()?;
-            step("test", "cargo test (unit, packet and namespace tests)");
+            step(
+                "test",
+                "cargo test (unit, packet and whole-host tests of every package)",
+            );
             let mut cmd = cargo();
             cmd.arg("test");
+            // The whole-host tests are not a default member (a plain `cargo test` is for any
+            // user); name every package so they run here.
+            for package in TEST_PACKAGES {
+                cmd.args(["-p", package]);
+            }
             if !cargo_test_args.is_empty() {
                 cmd.arg("--").args(&cargo_test_args);
             }
@@ -80,26 +89,51 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             require_root("the demo loads kernel programs and creates network namespaces")?;
             build()?;
-            demo::run(&dataplane_binary())
+            run_checked(
+                &mut Command::new(target_dir().join("debug").join("dataplane-demo")),
+                "demo",
+            )
         }
-        Task::BenchProbe { addr, secs } => bench::probe_main(addr, secs),
+        // Kept for anyone who ran the probe by hand; the bench runs its own binary's `probe`.
+        Task::BenchProbe { addr, secs } => run_checked(
+            Command::new(bench_binary())
+                .arg("probe")
+                .arg(addr.to_string())
+                .arg(secs.to_string()),
+            "bench probe",
+        ),
         Task::Bench { quick, scenarios } => {
             setup::run()?;
             require_root("the bench loads kernel programs and creates network namespaces")?;
             // Optimised code in the agent; the kernel programs are built the same either way.
             step(
                 "build",
-                "cargo build --release -p dataplane (the binary the bench runs)",
+                "cargo build --release -p dataplane -p dataplane-bench (the agent it measures \
+                 and the bench)",
             );
             run_checked(
-                cargo().args(["build", "--release", "-p", "dataplane"]),
+                cargo().args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "dataplane",
+                    "-p",
+                    "dataplane-bench",
+                ]),
                 "cargo build --release",
             )?;
-            bench::run(
-                &target_dir().join("release").join("dataplane"),
-                quick,
-                &scenarios,
-            )
+            let mut bench = Command::new(bench_binary());
+            bench
+                .arg("run")
+                .arg("--dataplane")
+                .arg(target_dir().join("release").join("dataplane"));
+            if quick {
+                bench.arg("--quick");
+            }
+            if !scenarios.is_empty() {
+                bench.arg("--scenario").arg(scenarios.join(","));
+            }
+            run_checked(&mut bench, "bench")
         }
     }
 }
@@ -117,9 +151,19 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// The agent binary `cargo build` leaves behind.
-pub fn dataplane_binary() -> PathBuf {
-    target_dir().join("debug").join("dataplane")
+/// Every package `cargo xtask test` tests (the kernel crate builds only for BPF).
+const TEST_PACKAGES: &[&str] = &[
+    "dataplane",
+    "dataplane-common",
+    "xtask",
+    "testbed",
+    "dataplane-bench",
+    "dataplane-tests",
+];
+
+/// The bench's binary, as `cargo build --release -p dataplane-bench` leaves it.
+fn bench_binary() -> PathBuf {
+    target_dir().join("release").join("dataplane-bench")
 }
 
 /// `cargo` with ~/.cargo/bin on PATH, so a freshly installed bpf-linker is found.

@@ -40,11 +40,14 @@ pub mod server;
 /// Where each sandbox keeps its files, one directory per sandbox name.
 pub const SANDBOX_ROOT: &str = "/run/dataplane/sandbox";
 /// Where `ip netns add` puts namespace handles (iproute2's NETNS_RUN_DIR).
-const NETNS_DIR: &str = "/run/netns";
+pub const NETNS_DIR: &str = "/run/netns";
 /// The host's uplink address and the outside client's, on TEST-NET-1 (RFC 5737): documentation
 /// addresses that can never clash with anything real, and both live in our namespaces only.
 const UPLINK_HOST_CIDR: &str = "192.0.2.1/24";
 const OUTSIDE_CIDR: &str = "192.0.2.2/24";
+/// The same addresses without the prefix, for clients (the tests, the bench).
+pub const UPLINK_HOST_IP: &str = "192.0.2.1";
+pub const OUTSIDE_IP: &str = "192.0.2.2";
 /// Host uplink name when the spec names none (Docker hosts' usual default-route interface).
 const DEFAULT_UPLINK: &str = "eth0";
 /// Every container serves port 80 over TCP and UDP, whatever the spec publishes.
@@ -116,19 +119,30 @@ pub fn run(command: SandboxCommand) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Names and files.
 
-/// Names of everything one sandbox owns.
-struct Sandbox {
+/// Names of everything one sandbox owns: its directory and files, its namespaces. Public so
+/// that the test bed (tests/testbed) finds them where `up` put them instead of spelling the
+/// paths again.
+pub struct Names {
     name: String,
     dir: PathBuf,
 }
 
-impl Sandbox {
-    fn new(name: &str) -> anyhow::Result<Sandbox> {
+impl Names {
+    pub fn new(name: &str) -> anyhow::Result<Names> {
         check_name("sandbox name", name)?;
-        Ok(Sandbox {
+        Ok(Names {
             name: name.to_string(),
             dir: Path::new(SANDBOX_ROOT).join(name),
         })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `{SANDBOX_ROOT}/{name}`: spec, state file, server pids and logs, the cgroup's path.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The cgroup (v2) the host's processes of `exec host` run in, and the one the agent's
@@ -139,20 +153,31 @@ impl Sandbox {
             .map(|root| Path::new(&root).join(format!("dataplane-sandbox-{}", self.name)))
     }
 
-    fn cgroup_path_file(&self) -> PathBuf {
+    /// The file in which `up` wrote the path of the host's cgroup (absent without cgroup2).
+    pub fn cgroup_path_file(&self) -> PathBuf {
         self.dir.join("cgroup")
     }
 
-    fn host_ns(&self) -> String {
+    pub fn host_ns(&self) -> String {
         format!("{}-host", self.name)
     }
 
-    fn outside_ns(&self) -> String {
+    pub fn outside_ns(&self) -> String {
         format!("{}-out", self.name)
     }
 
-    fn endpoint_ns(&self, endpoint: &str) -> String {
+    pub fn endpoint_ns(&self, endpoint: &str) -> String {
         format!("{}-{endpoint}", self.name)
+    }
+
+    /// The namespace of an `exec` target: `host`, `outside` or an endpoint's name (not checked
+    /// against the spec here; `exec` does).
+    pub fn target_ns(&self, target: &str) -> String {
+        match target {
+            "host" => self.host_ns(),
+            "outside" => self.outside_ns(),
+            endpoint => self.endpoint_ns(endpoint),
+        }
     }
 
     /// The namespaces a spec calls for, host and outside first.
@@ -166,7 +191,8 @@ impl Sandbox {
         self.dir.join("spec.yaml")
     }
 
-    fn state_path(&self) -> PathBuf {
+    /// The state file `up` wrote for the agent (the spec with the uplink filled in).
+    pub fn state_path(&self) -> PathBuf {
         self.dir.join("state.yaml")
     }
 
@@ -245,7 +271,8 @@ fn existing_namespaces() -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-fn netns_path(ns: &str) -> String {
+/// The handle of namespace `ns` (for `nsenter --net=` and setns).
+pub fn netns_path(ns: &str) -> String {
     format!("{NETNS_DIR}/{ns}")
 }
 
@@ -308,7 +335,7 @@ fn sysctl_in(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
 /// Builds the sandbox and returns the path of the state file for the agent. On failure,
 /// removes whatever it had built.
 fn up(spec_path: &Path, name: &str, state_out: Option<&Path>) -> anyhow::Result<PathBuf> {
-    let sandbox = Sandbox::new(name)?;
+    let sandbox = Names::new(name)?;
     let (spec, model) = Model::load(spec_path)?;
     for endpoint in &model.endpoints {
         check_name("endpoint name", &endpoint.name).with_context(|| {
@@ -361,8 +388,11 @@ fn up(spec_path: &Path, name: &str, state_out: Option<&Path>) -> anyhow::Result<
     }
 }
 
+/// Everything `up` makes, in order: the host and outside namespaces joined by the uplink, a
+/// bridge per network, each endpoint on its veths, the servers (ready), then the state file for
+/// the agent.
 fn build(
-    sandbox: &Sandbox,
+    sandbox: &Names,
     spec_path: &Path,
     spec: &StateFile,
     model: &Model,
@@ -370,10 +400,27 @@ fn build(
 ) -> anyhow::Result<PathBuf> {
     fs::copy(spec_path, sandbox.spec_path())
         .with_context(|| format!("copying the spec to {}", sandbox.spec_path().display()))?;
+    let uplink = model.uplink.as_deref().unwrap_or(DEFAULT_UPLINK);
+    build_host(sandbox, uplink)?;
+    build_bridges(&sandbox.host_ns(), model)?;
+    for endpoint in &model.endpoints {
+        build_endpoint(sandbox, model, endpoint)?;
+    }
+    let mut children = Vec::new();
+    for endpoint in &model.endpoints {
+        children.push(start_server(sandbox, model, endpoint)?);
+    }
+    wait_for_servers(sandbox, &mut children)?;
+    let state = write_state(sandbox, spec, uplink, state_out)?;
+    print_summary(sandbox, model, uplink);
+    Ok(state)
+}
 
+/// The host's namespace (forwarding on, no strict reverse-path filter) and the outside
+/// client's, joined by the uplink veth pair.
+fn build_host(sandbox: &Names, uplink: &str) -> anyhow::Result<()> {
     let host = sandbox.host_ns();
     let outside = sandbox.outside_ns();
-    let uplink = model.uplink.as_deref().unwrap_or(DEFAULT_UPLINK);
     add_namespace(sandbox, &host)?;
     add_namespace(sandbox, &outside)?;
     ip_in(
@@ -420,37 +467,40 @@ fn build(
         &outside,
         "bringing up the outside client",
         &["link", "set", "eth0", "up"],
-    )?;
+    )
+}
 
+/// One bridge per network in the host namespace, with the network's gateway address.
+fn build_bridges(host: &str, model: &Model) -> anyhow::Result<()> {
     for network in &model.networks {
         let step = format!(
             "creating bridge {} for network {}",
             network.bridge, network.name
         );
         ip_in(
-            &host,
+            host,
             &step,
             &["link", "add", &network.bridge, "type", "bridge"],
         )?;
         let gateway = format!("{}/{}", network.gateway, network.subnet.prefix_len);
         ip_in(
-            &host,
+            host,
             &step,
             &["addr", "add", &gateway, "dev", &network.bridge],
         )?;
-        ip_in(&host, &step, &["link", "set", &network.bridge, "up"])?;
+        ip_in(host, &step, &["link", "set", &network.bridge, "up"])?;
     }
+    Ok(())
+}
 
-    for endpoint in &model.endpoints {
-        build_endpoint(sandbox, model, endpoint)?;
-    }
-
-    let mut children = Vec::new();
-    for endpoint in &model.endpoints {
-        children.push(start_server(sandbox, model, endpoint)?);
-    }
-    wait_for_servers(sandbox, &mut children)?;
-
+/// The spec with the uplink filled in, as the agent's state file in the sandbox's directory
+/// (and at `--state-out`); returns its path.
+fn write_state(
+    sandbox: &Names,
+    spec: &StateFile,
+    uplink: &str,
+    state_out: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
     let mut state = spec.clone();
     state.uplink = Some(uplink.to_string());
     let yaml = state.to_yaml();
@@ -460,11 +510,17 @@ fn build(
         fs::write(path, &yaml)
             .with_context(|| format!("writing the state file to --state-out {}", path.display()))?;
     }
+    Ok(sandbox.state_path())
+}
 
+/// What was built, for people: namespaces, addresses, bridges, served ports.
+fn print_summary(sandbox: &Names, model: &Model, uplink: &str) {
     println!(
-        "sandbox {}: host namespace {host} (uplink {uplink} {UPLINK_HOST_CIDR}), outside \
-         namespace {outside} (eth0 {OUTSIDE_CIDR})",
-        sandbox.name
+        "sandbox {}: host namespace {} (uplink {uplink} {UPLINK_HOST_CIDR}), outside \
+         namespace {} (eth0 {OUTSIDE_CIDR})",
+        sandbox.name,
+        sandbox.host_ns(),
+        sandbox.outside_ns()
     );
     for network in &model.networks {
         println!(
@@ -488,10 +544,9 @@ fn build(
             port_list(&udp)
         );
     }
-    Ok(sandbox.state_path())
 }
 
-fn add_namespace(sandbox: &Sandbox, ns: &str) -> anyhow::Result<()> {
+fn add_namespace(sandbox: &Names, ns: &str) -> anyhow::Result<()> {
     run_step(
         &format!("creating namespace {ns}"),
         Command::new("ip").args(["netns", "add", ns]),
@@ -507,7 +562,7 @@ fn add_namespace(sandbox: &Sandbox, ns: &str) -> anyhow::Result<()> {
 }
 
 /// The endpoint's namespace and one veth pair per interface, host end on the network's bridge.
-fn build_endpoint(sandbox: &Sandbox, model: &Model, endpoint: &Endpoint) -> anyhow::Result<()> {
+fn build_endpoint(sandbox: &Names, model: &Model, endpoint: &Endpoint) -> anyhow::Result<()> {
     let host = sandbox.host_ns();
     let ns = sandbox.endpoint_ns(&endpoint.name);
     add_namespace(sandbox, &ns)?;
@@ -645,7 +700,7 @@ fn port_list(ports: &BTreeSet<u16>) -> String {
 /// records its pid. nsenter, not `ip netns exec`: nothing but the network namespace changes,
 /// and nsenter execs the command, so the pid recorded is the server's own.
 fn start_server(
-    sandbox: &Sandbox,
+    sandbox: &Names,
     model: &Model,
     endpoint: &Endpoint,
 ) -> anyhow::Result<(String, Child)> {
@@ -687,7 +742,7 @@ fn start_server(
 
 /// Waits until every server has said it is ready (bound all its ports), so traffic right after
 /// `up` finds them listening. A server that exits instead fails `up` with its log.
-fn wait_for_servers(sandbox: &Sandbox, children: &mut [(String, Child)]) -> anyhow::Result<()> {
+fn wait_for_servers(sandbox: &Names, children: &mut [(String, Child)]) -> anyhow::Result<()> {
     let deadline = Instant::now() + SERVER_READY_TIMEOUT;
     let mut waiting: Vec<usize> = (0..children.len()).collect();
     while !waiting.is_empty() {
@@ -731,7 +786,7 @@ fn wait_for_servers(sandbox: &Sandbox, children: &mut [(String, Child)]) -> anyh
 
 /// Creates the host's cgroup and records its path in `{dir}/cgroup` for the agent's
 /// `--cgroup` (tests and the demo read it there).
-fn make_host_cgroup(sandbox: &Sandbox) -> anyhow::Result<()> {
+fn make_host_cgroup(sandbox: &Names) -> anyhow::Result<()> {
     let Some(cgroup) = sandbox.host_cgroup() else {
         return Ok(());
     };
@@ -741,7 +796,7 @@ fn make_host_cgroup(sandbox: &Sandbox) -> anyhow::Result<()> {
 }
 
 fn down(name: &str) -> anyhow::Result<()> {
-    let sandbox = Sandbox::new(name)?;
+    let sandbox = Names::new(name)?;
     let removed = down_quietly(&sandbox)?;
     if removed.is_empty() {
         println!("sandbox {name}: nothing to remove");
@@ -756,7 +811,7 @@ fn down(name: &str) -> anyhow::Result<()> {
 /// Removes everything of the sandbox and says what it removed. Every step runs even if an
 /// earlier one failed, so one stuck piece does not leave the rest behind; the first error is
 /// returned at the end.
-fn down_quietly(sandbox: &Sandbox) -> anyhow::Result<Vec<String>> {
+fn down_quietly(sandbox: &Names) -> anyhow::Result<Vec<String>> {
     let mut removed = Vec::new();
     let mut first_error: Option<anyhow::Error> = None;
     let mut note = |result: anyhow::Result<()>| {
@@ -844,7 +899,7 @@ fn down_quietly(sandbox: &Sandbox) -> anyhow::Result<Vec<String>> {
 /// The sandbox's namespaces that exist now: the ones it recorded making, the ones its spec
 /// calls for, and (in case the files are gone) any `{NAME}-*` that another existing sandbox
 /// does not claim (sandbox `a` must not sweep away sandbox `a-b`'s `a-b-host`).
-fn namespaces_to_remove(sandbox: &Sandbox) -> Vec<String> {
+fn namespaces_to_remove(sandbox: &Names) -> Vec<String> {
     let existing = existing_namespaces();
     let mut wanted: BTreeSet<String> = read_lines(&sandbox.namespaces_path()).into_iter().collect();
     if let Ok(Some(spec)) = sandbox.saved_spec() {
@@ -941,7 +996,7 @@ fn terminate(pids: &[i32]) {
 /// Runs `command` in the target's namespace and returns its exit code (128 + signal number when
 /// a signal ended it, as shells report).
 fn exec(name: &str, target: &str, command: &[String]) -> anyhow::Result<i32> {
-    let sandbox = Sandbox::new(name)?;
+    let sandbox = Names::new(name)?;
     let spec = sandbox.saved_spec()?.with_context(|| {
         format!("sandbox {name} does not exist; run `dataplane sandbox up SPEC --name {name}`")
     })?;
@@ -1045,8 +1100,14 @@ services:
     }
 
     #[test]
+    fn client_addresses_are_the_cidrs_addresses() {
+        assert_eq!(UPLINK_HOST_CIDR, format!("{UPLINK_HOST_IP}/24"));
+        assert_eq!(OUTSIDE_CIDR, format!("{OUTSIDE_IP}/24"));
+    }
+
+    #[test]
     fn namespace_names_are_prefixed_with_the_sandbox() {
-        let sandbox = Sandbox::new("sbt").unwrap();
+        let sandbox = Names::new("sbt").unwrap();
         let spec = StateFile::parse(SPEC).unwrap();
         assert_eq!(
             sandbox.namespaces(&spec),

@@ -11,7 +11,7 @@ use dataplane_common::{
 
 use super::{
     packet::{Ipv4Spec, TCP_ACK, TCP_SYN, assert_checksums, ipv4_frame, tcp, tuple},
-    programs::{TC_PASS, TestDatapath, run_tc},
+    programs::{TC_PASS, loaded_or_skip, run_tc},
 };
 use crate::{
     kernel::{Datapath, Hook},
@@ -107,7 +107,7 @@ fn spread(dp: &mut Datapath, connections: u16) -> BTreeMap<Ipv4Addr, u32> {
 
 #[test]
 fn maglev_spreads_connections_evenly_and_replies_come_from_the_vip() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     service(dp, &BACKENDS, algorithm::MAGLEV);
     let counts = spread(dp, 3000);
@@ -140,7 +140,7 @@ fn maglev_spreads_connections_evenly_and_replies_come_from_the_vip() {
 
 #[test]
 fn a_connection_keeps_its_backend_when_the_backend_set_changes() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     service(dp, &BACKENDS, algorithm::MAGLEV);
     let before: Vec<Ipv4Addr> = (0..200).map(|p| land(dp, 30000 + p)).collect();
@@ -170,7 +170,7 @@ fn a_connection_keeps_its_backend_when_the_backend_set_changes() {
 
 #[test]
 fn source_hash_keeps_a_client_on_one_backend() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     service(dp, &BACKENDS, algorithm::SOURCE_HASH);
     let counts = spread(dp, 100);
@@ -180,7 +180,7 @@ fn source_hash_keeps_a_client_on_one_backend() {
 #[test]
 fn random_and_round_robin_use_every_backend() {
     for algo in [algorithm::RANDOM, algorithm::ROUND_ROBIN] {
-        let mut t = TestDatapath::load();
+        let mut t = loaded_or_skip!();
         let dp = t.get();
         service(dp, &BACKENDS, algo);
         let counts = spread(dp, 300);
@@ -194,7 +194,7 @@ fn random_and_round_robin_use_every_backend() {
 
 #[test]
 fn no_backend_refuses_with_a_reset_at_once() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     service(dp, &[], algorithm::MAGLEV);
     let request = syn(40000);
@@ -224,7 +224,7 @@ fn no_backend_refuses_with_a_reset_at_once() {
 
 #[test]
 fn a_published_port_can_lead_to_a_service() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     service(dp, &BACKENDS, algorithm::MAGLEV);
     let host = [192, 0, 2, 1];

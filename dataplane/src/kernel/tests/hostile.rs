@@ -10,7 +10,7 @@ use super::{
         Ipv4Spec, TCP_ACK, TCP_SYN, assert_checksums, assert_reassembles, fix_ip_checksum,
         fragments, ipv4_frame, tcp, tcp_seq, tuple, udp,
     },
-    programs::{TC_PASS, TC_SHOT, TestDatapath, run_tc},
+    programs::{TC_PASS, TC_SHOT, loaded_or_skip, run_tc},
     translation::{
         CLIENT, HOST, SERVER, TC_REDIRECT, WEB1, WEB2, ct, delivered, drops, host, ip4, pass,
         redirected,
@@ -69,7 +69,7 @@ fn handshake(dp: &mut Datapath, sport: u16) {
 
 #[test]
 fn a_connection_is_established_only_by_the_handshakes_ack() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     let syn = ipv4_frame(
@@ -143,7 +143,7 @@ fn a_connection_is_established_only_by_the_handshakes_ack() {
 #[test]
 fn a_syn_flood_never_displaces_established_connections_nor_locks_new_ones_out() {
     // The main table has room for exactly one connection.
-    let mut t = TestDatapath::load_with(&LoadOptions {
+    let mut t = loaded_or_skip!(&LoadOptions {
         ct_max_entries: 2,
         ..LoadOptions::default()
     });
@@ -195,7 +195,7 @@ fn a_syn_flood_never_displaces_established_connections_nor_locks_new_ones_out() 
 
 #[test]
 fn packets_no_stack_accepts_are_dropped_before_they_are_tracked() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     let to_port = |flags: u8| {
@@ -251,7 +251,7 @@ fn fragmented_udp(
 
 #[test]
 fn every_fragment_gets_its_first_fragments_translation() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     // Published UDP port: both fragments go to web1:53, the datagram stays whole and valid.
@@ -297,7 +297,7 @@ fn every_fragment_gets_its_first_fragments_translation() {
 
 #[test]
 fn a_fragment_whose_first_was_not_seen_is_dropped_and_counted() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     let (first, later) = fragmented_udp(CLIENT, HOST, 7000, 5353, 4000);

@@ -9,7 +9,7 @@ use dataplane_common::{
 
 use super::{
     packet::{Ipv4Spec, TCP_ACK, TCP_SYN, ipv4_frame, tcp},
-    programs::{TC_PASS, TC_SHOT, TestDatapath, run_tc},
+    programs::{TC_PASS, TC_SHOT, loaded_or_skip, run_tc},
 };
 use crate::kernel::{Datapath, Hook};
 
@@ -130,7 +130,7 @@ fn denied(dp: &Datapath) -> u64 {
 
 #[test]
 fn docker_isolation_without_rules() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     let c = Hook::ContainerIngress;
@@ -188,7 +188,7 @@ fn docker_isolation_without_rules() {
 
 #[test]
 fn each_selector_kind_and_ports_first_match_wins() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     let c = Hook::ContainerIngress;
@@ -268,7 +268,7 @@ fn each_selector_kind_and_ports_first_match_wins() {
 
 #[test]
 fn replies_pass_and_a_rule_change_reaches_tracked_connections() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     let c = Hook::ContainerIngress;
@@ -309,7 +309,7 @@ fn replies_pass_and_a_rule_change_reaches_tracked_connections() {
 
 #[test]
 fn xdp_drops_denied_outside_sources() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     dp.set_deny_source(

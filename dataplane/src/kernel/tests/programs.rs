@@ -26,12 +26,30 @@ pub(super) struct TestDatapath {
     pin_dir: PathBuf,
 }
 
-impl TestDatapath {
-    pub(super) fn load() -> TestDatapath {
-        TestDatapath::load_with(&LoadOptions::default())
-    }
+/// `let mut t = loaded_or_skip!();` (or `loaded_or_skip!(&options)`): a [`TestDatapath`], or
+/// the test returns at once (passing) when not root, after [`TestDatapath::load_with`] said so.
+macro_rules! loaded_or_skip {
+    () => {
+        loaded_or_skip!(&$crate::kernel::LoadOptions::default())
+    };
+    ($options:expr) => {
+        match $crate::kernel::tests::programs::TestDatapath::load_with($options) {
+            Some(loaded) => loaded,
+            None => return,
+        }
+    };
+}
+pub(super) use loaded_or_skip;
 
-    pub(super) fn load_with(options: &LoadOptions) -> TestDatapath {
+impl TestDatapath {
+    /// The programs loaded with their own pins; None when not root (loading BPF programs needs
+    /// it), after a line on the terminal saying how to run the packet tests.
+    pub(super) fn load_with(options: &LoadOptions) -> Option<TestDatapath> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            say_skipped_once();
+            return None;
+        }
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/dp-unit-{}-{}",
@@ -42,15 +60,29 @@ impl TestDatapath {
             let _ = std::fs::remove_dir_all(&pin_dir);
             panic!("loading the kernel programs (root needed): {e}")
         });
-        TestDatapath {
+        Some(TestDatapath {
             datapath: Some(datapath),
             pin_dir,
-        }
+        })
     }
 
     pub(super) fn get(&mut self) -> &mut Datapath {
         self.datapath.as_mut().expect("loaded")
     }
+}
+
+/// Straight to stderr, not through `eprintln!`, which the test harness captures from passing
+/// tests: the user must see that these tests did not run.
+fn say_skipped_once() {
+    use std::io::Write as _;
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: the packet tests (BPF_PROG_TEST_RUN) need root; run `sudo cargo xtask \
+             test`, which also runs the whole-host tests (tests/)"
+        );
+    });
 }
 
 impl Drop for TestDatapath {
@@ -154,7 +186,7 @@ fn malformed_cases() -> Vec<Case> {
 
 #[test]
 fn container_ingress_verdicts() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     let cases = malformed_cases();
     for case in &cases {
@@ -191,7 +223,7 @@ fn container_ingress_verdicts() {
 
 #[test]
 fn uplink_programs_pass_and_count() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     let frame = ipv4_frame(
         &Ipv4Spec::new([192, 0, 2, 2], [192, 0, 2, 1], 17),
@@ -225,7 +257,7 @@ fn uplink_programs_pass_and_count() {
 
 #[test]
 fn maps_are_pinned_and_adopted_by_the_next_load() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let ip = u32::from_be_bytes([172, 30, 1, 9]).to_be();
     let info = dataplane_common::EndpointInfo {
         ifindex: 7,

@@ -11,7 +11,7 @@ use super::{
         Ipv4Spec, TCP_ACK, TCP_SYN, assert_checksums, icmp_echo, icmp_error, ipv4_frame,
         quoted_tuple, tcp, tuple, udp,
     },
-    programs::{TC_PASS, TC_SHOT, TestDatapath, run_tc},
+    programs::{TC_PASS, TC_SHOT, loaded_or_skip, run_tc},
 };
 use crate::kernel::{
     Datapath, Hook,
@@ -143,7 +143,7 @@ pub(super) fn drops(dp: &Datapath, reason: DropReason) -> u64 {
 
 #[test]
 fn published_tcp_port_and_its_replies() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     // Outside client -> host:8080 becomes client -> web1:80, client address kept.
@@ -187,7 +187,7 @@ fn published_tcp_port_and_its_replies() {
 
 #[test]
 fn published_udp_port_and_host_ip_bindings() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     let query = ipv4_frame(
@@ -231,7 +231,7 @@ fn published_udp_port_and_host_ip_bindings() {
 
 #[test]
 fn hairpin_a_container_reaches_its_hosts_published_port() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     let syn = ipv4_frame(
@@ -254,7 +254,7 @@ fn hairpin_a_container_reaches_its_hosts_published_port() {
 
 #[test]
 fn masquerade_allocates_distinct_ports_and_restores_replies() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     // Two containers, same source port, same server: two different host ports.
@@ -314,7 +314,7 @@ fn masquerade_allocates_distinct_ports_and_restores_replies() {
 
 #[test]
 fn masquerade_of_udp_and_icmp_echo() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     let dns = ipv4_frame(&Ipv4Spec::new(WEB1, SERVER, 17), &udp(41000, 53, b"q"));
@@ -338,7 +338,7 @@ fn masquerade_of_udp_and_icmp_echo() {
 
 #[test]
 fn icmp_errors_about_translated_connections_are_translated_back() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     // Masquerade: a server answers web1's datagram with "port unreachable", addressed to the
@@ -383,7 +383,7 @@ fn icmp_errors_about_translated_connections_are_translated_back() {
 
 #[test]
 fn connections_between_containers_are_tracked_untranslated() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     let syn = ipv4_frame(&Ipv4Spec::new(WEB2, WEB1, 6), &tcp(46000, 80, TCP_SYN, b""));
@@ -426,7 +426,7 @@ fn connections_between_containers_are_tracked_untranslated() {
 
 #[test]
 fn a_syn_reusing_the_tuple_of_a_closed_connection_is_a_new_connection() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     let syn = ipv4_frame(
@@ -458,7 +458,7 @@ fn a_syn_reusing_the_tuple_of_a_closed_connection_is_a_new_connection() {
 
 #[test]
 fn masquerade_reuses_the_port_of_a_connection_closed_both_ways() {
-    let mut t = TestDatapath::load();
+    let mut t = loaded_or_skip!();
     let dp = t.get();
     host(dp);
     // One port to masquerade with, so the second connection must wait for the first.

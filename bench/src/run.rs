@@ -1,114 +1,47 @@
-//! `cargo xtask bench [--quick]`: the dataplane against its baselines, side by side in one run.
+//! The runner: every selected scenario against its baselines, side by side in one run.
 //!
-//! A *scenario* (`scenario.rs`) is one kind of traffic (today: a published port) with the
-//! *paths* it compares (plain routing, Docker's iptables rules, our agent) and the *workloads*
-//! that measure them (wrk, iperf3). Every path gets a fresh sandbox of network namespaces
-//! (`bed.rs`), all of a scenario's sandboxes are up at once, and the runs are interleaved
-//! (run 1 of every path, then run 2, ...) so that the noise of this shared 2-core machine
-//! (about +-20%, shared/TOOLCHAIN.md) lands on every path alike: only ratios within one run are
-//! worth comparing. Results: a table on stdout, and under bench/results/ a JSON file per run,
-//! latest.json, latest.svg (chart) and latest.md (the table as Markdown, for bench/README.md).
+//! Every path of a scenario gets a fresh sandbox of network namespaces (bed.rs), all of a
+//! scenario's sandboxes are up at once, and the runs are interleaved (run 1 of every path, then
+//! run 2, ...) so that the noise of this shared 2-core machine (about +-20%) lands on every
+//! path alike: only ratios within one run are worth comparing. Results: a table on stdout, and
+//! under bench/results/ a JSON file per run, latest.json, latest.svg (chart) and latest.md (the
+//! table as Markdown, for bench/README.md).
 //!
 //! Nothing here touches the root network namespace: servers, clients, iptables rules and the
 //! agent all live in the sandbox's namespaces, which are removed at the end, on error and on
-//! Ctrl-C (a Drop guard per sandbox; SIGINT/SIGTERM only set a flag that the waits check).
-
-mod bed;
-mod client;
-mod report;
-mod scenario;
-mod scenarios;
-mod svg;
+//! Ctrl-C (a Drop guard per sandbox; SIGINT/SIGTERM only set a flag that the waits check,
+//! testbed::interrupt).
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicBool, Ordering},
     time::Instant,
 };
 
 use anyhow::{Context as _, bail};
+use testbed::interrupt;
 
-use bed::Bed;
-use report::{PathResult, RunReport, ScenarioResult};
-use scenario::{Scenario, Targets};
-
-use crate::{step, workspace_root};
-
-/// How long each measurement runs, and how often it is repeated.
-#[derive(Clone, Copy, Debug, serde::Serialize)]
-pub struct Durations {
-    /// Repetitions of every measurement; the report gives their median, min and max. Three
-    /// also with --quick: one run says nothing about the spread on a noisy machine.
-    pub runs: usize,
-    pub wrk_secs: u32,
-    /// A short wrk run before every measured one, so connections, caches and conntrack are
-    /// warm; its numbers are thrown away.
-    pub warmup_secs: u32,
-    pub iperf_secs: u32,
-    /// `--quick`: scenarios may also skip their largest sizes (scale skips 50,000).
-    pub quick: bool,
-}
-
-impl Durations {
-    fn new(quick: bool) -> Durations {
-        // Full runs were 10 s; 5 s keeps the whole run of all scenarios near 25 minutes on
-        // 2 cores (bench/README.md), with 3 runs still giving a median and a spread.
-        let secs = if quick { 3 } else { 5 };
-        Durations {
-            runs: 3,
-            wrk_secs: secs,
-            warmup_secs: 1,
-            iperf_secs: secs,
-            quick,
-        }
-    }
-}
-
-/// Set by SIGINT/SIGTERM. Children in our process group (the clients) get Ctrl-C themselves;
-/// the servers and the agent run in groups of their own so that they stay up until the
-/// sandbox guards stop them in order.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
-/// Fails with "interrupted" once a signal came, so `?` unwinds to the guards.
-pub fn check_interrupted() -> anyhow::Result<()> {
-    if interrupted() {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe {
-            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
-        }
-    }
-}
-
+use crate::{
+    bed::Bed,
+    client::{self, Targets},
+    framework::{
+        Durations,
+        scenario::{PathDef, Scenario},
+    },
+    report::{
+        RunReport,
+        results::{Machine, PathResult, ScenarioResult, now_utc},
+    },
+    step, workspace_root,
+};
 /// Sandbox names start with this, then our pid, then the path: a later run can tell which
 /// sandboxes were left behind by a run that died (its pid is gone) and remove them.
 const NAME_PREFIX: &str = "dpbench";
 
-/// `xtask bench-probe ADDR SECS`: the latency probe some scenarios run in a client's
-/// namespace (scenarios/probe.rs).
-pub fn probe_main(addr: std::net::SocketAddrV4, secs: u32) -> anyhow::Result<()> {
-    scenarios::probe::main(addr, secs)
-}
-
 /// Runs every scenario, or those named in `only`.
 pub fn run(binary: &Path, quick: bool, only: &[String]) -> anyhow::Result<()> {
-    let scenarios = select(scenario::all(), only)?;
-    install_signal_handlers();
+    let scenarios = select(crate::scenarios::all(), only)?;
+    interrupt::install_handlers();
     check_tools()?;
     sweep_stale(binary);
 
@@ -142,8 +75,8 @@ fn run_in(
     selected: Vec<Scenario>,
     only: &[String],
 ) -> anyhow::Result<()> {
-    let started = report::now_utc();
-    let machine = report::Machine::collect();
+    let started = now_utc();
+    let machine = Machine::collect();
     step(
         "bench",
         &format!(
@@ -178,7 +111,7 @@ fn run_in(
 
     let mut scenarios = Vec::new();
     for scenario in selected {
-        check_interrupted()?;
+        interrupt::check()?;
         scenarios.push(run_scenario(binary, &scenario, durations, work)?);
     }
 
@@ -230,14 +163,14 @@ fn run_scenario(
     // check is reported as FAILED and the others still run.
     let mut live = Vec::new();
     for path in &scenario.paths {
-        check_interrupted()?;
+        interrupt::check()?;
         let name = format!("{NAME_PREFIX}-{}-{}", std::process::id(), path.name);
         step(
             "bench",
             &format!("path {}: {} (sandbox {name})", path.name, path.description),
         );
         let prepared = prepare(binary, scenario, path, &name, work);
-        check_interrupted()?;
+        interrupt::check()?;
         let (bed, targets, error) = match prepared {
             Ok((bed, targets)) => (Some(bed), Some(targets), None),
             Err(e) => {
@@ -266,7 +199,7 @@ fn run_scenario(
                 let (Some(bed), Some(targets)) = (&path.bed, &path.targets) else {
                     continue;
                 };
-                check_interrupted()?;
+                interrupt::check()?;
                 done += 1;
                 eprint!(
                     "{} {:<10} {:<16} run {run}/{} ... ",
@@ -277,10 +210,10 @@ fn run_scenario(
                 );
                 let outcome = workload.run(bed, scenario.client, targets, durations);
                 // End the progress line before the error goes out.
-                check_interrupted().inspect_err(|_| eprintln!())?;
+                interrupt::check().inspect_err(|_| eprintln!())?;
                 match outcome {
                     Ok(values) => {
-                        eprintln!("{}", scenario::describe_values(&values));
+                        eprintln!("{}", crate::framework::metric::describe_values(&values));
                         path.result.record(&values);
                     }
                     Err(e) => {
@@ -314,7 +247,7 @@ fn run_scenario(
 fn prepare(
     binary: &Path,
     scenario: &Scenario,
-    path: &scenario::PathDef,
+    path: &PathDef,
     name: &str,
     work: &Path,
 ) -> anyhow::Result<(Bed, Targets)> {
@@ -397,12 +330,12 @@ fn sweep_stale(binary: &Path) {
             .filter(|name| stale_pid(name).is_some())
             .collect()
     };
-    for name in stale(Path::new(bed::SANDBOX_ROOT)) {
+    for name in stale(Path::new(dataplane::sandbox::SANDBOX_ROOT)) {
         step(
             "bench",
             &format!("removing sandbox {name} left by an earlier run"),
         );
-        bed::remove_sandbox(binary, &name);
+        testbed::sandbox::remove(binary, &name);
     }
     let tmp = std::env::temp_dir();
     for name in stale(&tmp) {
@@ -458,9 +391,10 @@ mod tests {
     fn scenarios_are_selected_by_name() -> anyhow::Result<()> {
         let names = |only: &[&str]| {
             let only: Vec<String> = only.iter().map(|s| s.to_string()).collect();
-            select(scenario::all(), &only).map(|v| v.iter().map(|s| s.name).collect::<Vec<_>>())
+            select(crate::scenarios::all(), &only)
+                .map(|v| v.iter().map(|s| s.name).collect::<Vec<_>>())
         };
-        assert_eq!(names(&[])?.len(), scenario::all().len());
+        assert_eq!(names(&[])?.len(), crate::scenarios::all().len());
         assert_eq!(names(&[])?[..2], ["published-port", "flow-logging"]);
         assert_eq!(names(&["flow-logging"])?, vec!["flow-logging"]);
         assert_eq!(names(&["vip", "localhost"])?, vec!["vip", "localhost"]);
@@ -470,12 +404,5 @@ mod tests {
             "{err}"
         );
         Ok(())
-    }
-
-    #[test]
-    fn quick_keeps_three_runs() {
-        assert_eq!(Durations::new(true).runs, 3);
-        assert_eq!(Durations::new(true).wrk_secs, 3);
-        assert_eq!(Durations::new(false).iperf_secs, 5);
     }
 }

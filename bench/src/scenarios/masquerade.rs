@@ -4,11 +4,14 @@
 
 use std::time::Duration;
 
+use super::published_port::docker_rules;
 use super::{HOST_IP, IPERF_1, NETWORK, OUTSIDE_IP, WRK, WRK_NEW_CONN, addr, iptables_restore};
-use crate::bench::{
-    bed::Bed,
-    scenario::{PathDef, Scenario, Server, Targets, Workload, docker_rules},
-};
+use crate::bed::Bed;
+use crate::bed::Server;
+use crate::client::Targets;
+use crate::framework::scenario::PathDef;
+use crate::framework::scenario::Scenario;
+use crate::framework::workload::Workload;
 
 /// One container `cli` (172.31.0.2, as in published-port, so Docker's rules apply as they
 /// are); the servers run in the outside namespace.

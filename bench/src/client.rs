@@ -9,7 +9,16 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{bed::Bed, check_interrupted, scenario::Targets};
+use testbed::interrupt;
+
+use crate::bed::Bed;
+
+/// Where a path's clients connect for each server.
+#[derive(Clone, Copy, Debug)]
+pub struct Targets {
+    pub http: SocketAddrV4,
+    pub iperf: SocketAddrV4,
+}
 
 /// Connections wrk keeps open; one thread (the other core serves).
 const WRK_CONNECTIONS: u32 = 32;
@@ -37,7 +46,7 @@ pub fn functional_check(bed: &Bed, client: &str, targets: &Targets) -> anyhow::R
     let url = format!("http://{}/", targets.http);
     let deadline = Instant::now() + CHECK_TIMEOUT;
     loop {
-        check_interrupted()?;
+        interrupt::check()?;
         let out = bed.run(
             client,
             &["curl", "-sS", "--max-time", "2", &url],

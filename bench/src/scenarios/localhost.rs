@@ -10,11 +10,16 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
+use super::published_port::docker_rules;
 use super::{BRIDGE, WRK, WRK_NEW_CONN, addr, iptables_restore};
-use crate::bench::{
-    bed::{Bed, SANDBOX_ROOT},
-    scenario::{Goal, HTTP_RPS, PathDef, Scenario, Server, Targets, Workload, docker_rules},
-};
+use crate::bed::Bed;
+use crate::bed::Server;
+use crate::client::Targets;
+use crate::framework::metric::HTTP_RPS;
+use crate::framework::scenario::Goal;
+use crate::framework::scenario::PathDef;
+use crate::framework::scenario::Scenario;
+use crate::framework::workload::Workload;
 
 const SPEC: &str = r#"# Written by cargo xtask bench (scenario localhost).
 uplink: eth0
@@ -168,10 +173,12 @@ fn iptables_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
 }
 
 fn dataplane_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
-    let file = format!("{SANDBOX_ROOT}/{}/cgroup", bed.name);
-    let cgroup = std::fs::read_to_string(&file)
-        .with_context(|| format!("reading {file} (the sandbox host's cgroup; no cgroup2?)"))?;
-    bed.start_agent_with(&["--cgroup", cgroup.trim()])?;
+    // The socket hook must be on the sandbox host's cgroup here: that is what is measured.
+    let cgroup = bed
+        .sandbox()
+        .host_cgroup()
+        .context("the sandbox made no host cgroup (no cgroup2?)")?;
+    bed.start_agent_with(&["--cgroup", &cgroup])?;
     Ok(targets("127.0.0.1", 8080))
 }
 

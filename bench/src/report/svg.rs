@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::report::{RunReport, ScenarioResult};
+use super::results::{RunReport, ScenarioResult};
 
 const PANEL_W: f64 = 220.0;
 const PANEL_GAP: f64 = 24.0;
@@ -186,7 +186,7 @@ fn scenario_block(svg: &mut String, scenario: &ScenarioResult, top: f64) {
             "normal",
             "#666",
             "middle",
-            if metric.better == super::scenario::Better::Higher {
+            if metric.better == crate::framework::metric::Better::Higher {
                 "higher is better"
             } else {
                 "lower is better"
@@ -406,7 +406,7 @@ fn nice_ceiling(v: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::report::tests::sample;
+    use crate::report::tests::sample;
 
     #[test]
     fn long_titles_take_two_lines() {

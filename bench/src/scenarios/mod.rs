@@ -1,17 +1,19 @@
-//! The scenarios of issue 8's second round (and of issues 4 and 5), one file each: service VIPs
-//! (`vip`, `vip-outside`), scale (`scale-ports`, `scale-services`), the XDP deny list
-//! (`xdp-drop`), outbound masquerade (`masquerade`), localhost to a published port
-//! (`localhost`) and a real Docker engine (`docker`). `scenario::all()` lists them after the
-//! ones in scenario.rs.
+//! The scenarios, one file each: a published port (`published-port`, issue 3) and flow logging
+//! on and off (`flow-logging`, issue 6); service VIPs (`vip`, `vip-outside`), scale
+//! (`scale-ports`, `scale-services`), the XDP deny list (`xdp-drop`), outbound masquerade
+//! (`masquerade`), localhost to a published port (`localhost`) and a real Docker engine
+//! (`docker`) of issues 4, 5 and 8. [`all`] lists them in the order they run.
 //!
 //! What they share lives here: workloads whose runs are capped at [`MAX_SECS`] (so that the
 //! whole full run stays under about 25 minutes on 2 cores), the metrics they add, and helpers
 //! for iptables rule sets, the agent's status and its CPU time.
 
 mod docker;
+mod flow_logging;
 mod localhost;
 mod masquerade;
 pub mod probe;
+mod published_port;
 mod scale;
 mod vip;
 mod xdp_drop;
@@ -23,16 +25,26 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use dataplane::control::status::Status;
+use testbed::StatusExt as _;
 
-use super::{
-    Durations,
-    bed::Bed,
-    client,
-    scenario::{Better, CustomWorkload, HTTP_P50, HTTP_P99, HTTP_RPS, Metric, Scenario, TCP_1},
-};
+use crate::bed::Bed;
+use crate::client;
+use crate::client::Targets;
+use crate::framework::Durations;
+use crate::framework::metric::Better;
+use crate::framework::metric::HTTP_P50;
+use crate::framework::metric::HTTP_P99;
+use crate::framework::metric::HTTP_RPS;
+use crate::framework::metric::Metric;
+use crate::framework::metric::TCP_1;
+use crate::framework::scenario::Scenario;
+use crate::framework::workload::CustomWorkload;
 
 pub fn all() -> Vec<Scenario> {
     vec![
+        published_port::scenario(),
+        flow_logging::scenario(),
         vip::vip(),
         vip::vip_outside(),
         scale::ports(),
@@ -58,19 +70,18 @@ fn probe_secs(durations: Durations) -> u32 {
     durations.wrk_secs.min(2)
 }
 
-/// The sandbox's network, as in the published-port scenario (so `scenario::docker_rules`
+/// The sandbox's network, as in the published-port scenario (so `published_port::docker_rules`
 /// applies): bridge br-bench, 172.31.0.0/24, the host at .1.
 pub const NETWORK: &str = "172.31.0.0/24";
 pub const BRIDGE: &str = "br-bench";
-/// The sandbox host's uplink address and the outside client's (dataplane/src/sandbox.rs).
-pub const HOST_IP: &str = "192.0.2.1";
-pub const OUTSIDE_IP: &str = "192.0.2.2";
+/// The sandbox host's uplink address and the outside client's.
+pub use dataplane::sandbox::{OUTSIDE_IP, UPLINK_HOST_IP as HOST_IP};
 
 pub fn addr(ip: &str, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip.parse().expect("constant IPv4 address"), port)
 }
 
-/// The path a bed was built for: sandboxes are named `dpbench-PID-PATH` (bench.rs).
+/// The path a bed was built for: sandboxes are named `dpbench-PID-PATH` (run.rs).
 pub fn path_of(bed: &Bed) -> &str {
     bed.name.splitn(3, '-').nth(2).unwrap_or("")
 }
@@ -131,7 +142,7 @@ pub static IPERF_1: CustomWorkload = CustomWorkload {
 fn run_wrk(
     bed: &Bed,
     client: &str,
-    targets: &super::scenario::Targets,
+    targets: &Targets,
     durations: Durations,
 ) -> anyhow::Result<Vec<(&'static Metric, f64)>> {
     let url = format!("http://{}/", targets.http);
@@ -150,7 +161,7 @@ pub const NEW_CONN_CONCURRENCY: u32 = 32;
 fn run_wrk_new_conn(
     bed: &Bed,
     client: &str,
-    targets: &super::scenario::Targets,
+    targets: &Targets,
     durations: Durations,
 ) -> anyhow::Result<Vec<(&'static Metric, f64)>> {
     let url = format!("http://{}/", targets.http);
@@ -186,7 +197,7 @@ pub fn new_conn_wrk(
 fn run_iperf_1(
     bed: &Bed,
     client: &str,
-    targets: &super::scenario::Targets,
+    targets: &Targets,
     durations: Durations,
 ) -> anyhow::Result<Vec<(&'static Metric, f64)>> {
     let bps = client::iperf3(bed, client, targets.iperf, 1, secs(durations))?;
@@ -318,23 +329,18 @@ pub fn kube_proxy_rules(services: &[KubeService]) -> String {
 // ---------------------------------------------------------------------------------------------
 // The agent.
 
-/// Entries of the agent's map whose name starts with `prefix` (`dp_ports`), from its status.
-pub fn map_entries(status: &serde_json::Value, prefix: &str) -> anyhow::Result<u64> {
-    status["maps"]
-        .as_array()
-        .and_then(|maps| {
-            maps.iter()
-                .find(|m| m["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
-        })
-        .and_then(|m| m["entries"].as_u64())
-        .with_context(|| format!("the agent's status has no map {prefix}*"))
+/// Entries of the agent's map `name` (or `name_vN`), from its status.
+pub fn map_entries(status: &Status, name: &str) -> anyhow::Result<u64> {
+    status
+        .find_map_entries(name)
+        .map(u64::from)
+        .with_context(|| format!("the agent's status has no map {name}"))
 }
 
 /// The agent's drop counters by reason (None without an agent).
 pub fn agent_drops(bed: &Bed) -> Option<std::collections::BTreeMap<String, u64>> {
     bed.agent_pid()?;
-    let status = bed.agent_status().ok()?;
-    serde_json::from_value(status["drops"].clone()).ok()
+    Some(bed.agent_status().ok()?.drops)
 }
 
 /// Says on the progress line what went wrong during a run that still counts: requests of the
@@ -410,10 +416,7 @@ pub fn cpu_share_during<T>(
 /// Writes the agent's state file the way an editor that saves atomically does (a temp file
 /// renamed over it), so that the agent never reads half a file.
 pub fn write_state(bed: &Bed, text: &str) -> anyhow::Result<()> {
-    let state = bed.state_file();
-    let tmp = state.with_extension("yaml.tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &state).with_context(|| format!("renaming to {}", state.display()))
+    Ok(bed.sandbox().write_state_file(text)?)
 }
 
 /// Polls the agent's status until `done` says the state is in the maps; fails on an error the
@@ -421,13 +424,13 @@ pub fn write_state(bed: &Bed, text: &str) -> anyhow::Result<()> {
 pub fn wait_applied(
     bed: &Bed,
     timeout: Duration,
-    done: impl Fn(&serde_json::Value) -> anyhow::Result<bool>,
+    done: impl Fn(&Status) -> anyhow::Result<bool>,
 ) -> anyhow::Result<Instant> {
     let deadline = Instant::now() + timeout;
     loop {
-        super::check_interrupted()?;
+        testbed::interrupt::check()?;
         let status = bed.agent_status()?;
-        if let Some(error) = status["last_error"].as_str() {
+        if let Some(error) = &status.last_error {
             bail!("the agent refused the state: {error}");
         }
         if done(&status)? {
@@ -471,6 +474,19 @@ fn parse_debug_duration(text: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_goal_names_a_path_and_a_metric_of_its_scenario() {
+        for scenario in all() {
+            let names: Vec<&str> = scenario.paths.iter().map(|p| p.name).collect();
+            assert!(names.contains(&scenario.subject), "{}", scenario.name);
+            let metrics = scenario.metrics();
+            for goal in scenario.targets {
+                assert!(names.contains(&goal.baseline), "{}", goal.baseline);
+                assert!(metrics.iter().any(|m| m.key == goal.metric.key));
+            }
+        }
+    }
 
     #[test]
     fn kube_proxy_rules_walk_services_in_order_and_split_backends() {

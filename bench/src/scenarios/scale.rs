@@ -24,17 +24,21 @@ use std::{
 
 use anyhow::Context as _;
 
+use super::published_port::docker_rules;
 use super::{
     HOST_IP, KubeService, addr, cpu_share_during, iptables_restore, kube_proxy_rules,
     last_reconcile, map_entries, new_conn_wrk, path_of, probe, wait_applied, write_state,
 };
-use crate::bench::{
-    Durations,
-    bed::Bed,
-    scenario::{
-        Better, CustomWorkload, Metric, PathDef, Scenario, Server, Targets, Workload, docker_rules,
-    },
-};
+use crate::bed::Bed;
+use crate::bed::Server;
+use crate::client::Targets;
+use crate::framework::Durations;
+use crate::framework::metric::Better;
+use crate::framework::metric::Metric;
+use crate::framework::scenario::PathDef;
+use crate::framework::scenario::Scenario;
+use crate::framework::workload::CustomWorkload;
+use crate::framework::workload::Workload;
 
 /// How many other ports or services each workload puts beside the measured one.
 const SIZES: [usize; 4] = [10, 1_000, 10_000, 50_000];

@@ -4,7 +4,7 @@
 //! work (walking iptables' nat rules, choosing a backend, creating conntrack entries) on the
 //! SYN, so wrk's latency never shows it. This does.
 //!
-//! It runs as `xtask bench-probe ADDR SECS` (a hidden subcommand) in the client's namespace,
+//! It runs as `dataplane-bench probe ADDR SECS` (a hidden subcommand) in the client's namespace,
 //! like the other clients, so that it is also in the client's cgroup where that matters.
 
 use std::{
@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::bench::bed::Bed;
+use crate::bed::Bed;
 
 /// Requests that may fail (of all made) before the run does not count. A failed request (a
 /// connect that timed out after the SYN was dropped and resent) is a latency the path caused,
@@ -107,11 +107,11 @@ pub fn probe(
     secs: u32,
 ) -> anyhow::Result<ProbeResult> {
     // Our own binary through /proc: it still runs when a build beside the bench replaced
-    // target/debug/xtask (the path then names a deleted file).
+    // target/release/dataplane-bench (the path then names a deleted file).
     let exe = format!("/proc/{}/exe", std::process::id());
     let out = bed.run(
         client,
-        &[&exe, "bench-probe", &target.to_string(), &secs.to_string()],
+        &[&exe, "probe", &target.to_string(), &secs.to_string()],
         Duration::from_secs(u64::from(secs) + 20),
     )?;
     if !out.status.success() {

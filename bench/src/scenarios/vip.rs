@@ -5,10 +5,12 @@
 use std::time::Duration;
 
 use super::{HOST_IP, KubeService, WRK, WRK_NEW_CONN, addr, iptables_restore, kube_proxy_rules};
-use crate::bench::{
-    bed::Bed,
-    scenario::{PathDef, Scenario, Server, Targets, Workload},
-};
+use crate::bed::Bed;
+use crate::bed::Server;
+use crate::client::Targets;
+use crate::framework::scenario::PathDef;
+use crate::framework::scenario::Scenario;
+use crate::framework::workload::Workload;
 
 /// Client container `cli`, backends b1-b3 labelled app=web, the service `web` (Maglev) over
 /// them, and host port 8080 leading to it. Every path's sandbox is this one; only the agent

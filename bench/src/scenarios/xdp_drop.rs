@@ -17,13 +17,19 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use testbed::StatusExt as _;
 
 use super::{HOST_IP, addr, path_of};
-use crate::bench::{
-    Durations,
-    bed::Bed,
-    scenario::{Better, CustomWorkload, Metric, PathDef, Scenario, Server, Targets, Workload},
-};
+use crate::bed::Bed;
+use crate::bed::Server;
+use crate::client::Targets;
+use crate::framework::Durations;
+use crate::framework::metric::Better;
+use crate::framework::metric::Metric;
+use crate::framework::scenario::PathDef;
+use crate::framework::scenario::Scenario;
+use crate::framework::workload::CustomWorkload;
+use crate::framework::workload::Workload;
 
 const SPEC: &str = r#"# Written by cargo xtask bench (scenario xdp-drop).
 uplink: eth0
@@ -162,12 +168,12 @@ fn dataplane_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
 /// The deny list must have put the XDP program on the uplink (`--xdp auto`).
 fn check_xdp_attached(bed: &Bed) -> anyhow::Result<()> {
     let status = bed.agent_status()?;
-    let attached = status["attachments"].as_array().is_some_and(|list| {
-        list.iter()
-            .any(|a| a["interface"] == "eth0" && a["program"] == "dp_uplink_xdp")
-    });
+    let attached = status
+        .attachments
+        .iter()
+        .any(|a| a.interface == "eth0" && a.program == "dp_uplink_xdp");
     if !attached {
-        bail!("the agent did not attach dp_uplink_xdp to eth0: {status}");
+        bail!("the agent did not attach dp_uplink_xdp to eth0: {status:?}");
     }
     Ok(())
 }
@@ -203,9 +209,7 @@ fn dropped(bed: &Bed) -> anyhow::Result<u64> {
             rule_packets(&out, DENIED_CIDR)
                 .with_context(|| format!("no DROP rule for {DENIED_CIDR} in {table} {chain}"))
         }
-        _ => Ok(bed.agent_status()?["drops"]["POLICY_DENIED"]
-            .as_u64()
-            .unwrap_or(0)),
+        _ => Ok(bed.agent_status()?.drops("POLICY_DENIED")),
     }
 }
 
@@ -265,6 +269,7 @@ fn flood(
     // machine's socket memory sysctls or IRQ affinities.
     let total = Duration::from_secs(u64::from(secs) + 2) + WARMUP;
     let mut generator = bed
+        .sandbox()
         .command_in(
             "outside",
             &[
@@ -297,7 +302,7 @@ fn flood(
         let (drops0, sent0, t0) = sample(bed)?;
         let deadline = t0 + Duration::from_secs(secs.into());
         while Instant::now() < deadline {
-            crate::bench::check_interrupted()?;
+            testbed::interrupt::check()?;
             std::thread::sleep(Duration::from_millis(50));
         }
         let (drops1, sent1, t1) = sample(bed)?;
