@@ -263,8 +263,21 @@ fn containers_on_two_user_networks() {
     let reply = who_from_container(&dockerd, "alpha", &format!("{beta_ip}:80"), 1);
     assert!(reply.iter().any(|l| l.starts_with("beta ")), "{reply:?}");
     dockerd.docker_ok(&["network", "disconnect", "back", "alpha"]);
-    agent.wait_for("alpha on front only", |s| {
+    let status = agent.wait_for("alpha on front only", |s| {
         s.interfaces_of("alpha").len() == 1 && s.map_entries("dp_endpoints") == 2
+    });
+
+    // A removed container's veth goes, and with it its traffic rows in `status` (the kernel's
+    // counters stay behind in their map; they are no interface's any more).
+    let beta_veth = status.interfaces_of("beta")[0].2.clone();
+    assert!(
+        status.interfaces.iter().any(|c| c.interface == beta_veth),
+        "beta's veth saw traffic: {status:#?}"
+    );
+    dockerd.docker_ok(&["rm", "-f", "beta"]);
+    agent.wait_for("beta's traffic rows gone", |s| {
+        !s.endpoint_names().contains("beta")
+            && !s.interfaces.iter().any(|c| c.interface == beta_veth)
     });
 }
 

@@ -34,13 +34,22 @@ impl Agent {
         let interfaces = datapath
             .iface_stats()?
             .into_iter()
-            .map(|(key, stats)| status::InterfaceCounters {
-                interface: netdev::ifname(key.ifindex)
-                    .unwrap_or_else(|| format!("ifindex {}", key.ifindex)),
-                ifindex: key.ifindex,
-                hook: hook::name(key.hook).to_owned(),
-                packets: stats.packets,
-                bytes: stats.bytes,
+            .filter_map(|(key, stats)| {
+                // The counters of an interface that went away (a stopped container's veth)
+                // stay in the kernel's map; they are no interface's any more. Index 0 is the
+                // cgroup hook's, which has none.
+                let interface = match netdev::ifname(key.ifindex) {
+                    Some(name) => name,
+                    None if key.ifindex == 0 => "-".to_owned(),
+                    None => return None,
+                };
+                Some(status::InterfaceCounters {
+                    interface,
+                    ifindex: key.ifindex,
+                    hook: hook::name(key.hook).to_owned(),
+                    packets: stats.packets,
+                    bytes: stats.bytes,
+                })
             })
             .collect();
         let endpoints = self
