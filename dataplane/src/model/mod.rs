@@ -20,7 +20,7 @@ pub mod parse;
 pub use parse::ParseFailure;
 
 /// A problem in the state file, located by entry and field.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
     #[error("cannot read state file {path}: {message}")]
     Read { path: String, message: String },

@@ -14,6 +14,7 @@ use dataplane_common::{
     PrefixKey, ServiceInfo, ServiceKey, algorithm, map_names, net_flags,
 };
 
+pub mod capacity;
 pub mod maglev;
 pub mod policy;
 
@@ -137,6 +138,8 @@ pub enum ReconcileError {
          --max-services (on a new pin directory)"
     )]
     TooManyServices { wanted: usize, max: u32 },
+    #[error(transparent)]
+    Capacity(#[from] capacity::CapacityError),
     #[error(transparent)]
     Kernel(#[from] DatapathError),
     #[error(transparent)]
