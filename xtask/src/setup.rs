@@ -36,6 +36,8 @@ const TEST_PACKAGES: &[&str] = &[
     // A real Prometheus server that tests/tests/metrics.rs starts in a sandbox namespace to
     // scrape the agent's /metrics (the packaged service does not start here, as for nginx).
     "prometheus",
+    // bpftool: tests/tests/state.rs deletes a map entry by hand to show drift repair.
+    "bpftool",
     // A real Docker engine (dockerd 20.10, API 1.41, with containerd and runc) that
     // tests/tests/docker.rs starts in a namespace of its own, and busybox-static, whose
     // /bin/busybox those tests turn into the containers' image with `docker import` (no image

@@ -1,10 +1,8 @@
 //! `dataplane agent`: loads the kernel programs, keeps them attached and their maps in line with
-//! the desired state, follows changes to the state file, and answers local clients.
+//! the desired state its sources hand it (the state file, Docker), and answers local clients.
+//! The main loop never reads or parses a file: sources do that on threads of their own.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{path::PathBuf, time::Duration};
 
 mod status;
 
@@ -15,25 +13,26 @@ use tokio::{
 };
 
 use crate::{
-    control::{self, DEFAULT_SOCKET},
+    control::{self, DEFAULT_SOCKET, status as report},
     flows::{self, metrics},
     kernel::{
         DEFAULT_PIN_DIR, Datapath, LoadOptions,
         conntrack::{self, Collector},
         netdev,
+        pin_lock::{PinLock, StartRecord},
     },
-    model::{Model, StateError},
+    model::Model,
     reconcile::{HostSettings, ReconcileError, Reconciler},
-    source::docker,
+    source::{docker, state_file},
 };
 
-/// How often the state file is checked for changes.
-const POLL_INTERVAL: Duration = Duration::from_millis(300);
-/// Every this many polls the kernel state is re-checked against the model (an interface that
-/// came back with a new index gets its programs again, a new host address is learnt). Not at
-/// every poll: with tens of thousands of entries a re-check reads every map, and doing that
-/// three times a second cost a visible share of a core in the scale bench.
-const DRIFT_CHECK_EVERY: u64 = 10;
+/// How often the kernel state is re-checked against the model in force (an interface that
+/// came back with a new index gets its programs again, a new host address is learnt, a map
+/// entry removed by hand comes back). Not more often: with tens of thousands of entries a
+/// re-check reads every map, and doing that three times a second cost a visible share of a
+/// core in the scale bench. It runs whatever the sources say: a refused newer state never
+/// stops the repair of the one in force.
+const DRIFT_CHECK_INTERVAL: Duration = Duration::from_secs(3);
 /// How often the agent checks whether the conntrack collector is due (its own interval adapts
 /// to how full the table is: `conntrack::next_interval`). The shortest timeout is 10 s, so
 /// entries live at most a couple of seconds past theirs.
@@ -78,6 +77,10 @@ pub struct AgentArgs {
     /// 4 KiB Maglev table. Takes effect when the maps are created.
     #[arg(long, default_value_t = dataplane_common::capacity::SERVICES)]
     max_services: u32,
+    /// Capacity of the published-ports map: one entry per port number, protocol and host
+    /// address (a range of 100 ports is 100). Takes effect when the map is created.
+    #[arg(long, default_value_t = dataplane_common::capacity::PORTS)]
+    max_ports: u32,
     /// cgroup (v2) whose processes reach published ports on the host's addresses and on
     /// localhost through socket-level translation (default: the cgroup2 root, i.e. every
     /// process; only connections made in the agent's network namespace are translated).
@@ -94,36 +97,117 @@ pub struct AgentArgs {
 struct Agent {
     /// The only writer of the kernel's maps and links (it owns the datapath).
     reconciler: Reconciler,
-    /// The only writer of the conntrack map besides the kernel.
+    /// The only writer of the conntrack maps besides the kernel.
     collector: Collector,
     args: AgentArgs,
-    /// Text of the state file when it was last read, to notice edits.
-    seen_text: Option<String>,
     last_error: Option<String>,
+    /// Which state is in force, a newer one that is not (and why), warnings.
+    state: report::StateStatus,
     reconciles: u64,
     last_applied_unix: Option<u64>,
     /// See [`AgentArgs::cgroup`]; None when off or when the host has no cgroup2.
     cgroup: Option<String>,
     netns_cookie: u64,
-    /// Polls of the state file so far (see DRIFT_CHECK_EVERY).
-    polls: u64,
     /// Flow records: history, followers, export, metrics.
     flows: flows::Pipeline,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    // One agent per pin dir: the lock first, before anything is pinned or attached.
+    crate::kernel::prepare_pin_dir(&args.pin_dir)?;
+    let _lock = PinLock::acquire(&args.pin_dir)?;
+    for pin in Datapath::remove_stale_link_pins(&args.pin_dir) {
+        log::info!(
+            "removed {}: its interface went away while no agent ran",
+            pin.display()
+        );
+    }
+    let record = StartRecord::take(&args.pin_dir);
+    let (mut agent, mut sources, listener) = match start(args).await {
+        Ok(started) => started,
+        Err(err) => {
+            // Whatever this start pinned goes; what an earlier agent left stays.
+            for path in record.undo() {
+                log::info!("failed start: removed {}", path.display());
+            }
+            return Err(err);
+        }
+    };
+    let _socket_file = control::SocketFile::new(agent.args.socket.clone());
+    let (requests_tx, mut requests) = mpsc::channel::<control::Request>(16);
+    tokio::spawn(control::serve(listener, requests_tx));
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut drift_tick = tokio::time::interval(DRIFT_CHECK_INTERVAL);
+    let mut gc_tick = tokio::time::interval(GC_TICK);
+    log::info!(
+        "agent running; control socket {}",
+        agent.args.socket.display()
+    );
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = drift_tick.tick() => agent.repair_drift(),
+            _ = gc_tick.tick() => {
+                if agent.collector.due() {
+                    agent.collect_garbage();
+                }
+            }
+            event = next_state(&mut sources.state) => agent.on_state_file(event),
+            model = sources.docker.next_model() => agent.apply_from("docker", None, None, model),
+            Some(request) = requests.recv() => {
+                let reply = agent.handle(&request);
+                let _ = request.reply.send(reply);
+            }
+            Some(events) = sources.flow_events.recv() => agent.flows.ingest(events),
+        }
+    }
+    log::info!(
+        "stopping: detaching programs (maps stay pinned in {})",
+        agent.args.pin_dir.display()
+    );
+    agent.reconciler.detach_all();
+    Ok(())
+}
+
+/// What the main loop listens to besides clients and signals.
+struct Sources {
+    state: Option<state_file::Source>,
+    docker: docker::Source,
+    flow_events: mpsc::Receiver<Vec<dataplane_common::FlowEvent>>,
+}
+
+async fn next_state(state: &mut Option<state_file::Source>) -> state_file::Event {
+    match state {
+        Some(source) => source.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Loads and attaches everything and applies the first state; any error ends the start.
+async fn start(args: AgentArgs) -> anyhow::Result<(Agent, Sources, tokio::net::UnixListener)> {
     let mut docker = docker::Source::start(&args.docker);
-    let initial = match &args.state {
-        Some(path) => Model::load(path)?.1,
-        None => docker.first_model(docker::FIRST_SYNC_WAIT).await,
+    let mut state = args.state.clone().map(state_file::Source::start);
+    let (initial, version) = match &mut state {
+        Some(source) => {
+            let reading = source.first().await;
+            let model = reading.result?;
+            (model, (reading.sha256, reading.modified_unix))
+        }
+        None => (
+            docker.first_model(docker::FIRST_SYNC_WAIT).await,
+            (None, None),
+        ),
     };
     let options = LoadOptions {
         ct_max_entries: args.ct_max_entries,
         max_services: args.max_services,
         flow_events: args.flows.events_on(),
+        max_ports: args.max_ports,
     };
     let (mut datapath, conntrack) = Datapath::load(&args.pin_dir, &options)?;
-    let mut flow_events = flows::spawn_reader(datapath.take_flow_events()?)?;
+    let flow_events = flows::spawn_reader(datapath.take_flow_events()?)?;
     let (metrics, registry) = metrics::Metrics::new();
     if let metrics::Listen(Some(addr)) = args.flows.metrics {
         let listener = metrics::bind(addr).await?;
@@ -148,65 +232,36 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let netns_cookie = netdev::netns_cookie().context("reading this network namespace's cookie")?;
     let listener = control::bind(&args.socket)?;
-    let _socket_file = control::SocketFile(args.socket.clone());
-    let seen_text = args
-        .state
-        .as_ref()
-        .and_then(|p| std::fs::read_to_string(p).ok());
+    let source = if args.state.is_some() {
+        "file"
+    } else {
+        "docker"
+    };
     let mut agent = Agent {
         reconciler: Reconciler::new(datapath),
         collector: Collector::new(conntrack),
         args,
-        seen_text,
         last_error: None,
+        state: report::StateStatus::default(),
         reconciles: 0,
         last_applied_unix: None,
         cgroup,
         netns_cookie,
-        polls: 0,
         flows: flow_pipeline,
     };
     // The first state must apply: an agent that cannot start says why and exits.
-    agent.apply(initial).context("applying the initial state")?;
-
-    let (requests_tx, mut requests) = mpsc::channel::<control::Request>(16);
-    tokio::spawn(control::serve(listener, requests_tx));
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(POLL_INTERVAL);
-    let mut gc_tick = tokio::time::interval(GC_TICK);
-    log::info!(
-        "agent running; control socket {}",
-        agent.args.socket.display()
-    );
-    loop {
-        tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = tick.tick() => agent.poll(),
-            _ = gc_tick.tick() => {
-                if agent.collector.due() {
-                    agent.collect_garbage();
-                }
-            }
-            model = docker.next_model() => {
-                if let Err(e) = agent.apply(model) {
-                    agent.reject(e.to_string());
-                }
-            }
-            Some(request) = requests.recv() => {
-                let reply = agent.handle(&request);
-                let _ = request.reply.send(reply);
-            }
-            Some(events) = flow_events.recv() => agent.flows.ingest(events),
-        }
-    }
-    log::info!(
-        "stopping: detaching programs (maps stay pinned in {})",
-        agent.args.pin_dir.display()
-    );
-    agent.reconciler.detach_all();
-    Ok(())
+    agent
+        .apply(source, version.0, version.1, initial)
+        .context("applying the initial state")?;
+    Ok((
+        agent,
+        Sources {
+            state,
+            docker,
+            flow_events,
+        },
+        listener,
+    ))
 }
 
 impl Agent {
@@ -236,8 +291,56 @@ impl Agent {
         })
     }
 
-    /// Applies `model` (the reconciler keeps the last good state in force when it fails).
-    fn apply(&mut self, model: Model) -> Result<(), ReconcileError> {
+    /// Applies `model` from `source` (the state file's version: its hash and modification
+    /// time); on failure the last good state stays in force.
+    fn apply(
+        &mut self,
+        source: &str,
+        sha256: Option<String>,
+        modified_unix: Option<u64>,
+        model: Model,
+    ) -> Result<(), ReconcileError> {
+        let host_addrs: Vec<std::net::Ipv4Addr> = netdev::ipv4_addresses()
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect();
+        let mut warnings = model.check_host(&host_addrs)?;
+        warnings.extend(model.warnings());
+        self.reconcile_in(model, true)?;
+        for w in &warnings {
+            if !self.state.warnings.contains(w) {
+                log::warn!("{source} state: {w}");
+            }
+        }
+        self.state.warnings = warnings;
+        self.state.in_force = Some(report::StateVersion {
+            source: source.to_owned(),
+            sha256,
+            modified_unix,
+            applied_unix: state_file::unix_now(),
+        });
+        self.state.newer = None;
+        self.last_error = None;
+        Ok(())
+    }
+
+    /// Applies `model` from a source, recording a refusal.
+    fn apply_from(
+        &mut self,
+        source: &str,
+        sha256: Option<String>,
+        modified_unix: Option<u64>,
+        model: Model,
+    ) {
+        if let Err(e) = self.apply(source, sha256.clone(), modified_unix, model) {
+            self.reject(sha256, e.to_string());
+        }
+    }
+
+    /// Brings the kernel to `model` through the reconciler (which keeps the last good state in
+    /// force when it fails); `new` when it is a new state rather than a repair of the one in
+    /// force.
+    fn reconcile_in(&mut self, model: Model, new: bool) -> Result<(), ReconcileError> {
         let started = std::time::Instant::now();
         let result = self
             .host_settings(&model)
@@ -247,67 +350,57 @@ impl Agent {
             .reconciled(started.elapsed(), result.is_ok());
         let applied = result?;
         if !applied.changes.is_empty() {
-            log::info!(
-                "applied state in {:?}: {:?}",
-                started.elapsed(),
-                applied.changes
-            );
+            let what = if new {
+                "applied state"
+            } else {
+                "repaired drift"
+            };
+            log::info!("{what} in {:?}: {:?}", started.elapsed(), applied.changes);
             self.reconciles += 1;
         }
         if let Some(model) = self.reconciler.applied() {
             self.flows.set_model(model);
         }
-        self.last_error = None;
         self.collector.forget_translated_to(&applied.departed);
-        self.last_applied_unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .ok()
-            .map(|d| d.as_secs());
+        self.last_applied_unix = Some(state_file::unix_now());
         Ok(())
     }
 
-    /// Picks up edits of the state file and repairs drift (e.g. a recreated interface).
-    fn poll(&mut self) {
-        if let Some(path) = self.args.state.clone() {
-            match std::fs::read_to_string(&path) {
-                Ok(text) if Some(&text) != self.seen_text.as_ref() => {
-                    self.seen_text = Some(text);
-                    match Model::load(&path) {
-                        Ok((_, model)) => {
-                            log::info!("state file {} changed; applying", path.display());
-                            if let Err(e) = self.apply(model) {
-                                self.reject(e.to_string());
-                            }
-                        }
-                        Err(e) => self.reject(e.to_string()),
-                    }
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let e = StateError::Read {
-                        path: path.display().to_string(),
-                        message: e.to_string(),
-                    };
-                    if self.last_error.as_deref() != Some(&e.to_string()) {
-                        self.reject(e.to_string());
-                    }
-                    return;
-                }
+    fn on_state_file(&mut self, event: state_file::Event) {
+        match event {
+            state_file::Event::Pending { reason, since_unix } => {
+                // Keeps the hash of a refused version until a newer one is read.
+                self.state.newer = Some(report::NewerState {
+                    sha256: None,
+                    since_unix,
+                    reason,
+                });
             }
-        }
-        self.polls += 1;
-        if self.last_error.is_none() && self.polls.is_multiple_of(DRIFT_CHECK_EVERY) {
-            // Same model; apply() only writes what differs from the kernel.
-            if let Some(model) = self.reconciler.applied().cloned()
-                && let Err(e) = self.apply(model)
-            {
-                self.reject(e.to_string());
-            }
+            state_file::Event::Read(reading) => match reading.result {
+                Ok(model) => {
+                    log::info!(
+                        "state file changed (sha256 {}); applying",
+                        reading.sha256.as_deref().unwrap_or("-")
+                    );
+                    self.apply_from("file", reading.sha256, reading.modified_unix, model);
+                }
+                Err(e) => self.reject(reading.sha256, e.to_string()),
+            },
         }
     }
 
-    /// Removes expired connections from the conntrack table; the same walk gives the flow
+    /// Re-applies the state in force, which writes only what differs from the kernel. Runs
+    /// whether or not a newer state was refused.
+    fn repair_drift(&mut self) {
+        let Some(model) = self.reconciler.applied().cloned() else {
+            return;
+        };
+        if let Err(e) = self.reconcile_in(model, false) {
+            log::warn!("repairing drift from the state in force: {e}");
+        }
+    }
+
+    /// Removes expired connections from the conntrack tables; the same walk gives the flow
     /// records of expired and long-lived connections.
     fn collect_garbage(&mut self) {
         let walk = self.collector.collect();
@@ -315,8 +408,13 @@ impl Agent {
             .after_conntrack_walk(self.reconciler.datapath(), &walk);
     }
 
-    fn reject(&mut self, error: String) {
+    fn reject(&mut self, sha256: Option<String>, error: String) {
         log::error!("state not applied, keeping the last good state: {error}");
+        self.state.newer = Some(report::NewerState {
+            sha256,
+            since_unix: state_file::unix_now(),
+            reason: error.clone(),
+        });
         self.last_error = Some(error);
     }
 

@@ -87,6 +87,7 @@ impl Agent {
             reconciles: self.reconciles,
             ct_collected: self.collector.collected,
             last_applied_unix: self.last_applied_unix,
+            state: self.state.clone(),
             last_error: self.last_error.clone(),
             flows: self.flow_status(),
         })

@@ -18,6 +18,27 @@ pub fn print(socket: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Seconds since the epoch as UTC `YYYY-MM-DD HH:MM:SS`.
+fn time(unix: u64) -> String {
+    let (days, secs) = (unix / 86_400, unix % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
 fn render(s: &Status) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -29,8 +50,43 @@ fn render(s: &Status) -> String {
         s.reconciles,
         s.ct_collected
     );
-    if let Some(e) = &s.last_error {
+    let st = &s.state;
+    match &st.in_force {
+        Some(v) => {
+            let _ = writeln!(
+                out,
+                "in force: {} state{}, applied {}{}",
+                v.source,
+                v.sha256
+                    .as_deref()
+                    .map(|h| format!(" sha256 {h}"))
+                    .unwrap_or_default(),
+                time(v.applied_unix),
+                v.modified_unix
+                    .map(|m| format!(" (file modified {})", time(m)))
+                    .unwrap_or_default(),
+            );
+        }
+        None => {
+            let _ = writeln!(out, "in force: nothing yet");
+        }
+    }
+    if let Some(n) = &st.newer {
+        let _ = writeln!(
+            out,
+            "newer state{} since {} not in force: {}",
+            n.sha256
+                .as_deref()
+                .map(|h| format!(" sha256 {h}"))
+                .unwrap_or_default(),
+            time(n.since_unix),
+            n.reason
+        );
+    } else if let Some(e) = &s.last_error {
         let _ = writeln!(out, "last error (last good state still in force): {e}");
+    }
+    for w in &st.warnings {
+        let _ = writeln!(out, "warning: {w}");
     }
     let _ = writeln!(out, "\nATTACHED PROGRAMS");
     for a in &s.attachments {
@@ -85,4 +141,13 @@ fn render(s: &Status) -> String {
         f.followers
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_print_as_utc() {
+        assert_eq!(super::time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::time(1_796_083_200 + 3661), "2026-12-01 01:01:01 UTC");
+    }
 }

@@ -35,18 +35,32 @@ const STREAM_QUEUE: usize = 4096;
 /// Where local clients find the agent unless `--socket` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/dataplane/dataplane.sock";
 
-/// Binds the control socket, replacing a stale socket file left by a killed agent.
+/// Binds the control socket. What is at the path is replaced only when it is a stale socket
+/// (one nobody listens on, left by a killed agent); anything else is refused, never deleted.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt as _;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    if UnixStream::connect(path).is_ok() {
-        anyhow::bail!(
-            "another agent is listening on {}; give this one its own --socket",
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("looking at {}", path.display())),
+        Ok(meta) if !meta.file_type().is_socket() => anyhow::bail!(
+            "{} exists and is not a socket; not replacing it (give --socket another path)",
             path.display()
-        );
+        ),
+        Ok(_) => {
+            if UnixStream::connect(path).is_ok() {
+                anyhow::bail!(
+                    "another agent is listening on {}; give this one its own --socket",
+                    path.display()
+                );
+            }
+            log::info!("replacing the stale socket {}", path.display());
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))?;
+        }
     }
-    let _ = std::fs::remove_file(path);
     UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))
 }
 
@@ -122,11 +136,26 @@ pub fn request(socket: &Path, command: &str) -> anyhow::Result<String> {
     Ok(reply)
 }
 
-/// Removes the socket file when the agent stops.
-pub struct SocketFile(pub PathBuf);
+/// Removes the socket file when the agent stops, if it is still the one this agent bound.
+pub struct SocketFile {
+    path: PathBuf,
+    inode: Option<u64>,
+}
+
+impl SocketFile {
+    pub fn new(path: PathBuf) -> SocketFile {
+        use std::os::unix::fs::MetadataExt as _;
+        let inode = std::fs::symlink_metadata(&path).ok().map(|m| m.ino());
+        SocketFile { path, inode }
+    }
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        use std::os::unix::fs::MetadataExt as _;
+        let now = std::fs::symlink_metadata(&self.path).ok().map(|m| m.ino());
+        if now.is_some() && now == self.inode {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }

@@ -24,8 +24,42 @@ pub struct Status {
     pub last_applied_unix: Option<u64>,
     /// Why the latest state could not be applied (the last good state stays in force).
     pub last_error: Option<String>,
+    /// Which state is in force and why a newer one is not.
+    #[serde(default)]
+    pub state: StateStatus,
     #[serde(default)]
     pub flows: FlowStatus,
+}
+
+/// The state in force, a newer one that is not, and what the agent warns of in it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StateStatus {
+    pub in_force: Option<StateVersion>,
+    pub newer: Option<NewerState>,
+    /// Accepted but probably not meant (a selector that matches nothing, a host_ip that is
+    /// not the host's).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StateVersion {
+    /// `file` or `docker`.
+    pub source: String,
+    /// SHA-256 of the state file's bytes (what `sha256sum` prints); None for Docker.
+    pub sha256: Option<String>,
+    /// The file's modification time, seconds since the Unix epoch.
+    pub modified_unix: Option<u64>,
+    pub applied_unix: u64,
+}
+
+/// A version of the state file seen after the one in force and not applied.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NewerState {
+    /// None while it is not read yet.
+    pub sha256: Option<String>,
+    pub since_unix: u64,
+    /// Why it is not in force: still settling, being parsed, or the error that refused it.
+    pub reason: String,
 }
 
 /// Flow logging: events from the kernel and the records made of them.

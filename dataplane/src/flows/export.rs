@@ -6,6 +6,7 @@
 use std::{
     fs::{File, OpenOptions},
     io::{BufWriter, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
@@ -43,13 +44,20 @@ fn open_append(path: &Path) -> Result<(File, u64), ExportError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
+    // Never through a symlink planted at the path (the agent runs as root), and readable by
+    // its owner only: flow records name every connection of the host.
     let file = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(err)?;
-    let size = file.metadata().map_err(err)?.len();
-    Ok((file, size))
+    let meta = file.metadata().map_err(err)?;
+    if !meta.file_type().is_file() {
+        return Err(err(std::io::Error::other("is not a regular file")));
+    }
+    Ok((file, meta.len()))
 }
 
 /// `PATH.n`
@@ -237,5 +245,24 @@ mod tests {
         log.flush().unwrap();
         assert_eq!(read(&path), "second-long-line\n");
         assert!(!rotated(&path, 1).exists());
+    }
+
+    #[test]
+    fn the_log_is_private_and_never_opened_through_a_symlink() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("flowlog-perm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("flows.json");
+        FlowLog::open(path.to_str().unwrap(), 1000, 1).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let link = dir.join("link.json");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(FlowLog::open(link.to_str().unwrap(), 1000, 1).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -27,6 +27,7 @@ use serde::Serialize;
 pub mod conntrack;
 pub mod maps;
 pub mod netdev;
+pub mod pin_lock;
 
 use maps::{
     Backends, Conntrack, ConntrackNew, Endpoints, HashMapSpec, LocalAddrs, Ports, Reconciled,
@@ -168,6 +169,9 @@ pub struct LoadOptions {
     pub max_services: u32,
     /// Whether the programs send flow events.
     pub flow_events: bool,
+    /// Capacity of the published-ports map (one entry per port number and protocol; as above,
+    /// at creation).
+    pub max_ports: u32,
 }
 
 impl Default for LoadOptions {
@@ -176,6 +180,7 @@ impl Default for LoadOptions {
             ct_max_entries: capacity::CONNTRACK,
             max_services: capacity::SERVICES,
             flow_events: true,
+            max_ports: capacity::PORTS,
         }
     }
 }
@@ -279,7 +284,7 @@ pub struct MapFill {
 }
 
 /// Makes sure `pin_dir` is on a bpffs, mounting one on /sys/fs/bpf if none is there.
-fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
+pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
     let err = |message: String| DatapathError::PinDir {
         path: pin_dir.to_owned(),
         message,
@@ -433,6 +438,7 @@ impl Datapath {
                 (options.max_services + 1) * MAGLEV_STRIDE / 2,
             )
             .map_max_entries(map_names::RR_POSITION, options.max_services + 1)
+            .map_max_entries(map_names::PORTS, options.max_ports)
             .override_global(
                 dataplane_common::globals::FLOW_EVENTS_ON,
                 &u8::from(options.flow_events),
@@ -696,6 +702,30 @@ impl Datapath {
             .collect()
     }
 
+    /// Removes link pins of interfaces that are gone (a container stopped while no agent ran):
+    /// the kernel dropped those links with the interface, the pins only keep dead links.
+    /// Cgroup links are left to [`Datapath::attach`]. Returns the pins removed.
+    pub fn remove_stale_link_pins(pin_dir: &Path) -> Vec<PathBuf> {
+        let Ok(dir) = std::fs::read_dir(pin_dir.join("links")) else {
+            return Vec::new();
+        };
+        let mut removed = Vec::new();
+        for path in dir.filter_map(|e| e.ok().map(|e| e.path())) {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let Some((interface, program)) = name.rsplit_once('@') else {
+                continue;
+            };
+            let cgroup = program == Hook::SockConnect4.program();
+            if !cgroup
+                && netdev::ifindex(interface).is_none()
+                && std::fs::remove_file(&path).is_ok()
+            {
+                removed.push(path);
+            }
+        }
+        removed
+    }
+
     /// Detaches everything (on shutdown). Maps stay pinned.
     pub fn detach_all(&mut self) {
         let attached: Vec<(String, Hook)> = self.links.keys().cloned().collect();
@@ -926,6 +956,14 @@ impl Datapath {
             .collect()
     }
 
+    /// The capacity hash map `M` was created with (a pinned map keeps its own).
+    pub fn capacity<M: HashMapSpec>(&self) -> u32 {
+        match self.map_ref(M::NAME) {
+            Ok(aya::maps::Map::HashMap(data)) => data.info().map(|i| i.max_entries()).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
     /// How full each map is.
     pub fn map_fill(&self) -> Result<Vec<MapFill>, DatapathError> {
         let ct_capacity = self.conntrack_capacity()?;
@@ -943,7 +981,7 @@ impl Datapath {
             MapFill {
                 name: map_names::PORTS,
                 entries: self.count::<Ports>()?,
-                capacity: capacity::PORTS,
+                capacity: self.capacity::<Ports>(),
             },
             MapFill {
                 name: map_names::SERVICES,

@@ -15,11 +15,25 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod parse;
+
+pub use parse::ParseFailure;
+
 /// A problem in the state file, located by entry and field.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
     #[error("cannot read state file {path}: {message}")]
     Read { path: String, message: String },
+    #[error("state file {path} is empty (an empty state is written `{{}}`); not applied")]
+    Empty { path: String },
+    #[error("state file {path}: {found}, over the limit {limit} = {max}")]
+    Limit {
+        path: String,
+        /// The name of the cap, as in [`parse`] (e.g. `MAX_DEPTH`).
+        limit: &'static str,
+        max: u64,
+        found: String,
+    },
     #[error("state file {path} is not valid YAML/JSON for this schema: {message}")]
     Syntax { path: String, message: String },
     #[error("{entry}.{field}: {message}")]
@@ -343,10 +357,6 @@ impl PortRange {
     pub fn len(&self) -> u32 {
         u32::from(self.last) - u32::from(self.first) + 1
     }
-
-    fn overlaps(&self, other: &PortRange) -> bool {
-        self.first <= other.last && other.first <= self.last
-    }
 }
 
 /// What a published port leads to.
@@ -374,6 +384,22 @@ pub enum Algorithm {
     Random,
     RoundRobin,
     SourceHash,
+}
+
+impl Algorithm {
+    fn parse(text: &str) -> Result<Algorithm, String> {
+        Ok(match text {
+            "maglev" => Algorithm::Maglev,
+            "random" => Algorithm::Random,
+            "round_robin" => Algorithm::RoundRobin,
+            "source_hash" => Algorithm::SourceHash,
+            other => {
+                return Err(format!(
+                    "{other:?} is not maglev, random, round_robin or source_hash"
+                ));
+            }
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -480,15 +506,31 @@ fn entry_label(kind: &str, index: usize, name: &str) -> String {
 }
 
 impl Model {
-    /// Reads and validates a state file (YAML or JSON).
+    /// Reads and validates a state file (YAML or JSON). The agent reads its state file through
+    /// [`crate::source::state_file`], which also waits for a file to be whole.
     pub fn load(path: &Path) -> Result<(StateFile, Model), StateError> {
         let text = std::fs::read_to_string(path).map_err(|e| StateError::Read {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        let spec = StateFile::parse(&text).map_err(|message| StateError::Syntax {
-            path: path.display().to_string(),
-            message,
+        Model::from_text(&path.display().to_string(), &text)
+    }
+
+    /// Parses (within the caps of [`parse`]) and validates the text of the state file `path`.
+    pub fn from_text(path: &str, text: &str) -> Result<(StateFile, Model), StateError> {
+        let path = path.to_owned();
+        let spec = parse::parse(text).map_err(|failure| match failure {
+            ParseFailure::Empty => StateError::Empty { path: path.clone() },
+            ParseFailure::Limit { limit, max, found } => StateError::Limit {
+                path: path.clone(),
+                limit,
+                max,
+                found,
+            },
+            ParseFailure::Syntax(message) => StateError::Syntax {
+                path: path.clone(),
+                message,
+            },
         })?;
         let model = Model::from_spec(&spec)?;
         Ok((spec, model))
@@ -500,7 +542,7 @@ impl Model {
         }
         let networks = Self::networks(spec)?;
         let endpoints = Self::endpoints(spec, &networks)?;
-        let services = Self::services(spec, &endpoints)?;
+        let services = Self::services(spec, &networks, &endpoints)?;
         let ports = Self::ports(spec, &endpoints, &services)?;
         let policies = Self::policies(spec, &networks, &endpoints)?;
         Ok(Model {
@@ -667,7 +709,11 @@ impl Model {
         Ok(endpoints)
     }
 
-    fn services(spec: &StateFile, endpoints: &[Endpoint]) -> Result<Vec<Service>, StateError> {
+    fn services(
+        spec: &StateFile,
+        networks: &[Network],
+        endpoints: &[Endpoint],
+    ) -> Result<Vec<Service>, StateError> {
         let mut names = BTreeSet::new();
         let mut vips = HashMap::new();
         let mut services = Vec::new();
@@ -680,6 +726,7 @@ impl Model {
                 return Err(invalid(entry, "name", "is used by an earlier service"));
             }
             let vip = parse_ip(&s.vip).map_err(|m| invalid(&entry, "vip", m))?;
+            check_vip(vip, networks, endpoints).map_err(|m| invalid(&entry, "vip", m))?;
             let port = single_port(s.port).map_err(|m| invalid(&entry, "port", m))?;
             let protocol = Protocol::parse(&s.protocol).ok_or_else(|| {
                 invalid(
@@ -699,66 +746,9 @@ impl Model {
                 Some(p) => single_port(p).map_err(|m| invalid(&entry, "target_port", m))?,
                 None => port,
             };
-            let algorithm = match s.algorithm.as_str() {
-                "maglev" => Algorithm::Maglev,
-                "random" => Algorithm::Random,
-                "round_robin" => Algorithm::RoundRobin,
-                "source_hash" => Algorithm::SourceHash,
-                other => {
-                    return Err(invalid(
-                        &entry,
-                        "algorithm",
-                        format!("{other:?} is not maglev, random, round_robin or source_hash"),
-                    ));
-                }
-            };
-            let backends = match (&s.selector, &s.endpoints) {
-                (Some(_), Some(_)) => {
-                    return Err(invalid(
-                        &entry,
-                        "selector",
-                        "give either selector or endpoints, not both",
-                    ));
-                }
-                (None, None) => {
-                    return Err(invalid(&entry, "selector", "give a selector or endpoints"));
-                }
-                (Some(selector), None) => endpoints
-                    .iter()
-                    .filter(|e| labels_match(selector, &e.labels))
-                    .map(|e| e.name.clone())
-                    .collect(),
-                (None, Some(list)) => {
-                    let mut backends = Vec::new();
-                    for (j, name) in list.iter().enumerate() {
-                        if !endpoints.iter().any(|e| &e.name == name) {
-                            return Err(invalid(
-                                &entry,
-                                format!("endpoints[{j}]"),
-                                format!("unknown endpoint {name:?}"),
-                            ));
-                        }
-                        backends.push(name.clone());
-                    }
-                    backends
-                }
-            };
-            let mut backends: Vec<String> = backends;
-            backends.sort();
-            backends.dedup();
-            for name in s.weights.keys() {
-                if !endpoints.iter().any(|e| &e.name == name) {
-                    return Err(invalid(
-                        &entry,
-                        format!("weights.{name}"),
-                        format!("unknown endpoint {name:?}"),
-                    ));
-                }
-            }
-            let weights = backends
-                .iter()
-                .map(|b| s.weights.get(b).copied().unwrap_or(1))
-                .collect();
+            let algorithm =
+                Algorithm::parse(&s.algorithm).map_err(|m| invalid(&entry, "algorithm", m))?;
+            let (backends, weights) = service_backends(&entry, s, endpoints)?;
             services.push(Service {
                 name: s.name.clone(),
                 vip,
@@ -778,12 +768,14 @@ impl Model {
         endpoints: &[Endpoint],
         services: &[Service],
     ) -> Result<Vec<PublishedPort>, StateError> {
-        let mut ports: Vec<(String, PublishedPort)> = Vec::new();
+        let mut ports: Vec<PublishedPort> = Vec::new();
+        let mut book = PortBook::default();
+        let endpoint_names: BTreeSet<&str> = endpoints.iter().map(|e| e.name.as_str()).collect();
         for (i, p) in spec.ports.iter().enumerate() {
             let entry = format!("ports[{i}]");
             let target = match (&p.endpoint, &p.service) {
                 (Some(e), None) => {
-                    if !endpoints.iter().any(|x| &x.name == e) {
+                    if !endpoint_names.contains(e.as_str()) {
                         return Err(invalid(
                             entry,
                             "endpoint",
@@ -839,21 +831,17 @@ impl Model {
                 host_ports,
                 container_ports,
             };
-            // Two bindings may share a port only on different, specific host addresses.
-            if let Some((first, _)) = ports.iter().find(|(_, o)| {
-                o.protocol == port.protocol
-                    && o.host_ports.overlaps(&port.host_ports)
-                    && (o.host_ip.is_none() || port.host_ip.is_none() || o.host_ip == port.host_ip)
-            }) {
+            if let Some(first) = book.conflict(&port) {
                 return Err(invalid(
                     &entry,
                     "host_port",
-                    format!("overlaps the ports of {first}"),
+                    format!("overlaps the ports of ports[{first}]"),
                 ));
             }
-            ports.push((entry, port));
+            book.insert(i, &port);
+            ports.push(port);
         }
-        Ok(ports.into_iter().map(|(_, p)| p).collect())
+        Ok(ports)
     }
 
     fn policies(
@@ -862,8 +850,13 @@ impl Model {
         endpoints: &[Endpoint],
     ) -> Result<Vec<Policy>, StateError> {
         let mut policies = Vec::new();
+        let mut names = BTreeSet::new();
         for (i, p) in spec.policies.iter().enumerate() {
             let entry = entry_label("policies", i, &p.name);
+            // Flow records and `status` name a policy by its name: it must say which one.
+            if !p.name.is_empty() && !names.insert(p.name.as_str()) {
+                return Err(invalid(entry, "name", "is used by an earlier policy"));
+            }
             let action = match p.action.as_str() {
                 "allow" => Action::Allow,
                 "deny" => Action::Deny,
@@ -905,6 +898,63 @@ impl Model {
         Ok(policies)
     }
 
+    /// What the model accepts but is probably not meant: a service or policy selector that
+    /// matches no endpoint. Logged and shown by `status`, not refused: endpoints come and go.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for s in &self.services {
+            if s.backends.is_empty() {
+                warnings.push(format!(
+                    "services[{}]: no endpoint matches its selector or list; connections to \
+                     {}:{} get no backend",
+                    s.name, s.vip, s.port
+                ));
+            }
+        }
+        for (i, p) in self.policies.iter().enumerate() {
+            for (side, selector) in [("from", &p.from), ("to", &p.to)] {
+                if let Selector::Labels(labels) = selector
+                    && !self
+                        .endpoints
+                        .iter()
+                        .any(|e| labels_match(labels, &e.labels))
+                {
+                    warnings.push(format!(
+                        "{}.{side}.labels: matches no endpoint",
+                        entry_label("policies", i, &p.name)
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+
+    /// Checks the model against the host's own IPv4 addresses: a VIP that is one of them is
+    /// refused (the host's own traffic to it would be balanced away); a `host_ip` that is
+    /// none of them is a warning (the port is published on it all the same, for the day the
+    /// host gets the address).
+    pub fn check_host(&self, host: &[Ipv4Addr]) -> Result<Vec<String>, StateError> {
+        for s in &self.services {
+            if host.contains(&s.vip) {
+                return Err(invalid(
+                    format!("services[{}]", s.name),
+                    "vip",
+                    format!("{} is an address of this host", s.vip),
+                ));
+            }
+        }
+        Ok(self
+            .ports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let ip = p.host_ip?;
+                (!host.contains(&ip))
+                    .then(|| format!("ports[{i}].host_ip: {ip} is not an address of this host"))
+            })
+            .collect())
+    }
+
     pub fn network(&self, name: &str) -> Option<&Network> {
         self.networks.iter().find(|n| n.name == name)
     }
@@ -915,6 +965,126 @@ fn single_port(n: u32) -> Result<u16, String> {
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| format!("port {n} is not 1-65535"))
+}
+
+/// Which entry first bound each port number, for the overlap check of published ports: two
+/// bindings may share a port only on different, specific host addresses. Linear in the port
+/// numbers; comparing every pair of entries took 25 s for 100,000 of them.
+#[derive(Default)]
+struct PortBook {
+    /// Bound on any address.
+    any: HashMap<(Protocol, u16), usize>,
+    /// Bound on every address (no host_ip).
+    every: HashMap<(Protocol, u16), usize>,
+    specific: HashMap<(Protocol, Ipv4Addr, u16), usize>,
+}
+
+impl PortBook {
+    /// The earliest entry whose ports `port` overlaps.
+    fn conflict(&self, port: &PublishedPort) -> Option<usize> {
+        let proto = port.protocol;
+        (port.host_ports.first..=port.host_ports.last)
+            .filter_map(|n| match port.host_ip {
+                None => self.any.get(&(proto, n)).copied(),
+                Some(ip) => {
+                    let every = self.every.get(&(proto, n)).copied();
+                    let same = self.specific.get(&(proto, ip, n)).copied();
+                    every.into_iter().chain(same).min()
+                }
+            })
+            .min()
+    }
+
+    fn insert(&mut self, index: usize, port: &PublishedPort) {
+        let proto = port.protocol;
+        for n in port.host_ports.first..=port.host_ports.last {
+            self.any.entry((proto, n)).or_insert(index);
+            match port.host_ip {
+                None => self.every.entry((proto, n)).or_insert(index),
+                Some(ip) => self.specific.entry((proto, ip, n)).or_insert(index),
+            };
+        }
+    }
+}
+
+/// A VIP must be an address nobody else answers on: not 0.0.0.0 (every address), not a
+/// broadcast or multicast address, not a container's (half of its traffic would be balanced
+/// away) and not a gateway (the host's own address on that bridge). The host's other addresses
+/// are checked when the model is applied ([`Model::check_host`]).
+fn check_vip(vip: Ipv4Addr, networks: &[Network], endpoints: &[Endpoint]) -> Result<(), String> {
+    if vip.is_unspecified() || vip.is_broadcast() || vip.is_multicast() {
+        return Err(format!("{vip} is not a unicast address"));
+    }
+    if let Some(n) = networks.iter().find(|n| n.gateway == vip) {
+        return Err(format!(
+            "{vip} is the gateway (the host's address) of network {}",
+            n.name
+        ));
+    }
+    for (i, e) in endpoints.iter().enumerate() {
+        if let Some(j) = e.interfaces.iter().position(|itf| itf.ip == vip) {
+            return Err(format!(
+                "{vip} is the address of {}.interfaces[{j}].ip",
+                entry_label("endpoints", i, &e.name)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The backends of service `s` (by its selector or its list, sorted) and their weights.
+fn service_backends(
+    entry: &str,
+    s: &ServiceSpec,
+    endpoints: &[Endpoint],
+) -> Result<(Vec<String>, Vec<u32>), StateError> {
+    let mut backends: Vec<String> = match (&s.selector, &s.endpoints) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                entry,
+                "selector",
+                "give either selector or endpoints, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(invalid(entry, "selector", "give a selector or endpoints"));
+        }
+        (Some(selector), None) => endpoints
+            .iter()
+            .filter(|e| labels_match(selector, &e.labels))
+            .map(|e| e.name.clone())
+            .collect(),
+        (None, Some(list)) => {
+            let mut backends = Vec::new();
+            for (j, name) in list.iter().enumerate() {
+                if !endpoints.iter().any(|e| &e.name == name) {
+                    return Err(invalid(
+                        entry,
+                        format!("endpoints[{j}]"),
+                        format!("unknown endpoint {name:?}"),
+                    ));
+                }
+                backends.push(name.clone());
+            }
+            backends
+        }
+    };
+    backends.sort();
+    backends.dedup();
+    for name in s.weights.keys() {
+        if !endpoints.iter().any(|e| &e.name == name) {
+            return Err(invalid(
+                entry,
+                format!("weights.{name}"),
+                format!("unknown endpoint {name:?}"),
+            ));
+        }
+    }
+    let weights = backends
+        .iter()
+        .map(|b| s.weights.get(b).copied().unwrap_or(1))
+        .collect();
+    Ok((backends, weights))
 }
 
 pub fn labels_match(
@@ -966,16 +1136,14 @@ fn selector(
 }
 
 impl StateFile {
-    /// Parses YAML or JSON (JSON is YAML), reporting line and column of syntax errors.
+    /// Parses YAML or JSON (JSON is YAML), reporting line and column of syntax errors, within
+    /// the caps of [`parse`]. An empty text is refused: the empty state is `{}`.
     pub fn parse(text: &str) -> Result<StateFile, String> {
-        if text.trim().is_empty() {
-            return Ok(StateFile::default());
-        }
-        serde_yaml::from_str(text).map_err(|e| e.to_string())
+        parse::parse(text).map_err(|e| e.to_string())
     }
 
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).expect("a StateFile always serialises")
+        serde_saphyr::to_string(self).expect("a StateFile always serialises")
     }
 }
 
@@ -1214,6 +1382,99 @@ policies:
                 "expected an error at {expected_location}, got: {err}"
             );
         }
+    }
+
+    #[test]
+    fn vips_that_others_answer_on_are_refused() {
+        for (vip, expected) in [
+            ("0.0.0.0", "not a unicast address"),
+            ("255.255.255.255", "not a unicast address"),
+            ("224.0.0.1", "not a unicast address"),
+            (
+                "172.30.1.2",
+                "is the address of endpoints[web1].interfaces[0].ip",
+            ),
+            (
+                "172.30.2.1",
+                "is the gateway (the host's address) of network backend",
+            ),
+        ] {
+            let mut spec = good();
+            spec.services[0].vip = vip.into();
+            let err = error_of(&spec);
+            assert!(
+                err.starts_with("services[web].vip: ") && err.contains(expected),
+                "{vip}: {err}"
+            );
+        }
+        let model = Model::from_spec(&good()).unwrap();
+        let host = ["10.96.0.10".parse().unwrap()];
+        assert_eq!(
+            model.check_host(&host).unwrap_err().to_string(),
+            "services[web].vip: 10.96.0.10 is an address of this host"
+        );
+    }
+
+    #[test]
+    fn host_ips_not_on_the_host_and_empty_selectors_are_warnings() {
+        let mut spec = good();
+        spec.services[0].selector = Some(BTreeMap::from([("app".into(), "nothing".into())]));
+        spec.policies[0].to.labels = Some(BTreeMap::from([("tier".into(), "none".into())]));
+        let model = Model::from_spec(&spec).unwrap();
+        let warnings = model.warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].starts_with("services[web]: no endpoint matches"));
+        assert_eq!(
+            warnings[1],
+            "policies[no-frontend-to-db].to.labels: matches no endpoint"
+        );
+        assert!(Model::from_spec(&good()).unwrap().warnings().is_empty());
+        let host: Vec<Ipv4Addr> = vec!["192.0.2.1".parse().unwrap()];
+        assert!(model.check_host(&host).unwrap().is_empty());
+        assert_eq!(
+            model.check_host(&[]).unwrap(),
+            vec!["ports[1].host_ip: 192.0.2.1 is not an address of this host".to_string()]
+        );
+    }
+
+    #[test]
+    fn two_policies_with_one_name_are_refused() {
+        let mut spec = good();
+        let mut second = spec.policies[0].clone();
+        second.action = "allow".into();
+        spec.policies.push(second);
+        assert_eq!(
+            error_of(&spec),
+            "policies[no-frontend-to-db].name: is used by an earlier policy"
+        );
+    }
+
+    #[test]
+    fn overlapping_ports_name_the_first_entry_quickly() {
+        let mut spec = good();
+        spec.ports.truncate(1);
+        // 30,000 tcp and 30,000 udp ports on every address, then one on a specific address
+        // inside them: linear, where comparing pairs took minutes.
+        for i in 0..60_000u32 {
+            spec.ports.push(PortSpec {
+                endpoint: Some("web1".into()),
+                service: None,
+                protocol: if i % 2 == 0 { "tcp" } else { "udp" }.into(),
+                host_ip: None,
+                host_port: PortValue::Number(20_000 + i / 2),
+                container_port: PortValue::Number(80),
+            });
+        }
+        assert_eq!(Model::from_spec(&spec).unwrap().ports.len(), 60_001);
+        let mut clash = spec.ports[1].clone();
+        clash.host_ip = Some("192.0.2.7".into());
+        clash.host_port = PortValue::Text("19990-20000".into());
+        clash.container_port = PortValue::Text("1-11".into());
+        spec.ports.push(clash);
+        assert_eq!(
+            error_of(&spec),
+            "ports[60001].host_port: overlaps the ports of ports[1]"
+        );
     }
 
     #[test]

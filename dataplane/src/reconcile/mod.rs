@@ -14,6 +14,7 @@ use dataplane_common::{
     PrefixKey, ServiceInfo, ServiceKey, algorithm, net_flags,
 };
 
+pub mod capacity;
 pub mod maglev;
 pub mod policy;
 
@@ -125,6 +126,8 @@ pub enum ReconcileError {
     )]
     TooManyServices { wanted: usize, max: u32 },
     #[error(transparent)]
+    Capacity(#[from] capacity::CapacityError),
+    #[error(transparent)]
     Kernel(#[from] DatapathError),
     #[error(transparent)]
     Policy(#[from] crate::reconcile::policy::PolicyError),
@@ -199,6 +202,8 @@ impl Reconciler {
             log::info!("{gone}: the interface is gone, and its attachment with it");
         }
         let desired = desired(model, host, &self.datapath)?;
+        // Refused whole before any write, rather than failing half-way.
+        capacity::check(&desired, self.datapath.capacity::<Ports>())?;
         apply(&desired, &mut self.datapath)
     }
 

@@ -3,3 +3,4 @@
 //! produce.
 
 pub mod docker;
+pub mod state_file;
