@@ -39,7 +39,7 @@ enum Task {
     /// Set up, build (release), and measure the dataplane against iptables and plain routing
     /// in sandboxes of network namespaces (see bench/README.md). Needs root.
     Bench {
-        /// Shorter runs (3 s instead of 10 s each; still 3 runs) for a result in a few minutes.
+        /// Shorter runs (3 s instead of 5 s each; still 3 runs) for a result in a few minutes.
         #[arg(long)]
         quick: bool,
         /// Run only these scenarios (repeatable or comma-separated, `--only` is the same;

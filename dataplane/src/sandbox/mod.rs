@@ -952,8 +952,9 @@ fn namespace_pids(ns: &str) -> anyhow::Result<Vec<i32>> {
         .collect())
 }
 
-/// Alive and not a zombie (a zombie holds no namespace and cannot be killed further).
-fn is_alive(pid: i32) -> bool {
+/// Alive and not a zombie (a zombie holds no namespace and cannot be killed further). Public
+/// for the test bed (tests/testbed), which stops its processes the same way.
+pub fn is_alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name, which is in parentheses and may contain spaces.
         Ok(stat) => stat
@@ -973,10 +974,16 @@ fn signal(pid: i32, sig: libc::c_int) {
 
 /// SIGTERM, up to TERM_GRACE for them to go, then SIGKILL.
 fn terminate(pids: &[i32]) {
+    terminate_within(pids, TERM_GRACE);
+}
+
+/// SIGTERM, up to `grace` for them to go, then SIGKILL; returns once they are gone (or `grace`
+/// later).
+pub fn terminate_within(pids: &[i32], grace: Duration) {
     for pid in pids {
         signal(*pid, libc::SIGTERM);
     }
-    let deadline = Instant::now() + TERM_GRACE;
+    let deadline = Instant::now() + grace;
     while pids.iter().any(|p| is_alive(*p)) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
@@ -984,7 +991,7 @@ fn terminate(pids: &[i32]) {
         signal(*pid, libc::SIGKILL);
     }
     // Give SIGKILL a moment so the namespaces are free when we delete them.
-    let deadline = Instant::now() + TERM_GRACE;
+    let deadline = Instant::now() + grace;
     while pids.iter().any(|p| is_alive(*p)) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(10));
     }

@@ -269,32 +269,12 @@ fn signal_pid(pid: i32, signal: libc::c_int) {
     }
 }
 
-/// Whether `pid` runs (a zombie holds no namespace and no port; only the state letter after
-/// the name in /proc/PID/stat tells).
-pub fn is_alive(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
-    })
-}
+/// Whether `pid` runs (not a zombie: a zombie holds no namespace and no port).
+pub use dataplane::sandbox::is_alive;
 
-/// SIGTERM, [`TERM_GRACE`] to go, then SIGKILL; returns once they are gone (or a second later).
+/// SIGTERM, [`TERM_GRACE`] to go, then SIGKILL; returns once they are gone.
 pub fn terminate(pids: &[i32]) {
-    for &pid in pids {
-        signal_pid(pid, libc::SIGTERM);
-    }
-    let wait = |limit: Duration| {
-        let deadline = Instant::now() + limit;
-        while pids.iter().any(|p| is_alive(*p)) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait(TERM_GRACE);
-    for &pid in pids.iter().filter(|p| is_alive(**p)) {
-        signal_pid(pid, libc::SIGKILL);
-    }
-    wait(Duration::from_secs(1));
+    dataplane::sandbox::terminate_within(pids, TERM_GRACE);
 }
 
 /// SIGKILL to every pid (processes found by what they belong to, e.g. a cgroup of ours).
