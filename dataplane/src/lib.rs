@@ -10,7 +10,8 @@
 //!                                                          flows ──> control / cli, metrics
 //! ```
 //!
-//! - [`source`]: the state file and the Docker engine, each producing a [`model::Model`];
+//! - [`source`]: the state file and the Docker engine, each producing a [`model::Model`] on
+//!   tasks of their own (the agent's loop never reads or parses a file);
 //! - [`model`]: the desired state and its validation;
 //! - [`reconcile`]: what the kernel should hold for a model (policy and Maglev compilation
 //!   included), diffed against what it holds and applied; it owns the [`kernel::Datapath`];
@@ -22,8 +23,9 @@
 //!   reports;
 //! - [`agent`]: the main loop that ties the above together;
 //! - [`cli`]: `status` and `observe`, the clients of a running agent;
-//! - [`sandbox`]: the test bed, a host with containers built from network namespaces; it uses
-//!   the model's state-file types and nothing of the agent.
+//! - [`sandbox`]: a host with networks, containers and an outside client built from network
+//!   namespaces (`dataplane sandbox`), what the test bed (tests/testbed) stands on; it uses the
+//!   model's state-file types and nothing of the agent.
 
 pub mod agent;
 pub mod cli;
