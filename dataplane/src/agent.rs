@@ -96,6 +96,9 @@ struct Agent {
     applied: Model,
     uplink: String,
     last_error: Option<String>,
+    /// Why the state in force could not be re-applied at the last drift repair (an
+    /// interface it names went away); cleared by the next repair or state that applies.
+    repair_error: Option<String>,
     /// Which state is in force, a newer one that is not (and why), warnings.
     state: status::StateStatus,
     reconciles: u64,
@@ -111,6 +114,7 @@ struct Agent {
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // One agent per pin dir: the lock first, before anything is pinned or attached.
+    let pin_dir_existed = args.pin_dir.exists();
     crate::kernel::prepare_pin_dir(&args.pin_dir)?;
     let _lock = PinLock::acquire(&args.pin_dir)?;
     for pin in Datapath::remove_stale_link_pins(&args.pin_dir) {
@@ -120,12 +124,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         );
     }
     let record = StartRecord::take(&args.pin_dir);
+    let args_pin_dir = args.pin_dir.clone();
     let (mut agent, mut sources, listener) = match start(args).await {
         Ok(started) => started,
         Err(err) => {
             // Whatever this start pinned goes; what an earlier agent left stays.
             for path in record.undo() {
                 log::info!("failed start: removed {}", path.display());
+            }
+            if !pin_dir_existed {
+                // Only when empty: what an earlier agent left is never removed.
+                let _ = std::fs::remove_dir(&args_pin_dir);
             }
             return Err(err);
         }
@@ -236,6 +245,7 @@ async fn start(args: AgentArgs) -> anyhow::Result<(Agent, Sources, tokio::net::U
         args,
         applied: Model::default(),
         last_error: None,
+        repair_error: None,
         state: status::StateStatus::default(),
         reconciles: 0,
         last_applied_unix: None,
@@ -328,6 +338,7 @@ impl Agent {
         });
         self.state.newer = None;
         self.last_error = None;
+        self.repair_error = None;
         Ok(())
     }
 
@@ -412,8 +423,15 @@ impl Agent {
     /// whether or not a newer state was refused.
     fn repair_drift(&mut self) {
         let model = self.applied.clone();
-        if let Err(e) = self.reconcile_in(model, false) {
-            log::warn!("repairing drift from the state in force: {e}");
+        match self.reconcile_in(model, false) {
+            Ok(()) => self.repair_error = None,
+            Err(e) => {
+                let e = e.to_string();
+                if self.repair_error.as_ref() != Some(&e) {
+                    log::warn!("repairing drift from the state in force: {e}");
+                }
+                self.repair_error = Some(e);
+            }
         }
     }
 
@@ -572,7 +590,11 @@ impl Agent {
             reconciles: self.reconciles,
             ct_collected: self.ct_collected,
             last_applied_unix: self.last_applied_unix,
-            last_error: self.last_error.clone(),
+            // A refused newer state first; else why the state in force is not whole.
+            last_error: self
+                .last_error
+                .clone()
+                .or_else(|| self.repair_error.clone()),
             state: self.state.clone(),
             flows: self.flow_status(),
         })

@@ -339,11 +339,9 @@ fn a_second_agent_on_the_same_pin_dir_is_refused_and_the_first_keeps_its_datapat
     assert!(!out.status.success());
     assert!(stderr.contains("is not a socket"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&not_a_socket).unwrap(), "keep me");
-    let left: Vec<_> = std::fs::read_dir(&own_pins)
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    let _ = std::fs::remove_dir(&own_pins);
-    assert!(left.is_empty(), "the failed start left {left:?}");
+    let left = own_pins.exists();
+    let _ = std::fs::remove_dir_all(&own_pins);
+    assert!(!left, "the failed start left its pin directory");
 
     // The first agent dies hard; its pinned links keep the port published.
     agent.stop("KILL");
@@ -360,7 +358,9 @@ fn a_second_agent_on_the_same_pin_dir_is_refused_and_the_first_keeps_its_datapat
     agent.restart(&sandbox);
     assert!(!web2_pin.exists(), "the stale pin stayed");
     assert!(
-        agent.log_text().contains("its interface went away while no agent ran"),
+        agent
+            .log_text()
+            .contains("its interface went away while no agent ran"),
         "{}",
         agent.log_text()
     );
