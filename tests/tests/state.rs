@@ -259,9 +259,23 @@ fn half_written_or_odd_files_are_never_applied() {
     poller.finish();
 }
 
+/// SPEC with a second container, whose veth goes away while no agent runs.
+const WITH_WEB2: &str = r#"
+uplink: eth0
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1}
+endpoints:
+  - name: web1
+    interfaces: [{network: front, ip: 172.30.1.2, mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
+  - name: web2
+    interfaces: [{network: front, ip: 172.30.1.3, mac: "02:42:ac:1e:01:03", host_veth: veth-web2}]
+ports:
+  - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}
+"#;
+
 #[test]
 fn a_second_agent_on_the_same_pin_dir_is_refused_and_the_first_keeps_its_datapath() {
-    let sandbox = Sandbox::up(SPEC);
+    let sandbox = Sandbox::up(WITH_WEB2);
     let mut agent = Agent::start(&sandbox);
     let poller = Poller::start(&sandbox);
     let first_pid = agent.pid().unwrap();
@@ -333,16 +347,32 @@ fn a_second_agent_on_the_same_pin_dir_is_refused_and_the_first_keeps_its_datapat
     assert!(!out.status.success());
     assert!(stderr.contains("is not a socket"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&not_a_socket).unwrap(), "keep me");
-    let left: Vec<_> = std::fs::read_dir(&own_pins)
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    let _ = std::fs::remove_dir(&own_pins);
-    assert!(left.is_empty(), "the failed start left {left:?}");
+    let left = own_pins.exists();
+    let _ = std::fs::remove_dir_all(&own_pins);
+    assert!(!left, "the failed start left its pin directory");
 
     // The first agent dies hard; its pinned links keep the port published.
     agent.stop("KILL");
     std::thread::sleep(Duration::from_secs(2));
     poller.finish();
+
+    // While no agent runs, web2's veth goes away: the next agent removes its link pin.
+    let web2_pin = agent
+        .pin_dir
+        .join(format!("links/veth-web2@{}", "dp_container_ingress"));
+    assert!(web2_pin.exists(), "no pin {}", web2_pin.display());
+    sandbox.exec_ok("host", &["ip", "link", "del", "veth-web2"]);
+    std::fs::write(&sandbox.state_file, SPEC).unwrap();
+    agent.restart(&sandbox);
+    assert!(!web2_pin.exists(), "the stale pin stayed");
+    assert!(
+        agent
+            .log_text()
+            .contains("its interface went away while no agent ran"),
+        "{}",
+        agent.log_text()
+    );
+    in_netns(&sandbox.netns("outside"), || get(8080)).expect("8080 after the restart");
 }
 
 #[test]

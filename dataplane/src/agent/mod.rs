@@ -101,6 +101,9 @@ struct Agent {
     collector: Collector,
     args: AgentArgs,
     last_error: Option<String>,
+    /// Why the state in force could not be re-applied at the last drift repair (an
+    /// interface it names went away); cleared by the next repair or state that applies.
+    repair_error: Option<String>,
     /// Which state is in force, a newer one that is not (and why), warnings.
     state: report::StateStatus,
     reconciles: u64,
@@ -114,6 +117,7 @@ struct Agent {
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // One agent per pin dir: the lock first, before anything is pinned or attached.
+    let pin_dir_existed = args.pin_dir.exists();
     crate::kernel::prepare_pin_dir(&args.pin_dir)?;
     let _lock = PinLock::acquire(&args.pin_dir)?;
     for pin in Datapath::remove_stale_link_pins(&args.pin_dir) {
@@ -123,12 +127,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         );
     }
     let record = StartRecord::take(&args.pin_dir);
+    let args_pin_dir = args.pin_dir.clone();
     let (mut agent, mut sources, listener) = match start(args).await {
         Ok(started) => started,
         Err(err) => {
             // Whatever this start pinned goes; what an earlier agent left stays.
             for path in record.undo() {
                 log::info!("failed start: removed {}", path.display());
+            }
+            if !pin_dir_existed {
+                // Only when empty: what an earlier agent left is never removed.
+                let _ = std::fs::remove_dir(&args_pin_dir);
             }
             return Err(err);
         }
@@ -242,6 +251,7 @@ async fn start(args: AgentArgs) -> anyhow::Result<(Agent, Sources, tokio::net::U
         collector: Collector::new(conntrack),
         args,
         last_error: None,
+        repair_error: None,
         state: report::StateStatus::default(),
         reconciles: 0,
         last_applied_unix: None,
@@ -321,6 +331,7 @@ impl Agent {
         });
         self.state.newer = None;
         self.last_error = None;
+        self.repair_error = None;
         Ok(())
     }
 
@@ -395,8 +406,15 @@ impl Agent {
         let Some(model) = self.reconciler.applied().cloned() else {
             return;
         };
-        if let Err(e) = self.reconcile_in(model, false) {
-            log::warn!("repairing drift from the state in force: {e}");
+        match self.reconcile_in(model, false) {
+            Ok(()) => self.repair_error = None,
+            Err(e) => {
+                let e = e.to_string();
+                if self.repair_error.as_ref() != Some(&e) {
+                    log::warn!("repairing drift from the state in force: {e}");
+                }
+                self.repair_error = Some(e);
+            }
         }
     }
 

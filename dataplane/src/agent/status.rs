@@ -88,7 +88,11 @@ impl Agent {
             ct_collected: self.collector.collected,
             last_applied_unix: self.last_applied_unix,
             state: self.state.clone(),
-            last_error: self.last_error.clone(),
+            // A refused newer state first; else why the state in force is not whole.
+            last_error: self
+                .last_error
+                .clone()
+                .or_else(|| self.repair_error.clone()),
             flows: self.flow_status(),
         })
     }

@@ -146,6 +146,43 @@ fn render(s: &Status) -> String {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn the_state_in_force_and_a_refused_newer_one_are_printed() {
+        let status: super::Status = serde_json::from_value(serde_json::json!({
+            "pin_dir": "/sys/fs/bpf/dp", "state_file": "/etc/state.yaml", "uplink": "eth0",
+            "attachments": [], "maps": [], "interfaces": [], "endpoints": [], "drops": {},
+            "reconciles": 1, "ct_collected": 0, "last_applied_unix": 0,
+            "last_error": "state file /etc/state.yaml is empty",
+            "state": {
+                "in_force": {"source": "file", "sha256": "ab12", "modified_unix": 60,
+                             "applied_unix": 61},
+                "newer": {"sha256": "cd34", "since_unix": 120,
+                          "reason": "state file /etc/state.yaml is empty"},
+                "warnings": ["ports[0].host_ip: 192.0.2.9 is not an address of this host"]
+            }
+        }))
+        .unwrap();
+        let text = super::render(&status);
+        assert!(
+            text.contains(
+                "in force: file state sha256 ab12, applied 1970-01-01 00:01:01 UTC (file \
+                 modified 1970-01-01 00:01:00 UTC)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "newer state sha256 cd34 since 1970-01-01 00:02:00 UTC not in force: state \
+                 file /etc/state.yaml is empty"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("warning: ports[0].host_ip: 192.0.2.9"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn times_print_as_utc() {
         assert_eq!(super::time(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(super::time(1_796_083_200 + 3661), "2026-12-01 01:01:01 UTC");

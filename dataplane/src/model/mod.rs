@@ -352,7 +352,7 @@ impl PortRange {
 
     #[expect(
         clippy::len_without_is_empty,
-        reason = "a range has at least one port (first <= last)"
+        reason = "a range holds at least one port"
     )]
     pub fn len(&self) -> u32 {
         u32::from(self.last) - u32::from(self.first) + 1

@@ -185,11 +185,14 @@ impl Reconciler {
                 Ok(Applied { changes, departed })
             }
             Err(err) => {
-                if let Some((model, host)) = self.last_good.take() {
-                    if let Err(e) = self.reconcile(&model, &host) {
+                // (A repair of the state in force that failed has nothing better to go back to.)
+                if let Some((good, good_host)) = self.last_good.take() {
+                    if good != model
+                        && let Err(e) = self.reconcile(&good, &good_host)
+                    {
                         log::warn!("re-applying the last good state: {e}");
                     }
-                    self.last_good = Some((model, host));
+                    self.last_good = Some((good, good_host));
                 }
                 Err(err)
             }
