@@ -363,7 +363,7 @@ fn a_second_agent_on_the_same_pin_dir_is_refused_and_the_first_keeps_its_datapat
     assert!(web2_pin.exists(), "no pin {}", web2_pin.display());
     sandbox.exec_ok("host", &["ip", "link", "del", "veth-web2"]);
     std::fs::write(&sandbox.state_file, SPEC).unwrap();
-    agent.restart(&sandbox);
+    agent.restart();
     assert!(!web2_pin.exists(), "the stale pin stayed");
     assert!(
         agent
