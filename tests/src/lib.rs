@@ -232,6 +232,11 @@ impl Agent {
         }
     }
 
+    /// The agent's process id (to read its CPU time from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the agent runs").id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -191,7 +191,7 @@ fn rules_apply_to_new_and_open_connections() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|m| m["name"] == "dp_ct_v1")
+                .any(|m| m["name"] == "dp_ct_v2")
     });
     std::thread::sleep(Duration::from_millis(700));
     assert!(
