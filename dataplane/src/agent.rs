@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use dataplane_common::{CtEntry, CtKey, hook, map_names};
+use dataplane_common::{CtEntry, CtKey, DropAggKey, DropAggValue, hook, map_names};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -400,10 +400,37 @@ impl Agent {
         // The same walk gives the flow records of expired and long-lived connections.
         self.flows
             .after_conntrack_walk(&self.datapath, &walked, &ended, now);
+        self.report_pending_drops(now);
         let fill = main_fill.0 as f64 / main_fill.1 as f64;
         let removed_share = ended.len() as f64 / walked.len().max(1) as f64;
         self.next_gc = std::time::Instant::now()
             + conntrack::next_interval(fill, removed_share, started.elapsed());
+    }
+
+    /// Publishes the drops the kernel aggregated but had no later drop to report them with.
+    fn report_pending_drops(&mut self, now: u64) {
+        let name = map_names::DROP_AGGREGATES;
+        let entries = match self.datapath.entries::<DropAggKey, DropAggValue>(name) {
+            Ok(entries) => entries,
+            Err(e) => {
+                log::warn!("drop aggregates: {e}");
+                return;
+            }
+        };
+        let pending = flows::periodic::pending_drops(&entries, now);
+        if pending.is_empty() {
+            return;
+        }
+        let mut events = Vec::with_capacity(pending.len());
+        for (key, event) in pending {
+            // Drops the kernel adds between this read and the removal are lost from the
+            // records (the counters have them).
+            if let Err(e) = self.datapath.remove::<DropAggKey, DropAggValue>(name, key) {
+                log::warn!("drop aggregates: {e}");
+            }
+            events.push(event);
+        }
+        self.flows.ingest(events);
     }
 
     fn reject(&mut self, error: String) {
