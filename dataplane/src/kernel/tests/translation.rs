@@ -15,7 +15,7 @@ use super::{
     },
     programs::{TC_PASS, TC_SHOT, TestDatapath, run_tc},
 };
-use crate::kernel::{Datapath, Hook, LoadOptions};
+use crate::kernel::{Datapath, Hook};
 
 pub(super) const HOST: [u8; 4] = [192, 0, 2, 1];
 pub(super) const CLIENT: [u8; 4] = [192, 0, 2, 2];

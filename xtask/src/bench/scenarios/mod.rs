@@ -1,7 +1,8 @@
 //! The scenarios of issue 8's second round (and of issues 4 and 5), one file each: service VIPs
 //! (`vip`, `vip-outside`), scale (`scale-ports`, `scale-services`), the XDP deny list
 //! (`xdp-drop`), outbound masquerade (`masquerade`), localhost to a published port
-//! (`localhost`) and a real Docker engine (`docker`). `scenario::all()` lists them after the
+//! (`localhost`), a real Docker engine (`docker`) and new connections during a spoofed SYN
+//! flood (`syn-flood`, issue 12). `scenario::all()` lists them after the
 //! ones in scenario.rs.
 //!
 //! What they share lives here: workloads whose runs are capped at [`MAX_SECS`] (so that the
@@ -13,6 +14,7 @@ mod localhost;
 mod masquerade;
 pub mod probe;
 mod scale;
+mod syn_flood;
 mod vip;
 mod xdp_drop;
 
@@ -38,6 +40,7 @@ pub fn all() -> Vec<Scenario> {
         scale::ports(),
         scale::services(),
         xdp_drop::scenario(),
+        syn_flood::scenario(),
         masquerade::scenario(),
         localhost::scenario(),
         docker::scenario(),
