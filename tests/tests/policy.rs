@@ -186,7 +186,7 @@ fn rules_apply_to_new_and_open_connections() {
     );
     sandbox.write_state(&rules);
     agent.wait_for("rules applied", |s| {
-        s.last_error.is_none() && s.find_map_entries("dp_ct_v1").is_some()
+        s.last_error.is_none() && s.find_map_entries("dp_ct_v2").is_some()
     });
     std::thread::sleep(Duration::from_millis(700));
     assert!(

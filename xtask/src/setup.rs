@@ -49,6 +49,10 @@ const TEST_PACKAGES: &[&str] = &[
     // outside namespace at the sandbox host's uplink); the bench also runs docker.io's
     // docker-proxy (above) standalone in its localhost scenario.
     "netsniff-ng",
+    // tests/tests/hostile.rs: a bounded spoofed SYN flood and a drop flood (hping3), and
+    // hand-made IPv4 fragments (scapy, for /usr/bin/python3).
+    "hping3",
+    "python3-scapy",
 ];
 
 /// The toolchain aya-build compiles the kernel programs with (`-Z build-std=core`).

@@ -2,7 +2,8 @@
 //! on and off (`flow-logging`, issue 6); service VIPs (`vip`, `vip-outside`), scale
 //! (`scale-ports`, `scale-services`), the XDP deny list (`xdp-drop`), outbound masquerade
 //! (`masquerade`), localhost to a published port (`localhost`) and a real Docker engine
-//! (`docker`) of issues 4, 5 and 8. [`all`] lists them in the order they run.
+//! (`docker`) of issues 4, 5 and 8; new connections during a spoofed SYN flood (`syn-flood`,
+//! issue 12). [`all`] lists them in the order they run.
 //!
 //! What they share lives here: workloads whose runs are capped at [`MAX_SECS`] (so that the
 //! whole full run stays under about 25 minutes on 2 cores), the metrics they add, and helpers
@@ -15,6 +16,7 @@ mod masquerade;
 pub mod probe;
 mod published_port;
 mod scale;
+mod syn_flood;
 mod vip;
 mod xdp_drop;
 
@@ -50,6 +52,7 @@ pub fn all() -> Vec<Scenario> {
         scale::ports(),
         scale::services(),
         xdp_drop::scenario(),
+        syn_flood::scenario(),
         masquerade::scenario(),
         localhost::scenario(),
         docker::scenario(),

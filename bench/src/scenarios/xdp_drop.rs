@@ -101,14 +101,20 @@ pub fn scenario() -> Scenario {
             },
             PathDef {
                 name: "dataplane-no-events",
-                description: "our agent's XDP deny list on the uplink (native XDP on the veth) \
-                              with --flow-events off",
+                description: "our agent's deny list as `--xdp auto` places it on a veth uplink \
+                              (tc ingress: the skb exists already), with --flow-events off",
                 setup: dataplane_no_events_setup,
             },
             PathDef {
+                name: "dataplane-xdp",
+                description: "our agent's deny list in XDP on the uplink (--xdp always; native \
+                              XDP on the veth), drop events on (aggregated)",
+                setup: dataplane_xdp_setup,
+            },
+            PathDef {
                 name: "dataplane",
-                description: "our agent's XDP deny list on the uplink, as configured by \
-                              default: every drop also sends a DROPPED flow event",
+                description: "our agent's deny list as configured by default (--xdp auto: tc \
+                              ingress on a veth uplink); drops send aggregated DROPPED events",
                 setup: dataplane_setup,
             },
         ],
@@ -155,25 +161,32 @@ fn raw_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
 
 fn dataplane_no_events_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
     bed.start_agent_with(&["--cgroup", "none", "--flow-events", "off"])?;
-    check_xdp_attached(bed)?;
+    check_xdp(bed, false)?;
+    Ok(targets())
+}
+
+fn dataplane_xdp_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
+    bed.start_agent_with(&["--cgroup", "none", "--xdp", "always"])?;
+    check_xdp(bed, true)?;
     Ok(targets())
 }
 
 fn dataplane_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
     bed.start_agent_with(&["--cgroup", "none"])?;
-    check_xdp_attached(bed)?;
+    check_xdp(bed, false)?;
     Ok(targets())
 }
 
-/// The deny list must have put the XDP program on the uplink (`--xdp auto`).
-fn check_xdp_attached(bed: &Bed) -> anyhow::Result<()> {
+/// Whether the XDP program is on the uplink is what the path says: `--xdp auto` keeps it off
+/// a veth uplink (the deny list then drops at tc ingress), `--xdp always` puts it there.
+fn check_xdp(bed: &Bed, wanted: bool) -> anyhow::Result<()> {
     let status = bed.agent_status()?;
     let attached = status
         .attachments
         .iter()
         .any(|a| a.interface == "eth0" && a.program == "dp_uplink_xdp");
-    if !attached {
-        bail!("the agent did not attach dp_uplink_xdp to eth0: {status:?}");
+    if attached != wanted {
+        bail!("dp_uplink_xdp on eth0 is {attached}, the path wants {wanted}: {status:?}");
     }
     Ok(())
 }

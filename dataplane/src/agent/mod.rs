@@ -419,11 +419,19 @@ impl Agent {
     }
 
     /// Removes expired connections from the conntrack tables; the same walk gives the flow
-    /// records of expired and long-lived connections.
+    /// records of expired and long-lived connections, and of drops left pending.
     fn collect_garbage(&mut self) {
         let walk = self.collector.collect();
         self.flows
             .after_conntrack_walk(self.reconciler.datapath(), &walk);
+        // Drops the kernel aggregated but had no later drop to report them with.
+        let pending = flows::periodic::pending_drops(&walk.drop_aggregates, walk.now_ns);
+        if !pending.is_empty() {
+            self.collector
+                .forget_drop_aggregates(pending.iter().map(|(key, _)| key));
+            self.flows
+                .ingest(pending.into_iter().map(|(_, event)| event).collect());
+        }
     }
 
     fn reject(&mut self, sha256: Option<String>, error: String) {

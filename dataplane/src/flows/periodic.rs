@@ -4,7 +4,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use dataplane_common::{CtEntry, CtKey, tcp_flag};
+use dataplane_common::{
+    CtEntry, CtKey, DropAggKey, DropAggValue, FlowEvent, drop_events, flow_kind, tcp_flag,
+};
 
 use super::decode::{self, Event, IPPROTO_TCP, Kind};
 
@@ -75,9 +77,69 @@ pub fn updates(
     events
 }
 
+/// The drops the kernel aggregated and has not reported yet because no later drop of the
+/// same (source, reason, hook) came after the key's interval: one DROP event per such key,
+/// carrying the count, for the agent to publish and then remove the key (so that the kernel
+/// starts the key afresh). Keys still within their interval are the kernel's to report.
+pub fn pending_drops(
+    entries: &BTreeMap<DropAggKey, DropAggValue>,
+    now_ns: u64,
+) -> Vec<(DropAggKey, FlowEvent)> {
+    entries
+        .iter()
+        .filter(|(_, v)| {
+            v.pending > 0 && now_ns.saturating_sub(v.last_event_ns) >= drop_events::INTERVAL_NS
+        })
+        .map(|(k, v)| {
+            let event = FlowEvent {
+                time_ns: now_ns,
+                packets: v.pending,
+                bytes: v.pending_bytes,
+                tuple: v.tuple,
+                kind: flow_kind::DROP,
+                tcp_flags: v.tcp_flags,
+                drop_reason: k.reason,
+                hook: k.hook,
+                ifindex: v.ifindex,
+                ..FlowEvent::default()
+            };
+            (*k, event)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drops_left_pending_are_reported_once_their_interval_passed() {
+        let key = |saddr| DropAggKey {
+            saddr,
+            reason: 2,
+            hook: 2,
+            _pad: 0,
+        };
+        let value = |pending, last_event_ns| DropAggValue {
+            pending,
+            pending_bytes: pending * 60,
+            last_event_ns,
+            ..DropAggValue::default()
+        };
+        let s = drop_events::INTERVAL_NS;
+        let entries = BTreeMap::from([
+            (key(1), value(41, 10 * s)), // interval over: reported with its count
+            (key(2), value(5, 12 * s)),  // still the kernel's to report
+            (key(3), value(0, s)),       // nothing pending
+        ]);
+        let pending = pending_drops(&entries, 12 * s);
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].0, key(1));
+        assert_eq!(pending[0].1.packets, 41);
+        assert_eq!(pending[0].1.bytes, 41 * 60);
+        assert_eq!(pending[0].1.kind, flow_kind::DROP);
+        assert_eq!(pending[0].1.drop_reason, 2);
+    }
     use crate::flows::decode::IPPROTO_UDP;
 
     const S: u64 = 1_000_000_000;

@@ -1,11 +1,12 @@
-//! Conntrack garbage collection, the one agent-side writer of the conntrack maps. The kernel
-//! programs create and refresh entries; the collector removes both directions of a connection
+//! The collector, the one agent-side writer of the maps the kernel programs fill. The programs
+//! create and refresh conntrack entries; the collector removes both directions of a connection
 //! once it has been idle for longer than its protocol and state allow
 //! (`dataplane_common::ct_timeout`), in both tables: the main one (established connections)
-//! and the LRU one of connections whose handshake is under way; and it forgets the connections
-//! translated to containers that went away. It decides how soon to look again from how full
-//! the main table is. It writes through [`ConntrackTable`]s, handles only
-//! [`super::Datapath::load`] makes, so no other part of the agent can (see [`super::maps`]).
+//! and the LRU one of connections whose handshake is under way; it forgets the connections
+//! translated to containers that went away; and it removes the drop aggregates whose pending
+//! count has been reported. It decides how soon to look again from how full the main table is.
+//! It writes through [`KernelFilled`] handles, which only [`super::Datapath::load`] makes, so no
+//! other part of the agent can (see [`super::maps`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,102 +14,55 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, Map, MapData};
-use dataplane_common::{CtEntry, CtKey, ct_rewrite, ct_state, ct_timeout, tcp_flag};
+use aya::maps::Map;
+use dataplane_common::{
+    CtEntry, CtKey, DropAggKey, DropAggValue, ct_rewrite, ct_state, ct_timeout, tcp_flag,
+};
 
 use super::{
     DatapathError,
-    maps::{Conntrack, ConntrackNew, HashMapSpec},
+    maps::{Conntrack, ConntrackNew, DropAggregates, HashMapSpec, KernelFilled},
 };
 
-/// The agent's writable handle on one pinned conntrack map (its own file descriptor, apart
-/// from the [`super::Datapath`]'s).
-pub struct ConntrackTable {
-    name: &'static str,
-    map: HashMap<MapData, CtKey, CtEntry>,
-    capacity: u32,
+/// The maps the kernel programs fill, as [`super::Datapath::load`] hands them to the collector.
+pub struct KernelFilledMaps {
+    established: KernelFilled<Conntrack>,
+    handshakes: KernelFilled<ConntrackNew>,
+    drop_aggregates: KernelFilled<DropAggregates>,
 }
 
-/// The two conntrack tables, as [`super::Datapath::load`] hands them to the collector.
-pub struct ConntrackTables {
-    established: ConntrackTable,
-    handshakes: ConntrackTable,
-}
-
-impl ConntrackTables {
-    pub(super) fn open(pin_dir: &Path) -> Result<ConntrackTables, DatapathError> {
-        Ok(ConntrackTables {
-            established: ConntrackTable::open::<Conntrack>(pin_dir, Map::HashMap)?,
-            handshakes: ConntrackTable::open::<ConntrackNew>(pin_dir, Map::LruHashMap)?,
+impl KernelFilledMaps {
+    pub(super) fn open(pin_dir: &Path) -> Result<KernelFilledMaps, DatapathError> {
+        Ok(KernelFilledMaps {
+            established: KernelFilled::open(pin_dir, Map::HashMap)?,
+            handshakes: KernelFilled::open(pin_dir, Map::LruHashMap)?,
+            drop_aggregates: KernelFilled::open(pin_dir, Map::LruHashMap)?,
         })
     }
 }
 
-impl ConntrackTable {
-    fn open<M: HashMapSpec<Key = CtKey, Value = CtEntry>>(
-        pin_dir: &Path,
-        kind: fn(MapData) -> Map,
-    ) -> Result<ConntrackTable, DatapathError> {
-        let err = |source| DatapathError::Map {
-            map: M::NAME,
-            source,
-        };
-        let data = MapData::from_pin(pin_dir.join(M::NAME)).map_err(err)?;
-        let capacity = data.info().map_err(err)?.max_entries();
-        let map = HashMap::try_from(kind(data)).map_err(err)?;
-        Ok(ConntrackTable {
-            name: M::NAME,
-            map,
-            capacity,
-        })
-    }
-
-    /// Every entry of the table.
-    pub fn entries(&self) -> Result<BTreeMap<CtKey, CtEntry>, DatapathError> {
-        self.map
-            .iter()
-            .map(|entry| {
-                entry.map_err(|source| DatapathError::Map {
-                    map: self.name,
-                    source,
-                })
-            })
-            .collect()
-    }
-
-    /// Removes `keys`; keys already gone are not errors. Returns how many it removed.
-    fn remove_all(&mut self, keys: &[CtKey]) -> usize {
-        let mut removed = 0;
-        for key in keys {
-            match super::removed(self.name, self.map.remove(key)) {
-                Ok(()) => removed += 1,
-                Err(e) => log::warn!("conntrack: {e}"),
-            }
-        }
-        removed
-    }
-}
-
-/// The collector: owns the tables' handles, counts what it removed, and knows when it is due.
+/// The collector: owns the handles, counts what it removed, and knows when it is due.
 pub struct Collector {
-    tables: ConntrackTables,
-    /// Entries removed as expired since the agent started.
+    maps: KernelFilledMaps,
+    /// Conntrack entries removed as expired since the agent started.
     pub collected: u64,
     next_run: Instant,
 }
 
-/// One pass of the collector over both tables: what it read, and the connections that ended
-/// (expired entries that stand for a connection that was reported).
+/// One pass of the collector: what it read of both conntrack tables and the connections that
+/// ended (expired entries that stand for a connection that was reported), and the drop
+/// aggregates as they were.
 pub struct Walk {
     pub entries: BTreeMap<CtKey, CtEntry>,
     pub removed: Vec<CtKey>,
+    pub drop_aggregates: BTreeMap<DropAggKey, DropAggValue>,
     pub now_ns: u64,
 }
 
 impl Collector {
-    pub fn new(tables: ConntrackTables) -> Collector {
+    pub fn new(maps: KernelFilledMaps) -> Collector {
         Collector {
-            tables,
+            maps,
             collected: 0,
             next_run: Instant::now(),
         }
@@ -120,44 +74,55 @@ impl Collector {
     }
 
     /// Removes expired connections from both tables and decides when to look again; returns
-    /// the walk (for the flow records of expired and long-lived connections).
+    /// the walk (for the flow records of expired and long-lived connections, and of drops left
+    /// pending).
     pub fn collect(&mut self) -> Walk {
         let started = Instant::now();
         let now_ns = monotonic_now_ns();
         let mut walk = Walk {
             entries: BTreeMap::new(),
             removed: Vec::new(),
+            drop_aggregates: BTreeMap::new(),
             now_ns,
         };
         let mut main_fill = 0.0;
-        let ConntrackTables {
-            established,
-            handshakes,
-        } = &mut self.tables;
-        for (table, is_main) in [(established, true), (handshakes, false)] {
-            let entries = match table.entries() {
-                Ok(entries) => entries,
-                Err(e) => {
-                    log::warn!("conntrack gc: reading {}: {e}", table.name);
-                    continue;
-                }
-            };
-            let doomed = expired(&entries, now_ns);
-            self.collected += table.remove_all(&doomed) as u64;
-            if is_main {
-                main_fill = entries.len() as f64 / f64::from(table.capacity.max(1));
+        match self.maps.established.entries() {
+            Ok(entries) => {
+                let doomed = expired(&entries, now_ns);
+                self.collected += self.maps.established.remove_all(&doomed) as u64;
+                main_fill =
+                    entries.len() as f64 / f64::from(self.maps.established.capacity().max(1));
                 walk.removed.extend(doomed);
-            } else {
+                walk.entries.extend(entries);
+            }
+            Err(e) => log::warn!("conntrack gc: {e}"),
+        }
+        match self.maps.handshakes.entries() {
+            Ok(entries) => {
+                let doomed = expired(&entries, now_ns);
+                self.collected += self.maps.handshakes.remove_all(&doomed) as u64;
                 // A handshake that never completed was never reported (TCP is reported once
                 // established): only the other protocols' ends are records.
                 walk.removed
                     .extend(doomed.into_iter().filter(|k| k.proto != IPPROTO_TCP));
+                walk.entries.extend(entries);
             }
-            walk.entries.extend(entries);
+            Err(e) => log::warn!("conntrack gc: {e}"),
+        }
+        match self.maps.drop_aggregates.entries() {
+            Ok(entries) => walk.drop_aggregates = entries,
+            Err(e) => log::warn!("drop aggregates: {e}"),
         }
         let removed_share = walk.removed.len() as f64 / walk.entries.len().max(1) as f64;
         self.next_run = Instant::now() + next_interval(main_fill, removed_share, started.elapsed());
         walk
+    }
+
+    /// Removes the drop aggregates whose pending drops were just reported, so the kernel starts
+    /// those keys afresh. (Drops it adds between the walk and this removal are lost from the
+    /// records only; the per-reason counters have them.)
+    pub fn forget_drop_aggregates<'a>(&mut self, keys: impl IntoIterator<Item = &'a DropAggKey>) {
+        self.maps.drop_aggregates.remove_all(keys);
     }
 
     /// Removes the tracked connections translated to containers that went away, so their
@@ -167,15 +132,24 @@ impl Collector {
         if addresses.is_empty() {
             return;
         }
-        let mut removed = 0;
-        for table in [&mut self.tables.established, &mut self.tables.handshakes] {
-            match table.entries() {
-                Ok(entries) => removed += table.remove_all(&translated_to(&entries, addresses)),
-                Err(e) => log::warn!("conntrack: reading {}: {e}", table.name),
-            }
-        }
+        let removed = remove_translated(&mut self.maps.established, addresses)
+            + remove_translated(&mut self.maps.handshakes, addresses);
         if removed > 0 {
             log::info!("removed {removed} conntrack entries of departed containers");
+        }
+    }
+}
+
+/// Removes from `table` both directions of every connection translated to one of `addresses`.
+fn remove_translated<M: HashMapSpec<Key = CtKey, Value = CtEntry>>(
+    table: &mut KernelFilled<M>,
+    addresses: &BTreeSet<u32>,
+) -> usize {
+    match table.entries() {
+        Ok(entries) => table.remove_all(&translated_to(&entries, addresses)),
+        Err(e) => {
+            log::warn!("conntrack: {e}");
+            0
         }
     }
 }

@@ -6,16 +6,24 @@
 //!   accept only maps that implement [`Reconciled`], and they take `&mut Datapath`, which only
 //!   its owner has: the agent hands the loaded `Datapath` to the reconciler
 //!   ([`crate::reconcile::Reconciler`]) and everyone else gets `&Datapath`;
-//! - the conntrack map is not [`Reconciled`]: the kernel programs create its entries and the
-//!   one agent-side writer is the garbage collector, through the
-//!   [`ConntrackTable`](super::conntrack::ConntrackTable) handle that `Datapath::load` returns
-//!   beside the datapath (the same arrangement as Cilium's ctmap GC).
+//! - the maps the kernel programs fill (the two conntrack tables, the drop aggregates) are not
+//!   [`Reconciled`]: their one agent-side writer is the collector
+//!   ([`Collector`](super::conntrack::Collector)), through [`KernelFilled`] handles that only
+//!   `Datapath::load` makes and hands over beside the datapath (the same arrangement as
+//!   Cilium's ctmap GC).
 
-use aya::Pod;
-use dataplane_common::{
-    Backend, BackendKey, CtEntry, CtKey, EndpointInfo, PortKey, PortTarget, ServiceInfo,
-    ServiceKey, map_names,
+use std::{collections::BTreeMap, path::Path};
+
+use aya::{
+    Pod,
+    maps::{HashMap, Map, MapData},
 };
+use dataplane_common::{
+    Backend, BackendKey, CtEntry, CtKey, DropAggKey, DropAggValue, EndpointInfo, PortKey,
+    PortTarget, ServiceInfo, ServiceKey, map_names,
+};
+
+use super::DatapathError;
 
 /// A BPF hash map of the kernel object: its pinned name and its key and value types (the
 /// kernel's own, in network byte order).
@@ -75,3 +83,65 @@ hash_map!(
     /// own kind): written like [`Conntrack`].
     ConntrackNew, map_names::CONNTRACK_NEW, CtKey => CtEntry
 );
+hash_map!(
+    /// Drop events the kernel aggregated per (source, reason, hook) and has not reported yet
+    /// (an LRU map): the collector reports what is left pending and removes the key.
+    DropAggregates, map_names::DROP_AGGREGATES, DropAggKey => DropAggValue
+);
+
+/// The agent's writable handle on a map the kernel programs fill: its own file descriptor,
+/// opened from the pin, apart from the [`super::Datapath`]'s.
+pub struct KernelFilled<M: HashMapSpec> {
+    map: HashMap<MapData, M::Key, M::Value>,
+    capacity: u32,
+}
+
+impl<M: HashMapSpec> KernelFilled<M> {
+    /// Opens the pinned map; `kind` says how the kernel made it (hash or LRU hash).
+    pub(super) fn open(pin_dir: &Path, kind: fn(MapData) -> Map) -> Result<Self, DatapathError> {
+        let err = |source| DatapathError::Map {
+            map: M::NAME,
+            source,
+        };
+        let data = MapData::from_pin(pin_dir.join(M::NAME)).map_err(err)?;
+        let capacity = data.info().map_err(err)?.max_entries();
+        let map = HashMap::try_from(kind(data)).map_err(err)?;
+        Ok(KernelFilled { map, capacity })
+    }
+
+    pub fn name(&self) -> &'static str {
+        M::NAME
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Every entry of the map.
+    pub fn entries(&self) -> Result<BTreeMap<M::Key, M::Value>, DatapathError> {
+        self.map
+            .iter()
+            .map(|entry| {
+                entry.map_err(|source| DatapathError::Map {
+                    map: M::NAME,
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// Removes `keys`; keys already gone are not errors. Returns how many it removed.
+    pub(super) fn remove_all<'a>(&mut self, keys: impl IntoIterator<Item = &'a M::Key>) -> usize
+    where
+        M::Key: 'a,
+    {
+        let mut removed = 0;
+        for key in keys {
+            match super::removed(M::NAME, self.map.remove(key)) {
+                Ok(()) => removed += 1,
+                Err(e) => log::warn!("{}: {e}", M::NAME),
+            }
+        }
+        removed
+    }
+}

@@ -414,11 +414,11 @@ fn is_bpffs(path: &Path) -> bool {
 impl Datapath {
     /// Loads the kernel programs, reusing maps already pinned in `pin_dir` (so connections and
     /// counters survive an agent restart) and pinning new ones there. Returns the datapath and
-    /// the conntrack table's one writable handle, for the garbage collector.
+    /// the one writable handle on each map the programs fill, for the collector.
     pub fn load(
         pin_dir: &Path,
         options: &LoadOptions,
-    ) -> Result<(Datapath, conntrack::ConntrackTables), DatapathError> {
+    ) -> Result<(Datapath, conntrack::KernelFilledMaps), DatapathError> {
         prepare_pin_dir(pin_dir)?;
         if options.ct_max_entries == 0 {
             return Err(DatapathError::Settings(
@@ -471,7 +471,7 @@ impl Datapath {
             program: Hook::SockConnect4.program(),
             source,
         })?;
-        let conntrack = conntrack::ConntrackTables::open(pin_dir)?;
+        let conntrack = conntrack::KernelFilledMaps::open(pin_dir)?;
         let datapath = Datapath {
             maglev,
             ebpf,
