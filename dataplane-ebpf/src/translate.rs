@@ -157,10 +157,11 @@ fn decide(ctx: &TcContext, site: Site, seen: &mut Seen) -> Verdict {
             Some(verdict) => verdict,
             // Routed from outside straight to a container's address: judged per packet
             // (Docker drops it unless a user rule lets it in).
-            None if ENDPOINTS.get_ptr(&ip.daddr).is_some()
-                && !policy::allows(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Routed) =>
-            {
-                Verdict::Drop(DropReason::PolicyDenied)
+            None if ENDPOINTS.get_ptr(&ip.daddr).is_some() => {
+                match policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Routed) {
+                    Ok(()) => Verdict::Pass,
+                    Err(reason) => Verdict::Drop(reason),
+                }
             }
             None => Verdict::Pass,
         },
@@ -177,14 +178,15 @@ fn track_plain(ctx: &TcContext, site: Site, ip: &Ipv4Packet, l4: &L4, forward: &
         // To the host: judged per packet (nothing tracks it). Out of the host: judged once,
         // where masquerade tracks it.
         if LOCAL_ADDRS.get_ptr(&ip.daddr).is_some()
-            && !policy::allows(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct)
+            && let Err(reason) =
+                policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct)
         {
-            return Verdict::Drop(DropReason::PolicyDenied);
+            return Verdict::Drop(reason);
         }
         return Verdict::Pass;
     }
-    if !policy::allows(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
-        return Verdict::Drop(DropReason::PolicyDenied);
+    if let Err(reason) = policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
+        return Verdict::Drop(reason);
     }
     let reply = conntrack::reply_key(ip.protocol, ip.saddr, l4.sport, ip.daddr, l4.dport);
     let created = conntrack::create(
@@ -373,7 +375,7 @@ fn publish(
         _pad: 0,
     };
     let Some(service) = SERVICES.get_ptr(&key) else {
-        return Some(Verdict::Drop(DropReason::NoServiceBackend));
+        return Some(Verdict::Drop(DropReason::ServiceBackendNotFound));
     };
     // SAFETY: a map value from this program run's lookup.
     let service = unsafe { *service };
@@ -418,12 +420,12 @@ fn balance(
 }
 
 /// No backend: a TCP client gets a reset at once (sent back out of the interface it came
-/// in on); anything else is dropped. Both count as NO_SERVICE_BACKEND.
+/// in on); anything else is dropped. Both count as SERVICE_BACKEND_NOT_FOUND.
 #[inline(always)]
 fn refuse(ctx: &TcContext, site: Site, ip: &Ipv4Packet, l4: &L4) -> Verdict {
     match reject::tcp_reset(ctx, ip, l4) {
-        Ok(()) => Verdict::Refuse(DropReason::NoServiceBackend, site.ifindex),
-        Err(()) => Verdict::Drop(DropReason::NoServiceBackend),
+        Ok(()) => Verdict::Refuse(DropReason::ServiceBackendNotFound, site.ifindex),
+        Err(()) => Verdict::Drop(DropReason::ServiceBackendNotFound),
     }
 }
 
@@ -448,8 +450,8 @@ fn track_dnat(
     } else {
         Via::Direct
     };
-    if !policy::allows(ip.saddr, addr, ip.protocol, port, via) {
-        return Verdict::Drop(DropReason::PolicyDenied);
+    if let Err(reason) = policy::check(ip.saddr, addr, ip.protocol, port, via) {
+        return Verdict::Drop(reason);
     }
     let reply = conntrack::reply_key(ip.protocol, ip.saddr, l4.sport, addr, port);
     let create = || {
@@ -541,8 +543,8 @@ fn masquerade(
     if masquerade_addr == 0 || snat_port_max < snat_port_min {
         return Verdict::Pass;
     }
-    if !policy::allows(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
-        return Verdict::Drop(DropReason::PolicyDenied);
+    if let Err(reason) = policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
+        return Verdict::Drop(reason);
     }
     let range = u32::from(snat_port_max) - u32::from(snat_port_min) + 1;
     if range == 0 {
@@ -601,5 +603,5 @@ fn masquerade(
             Err(CtError::Full) => return Verdict::Drop(DropReason::CtMapInsertionFailed),
         }
     }
-    Verdict::Drop(DropReason::SnatNoFreePort)
+    Verdict::Drop(DropReason::NoMappingForNatMasquerade)
 }

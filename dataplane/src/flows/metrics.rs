@@ -40,6 +40,50 @@ use crate::flows::record::{ConnectionEvent, Flow, L4, Verdict};
 
 type Labels<const N: usize> = [(&'static str, Cow<'static, str>); N];
 
+/// Hubble's context labels (its `labelsContext=source_namespace,source_workload,
+/// destination_namespace,destination_workload`), which the stock dashboards group by.
+type Context = [(&'static str, Cow<'static, str>); 4];
+
+fn context(flow: &Flow) -> Context {
+    let (source, destination) = (flow.source(), flow.destination());
+    [
+        ("source_namespace", Cow::Owned(source.namespace.clone())),
+        ("source_workload", Cow::Owned(source.workload().to_owned())),
+        (
+            "destination_namespace",
+            Cow::Owned(destination.namespace.clone()),
+        ),
+        (
+            "destination_workload",
+            Cow::Owned(destination.workload().to_owned()),
+        ),
+    ]
+}
+
+fn with<const N: usize, const M: usize>(
+    labels: [(&'static str, Cow<'static, str>); N],
+    context: &Context,
+) -> [(&'static str, Cow<'static, str>); M] {
+    std::array::from_fn(|i| {
+        if i < N {
+            labels[i].clone()
+        } else {
+            context[i - N].clone()
+        }
+    })
+}
+
+/// Hubble's name of an ICMPv4 type (its `hubble_icmp_total{type}`).
+fn icmp_type_name(icmp_type: u32) -> Cow<'static, str> {
+    match icmp_type {
+        0 => "EchoReply".into(),
+        3 => "DestinationUnreachable".into(),
+        8 => "EchoRequest".into(),
+        11 => "TimeExceeded".into(),
+        other => Cow::Owned(other.to_string()),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     #[error(
@@ -58,7 +102,6 @@ type PerReason = [u64; DropReason::SLOTS as usize];
 
 /// Per-reason drop counts: what records counted, what was added for lost events, and the
 /// kernel's counters (since the agent started) at the previous refresh.
-#[derive(Default)]
 struct DropAccounting {
     /// Kernel counters when the agent started (the DROPS map is pinned and keeps counting
     /// across agent restarts; these metrics start at zero like any process's).
@@ -68,12 +111,25 @@ struct DropAccounting {
     unattributed: PerReason,
 }
 
+impl Default for DropAccounting {
+    fn default() -> DropAccounting {
+        DropAccounting {
+            baseline: None,
+            previous: [0; DropReason::SLOTS as usize],
+            recorded: [0; DropReason::SLOTS as usize],
+            unattributed: [0; DropReason::SLOTS as usize],
+        }
+    }
+}
+
 /// The metric handles the agent updates. The registry they are in goes to the HTTP server.
 pub struct Metrics {
-    flows_processed: Family<Labels<4>, Counter>,
-    drops: Family<Labels<2>, Counter>,
-    tcp_flags: Family<Labels<2>, Counter>,
-    ports: Family<Labels<2>, Counter>,
+    flows_processed: Family<Labels<8>, Counter>,
+    drops: Family<Labels<6>, Counter>,
+    tcp_flags: Family<Labels<6>, Counter>,
+    icmp: Family<Labels<6>, Counter>,
+    ports: Family<Labels<6>, Counter>,
+    lost_events: Family<Labels<1>, Counter>,
     conntrack_entries: Gauge,
     conntrack_capacity: Gauge,
     map_entries: Family<Labels<1>, Gauge>,
@@ -96,7 +152,9 @@ impl Metrics {
             flows_processed: Family::default(),
             drops: Family::default(),
             tcp_flags: Family::default(),
+            icmp: Family::default(),
             ports: Family::default(),
+            lost_events: Family::default(),
             conntrack_entries: Gauge::default(),
             conntrack_capacity: Gauge::default(),
             map_entries: Family::default(),
@@ -119,6 +177,16 @@ impl Metrics {
             "hubble_tcp_flags",
             "TCP flag occurrences",
             metrics.tcp_flags.clone(),
+        );
+        registry.register(
+            "hubble_icmp",
+            "ICMP messages by type",
+            metrics.icmp.clone(),
+        );
+        registry.register(
+            "hubble_lost_events",
+            "Number of lost events",
+            metrics.lost_events.clone(),
         );
         registry.register(
             "hubble_port_distribution",
@@ -174,37 +242,49 @@ impl Metrics {
         let protocol = flow.protocol();
         let dropped = flow.verdict == Verdict::Dropped;
         let subtype = flow.trace_point().map_or("", |p| p.short_name());
+        let cx = context(flow);
         self.flows_processed
-            .get_or_create(&[
-                ("protocol", protocol.into()),
-                ("type", if dropped { "Drop" } else { "Trace" }.into()),
-                ("subtype", subtype.into()),
-                ("verdict", flow.verdict.name().into()),
-            ])
+            .get_or_create(&with(
+                [
+                    ("protocol", protocol.into()),
+                    ("type", if dropped { "Drop" } else { "Trace" }.into()),
+                    ("subtype", subtype.into()),
+                    ("verdict", flow.verdict.name().into()),
+                ],
+                &cx,
+            ))
             .inc();
         if let Some(desc) = &flow.drop_reason_desc {
             self.drops
-                .get_or_create(&[
-                    ("reason", Cow::Owned(desc.clone())),
-                    ("protocol", protocol.into()),
-                ])
+                .get_or_create(&with(
+                    [
+                        ("reason", Cow::Owned(desc.clone())),
+                        ("protocol", protocol.into()),
+                    ],
+                    &cx,
+                ))
                 .inc();
             if let Some(reason) = drop_reason_of(desc) {
                 self.drop_accounting.recorded[reason as usize] += 1;
             }
         }
+        let event = flow.connection.map(|c| c.event);
         if let Some(L4::Tcp { flags, .. }) = &flow.l4 {
-            // Once per connection and event, not per packet: SYN of the opening, FIN/RST of
-            // the close, every flag of a dropped packet.
-            let counted: Vec<&'static str> = match flow.connection.event {
-                ConnectionEvent::New | ConnectionEvent::Drop => {
+            // Hubble counts the flags of each packet it sees; records come per connection
+            // event, so each handshake and close flag is counted once, in the direction that
+            // sent it: SYN of the opening (and of a dropped packet), the answer's SYN-ACK and
+            // FIN/RST with the connection's last record (which carries both directions'
+            // flags and whether any reply came).
+            let replied = flow.connection.is_some_and(|c| c.reply_packets > 0);
+            let counted: Vec<&'static str> = match event {
+                Some(ConnectionEvent::New | ConnectionEvent::Drop) => {
                     let mut names = Vec::new();
                     match (flags.syn, flags.ack) {
-                        (true, true) => names.push("SYN-ACK"),
-                        (true, false) => names.push("SYN"),
+                        (true, true) if dropped => names.push("SYN-ACK"),
+                        (true, _) => names.push("SYN"),
                         _ => {}
                     }
-                    if flags.fin {
+                    if dropped && flags.fin {
                         names.push("FIN");
                     }
                     if flags.rst {
@@ -212,26 +292,50 @@ impl Metrics {
                     }
                     names
                 }
-                ConnectionEvent::Close => [(flags.fin, "FIN"), (flags.rst, "RST")]
-                    .into_iter()
-                    .filter_map(|(set, name)| set.then_some(name))
-                    .collect(),
-                ConnectionEvent::Update | ConnectionEvent::End => Vec::new(),
+                Some(ConnectionEvent::Close | ConnectionEvent::End) => [
+                    (flags.syn && replied, "SYN-ACK"),
+                    (flags.fin, "FIN"),
+                    (flags.rst, "RST"),
+                ]
+                .into_iter()
+                .filter_map(|(set, name)| set.then_some(name))
+                .collect(),
+                Some(ConnectionEvent::Update) | None => Vec::new(),
             };
             for flag in counted {
                 self.tcp_flags
-                    .get_or_create(&[("flag", flag.into()), ("family", "IPv4".into())])
+                    .get_or_create(&with(
+                        [("flag", flag.into()), ("family", "IPv4".into())],
+                        &cx,
+                    ))
                     .inc();
             }
         }
-        if flow.connection.event == ConnectionEvent::New
+        let first = matches!(event, Some(ConnectionEvent::New | ConnectionEvent::Drop));
+        if let Some(L4::Icmpv4 { icmp_type, .. }) = &flow.l4
+            && first
+        {
+            self.icmp
+                .get_or_create(&with(
+                    [
+                        ("family", "IPv4".into()),
+                        ("type", icmp_type_name(*icmp_type)),
+                    ],
+                    &cx,
+                ))
+                .inc();
+        }
+        if event == Some(ConnectionEvent::New)
             && let Some((_, port)) = flow.ports()
         {
             self.ports
-                .get_or_create(&[
-                    ("protocol", protocol.into()),
-                    ("port", Cow::Owned(port.to_string())),
-                ])
+                .get_or_create(&with(
+                    [
+                        ("protocol", protocol.into()),
+                        ("port", Cow::Owned(port.to_string())),
+                    ],
+                    &cx,
+                ))
                 .inc();
         }
     }
@@ -239,7 +343,7 @@ impl Metrics {
     /// The kernel's drop counters (totals since the map was created), read every refresh.
     pub fn kernel_drops(&mut self, totals: &[(DropReason, u64)]) {
         let acc = &mut self.drop_accounting;
-        let mut now = PerReason::default();
+        let mut now: PerReason = [0; DropReason::SLOTS as usize];
         for (reason, total) in totals {
             now[*reason as usize] = *total;
         }
@@ -253,10 +357,13 @@ impl Metrics {
             if missing > 0 {
                 acc.unattributed[i] += missing;
                 self.drops
-                    .get_or_create(&[
-                        ("reason", reason.desc().into()),
-                        ("protocol", "unknown".into()),
-                    ])
+                    .get_or_create(&with(
+                        [
+                            ("reason", reason.desc().into()),
+                            ("protocol", "Unknown L4".into()),
+                        ],
+                        &Default::default(),
+                    ))
                     .inc_by(missing);
             }
         }
@@ -270,6 +377,10 @@ impl Metrics {
         let seen = self.flow_events_lost.get();
         if total > seen {
             self.flow_events_lost.inc_by(total - seen);
+            // Hubble's name for events its source's ring could not take.
+            self.lost_events
+                .get_or_create(&[("source", "perf_event_ring_buffer".into())])
+                .inc_by(total - seen);
         }
     }
 
@@ -464,7 +575,7 @@ mod tests {
             flow_kind::DROP,
             IPPROTO_TCP,
             tcp_flag::SYN,
-            Some(DropReason::NoServiceBackend),
+            Some(DropReason::ServiceBackendNotFound),
         ));
         let text = scrape(&registry);
         for line in [

@@ -1,0 +1,3 @@
+//! Hubble's gRPC API served by the agent.
+
+pub mod api;
