@@ -13,6 +13,8 @@ pub struct Stored {
     pub json: String,
     /// With our extensions.
     pub extended: String,
+    /// Hubble's API response of this record, decoded from `json` when first asked for.
+    pub proto: std::sync::OnceLock<Option<Box<crate::hubble::api::observer::GetFlowsResponse>>>,
 }
 
 impl Stored {
@@ -109,6 +111,7 @@ mod tests {
             record,
             json,
             extended,
+            proto: Default::default(),
         })
     }
 

@@ -105,6 +105,8 @@ pub struct FlowArgs {
     /// Where /metrics is served (Prometheus), or `none`.
     #[arg(long, default_value = "127.0.0.1:9965", value_parser = crate::flows::metrics::parse_listen)]
     pub metrics: crate::flows::metrics::Listen,
+    #[command(flatten)]
+    pub hubble: crate::hubble::HubbleArgs,
 }
 
 impl FlowArgs {
@@ -350,6 +352,7 @@ impl Pipeline {
             record,
             json,
             extended,
+            proto: Default::default(),
         });
         self.followers.retain_mut(|f| {
             if !f.request.filter.matches(&stored.record.flow) {
