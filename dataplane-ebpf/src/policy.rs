@@ -5,9 +5,7 @@
 //! per connection (conntrack remembers), again after a policy change.
 
 use aya_ebpf::{cty::c_void, helpers::bpf_loop};
-use dataplane_common::{
-    DropReason, PolicyRule, capacity, net_flags, policy_action, selector_kind,
-};
+use dataplane_common::{DropReason, PolicyRule, capacity, net_flags, policy_action, selector_kind};
 
 use crate::maps::{CONFIG, ENDPOINTS, LOCAL_ADDRS, POLICY_RULES};
 

@@ -74,6 +74,10 @@ impl History {
         self.records.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -151,7 +155,11 @@ mod tests {
             protocol: Some("udp".into()),
             ..Filter::default()
         };
-        let found: Vec<u16> = history.last(|f| udp.matches(f), 5).iter().map(|s| sport(s)).collect();
+        let found: Vec<u16> = history
+            .last(|f| udp.matches(f), 5)
+            .iter()
+            .map(|s| sport(s))
+            .collect();
         assert_eq!(found, vec![1, 3]);
     }
 }

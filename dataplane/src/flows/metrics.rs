@@ -10,16 +10,17 @@
 //! flows: each drop record counts under its protocol (like Hubble, which derives it from
 //! flows), and the kernel's per-reason counters (the DROPS map, which counts a drop also when
 //! its event found the ring full or flow events are off) add what the records missed under
-//! `protocol="unknown"`. A kernel count is trusted only one refresh later (2 s), so an event
+//! `protocol="Unknown L4"`. A kernel count is trusted only one refresh later (2 s), so an event
 //! still on its way is not counted twice. Summed over `protocol`, the counter is the kernel's
 //! count since the agent started.
 //!
-//! The endpoint is a small HTTP/1.1 server (GET /metrics, one request per connection) that
-//! speaks OpenMetrics to clients that ask for it (Prometheus does) and the classic text format
-//! 0.0.4 to everything else.
+//! The endpoint is served by axum over hyper (the HTTP stack tonic's gRPC server of the Hubble
+//! API uses too): GET /metrics speaks OpenMetrics to clients that ask for it (Prometheus does)
+//! and the classic text format 0.0.4 to everything else, encoded by prometheus-client.
 
 use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Duration};
 
+use axum::http::{HeaderMap, StatusCode, header};
 use dataplane_common::DropReason;
 use prometheus_client::{
     encoding::{prometheus_text, text},
@@ -31,10 +32,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::TcpListener;
 
 use crate::flows::record::{ConnectionEvent, Flow, L4, Verdict};
 
@@ -43,6 +41,14 @@ type Labels<const N: usize> = [(&'static str, Cow<'static, str>); N];
 /// Hubble's context labels (its `labelsContext=source_namespace,source_workload,
 /// destination_namespace,destination_workload`), which the stock dashboards group by.
 type Context = [(&'static str, Cow<'static, str>); 4];
+
+/// The context of a drop the kernel counted without a record: unknown ends.
+const NO_CONTEXT: Context = [
+    ("source_namespace", Cow::Borrowed("")),
+    ("source_workload", Cow::Borrowed("")),
+    ("destination_namespace", Cow::Borrowed("")),
+    ("destination_workload", Cow::Borrowed("")),
+];
 
 fn context(flow: &Flow) -> Context {
     let (source, destination) = (flow.source(), flow.destination());
@@ -178,11 +184,7 @@ impl Metrics {
             "TCP flag occurrences",
             metrics.tcp_flags.clone(),
         );
-        registry.register(
-            "hubble_icmp",
-            "ICMP messages by type",
-            metrics.icmp.clone(),
-        );
+        registry.register("hubble_icmp", "ICMP messages by type", metrics.icmp.clone());
         registry.register(
             "hubble_lost_events",
             "Number of lost events",
@@ -362,7 +364,7 @@ impl Metrics {
                             ("reason", reason.desc().into()),
                             ("protocol", "Unknown L4".into()),
                         ],
-                        &Default::default(),
+                        &NO_CONTEXT,
                     ))
                     .inc_by(missing);
             }
@@ -429,98 +431,61 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
         .map_err(|source| MetricsError::Bind { addr, source })
 }
 
-/// Serves `/metrics` from `registry` until the agent stops.
+/// Serves `/metrics` from `registry` until the agent stops, with axum (hyper) like the
+/// Hubble API's gRPC server: HTTP/1.1 parsing, keep-alive and HEAD are the library's.
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            // A client that sends nothing is not waited for long.
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &registry)).await;
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape_handler))
+        .route(
+            "/",
+            axum::routing::get(|| async { "dataplane agent: metrics at /metrics\n" }),
+        )
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found; try /metrics\n") })
+        .with_state(registry);
+    if let Err(e) = axum::serve(listener, app).await {
+        log::error!("metrics: {e}; /metrics stops");
+    }
+}
+
+async fn scrape_handler(
+    axum::extract::State(registry): axum::extract::State<Arc<Registry>>,
+    headers: HeaderMap,
+) -> (StatusCode, [(header::HeaderName, &'static str); 1], String) {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.to_ascii_lowercase()
+                .contains("application/openmetrics-text")
         });
-    }
+    let (status, content_type, body) = respond(openmetrics, &registry);
+    (status, [(header::CONTENT_TYPE, content_type)], body)
 }
 
-/// The request line and headers, up to the blank line (requests to /metrics have no body).
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
-    const LIMIT: usize = 16 * 1024;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 2048];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < LIMIT {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    Ok(String::from_utf8_lossy(&head).into_owned())
-}
-
-/// The response to one request head: status line, content type, body.
-fn respond(head: &str, registry: &Registry) -> (&'static str, &'static str, String) {
-    let mut lines = head.lines();
-    let mut request = lines.next().unwrap_or_default().split_whitespace();
-    let (method, target) = (request.next().unwrap_or(""), request.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    if method != "GET" && method != "HEAD" {
-        return ("405 Method Not Allowed", "text/plain", "GET only\n".into());
-    }
-    match path {
-        "/metrics" => {
-            let openmetrics = lines.any(|l| {
-                let l = l.to_ascii_lowercase();
-                l.starts_with("accept:") && l.contains("application/openmetrics-text")
-            });
-            let mut body = String::new();
-            let (content_type, encoded) = if openmetrics {
-                (
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    text::encode(&mut body, registry),
-                )
-            } else {
-                (
-                    prometheus_text::CONTENT_TYPE,
-                    prometheus_text::encode(&mut body, registry),
-                )
-            };
-            match encoded {
-                Ok(()) => ("200 OK", content_type, body),
-                Err(_) => (
-                    "500 Internal Server Error",
-                    "text/plain",
-                    "encoding the metrics failed\n".into(),
-                ),
-            }
-        }
-        "/" => (
-            "200 OK",
+/// The scrape: OpenMetrics to clients that ask for it (Prometheus does), the classic text
+/// format 0.0.4 to everything else.
+fn respond(openmetrics: bool, registry: &Registry) -> (StatusCode, &'static str, String) {
+    let mut body = String::new();
+    let (content_type, encoded) = if openmetrics {
+        (
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            text::encode(&mut body, registry),
+        )
+    } else {
+        (
+            prometheus_text::CONTENT_TYPE,
+            prometheus_text::encode(&mut body, registry),
+        )
+    };
+    match encoded {
+        Ok(()) => (StatusCode::OK, content_type, body),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
-            "dataplane agent: metrics at /metrics\n".into(),
-        ),
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            "not found; try /metrics\n".into(),
+            "encoding the metrics failed\n".into(),
         ),
     }
-}
-
-async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
-    let head = read_head(&mut stream).await?;
-    let (status, content_type, body) = respond(&head, registry);
-    let head_only = head.starts_with("HEAD ");
-    let mut response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    );
-    if !head_only {
-        response.push_str(&body);
-    }
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]
@@ -528,13 +493,14 @@ mod tests {
     use super::*;
     use crate::flows::{
         clock::Clock,
-        decode::{self, IPPROTO_TCP, IPPROTO_UDP, tests::raw_event},
+        decode::{self, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, tests::raw_event},
         record::{self, Context, Identities},
     };
 
     fn flow(kind: u8, proto: u8, flags: u8, reason: Option<DropReason>) -> Flow {
         let mut raw = raw_event(kind, proto, ("192.0.2.2", 5000), ("192.0.2.9", 80));
         raw.tcp_flags = flags;
+        raw.reply_packets = u64::from(kind == flow_kind::CLOSE);
         if let Some(reason) = reason {
             raw.drop_reason = reason as u8;
         }
@@ -551,9 +517,8 @@ mod tests {
     }
 
     fn scrape(registry: &Registry) -> String {
-        let (status, content_type, body) =
-            respond("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", registry);
-        assert_eq!(status, "200 OK");
+        let (status, content_type, body) = respond(false, registry);
+        assert_eq!(status, StatusCode::OK);
         assert!(content_type.starts_with("text/plain; version=0.0.4"));
         body
     }
@@ -571,6 +536,7 @@ mod tests {
             None,
         ));
         metrics.record(&flow(flow_kind::NEW, IPPROTO_UDP, 0, None));
+        metrics.record(&flow(flow_kind::NEW, IPPROTO_ICMP, 0, None));
         metrics.record(&flow(
             flow_kind::DROP,
             IPPROTO_TCP,
@@ -579,15 +545,18 @@ mod tests {
         ));
         let text = scrape(&registry);
         for line in [
-            "hubble_flows_processed_total{protocol=\"TCP\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\"} 2",
-            "hubble_flows_processed_total{protocol=\"UDP\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\"} 1",
-            "hubble_flows_processed_total{protocol=\"TCP\",type=\"Drop\",subtype=\"\",verdict=\"DROPPED\"} 1",
-            "hubble_drop_total{reason=\"NO_SERVICE_BACKEND\",protocol=\"TCP\"} 1",
-            // SYN of the new connection and of the dropped packet; the close adds FIN only.
-            "hubble_tcp_flags_total{flag=\"SYN\",family=\"IPv4\"} 2",
-            "hubble_tcp_flags_total{flag=\"FIN\",family=\"IPv4\"} 1",
-            "hubble_port_distribution_total{protocol=\"TCP\",port=\"80\"} 1",
-            "hubble_port_distribution_total{protocol=\"UDP\",port=\"80\"} 1",
+            "hubble_flows_processed_total{protocol=\"TCP\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 2",
+            "hubble_flows_processed_total{protocol=\"UDP\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
+            "hubble_flows_processed_total{protocol=\"TCP\",type=\"Drop\",subtype=\"\",verdict=\"DROPPED\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
+            "hubble_drop_total{reason=\"SERVICE_BACKEND_NOT_FOUND\",protocol=\"TCP\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
+            // SYN of the new connection and of the dropped packet; the close adds the
+            // answer's SYN-ACK (replies came) and FIN.
+            "hubble_tcp_flags_total{flag=\"SYN\",family=\"IPv4\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 2",
+            "hubble_tcp_flags_total{flag=\"SYN-ACK\",family=\"IPv4\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
+            "hubble_tcp_flags_total{flag=\"FIN\",family=\"IPv4\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
+            "hubble_port_distribution_total{protocol=\"TCP\",port=\"80\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
+            "hubble_port_distribution_total{protocol=\"UDP\",port=\"80\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
+            "hubble_icmp_total{family=\"IPv4\",type=\"EchoRequest\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
         ] {
             assert!(text.contains(line), "missing {line} in:\n{text}");
         }
@@ -606,7 +575,7 @@ mod tests {
             Some(DropReason::PolicyDenied),
         ));
         metrics.kernel_drops(&[(DropReason::PolicyDenied, 103)]);
-        assert!(!scrape(&registry).contains("protocol=\"unknown\""));
+        assert!(!scrape(&registry).contains("protocol=\"Unknown L4\""));
         // A second record arrives late; the third never does.
         metrics.record(&flow(
             flow_kind::DROP,
@@ -617,18 +586,17 @@ mod tests {
         metrics.kernel_drops(&[(DropReason::PolicyDenied, 103)]);
         let text = scrape(&registry);
         assert!(
-            text.contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"TCP\"} 2"),
+            text.contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"TCP\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 2"),
             "{text}"
         );
         assert!(
-            text.contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"unknown\"} 1"),
+            text.contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"Unknown L4\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1"),
             "{text}"
         );
         // Nothing new: nothing added.
         metrics.kernel_drops(&[(DropReason::PolicyDenied, 103)]);
         assert!(
-            scrape(&registry)
-                .contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"unknown\"} 1")
+            scrape(&registry).contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"Unknown L4\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1")
         );
     }
 
@@ -645,6 +613,7 @@ mod tests {
         let text = scrape(&registry);
         for line in [
             "dataplane_flow_events_lost_total 7",
+            "hubble_lost_events_total{source=\"perf_event_ring_buffer\"} 7",
             "dataplane_conntrack_entries 10",
             "dataplane_conntrack_capacity 262144",
             "dataplane_map_entries{map=\"dp_ports_v2\"} 3",
@@ -657,24 +626,47 @@ mod tests {
         }
     }
 
-    #[test]
-    fn http_answers_openmetrics_when_asked_and_refuses_the_rest() {
+    #[tokio::test]
+    async fn http_answers_openmetrics_when_asked_and_refuses_the_rest() {
         let (_metrics, registry) = Metrics::new();
-        let (status, content_type, body) = respond(
-            "GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0\r\n\r\n",
-            &registry,
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, Arc::new(registry)));
+        // A plain HTTP/1.1 exchange, as a scraper does it.
+        let get = |request: String| async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply).await.unwrap();
+            reply
+        };
+        let reply = get(
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text;\
+             version=1.0.0\r\nConnection: close\r\n\r\n"
+                .into(),
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+        assert!(
+            reply
+                .to_ascii_lowercase()
+                .contains("content-type: application/openmetrics-text"),
+            "{reply}"
         );
-        assert_eq!(status, "200 OK");
-        assert!(content_type.starts_with("application/openmetrics-text"));
-        assert!(body.ends_with("# EOF\n"), "{body}");
-        assert_eq!(
-            respond("GET /nope HTTP/1.1\r\n\r\n", &registry).0,
-            "404 Not Found"
-        );
-        assert_eq!(
-            respond("POST /metrics HTTP/1.1\r\n\r\n", &registry).0,
-            "405 Method Not Allowed"
-        );
+        assert!(reply.ends_with("# EOF\n"), "{reply}");
+        let reply =
+            get("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into()).await;
+        assert!(reply.contains("text/plain; version=0.0.4"), "{reply}");
+        assert!(reply.contains("dataplane_programs_attached 0"), "{reply}");
+        let reply = get("GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into()).await;
+        assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+        let reply = get(
+            "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                .into(),
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 405"), "{reply}");
         assert_eq!(parse_listen("none"), Ok(Listen(None)));
         assert_eq!(
             parse_listen("127.0.0.1:9965"),

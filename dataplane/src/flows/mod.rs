@@ -459,7 +459,10 @@ impl Pipeline {
             Err(e) => return serde_json::json!({ "error": e.to_string() }).to_string() + "\n",
         };
         let mut reply = String::new();
-        for stored in self.hub.last(|flow| request.filter.matches(flow), request.history()) {
+        for stored in self
+            .hub
+            .last(|flow| request.filter.matches(flow), request.history())
+        {
             reply.push_str(stored.line(request.extended));
             reply.push('\n');
         }

@@ -378,10 +378,6 @@ impl ConnectionEvent {
 /// enum name for `trace_observation_point`, the name metrics and the compact output use, and
 /// Cilium's number for `event_type.sub_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[expect(
-    clippy::enum_variant_names,
-    reason = "Cilium's names for observation points: TO_ENDPOINT, TO_NETWORK, TO_STACK"
-)]
 pub enum TracePoint {
     /// Delivered to a container.
     ToEndpoint,
@@ -632,8 +628,7 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
         Some(TranslationKind::Service | TranslationKind::PublishedPort)
     );
     let destination_service = if translated_to_service || matches!(event.kind, Kind::Drop(_)) {
-        cx.identities
-            .service(tuple.daddr, tuple.dport, tuple.proto)
+        cx.identities.service(tuple.daddr, tuple.dport, tuple.proto)
     } else {
         None
     };
@@ -857,7 +852,12 @@ fn reserved_identity_name(identity: u32) -> Option<&'static str> {
 }
 
 /// An end as `hubble observe -o compact` shows it: `ns/pod:port`, else the address.
-fn compact_host(endpoint: &Endpoint, service: Option<&Service>, ip: &str, port: Option<u16>) -> String {
+fn compact_host(
+    endpoint: &Endpoint,
+    service: Option<&Service>,
+    ip: &str,
+    port: Option<u16>,
+) -> String {
     let host = if endpoint.is_container() {
         if endpoint.namespace.is_empty() {
             endpoint.pod_name.clone()
@@ -987,8 +987,15 @@ ports:
         u32::from(s.parse::<Ipv4Addr>().unwrap()).to_be()
     }
 
+    /// Decodes a default JSON line with the types generated from dataplane/proto, whose
+    /// pbjson deserialisers refuse unknown fields and enum values: the schema test.
+    fn strict(line: &str) -> crate::hubble::api::observer::GetFlowsResponse {
+        serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a valid Hubble flow: {e}: {line}"))
+    }
+
     #[test]
-    fn a_published_port_connection_is_a_translated_flow_to_the_container() {
+    fn a_published_port_connection_is_a_forwarded_flow_to_the_container() {
         let mut raw = raw_event(
             flow_kind::NEW,
             IPPROTO_TCP,
@@ -1000,43 +1007,67 @@ ports:
         raw.nat_addr = ip("172.30.1.2");
         raw.nat_port = 80u16.to_be();
         raw.hook = hook::UPLINK_INGRESS as u8;
-        let record = record_of(&raw);
-        let json: serde_json::Value = serde_json::to_value(&record).unwrap();
+        let mut record = record_of(&raw);
+        let web1 = identity_of(&[
+            "container:app=web".into(),
+            "container:tier=front".into(),
+            "namespace=front".into(),
+        ]);
+        let line = record.hubble_json();
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
         let expected = serde_json::json!({
             "flow": {
                 "time": "2024-11-25T10:00:01.000000000Z",
-                "verdict": "TRANSLATED",
+                "verdict": "FORWARDED",
                 "IP": {"source": "192.0.2.2", "destination": "172.30.1.2", "ipVersion": "IPv4"},
                 "l4": {"TCP": {"source_port": 41234, "destination_port": 80, "flags": {"SYN": true}}},
                 "source": {"identity": 2, "labels": ["reserved:world"]},
-                "destination": {"namespace": "front", "labels": ["app=web", "tier=front"], "pod_name": "web1"},
+                "destination": {
+                    "ID": endpoint_id_of("web1"),
+                    "identity": web1,
+                    "namespace": "front",
+                    "labels": ["container:app=web", "container:tier=front"],
+                    "pod_name": "web1"
+                },
                 "Type": "L3_L4",
                 "node_name": "node1",
                 "event_type": {"type": 4, "sub_type": 0},
                 "traffic_direction": "INGRESS",
                 "trace_observation_point": "TO_ENDPOINT",
+                "trace_reason": "NEW",
                 "is_reply": false,
                 "interface": {"index": 7, "name": "eth0"},
-                "Summary": "TCP Flags: SYN",
-                "translation": {"original": "192.0.2.1:8080", "translated": "172.30.1.2:80", "kind": "published_port"},
-                "connection": {"event": "new", "packets": 1, "bytes": 60, "reply_packets": 0, "reply_bytes": 0}
+                "Summary": "TCP Flags: SYN"
             },
             "node_name": "node1",
             "time": "2024-11-25T10:00:01.000000000Z"
         });
         assert_eq!(json, expected, "{json:#}");
-        // What goes out comes back (the observe client reads these lines).
-        let line = serde_json::to_string(&record).unwrap();
-        assert_eq!(serde_json::from_str::<Record>(&line).unwrap(), record);
+        strict(&line);
+        // The extended form adds ours, and reads back (the observe client reads these lines).
+        let extended = record.extended_json();
+        let back: Record = serde_json::from_str(&extended).unwrap();
+        assert_eq!(back, record);
+        let t = back.flow.translation.as_ref().unwrap();
+        assert_eq!(
+            (t.original.as_str(), t.translated.as_str(), t.kind.as_str()),
+            ("192.0.2.1:8080", "172.30.1.2:80", "published_port")
+        );
         assert_eq!(
             compact(&record),
-            "Nov 25 10:00:01.000: 192.0.2.2:41234 (world) -> web1:80 (front) to-endpoint \
-             TRANSLATED (TCP Flags: SYN) [published_port 192.0.2.1:8080 => 172.30.1.2:80]"
+            format!(
+                "Nov 25 10:00:01.000: 192.0.2.2:41234 (world) -> front/web1:80 (ID:{web1}) \
+                 to-endpoint FORWARDED (TCP Flags: SYN) [published_port 192.0.2.1:8080 => \
+                 172.30.1.2:80]"
+            )
         );
+        // A Hubble reader's line has no extension, so its compact form is hubble's own.
+        let plain: Record = serde_json::from_str(&line).unwrap();
+        assert!(!compact(&plain).contains("published_port"));
     }
 
     #[test]
-    fn a_container_to_container_connection_is_forwarded_egress() {
+    fn a_container_to_container_connection_is_forwarded_ingress_to_the_destination() {
         let mut raw = raw_event(
             flow_kind::NEW,
             IPPROTO_UDP,
@@ -1044,23 +1075,25 @@ ports:
             ("172.30.1.2", 53),
         );
         raw.origin = ct_origin::PLAIN;
-        let record = record_of(&raw);
+        let mut record = record_of(&raw);
+        strict(&record.hubble_json());
         let flow = &record.flow;
         assert_eq!(flow.verdict, Verdict::Forwarded);
-        assert_eq!(flow.traffic_direction, "EGRESS");
-        assert_eq!(flow.source.pod_name, "client");
-        assert_eq!(flow.destination.pod_name, "web1");
+        assert_eq!(flow.traffic_direction, "INGRESS");
+        assert_eq!(flow.source().pod_name, "client");
+        assert_eq!(flow.destination().pod_name, "web1");
         assert_eq!(flow.translation, None);
         assert_eq!(flow.summary, "UDP");
-        assert_eq!(
-            compact(&record),
-            "Nov 25 10:00:01.000: client:5000 (front) -> web1:53 (front) to-endpoint FORWARDED \
-             (UDP)"
-        );
+        let client = flow.source().identity;
+        assert!((256..=65535).contains(&client), "{client}");
+        assert_ne!(client, flow.destination().identity);
+        assert!(compact(&record).starts_with(&format!(
+            "Nov 25 10:00:01.000: front/client:5000 (ID:{client}) -> front/web1:53 (ID:"
+        )));
     }
 
     #[test]
-    fn masquerade_keeps_the_container_as_source_and_names_the_host_port() {
+    fn masquerade_keeps_the_container_as_source_and_names_the_host_address() {
         let mut raw = raw_event(
             flow_kind::CLOSE,
             IPPROTO_TCP,
@@ -1077,25 +1110,35 @@ ports:
         raw.bytes = 400;
         raw.reply_packets = 5;
         raw.reply_bytes = 900;
-        let record = record_of(&raw);
+        let mut record = record_of(&raw);
+        strict(&record.hubble_json());
         let flow = &record.flow;
-        assert_eq!(flow.verdict, Verdict::Translated);
-        assert_eq!(flow.ip.source, "172.30.1.2");
-        assert_eq!(flow.ip.destination, "192.0.2.2");
-        assert_eq!(flow.destination.labels, vec![LABEL_WORLD]);
+        assert_eq!(flow.verdict, Verdict::Forwarded);
+        let ip = flow.ip.as_ref().unwrap();
+        assert_eq!(
+            (
+                ip.source.as_str(),
+                ip.source_xlated.as_str(),
+                ip.destination.as_str()
+            ),
+            ("172.30.1.2", "192.0.2.1", "192.0.2.2")
+        );
+        assert_eq!(flow.traffic_direction, "EGRESS");
+        assert_eq!(flow.destination().labels, vec![LABEL_WORLD]);
         assert_eq!(flow.trace_observation_point.as_deref(), Some("TO_NETWORK"));
+        assert_eq!(flow.trace_reason.as_deref(), Some("ESTABLISHED"));
         let t = flow.translation.as_ref().unwrap();
         assert_eq!(
             (t.original.as_str(), t.translated.as_str(), t.kind.as_str()),
             ("172.30.1.2:41000", "192.0.2.1:20001", "masquerade")
         );
         assert_eq!(flow.summary, "TCP Flags: SYN, ACK, FIN");
-        assert_eq!(flow.connection.event, ConnectionEvent::Close);
+        assert_eq!(flow.connection.unwrap().event, ConnectionEvent::Close);
         assert!(compact(&record).ends_with(" close: 6/5 packets, 400/900 bytes"));
     }
 
     #[test]
-    fn services_are_named_for_vips_and_for_published_ports_leading_to_them() {
+    fn services_are_named_with_their_namespace_for_vips_and_published_ports() {
         let mut raw = raw_event(
             flow_kind::NEW,
             IPPROTO_TCP,
@@ -1106,9 +1149,17 @@ ports:
         raw.rewrite = ct_rewrite::DST;
         raw.nat_addr = ip("172.30.1.2");
         raw.nat_port = 80u16.to_be();
-        let flow = record_of(&raw).flow;
-        assert_eq!(flow.destination_service.unwrap().name, "web");
-        assert_eq!(flow.destination.pod_name, "web1");
+        let mut record = record_of(&raw);
+        strict(&record.hubble_json());
+        let flow = record.flow;
+        assert_eq!(
+            flow.destination_service,
+            Some(Service {
+                name: "web".into(),
+                namespace: "front".into()
+            })
+        );
+        assert_eq!(flow.destination().pod_name, "web1");
         assert_eq!(flow.translation.unwrap().kind, "service");
 
         let mut raw = raw_event(
@@ -1129,7 +1180,84 @@ ports:
     }
 
     #[test]
-    fn a_drop_names_its_reason_the_hubble_way() {
+    fn every_drop_reason_is_cilium_s_name_and_number() {
+        let cases = [
+            (
+                DropReason::PolicyDenied,
+                "POLICY_DENIED",
+                133,
+                "Policy denied",
+            ),
+            (
+                DropReason::Malformed,
+                "INVALID_PACKET_DROPPED",
+                134,
+                "Invalid packet",
+            ),
+            (
+                DropReason::CtMapInsertionFailed,
+                "CT_MAP_INSERTION_FAILED",
+                155,
+                "CT: Map insertion failed",
+            ),
+            (
+                DropReason::ServiceBackendNotFound,
+                "SERVICE_BACKEND_NOT_FOUND",
+                158,
+                "Service backend not found",
+            ),
+            (
+                DropReason::NoMappingForNatMasquerade,
+                "NO_MAPPING_FOR_NAT_MASQUERADE",
+                167,
+                "No mapping for NAT masquerade",
+            ),
+            (
+                DropReason::PolicyDeny,
+                "POLICY_DENY",
+                181,
+                "Policy denied by denylist",
+            ),
+        ];
+        assert_eq!(cases.len(), DropReason::ALL.len());
+        for (reason, name, number, text) in cases {
+            let mut raw = raw_event(
+                flow_kind::DROP,
+                IPPROTO_TCP,
+                ("172.30.1.9", 5000),
+                ("10.96.0.12", 80),
+            );
+            raw.drop_reason = reason as u8;
+            let mut record = record_of(&raw);
+            let line = record.hubble_json();
+            let proto = strict(&line);
+            let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let flow = &json["flow"];
+            assert_eq!(flow["verdict"], "DROPPED");
+            assert_eq!(flow["drop_reason_desc"], name);
+            assert_eq!(flow["drop_reason"], number);
+            assert_eq!(
+                flow["event_type"],
+                serde_json::json!({"type": 1, "sub_type": number})
+            );
+            assert!(flow.get("trace_observation_point").is_none());
+            assert!(flow.get("connection").is_none());
+            let Some(crate::hubble::api::observer::get_flows_response::ResponseTypes::Flow(f)) =
+                proto.response_types
+            else {
+                panic!("no flow in {line}");
+            };
+            assert_eq!(f.drop_reason_desc().as_str_name(), name);
+            assert!(
+                compact(&record).contains(&format!(" {text} DROPPED ")),
+                "{}",
+                compact(&record)
+            );
+        }
+    }
+
+    #[test]
+    fn a_drop_to_a_service_without_backends_names_the_service() {
         let mut raw = raw_event(
             flow_kind::DROP,
             IPPROTO_TCP,
@@ -1138,23 +1266,14 @@ ports:
         );
         raw.drop_reason = DropReason::ServiceBackendNotFound as u8;
         let record = record_of(&raw);
-        let json = serde_json::to_value(&record).unwrap();
-        let flow = &json["flow"];
-        assert_eq!(flow["verdict"], "DROPPED");
-        assert_eq!(flow["drop_reason_desc"], "NO_SERVICE_BACKEND");
-        assert_eq!(flow["drop_reason"], 158);
-        assert_eq!(
-            flow["event_type"],
-            serde_json::json!({"type": 1, "sub_type": 158})
-        );
-        assert_eq!(flow["destination_service"]["name"], "empty");
-        assert_eq!(flow["destination"]["labels"][0], LABEL_SERVICE);
-        assert!(flow.get("trace_observation_point").is_none());
-        assert_eq!(flow["connection"]["event"], "drop");
-        assert_eq!(
-            compact(&record),
-            "Nov 25 10:00:01.000: client:5000 (front) -> 10.96.0.12:80 (service) \
-             NO_SERVICE_BACKEND DROPPED (TCP Flags: SYN) service empty"
+        let flow = &record.flow;
+        assert_eq!(flow.destination_service.as_ref().unwrap().name, "empty");
+        assert_eq!(flow.destination().labels, vec![LABEL_WORLD]);
+        assert_eq!(flow.destination().identity, IDENTITY_WORLD);
+        assert!(
+            compact(&record).contains(" -> empty:80 (world) Service backend not found DROPPED"),
+            "{}",
+            compact(&record)
         );
     }
 
@@ -1168,13 +1287,28 @@ ports:
             ("192.0.2.1", 0),
         );
         raw.tcp_flags = 0;
-        raw.drop_reason = DropReason::PolicyDenied as u8;
+        raw.drop_reason = DropReason::PolicyDeny as u8;
         raw.hook = hook::UPLINK_XDP as u8;
-        let flow = record_of(&raw).flow;
+        let mut record = record_of(&raw);
+        strict(&record.hubble_json());
+        let flow = record.flow;
         assert_eq!(flow.summary, "TCP");
-        assert_eq!(flow.drop_reason_desc.as_deref(), Some("POLICY_DENIED"));
+        assert_eq!(flow.drop_reason_desc.as_deref(), Some("POLICY_DENY"));
         assert_eq!(flow.traffic_direction, "INGRESS");
-        assert_eq!(flow.destination.labels, vec![LABEL_HOST]);
+        assert_eq!(flow.destination().labels, vec![LABEL_HOST]);
+    }
+
+    #[test]
+    fn a_packet_dropped_before_its_addresses_were_read_claims_none() {
+        let mut raw = raw_event(flow_kind::DROP, 0, ("0.0.0.0", 0), ("0.0.0.0", 0));
+        raw.drop_reason = DropReason::Malformed as u8;
+        let mut record = record_of(&raw);
+        let line = record.hubble_json();
+        strict(&line);
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert!(json["flow"].get("IP").is_none(), "{line}");
+        assert!(json["flow"].get("source").is_none(), "{line}");
+        assert_eq!(record.flow.protocol(), "Unknown L4");
     }
 
     #[test]
@@ -1186,9 +1320,12 @@ ports:
             ("172.30.1.1", 0),
         );
         raw.origin = ct_origin::PLAIN;
-        let flow = record_of(&raw).flow;
-        assert_eq!(flow.destination.labels, vec![LABEL_HOST]);
-        assert_eq!(flow.destination.identity, 1);
+        let mut record = record_of(&raw);
+        strict(&record.hubble_json());
+        let flow = record.flow;
+        assert_eq!(flow.destination().labels, vec![LABEL_HOST]);
+        assert_eq!(flow.destination().identity, IDENTITY_HOST);
+        assert_eq!(flow.traffic_direction, "EGRESS");
         assert_eq!(
             flow.l4,
             Some(L4::Icmpv4 {
@@ -1198,5 +1335,42 @@ ports:
         );
         assert_eq!(flow.summary, "ICMPv4 EchoRequest");
         assert_eq!(flow.trace_observation_point.as_deref(), Some("TO_STACK"));
+    }
+
+    #[test]
+    fn identities_are_stable_per_label_set_and_compose_projects_are_namespaces() {
+        // The same labels, in any order, are the same identity; others differ.
+        let a = identity_of(&["container:app=web".into(), "namespace=front".into()]);
+        let b = identity_of(&["namespace=front".into(), "container:app=web".into()]);
+        let c = identity_of(&["container:app=db".into(), "namespace=front".into()]);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        // Fixed by the hash, not by the run: the value a restarted agent computes.
+        assert_eq!(
+            a,
+            identity_of(&["container:app=web".into(), "namespace=front".into()])
+        );
+        let spec = StateFile::parse(
+            r#"
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1}
+endpoints:
+  - name: shop-web-1
+    labels: {com.docker.compose.project: shop, com.docker.compose.service: web}
+    interfaces: [{network: front, ip: 172.30.1.2, mac: "02:42:ac:1e:01:02", host_veth: veth-w}]
+"#,
+        )
+        .unwrap();
+        let ids = Identities::new(&Model::from_spec(&spec).unwrap(), []);
+        let web = ids.endpoint("172.30.1.2".parse().unwrap());
+        assert_eq!(web.namespace, "shop");
+        assert_eq!(
+            web.workloads,
+            vec![Workload {
+                name: "web".into(),
+                kind: "Service".into()
+            }]
+        );
+        assert!((1..=4095).contains(&web.id));
     }
 }

@@ -23,8 +23,10 @@ pub enum FilterError {
 /// `ns/name-prefix`, `ns/` (the whole namespace) or `name-prefix` (any namespace).
 fn matches_named(selector: &str, namespace: &str, name: &str) -> bool {
     match selector.split_once('/') {
-        Some((ns, prefix)) => ns == namespace && !name.is_empty() && name.starts_with(prefix)
-            || (ns == namespace && prefix.is_empty()),
+        Some((ns, prefix)) => {
+            ns == namespace && !name.is_empty() && name.starts_with(prefix)
+                || (ns == namespace && prefix.is_empty())
+        }
         None => !name.is_empty() && name.starts_with(selector),
     }
 }
@@ -81,7 +83,9 @@ fn matches_labels(selector: &str, labels: &[String]) -> bool {
         let term = term.trim();
         if let Some((k, v)) = term.split_once("!=") {
             let k = key(k);
-            !labels.iter().any(|(lk, lv)| *lk == k && *lv == Some(v.trim()))
+            !labels
+                .iter()
+                .any(|(lk, lv)| *lk == k && *lv == Some(v.trim()))
         } else if let Some((k, v)) = term.split_once('=') {
             let k = key(k);
             let v = v.trim().trim_start_matches('=');
@@ -175,7 +179,10 @@ pub fn matches(filter: &FlowFilter, flow: &Flow) -> bool {
     let ip = flow.ip.clone().unwrap_or_default();
     let (sport, dport) = ports(flow).unzip();
     let service = |s: &Option<flow::Service>| s.clone().unwrap_or_default();
-    let (src_svc, dst_svc) = (service(&flow.source_service), service(&flow.destination_service));
+    let (src_svc, dst_svc) = (
+        service(&flow.source_service),
+        service(&flow.destination_service),
+    );
     let flags = match flow.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
         Some(Protocol::Tcp(t)) => t.flags,
         _ => None,
@@ -189,7 +196,9 @@ pub fn matches(filter: &FlowFilter, flow: &Flow) -> bool {
     };
     never(&filter.uuid)
         && any(&filter.source_ip, |s| matches_ip(s, &ip.source))
-        && any(&filter.source_ip_xlated, |s| matches_ip(s, &ip.source_xlated))
+        && any(&filter.source_ip_xlated, |s| {
+            matches_ip(s, &ip.source_xlated)
+        })
         && any(&filter.source_pod, |s| {
             matches_named(s, &source.namespace, &source.pod_name)
         })
@@ -296,15 +305,24 @@ mod tests {
         assert!(!matches_ip("172.30.2.0/24", "172.30.1.9"));
         assert!(matches_ip("172.30.1.9", "172.30.1.9"));
         assert!(!matches_ip("172.30.1.9", ""));
-        let labels = vec!["container:app=web".to_owned(), "container:tier=front".into()];
+        let labels = vec![
+            "container:app=web".to_owned(),
+            "container:tier=front".into(),
+        ];
         assert!(matches_labels("app=web", &labels));
         assert!(matches_labels("any:app=web,tier", &labels));
         assert!(matches_labels("container:app=web", &labels));
         assert!(!matches_labels("app=db", &labels));
         assert!(matches_labels("!db", &labels));
         assert!(matches_labels("app!=db", &labels));
-        assert!(matches_labels("reserved:host", &["reserved:host".to_owned()]));
-        assert!(!matches_labels("reserved:world", &["reserved:host".to_owned()]));
+        assert!(matches_labels(
+            "reserved:host",
+            &["reserved:host".to_owned()]
+        ));
+        assert!(!matches_labels(
+            "reserved:world",
+            &["reserved:host".to_owned()]
+        ));
         assert!(matches_glob("node*", "node1"));
         assert!(matches_glob("*1", "node1"));
         assert!(!matches_glob("host*", "node1"));

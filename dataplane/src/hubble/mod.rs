@@ -145,7 +145,10 @@ mod tests {
         assert_eq!(parse_listen("none"), Ok(Listen::Off));
         assert!(parse_listen("unix://relative").is_err());
         assert!(parse_listen("4244").is_err());
-        assert_eq!(Listen::Unix("/x/h.sock".into()).to_string(), "unix:///x/h.sock");
+        assert_eq!(
+            Listen::Unix("/x/h.sock".into()).to_string(),
+            "unix:///x/h.sock"
+        );
         let args = HubbleArgs {
             hubble_listen: None,
             hubble_advertise: None,

@@ -112,13 +112,15 @@ pub struct Api {
 pub fn response_of(stored: &Stored) -> Option<&GetFlowsResponse> {
     stored
         .proto
-        .get_or_init(|| match serde_json::from_str::<GetFlowsResponse>(&stored.json) {
-            Ok(response) => Some(Box::new(response)),
-            Err(e) => {
-                log::warn!("Hubble API: a record does not decode as a Hubble flow: {e}");
-                None
-            }
-        })
+        .get_or_init(
+            || match serde_json::from_str::<GetFlowsResponse>(&stored.json) {
+                Ok(response) => Some(Box::new(response)),
+                Err(e) => {
+                    log::warn!("Hubble API: a record does not decode as a Hubble flow: {e}");
+                    None
+                }
+            },
+        )
         .as_deref()
 }
 
@@ -217,8 +219,12 @@ async fn stream_flows(
     let mut chosen: Vec<&Arc<Stored>> = if selection.request.first {
         records.iter().filter(|s| selects(s)).take(wanted).collect()
     } else {
-        let mut latest: Vec<&Arc<Stored>> =
-            records.iter().rev().filter(|s| selects(s)).take(wanted).collect();
+        let mut latest: Vec<&Arc<Stored>> = records
+            .iter()
+            .rev()
+            .filter(|s| selects(s))
+            .take(wanted)
+            .collect();
         latest.reverse();
         latest
     };
@@ -340,10 +346,224 @@ impl Peer for Api {
             r#type: ChangeNotificationType::PeerAdded as i32,
             tls: None,
         };
-        let stream = tokio_stream::StreamExt::chain(
-            tokio_stream::once(Ok(added)),
-            tokio_stream::pending(),
-        );
+        let stream =
+            tokio_stream::StreamExt::chain(tokio_stream::once(Ok(added)), tokio_stream::pending());
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use dataplane_common::{ct_origin, ct_rewrite, flow_kind};
+    use tokio_stream::StreamExt as _;
+
+    use super::*;
+    use crate::{
+        flows::{
+            clock::Clock,
+            decode::{self, IPPROTO_TCP, IPPROTO_UDP, tests::raw_event},
+            record::{self, Context, Identities},
+        },
+        hubble::api::{
+            flow::{FlowFilter, Verdict},
+            observer::{get_flows_response::ResponseTypes, observer_client::ObserverClient},
+            peer::peer_client::PeerClient,
+        },
+    };
+
+    fn stored(raw: &dataplane_common::FlowEvent) -> Arc<Stored> {
+        let mut record = record::build(
+            &decode::from_raw(raw).unwrap(),
+            &Context {
+                identities: &Identities::default(),
+                clock: &Clock::with_offset(1_700_000_000_000_000_000),
+                node_name: "node1",
+                ifname: None,
+            },
+        );
+        Arc::new(Stored {
+            json: record.hubble_json(),
+            extended: record.extended_json(),
+            record,
+            proto: Default::default(),
+        })
+    }
+
+    fn tcp(sport: u16) -> Arc<Stored> {
+        stored(&raw_event(
+            flow_kind::NEW,
+            IPPROTO_TCP,
+            ("192.0.2.2", sport),
+            ("192.0.2.9", 80),
+        ))
+    }
+
+    fn dropped(sport: u16) -> Arc<Stored> {
+        let mut raw = raw_event(
+            flow_kind::DROP,
+            IPPROTO_UDP,
+            ("192.0.2.2", sport),
+            ("192.0.2.9", 53),
+        );
+        raw.drop_reason = dataplane_common::DropReason::PolicyDeny as u8;
+        raw.origin = ct_origin::PLAIN;
+        raw.rewrite = ct_rewrite::NONE;
+        stored(&raw)
+    }
+
+    fn sport(response: &GetFlowsResponse) -> u32 {
+        let Some(ResponseTypes::Flow(flow)) = &response.response_types else {
+            panic!("not a flow: {response:?}");
+        };
+        match flow.l4.as_ref().unwrap().protocol.as_ref().unwrap() {
+            Protocol::Tcp(t) => t.source_port,
+            Protocol::Udp(u) => u.source_port,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    use crate::hubble::api::flow::layer4::Protocol;
+
+    /// The server on a Unix socket, read with the generated client (tonic over the same
+    /// socket): history with Hubble's filters, last N, follow, status, nodes, peers.
+    #[tokio::test]
+    async fn the_api_serves_history_filters_follow_status_nodes_and_peers() {
+        let dir = std::env::temp_dir().join(format!("dp-hubble-test-{}", std::process::id()));
+        let path = dir.join("hubble.sock");
+        let hub = Arc::new(Hub::new(100, "node1".into()));
+        for port in 1000..1005 {
+            hub.push(tcp(port));
+        }
+        hub.push(dropped(2000));
+        let incoming = bind(&Listen::Unix(path.clone())).await.unwrap().unwrap();
+        tokio::spawn(serve(incoming, hub.clone(), "unix:///test".into()));
+        // A second server on a live socket is refused, not silently replacing it.
+        assert!(bind(&Listen::Unix(path.clone())).await.is_err());
+        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        let mut observer = ObserverClient::new(channel.clone());
+
+        // The last 3, oldest first.
+        let last3: Vec<u32> = observer
+            .get_flows(GetFlowsRequest {
+                number: 3,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .map(|r| sport(&r.unwrap()))
+            .collect()
+            .await;
+        assert_eq!(last3, vec![1003, 1004, 2000]);
+        // Hubble's filters: verdict and port (whitelist), protocol (blacklist).
+        let request = GetFlowsRequest {
+            number: 100,
+            whitelist: vec![FlowFilter {
+                verdict: vec![Verdict::Forwarded as i32],
+                source_port: vec!["1001".into(), "1002".into()],
+                ..Default::default()
+            }],
+            blacklist: vec![FlowFilter {
+                source_port: vec!["1002".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let found: Vec<u32> = observer
+            .get_flows(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .map(|r| sport(&r.unwrap()))
+            .collect()
+            .await;
+        assert_eq!(found, vec![1001]);
+        let drops: Vec<GetFlowsResponse> = observer
+            .get_flows(GetFlowsRequest {
+                number: 100,
+                whitelist: vec![FlowFilter {
+                    drop_reason_desc: vec![flow::DropReason::PolicyDeny as i32],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert_eq!(drops.len(), 1);
+        assert_eq!(drops[0].node_name, "node1");
+        // Follow: what comes after the request, filtered.
+        let mut follow = observer
+            .get_flows(GetFlowsRequest {
+                follow: true,
+                whitelist: vec![FlowFilter {
+                    protocol: vec!["tcp".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // The stream is open once the first response header came; give the task a moment.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        hub.push(dropped(2001));
+        hub.push(tcp(1100));
+        let next = tokio::time::timeout(Duration::from_secs(10), follow.next())
+            .await
+            .expect("a followed flow")
+            .unwrap()
+            .unwrap();
+        assert_eq!(sport(&next), 1100);
+
+        let status = observer
+            .server_status(ServerStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (status.num_flows, status.max_flows, status.seen_flows),
+            (8, 100, 8)
+        );
+        let nodes = observer
+            .get_nodes(GetNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].name, "node1");
+        assert_eq!(nodes[0].state, NodeState::NodeConnected as i32);
+        let mut peers = PeerClient::new(channel)
+            .notify(NotifyRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let added = peers.next().await.unwrap().unwrap();
+        assert_eq!(
+            (added.name.as_str(), added.address.as_str(), added.r#type),
+            (
+                "node1",
+                "unix:///test",
+                ChangeNotificationType::PeerAdded as i32
+            )
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
