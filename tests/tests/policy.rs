@@ -205,7 +205,10 @@ fn rules_apply_to_new_and_open_connections() {
     // Documented choice: a connection the new rules deny is cut too (judged again on its
     // next packet).
     assert!(get(&mut open).is_err(), "the open connection is cut");
-    let status = agent.wait_for("denials counted", |s| drops(s, "POLICY_DENIED") >= 2);
+    // Denied by a rule: Cilium's POLICY_DENY (POLICY_DENIED is the default deny).
+    let status = agent.wait_for("denials counted", |s| {
+        drops(s, "POLICY_DENY") + drops(s, "POLICY_DENIED") >= 2
+    });
     assert!(status["last_error"].is_null(), "{status:#}");
 }
 
@@ -244,7 +247,7 @@ fn denied_outside_sources_drop_at_xdp() {
             .unwrap()
             .iter()
             .any(|c| c["hook"] == "xdp(uplink)" && c["packets"].as_u64().unwrap() > 0)
-            && drops(s, "POLICY_DENIED") > 0
+            && drops(s, "POLICY_DENY") > 0
     });
     assert!(status["last_error"].is_null());
 
