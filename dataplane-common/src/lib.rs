@@ -12,7 +12,7 @@ pub mod map_names {
     /// Per-CPU packet and byte counters per (interface, hook).
     pub const IFACE_STATS: &str = "dp_iface_stats_v1";
     /// Per-CPU drop counters indexed by [`crate::DropReason`].
-    pub const DROPS: &str = "dp_drops_v1";
+    pub const DROPS: &str = "dp_drops_v2";
     /// Container endpoints by IPv4 address: where a packet for that address is delivered, and
     /// who it is for policy.
     pub const ENDPOINTS: &str = "dp_endpoints_v2";
@@ -580,53 +580,76 @@ pub struct FlowEvent {
 /// two reads of the agent (which reads continuously).
 pub const FLOW_RING_BYTES: u32 = 1 << 20;
 
-/// Why a packet was dropped. One numbering for kernel counters, flow records and metric labels
-/// (like Cilium's drop_reasons.h, shared with flow.proto). Values are stable: add, never renumber.
+/// Why a packet was dropped. One numbering for kernel counters, flow records and metric labels,
+/// and it is Cilium's (bpf/lib/common.h `DROP_*`, flow.proto `DropReason`, which Hubble's
+/// clients and dashboards read): the value is the number Hubble shows, [`DropReason::desc`] the
+/// name. Values are Cilium's and never change; add reasons, with Cilium's numbers.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
+    /// Docker's isolation refused it with no user rule deciding (other network, `icc: false`,
+    /// `internal`, routed from outside straight to a container): Cilium's default deny.
+    PolicyDenied = 133,
     /// A header is truncated or inconsistent (IPv4 IHL < 5, total length beyond the packet).
-    Malformed = 1,
-    /// A policy rule denied the connection.
-    PolicyDenied = 2,
+    Malformed = 134,
     /// The connection table is full: no new translation could be recorded.
-    CtMapInsertionFailed = 3,
+    CtMapInsertionFailed = 155,
     /// A service has no backend.
-    NoServiceBackend = 4,
+    ServiceBackendNotFound = 158,
     /// Masquerade found no free source port for the destination after its probes.
-    SnatNoFreePort = 5,
+    NoMappingForNatMasquerade = 167,
     /// A later fragment of a datagram whose first fragment was not seen (or is too old): its
     /// translation and verdict are unknown, so it is never delivered.
-    FragmentNotFound = 6,
+    FragmentNotFound = 175,
     /// A TCP or UDP header the receiving kernel would drop anyway: TCP with SYN and FIN, with
     /// no flags, or with a data offset below 5; UDP whose length disagrees with the IP
     /// packet's. Dropped before it can create a conntrack entry.
-    InvalidL4Header = 7,
+    InvalidL4Header = 135,
+    /// A user `deny` rule matched (Cilium: a deny policy).
+    PolicyDeny = 181,
 }
 
 impl DropReason {
-    /// Slots of the drop counter array: every reason's value is below this.
-    pub const SLOTS: u32 = 16;
-    pub const ALL: [DropReason; 7] = [
-        DropReason::Malformed,
+    /// Slots of the drop counter array: every reason's value is below this (Cilium's drop
+    /// codes are one byte).
+    pub const SLOTS: u32 = 256;
+    pub const ALL: [DropReason; 8] = [
         DropReason::PolicyDenied,
+        DropReason::Malformed,
         DropReason::CtMapInsertionFailed,
-        DropReason::NoServiceBackend,
-        DropReason::SnatNoFreePort,
+        DropReason::ServiceBackendNotFound,
+        DropReason::NoMappingForNatMasquerade,
         DropReason::FragmentNotFound,
         DropReason::InvalidL4Header,
+        DropReason::PolicyDeny,
     ];
 
-    /// The reason as Hubble names it (`drop_reason_desc`).
+    /// The reason as Hubble names it (flow.proto's `DropReason`, `drop_reason_desc`).
     pub fn desc(self) -> &'static str {
         match self {
-            DropReason::Malformed => "INVALID_PACKET_DROPPED",
             DropReason::PolicyDenied => "POLICY_DENIED",
+            DropReason::Malformed => "INVALID_PACKET_DROPPED",
             DropReason::CtMapInsertionFailed => "CT_MAP_INSERTION_FAILED",
-            DropReason::NoServiceBackend => "NO_SERVICE_BACKEND",
-            DropReason::SnatNoFreePort => "SNAT_NO_FREE_PORT",
+            DropReason::ServiceBackendNotFound => "SERVICE_BACKEND_NOT_FOUND",
+            DropReason::NoMappingForNatMasquerade => "NO_MAPPING_FOR_NAT_MASQUERADE",
             DropReason::FragmentNotFound => "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND",
             DropReason::InvalidL4Header => "CT_TRUNCATED_OR_INVALID_HEADER",
+            DropReason::PolicyDeny => "POLICY_DENY",
+        }
+    }
+
+    /// The reason as Hubble's metrics and compact output write it (Cilium's
+    /// `monitor/api.DropReason` text): `Policy denied`, `Service backend not found`, ...
+    pub fn text(self) -> &'static str {
+        match self {
+            DropReason::PolicyDenied => "Policy denied",
+            DropReason::Malformed => "Invalid packet",
+            DropReason::CtMapInsertionFailed => "CT: Map insertion failed",
+            DropReason::ServiceBackendNotFound => "Service backend not found",
+            DropReason::NoMappingForNatMasquerade => "No mapping for NAT masquerade",
+            DropReason::FragmentNotFound => "First logical datagram fragment not found",
+            DropReason::InvalidL4Header => "CT: Truncated or invalid header",
+            DropReason::PolicyDeny => "Policy denied by denylist",
         }
     }
 
@@ -634,6 +657,8 @@ impl DropReason {
         DropReason::ALL.into_iter().find(|r| *r as u32 == value)
     }
 }
+
+const _: () = assert!((DropReason::PolicyDeny as u32) < DropReason::SLOTS);
 
 const _: () = assert!(core::mem::size_of::<IfaceStatsKey>() == 8);
 const _: () = assert!(core::mem::size_of::<IfaceStats>() == 16);

@@ -92,12 +92,12 @@ pub fn dp_uplink_xdp(ctx: XdpContext) -> u32 {
     stats::count_packet(ifindex, hook::UPLINK_XDP, len);
     match early::denied_source(&ctx) {
         Some(tuple) => {
-            stats::count_drop(DropReason::PolicyDenied);
+            stats::count_drop(DropReason::PolicyDeny);
             flow::dropped(&flow::Dropped {
                 tuple,
                 tcp_flags: 0,
                 len,
-                reason: DropReason::PolicyDenied,
+                reason: DropReason::PolicyDeny,
                 hook: hook::UPLINK_XDP,
                 ifindex,
             });

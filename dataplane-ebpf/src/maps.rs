@@ -18,8 +18,9 @@ use dataplane_common::{
 pub static IFACE_STATS: PerCpuHashMap<IfaceStatsKey, IfaceStats> =
     PerCpuHashMap::pinned(capacity::IFACE_STATS, 0);
 
-/// Drops by reason (index = `DropReason as u32`); per-CPU, summed by the agent.
-#[map(name = "dp_drops_v1")]
+/// Drops by reason (index = `DropReason as u32`, Cilium's drop codes, so 256 slots: 2 KiB
+/// per CPU); per-CPU, summed by the agent. v2: the reasons took Cilium's numbers.
+#[map(name = "dp_drops_v2")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::SLOTS, 0);
 
 /// Container interfaces by IPv4 address (network byte order), written by the agent's

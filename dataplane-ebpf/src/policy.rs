@@ -5,7 +5,7 @@
 //! per connection (conntrack remembers), again after a policy change.
 
 use aya_ebpf::{cty::c_void, helpers::bpf_loop};
-use dataplane_common::{PolicyRule, capacity, net_flags, policy_action, selector_kind};
+use dataplane_common::{DropReason, PolicyRule, capacity, net_flags, policy_action, selector_kind};
 
 use crate::maps::{CONFIG, ENDPOINTS, LOCAL_ADDRS, POLICY_RULES};
 
@@ -117,6 +117,13 @@ unsafe extern "C" fn rule_step(index: u64, walk: *mut c_void) -> i64 {
 /// translation) may exist.
 #[inline(never)]
 pub fn allows(saddr: u32, daddr: u32, proto: u8, dport: u16, via: Via) -> bool {
+    check(saddr, daddr, proto, dport, via).is_ok()
+}
+
+/// As [`allows`], with why not: a user deny rule is Cilium's POLICY_DENY, Docker's isolation
+/// (no rule decided) its default deny, POLICY_DENIED.
+#[inline(always)]
+pub fn check(saddr: u32, daddr: u32, proto: u8, dport: u16, via: Via) -> Result<(), DropReason> {
     // SAFETY: array element 0 always exists.
     let count = CONFIG.get_ptr(0).map_or(0, |c| unsafe { (*c).rule_count });
     let mut walk = RuleWalk {
@@ -139,9 +146,10 @@ pub fn allows(saddr: u32, daddr: u32, proto: u8, dport: u16, via: Via) -> bool {
         };
     }
     match walk.action {
-        policy_action::ALLOW => true,
-        policy_action::DENY => false,
-        _ => isolation(&walk.from, &walk.to, via),
+        policy_action::ALLOW => Ok(()),
+        policy_action::DENY => Err(DropReason::PolicyDeny),
+        _ if isolation(&walk.from, &walk.to, via) => Ok(()),
+        _ => Err(DropReason::PolicyDenied),
     }
 }
 

@@ -143,13 +143,21 @@ fn remember_first_fragment(arrived: &Arrived, dropped: Option<DropReason>) {
 /// The drop reason a fragment entry recorded (its numbers are `DropReason`'s).
 #[inline(always)]
 fn recorded_drop(reason: u8) -> DropReason {
+    const POLICY_DENIED: u8 = DropReason::PolicyDenied as u8;
+    const INVALID_L4_HEADER: u8 = DropReason::InvalidL4Header as u8;
+    const CT_MAP_INSERTION_FAILED: u8 = DropReason::CtMapInsertionFailed as u8;
+    const SERVICE_BACKEND_NOT_FOUND: u8 = DropReason::ServiceBackendNotFound as u8;
+    const NO_MAPPING_FOR_NAT_MASQUERADE: u8 = DropReason::NoMappingForNatMasquerade as u8;
+    const FRAGMENT_NOT_FOUND: u8 = DropReason::FragmentNotFound as u8;
+    const POLICY_DENY: u8 = DropReason::PolicyDeny as u8;
     match reason {
-        2 => DropReason::PolicyDenied,
-        3 => DropReason::CtMapInsertionFailed,
-        4 => DropReason::NoServiceBackend,
-        5 => DropReason::SnatNoFreePort,
-        6 => DropReason::FragmentNotFound,
-        7 => DropReason::InvalidL4Header,
+        POLICY_DENIED => DropReason::PolicyDenied,
+        INVALID_L4_HEADER => DropReason::InvalidL4Header,
+        CT_MAP_INSERTION_FAILED => DropReason::CtMapInsertionFailed,
+        SERVICE_BACKEND_NOT_FOUND => DropReason::ServiceBackendNotFound,
+        NO_MAPPING_FOR_NAT_MASQUERADE => DropReason::NoMappingForNatMasquerade,
+        FRAGMENT_NOT_FOUND => DropReason::FragmentNotFound,
+        POLICY_DENY => DropReason::PolicyDeny,
         _ => DropReason::Malformed,
     }
 }
@@ -243,7 +251,8 @@ fn decide(ctx: &TcContext, site: Site, arrived: &mut Arrived) -> Verdict {
     arrived.drop.tuple.daddr = ip.daddr;
     arrived.drop.tuple.proto = ip.protocol;
     if hook == Hook::UplinkIngress && deny_list_at_tc() && early::denied_source_tc(ip.saddr) {
-        return Verdict::Drop(DropReason::PolicyDenied);
+        // The deny list is user rules, as at XDP.
+        return Verdict::Drop(DropReason::PolicyDeny);
     }
     arrived.ip_id = ip.id;
     arrived.first_fragment = ip.is_first_fragment();
@@ -294,10 +303,11 @@ fn decide(ctx: &TcContext, site: Site, arrived: &mut Arrived) -> Verdict {
             Some(verdict) => verdict,
             // Routed from outside straight to a container's address: judged per packet
             // (Docker drops it unless a user rule lets it in).
-            None if ENDPOINTS.get_ptr(&ip.daddr).is_some()
-                && !policy::allows(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Routed) =>
-            {
-                Verdict::Drop(DropReason::PolicyDenied)
+            None if ENDPOINTS.get_ptr(&ip.daddr).is_some() => {
+                match policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Routed) {
+                    Ok(()) => Verdict::Pass,
+                    Err(reason) => Verdict::Drop(reason),
+                }
             }
             None => Verdict::Pass,
         },
@@ -314,14 +324,15 @@ fn track_plain(ctx: &TcContext, site: Site, ip: &Ipv4Packet, l4: &L4, forward: &
         // To the host: judged per packet (nothing tracks it). Out of the host: judged once,
         // where masquerade tracks it.
         if LOCAL_ADDRS.get_ptr(&ip.daddr).is_some()
-            && !policy::allows(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct)
+            && let Err(reason) =
+                policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct)
         {
-            return Verdict::Drop(DropReason::PolicyDenied);
+            return Verdict::Drop(reason);
         }
         return Verdict::Pass;
     }
-    if !policy::allows(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
-        return Verdict::Drop(DropReason::PolicyDenied);
+    if let Err(reason) = policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
+        return Verdict::Drop(reason);
     }
     let connection = NewConnection {
         forward: *forward,
@@ -521,7 +532,7 @@ fn publish(
         _pad: 0,
     };
     let Some(service) = SERVICES.get_ptr(&key) else {
-        return Some(Verdict::Drop(DropReason::NoServiceBackend));
+        return Some(Verdict::Drop(DropReason::ServiceBackendNotFound));
     };
     // SAFETY: a map value from this program run's lookup.
     let service = unsafe { *service };
@@ -566,12 +577,12 @@ fn balance(
 }
 
 /// No backend: a TCP client gets a reset at once (sent back out of the interface it came
-/// in on); anything else is dropped. Both count as NO_SERVICE_BACKEND.
+/// in on); anything else is dropped. Both count as SERVICE_BACKEND_NOT_FOUND.
 #[inline(always)]
 fn refuse(ctx: &TcContext, site: Site, ip: &Ipv4Packet, l4: &L4) -> Verdict {
     match reject::tcp_reset(ctx, ip, l4) {
-        Ok(()) => Verdict::Refuse(DropReason::NoServiceBackend, site.ifindex),
-        Err(()) => Verdict::Drop(DropReason::NoServiceBackend),
+        Ok(()) => Verdict::Refuse(DropReason::ServiceBackendNotFound, site.ifindex),
+        Err(()) => Verdict::Drop(DropReason::ServiceBackendNotFound),
     }
 }
 
@@ -596,8 +607,8 @@ fn track_dnat(
     } else {
         Via::Direct
     };
-    if !policy::allows(ip.saddr, addr, ip.protocol, port, via) {
-        return Verdict::Drop(DropReason::PolicyDenied);
+    if let Err(reason) = policy::check(ip.saddr, addr, ip.protocol, port, via) {
+        return Verdict::Drop(reason);
     }
     let connection = NewConnection {
         forward: *forward,
@@ -677,8 +688,8 @@ fn masquerade(
     if masquerade_addr == 0 || snat_port_max < snat_port_min {
         return Verdict::Pass;
     }
-    if !policy::allows(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
-        return Verdict::Drop(DropReason::PolicyDenied);
+    if let Err(reason) = policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
+        return Verdict::Drop(reason);
     }
     let range = u32::from(snat_port_max) - u32::from(snat_port_min) + 1;
     if range == 0 {
@@ -724,5 +735,5 @@ fn masquerade(
             Err(CtError::Full) => return Verdict::Drop(DropReason::CtMapInsertionFailed),
         }
     }
-    Verdict::Drop(DropReason::SnatNoFreePort)
+    Verdict::Drop(DropReason::NoMappingForNatMasquerade)
 }

@@ -31,6 +31,7 @@ pub mod agent;
 pub mod cli;
 pub mod control;
 pub mod flows;
+pub mod hubble;
 pub mod kernel;
 pub mod model;
 pub mod reconcile;

@@ -237,7 +237,7 @@ fn two_hundred_parallel_connections_from_colliding_source_ports() {
     }
     assert_eq!(ports.len(), 200, "200 distinct host ports");
     let status = agent.status();
-    assert_eq!(status.drops("SNAT_NO_FREE_PORT"), 0);
+    assert_eq!(status.drops("NO_MAPPING_FOR_NAT_MASQUERADE"), 0);
     assert_eq!(status.drops("CT_MAP_INSERTION_FAILED"), 0);
 }
 

@@ -122,7 +122,9 @@ fn a_service_without_backends_refuses_at_once_and_counts_it() {
         started.elapsed() < Duration::from_secs(1),
         "refused at once, not after retries"
     );
-    agent.wait_for("a counted drop", |s| s.drops("NO_SERVICE_BACKEND") >= 1);
+    agent.wait_for("a counted drop", |s| {
+        s.drops("SERVICE_BACKEND_NOT_FOUND") >= 1
+    });
 }
 
 /// A keep-alive connection of the client to the VIP.

@@ -224,6 +224,7 @@ async fn start(args: AgentArgs) -> anyhow::Result<(Agent, Sources, tokio::net::U
         log::info!("metrics on http://{addr}/metrics");
     }
     let flow_pipeline = flows::Pipeline::new(&args.flows, metrics)?;
+    crate::hubble::spawn(&args.flows.hubble, &args.socket, flow_pipeline.hub()).await?;
     log::info!(
         "kernel programs loaded; maps pinned under {}",
         args.pin_dir.display()

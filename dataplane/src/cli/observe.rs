@@ -23,8 +23,10 @@ use crate::{
 pub enum Output {
     /// One line per flow: time, ends, where it went, verdict, flags, translation.
     Compact,
-    /// The records as the agent keeps them: `hubble observe -o json` lines.
+    /// Hubble's flows as `hubble observe -o json` prints them (valid against flow.proto).
     Json,
+    /// As `json`, plus our `flow.connection` (event and counters) and `flow.translation`.
+    JsonExtended,
 }
 
 #[derive(clap::Args, Debug)]
@@ -63,6 +65,7 @@ impl ObserveArgs {
         ObserveRequest {
             follow: self.follow,
             last: self.last,
+            extended: self.output != Output::Json,
             filter: Filter {
                 verdict: self.verdict.clone(),
                 from: self.from.clone(),
@@ -106,7 +109,7 @@ pub fn run(args: ObserveArgs) -> anyhow::Result<()> {
             bail!("the agent refused the request: {error}");
         }
         let text = match args.output {
-            Output::Json => line,
+            Output::Json | Output::JsonExtended => line,
             Output::Compact => {
                 let record: Record = serde_json::from_str(&line)
                     .with_context(|| format!("a record the agent sent is not valid: {line}"))?;

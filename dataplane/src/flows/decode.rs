@@ -298,9 +298,9 @@ pub mod tests {
             ("172.30.1.9", 5000),
             ("10.96.0.12", 80),
         );
-        raw.drop_reason = DropReason::NoServiceBackend as u8;
+        raw.drop_reason = DropReason::ServiceBackendNotFound as u8;
         let event = from_raw(&copy_event(&as_bytes(&raw)).unwrap()).unwrap();
-        assert_eq!(event.kind, Kind::Drop(DropReason::NoServiceBackend));
+        assert_eq!(event.kind, Kind::Drop(DropReason::ServiceBackendNotFound));
         assert_eq!(event.nat, None);
         let mut plain = raw_event(
             flow_kind::NEW,

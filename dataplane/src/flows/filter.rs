@@ -49,6 +49,9 @@ pub struct ObserveRequest {
     /// without `follow`, none with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<usize>,
+    /// Send the extended form (with `connection` and `translation`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub extended: bool,
     #[serde(default)]
     pub filter: Filter,
 }
@@ -130,7 +133,7 @@ impl Filter {
             return false;
         }
         if let Some(from) = &self.from
-            && !names(from, &flow.source, &flow.ip.source)
+            && !names(from, flow.source(), flow.source_ip())
         {
             return false;
         }
@@ -139,7 +142,7 @@ impl Filter {
                 .destination_service
                 .as_ref()
                 .is_some_and(|s| &s.name == to);
-            if !service && !names(to, &flow.destination, &flow.ip.destination) {
+            if !service && !names(to, flow.destination(), flow.destination_ip()) {
                 return false;
             }
         }
@@ -166,28 +169,29 @@ mod tests {
     fn flow() -> Flow {
         Flow {
             time: String::new(),
-            verdict: Verdict::Translated,
+            verdict: Verdict::Forwarded,
             drop_reason: None,
-            ip: Ip {
+            ip: Some(Ip {
                 source: "192.0.2.2".into(),
+                source_xlated: String::new(),
                 destination: "172.30.1.2".into(),
                 ip_version: "IPv4".into(),
-            },
+            }),
             l4: Some(L4::Tcp {
                 source_port: 41234,
                 destination_port: 80,
                 flags: TcpFlags::default(),
             }),
-            source: Endpoint {
+            source: Some(Endpoint {
                 identity: 2,
                 labels: vec![LABEL_WORLD.into()],
                 ..Endpoint::default()
-            },
-            destination: Endpoint {
+            }),
+            destination: Some(Endpoint {
                 namespace: "front".into(),
                 pod_name: "web1".into(),
                 ..Endpoint::default()
-            },
+            }),
             flow_type: "L3_L4".into(),
             node_name: String::new(),
             event_type: EventType {
@@ -200,6 +204,7 @@ mod tests {
             }),
             traffic_direction: "INGRESS".into(),
             trace_observation_point: None,
+            trace_reason: None,
             drop_reason_desc: None,
             is_reply: false,
             interface: None,
@@ -209,7 +214,7 @@ mod tests {
                 translated: "172.30.1.2:80".into(),
                 kind: "published_port".into(),
             }),
-            connection: Connection::default(),
+            connection: Some(Connection::default()),
         }
     }
 
@@ -224,7 +229,8 @@ mod tests {
         let f = flow();
         let cases = [
             ("{}", true),
-            (r#"{"verdict": "translated"}"#, true),
+            (r#"{"verdict": "forwarded"}"#, true),
+            (r#"{"verdict": "translated"}"#, false),
             (r#"{"verdict": "DROPPED"}"#, false),
             (r#"{"protocol": "tcp"}"#, true),
             (r#"{"protocol": "udp"}"#, false),

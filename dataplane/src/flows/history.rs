@@ -3,13 +3,24 @@
 
 use std::{collections::VecDeque, sync::Arc};
 
-use super::{filter::Filter, record::Record};
+use super::record::{Flow, Record};
 
-/// A record and its JSON line, serialised once for every reader.
+/// A record and its JSON lines, serialised once for every reader.
 #[derive(Debug)]
 pub struct Stored {
     pub record: Record,
+    /// Hubble's form.
     pub json: String,
+    /// With our extensions.
+    pub extended: String,
+    /// Hubble's API response of this record, decoded from `json` when first asked for.
+    pub proto: std::sync::OnceLock<Option<Box<crate::hubble::api::observer::GetFlowsResponse>>>,
+}
+
+impl Stored {
+    pub fn line(&self, extended: bool) -> &str {
+        if extended { &self.extended } else { &self.json }
+    }
 }
 
 pub struct History {
@@ -36,17 +47,27 @@ impl History {
     }
 
     /// The latest `n` records matching `filter`, oldest first.
-    pub fn last(&self, filter: &Filter, n: usize) -> Vec<Arc<Stored>> {
+    pub fn last(&self, filter: impl Fn(&Flow) -> bool, n: usize) -> Vec<Arc<Stored>> {
         let mut found: Vec<Arc<Stored>> = self
             .records
             .iter()
             .rev()
-            .filter(|s| filter.matches(&s.record.flow))
+            .filter(|s| filter(&s.record.flow))
             .take(n)
             .cloned()
             .collect();
         found.reverse();
         found
+    }
+
+    /// The first `n` records matching `filter`, oldest first.
+    pub fn first(&self, filter: impl Fn(&Flow) -> bool, n: usize) -> Vec<Arc<Stored>> {
+        self.records
+            .iter()
+            .filter(|s| filter(&s.record.flow))
+            .take(n)
+            .cloned()
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -56,11 +77,16 @@ impl History {
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
     }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flows::filter::Filter;
     use crate::flows::{
         clock::Clock,
         decode::{self, IPPROTO_TCP, IPPROTO_UDP, tests::raw_event},
@@ -74,7 +100,7 @@ mod tests {
             ("192.0.2.2", sport),
             ("192.0.2.9", 80),
         );
-        let record = record::build(
+        let mut record = record::build(
             &decode::from_raw(&raw).unwrap(),
             &Context {
                 identities: &Identities::default(),
@@ -83,8 +109,14 @@ mod tests {
                 ifname: None,
             },
         );
-        let json = serde_json::to_string(&record).unwrap();
-        Arc::new(Stored { record, json })
+        let json = record.hubble_json();
+        let extended = record.extended_json();
+        Arc::new(Stored {
+            record,
+            json,
+            extended,
+            proto: Default::default(),
+        })
     }
 
     fn sport(s: &Stored) -> u16 {
@@ -99,13 +131,13 @@ mod tests {
         }
         assert_eq!(history.len(), 3);
         let all: Vec<u16> = history
-            .last(&Filter::default(), 10)
+            .last(|f| Filter::default().matches(f), 10)
             .iter()
             .map(|s| sport(s))
             .collect();
         assert_eq!(all, vec![3, 4, 5]);
         let two: Vec<u16> = history
-            .last(&Filter::default(), 2)
+            .last(|f| Filter::default().matches(f), 2)
             .iter()
             .map(|s| sport(s))
             .collect();
@@ -123,7 +155,11 @@ mod tests {
             protocol: Some("udp".into()),
             ..Filter::default()
         };
-        let found: Vec<u16> = history.last(&udp, 5).iter().map(|s| sport(s)).collect();
+        let found: Vec<u16> = history
+            .last(|f| udp.matches(f), 5)
+            .iter()
+            .map(|s| sport(s))
+            .collect();
         assert_eq!(found, vec![1, 3]);
     }
 }

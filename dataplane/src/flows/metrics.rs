@@ -10,16 +10,17 @@
 //! flows: each drop record counts under its protocol (like Hubble, which derives it from
 //! flows), and the kernel's per-reason counters (the DROPS map, which counts a drop also when
 //! its event found the ring full or flow events are off) add what the records missed under
-//! `protocol="unknown"`. A kernel count is trusted only one refresh later (2 s), so an event
+//! `protocol="Unknown L4"`. A kernel count is trusted only one refresh later (2 s), so an event
 //! still on its way is not counted twice. Summed over `protocol`, the counter is the kernel's
 //! count since the agent started.
 //!
-//! The endpoint is a small HTTP/1.1 server (GET /metrics, one request per connection) that
-//! speaks OpenMetrics to clients that ask for it (Prometheus does) and the classic text format
-//! 0.0.4 to everything else.
+//! The endpoint is served by axum over hyper (the HTTP stack tonic's gRPC server of the Hubble
+//! API uses too): GET /metrics speaks OpenMetrics to clients that ask for it (Prometheus does)
+//! and the classic text format 0.0.4 to everything else, encoded by prometheus-client.
 
 use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Duration};
 
+use axum::http::{HeaderMap, StatusCode, header};
 use dataplane_common::DropReason;
 use prometheus_client::{
     encoding::{prometheus_text, text},
@@ -31,14 +32,63 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::TcpListener;
 
 use crate::flows::record::{ConnectionEvent, Flow, L4, Verdict};
 
 type Labels<const N: usize> = [(&'static str, Cow<'static, str>); N];
+
+/// Hubble's context labels (its `labelsContext=source_namespace,source_workload,
+/// destination_namespace,destination_workload`), which the stock dashboards group by.
+type Context = [(&'static str, Cow<'static, str>); 4];
+
+/// The context of a drop the kernel counted without a record: unknown ends.
+const NO_CONTEXT: Context = [
+    ("source_namespace", Cow::Borrowed("")),
+    ("source_workload", Cow::Borrowed("")),
+    ("destination_namespace", Cow::Borrowed("")),
+    ("destination_workload", Cow::Borrowed("")),
+];
+
+fn context(flow: &Flow) -> Context {
+    let (source, destination) = (flow.source(), flow.destination());
+    [
+        ("source_namespace", Cow::Owned(source.namespace.clone())),
+        ("source_workload", Cow::Owned(source.workload().to_owned())),
+        (
+            "destination_namespace",
+            Cow::Owned(destination.namespace.clone()),
+        ),
+        (
+            "destination_workload",
+            Cow::Owned(destination.workload().to_owned()),
+        ),
+    ]
+}
+
+fn with<const N: usize, const M: usize>(
+    labels: [(&'static str, Cow<'static, str>); N],
+    context: &Context,
+) -> [(&'static str, Cow<'static, str>); M] {
+    std::array::from_fn(|i| {
+        if i < N {
+            labels[i].clone()
+        } else {
+            context[i - N].clone()
+        }
+    })
+}
+
+/// Hubble's name of an ICMPv4 type (its `hubble_icmp_total{type}`).
+fn icmp_type_name(icmp_type: u32) -> Cow<'static, str> {
+    match icmp_type {
+        0 => "EchoReply".into(),
+        3 => "DestinationUnreachable".into(),
+        8 => "EchoRequest".into(),
+        11 => "TimeExceeded".into(),
+        other => Cow::Owned(other.to_string()),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -58,7 +108,6 @@ type PerReason = [u64; DropReason::SLOTS as usize];
 
 /// Per-reason drop counts: what records counted, what was added for lost events, and the
 /// kernel's counters (since the agent started) at the previous refresh.
-#[derive(Default)]
 struct DropAccounting {
     /// Kernel counters when the agent started (the DROPS map is pinned and keeps counting
     /// across agent restarts; these metrics start at zero like any process's).
@@ -68,12 +117,25 @@ struct DropAccounting {
     unattributed: PerReason,
 }
 
+impl Default for DropAccounting {
+    fn default() -> DropAccounting {
+        DropAccounting {
+            baseline: None,
+            previous: [0; DropReason::SLOTS as usize],
+            recorded: [0; DropReason::SLOTS as usize],
+            unattributed: [0; DropReason::SLOTS as usize],
+        }
+    }
+}
+
 /// The metric handles the agent updates. The registry they are in goes to the HTTP server.
 pub struct Metrics {
-    flows_processed: Family<Labels<4>, Counter>,
-    drops: Family<Labels<2>, Counter>,
-    tcp_flags: Family<Labels<2>, Counter>,
-    ports: Family<Labels<2>, Counter>,
+    flows_processed: Family<Labels<8>, Counter>,
+    drops: Family<Labels<6>, Counter>,
+    tcp_flags: Family<Labels<6>, Counter>,
+    icmp: Family<Labels<6>, Counter>,
+    ports: Family<Labels<6>, Counter>,
+    lost_events: Family<Labels<1>, Counter>,
     conntrack_entries: Gauge,
     conntrack_capacity: Gauge,
     map_entries: Family<Labels<1>, Gauge>,
@@ -96,7 +158,9 @@ impl Metrics {
             flows_processed: Family::default(),
             drops: Family::default(),
             tcp_flags: Family::default(),
+            icmp: Family::default(),
             ports: Family::default(),
+            lost_events: Family::default(),
             conntrack_entries: Gauge::default(),
             conntrack_capacity: Gauge::default(),
             map_entries: Family::default(),
@@ -119,6 +183,12 @@ impl Metrics {
             "hubble_tcp_flags",
             "TCP flag occurrences",
             metrics.tcp_flags.clone(),
+        );
+        registry.register("hubble_icmp", "ICMP messages by type", metrics.icmp.clone());
+        registry.register(
+            "hubble_lost_events",
+            "Number of lost events",
+            metrics.lost_events.clone(),
         );
         registry.register(
             "hubble_port_distribution",
@@ -174,37 +244,49 @@ impl Metrics {
         let protocol = flow.protocol();
         let dropped = flow.verdict == Verdict::Dropped;
         let subtype = flow.trace_point().map_or("", |p| p.short_name());
+        let cx = context(flow);
         self.flows_processed
-            .get_or_create(&[
-                ("protocol", protocol.into()),
-                ("type", if dropped { "Drop" } else { "Trace" }.into()),
-                ("subtype", subtype.into()),
-                ("verdict", flow.verdict.name().into()),
-            ])
+            .get_or_create(&with(
+                [
+                    ("protocol", protocol.into()),
+                    ("type", if dropped { "Drop" } else { "Trace" }.into()),
+                    ("subtype", subtype.into()),
+                    ("verdict", flow.verdict.name().into()),
+                ],
+                &cx,
+            ))
             .inc();
         if let Some(desc) = &flow.drop_reason_desc {
             self.drops
-                .get_or_create(&[
-                    ("reason", Cow::Owned(desc.clone())),
-                    ("protocol", protocol.into()),
-                ])
+                .get_or_create(&with(
+                    [
+                        ("reason", Cow::Owned(desc.clone())),
+                        ("protocol", protocol.into()),
+                    ],
+                    &cx,
+                ))
                 .inc();
             if let Some(reason) = drop_reason_of(desc) {
                 self.drop_accounting.recorded[reason as usize] += 1;
             }
         }
+        let event = flow.connection.map(|c| c.event);
         if let Some(L4::Tcp { flags, .. }) = &flow.l4 {
-            // Once per connection and event, not per packet: SYN of the opening, FIN/RST of
-            // the close, every flag of a dropped packet.
-            let counted: Vec<&'static str> = match flow.connection.event {
-                ConnectionEvent::New | ConnectionEvent::Drop => {
+            // Hubble counts the flags of each packet it sees; records come per connection
+            // event, so each handshake and close flag is counted once, in the direction that
+            // sent it: SYN of the opening (and of a dropped packet), the answer's SYN-ACK and
+            // FIN/RST with the connection's last record (which carries both directions'
+            // flags and whether any reply came).
+            let replied = flow.connection.is_some_and(|c| c.reply_packets > 0);
+            let counted: Vec<&'static str> = match event {
+                Some(ConnectionEvent::New | ConnectionEvent::Drop) => {
                     let mut names = Vec::new();
                     match (flags.syn, flags.ack) {
-                        (true, true) => names.push("SYN-ACK"),
-                        (true, false) => names.push("SYN"),
+                        (true, true) if dropped => names.push("SYN-ACK"),
+                        (true, _) => names.push("SYN"),
                         _ => {}
                     }
-                    if flags.fin {
+                    if dropped && flags.fin {
                         names.push("FIN");
                     }
                     if flags.rst {
@@ -212,26 +294,50 @@ impl Metrics {
                     }
                     names
                 }
-                ConnectionEvent::Close => [(flags.fin, "FIN"), (flags.rst, "RST")]
-                    .into_iter()
-                    .filter_map(|(set, name)| set.then_some(name))
-                    .collect(),
-                ConnectionEvent::Update | ConnectionEvent::End => Vec::new(),
+                Some(ConnectionEvent::Close | ConnectionEvent::End) => [
+                    (flags.syn && replied, "SYN-ACK"),
+                    (flags.fin, "FIN"),
+                    (flags.rst, "RST"),
+                ]
+                .into_iter()
+                .filter_map(|(set, name)| set.then_some(name))
+                .collect(),
+                Some(ConnectionEvent::Update) | None => Vec::new(),
             };
             for flag in counted {
                 self.tcp_flags
-                    .get_or_create(&[("flag", flag.into()), ("family", "IPv4".into())])
+                    .get_or_create(&with(
+                        [("flag", flag.into()), ("family", "IPv4".into())],
+                        &cx,
+                    ))
                     .inc();
             }
         }
-        if flow.connection.event == ConnectionEvent::New
+        let first = matches!(event, Some(ConnectionEvent::New | ConnectionEvent::Drop));
+        if let Some(L4::Icmpv4 { icmp_type, .. }) = &flow.l4
+            && first
+        {
+            self.icmp
+                .get_or_create(&with(
+                    [
+                        ("family", "IPv4".into()),
+                        ("type", icmp_type_name(*icmp_type)),
+                    ],
+                    &cx,
+                ))
+                .inc();
+        }
+        if event == Some(ConnectionEvent::New)
             && let Some((_, port)) = flow.ports()
         {
             self.ports
-                .get_or_create(&[
-                    ("protocol", protocol.into()),
-                    ("port", Cow::Owned(port.to_string())),
-                ])
+                .get_or_create(&with(
+                    [
+                        ("protocol", protocol.into()),
+                        ("port", Cow::Owned(port.to_string())),
+                    ],
+                    &cx,
+                ))
                 .inc();
         }
     }
@@ -239,7 +345,7 @@ impl Metrics {
     /// The kernel's drop counters (totals since the map was created), read every refresh.
     pub fn kernel_drops(&mut self, totals: &[(DropReason, u64)]) {
         let acc = &mut self.drop_accounting;
-        let mut now = PerReason::default();
+        let mut now: PerReason = [0; DropReason::SLOTS as usize];
         for (reason, total) in totals {
             now[*reason as usize] = *total;
         }
@@ -253,10 +359,13 @@ impl Metrics {
             if missing > 0 {
                 acc.unattributed[i] += missing;
                 self.drops
-                    .get_or_create(&[
-                        ("reason", reason.desc().into()),
-                        ("protocol", "unknown".into()),
-                    ])
+                    .get_or_create(&with(
+                        [
+                            ("reason", reason.desc().into()),
+                            ("protocol", "Unknown L4".into()),
+                        ],
+                        &NO_CONTEXT,
+                    ))
                     .inc_by(missing);
             }
         }
@@ -270,6 +379,10 @@ impl Metrics {
         let seen = self.flow_events_lost.get();
         if total > seen {
             self.flow_events_lost.inc_by(total - seen);
+            // Hubble's name for events its source's ring could not take.
+            self.lost_events
+                .get_or_create(&[("source", "perf_event_ring_buffer".into())])
+                .inc_by(total - seen);
         }
     }
 
@@ -318,98 +431,61 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
         .map_err(|source| MetricsError::Bind { addr, source })
 }
 
-/// Serves `/metrics` from `registry` until the agent stops.
+/// Serves `/metrics` from `registry` until the agent stops, with axum (hyper) like the
+/// Hubble API's gRPC server: HTTP/1.1 parsing, keep-alive and HEAD are the library's.
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            // A client that sends nothing is not waited for long.
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &registry)).await;
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape_handler))
+        .route(
+            "/",
+            axum::routing::get(|| async { "dataplane agent: metrics at /metrics\n" }),
+        )
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found; try /metrics\n") })
+        .with_state(registry);
+    if let Err(e) = axum::serve(listener, app).await {
+        log::error!("metrics: {e}; /metrics stops");
+    }
+}
+
+async fn scrape_handler(
+    axum::extract::State(registry): axum::extract::State<Arc<Registry>>,
+    headers: HeaderMap,
+) -> (StatusCode, [(header::HeaderName, &'static str); 1], String) {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.to_ascii_lowercase()
+                .contains("application/openmetrics-text")
         });
-    }
+    let (status, content_type, body) = respond(openmetrics, &registry);
+    (status, [(header::CONTENT_TYPE, content_type)], body)
 }
 
-/// The request line and headers, up to the blank line (requests to /metrics have no body).
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
-    const LIMIT: usize = 16 * 1024;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 2048];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < LIMIT {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    Ok(String::from_utf8_lossy(&head).into_owned())
-}
-
-/// The response to one request head: status line, content type, body.
-fn respond(head: &str, registry: &Registry) -> (&'static str, &'static str, String) {
-    let mut lines = head.lines();
-    let mut request = lines.next().unwrap_or_default().split_whitespace();
-    let (method, target) = (request.next().unwrap_or(""), request.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    if method != "GET" && method != "HEAD" {
-        return ("405 Method Not Allowed", "text/plain", "GET only\n".into());
-    }
-    match path {
-        "/metrics" => {
-            let openmetrics = lines.any(|l| {
-                let l = l.to_ascii_lowercase();
-                l.starts_with("accept:") && l.contains("application/openmetrics-text")
-            });
-            let mut body = String::new();
-            let (content_type, encoded) = if openmetrics {
-                (
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    text::encode(&mut body, registry),
-                )
-            } else {
-                (
-                    prometheus_text::CONTENT_TYPE,
-                    prometheus_text::encode(&mut body, registry),
-                )
-            };
-            match encoded {
-                Ok(()) => ("200 OK", content_type, body),
-                Err(_) => (
-                    "500 Internal Server Error",
-                    "text/plain",
-                    "encoding the metrics failed\n".into(),
-                ),
-            }
-        }
-        "/" => (
-            "200 OK",
+/// The scrape: OpenMetrics to clients that ask for it (Prometheus does), the classic text
+/// format 0.0.4 to everything else.
+fn respond(openmetrics: bool, registry: &Registry) -> (StatusCode, &'static str, String) {
+    let mut body = String::new();
+    let (content_type, encoded) = if openmetrics {
+        (
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            text::encode(&mut body, registry),
+        )
+    } else {
+        (
+            prometheus_text::CONTENT_TYPE,
+            prometheus_text::encode(&mut body, registry),
+        )
+    };
+    match encoded {
+        Ok(()) => (StatusCode::OK, content_type, body),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
-            "dataplane agent: metrics at /metrics\n".into(),
-        ),
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            "not found; try /metrics\n".into(),
+            "encoding the metrics failed\n".into(),
         ),
     }
-}
-
-async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
-    let head = read_head(&mut stream).await?;
-    let (status, content_type, body) = respond(&head, registry);
-    let head_only = head.starts_with("HEAD ");
-    let mut response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    );
-    if !head_only {
-        response.push_str(&body);
-    }
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]
@@ -417,13 +493,14 @@ mod tests {
     use super::*;
     use crate::flows::{
         clock::Clock,
-        decode::{self, IPPROTO_TCP, IPPROTO_UDP, tests::raw_event},
+        decode::{self, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, tests::raw_event},
         record::{self, Context, Identities},
     };
 
     fn flow(kind: u8, proto: u8, flags: u8, reason: Option<DropReason>) -> Flow {
         let mut raw = raw_event(kind, proto, ("192.0.2.2", 5000), ("192.0.2.9", 80));
         raw.tcp_flags = flags;
+        raw.reply_packets = u64::from(kind == flow_kind::CLOSE);
         if let Some(reason) = reason {
             raw.drop_reason = reason as u8;
         }
@@ -440,9 +517,8 @@ mod tests {
     }
 
     fn scrape(registry: &Registry) -> String {
-        let (status, content_type, body) =
-            respond("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", registry);
-        assert_eq!(status, "200 OK");
+        let (status, content_type, body) = respond(false, registry);
+        assert_eq!(status, StatusCode::OK);
         assert!(content_type.starts_with("text/plain; version=0.0.4"));
         body
     }
@@ -460,23 +536,27 @@ mod tests {
             None,
         ));
         metrics.record(&flow(flow_kind::NEW, IPPROTO_UDP, 0, None));
+        metrics.record(&flow(flow_kind::NEW, IPPROTO_ICMP, 0, None));
         metrics.record(&flow(
             flow_kind::DROP,
             IPPROTO_TCP,
             tcp_flag::SYN,
-            Some(DropReason::NoServiceBackend),
+            Some(DropReason::ServiceBackendNotFound),
         ));
         let text = scrape(&registry);
         for line in [
-            "hubble_flows_processed_total{protocol=\"TCP\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\"} 2",
-            "hubble_flows_processed_total{protocol=\"UDP\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\"} 1",
-            "hubble_flows_processed_total{protocol=\"TCP\",type=\"Drop\",subtype=\"\",verdict=\"DROPPED\"} 1",
-            "hubble_drop_total{reason=\"NO_SERVICE_BACKEND\",protocol=\"TCP\"} 1",
-            // SYN of the new connection and of the dropped packet; the close adds FIN only.
-            "hubble_tcp_flags_total{flag=\"SYN\",family=\"IPv4\"} 2",
-            "hubble_tcp_flags_total{flag=\"FIN\",family=\"IPv4\"} 1",
-            "hubble_port_distribution_total{protocol=\"TCP\",port=\"80\"} 1",
-            "hubble_port_distribution_total{protocol=\"UDP\",port=\"80\"} 1",
+            "hubble_flows_processed_total{protocol=\"TCP\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 2",
+            "hubble_flows_processed_total{protocol=\"UDP\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
+            "hubble_flows_processed_total{protocol=\"TCP\",type=\"Drop\",subtype=\"\",verdict=\"DROPPED\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
+            "hubble_drop_total{reason=\"SERVICE_BACKEND_NOT_FOUND\",protocol=\"TCP\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
+            // SYN of the new connection and of the dropped packet; the close adds the
+            // answer's SYN-ACK (replies came) and FIN.
+            "hubble_tcp_flags_total{flag=\"SYN\",family=\"IPv4\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 2",
+            "hubble_tcp_flags_total{flag=\"SYN-ACK\",family=\"IPv4\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
+            "hubble_tcp_flags_total{flag=\"FIN\",family=\"IPv4\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
+            "hubble_port_distribution_total{protocol=\"TCP\",port=\"80\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
+            "hubble_port_distribution_total{protocol=\"UDP\",port=\"80\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
+            "hubble_icmp_total{family=\"IPv4\",type=\"EchoRequest\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
         ] {
             assert!(text.contains(line), "missing {line} in:\n{text}");
         }
@@ -495,7 +575,7 @@ mod tests {
             Some(DropReason::PolicyDenied),
         ));
         metrics.kernel_drops(&[(DropReason::PolicyDenied, 103)]);
-        assert!(!scrape(&registry).contains("protocol=\"unknown\""));
+        assert!(!scrape(&registry).contains("protocol=\"Unknown L4\""));
         // A second record arrives late; the third never does.
         metrics.record(&flow(
             flow_kind::DROP,
@@ -506,18 +586,17 @@ mod tests {
         metrics.kernel_drops(&[(DropReason::PolicyDenied, 103)]);
         let text = scrape(&registry);
         assert!(
-            text.contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"TCP\"} 2"),
+            text.contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"TCP\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 2"),
             "{text}"
         );
         assert!(
-            text.contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"unknown\"} 1"),
+            text.contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"Unknown L4\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1"),
             "{text}"
         );
         // Nothing new: nothing added.
         metrics.kernel_drops(&[(DropReason::PolicyDenied, 103)]);
         assert!(
-            scrape(&registry)
-                .contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"unknown\"} 1")
+            scrape(&registry).contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"Unknown L4\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1")
         );
     }
 
@@ -534,6 +613,7 @@ mod tests {
         let text = scrape(&registry);
         for line in [
             "dataplane_flow_events_lost_total 7",
+            "hubble_lost_events_total{source=\"perf_event_ring_buffer\"} 7",
             "dataplane_conntrack_entries 10",
             "dataplane_conntrack_capacity 262144",
             "dataplane_map_entries{map=\"dp_ports_v2\"} 3",
@@ -546,24 +626,47 @@ mod tests {
         }
     }
 
-    #[test]
-    fn http_answers_openmetrics_when_asked_and_refuses_the_rest() {
+    #[tokio::test]
+    async fn http_answers_openmetrics_when_asked_and_refuses_the_rest() {
         let (_metrics, registry) = Metrics::new();
-        let (status, content_type, body) = respond(
-            "GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0\r\n\r\n",
-            &registry,
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, Arc::new(registry)));
+        // A plain HTTP/1.1 exchange, as a scraper does it.
+        let get = |request: String| async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply).await.unwrap();
+            reply
+        };
+        let reply = get(
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text;\
+             version=1.0.0\r\nConnection: close\r\n\r\n"
+                .into(),
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+        assert!(
+            reply
+                .to_ascii_lowercase()
+                .contains("content-type: application/openmetrics-text"),
+            "{reply}"
         );
-        assert_eq!(status, "200 OK");
-        assert!(content_type.starts_with("application/openmetrics-text"));
-        assert!(body.ends_with("# EOF\n"), "{body}");
-        assert_eq!(
-            respond("GET /nope HTTP/1.1\r\n\r\n", &registry).0,
-            "404 Not Found"
-        );
-        assert_eq!(
-            respond("POST /metrics HTTP/1.1\r\n\r\n", &registry).0,
-            "405 Method Not Allowed"
-        );
+        assert!(reply.ends_with("# EOF\n"), "{reply}");
+        let reply =
+            get("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into()).await;
+        assert!(reply.contains("text/plain; version=0.0.4"), "{reply}");
+        assert!(reply.contains("dataplane_programs_attached 0"), "{reply}");
+        let reply = get("GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into()).await;
+        assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+        let reply = get(
+            "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                .into(),
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 405"), "{reply}");
         assert_eq!(parse_listen("none"), Ok(Listen(None)));
         assert_eq!(
             parse_listen("127.0.0.1:9965"),

@@ -19,6 +19,7 @@ pub mod decode;
 pub mod export;
 pub mod filter;
 pub mod history;
+pub mod hub;
 pub mod metrics;
 pub mod periodic;
 pub mod record;
@@ -38,7 +39,8 @@ use crate::{
 };
 use export::FlowLog;
 use filter::ObserveRequest;
-use history::{History, Stored};
+use history::Stored;
+use hub::Hub;
 use metrics::Metrics;
 use record::{Context, Identities};
 
@@ -56,6 +58,15 @@ const BATCH_QUEUE: usize = 64;
 pub enum OnOff {
     On,
     Off,
+}
+
+/// The form of flow records written out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Hubble's flows, nothing else (strictly valid against flow.proto).
+    Hubble,
+    /// Hubble's flows plus `flow.connection` and `flow.translation`.
+    Extended,
 }
 
 /// The agent's flow and metrics options.
@@ -82,9 +93,15 @@ pub struct FlowArgs {
     /// (`"connection": {"event": "update"}`).
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     pub flow_report_interval: u64,
+    /// The form of the --flow-log lines: `hubble` (valid Hubble flows, what Hubble's tools
+    /// read) or `extended` (with our `connection` and `translation` fields).
+    #[arg(long, value_enum, default_value = "hubble")]
+    pub flow_log_format: LogFormat,
     /// Where /metrics is served (Prometheus), or `none`.
     #[arg(long, default_value = "127.0.0.1:9965", value_parser = crate::flows::metrics::parse_listen)]
     pub metrics: crate::flows::metrics::Listen,
+    #[command(flatten)]
+    pub hubble: crate::hubble::HubbleArgs,
 }
 
 impl FlowArgs {
@@ -176,9 +193,10 @@ pub struct Pipeline {
     host_addrs: Vec<Ipv4Addr>,
     identities: Identities,
     ifnames: HashMap<u32, String>,
-    history: History,
+    hub: Arc<Hub>,
     followers: Vec<Follower>,
     log: Option<FlowLog>,
+    log_format: LogFormat,
     log_failing: bool,
     metrics: Metrics,
     last_report_ns: u64,
@@ -211,16 +229,18 @@ impl Pipeline {
             }
             None => None,
         };
+        let node_name = node_name();
         Ok(Pipeline {
             clock: clock::Clock::now(),
-            node_name: node_name(),
+            hub: Arc::new(Hub::new(args.flow_history, node_name.clone())),
+            node_name,
             model: Model::default(),
             host_addrs: Vec::new(),
             identities: Identities::default(),
             ifnames: HashMap::new(),
-            history: History::new(args.flow_history),
             followers: Vec::new(),
             log,
+            log_format: args.flow_log_format,
             log_failing: false,
             metrics,
             last_report_ns: crate::kernel::conntrack::monotonic_now_ns(),
@@ -230,13 +250,18 @@ impl Pipeline {
         })
     }
 
+    /// What Hubble's API serves from.
+    pub fn hub(&self) -> Arc<Hub> {
+        self.hub.clone()
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
     pub fn stats(&self) -> FlowStats {
         FlowStats {
-            history: self.history.len(),
+            history: self.hub.len(),
             followers: self.followers.len(),
             ..self.stats
         }
@@ -290,7 +315,7 @@ impl Pipeline {
 
     fn publish(&mut self, event: &decode::Event) {
         let ifname = self.ifname(event.ifindex);
-        let record = record::build(
+        let mut record = record::build(
             event,
             &Context {
                 identities: &self.identities,
@@ -299,11 +324,16 @@ impl Pipeline {
                 ifname: ifname.as_deref(),
             },
         );
-        let json = serde_json::to_string(&record).expect("flow records serialise");
+        let json = record.hubble_json();
+        let extended = record.extended_json();
         self.metrics.record(&record.flow);
         self.stats.records += 1;
         if let Some(log) = &mut self.log {
-            match log.write_line(&json) {
+            let line = match self.log_format {
+                LogFormat::Hubble => &json,
+                LogFormat::Extended => &extended,
+            };
+            match log.write_line(line) {
                 Ok(()) => self.log_failing = false,
                 Err(e) => {
                     if !self.log_failing {
@@ -313,12 +343,17 @@ impl Pipeline {
                 }
             }
         }
-        let stored = Arc::new(Stored { record, json });
+        let stored = Arc::new(Stored {
+            record,
+            json,
+            extended,
+            proto: Default::default(),
+        });
         self.followers.retain_mut(|f| {
             if !f.request.filter.matches(&stored.record.flow) {
                 return !f.lines.is_closed();
             }
-            match f.lines.try_send(stored.json.clone()) {
+            match f.lines.try_send(stored.line(f.request.extended).to_owned()) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     if f.skipped == 0 {
@@ -333,7 +368,7 @@ impl Pipeline {
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         });
-        self.history.push(stored);
+        self.hub.push(stored);
     }
 
     fn flush_log(&mut self) {
@@ -413,8 +448,11 @@ impl Pipeline {
             Err(e) => return serde_json::json!({ "error": e.to_string() }).to_string() + "\n",
         };
         let mut reply = String::new();
-        for stored in self.history.last(&request.filter, request.history()) {
-            reply.push_str(&stored.json);
+        for stored in self
+            .hub
+            .last(|flow| request.filter.matches(flow), request.history())
+        {
+            reply.push_str(stored.line(request.extended));
             reply.push('\n');
         }
         if request.follow {

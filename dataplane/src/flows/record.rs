@@ -1,8 +1,14 @@
 //! Flow records in the shape `hubble observe -o json` prints (docs/DESIGN.md section 7):
-//! one `{"flow": {...}, "node_name": ..., "time": ...}` object per line, with Hubble's field
-//! names (cilium/cilium api/v1/flow/flow.proto through protobuf's JSON mapping), plus two
-//! fields of our own: `translation` (what NAT or load balancing did) and `connection` (which
-//! event of the connection this is, and its counters). Identity comes from the model.
+//! one `{"flow": {...}, "node_name": ..., "time": ...}` object per line, Hubble's
+//! `observer.GetFlowsResponse` through protobuf's JSON mapping with the .proto field names.
+//! The default form is a valid Hubble flow (Cilium's api/v1 flow.proto, strict: no field or
+//! enum value that is not there; the tests decode it with the generated types of
+//! dataplane/proto). Translations are in Hubble's own fields (`IP.source_xlated` for
+//! masquerade, `destination_service`, the observation point). Two fields of our own,
+//! `translation` (what NAT or load balancing did) and `connection` (which event of the
+//! connection this is, and its counters), are only in the extended form, which a Hubble
+//! reader is never given unless asked (`observe -o json-extended`, `--flow-log-format
+//! extended`). Identity comes from the model.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -19,11 +25,22 @@ use super::{
 use crate::model::{Model, PortTarget};
 
 /// Cilium's reserved identities for the host and for everything outside the cluster.
-const IDENTITY_HOST: u32 = 1;
-const IDENTITY_WORLD: u32 = 2;
+pub const IDENTITY_HOST: u32 = 1;
+pub const IDENTITY_WORLD: u32 = 2;
+/// Cilium's numeric identities for label sets of a cluster (cluster 0) are 256..=65535; below
+/// 256 are the reserved ones, from 1 << 24 the node-local (CIDR) ones.
+const IDENTITY_FIRST: u32 = 256;
+const IDENTITY_LAST: u32 = 65_535;
+/// Cilium's endpoint IDs are 1..=4095.
+const ENDPOINT_ID_LAST: u32 = 4095;
 /// Cilium's monitor message types (`event_type.type`): drop notifications and traces.
-const MESSAGE_TYPE_DROP: i32 = 1;
-const MESSAGE_TYPE_TRACE: i32 = 4;
+pub const MESSAGE_TYPE_DROP: i32 = 1;
+pub const MESSAGE_TYPE_TRACE: i32 = 4;
+/// Docker Compose's labels: a project is a namespace, a service a workload.
+const COMPOSE_PROJECT: &str = "com.docker.compose.project";
+const COMPOSE_SERVICE: &str = "com.docker.compose.service";
+/// Cilium's label source for labels of Docker containers.
+const LABEL_SOURCE: &str = "container";
 
 /// One line of the flow stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -33,11 +50,31 @@ pub struct Record {
     pub time: String,
 }
 
+impl Record {
+    /// The line Hubble's readers get: without our extensions.
+    pub fn hubble_json(&mut self) -> String {
+        let translation = self.flow.translation.take();
+        let connection = self.flow.connection.take();
+        let json = serde_json::to_string(self).expect("flow records serialise");
+        self.flow.translation = translation;
+        self.flow.connection = connection;
+        json
+    }
+
+    /// The line with our extensions (`translation`, `connection`).
+    pub fn extended_json(&self) -> String {
+        serde_json::to_string(self).expect("flow records serialise")
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Verdict {
+    /// A trace: the packet or connection went on (whether or not NAT rewrote it).
     Forwarded,
     Dropped,
+    /// Cilium's verdict of socket-translation events (the agent sends none today; kept so
+    /// that filters and readers know it).
     Translated,
 }
 
@@ -59,12 +96,15 @@ pub struct Flow {
     /// Cilium's number for the drop reason (deprecated in Hubble, kept for old consumers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drop_reason: Option<u32>,
-    #[serde(rename = "IP")]
-    pub ip: Ip,
+    /// None for a packet dropped before its addresses were read.
+    #[serde(rename = "IP", default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ip>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l4: Option<L4>,
-    pub source: Endpoint,
-    pub destination: Endpoint,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Endpoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<Endpoint>,
     #[serde(rename = "Type")]
     pub flow_type: String,
     pub node_name: String,
@@ -74,6 +114,9 @@ pub struct Flow {
     pub traffic_direction: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_observation_point: Option<String>,
+    /// NEW for a connection's first record, ESTABLISHED for the later ones (traces only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drop_reason_desc: Option<String>,
     pub is_reply: bool,
@@ -81,16 +124,21 @@ pub struct Flow {
     pub interface: Option<Interface>,
     #[serde(rename = "Summary")]
     pub summary: String,
-    /// Ours: the translation of a TRANSLATED flow.
+    /// Ours (extended form only): what NAT or load balancing did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub translation: Option<Translation>,
-    /// Ours: which event of the connection this record is, and its counters.
-    pub connection: Connection,
+    /// Ours (extended form only): which event of the connection this record is, and its
+    /// counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<Connection>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ip {
     pub source: String,
+    /// The source after masquerade (SNAT); `source` is the container's own address.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source_xlated: String,
     pub destination: String,
     #[serde(rename = "ipVersion")]
     pub ip_version: String,
@@ -181,11 +229,14 @@ impl TcpFlags {
     }
 }
 
-/// Who is at one end: a container (`pod_name` its name, `namespace` its network, its labels as
-/// `key=value`), the host (`reserved:host`), a service VIP (`reserved:service`), or anything
-/// else (`reserved:world`).
+/// Who is at one end: a container (`pod_name` its name, `namespace` its Compose project or
+/// else its network, its labels as `container:key=value`, its Compose service as workload),
+/// the host (`reserved:host`) or anything else (`reserved:world`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
+    /// Cilium's endpoint ID (containers only).
+    #[serde(rename = "ID", default, skip_serializing_if = "is_zero")]
+    pub id: u32,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub identity: u32,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -194,6 +245,14 @@ pub struct Endpoint {
     pub labels: Vec<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pod_name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<Workload>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    pub name: String,
+    pub kind: String,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -202,7 +261,6 @@ fn is_zero(n: &u32) -> bool {
 
 pub const LABEL_HOST: &str = "reserved:host";
 pub const LABEL_WORLD: &str = "reserved:world";
-pub const LABEL_SERVICE: &str = "reserved:service";
 
 impl Endpoint {
     fn reserved(identity: u32, label: &str) -> Endpoint {
@@ -220,6 +278,34 @@ impl Endpoint {
     pub fn has_label(&self, label: &str) -> bool {
         self.labels.iter().any(|l| l == label)
     }
+
+    /// The first workload's name (Hubble's metrics context `workload-name`).
+    pub fn workload(&self) -> &str {
+        self.workloads.first().map_or("", |w| w.name.as_str())
+    }
+}
+
+/// FNV-1a: stable across builds and restarts (std's hasher is randomly seeded).
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u32 {
+    bytes.into_iter().fold(0x811c_9dc5, |hash, b| {
+        (hash ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// The numeric identity of a label set: the same labels give the same number on every host and
+/// after every restart (as Cilium's allocator does for a cluster, without a shared store).
+/// Two label sets may share a number (one in about 65,000 per pair); Cilium's tools then see
+/// them as one identity.
+pub fn identity_of(labels: &[String]) -> u32 {
+    let mut sorted: Vec<&str> = labels.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    let hash = fnv1a(sorted.join("\0").into_bytes());
+    IDENTITY_FIRST + hash % (IDENTITY_LAST - IDENTITY_FIRST + 1)
+}
+
+/// A container's endpoint ID, from its name (stable while the name is).
+fn endpoint_id_of(name: &str) -> u32 {
+    1 + fnv1a(name.bytes()) % ENDPOINT_ID_LAST
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,20 +374,6 @@ impl ConnectionEvent {
     }
 }
 
-/// Cilium's numbers (flow.proto `DropReason`) for our drop reasons, for `drop_reason` and
-/// `event_type.sub_type` of drops; `drop_reason_desc` keeps our names (DropReason::desc).
-pub fn cilium_drop_code(reason: DropReason) -> u32 {
-    match reason {
-        DropReason::Malformed => 134,            // INVALID_PACKET_DROPPED
-        DropReason::PolicyDenied => 133,         // POLICY_DENIED
-        DropReason::CtMapInsertionFailed => 155, // CT_MAP_INSERTION_FAILED
-        DropReason::NoServiceBackend => 158,     // SERVICE_BACKEND_NOT_FOUND
-        DropReason::SnatNoFreePort => 167,       // NO_MAPPING_FOR_NAT_MASQUERADE
-        DropReason::FragmentNotFound => 175,     // FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND
-        DropReason::InvalidL4Header => 135,      // CT_TRUNCATED_OR_INVALID_HEADER
-    }
-}
-
 /// Where a forwarded connection was seen going (Cilium's trace observation points): the
 /// enum name for `trace_observation_point`, the name metrics and the compact output use, and
 /// Cilium's number for `event_type.sub_type`.
@@ -332,7 +404,8 @@ impl TracePoint {
         }
     }
 
-    fn cilium_code(self) -> i32 {
+    /// Cilium's monitor numbers (TraceToLxc 0, TraceToStack 3, TraceToNetwork 11).
+    pub fn cilium_code(self) -> i32 {
         match self {
             TracePoint::ToEndpoint => 0,
             TracePoint::ToNetwork => 11,
@@ -349,6 +422,16 @@ impl TracePoint {
         .into_iter()
         .find(|p| p.enum_name() == name)
     }
+
+    fn from_code(code: i32) -> Option<TracePoint> {
+        [
+            TracePoint::ToEndpoint,
+            TracePoint::ToNetwork,
+            TracePoint::ToStack,
+        ]
+        .into_iter()
+        .find(|p| p.cilium_code() == code)
+    }
 }
 
 /// A published port that leads to a service, to name the service in its flows.
@@ -358,14 +441,14 @@ struct PublishedService {
     first: u16,
     last: u16,
     proto: u8,
-    service: String,
+    service: Service,
 }
 
 /// Who is behind an address, from the model and the host's addresses.
 #[derive(Clone, Debug, Default)]
 pub struct Identities {
     containers: HashMap<Ipv4Addr, Endpoint>,
-    vips: HashMap<(Ipv4Addr, u16, u8), String>,
+    vips: HashMap<(Ipv4Addr, u16, u8), Service>,
     published: Vec<PublishedService>,
     host: HashSet<Ipv4Addr>,
 }
@@ -375,28 +458,69 @@ impl Identities {
     /// the networks' gateways are the host's too.
     pub fn new(model: &Model, host_addrs: impl IntoIterator<Item = Ipv4Addr>) -> Identities {
         let mut containers = HashMap::new();
+        let mut namespaces: HashMap<&str, String> = HashMap::new();
         for endpoint in &model.endpoints {
-            let labels: Vec<String> = endpoint
+            let project = endpoint.labels.get(COMPOSE_PROJECT);
+            let workloads: Vec<Workload> = endpoint
                 .labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
+                .get(COMPOSE_SERVICE)
+                .map(|service| Workload {
+                    name: service.clone(),
+                    kind: "Service".into(),
+                })
+                .into_iter()
                 .collect();
             for interface in &endpoint.interfaces {
+                let namespace = project.unwrap_or(&interface.network).clone();
+                namespaces
+                    .entry(endpoint.name.as_str())
+                    .or_insert_with(|| namespace.clone());
+                // Cilium's labels of an endpoint include its namespace's, so the same labels in
+                // two namespaces are two identities.
+                let mut labels: Vec<String> = endpoint
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{LABEL_SOURCE}:{k}={v}"))
+                    .collect();
+                let identity = identity_of(
+                    &labels
+                        .iter()
+                        .cloned()
+                        .chain([format!("namespace={namespace}")])
+                        .collect::<Vec<_>>(),
+                );
+                labels.sort();
                 containers.insert(
                     interface.ip,
                     Endpoint {
-                        identity: 0,
-                        namespace: interface.network.clone(),
-                        labels: labels.clone(),
+                        id: endpoint_id_of(&endpoint.name),
+                        identity,
+                        namespace,
+                        labels,
                         pod_name: endpoint.name.clone(),
+                        workloads: workloads.clone(),
                     },
                 );
             }
         }
+        // A service's namespace: its backends' (the first one's).
+        let service_of = |name: &str| -> Service {
+            let namespace = model
+                .services
+                .iter()
+                .find(|s| s.name == name)
+                .and_then(|s| s.backends.first())
+                .and_then(|b| namespaces.get(b.as_str()).cloned())
+                .unwrap_or_default();
+            Service {
+                name: name.to_owned(),
+                namespace,
+            }
+        };
         let vips = model
             .services
             .iter()
-            .map(|s| ((s.vip, s.port, s.protocol.number()), s.name.clone()))
+            .map(|s| ((s.vip, s.port, s.protocol.number()), service_of(&s.name)))
             .collect();
         let published = model
             .ports
@@ -407,7 +531,7 @@ impl Identities {
                     first: p.host_ports.first,
                     last: p.host_ports.last,
                     proto: p.protocol.number(),
-                    service: name.clone(),
+                    service: service_of(name),
                 }),
                 PortTarget::Endpoint(_) => None,
             })
@@ -430,7 +554,8 @@ impl Identities {
         ip.is_loopback() || self.host.contains(&ip)
     }
 
-    /// The endpoint behind `ip`.
+    /// The endpoint behind `ip`. A service VIP that was not translated (no backend) is
+    /// `reserved:world` as in Cilium; its flow names the service in `destination_service`.
     pub fn endpoint(&self, ip: Ipv4Addr) -> Endpoint {
         if let Some(container) = self.containers.get(&ip) {
             return container.clone();
@@ -438,17 +563,14 @@ impl Identities {
         if self.is_host(ip) {
             return Endpoint::reserved(IDENTITY_HOST, LABEL_HOST);
         }
-        if self.vips.keys().any(|(vip, _, _)| *vip == ip) {
-            return Endpoint::reserved(0, LABEL_SERVICE);
-        }
         Endpoint::reserved(IDENTITY_WORLD, LABEL_WORLD)
     }
 
     /// The service a connection to `ip:port` reached: a VIP's, or the one a published port
     /// leads to.
-    fn service(&self, ip: Ipv4Addr, port: u16, proto: u8) -> Option<String> {
-        if let Some(name) = self.vips.get(&(ip, port, proto)) {
-            return Some(name.clone());
+    fn service(&self, ip: Ipv4Addr, port: u16, proto: u8) -> Option<Service> {
+        if let Some(service) = self.vips.get(&(ip, port, proto)) {
+            return Some(service.clone());
         }
         if !self.is_host(ip) {
             return None;
@@ -483,6 +605,7 @@ fn protocol_summary(proto: u8, flags: u8) -> String {
         ),
         IPPROTO_UDP => "UDP".into(),
         IPPROTO_ICMP => "ICMPv4 EchoRequest".into(),
+        0 => "unknown".into(),
         other => format!("IP protocol {other}"),
     }
 }
@@ -490,6 +613,8 @@ fn protocol_summary(proto: u8, flags: u8) -> String {
 /// Builds the record of `event`.
 pub fn build(event: &Event, cx: &Context<'_>) -> Record {
     let tuple = event.tuple;
+    // A packet dropped before its addresses were read has none to report.
+    let unparsed = tuple.saddr.is_unspecified() && tuple.daddr.is_unspecified();
     // The connection's real ends: the container behind a published port or a VIP (after the
     // destination rewrite), the container behind a masquerade (before the source rewrite).
     let (daddr, dport) = match event.nat {
@@ -503,12 +628,7 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
         Some(TranslationKind::Service | TranslationKind::PublishedPort)
     );
     let destination_service = if translated_to_service || matches!(event.kind, Kind::Drop(_)) {
-        cx.identities
-            .service(tuple.daddr, tuple.dport, tuple.proto)
-            .map(|name| Service {
-                name,
-                namespace: String::new(),
-            })
+        cx.identities.service(tuple.daddr, tuple.dport, tuple.proto)
     } else {
         None
     };
@@ -516,10 +636,12 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
         Kind::Drop(reason) => Some(reason),
         _ => None,
     };
-    let verdict = match (drop_reason, event.nat) {
-        (Some(_), _) => Verdict::Dropped,
-        (None, Some(_)) => Verdict::Translated,
-        (None, None) => Verdict::Forwarded,
+    // Cilium's meaning: traces are FORWARDED whether or not NAT rewrote them (TRANSLATED is
+    // for socket-translation events).
+    let verdict = if drop_reason.is_some() {
+        Verdict::Dropped
+    } else {
+        Verdict::Forwarded
     };
     // Where the connection goes, the same for all its records whichever hook saw the event.
     let point = if drop_reason.is_some() {
@@ -534,7 +656,7 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
     let event_type = match (drop_reason, point) {
         (Some(reason), _) => EventType {
             event_type: MESSAGE_TYPE_DROP,
-            sub_type: cilium_drop_code(reason) as i32,
+            sub_type: reason as i32,
         },
         (None, point) => EventType {
             event_type: MESSAGE_TYPE_TRACE,
@@ -551,12 +673,17 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
             source_port: tuple.sport,
             destination_port: dport,
         }),
-        // Only echo requests open tracked ICMP "connections".
+        // Tracked ICMP is echo only, and a connection's first packet (whose tuple the events
+        // carry) is the request.
         IPPROTO_ICMP => Some(L4::Icmpv4 {
             icmp_type: 8,
             code: 0,
         }),
         _ => None,
+    };
+    let source_xlated = match event.nat {
+        Some(nat) if !nat.destination => nat.addr.to_string(),
+        _ => String::new(),
     };
     let translation = event.nat.map(|nat| {
         let (original, translated) = if nat.destination {
@@ -576,46 +703,57 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
             kind: nat.kind.name().to_owned(),
         }
     });
+    // Cilium's direction is the one of the endpoint whose policy applies: arriving at a
+    // container is INGRESS (also from another container), leaving one for the host or the
+    // outside is EGRESS.
+    let traffic_direction = if destination.is_container() || !source.is_container() {
+        "INGRESS"
+    } else {
+        "EGRESS"
+    };
     let time = clock::rfc3339(cx.clock.unix_ns(event.time_ns));
     let flow = Flow {
         time: time.clone(),
         verdict,
-        drop_reason: drop_reason.map(cilium_drop_code),
-        ip: Ip {
+        drop_reason: drop_reason.map(|r| r as u32),
+        ip: (!unparsed).then(|| Ip {
             source: tuple.saddr.to_string(),
+            source_xlated,
             destination: daddr.to_string(),
             ip_version: "IPv4".into(),
-        },
-        l4,
-        // Relative to the container the flow belongs to: leaving one, or arriving at one.
-        traffic_direction: if source.is_container() {
-            "EGRESS"
-        } else {
-            "INGRESS"
-        }
-        .into(),
-        source,
-        destination,
+        }),
+        l4: if unparsed { None } else { l4 },
+        traffic_direction: traffic_direction.into(),
+        source: (!unparsed).then_some(source),
+        destination: (!unparsed).then_some(destination),
         flow_type: "L3_L4".into(),
         node_name: cx.node_name.to_owned(),
         event_type,
         destination_service,
         trace_observation_point: point.map(|p| p.enum_name().to_owned()),
+        trace_reason: point.map(|_| {
+            if event.kind == Kind::New {
+                "NEW"
+            } else {
+                "ESTABLISHED"
+            }
+            .to_owned()
+        }),
         drop_reason_desc: drop_reason.map(|r| r.desc().to_owned()),
         is_reply: false,
         interface: (event.ifindex != 0).then(|| Interface {
             index: event.ifindex,
             name: cx.ifname.unwrap_or_default().to_owned(),
         }),
-        summary: protocol_summary(tuple.proto, event.tcp_flags),
+        summary: protocol_summary(if unparsed { 0 } else { tuple.proto }, event.tcp_flags),
         translation,
-        connection: Connection {
+        connection: Some(Connection {
             event: ConnectionEvent::of(event.kind),
             packets: event.counters.packets,
             bytes: event.counters.bytes,
             reply_packets: event.counters.reply_packets,
             reply_bytes: event.counters.reply_bytes,
-        },
+        }),
     };
     Record {
         flow,
@@ -624,14 +762,24 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
     }
 }
 
+static NO_ENDPOINT: Endpoint = Endpoint {
+    id: 0,
+    identity: 0,
+    namespace: String::new(),
+    labels: Vec::new(),
+    pod_name: String::new(),
+    workloads: Vec::new(),
+};
+
 impl Flow {
-    /// Hubble's protocol name: TCP, UDP, ICMPv4.
+    /// Hubble's protocol name: TCP, UDP, ICMPv4; `Unknown L4` (as Hubble's metrics say) for
+    /// anything else.
     pub fn protocol(&self) -> &'static str {
         match self.l4 {
             Some(L4::Tcp { .. }) => "TCP",
             Some(L4::Udp { .. }) => "UDP",
             Some(L4::Icmpv4 { .. }) => "ICMPv4",
-            None => "unknown",
+            None => "Unknown L4",
         }
     }
 
@@ -655,62 +803,125 @@ impl Flow {
         self.trace_observation_point
             .as_deref()
             .and_then(TracePoint::from_enum_name)
+            .or_else(|| {
+                (self.event_type.event_type == MESSAGE_TYPE_TRACE)
+                    .then(|| TracePoint::from_code(self.event_type.sub_type))
+                    .flatten()
+            })
+    }
+
+    pub fn source(&self) -> &Endpoint {
+        self.source.as_ref().unwrap_or(&NO_ENDPOINT)
+    }
+
+    pub fn destination(&self) -> &Endpoint {
+        self.destination.as_ref().unwrap_or(&NO_ENDPOINT)
+    }
+
+    pub fn source_ip(&self) -> &str {
+        self.ip.as_ref().map_or("", |ip| ip.source.as_str())
+    }
+
+    pub fn destination_ip(&self) -> &str {
+        self.ip.as_ref().map_or("", |ip| ip.destination.as_str())
+    }
+
+    pub fn drop_reason(&self) -> Option<DropReason> {
+        self.drop_reason_desc
+            .as_deref()
+            .and_then(|d| DropReason::ALL.into_iter().find(|r| r.desc() == d))
     }
 }
 
-/// An end as the compact output shows it: `web1:80 (front)`, `192.0.2.2:41234 (world)`.
-fn compact_end(endpoint: &Endpoint, ip: &str, port: Option<u16>) -> String {
-    let name = if endpoint.is_container() {
-        endpoint.pod_name.as_str()
+/// Cilium's names of its reserved identities, as Hubble prints them.
+fn reserved_identity_name(identity: u32) -> Option<&'static str> {
+    Some(match identity {
+        0 => "unknown",
+        1 => "host",
+        2 => "world",
+        3 => "unmanaged",
+        4 => "health",
+        5 => "init",
+        6 => "remote-node",
+        7 => "kube-apiserver",
+        8 => "ingress",
+        9 => "world-ipv4",
+        10 => "world-ipv6",
+        _ => return None,
+    })
+}
+
+/// An end as `hubble observe -o compact` shows it: `ns/pod:port`, else the address.
+fn compact_host(
+    endpoint: &Endpoint,
+    service: Option<&Service>,
+    ip: &str,
+    port: Option<u16>,
+) -> String {
+    let host = if endpoint.is_container() {
+        if endpoint.namespace.is_empty() {
+            endpoint.pod_name.clone()
+        } else {
+            format!("{}/{}", endpoint.namespace, endpoint.pod_name)
+        }
+    } else if let Some(service) = service {
+        if service.namespace.is_empty() {
+            service.name.clone()
+        } else {
+            format!("{}/{}", service.namespace, service.name)
+        }
     } else {
-        ip
+        ip.to_owned()
     };
-    let at = match port {
-        Some(port) => format!("{name}:{port}"),
-        None => name.to_owned(),
-    };
-    let what = if endpoint.is_container() {
-        endpoint.namespace.clone()
-    } else if endpoint.has_label(LABEL_HOST) {
-        "host".into()
-    } else if endpoint.has_label(LABEL_SERVICE) {
-        "service".into()
-    } else {
-        "world".into()
-    };
-    format!("{at} ({what})")
+    match port {
+        Some(port) if port != 0 => format!("{host}:{port}"),
+        _ => host,
+    }
+}
+
+fn compact_identity(identity: u32) -> String {
+    match reserved_identity_name(identity) {
+        Some(name) => format!("({name})"),
+        None => format!("(ID:{identity})"),
+    }
 }
 
 /// One line like `hubble observe -o compact` prints:
-/// `Nov 25 10:00:01.123: web2:41234 (front) -> web1:80 (front) to-endpoint FORWARDED (TCP Flags: SYN)`,
-/// followed by the translation and, for events after the first, the connection's counters.
+/// `Nov 25 10:00:01.123: front/web2:41234 (ID:12345) -> front/web1:80 (ID:23456) to-endpoint FORWARDED (TCP Flags: SYN)`,
+/// drops with Cilium's text of the reason (`Policy denied DROPPED`); records in the extended
+/// form add the translation and, for events after the first, the connection's counters.
 pub fn compact(record: &Record) -> String {
     let flow = &record.flow;
     let ports = flow.ports();
-    let source = compact_end(&flow.source, &flow.ip.source, ports.map(|p| p.0));
-    let destination = compact_end(&flow.destination, &flow.ip.destination, ports.map(|p| p.1));
-    let point = match (&flow.drop_reason_desc, flow.trace_point()) {
-        (Some(reason), _) => reason.clone(),
+    let source = compact_host(flow.source(), None, flow.source_ip(), ports.map(|p| p.0));
+    let destination = compact_host(
+        flow.destination(),
+        flow.destination_service.as_ref(),
+        flow.destination_ip(),
+        ports.map(|p| p.1),
+    );
+    let kind = match (flow.drop_reason(), flow.trace_point()) {
+        (Some(reason), _) => reason.text().to_owned(),
         (None, Some(point)) => point.short_name().to_owned(),
-        (None, None) => String::new(),
+        (None, None) => "UNKNOWN".into(),
     };
     let mut line = format!(
-        "{}: {source} -> {destination} {point} {} ({})",
+        "{}: {source} {} -> {destination} {} {kind} {} ({})",
         clock::compact(&flow.time),
+        compact_identity(flow.source().identity),
+        compact_identity(flow.destination().identity),
         flow.verdict.name(),
         flow.summary
     );
-    if let Some(service) = &flow.destination_service {
-        line.push_str(&format!(" service {}", service.name));
-    }
     if let Some(t) = &flow.translation {
         line.push_str(&format!(" [{} {} => {}]", t.kind, t.original, t.translated));
     }
-    let c = &flow.connection;
-    if matches!(
-        c.event,
-        ConnectionEvent::Close | ConnectionEvent::Update | ConnectionEvent::End
-    ) {
+    if let Some(c) = &flow.connection
+        && matches!(
+            c.event,
+            ConnectionEvent::Close | ConnectionEvent::Update | ConnectionEvent::End
+        )
+    {
         line.push_str(&format!(
             " {}: {}/{} packets, {}/{} bytes",
             match c.event {
@@ -776,8 +987,15 @@ ports:
         u32::from(s.parse::<Ipv4Addr>().unwrap()).to_be()
     }
 
+    /// Decodes a default JSON line with the types generated from dataplane/proto, whose
+    /// pbjson deserialisers refuse unknown fields and enum values: the schema test.
+    fn strict(line: &str) -> crate::hubble::api::observer::GetFlowsResponse {
+        serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a valid Hubble flow: {e}: {line}"))
+    }
+
     #[test]
-    fn a_published_port_connection_is_a_translated_flow_to_the_container() {
+    fn a_published_port_connection_is_a_forwarded_flow_to_the_container() {
         let mut raw = raw_event(
             flow_kind::NEW,
             IPPROTO_TCP,
@@ -789,43 +1007,67 @@ ports:
         raw.nat_addr = ip("172.30.1.2");
         raw.nat_port = 80u16.to_be();
         raw.hook = hook::UPLINK_INGRESS as u8;
-        let record = record_of(&raw);
-        let json: serde_json::Value = serde_json::to_value(&record).unwrap();
+        let mut record = record_of(&raw);
+        let web1 = identity_of(&[
+            "container:app=web".into(),
+            "container:tier=front".into(),
+            "namespace=front".into(),
+        ]);
+        let line = record.hubble_json();
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
         let expected = serde_json::json!({
             "flow": {
                 "time": "2024-11-25T10:00:01.000000000Z",
-                "verdict": "TRANSLATED",
+                "verdict": "FORWARDED",
                 "IP": {"source": "192.0.2.2", "destination": "172.30.1.2", "ipVersion": "IPv4"},
                 "l4": {"TCP": {"source_port": 41234, "destination_port": 80, "flags": {"SYN": true}}},
                 "source": {"identity": 2, "labels": ["reserved:world"]},
-                "destination": {"namespace": "front", "labels": ["app=web", "tier=front"], "pod_name": "web1"},
+                "destination": {
+                    "ID": endpoint_id_of("web1"),
+                    "identity": web1,
+                    "namespace": "front",
+                    "labels": ["container:app=web", "container:tier=front"],
+                    "pod_name": "web1"
+                },
                 "Type": "L3_L4",
                 "node_name": "node1",
                 "event_type": {"type": 4, "sub_type": 0},
                 "traffic_direction": "INGRESS",
                 "trace_observation_point": "TO_ENDPOINT",
+                "trace_reason": "NEW",
                 "is_reply": false,
                 "interface": {"index": 7, "name": "eth0"},
-                "Summary": "TCP Flags: SYN",
-                "translation": {"original": "192.0.2.1:8080", "translated": "172.30.1.2:80", "kind": "published_port"},
-                "connection": {"event": "new", "packets": 1, "bytes": 60, "reply_packets": 0, "reply_bytes": 0}
+                "Summary": "TCP Flags: SYN"
             },
             "node_name": "node1",
             "time": "2024-11-25T10:00:01.000000000Z"
         });
         assert_eq!(json, expected, "{json:#}");
-        // What goes out comes back (the observe client reads these lines).
-        let line = serde_json::to_string(&record).unwrap();
-        assert_eq!(serde_json::from_str::<Record>(&line).unwrap(), record);
+        strict(&line);
+        // The extended form adds ours, and reads back (the observe client reads these lines).
+        let extended = record.extended_json();
+        let back: Record = serde_json::from_str(&extended).unwrap();
+        assert_eq!(back, record);
+        let t = back.flow.translation.as_ref().unwrap();
+        assert_eq!(
+            (t.original.as_str(), t.translated.as_str(), t.kind.as_str()),
+            ("192.0.2.1:8080", "172.30.1.2:80", "published_port")
+        );
         assert_eq!(
             compact(&record),
-            "Nov 25 10:00:01.000: 192.0.2.2:41234 (world) -> web1:80 (front) to-endpoint \
-             TRANSLATED (TCP Flags: SYN) [published_port 192.0.2.1:8080 => 172.30.1.2:80]"
+            format!(
+                "Nov 25 10:00:01.000: 192.0.2.2:41234 (world) -> front/web1:80 (ID:{web1}) \
+                 to-endpoint FORWARDED (TCP Flags: SYN) [published_port 192.0.2.1:8080 => \
+                 172.30.1.2:80]"
+            )
         );
+        // A Hubble reader's line has no extension, so its compact form is hubble's own.
+        let plain: Record = serde_json::from_str(&line).unwrap();
+        assert!(!compact(&plain).contains("published_port"));
     }
 
     #[test]
-    fn a_container_to_container_connection_is_forwarded_egress() {
+    fn a_container_to_container_connection_is_forwarded_ingress_to_the_destination() {
         let mut raw = raw_event(
             flow_kind::NEW,
             IPPROTO_UDP,
@@ -833,23 +1075,25 @@ ports:
             ("172.30.1.2", 53),
         );
         raw.origin = ct_origin::PLAIN;
-        let record = record_of(&raw);
+        let mut record = record_of(&raw);
+        strict(&record.hubble_json());
         let flow = &record.flow;
         assert_eq!(flow.verdict, Verdict::Forwarded);
-        assert_eq!(flow.traffic_direction, "EGRESS");
-        assert_eq!(flow.source.pod_name, "client");
-        assert_eq!(flow.destination.pod_name, "web1");
+        assert_eq!(flow.traffic_direction, "INGRESS");
+        assert_eq!(flow.source().pod_name, "client");
+        assert_eq!(flow.destination().pod_name, "web1");
         assert_eq!(flow.translation, None);
         assert_eq!(flow.summary, "UDP");
-        assert_eq!(
-            compact(&record),
-            "Nov 25 10:00:01.000: client:5000 (front) -> web1:53 (front) to-endpoint FORWARDED \
-             (UDP)"
-        );
+        let client = flow.source().identity;
+        assert!((256..=65535).contains(&client), "{client}");
+        assert_ne!(client, flow.destination().identity);
+        assert!(compact(&record).starts_with(&format!(
+            "Nov 25 10:00:01.000: front/client:5000 (ID:{client}) -> front/web1:53 (ID:"
+        )));
     }
 
     #[test]
-    fn masquerade_keeps_the_container_as_source_and_names_the_host_port() {
+    fn masquerade_keeps_the_container_as_source_and_names_the_host_address() {
         let mut raw = raw_event(
             flow_kind::CLOSE,
             IPPROTO_TCP,
@@ -866,25 +1110,35 @@ ports:
         raw.bytes = 400;
         raw.reply_packets = 5;
         raw.reply_bytes = 900;
-        let record = record_of(&raw);
+        let mut record = record_of(&raw);
+        strict(&record.hubble_json());
         let flow = &record.flow;
-        assert_eq!(flow.verdict, Verdict::Translated);
-        assert_eq!(flow.ip.source, "172.30.1.2");
-        assert_eq!(flow.ip.destination, "192.0.2.2");
-        assert_eq!(flow.destination.labels, vec![LABEL_WORLD]);
+        assert_eq!(flow.verdict, Verdict::Forwarded);
+        let ip = flow.ip.as_ref().unwrap();
+        assert_eq!(
+            (
+                ip.source.as_str(),
+                ip.source_xlated.as_str(),
+                ip.destination.as_str()
+            ),
+            ("172.30.1.2", "192.0.2.1", "192.0.2.2")
+        );
+        assert_eq!(flow.traffic_direction, "EGRESS");
+        assert_eq!(flow.destination().labels, vec![LABEL_WORLD]);
         assert_eq!(flow.trace_observation_point.as_deref(), Some("TO_NETWORK"));
+        assert_eq!(flow.trace_reason.as_deref(), Some("ESTABLISHED"));
         let t = flow.translation.as_ref().unwrap();
         assert_eq!(
             (t.original.as_str(), t.translated.as_str(), t.kind.as_str()),
             ("172.30.1.2:41000", "192.0.2.1:20001", "masquerade")
         );
         assert_eq!(flow.summary, "TCP Flags: SYN, ACK, FIN");
-        assert_eq!(flow.connection.event, ConnectionEvent::Close);
+        assert_eq!(flow.connection.unwrap().event, ConnectionEvent::Close);
         assert!(compact(&record).ends_with(" close: 6/5 packets, 400/900 bytes"));
     }
 
     #[test]
-    fn services_are_named_for_vips_and_for_published_ports_leading_to_them() {
+    fn services_are_named_with_their_namespace_for_vips_and_published_ports() {
         let mut raw = raw_event(
             flow_kind::NEW,
             IPPROTO_TCP,
@@ -895,9 +1149,17 @@ ports:
         raw.rewrite = ct_rewrite::DST;
         raw.nat_addr = ip("172.30.1.2");
         raw.nat_port = 80u16.to_be();
-        let flow = record_of(&raw).flow;
-        assert_eq!(flow.destination_service.unwrap().name, "web");
-        assert_eq!(flow.destination.pod_name, "web1");
+        let mut record = record_of(&raw);
+        strict(&record.hubble_json());
+        let flow = record.flow;
+        assert_eq!(
+            flow.destination_service,
+            Some(Service {
+                name: "web".into(),
+                namespace: "front".into()
+            })
+        );
+        assert_eq!(flow.destination().pod_name, "web1");
         assert_eq!(flow.translation.unwrap().kind, "service");
 
         let mut raw = raw_event(
@@ -918,32 +1180,100 @@ ports:
     }
 
     #[test]
-    fn a_drop_names_its_reason_the_hubble_way() {
+    fn every_drop_reason_is_cilium_s_name_and_number() {
+        let cases = [
+            (
+                DropReason::PolicyDenied,
+                "POLICY_DENIED",
+                133,
+                "Policy denied",
+            ),
+            (
+                DropReason::Malformed,
+                "INVALID_PACKET_DROPPED",
+                134,
+                "Invalid packet",
+            ),
+            (
+                DropReason::CtMapInsertionFailed,
+                "CT_MAP_INSERTION_FAILED",
+                155,
+                "CT: Map insertion failed",
+            ),
+            (
+                DropReason::ServiceBackendNotFound,
+                "SERVICE_BACKEND_NOT_FOUND",
+                158,
+                "Service backend not found",
+            ),
+            (
+                DropReason::NoMappingForNatMasquerade,
+                "NO_MAPPING_FOR_NAT_MASQUERADE",
+                167,
+                "No mapping for NAT masquerade",
+            ),
+            (
+                DropReason::PolicyDeny,
+                "POLICY_DENY",
+                181,
+                "Policy denied by denylist",
+            ),
+        ];
+        assert_eq!(cases.len(), DropReason::ALL.len());
+        for (reason, name, number, text) in cases {
+            let mut raw = raw_event(
+                flow_kind::DROP,
+                IPPROTO_TCP,
+                ("172.30.1.9", 5000),
+                ("10.96.0.12", 80),
+            );
+            raw.drop_reason = reason as u8;
+            let mut record = record_of(&raw);
+            let line = record.hubble_json();
+            let proto = strict(&line);
+            let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let flow = &json["flow"];
+            assert_eq!(flow["verdict"], "DROPPED");
+            assert_eq!(flow["drop_reason_desc"], name);
+            assert_eq!(flow["drop_reason"], number);
+            assert_eq!(
+                flow["event_type"],
+                serde_json::json!({"type": 1, "sub_type": number})
+            );
+            assert!(flow.get("trace_observation_point").is_none());
+            assert!(flow.get("connection").is_none());
+            let Some(crate::hubble::api::observer::get_flows_response::ResponseTypes::Flow(f)) =
+                proto.response_types
+            else {
+                panic!("no flow in {line}");
+            };
+            assert_eq!(f.drop_reason_desc().as_str_name(), name);
+            assert!(
+                compact(&record).contains(&format!(" {text} DROPPED ")),
+                "{}",
+                compact(&record)
+            );
+        }
+    }
+
+    #[test]
+    fn a_drop_to_a_service_without_backends_names_the_service() {
         let mut raw = raw_event(
             flow_kind::DROP,
             IPPROTO_TCP,
             ("172.30.1.9", 5000),
             ("10.96.0.12", 80),
         );
-        raw.drop_reason = DropReason::NoServiceBackend as u8;
+        raw.drop_reason = DropReason::ServiceBackendNotFound as u8;
         let record = record_of(&raw);
-        let json = serde_json::to_value(&record).unwrap();
-        let flow = &json["flow"];
-        assert_eq!(flow["verdict"], "DROPPED");
-        assert_eq!(flow["drop_reason_desc"], "NO_SERVICE_BACKEND");
-        assert_eq!(flow["drop_reason"], 158);
-        assert_eq!(
-            flow["event_type"],
-            serde_json::json!({"type": 1, "sub_type": 158})
-        );
-        assert_eq!(flow["destination_service"]["name"], "empty");
-        assert_eq!(flow["destination"]["labels"][0], LABEL_SERVICE);
-        assert!(flow.get("trace_observation_point").is_none());
-        assert_eq!(flow["connection"]["event"], "drop");
-        assert_eq!(
-            compact(&record),
-            "Nov 25 10:00:01.000: client:5000 (front) -> 10.96.0.12:80 (service) \
-             NO_SERVICE_BACKEND DROPPED (TCP Flags: SYN) service empty"
+        let flow = &record.flow;
+        assert_eq!(flow.destination_service.as_ref().unwrap().name, "empty");
+        assert_eq!(flow.destination().labels, vec![LABEL_WORLD]);
+        assert_eq!(flow.destination().identity, IDENTITY_WORLD);
+        assert!(
+            compact(&record).contains(" -> empty:80 (world) Service backend not found DROPPED"),
+            "{}",
+            compact(&record)
         );
     }
 
@@ -957,13 +1287,28 @@ ports:
             ("192.0.2.1", 0),
         );
         raw.tcp_flags = 0;
-        raw.drop_reason = DropReason::PolicyDenied as u8;
+        raw.drop_reason = DropReason::PolicyDeny as u8;
         raw.hook = hook::UPLINK_XDP as u8;
-        let flow = record_of(&raw).flow;
+        let mut record = record_of(&raw);
+        strict(&record.hubble_json());
+        let flow = record.flow;
         assert_eq!(flow.summary, "TCP");
-        assert_eq!(flow.drop_reason_desc.as_deref(), Some("POLICY_DENIED"));
+        assert_eq!(flow.drop_reason_desc.as_deref(), Some("POLICY_DENY"));
         assert_eq!(flow.traffic_direction, "INGRESS");
-        assert_eq!(flow.destination.labels, vec![LABEL_HOST]);
+        assert_eq!(flow.destination().labels, vec![LABEL_HOST]);
+    }
+
+    #[test]
+    fn a_packet_dropped_before_its_addresses_were_read_claims_none() {
+        let mut raw = raw_event(flow_kind::DROP, 0, ("0.0.0.0", 0), ("0.0.0.0", 0));
+        raw.drop_reason = DropReason::Malformed as u8;
+        let mut record = record_of(&raw);
+        let line = record.hubble_json();
+        strict(&line);
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert!(json["flow"].get("IP").is_none(), "{line}");
+        assert!(json["flow"].get("source").is_none(), "{line}");
+        assert_eq!(record.flow.protocol(), "Unknown L4");
     }
 
     #[test]
@@ -975,9 +1320,12 @@ ports:
             ("172.30.1.1", 0),
         );
         raw.origin = ct_origin::PLAIN;
-        let flow = record_of(&raw).flow;
-        assert_eq!(flow.destination.labels, vec![LABEL_HOST]);
-        assert_eq!(flow.destination.identity, 1);
+        let mut record = record_of(&raw);
+        strict(&record.hubble_json());
+        let flow = record.flow;
+        assert_eq!(flow.destination().labels, vec![LABEL_HOST]);
+        assert_eq!(flow.destination().identity, IDENTITY_HOST);
+        assert_eq!(flow.traffic_direction, "EGRESS");
         assert_eq!(
             flow.l4,
             Some(L4::Icmpv4 {
@@ -987,5 +1335,42 @@ ports:
         );
         assert_eq!(flow.summary, "ICMPv4 EchoRequest");
         assert_eq!(flow.trace_observation_point.as_deref(), Some("TO_STACK"));
+    }
+
+    #[test]
+    fn identities_are_stable_per_label_set_and_compose_projects_are_namespaces() {
+        // The same labels, in any order, are the same identity; others differ.
+        let a = identity_of(&["container:app=web".into(), "namespace=front".into()]);
+        let b = identity_of(&["namespace=front".into(), "container:app=web".into()]);
+        let c = identity_of(&["container:app=db".into(), "namespace=front".into()]);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        // Fixed by the hash, not by the run: the value a restarted agent computes.
+        assert_eq!(
+            a,
+            identity_of(&["container:app=web".into(), "namespace=front".into()])
+        );
+        let spec = StateFile::parse(
+            r#"
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1}
+endpoints:
+  - name: shop-web-1
+    labels: {com.docker.compose.project: shop, com.docker.compose.service: web}
+    interfaces: [{network: front, ip: 172.30.1.2, mac: "02:42:ac:1e:01:02", host_veth: veth-w}]
+"#,
+        )
+        .unwrap();
+        let ids = Identities::new(&Model::from_spec(&spec).unwrap(), []);
+        let web = ids.endpoint("172.30.1.2".parse().unwrap());
+        assert_eq!(web.namespace, "shop");
+        assert_eq!(
+            web.workloads,
+            vec![Workload {
+                name: "web".into(),
+                kind: "Service".into()
+            }]
+        );
+        assert!((1..=4095).contains(&web.id));
     }
 }

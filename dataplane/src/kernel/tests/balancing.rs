@@ -215,7 +215,7 @@ fn no_backend_refuses_with_a_reset_at_once() {
     assert_eq!(
         drops
             .iter()
-            .find(|(r, _)| *r == DropReason::NoServiceBackend)
+            .find(|(r, _)| *r == DropReason::ServiceBackendNotFound)
             .unwrap()
             .1,
         1

@@ -119,11 +119,16 @@ fn verdict(
     }
 }
 
+/// Drops by policy: a deny rule's (POLICY_DENY) and isolation's (POLICY_DENIED).
 fn denied(dp: &Datapath) -> u64 {
+    denied_for(dp, DropReason::PolicyDeny) + denied_for(dp, DropReason::PolicyDenied)
+}
+
+fn denied_for(dp: &Datapath, reason: DropReason) -> u64 {
     dp.drops()
         .unwrap()
         .into_iter()
-        .find(|(r, _)| *r == DropReason::PolicyDenied)
+        .find(|(r, _)| *r == reason)
         .unwrap()
         .1
 }
@@ -183,6 +188,8 @@ fn docker_isolation_without_rules() {
         TC_SHOT,
         "routed to a container address"
     );
+    // Isolation with no rule deciding is Cilium's default deny.
+    assert_eq!(denied_for(dp, DropReason::PolicyDenied), 5);
     assert_eq!(denied(dp), 5);
 }
 
@@ -264,6 +271,9 @@ fn each_selector_kind_and_ports_first_match_wins() {
         TC_PASS,
         "allow before icc=false"
     );
+    // Two packets met a deny rule (POLICY_DENY), one isolation (POLICY_DENIED).
+    assert_eq!(denied_for(dp, DropReason::PolicyDeny), 2);
+    assert_eq!(denied_for(dp, DropReason::PolicyDenied), 1);
 }
 
 #[test]
@@ -337,5 +347,7 @@ fn xdp_drops_denied_outside_sources() {
     const XDP_PASS: u32 = 2;
     assert_eq!(run(dp, [203, 0, 113, 9]), XDP_DROP);
     assert_eq!(run(dp, [203, 0, 114, 9]), XDP_PASS);
+    // The deny list is made of deny rules: Cilium's POLICY_DENY, not the default deny.
+    assert_eq!(denied_for(dp, DropReason::PolicyDeny), 1);
     assert_eq!(denied(dp), 1);
 }

@@ -478,7 +478,7 @@ fn masquerade_reuses_the_port_of_a_connection_closed_both_ways() {
         verdict, TC_SHOT,
         "the only port is taken by an open connection"
     );
-    assert_eq!(drops(dp, DropReason::SnatNoFreePort), 1);
+    assert_eq!(drops(dp, DropReason::NoMappingForNatMasquerade), 1);
     // The first connection closes both ways.
     let fin = ipv4_frame(
         &Ipv4Spec::new(WEB1, SERVER, 6),
