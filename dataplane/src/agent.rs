@@ -397,10 +397,12 @@ impl Agent {
             }
             walked.extend(entries);
         }
+        // Before the metrics refresh below: drop accounting counts kernel drops without a
+        // record one refresh later as unattributed, and these records are the late ones.
+        self.report_pending_drops(now);
         // The same walk gives the flow records of expired and long-lived connections.
         self.flows
             .after_conntrack_walk(&self.datapath, &walked, &ended, now);
-        self.report_pending_drops(now);
         let fill = main_fill.0 as f64 / main_fill.1 as f64;
         let removed_share = ended.len() as f64 / walked.len().max(1) as f64;
         self.next_gc = std::time::Instant::now()

@@ -130,7 +130,7 @@ mod tests {
         let entries = BTreeMap::from([
             (key(1), value(41, 10 * s)), // interval over: reported with its count
             (key(2), value(5, 12 * s)),  // still the kernel's to report
-            (key(3), value(0, 1 * s)),   // nothing pending
+            (key(3), value(0, s)),       // nothing pending
         ]);
         let pending = pending_drops(&entries, 12 * s);
         assert_eq!(pending.len(), 1);

@@ -107,20 +107,6 @@ pub fn default_route_interface() -> Option<String> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use std::net::Ipv4Addr;
-
-    #[test]
-    fn loopback_round_trips() {
-        let index = super::ifindex("lo").expect("every namespace has lo");
-        assert_eq!(super::ifname(index).as_deref(), Some("lo"));
-        assert_eq!(super::ifindex("no-such-if0"), None);
-        assert!(super::ipv4_addresses().contains(&("lo".to_string(), Ipv4Addr::LOCALHOST)));
-        assert_ne!(super::netns_cookie().unwrap(), 0);
-    }
-}
-
 /// The driver of `interface` in this network namespace, as `ethtool -i` names it (ETHTOOL_GDRVINFO;
 /// sysfs is not used because it shows the namespace it was mounted in, not the agent's).
 pub fn driver(interface: &str) -> std::io::Result<String> {
@@ -178,4 +164,18 @@ pub fn xdp_saves_work(interface: &str) -> bool {
         "veth", "bridge", "vxlan", "macvlan", "ipvlan", "tun", "dummy", "bonding", "",
     ];
     driver(interface).is_ok_and(|d| !VIRTUAL.contains(&d.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn loopback_round_trips() {
+        let index = super::ifindex("lo").expect("every namespace has lo");
+        assert_eq!(super::ifname(index).as_deref(), Some("lo"));
+        assert_eq!(super::ifindex("no-such-if0"), None);
+        assert!(super::ipv4_addresses().contains(&("lo".to_string(), Ipv4Addr::LOCALHOST)));
+        assert_ne!(super::netns_cookie().unwrap(), 0);
+    }
 }
