@@ -19,8 +19,8 @@ use crate::{
     maps::{CONFIG, ENDPOINTS, FRAGMENTS, LOCAL_ADDRS, PORTS, SERVICES},
     nat,
     parse::{
-        Frame, IPPROTO_ICMP, IPPROTO_TCP, Ipv4Packet, L4, Quoted, Transport, parse_l4, parse_tc,
-        salvage_tc,
+        Frame, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Packet, L4, Quoted, Transport, parse_l4,
+        parse_tc, salvage_tc,
     },
     policy::{self, Via},
     reject,
@@ -210,6 +210,21 @@ fn later_fragment(
     onward(ctx, site.hook, ip, rewrite)
 }
 
+/// Fills in what the record of a packet dropped before its L4 header was parsed can say:
+/// TCP/UDP ports and TCP flags, read where they would be (zero where the packet ends first,
+/// and for later fragments, which have no L4 header).
+#[inline(always)]
+fn salvage_ports(ctx: &TcContext, ip: &Ipv4Packet, arrived: &mut Arrived) {
+    if ip.is_later_fragment() || (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP) {
+        return;
+    }
+    arrived.drop.tuple.sport = ctx.load::<u16>(ip.l4_offset).unwrap_or(0);
+    arrived.drop.tuple.dport = ctx.load::<u16>(ip.l4_offset + 2).unwrap_or(0);
+    if ip.protocol == IPPROTO_TCP {
+        arrived.drop.tcp_flags = ctx.load::<u8>(ip.l4_offset + 13).unwrap_or(0);
+    }
+}
+
 /// Whether the uplink's tc ingress enforces the deny list (XDP is not attached).
 #[inline(always)]
 fn deny_list_at_tc() -> bool {
@@ -251,6 +266,7 @@ fn decide(ctx: &TcContext, site: Site, arrived: &mut Arrived) -> Verdict {
     arrived.drop.tuple.daddr = ip.daddr;
     arrived.drop.tuple.proto = ip.protocol;
     if hook == Hook::UplinkIngress && deny_list_at_tc() && early::denied_source_tc(ip.saddr) {
+        salvage_ports(ctx, &ip, arrived);
         // The deny list is user rules, as at XDP.
         return Verdict::Drop(DropReason::PolicyDeny);
     }
@@ -263,9 +279,7 @@ fn decide(ctx: &TcContext, site: Site, arrived: &mut Arrived) -> Verdict {
         Transport::LaterFragment => return later_fragment(ctx, &site, &mut ip, arrived),
         Transport::Malformed => return Verdict::Drop(DropReason::Malformed),
         Transport::Invalid => {
-            arrived.drop.tuple.sport = ctx.load::<u16>(ip.l4_offset).unwrap_or(0);
-            arrived.drop.tuple.dport = ctx.load::<u16>(ip.l4_offset + 2).unwrap_or(0);
-            arrived.drop.tcp_flags = ctx.load::<u8>(ip.l4_offset + 13).unwrap_or(0);
+            salvage_ports(ctx, &ip, arrived);
             return Verdict::Drop(DropReason::InvalidL4Header);
         }
     };

@@ -247,7 +247,8 @@ fn prometheus_scrapes_flow_and_drop_counters_after_known_traffic() {
         1.0,
     );
     prometheus.wait_for("dataplane_flow_events_lost_total", 0.0);
-    prometheus.wait_for("dataplane_conntrack_capacity", 262_144.0);
+    // Both tables: the established connections' and the handshakes' (a quarter of it).
+    prometheus.wait_for("dataplane_conntrack_capacity", (262_144 + 65_536) as f64);
     // Uplink ingress and egress and the two containers' veths (and the sandbox cgroup's
     // connect hook).
     prometheus.wait_for("dataplane_programs_attached >= bool 4", 1.0);

@@ -423,9 +423,9 @@ impl Agent {
     /// records of expired and long-lived connections, and of drops left pending.
     fn collect_garbage(&mut self) {
         let walk = self.collector.collect();
-        self.flows
-            .after_conntrack_walk(self.reconciler.datapath(), &walk);
-        // Drops the kernel aggregated but had no later drop to report them with.
+        // Drops the kernel aggregated but had no later drop to report them with; before the
+        // metrics refresh below, as drop accounting counts kernel drops without a record one
+        // refresh later as unattributed, and these records are the late ones.
         let pending = flows::periodic::pending_drops(&walk.drop_aggregates, walk.now_ns);
         if !pending.is_empty() {
             self.collector
@@ -433,6 +433,8 @@ impl Agent {
             self.flows
                 .ingest(pending.into_iter().map(|(_, event)| event).collect());
         }
+        self.flows
+            .after_conntrack_walk(self.reconciler.datapath(), &walk);
     }
 
     fn reject(&mut self, sha256: Option<String>, error: String) {

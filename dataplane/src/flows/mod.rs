@@ -434,10 +434,13 @@ impl Pipeline {
         self.walks = self.walks.wrapping_add(1);
     }
 
+    /// Both conntrack tables' capacity (established and handshakes under way), as the walk
+    /// counts both tables' entries; `dataplane_map_entries` has each table on its own.
     fn metrics_ct_capacity(&self, datapath: &Datapath) -> u64 {
-        datapath
+        let main = datapath
             .conntrack_capacity()
-            .map_or(u64::from(dataplane_common::capacity::CONNTRACK), u64::from)
+            .map_or(u64::from(dataplane_common::capacity::CONNTRACK), u64::from);
+        main + datapath.conntrack_new_capacity().map_or(0, u64::from)
     }
 
     /// `observe {json}` from the control socket: the reply (the latest matching records, one

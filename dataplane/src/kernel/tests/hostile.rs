@@ -327,3 +327,56 @@ fn tuple_addresses(frame: &[u8]) -> (std::net::Ipv4Addr, std::net::Ipv4Addr) {
     let t = tuple(frame);
     (t.0, t.1)
 }
+
+#[test]
+fn without_xdp_the_deny_list_drops_at_tc_and_drop_events_are_aggregated() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    host(dp);
+    dp.set_deny_source(
+        dataplane_common::PrefixKey {
+            prefix_len: 24,
+            addr: super::translation::be([203, 0, 113, 0]),
+        },
+        true,
+    )
+    .unwrap();
+    let syn =
+        |src: [u8; 4]| ipv4_frame(&Ipv4Spec::new(src, HOST, 6), &tcp(4000, 8080, TCP_SYN, b""));
+    // XDP is on duty until the agent says otherwise: tc lets the denied source in.
+    assert_eq!(
+        run_tc(dp, Hook::UplinkIngress, &syn([203, 0, 113, 9])).0,
+        TC_REDIRECT
+    );
+    let mut config = dp.config().unwrap();
+    config.deny_at_tc = 1;
+    dp.set_config(config).unwrap();
+    for _ in 0..1000 {
+        assert_eq!(
+            run_tc(dp, Hook::UplinkIngress, &syn([203, 0, 113, 9])).0,
+            TC_SHOT
+        );
+    }
+    assert_eq!(
+        run_tc(dp, Hook::UplinkIngress, &syn([203, 0, 114, 9])).0,
+        TC_REDIRECT
+    );
+    assert_eq!(
+        drops(dp, DropReason::PolicyDeny),
+        1000,
+        "every drop counted"
+    );
+    // One event went out for the source; the other 999 wait in its aggregate, to go with
+    // the next event (or the agent) once the interval passed.
+    let aggregates = dp.entries::<crate::kernel::maps::DropAggregates>().unwrap();
+    assert_eq!(aggregates.len(), 1);
+    let (key, value) = aggregates.into_iter().next().unwrap();
+    assert_eq!(key.saddr, super::translation::be([203, 0, 113, 9]));
+    assert_eq!(key.reason, DropReason::PolicyDeny as u8);
+    assert_eq!(value.pending, 999);
+    assert_eq!(
+        value.tuple.dport,
+        8080u16.to_be(),
+        "the record says what was dropped"
+    );
+}
