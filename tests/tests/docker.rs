@@ -408,6 +408,9 @@ fn agent_started_after_the_containers_picks_them_up() {
     );
     assert_eq!(status.map_entries("dp_ports"), 2);
     assert_eq!(status.map_entries("dp_endpoints"), 2);
+    // dockerd 20.10 speaks API 1.41, and the agent speaks the engine's own version.
+    let log = agent.log_text();
+    assert!(log.contains("speaking 1.41"), "{log}");
     for (port, name) in [(8081, "alpha"), (8082, "beta")] {
         let body = who_from_outside(&dockerd, &format!("{HOST}:{port}")).unwrap();
         assert!(

@@ -1,60 +1,225 @@
-//! Network interfaces of the namespace the agent runs in, by name and index.
+//! Network interfaces of the namespace the calling thread is in: links and addresses by
+//! rtnetlink (NETLINK_ROUTE), plus a few facts read from /proc.
+//!
+//! What the libraries do for us: `netlink-packet-route` (rtnetlink's message types) builds
+//! and parses the messages and their attributes, `netlink-sys` is the socket. Requests here
+//! are synchronous (a socket per request, like `if_nametoindex` makes): the callers are
+//! synchronous, and a socket opened on a thread that entered another namespace dumps that
+//! namespace (see `source::docker::links`).
 
 use std::{
-    ffi::{CStr, CString},
-    net::Ipv4Addr,
+    io,
+    net::{IpAddr, Ipv4Addr},
 };
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
+    link::{LinkAttribute, LinkMessage},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// One interface as the kernel describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<[u8; 6]>,
+    /// IFLA_LINK: for a veth, the ifindex of its peer (in the peer's namespace).
+    pub peer_index: Option<u32>,
+}
+
+impl From<LinkMessage> for Link {
+    fn from(message: LinkMessage) -> Link {
+        let mut link = Link {
+            index: message.header.index,
+            name: String::new(),
+            mac: None,
+            peer_index: None,
+        };
+        for attribute in message.attributes {
+            match attribute {
+                LinkAttribute::IfName(name) => link.name = name,
+                LinkAttribute::Address(mac) => link.mac = <[u8; 6]>::try_from(mac).ok(),
+                LinkAttribute::Link(peer) => link.peer_index = Some(peer),
+                _ => {}
+            }
+        }
+        link
+    }
+}
+
+/// One address of an interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    pub index: u32,
+    pub ip: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl Address {
+    fn from_message(message: AddressMessage) -> Option<Address> {
+        // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer's on a
+        // point-to-point link and the same as IFA_LOCAL elsewhere (IPv6 has only IFA_ADDRESS).
+        let mut local = None;
+        let mut address = None;
+        for attribute in message.attributes {
+            match attribute {
+                AddressAttribute::Local(ip) => local = Some(ip),
+                AddressAttribute::Address(ip) => address = Some(ip),
+                _ => {}
+            }
+        }
+        Some(Address {
+            index: message.header.index,
+            ip: local.or(address)?,
+            prefix_len: message.header.prefix_len,
+        })
+    }
+}
+
+fn invalid(error: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("rtnetlink answer: {error}"),
+    )
+}
+
+/// Sends one request on a new NETLINK_ROUTE socket and collects the answers: every message
+/// of a dump, or the one answer of a plain request.
+fn request(message: RouteNetlinkMessage, dump: bool) -> io::Result<Vec<RouteNetlinkMessage>> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut packet = NetlinkMessage::from(message);
+    packet.header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+    packet.header.sequence_number = 1;
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    let mut answers = Vec::new();
+    loop {
+        let data = match socket.recv_from_full() {
+            Ok((data, _)) => data,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if data.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "netlink closed inside an answer",
+            ));
+        }
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let length = NetlinkBuffer::new_checked(rest).map_err(invalid)?.length() as usize;
+            let one = rest
+                .get(..length)
+                .ok_or_else(|| invalid("message length"))?;
+            let message =
+                NetlinkMessage::<RouteNetlinkMessage>::deserialize(one).map_err(invalid)?;
+            match message.payload {
+                NetlinkPayload::Done(_) => return Ok(answers),
+                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                NetlinkPayload::InnerMessage(m) => {
+                    answers.push(m);
+                    if !dump {
+                        return Ok(answers);
+                    }
+                }
+                _ => {}
+            }
+            // Messages are 4-byte aligned.
+            rest = rest.get((length + 3) & !3..).unwrap_or_default();
+        }
+    }
+}
+
+/// Every link of this network namespace (one RTM_GETLINK dump).
+pub fn links() -> io::Result<Vec<Link>> {
+    Ok(
+        request(RouteNetlinkMessage::GetLink(LinkMessage::default()), true)?
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(link) => Some(Link::from(link)),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+/// One link, by name or by index; None when there is no such link.
+fn link(name: Option<&str>, index: u32) -> Option<Link> {
+    let mut message = LinkMessage::default();
+    message.header.index = index;
+    if let Some(name) = name {
+        message
+            .attributes
+            .push(LinkAttribute::IfName(name.to_owned()));
+    }
+    match request(RouteNetlinkMessage::GetLink(message), false) {
+        Ok(answers) => answers.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(link) => Some(Link::from(link)),
+            _ => None,
+        }),
+        Err(e) => {
+            // ENODEV: no such interface; anything else is worth a word.
+            if e.raw_os_error() != Some(libc::ENODEV) {
+                log::debug!("rtnetlink: looking up interface {name:?}/{index}: {e}");
+            }
+            None
+        }
+    }
+}
 
 /// The index of interface `name`, or None when it does not exist.
 pub fn ifindex(name: &str) -> Option<u32> {
-    let c_name = CString::new(name).ok()?;
-    // SAFETY: c_name is a valid NUL-terminated string.
-    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-    (index != 0).then_some(index)
+    // The kernel takes at most IFNAMSIZ-1 bytes; a longer name names nothing.
+    if name.is_empty() || name.len() >= libc::IF_NAMESIZE || name.contains('\0') {
+        return None;
+    }
+    link(Some(name), 0).map(|l| l.index)
 }
 
 /// The name of interface `index`, or None when no interface has it.
 pub fn ifname(index: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
-    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
-    if name.is_null() {
+    if index == 0 {
         return None;
     }
-    // SAFETY: on success if_indextoname wrote a NUL-terminated name into buf.
-    let name = unsafe { CStr::from_ptr(buf.as_ptr()) };
-    Some(name.to_string_lossy().into_owned())
+    link(None, index).map(|l| l.name)
+}
+
+/// Every address of every interface in this network namespace, IPv4 and IPv6 (one
+/// RTM_GETADDR dump).
+pub fn addresses() -> io::Result<Vec<Address>> {
+    let mut message = AddressMessage::default();
+    message.header.family = AddressFamily::Unspec;
+    Ok(request(RouteNetlinkMessage::GetAddress(message), true)?
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewAddress(a) => Address::from_message(a),
+            _ => None,
+        })
+        .collect())
 }
 
 /// IPv4 addresses of every interface in this network namespace: (interface, address).
 pub fn ipv4_addresses() -> Vec<(String, Ipv4Addr)> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+    let (Ok(addresses), Ok(links)) = (addresses(), links()) else {
         return Vec::new();
-    }
-    let mut addresses = Vec::new();
-    let mut cursor = head;
-    while !cursor.is_null() {
-        // SAFETY: cursor walks the list getifaddrs returned, which stays valid until freed.
-        let entry = unsafe { &*cursor };
-        if !entry.ifa_addr.is_null()
-            // SAFETY: ifa_addr is non-null and points at a sockaddr.
-            && i32::from(unsafe { (*entry.ifa_addr).sa_family }) == libc::AF_INET
-        {
-            // SAFETY: an AF_INET address is a sockaddr_in.
-            let sin = unsafe { &*entry.ifa_addr.cast::<libc::sockaddr_in>() };
-            // SAFETY: ifa_name is a NUL-terminated string.
-            let name = unsafe { CStr::from_ptr(entry.ifa_name) }
-                .to_string_lossy()
-                .into_owned();
-            addresses.push((name, Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
-        }
-        cursor = entry.ifa_next;
-    }
-    // SAFETY: head came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
+    };
     addresses
+        .into_iter()
+        .filter_map(|a| {
+            let IpAddr::V4(ip) = a.ip else { return None };
+            let name = links.iter().find(|l| l.index == a.index)?.name.clone();
+            Some((name, ip))
+        })
+        .collect()
 }
 
 /// The cookie the kernel gives this network namespace (SO_NETNS_COOKIE), which kernel
@@ -168,14 +333,52 @@ pub fn xdp_saves_work(interface: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     #[test]
     fn loopback_round_trips() {
         let index = super::ifindex("lo").expect("every namespace has lo");
         assert_eq!(super::ifname(index).as_deref(), Some("lo"));
         assert_eq!(super::ifindex("no-such-if0"), None);
+        assert_eq!(super::ifindex(""), None);
+        assert_eq!(super::ifindex("a-name-longer-than-ifnamsiz"), None);
+        assert_eq!(super::ifname(0), None);
+        assert_eq!(super::ifname(u32::MAX), None);
         assert!(super::ipv4_addresses().contains(&("lo".to_string(), Ipv4Addr::LOCALHOST)));
         assert_ne!(super::netns_cookie().unwrap(), 0);
+    }
+
+    #[test]
+    fn addresses_include_ipv6() {
+        let lo = super::ifindex("lo").unwrap();
+        let addresses = super::addresses().unwrap();
+        let on_lo = |ip: IpAddr, prefix_len| {
+            addresses
+                .iter()
+                .any(|a| a.index == lo && a.ip == ip && a.prefix_len == prefix_len)
+        };
+        assert!(on_lo(Ipv4Addr::LOCALHOST.into(), 8), "{addresses:?}");
+        // ::1 unless IPv6 is off in this namespace.
+        let ipv6_off = std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6")
+            .map(|v| v.trim() == "1")
+            .unwrap_or(true);
+        assert!(
+            ipv6_off || on_lo(Ipv6Addr::LOCALHOST.into(), 128),
+            "{addresses:?}"
+        );
+    }
+
+    #[test]
+    fn links_dump_matches_lookups() {
+        let links = super::links().unwrap();
+        let lo = links.iter().find(|l| l.name == "lo").expect("lo");
+        assert_eq!(lo.mac, Some([0; 6]));
+        for link in &links {
+            assert_eq!(super::ifindex(&link.name), Some(link.index));
+            assert_eq!(
+                super::ifname(link.index).as_deref(),
+                Some(link.name.as_str())
+            );
+        }
     }
 }

@@ -115,7 +115,7 @@ fn networks(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Vec<(NetworkSpec, S
     list.sort_by(|a, b| (&a.created, &a.name).cmp(&(&b.created, &b.name)));
     let mut out = Vec::new();
     for n in list {
-        let Some((subnet, ipam_gateway)) = n.ipam.config.iter().find_map(|c| {
+        let Some((subnet, ipam_gateway)) = n.ipam.iter().find_map(|c| {
             let subnet = Cidr::parse(&c.subnet).ok()?;
             let gateway = c.gateway.split('/').next().unwrap_or_default();
             Some((subnet, gateway.parse::<Ipv4Addr>().ok()))
@@ -394,7 +394,7 @@ fn membership(
             .inspect
             .config
             .exposed_ports
-            .keys()
+            .iter()
             .filter_map(|k| match parse_port_key(k)? {
                 (port, Some(proto)) => Some((port, proto)),
                 _ => None,
@@ -721,16 +721,32 @@ mod tests {
             "MacAddress":"02:42:ac:13:00:02","DriverOpts":{}}}}
     }"#;
 
+    /// A container as bollard decodes the engine's JSON.
+    fn inspect(json: &str) -> ContainerInspect {
+        serde_json::from_str::<bollard::models::ContainerInspectResponse>(json)
+            .unwrap()
+            .into()
+    }
+
+    /// Networks as bollard decodes the engine's JSON.
+    fn networks_of(json: &str) -> Vec<NetworkInspect> {
+        serde_json::from_str::<Vec<bollard::models::Network>>(json)
+            .unwrap()
+            .into_iter()
+            .map(NetworkInspect::from)
+            .collect()
+    }
+
     fn container(json: &str, veths: &[([u8; 6], &str)]) -> Container {
         Container {
-            inspect: serde_json::from_str(json).unwrap(),
+            inspect: inspect(json),
             host_veths: veths.iter().map(|(m, n)| (*m, n.to_string())).collect(),
             veth_error: None,
         }
     }
 
     fn sample() -> (Vec<NetworkInspect>, BTreeMap<String, Container>) {
-        let networks = serde_json::from_str(NETWORKS).unwrap();
+        let networks = networks_of(NETWORKS);
         let mut containers = BTreeMap::new();
         containers.insert(
             "587c".to_string(),
@@ -915,13 +931,13 @@ mod tests {
     fn ports_with_host_ips_and_ipv6_bindings() {
         let (networks, mut containers) = sample();
         let web = containers.get_mut("587c").unwrap();
-        web.inspect.network_settings.ports = serde_json::from_str(
+        web.inspect.network_settings.ports = super::super::api::ports(serde_json::from_str(
             r#"{"80/tcp":[{"HostIp":"192.0.2.1","HostPort":"9090"},{"HostIp":"::","HostPort":"9090"}],
                 "81/tcp":[{"HostIp":"0.0.0.0","HostPort":"9091"}],
                 "82/tcp":null,
                 "132/sctp":[{"HostIp":"","HostPort":"132"}]}"#,
         )
-        .unwrap();
+        .unwrap());
         let built = build_sample(&networks, &containers, &mut vips());
         let ports: Vec<(Option<&str>, String)> = built
             .spec
@@ -941,15 +957,12 @@ mod tests {
     }
 
     fn with_labels(json: &str, labels: &[(&str, &str)], exposed: &[&str]) -> ContainerInspect {
-        let mut inspect: ContainerInspect = serde_json::from_str(json).unwrap();
+        let mut inspect = inspect(json);
         inspect.config.labels = labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        inspect.config.exposed_ports = exposed
-            .iter()
-            .map(|p| (p.to_string(), serde_json::json!({})))
-            .collect();
+        inspect.config.exposed_ports = exposed.iter().map(|p| p.to_string()).collect();
         inspect
     }
 
@@ -1017,7 +1030,7 @@ mod tests {
                 &["80/tcp"],
             ),
         ]);
-        let networks: Vec<NetworkInspect> = serde_json::from_str(NETWORKS).unwrap();
+        let networks = networks_of(NETWORKS);
         let mut vips = vips();
         let built = build_sample(&networks, &containers, &mut vips);
         let model = validate(built.spec.clone(), &mut Vec::new()).unwrap();

@@ -4,13 +4,17 @@
 //! the only writer of maps.
 //!
 //! How it follows the engine:
-//! 1. open the event stream (containers and networks) first, so nothing that happens during
-//!    step 2 is missed;
+//! 0. ask the engine its API versions and settle the one to speak (see [`api`]);
+//! 1. open the event stream (containers and networks) from a second before step 2, so nothing
+//!    that happens during step 2 is missed;
 //! 2. full sync: list networks and running containers, inspect each container and find the
 //!    host-side end of each of its interfaces (see [`links`]);
 //! 3. on each relevant event (container start, die, destroy, rename; network create, destroy,
-//!    connect, disconnect) mark what changed; 100 ms after the first such event re-read only
-//!    that and publish a new model if it differs;
+//!    connect, disconnect) mark what changed and re-read only that, publishing a new model if
+//!    it differs: the first event after a quiet spell at once (with the events already
+//!    queued), the ones that follow within 100 ms gathered into one re-read at its end, except
+//!    a container start, which is never kept waiting (a new container's ports are applied as
+//!    soon as the engine says it started);
 //! 4. when the stream is lost (dockerd stopped or restarted), reconnect with backoff (100 ms
 //!    doubling to 5 s) and start again at step 1. Meanwhile the last model stays in force.
 //!
@@ -27,10 +31,8 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    sync::{mpsc, watch},
-    time::Instant,
-};
+use futures_util::{FutureExt as _, StreamExt as _};
+use tokio::{sync::watch, time::Instant};
 
 use crate::model::{Cidr, Model, StateFile};
 use api::{Client, DockerError, Event};
@@ -85,7 +87,7 @@ impl Source {
             args.service_vip_range
         );
         tokio::spawn(follow(
-            Client::new(socket),
+            socket.clone(),
             VipAllocator::new(args.service_vip_range),
             tx,
         ));
@@ -188,7 +190,7 @@ impl Dirty {
     }
 }
 
-async fn follow(client: Client, vips: VipAllocator, tx: watch::Sender<Option<Model>>) {
+async fn follow(socket: PathBuf, vips: VipAllocator, tx: watch::Sender<Option<Model>>) {
     let mut engine = Engine {
         networks: Vec::new(),
         containers: BTreeMap::new(),
@@ -201,7 +203,7 @@ async fn follow(client: Client, vips: VipAllocator, tx: watch::Sender<Option<Mod
     let mut last_error = String::new();
     loop {
         let syncs_before = engine.syncs;
-        let error = session(client.clone(), &mut engine, &tx).await;
+        let error = session(&socket, &mut engine, &tx).await;
         if engine.syncs > syncs_before {
             // It had been working: the first retry comes quickly again, and the same error
             // as before the last success is news again.
@@ -235,71 +237,88 @@ enum SessionEnd {
 /// One connection's worth of following: stream, full sync, then event batches until the
 /// stream is lost; returns why it ended.
 async fn session(
-    mut client: Client,
+    socket: &Path,
     engine: &mut Engine,
     tx: &watch::Sender<Option<Model>>,
 ) -> SessionEnd {
-    let Err(end) = session_inner(&mut client, engine, tx).await;
+    let Err(end) = session_inner(socket, engine, tx).await;
     end
 }
 
+/// Events that make a container serve: handled at once even inside a gather window, since
+/// until then a connection to its published port reaches dockerd's placeholder socket.
+fn starts_serving(event: &Event) -> bool {
+    event.kind == "container" && matches!(event.action.as_str(), "start" | "restart" | "unpause")
+}
+
 async fn session_inner(
-    client: &mut Client,
+    socket: &Path,
     engine: &mut Engine,
     tx: &watch::Sender<Option<Model>>,
 ) -> Result<Infallible, SessionEnd> {
-    let version = client.negotiate().await?;
-    let mut stream = client.events().await?;
-    // The stream is read in a task of its own: reading it is not cancel-safe, and the loop
-    // below waits on events and on the debounce timer at once.
-    let (events_tx, mut events) = mpsc::channel::<Result<Event, SessionEnd>>(1024);
-    let reader = tokio::spawn(async move {
-        loop {
-            let item = match stream.next().await {
-                Ok(Some(event)) => Ok(event),
-                Ok(None) => Err(SessionEnd::StreamEnded),
-                Err(e) => Err(SessionEnd::Docker(e)),
-            };
-            let last = item.is_err();
-            if events_tx.send(item).await.is_err() || last {
-                return;
-            }
-        }
-    });
-    let _reader = AbortOnDrop(reader);
+    let client = Client::connect(socket).await?;
+    // The stream asks for events since a second before the full sync: the engine replays what
+    // it keeps of the recent past, so nothing that happens during the sync is missed however
+    // late the stream's request reaches it (the engine runs on this host's clock). Events the
+    // sync already saw only cause a re-read.
+    let mut events = client.events(std::time::SystemTime::now() - Duration::from_secs(1));
 
     let started = std::time::Instant::now();
-    full_sync(client, engine).await?;
+    full_sync(&client, engine).await?;
     engine.syncs += 1;
     log::info!(
-        "docker: engine at {} (API {version}) read in {:?}: {} networks, {} running containers",
+        "docker: engine at {} (API {}, speaking {}) read in {:?}: {} networks, {} running \
+         containers",
         client.socket().display(),
+        client.engine_version(),
+        client.version(),
         started.elapsed(),
         engine.networks.len(),
         engine.containers.len()
     );
     publish(engine, tx);
 
+    // The first event after a quiet spell is handled at once, with whatever else is already
+    // queued; the events that follow within DEBOUNCE of that re-read are gathered into one
+    // more. A container that starts serving is never kept waiting (see starts_serving).
     let mut dirty = Dirty::default();
     let mut deadline: Option<Instant> = None;
+    let mut quiet_after = Instant::now();
     loop {
-        tokio::select! {
-            item = events.recv() => match item {
-                Some(Ok(event)) => {
-                    if dirty.note(&event) {
-                        log::debug!("docker: {} {} {}", event.kind, event.action, event.actor.id);
-                        deadline.get_or_insert_with(|| Instant::now() + DEBOUNCE);
-                    }
+        let now_due = tokio::select! {
+            item = events.next() => {
+                let event = next_event(item)?;
+                if !dirty.note(&event) {
+                    continue;
                 }
-                Some(Err(end)) => return Err(end),
-                None => return Err(SessionEnd::StreamEnded),
-            },
-            _ = sleep_until(deadline), if deadline.is_some() => {
-                deadline = None;
-                refresh(client, engine, std::mem::take(&mut dirty)).await?;
-                publish(engine, tx);
+                log::debug!("docker: {} {} {}", event.kind, event.action, event.actor.id);
+                if starts_serving(&event) || Instant::now() >= quiet_after {
+                    true
+                } else {
+                    deadline.get_or_insert(quiet_after);
+                    false
+                }
             }
+            _ = sleep_until(deadline), if deadline.is_some() => true,
+        };
+        if now_due {
+            // Whatever is queued already joins this re-read.
+            while let Some(item) = events.next().now_or_never() {
+                dirty.note(&next_event(item)?);
+            }
+            deadline = None;
+            refresh(&client, engine, std::mem::take(&mut dirty)).await?;
+            publish(engine, tx);
+            quiet_after = Instant::now() + DEBOUNCE;
         }
+    }
+}
+
+fn next_event(item: Option<Result<Event, DockerError>>) -> Result<Event, SessionEnd> {
+    match item {
+        Some(Ok(event)) => Ok(event),
+        Some(Err(e)) => Err(e.into()),
+        None => Err(SessionEnd::StreamEnded),
     }
 }
 
@@ -307,14 +326,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
