@@ -1213,6 +1213,18 @@ ports:
                 "No mapping for NAT masquerade",
             ),
             (
+                DropReason::FragmentNotFound,
+                "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND",
+                175,
+                "First logical datagram fragment not found",
+            ),
+            (
+                DropReason::InvalidL4Header,
+                "CT_TRUNCATED_OR_INVALID_HEADER",
+                135,
+                "CT: Truncated or invalid header",
+            ),
+            (
                 DropReason::PolicyDeny,
                 "POLICY_DENY",
                 181,
