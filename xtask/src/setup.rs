@@ -1,4 +1,4 @@
-//! Installs what a new machine of this project's kind lacks (see shared/TOOLCHAIN.md), and
+//! Installs what a new machine of this project's kind lacks (see docs/DESIGN.md section 11), and
 //! skips what is present. Each step says what it does; a failure names the step.
 
 use std::{ffi::OsString, path::PathBuf, process::Command};
