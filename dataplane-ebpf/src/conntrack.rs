@@ -274,6 +274,7 @@ pub fn create(c: &NewConnection) -> Result<(), CtError> {
     if CONNTRACK.get_ptr(&c.reply).is_some() {
         return Err(CtError::Exists);
     }
+    // SAFETY: a helper without arguments or preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: array element 0 always exists. New connections were judged just now.
     let generation = CONFIG

@@ -9,7 +9,8 @@ use crate::maps::{DROPS, IFACE_STATS};
 pub fn count_packet(ifindex: u32, hook: u32, len: u32) {
     let key = IfaceStatsKey { ifindex, hook };
     match IFACE_STATS.get_ptr_mut(&key) {
-        // Per-CPU value: no other CPU writes it, a plain add is race free.
+        // SAFETY: a map value from the lookup just made; per-CPU, so no other CPU writes it
+        // and a plain add is race free.
         Some(stats) => unsafe {
             (*stats).packets += 1;
             (*stats).bytes += u64::from(len);
@@ -29,7 +30,8 @@ pub fn count_packet(ifindex: u32, hook: u32, len: u32) {
 #[inline(always)]
 pub fn count_drop(reason: DropReason) {
     if let Some(counter) = DROPS.get_ptr_mut(reason as u32) {
-        // Per-CPU slot: no concurrent writer.
+        // SAFETY: a map value from the lookup just made; a per-CPU slot has no concurrent
+        // writer.
         unsafe { *counter += 1 };
     }
 }

@@ -86,9 +86,9 @@ struct Arrived {
 /// Runs the hook's translations on the packet in `ctx`; a drop also becomes a flow event.
 #[inline(always)]
 pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
-    // SAFETY: `skb` points at the context the kernel passed to this program.
     let site = Site {
         hook,
+        // SAFETY: `skb` points at the context the kernel passed to this program.
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
     };
     let mut arrived = Arrived {
@@ -469,6 +469,7 @@ fn reply_to_client(ctx: &TcContext, ip: &Ipv4Packet) -> Verdict {
     match CONFIG.get_ptr(0) {
         // SAFETY: array element 0 always exists.
         Some(config) if unsafe { (*config).uplink_ifindex } != 0 => {
+            // SAFETY: as just above.
             Verdict::RedirectNeigh(unsafe { (*config).uplink_ifindex })
         }
         _ => Verdict::Pass,
