@@ -34,7 +34,11 @@ use tokio::{
 };
 
 use crate::{
-    kernel::{Datapath, conntrack::Walk},
+    kernel::{
+        Datapath,
+        conntrack::Walk,
+        maps::{Conntrack, ConntrackNew},
+    },
     model::Model,
 };
 use export::FlowLog;
@@ -438,9 +442,9 @@ impl Pipeline {
     /// counts both tables' entries; `dataplane_map_entries` has each table on its own.
     fn metrics_ct_capacity(&self, datapath: &Datapath) -> u64 {
         let main = datapath
-            .conntrack_capacity()
+            .capacity::<Conntrack>()
             .map_or(u64::from(dataplane_common::capacity::CONNTRACK), u64::from);
-        main + datapath.conntrack_new_capacity().map_or(0, u64::from)
+        main + datapath.capacity::<ConntrackNew>().map_or(0, u64::from)
     }
 
     /// `observe {json}` from the control socket: the reply (the latest matching records, one

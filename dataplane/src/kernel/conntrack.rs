@@ -85,30 +85,16 @@ impl Collector {
             drop_aggregates: BTreeMap::new(),
             now_ns,
         };
-        let mut main_fill = 0.0;
-        match self.maps.established.entries() {
-            Ok(entries) => {
-                let doomed = expired(&entries, now_ns);
-                self.collected += self.maps.established.remove_all(&doomed) as u64;
-                main_fill =
-                    entries.len() as f64 / f64::from(self.maps.established.capacity().max(1));
-                walk.removed.extend(doomed);
-                walk.entries.extend(entries);
-            }
-            Err(e) => log::warn!("conntrack gc: {e}"),
-        }
-        match self.maps.handshakes.entries() {
-            Ok(entries) => {
-                let doomed = expired(&entries, now_ns);
-                self.collected += self.maps.handshakes.remove_all(&doomed) as u64;
-                // A handshake that never completed was never reported (TCP is reported once
-                // established): only the other protocols' ends are records.
-                walk.removed
-                    .extend(doomed.into_iter().filter(|k| k.proto != IPPROTO_TCP));
-                walk.entries.extend(entries);
-            }
-            Err(e) => log::warn!("conntrack gc: {e}"),
-        }
+        let (entries, doomed) = sweep(&mut self.maps.established, now_ns, &mut self.collected);
+        let main_fill = entries.len() as f64 / f64::from(self.maps.established.capacity().max(1));
+        walk.removed.extend(doomed);
+        walk.entries.extend(entries);
+        let (entries, doomed) = sweep(&mut self.maps.handshakes, now_ns, &mut self.collected);
+        // A handshake that never completed was never reported (TCP is reported once
+        // established): only the other protocols' ends are records.
+        walk.removed
+            .extend(doomed.into_iter().filter(|k| k.proto != IPPROTO_TCP));
+        walk.entries.extend(entries);
         match self.maps.drop_aggregates.entries() {
             Ok(entries) => walk.drop_aggregates = entries,
             Err(e) => log::warn!("drop aggregates: {e}"),
@@ -136,6 +122,26 @@ impl Collector {
             + remove_translated(&mut self.maps.handshakes, addresses);
         if removed > 0 {
             log::info!("removed {removed} conntrack entries of departed containers");
+        }
+    }
+}
+
+/// Removes the expired entries of `table` at `now_ns`, counting them in `collected`; returns
+/// the table as read and the keys removed (nothing when it could not be read).
+fn sweep<M: HashMapSpec<Key = CtKey, Value = CtEntry>>(
+    table: &mut KernelFilled<M>,
+    now_ns: u64,
+    collected: &mut u64,
+) -> (BTreeMap<CtKey, CtEntry>, Vec<CtKey>) {
+    match table.entries() {
+        Ok(entries) => {
+            let doomed = expired(&entries, now_ns);
+            *collected += table.remove_all(&doomed) as u64;
+            (entries, doomed)
+        }
+        Err(e) => {
+            log::warn!("conntrack gc: {e}");
+            (BTreeMap::new(), Vec::new())
         }
     }
 }

@@ -957,16 +957,22 @@ impl Datapath {
     }
 
     /// The capacity hash map `M` was created with (a pinned map keeps its own).
-    pub fn capacity<M: HashMapSpec>(&self) -> u32 {
-        match self.map_ref(M::NAME) {
-            Ok(aya::maps::Map::HashMap(data)) => data.info().map(|i| i.max_entries()).unwrap_or(0),
-            _ => 0,
+    pub fn capacity<M: HashMapSpec>(&self) -> Result<u32, DatapathError> {
+        match self.map_ref(M::NAME)? {
+            aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data) => data
+                .info()
+                .map(|i| i.max_entries())
+                .map_err(|source| DatapathError::Map {
+                    map: M::NAME,
+                    source,
+                }),
+            _ => Err(DatapathError::MissingMap(M::NAME)),
         }
     }
 
     /// How full each map is.
     pub fn map_fill(&self) -> Result<Vec<MapFill>, DatapathError> {
-        let ct_capacity = self.conntrack_capacity()?;
+        let ct_capacity = self.capacity::<Conntrack>()?;
         Ok(vec![
             MapFill {
                 name: map_names::CONNTRACK,
@@ -976,12 +982,12 @@ impl Datapath {
             MapFill {
                 name: map_names::CONNTRACK_NEW,
                 entries: self.count::<ConntrackNew>()?,
-                capacity: self.conntrack_new_capacity()?,
+                capacity: self.capacity::<ConntrackNew>()?,
             },
             MapFill {
                 name: map_names::PORTS,
                 entries: self.count::<Ports>()?,
-                capacity: self.capacity::<Ports>(),
+                capacity: self.capacity::<Ports>()?,
             },
             MapFill {
                 name: map_names::SERVICES,
@@ -1077,29 +1083,5 @@ impl Datapath {
         let map: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.map_ref(name)?).map_err(err)?;
         Ok(map.get(&0, 0).map_err(err)?.iter().sum())
-    }
-
-    /// Capacity of the table of unestablished connections (the pinned map's).
-    pub fn conntrack_new_capacity(&self) -> Result<u32, DatapathError> {
-        let name = map_names::CONNTRACK_NEW;
-        match self.map_ref(name)? {
-            aya::maps::Map::LruHashMap(data) => data
-                .info()
-                .map(|i| i.max_entries())
-                .map_err(|source| DatapathError::Map { map: name, source }),
-            _ => Err(DatapathError::MissingMap(name)),
-        }
-    }
-
-    /// Capacity of the conntrack map (the pinned map's, which may differ from the default).
-    pub fn conntrack_capacity(&self) -> Result<u32, DatapathError> {
-        let name = map_names::CONNTRACK;
-        match self.map_ref(name)? {
-            aya::maps::Map::HashMap(data) => data
-                .info()
-                .map(|i| i.max_entries())
-                .map_err(|source| DatapathError::Map { map: name, source }),
-            _ => Err(DatapathError::MissingMap(name)),
-        }
     }
 }

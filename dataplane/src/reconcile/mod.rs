@@ -206,7 +206,7 @@ impl Reconciler {
         }
         let desired = desired(model, host, &self.datapath)?;
         // Refused whole before any write, rather than failing half-way.
-        capacity::check(&desired, self.datapath.capacity::<Ports>())?;
+        capacity::check(&desired, self.datapath.capacity::<Ports>()?)?;
         apply(&desired, &mut self.datapath)
     }
 

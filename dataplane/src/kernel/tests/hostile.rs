@@ -151,7 +151,7 @@ fn a_syn_flood_never_displaces_established_connections_nor_locks_new_ones_out() 
     host(dp);
     handshake(dp, 40000);
     assert_eq!(state_of(dp, 40000), Some((ct_state::ESTABLISHED, true)));
-    let capacity = dp.conntrack_new_capacity().unwrap() as usize;
+    let capacity = dp.capacity::<ConntrackNew>().unwrap() as usize;
     // A spoofed flood: many more SYNs than the table of handshakes holds, each answered by
     // the container, none acknowledged.
     for i in 0..(capacity as u32 * 2) {
