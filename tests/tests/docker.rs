@@ -465,3 +465,87 @@ fn dockerd_restarted_under_a_running_agent_ends_with_the_right_maps() {
     );
     assert!(who_from_outside(&dockerd, &format!("{HOST}:8082")).is_err());
 }
+
+/// How a request right after `docker run` returned ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum FirstRequest {
+    Answered,
+    /// Refused or reset: the client knows at once and can retry.
+    Refused,
+    /// Nothing came back before the client gave up.
+    Hung,
+}
+
+/// One GET from the outside, as a user's client would make it right after `docker run`.
+fn first_request(dockerd: &Dockerd, addr: &str) -> (FirstRequest, String) {
+    let out = dockerd.outside(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        &format!("http://{addr}/cgi-bin/who"),
+    ]);
+    let kind = match out.status.code() {
+        Some(0) => FirstRequest::Answered,
+        // 7: connection refused; 52: empty reply; 56: reset while receiving.
+        Some(7 | 52 | 56) => FirstRequest::Refused,
+        _ => FirstRequest::Hung,
+    };
+    (kind, String::from_utf8_lossy(&out.stderr).trim().to_owned())
+}
+
+/// Issue 14.3: with `--userland-proxy=false` dockerd still listens on a published port (to
+/// hold it), and until the agent has applied a new container its port leads to that socket,
+/// which completes the handshake and never answers. A request made as soon as `docker run`
+/// returns must be answered or refused at once, never left hanging.
+#[test]
+fn a_request_right_after_docker_run_never_hangs() {
+    let dockerd = Dockerd::start();
+    let agent = dockerd.agent(&[]);
+    // Load, as on a host that does other work: containers that spin.
+    for i in 0..2 {
+        dockerd.docker_ok(&[
+            "run",
+            "-d",
+            "--stop-timeout",
+            "1",
+            "--name",
+            &format!("busy{i}"),
+            IMAGE,
+            "sh",
+            "-c",
+            "while :; do :; done",
+        ]);
+    }
+    let mut outcomes = Vec::new();
+    for i in 0..30u16 {
+        let port = 8100 + i;
+        run_web(&dockerd, &format!("web{i}"), &["-p", &format!("{port}:80")]);
+        let (kind, error) = first_request(&dockerd, &format!("{HOST}:{port}"));
+        eprintln!("web{i}: {kind:?} {error}");
+        outcomes.push(kind);
+        if kind != FirstRequest::Answered {
+            // Whatever the first one got, the port works once the agent has it.
+            agent.wait_for(&format!("web{i} published"), |s| {
+                s.endpoint_names().contains(&format!("web{i}"))
+            });
+            let mut answered = false;
+            for _ in 0..20 {
+                if first_request(&dockerd, &format!("{HOST}:{port}")).0 == FirstRequest::Answered {
+                    answered = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(answered, "web{i} never answered on {port}");
+        }
+    }
+    let count = |k| outcomes.iter().filter(|o| **o == k).count();
+    eprintln!(
+        "first requests: {} answered, {} refused or reset, {} hung",
+        count(FirstRequest::Answered),
+        count(FirstRequest::Refused),
+        count(FirstRequest::Hung)
+    );
+    assert_eq!(count(FirstRequest::Hung), 0, "{outcomes:?}");
+}

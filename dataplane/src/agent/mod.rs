@@ -20,6 +20,7 @@ use crate::{
         conntrack::{self, Collector},
         netdev,
         pin_lock::{PinLock, StartRecord},
+        sockets,
     },
     model::Model,
     reconcile::{HostSettings, ReconcileError, Reconciler},
@@ -164,7 +165,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 }
             }
             event = next_state(&mut sources.state) => agent.on_state_file(event),
-            model = sources.docker.next_model() => agent.apply_from("docker", None, None, model),
+            published = sources.docker.next_model() => agent.apply_from(
+                "docker",
+                Version::default(),
+                published.model,
+                published.notes,
+            ),
             Some(request) = requests.recv() => {
                 let reply = agent.handle(&request);
                 let _ = request.reply.send(reply);
@@ -178,6 +184,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     );
     agent.reconciler.detach_all();
     Ok(())
+}
+
+/// Which version of its source a state is: the state file's hash and modification time
+/// (none for Docker).
+#[derive(Debug, Default)]
+struct Version {
+    sha256: Option<String>,
+    modified_unix: Option<u64>,
 }
 
 /// What the main loop listens to besides clients and signals.
@@ -198,16 +212,20 @@ async fn next_state(state: &mut Option<state_file::Source>) -> state_file::Event
 async fn start(args: AgentArgs) -> anyhow::Result<(Agent, Sources, tokio::net::UnixListener)> {
     let mut docker = docker::Source::start(&args.docker);
     let mut state = args.state.clone().map(state_file::Source::start);
-    let (initial, version) = match &mut state {
+    let (initial, version, notes) = match &mut state {
         Some(source) => {
             let reading = source.first().await;
             let model = reading.result?;
-            (model, (reading.sha256, reading.modified_unix))
+            let version = Version {
+                sha256: reading.sha256,
+                modified_unix: reading.modified_unix,
+            };
+            (model, version, Vec::new())
         }
-        None => (
-            docker.first_model(docker::FIRST_SYNC_WAIT).await,
-            (None, None),
-        ),
+        None => {
+            let first = docker.first_model(docker::FIRST_SYNC_WAIT).await;
+            (first.model, Version::default(), first.notes)
+        }
     };
     let options = LoadOptions {
         ct_max_entries: args.ct_max_entries,
@@ -262,7 +280,7 @@ async fn start(args: AgentArgs) -> anyhow::Result<(Agent, Sources, tokio::net::U
     };
     // The first state must apply: an agent that cannot start says why and exits.
     agent
-        .apply(source, version.0, version.1, initial)
+        .apply(source, version, initial, notes)
         .context("applying the initial state")?;
     Ok((
         agent,
@@ -302,14 +320,14 @@ impl Agent {
         })
     }
 
-    /// Applies `model` from `source` (the state file's version: its hash and modification
-    /// time); on failure the last good state stays in force.
+    /// Applies `model` from `source` (`notes`: what the source noticed making it, shown as
+    /// warnings); on failure the last good state stays in force.
     fn apply(
         &mut self,
         source: &str,
-        sha256: Option<String>,
-        modified_unix: Option<u64>,
+        version: Version,
         model: Model,
+        notes: Vec<String>,
     ) -> Result<(), ReconcileError> {
         let host_addrs: Vec<std::net::Ipv4Addr> = netdev::ipv4_addresses()
             .into_iter()
@@ -317,6 +335,7 @@ impl Agent {
             .collect();
         let mut warnings = model.check_host(&host_addrs)?;
         warnings.extend(model.warnings());
+        warnings.extend(notes);
         self.reconcile_in(model, true)?;
         for w in &warnings {
             if !self.state.warnings.contains(w) {
@@ -326,8 +345,8 @@ impl Agent {
         self.state.warnings = warnings;
         self.state.in_force = Some(report::StateVersion {
             source: source.to_owned(),
-            sha256,
-            modified_unix,
+            sha256: version.sha256,
+            modified_unix: version.modified_unix,
             applied_unix: state_file::unix_now(),
         });
         self.state.newer = None;
@@ -337,14 +356,9 @@ impl Agent {
     }
 
     /// Applies `model` from a source, recording a refusal.
-    fn apply_from(
-        &mut self,
-        source: &str,
-        sha256: Option<String>,
-        modified_unix: Option<u64>,
-        model: Model,
-    ) {
-        if let Err(e) = self.apply(source, sha256.clone(), modified_unix, model) {
+    fn apply_from(&mut self, source: &str, version: Version, model: Model, notes: Vec<String>) {
+        let sha256 = version.sha256.clone();
+        if let Err(e) = self.apply(source, version, model, notes) {
             self.reject(sha256, e.to_string());
         }
     }
@@ -374,6 +388,15 @@ impl Agent {
             self.flows.set_model(model);
         }
         self.collector.forget_translated_to(&applied.departed);
+        match sockets::reset_placeholder_connections(&applied.published_tcp) {
+            Ok(0) => {}
+            Ok(n) => log::info!(
+                "reset {n} connection(s) that reached the host on newly published ports \
+                 {:?} before they were published",
+                applied.published_tcp
+            ),
+            Err(e) => log::warn!("resetting connections on newly published ports: {e}"),
+        }
         self.last_applied_unix = Some(state_file::unix_now());
         Ok(())
     }
@@ -394,7 +417,11 @@ impl Agent {
                         "state file changed (sha256 {}); applying",
                         reading.sha256.as_deref().unwrap_or("-")
                     );
-                    self.apply_from("file", reading.sha256, reading.modified_unix, model);
+                    let version = Version {
+                        sha256: reading.sha256,
+                        modified_unix: reading.modified_unix,
+                    };
+                    self.apply_from("file", version, model, Vec::new());
                 }
                 Err(e) => self.reject(reading.sha256, e.to_string()),
             },

@@ -28,6 +28,7 @@ pub mod conntrack;
 pub mod maps;
 pub mod netdev;
 pub mod pin_lock;
+pub mod sockets;
 
 use maps::{
     Backends, Conntrack, ConntrackNew, Endpoints, HashMapSpec, LocalAddrs, Ports, Reconciled,

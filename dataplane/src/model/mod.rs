@@ -259,7 +259,7 @@ impl Cidr {
         Ok(cidr)
     }
 
-    fn mask(&self) -> u32 {
+    pub fn mask(&self) -> u32 {
         if self.prefix_len == 0 {
             0
         } else {
@@ -360,7 +360,7 @@ impl PortRange {
 }
 
 /// What a published port leads to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PortTarget {
     Endpoint(String),

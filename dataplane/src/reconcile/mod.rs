@@ -23,7 +23,7 @@ use crate::{
         Datapath, DatapathError, Hook,
         maps::{Backends, Endpoints, LocalAddrs, Ports, Reconciled, Services},
     },
-    model::{Algorithm, Model, PortTarget as ModelPortTarget, StateError},
+    model::{Algorithm, Model, PortTarget as ModelPortTarget, Protocol, StateError},
 };
 
 /// Source ports masquerade uses, kept apart from Linux's default ephemeral range
@@ -148,6 +148,9 @@ pub struct Applied {
     /// Addresses (network byte order) of container interfaces the previous model had and this
     /// one does not: their translated connections are to be forgotten.
     pub departed: BTreeSet<u32>,
+    /// Host TCP ports this apply published or led elsewhere: connections that reached the
+    /// host on them before (dockerd's placeholder socket) are to be reset.
+    pub published_tcp: BTreeSet<u16>,
 }
 
 impl Reconciler {
@@ -181,8 +184,13 @@ impl Reconciler {
                     .applied()
                     .map(|old| departed_addresses(old, &model))
                     .unwrap_or_default();
+                let published_tcp = newly_published_tcp(self.applied(), &model);
                 self.last_good = Some((model, host));
-                Ok(Applied { changes, departed })
+                Ok(Applied {
+                    changes,
+                    departed,
+                    published_tcp,
+                })
             }
             Err(err) => {
                 // (A repair of the state in force that failed has nothing better to go back to.)
@@ -228,6 +236,24 @@ fn departed_addresses(old: &Model, new: &Model) -> BTreeSet<u32> {
     addresses(old)
         .difference(&addresses(new))
         .copied()
+        .collect()
+}
+
+/// Host TCP ports of `new` that `old` did not publish to the same target.
+fn newly_published_tcp(old: Option<&Model>, new: &Model) -> BTreeSet<u16> {
+    let bindings = |m: &Model| -> BTreeSet<(u16, ModelPortTarget)> {
+        m.ports
+            .iter()
+            .filter(|p| p.protocol == Protocol::Tcp)
+            .flat_map(|p| {
+                (p.host_ports.first..=p.host_ports.last).map(|port| (port, p.target.clone()))
+            })
+            .collect()
+    };
+    let before = old.map(bindings).unwrap_or_default();
+    bindings(new)
+        .difference(&before)
+        .map(|(port, _)| *port)
         .collect()
 }
 

@@ -442,7 +442,7 @@ fn services(
     }
     groups.retain(|_, ports| !ports.is_empty());
     let names: BTreeSet<String> = groups.keys().cloned().collect();
-    let assigned = vips.assign(&names, avoid);
+    let assigned = vips.assign(&names, avoid, notes);
     let mut out = Vec::new();
     for (group, ports) in groups {
         let Some(vip) = assigned.get(&group) else {
@@ -483,27 +483,42 @@ fn services(
 /// skipped linearly; a name keeps its VIP for as long as it exists.
 #[derive(Debug, Clone)]
 pub struct VipAllocator {
+    /// The range asked for (--service-vip-range).
     range: Cidr,
+    /// The range VIPs come from now: `range`, or a free block of the same size when a Docker
+    /// network's subnet covers it.
+    in_use: Cidr,
     by_name: BTreeMap<String, Ipv4Addr>,
 }
+
+/// Private blocks a VIP range may move within when a network covers it: never out of the
+/// block it was given in, so that VIPs never shadow public addresses.
+const PRIVATE_BLOCKS: [(Ipv4Addr, u8); 4] = [
+    (Ipv4Addr::new(10, 0, 0, 0), 8),
+    (Ipv4Addr::new(172, 16, 0, 0), 12),
+    (Ipv4Addr::new(192, 168, 0, 0), 16),
+    (Ipv4Addr::new(100, 64, 0, 0), 10),
+];
 
 impl VipAllocator {
     pub fn new(range: Cidr) -> VipAllocator {
         VipAllocator {
             range,
+            in_use: range,
             by_name: BTreeMap::new(),
         }
     }
 
+    /// The range VIPs are taken from now.
     pub fn range(&self) -> Cidr {
-        self.range
+        self.in_use
     }
 
-    /// First usable address and how many there are (network and broadcast addresses left out
-    /// of ranges that have them).
-    fn usable(&self) -> (u32, u64) {
-        let base = u32::from(self.range.network());
-        let size = 1u64 << (32 - u32::from(self.range.prefix_len));
+    /// First usable address of `range` and how many there are (network and broadcast
+    /// addresses left out of ranges that have them).
+    fn usable(range: Cidr) -> (u32, u64) {
+        let base = u32::from(range.network());
+        let size = 1u64 << (32 - u32::from(range.prefix_len));
         if size >= 4 {
             (base + 1, size - 2)
         } else {
@@ -511,18 +526,87 @@ impl VipAllocator {
         }
     }
 
+    /// Whether one of `avoid` holds every address of `range`.
+    fn covered(range: Cidr, avoid: &[Cidr]) -> bool {
+        avoid
+            .iter()
+            .any(|c| c.prefix_len <= range.prefix_len && c.contains(range.network()))
+    }
+
+    /// The range to take VIPs from given the networks' subnets: the one asked for unless a
+    /// subnet covers it; then the first block of the same size after it, inside the same
+    /// private block, that no subnet touches; None when there is none.
+    fn choose_range(&self, avoid: &[Cidr]) -> Option<Cidr> {
+        if !Self::covered(self.range, avoid) {
+            return Some(self.range);
+        }
+        let (block, block_len) = PRIVATE_BLOCKS.into_iter().find(|(addr, len)| {
+            *len <= self.range.prefix_len
+                && Cidr {
+                    addr: *addr,
+                    prefix_len: *len,
+                }
+                .contains(self.range.network())
+        })?;
+        let size = 1u64 << (32 - u32::from(self.range.prefix_len));
+        let blocks = 1u64 << (self.range.prefix_len - block_len);
+        let base = u64::from(u32::from(block));
+        let own = (u64::from(u32::from(self.range.network())) - base) / size;
+        let touches = |candidate: Cidr| {
+            let (first, last) = (
+                u32::from(candidate.network()),
+                u32::from(candidate.network()) + (size - 1) as u32,
+            );
+            avoid.iter().any(|c| {
+                let (cf, cl) = (
+                    u32::from(c.network()),
+                    u32::from(c.network()) | !c.mask(),
+                );
+                cf <= last && first <= cl
+            })
+        };
+        (1..blocks)
+            .map(|i| Cidr {
+                addr: Ipv4Addr::from((base + ((own + i) % blocks) * size) as u32),
+                prefix_len: self.range.prefix_len,
+            })
+            .find(|candidate| !touches(*candidate))
+    }
+
     /// VIPs for exactly `names`: kept for those that have one, new for the others; VIPs of
     /// names no longer given are released. Addresses inside `avoid` (the networks' subnets)
-    /// are never handed out. A name missing from the result found no free address.
+    /// are never handed out; when they cover the whole range asked for, VIPs come from a
+    /// free block of the same size (with a note saying so). A name missing from the result
+    /// found no free address.
     pub fn assign(
         &mut self,
         names: &BTreeSet<String>,
         avoid: &[Cidr],
+        notes: &mut Vec<String>,
     ) -> BTreeMap<String, Ipv4Addr> {
-        self.by_name
-            .retain(|name, ip| names.contains(name) && !avoid.iter().any(|c| c.contains(*ip)));
+        match self.choose_range(avoid) {
+            Some(range) => {
+                if range != self.range {
+                    notes.push(format!(
+                        "the service VIP range {} lies inside a Docker network's subnet; \
+                         service VIPs come from {range} instead (set --service-vip-range)",
+                        self.range
+                    ));
+                }
+                self.in_use = range;
+            }
+            None => notes.push(format!(
+                "the service VIP range {} lies inside a Docker network's subnet and no free \
+                 block of its size was found; services have no VIP (set --service-vip-range)",
+                self.range
+            )),
+        }
+        let in_use = self.in_use;
+        self.by_name.retain(|name, ip| {
+            names.contains(name) && in_use.contains(*ip) && !avoid.iter().any(|c| c.contains(*ip))
+        });
         let mut taken: BTreeSet<Ipv4Addr> = self.by_name.values().copied().collect();
-        let (first, count) = self.usable();
+        let (first, count) = Self::usable(in_use);
         // Probing a whole /8 for a free address is pointless; 65536 tries is plenty.
         let tries = count.min(1 << 16);
         for name in names {
@@ -1082,21 +1166,21 @@ mod tests {
         let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
         let range = Cidr::parse("10.96.0.0/16").unwrap();
         let mut a = VipAllocator::new(range);
-        let first = a.assign(&names(&["x", "y", "z"]), &[]);
+        let first = a.assign(&names(&["x", "y", "z"]), &[], &mut Vec::new());
         assert_eq!(first.len(), 3);
         assert_eq!(first.values().collect::<BTreeSet<_>>().len(), 3);
         // Another allocator (an agent restart) hands out the same VIPs.
         let mut b = VipAllocator::new(range);
-        assert_eq!(b.assign(&names(&["z", "y", "x"]), &[]), first);
+        assert_eq!(b.assign(&names(&["z", "y", "x"]), &[], &mut Vec::new()), first);
         // Names keep theirs while others come and go.
-        let later = a.assign(&names(&["x", "z", "w"]), &[]);
+        let later = a.assign(&names(&["x", "z", "w"]), &[], &mut Vec::new());
         assert_eq!(later["x"], first["x"]);
         assert_eq!(later["z"], first["z"]);
         assert!(!later.contains_key("y"));
 
         // A /30 has two usable addresses; the third name gets none.
         let mut small = VipAllocator::new(Cidr::parse("10.96.0.0/30").unwrap());
-        let got = small.assign(&names(&["a", "b", "c"]), &[]);
+        let got = small.assign(&names(&["a", "b", "c"]), &[], &mut Vec::new());
         assert_eq!(got.len(), 2);
         let mut got: Vec<Ipv4Addr> = got.into_values().collect();
         got.sort();
@@ -1107,14 +1191,47 @@ mod tests {
         // A /32 is one VIP, which a test can count on.
         let mut one = VipAllocator::new(Cidr::parse("10.96.0.10/32").unwrap());
         assert_eq!(
-            one.assign(&names(&["svc"]), &[])["svc"],
+            one.assign(&names(&["svc"]), &[], &mut Vec::new())["svc"],
             Ipv4Addr::new(10, 96, 0, 10)
         );
         // Never inside a network's subnet.
         let overlap = Cidr::parse("10.96.0.0/24").unwrap();
         let mut c = VipAllocator::new(Cidr::parse("10.96.0.0/23").unwrap());
-        let got = c.assign(&names(&["a", "b", "c", "d"]), &[overlap]);
+        let got = c.assign(&names(&["a", "b", "c", "d"]), &[overlap], &mut Vec::new());
         assert!(got.values().all(|ip| !overlap.contains(*ip)), "{got:?}");
+    }
+
+    #[test]
+    fn a_vip_range_inside_a_network_moves_to_a_free_block_and_says_so() {
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        let range = Cidr::parse("10.96.0.0/16").unwrap();
+        let mut vips = VipAllocator::new(range);
+        let before = vips.assign(&names(&["web"]), &[], &mut Vec::new());
+        assert!(range.contains(before["web"]));
+        // A network 10.96.0.0/12 covers 10.96-10.111: the next free /16 is 10.112.0.0/16.
+        let wide = Cidr::parse("10.96.0.0/12").unwrap();
+        let mut notes = Vec::new();
+        let got = vips.assign(&names(&["web", "db"]), &[wide], &mut notes);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(vips.range(), Cidr::parse("10.112.0.0/16").unwrap());
+        assert!(got.values().all(|ip| vips.range().contains(*ip)), "{got:?}");
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("10.112.0.0/16"), "{notes:?}");
+        // The network gone, VIPs come from the range asked for again.
+        let mut notes = Vec::new();
+        let back = vips.assign(&names(&["web", "db"]), &[], &mut notes);
+        assert!(back.values().all(|ip| range.contains(*ip)), "{back:?}");
+        assert!(notes.is_empty(), "{notes:?}");
+        // Covered with nowhere to go (all of 10/8): no VIP, and a note says why.
+        let mut notes = Vec::new();
+        let none = vips.assign(&names(&["web"]), &[Cidr::parse("10.0.0.0/8").unwrap()], &mut notes);
+        assert!(none.is_empty(), "{none:?}");
+        assert!(notes[0].contains("no free block"), "{notes:?}");
+        // A range outside the private blocks never moves (it would shadow public addresses).
+        let mut public = VipAllocator::new(Cidr::parse("198.18.0.0/24").unwrap());
+        let mut notes = Vec::new();
+        public.assign(&names(&["x"]), &[Cidr::parse("198.18.0.0/16").unwrap()], &mut notes);
+        assert!(notes[0].contains("no free block"), "{notes:?}");
     }
 
     #[test]

@@ -71,7 +71,15 @@ pub struct DockerArgs {
 /// The agent's end of the Docker source: new models as the engine changes. Without --docker
 /// it never yields one.
 pub struct Source {
-    models: Option<watch::Receiver<Option<Model>>>,
+    models: Option<watch::Receiver<Option<Published>>>,
+}
+
+/// A model the engine's state makes, with what the source noticed while making it (an entry
+/// left out, a VIP range moved): the agent shows these in `dataplane status`.
+#[derive(Debug, Clone, Default)]
+pub struct Published {
+    pub model: Model,
+    pub notes: Vec<String>,
 }
 
 impl Source {
@@ -97,9 +105,9 @@ impl Source {
     /// The engine's state once it has been read, waiting at most `limit`; an empty model
     /// without --docker or when the engine did not answer in time (the first model that comes
     /// later is then delivered by [`Source::next_model`]).
-    pub async fn first_model(&mut self, limit: Duration) -> Model {
+    pub async fn first_model(&mut self, limit: Duration) -> Published {
         let Some(rx) = &mut self.models else {
-            return Model::default();
+            return Published::default();
         };
         let first = tokio::time::timeout(limit, async {
             loop {
@@ -119,13 +127,13 @@ impl Source {
                     "the Docker engine's state was not read within {limit:?}; starting with an \
                      empty state and applying the engine's when it answers"
                 );
-                Model::default()
+                Published::default()
             }
         }
     }
 
     /// The next model the engine's state makes; pends forever without --docker.
-    pub async fn next_model(&mut self) -> Model {
+    pub async fn next_model(&mut self) -> Published {
         if let Some(rx) = &mut self.models {
             while rx.changed().await.is_ok() {
                 if let Some(model) = rx.borrow_and_update().clone() {
@@ -190,7 +198,7 @@ impl Dirty {
     }
 }
 
-async fn follow(socket: PathBuf, vips: VipAllocator, tx: watch::Sender<Option<Model>>) {
+async fn follow(socket: PathBuf, vips: VipAllocator, tx: watch::Sender<Option<Published>>) {
     let mut engine = Engine {
         networks: Vec::new(),
         containers: BTreeMap::new(),
@@ -239,7 +247,7 @@ enum SessionEnd {
 async fn session(
     socket: &Path,
     engine: &mut Engine,
-    tx: &watch::Sender<Option<Model>>,
+    tx: &watch::Sender<Option<Published>>,
 ) -> SessionEnd {
     let Err(end) = session_inner(socket, engine, tx).await;
     end
@@ -254,7 +262,7 @@ fn starts_serving(event: &Event) -> bool {
 async fn session_inner(
     socket: &Path,
     engine: &mut Engine,
-    tx: &watch::Sender<Option<Model>>,
+    tx: &watch::Sender<Option<Published>>,
 ) -> Result<Infallible, SessionEnd> {
     let client = Client::connect(socket).await?;
     // The stream asks for events since a second before the full sync: the engine replays what
@@ -432,7 +440,7 @@ fn host_veths(pid: u32, sandbox_key: &Path) -> Result<BTreeMap<[u8; 6], String>,
 }
 
 /// Builds the state file from what the engine said, and sends the model when it changed.
-fn publish(engine: &mut Engine, tx: &watch::Sender<Option<Model>>) {
+fn publish(engine: &mut Engine, tx: &watch::Sender<Option<Published>>) {
     let exists = |name: &str| crate::kernel::netdev::ifindex(name).is_some();
     let built = convert::build(
         &Inputs {
@@ -466,7 +474,10 @@ fn publish(engine: &mut Engine, tx: &watch::Sender<Option<Model>>) {
                 services_summary(&model)
             );
             engine.published = Some(built.spec);
-            tx.send_replace(Some(model));
+            tx.send_replace(Some(Published {
+                model,
+                notes: engine.notes.iter().cloned().collect(),
+            }));
         }
         Some(Err(e)) => {
             log::error!("docker: the engine's state makes no valid model, keeping the last: {e}");
