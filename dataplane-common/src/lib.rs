@@ -228,6 +228,13 @@ pub mod net_flags {
     pub const INTERNAL: u8 = 1;
     /// `icc: false`: containers of the network cannot reach each other.
     pub const NO_ICC: u8 = 2;
+    /// `gateway_mode: routed`: connections out keep the container's address (no
+    /// masquerade); published ports are opened on the container's own address (entries of
+    /// the ports map keyed by it) and ICMP from outside reaches it.
+    pub const ROUTED: u8 = 4;
+    /// `gateway_mode: nat-unprotected`: hosts that route to the container's address reach
+    /// every port of it.
+    pub const UNPROTECTED: u8 = 8;
 }
 
 /// What a selector of a policy rule matches, in [`PolicyRule`]'s `*_kind`.

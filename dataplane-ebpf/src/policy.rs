@@ -7,7 +7,10 @@
 use aya_ebpf::{cty::c_void, helpers::bpf_loop};
 use dataplane_common::{DropReason, PolicyRule, capacity, net_flags, policy_action, selector_kind};
 
-use crate::maps::{CONFIG, ENDPOINTS, LOCAL_ADDRS, POLICY_RULES};
+use crate::{
+    maps::{CONFIG, ENDPOINTS, LOCAL_ADDRS, POLICY_RULES},
+    parse::IPPROTO_ICMP,
+};
 
 /// Who one side of a connection is.
 #[repr(C)]
@@ -148,14 +151,14 @@ pub fn check(saddr: u32, daddr: u32, proto: u8, dport: u16, via: Via) -> Result<
     match walk.action {
         policy_action::ALLOW => Ok(()),
         policy_action::DENY => Err(DropReason::PolicyDeny),
-        _ if isolation(&walk.from, &walk.to, via) => Ok(()),
+        _ if isolation(&walk.from, &walk.to, via, walk.proto) => Ok(()),
         _ => Err(DropReason::PolicyDenied),
     }
 }
 
 /// Docker's isolation, where no user rule decided.
 #[inline(always)]
-fn isolation(from: &Who, to: &Who, via: Via) -> bool {
+fn isolation(from: &Who, to: &Who, via: Via, proto: u8) -> bool {
     if from.container && to.container {
         if via == Via::Published {
             // Published ports are for everyone but internal networks (as with docker-proxy).
@@ -172,7 +175,17 @@ fn isolation(from: &Who, to: &Who, via: Via) -> bool {
             || LOCAL_ADDRS.get_ptr(&to.addr).is_some();
     }
     if to.container {
-        return to.net_flags & net_flags::INTERNAL == 0 && via != Via::Routed;
+        if to.net_flags & net_flags::INTERNAL != 0 {
+            return false;
+        }
+        if via != Via::Routed {
+            return true;
+        }
+        // Routed to the container's address: closed in `nat` mode (Docker 28), open in
+        // `nat-unprotected`; in `routed` mode open to ICMP (published ports come here as
+        // published connections, not routed ones).
+        return to.net_flags & net_flags::UNPROTECTED != 0
+            || (to.net_flags & net_flags::ROUTED != 0 && proto == IPPROTO_ICMP);
     }
     true
 }

@@ -11,6 +11,7 @@
 
 use dataplane_common::{
     CtKey, DropReason, PortKey, PortTarget, ServiceInfo, ServiceKey, ct_origin, ct_rewrite, hook,
+    net_flags,
 };
 
 use crate::{
@@ -310,18 +311,17 @@ fn decide(ctx: &TcContext, site: Site, arrived: &mut Arrived) -> Verdict {
             if let Some(verdict) = publish(ctx, site, &mut ip, &mut l4, &key) {
                 return verdict;
             }
-            track_plain(ctx, site, &ip, &l4, &key)
+            track_plain(ctx, site, &ip, &l4, &key, Via::Direct)
         }
         Hook::UplinkIngress => match publish(ctx, site, &mut ip, &mut l4, &key) {
             Some(Verdict::Pass) => deliver(ctx, &ip),
             Some(verdict) => verdict,
             // Routed from outside straight to a container's address: judged per packet
             // (Docker drops it unless a user rule lets it in).
+            // Tracked when let in (a user rule, `nat-unprotected`, ICMP in `routed` mode), so
+            // that the container's replies are known as replies and never masqueraded.
             None if ENDPOINTS.get_ptr(&ip.daddr).is_some() => {
-                match policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Routed) {
-                    Ok(()) => Verdict::Pass,
-                    Err(reason) => Verdict::Drop(reason),
-                }
+                track_plain(ctx, site, &ip, &l4, &key, Via::Routed)
             }
             None => Verdict::Pass,
         },
@@ -329,11 +329,19 @@ fn decide(ctx: &TcContext, site: Site, arrived: &mut Arrived) -> Verdict {
     }
 }
 
-/// A new connection between two containers: tracked without translation, for its flow
-/// record and (with policy) so that its replies are known as replies. Connections to the host
-/// are not tracked: their replies never cross a hook of ours.
+/// A new connection to a container (from another one, `via` Direct, or routed from outside):
+/// tracked without translation, for its flow record and (with policy) so that its replies
+/// are known as replies. Connections to the host are not tracked: their replies never cross
+/// a hook of ours.
 #[inline(always)]
-fn track_plain(ctx: &TcContext, site: Site, ip: &Ipv4Packet, l4: &L4, forward: &CtKey) -> Verdict {
+fn track_plain(
+    ctx: &TcContext,
+    site: Site,
+    ip: &Ipv4Packet,
+    l4: &L4,
+    forward: &CtKey,
+    via: Via,
+) -> Verdict {
     if ENDPOINTS.get_ptr(&ip.daddr).is_none() {
         // To the host: judged per packet (nothing tracks it). Out of the host: judged once,
         // where masquerade tracks it.
@@ -345,9 +353,20 @@ fn track_plain(ctx: &TcContext, site: Site, ip: &Ipv4Packet, l4: &L4, forward: &
         }
         return Verdict::Pass;
     }
-    if let Err(reason) = policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
+    if let Err(reason) = policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, via) {
         return Verdict::Drop(reason);
     }
+    track_untranslated(site, ip, forward, l4);
+    // Untranslated traffic does not depend on its entry: a full table costs the flow record,
+    // not the connection.
+    deliver(ctx, ip)
+}
+
+/// Tracks a connection that is let through as it is (no translation): its entry makes its
+/// replies known as replies (not masqueraded, not judged as new) and gives its flow record.
+/// A full table costs the record, not the connection.
+#[inline(always)]
+fn track_untranslated(site: Site, ip: &Ipv4Packet, forward: &CtKey, l4: &L4) {
     let connection = NewConnection {
         forward: *forward,
         reply: conntrack::reply_key(ip.protocol, ip.saddr, l4.sport, ip.daddr, l4.dport),
@@ -363,9 +382,6 @@ fn track_plain(ctx: &TcContext, site: Site, ip: &Ipv4Packet, l4: &L4, forward: &
     if conntrack::create(&connection).is_ok() {
         report_new(&connection, site);
     }
-    // Untranslated traffic does not depend on its entry: a full table costs the flow record,
-    // not the connection.
-    deliver(ctx, ip)
 }
 
 /// The NEW flow event of a connection just tracked, except TCP's: a TCP connection is
@@ -524,6 +540,11 @@ fn publish(
     forward: &CtKey,
 ) -> Option<Verdict> {
     if ip.protocol == IPPROTO_ICMP {
+        return None;
+    }
+    // Ports opened on a container's own address (`routed` networks) are for traffic routed
+    // from outside; between containers the address is reached as it is, under isolation.
+    if site.hook == Hook::ContainerIngress && ENDPOINTS.get_ptr(&ip.daddr).is_some() {
         return None;
     }
     let target = published_target(ip, l4)?;
@@ -685,8 +706,18 @@ fn masquerade(
     l4: &mut L4,
     forward: &CtKey,
 ) -> Verdict {
-    if ENDPOINTS.get_ptr(&ip.saddr).is_none() {
+    let Some(source) = ENDPOINTS.get_ptr(&ip.saddr) else {
         return Verdict::Pass; // not a container: the host's own traffic keeps its address
+    };
+    // SAFETY: a map value from this program run's lookup.
+    if unsafe { (*source).net_flags } & net_flags::ROUTED != 0 {
+        // `routed` networks keep their addresses on the way out; tracked, so that the
+        // replies routed back to the container are known as replies.
+        if let Err(reason) = policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
+            return Verdict::Drop(reason);
+        }
+        track_untranslated(site, ip, forward, l4);
+        return Verdict::Pass;
     }
     let Some(config) = CONFIG.get_ptr(0) else {
         return Verdict::Pass;

@@ -549,3 +549,45 @@ fn a_request_right_after_docker_run_never_hangs() {
     );
     assert_eq!(count(FirstRequest::Hung), 0, "{outcomes:?}");
 }
+
+/// Issue 14.6: a network made with Docker 28's `gateway_mode_ipv4=routed` (dockerd 20.10
+/// keeps it as a driver option; the agent reads it whatever the engine's version): the outside
+/// reaches the container's published port on its own address, other ports stay closed, and
+/// the container's connections out keep its address.
+#[test]
+fn a_routed_network_is_reached_directly() {
+    let dockerd = Dockerd::start();
+    let agent = dockerd.agent(&[]);
+    dockerd.docker_ok(&[
+        "network",
+        "create",
+        "--subnet",
+        "172.29.0.0/24",
+        "-o",
+        "com.docker.network.bridge.gateway_mode_ipv4=routed",
+        "direct",
+    ]);
+    run_web(&dockerd, "web", &["--network", "direct", "-p", "8080:80"]);
+    agent.wait_for("web published", |s| {
+        s.endpoint_names().contains("web") && s.map_entries("dp_ports") == 1
+    });
+    let ip = dockerd.inspect("web", "{{.NetworkSettings.Networks.direct.IPAddress}}");
+    let routed = dockerd.outside(&["ip", "route", "add", "172.29.0.0/24", "via", HOST]);
+    assert!(routed.status.success(), "{routed:?}");
+    let body = who_from_outside(&dockerd, &format!("{ip}:80")).unwrap();
+    assert!(
+        body.starts_with("web ") && body.contains(OUTSIDE),
+        "the container is reached directly, with the client's address: {body:?}"
+    );
+    // The host port is not used in routed mode.
+    assert!(who_from_outside(&dockerd, &format!("{HOST}:8080")).is_err());
+    let _server = outside_server(&dockerd);
+    run_client(&dockerd, "cli", &["--network", "direct"]);
+    let cli_ip = dockerd.inspect("cli", "{{.NetworkSettings.Networks.direct.IPAddress}}");
+    agent.wait_for("cli", |s| s.endpoint_names().contains("cli"));
+    assert_eq!(
+        seen_outside(&dockerd, "cli"),
+        cli_ip,
+        "routed: no masquerade"
+    );
+}

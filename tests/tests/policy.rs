@@ -233,3 +233,113 @@ fn denied_outside_sources_drop_early() {
         reaches(&sandbox, "outside", HOST, 8080)
     });
 }
+
+const GATEWAY_MODES: &str = r#"
+uplink: eth0
+networks:
+  - {name: nat, bridge: br-nat, subnet: 172.30.5.0/24, gateway: 172.30.5.1}
+  - {name: open, bridge: br-open, subnet: 172.30.6.0/24, gateway: 172.30.6.1, gateway_mode: nat-unprotected}
+  - {name: direct, bridge: br-direct, subnet: 172.30.7.0/24, gateway: 172.30.7.1, gateway_mode: routed}
+  - {name: shut, bridge: br-shut, subnet: 172.30.8.0/24, gateway: 172.30.8.1, gateway_mode: isolated}
+endpoints:
+  - name: n1
+    interfaces: [{network: nat, ip: 172.30.5.2, mac: "02:42:ac:1e:05:02", host_veth: veth-n1}]
+  - name: o1
+    interfaces: [{network: open, ip: 172.30.6.2, mac: "02:42:ac:1e:06:02", host_veth: veth-o1}]
+  - name: r1
+    interfaces: [{network: direct, ip: 172.30.7.2, mac: "02:42:ac:1e:07:02", host_veth: veth-r1}]
+  - name: r2
+    interfaces: [{network: direct, ip: 172.30.7.3, mac: "02:42:ac:1e:07:03", host_veth: veth-r2}]
+  - name: s1
+    interfaces: [{network: shut, ip: 172.30.8.2, mac: "02:42:ac:1e:08:02", host_veth: veth-s1}]
+ports:
+  - {endpoint: n1, protocol: tcp, host_port: 8090, container_port: 80}
+  - {endpoint: r1, protocol: tcp, host_port: 8091, container_port: 8091}
+  - {endpoint: s1, protocol: tcp, host_port: 8092, container_port: 80}
+"#;
+
+/// The address the outside server saw a connection from `from` come from.
+fn seen_by_outside(sandbox: &Sandbox, from: &str) -> String {
+    let out = sandbox.exec(from, &["nc", "-w2", OUTSIDE, "9999"]);
+    let reply = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    reply
+        .strip_prefix("outside ")
+        .and_then(|r| r.split_once(':'))
+        .map(|(ip, _)| ip.to_owned())
+        .unwrap_or_else(|| format!("no answer: {reply:?}"))
+}
+
+fn pings(sandbox: &Sandbox, from: &str, addr: &str) -> bool {
+    sandbox
+        .exec(from, &["ping", "-c1", "-W2", addr])
+        .status
+        .success()
+}
+
+/// Docker 28's gateway modes (issue 14.6): `nat` keeps container addresses closed to the
+/// outside, `nat-unprotected` opens them, `routed` does not masquerade and opens published
+/// ports on the container's own address (the host port unused), `isolated` is internal.
+#[test]
+fn gateway_modes_behave_like_docker_28() {
+    let sandbox = Sandbox::up(GATEWAY_MODES);
+    let agent = Agent::start(&sandbox);
+    let _server = sandbox.serve_outside("9999", None);
+    // The outside routes to the containers through the host, as a router in front would.
+    sandbox.exec_ok(
+        "outside",
+        &["ip", "route", "add", "172.30.0.0/16", "via", HOST],
+    );
+    let cells: Vec<(&str, &str, &str, u16, bool)> = vec![
+        ("nat: published port", "outside", HOST, 8090, true),
+        ("nat: container address", "outside", "172.30.5.2", 80, false),
+        (
+            "nat-unprotected: container address",
+            "outside",
+            "172.30.6.2",
+            80,
+            true,
+        ),
+        (
+            "routed: published container port",
+            "outside",
+            "172.30.7.2",
+            8091,
+            true,
+        ),
+        (
+            "routed: unpublished port",
+            "outside",
+            "172.30.7.2",
+            80,
+            false,
+        ),
+        (
+            "routed: the host port is not used",
+            "outside",
+            HOST,
+            8091,
+            false,
+        ),
+        ("routed: between containers", "r2", "172.30.7.2", 80, true),
+        ("isolated: published port", "outside", HOST, 8092, false),
+        ("isolated: out", "s1", OUTSIDE, 9999, false),
+    ];
+    let wrong: Vec<String> = cells
+        .iter()
+        .filter_map(|(what, from, addr, port, expected)| {
+            let got = reaches(&sandbox, from, addr, *port);
+            (got != *expected).then(|| format!("{what}: expected {expected}, got {got}"))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:#?}\n{}", agent.log_text());
+
+    // Out: nat modes masquerade, routed keeps the container's address.
+    assert_eq!(seen_by_outside(&sandbox, "n1"), HOST);
+    assert_eq!(seen_by_outside(&sandbox, "o1"), HOST);
+    assert_eq!(seen_by_outside(&sandbox, "r1"), "172.30.7.2");
+    // ICMP from outside reaches routed containers, not nat ones.
+    assert!(pings(&sandbox, "outside", "172.30.7.2"));
+    assert!(!pings(&sandbox, "outside", "172.30.5.2"));
+    // Refusals are counted as Docker's isolation (POLICY_DENIED).
+    assert!(agent.status().drops("POLICY_DENIED") > 0);
+}

@@ -39,7 +39,7 @@ const SPEC: &str = r#"# Written by cargo xtask bench (scenario docker).
 uplink: eth0
 "#;
 
-const IMAGE: &str = "dpbench:latest";
+pub(super) const IMAGE: &str = "dpbench:latest";
 const CONTAINER: &str = "srv";
 /// How long the server container may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -125,7 +125,7 @@ fn published() -> Targets {
 /// dockerd in the sandbox's host namespace (Docker's iptables and docker-proxy on or off),
 /// answering, with the image imported. The engine is a guard: on an error here it removes
 /// itself; the setups hand it to the bed once the path is up.
-fn start_engine(bed: &Bed, docker_dataplane: bool) -> anyhow::Result<Engine> {
+pub(super) fn start_engine(bed: &Bed, docker_dataplane: bool) -> anyhow::Result<Engine> {
     let engine = Engine::start(
         &bed.sandbox().netns("host"),
         &bed.work_file("docker"),

@@ -3,13 +3,15 @@
 //! (`scale-ports`, `scale-services`), the XDP deny list (`xdp-drop`), outbound masquerade
 //! (`masquerade`), localhost to a published port (`localhost`) and a real Docker engine
 //! (`docker`) of issues 4, 5 and 8; new connections during a spoofed SYN flood (`syn-flood`,
-//! issue 12). [`all`] lists them in the order they run.
+//! issue 12); a container's port right after `docker run` (`docker-start`, issue 14).
+//! [`all`] lists them in the order they run.
 //!
 //! What they share lives here: workloads whose runs are capped at [`MAX_SECS`] (so that the
 //! whole full run stays under about 25 minutes on 2 cores), the metrics they add, and helpers
 //! for iptables rule sets, the agent's status and its CPU time.
 
 mod docker;
+mod docker_start;
 mod flow_logging;
 mod localhost;
 mod masquerade;
@@ -56,6 +58,7 @@ pub fn all() -> Vec<Scenario> {
         masquerade::scenario(),
         localhost::scenario(),
         docker::scenario(),
+        docker_start::scenario(),
     ]
 }
 

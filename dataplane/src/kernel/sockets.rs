@@ -63,7 +63,9 @@ pub fn reset_placeholder_connections(ports: &BTreeSet<u16>) -> io::Result<usize>
             .map(|s| s.local_port)
             .collect();
         for socket in found.iter().filter(|s| {
-            s.state != TCP_LISTEN && ports.contains(&s.local_port) && listening.contains(&s.local_port)
+            s.state != TCP_LISTEN
+                && ports.contains(&s.local_port)
+                && listening.contains(&s.local_port)
         }) {
             match destroy(socket) {
                 Ok(()) => reset += 1,
@@ -262,7 +264,11 @@ mod tests {
         // Two sockets of the connection are on the port: the accepted one (local port = the
         // listener's) is reset; the client's own end has an ephemeral local port.
         assert_eq!(outcome.0, 1, "{outcome:?}");
-        assert_eq!(outcome.1, Err(io::ErrorKind::ConnectionReset), "{outcome:?}");
+        assert_eq!(
+            outcome.1,
+            Err(io::ErrorKind::ConnectionReset),
+            "{outcome:?}"
+        );
         assert!(outcome.2, "the listener still accepts");
     }
 

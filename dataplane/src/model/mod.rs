@@ -89,6 +89,10 @@ pub struct NetworkSpec {
     pub internal: bool,
     #[serde(default = "default_true")]
     pub icc: bool,
+    /// Docker 28's `com.docker.network.bridge.gateway_mode_ipv4`: `nat` (the default),
+    /// `nat-unprotected`, `routed` or `isolated`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_mode: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -290,6 +294,41 @@ pub struct Network {
     pub gateway: Ipv4Addr,
     pub internal: bool,
     pub icc: bool,
+    pub gateway_mode: GatewayMode,
+}
+
+/// How a network meets the world outside the host (Docker 28's gateway modes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GatewayMode {
+    /// Outbound connections masqueraded, published ports on the host's addresses, container
+    /// addresses closed to the outside (Docker 28's default).
+    #[default]
+    Nat,
+    /// As `nat`, and every port of the container addresses open to hosts that route to them.
+    NatUnprotected,
+    /// No masquerade: containers keep their addresses on the way out; a published port is
+    /// opened on the container's own address (the host port is not used), other ports stay
+    /// closed; ICMP reaches the containers.
+    Routed,
+    /// No traffic between the network and outside the host (as `internal`).
+    Isolated,
+}
+
+impl GatewayMode {
+    pub fn parse(text: &str) -> Result<GatewayMode, String> {
+        Ok(match text {
+            "nat" => GatewayMode::Nat,
+            "nat-unprotected" => GatewayMode::NatUnprotected,
+            "routed" => GatewayMode::Routed,
+            "isolated" => GatewayMode::Isolated,
+            other => {
+                return Err(format!(
+                    "{other:?} is not nat, nat-unprotected, routed or isolated"
+                ));
+            }
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -604,6 +643,13 @@ impl Model {
                 gateway,
                 internal: n.internal,
                 icc: n.icc,
+                gateway_mode: n
+                    .gateway_mode
+                    .as_deref()
+                    .map(GatewayMode::parse)
+                    .transpose()
+                    .map_err(|m| invalid(&entry, "gateway_mode", m))?
+                    .unwrap_or_default(),
             });
         }
         Ok(networks)

@@ -23,7 +23,7 @@ use crate::{
         Datapath, DatapathError, Hook,
         maps::{Backends, Endpoints, LocalAddrs, Ports, Reconciled, Services},
     },
-    model::{Algorithm, Model, PortTarget as ModelPortTarget, Protocol, StateError},
+    model::{Algorithm, GatewayMode, Model, PortTarget as ModelPortTarget, Protocol, StateError},
 };
 
 /// Source ports masquerade uses, kept apart from Linux's default ephemeral range
@@ -431,6 +431,13 @@ fn add_endpoints(
             if !network.icc {
                 flags |= net_flags::NO_ICC;
             }
+            flags |= match network.gateway_mode {
+                GatewayMode::Nat => 0,
+                GatewayMode::NatUnprotected => net_flags::UNPROTECTED,
+                GatewayMode::Routed => net_flags::ROUTED,
+                // Docker's `isolated` is `internal` with the gateway address kept.
+                GatewayMode::Isolated => net_flags::INTERNAL,
+            };
             desired.endpoints.insert(
                 be(itf.ip),
                 EndpointInfo {
@@ -509,10 +516,26 @@ fn add_port(
         }
         .into());
     };
+    let routed = model
+        .network(&itf.network)
+        .is_some_and(|n| n.gateway_mode == GatewayMode::Routed);
     for offset in 0..port.host_ports.len() {
         let container_port = port.container_ports.first + offset as u16;
+        // In routed mode Docker opens the container's own port and leaves the host port
+        // unused: the entry is keyed by the container's address, so a packet routed to it
+        // is published to itself (tracked like any published connection, not translated).
+        let port_key = if routed {
+            PortKey {
+                addr: be(itf.ip),
+                port: container_port.to_be(),
+                proto: port.protocol.number(),
+                _pad: 0,
+            }
+        } else {
+            key(port.host_ports.first + offset as u16)
+        };
         desired.ports.insert(
-            key(port.host_ports.first + offset as u16),
+            port_key,
             PortTarget {
                 addr: be(itf.ip),
                 port: container_port.to_be(),
@@ -1129,6 +1152,55 @@ policies:
         assert_eq!((two.endpoint_id, two.label_bits), (2, 1));
         assert_eq!(two.net_flags, net_flags::INTERNAL | net_flags::NO_ICC);
         assert_eq!(endpoints[&ip("10.1.0.2")].label_bits, 0);
+    }
+
+    #[test]
+    fn gateway_modes_set_flags_and_routed_ports_open_the_container_address() {
+        let mut k = kernel();
+        let routed = STATE.replace(
+            "gateway: 10.1.0.1}",
+            "gateway: 10.1.0.1, gateway_mode: routed}",
+        );
+        reconcile(&model(&format!("{routed}{PORTS}")), &mut k).unwrap();
+        assert_eq!(
+            k.map::<Endpoints>()[&ip("10.1.0.2")].net_flags,
+            net_flags::ROUTED
+        );
+        let ports = k.map::<Ports>();
+        // The host port is not used: the entry is keyed by the container's address and port.
+        let key = PortKey {
+            addr: ip("10.1.0.2"),
+            port: 80u16.to_be(),
+            proto: 6,
+            _pad: 0,
+        };
+        assert_eq!(
+            (ports[&key].addr, ports[&key].port),
+            (ip("10.1.0.2"), 80u16.to_be())
+        );
+        assert!(ports.keys().all(|k| k.port != 8080u16.to_be()), "{ports:?}");
+        for (mode, flags) in [
+            ("nat", 0),
+            ("nat-unprotected", net_flags::UNPROTECTED),
+            ("isolated", net_flags::INTERNAL),
+        ] {
+            let text = STATE.replace(
+                "gateway: 10.1.0.1}",
+                &format!("gateway: 10.1.0.1, gateway_mode: {mode}}}"),
+            );
+            reconcile(&model(&text), &mut k).unwrap();
+            assert_eq!(
+                k.map::<Endpoints>()[&ip("10.1.0.3")].net_flags,
+                flags,
+                "{mode}"
+            );
+        }
+        let bad = STATE.replace(
+            "gateway: 10.1.0.1}",
+            "gateway: 10.1.0.1, gateway_mode: bridged}",
+        );
+        let err = Model::from_spec(&StateFile::parse(&bad).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("gateway_mode"), "{err}");
     }
 
     #[test]

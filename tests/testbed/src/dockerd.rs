@@ -48,6 +48,45 @@ pub struct Engine {
     pub started_in: Duration,
 }
 
+/// The docker CLI against the engine that [`Engine::start`] started on a directory, for code
+/// that does not own the engine (a bench workload while the bench's bed holds it).
+pub struct Cli {
+    dir: PathBuf,
+}
+
+impl Cli {
+    pub fn of(dir: &Path) -> Cli {
+        Cli {
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("docker");
+        cmd.arg("-H")
+            .arg(format!("unix://{}", self.dir.join("docker.sock").display()))
+            .args(args)
+            // The CLI's own config (contexts, credentials) stays in this engine's directory.
+            .env("DOCKER_CONFIG", self.dir.join("cli"))
+            .env_remove("DOCKER_HOST")
+            .env_remove("DOCKER_CONTEXT");
+        cmd
+    }
+
+    /// Runs the docker CLI (within a minute).
+    pub fn docker(&self, args: &[&str]) -> Result<Captured> {
+        run_timed(&mut self.command(args), CLI_TIMEOUT)
+    }
+
+    /// Like [`Cli::docker`], failing unless it succeeds; its stdout, trimmed.
+    pub fn docker_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self
+            .docker(args)?
+            .ok(&format!("docker {}", args.join(" ")))?;
+        Ok(out.trim().to_owned())
+    }
+}
+
 impl Engine {
     /// Starts dockerd in `netns` with everything of it in `dir` and its containers' cgroups
     /// under `cgroup_parent`; Docker's iptables rules and docker-proxy on or off. Returns once
@@ -167,28 +206,17 @@ impl Engine {
 
     /// The docker CLI against this engine.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("docker");
-        cmd.arg("-H")
-            .arg(format!("unix://{}", self.socket.display()))
-            .args(args)
-            // The CLI's own config (contexts, credentials) stays in this engine's directory.
-            .env("DOCKER_CONFIG", self.dir.join("cli"))
-            .env_remove("DOCKER_HOST")
-            .env_remove("DOCKER_CONTEXT");
-        cmd
+        Cli::of(&self.dir).command(args)
     }
 
     /// Runs the docker CLI (within a minute).
     pub fn docker(&self, args: &[&str]) -> Result<Captured> {
-        run_timed(&mut self.command(args), CLI_TIMEOUT)
+        Cli::of(&self.dir).docker(args)
     }
 
     /// Like [`Engine::docker`], failing unless it succeeds; its stdout, trimmed.
     pub fn docker_ok(&self, args: &[&str]) -> Result<String> {
-        let out = self
-            .docker(args)?
-            .ok(&format!("docker {}", args.join(" ")))?;
-        Ok(out.trim().to_owned())
+        Cli::of(&self.dir).docker_ok(args)
     }
 
     /// `docker import` of the directory `root` as image `tag` (no image can be pulled here).

@@ -35,6 +35,8 @@ pub const COMPOSE_ONEOFF_LABEL: &str = "com.docker.compose.oneoff";
 
 const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
+/// Docker 28's gateway mode of a bridge network (nat, nat-unprotected, routed, isolated).
+const GATEWAY_MODE_OPTION: &str = "com.docker.network.bridge.gateway_mode_ipv4";
 
 /// A running container: the engine's view and the host-side veth of each of its interfaces.
 #[derive(Debug, Clone, Default)]
@@ -153,6 +155,20 @@ fn networks(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Vec<(NetworkSpec, S
             .options
             .get(ICC_OPTION)
             .is_none_or(|v| !v.eq_ignore_ascii_case("false"));
+        // Docker 28's gateway modes; an engine that does not know the option keeps it as a
+        // plain driver option, so it is read whatever the engine's version.
+        let gateway_mode = match n.options.get(GATEWAY_MODE_OPTION).map(String::as_str) {
+            None | Some("") => None,
+            Some(mode) if crate::model::GatewayMode::parse(mode).is_ok() => Some(mode.to_owned()),
+            Some(mode) => {
+                notes.push(format!(
+                    "network {}: {GATEWAY_MODE_OPTION}={mode} is not a gateway mode the agent \
+                     knows; treated as nat",
+                    n.name
+                ));
+                None
+            }
+        };
         out.push((
             NetworkSpec {
                 name: n.name.clone(),
@@ -161,6 +177,7 @@ fn networks(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Vec<(NetworkSpec, S
                 gateway: gateway.to_string(),
                 internal: n.internal,
                 icc,
+                gateway_mode,
             },
             n.id.clone(),
         ));
@@ -558,10 +575,7 @@ impl VipAllocator {
                 u32::from(candidate.network()) + (size - 1) as u32,
             );
             avoid.iter().any(|c| {
-                let (cf, cl) = (
-                    u32::from(c.network()),
-                    u32::from(c.network()) | !c.mask(),
-                );
+                let (cf, cl) = (u32::from(c.network()), u32::from(c.network()) | !c.mask());
                 cf <= last && first <= cl
             })
         };
@@ -1171,7 +1185,10 @@ mod tests {
         assert_eq!(first.values().collect::<BTreeSet<_>>().len(), 3);
         // Another allocator (an agent restart) hands out the same VIPs.
         let mut b = VipAllocator::new(range);
-        assert_eq!(b.assign(&names(&["z", "y", "x"]), &[], &mut Vec::new()), first);
+        assert_eq!(
+            b.assign(&names(&["z", "y", "x"]), &[], &mut Vec::new()),
+            first
+        );
         // Names keep theirs while others come and go.
         let later = a.assign(&names(&["x", "z", "w"]), &[], &mut Vec::new());
         assert_eq!(later["x"], first["x"]);
@@ -1224,13 +1241,21 @@ mod tests {
         assert!(notes.is_empty(), "{notes:?}");
         // Covered with nowhere to go (all of 10/8): no VIP, and a note says why.
         let mut notes = Vec::new();
-        let none = vips.assign(&names(&["web"]), &[Cidr::parse("10.0.0.0/8").unwrap()], &mut notes);
+        let none = vips.assign(
+            &names(&["web"]),
+            &[Cidr::parse("10.0.0.0/8").unwrap()],
+            &mut notes,
+        );
         assert!(none.is_empty(), "{none:?}");
         assert!(notes[0].contains("no free block"), "{notes:?}");
         // A range outside the private blocks never moves (it would shadow public addresses).
         let mut public = VipAllocator::new(Cidr::parse("198.18.0.0/24").unwrap());
         let mut notes = Vec::new();
-        public.assign(&names(&["x"]), &[Cidr::parse("198.18.0.0/16").unwrap()], &mut notes);
+        public.assign(
+            &names(&["x"]),
+            &[Cidr::parse("198.18.0.0/16").unwrap()],
+            &mut notes,
+        );
         assert!(notes[0].contains("no free block"), "{notes:?}");
     }
 
