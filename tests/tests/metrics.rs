@@ -246,6 +246,14 @@ fn prometheus_scrapes_flow_and_drop_counters_after_known_traffic() {
             least,
         );
     }
+    eprintln!(
+        "hubble_tcp_flags_total for 3 connections and 2 refused SYNs: {:?}",
+        prometheus
+            .query("sum by (flag) (hubble_tcp_flags_total)")
+            .iter()
+            .map(|(m, v)| (m["flag"].as_str().unwrap_or("").to_owned(), *v))
+            .collect::<Vec<_>>()
+    );
     assert!(
         prometheus.value("sum(hubble_tcp_flags_total{flag=\"SYN\"})") <= 4.0,
         "the refused SYNs are not counted (one retransmission allowed)"
