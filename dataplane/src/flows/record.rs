@@ -744,10 +744,16 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
         Some(nat) if !nat.destination => nat.addr.to_string(),
         _ => String::new(),
     };
+    // An ICMP echo's one identifier is in `sport` both ways (`dport` is 0).
+    let original_dport = if tuple.proto == IPPROTO_ICMP {
+        tuple.sport
+    } else {
+        tuple.dport
+    };
     let translation = event.nat.map(|nat| {
         let (original, translated) = if nat.destination {
             (
-                format!("{}:{}", tuple.daddr, tuple.dport),
+                format!("{}:{}", tuple.daddr, original_dport),
                 format!("{}:{}", nat.addr, nat.port),
             )
         } else {
@@ -1467,6 +1473,15 @@ ports:
         assert_eq!(
             flow.connection.map(|c| c.event),
             Some(ConnectionEvent::Reply)
+        );
+        // The way back: the host's address and the echo identifier it used, to web1's.
+        let translation = flow.translation.clone().unwrap();
+        assert_eq!(
+            (
+                translation.original.as_str(),
+                translation.translated.as_str()
+            ),
+            ("192.0.2.1:20001", "172.30.1.2:77")
         );
         // hubble's compact line of a reply: the connection's way round, arrow reversed.
         let line = compact(&record_of(&raw));
