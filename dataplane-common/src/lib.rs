@@ -49,6 +49,9 @@ pub mod map_names {
     pub const FLOW_EVENTS: &str = "dp_flow_events_v1";
     /// Flow events that found the ring buffer full, per CPU (the kernel does not count them).
     pub const FLOW_EVENTS_LOST: &str = "dp_flow_events_lost_v1";
+    /// TCP flags of every packet the programs pass, per CPU, as Hubble's
+    /// `hubble_tcp_flags_total` counts them (see [`crate::tcp_flag_count`]).
+    pub const TCP_FLAGS: &str = "dp_tcp_flags_v1";
     /// The host's own IPv4 addresses: which destinations "all host addresses" means.
     pub const LOCAL_ADDRS: &str = "dp_local_addrs_v1";
     /// Settings the agent writes at run time (uplink, masquerade address, port range).
@@ -361,7 +364,9 @@ pub struct CtEntry {
     pub is_reply: u8,
     /// One of [`ct_state`].
     pub state: u8,
-    pub _pad: u8,
+    /// ICMP: the type of this direction's first packet (8 echo request, 0 echo reply), for
+    /// the records the agent makes from the entry; 0 for other protocols.
+    pub icmp_type: u8,
     /// [`Config::policy_generation`] when the connection was last judged by policy; the next
     /// packet after a change has it judged again.
     pub policy_generation: u32,
@@ -430,7 +435,10 @@ pub struct DropAggValue {
     /// The latest dropped packet of the key, reported with the next event.
     pub tuple: CtKey,
     pub tcp_flags: u8,
-    pub _pad: [u8; 3],
+    /// ICMP type and code of that packet (0 for other protocols).
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub _pad: u8,
     pub ifindex: u32,
 }
 
@@ -547,6 +555,11 @@ pub mod flow_kind {
     pub const CLOSE: u8 = 2;
     /// A packet was dropped (`drop_reason` says why).
     pub const DROP: u8 = 3;
+    /// An ICMP echo connection's first answer (the echo reply), as that packet was: Hubble
+    /// tells answered pings from unanswered ones by it (`hubble_icmp_total{type="EchoReply"}`).
+    /// Only ICMP: a TCP answer is the SYN-ACK, which the per-packet flag counters count, and
+    /// UDP answers get no event (a flood of answered datagrams would double the events).
+    pub const REPLY: u8 = 4;
 }
 
 /// One flow event from the kernel (ring buffer), per connection or per drop, never per
@@ -580,7 +593,61 @@ pub struct FlowEvent {
     pub hook: u8,
     /// The interface it happened on.
     pub ifindex: u32,
-    pub _pad: u32,
+    /// ICMP: the type and code of the packet the event is about (the first packet for NEW,
+    /// the answer for REPLY, the dropped packet for DROP); 0 for other protocols.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub _pad: u16,
+}
+
+/// Per-packet TCP flag counters (`dp_tcp_flags_v1`, a per-CPU array of u64): slot
+/// `point * KINDS + kind`. Hubble's tcp metric counts, for each forwarded flow, FIN, SYN (without
+/// ACK), SYN-ACK and RST (a FIN+ACK counts FIN; ACK, PSH and URG alone count nothing); the
+/// programs count the same for every TCP packet they pass (not for the ones they drop, which
+/// are not forwarded), each at one point only, although some cross two of our hooks.
+pub mod tcp_flag_count {
+    use crate::tcp_flag;
+
+    pub const SYN: u32 = 0;
+    pub const SYN_ACK: u32 = 1;
+    pub const FIN: u32 = 2;
+    pub const RST: u32 = 3;
+    pub const KINDS: u32 = 4;
+
+    /// Where a packet is counted. A container's packet is counted where it leaves the
+    /// container (tc ingress of its veth), also when it goes on out of the uplink; a packet
+    /// from outside where it arrives (tc ingress of the uplink); at tc egress of the uplink
+    /// only the host's own packets (no ingress interface: every forwarded packet was counted
+    /// where it came in). Packets a container sends to the host's own addresses are not
+    /// counted, as the host's packets to a container cross none of our hooks: a connection
+    /// between the host and a container is left out both ways rather than counted one way.
+    pub const FROM_CONTAINER: u32 = 0;
+    pub const FROM_OUTSIDE: u32 = 1;
+    pub const FROM_HOST: u32 = 2;
+    pub const POINTS: u32 = 3;
+    pub const SLOTS: u32 = KINDS * POINTS;
+
+    /// The names Hubble gives the kinds (`hubble_tcp_flags_total{flag}`).
+    pub const NAMES: [&str; KINDS as usize] = ["SYN", "SYN-ACK", "FIN", "RST"];
+
+    /// The kinds a packet with TCP `flags` counts for, as a bit set (bit `kind`).
+    pub fn kinds(flags: u8) -> u32 {
+        let mut kinds = 0;
+        if flags & tcp_flag::SYN != 0 {
+            kinds |= if flags & tcp_flag::ACK != 0 {
+                1 << SYN_ACK
+            } else {
+                1 << SYN
+            };
+        }
+        if flags & tcp_flag::FIN != 0 {
+            kinds |= 1 << FIN;
+        }
+        if flags & tcp_flag::RST != 0 {
+            kinds |= 1 << RST;
+        }
+        kinds
+    }
 }
 
 /// Size of the flow ring buffer: at 80 bytes an event, 1 MiB holds about 13,000 events between

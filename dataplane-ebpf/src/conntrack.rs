@@ -133,6 +133,9 @@ pub struct Seen {
     /// TCP sequence and acknowledgement numbers (host order; 0 for other protocols).
     pub seq: u32,
     pub ack_seq: u32,
+    /// ICMP type and code (0 for other protocols): an echo connection's answer is reported.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
     /// Where it was seen (for the flow events of a close or of a completed handshake).
     pub hook: u32,
     pub ifindex: u32,
@@ -187,6 +190,18 @@ fn handshake(key: &CtKey, entry: *mut CtEntry, state: u8, seen: &Seen) {
                 (*entry).handshake_ack = seen.seq.wrapping_add(1);
                 if let Some(peer) = CONNTRACK_NEW.get_ptr_mut(&peer_key) {
                     (*peer).state = ct_state::SYN_RECV;
+                }
+                if key.proto == IPPROTO_ICMP {
+                    // The echo reply: a record of its own (once per connection).
+                    (*entry).icmp_type = seen.icmp_type;
+                    crate::flow::replied(
+                        key,
+                        entry,
+                        seen.icmp_type,
+                        seen.icmp_code,
+                        seen.hook,
+                        seen.ifindex,
+                    );
                 }
             }
             return;
@@ -260,9 +275,11 @@ pub struct NewConnection {
     pub nat_port: u16,
     pub orig_addr: u32,
     pub orig_port: u16,
-    /// The first packet's length and TCP flags.
+    /// The first packet's length, TCP flags, ICMP type and code.
     pub len: u32,
     pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
 }
 
 /// Tracks `c` as not yet established (in the LRU table, which makes room by evicting the
@@ -295,7 +312,7 @@ pub fn create(c: &NewConnection) -> Result<(), CtError> {
         tcp_flags: 0,
         is_reply: 1,
         state: ct_state::SYN_SENT,
-        _pad: 0,
+        icmp_type: 0,
         policy_generation: generation,
         created_ns: now,
         last_seen_ns: now,
@@ -310,6 +327,7 @@ pub fn create(c: &NewConnection) -> Result<(), CtError> {
     entry.nat_port = c.nat_port;
     entry.rewrite = c.rewrite;
     entry.tcp_flags = c.tcp_flags;
+    entry.icmp_type = c.icmp_type;
     entry.is_reply = 0;
     entry.packets = 1;
     entry.bytes = u64::from(c.len);

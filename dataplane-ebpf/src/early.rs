@@ -21,9 +21,17 @@ fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
 }
 
+/// What the record of a packet dropped at XDP says about it.
+pub struct Denied {
+    pub tuple: CtKey,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+}
+
 /// The packet's addresses when its IPv4 source is on the deny list.
 #[inline(always)]
-pub fn denied_source(ctx: &XdpContext) -> Option<CtKey> {
+pub fn denied_source(ctx: &XdpContext) -> Option<Denied> {
     let ether_type: u16 = read(ctx, 12)?;
     if u16::from_be(ether_type) != 0x0800 {
         return None;
@@ -35,19 +43,37 @@ pub fn denied_source(ctx: &XdpContext) -> Option<CtKey> {
     let version_ihl: u8 = read(ctx, ETH_HDR_LEN).unwrap_or(0);
     let frag: u16 = read(ctx, ETH_HDR_LEN + 6).unwrap_or(0);
     let l4 = ETH_HDR_LEN + usize::from(version_ihl & 0x0f) * 4;
-    let has_ports = (proto == 6 || proto == 17) && u16::from_be(frag) & 0x1fff == 0;
+    let first = u16::from_be(frag) & 0x1fff == 0;
+    let has_ports = (proto == 6 || proto == 17) && first;
     let (sport, dport) = if has_ports {
         (read(ctx, l4).unwrap_or(0), read(ctx, l4 + 2).unwrap_or(0))
     } else {
         (0, 0)
     };
-    Some(CtKey {
-        saddr,
-        daddr: read(ctx, ETH_HDR_LEN + 16).unwrap_or(0),
-        sport,
-        dport,
-        proto,
-        _pad: [0; 3],
+    // Two bytes at a time, as the ports: a one-byte read at a variable offset compiles to a
+    // bounds check (`pointer >= end`) the verifier does not take as one.
+    let tcp_flags = if proto == 6 && first {
+        read::<u16>(ctx, l4 + 12).unwrap_or(0).to_ne_bytes()[1]
+    } else {
+        0
+    };
+    let [icmp_type, icmp_code] = if proto == 1 && first {
+        read::<u16>(ctx, l4).unwrap_or(0).to_ne_bytes()
+    } else {
+        [0, 0]
+    };
+    Some(Denied {
+        tuple: CtKey {
+            saddr,
+            daddr: read(ctx, ETH_HDR_LEN + 16).unwrap_or(0),
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        },
+        tcp_flags,
+        icmp_type,
+        icmp_code,
     })
 }
 

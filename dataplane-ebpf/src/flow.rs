@@ -62,6 +62,9 @@ pub struct NewFlow {
     pub packets: u64,
     pub bytes: u64,
     pub tcp_flags: u8,
+    /// ICMP type and code of the first packet (0 for other protocols).
+    pub icmp_type: u8,
+    pub icmp_code: u8,
     pub hook: u32,
     pub ifindex: u32,
 }
@@ -84,8 +87,43 @@ pub fn new_connection(flow: &NewFlow) {
         e.origin = flow.origin;
         e.rewrite = flow.rewrite;
         e.tcp_flags = flow.tcp_flags;
+        e.icmp_type = flow.icmp_type;
+        e.icmp_code = flow.icmp_code;
         e.hook = flow.hook as u8;
         e.ifindex = flow.ifindex;
+    });
+}
+
+/// The first answer of the ICMP echo connection whose reply entry is `entry` (under `key`, the
+/// answer's own key as it arrived): an event of its own, as the answer was (its type and code,
+/// the entry's counters and the translation back to the connection's first side).
+#[inline(always)]
+pub fn replied(
+    key: &CtKey,
+    entry: *const CtEntry,
+    icmp_type: u8,
+    icmp_code: u8,
+    hook: u32,
+    ifindex: u32,
+) {
+    if !on() {
+        return;
+    }
+    // SAFETY: a map value from a lookup in this program run.
+    send(|e| unsafe {
+        e.time_ns = bpf_ktime_get_ns();
+        e.packets = (*entry).packets;
+        e.bytes = (*entry).bytes;
+        e.tuple = *key;
+        e.nat_addr = (*entry).nat_addr;
+        e.nat_port = (*entry).nat_port;
+        e.kind = flow_kind::REPLY;
+        e.origin = (*entry).origin;
+        e.rewrite = (*entry).rewrite;
+        e.icmp_type = icmp_type;
+        e.icmp_code = icmp_code;
+        e.hook = hook as u8;
+        e.ifindex = ifindex;
     });
 }
 
@@ -157,6 +195,9 @@ pub fn closed(key: &CtKey, entry: *const CtEntry, hook: u32, ifindex: u32) {
 pub struct Dropped {
     pub tuple: CtKey,
     pub tcp_flags: u8,
+    /// ICMP type and code (0 for other protocols, and where the packet ends first).
+    pub icmp_type: u8,
+    pub icmp_code: u8,
     pub len: u32,
     pub reason: DropReason,
     pub hook: u32,
@@ -212,6 +253,8 @@ pub fn dropped(d: &Dropped) {
                     (*agg).pending_bytes += u64::from(d.len);
                     (*agg).tuple = d.tuple;
                     (*agg).tcp_flags = d.tcp_flags;
+                    (*agg).icmp_type = d.icmp_type;
+                    (*agg).icmp_code = d.icmp_code;
                     (*agg).ifindex = d.ifindex;
                     return;
                 }
@@ -237,7 +280,9 @@ pub fn dropped(d: &Dropped) {
                 },
                 tuple: d.tuple,
                 tcp_flags: d.tcp_flags,
-                _pad: [0; 3],
+                icmp_type: d.icmp_type,
+                icmp_code: d.icmp_code,
+                _pad: 0,
                 ifindex: d.ifindex,
             };
             let _ = DROP_AGGREGATES.insert(&key, &first, 0);
@@ -254,6 +299,8 @@ pub fn dropped(d: &Dropped) {
         e.tuple = d.tuple;
         e.kind = flow_kind::DROP;
         e.tcp_flags = d.tcp_flags;
+        e.icmp_type = d.icmp_type;
+        e.icmp_code = d.icmp_code;
         e.drop_reason = d.reason as u8;
         e.hook = d.hook as u8;
         e.ifindex = d.ifindex;

@@ -91,11 +91,13 @@ pub fn dp_uplink_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
     stats::count_packet(ifindex, hook::UPLINK_XDP, len);
     match early::denied_source(&ctx) {
-        Some(tuple) => {
+        Some(denied) => {
             stats::count_drop(DropReason::PolicyDeny);
             flow::dropped(&flow::Dropped {
-                tuple,
-                tcp_flags: 0,
+                tuple: denied.tuple,
+                tcp_flags: denied.tcp_flags,
+                icmp_type: denied.icmp_type,
+                icmp_code: denied.icmp_code,
                 len,
                 reason: DropReason::PolicyDeny,
                 hook: hook::UPLINK_XDP,

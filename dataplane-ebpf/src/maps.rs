@@ -10,7 +10,7 @@ use aya_ebpf::{
 use dataplane_common::{
     Backend, BackendKey, Config, CtEntry, CtKey, DropAggKey, DropAggValue, DropBudget, DropReason,
     EndpointInfo, FLOW_RING_BYTES, FragEntry, FragKey, IfaceStats, IfaceStatsKey, MAGLEV_STRIDE,
-    PolicyRule, PortKey, PortTarget, ServiceInfo, ServiceKey, capacity,
+    PolicyRule, PortKey, PortTarget, ServiceInfo, ServiceKey, capacity, tcp_flag_count,
 };
 
 /// Packets and bytes per (interface, hook); per-CPU so the hot path never contends.
@@ -22,6 +22,13 @@ pub static IFACE_STATS: PerCpuHashMap<IfaceStatsKey, IfaceStats> =
 /// per CPU); per-CPU, summed by the agent. v2: the reasons took Cilium's numbers.
 #[map(name = "dp_drops_v2")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::SLOTS, 0);
+
+/// TCP flags of the packets the programs pass, per CPU (slot `point * KINDS + kind`, see
+/// `tcp_flag_count`): 4 kinds (Hubble's SYN, SYN-ACK, FIN, RST) at 3 counting points, 12
+/// counters, 96 bytes a CPU. Per packet, so it is a counter and never an event; written by the
+/// programs only, summed by the agent into `hubble_tcp_flags_total`.
+#[map(name = "dp_tcp_flags_v1")]
+pub static TCP_FLAGS: PerCpuArray<u64> = PerCpuArray::pinned(tcp_flag_count::SLOTS, 0);
 
 /// Container interfaces by IPv4 address (network byte order), written by the agent's
 /// reconciler only.

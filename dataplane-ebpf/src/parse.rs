@@ -67,6 +67,9 @@ pub struct L4 {
     pub dport: u16,
     /// TCP flags byte (0 for other protocols).
     pub tcp_flags: u8,
+    /// ICMP type and code (echo request or reply; 0 for other protocols).
+    pub icmp_type: u8,
+    pub icmp_code: u8,
     /// TCP sequence and acknowledgement numbers, host order (0 for other protocols).
     pub seq: u32,
     pub ack_seq: u32,
@@ -97,6 +100,16 @@ pub fn salvage_tc(ctx: &TcContext) -> (u32, u32, u8) {
         ctx.load::<u32>(IP_SADDR_OFF).unwrap_or(0),
         ctx.load::<u32>(IP_DADDR_OFF).unwrap_or(0),
         ctx.load::<u8>(ETH_HDR_LEN + 9).unwrap_or(0),
+    )
+}
+
+/// The ICMP type and code of an ICMP packet whose header starts at `l4_offset` (zero where the
+/// packet ends first), for the record of its drop.
+#[inline(always)]
+pub fn salvage_icmp(ctx: &TcContext, l4_offset: usize) -> (u8, u8) {
+    (
+        ctx.load::<u8>(l4_offset).unwrap_or(0),
+        ctx.load::<u8>(l4_offset + 1).unwrap_or(0),
     )
 }
 
@@ -239,6 +252,8 @@ pub fn parse_l4(ctx: &TcContext, ip: &Ipv4Packet) -> Transport {
                 sport,
                 dport,
                 tcp_flags,
+                icmp_type: 0,
+                icmp_code: 0,
                 seq,
                 ack_seq,
                 csum_offset,
@@ -250,7 +265,11 @@ pub fn parse_l4(ctx: &TcContext, ip: &Ipv4Packet) -> Transport {
             if ip.is_later_fragment() {
                 return Transport::LaterFragment;
             }
-            let (Ok(icmp_type), Ok(id)) = (ctx.load::<u8>(off), ctx.load::<u16>(off + 4)) else {
+            let (Ok(icmp_type), Ok(icmp_code), Ok(id)) = (
+                ctx.load::<u8>(off),
+                ctx.load::<u8>(off + 1),
+                ctx.load::<u16>(off + 4),
+            ) else {
                 return Transport::Malformed;
             };
             if matches!(
@@ -266,6 +285,8 @@ pub fn parse_l4(ctx: &TcContext, ip: &Ipv4Packet) -> Transport {
                 sport: id,
                 dport: 0,
                 tcp_flags: 0,
+                icmp_type,
+                icmp_code,
                 seq: 0,
                 ack_seq: 0,
                 csum_offset: off + 2,

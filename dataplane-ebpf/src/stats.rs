@@ -1,8 +1,12 @@
-//! Counters: per-interface traffic and per-reason drops.
+//! Counters: per-interface traffic, per-reason drops and the TCP flags of passed packets.
 
-use dataplane_common::{DropReason, IfaceStats, IfaceStatsKey};
+use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
+use dataplane_common::{DropReason, IfaceStats, IfaceStatsKey, hook, tcp_flag_count};
 
-use crate::maps::{DROPS, IFACE_STATS};
+use crate::{
+    maps::{DROPS, IFACE_STATS, LOCAL_ADDRS, TCP_FLAGS},
+    parse::IP_DADDR_OFF,
+};
 
 /// Counts one packet of `len` bytes on `ifindex` at `hook`.
 #[inline(always)]
@@ -33,5 +37,56 @@ pub fn count_drop(reason: DropReason) {
         // SAFETY: a map value from the lookup just made; a per-CPU slot has no concurrent
         // writer.
         unsafe { *counter += 1 };
+    }
+}
+
+/// Where a TCP packet that `hook` passes is counted, if there (see `tcp_flag_count`'s
+/// points): every packet once, although a container's packet leaving the host crosses two
+/// of our hooks (its veth's, then the uplink's egress).
+#[inline(always)]
+fn tcp_flags_point(ctx: &TcContext, hook: u32) -> Option<u32> {
+    match hook {
+        hook::CONTAINER_INGRESS => {
+            // The destination as the packet leaves the hook (after any translation: hairpin
+            // traffic to the host's published port is addressed to a container by now).
+            let daddr = ctx.load::<u32>(IP_DADDR_OFF).ok()?;
+            if LOCAL_ADDRS.get_ptr(&daddr).is_some() {
+                return None;
+            }
+            Some(tcp_flag_count::FROM_CONTAINER)
+        }
+        hook::UPLINK_INGRESS => Some(tcp_flag_count::FROM_OUTSIDE),
+        hook::UPLINK_EGRESS => {
+            // SAFETY: `skb` points at the context the kernel passed to this program.
+            let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+            // A forwarded packet came in somewhere (a container's veth or bridge, the
+            // uplink) and was counted there; the host's own packets came in nowhere.
+            (ingress == 0).then_some(tcp_flag_count::FROM_HOST)
+        }
+        _ => None,
+    }
+}
+
+/// Counts the TCP `flags` of a packet `hook` passed, as Hubble's tcp metric counts a
+/// forwarded flow. Not inlined: its few bytes of stack are its own frame's, not the hook's.
+#[inline(never)]
+pub fn count_tcp_flags(skb: *mut __sk_buff, hook: u32, flags: u8) {
+    let kinds = tcp_flag_count::kinds(flags);
+    if kinds == 0 {
+        return;
+    }
+    let ctx = TcContext::new(skb);
+    let Some(point) = tcp_flags_point(&ctx, hook) else {
+        return;
+    };
+    for kind in 0..tcp_flag_count::KINDS {
+        if kinds & (1 << kind) == 0 {
+            continue;
+        }
+        if let Some(counter) = TCP_FLAGS.get_ptr_mut(point * tcp_flag_count::KINDS + kind) {
+            // SAFETY: a map value from the lookup just made; a per-CPU slot has no
+            // concurrent writer.
+            unsafe { *counter += 1 };
+        }
     }
 }

@@ -21,10 +21,10 @@ use crate::{
     nat,
     parse::{
         Frame, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Packet, L4, Quoted, Transport, parse_l4,
-        parse_tc, salvage_tc,
+        parse_tc, salvage_icmp, salvage_tc,
     },
     policy::{self, Via},
-    reject,
+    reject, stats,
 };
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{FragEntry, FragKey};
@@ -96,6 +96,8 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
         drop: flow::Dropped {
             tuple: CtKey::default(),
             tcp_flags: 0,
+            icmp_type: 0,
+            icmp_code: 0,
             len: ctx.len(),
             reason: DropReason::Malformed,
             hook: hook.number(),
@@ -112,9 +114,16 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
     if arrived.first_fragment {
         remember_first_fragment(&arrived, dropped);
     }
-    if let Some(reason) = dropped {
-        arrived.drop.reason = reason;
-        flow::dropped(&arrived.drop);
+    match dropped {
+        Some(reason) => {
+            arrived.drop.reason = reason;
+            flow::dropped(&arrived.drop);
+        }
+        // Hubble counts the flags of forwarded packets only.
+        None if arrived.drop.tuple.proto == IPPROTO_TCP => {
+            stats::count_tcp_flags(ctx.skb.skb, hook.number(), arrived.drop.tcp_flags);
+        }
+        None => {}
     }
     verdict
 }
@@ -243,6 +252,8 @@ fn packet_seen(site: Site, len: u32, l4: Option<&L4>) -> conntrack::Seen {
         tcp_flags: l4.map_or(0, |l| l.tcp_flags),
         seq: l4.map_or(0, |l| l.seq),
         ack_seq: l4.map_or(0, |l| l.ack_seq),
+        icmp_type: l4.map_or(0, |l| l.icmp_type),
+        icmp_code: l4.map_or(0, |l| l.icmp_code),
         hook: site.hook.number(),
         ifindex: site.ifindex,
     }
@@ -266,6 +277,10 @@ fn decide(ctx: &TcContext, site: Site, arrived: &mut Arrived) -> Verdict {
     arrived.drop.tuple.saddr = ip.saddr;
     arrived.drop.tuple.daddr = ip.daddr;
     arrived.drop.tuple.proto = ip.protocol;
+    if ip.protocol == IPPROTO_ICMP && !ip.is_later_fragment() {
+        // For the record of a drop, whatever the ICMP message is (echo, error, other).
+        (arrived.drop.icmp_type, arrived.drop.icmp_code) = salvage_icmp(ctx, ip.l4_offset);
+    }
     if hook == Hook::UplinkIngress && deny_list_at_tc() && early::denied_source_tc(ip.saddr) {
         salvage_ports(ctx, &ip, arrived);
         // The deny list is user rules, as at XDP.
@@ -378,6 +393,8 @@ fn track_untranslated(site: Site, ip: &Ipv4Packet, forward: &CtKey, l4: &L4) {
         orig_port: 0,
         len: ip.len,
         tcp_flags: l4.tcp_flags,
+        icmp_type: l4.icmp_type,
+        icmp_code: l4.icmp_code,
     };
     if conntrack::create(&connection).is_ok() {
         report_new(&connection, site);
@@ -401,6 +418,8 @@ fn report_new(c: &NewConnection, site: Site) {
         packets: 1,
         bytes: u64::from(c.len),
         tcp_flags: c.tcp_flags,
+        icmp_type: c.icmp_type,
+        icmp_code: c.icmp_code,
         hook: site.hook.number(),
         ifindex: site.ifindex,
     });
@@ -657,6 +676,8 @@ fn track_dnat(
         orig_port: l4.dport,
         len: ip.len,
         tcp_flags: l4.tcp_flags,
+        icmp_type: l4.icmp_type,
+        icmp_code: l4.icmp_code,
     };
     let created = match conntrack::create(&connection) {
         Err(CtError::Exists) => {
@@ -760,6 +781,8 @@ fn masquerade(
             orig_port: l4.sport,
             len: ip.len,
             tcp_flags: l4.tcp_flags,
+            icmp_type: l4.icmp_type,
+            icmp_code: l4.icmp_code,
         };
         let mut created = conntrack::create(&connection);
         // A port held by a connection that has closed both ways is free again (the far end

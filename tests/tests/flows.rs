@@ -645,10 +645,11 @@ fn every_kind_of_record_is_a_valid_hubble_flow_served_over_hubbles_api() {
         .enable_all()
         .build()
         .unwrap();
-    let (dropped, nodes) = runtime.block_on(async {
+    let (dropped, nodes, peer) = runtime.block_on(async {
         use dataplane::hubble::api::{
             flow::{FlowFilter, Verdict},
             observer::{GetFlowsRequest, GetNodesRequest, observer_client::ObserverClient},
+            peer::{NotifyRequest, peer_client::PeerClient},
         };
         use tokio_stream::StreamExt as _;
         let path = hubble_socket.clone();
@@ -664,7 +665,7 @@ fn every_kind_of_record_is_a_valid_hubble_flow_served_over_hubbles_api() {
             }))
             .await
             .expect("connecting to the agent's Hubble socket");
-        let mut client = ObserverClient::new(channel);
+        let mut client = ObserverClient::new(channel.clone());
         let dropped: Vec<_> = client
             .get_flows(GetFlowsRequest {
                 number: 1000,
@@ -686,8 +687,34 @@ fn every_kind_of_record_is_a_valid_hubble_flow_served_over_hubbles_api() {
             .unwrap()
             .into_inner()
             .nodes;
-        (dropped, nodes)
+        // peer.Peer/Notify, what Hubble Relay gathers hosts with: this host, announced at
+        // once, and the stream stays open.
+        let mut peers = PeerClient::new(channel)
+            .notify(NotifyRequest {})
+            .await
+            .expect("peer.Peer/Notify")
+            .into_inner();
+        let peer = tokio::time::timeout(Duration::from_secs(10), peers.next())
+            .await
+            .expect("a peer notification within 10 s")
+            .expect("the stream open")
+            .expect("a notification");
+        let more = tokio::time::timeout(Duration::from_millis(500), peers.next()).await;
+        assert!(
+            more.is_err(),
+            "the stream stays open with no more peers: {more:?}"
+        );
+        (dropped, nodes, peer)
     });
+    assert_eq!(
+        (peer.name.as_str(), peer.address.as_str(), peer.r#type),
+        (
+            nodes[0].name.as_str(),
+            format!("unix://{hubble_socket}").as_str(),
+            dataplane::hubble::api::peer::ChangeNotificationType::PeerAdded as i32
+        ),
+        "the peer is this host, at the address the API listens on"
+    );
     assert_eq!(
         dropped.len(),
         records
@@ -803,4 +830,130 @@ fn every_kind_of_record_is_a_valid_hubble_flow_served_over_hubbles_api() {
     let followed = followed.expect("hubble observe --follow streamed a new connection");
     strict(&followed);
     drop(outside_server);
+}
+
+/// The ICMP type and code of the packet each record is about: a ping between containers and
+/// one masqueraded to the outside each give an EchoRequest record (their first packet) and an
+/// EchoReply record (the answer, `is_reply`); a message a denied source sends is dropped with
+/// its own type and code. Hubble's JSON of each parses strictly.
+#[test]
+fn pings_give_request_and_reply_records_and_an_icmp_drop_its_own_type() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start_with(&sandbox, &["--flow-report-interval", "3600"]);
+    sandbox.exec_ok("client", &["ping", "-c", "2", "-W", "3", WEB1]);
+    sandbox.exec_ok("web1", &["ping", "-c", "2", "-W", "3", OUTSIDE]);
+    let icmp = |r: &Value| r["flow"]["l4"].get("ICMPv4").cloned();
+    // Records about a packet (not an expired connection's last counters).
+    let packet = |r: &Value| matches!(event(r), "new" | "reply" | "drop");
+    let records = wait_for_records(&agent, "two pings' requests and replies", |r| {
+        r.iter().filter(|x| icmp(x).is_some() && packet(x)).count() >= 4
+    });
+    let pings: Vec<(String, String, u64, u64, bool, String, String)> = records
+        .iter()
+        .filter(|r| packet(r))
+        .filter_map(|r| {
+            let l4 = icmp(r)?;
+            let flow = &r["flow"];
+            Some((
+                end(&flow["source"], &flow["IP"]["source"]),
+                end(&flow["destination"], &flow["IP"]["destination"]),
+                l4["type"].as_u64().unwrap_or(0),
+                l4["code"].as_u64().unwrap_or(0),
+                flow["is_reply"].as_bool().unwrap(),
+                flow["traffic_direction"].as_str().unwrap().to_owned(),
+                flow["Summary"].as_str().unwrap().to_owned(),
+            ))
+        })
+        .collect();
+    let outside = format!("{OUTSIDE} (reserved:world)");
+    assert_eq!(
+        pings,
+        [
+            (
+                "client (front)".into(),
+                "web1 (front)".into(),
+                8,
+                0,
+                false,
+                "INGRESS".into(),
+                "ICMPv4 EchoRequest".into()
+            ),
+            (
+                "web1 (front)".into(),
+                "client (front)".into(),
+                0,
+                0,
+                true,
+                "INGRESS".into(),
+                "ICMPv4 EchoReply".into()
+            ),
+            (
+                "web1 (front)".into(),
+                outside.clone(),
+                8,
+                0,
+                false,
+                "EGRESS".into(),
+                "ICMPv4 EchoRequest".into()
+            ),
+            (
+                outside,
+                "web1 (front)".into(),
+                0,
+                0,
+                true,
+                "EGRESS".into(),
+                "ICMPv4 EchoReply".into()
+            ),
+        ],
+        "(source, destination, type, code, is_reply, direction, summary) of the ICMP records, \
+         one request and one answer per ping (the second round is the same connection)"
+    );
+    for line in observe_lines(&agent, &["--last", "100", "--protocol", "icmp"]) {
+        strict(&line);
+    }
+
+    // The outside goes on the deny list, then sends a port-unreachable to the host.
+    sandbox.write_state(&format!(
+        "{SPEC}policies:\n  - {{name: blocklist, action: deny, from: {{cidr: {OUTSIDE}/32}}}}\n"
+    ));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let drop = loop {
+        sandbox.exec(
+            "outside",
+            &[
+                "hping3", "-q", "--icmp", "-C", "3", "-K", "3", "-c", "1", HOST,
+            ],
+        );
+        let dropped = observe(&agent, &["--last", "100", "--verdict", "DROPPED"]);
+        if let Some(drop) = dropped.into_iter().find(|r| icmp(r).is_some()) {
+            break drop;
+        }
+        assert!(Instant::now() < deadline, "no ICMP drop record");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let flow = &drop["flow"];
+    assert_eq!(flow["drop_reason_desc"], "POLICY_DENY");
+    assert_eq!(flow["l4"]["ICMPv4"]["type"], 3);
+    assert_eq!(flow["l4"]["ICMPv4"]["code"], 3);
+    assert_eq!(flow["Summary"], "ICMPv4 DestinationUnreachable(Port)");
+    assert_eq!(flow["IP"]["source"], OUTSIDE);
+    for line in observe_lines(&agent, &["--last", "100", "--verdict", "DROPPED"]) {
+        strict(&line);
+    }
+}
+
+/// `dataplane observe -o json ARGS`: Hubble's lines as they are printed.
+fn observe_lines(agent: &Agent, args: &[&str]) -> Vec<String> {
+    let out = Command::new(dataplane_bin())
+        .args(["observe", "-o", "json", "--socket"])
+        .arg(&agent.socket)
+        .args(args)
+        .output()
+        .expect("running dataplane observe");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }

@@ -75,9 +75,10 @@ pub fn compact(rfc3339: &str) -> String {
     let parsed = (|| {
         let month: usize = field(5..7)?.parse().ok()?;
         let name = MONTHS.get(month.checked_sub(1)?)?;
+        let day: u8 = field(8..10)?.parse().ok()?;
+        // Go's `Jan _2`: the day padded with a space, as hubble prints it.
         Some(format!(
-            "{name} {} {}.{}",
-            field(8..10)?,
+            "{name} {day:>2} {}.{}",
             field(11..19)?,
             field(20..23).unwrap_or("000")
         ))
@@ -110,6 +111,10 @@ mod tests {
             "Nov 25 10:00:01.123"
         );
         assert_eq!(compact("garbage"), "garbage");
+        assert_eq!(
+            compact("2026-12-02T00:59:13.373151100Z"),
+            "Dec  2 00:59:13.373"
+        );
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub enum Kind {
     New,
     /// A TCP connection's first FIN or RST (kernel), with both directions' counters.
     Close,
+    /// An ICMP echo connection's first answer (kernel), as that answer was: its tuple is the
+    /// answer's, its counters the answering direction's.
+    Reply,
     /// Counters of a connection still open, reported by the agent every
     /// `--flow-report-interval` (30 s).
     Update,
@@ -90,6 +93,13 @@ impl From<&CtKey> for Tuple {
     }
 }
 
+/// An ICMP message's type and code.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Icmp {
+    pub icmp_type: u8,
+    pub code: u8,
+}
+
 /// Packets and bytes of the connection's first direction and of its replies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -110,6 +120,8 @@ pub struct Event {
     pub nat: Option<Nat>,
     /// TCP header flags seen (see [`FlowEvent::tcp_flags`]).
     pub tcp_flags: u8,
+    /// ICMP type and code of the packet the event is about (0 for other protocols).
+    pub icmp: Icmp,
     pub counters: Counters,
     /// One of `dataplane_common::hook`, 0 when the agent made the record.
     pub hook: u32,
@@ -154,6 +166,7 @@ pub fn from_raw(raw: &FlowEvent) -> Result<Event, DecodeError> {
     let kind = match raw.kind {
         flow_kind::NEW => Kind::New,
         flow_kind::CLOSE => Kind::Close,
+        flow_kind::REPLY => Kind::Reply,
         flow_kind::DROP => Kind::Drop(
             DropReason::from_u32(u32::from(raw.drop_reason))
                 .ok_or(DecodeError::DropReason(raw.drop_reason))?,
@@ -166,6 +179,10 @@ pub fn from_raw(raw: &FlowEvent) -> Result<Event, DecodeError> {
         tuple: Tuple::from(&raw.tuple),
         nat: nat(raw.origin, raw.rewrite, raw.nat_addr, raw.nat_port),
         tcp_flags: raw.tcp_flags,
+        icmp: Icmp {
+            icmp_type: raw.icmp_type,
+            code: raw.icmp_code,
+        },
         counters: Counters {
             packets: raw.packets,
             bytes: raw.bytes,
@@ -197,6 +214,11 @@ pub fn from_conntrack(
             forward.nat_port,
         ),
         tcp_flags: forward.tcp_flags | reply.map_or(0, |r| r.tcp_flags),
+        // The first direction's type; tracked ICMP is echo, whose code is 0.
+        icmp: Icmp {
+            icmp_type: forward.icmp_type,
+            code: 0,
+        },
         counters: Counters {
             packets: forward.packets,
             bytes: forward.bytes,

@@ -2,9 +2,10 @@
 //!
 //! Hubble's names and labels, so existing dashboards work, derived from the flow records:
 //! `hubble_flows_processed_total{type,subtype,verdict,protocol}`,
-//! `hubble_drop_total{reason,protocol}`, `hubble_tcp_flags_total{flag,family}`,
-//! `hubble_port_distribution_total{protocol,port}`; and the agent's own `dataplane_*` from the
-//! kernel maps and the reconciler.
+//! `hubble_drop_total{reason,protocol}`, `hubble_icmp_total{family,type}`,
+//! `hubble_port_distribution_total{protocol,port}`; `hubble_tcp_flags_total{flag,family}` from
+//! the kernel's per-packet counters (the records come per connection, Hubble counts packets);
+//! and the agent's own `dataplane_*` from the kernel maps and the reconciler.
 //!
 //! `hubble_drop_total` has two sources, so that it counts every drop and still agrees with the
 //! flows: each drop record counts under its protocol (like Hubble, which derives it from
@@ -34,7 +35,12 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::flows::record::{ConnectionEvent, Flow, L4, Verdict};
+use dataplane_common::tcp_flag_count;
+
+use crate::{
+    flows::record::{self, ConnectionEvent, Flow, L4, Verdict},
+    kernel::TcpFlagTotals,
+};
 
 type Labels<const N: usize> = [(&'static str, Cow<'static, str>); N];
 
@@ -77,17 +83,6 @@ fn with<const N: usize, const M: usize>(
             context[i - N].clone()
         }
     })
-}
-
-/// Hubble's name of an ICMPv4 type (its `hubble_icmp_total{type}`).
-fn icmp_type_name(icmp_type: u32) -> Cow<'static, str> {
-    match icmp_type {
-        0 => "EchoReply".into(),
-        3 => "DestinationUnreachable".into(),
-        8 => "EchoRequest".into(),
-        11 => "TimeExceeded".into(),
-        other => Cow::Owned(other.to_string()),
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +140,8 @@ pub struct Metrics {
     reconcile_errors: Counter,
     programs_attached: Gauge,
     drop_accounting: DropAccounting,
+    /// The kernel's TCP flag totals counted already.
+    tcp_flags_seen: TcpFlagTotals,
 }
 
 fn drop_reason_of(desc: &str) -> Option<DropReason> {
@@ -171,6 +168,7 @@ impl Metrics {
             reconcile_errors: Counter::default(),
             programs_attached: Gauge::default(),
             drop_accounting: DropAccounting::default(),
+            tcp_flags_seen: [0; tcp_flag_count::KINDS as usize],
         };
         // Counters get their `_total` suffix from the encoder.
         registry.register(
@@ -271,57 +269,25 @@ impl Metrics {
             }
         }
         let event = flow.connection.map(|c| c.event);
-        if let Some(L4::Tcp { flags, .. }) = &flow.l4 {
-            // Hubble counts the flags of each packet it sees; records come per connection
-            // event, so each handshake and close flag is counted once, in the direction that
-            // sent it: SYN of the opening (and of a dropped packet), the answer's SYN-ACK and
-            // FIN/RST with the connection's last record (which carries both directions'
-            // flags and whether any reply came).
-            let replied = flow.connection.is_some_and(|c| c.reply_packets > 0);
-            let counted: Vec<&'static str> = match event {
-                Some(ConnectionEvent::New | ConnectionEvent::Drop) => {
-                    let mut names = Vec::new();
-                    match (flags.syn, flags.ack) {
-                        (true, true) if dropped => names.push("SYN-ACK"),
-                        (true, _) => names.push("SYN"),
-                        _ => {}
-                    }
-                    if dropped && flags.fin {
-                        names.push("FIN");
-                    }
-                    if flags.rst {
-                        names.push("RST");
-                    }
-                    names
-                }
-                Some(ConnectionEvent::Close | ConnectionEvent::End) => [
-                    (flags.syn && replied, "SYN-ACK"),
-                    (flags.fin, "FIN"),
-                    (flags.rst, "RST"),
-                ]
-                .into_iter()
-                .filter_map(|(set, name)| set.then_some(name))
-                .collect(),
-                Some(ConnectionEvent::Update) | None => Vec::new(),
-            };
-            for flag in counted {
-                self.tcp_flags
-                    .get_or_create(&with(
-                        [("flag", flag.into()), ("family", "IPv4".into())],
-                        &cx,
-                    ))
-                    .inc();
-            }
-        }
-        let first = matches!(event, Some(ConnectionEvent::New | ConnectionEvent::Drop));
-        if let Some(L4::Icmpv4 { icmp_type, .. }) = &flow.l4
-            && first
+        // TCP flags are not counted from records (which come per connection) but per packet
+        // by the kernel: see `kernel_tcp_flags`. ICMP is counted per record about a packet:
+        // an echo's request (NEW) and its answer (REPLY), and dropped packets, with their own
+        // type and code.
+        let about_a_packet = matches!(
+            event,
+            Some(ConnectionEvent::New | ConnectionEvent::Reply | ConnectionEvent::Drop)
+        );
+        if let Some(L4::Icmpv4 { icmp_type, code }) = &flow.l4
+            && about_a_packet
         {
             self.icmp
                 .get_or_create(&with(
                     [
                         ("family", "IPv4".into()),
-                        ("type", icmp_type_name(*icmp_type)),
+                        (
+                            "type",
+                            Cow::Owned(record::icmpv4_type_code(*icmp_type as u8, *code as u8)),
+                        ),
                     ],
                     &cx,
                 ))
@@ -371,6 +337,24 @@ impl Metrics {
         }
         for i in 0..now.len() {
             acc.previous[i] = now[i].saturating_sub(baseline[i]);
+        }
+    }
+
+    /// The kernel's per-packet TCP flag counters (totals per kind since the agent loaded the
+    /// programs, summed over CPUs and counting points), read every refresh. Hubble's labels;
+    /// the context labels are empty: the kernel counts packets, not workloads.
+    pub fn kernel_tcp_flags(&mut self, totals: &TcpFlagTotals) {
+        for (kind, name) in tcp_flag_count::NAMES.iter().enumerate() {
+            let new = totals[kind].saturating_sub(self.tcp_flags_seen[kind]);
+            if new > 0 {
+                self.tcp_flags_seen[kind] = totals[kind];
+                self.tcp_flags
+                    .get_or_create(&with(
+                        [("flag", (*name).into()), ("family", "IPv4".into())],
+                        &NO_CONTEXT,
+                    ))
+                    .inc_by(new);
+            }
         }
     }
 
@@ -525,6 +509,27 @@ mod tests {
 
     use dataplane_common::{flow_kind, tcp_flag};
 
+    fn icmp_flow(kind: u8, icmp_type: u8, code: u8, reason: Option<DropReason>) -> Flow {
+        let mut raw = raw_event(kind, IPPROTO_ICMP, ("192.0.2.2", 7), ("192.0.2.9", 0));
+        raw.icmp_type = icmp_type;
+        raw.icmp_code = code;
+        if let Some(reason) = reason {
+            raw.drop_reason = reason as u8;
+        }
+        record::build(
+            &decode::from_raw(&raw).unwrap(),
+            &Context {
+                identities: &Identities::default(),
+                clock: &Clock::with_offset(0),
+                node_name: "n",
+                ifname: None,
+            },
+        )
+        .flow
+    }
+
+    const EMPTY: &str = "source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"";
+
     #[test]
     fn records_become_hubbles_metrics() {
         let (mut metrics, registry) = Metrics::new();
@@ -536,7 +541,6 @@ mod tests {
             None,
         ));
         metrics.record(&flow(flow_kind::NEW, IPPROTO_UDP, 0, None));
-        metrics.record(&flow(flow_kind::NEW, IPPROTO_ICMP, 0, None));
         metrics.record(&flow(
             flow_kind::DROP,
             IPPROTO_TCP,
@@ -545,20 +549,72 @@ mod tests {
         ));
         let text = scrape(&registry);
         for line in [
-            "hubble_flows_processed_total{protocol=\"TCP\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 2",
-            "hubble_flows_processed_total{protocol=\"UDP\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
-            "hubble_flows_processed_total{protocol=\"TCP\",type=\"Drop\",subtype=\"\",verdict=\"DROPPED\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
-            "hubble_drop_total{reason=\"SERVICE_BACKEND_NOT_FOUND\",protocol=\"TCP\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
-            // SYN of the new connection and of the dropped packet; the close adds the
-            // answer's SYN-ACK (replies came) and FIN.
-            "hubble_tcp_flags_total{flag=\"SYN\",family=\"IPv4\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 2",
-            "hubble_tcp_flags_total{flag=\"SYN-ACK\",family=\"IPv4\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
-            "hubble_tcp_flags_total{flag=\"FIN\",family=\"IPv4\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
-            "hubble_port_distribution_total{protocol=\"TCP\",port=\"80\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
-            "hubble_port_distribution_total{protocol=\"UDP\",port=\"80\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
-            "hubble_icmp_total{family=\"IPv4\",type=\"EchoRequest\",source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"} 1",
+            format!(
+                "hubble_flows_processed_total{{protocol=\"TCP\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\",{EMPTY}}} 2"
+            ),
+            format!(
+                "hubble_flows_processed_total{{protocol=\"UDP\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\",{EMPTY}}} 1"
+            ),
+            format!(
+                "hubble_flows_processed_total{{protocol=\"TCP\",type=\"Drop\",subtype=\"\",verdict=\"DROPPED\",{EMPTY}}} 1"
+            ),
+            format!(
+                "hubble_drop_total{{reason=\"SERVICE_BACKEND_NOT_FOUND\",protocol=\"TCP\",{EMPTY}}} 1"
+            ),
+            format!("hubble_port_distribution_total{{protocol=\"TCP\",port=\"80\",{EMPTY}}} 1"),
+            format!("hubble_port_distribution_total{{protocol=\"UDP\",port=\"80\",{EMPTY}}} 1"),
         ] {
-            assert!(text.contains(line), "missing {line} in:\n{text}");
+            assert!(text.contains(&line), "missing {line} in:\n{text}");
+        }
+        // Flags come from the kernel's per-packet counters, never from records (which come
+        // per connection).
+        assert!(!text.contains("hubble_tcp_flags_total{"), "{text}");
+    }
+
+    #[test]
+    fn icmp_is_counted_by_its_real_type_and_code() {
+        let (mut metrics, registry) = Metrics::new();
+        // Two pings (each a request and its answer), one unanswered, and a dropped
+        // port-unreachable; an expired echo connection's last record is no packet.
+        for _ in 0..2 {
+            metrics.record(&icmp_flow(flow_kind::NEW, 8, 0, None));
+            metrics.record(&icmp_flow(flow_kind::REPLY, 0, 0, None));
+        }
+        metrics.record(&icmp_flow(flow_kind::NEW, 8, 0, None));
+        metrics.record(&icmp_flow(
+            flow_kind::DROP,
+            3,
+            3,
+            Some(DropReason::PolicyDeny),
+        ));
+        let text = scrape(&registry);
+        for line in [
+            format!("hubble_icmp_total{{family=\"IPv4\",type=\"EchoRequest\",{EMPTY}}} 3"),
+            format!("hubble_icmp_total{{family=\"IPv4\",type=\"EchoReply\",{EMPTY}}} 2"),
+            format!(
+                "hubble_icmp_total{{family=\"IPv4\",type=\"DestinationUnreachable(Port)\",{EMPTY}}} 1"
+            ),
+        ] {
+            assert!(text.contains(&line), "missing {line} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn tcp_flags_follow_the_kernels_per_packet_counters() {
+        let (mut metrics, registry) = Metrics::new();
+        // [SYN, SYN-ACK, FIN, RST] since the agent loaded the programs.
+        metrics.kernel_tcp_flags(&[0, 0, 0, 0]);
+        assert!(!scrape(&registry).contains("hubble_tcp_flags_total{"));
+        metrics.kernel_tcp_flags(&[3, 2, 4, 0]);
+        metrics.kernel_tcp_flags(&[5, 2, 4, 1]);
+        let text = scrape(&registry);
+        for line in [
+            format!("hubble_tcp_flags_total{{flag=\"SYN\",family=\"IPv4\",{EMPTY}}} 5"),
+            format!("hubble_tcp_flags_total{{flag=\"SYN-ACK\",family=\"IPv4\",{EMPTY}}} 2"),
+            format!("hubble_tcp_flags_total{{flag=\"FIN\",family=\"IPv4\",{EMPTY}}} 4"),
+            format!("hubble_tcp_flags_total{{flag=\"RST\",family=\"IPv4\",{EMPTY}}} 1"),
+        ] {
+            assert!(text.contains(&line), "missing {line} in:\n{text}");
         }
     }
 

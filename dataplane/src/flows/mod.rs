@@ -415,6 +415,10 @@ impl Pipeline {
             Ok(drops) => self.metrics.kernel_drops(&drops),
             Err(e) => log::debug!("metrics: {e}"),
         }
+        match datapath.tcp_flags() {
+            Ok(flags) => self.metrics.kernel_tcp_flags(&flags),
+            Err(e) => log::debug!("metrics: {e}"),
+        }
         self.metrics.programs_attached(datapath.attachments().len());
         if self.walks.is_multiple_of(MAP_FILL_EVERY) {
             match datapath.map_fill() {

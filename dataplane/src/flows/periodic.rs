@@ -98,6 +98,8 @@ pub fn pending_drops(
                 tuple: v.tuple,
                 kind: flow_kind::DROP,
                 tcp_flags: v.tcp_flags,
+                icmp_type: v.icmp_type,
+                icmp_code: v.icmp_code,
                 drop_reason: k.reason,
                 hook: k.hook,
                 ifindex: v.ifindex,

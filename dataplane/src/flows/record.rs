@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     clock::{self, Clock},
-    decode::{Event, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Kind, TranslationKind},
+    decode::{Event, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Icmp, Kind, TranslationKind},
 };
 use crate::model::{Model, PortTarget};
 
@@ -356,6 +356,8 @@ pub struct Connection {
 pub enum ConnectionEvent {
     #[default]
     New,
+    /// An ICMP echo connection's first answer.
+    Reply,
     Close,
     Update,
     End,
@@ -367,6 +369,7 @@ impl ConnectionEvent {
         match kind {
             Kind::New => ConnectionEvent::New,
             Kind::Close => ConnectionEvent::Close,
+            Kind::Reply => ConnectionEvent::Reply,
             Kind::Update => ConnectionEvent::Update,
             Kind::End => ConnectionEvent::End,
             Kind::Drop(_) => ConnectionEvent::Drop,
@@ -595,7 +598,63 @@ pub struct Context<'a> {
     pub ifname: Option<&'a str>,
 }
 
-fn protocol_summary(proto: u8, flags: u8) -> String {
+/// An ICMPv4 type and code as Hubble writes them (gopacket's `ICMPv4TypeCode` text, which
+/// Hubble puts in a flow's `Summary` after `ICMPv4 ` and in `hubble_icmp_total{type}`):
+/// `EchoRequest`, `DestinationUnreachable(Port)`, `TimeExceeded(TTLExceeded)`, a type
+/// without codes with a code anyway `EchoRequest(Code: 3)`, an unknown type `42(0)`.
+pub fn icmpv4_type_code(icmp_type: u8, code: u8) -> String {
+    let (name, codes): (&str, &[&str]) = match icmp_type {
+        0 => ("EchoReply", &[]),
+        3 => (
+            "DestinationUnreachable",
+            &[
+                "Net",
+                "Host",
+                "Protocol",
+                "Port",
+                "FragmentationNeeded",
+                "SourceRoutingFailed",
+                "NetUnknown",
+                "HostUnknown",
+                "SourceIsolated",
+                "NetAdminProhibited",
+                "HostAdminProhibited",
+                "NetTOS",
+                "HostTOS",
+                "CommAdminProhibited",
+                "HostPrecedence",
+                "PrecedenceCutoff",
+            ],
+        ),
+        4 => ("SourceQuench", &[]),
+        5 => ("Redirect", &["Net", "Host", "TOS+Net", "TOS+Host"]),
+        8 => ("EchoRequest", &[]),
+        9 => ("RouterAdvertisement", &[]),
+        10 => ("RouterSolicitation", &[]),
+        11 => (
+            "TimeExceeded",
+            &["TTLExceeded", "FragmentReassemblyTimeExceeded"],
+        ),
+        12 => (
+            "ParameterProblem",
+            &["PointerIndicatesError", "MissingOption", "BadLength"],
+        ),
+        13 => ("TimestampRequest", &[]),
+        14 => ("TimestampReply", &[]),
+        15 => ("InfoRequest", &[]),
+        16 => ("InfoReply", &[]),
+        17 => ("AddressMaskRequest", &[]),
+        18 => ("AddressMaskReply", &[]),
+        _ => return format!("{icmp_type}({code})"),
+    };
+    match codes.get(usize::from(code)) {
+        _ if codes.is_empty() && code == 0 => name.to_owned(),
+        Some(code_name) => format!("{name}({code_name})"),
+        None => format!("{name}(Code: {code})"),
+    }
+}
+
+fn protocol_summary(proto: u8, flags: u8, icmp: Icmp) -> String {
     match proto {
         // A packet dropped before its TCP header was read (XDP reads addresses only).
         IPPROTO_TCP if flags == 0 => "TCP".into(),
@@ -604,7 +663,7 @@ fn protocol_summary(proto: u8, flags: u8) -> String {
             TcpFlags::from_bits(flags).names().join(", ")
         ),
         IPPROTO_UDP => "UDP".into(),
-        IPPROTO_ICMP => "ICMPv4 EchoRequest".into(),
+        IPPROTO_ICMP => format!("ICMPv4 {}", icmpv4_type_code(icmp.icmp_type, icmp.code)),
         0 => "unknown".into(),
         other => format!("IP protocol {other}"),
     }
@@ -673,11 +732,11 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
             source_port: tuple.sport,
             destination_port: dport,
         }),
-        // Tracked ICMP is echo only, and a connection's first packet (whose tuple the events
-        // carry) is the request.
+        // The packet the event is about: a connection's first (echo request), its answer
+        // (echo reply), a dropped one (any type).
         IPPROTO_ICMP => Some(L4::Icmpv4 {
-            icmp_type: 8,
-            code: 0,
+            icmp_type: u32::from(event.icmp.icmp_type),
+            code: u32::from(event.icmp.code),
         }),
         _ => None,
     };
@@ -685,10 +744,16 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
         Some(nat) if !nat.destination => nat.addr.to_string(),
         _ => String::new(),
     };
+    // An ICMP echo's one identifier is in `sport` both ways (`dport` is 0).
+    let original_dport = if tuple.proto == IPPROTO_ICMP {
+        tuple.sport
+    } else {
+        tuple.dport
+    };
     let translation = event.nat.map(|nat| {
         let (original, translated) = if nat.destination {
             (
-                format!("{}:{}", tuple.daddr, tuple.dport),
+                format!("{}:{}", tuple.daddr, original_dport),
                 format!("{}:{}", nat.addr, nat.port),
             )
         } else {
@@ -705,8 +770,15 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
     });
     // Cilium's direction is the one of the endpoint whose policy applies: arriving at a
     // container is INGRESS (also from another container), leaving one for the host or the
-    // outside is EGRESS.
-    let traffic_direction = if destination.is_container() || !source.is_container() {
+    // outside is EGRESS. It is the connection's: a reply has the direction of the packet it
+    // answers (Hubble flips the observed direction of replies).
+    let reply = event.kind == Kind::Reply;
+    let (opener, answerer) = if reply {
+        (&destination, &source)
+    } else {
+        (&source, &destination)
+    };
+    let traffic_direction = if answerer.is_container() || !opener.is_container() {
         "INGRESS"
     } else {
         "EGRESS"
@@ -732,20 +804,24 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
         destination_service,
         trace_observation_point: point.map(|p| p.enum_name().to_owned()),
         trace_reason: point.map(|_| {
-            if event.kind == Kind::New {
-                "NEW"
-            } else {
-                "ESTABLISHED"
+            match event.kind {
+                Kind::New => "NEW",
+                Kind::Reply => "REPLY",
+                _ => "ESTABLISHED",
             }
             .to_owned()
         }),
         drop_reason_desc: drop_reason.map(|r| r.desc().to_owned()),
-        is_reply: false,
+        is_reply: reply,
         interface: (event.ifindex != 0).then(|| Interface {
             index: event.ifindex,
             name: cx.ifname.unwrap_or_default().to_owned(),
         }),
-        summary: protocol_summary(if unparsed { 0 } else { tuple.proto }, event.tcp_flags),
+        summary: protocol_summary(
+            if unparsed { 0 } else { tuple.proto },
+            event.tcp_flags,
+            event.icmp,
+        ),
         translation,
         connection: Some(Connection {
             event: ConnectionEvent::of(event.kind),
@@ -905,11 +981,21 @@ pub fn compact(record: &Record) -> String {
         (None, Some(point)) => point.short_name().to_owned(),
         (None, None) => "UNKNOWN".into(),
     };
+    let mut ends = [
+        (source, compact_identity(flow.source().identity)),
+        (destination, compact_identity(flow.destination().identity)),
+    ];
+    // As hubble prints a reply: the connection's way round, with the arrow reversed.
+    let arrow = if flow.is_reply {
+        ends.swap(0, 1);
+        "<-"
+    } else {
+        "->"
+    };
+    let [(first, first_id), (second, second_id)] = ends;
     let mut line = format!(
-        "{}: {source} {} -> {destination} {} {kind} {} ({})",
+        "{}: {first} {first_id} {arrow} {second} {second_id} {kind} {} ({})",
         clock::compact(&flow.time),
-        compact_identity(flow.source().identity),
-        compact_identity(flow.destination().identity),
         flow.verdict.name(),
         flow.summary
     );
@@ -1332,6 +1418,7 @@ ports:
             ("172.30.1.1", 0),
         );
         raw.origin = ct_origin::PLAIN;
+        raw.icmp_type = 8;
         let mut record = record_of(&raw);
         strict(&record.hubble_json());
         let flow = record.flow;
@@ -1347,6 +1434,113 @@ ports:
         );
         assert_eq!(flow.summary, "ICMPv4 EchoRequest");
         assert_eq!(flow.trace_observation_point.as_deref(), Some("TO_STACK"));
+    }
+
+    #[test]
+    fn an_echo_reply_is_a_reply_of_the_connection_it_answers() {
+        // web1 pinged the outside (masquerade); the answer came back to the host's address
+        // and was translated back to web1.
+        let mut raw = raw_event(
+            flow_kind::REPLY,
+            IPPROTO_ICMP,
+            ("198.51.100.7", 20001),
+            ("192.0.2.1", 0),
+        );
+        raw.origin = ct_origin::MASQUERADE;
+        raw.rewrite = ct_rewrite::DST;
+        raw.nat_addr = u32::from(Ipv4Addr::new(172, 30, 1, 2)).to_be();
+        raw.nat_port = 77u16.to_be();
+        raw.hook = hook::UPLINK_INGRESS as u8;
+        let mut record = record_of(&raw);
+        strict(&record.hubble_json());
+        let flow = record.flow;
+        assert_eq!(
+            flow.l4,
+            Some(L4::Icmpv4 {
+                icmp_type: 0,
+                code: 0
+            })
+        );
+        assert_eq!(flow.summary, "ICMPv4 EchoReply");
+        assert!(flow.is_reply);
+        assert_eq!(flow.trace_reason.as_deref(), Some("REPLY"));
+        assert_eq!(flow.source().labels, vec![LABEL_WORLD]);
+        assert_eq!(flow.destination().pod_name, "web1");
+        assert_eq!(flow.trace_observation_point.as_deref(), Some("TO_ENDPOINT"));
+        // The connection went out of web1: its answer too is EGRESS traffic (Hubble flips
+        // the direction it observes for replies).
+        assert_eq!(flow.traffic_direction, "EGRESS");
+        assert_eq!(
+            flow.connection.map(|c| c.event),
+            Some(ConnectionEvent::Reply)
+        );
+        // The way back: the host's address and the echo identifier it used, to web1's.
+        let translation = flow.translation.clone().unwrap();
+        assert_eq!(
+            (
+                translation.original.as_str(),
+                translation.translated.as_str()
+            ),
+            ("192.0.2.1:20001", "172.30.1.2:77")
+        );
+        // hubble's compact line of a reply: the connection's way round, arrow reversed.
+        let line = compact(&record_of(&raw));
+        assert!(
+            line.contains(": front/web1 (ID:")
+                && line
+                    .contains(") <- 198.51.100.7 (world) to-endpoint FORWARDED (ICMPv4 EchoReply)"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn dropped_icmp_says_what_message_it_was() {
+        for (icmp_type, code, summary) in [
+            (3, 3, "ICMPv4 DestinationUnreachable(Port)"),
+            (11, 0, "ICMPv4 TimeExceeded(TTLExceeded)"),
+            (8, 0, "ICMPv4 EchoRequest"),
+            (13, 0, "ICMPv4 TimestampRequest"),
+        ] {
+            let mut raw = raw_event(
+                flow_kind::DROP,
+                IPPROTO_ICMP,
+                ("203.0.113.9", 0),
+                ("192.0.2.1", 0),
+            );
+            raw.drop_reason = DropReason::PolicyDeny as u8;
+            raw.icmp_type = icmp_type;
+            raw.icmp_code = code;
+            let mut record = record_of(&raw);
+            strict(&record.hubble_json());
+            assert_eq!(
+                record.flow.l4,
+                Some(L4::Icmpv4 {
+                    icmp_type: u32::from(icmp_type),
+                    code: u32::from(code)
+                })
+            );
+            assert_eq!(record.flow.summary, summary);
+        }
+    }
+
+    #[test]
+    fn icmp_types_and_codes_are_named_as_hubble_names_them() {
+        for (icmp_type, code, name) in [
+            (0, 0, "EchoReply"),
+            (8, 0, "EchoRequest"),
+            (8, 1, "EchoRequest(Code: 1)"),
+            (3, 0, "DestinationUnreachable(Net)"),
+            (3, 4, "DestinationUnreachable(FragmentationNeeded)"),
+            (3, 13, "DestinationUnreachable(CommAdminProhibited)"),
+            (3, 16, "DestinationUnreachable(Code: 16)"),
+            (5, 2, "Redirect(TOS+Net)"),
+            (11, 1, "TimeExceeded(FragmentReassemblyTimeExceeded)"),
+            (12, 2, "ParameterProblem(BadLength)"),
+            (18, 0, "AddressMaskReply"),
+            (42, 7, "42(7)"),
+        ] {
+            assert_eq!(icmpv4_type_code(icmp_type, code), name);
+        }
     }
 
     #[test]

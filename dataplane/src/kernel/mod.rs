@@ -20,7 +20,7 @@ use aya::{
 };
 use dataplane_common::{
     Config, DropReason, IfaceStats, IfaceStatsKey, MAGLEV_STRIDE, MAGLEV_TABLE_SIZE, PolicyRule,
-    PrefixKey, capacity, hook, map_names, program_names,
+    PrefixKey, capacity, hook, map_names, program_names, tcp_flag_count,
 };
 use serde::Serialize;
 
@@ -159,7 +159,14 @@ pub struct Datapath {
     links: BTreeMap<(String, Hook), Attachment>,
     /// Services the maps hold (from the pinned maps when adopted).
     max_services: u32,
+    /// The kernel's TCP flag counters when this agent loaded its programs (the map is pinned
+    /// and counts across agents): [`Datapath::tcp_flags`] counts from here.
+    tcp_flags_at_load: TcpFlagTotals,
 }
+
+/// Packets counted per TCP flag kind (indexed by `tcp_flag_count::SYN` ...), summed over CPUs
+/// and counting points.
+pub type TcpFlagTotals = [u64; tcp_flag_count::KINDS as usize];
 
 /// Load-time choices.
 #[derive(Debug, Clone)]
@@ -325,7 +332,7 @@ fn check_layouts(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
     use dataplane_common::{Backend, BackendKey, ServiceInfo, ServiceKey};
     use dataplane_common::{CtEntry, CtKey, EndpointInfo, PortKey, PortTarget};
     use dataplane_common::{FragEntry, FragKey};
-    let expected: [(&'static str, usize, usize); 13] = [
+    let expected: [(&'static str, usize, usize); 14] = [
         (
             map_names::POLICY_RULES,
             size_of::<u32>(),
@@ -375,6 +382,7 @@ fn check_layouts(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
             size_of::<IfaceStats>(),
         ),
         (map_names::DROPS, size_of::<u32>(), size_of::<u64>()),
+        (map_names::TCP_FLAGS, size_of::<u32>(), size_of::<u64>()),
     ];
     for (name, key, value) in expected {
         let data = match ebpf.map(name).ok_or(DatapathError::MissingMap(name))? {
@@ -473,13 +481,15 @@ impl Datapath {
             source,
         })?;
         let conntrack = conntrack::KernelFilledMaps::open(pin_dir)?;
-        let datapath = Datapath {
+        let mut datapath = Datapath {
             maglev,
             ebpf,
             pin_dir: pin_dir.to_owned(),
             links: BTreeMap::new(),
             max_services,
+            tcp_flags_at_load: [0; tcp_flag_count::KINDS as usize],
         };
+        datapath.tcp_flags_at_load = datapath.tcp_flag_totals()?;
         Ok((datapath, conntrack))
     }
 
@@ -1074,6 +1084,40 @@ impl Datapath {
             .take_map(name)
             .ok_or(DatapathError::MissingMap(name))?;
         aya::maps::RingBuf::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+    }
+
+    /// TCP packets the programs passed per flag kind (Hubble's SYN, SYN-ACK, FIN, RST), summed
+    /// over CPUs and counting points, since this agent loaded the programs.
+    pub fn tcp_flags(&self) -> Result<TcpFlagTotals, DatapathError> {
+        let totals = self.tcp_flag_totals()?;
+        Ok(std::array::from_fn(|kind| {
+            totals[kind].saturating_sub(self.tcp_flags_at_load[kind])
+        }))
+    }
+
+    /// The same per counting point (`tcp_flag_count::FROM_CONTAINER` ...), since the map was
+    /// created: what the packet tests look at.
+    pub fn tcp_flags_at(&self, point: u32) -> Result<TcpFlagTotals, DatapathError> {
+        let name = map_names::TCP_FLAGS;
+        let err = |source| DatapathError::Map { map: name, source };
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map_ref(name)?).map_err(err)?;
+        let mut totals = [0; tcp_flag_count::KINDS as usize];
+        for (kind, total) in totals.iter_mut().enumerate() {
+            let slot = point * tcp_flag_count::KINDS + kind as u32;
+            *total = map.get(&slot, 0).map_err(err)?.iter().sum();
+        }
+        Ok(totals)
+    }
+
+    fn tcp_flag_totals(&self) -> Result<TcpFlagTotals, DatapathError> {
+        let mut sum = [0; tcp_flag_count::KINDS as usize];
+        for point in 0..tcp_flag_count::POINTS {
+            for (total, at) in sum.iter_mut().zip(self.tcp_flags_at(point)?) {
+                *total += at;
+            }
+        }
+        Ok(sum)
     }
 
     /// Flow events that found the ring full, summed over CPUs, since the map was created (it
