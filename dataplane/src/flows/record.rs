@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     clock::{self, Clock},
-    decode::{Event, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Kind, TranslationKind},
+    decode::{Event, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Kind, Nat, TranslationKind},
 };
 use crate::model::{Model, PortTarget};
 
@@ -136,7 +136,8 @@ pub struct Flow {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ip {
     pub source: String,
-    /// The source after masquerade (SNAT); `source` is the container's own address.
+    /// The source after masquerade (SNAT) or a hairpin's source translation; `source` is the
+    /// container's own address.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub source_xlated: String,
     pub destination: String,
@@ -338,6 +339,10 @@ pub struct Translation {
     pub original: String,
     pub translated: String,
     pub kind: String,
+    /// A hairpin connection (a container to its own published port or VIP): the source it
+    /// was given (the network's gateway and an allocated port) besides the destination.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source_translated: String,
 }
 
 /// Ours: the connection event (`new`, `close`, `update`, `end`, `drop`) and the counters the
@@ -683,6 +688,10 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
     };
     let source_xlated = match event.nat {
         Some(nat) if !nat.destination => nat.addr.to_string(),
+        Some(Nat {
+            source: Some((addr, _)),
+            ..
+        }) => addr.to_string(),
         _ => String::new(),
     };
     let translation = event.nat.map(|nat| {
@@ -701,6 +710,10 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
             original,
             translated,
             kind: nat.kind.name().to_owned(),
+            source_translated: nat
+                .source
+                .map(|(addr, port)| format!("{addr}:{port}"))
+                .unwrap_or_default(),
         }
     });
     // Cilium's direction is the one of the endpoint whose policy applies: arriving at a
@@ -914,7 +927,11 @@ pub fn compact(record: &Record) -> String {
         flow.summary
     );
     if let Some(t) = &flow.translation {
-        line.push_str(&format!(" [{} {} => {}]", t.kind, t.original, t.translated));
+        line.push_str(&format!(" [{} {} => {}", t.kind, t.original, t.translated));
+        if !t.source_translated.is_empty() {
+            line.push_str(&format!(", from {}", t.source_translated));
+        }
+        line.push(']');
     }
     if let Some(c) = &flow.connection
         && matches!(

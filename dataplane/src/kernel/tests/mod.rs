@@ -1,6 +1,7 @@
 //! Tests of the kernel programs through BPF_PROG_TEST_RUN (need root).
 
 mod balancing;
+mod hairpin;
 mod hostile;
 mod packet;
 mod policy;

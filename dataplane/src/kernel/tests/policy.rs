@@ -43,7 +43,7 @@ fn host(dp: &mut Datapath) {
             endpoint_id,
             mac: [2, 0, 0, 0, 0, endpoint_id as u8],
             net_flags: flags,
-            _pad: [0; 5],
+            ..Default::default()
         };
         dp.set::<crate::kernel::maps::Endpoints>(be(ip), info)
             .unwrap();
