@@ -120,7 +120,8 @@ fn reachability_matrix_behaves_like_docker() {
             false,
         ),
         ("other network to a published port", "db", HOST, 8080, true),
-        ("other network to a VIP", "db", "10.96.0.20", 80, true),
+        ("same network to a VIP", "web2", "10.96.0.20", 80, true),
+        ("other network to a VIP", "db", "10.96.0.20", 80, false),
         (
             "inside an internal network",
             "secret",
@@ -185,7 +186,7 @@ fn reachability_matrix_behaves_like_docker() {
     );
     let status = agent.status();
     assert!(
-        status.drops("POLICY_DENIED") >= 10,
+        status.drops("POLICY_DENIED") >= 11,
         "every denial counted: {status:#?}"
     );
 }

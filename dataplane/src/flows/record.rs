@@ -1155,6 +1155,60 @@ ports:
     }
 
     #[test]
+    fn a_hairpin_names_the_gateway_as_translated_source_and_the_container_at_both_ends() {
+        // web1 calls its own service's VIP and is picked: back to web1:80 from the gateway.
+        let mut raw = raw_event(
+            flow_kind::NEW,
+            IPPROTO_TCP,
+            ("172.30.1.2", 41000),
+            ("10.96.0.10", 80),
+        );
+        raw.origin = ct_origin::SERVICE;
+        raw.rewrite = ct_rewrite::HAIRPIN;
+        raw.nat_addr = ip("172.30.1.1");
+        raw.nat_port = 20077u16.to_be();
+        raw.hairpin_port = 80u16.to_be();
+        let mut record = record_of(&raw);
+        strict(&record.hubble_json());
+        let flow = &record.flow;
+        assert_eq!(flow.verdict, Verdict::Forwarded);
+        let ip = flow.ip.as_ref().unwrap();
+        assert_eq!(
+            (
+                ip.source.as_str(),
+                ip.source_xlated.as_str(),
+                ip.destination.as_str()
+            ),
+            ("172.30.1.2", "172.30.1.1", "172.30.1.2")
+        );
+        assert_eq!(flow.source().pod_name, "web1");
+        assert_eq!(flow.destination().pod_name, "web1");
+        assert_eq!(flow.destination_service.as_ref().unwrap().name, "web");
+        assert_eq!(flow.trace_observation_point.as_deref(), Some("TO_ENDPOINT"));
+        let t = flow.translation.as_ref().unwrap();
+        assert_eq!(
+            (
+                t.original.as_str(),
+                t.translated.as_str(),
+                t.kind.as_str(),
+                t.source_translated.as_str()
+            ),
+            (
+                "10.96.0.10:80",
+                "172.30.1.2:80",
+                "service",
+                "172.30.1.1:20077"
+            )
+        );
+        assert!(
+            compact(&record)
+                .contains("[service 10.96.0.10:80 => 172.30.1.2:80, from 172.30.1.1:20077]"),
+            "{}",
+            compact(&record)
+        );
+    }
+
+    #[test]
     fn services_are_named_with_their_namespace_for_vips_and_published_ports() {
         let mut raw = raw_event(
             flow_kind::NEW,
