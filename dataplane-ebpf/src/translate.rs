@@ -417,13 +417,20 @@ fn icmp_error(ctx: &TcContext, hook: Hook, ip: &mut Ipv4Packet, quoted: &Quoted)
     let Some(entry) = conntrack::lookup(&key) else {
         return Verdict::Pass;
     };
-    let (origin, rewrite, addr, port, _) = translation_of(entry);
-    // An error about a hairpin connection can only come from the container itself or the
-    // host (the connection never leaves them): it goes on untranslated.
-    if !owns(hook, origin, rewrite) || rewrite == ct_rewrite::HAIRPIN {
+    let (origin, rewrite, addr, port, hairpin_port) = translation_of(entry);
+    if !owns(hook, origin, rewrite) {
         return Verdict::Pass;
     }
-    if nat::rewrite_icmp_error(ctx, ip, quoted, rewrite, addr, port).is_err() {
+    let translated = if rewrite == ct_rewrite::HAIRPIN {
+        // Both sides, as for the connection's own packets: the destination back to the
+        // connection's other end (the key's source, the container), the source to the
+        // address it connected to.
+        nat::rewrite_icmp_error(ctx, ip, quoted, ct_rewrite::DST, key.saddr, hairpin_port)
+            .and_then(|()| nat::rewrite_icmp_error(ctx, ip, quoted, ct_rewrite::SRC, addr, port))
+    } else {
+        nat::rewrite_icmp_error(ctx, ip, quoted, rewrite, addr, port)
+    };
+    if translated.is_err() {
         return Verdict::Drop(DropReason::Malformed);
     }
     onward(ctx, hook, ip, rewrite)

@@ -13,7 +13,10 @@ use dataplane_common::{
 };
 
 use super::{
-    packet::{ETH_LEN, Ipv4Spec, TCP_ACK, TCP_SYN, assert_checksums, ipv4_frame, tcp, tuple, udp},
+    packet::{
+        ETH_LEN, Ipv4Spec, TCP_ACK, TCP_SYN, assert_checksums, icmp_error, ipv4_frame,
+        quoted_tuple, tcp, tuple, udp,
+    },
     programs::{loaded_or_skip, run_tc},
     translation::{TC_REDIRECT, be, ct, ip4},
 };
@@ -304,4 +307,34 @@ fn hairpin_connections_of_one_client_port_get_distinct_source_ports() {
             (ip4(to), ip4(WEB1), 8080, 47000)
         );
     }
+}
+
+#[test]
+fn a_port_unreachable_about_a_hairpin_reaches_the_client_as_from_what_it_called() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    host(dp);
+    let query = from_web1(&Ipv4Spec::new(WEB1, HOST, 17), &udp(33334, 5353, b"query"));
+    let (verdict, arrived) = run_tc(dp, Hook::ContainerIngress, &query);
+    assert_eq!(verdict, TC_REDIRECT);
+    // Nothing listens on web1:53: its kernel answers the gateway with "port unreachable",
+    // quoting the datagram as it arrived.
+    let refused = from_web1(
+        &Ipv4Spec::new(WEB1, GATEWAY, 1),
+        &icmp_error(3, 3, &arrived),
+    );
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &refused);
+    assert_eq!(verdict, TC_REDIRECT, "back into web1");
+    assert_eq!(&out[..6], &WEB1_MAC);
+    assert_checksums(&out);
+    assert_eq!(
+        (tuple(&out).0, tuple(&out).1),
+        (ip4(HOST), ip4(WEB1)),
+        "from the address the client called"
+    );
+    assert_eq!(
+        quoted_tuple(&out),
+        (ip4(WEB1), ip4(HOST), 33334, 5353),
+        "quoting what the client sent"
+    );
 }
