@@ -476,7 +476,9 @@ fn address_on(dockerd: &Dockerd, name: &str, network: &str) -> String {
 
 /// A container reaching its own published port, through the host's address and through its
 /// gateway's, is answered and seen coming from its gateway: on Docker's own dataplane (its
-/// hairpin MASQUERADE, or docker-proxy) and on ours alike.
+/// hairpin MASQUERADE, or docker-proxy) and on ours alike. Another container of the network
+/// reaching it the same way is seen with its own address by ours (as by Docker without
+/// docker-proxy), with the gateway's by Docker's defaults (docker-proxy's socket).
 #[test]
 fn a_container_reaches_its_own_published_port_as_with_dockers_dataplane() {
     for docker_dataplane in [true, false] {
@@ -484,11 +486,24 @@ fn a_container_reaches_its_own_published_port_as_with_dockers_dataplane() {
         let agent = (!docker_dataplane).then(|| dockerd.agent(&[]));
         dockerd.docker_ok(&["network", "create", "--subnet", "172.31.5.0/24", "apps"]);
         run_web(&dockerd, "web", &["--network", "apps", "-p", "8080:80"]);
+        run_client(&dockerd, "peer", &["--network", "apps"]);
         if let Some(agent) = &agent {
-            agent.wait_for("web and its port", |s| {
-                s.endpoint_names().contains("web") && s.map_entries("dp_ports") == 1
+            agent.wait_for("web, peer and the port", |s| {
+                s.endpoint_names().len() == 2 && s.map_entries("dp_ports") == 1
             });
         }
+        let peer = address_on(&dockerd, "peer", "apps");
+        let seen = if docker_dataplane {
+            "172.31.5.1"
+        } else {
+            &peer
+        };
+        let answers = who_from_container(&dockerd, "peer", &format!("{HOST}:8080"), 2);
+        assert_eq!(
+            answers,
+            vec![format!("web [::ffff:{seen}]"); 2],
+            "peer to web's published port"
+        );
         let which = if docker_dataplane { "Docker's" } else { "ours" };
         for addr in [format!("{HOST}:8080"), "172.31.5.1:8080".to_owned()] {
             let answers = who_from_container(&dockerd, "web", &addr, 3);
