@@ -222,7 +222,11 @@ pub struct EndpointInfo {
     pub mac: [u8; 6],
     /// [`net_flags`] of the interface's network.
     pub net_flags: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// The gateway of the interface's network (the host's address on its bridge, network byte
+    /// order): the source a hairpin connection of this container gets (0: none known, and
+    /// hairpin connections go untranslated).
+    pub gateway: u32,
 }
 
 /// Properties of a network, in [`EndpointInfo::net_flags`].
@@ -322,6 +326,14 @@ pub mod ct_rewrite {
     pub const DST: u8 = 1;
     /// Source address and port (SNAT, or the reply of a DNAT).
     pub const SRC: u8 = 2;
+    /// Both, for a hairpin connection (a container's connection that its own translation sends
+    /// back to itself: its own published port, or a VIP whose pick is the container itself):
+    /// the source becomes `nat_addr`:`nat_port` and the destination the packet's own source
+    /// address (the conntrack key's `saddr`, the container) at `CtEntry::hairpin_port`.
+    /// Forward: source to the network's gateway and an allocated port, destination to the
+    /// container's port; reply: source back to the published address (or VIP) and port,
+    /// destination back to the client's port. Docker's MASQUERADE for `-s C -d C`.
+    pub const HAIRPIN: u8 = 3;
 }
 
 /// How far a connection got, in [`CtEntry::state`] (the same in both of its entries).
@@ -382,7 +394,10 @@ pub struct CtEntry {
     /// order) the client's handshake ACK must carry (the SYN-ACK's sequence number + 1). A
     /// spoofing attacker never sees the SYN-ACK, so cannot complete the handshake blindly.
     pub handshake_ack: u32,
-    pub _pad2: u32,
+    /// [`ct_rewrite::HAIRPIN`] only: the destination port to write (the destination address
+    /// being the packet's own source address). 0 otherwise.
+    pub hairpin_port: u16,
+    pub _pad2: u16,
 }
 
 /// A datagram as each of its IPv4 fragments carries it (the fragment map's key): addresses
@@ -597,7 +612,9 @@ pub struct FlowEvent {
     /// the answer for REPLY, the dropped packet for DROP); 0 for other protocols.
     pub icmp_type: u8,
     pub icmp_code: u8,
-    pub _pad: u16,
+    /// [`ct_rewrite::HAIRPIN`] only: the destination port (the destination address being the
+    /// tuple's source); `nat_addr`:`nat_port` is then the translated source.
+    pub hairpin_port: u16,
 }
 
 /// Per-packet TCP flag counters (`dp_tcp_flags_v1`, a per-CPU array of u64): slot

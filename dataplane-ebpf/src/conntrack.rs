@@ -275,6 +275,10 @@ pub struct NewConnection {
     pub nat_port: u16,
     pub orig_addr: u32,
     pub orig_port: u16,
+    /// [`ct_rewrite::HAIRPIN`] only: the destination port each direction gets (forward: the
+    /// container's port; reply: the client's own source port); 0 otherwise.
+    pub hairpin_port: u16,
+    pub reply_hairpin_port: u16,
     /// The first packet's length, TCP flags, ICMP type and code.
     pub len: u32,
     pub tcp_flags: u8,
@@ -300,6 +304,8 @@ pub fn create(c: &NewConnection) -> Result<(), CtError> {
     let inverse = match c.rewrite {
         ct_rewrite::DST => ct_rewrite::SRC,
         ct_rewrite::SRC => ct_rewrite::DST,
+        // Both sides either way.
+        ct_rewrite::HAIRPIN => ct_rewrite::HAIRPIN,
         _ => ct_rewrite::NONE,
     };
     // One entry on the stack, written twice: the reply direction, then the forward one (the
@@ -320,11 +326,13 @@ pub fn create(c: &NewConnection) -> Result<(), CtError> {
         bytes: 0,
         peer: c.forward,
         handshake_ack: 0,
+        hairpin_port: c.reply_hairpin_port,
         _pad2: 0,
     };
     insert_new(&c.reply, &entry, BPF_NOEXIST)?;
     entry.nat_addr = c.nat_addr;
     entry.nat_port = c.nat_port;
+    entry.hairpin_port = c.hairpin_port;
     entry.rewrite = c.rewrite;
     entry.tcp_flags = c.tcp_flags;
     entry.icmp_type = c.icmp_type;
@@ -363,11 +371,12 @@ pub fn still_allowed(key: &CtKey, entry: *mut CtEntry) -> bool {
         } else {
             (*key, entry)
         };
-        // The destination as policy first saw it: after translation for DNAT.
-        let (daddr, dport) = if (*forward).rewrite == ct_rewrite::DST {
-            ((*forward).nat_addr, (*forward).nat_port)
-        } else {
-            (forward_key.daddr, forward_key.dport)
+        // The destination as policy first saw it: after translation for DNAT (a hairpin's is
+        // the client itself).
+        let (daddr, dport) = match (*forward).rewrite {
+            ct_rewrite::DST => ((*forward).nat_addr, (*forward).nat_port),
+            ct_rewrite::HAIRPIN => (forward_key.saddr, (*forward).hairpin_port),
+            _ => (forward_key.daddr, forward_key.dport),
         };
         let via = if (*forward).origin == ct_origin::PUBLISHED {
             Via::Published

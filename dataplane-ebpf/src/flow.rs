@@ -59,6 +59,7 @@ pub struct NewFlow {
     pub rewrite: u8,
     pub nat_addr: u32,
     pub nat_port: u16,
+    pub hairpin_port: u16,
     pub packets: u64,
     pub bytes: u64,
     pub tcp_flags: u8,
@@ -83,6 +84,7 @@ pub fn new_connection(flow: &NewFlow) {
         e.tuple = flow.forward;
         e.nat_addr = flow.nat_addr;
         e.nat_port = flow.nat_port;
+        e.hairpin_port = flow.hairpin_port;
         e.kind = flow_kind::NEW;
         e.origin = flow.origin;
         e.rewrite = flow.rewrite;
@@ -143,6 +145,7 @@ pub fn established(key: &CtKey, entry: *const CtEntry, hook: u32, ifindex: u32) 
         e.tuple = *key;
         e.nat_addr = (*entry).nat_addr;
         e.nat_port = (*entry).nat_port;
+        e.hairpin_port = (*entry).hairpin_port;
         e.kind = flow_kind::NEW;
         e.origin = (*entry).origin;
         e.rewrite = (*entry).rewrite;
@@ -180,6 +183,7 @@ pub fn closed(key: &CtKey, entry: *const CtEntry, hook: u32, ifindex: u32) {
             e.tuple = forward_key;
             e.nat_addr = (*forward).nat_addr;
             e.nat_port = (*forward).nat_port;
+            e.hairpin_port = (*forward).hairpin_port;
             e.kind = flow_kind::CLOSE;
             e.origin = (*forward).origin;
             e.rewrite = (*forward).rewrite;

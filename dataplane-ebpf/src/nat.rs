@@ -1,18 +1,107 @@
 //! Address and port rewriting with incremental checksum updates (IPv4 header, and the TCP/UDP
-//! pseudo-header and port, or the ICMP echo identifier).
+//! pseudo-header and port, or the ICMP echo identifier), and the allocation of source ports
+//! for source translation (masquerade, hairpin).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use dataplane_common::ct_rewrite;
+use dataplane_common::{CtKey, DropReason, ct_rewrite};
 
-use crate::parse::{
-    IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPPROTO_ICMP, IPPROTO_UDP, Ipv4Packet, L4, Quoted,
+use crate::{
+    conntrack::{self, CtError, NewConnection},
+    parse::{
+        IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPPROTO_ICMP, IPPROTO_UDP, Ipv4Packet, L4, Quoted,
+    },
 };
 
 /// The rewrite failed in a kernel helper (the packet was not changed consistently).
 pub struct RewriteFailed;
+
+/// How many source ports one new connection tries before giving up.
+const SNAT_PROBES: u32 = 32;
+/// Distance between two probes (prime, so it is coprime with any range that is not its
+/// multiple: the probes visit distinct ports).
+const SNAT_PROBE_STRIDE: u32 = 7919;
+
+#[inline(always)]
+fn mix(key: &CtKey) -> u32 {
+    let mut h =
+        key.saddr ^ key.daddr.rotate_left(11) ^ (u32::from(key.sport) << 16 | u32::from(key.dport));
+    h ^= u32::from(key.proto).rotate_left(7);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x45d9_f3b);
+    h ^= h >> 16;
+    h
+}
+
+/// Tracks the new connection `c`, whose packets leave with the source `c.nat_addr` and a port
+/// of `min..=max` (host order) found free here, and with the destination `daddr`:`dport`:
+/// probes from a hash of the connection, so that containers using the same source port end up
+/// on different ports. Sets `c.nat_port` and `c.reply` to what was tracked. Masquerade and
+/// hairpin connections allocate this way.
+#[inline(always)]
+pub fn allocate_source_port(
+    c: &mut NewConnection,
+    daddr: u32,
+    dport: u16,
+    min: u16,
+    max: u16,
+) -> Result<(), DropReason> {
+    if max < min {
+        return Err(DropReason::NoMappingForNatMasquerade);
+    }
+    let range = u32::from(max) - u32::from(min) + 1;
+    if range == 0 {
+        // Cannot happen (max >= min), but said so: no division by zero, and no panic path
+        // for the verifier.
+        return Err(DropReason::NoMappingForNatMasquerade);
+    }
+    let start = mix(&c.forward) % range;
+    for probe in 0..SNAT_PROBES {
+        // A prime stride spreads the probes over the range: linear probing would walk the
+        // clusters that busy destinations build.
+        let port = (u32::from(min) + (start + probe * SNAT_PROBE_STRIDE) % range) as u16;
+        let port = port.to_be();
+        c.nat_port = port;
+        c.reply = conntrack::reply_key(c.forward.proto, c.nat_addr, port, daddr, dport);
+        let mut created = conntrack::create(c);
+        // A port held by a connection that has closed both ways is free again (the far end
+        // takes a new SYN on a TIME_WAIT tuple), so short connections at a high rate do not
+        // run the range dry for their 10 s of closing timeout.
+        if matches!(created, Err(CtError::Exists)) && conntrack::retire_if_closed(&c.reply) {
+            created = conntrack::create(c);
+        }
+        match created {
+            Ok(()) => return Ok(()),
+            Err(CtError::Exists) => continue,
+            Err(CtError::Full) => return Err(DropReason::CtMapInsertionFailed),
+        }
+    }
+    Err(DropReason::NoMappingForNatMasquerade)
+}
+
+/// Applies the rewrite of a conntrack entry (`which` one of [`ct_rewrite`], with its address
+/// and ports) to the packet, keeping every checksum valid. A hairpin entry rewrites both
+/// sides: the destination becomes the packet's own source address at `hairpin_port`, the
+/// source `addr`:`port`.
+#[inline(always)]
+pub fn rewrite_entry(
+    ctx: &TcContext,
+    ip: &mut Ipv4Packet,
+    l4: &mut L4,
+    which: u8,
+    addr: u32,
+    port: u16,
+    hairpin_port: u16,
+) -> Result<(), RewriteFailed> {
+    if which == ct_rewrite::HAIRPIN {
+        let own = ip.saddr;
+        rewrite(ctx, ip, l4, ct_rewrite::DST, own, hairpin_port)?;
+        return rewrite(ctx, ip, l4, ct_rewrite::SRC, addr, port);
+    }
+    rewrite(ctx, ip, l4, which, addr, port)
+}
 
 /// Rewrites the destination (`ct_rewrite::DST`) or source (`ct_rewrite::SRC`) address and port
 /// of the packet to `addr`:`port` (network byte order), keeping every checksum valid. Updates
@@ -180,11 +269,28 @@ pub fn rewrite_icmp_error(
     Ok(())
 }
 
+/// Rewrites only the addresses of a later fragment as the entry says (`which` one of
+/// [`ct_rewrite`]; a hairpin's destination becomes the fragment's own source address).
+#[inline(always)]
+pub fn rewrite_addresses(
+    ctx: &TcContext,
+    ip: &mut Ipv4Packet,
+    which: u8,
+    addr: u32,
+) -> Result<(), RewriteFailed> {
+    if which == ct_rewrite::HAIRPIN {
+        let own = ip.saddr;
+        rewrite_address(ctx, ip, ct_rewrite::DST, own)?;
+        return rewrite_address(ctx, ip, ct_rewrite::SRC, addr);
+    }
+    rewrite_address(ctx, ip, which, addr)
+}
+
 /// Rewrites only the address of a later fragment (which has no L4 header: the datagram's
 /// L4 checksum and ports are in its first fragment, rewritten there), keeping the IPv4 header
 /// checksum valid.
 #[inline(always)]
-pub fn rewrite_address(
+fn rewrite_address(
     ctx: &TcContext,
     ip: &mut Ipv4Packet,
     which: u8,

@@ -161,8 +161,10 @@ pub fn check(saddr: u32, daddr: u32, proto: u8, dport: u16, via: Via) -> Result<
 fn isolation(from: &Who, to: &Who, via: Via, proto: u8) -> bool {
     if from.container && to.container {
         if via == Via::Published {
-            // Published ports are for everyone but internal networks (as with docker-proxy).
-            return to.net_flags & net_flags::INTERNAL == 0;
+            // Published ports are for every network but internal ones, both ways: an internal
+            // network's containers neither publish nor reach another container through the
+            // host's published ports (Docker drops what leaves an internal bridge for another).
+            return (from.net_flags | to.net_flags) & net_flags::INTERNAL == 0;
         }
         if from.network_id != to.network_id {
             return false;

@@ -2,7 +2,7 @@
 //!
 //! | hook | tracked packet (hit) | new connection (miss) |
 //! |---|---|---|
-//! | container veth ingress | published-port replies (source back to host:port) and hairpin requests | hairpin: a container to its host's published port |
+//! | container veth ingress | published-port replies (source back to host:port), VIP and hairpin connections | a container to a VIP or to its host's published port (hairpin: to itself, source-translated too) |
 //! | uplink ingress | published-port requests, masquerade replies | published port from outside |
 //! | uplink egress | masquerade requests | masquerade of a container's connection |
 //!
@@ -41,12 +41,6 @@ pub enum Verdict {
     /// Deliver straight into the namespace of this veth's peer (the container's eth).
     RedirectPeer(u32),
 }
-
-/// How many source ports masquerade tries for one new connection before giving up.
-const SNAT_PROBES: u32 = 32;
-/// Distance between two probes (prime, so it is coprime with any range that is not its
-/// multiple: the probes visit distinct ports).
-const SNAT_PROBE_STRIDE: u32 = 7919;
 
 /// Where the hook runs, which decides the entries it acts on and what a miss means.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -206,7 +200,7 @@ fn later_fragment(
         // The first fragment went on untracked (to the host, routed, not ours).
         return Verdict::Pass;
     };
-    let (origin, rewrite, addr, _) = translation_of(entry);
+    let (origin, rewrite, addr, _, _) = translation_of(entry);
     if !owns(site.hook, origin, rewrite) {
         return Verdict::Pass;
     }
@@ -214,7 +208,7 @@ fn later_fragment(
         return Verdict::Drop(DropReason::PolicyDenied);
     }
     conntrack::account(&key, entry, &packet_seen(site, ip.len, None));
-    if rewrite != ct_rewrite::NONE && nat::rewrite_address(ctx, ip, rewrite, addr).is_err() {
+    if rewrite != ct_rewrite::NONE && nat::rewrite_addresses(ctx, ip, rewrite, addr).is_err() {
         return Verdict::Drop(DropReason::Malformed);
     }
     onward(ctx, site.hook, ip, rewrite)
@@ -303,7 +297,7 @@ fn decide(ctx: &TcContext, site: Site, arrived: &mut Arrived) -> Verdict {
     arrived.drop.tuple = key;
     arrived.drop.tcp_flags = l4.tcp_flags;
     if let Some(entry) = conntrack::lookup_packet(&key, l4.tcp_flags) {
-        let (origin, rewrite, addr, port) = translation_of(entry);
+        let (origin, rewrite, addr, port, hairpin_port) = translation_of(entry);
         if !owns(hook, origin, rewrite) {
             return Verdict::Pass;
         }
@@ -312,7 +306,7 @@ fn decide(ctx: &TcContext, site: Site, arrived: &mut Arrived) -> Verdict {
         }
         conntrack::account(&key, entry, &packet_seen(site, ip.len, Some(&l4)));
         if rewrite != ct_rewrite::NONE
-            && nat::rewrite(ctx, &mut ip, &mut l4, rewrite, addr, port).is_err()
+            && nat::rewrite_entry(ctx, &mut ip, &mut l4, rewrite, addr, port, hairpin_port).is_err()
         {
             return Verdict::Drop(DropReason::Malformed);
         }
@@ -391,6 +385,8 @@ fn track_untranslated(site: Site, ip: &Ipv4Packet, forward: &CtKey, l4: &L4) {
         nat_port: 0,
         orig_addr: 0,
         orig_port: 0,
+        hairpin_port: 0,
+        reply_hairpin_port: 0,
         len: ip.len,
         tcp_flags: l4.tcp_flags,
         icmp_type: l4.icmp_type,
@@ -415,6 +411,7 @@ fn report_new(c: &NewConnection, site: Site) {
         rewrite: c.rewrite,
         nat_addr: c.nat_addr,
         nat_port: c.nat_port,
+        hairpin_port: c.hairpin_port,
         packets: 1,
         bytes: u64::from(c.len),
         tcp_flags: c.tcp_flags,
@@ -455,19 +452,28 @@ fn icmp_error(ctx: &TcContext, hook: Hook, ip: &mut Ipv4Packet, quoted: &Quoted)
     let Some(entry) = conntrack::lookup(&key) else {
         return Verdict::Pass;
     };
-    let (origin, rewrite, addr, port) = translation_of(entry);
+    let (origin, rewrite, addr, port, hairpin_port) = translation_of(entry);
     if !owns(hook, origin, rewrite) {
         return Verdict::Pass;
     }
-    if nat::rewrite_icmp_error(ctx, ip, quoted, rewrite, addr, port).is_err() {
+    let translated = if rewrite == ct_rewrite::HAIRPIN {
+        // Both sides, as for the connection's own packets: the destination back to the
+        // connection's other end (the key's source, the container), the source to the
+        // address it connected to.
+        nat::rewrite_icmp_error(ctx, ip, quoted, ct_rewrite::DST, key.saddr, hairpin_port)
+            .and_then(|()| nat::rewrite_icmp_error(ctx, ip, quoted, ct_rewrite::SRC, addr, port))
+    } else {
+        nat::rewrite_icmp_error(ctx, ip, quoted, rewrite, addr, port)
+    };
+    if translated.is_err() {
         return Verdict::Drop(DropReason::Malformed);
     }
     onward(ctx, hook, ip, rewrite)
 }
 
-/// What a tracked entry says to do: (origin, rewrite, address, port).
+/// What a tracked entry says to do: (origin, rewrite, address, port, hairpin port).
 #[inline(always)]
-fn translation_of(entry: *const dataplane_common::CtEntry) -> (u8, u8, u32, u16) {
+fn translation_of(entry: *const dataplane_common::CtEntry) -> (u8, u8, u32, u16, u16) {
     // SAFETY: a map value from this program run's lookup.
     unsafe {
         (
@@ -475,6 +481,7 @@ fn translation_of(entry: *const dataplane_common::CtEntry) -> (u8, u8, u32, u16)
             (*entry).rewrite,
             (*entry).nat_addr,
             (*entry).nat_port,
+            (*entry).hairpin_port,
         )
     }
 }
@@ -484,6 +491,7 @@ fn translation_of(entry: *const dataplane_common::CtEntry) -> (u8, u8, u32, u16)
 fn onward(ctx: &TcContext, hook: Hook, ip: &Ipv4Packet, rewrite: u8) -> Verdict {
     match hook {
         Hook::ContainerIngress if rewrite == ct_rewrite::SRC => reply_to_client(ctx, ip),
+        Hook::ContainerIngress if rewrite == ct_rewrite::HAIRPIN => deliver_back(ctx, ip),
         // Towards a container: straight in, skipping the bridge and the host's routing.
         Hook::ContainerIngress | Hook::UplinkIngress => deliver(ctx, ip),
         Hook::UplinkEgress => Verdict::Pass,
@@ -525,6 +533,17 @@ fn deliver(ctx: &TcContext, ip: &Ipv4Packet) -> Verdict {
         return Verdict::Pass;
     }
     Verdict::RedirectPeer(ifindex)
+}
+
+/// A hairpin packet, back into the container it came from (bpf_redirect_peer), as if the
+/// gateway had routed it: from the gateway's MAC (the frame's destination, since the container
+/// sent it to its gateway) to the container's.
+#[inline(always)]
+fn deliver_back(ctx: &TcContext, ip: &Ipv4Packet) -> Verdict {
+    if let Ok(gateway_mac) = ctx.load::<[u8; 6]>(0) {
+        let _ = ctx.store(6, &gateway_mac, 0);
+    }
+    deliver(ctx, ip)
 }
 
 /// The container a published port leads to, if the destination is one: an exact host
@@ -665,7 +684,7 @@ fn track_dnat(
     if let Err(reason) = policy::check(ip.saddr, addr, ip.protocol, port, via) {
         return Verdict::Drop(reason);
     }
-    let connection = NewConnection {
+    let mut connection = NewConnection {
         forward: *forward,
         reply: conntrack::reply_key(ip.protocol, ip.saddr, l4.sport, addr, port),
         origin,
@@ -674,11 +693,16 @@ fn track_dnat(
         nat_port: port,
         orig_addr: ip.daddr,
         orig_port: l4.dport,
+        hairpin_port: 0,
+        reply_hairpin_port: 0,
         len: ip.len,
         tcp_flags: l4.tcp_flags,
         icmp_type: l4.icmp_type,
         icmp_code: l4.icmp_code,
     };
+    if addr == ip.saddr && site.hook == Hook::ContainerIngress {
+        return track_hairpin(ctx, site, ip, l4, &mut connection);
+    }
     let created = match conntrack::create(&connection) {
         Err(CtError::Exists) => {
             // The same client address:port reached the same backend address:port before
@@ -705,15 +729,57 @@ fn track_dnat(
     onward(ctx, site.hook, ip, ct_rewrite::DST)
 }
 
+/// A container's new connection that its destination translation (`c`: to a published port
+/// or a VIP) sends back to the container itself. Untranslated, the container would receive a
+/// packet from its own address and drop it as a martian; so the source becomes the gateway of
+/// its network with a source port allocated as masquerade's are (Docker's MASQUERADE for
+/// `-s C -d C`), and both translations are tracked, so the replies get the published address
+/// (or VIP) back as source and the client's own port as destination. Both directions go
+/// straight back into the container.
 #[inline(always)]
-fn mix(key: &CtKey) -> u32 {
-    let mut h =
-        key.saddr ^ key.daddr.rotate_left(11) ^ (u32::from(key.sport) << 16 | u32::from(key.dport));
-    h ^= u32::from(key.proto).rotate_left(7);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x45d9_f3b);
-    h ^= h >> 16;
-    h
+fn track_hairpin(
+    ctx: &TcContext,
+    site: Site,
+    ip: &mut Ipv4Packet,
+    l4: &mut L4,
+    c: &mut NewConnection,
+) -> Verdict {
+    // SAFETY: a map value from this program run's lookup, read in place.
+    let gateway = ENDPOINTS
+        .get_ptr(&ip.saddr)
+        .map_or(0, |e| unsafe { (*e).gateway });
+    // SAFETY: array element 0 always exists; fields read one by one.
+    let (port_min, port_max) = CONFIG.get_ptr(0).map_or((1, 0), |config| unsafe {
+        ((*config).snat_port_min, (*config).snat_port_max)
+    });
+    if gateway == 0 {
+        // An agent that has not written gateways yet: nothing to translate the source to.
+        return Verdict::Drop(DropReason::NoMappingForNatMasquerade);
+    }
+    let (container_port, client_port) = (c.nat_port, l4.sport);
+    c.rewrite = ct_rewrite::HAIRPIN;
+    c.nat_addr = gateway;
+    c.hairpin_port = container_port;
+    c.reply_hairpin_port = client_port;
+    let own = ip.saddr;
+    if let Err(reason) = nat::allocate_source_port(c, own, container_port, port_min, port_max) {
+        return Verdict::Drop(reason);
+    }
+    if nat::rewrite_entry(
+        ctx,
+        ip,
+        l4,
+        ct_rewrite::HAIRPIN,
+        gateway,
+        c.nat_port,
+        container_port,
+    )
+    .is_err()
+    {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    report_new(c, site);
+    deliver_back(ctx, ip)
 }
 
 /// A container's new connection leaving through the uplink: pick a free source port on the
@@ -758,51 +824,35 @@ fn masquerade(
     if let Err(reason) = policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
         return Verdict::Drop(reason);
     }
-    let range = u32::from(snat_port_max) - u32::from(snat_port_min) + 1;
-    if range == 0 {
-        // Cannot happen (max >= min), but said so: no division by zero, and no panic path
-        // for the verifier.
-        return Verdict::Pass;
+    let mut connection = NewConnection {
+        forward: *forward,
+        reply: *forward,
+        origin: ct_origin::MASQUERADE,
+        rewrite: ct_rewrite::SRC,
+        nat_addr: masquerade_addr,
+        nat_port: 0,
+        orig_addr: ip.saddr,
+        orig_port: l4.sport,
+        hairpin_port: 0,
+        reply_hairpin_port: 0,
+        len: ip.len,
+        tcp_flags: l4.tcp_flags,
+        icmp_type: l4.icmp_type,
+        icmp_code: l4.icmp_code,
+    };
+    if let Err(reason) = nat::allocate_source_port(
+        &mut connection,
+        ip.daddr,
+        l4.dport,
+        snat_port_min,
+        snat_port_max,
+    ) {
+        return Verdict::Drop(reason);
     }
-    let start = mix(forward) % range;
-    for probe in 0..SNAT_PROBES {
-        // A prime stride spreads the probes over the range: linear probing would walk the
-        // clusters that busy destinations build.
-        let port = (u32::from(snat_port_min) + (start + probe * SNAT_PROBE_STRIDE) % range) as u16;
-        let port = port.to_be();
-        let connection = NewConnection {
-            forward: *forward,
-            reply: conntrack::reply_key(ip.protocol, masquerade_addr, port, ip.daddr, l4.dport),
-            origin: ct_origin::MASQUERADE,
-            rewrite: ct_rewrite::SRC,
-            nat_addr: masquerade_addr,
-            nat_port: port,
-            orig_addr: ip.saddr,
-            orig_port: l4.sport,
-            len: ip.len,
-            tcp_flags: l4.tcp_flags,
-            icmp_type: l4.icmp_type,
-            icmp_code: l4.icmp_code,
-        };
-        let mut created = conntrack::create(&connection);
-        // A port held by a connection that has closed both ways is free again (the far end
-        // takes a new SYN on a TIME_WAIT tuple), so short connections at a high rate do not
-        // run the range dry for their 10 s of closing timeout.
-        if matches!(created, Err(CtError::Exists)) && conntrack::retire_if_closed(&connection.reply)
-        {
-            created = conntrack::create(&connection);
-        }
-        match created {
-            Ok(()) => {
-                if nat::rewrite(ctx, ip, l4, ct_rewrite::SRC, masquerade_addr, port).is_err() {
-                    return Verdict::Drop(DropReason::Malformed);
-                }
-                report_new(&connection, site);
-                return Verdict::Pass;
-            }
-            Err(CtError::Exists) => continue,
-            Err(CtError::Full) => return Verdict::Drop(DropReason::CtMapInsertionFailed),
-        }
+    let port = connection.nat_port;
+    if nat::rewrite(ctx, ip, l4, ct_rewrite::SRC, masquerade_addr, port).is_err() {
+        return Verdict::Drop(DropReason::Malformed);
     }
-    Verdict::Drop(DropReason::NoMappingForNatMasquerade)
+    report_new(&connection, site);
+    Verdict::Pass
 }

@@ -590,4 +590,111 @@ fn a_routed_network_is_reached_directly() {
         cli_ip,
         "routed: no masquerade"
     );
+
+/// The address of container `name` on `network`.
+fn address_on(dockerd: &Dockerd, name: &str, network: &str) -> String {
+    dockerd.inspect(
+        name,
+        &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
+    )
+}
+
+/// A container reaching its own published port, through the host's address and through its
+/// gateway's, is answered and seen coming from its gateway: on Docker's own dataplane (its
+/// hairpin MASQUERADE, or docker-proxy) and on ours alike. Another container of the network
+/// reaching it the same way is seen with its own address by ours (as by Docker without
+/// docker-proxy), with the gateway's by Docker's defaults (docker-proxy's socket).
+#[test]
+fn a_container_reaches_its_own_published_port_as_with_dockers_dataplane() {
+    for docker_dataplane in [true, false] {
+        let dockerd = Dockerd::start_with(docker_dataplane);
+        let agent = (!docker_dataplane).then(|| dockerd.agent(&[]));
+        dockerd.docker_ok(&["network", "create", "--subnet", "172.31.5.0/24", "apps"]);
+        run_web(&dockerd, "web", &["--network", "apps", "-p", "8080:80"]);
+        run_client(&dockerd, "peer", &["--network", "apps"]);
+        if let Some(agent) = &agent {
+            agent.wait_for("web, peer and the port", |s| {
+                s.endpoint_names().len() == 2 && s.map_entries("dp_ports") == 1
+            });
+        }
+        let peer = address_on(&dockerd, "peer", "apps");
+        let seen = if docker_dataplane {
+            "172.31.5.1"
+        } else {
+            &peer
+        };
+        let answers = who_from_container(&dockerd, "peer", &format!("{HOST}:8080"), 2);
+        assert_eq!(
+            answers,
+            vec![format!("web [::ffff:{seen}]"); 2],
+            "peer to web's published port"
+        );
+        let which = if docker_dataplane { "Docker's" } else { "ours" };
+        for addr in [format!("{HOST}:8080"), "172.31.5.1:8080".to_owned()] {
+            let answers = who_from_container(&dockerd, "web", &addr, 3);
+            assert_eq!(
+                answers,
+                vec!["web [::ffff:172.31.5.1]"; 3],
+                "{which}: web to its own port at {addr}"
+            );
+        }
+        if let Some(agent) = &agent {
+            assert_eq!(agent.status().drops("NO_MAPPING_FOR_NAT_MASQUERADE"), 0);
+        }
+    }
+}
+
+/// A container of an `--internal` network reaches no other network's container through the
+/// host's published ports (through the host's address, its own gateway or the other
+/// network's), while the containers of the internal network still reach each other: on
+/// Docker's own dataplane and on ours, where each refusal is a counted POLICY_DENIED drop.
+#[test]
+fn an_internal_network_reaches_no_published_port_as_with_dockers_dataplane() {
+    for docker_dataplane in [true, false] {
+        let dockerd = Dockerd::start_with(docker_dataplane);
+        let agent = (!docker_dataplane).then(|| dockerd.agent(&[]));
+        dockerd.docker_ok(&["network", "create", "--subnet", "172.31.5.0/24", "apps"]);
+        dockerd.docker_ok(&[
+            "network",
+            "create",
+            "--internal",
+            "--subnet",
+            "172.31.6.0/24",
+            "vault",
+        ]);
+        run_web(&dockerd, "web", &["--network", "apps", "-p", "8080:80"]);
+        run_web(&dockerd, "keeper", &["--network", "vault"]);
+        run_client(&dockerd, "secret", &["--network", "vault"]);
+        if let Some(agent) = &agent {
+            agent.wait_for("the three containers and the port", |s| {
+                s.endpoint_names().len() == 3 && s.map_entries("dp_ports") == 1
+            });
+        }
+        let which = if docker_dataplane { "Docker's" } else { "ours" };
+        let before = agent.as_ref().map(|a| a.status().drops("POLICY_DENIED"));
+        for addr in [
+            format!("{HOST}:8080"),
+            "172.31.6.1:8080".to_owned(),
+            "172.31.5.1:8080".to_owned(),
+        ] {
+            let answers = who_from_container(&dockerd, "secret", &addr, 1);
+            assert!(
+                answers.iter().all(|a| !a.starts_with("web ")),
+                "{which}: the internal network reached web through {addr}: {answers:?}"
+            );
+        }
+        let keeper = address_on(&dockerd, "keeper", "vault");
+        let secret = address_on(&dockerd, "secret", "vault");
+        let answers = who_from_container(&dockerd, "secret", &format!("{keeper}:80"), 1);
+        assert_eq!(
+            answers,
+            vec![format!("keeper [::ffff:{secret}]")],
+            "{which}: inside the internal network"
+        );
+        if let (Some(agent), Some(before)) = (&agent, before) {
+            agent.wait_for("three refusals counted", |s| {
+                s.drops("POLICY_DENIED") >= before + 3
+            });
+        }
+    }
 }

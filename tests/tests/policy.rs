@@ -33,10 +33,14 @@ endpoints:
       - {network: back, ip: 172.30.2.4, mac: "02:42:ac:1e:02:04", host_veth: veth-both2}
   - name: secret
     interfaces: [{network: vault, ip: 172.30.3.2, mac: "02:42:ac:1e:03:02", host_veth: veth-secret}]
+  - name: secret2
+    interfaces: [{network: vault, ip: 172.30.3.3, mac: "02:42:ac:1e:03:03", host_veth: veth-secret2}]
   - name: q1
     interfaces: [{network: quiet, ip: 172.30.4.2, mac: "02:42:ac:1e:04:02", host_veth: veth-q1}]
   - name: q2
     interfaces: [{network: quiet, ip: 172.30.4.3, mac: "02:42:ac:1e:04:03", host_veth: veth-q2}]
+services:
+  - {name: web, vip: 10.96.0.20, port: 80, selector: {app: web}}
 ports:
   - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}
   - {endpoint: q1, protocol: tcp, host_port: 8081, container_port: 80}
@@ -116,6 +120,43 @@ fn reachability_matrix_behaves_like_docker() {
             false,
         ),
         ("other network to a published port", "db", HOST, 8080, true),
+        ("same network to a VIP", "web2", "10.96.0.20", 80, true),
+        ("other network to a VIP", "db", "10.96.0.20", 80, false),
+        (
+            "inside an internal network",
+            "secret",
+            "172.30.3.3",
+            80,
+            true,
+        ),
+        (
+            "internal to another network's published port",
+            "secret",
+            HOST,
+            8080,
+            false,
+        ),
+        (
+            "internal to a published port through its gateway",
+            "secret",
+            "172.30.3.1",
+            8080,
+            false,
+        ),
+        (
+            "internal to a published port through another gateway",
+            "secret",
+            "172.30.1.1",
+            8080,
+            false,
+        ),
+        (
+            "internal to a VIP of another network",
+            "secret",
+            "10.96.0.20",
+            80,
+            false,
+        ),
     ];
     let results: Vec<(String, bool, bool)> = std::thread::scope(|scope| {
         let handles: Vec<_> = cells
@@ -145,9 +186,51 @@ fn reachability_matrix_behaves_like_docker() {
     );
     let status = agent.status();
     assert!(
-        status.drops("POLICY_DENIED") >= 6,
+        status.drops("POLICY_DENIED") >= 11,
         "every denial counted: {status:#?}"
     );
+}
+
+/// A container of an internal network reaching another network's container through a
+/// published port of the host: refused as Docker refuses it, counted as isolation's drop
+/// (POLICY_DENIED) and logged as a DROPPED flow that says so.
+#[test]
+fn an_internal_network_reaches_no_container_through_published_ports() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    assert!(
+        reaches(&sandbox, "web2", HOST, 8080),
+        "the port itself works"
+    );
+    let before = agent.status().drops("POLICY_DENIED");
+    assert!(!reaches(&sandbox, "secret", HOST, 8080));
+    agent.wait_for("the drop counted", |s| s.drops("POLICY_DENIED") > before);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = std::process::Command::new(dataplane_tests::dataplane_bin())
+            .args(["observe", "-o", "json", "--verdict", "DROPPED", "--socket"])
+            .arg(&agent.socket)
+            .output()
+            .expect("running dataplane observe");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let found = text.lines().any(|line| {
+            let record: serde_json::Value = serde_json::from_str(line).unwrap();
+            let flow = &record["flow"];
+            flow["IP"]["source"] == "172.30.3.2"
+                && flow["IP"]["destination"] == HOST
+                && flow["l4"]["TCP"]["destination_port"] == 8080
+                && flow["drop_reason_desc"] == "POLICY_DENIED"
+                && flow["drop_reason"] == 133
+        });
+        if found {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no DROPPED record of secret to {HOST}:8080:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// A keep-alive HTTP connection from `from` to `addr`.

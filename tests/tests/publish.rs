@@ -29,6 +29,7 @@ ports:
 
 const HOST: &str = "192.0.2.1";
 const OUTSIDE: &str = "192.0.2.2";
+const GATEWAY: &str = "172.30.1.1";
 
 fn curl(sandbox: &Sandbox, from: &str, url: &str) -> std::process::Output {
     sandbox.exec(from, &["curl", "-sS", "--max-time", "3", url])
@@ -134,6 +135,102 @@ fn hairpin_a_container_reaches_a_published_port_of_its_host() {
     let out = curl(&sandbox, "web2", &format!("http://{HOST}:8080/"));
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(body.starts_with("web1 172.30.1.3:"), "{out:?}");
+}
+
+/// A container's connection to its own published port (through a host address or its
+/// gateway's) reaches it from the gateway, as with Docker's hairpin MASQUERADE, over TCP and
+/// UDP; each is counted and logged with both translations, as a valid Hubble flow.
+#[test]
+fn hairpin_a_container_reaches_its_own_published_port_from_its_gateway() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    let mut seen_ports = BTreeSet::new();
+    for to in [HOST, GATEWAY] {
+        for round in 0..3 {
+            let out = curl(&sandbox, "web1", &format!("http://{to}:8080/"));
+            let body = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                body.starts_with(&format!("web1 {GATEWAY}:")),
+                "tcp to {to}:8080, round {round}: {out:?}"
+            );
+            seen_ports.insert(body.trim().rsplit(':').next().unwrap().to_owned());
+            let reply = sandbox.exec_ok(
+                "web1",
+                &["sh", "-c", &format!("echo hi | nc -u -w1 {to} 5353")],
+            );
+            assert!(
+                reply.starts_with(&format!("web1 {GATEWAY}:")),
+                "udp to {to}:5353, round {round}: {reply:?}"
+            );
+        }
+    }
+    assert!(
+        seen_ports.len() >= 2,
+        "allocated source ports: {seen_ports:?}"
+    );
+    // Logged: one record per connection with its source translation, Hubble's fields.
+    let records = wait_for_hairpin_records(&agent, 12);
+    for record in &records {
+        let flow = &record["flow"];
+        assert_eq!(flow["verdict"], "FORWARDED", "{record}");
+        assert_eq!(flow["IP"]["source"], "172.30.1.2", "{record}");
+        assert_eq!(flow["IP"]["destination"], "172.30.1.2", "{record}");
+        assert_eq!(flow["IP"]["source_xlated"], GATEWAY, "{record}");
+        assert_eq!(flow["destination"]["pod_name"], "web1", "{record}");
+        // A Hubble reader decodes the default form strictly.
+        let line = serde_json::to_string(&without_extensions(record)).unwrap();
+        let _: dataplane::hubble::api::observer::GetFlowsResponse = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a valid Hubble flow ({e}): {line}"));
+    }
+    let status = agent.status();
+    assert_eq!(status.drops("NO_MAPPING_FOR_NAT_MASQUERADE"), 0);
+}
+
+/// The NEW records of hairpin connections (`translation.source_translated` set), once there
+/// are `count` of them.
+fn wait_for_hairpin_records(agent: &Agent, count: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = std::process::Command::new(dataplane_tests::dataplane_bin())
+            .args([
+                "observe",
+                "-o",
+                "json-extended",
+                "--last",
+                "1000",
+                "--socket",
+            ])
+            .arg(&agent.socket)
+            .output()
+            .expect("running dataplane observe");
+        let hairpins: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| {
+                r["flow"]["connection"]["event"] == "new"
+                    && r["flow"]["translation"]["source_translated"].is_string()
+            })
+            .collect();
+        if hairpins.len() >= count {
+            return hairpins;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {count} hairpin records:\n{}",
+            hairpins.len(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A record as Hubble's readers get it: without our `translation` and `connection`.
+fn without_extensions(record: &Value) -> Value {
+    let mut record = record.clone();
+    let flow = record["flow"].as_object_mut().unwrap();
+    flow.remove("translation");
+    flow.remove("connection");
+    record
 }
 
 #[test]

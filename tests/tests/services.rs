@@ -35,6 +35,21 @@ ports:
   - {service: web, protocol: tcp, host_port: 8000, container_port: 80}
 "#;
 
+/// One HTTP request on a fresh connection; the server's answer (`NAME PEER_IP:PORT`).
+fn ask_full(addr: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_owned())
+}
+
 /// One HTTP request on a fresh connection; the name of the server that answered.
 fn ask(addr: &str) -> std::io::Result<String> {
     let mut stream = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3))?;
@@ -205,4 +220,39 @@ fn a_long_lived_connection_keeps_its_backend_while_others_come_and_go() {
         after.is_err(),
         "the connection to a departed backend ends: {after:?}"
     );
+}
+
+/// A backend calling its own service's VIP (a Compose service whose replicas call each other
+/// by the service name): every call is answered, also when Maglev picks the caller itself,
+/// which then sees the call come from its network's gateway (hairpin, as Docker does it).
+#[test]
+fn a_backend_calling_its_own_vip_is_answered_every_time() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    let answers: Vec<String> = in_netns(&sandbox.netns("web1"), || {
+        (0..30)
+            .map(|i| ask_full("10.96.0.10:80").unwrap_or_else(|e| format!("call {i}: {e}")))
+            .collect()
+    });
+    let answered: Vec<&String> = answers.iter().filter(|a| a.starts_with("web")).collect();
+    assert_eq!(answered.len(), 30, "30 of 30 calls answered: {answers:#?}");
+    let own: Vec<&&String> = answered.iter().filter(|a| a.starts_with("web1 ")).collect();
+    assert!(
+        !own.is_empty(),
+        "Maglev picked the caller itself: {answers:#?}"
+    );
+    for answer in &own {
+        assert!(
+            answer.starts_with("web1 172.30.1.1:"),
+            "from the gateway: {answer}"
+        );
+    }
+    for answer in answered.iter().filter(|a| !a.starts_with("web1 ")) {
+        assert!(
+            answer.contains(" 172.30.1.2:"),
+            "another backend sees the caller's own address: {answer}"
+        );
+    }
+    let status = agent.status();
+    assert_eq!(status.drops("NO_MAPPING_FOR_NAT_MASQUERADE"), 0);
 }

@@ -68,6 +68,10 @@ pub struct Nat {
     pub destination: bool,
     pub addr: Ipv4Addr,
     pub port: u16,
+    /// A hairpin connection (a container's connection translated back to itself): its source
+    /// was rewritten too, to this address and port (the network's gateway); `addr`:`port`
+    /// is then the container's own address and the port it was reached on.
+    pub source: Option<(Ipv4Addr, u16)>,
 }
 
 /// A connection's 5-tuple as its first packet (or the dropped packet) had it, ports in host
@@ -129,7 +133,15 @@ pub struct Event {
     pub ifindex: u32,
 }
 
-fn nat(origin: u8, rewrite: u8, addr: u32, port: u16) -> Option<Nat> {
+/// The translation an event or a forward conntrack entry of the connection `key` says.
+fn nat(
+    key: &CtKey,
+    origin: u8,
+    rewrite: u8,
+    addr: u32,
+    port: u16,
+    hairpin_port: u16,
+) -> Option<Nat> {
     let kind = match origin {
         ct_origin::PUBLISHED => TranslationKind::PublishedPort,
         ct_origin::MASQUERADE => TranslationKind::Masquerade,
@@ -137,11 +149,23 @@ fn nat(origin: u8, rewrite: u8, addr: u32, port: u16) -> Option<Nat> {
         // PLAIN, and 0 for drops.
         _ => return None,
     };
+    let ip = |a: u32| Ipv4Addr::from(u32::from_be(a));
+    if rewrite == ct_rewrite::HAIRPIN {
+        // Back to the client itself, from the gateway.
+        return Some(Nat {
+            kind,
+            destination: true,
+            addr: ip(key.saddr),
+            port: u16::from_be(hairpin_port),
+            source: Some((ip(addr), u16::from_be(port))),
+        });
+    }
     Some(Nat {
         kind,
         destination: rewrite == ct_rewrite::DST,
-        addr: Ipv4Addr::from(u32::from_be(addr)),
+        addr: ip(addr),
         port: u16::from_be(port),
+        source: None,
     })
 }
 
@@ -177,7 +201,14 @@ pub fn from_raw(raw: &FlowEvent) -> Result<Event, DecodeError> {
         time_ns: raw.time_ns,
         kind,
         tuple: Tuple::from(&raw.tuple),
-        nat: nat(raw.origin, raw.rewrite, raw.nat_addr, raw.nat_port),
+        nat: nat(
+            &raw.tuple,
+            raw.origin,
+            raw.rewrite,
+            raw.nat_addr,
+            raw.nat_port,
+            raw.hairpin_port,
+        ),
         tcp_flags: raw.tcp_flags,
         icmp: Icmp {
             icmp_type: raw.icmp_type,
@@ -208,10 +239,12 @@ pub fn from_conntrack(
         kind,
         tuple: Tuple::from(key),
         nat: nat(
+            key,
             forward.origin,
             forward.rewrite,
             forward.nat_addr,
             forward.nat_port,
+            forward.hairpin_port,
         ),
         tcp_flags: forward.tcp_flags | reply.map_or(0, |r| r.tcp_flags),
         // The first direction's type; tracked ICMP is echo, whose code is 0.
@@ -306,10 +339,38 @@ pub mod tests {
                 destination: true,
                 addr: Ipv4Addr::new(172, 30, 1, 2),
                 port: 80,
+                source: None,
             })
         );
         assert_eq!(event.ifindex, 7);
         assert_eq!(event.hook, hook::CONTAINER_INGRESS);
+    }
+
+    #[test]
+    fn a_hairpin_event_decodes_to_both_translations() {
+        // web1 to its own published port 8080: back to web1:80, from the gateway's port 20077.
+        let mut raw = raw_event(
+            flow_kind::NEW,
+            IPPROTO_UDP,
+            ("172.30.1.2", 41234),
+            ("192.0.2.1", 8080),
+        );
+        raw.origin = ct_origin::PUBLISHED;
+        raw.rewrite = ct_rewrite::HAIRPIN;
+        raw.nat_addr = u32::from(Ipv4Addr::new(172, 30, 1, 1)).to_be();
+        raw.nat_port = 20077u16.to_be();
+        raw.hairpin_port = 80u16.to_be();
+        let event = from_raw(&copy_event(&as_bytes(&raw)).unwrap()).unwrap();
+        assert_eq!(
+            event.nat,
+            Some(Nat {
+                kind: TranslationKind::PublishedPort,
+                destination: true,
+                addr: Ipv4Addr::new(172, 30, 1, 2),
+                port: 80,
+                source: Some((Ipv4Addr::new(172, 30, 1, 1), 20077)),
+            })
+        );
     }
 
     #[test]

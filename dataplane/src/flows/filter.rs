@@ -213,6 +213,7 @@ mod tests {
                 original: "192.0.2.1:8080".into(),
                 translated: "172.30.1.2:80".into(),
                 kind: "published_port".into(),
+                source_translated: String::new(),
             }),
             connection: Some(Connection::default()),
         }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     clock::{self, Clock},
-    decode::{Event, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Icmp, Kind, TranslationKind},
+    decode::{Event, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Icmp, Kind, Nat, TranslationKind},
 };
 use crate::model::{Model, PortTarget};
 
@@ -136,7 +136,8 @@ pub struct Flow {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ip {
     pub source: String,
-    /// The source after masquerade (SNAT); `source` is the container's own address.
+    /// The source after masquerade (SNAT) or a hairpin's source translation; `source` is the
+    /// container's own address.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub source_xlated: String,
     pub destination: String,
@@ -338,6 +339,10 @@ pub struct Translation {
     pub original: String,
     pub translated: String,
     pub kind: String,
+    /// A hairpin connection (a container to its own published port or VIP): the source it
+    /// was given (the network's gateway and an allocated port) besides the destination.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source_translated: String,
 }
 
 /// Ours: the connection event (`new`, `close`, `update`, `end`, `drop`) and the counters the
@@ -742,6 +747,10 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
     };
     let source_xlated = match event.nat {
         Some(nat) if !nat.destination => nat.addr.to_string(),
+        Some(Nat {
+            source: Some((addr, _)),
+            ..
+        }) => addr.to_string(),
         _ => String::new(),
     };
     // An ICMP echo's one identifier is in `sport` both ways (`dport` is 0).
@@ -766,6 +775,10 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
             original,
             translated,
             kind: nat.kind.name().to_owned(),
+            source_translated: nat
+                .source
+                .map(|(addr, port)| format!("{addr}:{port}"))
+                .unwrap_or_default(),
         }
     });
     // Cilium's direction is the one of the endpoint whose policy applies: arriving at a
@@ -1000,7 +1013,11 @@ pub fn compact(record: &Record) -> String {
         flow.summary
     );
     if let Some(t) = &flow.translation {
-        line.push_str(&format!(" [{} {} => {}]", t.kind, t.original, t.translated));
+        line.push_str(&format!(" [{} {} => {}", t.kind, t.original, t.translated));
+        if !t.source_translated.is_empty() {
+            line.push_str(&format!(", from {}", t.source_translated));
+        }
+        line.push(']');
     }
     if let Some(c) = &flow.connection
         && matches!(
@@ -1221,6 +1238,60 @@ ports:
         assert_eq!(flow.summary, "TCP Flags: SYN, ACK, FIN");
         assert_eq!(flow.connection.unwrap().event, ConnectionEvent::Close);
         assert!(compact(&record).ends_with(" close: 6/5 packets, 400/900 bytes"));
+    }
+
+    #[test]
+    fn a_hairpin_names_the_gateway_as_translated_source_and_the_container_at_both_ends() {
+        // web1 calls its own service's VIP and is picked: back to web1:80 from the gateway.
+        let mut raw = raw_event(
+            flow_kind::NEW,
+            IPPROTO_TCP,
+            ("172.30.1.2", 41000),
+            ("10.96.0.10", 80),
+        );
+        raw.origin = ct_origin::SERVICE;
+        raw.rewrite = ct_rewrite::HAIRPIN;
+        raw.nat_addr = ip("172.30.1.1");
+        raw.nat_port = 20077u16.to_be();
+        raw.hairpin_port = 80u16.to_be();
+        let mut record = record_of(&raw);
+        strict(&record.hubble_json());
+        let flow = &record.flow;
+        assert_eq!(flow.verdict, Verdict::Forwarded);
+        let ip = flow.ip.as_ref().unwrap();
+        assert_eq!(
+            (
+                ip.source.as_str(),
+                ip.source_xlated.as_str(),
+                ip.destination.as_str()
+            ),
+            ("172.30.1.2", "172.30.1.1", "172.30.1.2")
+        );
+        assert_eq!(flow.source().pod_name, "web1");
+        assert_eq!(flow.destination().pod_name, "web1");
+        assert_eq!(flow.destination_service.as_ref().unwrap().name, "web");
+        assert_eq!(flow.trace_observation_point.as_deref(), Some("TO_ENDPOINT"));
+        let t = flow.translation.as_ref().unwrap();
+        assert_eq!(
+            (
+                t.original.as_str(),
+                t.translated.as_str(),
+                t.kind.as_str(),
+                t.source_translated.as_str()
+            ),
+            (
+                "10.96.0.10:80",
+                "172.30.1.2:80",
+                "service",
+                "172.30.1.1:20077"
+            )
+        );
+        assert!(
+            compact(&record)
+                .contains("[service 10.96.0.10:80 => 172.30.1.2:80, from 172.30.1.1:20077]"),
+            "{}",
+            compact(&record)
+        );
     }
 
     #[test]

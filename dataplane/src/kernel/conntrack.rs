@@ -260,7 +260,13 @@ pub fn next_interval(fill: f64, removed_share: f64, last_walk: Duration) -> Dura
 fn translated_to(entries: &BTreeMap<CtKey, CtEntry>, addresses: &BTreeSet<u32>) -> Vec<CtKey> {
     let mut doomed = Vec::new();
     for (key, entry) in entries {
-        if entry.rewrite == ct_rewrite::DST && addresses.contains(&entry.nat_addr) {
+        let target = match entry.rewrite {
+            ct_rewrite::DST => entry.nat_addr,
+            // A hairpin goes back to its own source, in both directions.
+            ct_rewrite::HAIRPIN => key.saddr,
+            _ => continue,
+        };
+        if addresses.contains(&target) {
             doomed.push(*key);
             doomed.push(entry.peer);
         }

@@ -447,7 +447,8 @@ fn add_endpoints(
                     endpoint_id: endpoint_index as u32 + 1,
                     mac: itf.mac,
                     net_flags: flags,
-                    _pad: [0; 5],
+                    _pad: 0,
+                    gateway: be(network.gateway),
                 },
             );
             desired

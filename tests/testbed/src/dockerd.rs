@@ -382,15 +382,22 @@ fn run(what: &str, cmd: &mut Command) {
 }
 
 impl Dockerd {
-    /// Namespaces, veth, dockerd, and the busybox image.
+    /// Namespaces, veth, dockerd (Docker's own dataplane off), and the busybox image.
     #[track_caller]
     pub fn start() -> Dockerd {
+        Dockerd::start_with(false)
+    }
+
+    /// Like [`Dockerd::start`], with Docker's own dataplane (its iptables rules and
+    /// docker-proxy) on or off: the same scenario on both, to compare.
+    #[track_caller]
+    pub fn start_with(docker_dataplane: bool) -> Dockerd {
         crate::require_root();
         let name = crate::unique_name("dkr");
         let outside = format!("{name}-out");
         let namespaces = build_namespaces(&name, &outside);
         let dir = std::env::temp_dir().join(format!("{name}-docker"));
-        let engine = Engine::start(&name, &dir, &name, false)
+        let engine = Engine::start(&name, &dir, &name, docker_dataplane)
             .unwrap_or_else(|e| panic!("starting dockerd: {e}"));
         eprintln!("dockerd {name} answered after {:?}", engine.started_in);
         let dockerd = Dockerd {

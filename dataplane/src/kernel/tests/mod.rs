@@ -2,6 +2,7 @@
 
 mod balancing;
 mod flows;
+mod hairpin;
 mod hostile;
 mod packet;
 mod policy;

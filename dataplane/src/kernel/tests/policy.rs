@@ -43,7 +43,7 @@ fn host(dp: &mut Datapath) {
             endpoint_id,
             mac: [2, 0, 0, 0, 0, endpoint_id as u8],
             net_flags: flags,
-            _pad: [0; 5],
+            ..Default::default()
         };
         dp.set::<crate::kernel::maps::Endpoints>(be(ip), info)
             .unwrap();
@@ -156,6 +156,16 @@ fn docker_isolation_without_rules() {
         TC_PASS,
         "internal still reaches the host"
     );
+    assert_eq!(
+        verdict(dp, c, A, HOST, 1011, 8081),
+        TC_PASS,
+        "a container to another network's published port"
+    );
+    assert_eq!(
+        verdict(dp, c, C, HOST, 1012, 8081),
+        TC_SHOT,
+        "internal to another network's published port"
+    );
     let e = Hook::UplinkEgress;
     assert_eq!(
         verdict(dp, e, A, WORLD, 1005, 443),
@@ -189,8 +199,8 @@ fn docker_isolation_without_rules() {
         "routed to a container address"
     );
     // Isolation with no rule deciding is Cilium's default deny.
-    assert_eq!(denied_for(dp, DropReason::PolicyDenied), 5);
-    assert_eq!(denied(dp), 5);
+    assert_eq!(denied_for(dp, DropReason::PolicyDenied), 6);
+    assert_eq!(denied(dp), 6);
 }
 
 #[test]
