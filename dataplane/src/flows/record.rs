@@ -610,6 +610,15 @@ fn protocol_summary(proto: u8, flags: u8) -> String {
     }
 }
 
+/// Whether `hook` is one of the cgroup socket hooks (their events come from a system call,
+/// not from a packet).
+fn is_socket_hook(hook: u32) -> bool {
+    matches!(
+        hook,
+        dataplane_common::hook::SOCK_CONNECT4 | dataplane_common::hook::SOCK_SENDMSG4
+    )
+}
+
 /// Builds the record of `event`.
 pub fn build(event: &Event, cx: &Context<'_>) -> Record {
     let tuple = event.tuple;
@@ -621,7 +630,13 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
         Some(nat) if nat.destination => (nat.addr, nat.port),
         _ => (tuple.daddr, tuple.dport),
     };
-    let source = cx.identities.endpoint(tuple.saddr);
+    // A host process's socket not bound yet has no source address when the socket hooks
+    // translate it (the kernel picks it afterwards): the host all the same.
+    let source = if tuple.saddr.is_unspecified() && is_socket_hook(event.hook) {
+        Endpoint::reserved(IDENTITY_HOST, LABEL_HOST)
+    } else {
+        cx.identities.endpoint(tuple.saddr)
+    };
     let destination = cx.identities.endpoint(daddr);
     let translated_to_service = matches!(
         event.nat.map(|n| n.kind),
