@@ -1195,6 +1195,31 @@ ports:
     }
 
     #[test]
+    fn a_host_socket_translated_before_it_had_a_source_is_the_host() {
+        // What the connect4 hook reports for an unbound socket: no source address or port.
+        let mut raw = raw_event(
+            flow_kind::NEW,
+            IPPROTO_TCP,
+            ("0.0.0.0", 0),
+            ("10.96.0.10", 80),
+        );
+        raw.origin = ct_origin::SERVICE;
+        raw.rewrite = ct_rewrite::DST;
+        raw.nat_addr = ip("172.30.1.2");
+        raw.nat_port = 80u16.to_be();
+        raw.hook = dataplane_common::hook::SOCK_CONNECT4 as u8;
+        let mut record = record_of(&raw);
+        strict(&record.hubble_json());
+        let flow = record.flow;
+        assert_eq!(flow.source().labels, vec![LABEL_HOST]);
+        assert_eq!(flow.destination().pod_name, "web1");
+        assert_eq!(flow.destination_service.unwrap().name, "web");
+        // The same tuple from a packet hook is nobody's (a packet without a source).
+        raw.hook = dataplane_common::hook::CONTAINER_INGRESS as u8;
+        assert_eq!(record_of(&raw).flow.source().labels, vec![LABEL_WORLD]);
+    }
+
+    #[test]
     fn every_drop_reason_is_cilium_s_name_and_number() {
         let cases = [
             (
