@@ -493,7 +493,7 @@ pub struct PortTarget {
 /// Key of the socket-level reverse translation: a socket (its cookie) and the address and port
 /// it really talks to (network byte order).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SockRevNatKey {
     pub cookie: u64,
     pub addr: u32,

@@ -323,10 +323,17 @@ fn host_processes_reach_a_vip_over_tcp_spread_evenly_over_every_backend() {
 #[test]
 fn host_processes_reach_a_udp_vip_and_the_reply_comes_from_the_vip() {
     let sandbox = Sandbox::up(&host_spec(""));
-    let _agent = Agent::start(&sandbox);
+    let agent = Agent::start(&sandbox);
     // Unconnected sockets: sendmsg4 translates each datagram, recvmsg4 the reply's source.
     let replies = host_udp(&sandbox, "10.96.0.13", 53, 30);
     assert_eq!(replies.len(), 30, "{replies:?}");
+    // One reverse entry per socket and backend, shown in the map fill levels.
+    let status = agent.status();
+    assert!(
+        status.map_entries("dp_sock_rev_nat_v1") >= 30,
+        "{:?}",
+        status.maps
+    );
     assert!(
         replies.iter().all(|(peer, _)| peer == "10.96.0.13:53"),
         "every reply from the VIP: {replies:?}"

@@ -31,7 +31,7 @@ pub mod pin_lock;
 
 use maps::{
     Backends, Conntrack, ConntrackNew, Endpoints, HashMapSpec, LocalAddrs, Ports, Reconciled,
-    Services,
+    Services, SockRevNats,
 };
 #[cfg(test)]
 mod tests;
@@ -1039,6 +1039,11 @@ impl Datapath {
                 name: map_names::LOCAL_ADDRS,
                 entries: self.count::<LocalAddrs>()?,
                 capacity: capacity::LOCAL_ADDRS,
+            },
+            MapFill {
+                name: map_names::SOCK_REV_NAT,
+                entries: self.count::<SockRevNats>()?,
+                capacity: self.capacity::<SockRevNats>()?,
             },
             MapFill {
                 name: map_names::IFACE_STATS,
