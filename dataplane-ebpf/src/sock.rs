@@ -253,9 +253,10 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
         port,
         _pad: 0,
     };
-    // Each datagram of an unconnected socket comes here: its first to this backend is the
-    // "connection" that is reported; a connect() always is.
-    let new = hook == Forward::Connect || SOCK_REV_NAT.get_ptr(&key).is_none();
+    // Each datagram of an unconnected socket comes here, and a non-blocking connect() may
+    // too, more than once: a socket's first translation to this backend is the "connection"
+    // that is reported (cookies are never reused, so a new socket always is new).
+    let new = SOCK_REV_NAT.get_ptr(&key).is_none();
     // A full LRU map evicts an older socket's entry; an error leaves replies untranslated.
     let _ = SOCK_REV_NAT.insert(&key, &asked, 0);
     // SAFETY: `sa` is the context the kernel passed; both fields are writable in connect4

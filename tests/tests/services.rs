@@ -349,6 +349,17 @@ fn host_processes_reach_a_udp_vip_and_the_reply_comes_from_the_vip() {
         ["web1", "web2", "web3"],
         "{replies:?}"
     );
+    // getpeername() of a translated socket says the VIP (getpeername4).
+    let peer = sandbox.exec_ok(
+        "host",
+        &[
+            "/usr/bin/python3",
+            "-c",
+            "import socket; s = socket.create_connection(('10.96.0.10', 80), 5); \
+             print('%s:%d' % s.getpeername())",
+        ],
+    );
+    assert_eq!(peer.trim(), "10.96.0.10:80");
     // A connected UDP socket (nc -u connects): connect4 translates it.
     let reply = sandbox.exec_ok("host", &["sh", "-c", "echo hi | nc -u -w1 10.96.0.13 53"]);
     assert!(reply.starts_with("web"), "{reply:?}");
