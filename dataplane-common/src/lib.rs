@@ -56,6 +56,10 @@ pub mod map_names {
     pub const LOCAL_ADDRS: &str = "dp_local_addrs_v1";
     /// Settings the agent writes at run time (uplink, masquerade address, port range).
     pub const CONFIG: &str = "dp_config_v4";
+    /// Socket-level translations of host processes: (socket cookie, address the socket
+    /// really talks to) -> the address it asked for, so that replies and getpeername() show
+    /// the VIP or published port (LRU; written by the cgroup hooks only).
+    pub const SOCK_REV_NAT: &str = "dp_sock_rev_nat_v1";
 }
 
 /// Load-time settings of the kernel programs (`Global`s, set through `EbpfLoader`).
@@ -77,6 +81,13 @@ pub mod program_names {
     /// cgroup connect4: host processes connecting to a published port (what docker-proxy
     /// does for localhost), translated at the socket before any packet exists.
     pub const SOCK_CONNECT4: &str = "dp_sock_connect4";
+    /// cgroup sendmsg4: each datagram of an unconnected UDP socket of a host process to a
+    /// service VIP or a published port.
+    pub const SOCK_SENDMSG4: &str = "dp_sock_sendmsg4";
+    /// cgroup recvmsg4: the source of a reply to such a datagram back to the VIP or port.
+    pub const SOCK_RECVMSG4: &str = "dp_sock_recvmsg4";
+    /// cgroup getpeername4: a translated socket's peer as the process asked for it.
+    pub const SOCK_GETPEERNAME4: &str = "dp_sock_getpeername4";
 }
 
 /// Capacities of the maps (see the map declarations in `dataplane-ebpf/src/maps.rs` for the
@@ -127,6 +138,12 @@ pub mod capacity {
     /// evicts older sources; their pending counts are lost from the flow records only, never
     /// from the per-reason counters).
     pub const DROP_AGGREGATES: u32 = 4096;
+    /// (socket, backend) pairs of host processes' translated sockets. One entry per
+    /// connect() to a VIP or published port and per UDP socket and backend it sends to; LRU,
+    /// preallocated (about 90 bytes an entry: 5.6 MiB). What an eviction costs: a UDP reply to
+    /// a socket idle through 65,536 newer translations shows the backend as its source, and
+    /// getpeername() the backend; the connection itself is not affected.
+    pub const SOCK_REV_NAT: u32 = 65_536;
 }
 
 /// Slots of one service's Maglev table. Prime, as Maglev needs; 1021 slots keep backends within
@@ -174,8 +191,11 @@ pub mod hook {
     pub const UPLINK_INGRESS: u32 = 2;
     pub const UPLINK_EGRESS: u32 = 3;
     pub const UPLINK_XDP: u32 = 4;
-    /// Not a packet hook (no counters): the cgroup connect4 hook, for naming only.
+    /// Not packet hooks (no counters): the cgroup socket hooks, in flow events and names.
     pub const SOCK_CONNECT4: u32 = 5;
+    pub const SOCK_SENDMSG4: u32 = 6;
+    pub const SOCK_RECVMSG4: u32 = 7;
+    pub const SOCK_GETPEERNAME4: u32 = 8;
 
     /// The hook's name as `dataplane status` prints it.
     pub fn name(hook: u32) -> &'static str {
@@ -185,6 +205,9 @@ pub mod hook {
             UPLINK_EGRESS => "tc-egress(uplink)",
             UPLINK_XDP => "xdp(uplink)",
             SOCK_CONNECT4 => "cgroup-connect4",
+            SOCK_SENDMSG4 => "cgroup-sendmsg4",
+            SOCK_RECVMSG4 => "cgroup-recvmsg4",
+            SOCK_GETPEERNAME4 => "cgroup-getpeername4",
             _ => "unknown",
         }
     }
@@ -497,6 +520,27 @@ pub struct PortTarget {
     pub _pad: u8,
 }
 
+/// Key of the socket-level reverse translation: a socket (its cookie) and the address and port
+/// it really talks to (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockRevNatKey {
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// What a socket asked for (network byte order): the VIP or the host address and published
+/// port its process sees as its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevNat {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
 /// A service VIP as the kernel looks it up (network byte order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -759,6 +803,8 @@ const _: () = assert!(core::mem::size_of::<PrefixKey>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 72);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
+const _: () = assert!(core::mem::size_of::<SockRevNatKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SockRevNat>() == 8);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FragEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<DropAggKey>() == 8);
@@ -788,6 +834,10 @@ mod pod {
     unsafe impl aya::Pod for super::PortKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PortTarget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockRevNatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockRevNat {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
     // SAFETY: as above.

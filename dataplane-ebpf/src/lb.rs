@@ -28,7 +28,7 @@ pub fn service_of(ip: &Ipv4Packet, l4: &L4) -> Option<ServiceInfo> {
 
 /// Jenkins-style mixing: spreads nearby tuples (consecutive ports) over the table.
 #[inline(always)]
-fn mix(mut h: u32) -> u32 {
+pub fn mix(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x7feb_352d);
     h ^= h >> 15;
@@ -45,9 +45,29 @@ fn flow_hash(flow: &CtKey) -> u32 {
         ^ u32::from(flow.proto))
 }
 
+/// What the consistent-hashing algorithms hash for one new connection: the whole connection
+/// (Maglev) and its client (source hash).
+pub struct Hashes {
+    pub flow: u32,
+    pub source: u32,
+}
+
 /// Picks the backend of `service` for the new connection `flow`; None when it has none.
 #[inline(always)]
 pub fn pick(service: &ServiceInfo, flow: &CtKey) -> Option<Backend> {
+    pick_hashed(
+        service,
+        &Hashes {
+            flow: flow_hash(flow),
+            source: mix(flow.saddr),
+        },
+    )
+}
+
+/// Picks the backend of `service` for a new connection known by its hashes (the socket hooks
+/// know no 5-tuple yet); None when it has none.
+#[inline(always)]
+pub fn pick_hashed(service: &ServiceInfo, hashes: &Hashes) -> Option<Backend> {
     let count = service.backend_count;
     if count == 0 {
         return None;
@@ -67,9 +87,9 @@ pub fn pick(service: &ServiceInfo, flow: &CtKey) -> Option<Backend> {
         // Maglev and source hash: consistent hashing through the service's table.
         _ => {
             let hash = if service.algorithm == algorithm::SOURCE_HASH {
-                mix(flow.saddr)
+                hashes.source
             } else {
-                flow_hash(flow)
+                hashes.flow
             };
             let slot = service.id * MAGLEV_STRIDE + hash % MAGLEV_TABLE_SIZE;
             let pair = MAGLEV.get(slot / 2)?;

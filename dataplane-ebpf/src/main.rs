@@ -109,12 +109,29 @@ pub fn dp_uplink_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
-/// Host processes connecting to published ports (cgroup connect4). Always allows the connect;
-/// it only changes where it goes.
+/// Host processes connecting to service VIPs and published ports (cgroup connect4): the
+/// connection goes to the backend; refused when the service has no backend or policy denies.
 #[cgroup_sock_addr(connect4)]
 pub fn dp_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::connect4(&ctx);
-    1
+    sock::forward(&ctx, sock::Forward::Connect)
+}
+
+/// Each datagram of host processes' unconnected UDP sockets (cgroup sendmsg4), as connect4.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn dp_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, sock::Forward::Sendmsg)
+}
+
+/// Replies received by those sockets (cgroup recvmsg4): their source back to the VIP.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn dp_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+/// getpeername() of a translated socket (cgroup getpeername4): the VIP it connected to.
+#[cgroup_sock_addr(getpeername4)]
+pub fn dp_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
 }
 
 #[cfg(not(test))]

@@ -10,7 +10,8 @@ use aya_ebpf::{
 use dataplane_common::{
     Backend, BackendKey, Config, CtEntry, CtKey, DropAggKey, DropAggValue, DropBudget, DropReason,
     EndpointInfo, FLOW_RING_BYTES, FragEntry, FragKey, IfaceStats, IfaceStatsKey, MAGLEV_STRIDE,
-    PolicyRule, PortKey, PortTarget, ServiceInfo, ServiceKey, capacity, tcp_flag_count,
+    PolicyRule, PortKey, PortTarget, ServiceInfo, ServiceKey, SockRevNat, SockRevNatKey, capacity,
+    tcp_flag_count,
 };
 
 /// Packets and bytes per (interface, hook); per-CPU so the hot path never contends.
@@ -117,3 +118,12 @@ pub static POLICY_RULES: Array<PolicyRule> = Array::pinned(capacity::POLICY_RULE
 /// Outside source prefixes XDP drops on the uplink, written by the reconciler only.
 #[map(name = "dp_deny_sources_v1")]
 pub static DENY_SOURCES: LpmTrie<u32, u8> = LpmTrie::pinned(capacity::DENY_SOURCES, 0);
+
+/// Socket-level translations of host processes, by (socket cookie, backend address and port):
+/// the VIP or published port the socket asked for, which recvmsg4 and getpeername4 put back.
+/// Written by the connect4 and sendmsg4 hooks only; LRU because nothing tells the programs
+/// when a socket closes (see `capacity::SOCK_REV_NAT` for the size and what an eviction
+/// costs).
+#[map(name = "dp_sock_rev_nat_v1")]
+pub static SOCK_REV_NAT: LruHashMap<SockRevNatKey, SockRevNat> =
+    LruHashMap::pinned(capacity::SOCK_REV_NAT, 0);

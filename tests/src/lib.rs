@@ -12,7 +12,10 @@ pub use testbed::{
 
 /// The dockerd harness (testbed::dockerd).
 pub mod docker {
-    pub use testbed::dockerd::{Dockerd, HOST, IMAGE, OUTSIDE};
+    pub use testbed::{
+        cgroup::TestCgroup,
+        dockerd::{Dockerd, HOST, IMAGE, OUTSIDE},
+    };
 }
 
 /// Names of the BPF programs the kernel has attached to `interface` in namespace `netns`

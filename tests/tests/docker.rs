@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, process::Output, time::Duration};
 use dataplane::control::status::Status;
 use dataplane_tests::{
     Agent, StatusExt as _, dataplane_bin,
-    docker::{Dockerd, HOST, IMAGE, OUTSIDE},
+    docker::{Dockerd, HOST, IMAGE, OUTSIDE, TestCgroup},
 };
 
 /// Whether interface `name` exists in dockerd's namespace.
@@ -349,6 +349,50 @@ fn compose_style_service_balances_over_its_replicas() {
     let answered = seen(20);
     assert!(!answered.contains("shop-web-1"), "{answered:?}");
     assert!(answered.contains("shop-web-2"), "{answered:?}");
+}
+
+#[test]
+fn a_compose_service_vip_is_reached_from_the_host() {
+    let dockerd = Dockerd::start();
+    // The host's processes of this test: a cgroup of its own for the socket hooks.
+    let cgroup = TestCgroup::create(&dockerd.name).unwrap_or_else(|e| panic!("{e}"));
+    let vip = "10.96.0.10";
+    let agent = dockerd.agent(&[
+        "--service-vip-range",
+        &format!("{vip}/32"),
+        "--cgroup",
+        cgroup.path_str(),
+    ]);
+    let compose = [
+        "-l",
+        "com.docker.compose.project=shop",
+        "-l",
+        "com.docker.compose.service=web",
+        "--expose",
+        "80",
+    ];
+    run_web(&dockerd, "shop-web-1", &compose);
+    run_web(&dockerd, "shop-web-2", &compose);
+    agent.wait_for("the service and its two backends", |s| {
+        s.map_entries("dp_services") >= 1 && s.map_entries("dp_backends") >= 2
+    });
+    // One curl, 30 connections (each a new socket: the hook balances per socket).
+    let mut cmd = vec!["curl", "-sS", "--max-time", "10", "-H", "Connection: close"];
+    let url = format!("http://{vip}/cgi-bin/who");
+    cmd.extend(std::iter::repeat_n(url.as_str(), 30));
+    let out = dockerd.host(&cgroup, &cmd);
+    assert!(out.status.success(), "{out:?}");
+    let answers: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    assert_eq!(answers.len(), 30, "{answers:?}");
+    let seen: BTreeSet<&str> = answers.iter().map(String::as_str).collect();
+    assert_eq!(
+        seen,
+        ["shop-web-1", "shop-web-2"].into(),
+        "both replicas answer the host through {vip}:80"
+    );
 }
 
 #[test]

@@ -233,23 +233,51 @@ fn without_extensions(record: &Value) -> Value {
     record
 }
 
+/// One datagram from an unconnected UDP socket (sendto/recvfrom); prints the reply's source
+/// and the reply.
+const UDP_SENDTO: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(b"hi", (sys.argv[1], int(sys.argv[2])))
+data, peer = s.recvfrom(512)
+print("%s:%d %s" % (peer[0], peer[1], data.decode().strip()))
+"#;
+
 #[test]
 fn host_processes_reach_published_ports_on_localhost_and_host_addresses() {
     let sandbox = Sandbox::up(SPEC);
     let _agent = Agent::start(&sandbox);
     // What docker-proxy offers, done at connect(): the connection goes straight to the
-    // container, from the host's address on the container's bridge.
-    for url in [
-        "http://127.0.0.1:8080/",
-        "http://localhost:8080/",
-        "http://192.0.2.1:8080/",
-    ] {
+    // container. From localhost it comes from the host's address on the container's bridge
+    // (127.0.0.1 cannot leave the host; Docker's MASQUERADE of 127.0.0.0/8 gives the same).
+    for url in ["http://127.0.0.1:8080/", "http://localhost:8080/"] {
         let out = curl(&sandbox, "host", url);
         let body = String::from_utf8_lossy(&out.stdout);
         assert!(body.starts_with("web1 172.30.1.1:"), "{url}: {out:?}");
     }
     let reply = sandbox.exec_ok("host", &["sh", "-c", "echo hi | nc -u -w1 127.0.0.1 5353"]);
     assert!(reply.starts_with("web1 172.30.1.1:"), "udp: {reply:?}");
+    // To one of the host's addresses it comes from that address, as with Docker's DNAT in
+    // OUTPUT (the source stays the one chosen for the original destination).
+    let out = curl(&sandbox, "host", "http://192.0.2.1:8080/");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.starts_with(&format!("web1 {HOST}:")), "{out:?}");
+    let reply = sandbox.exec_ok("host", &["sh", "-c", "echo hi | nc -u -w1 192.0.2.1 5353"]);
+    assert!(
+        reply.starts_with(&format!("web1 {HOST}:")),
+        "udp: {reply:?}"
+    );
+    // An unconnected UDP socket: the datagram leaves from the host's address too, and the
+    // reply comes from the published port it was sent to.
+    let reply = sandbox.exec_ok(
+        "host",
+        &["/usr/bin/python3", "-c", UDP_SENDTO, HOST, "5353"],
+    );
+    assert!(
+        reply.starts_with(&format!("{HOST}:5353 web1 {HOST}:")),
+        "unconnected udp: {reply:?}"
+    );
     // Bound to 192.0.2.1 only: not on localhost.
     let out = curl(&sandbox, "host", "http://127.0.0.1:9090/");
     assert!(!out.status.success(), "{out:?}");

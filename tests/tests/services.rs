@@ -255,4 +255,252 @@ fn a_backend_calling_its_own_vip_is_answered_every_time() {
     }
     let status = agent.status();
     assert_eq!(status.drops("NO_MAPPING_FOR_NAT_MASQUERADE"), 0);
+
+// Host processes (in the sandbox host's cgroup, where the agent's socket hooks are) reach the
+// VIPs too: translated at connect() and sendmsg(), balanced with the same Maglev tables.
+
+/// [`SPEC`] with a UDP service over the same backends, and a policy line if given.
+fn host_spec(policies: &str) -> String {
+    SPEC.replacen(
+        "ports:\n",
+        "  - {name: dns, vip: 10.96.0.13, port: 53, protocol: udp, target_port: 80, \
+         selector: {app: web}}\nports:\n",
+        1,
+    ) + policies
+}
+
+/// `count` HTTP requests from one curl in the host's cgroup, each on a new connection (the
+/// server closes after `Connection: close`); who answered each, and whom it saw.
+fn host_curl(sandbox: &Sandbox, url: &str, count: usize) -> Vec<(String, String)> {
+    let mut cmd = vec!["curl", "-sS", "--max-time", "10", "-H", "Connection: close"];
+    cmd.extend(std::iter::repeat_n(url, count));
+    let out = sandbox.exec_ok("host", &cmd);
+    pairs(&out)
+}
+
+/// The `NAME ADDR:PORT` lines of the sandbox servers' replies, as (name, address seen).
+fn pairs(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let name = words.next()?.to_owned();
+            let seen = words.next()?.rsplit_once(':')?.0.to_owned();
+            Some((name, seen))
+        })
+        .collect()
+}
+
+/// A Python client in the host's cgroup: `count` datagrams, each from a new unconnected UDP
+/// socket (sendto/recvfrom), to `addr`:`port`; per reply the address it came from (what
+/// recvfrom says) and the reply itself.
+const UDP_CLIENT: &str = r#"
+import socket, sys
+addr, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(count):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    s.sendto(b"hi", (addr, port))
+    data, peer = s.recvfrom(512)
+    print("%s:%d %s" % (peer[0], peer[1], data.decode().strip()))
+    s.close()
+"#;
+
+fn host_udp(sandbox: &Sandbox, addr: &str, port: u16, count: usize) -> Vec<(String, String)> {
+    let out = sandbox.exec_ok(
+        "host",
+        &[
+            "/usr/bin/python3",
+            "-c",
+            UDP_CLIENT,
+            addr,
+            &port.to_string(),
+            &count.to_string(),
+        ],
+    );
+    // "PEER NAME ADDR:PORT": (peer, name)
+    out.lines()
+        .map(|l| {
+            let mut words = l.split_whitespace();
+            let peer = words.next().unwrap_or_default().to_owned();
+            let name = words.next().unwrap_or_default().to_owned();
+            (peer, name)
+        })
+        .collect()
+}
+
+#[test]
+fn host_processes_reach_a_vip_over_tcp_spread_evenly_over_every_backend() {
+    let sandbox = Sandbox::up(&host_spec(""));
+    let agent = Agent::start(&sandbox);
+    let answers = host_curl(&sandbox, "http://10.96.0.10/", 300);
+    assert_eq!(answers.len(), 300, "{answers:?}");
+    let names: BTreeMap<&str, usize> = answers.iter().fold(BTreeMap::new(), |mut m, (n, _)| {
+        *m.entry(n.as_str()).or_insert(0) += 1;
+        m
+    });
+    eprintln!("300 host connections to the VIP, per backend: {names:?}");
+    assert_eq!(
+        names.keys().copied().collect::<Vec<_>>(),
+        ["web1", "web2", "web3"],
+        "every backend over 300 connections: {names:?}"
+    );
+    // Even, as Maglev spreads them (100 each; 30 off is almost 4 standard deviations).
+    for (backend, n) in &names {
+        assert!((70..=130).contains(n), "{backend}: {n} of 300: {names:?}");
+    }
+    // Straight to the backend from the host's address on its bridge (no proxy, no NAT).
+    assert!(
+        answers.iter().all(|(_, seen)| seen == "172.30.1.1"),
+        "{answers:?}"
+    );
+    // The flow record names the service and the backend, seen at the connect hook.
+    let record = agent.wait_for_record("a host connection to the VIP", |r| {
+        r["flow"]["destination_service"]["name"] == "web"
+            && r["flow"]["source"]["labels"][0] == "reserved:host"
+    });
+    let flow = &record["flow"];
+    assert_eq!(flow["verdict"], "FORWARDED", "{record}");
+    assert!(
+        flow["IP"]["destination"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("172.30.1.")),
+        "{record}"
+    );
+    assert_eq!(flow["l4"]["TCP"]["destination_port"], 80, "{record}");
+}
+
+#[test]
+fn host_processes_reach_a_udp_vip_and_the_reply_comes_from_the_vip() {
+    let sandbox = Sandbox::up(&host_spec(""));
+    let agent = Agent::start(&sandbox);
+    // Unconnected sockets: sendmsg4 translates each datagram, recvmsg4 the reply's source.
+    let replies = host_udp(&sandbox, "10.96.0.13", 53, 30);
+    assert_eq!(replies.len(), 30, "{replies:?}");
+    // One reverse entry per socket and backend, shown in the map fill levels.
+    let status = agent.status();
+    assert!(
+        status.map_entries("dp_sock_rev_nat_v1") >= 30,
+        "{:?}",
+        status.maps
+    );
+    assert!(
+        replies.iter().all(|(peer, _)| peer == "10.96.0.13:53"),
+        "every reply from the VIP: {replies:?}"
+    );
+    let per_backend = replies.iter().fold(BTreeMap::new(), |mut m, (_, n)| {
+        *m.entry(n.as_str()).or_insert(0) += 1;
+        m
+    });
+    eprintln!("30 host UDP sockets to the VIP, per backend: {per_backend:?}");
+    let names: std::collections::BTreeSet<&str> = replies.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(
+        names.into_iter().collect::<Vec<_>>(),
+        ["web1", "web2", "web3"],
+        "{replies:?}"
+    );
+    // getpeername() of a translated socket says the VIP (getpeername4).
+    let peer = sandbox.exec_ok(
+        "host",
+        &[
+            "/usr/bin/python3",
+            "-c",
+            "import socket; s = socket.create_connection(('10.96.0.10', 80), 5); \
+             print('%s:%d' % s.getpeername())",
+        ],
+    );
+    assert_eq!(peer.trim(), "10.96.0.10:80");
+    // A connected UDP socket (nc -u connects): connect4 translates it.
+    let reply = sandbox.exec_ok("host", &["sh", "-c", "echo hi | nc -u -w1 10.96.0.13 53"]);
+    assert!(reply.starts_with("web"), "{reply:?}");
+}
+
+#[test]
+fn a_vip_without_backends_refuses_host_processes_at_once_and_counts_it() {
+    let sandbox = Sandbox::up(&host_spec(""));
+    let agent = Agent::start(&sandbox);
+    let started = Instant::now();
+    let out = sandbox.exec(
+        "host",
+        &["curl", "-sS", "--max-time", "10", "http://10.96.0.12/"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "curl: could not connect: {out:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused at once, not after retries"
+    );
+    // The errno is ECONNREFUSED, as a container's client gets from the packet path's reset.
+    let out = sandbox.exec(
+        "host",
+        &[
+            "/usr/bin/python3",
+            "-c",
+            "import socket; socket.create_connection(('10.96.0.12', 80), 5)",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ConnectionRefusedError"), "{stderr}");
+    agent.wait_for("a counted drop", |s| {
+        s.drops("SERVICE_BACKEND_NOT_FOUND") >= 1
+    });
+    let record = agent.wait_for_record("the drop's record", |r| r["flow"]["verdict"] == "DROPPED");
+    let flow = &record["flow"];
+    assert_eq!(flow["drop_reason"], 158, "{record}");
+    assert_eq!(flow["destination_service"]["name"], "empty", "{record}");
+    assert_eq!(flow["IP"]["destination"], "10.96.0.12", "{record}");
+    assert_eq!(flow["source"]["labels"][0], "reserved:host", "{record}");
+}
+
+#[test]
+fn policy_judges_host_connections_to_a_vip_by_their_backend() {
+    // Written against the service's backends (their labels), as for containers' connections:
+    // the host is denied, over TCP and UDP alike.
+    let policy = "policies:\n  - {name: no-web, action: deny, to: {labels: {app: web}}}\n";
+    let sandbox = Sandbox::up(&host_spec(policy));
+    let agent = Agent::start(&sandbox);
+    let out = sandbox.exec(
+        "host",
+        &["curl", "-sS", "--max-time", "10", "http://10.96.0.10/"],
+    );
+    assert!(!out.status.success(), "{out:?}");
+    let udp = sandbox.exec(
+        "host",
+        &[
+            "/usr/bin/python3",
+            "-c",
+            UDP_CLIENT,
+            "10.96.0.13",
+            "53",
+            "1",
+        ],
+    );
+    assert!(!udp.status.success(), "{udp:?}");
+    assert!(
+        String::from_utf8_lossy(&udp.stderr).contains("PermissionError"),
+        "{udp:?}"
+    );
+    agent.wait_for("policy drops counted", |s| s.drops("POLICY_DENY") >= 2);
+    // Lifting the rule lets the host in again.
+    sandbox.write_state(&host_spec(""));
+    agent.wait_for("rule gone", |s| {
+        s.drops("POLICY_DENY") >= 2 && s.last_error.is_none()
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while host_curl_once(&sandbox).is_none() {
+        assert!(Instant::now() < deadline, "the host never got back in");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn host_curl_once(sandbox: &Sandbox) -> Option<String> {
+    let out = sandbox.exec(
+        "host",
+        &["curl", "-sS", "--max-time", "5", "http://10.96.0.10/"],
+    );
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -82,10 +82,10 @@ pub struct AgentArgs {
     /// address (a range of 100 ports is 100). Takes effect when the map is created.
     #[arg(long, default_value_t = dataplane_common::capacity::PORTS)]
     max_ports: u32,
-    /// cgroup (v2) whose processes reach published ports on the host's addresses and on
-    /// localhost through socket-level translation (default: the cgroup2 root, i.e. every
-    /// process; only connections made in the agent's network namespace are translated).
-    /// `none` turns it off.
+    /// cgroup (v2) whose processes reach service VIPs and published ports (on the host's
+    /// addresses and on localhost) through socket-level translation: connect4, sendmsg4,
+    /// recvmsg4 and getpeername4 hooks (default: the cgroup2 root, i.e. every process; only
+    /// sockets of the agent's network namespace are translated). `none` turns it off.
     #[arg(long)]
     cgroup: Option<String>,
     /// When to attach the XDP program to the uplink.
@@ -253,7 +253,10 @@ async fn start(args: AgentArgs) -> anyhow::Result<(Agent, Sources, tokio::net::U
         None => {
             let root = netdev::cgroup2_root();
             if root.is_none() {
-                log::warn!("no cgroup2 mounted: host processes cannot reach published ports");
+                log::warn!(
+                    "no cgroup2 mounted: host processes cannot reach service VIPs and \
+                     published ports"
+                );
             }
             root
         }

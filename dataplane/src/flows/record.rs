@@ -674,6 +674,15 @@ fn protocol_summary(proto: u8, flags: u8, icmp: Icmp) -> String {
     }
 }
 
+/// Whether `hook` is one of the cgroup socket hooks (their events come from a system call,
+/// not from a packet).
+fn is_socket_hook(hook: u32) -> bool {
+    matches!(
+        hook,
+        dataplane_common::hook::SOCK_CONNECT4 | dataplane_common::hook::SOCK_SENDMSG4
+    )
+}
+
 /// Builds the record of `event`.
 pub fn build(event: &Event, cx: &Context<'_>) -> Record {
     let tuple = event.tuple;
@@ -685,7 +694,13 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
         Some(nat) if nat.destination => (nat.addr, nat.port),
         _ => (tuple.daddr, tuple.dport),
     };
-    let source = cx.identities.endpoint(tuple.saddr);
+    // A host process's socket not bound yet has no source address when the socket hooks
+    // translate it (the kernel picks it afterwards): the host all the same.
+    let source = if tuple.saddr.is_unspecified() && is_socket_hook(event.hook) {
+        Endpoint::reserved(IDENTITY_HOST, LABEL_HOST)
+    } else {
+        cx.identities.endpoint(tuple.saddr)
+    };
     let destination = cx.identities.endpoint(daddr);
     let translated_to_service = matches!(
         event.nat.map(|n| n.kind),
@@ -1334,6 +1349,31 @@ ports:
         // A published port leading to a container names no service.
         raw.tuple.dport = 8080u16.to_be();
         assert_eq!(record_of(&raw).flow.destination_service, None);
+    }
+
+    #[test]
+    fn a_host_socket_translated_before_it_had_a_source_is_the_host() {
+        // What the connect4 hook reports for an unbound socket: no source address or port.
+        let mut raw = raw_event(
+            flow_kind::NEW,
+            IPPROTO_TCP,
+            ("0.0.0.0", 0),
+            ("10.96.0.10", 80),
+        );
+        raw.origin = ct_origin::SERVICE;
+        raw.rewrite = ct_rewrite::DST;
+        raw.nat_addr = ip("172.30.1.2");
+        raw.nat_port = 80u16.to_be();
+        raw.hook = dataplane_common::hook::SOCK_CONNECT4 as u8;
+        let mut record = record_of(&raw);
+        strict(&record.hubble_json());
+        let flow = record.flow;
+        assert_eq!(flow.source().labels, vec![LABEL_HOST]);
+        assert_eq!(flow.destination().pod_name, "web1");
+        assert_eq!(flow.destination_service.unwrap().name, "web");
+        // The same tuple from a packet hook is nobody's (a packet without a source).
+        raw.hook = dataplane_common::hook::CONTAINER_INGRESS as u8;
+        assert_eq!(record_of(&raw).flow.source().labels, vec![LABEL_WORLD]);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use aya::{
 };
 use dataplane_common::{
     Backend, BackendKey, CtEntry, CtKey, DropAggKey, DropAggValue, EndpointInfo, PortKey,
-    PortTarget, ServiceInfo, ServiceKey, map_names,
+    PortTarget, ServiceInfo, ServiceKey, SockRevNat, SockRevNatKey, map_names,
 };
 
 use super::DatapathError;
@@ -87,6 +87,12 @@ hash_map!(
     /// Drop events the kernel aggregated per (source, reason, hook) and has not reported yet
     /// (an LRU map): the collector reports what is left pending and removes the key.
     DropAggregates, map_names::DROP_AGGREGATES, DropAggKey => DropAggValue
+);
+
+hash_map!(
+    /// Socket-level translations of host processes (an LRU map the socket hooks write and
+    /// read; the agent only counts it).
+    SockRevNats, map_names::SOCK_REV_NAT, SockRevNatKey => SockRevNat
 );
 
 /// The agent's writable handle on a map the kernel programs fill: its own file descriptor,

@@ -32,7 +32,7 @@ pub mod sockets;
 
 use maps::{
     Backends, Conntrack, ConntrackNew, Endpoints, HashMapSpec, LocalAddrs, Ports, Reconciled,
-    Services,
+    Services, SockRevNats,
 };
 #[cfg(test)]
 mod tests;
@@ -111,6 +111,10 @@ pub enum Hook {
     UplinkXdp,
     /// cgroup connect4 on the cgroup of the host's processes (target: the cgroup's path).
     SockConnect4,
+    /// cgroup sendmsg4, recvmsg4 and getpeername4 on the same cgroup.
+    SockSendmsg4,
+    SockRecvmsg4,
+    SockGetpeername4,
 }
 
 impl Hook {
@@ -121,6 +125,9 @@ impl Hook {
             Hook::UplinkEgress => program_names::UPLINK_EGRESS,
             Hook::UplinkXdp => program_names::UPLINK_XDP,
             Hook::SockConnect4 => program_names::SOCK_CONNECT4,
+            Hook::SockSendmsg4 => program_names::SOCK_SENDMSG4,
+            Hook::SockRecvmsg4 => program_names::SOCK_RECVMSG4,
+            Hook::SockGetpeername4 => program_names::SOCK_GETPEERNAME4,
         }
     }
 
@@ -132,12 +139,24 @@ impl Hook {
             Hook::UplinkEgress => hook::UPLINK_EGRESS,
             Hook::UplinkXdp => hook::UPLINK_XDP,
             Hook::SockConnect4 => hook::SOCK_CONNECT4,
+            Hook::SockSendmsg4 => hook::SOCK_SENDMSG4,
+            Hook::SockRecvmsg4 => hook::SOCK_RECVMSG4,
+            Hook::SockGetpeername4 => hook::SOCK_GETPEERNAME4,
         }
     }
 
+    /// The socket-level hooks, attached together to one cgroup: connect4 and sendmsg4
+    /// translate, recvmsg4 and getpeername4 translate back.
+    pub const CGROUP: [Hook; 4] = [
+        Hook::SockConnect4,
+        Hook::SockSendmsg4,
+        Hook::SockRecvmsg4,
+        Hook::SockGetpeername4,
+    ];
+
     /// Whether the hook attaches to a cgroup rather than to an interface.
     pub fn is_cgroup(self) -> bool {
-        self == Hook::SockConnect4
+        Hook::CGROUP.contains(&self)
     }
 }
 
@@ -331,8 +350,13 @@ fn check_layouts(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
     use aya::maps::Map;
     use dataplane_common::{Backend, BackendKey, ServiceInfo, ServiceKey};
     use dataplane_common::{CtEntry, CtKey, EndpointInfo, PortKey, PortTarget};
-    use dataplane_common::{FragEntry, FragKey};
-    let expected: [(&'static str, usize, usize); 14] = [
+    use dataplane_common::{FragEntry, FragKey, SockRevNat, SockRevNatKey};
+    let expected: [(&'static str, usize, usize); 15] = [
+        (
+            map_names::SOCK_REV_NAT,
+            size_of::<SockRevNatKey>(),
+            size_of::<SockRevNat>(),
+        ),
         (
             map_names::POLICY_RULES,
             size_of::<u32>(),
@@ -475,11 +499,13 @@ impl Datapath {
             program: Hook::UplinkXdp.program(),
             source,
         })?;
-        let connect4: &mut CgroupSockAddr = program_mut(&mut ebpf, Hook::SockConnect4.program())?;
-        connect4.load().map_err(|source| DatapathError::Program {
-            program: Hook::SockConnect4.program(),
-            source,
-        })?;
+        for hook in Hook::CGROUP {
+            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, hook.program())?;
+            program.load().map_err(|source| DatapathError::Program {
+                program: hook.program(),
+                source,
+            })?;
+        }
         let conntrack = conntrack::KernelFilledMaps::open(pin_dir)?;
         let mut datapath = Datapath {
             maglev,
@@ -505,12 +531,11 @@ impl Datapath {
             .join(format!("{target}@{}", hook.program()))
     }
 
-    /// Attaches the connect4 program to the cgroup at `cgroup`. A link pinned by an earlier
-    /// agent keeps running the old program until the new one is attached beside it
-    /// (cgroup links cannot be updated in place); then the old pin goes, and the old link
-    /// with it.
-    fn attach_cgroup(&mut self, cgroup: &str) -> Result<(), DatapathError> {
-        let hook = Hook::SockConnect4;
+    /// Attaches the program of the socket hook `hook` to the cgroup at `cgroup`. A link
+    /// pinned by an earlier agent keeps running the old program until the new one is attached
+    /// beside it (cgroup links cannot be updated in place); then the old pin goes, and the old
+    /// link with it.
+    fn attach_cgroup(&mut self, cgroup: &str, hook: Hook) -> Result<(), DatapathError> {
         let key = (cgroup.to_owned(), hook);
         if self.links.contains_key(&key) {
             return Ok(());
@@ -567,7 +592,7 @@ impl Datapath {
     /// (same name, new index) is redone.
     pub fn attach(&mut self, interface: &str, hook: Hook) -> Result<(), DatapathError> {
         if hook.is_cgroup() {
-            return self.attach_cgroup(interface);
+            return self.attach_cgroup(interface, hook);
         }
         let attach_err = |source| DatapathError::Attach {
             program: hook.program(),
@@ -612,7 +637,10 @@ impl Datapath {
                 let link = program.take_link(id).map_err(attach_err)?;
                 FdLink::try_from(link).map_err(|e| self.pin_err(interface, hook, &pin, e))?
             }
-            Hook::SockConnect4 => unreachable!("cgroup hooks attach in attach_cgroup"),
+            Hook::SockConnect4
+            | Hook::SockSendmsg4
+            | Hook::SockRecvmsg4
+            | Hook::SockGetpeername4 => unreachable!("cgroup hooks attach in attach_cgroup"),
             Hook::ContainerIngress | Hook::UplinkIngress | Hook::UplinkEgress => {
                 let direction = if hook == Hook::UplinkEgress {
                     TcAttachType::Egress
@@ -664,7 +692,10 @@ impl Datapath {
                 let id = program.attach_to_link(XdpLink::try_from(old)?)?;
                 FdLink::try_from(program.take_link(id)?)?
             }
-            Hook::SockConnect4 => anyhow::bail!("cgroup links are replaced, not adopted"),
+            Hook::SockConnect4
+            | Hook::SockSendmsg4
+            | Hook::SockRecvmsg4
+            | Hook::SockGetpeername4 => anyhow::bail!("cgroup links are replaced, not adopted"),
             Hook::ContainerIngress | Hook::UplinkIngress | Hook::UplinkEgress => {
                 let program: &mut SchedClassifier = program_mut(&mut self.ebpf, hook.program())?;
                 let id = program.attach_to_link(SchedClassifierLink::try_from(old)?)?;
@@ -726,7 +757,7 @@ impl Datapath {
             let Some((interface, program)) = name.rsplit_once('@') else {
                 continue;
             };
-            let cgroup = program == Hook::SockConnect4.program();
+            let cgroup = Hook::CGROUP.iter().any(|h| h.program() == program);
             if !cgroup
                 && netdev::ifindex(interface).is_none()
                 && std::fs::remove_file(&path).is_ok()
@@ -1019,6 +1050,11 @@ impl Datapath {
                 name: map_names::LOCAL_ADDRS,
                 entries: self.count::<LocalAddrs>()?,
                 capacity: capacity::LOCAL_ADDRS,
+            },
+            MapFill {
+                name: map_names::SOCK_REV_NAT,
+                entries: self.count::<SockRevNats>()?,
+                capacity: self.capacity::<SockRevNats>()?,
             },
             MapFill {
                 name: map_names::IFACE_STATS,

@@ -345,9 +345,9 @@ pub fn desired(
             .insert((uplink.to_owned(), Hook::UplinkXdp));
     }
     if let Some(cgroup) = &host.cgroup {
-        desired
-            .attachments
-            .insert((cgroup.clone(), Hook::SockConnect4));
+        for hook in Hook::CGROUP {
+            desired.attachments.insert((cgroup.clone(), hook));
+        }
     }
     add_endpoints(&mut desired, model, &policy, kernel)?;
     for service in &model.services {

@@ -195,6 +195,52 @@ impl Agent {
         }
     }
 
+    /// For tests: `dataplane observe -o json-extended ARGS` against this agent, one JSON
+    /// value per record (panics if it fails).
+    pub fn observe(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let out = Command::new(&self.binary)
+            .args(["observe", "-o", "json-extended", "--socket"])
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("running dataplane observe");
+        assert!(
+            out.status.success(),
+            "observe {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    /// For tests: waits (15 s) until the records of `observe --last 1000` hold one that
+    /// `wanted` accepts; returns it.
+    pub fn wait_for_record(
+        &self,
+        what: &str,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let records = self.observe(&["--last", "1000"]);
+            if let Some(found) = records.iter().find(|r| wanted(r)) {
+                return found.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; records:\n{}",
+                records
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -492,6 +492,20 @@ impl Dockerd {
             .expect("running a command in the outside namespace")
     }
 
+    /// Runs `cmd` as a process of the host: in dockerd's namespace, in `cgroup`.
+    pub fn host(&self, cgroup: &crate::cgroup::TestCgroup, cmd: &[&str]) -> Output {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", netns_path(&self.name)))
+            .arg("--")
+            .args(cmd);
+        cgroup.enter(&mut command);
+        command
+            .stdin(Stdio::null())
+            .output()
+            .expect("running a host command in dockerd's namespace")
+    }
+
     /// Starts `cmd` in the outside client's namespace without waiting for it.
     pub fn spawn_outside(&self, cmd: &[&str]) -> Process {
         Process::spawn(&cmd.join(" "), &mut self.in_outside(cmd), Stdout::Piped)
@@ -502,7 +516,11 @@ impl Dockerd {
     /// of its own; `extra` goes after the other arguments.
     pub fn agent(&self, extra: &[&str]) -> Agent {
         let socket = self.engine.socket.display().to_string();
-        let mut args = vec!["--docker", &socket, "--uplink", "eth0", "--cgroup", "none"];
+        let mut args = vec!["--docker", &socket, "--uplink", "eth0"];
+        // The socket hooks go nowhere unless the test gives a cgroup of its own.
+        if !extra.contains(&"--cgroup") {
+            args.extend(["--cgroup", "none"]);
+        }
         args.extend_from_slice(extra);
         Agent::launch(
             &crate::dataplane_bin(),

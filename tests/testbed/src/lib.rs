@@ -16,6 +16,7 @@
 //! `wait_for`) say so.
 
 pub mod agent;
+pub mod cgroup;
 pub mod dockerd;
 pub mod interrupt;
 pub mod netns;
