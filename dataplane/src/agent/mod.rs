@@ -2,7 +2,7 @@
 //! the desired state its sources hand it (the state file, Docker), and answers local clients.
 //! The main loop never reads or parses a file: sources do that on threads of their own.
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
 mod status;
 
@@ -391,7 +391,14 @@ impl Agent {
             self.flows.set_model(model);
         }
         self.collector.forget_translated_to(&applied.departed);
-        match sockets::reset_placeholder_connections(&applied.published_tcp) {
+        // Only dockerd holds published ports with a socket of its own; a state file's ports
+        // have no placeholder to reset.
+        let placeholders = if self.args.docker.docker.is_some() {
+            &applied.published_tcp
+        } else {
+            &BTreeSet::new()
+        };
+        match sockets::reset_placeholder_connections(placeholders) {
             Ok(0) => {}
             Ok(n) => log::info!(
                 "reset {n} connection(s) that reached the host on newly published ports \
