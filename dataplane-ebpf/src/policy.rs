@@ -177,6 +177,11 @@ fn isolation(from: &Who, to: &Who, via: Via, proto: u8) -> bool {
             || LOCAL_ADDRS.get_ptr(&to.addr).is_some();
     }
     if to.container {
+        if via == Via::Direct {
+            // The host's own processes (only the socket hooks judge those): the host is on
+            // every bridge, internal ones too, as with Docker.
+            return true;
+        }
         if to.net_flags & net_flags::INTERNAL != 0 {
             return false;
         }
