@@ -284,6 +284,10 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
             },
             hook: hook.hook(),
             ifindex: 0,
+            hairpin_port: 0,
+            // Socket hooks see TCP and UDP only.
+            icmp_type: 0,
+            icmp_code: 0,
         });
     }
     PROCEED
@@ -339,6 +343,8 @@ fn refused(tuple: &CtKey, reason: DropReason, hook: Forward) {
         reason,
         hook: hook.hook(),
         ifindex: 0,
+        icmp_type: 0,
+        icmp_code: 0,
     });
 }
 
