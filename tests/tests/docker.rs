@@ -634,6 +634,7 @@ fn a_routed_network_is_reached_directly() {
         cli_ip,
         "routed: no masquerade"
     );
+}
 
 /// The address of container `name` on `network`.
 fn address_on(dockerd: &Dockerd, name: &str, network: &str) -> String {

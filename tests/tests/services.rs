@@ -255,6 +255,7 @@ fn a_backend_calling_its_own_vip_is_answered_every_time() {
     }
     let status = agent.status();
     assert_eq!(status.drops("NO_MAPPING_FOR_NAT_MASQUERADE"), 0);
+}
 
 // Host processes (in the sandbox host's cgroup, where the agent's socket hooks are) reach the
 // VIPs too: translated at connect() and sendmsg(), balanced with the same Maglev tables.
