@@ -10,6 +10,7 @@
 //! for iptables rule sets, the agent's status and its CPU time.
 
 mod docker;
+pub mod drop_gen;
 mod flow_logging;
 mod localhost;
 mod masquerade;
