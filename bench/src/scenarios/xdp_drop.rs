@@ -29,7 +29,9 @@
 //! CPU at about a fifth of a core, well under what the slowest path sustains on one CPU
 //! (about 350,000 a second with the XDP path and events on; 120,000 with the machine's other
 //! CPU-bound work beside it), so that every path drops every packet and the shared CPU can
-//! keep the rate when other builds run.
+//! keep the rate when other builds run. When the generator's CPU is saturated anyway (a
+//! busy loop pinned beside it), it falls behind (25,000-32,000 a second) and says so; the
+//! costs per packet stayed within a few percent of the unloaded runs.
 
 use std::time::Duration;
 
@@ -361,6 +363,7 @@ fn drop_cost(
     let (dst_mac, src_mac) = (mac(bed, "host")?, mac(bed, "outside")?);
     let agent = bed.agent_pid();
     let drops0 = dropped(bed)?;
+    // After the status read above, so that the agent's answering it is not counted.
     let agent0 = agent.map(process_cpu_ns).transpose()?;
     // Our own binary through /proc: it still runs when a build beside the bench replaced
     // target/release/dataplane-bench.
@@ -399,21 +402,23 @@ fn drop_cost(
     if !out.status.success() {
         bail!("the generator failed: {}", out.complaint());
     }
+    // The agent's time first: reading its drop counter makes it work too.
+    let agent1 = agent.map(process_cpu_ns).transpose()?;
     let m = Measured::parse(&out.stdout).context("the generator's report")?;
     let drops = dropped(bed)?.saturating_sub(drops0);
-    let agent_ns = match (agent, agent0) {
-        (Some(pid), Some(before)) => ns_per_drop(before, process_cpu_ns(pid)?, drops),
+    let agent_ns = match (agent0, agent1) {
+        (Some(before), Some(after)) => ns_per_drop(before, after, drops),
         _ => None,
     };
     check_all_dropped(drops, &m)?;
-    if m.rate_pps < 0.5 * f64::from(RATE) {
-        bail!(
-            "the generator kept only {:.0} of {RATE} packets/s (the machine is too busy)",
-            m.rate_pps
-        );
-    }
     // Receive work that left the generator's context would be missing from its numbers.
     let mut notes = vec![format!("ksoftirqd {:.1} ns/packet", m.ksoftirqd_ns)];
+    // A generator that shares its CPU with other work falls behind the rate (its blocks then
+    // follow each other without a pause); the cost per packet hardly changes, so the run
+    // counts, and the offered rate shows in its row.
+    if m.rate_pps < 0.95 * f64::from(RATE) {
+        notes.push(format!("generator behind: {:.0} packets/s", m.rate_pps));
+    }
     if m.errors > 0 {
         notes.push(format!("{} sends failed", m.errors));
     }
