@@ -17,9 +17,9 @@
 //! Why not trafgen: its `--rate` sends each second's quota at once and sleeps the rest of the
 //! second, and one trafgen process sends to one device, so the reference and the path can
 //! only be compared between whole runs of separate processes. Measured here, such runs of the
-//! same trafgen into the same sink differed by ±10% (3.0-3.4 µs a packet), as much as the
-//! drop costs; blocks a few milliseconds apart in one thread, compared pair by pair, cancel
-//! what the machine's other work does to the generator.
+//! same trafgen into the same reference veth differed by ±10% (3.0-3.4 µs a packet), as much
+//! as the drop costs; blocks a few milliseconds apart in one thread, compared pair by pair,
+//! cancel what the machine's other work does to the generator.
 
 use std::{
     ffi::CString,
