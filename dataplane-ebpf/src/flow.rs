@@ -203,9 +203,10 @@ pub fn dropped(d: &Dropped) {
     };
     let (now, packets, bytes) = match DROP_AGGREGATES.get_ptr_mut(&key) {
         Some(agg) => {
-            // SAFETY: a map value from this program run's lookup. Plain adds (the BPF target
-            // has no atomic read-modify-write in Rust's core): CPUs dropping for the same key
-            // at once may lose an increment, in the records only; the counters are exact.
+            // SAFETY: a map value from this program run's lookup, and clock helpers without
+            // arguments. Plain adds (the BPF target has no atomic read-modify-write in Rust's
+            // core): CPUs dropping for the same key at once may lose an increment, in the
+            // records only; the counters are exact.
             unsafe {
                 // Almost every drop of a flood lands within its key's interval: the coarse
                 // clock (the last tick's time, no clock source read) is enough to tell, and
