@@ -1,7 +1,10 @@
 //! `dataplane-bench`: what `cargo xtask bench` runs once it has set up and built (see
 //! bench/README.md). Needs root.
 
-use std::{net::SocketAddrV4, path::PathBuf};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+};
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +37,32 @@ enum Command {
     /// The latency probe, run by the bench in a client's namespace (scenarios/probe.rs).
     #[command(hide = true)]
     Probe { addr: SocketAddrV4, secs: u32 },
+    /// The paced generator of the xdp-drop scenario, run by the bench in the outside
+    /// namespace (scenarios/drop_gen.rs).
+    #[command(hide = true)]
+    DropGen {
+        /// Towards the path under test.
+        #[arg(long)]
+        dev: String,
+        /// A device that frees what it is given (the reference).
+        #[arg(long)]
+        sink: String,
+        #[arg(long)]
+        dst_mac: String,
+        #[arg(long)]
+        src_mac: String,
+        #[arg(long)]
+        saddr: Ipv4Addr,
+        #[arg(long)]
+        daddr: Ipv4Addr,
+        /// Packets per second to the path (as many again to the sink).
+        #[arg(long)]
+        rate: u32,
+        #[arg(long)]
+        secs: u32,
+        #[arg(long, default_value_t = 0)]
+        cpu: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +73,29 @@ fn main() -> anyhow::Result<()> {
             scenarios,
         } => dataplane_bench::run::run(&dataplane, quick, &scenarios),
         Command::Probe { addr, secs } => dataplane_bench::scenarios::probe::main(addr, secs),
+        Command::DropGen {
+            dev,
+            sink,
+            dst_mac,
+            src_mac,
+            saddr,
+            daddr,
+            rate,
+            secs,
+            cpu,
+        } => {
+            use dataplane_bench::scenarios::drop_gen::{Plan, main, parse_mac};
+            main(&Plan {
+                dev,
+                sink,
+                dst_mac: parse_mac(&dst_mac)?,
+                src_mac: parse_mac(&src_mac)?,
+                saddr,
+                daddr,
+                rate,
+                secs,
+                cpu,
+            })
+        }
     }
 }

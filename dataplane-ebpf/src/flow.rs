@@ -9,7 +9,10 @@
 //! second per CPU (a spoofed flood has a new source in every packet). The per-reason counters
 //! (`stats::count_drop`) count every drop regardless.
 
-use aya_ebpf::{Global, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{
+    Global,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+};
 use dataplane_common::{
     CtEntry, CtKey, DropAggKey, DropAggValue, DropReason, FlowEvent, drop_events, flow_kind,
     tcp_flag,
@@ -243,15 +246,20 @@ pub fn dropped(d: &Dropped) {
         hook: d.hook as u8,
         _pad: 0,
     };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let (packets, bytes) = match DROP_AGGREGATES.get_ptr_mut(&key) {
+    let (now, packets, bytes) = match DROP_AGGREGATES.get_ptr_mut(&key) {
         Some(agg) => {
-            // SAFETY: a map value from this program run's lookup. Plain adds (the BPF target
-            // has no atomic read-modify-write in Rust's core): CPUs dropping for the same key
-            // at once may lose an increment, in the records only; the counters are exact.
+            // SAFETY: a map value from this program run's lookup, and clock helpers without
+            // arguments. Plain adds (the BPF target has no atomic read-modify-write in Rust's
+            // core): CPUs dropping for the same key at once may lose an increment, in the
+            // records only; the counters are exact.
             unsafe {
-                let recent = now.saturating_sub((*agg).last_event_ns) < drop_events::INTERVAL_NS;
+                // Almost every drop of a flood lands within its key's interval: the coarse
+                // clock (the last tick's time, no clock source read) is enough to tell, and
+                // costs a fraction of the precise one. It lags by at most a tick, so an event
+                // may come that much later than the interval.
+                let coarse = bpf_ktime_get_coarse_ns();
+                let recent = coarse.saturating_sub((*agg).last_event_ns) < drop_events::INTERVAL_NS;
+                let now = if recent { 0 } else { bpf_ktime_get_ns() };
                 if recent || !take_token(now) {
                     (*agg).pending += 1;
                     (*agg).pending_bytes += u64::from(d.len);
@@ -268,10 +276,12 @@ pub fn dropped(d: &Dropped) {
                 (*agg).pending = 0;
                 (*agg).pending_bytes = 0;
                 (*agg).last_event_ns = now;
-                (pending + 1, pending_bytes + u64::from(d.len))
+                (now, pending + 1, pending_bytes + u64::from(d.len))
             }
         }
         None => {
+            // SAFETY: a helper without arguments.
+            let now = unsafe { bpf_ktime_get_ns() };
             let sent = take_token(now);
             let first = DropAggValue {
                 pending: u64::from(!sent),
@@ -293,7 +303,7 @@ pub fn dropped(d: &Dropped) {
             if !sent {
                 return;
             }
-            (1, u64::from(d.len))
+            (now, 1, u64::from(d.len))
         }
     };
     send(|e| {

@@ -90,8 +90,8 @@ pub fn dp_uplink_xdp(ctx: XdpContext) -> u32 {
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let len = (ctx.data_end() - ctx.data()) as u32;
     stats::count_packet(ifindex, hook::UPLINK_XDP, len);
-    match early::denied_source(&ctx) {
-        Some(denied) => {
+    match early::at_xdp(&ctx) {
+        early::Early::Denied(denied) => {
             stats::count_drop(DropReason::PolicyDeny);
             flow::dropped(&flow::Dropped {
                 tuple: denied.tuple,
@@ -105,7 +105,7 @@ pub fn dp_uplink_xdp(ctx: XdpContext) -> u32 {
             });
             xdp_action::XDP_DROP
         }
-        None => xdp_action::XDP_PASS,
+        early::Early::Allowed | early::Early::Unread => xdp_action::XDP_PASS,
     }
 }
 

@@ -256,6 +256,24 @@ fn packet_seen(site: Site, len: u32, l4: Option<&L4>) -> conntrack::Seen {
 #[inline(always)]
 fn decide(ctx: &TcContext, site: Site, arrived: &mut Arrived) -> Verdict {
     let hook = site.hook;
+    // The deny list first, on the frame's bytes as they are: a flood from a denied source
+    // costs no more than this (and the counters).
+    let deny_at_tc = hook == Hook::UplinkIngress && deny_list_at_tc();
+    let mut deny_checked = false;
+    if deny_at_tc {
+        match early::at_tc(ctx) {
+            early::Early::Denied(denied) => {
+                arrived.drop.tuple = denied.tuple;
+                arrived.drop.tcp_flags = denied.tcp_flags;
+                arrived.drop.icmp_type = denied.icmp_type;
+                arrived.drop.icmp_code = denied.icmp_code;
+                // The deny list is user rules, as at XDP.
+                return Verdict::Drop(DropReason::PolicyDeny);
+            }
+            early::Early::Allowed => deny_checked = true,
+            early::Early::Unread => {}
+        }
+    }
     let mut ip = match parse_tc(ctx) {
         Frame::Ipv4(ip) => ip,
         Frame::Other => return Verdict::Pass,
@@ -275,9 +293,9 @@ fn decide(ctx: &TcContext, site: Site, arrived: &mut Arrived) -> Verdict {
         // For the record of a drop, whatever the ICMP message is (echo, error, other).
         (arrived.drop.icmp_type, arrived.drop.icmp_code) = salvage_icmp(ctx, ip.l4_offset);
     }
-    if hook == Hook::UplinkIngress && deny_list_at_tc() && early::denied_source_tc(ip.saddr) {
+    // A header the early check could not read in the linear bytes: the list, once parsed.
+    if deny_at_tc && !deny_checked && early::denied_source_tc(ip.saddr) {
         salvage_ports(ctx, &ip, arrived);
-        // The deny list is user rules, as at XDP.
         return Verdict::Drop(DropReason::PolicyDeny);
     }
     arrived.ip_id = ip.id;

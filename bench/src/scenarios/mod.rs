@@ -12,6 +12,7 @@
 
 mod docker;
 mod docker_start;
+pub mod drop_gen;
 mod flow_logging;
 mod localhost;
 mod masquerade;

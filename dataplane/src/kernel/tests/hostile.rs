@@ -380,3 +380,119 @@ fn without_xdp_the_deny_list_drops_at_tc_and_drop_events_are_aggregated() {
         "the record says what was dropped"
     );
 }
+
+/// The deny list's early check at tc reads the frame's bytes directly: what a dropped
+/// packet's record says must still be right (ports behind IPv4 options, TCP flags, no ports
+/// for a later fragment), and what it cannot judge goes on to the full parse.
+#[test]
+fn the_early_deny_check_at_tc_records_what_was_dropped() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    host(dp);
+    dp.set_deny_source(
+        dataplane_common::PrefixKey {
+            prefix_len: 24,
+            addr: super::translation::be([203, 0, 113, 0]),
+        },
+        true,
+    )
+    .unwrap();
+    let mut config = dp.config().unwrap();
+    config.deny_at_tc = 1;
+    dp.set_config(config).unwrap();
+    // A source of its own per case, so that each finds its own aggregate.
+    let source = |n: u8| [203, 0, 113, n];
+    let with_options = {
+        let mut ip = Ipv4Spec::new(source(1), HOST, 6);
+        ip.options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL: the ports start 4 bytes later
+        ipv4_frame(&ip, &tcp(4001, 8080, TCP_SYN | TCP_ACK, b""))
+    };
+    let udp_frame = |n| {
+        ipv4_frame(
+            &Ipv4Spec::new(source(n), HOST, 17),
+            &udp(5353, 53, &[0; 64]),
+        )
+    };
+    let (_, later) = fragments(&udp_frame(3), 32);
+    let not_ipv4 = {
+        // Version 6 in an IPv4 frame: the full parse calls it malformed.
+        let mut f = ipv4_frame(&Ipv4Spec::new(source(4), HOST, 17), &udp(5353, 53, b""));
+        f[14] = 0x65;
+        f
+    };
+    struct Case {
+        what: &'static str,
+        source: [u8; 4],
+        frame: Vec<u8>,
+        reason: DropReason,
+        /// (source port, destination port, TCP flags) in the record.
+        record: Option<(u16, u16, u8)>,
+    }
+    let cases = [
+        Case {
+            what: "TCP behind IPv4 options",
+            source: source(1),
+            frame: with_options,
+            reason: DropReason::PolicyDeny,
+            record: Some((4001, 8080, TCP_SYN | TCP_ACK)),
+        },
+        Case {
+            what: "UDP",
+            source: source(2),
+            frame: udp_frame(2),
+            reason: DropReason::PolicyDeny,
+            record: Some((5353, 53, 0)),
+        },
+        Case {
+            what: "a later fragment (no ports of its own)",
+            source: source(3),
+            frame: later,
+            reason: DropReason::PolicyDeny,
+            record: Some((0, 0, 0)),
+        },
+        Case {
+            what: "a header that is not IPv4's",
+            source: source(4),
+            frame: not_ipv4,
+            reason: DropReason::Malformed,
+            record: None,
+        },
+    ];
+    for case in cases {
+        let before = drops(dp, case.reason);
+        assert_eq!(
+            run_tc(dp, Hook::UplinkIngress, &case.frame).0,
+            TC_SHOT,
+            "{}",
+            case.what
+        );
+        assert_eq!(drops(dp, case.reason), before + 1, "{}", case.what);
+        let Some((sport, dport, flags)) = case.record else {
+            continue;
+        };
+        let saddr = super::translation::be(case.source);
+        let aggregates = dp.entries::<crate::kernel::maps::DropAggregates>().unwrap();
+        let (key, value) = aggregates
+            .into_iter()
+            .find(|(k, _)| k.saddr == saddr)
+            .expect(case.what);
+        assert_eq!(key.reason, DropReason::PolicyDeny as u8, "{}", case.what);
+        assert_eq!(value.tuple.saddr, saddr, "{}", case.what);
+        assert_eq!(
+            value.tuple.daddr,
+            super::translation::be(HOST),
+            "{}",
+            case.what
+        );
+        assert_eq!(
+            (
+                u16::from_be(value.tuple.sport),
+                u16::from_be(value.tuple.dport),
+                value.tcp_flags
+            ),
+            (sport, dport, flags),
+            "{}",
+            case.what
+        );
+    }
+}
