@@ -42,25 +42,11 @@ const WEB1: &str = "172.30.1.2";
 /// `dataplane observe -o json-extended ARGS` against the agent: its records, with our
 /// `connection` and `translation`.
 fn observe(agent: &Agent, args: &[&str]) -> Vec<Value> {
-    observe_as(agent, "json-extended", args)
+    agent.observe(args)
 }
 
 fn observe_as(agent: &Agent, output: &str, args: &[&str]) -> Vec<Value> {
-    let out = Command::new(dataplane_bin())
-        .args(["observe", "-o", output, "--socket"])
-        .arg(&agent.socket)
-        .args(args)
-        .output()
-        .expect("running dataplane observe");
-    assert!(
-        out.status.success(),
-        "observe {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
+    agent.observe_as(output, args)
 }
 
 fn event(record: &Value) -> &str {

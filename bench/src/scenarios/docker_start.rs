@@ -303,11 +303,19 @@ mod tests {
                 hung: u32::from(i == 30),
             })
             .collect();
-        let got = summarise(&answers);
-        assert_eq!(got[0], (&START_P50, 15.0));
-        assert_eq!(got[1], (&START_P99, 30.0));
-        assert_eq!(got[2], (&REFUSED, 15.0));
-        assert_eq!(got[3], (&HUNG, 1.0));
+        let got: Vec<(&str, f64)> = summarise(&answers)
+            .into_iter()
+            .map(|(m, v)| (m.key, v))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (START_P50.key, 15.0),
+                (START_P99.key, 30.0),
+                (REFUSED.key, 15.0),
+                (HUNG.key, 1.0)
+            ]
+        );
         assert!(summarise(&[])[0].1.is_nan());
     }
 }
