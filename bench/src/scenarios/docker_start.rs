@@ -61,14 +61,14 @@ pub static REFUSED: Metric = Metric {
     key: "start_attempts_refused",
     label: "attempts refused or reset before the answer (per 30 starts)",
     short: "refused",
-    unit: "",
+    unit: "attempts",
     better: Better::Lower,
 };
 pub static HUNG: Metric = Metric {
     key: "start_attempts_hung",
     label: "attempts left without an answer for 1 s (per 30 starts)",
     short: "hung",
-    unit: "",
+    unit: "attempts",
     better: Better::Lower,
 };
 

@@ -465,7 +465,7 @@ fn services(
         let Some(vip) = assigned.get(&group) else {
             notes.push(format!(
                 "service {group}: no free VIP left in {}; left out",
-                vips.range()
+                vips.in_use()
             ));
             continue;
         };
@@ -527,7 +527,7 @@ impl VipAllocator {
     }
 
     /// The range VIPs are taken from now.
-    pub fn range(&self) -> Cidr {
+    pub fn in_use(&self) -> Cidr {
         self.in_use
     }
 
@@ -1230,8 +1230,11 @@ mod tests {
         let mut notes = Vec::new();
         let got = vips.assign(&names(&["web", "db"]), &[wide], &mut notes);
         assert_eq!(got.len(), 2, "{got:?}");
-        assert_eq!(vips.range(), Cidr::parse("10.112.0.0/16").unwrap());
-        assert!(got.values().all(|ip| vips.range().contains(*ip)), "{got:?}");
+        assert_eq!(vips.in_use(), Cidr::parse("10.112.0.0/16").unwrap());
+        assert!(
+            got.values().all(|ip| vips.in_use().contains(*ip)),
+            "{got:?}"
+        );
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(notes[0].contains("10.112.0.0/16"), "{notes:?}");
         // The network gone, VIPs come from the range asked for again.
