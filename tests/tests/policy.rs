@@ -56,6 +56,26 @@ fn reaches(sandbox: &Sandbox, from: &str, addr: &str, port: u16) -> bool {
     out.status.success() && !out.stdout.is_empty()
 }
 
+/// The cells of a reachability matrix (what, from, address, port, expected) whose outcome is
+/// not the expected one, tried in parallel, each as "what: expected X, got Y".
+fn unexpected(sandbox: &Sandbox, cells: &[(&str, &str, &str, u16, bool)]) -> Vec<String> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = cells
+            .iter()
+            .map(|(what, from, addr, port, expected)| {
+                scope.spawn(move || {
+                    let got = reaches(sandbox, from, addr, *port);
+                    (got != *expected).then(|| format!("{what}: expected {expected}, got {got}"))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
 #[test]
 fn reachability_matrix_behaves_like_docker() {
     let sandbox = Sandbox::up(SPEC);
@@ -158,27 +178,7 @@ fn reachability_matrix_behaves_like_docker() {
             false,
         ),
     ];
-    let results: Vec<(String, bool, bool)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = cells
-            .iter()
-            .map(|(what, from, addr, port, expected)| {
-                let sandbox = &sandbox;
-                scope.spawn(move || {
-                    (
-                        what.to_string(),
-                        *expected,
-                        reaches(sandbox, from, addr, *port),
-                    )
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let wrong: Vec<String> = results
-        .iter()
-        .filter(|(_, expected, got)| expected != got)
-        .map(|(what, expected, got)| format!("{what}: expected {expected}, got {got}"))
-        .collect();
+    let wrong = unexpected(&sandbox, &cells);
     assert!(
         wrong.is_empty(),
         "reachability differs from Docker's:\n{}",
@@ -407,13 +407,7 @@ fn gateway_modes_behave_like_docker_28() {
         ("isolated: published port", "outside", HOST, 8092, false),
         ("isolated: out", "s1", OUTSIDE, 9999, false),
     ];
-    let wrong: Vec<String> = cells
-        .iter()
-        .filter_map(|(what, from, addr, port, expected)| {
-            let got = reaches(&sandbox, from, addr, *port);
-            (got != *expected).then(|| format!("{what}: expected {expected}, got {got}"))
-        })
-        .collect();
+    let wrong = unexpected(&sandbox, &cells);
     assert!(wrong.is_empty(), "{wrong:#?}\n{}", agent.log_text());
 
     // Out: nat modes masquerade, routed keeps the container's address.

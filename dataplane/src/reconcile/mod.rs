@@ -241,6 +241,11 @@ fn departed_addresses(old: &Model, new: &Model) -> BTreeSet<u32> {
 
 /// Host TCP ports of `new` that `old` did not publish to the same target.
 fn newly_published_tcp(old: Option<&Model>, new: &Model) -> BTreeSet<u16> {
+    // A drift repair (every few seconds) re-applies the model in force: nothing is new, and
+    // expanding every range into sets is not worth doing.
+    if old == Some(new) {
+        return BTreeSet::new();
+    }
     let bindings = |m: &Model| -> BTreeSet<(u16, ModelPortTarget)> {
         m.ports
             .iter()
