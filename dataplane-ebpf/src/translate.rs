@@ -303,7 +303,7 @@ fn decide(ctx: &TcContext, site: Site, arrived: &mut Arrived) -> Verdict {
     let mut l4 = match parse_l4(ctx, &ip) {
         Transport::Tracked(l4) => l4,
         Transport::IcmpError(quoted) => return icmp_error(ctx, hook, &mut ip, &quoted),
-        Transport::Untracked => return Verdict::Pass,
+        Transport::Untracked => return untracked(hook, &ip),
         Transport::LaterFragment => return later_fragment(ctx, &site, &mut ip, arrived),
         Transport::Malformed => return Verdict::Drop(DropReason::Malformed),
         Transport::Invalid => {
@@ -468,7 +468,8 @@ fn icmp_error(ctx: &TcContext, hook: Hook, ip: &mut Ipv4Packet, quoted: &Quoted)
         _pad: [0; 3],
     };
     let Some(entry) = conntrack::lookup(&key) else {
-        return Verdict::Pass;
+        // About no connection we know: a packet like any other untracked one.
+        return untracked(hook, ip);
     };
     let (origin, rewrite, addr, port, hairpin_port) = translation_of(entry);
     if !owns(hook, origin, rewrite) {
@@ -487,6 +488,26 @@ fn icmp_error(ctx: &TcContext, hook: Hook, ip: &mut Ipv4Packet, quoted: &Quoted)
         return Verdict::Drop(DropReason::Malformed);
     }
     onward(ctx, hook, ip, rewrite)
+}
+
+/// A packet conntrack does not follow (another IP protocol, an ICMP message that is neither
+/// echo nor an error about a known connection): judged on its own, per packet, by the policy a
+/// new connection would meet, since Docker's isolation and FORWARD chain hold for every
+/// protocol. From a container: networks apart, icc, internal networks. From outside: only what
+/// is routed to a container's address (`nat` closes it, `nat-unprotected` opens it, `routed`
+/// opens it to ICMP); what is for the host itself is the host firewall's business, as with
+/// Docker. Not tracked, so nothing an attacker sends of these fills a table.
+#[inline(always)]
+fn untracked(hook: Hook, ip: &Ipv4Packet) -> Verdict {
+    let via = match hook {
+        Hook::ContainerIngress => Via::Direct,
+        Hook::UplinkIngress if ENDPOINTS.get_ptr(&ip.daddr).is_some() => Via::Routed,
+        Hook::UplinkIngress | Hook::UplinkEgress => return Verdict::Pass,
+    };
+    match policy::check(ip.saddr, ip.daddr, ip.protocol, 0, via) {
+        Ok(()) => Verdict::Pass,
+        Err(reason) => Verdict::Drop(reason),
+    }
 }
 
 /// What a tracked entry says to do: (origin, rewrite, address, port, hairpin port).

@@ -194,6 +194,62 @@ fn reachability_matrix_behaves_like_docker() {
 /// A container of an internal network reaching another network's container through a
 /// published port of the host: refused as Docker refuses it, counted as isolation's drop
 /// (POLICY_DENIED) and logged as a DROPPED flow that says so.
+/// One of the network namespace's IP or ICMP counters (/proc/net/snmp, e.g. `Ip`
+/// `InUnknownProtos`) in the namespace of `target`.
+fn snmp(sandbox: &Sandbox, target: &str, group: &str, field: &str) -> u64 {
+    let text = sandbox.exec_ok(target, &["cat", "/proc/net/snmp"]);
+    let mut lines = text.lines().filter(|l| l.starts_with(&format!("{group}:")));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let at = names.split_whitespace().position(|n| n == field).unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// What conntrack does not follow is isolated as Docker's FORWARD chain isolates every
+/// protocol: raw IP of a protocol nothing handles (253, for experiments) and ICMP timestamp
+/// requests (hping3), counted where they would arrive.
+#[test]
+fn other_protocols_and_icmp_types_are_isolated_too() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    sandbox.exec_ok(
+        "outside",
+        &["ip", "route", "add", "172.30.0.0/16", "via", HOST],
+    );
+    let cases = [
+        ("same network", "web1", "web2", "172.30.1.3", true),
+        ("other network", "web1", "db", "172.30.2.2", false),
+        ("icc off", "q1", "q2", "172.30.4.3", false),
+        (
+            "outside to a container address",
+            "outside",
+            "web1",
+            "172.30.1.2",
+            false,
+        ),
+    ];
+    let before = agent.status().drops("POLICY_DENIED");
+    let mut wrong = Vec::new();
+    for (what, from, to, addr, arrives) in cases {
+        for (kind, args, group, field) in [
+            ("IP protocol 253", "--rawip -H 253", "Ip", "InUnknownProtos"),
+            ("ICMP timestamp", "--icmp -C 13", "Icmp", "InTimestamps"),
+        ] {
+            let was = snmp(&sandbox, to, group, field);
+            let mut cmd = vec!["hping3", "-q", "-c", "3", "-i", "u20000"];
+            cmd.extend(args.split(' '));
+            cmd.push(addr);
+            sandbox.exec(from, &cmd);
+            let got = snmp(&sandbox, to, group, field) - was;
+            if (got >= 3) != arrives {
+                wrong.push(format!("{kind}, {what}: {got} of 3 arrived"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}\n{}", agent.log_text());
+    // 3 cases refused, 2 kinds, 3 packets each: each counted as Docker's isolation.
+    assert!(agent.status().drops("POLICY_DENIED") - before >= 18);
+}
+
 #[test]
 fn an_internal_network_reaches_no_container_through_published_ports() {
     let sandbox = Sandbox::up(SPEC);

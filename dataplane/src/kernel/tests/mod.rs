@@ -8,3 +8,4 @@ mod packet;
 mod policy;
 mod programs;
 mod translation;
+mod untracked;
