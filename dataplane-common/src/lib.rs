@@ -16,8 +16,15 @@ pub mod map_names {
     /// Container endpoints by IPv4 address: where a packet for that address is delivered, and
     /// who it is for policy.
     pub const ENDPOINTS: &str = "dp_endpoints_v2";
-    /// Policy rules in order (first match wins); `Config::rule_count` of them are live.
-    pub const POLICY_RULES: &str = "dp_policy_rules_v1";
+    /// Policy rules compiled into lookups: (slot, selector kinds and values of both sides,
+    /// protocol, port) -> the first matching rule's index and action (see [`crate::PolicyKey`]).
+    pub const POLICY: &str = "dp_policy_v1";
+    /// Address prefixes of the policies' CIDR selectors (LPM trie): an address's longest
+    /// matching prefix is its CIDR class, the value CIDR keys of [`POLICY`] carry.
+    pub const POLICY_PREFIXES: &str = "dp_policy_prefixes_v1";
+    /// Which half of the policy maps is live, and which key shapes it holds
+    /// ([`crate::PolicyMeta`]).
+    pub const POLICY_META: &str = "dp_policy_meta_v1";
     /// Outside sources denied at XDP on the uplink (LPM trie of prefixes).
     pub const DENY_SOURCES: &str = "dp_deny_sources_v1";
     /// Connection tracking of established connections: one entry per direction (v2: entries
@@ -99,10 +106,20 @@ pub mod capacity {
     /// One entry per container interface; Docker's default address pools hold far fewer
     /// containers per host than this.
     pub const ENDPOINTS: u32 = 16384;
-    /// Policy rules after expanding each rule's port list (a rule with three ports is three).
-    /// The programs walk them in order for each new connection, so the bound also bounds that
-    /// walk.
-    pub const POLICY_RULES: u32 = 256;
+    /// Policy rules after expanding each rule's port list (a rule with three ports is three):
+    /// a rule's index is its priority in the compiled lookups. The per-connection cost does
+    /// not depend on it (a bounded number of lookups, see [`crate::PolicyMeta`]); what bounds
+    /// it is the compiling time (about 10 ms per 10,000 rules) and the entries below.
+    pub const POLICY_RULES: u32 = 65_536;
+    /// Entries of the compiled policy per half (the map holds two halves: the live one and
+    /// the one the next change is written into). A rule is one entry per value its selectors
+    /// expand to: one for any, a network or an endpoint, one per label class a label selector
+    /// matches, one per rule prefix nested in a CIDR (itself included). 131,072 is 10,000
+    /// rules with a dozen expansions each; entries are allocated on use (BPF_F_NO_PREALLOC,
+    /// about 80 bytes each with the hash table's own), so an idle host pays nothing.
+    pub const POLICY_ENTRIES: u32 = 131_072;
+    /// Distinct CIDR prefixes of the policies, per half (the trie holds two halves).
+    pub const POLICY_PREFIXES: u32 = 16_384;
     /// Prefixes of the XDP deny list.
     pub const DENY_SOURCES: u32 = 16384;
     /// Two entries per translated connection. 262,144 entries = 131,072 connections, what
@@ -234,8 +251,11 @@ pub struct IfaceStats {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointInfo {
-    /// Bit `i` set: the container's labels match label selector `i` of the policy rules.
-    pub label_bits: u64,
+    /// The container's label class for policy: which label selectors of the policies its
+    /// labels match, as one number (containers matching the same selectors share it; 0: it
+    /// matches none). Compiled rules with a label selector are keyed by the classes it matches.
+    pub label_class: u32,
+    pub _pad_class: u32,
     /// Host-side veth of the container interface.
     pub ifindex: u32,
     /// The interface's network (1-based position in the agent's model).
@@ -267,39 +287,100 @@ pub mod net_flags {
     pub const UNPROTECTED: u8 = 8;
 }
 
-/// What a selector of a policy rule matches, in [`PolicyRule`]'s `*_kind`.
+/// What a selector of a policy rule matches, in [`PolicyKey`]'s `*_kind`.
 pub mod selector_kind {
+    /// Everyone; the value is 0.
     pub const ANY: u8 = 0;
     /// `value` is a network id.
     pub const NETWORK: u8 = 1;
     /// `value` is an endpoint id.
     pub const ENDPOINT: u8 = 2;
-    /// `value` is a bit index into [`crate::EndpointInfo::label_bits`].
+    /// `value` is a label class ([`crate::EndpointInfo::label_class`]).
     pub const LABELS: u8 = 3;
-    /// `value` and `mask` are an address prefix (network byte order).
+    /// `value` is a CIDR class: the address's longest match in the prefix trie.
     pub const CIDR: u8 = 4;
+    /// Kinds there are (a kind fits in 3 bits of a [`crate::PolicyMeta`] tuple).
+    pub const COUNT: u8 = 5;
 }
 
-/// One policy rule, as the programs evaluate it on each new connection.
+/// Key of the compiled policy (`dp_policy_v1`): one selector kind and value per side, the
+/// protocol and destination port (network byte order; both 0 for a rule without ports), and
+/// the half of the map it belongs to. A new connection looks up one key per shape
+/// ([`PolicyMeta::tuples`]) and takes the lowest priority found: first match wins.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PolicyRule {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// 0 or 1: which half ([`PolicyMeta::slot`] says which is live).
+    pub slot: u8,
     pub from_kind: u8,
     pub to_kind: u8,
-    /// 1 allow, 2 deny.
-    pub action: u8,
-    /// IP protocol, 0 for any.
     pub proto: u8,
-    /// Destination port (network byte order), 0 for any.
     pub port: u16,
     pub _pad: u16,
     pub from_value: u32,
-    pub from_mask: u32,
     pub to_value: u32,
-    pub to_mask: u32,
 }
 
-/// [`PolicyRule::action`] values.
+/// What a compiled policy key decides: the first rule (lowest index) that produced it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyVerdict {
+    /// The rule's index in the policies' order (after port expansion): lower wins.
+    pub priority: u32,
+    /// [`policy_action`].
+    pub action: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Key of the policy prefix trie: the half (network byte order, so it leads the compared
+/// bits) and the address; `prefix_len` counts the half's 32 bits too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyPrefix {
+    pub slot: u32,
+    pub addr: u32,
+}
+
+/// The most key shapes there are: (from kind, to kind, with a port or not).
+pub const POLICY_MAX_TUPLES: usize = (selector_kind::COUNT as usize).pow(2) * 2;
+
+/// Which half of the policy maps is live and what shapes of key it holds (array[1]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyMeta {
+    /// The live half, 0 or 1.
+    pub slot: u32,
+    /// Live entries of `tuples`.
+    pub tuple_count: u32,
+    /// Bit 0: some key has a CIDR class as its source, bit 1 as its destination (the trie is
+    /// looked up only then).
+    pub cidr_sides: u32,
+    pub _pad: u32,
+    /// Key shapes present: bits 0-2 the source's kind, 3-5 the destination's, bit 6 set when
+    /// the key carries the connection's protocol and port (0/0 otherwise). One lookup each.
+    pub tuples: [u8; 64],
+}
+
+impl Default for PolicyMeta {
+    fn default() -> Self {
+        PolicyMeta {
+            slot: 0,
+            tuple_count: 0,
+            cidr_sides: 0,
+            _pad: 0,
+            tuples: [0; 64],
+        }
+    }
+}
+
+/// Parts of a [`PolicyMeta::tuples`] byte.
+pub mod policy_tuple {
+    pub const KIND_BITS: u8 = 0b111;
+    pub const TO_SHIFT: u8 = 3;
+    pub const PORTED: u8 = 1 << 6;
+}
+
+/// [`PolicyVerdict::action`] values.
 pub mod policy_action {
     pub const ALLOW: u8 = 1;
     pub const DENY: u8 = 2;
@@ -599,7 +680,8 @@ pub struct Config {
     /// The network namespace the agent serves (SO_NETNS_COOKIE): socket hooks run for every
     /// process of their cgroup, and translate only connections made in this namespace.
     pub netns_cookie: u64,
-    /// Live rules in the policy rules map.
+    /// Policy rules (after port expansion) the policy maps were compiled from, for whoever
+    /// reads the config; the programs go by [`PolicyMeta`].
     pub rule_count: u32,
     /// 1: tc ingress of the uplink drops the deny list's sources (XDP is not attached there:
     /// `--xdp auto` keeps XDP off uplinks that are not physical devices, where tc is cheaper).
@@ -798,7 +880,11 @@ const _: () = assert!((DropReason::PolicyDeny as u32) < DropReason::SLOTS);
 const _: () = assert!(core::mem::size_of::<IfaceStatsKey>() == 8);
 const _: () = assert!(core::mem::size_of::<IfaceStats>() == 16);
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 32);
-const _: () = assert!(core::mem::size_of::<PolicyRule>() == 24);
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 16);
+const _: () = assert!(core::mem::size_of::<PolicyVerdict>() == 8);
+const _: () = assert!(core::mem::size_of::<PolicyPrefix>() == 8);
+const _: () = assert!(core::mem::size_of::<PolicyMeta>() == 80);
+const _: () = assert!(POLICY_MAX_TUPLES <= 64);
 const _: () = assert!(core::mem::size_of::<PrefixKey>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 72);
@@ -851,7 +937,13 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowEvent {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::PolicyRule {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyVerdict {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyPrefix {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyMeta {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PrefixKey {}
     // SAFETY: as above.

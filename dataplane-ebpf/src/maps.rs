@@ -10,8 +10,8 @@ use aya_ebpf::{
 use dataplane_common::{
     Backend, BackendKey, Config, CtEntry, CtKey, DropAggKey, DropAggValue, DropBudget, DropReason,
     EndpointInfo, FLOW_RING_BYTES, FragEntry, FragKey, IfaceStats, IfaceStatsKey, MAGLEV_STRIDE,
-    PolicyRule, PortKey, PortTarget, ServiceInfo, ServiceKey, SockRevNat, SockRevNatKey, capacity,
-    tcp_flag_count,
+    PolicyKey, PolicyMeta, PolicyPrefix, PolicyVerdict, PortKey, PortTarget, ServiceInfo,
+    ServiceKey, SockRevNat, SockRevNatKey, capacity, tcp_flag_count,
 };
 
 /// Packets and bytes per (interface, hook); per-CPU so the hot path never contends.
@@ -111,9 +111,27 @@ pub static FLOW_EVENTS: RingBuf = RingBuf::pinned(FLOW_RING_BYTES, 0);
 #[map(name = "dp_flow_events_lost_v1")]
 pub static FLOW_EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
-/// Policy rules in order, written by the reconciler only; `Config::rule_count` are live.
-#[map(name = "dp_policy_rules_v1")]
-pub static POLICY_RULES: Array<PolicyRule> = Array::pinned(capacity::POLICY_RULES, 0);
+/// The compiled policy: (half, source kind and value, destination kind and value, protocol,
+/// port) -> the first matching rule's index and action. Two halves (`PolicyKey::slot`): the
+/// reconciler writes a change into the half not live, switches `POLICY_META`, then empties the
+/// old half, so a connection is judged by one rule set or the other, never a mix. Each half
+/// holds `capacity::POLICY_ENTRIES` (see there for the sizing); allocated on use. Written by
+/// the reconciler only.
+#[map(name = "dp_policy_v1")]
+pub static POLICY: HashMap<PolicyKey, PolicyVerdict> =
+    HashMap::pinned(capacity::POLICY_ENTRIES * 2, BPF_F_NO_PREALLOC);
+
+/// The policies' CIDR prefixes, both halves (the half is the key's first 32 bits): an
+/// address's longest match is its CIDR class. `capacity::POLICY_PREFIXES` per half; an LPM
+/// trie is allocated on use (aya adds the flag). Written by the reconciler only.
+#[map(name = "dp_policy_prefixes_v1")]
+pub static POLICY_PREFIXES: LpmTrie<PolicyPrefix, u32> =
+    LpmTrie::pinned(capacity::POLICY_PREFIXES * 2, 0);
+
+/// The live half of the policy maps and the key shapes it has (index 0), written by the
+/// reconciler only.
+#[map(name = "dp_policy_meta_v1")]
+pub static POLICY_META: Array<PolicyMeta> = Array::pinned(1, 0);
 
 /// Outside source prefixes XDP drops on the uplink, written by the reconciler only.
 #[map(name = "dp_deny_sources_v1")]

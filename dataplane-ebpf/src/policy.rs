@@ -3,75 +3,95 @@
 //! `internal` networks kept off the outside, `icc: false` networks without
 //! container-to-container traffic, container addresses not routed to from outside. Judged once
 //! per connection (conntrack remembers), again after a policy change.
+//!
+//! The rules arrive compiled (the agent's `reconcile/policy.rs`, docs/DESIGN.md "Policy
+//! compiled into lookups"): each side of the connection is a few values (any, its network, its
+//! endpoint, its label class, its CIDR class: the longest rule prefix covering its address),
+//! and the map holds, per (source kind and value, destination kind and value, protocol and
+//! port or none), the first rule producing that key. One lookup per key shape in use (at most
+//! `POLICY_MAX_TUPLES`, however many rules), the lowest rule index found wins.
 
-use aya_ebpf::{cty::c_void, helpers::bpf_loop};
-use dataplane_common::{DropReason, PolicyRule, capacity, net_flags, policy_action, selector_kind};
+use aya_ebpf::{cty::c_void, helpers::bpf_loop, maps::lpm_trie::Key};
+use dataplane_common::{
+    DropReason, POLICY_MAX_TUPLES, PolicyKey, PolicyPrefix, net_flags, policy_action, policy_tuple,
+    selector_kind,
+};
 
 use crate::{
-    maps::{CONFIG, ENDPOINTS, LOCAL_ADDRS, POLICY_RULES},
+    maps::{ENDPOINTS, LOCAL_ADDRS, POLICY, POLICY_META, POLICY_PREFIXES},
     parse::IPPROTO_ICMP,
 };
 
-/// Who one side of a connection is.
+/// Who one side of a connection is: the values its selectors can be keyed by.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Who {
-    // Widest first: no padding inside, so two of these (the rule walk's context, on the
-    // stack of a call frame) stay small.
-    label_bits: u64,
-    addr: u32,
     network_id: u32,
     endpoint_id: u32,
-    container: bool,
+    label_class: u32,
+    /// Its CIDR class (0: no rule prefix covers the address).
+    cidr_class: u32,
+    container: u8,
     net_flags: u8,
+    _pad: u16,
 }
 
-/// Fills `side` in place for `addr` (no temporary `Who` on the stack: the walk's frame is on
-/// the container hook's deepest call chain).
+/// Fills `side` in place for `addr` (no temporary `Who` on the stack: the judgement's frame
+/// is on the container hook's call chains).
 #[inline(always)]
-fn identify(addr: u32, side: &mut Who) {
-    side.addr = addr;
+fn identify(addr: u32, slot: u32, cidr: bool, side: &mut Who) {
     if let Some(e) = ENDPOINTS.get_ptr(&addr) {
         // SAFETY: a map value from this program run's lookup; fields read one by one.
         unsafe {
-            side.container = true;
+            side.container = 1;
             side.network_id = (*e).network_id;
             side.endpoint_id = (*e).endpoint_id;
-            side.label_bits = (*e).label_bits;
+            side.label_class = (*e).label_class;
             side.net_flags = (*e).net_flags;
         }
     }
-}
-
-const NOBODY: Who = Who {
-    label_bits: 0,
-    addr: 0,
-    network_id: 0,
-    endpoint_id: 0,
-    container: false,
-    net_flags: 0,
-};
-
-#[inline(always)]
-fn selects(kind: u8, value: u32, mask: u32, side: &Who) -> bool {
-    match kind {
-        selector_kind::ANY => true,
-        selector_kind::NETWORK => side.container && side.network_id == value,
-        selector_kind::ENDPOINT => side.container && side.endpoint_id == value,
-        selector_kind::LABELS => {
-            side.container && value < 64 && (side.label_bits >> value) & 1 == 1
-        }
-        selector_kind::CIDR => side.addr & mask == value,
-        _ => false,
+    if cidr {
+        side.cidr_class = cidr_class(slot, addr);
     }
 }
 
+/// The CIDR class of `addr` in half `slot`: its longest match in the prefix trie, 0 for none.
+/// Not inlined, so the trie's key lives in a short frame of its own rather than in judge's
+/// (whose frame is on the container hook's call chains with the lookups' callback below it).
+#[inline(never)]
+fn cidr_class(slot: u32, addr: u32) -> u32 {
+    let key = Key::new(
+        64,
+        PolicyPrefix {
+            slot: slot.to_be(),
+            addr,
+        },
+    );
+    POLICY_PREFIXES.get(key).copied().unwrap_or(0)
+}
+
+const NOBODY: Who = Who {
+    network_id: 0,
+    endpoint_id: 0,
+    label_class: 0,
+    cidr_class: 0,
+    container: 0,
+    net_flags: 0,
+    _pad: 0,
+};
+
+/// The value `side` has for a selector of `kind`, if it has one (a non-container has no
+/// network, endpoint or labels; an address no rule prefix covers no CIDR class).
 #[inline(always)]
-fn rule_matches(rule: &PolicyRule, from: &Who, to: &Who, proto: u8, dport: u16) -> bool {
-    (rule.proto == 0 || rule.proto == proto)
-        && (rule.port == 0 || rule.port == dport)
-        && selects(rule.from_kind, rule.from_value, rule.from_mask, from)
-        && selects(rule.to_kind, rule.to_value, rule.to_mask, to)
+fn value_of(kind: u8, side: &Who) -> Option<u32> {
+    match kind {
+        selector_kind::ANY => Some(0),
+        selector_kind::NETWORK if side.container != 0 => Some(side.network_id),
+        selector_kind::ENDPOINT if side.container != 0 => Some(side.endpoint_id),
+        selector_kind::LABELS if side.label_class != 0 => Some(side.label_class),
+        selector_kind::CIDR if side.cidr_class != 0 => Some(side.cidr_class),
+        _ => None,
+    }
 }
 
 /// How a connection reaches its destination, which Docker's isolation cares about.
@@ -85,34 +105,63 @@ pub enum Via {
     Routed,
 }
 
-/// The state of one walk over the rules (bpf_loop's context).
+/// The state of one judgement (bpf_loop's context).
 #[repr(C)]
-struct RuleWalk {
+struct Lookups {
     from: Who,
     to: Who,
-    count: u32,
+    /// The lowest rule index found so far (u32::MAX: none).
+    priority: u32,
     dport: u16,
     proto: u8,
+    slot: u8,
     /// The matching rule's action, 0 while none matched.
     action: u8,
+    _pad: [u8; 3],
 }
 
-/// One step of the walk: bpf_loop calls it for rule `index`; 1 stops the walk. Being a
-/// callback, the verifier checks it once, however many rules and call sites there are.
+/// One key shape: bpf_loop calls it for shape `index` of the live half; never stops early
+/// (a later shape may hold a lower rule index). Being a callback, the verifier checks it once,
+/// however many call sites there are.
 #[inline(never)]
-unsafe extern "C" fn rule_step(index: u64, walk: *mut c_void) -> i64 {
-    // SAFETY: `walk` is the RuleWalk that allows() passed to bpf_loop.
-    let walk = unsafe { &mut *walk.cast::<RuleWalk>() };
-    let index = index as u32;
-    if index >= walk.count {
-        return 1;
-    }
-    let Some(rule) = POLICY_RULES.get(index) else {
+unsafe extern "C" fn lookup_step(index: u64, lookups: *mut c_void) -> i64 {
+    // SAFETY: `lookups` is the Lookups that judge() passed to bpf_loop.
+    let walk = unsafe { &mut *lookups.cast::<Lookups>() };
+    let Some(meta) = POLICY_META.get_ptr(0) else {
         return 1;
     };
-    if rule_matches(rule, &walk.from, &walk.to, walk.proto, walk.dport) {
-        walk.action = rule.action;
+    // Bounds the index for the verifier (the loop count is at most POLICY_MAX_TUPLES).
+    let index = index as usize;
+    if index >= POLICY_MAX_TUPLES {
         return 1;
+    }
+    // SAFETY: element 0 of the array always exists; index checked above.
+    let tuple = unsafe { (*meta).tuples[index] };
+    let from_kind = tuple & policy_tuple::KIND_BITS;
+    let to_kind = (tuple >> policy_tuple::TO_SHIFT) & policy_tuple::KIND_BITS;
+    let (Some(from_value), Some(to_value)) =
+        (value_of(from_kind, &walk.from), value_of(to_kind, &walk.to))
+    else {
+        return 0;
+    };
+    let ported = tuple & policy_tuple::PORTED != 0;
+    let key = PolicyKey {
+        slot: walk.slot,
+        from_kind,
+        to_kind,
+        proto: if ported { walk.proto } else { 0 },
+        port: if ported { walk.dport } else { 0 },
+        _pad: 0,
+        from_value,
+        to_value,
+    };
+    if let Some(verdict) = POLICY.get_ptr(&key) {
+        // SAFETY: a map value from this program run's lookup.
+        let (priority, action) = unsafe { ((*verdict).priority, (*verdict).action) };
+        if priority < walk.priority {
+            walk.priority = priority;
+            walk.action = action;
+        }
     }
     0
 }
@@ -140,7 +189,7 @@ const JUDGED_ALLOW: u32 = 0;
 const JUDGED_DENY: u32 = 1;
 const JUDGED_ISOLATED: u32 = 2;
 
-/// The judgement itself, a function of its own (not inlined): the walk's context and both
+/// The judgement itself, a function of its own (not inlined): the lookups' context and both
 /// sides' identities then live in this frame, once, instead of in every caller's, which keeps
 /// the container hook's deepest call chain within the verifier's 512-byte combined stack.
 /// Scalars only in and out (`what`: port, protocol << 16, via << 24), so the call is plain
@@ -154,25 +203,29 @@ fn judge(saddr: u32, daddr: u32, what: u32) -> u32 {
         1 => Via::Published,
         _ => Via::Routed,
     };
-    // SAFETY: array element 0 always exists.
-    let count = CONFIG.get_ptr(0).map_or(0, |c| unsafe { (*c).rule_count });
-    let mut walk = RuleWalk {
+    // SAFETY: array element 0 always exists; fields read one by one.
+    let (slot, count, cidr_sides) = POLICY_META.get_ptr(0).map_or((0, 0, 0), |m| unsafe {
+        ((*m).slot, (*m).tuple_count, (*m).cidr_sides)
+    });
+    let mut walk = Lookups {
         from: NOBODY,
         to: NOBODY,
-        count,
+        priority: u32::MAX,
         dport,
         proto,
+        slot: slot as u8,
         action: 0,
+        _pad: [0; 3],
     };
-    identify(saddr, &mut walk.from);
-    identify(daddr, &mut walk.to);
+    identify(saddr, slot, cidr_sides & 1 != 0, &mut walk.from);
+    identify(daddr, slot, cidr_sides & 2 != 0, &mut walk.to);
     if count > 0 {
         // SAFETY: the callback and its context outlive the call; the kernel bounds the loop.
         unsafe {
             bpf_loop(
-                capacity::POLICY_RULES,
-                rule_step as *mut c_void,
-                (&mut walk as *mut RuleWalk).cast(),
+                count.min(POLICY_MAX_TUPLES as u32),
+                lookup_step as *mut c_void,
+                (&mut walk as *mut Lookups).cast(),
                 0,
             )
         };
@@ -180,15 +233,15 @@ fn judge(saddr: u32, daddr: u32, what: u32) -> u32 {
     match walk.action {
         policy_action::ALLOW => JUDGED_ALLOW,
         policy_action::DENY => JUDGED_DENY,
-        _ if isolation(&walk.from, &walk.to, via, walk.proto) => JUDGED_ALLOW,
+        _ if isolation(&walk.from, &walk.to, daddr, via, walk.proto) => JUDGED_ALLOW,
         _ => JUDGED_ISOLATED,
     }
 }
 
 /// Docker's isolation, where no user rule decided.
 #[inline(always)]
-fn isolation(from: &Who, to: &Who, via: Via, proto: u8) -> bool {
-    if from.container && to.container {
+fn isolation(from: &Who, to: &Who, daddr: u32, via: Via, proto: u8) -> bool {
+    if from.container != 0 && to.container != 0 {
         if via == Via::Published {
             // Published ports are for every network but internal ones, both ways: an internal
             // network's containers neither publish nor reach another container through the
@@ -200,12 +253,11 @@ fn isolation(from: &Who, to: &Who, via: Via, proto: u8) -> bool {
         }
         return from.net_flags & net_flags::NO_ICC == 0 || from.endpoint_id == to.endpoint_id;
     }
-    if from.container {
+    if from.container != 0 {
         // To the host or outside: internal networks stay on the host.
-        return from.net_flags & net_flags::INTERNAL == 0
-            || LOCAL_ADDRS.get_ptr(&to.addr).is_some();
+        return from.net_flags & net_flags::INTERNAL == 0 || LOCAL_ADDRS.get_ptr(&daddr).is_some();
     }
-    if to.container {
+    if to.container != 0 {
         if via == Via::Direct {
             // The host's own processes (only the socket hooks judge those): the host is on
             // every bridge, internal ones too, as with Docker.

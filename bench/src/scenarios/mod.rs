@@ -19,6 +19,7 @@ mod masquerade;
 pub mod probe;
 mod published_port;
 mod scale;
+mod scale_policy;
 mod syn_flood;
 mod vip;
 mod xdp_drop;
@@ -54,6 +55,7 @@ pub fn all() -> Vec<Scenario> {
         vip::vip_outside(),
         scale::ports(),
         scale::services(),
+        scale_policy::scenario(),
         xdp_drop::scenario(),
         syn_flood::scenario(),
         masquerade::scenario(),

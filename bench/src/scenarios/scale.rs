@@ -103,6 +103,9 @@ macro_rules! size_metrics {
     };
 }
 
+/// Also `scale-policy`'s, which measures the same things per size.
+pub(super) use size_metrics;
+
 size_metrics!(M10, R10, 10);
 size_metrics!(M1K, R1K, 1000);
 size_metrics!(M10K, R10K, 10000);

@@ -19,8 +19,9 @@ use aya::{
     maps::{HashMap, Map, MapData},
 };
 use dataplane_common::{
-    Backend, BackendKey, CtEntry, CtKey, DropAggKey, DropAggValue, EndpointInfo, PortKey,
-    PortTarget, ServiceInfo, ServiceKey, SockRevNat, SockRevNatKey, map_names,
+    Backend, BackendKey, CtEntry, CtKey, DropAggKey, DropAggValue, EndpointInfo, PolicyKey,
+    PolicyVerdict, PortKey, PortTarget, ServiceInfo, ServiceKey, SockRevNat, SockRevNatKey,
+    map_names,
 };
 
 use super::DatapathError;
@@ -72,6 +73,11 @@ hash_map!(
 hash_map!(
     /// The host's own IPv4 addresses (written by the reconciler).
     LocalAddrs, map_names::LOCAL_ADDRS, u32 => u8, reconciled
+);
+hash_map!(
+    /// The compiled policy, both halves (written by the reconciler, see
+    /// `reconcile::policy`).
+    Policy, map_names::POLICY, PolicyKey => PolicyVerdict, reconciled
 );
 hash_map!(
     /// Connection tracking, established connections: created by the kernel programs, removed

@@ -19,8 +19,9 @@ use aya::{
     },
 };
 use dataplane_common::{
-    Config, DropReason, IfaceStats, IfaceStatsKey, MAGLEV_STRIDE, MAGLEV_TABLE_SIZE, PolicyRule,
-    PrefixKey, capacity, hook, map_names, program_names, tcp_flag_count,
+    Config, DropReason, IfaceStats, IfaceStatsKey, MAGLEV_STRIDE, MAGLEV_TABLE_SIZE, PolicyKey,
+    PolicyMeta, PolicyPrefix, PolicyVerdict, PrefixKey, capacity, hook, map_names, program_names,
+    tcp_flag_count,
 };
 use serde::Serialize;
 
@@ -31,8 +32,8 @@ pub mod pin_lock;
 pub mod sockets;
 
 use maps::{
-    Backends, Conntrack, ConntrackNew, Endpoints, HashMapSpec, LocalAddrs, Ports, Reconciled,
-    Services, SockRevNats,
+    Backends, Conntrack, ConntrackNew, Endpoints, HashMapSpec, LocalAddrs, Policy, Ports,
+    Reconciled, Services, SockRevNats,
 };
 #[cfg(test)]
 mod tests;
@@ -351,16 +352,21 @@ fn check_layouts(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
     use dataplane_common::{Backend, BackendKey, ServiceInfo, ServiceKey};
     use dataplane_common::{CtEntry, CtKey, EndpointInfo, PortKey, PortTarget};
     use dataplane_common::{FragEntry, FragKey, SockRevNat, SockRevNatKey};
-    let expected: [(&'static str, usize, usize); 15] = [
+    let expected: [(&'static str, usize, usize); 16] = [
         (
             map_names::SOCK_REV_NAT,
             size_of::<SockRevNatKey>(),
             size_of::<SockRevNat>(),
         ),
         (
-            map_names::POLICY_RULES,
+            map_names::POLICY,
+            size_of::<PolicyKey>(),
+            size_of::<PolicyVerdict>(),
+        ),
+        (
+            map_names::POLICY_META,
             size_of::<u32>(),
-            size_of::<PolicyRule>(),
+            size_of::<PolicyMeta>(),
         ),
         (
             map_names::SERVICES,
@@ -852,34 +858,82 @@ impl Datapath {
         self.max_services
     }
 
-    fn rules_array(&self) -> Result<Array<&MapData, PolicyRule>, DatapathError> {
-        let name = map_names::POLICY_RULES;
-        Array::try_from(self.map_ref(name)?)
-            .map_err(|source| DatapathError::Map { map: name, source })
-    }
-
-    /// The first `count` policy rules.
-    pub fn rules(&self, count: u32) -> Result<Vec<PolicyRule>, DatapathError> {
-        let array = self.rules_array()?;
-        (0..count.min(array.len()))
-            .map(|i| {
-                array.get(&i, 0).map_err(|source| DatapathError::Map {
-                    map: map_names::POLICY_RULES,
-                    source,
-                })
+    /// Every prefix of the policy trie, both halves: (half, prefix length, address in
+    /// network byte order) -> CIDR class.
+    pub fn policy_prefixes(&self) -> Result<BTreeMap<(u32, u8, u32), u32>, DatapathError> {
+        let name = map_names::POLICY_PREFIXES;
+        let err = |source| DatapathError::Map { map: name, source };
+        let trie: LpmTrie<&MapData, PolicyPrefix, u32> =
+            LpmTrie::try_from(self.map_ref(name)?).map_err(err)?;
+        trie.iter()
+            .map(|entry| {
+                entry
+                    .map(|(k, class)| {
+                        let data = k.data();
+                        (
+                            (
+                                u32::from_be(data.slot),
+                                k.prefix_len().saturating_sub(32) as u8,
+                                data.addr,
+                            ),
+                            class,
+                        )
+                    })
+                    .map_err(err)
             })
             .collect()
     }
 
-    pub fn set_rule(&mut self, index: u32, rule: PolicyRule) -> Result<(), DatapathError> {
-        let name = map_names::POLICY_RULES;
+    /// Sets (`Some(class)`) or removes the policy trie's prefix `addr/len` of half `slot`.
+    pub fn set_policy_prefix(
+        &mut self,
+        (slot, len, addr): (u32, u8, u32),
+        class: Option<u32>,
+    ) -> Result<(), DatapathError> {
+        let name = map_names::POLICY_PREFIXES;
         let err = |source| DatapathError::Map { map: name, source };
         let map = self
             .ebpf
             .map_mut(name)
             .ok_or(DatapathError::MissingMap(name))?;
-        let mut array: Array<&mut MapData, PolicyRule> = Array::try_from(map).map_err(err)?;
-        array.set(index, rule, 0).map_err(err)
+        let mut trie: LpmTrie<&mut MapData, PolicyPrefix, u32> =
+            LpmTrie::try_from(map).map_err(err)?;
+        let key = aya::maps::lpm_trie::Key::new(
+            32 + u32::from(len),
+            PolicyPrefix {
+                slot: slot.to_be(),
+                addr,
+            },
+        );
+        match class {
+            Some(class) => trie.insert(&key, class, 0).map_err(err),
+            None => match trie.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(err(e)),
+            },
+        }
+    }
+
+    /// Which half of the policy is live and the key shapes it has.
+    pub fn policy_meta(&self) -> Result<PolicyMeta, DatapathError> {
+        let name = map_names::POLICY_META;
+        let err = |source| DatapathError::Map { map: name, source };
+        let array: Array<&MapData, PolicyMeta> =
+            Array::try_from(self.map_ref(name)?).map_err(err)?;
+        array.get(&0, 0).map_err(err)
+    }
+
+    /// Switches the live half of the policy (one write: programs see the old rules or the
+    /// new ones).
+    pub fn set_policy_meta(&mut self, meta: PolicyMeta) -> Result<(), DatapathError> {
+        let name = map_names::POLICY_META;
+        let err = |source| DatapathError::Map { map: name, source };
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let mut array: Array<&mut MapData, PolicyMeta> = Array::try_from(map).map_err(err)?;
+        array.set(0, meta, 0).map_err(err)
     }
 
     /// The prefixes on the XDP deny list.
@@ -1050,6 +1104,12 @@ impl Datapath {
                 name: map_names::LOCAL_ADDRS,
                 entries: self.count::<LocalAddrs>()?,
                 capacity: capacity::LOCAL_ADDRS,
+            },
+            MapFill {
+                // Both halves: between two applies only the live one has entries.
+                name: map_names::POLICY,
+                entries: self.count::<Policy>()?,
+                capacity: capacity::POLICY_ENTRIES * 2,
             },
             MapFill {
                 name: map_names::SOCK_REV_NAT,

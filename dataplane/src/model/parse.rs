@@ -26,6 +26,11 @@ pub const MAX_ALIASES: usize = 1024;
 pub const MAX_LIST_ENTRIES: usize = 262_144;
 /// Most published port numbers, with ranges expanded (each is a map entry per protocol).
 pub const MAX_PORT_NUMBERS: u64 = 1 << 20;
+/// Most policy rules with port lists expanded (a policy with three ports is three rules):
+/// what the kernel's compiled policy is built for (`capacity::POLICY_RULES`). A policy is
+/// about 12 YAML nodes, so even this many are far within MAX_NODES; the cap is checked
+/// before validation so that a huge list costs no model.
+pub const MAX_POLICY_RULES: u64 = dataplane_common::capacity::POLICY_RULES as u64;
 
 /// Why a text is not a state file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,6 +186,18 @@ fn check_counts(spec: &StateFile) -> Result<(), ParseFailure> {
             found: format!("{numbers} published port numbers (ranges expanded)"),
         });
     }
+    let rules: u64 = spec
+        .policies
+        .iter()
+        .map(|p| p.ports.len().max(1) as u64)
+        .sum();
+    if rules > MAX_POLICY_RULES {
+        return Err(ParseFailure::Limit {
+            limit: "MAX_POLICY_RULES",
+            max: MAX_POLICY_RULES,
+            found: format!("{rules} policy rules (port lists expanded)"),
+        });
+    }
     Ok(())
 }
 
@@ -258,6 +275,18 @@ mod tests {
             }))
             .collect();
         assert_eq!(limit_of(&ranges), "MAX_PORT_NUMBERS");
+        let rules = |n: u64| -> String {
+            std::iter::once("policies:\n".to_string())
+                .chain((0..n / 4).map(|i| {
+                    format!("- {{name: p{i}, action: deny, ports: [1/tcp, 2/tcp, 3/tcp, 4/udp]}}\n")
+                }))
+                .collect()
+        };
+        assert_eq!(
+            parse(&rules(MAX_POLICY_RULES)).unwrap().policies.len(),
+            16_384
+        );
+        assert_eq!(limit_of(&rules(MAX_POLICY_RULES + 4)), "MAX_POLICY_RULES");
     }
 
     #[test]

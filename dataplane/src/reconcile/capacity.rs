@@ -47,10 +47,18 @@ pub fn check(desired: &Desired, ports_capacity: u32) -> Result<(), CapacityError
             FIXED,
         ),
         (
-            map_names::POLICY_RULES,
-            "policy rules (one per port of a rule)",
-            desired.rules.len(),
-            capacity::POLICY_RULES,
+            map_names::POLICY,
+            "compiled policy entries (per rule and port, one per network, endpoint, label \
+             class or nested CIDR prefix its selectors cover)",
+            desired.policy.entries.len(),
+            capacity::POLICY_ENTRIES,
+            FIXED,
+        ),
+        (
+            map_names::POLICY_PREFIXES,
+            "distinct policy CIDR prefixes",
+            desired.policy.prefixes.len(),
+            capacity::POLICY_PREFIXES,
             FIXED,
         ),
         (

@@ -10,8 +10,8 @@ use std::{
 };
 
 use dataplane_common::{
-    Backend, BackendKey, Config, EndpointInfo, MAGLEV_TABLE_SIZE, PolicyRule, PortKey, PortTarget,
-    PrefixKey, ServiceInfo, ServiceKey, algorithm, net_flags,
+    Backend, BackendKey, Config, EndpointInfo, MAGLEV_TABLE_SIZE, PolicyKey, PolicyMeta, PortKey,
+    PortTarget, PrefixKey, ServiceInfo, ServiceKey, algorithm, net_flags,
 };
 
 pub mod capacity;
@@ -21,7 +21,7 @@ pub mod policy;
 use crate::{
     kernel::{
         Datapath, DatapathError, Hook,
-        maps::{Backends, Endpoints, LocalAddrs, Ports, Reconciled, Services},
+        maps::{Backends, Endpoints, LocalAddrs, Policy, Ports, Reconciled, Services},
     },
     model::{Algorithm, GatewayMode, Model, PortTarget as ModelPortTarget, Protocol, StateError},
 };
@@ -45,9 +45,15 @@ pub trait Kernel {
     fn remove<M: Reconciled>(&mut self, key: M::Key) -> Result<(), DatapathError>;
     fn config(&self) -> Result<Config, DatapathError>;
     fn set_config(&mut self, config: Config) -> Result<(), DatapathError>;
-    /// The first `count` policy rules.
-    fn rules(&self, count: u32) -> Result<Vec<PolicyRule>, DatapathError>;
-    fn set_rule(&mut self, index: u32, rule: PolicyRule) -> Result<(), DatapathError>;
+    /// The policy prefix trie, both halves: (half, length, address) -> CIDR class.
+    fn policy_prefixes(&self) -> Result<BTreeMap<(u32, u8, u32), u32>, DatapathError>;
+    fn set_policy_prefix(
+        &mut self,
+        prefix: (u32, u8, u32),
+        class: Option<u32>,
+    ) -> Result<(), DatapathError>;
+    fn policy_meta(&self) -> Result<PolicyMeta, DatapathError>;
+    fn set_policy_meta(&mut self, meta: PolicyMeta) -> Result<(), DatapathError>;
     fn deny_sources(&self) -> Result<BTreeSet<PrefixKey>, DatapathError>;
     fn set_deny_source(&mut self, prefix: PrefixKey, deny: bool) -> Result<(), DatapathError>;
     /// How many services the maps hold (service ids are 1..=this).
@@ -91,11 +97,21 @@ impl Kernel for Datapath {
     fn set_config(&mut self, config: Config) -> Result<(), DatapathError> {
         Datapath::set_config(self, config)
     }
-    fn rules(&self, count: u32) -> Result<Vec<PolicyRule>, DatapathError> {
-        Datapath::rules(self, count)
+    fn policy_prefixes(&self) -> Result<BTreeMap<(u32, u8, u32), u32>, DatapathError> {
+        Datapath::policy_prefixes(self)
     }
-    fn set_rule(&mut self, index: u32, rule: PolicyRule) -> Result<(), DatapathError> {
-        Datapath::set_rule(self, index, rule)
+    fn set_policy_prefix(
+        &mut self,
+        prefix: (u32, u8, u32),
+        class: Option<u32>,
+    ) -> Result<(), DatapathError> {
+        Datapath::set_policy_prefix(self, prefix, class)
+    }
+    fn policy_meta(&self) -> Result<PolicyMeta, DatapathError> {
+        Datapath::policy_meta(self)
+    }
+    fn set_policy_meta(&mut self, meta: PolicyMeta) -> Result<(), DatapathError> {
+        Datapath::set_policy_meta(self, meta)
     }
     fn deny_sources(&self) -> Result<BTreeSet<PrefixKey>, DatapathError> {
         Datapath::deny_sources(self)
@@ -289,8 +305,8 @@ pub struct Desired {
     pub local_addrs: BTreeMap<u32, u8>,
     pub config: Config,
     pub services: BTreeMap<ServiceKey, DesiredService>,
-    /// Policy rules in order.
-    pub rules: Vec<PolicyRule>,
+    /// The compiled policy (keys of half 0: `apply` writes them into the half not live).
+    pub policy: crate::reconcile::policy::Tables,
     pub deny_sources: BTreeSet<PrefixKey>,
 }
 
@@ -390,7 +406,7 @@ pub fn desired(
         // Without XDP the deny list is enforced at tc ingress of the uplink instead.
         deny_at_tc: u32::from(has_deny_list && !xdp_attached),
     };
-    desired.rules = policy.rules;
+    desired.policy = policy.tables;
     desired.deny_sources = policy.deny_sources.into_iter().collect();
     Ok(desired)
 }
@@ -412,7 +428,7 @@ fn add_endpoints(
     kernel: &impl Kernel,
 ) -> Result<(), ReconcileError> {
     for (endpoint_index, endpoint) in model.endpoints.iter().enumerate() {
-        let label_bits = policy.label_bits(&endpoint.labels);
+        let label_class = policy.endpoint_classes[endpoint_index];
         for (j, itf) in endpoint.interfaces.iter().enumerate() {
             let ifindex = kernel.ifindex(&itf.host_veth).ok_or_else(|| {
                 missing_interface(
@@ -446,7 +462,8 @@ fn add_endpoints(
             desired.endpoints.insert(
                 be(itf.ip),
                 EndpointInfo {
-                    label_bits,
+                    label_class,
+                    _pad_class: 0,
                     ifindex,
                     network_id,
                     endpoint_id: endpoint_index as u32 + 1,
@@ -679,6 +696,85 @@ fn apply_services(
     Ok((set, removed))
 }
 
+/// Brings the policy maps to `desired` without a moment of mixed rules: when the live half
+/// differs, the new tables are written into the other half (whatever an interrupted apply
+/// left there is corrected on the way), one write of the meta entry makes them live, and the
+/// old half is emptied. Returns (entries written, entries removed, switched).
+pub(crate) fn apply_policy(
+    desired: &crate::reconcile::policy::Tables,
+    kernel: &mut impl Kernel,
+) -> Result<(usize, usize, bool), ReconcileError> {
+    let meta = kernel.policy_meta()?;
+    let live = meta.slot & 1;
+    let entries = kernel.entries::<Policy>()?;
+    let prefixes = kernel.policy_prefixes()?;
+    let in_half = |slot: u32| -> (BTreeMap<PolicyKey, _>, BTreeMap<(u8, u32), u32>) {
+        (
+            entries
+                .iter()
+                .filter(|(k, _)| u32::from(k.slot) == slot)
+                .map(|(k, v)| (PolicyKey { slot: 0, ..*k }, *v))
+                .collect(),
+            prefixes
+                .iter()
+                .filter(|((s, _, _), _)| *s == slot)
+                .map(|((_, len, addr), class)| ((*len, *addr), *class))
+                .collect(),
+        )
+    };
+    let (live_entries, live_prefixes) = in_half(live);
+    let (mut set, mut removed) = (0, 0);
+    let switched = live_entries != desired.entries
+        || live_prefixes != desired.prefixes
+        || meta != desired.meta(live);
+    // The half the next tables go to: the other one, or (nothing to switch) the live one, in
+    // which case only leftovers of the other half are removed below.
+    let (target, stale) = if switched {
+        (1 - live, live)
+    } else {
+        (live, 1 - live)
+    };
+    if switched {
+        let (old_entries, old_prefixes) = in_half(target);
+        let slot = target as u8;
+        for (key, verdict) in &desired.entries {
+            if old_entries.get(key) != Some(verdict) {
+                kernel.set::<Policy>(PolicyKey { slot, ..*key }, *verdict)?;
+                set += 1;
+            }
+        }
+        for key in old_entries.keys() {
+            if !desired.entries.contains_key(key) {
+                kernel.remove::<Policy>(PolicyKey { slot, ..*key })?;
+                removed += 1;
+            }
+        }
+        for (&(len, addr), &class) in &desired.prefixes {
+            if old_prefixes.get(&(len, addr)) != Some(&class) {
+                kernel.set_policy_prefix((target, len, addr), Some(class))?;
+                set += 1;
+            }
+        }
+        for &(len, addr) in old_prefixes.keys() {
+            if !desired.prefixes.contains_key(&(len, addr)) {
+                kernel.set_policy_prefix((target, len, addr), None)?;
+                removed += 1;
+            }
+        }
+        kernel.set_policy_meta(desired.meta(target))?;
+        set += 1;
+    }
+    for key in entries.keys().filter(|k| u32::from(k.slot) == stale) {
+        kernel.remove::<Policy>(*key)?;
+        removed += 1;
+    }
+    for &(slot, len, addr) in prefixes.keys().filter(|(s, _, _)| *s == stale) {
+        kernel.set_policy_prefix((slot, len, addr), None)?;
+        removed += 1;
+    }
+    Ok((set, removed, switched))
+}
+
 /// An address as the kernel keeps it: the bytes in network order, read as a native u32.
 pub fn be(addr: Ipv4Addr) -> u32 {
     u32::from(addr).to_be()
@@ -730,18 +826,12 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
     let local_addrs = kernel.entries::<LocalAddrs>()?;
     let endpoints_written = write_missing::<Endpoints>(kernel, &endpoints, &desired.endpoints)?;
     changes.entries_set += endpoints_written;
-    // Rules before the config that makes them live; a changed rule set or changed endpoints
-    // bump the policy generation so tracked connections are judged again.
+    // The policy before the config; a changed policy or changed endpoints bump the policy
+    // generation so tracked connections are judged again.
     let current_config = kernel.config()?;
-    let current_rules = kernel.rules(current_config.rule_count)?;
-    let mut rules_written = 0;
-    for (index, rule) in desired.rules.iter().enumerate() {
-        if current_rules.get(index) != Some(rule) {
-            kernel.set_rule(index as u32, *rule)?;
-            rules_written += 1;
-        }
-    }
-    changes.entries_set += rules_written;
+    let (policy_set, policy_removed, policy_switched) = apply_policy(&desired.policy, kernel)?;
+    changes.entries_set += policy_set;
+    changes.entries_removed += policy_removed;
     let current_deny = kernel.deny_sources()?;
     for prefix in desired.deny_sources.difference(&current_deny) {
         kernel.set_deny_source(*prefix, true)?;
@@ -751,10 +841,7 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
         .keys()
         .filter(|k| !desired.endpoints.contains_key(k))
         .count();
-    let policy_changed = endpoints_written > 0
-        || endpoints_removed > 0
-        || rules_written > 0
-        || current_config.rule_count != desired.config.rule_count;
+    let policy_changed = endpoints_written > 0 || endpoints_removed > 0 || policy_switched;
     changes.entries_set += write_missing::<LocalAddrs>(kernel, &local_addrs, &desired.local_addrs)?;
     // Services before the ports that may lead to them.
     let (services_set, services_removed) = apply_services(desired, kernel)?;
@@ -821,7 +908,8 @@ pub mod fake {
         pub maps: BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>,
         pub config: Config,
         pub maglev: BTreeMap<u32, Vec<u32>>,
-        pub rules: BTreeMap<u32, PolicyRule>,
+        pub prefixes: BTreeMap<(u32, u8, u32), u32>,
+        pub meta: Option<PolicyMeta>,
         pub deny: BTreeSet<PrefixKey>,
         pub writes: usize,
     }
@@ -888,14 +976,27 @@ pub mod fake {
             self.config = config;
             Ok(())
         }
-        fn rules(&self, count: u32) -> Result<Vec<PolicyRule>, DatapathError> {
-            Ok((0..count)
-                .map(|i| self.rules.get(&i).copied().unwrap_or_default())
-                .collect())
+        fn policy_prefixes(&self) -> Result<BTreeMap<(u32, u8, u32), u32>, DatapathError> {
+            Ok(self.prefixes.clone())
         }
-        fn set_rule(&mut self, index: u32, rule: PolicyRule) -> Result<(), DatapathError> {
+        fn set_policy_prefix(
+            &mut self,
+            prefix: (u32, u8, u32),
+            class: Option<u32>,
+        ) -> Result<(), DatapathError> {
             self.writes += 1;
-            self.rules.insert(index, rule);
+            match class {
+                Some(class) => self.prefixes.insert(prefix, class),
+                None => self.prefixes.remove(&prefix),
+            };
+            Ok(())
+        }
+        fn policy_meta(&self) -> Result<PolicyMeta, DatapathError> {
+            Ok(self.meta.unwrap_or_default())
+        }
+        fn set_policy_meta(&mut self, meta: PolicyMeta) -> Result<(), DatapathError> {
+            self.writes += 1;
+            self.meta = Some(meta);
             Ok(())
         }
         fn deny_sources(&self) -> Result<BTreeSet<PrefixKey>, DatapathError> {
@@ -1126,26 +1227,54 @@ policies:
         let generation = k.config.policy_generation;
         reconcile(&model(&format!("{STATE}{POLICIES}")), &mut k).unwrap();
         assert_eq!(k.config.rule_count, 2);
-        assert_eq!(k.rules[&0].port, 80u16.to_be());
+        let live = k.meta.unwrap().slot as u8;
+        let entries = k.map::<Policy>();
+        assert_eq!(
+            entries.len(),
+            2,
+            "one entry per rule here, all in the live half"
+        );
+        assert!(entries.keys().all(|key| key.slot == live));
+        let port80 = entries.keys().find(|key| key.port != 0).unwrap();
+        assert_eq!((port80.port, port80.proto), (80u16.to_be(), 6));
+        assert_eq!(entries[port80].priority, 0);
+        assert_eq!(k.prefixes.len(), 1);
         assert_eq!(k.config.policy_generation, generation + 1);
         // The deny list is not shadowed by an allow: XDP gets it.
         assert_eq!(k.deny.len(), 1);
         assert!(k.attached.contains(&("eth0".into(), Hook::UplinkXdp)));
-        // The same again: nothing to judge anew.
+        // The same again: nothing to judge anew, nothing written.
+        let writes = k.writes;
         reconcile(&model(&format!("{STATE}{POLICIES}")), &mut k).unwrap();
         assert_eq!(k.config.policy_generation, generation + 1);
+        assert_eq!(k.writes, writes);
+        assert_eq!(k.meta.unwrap().slot as u8, live);
+        // Another rule set goes into the other half, which becomes live; the old half empties.
+        let other = POLICIES.replace("80/tcp", "81/tcp");
+        reconcile(&model(&format!("{STATE}{other}")), &mut k).unwrap();
+        assert_eq!(k.meta.unwrap().slot as u8, 1 - live);
+        assert!(k.map::<Policy>().keys().all(|key| key.slot == 1 - live));
+        assert!(
+            k.prefixes
+                .keys()
+                .all(|(slot, _, _)| *slot as u8 == 1 - live)
+        );
+        assert_eq!(k.config.policy_generation, generation + 2);
+        reconcile(&model(&format!("{STATE}{POLICIES}")), &mut k).unwrap();
+        assert_eq!(k.config.policy_generation, generation + 3);
         // Rules gone: the count drops, the generation moves, the deny list empties.
         reconcile(&model(STATE), &mut k).unwrap();
         assert_eq!(
             (k.config.rule_count, k.config.policy_generation),
-            (0, generation + 2)
+            (0, generation + 4)
         );
+        assert!(k.map::<Policy>().is_empty() && k.prefixes.is_empty());
         assert!(k.deny.is_empty());
         assert!(!k.attached.contains(&("eth0".into(), Hook::UplinkXdp)));
     }
 
     #[test]
-    fn endpoints_carry_network_flags_ids_and_label_bits() {
+    fn endpoints_carry_network_flags_ids_and_label_classes() {
         let mut k = kernel();
         let text = STATE.replace(
             "gateway: 10.1.0.1}",
@@ -1155,9 +1284,9 @@ policies:
         reconcile(&model(&text), &mut k).unwrap();
         let endpoints = k.map::<Endpoints>();
         let two = endpoints[&ip("10.1.0.3")];
-        assert_eq!((two.endpoint_id, two.label_bits), (2, 1));
+        assert_eq!((two.endpoint_id, two.label_class), (2, 1));
         assert_eq!(two.net_flags, net_flags::INTERNAL | net_flags::NO_ICC);
-        assert_eq!(endpoints[&ip("10.1.0.2")].label_bits, 0);
+        assert_eq!(endpoints[&ip("10.1.0.2")].label_class, 0);
     }
 
     #[test]
