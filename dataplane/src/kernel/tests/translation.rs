@@ -11,7 +11,7 @@ use super::{
         Ipv4Spec, TCP_ACK, TCP_SYN, assert_checksums, icmp_echo, icmp_error, ipv4_frame,
         quoted_tuple, tcp, tuple, udp,
     },
-    programs::{TC_PASS, TC_SHOT, loaded_or_skip, run_tc},
+    programs::{TC_PASS, loaded_or_skip, run_tc},
 };
 use crate::kernel::{
     Datapath, Hook,
