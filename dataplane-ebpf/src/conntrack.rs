@@ -77,26 +77,22 @@ pub fn remove(key: &CtKey) {
     }
 }
 
-/// Removes the connection whose entry is `key` if it has closed both ways (FIN each way, or a
-/// RST), and says whether it did.
+/// Removes the connection whose entry is `key` if its other entry is `forward` (the same
+/// original tuple: a client reusing its own port after a close, or after the forward half was
+/// evicted), and says whether it did. A tuple held by another connection, even a closed one,
+/// stays taken: a closed connection's reply tuple is reserved for the original tuple that
+/// owned it (see `nat::allocate_source_port`).
 #[inline(always)]
-pub fn retire_if_closed(key: &CtKey) -> bool {
+pub fn reclaim_for(key: &CtKey, forward: &CtKey) -> bool {
     let Some(entry) = lookup(key) else {
         return false;
     };
-    // SAFETY: map values from lookups in this program run.
-    unsafe {
-        let peer = (*entry).peer;
-        let mine = (*entry).tcp_flags;
-        let theirs = lookup(&peer).map_or(0, |p| (*p).tcp_flags);
-        let closed = (mine | theirs) & tcp_flag::RST != 0
-            || (mine & tcp_flag::FIN != 0 && theirs & tcp_flag::FIN != 0);
-        if !closed {
-            return false;
-        }
-        remove(&peer);
-        remove(key);
+    // SAFETY: a map value from a lookup in this program run.
+    if unsafe { (*entry).peer } != *forward {
+        return false;
     }
+    remove(forward);
+    remove(key);
     true
 }
 

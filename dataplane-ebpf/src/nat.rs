@@ -11,7 +11,8 @@ use dataplane_common::{CtKey, DropReason, ct_rewrite};
 use crate::{
     conntrack::{self, CtError, NewConnection},
     parse::{
-        IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPPROTO_ICMP, IPPROTO_UDP, Ipv4Packet, L4, Quoted,
+        IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+        Ipv4Packet, L4, Quoted,
     },
 };
 
@@ -35,11 +36,25 @@ fn mix(key: &CtKey) -> u32 {
     h
 }
 
-/// Tracks the new connection `c`, whose packets leave with the source `c.nat_addr` and a port
-/// of `min..=max` (host order) found free here, and with the destination `daddr`:`dport`:
-/// probes from a hash of the connection, so that containers using the same source port end up
-/// on different ports. Sets `c.nat_port` and `c.reply` to what was tracked. Masquerade and
-/// hairpin connections allocate this way.
+/// Tracks the new connection `c`, whose packets leave with the source `c.nat_addr` and the
+/// destination `daddr`:`dport`, choosing its source port as Linux's nf_nat does: the
+/// connection's own source port (`c.forward.sport`) when the tuple it makes is free, so that the
+/// common case costs one insert and no probing; on a collision, ports of `min..=max` (host
+/// order), probed from a hash of the connection with a prime stride, so that containers using
+/// the same source port end up on different ports. `host`, for masquerade, is the packet's
+/// context: a port the host's own sockets hold towards that destination counts as taken (see
+/// [`host_holds`]). Sets `c.nat_port` and `c.reply` to what was tracked. Masquerade and hairpin
+/// connections allocate this way.
+///
+/// A tuple a closed connection still holds (its entries live for the closing timeout) is
+/// reserved for the original tuple that owned it: the far end may hold it in TIME_WAIT, and
+/// takes a new SYN on it only if the SYN's sequence number or timestamp is past the old
+/// connection's, which only the same client socket's next connection is (Linux's clocks for
+/// both are per address pair and port). nf_nat does the same: a NATed connection's closing
+/// entry makes its reply tuple taken for every other original tuple. So a different
+/// connection probes on, and only the owner (a client reusing its own port, whose closing
+/// entries `conntrack::lookup_packet` already removed on its SYN, or whose forward half was
+/// evicted) gets the tuple back.
 #[inline(always)]
 pub fn allocate_source_port(
     c: &mut NewConnection,
@@ -47,7 +62,11 @@ pub fn allocate_source_port(
     dport: u16,
     min: u16,
     max: u16,
+    host: Option<&TcContext>,
 ) -> Result<(), DropReason> {
+    if try_port(c, c.forward.sport, daddr, dport, host)? {
+        return Ok(());
+    }
     if max < min {
         return Err(DropReason::NoMappingForNatMasquerade);
     }
@@ -62,23 +81,85 @@ pub fn allocate_source_port(
         // A prime stride spreads the probes over the range: linear probing would walk the
         // clusters that busy destinations build.
         let port = (u32::from(min) + (start + probe * SNAT_PROBE_STRIDE) % range) as u16;
-        let port = port.to_be();
-        c.nat_port = port;
-        c.reply = conntrack::reply_key(c.forward.proto, c.nat_addr, port, daddr, dport);
-        let mut created = conntrack::create(c);
-        // A port held by a connection that has closed both ways is free again (the far end
-        // takes a new SYN on a TIME_WAIT tuple), so short connections at a high rate do not
-        // run the range dry for their 10 s of closing timeout.
-        if matches!(created, Err(CtError::Exists)) && conntrack::retire_if_closed(&c.reply) {
-            created = conntrack::create(c);
-        }
-        match created {
-            Ok(()) => return Ok(()),
-            Err(CtError::Exists) => continue,
-            Err(CtError::Full) => return Err(DropReason::CtMapInsertionFailed),
+        if try_port(c, port.to_be(), daddr, dport, host)? {
+            return Ok(());
         }
     }
     Err(DropReason::NoMappingForNatMasquerade)
+}
+
+/// Tracks `c` with the source port `port` (network order) if the tuple it makes is free:
+/// `Ok(false)` when it is taken (by a tracked connection, a closed one's reservation, or a
+/// socket of the host's).
+#[inline(always)]
+fn try_port(
+    c: &mut NewConnection,
+    port: u16,
+    daddr: u32,
+    dport: u16,
+    host: Option<&TcContext>,
+) -> Result<bool, DropReason> {
+    c.nat_port = port;
+    c.reply = conntrack::reply_key(c.forward.proto, c.nat_addr, port, daddr, dport);
+    if let Some(ctx) = host
+        && host_holds(ctx, &c.reply)
+    {
+        return Ok(false);
+    }
+    let mut created = conntrack::create(c);
+    if matches!(created, Err(CtError::Exists)) && conntrack::reclaim_for(&c.reply, &c.forward) {
+        created = conntrack::create(c);
+    }
+    match created {
+        Ok(()) => Ok(true),
+        Err(CtError::Exists) => Ok(false),
+        Err(CtError::Full) => Err(DropReason::CtMapInsertionFailed),
+    }
+}
+
+/// Whether a socket of the host's own (in the namespace of the packet's device) would take a
+/// packet with the reply key `reply`: a TCP connection (established, closing or in TIME_WAIT)
+/// or listener, a bound or connected UDP socket. The masquerade address is the host's, and the
+/// host's connections are not tracked here, so a kept source port must not be one the host
+/// uses towards that destination (the range of probed ports lies outside Linux's ephemeral
+/// ports for the same reason). A host connection opened later on a tuple of ours is
+/// translated itself (`translate::masquerade`).
+#[inline(never)]
+fn host_holds(ctx: &TcContext, reply: &CtKey) -> bool {
+    use aya_ebpf::{
+        EbpfContext as _,
+        bindings::{
+            BPF_F_CURRENT_NETNS, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
+            bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        },
+        helpers::generated::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+    };
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: reply.saddr,
+                daddr: reply.daddr,
+                sport: reply.sport,
+                dport: reply.dport,
+            },
+        },
+    };
+    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    // SAFETY: the context is the program's own; the tuple lives on this frame for the call;
+    // a socket found is released before returning, as the helpers require.
+    unsafe {
+        let sk = match reply.proto {
+            IPPROTO_TCP => bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0),
+            IPPROTO_UDP => bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0),
+            _ => return false,
+        };
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
 }
 
 /// Applies the rewrite of a conntrack entry (`which` one of [`ct_rewrite`], with its address

@@ -801,7 +801,8 @@ fn track_hairpin(
     c.hairpin_port = container_port;
     c.reply_hairpin_port = client_port;
     let own = ip.saddr;
-    if let Err(reason) = nat::allocate_source_port(c, own, container_port, port_min, port_max) {
+    if let Err(reason) = nat::allocate_source_port(c, own, container_port, port_min, port_max, None)
+    {
         return Verdict::Drop(reason);
     }
     if nat::rewrite_entry(
@@ -821,9 +822,10 @@ fn track_hairpin(
     deliver_back(ctx, ip)
 }
 
-/// A container's new connection leaving through the uplink: pick a free source port on the
-/// host's address (probing from a hash of the connection, so collisions between containers
-/// using the same source port resolve to different ports), track it, rewrite the source.
+/// A container's new connection leaving through the uplink: keep its source port on the
+/// host's address when that tuple is free, else pick a free one (probing from a hash of the
+/// connection, so collisions between containers using the same source port resolve to
+/// different ports), track it, rewrite the source (`nat::allocate_source_port`).
 #[inline(always)]
 fn masquerade(
     ctx: &TcContext,
@@ -832,19 +834,6 @@ fn masquerade(
     l4: &mut L4,
     forward: &CtKey,
 ) -> Verdict {
-    let Some(source) = ENDPOINTS.get_ptr(&ip.saddr) else {
-        return Verdict::Pass; // not a container: the host's own traffic keeps its address
-    };
-    // SAFETY: a map value from this program run's lookup.
-    if unsafe { (*source).net_flags } & net_flags::ROUTED != 0 {
-        // `routed` networks keep their addresses on the way out; tracked, so that the
-        // replies routed back to the container are known as replies.
-        if let Err(reason) = policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
-            return Verdict::Drop(reason);
-        }
-        track_untranslated(site, ip, forward, l4);
-        return Verdict::Pass;
-    }
     let Some(config) = CONFIG.get_ptr(0) else {
         return Verdict::Pass;
     };
@@ -857,12 +846,63 @@ fn masquerade(
             (*config).snat_port_max,
         )
     };
-    if masquerade_addr == 0 || snat_port_max < snat_port_min {
+    let Some(source) = ENDPOINTS.get_ptr(&ip.saddr) else {
+        // Not a container: the host's own traffic keeps its address, untracked, unless it
+        // opens a connection on a tuple one of ours holds (a port a container kept, which the
+        // host's connect() could not know about): then it is translated itself, to a probed
+        // port, so that neither loses its replies (Cilium's SNAT does the same with the
+        // host's connections).
+        if masquerade_addr == 0
+            || ip.saddr != masquerade_addr
+            || conntrack::lookup(&conntrack::reply_key(
+                ip.protocol,
+                ip.saddr,
+                l4.sport,
+                ip.daddr,
+                l4.dport,
+            ))
+            .is_none()
+        {
+            return Verdict::Pass;
+        }
+        return translate_source(ctx, site, ip, l4, forward, snat_port_min, snat_port_max);
+    };
+    // SAFETY: a map value from this program run's lookup.
+    if unsafe { (*source).net_flags } & net_flags::ROUTED != 0 {
+        // `routed` networks keep their addresses on the way out; tracked, so that the
+        // replies routed back to the container are known as replies.
+        if let Err(reason) = policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
+            return Verdict::Drop(reason);
+        }
+        track_untranslated(site, ip, forward, l4);
+        return Verdict::Pass;
+    }
+    if masquerade_addr == 0 {
         return Verdict::Pass;
     }
     if let Err(reason) = policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
         return Verdict::Drop(reason);
     }
+    translate_source(ctx, site, ip, l4, forward, snat_port_min, snat_port_max)
+}
+
+/// Tracks the new connection `forward` with its source translated to the masquerade address
+/// (in `CONFIG`, checked non-zero by the caller) and a port `nat::allocate_source_port` finds,
+/// and rewrites the packet so.
+#[inline(always)]
+fn translate_source(
+    ctx: &TcContext,
+    site: Site,
+    ip: &mut Ipv4Packet,
+    l4: &mut L4,
+    forward: &CtKey,
+    snat_port_min: u16,
+    snat_port_max: u16,
+) -> Verdict {
+    // SAFETY: array element 0 always exists (the caller read it).
+    let Some(masquerade_addr) = CONFIG.get_ptr(0).map(|c| unsafe { (*c).masquerade_addr }) else {
+        return Verdict::Pass;
+    };
     let mut connection = NewConnection {
         forward: *forward,
         reply: *forward,
@@ -885,6 +925,7 @@ fn masquerade(
         l4.dport,
         snat_port_min,
         snat_port_max,
+        Some(ctx),
     ) {
         return Verdict::Drop(reason);
     }

@@ -319,7 +319,8 @@ fn masquerade_gives_containers_the_host_address_outside() {
     let _agent = Agent::start(&sandbox);
     let _server = sandbox.serve_outside("9999", Some("9999"));
 
-    let reply = sandbox.exec_ok("web1", &["nc", "-w3", OUTSIDE, "9999"]);
+    // From a port of web1's choosing: its tuple is free, so it is kept (as nf_nat keeps it).
+    let reply = sandbox.exec_ok("web1", &["nc", "-w3", "-p", "40123", OUTSIDE, "9999"]);
     let seen = reply
         .trim()
         .strip_prefix("outside ")
@@ -327,7 +328,7 @@ fn masquerade_gives_containers_the_host_address_outside() {
     let (addr, port) = seen.split_once(':').unwrap();
     assert_eq!(addr, HOST, "the outside sees the host's address");
     let port: u16 = port.parse().unwrap();
-    assert!((20000..=32767).contains(&port), "masquerade port {port}");
+    assert_eq!(port, 40123, "the container's own source port, kept");
     let reply = sandbox.exec_ok(
         "web2",
         &["sh", "-c", &format!("echo hi | nc -u -w1 {OUTSIDE} 9999")],
@@ -361,6 +362,17 @@ fn two_hundred_parallel_connections_from_colliding_source_ports() {
         }
     }
     assert_eq!(ports.len(), 200, "200 distinct host ports");
+    // Of each colliding pair the first keeps its own port, the second gets one probed in the
+    // masquerade range.
+    let kept = ports
+        .iter()
+        .filter(|p| (41000..=41099).contains(*p))
+        .count();
+    let probed = ports
+        .iter()
+        .filter(|p| (20000..=32767).contains(*p))
+        .count();
+    assert_eq!((kept, probed), (100, 100), "{ports:?}");
     let status = agent.status();
     assert_eq!(status.drops("NO_MAPPING_FOR_NAT_MASQUERADE"), 0);
     assert_eq!(status.drops("CT_MAP_INSERTION_FAILED"), 0);

@@ -35,10 +35,12 @@ static SERVERS: [Server; 2] = [
     },
 ];
 
-static WORKLOADS: [Workload; 3] = [
+static WORKLOADS: [Workload; 4] = [
     Workload::Custom(&WRK),
     Workload::Custom(&WRK_NEW_CONN),
     Workload::Custom(&IPERF_1),
+    // Bytes per tracked connection and per service, ours beside Linux conntrack's.
+    Workload::Custom(&super::memory::MEMORY),
 ];
 
 pub fn scenario() -> Scenario {

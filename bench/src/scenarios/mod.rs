@@ -16,6 +16,7 @@ pub mod drop_gen;
 mod flow_logging;
 mod localhost;
 mod masquerade;
+mod memory;
 pub mod probe;
 mod published_port;
 mod scale;

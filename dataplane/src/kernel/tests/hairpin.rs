@@ -169,7 +169,10 @@ fn hairpin_entries(
         (be(GATEWAY), container_port.to_be())
     );
     let port = u16::from_be(f.nat_port);
-    assert!((SNAT_RANGE.0..=SNAT_RANGE.1).contains(&port), "{port}");
+    assert_eq!(
+        f.nat_port, forward.sport,
+        "web1's own source port is kept (its tuple is free), as nf_nat keeps it"
+    );
     assert_eq!(
         f.peer,
         key(forward.proto, (WEB1, container_port), (GATEWAY, port)),

@@ -4,6 +4,7 @@ mod balancing;
 mod flows;
 mod hairpin;
 mod hostile;
+mod masquerade;
 mod packet;
 mod policy;
 mod programs;
