@@ -48,8 +48,9 @@ pub mod map_names {
     pub const SERVICES: &str = "dp_services_v1";
     /// Backends of services: (service id, index) -> address and port.
     pub const BACKENDS: &str = "dp_backends_v1";
-    /// Maglev lookup tables, [`MAGLEV_STRIDE`] backend indexes per service id, flat.
-    pub const MAGLEV: &str = "dp_maglev_v1";
+    /// Maglev lookup tables, [`maglev_stride`] backend indexes per service id, flat. v2: the
+    /// table size is a load-time setting (v1 had 1021 slots, fixed).
+    pub const MAGLEV: &str = "dp_maglev_v2";
     /// Round-robin position per service (per CPU).
     pub const RR_POSITION: &str = "dp_rr_v1";
     /// Flow events (ring buffer): connections opened and closed, packets dropped.
@@ -73,6 +74,8 @@ pub mod map_names {
 pub mod globals {
     /// u8: 1 sends flow events (the default), 0 sends none.
     pub const FLOW_EVENTS_ON: &str = "FLOW_EVENTS_ON";
+    /// u32: slots of each service's Maglev table (`--maglev-size`, a prime).
+    pub const MAGLEV_SIZE: &str = "MAGLEV_SIZE";
 }
 
 /// Names of the kernel programs in the object file.
@@ -133,9 +136,10 @@ pub mod capacity {
     /// Addresses of the host's interfaces.
     pub const LOCAL_ADDRS: u32 = 256;
     /// Services (VIP:port/protocol) by default; a load-time setting (`--max-services`) since the
-    /// Maglev tables take `MAGLEV_TABLE_SIZE * 4` bytes per possible service (4 KiB), allocated
-    /// up front: 4,096 services = 16 MiB.
-    pub const SERVICES: u32 = 4096;
+    /// Maglev tables take `(MAGLEV_DEFAULT_SIZE + 1) * 4` bytes per possible service (64 KiB),
+    /// allocated up front: 1,024 services = 64 MiB. More services want a smaller table
+    /// (`--maglev-size 4093`: 16 KiB each, within 1% up to 40 backends).
+    pub const SERVICES: u32 = 1024;
     /// Backends over all services (allocated on use).
     pub const BACKENDS: u32 = 65_536;
     /// Unestablished connections (two entries each) for a main table of `ct_max_entries`: a
@@ -163,16 +167,45 @@ pub mod capacity {
     pub const SOCK_REV_NAT: u32 = 65_536;
 }
 
-/// Slots of one service's Maglev table. Prime, as Maglev needs; 1021 slots keep backends within
-/// about 1% of even up to ~10 backends and within a few percent up to ~30 (each backend owns
-/// M/N slots, off by at most one). Removing one of N backends moves about 1/N of the flows.
-pub const MAGLEV_TABLE_SIZE: u32 = 1021;
+/// Slots of one service's Maglev table unless `--maglev-size` says otherwise (a load-time
+/// setting: the programs read it from [`globals::MAGLEV_SIZE`]). Prime, as Maglev needs.
+/// Cilium's default: each backend owns M/N slots off by at most one, so M > 100 x N keeps
+/// every backend within 1% of its share up to 100 backends (16381 / 100 = 163.8 slots each,
+/// one slot is 0.6%). A table costs (M + 1) x 4 bytes: 64 KiB per possible service.
+pub const MAGLEV_DEFAULT_SIZE: u32 = 16381;
+/// The largest table `--maglev-size` accepts (a prime: 2^17 - 1), 512 KiB per service; the
+/// smallest, [`MAGLEV_MIN_SIZE`], still gives 30 backends a share each within a few percent.
+pub const MAGLEV_MAX_SIZE: u32 = 131_071;
+pub const MAGLEV_MIN_SIZE: u32 = 251;
 
-/// Slots between the starts of two services' tables in the flat Maglev map. The map's
-/// elements are pairs of slots (`[u32; 2]`: BPF array elements are 8-byte aligned, so single
-/// u32s would leave half of an mmap-ed map as padding); an even stride keeps every table at
-/// the start of an element.
-pub const MAGLEV_STRIDE: u32 = MAGLEV_TABLE_SIZE + 1;
+/// Slots between the starts of two services' tables in the flat Maglev map of tables of
+/// `size` slots. The map's elements are pairs of slots (`[u32; 2]`: BPF array elements are
+/// 8-byte aligned, so single u32s would leave half of an mmap-ed map as padding); an even
+/// stride (the size is an odd prime) keeps every table at the start of an element.
+pub const fn maglev_stride(size: u32) -> u32 {
+    size + 1
+}
+
+/// Elements (`[u32; 2]`) of the flat Maglev map for `max_services` services of tables of
+/// `size` slots (ids start at 1: one spare table at id 0).
+pub const fn maglev_elements(max_services: u32, size: u32) -> u64 {
+    (max_services as u64 + 1) * maglev_stride(size) as u64 / 2
+}
+
+/// Whether `n` is prime (trial division: for the few sizes checked at start).
+pub const fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while (d as u64) * (d as u64) <= n as u64 {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
 
 /// Load-balancing algorithms, as stored in [`ServiceInfo::algorithm`].
 pub mod algorithm {

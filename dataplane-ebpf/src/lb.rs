@@ -2,16 +2,21 @@
 //! The choice is made once per connection; conntrack keeps the connection on its backend
 //! whatever happens to the backend set afterwards.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::{Global, helpers::bpf_get_prandom_u32};
 use dataplane_common::{
-    Backend, BackendKey, CtKey, MAGLEV_STRIDE, MAGLEV_TABLE_SIZE, ServiceInfo, ServiceKey,
-    algorithm,
+    Backend, BackendKey, CtKey, MAGLEV_DEFAULT_SIZE, ServiceInfo, ServiceKey, algorithm,
+    maglev_stride,
 };
 
 use crate::{
     maps::{BACKENDS, MAGLEV, RR_POSITION, SERVICES},
     parse::{Ipv4Packet, L4},
 };
+
+/// Slots of each service's Maglev table: a load-time setting (`--maglev-size`, a prime the
+/// agent checked; the map was sized for it at the same load).
+#[unsafe(no_mangle)]
+static MAGLEV_SIZE: Global<u32> = Global::new(MAGLEV_DEFAULT_SIZE);
 
 /// The service whose VIP:port the packet is addressed to.
 #[inline(always)]
@@ -91,7 +96,12 @@ pub fn pick_hashed(service: &ServiceInfo, hashes: &Hashes) -> Option<Backend> {
             } else {
                 hashes.flow
             };
-            let slot = service.id * MAGLEV_STRIDE + hash % MAGLEV_TABLE_SIZE;
+            let size = MAGLEV_SIZE.load();
+            // For the verifier (and a zero a broken loader might set): no division by 0.
+            if size == 0 {
+                return None;
+            }
+            let slot = service.id * maglev_stride(size) + hash % size;
             let pair = MAGLEV.get(slot / 2)?;
             pair[(slot & 1) as usize]
         }

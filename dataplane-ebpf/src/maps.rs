@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     Backend, BackendKey, Config, CtEntry, CtKey, DropAggKey, DropAggValue, DropBudget, DropReason,
-    EndpointInfo, FLOW_RING_BYTES, FragEntry, FragKey, IfaceStats, IfaceStatsKey, MAGLEV_STRIDE,
-    PolicyKey, PolicyMeta, PolicyPrefix, PolicyVerdict, PortKey, PortTarget, ServiceInfo,
-    ServiceKey, SockRevNat, SockRevNatKey, capacity, tcp_flag_count,
+    EndpointInfo, FLOW_RING_BYTES, FragEntry, FragKey, IfaceStats, IfaceStatsKey,
+    MAGLEV_DEFAULT_SIZE, PolicyKey, PolicyMeta, PolicyPrefix, PolicyVerdict, PortKey, PortTarget,
+    ServiceInfo, ServiceKey, SockRevNat, SockRevNatKey, capacity, maglev_elements, tcp_flag_count,
 };
 
 /// Packets and bytes per (interface, hook); per-CPU so the hot path never contends.
@@ -90,12 +90,15 @@ pub static SERVICES: HashMap<ServiceKey, ServiceInfo> = HashMap::pinned(capacity
 pub static BACKENDS: HashMap<BackendKey, Backend> =
     HashMap::pinned(capacity::BACKENDS, BPF_F_NO_PREALLOC);
 
-/// Maglev tables: slot `id * MAGLEV_STRIDE + h` holds a backend index of service `id`, two
-/// slots per element. Flat and mmap-able so the agent writes a whole table as memory, not
-/// 1021 syscalls; its size follows `--max-services` (ids start at 1: one spare table).
-#[map(name = "dp_maglev_v1")]
-pub static MAGLEV: Array<[u32; 2]> =
-    Array::pinned((capacity::SERVICES + 1) * MAGLEV_STRIDE / 2, BPF_F_MMAPABLE);
+/// Maglev tables: slot `id * (M + 1) + h` holds a backend index of service `id`, two slots
+/// per element, M = `--maglev-size` (16381 by default: 64 KiB a service). Flat and mmap-able
+/// so the agent writes a whole table as memory, not M syscalls; its size follows
+/// `--max-services` and `--maglev-size`, set at load (ids start at 1: one spare table).
+#[map(name = "dp_maglev_v2")]
+pub static MAGLEV: Array<[u32; 2]> = Array::pinned(
+    maglev_elements(capacity::SERVICES, MAGLEV_DEFAULT_SIZE) as u32,
+    BPF_F_MMAPABLE,
+);
 
 /// Round-robin position per service id, per CPU (no atomics on the hot path).
 #[map(name = "dp_rr_v1")]

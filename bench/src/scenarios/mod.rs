@@ -452,7 +452,8 @@ pub fn wait_applied(
                 bed.agent_log()
             );
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Fine enough for applies of a few milliseconds (each look is one `status`).
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

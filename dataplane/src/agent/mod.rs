@@ -75,9 +75,17 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = dataplane_common::capacity::CONNTRACK)]
     ct_max_entries: u32,
     /// How many services (VIP:port/protocol) the maps hold; each possible service reserves a
-    /// 4 KiB Maglev table. Takes effect when the maps are created.
+    /// Maglev table of (--maglev-size + 1) x 4 bytes, allocated up front (64 KiB at the
+    /// default size: 1,024 services = 64 MiB). Takes effect when the maps are created.
     #[arg(long, default_value_t = dataplane_common::capacity::SERVICES)]
     max_services: u32,
+    /// Slots of each service's Maglev table, a prime from 251 to 131071. Each backend owns
+    /// M/N slots give or take one: the default keeps every backend of up to 100 within 1% of
+    /// its share (Cilium's default); 1021 costs 4 KiB a service and is within 1% up to 10
+    /// backends. Takes effect when the maps are created (a pinned map keeps its size).
+    #[arg(long, default_value_t = dataplane_common::MAGLEV_DEFAULT_SIZE,
+          value_parser = parse_maglev_size)]
+    maglev_size: u32,
     /// Capacity of the published-ports map: one entry per port number, protocol and host
     /// address (a range of 100 ports is 100). Takes effect when the map is created.
     #[arg(long, default_value_t = dataplane_common::capacity::PORTS)]
@@ -93,6 +101,16 @@ pub struct AgentArgs {
     xdp: XdpMode,
     #[command(flatten)]
     flows: flows::FlowArgs,
+}
+
+/// `--maglev-size`: a prime within the bounds the programs and the map allow.
+fn parse_maglev_size(text: &str) -> Result<u32, String> {
+    let size: u32 = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a number: {e}"))?;
+    // The map's own bound (with --max-services) is checked at load.
+    crate::kernel::check_maglev_size(size, 0)?;
+    Ok(size)
 }
 
 struct Agent {
@@ -232,6 +250,7 @@ async fn start(args: AgentArgs) -> anyhow::Result<(Agent, Sources, tokio::net::U
         max_services: args.max_services,
         flow_events: args.flows.events_on(),
         max_ports: args.max_ports,
+        maglev_size: args.maglev_size,
     };
     let (mut datapath, conntrack) = Datapath::load(&args.pin_dir, &options)?;
     let flow_events = flows::spawn_reader(datapath.take_flow_events()?)?;

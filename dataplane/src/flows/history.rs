@@ -1,25 +1,65 @@
 //! The agent's memory of recent flows, for `dataplane observe --last N`: a bounded ring, the
 //! oldest record going when a new one comes (like Hubble's ring buffer of flows).
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{
+    collections::VecDeque,
+    sync::{Arc, OnceLock},
+};
 
 use super::record::{Flow, Record};
 
-/// A record and its JSON lines, serialised once for every reader.
+/// A record and its JSON lines, each serialised once, when a reader first asks for it: most
+/// records are never read (the history turns over, nobody follows), and serialising both
+/// forms of every record was the largest part of the agent's CPU under load.
 #[derive(Debug)]
 pub struct Stored {
     pub record: Record,
     /// Hubble's form.
-    pub json: String,
+    json: OnceLock<String>,
     /// With our extensions.
-    pub extended: String,
+    extended: OnceLock<String>,
     /// Hubble's API response of this record, decoded from `json` when first asked for.
-    pub proto: std::sync::OnceLock<Option<Box<crate::hubble::api::observer::GetFlowsResponse>>>,
+    pub proto: OnceLock<Option<Box<crate::hubble::api::observer::GetFlowsResponse>>>,
 }
 
 impl Stored {
+    pub fn new(record: Record) -> Stored {
+        Stored {
+            record,
+            json: OnceLock::new(),
+            extended: OnceLock::new(),
+            proto: OnceLock::new(),
+        }
+    }
+
+    /// With a line already made (the flow log needed it), so it is not made twice.
+    pub fn with_line(record: Record, extended: bool, line: String) -> Stored {
+        let stored = Stored::new(record);
+        let cell = if extended {
+            &stored.extended
+        } else {
+            &stored.json
+        };
+        let _ = cell.set(line);
+        stored
+    }
+
+    /// Hubble's JSON line.
+    pub fn json(&self) -> &str {
+        self.json.get_or_init(|| self.record.clone().hubble_json())
+    }
+
+    /// The JSON line with our extensions.
+    pub fn extended(&self) -> &str {
+        self.extended.get_or_init(|| self.record.extended_json())
+    }
+
     pub fn line(&self, extended: bool) -> &str {
-        if extended { &self.extended } else { &self.json }
+        if extended {
+            self.extended()
+        } else {
+            self.json()
+        }
     }
 }
 
@@ -100,7 +140,7 @@ mod tests {
             ("192.0.2.2", sport),
             ("192.0.2.9", 80),
         );
-        let mut record = record::build(
+        let record = record::build(
             &decode::from_raw(&raw).unwrap(),
             &Context {
                 identities: &Identities::default(),
@@ -109,14 +149,7 @@ mod tests {
                 ifname: None,
             },
         );
-        let json = record.hubble_json();
-        let extended = record.extended_json();
-        Arc::new(Stored {
-            record,
-            json,
-            extended,
-            proto: Default::default(),
-        })
+        Arc::new(Stored::new(record))
     }
 
     fn sport(s: &Stored) -> u16 {

@@ -328,31 +328,32 @@ impl Pipeline {
                 ifname: ifname.as_deref(),
             },
         );
-        let json = record.hubble_json();
-        let extended = record.extended_json();
         self.metrics.record(&record.flow);
         self.stats.records += 1;
-        if let Some(log) = &mut self.log {
-            let line = match self.log_format {
-                LogFormat::Hubble => &json,
-                LogFormat::Extended => &extended,
-            };
-            match log.write_line(line) {
-                Ok(()) => self.log_failing = false,
-                Err(e) => {
-                    if !self.log_failing {
-                        log::warn!("flow log: {e}; records are skipped until it works again");
+        // The flow log's line is made here (it is written at once); the other form, and both
+        // when there is no log, only when a reader asks (see `Stored`).
+        let stored = match &mut self.log {
+            Some(log) => {
+                let extended = self.log_format == LogFormat::Extended;
+                let line = if extended {
+                    record.extended_json()
+                } else {
+                    record.hubble_json()
+                };
+                match log.write_line(&line) {
+                    Ok(()) => self.log_failing = false,
+                    Err(e) => {
+                        if !self.log_failing {
+                            log::warn!("flow log: {e}; records are skipped until it works again");
+                        }
+                        self.log_failing = true;
                     }
-                    self.log_failing = true;
                 }
+                Stored::with_line(record, extended, line)
             }
-        }
-        let stored = Arc::new(Stored {
-            record,
-            json,
-            extended,
-            proto: Default::default(),
-        });
+            None => Stored::new(record),
+        };
+        let stored = Arc::new(stored);
         self.followers.retain_mut(|f| {
             if !f.request.filter.matches(&stored.record.flow) {
                 return !f.lines.is_closed();

@@ -113,7 +113,7 @@ pub fn response_of(stored: &Stored) -> Option<&GetFlowsResponse> {
     stored
         .proto
         .get_or_init(
-            || match serde_json::from_str::<GetFlowsResponse>(&stored.json) {
+            || match serde_json::from_str::<GetFlowsResponse>(stored.json()) {
                 Ok(response) => Some(Box::new(response)),
                 Err(e) => {
                     log::warn!("Hubble API: a record does not decode as a Hubble flow: {e}");
@@ -374,7 +374,7 @@ mod tests {
     };
 
     fn stored(raw: &dataplane_common::FlowEvent) -> Arc<Stored> {
-        let mut record = record::build(
+        let record = record::build(
             &decode::from_raw(raw).unwrap(),
             &Context {
                 identities: &Identities::default(),
@@ -383,12 +383,7 @@ mod tests {
                 ifname: None,
             },
         );
-        Arc::new(Stored {
-            json: record.hubble_json(),
-            extended: record.extended_json(),
-            record,
-            proto: Default::default(),
-        })
+        Arc::new(Stored::new(record))
     }
 
     fn tcp(sport: u16) -> Arc<Stored> {

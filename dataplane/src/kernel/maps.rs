@@ -131,15 +131,18 @@ impl<M: HashMapSpec> KernelFilled<M> {
 
     /// Every entry of the map.
     pub fn entries(&self) -> Result<BTreeMap<M::Key, M::Value>, DatapathError> {
-        self.map
-            .iter()
-            .map(|entry| {
-                entry.map_err(|source| DatapathError::Map {
-                    map: M::NAME,
-                    source,
+        use aya::maps::IterableMap as _;
+        super::batch::entries(M::NAME, self.map.map(), || {
+            self.map
+                .iter()
+                .map(|entry| {
+                    entry.map_err(|source| DatapathError::Map {
+                        map: M::NAME,
+                        source,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
     }
 
     /// Removes `keys`; keys already gone are not errors. Returns how many it removed.
@@ -147,8 +150,19 @@ impl<M: HashMapSpec> KernelFilled<M> {
     where
         M::Key: 'a,
     {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        let keys: Vec<M::Key> = keys.into_iter().copied().collect();
+        match super::batch::delete(self.map.map().fd().as_fd(), &keys) {
+            Ok(removed) => return removed,
+            Err(super::batch::BatchError::Unsupported) => {}
+            Err(super::batch::BatchError::Io(e)) => {
+                log::warn!("{}: removing entries: {e}", M::NAME);
+                return 0;
+            }
+        }
         let mut removed = 0;
-        for key in keys {
+        for key in &keys {
             match super::removed(M::NAME, self.map.remove(key)) {
                 Ok(()) => removed += 1,
                 Err(e) => log::warn!("{}: {e}", M::NAME),

@@ -19,12 +19,13 @@ use aya::{
     },
 };
 use dataplane_common::{
-    Config, DropReason, IfaceStats, IfaceStatsKey, MAGLEV_STRIDE, MAGLEV_TABLE_SIZE, PolicyKey,
-    PolicyMeta, PolicyPrefix, PolicyVerdict, PrefixKey, capacity, hook, map_names, program_names,
-    tcp_flag_count,
+    Config, DropReason, IfaceStats, IfaceStatsKey, MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE,
+    MAGLEV_MIN_SIZE, PolicyKey, PolicyMeta, PolicyPrefix, PolicyVerdict, PrefixKey, capacity, hook,
+    is_prime, maglev_elements, maglev_stride, map_names, program_names, tcp_flag_count,
 };
 use serde::Serialize;
 
+mod batch;
 pub mod conntrack;
 pub mod maps;
 pub mod netdev;
@@ -200,6 +201,8 @@ pub struct LoadOptions {
     /// Capacity of the published-ports map (one entry per port number and protocol; as above,
     /// at creation).
     pub max_ports: u32,
+    /// Slots of each service's Maglev table, a prime (sizes the Maglev map; as above).
+    pub maglev_size: u32,
 }
 
 impl Default for LoadOptions {
@@ -209,6 +212,7 @@ impl Default for LoadOptions {
             max_services: capacity::SERVICES,
             flow_events: true,
             max_ports: capacity::PORTS,
+            maglev_size: MAGLEV_DEFAULT_SIZE,
         }
     }
 }
@@ -217,6 +221,8 @@ impl Default for LoadOptions {
 /// written as one copy instead of one syscall per slot.
 struct MaglevTables {
     base: *mut u32,
+    /// Slots of one table (`--maglev-size`).
+    size: u32,
     /// Slots (u32) in the map: two per element.
     slots: usize,
     bytes: usize,
@@ -226,7 +232,7 @@ struct MaglevTables {
 unsafe impl Send for MaglevTables {}
 
 impl MaglevTables {
-    fn map(ebpf: &Ebpf) -> Result<MaglevTables, DatapathError> {
+    fn map(ebpf: &Ebpf, size: u32) -> Result<MaglevTables, DatapathError> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
         let name = map_names::MAGLEV;
         let data = match ebpf.map(name).ok_or(DatapathError::MissingMap(name))? {
@@ -261,14 +267,15 @@ impl MaglevTables {
         }
         Ok(MaglevTables {
             base: base.cast(),
+            size,
             slots,
             bytes,
         })
     }
 
     fn range(&self, id: u32) -> Option<std::ops::Range<usize>> {
-        let size = MAGLEV_TABLE_SIZE as usize;
-        let start = id as usize * MAGLEV_STRIDE as usize;
+        let size = self.size as usize;
+        let start = id as usize * maglev_stride(self.size) as usize;
         (start + size <= self.slots).then(|| start..start + size)
     }
 
@@ -301,6 +308,39 @@ impl Drop for MaglevTables {
         // SAFETY: unmapping exactly what map() mapped.
         unsafe { libc::munmap(self.base.cast(), self.bytes) };
     }
+}
+
+/// Refuses a Maglev table size that is not a prime within bounds (Maglev's permutations need
+/// a prime), or that would not fit the map with `max_services` tables.
+pub fn check_maglev_size(size: u32, max_services: u32) -> Result<(), String> {
+    if !(MAGLEV_MIN_SIZE..=MAGLEV_MAX_SIZE).contains(&size) || !is_prime(size) {
+        return Err(format!(
+            "--maglev-size {size}: must be a prime from {MAGLEV_MIN_SIZE} to {MAGLEV_MAX_SIZE} \
+             (e.g. 1021, 4093, 16381, 65521)"
+        ));
+    }
+    // Slot numbers are u32 in the programs, and the map has at most u32::MAX elements.
+    let slots = (u64::from(max_services) + 1) * u64::from(maglev_stride(size));
+    if slots > u64::from(u32::MAX) {
+        return Err(format!(
+            "--max-services {max_services} with --maglev-size {size} is {slots} Maglev slots, \
+             more than the programs can index (2^32); lower either"
+        ));
+    }
+    Ok(())
+}
+
+/// The capacity (max entries) of a loaded map.
+fn map_capacity(ebpf: &Ebpf, name: &'static str) -> Result<u32, DatapathError> {
+    use aya::maps::Map;
+    let data = match ebpf.map(name).ok_or(DatapathError::MissingMap(name))? {
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) => d,
+        _ => return Err(DatapathError::MissingMap(name)),
+    };
+    Ok(data
+        .info()
+        .map_err(|source| DatapathError::Map { map: name, source })?
+        .max_entries())
 }
 
 /// One map's fill level, for `status` and metrics.
@@ -464,6 +504,8 @@ impl Datapath {
                 "conntrack capacity must be above 0".into(),
             ));
         }
+        check_maglev_size(options.maglev_size, options.max_services)
+            .map_err(DatapathError::Settings)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(map_names::CONNTRACK, options.ct_max_entries)
@@ -474,7 +516,8 @@ impl Datapath {
             .map_max_entries(map_names::SERVICES, options.max_services)
             .map_max_entries(
                 map_names::MAGLEV,
-                (options.max_services + 1) * MAGLEV_STRIDE / 2,
+                // check_maglev_size made sure it fits.
+                maglev_elements(options.max_services, options.maglev_size) as u32,
             )
             .map_max_entries(map_names::RR_POSITION, options.max_services + 1)
             .map_max_entries(map_names::PORTS, options.max_ports)
@@ -483,12 +526,32 @@ impl Datapath {
                 &u8::from(options.flow_events),
                 true,
             )
+            .override_global(
+                dataplane_common::globals::MAGLEV_SIZE,
+                &options.maglev_size,
+                true,
+            )
             .load(KERNEL_OBJECT)
             .map_err(DatapathError::Load)?;
         check_layouts(&ebpf, pin_dir)?;
-        let maglev = MaglevTables::map(&ebpf)?;
-        // Pinned maps keep the size they were made with: trust them over the options.
-        let max_services = (maglev.slots as u32 / MAGLEV_STRIDE).saturating_sub(1);
+        let maglev = MaglevTables::map(&ebpf, options.maglev_size)?;
+        // Pinned maps keep the size they were made with: trust them over the options. The
+        // Maglev map must then be the one of this table size, else the programs (which take
+        // the size from this load) would index it wrongly.
+        let max_services = map_capacity(&ebpf, map_names::SERVICES)?;
+        let stride = maglev_stride(options.maglev_size) as usize;
+        if maglev.slots / stride != max_services as usize + 1 {
+            return Err(DatapathError::Settings(format!(
+                "the Maglev map pinned at {} holds {} slots, which is not {} services' tables \
+                 of {} slots: it was made with another --maglev-size (or --max-services). \
+                 Start with the size it was made with, or remove that pin (and the services \
+                 map's) to make it anew",
+                pin_dir.join(map_names::MAGLEV).display(),
+                maglev.slots,
+                max_services + 1,
+                options.maglev_size
+            )));
+        }
         for hook in [
             Hook::ContainerIngress,
             Hook::UplinkIngress,
@@ -816,15 +879,18 @@ impl Datapath {
 
     /// Every entry of hash map `M` (including entries pinned by an earlier agent).
     pub fn entries<M: HashMapSpec>(&self) -> Result<BTreeMap<M::Key, M::Value>, DatapathError> {
-        self.hash::<M::Key, M::Value>(M::NAME)?
-            .iter()
-            .map(|entry| {
-                entry.map_err(|source| DatapathError::Map {
-                    map: M::NAME,
-                    source,
+        use aya::maps::IterableMap as _;
+        let map = self.hash::<M::Key, M::Value>(M::NAME)?;
+        batch::entries(M::NAME, map.map(), || {
+            map.iter()
+                .map(|entry| {
+                    entry.map_err(|source| DatapathError::Map {
+                        map: M::NAME,
+                        source,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
     }
 
     /// Writes one entry of a map the reconciler owns (see [`maps`] for who writes what).
@@ -851,7 +917,9 @@ impl Datapath {
 
     /// Number of entries in hash map `M`.
     pub fn count<M: HashMapSpec>(&self) -> Result<u32, DatapathError> {
-        Ok(self.hash::<M::Key, M::Value>(M::NAME)?.keys().count() as u32)
+        use aya::maps::IterableMap as _;
+        let map = self.hash::<M::Key, M::Value>(M::NAME)?;
+        batch::count::<M::Key, M::Value>(M::NAME, map.map(), || Ok(map.keys().count() as u32))
     }
 
     pub fn max_services(&self) -> u32 {
@@ -882,6 +950,11 @@ impl Datapath {
                     .map_err(err)
             })
             .collect()
+    }
+
+    /// Slots of each service's Maglev table.
+    pub fn maglev_size(&self) -> u32 {
+        self.maglev.size
     }
 
     /// Sets (`Some(class)`) or removes the policy trie's prefix `addr/len` of half `slot`.

@@ -69,7 +69,10 @@ pub fn table(members: &[Member], size: u32) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dataplane_common::MAGLEV_TABLE_SIZE;
+    use dataplane_common::MAGLEV_DEFAULT_SIZE;
+
+    /// The table size of v1 (fixed then), kept for the tests of small backend sets.
+    const MAGLEV_TABLE_SIZE: u32 = 1021;
 
     fn members(names: &[&str]) -> Vec<Member> {
         names
@@ -155,5 +158,46 @@ mod tests {
         let ratio = counts[0] as f64 / counts[1] as f64;
         assert!((2.9..3.1).contains(&ratio), "{counts:?}");
         assert!(table(&members(&[]), 251).is_empty());
+    }
+
+    /// The largest share off the ideal, as a fraction of the ideal.
+    fn imbalance(table: &[u32], n: usize) -> f64 {
+        let ideal = table.len() as f64 / n as f64;
+        shares(table, n)
+            .into_iter()
+            .map(|c| (c as f64 - ideal).abs() / ideal)
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn the_default_size_keeps_100_backends_within_one_percent() {
+        let names: Vec<String> = (0..100)
+            .map(|i| format!("web{i}/10.0.{}.{}:80", i / 250, i % 250))
+            .collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let t = table(&members(&refs), MAGLEV_DEFAULT_SIZE);
+        assert_eq!(t.len(), MAGLEV_DEFAULT_SIZE as usize);
+        let off = imbalance(&t, 100);
+        assert!(
+            off < 0.01,
+            "100 backends in {MAGLEV_DEFAULT_SIZE} slots: {off}"
+        );
+        // What the old fixed size gave: why the default changed.
+        let old = imbalance(&table(&members(&refs), MAGLEV_TABLE_SIZE), 100);
+        assert!(old > 0.01, "{old}");
+    }
+
+    #[test]
+    fn other_sizes_fill_every_slot_evenly() {
+        let names: Vec<String> = (0..7).map(|i| format!("b{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        for size in [251, 4093, 65_521] {
+            let t = table(&members(&refs), size);
+            assert_eq!(t.len(), size as usize);
+            assert!(t.iter().all(|&i| i < 7));
+            // Off by at most one slot each.
+            let ideal = f64::from(size) / 7.0;
+            assert!(imbalance(&t, 7) * ideal <= 1.0, "size {size}");
+        }
     }
 }

@@ -10,8 +10,8 @@ use std::{
 };
 
 use dataplane_common::{
-    Backend, BackendKey, Config, EndpointInfo, MAGLEV_TABLE_SIZE, PolicyKey, PolicyMeta, PortKey,
-    PortTarget, PrefixKey, ServiceInfo, ServiceKey, algorithm, net_flags,
+    Backend, BackendKey, Config, EndpointInfo, PolicyKey, PolicyMeta, PortKey, PortTarget,
+    PrefixKey, ServiceInfo, ServiceKey, algorithm, net_flags,
 };
 
 pub mod capacity;
@@ -58,6 +58,8 @@ pub trait Kernel {
     fn set_deny_source(&mut self, prefix: PrefixKey, deny: bool) -> Result<(), DatapathError>;
     /// How many services the maps hold (service ids are 1..=this).
     fn max_services(&self) -> u32;
+    /// Slots of each service's Maglev table (`--maglev-size`).
+    fn maglev_size(&self) -> u32;
     /// The Maglev table of service `id`.
     fn maglev(&self, id: u32) -> Vec<u32>;
     fn set_maglev(&mut self, id: u32, table: &[u32]) -> Result<(), DatapathError>;
@@ -121,6 +123,9 @@ impl Kernel for Datapath {
     }
     fn max_services(&self) -> u32 {
         Datapath::max_services(self)
+    }
+    fn maglev_size(&self) -> u32 {
+        Datapath::maglev_size(self)
     }
     fn maglev(&self, id: u32) -> Vec<u32> {
         Datapath::maglev(self, id)
@@ -379,7 +384,7 @@ pub fn desired(
                 proto: service.protocol.number(),
                 _pad: 0,
             },
-            desired_service(model, service),
+            desired_service(model, service, kernel.maglev_size()),
         );
     }
     for (i, port) in model.ports.iter().enumerate() {
@@ -573,7 +578,11 @@ fn add_port(
 /// The kernel's view of `service`: backends at their endpoint's first address and the
 /// target port, and the Maglev table over their names (so it does not depend on addresses or
 /// order).
-fn desired_service(model: &Model, service: &crate::model::Service) -> DesiredService {
+fn desired_service(
+    model: &Model,
+    service: &crate::model::Service,
+    maglev_size: u32,
+) -> DesiredService {
     let mut backends = Vec::new();
     let mut members = Vec::new();
     for (name, weight) in service.backends.iter().zip(&service.weights) {
@@ -602,7 +611,7 @@ fn desired_service(model: &Model, service: &crate::model::Service) -> DesiredSer
         Algorithm::SourceHash => algorithm::SOURCE_HASH,
     };
     let table = match service.algorithm {
-        Algorithm::Maglev | Algorithm::SourceHash => maglev::table(&members, MAGLEV_TABLE_SIZE),
+        Algorithm::Maglev | Algorithm::SourceHash => maglev::table(&members, maglev_size),
         Algorithm::Random | Algorithm::RoundRobin => Vec::new(),
     };
     DesiredService {
@@ -884,6 +893,7 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
 pub mod fake {
     //! An in-memory kernel for reconciler tests: maps as bytes, like the kernel keeps them.
     use super::*;
+    use dataplane_common::MAGLEV_DEFAULT_SIZE;
 
     use aya::Pod;
 
@@ -1014,11 +1024,14 @@ pub mod fake {
         fn max_services(&self) -> u32 {
             16
         }
+        fn maglev_size(&self) -> u32 {
+            MAGLEV_DEFAULT_SIZE
+        }
         fn maglev(&self, id: u32) -> Vec<u32> {
             self.maglev
                 .get(&id)
                 .cloned()
-                .unwrap_or_else(|| vec![0; MAGLEV_TABLE_SIZE as usize])
+                .unwrap_or_else(|| vec![0; MAGLEV_DEFAULT_SIZE as usize])
         }
         fn set_maglev(&mut self, id: u32, table: &[u32]) -> Result<(), DatapathError> {
             self.writes += 1;
@@ -1032,6 +1045,7 @@ pub mod fake {
 mod tests {
     use super::{fake::FakeKernel, *};
     use crate::model::StateFile;
+    use dataplane_common::MAGLEV_DEFAULT_SIZE;
 
     const STATE: &str = r#"
 networks:
@@ -1164,7 +1178,7 @@ services:
         }];
         assert_eq!((first.addr, first.port), (ip("10.1.0.2"), 8080u16.to_be()));
         let table = &k.maglev[&web.id];
-        assert_eq!(table.len(), MAGLEV_TABLE_SIZE as usize);
+        assert_eq!(table.len(), MAGLEV_DEFAULT_SIZE as usize);
         assert!(table.iter().all(|i| *i < 2));
         let dns_id = svcs
             .values()

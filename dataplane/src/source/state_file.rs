@@ -5,10 +5,14 @@
 //! When a change is whole:
 //! - a file replaced by rename (`mv tmp state.yaml`, most editors) is read at once: a rename
 //!   is atomic, the new file is complete. inotify on the file's directory tells of it;
-//! - anything else (written in place, `cp`, a slow writer, a truncation) is read once the
-//!   file has not changed for [`SETTLE`], so the first half of a write in two parts is never
-//!   applied. The file's identity (inode, size, modification and change times) is re-checked
-//!   after the read; a file that changed while being read waits again;
+//! - a file written in place and closed (`cp`, `generate > state.yaml`, an editor that saves
+//!   in place: inotify's IN_CLOSE_WRITE) is read once it has not changed for
+//!   [`CLOSED_SETTLE`] after the close: a writer is done with what it wrote when it closes,
+//!   and one that writes again at once (`echo a > f; echo b >> f`) is waited for;
+//! - anything else (a file still open for writing, a slow writer, a truncation) is read once
+//!   the file has not changed for [`SETTLE`], so the first half of a write in two parts is
+//!   never applied. The file's identity (inode, size, modification and change times) is
+//!   re-checked after the read; a file that changed while being read waits again;
 //! - the file is also polled every [`POLL_INTERVAL`], for where inotify does not reach (a
 //!   symlinked path, a directory that is itself replaced, a full inotify table).
 //!
@@ -37,6 +41,9 @@ use crate::model::{Model, StateError, parse::MAX_FILE_BYTES};
 pub const POLL_INTERVAL: Duration = Duration::from_millis(300);
 /// How long a file changed in place must stay unchanged before it is read.
 pub const SETTLE: Duration = Duration::from_secs(1);
+/// How long a file changed in place and then closed by its writer must stay unchanged before
+/// it is read: long enough for a shell's next `>>` onto it, short beside any apply.
+pub const CLOSED_SETTLE: Duration = Duration::from_millis(10);
 
 /// One read of the file.
 #[derive(Debug, Clone)]
@@ -184,6 +191,10 @@ impl Watcher {
         // The first read, and a rename onto the path, do not wait to settle.
         let mut at_once = true;
         let mut told_pending = false;
+        // The writer closed the file since its last change (so it settles in CLOSED_SETTLE),
+        // and whether the last wait was woken by such a close.
+        let mut closed = false;
+        let mut woke_closed = false;
         loop {
             let now = identity(&self.path);
             if seen.as_ref() != Some(&now) {
@@ -191,8 +202,14 @@ impl Watcher {
                 changed_at = Instant::now();
                 dirty = true;
                 told_pending = false;
+                // A change seen together with a close is the closed write's own; one seen
+                // without is a new write, which has to close again.
+                closed = woke_closed;
+            } else if woke_closed {
+                closed = true;
             }
-            if dirty && (at_once || changed_at.elapsed() >= SETTLE) {
+            let settle = if closed { CLOSED_SETTLE } else { SETTLE };
+            if dirty && (at_once || changed_at.elapsed() >= settle) {
                 match self.read(&now) {
                     Outcome::Fresh(reading) => {
                         dirty = false;
@@ -214,8 +231,9 @@ impl Watcher {
             } else if dirty && !told_pending {
                 told_pending = true;
                 let reason = format!(
-                    "the file is changing; it is read once unchanged for {SETTLE:?} (or when \
-                     renamed into place)"
+                    "the file is changing; it is read once unchanged for {SETTLE:?}, or for \
+                     {CLOSED_SETTLE:?} after its writer closes it (at once when renamed into \
+                     place)"
                 );
                 if !self.send(Event::Pending {
                     reason,
@@ -228,22 +246,23 @@ impl Watcher {
                 return;
             }
             let wait = if dirty {
-                SETTLE
+                settle
                     .saturating_sub(changed_at.elapsed())
-                    .clamp(Duration::from_millis(10), POLL_INTERVAL)
+                    .clamp(Duration::from_millis(1), POLL_INTERVAL)
             } else {
                 POLL_INTERVAL
             };
-            let renamed = match &mut self.inotify {
+            let woke = match &mut self.inotify {
                 Some(inotify) => inotify.wait(wait),
                 None => {
                     std::thread::sleep(wait);
-                    false
+                    Woke::default()
                 }
             };
-            if renamed {
+            if woke.renamed {
                 at_once = true;
             }
+            woke_closed = woke.closed;
         }
     }
 
@@ -365,6 +384,15 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// What woke an [`Inotify::wait`] about the file's name.
+#[derive(Debug, Default, Clone, Copy)]
+struct Woke {
+    /// Something was renamed onto it.
+    renamed: bool,
+    /// A writer closed it, and nothing wrote to it after.
+    closed: bool,
+}
+
 /// An inotify watch on the directory of the state file (the file itself may be replaced, so
 /// a watch on it would go with it).
 struct Inotify {
@@ -401,9 +429,9 @@ impl Inotify {
         Some(Inotify { fd, name })
     }
 
-    /// Waits up to `timeout` for events in the directory; true when one of them was a rename
-    /// onto the file's name.
-    fn wait(&mut self, timeout: Duration) -> bool {
+    /// Waits up to `timeout` for events in the directory; says whether one of them was a
+    /// rename onto the file's name, or its writer closing it.
+    fn wait(&mut self, timeout: Duration) -> Woke {
         let mut poll = libc::pollfd {
             fd: self.fd.as_raw_fd(),
             events: libc::POLLIN,
@@ -411,10 +439,10 @@ impl Inotify {
         };
         // SAFETY: one valid pollfd.
         let ready = unsafe { libc::poll(&mut poll, 1, timeout.as_millis() as i32) };
+        let mut woke = Woke::default();
         if ready <= 0 {
-            return false;
+            return woke;
         }
-        let mut renamed = false;
         // Aligned for struct inotify_event.
         let mut buf = [0u64; 512];
         loop {
@@ -427,7 +455,7 @@ impl Inotify {
                 )
             };
             if n <= 0 {
-                return renamed;
+                return woke;
             }
             // SAFETY: the kernel wrote n bytes of whole events into buf.
             let bytes =
@@ -441,8 +469,15 @@ impl Inotify {
                 let name_bytes =
                     &bytes[at + header..(at + header + event.len as usize).min(bytes.len())];
                 let name = name_bytes.split(|b| *b == 0).next().unwrap_or_default();
-                if event.mask & libc::IN_MOVED_TO != 0 && name == self.name.as_bytes() {
-                    renamed = true;
+                if name == self.name.as_bytes() {
+                    woke.renamed |= event.mask & libc::IN_MOVED_TO != 0;
+                    // Closed only if no write came after the close (events come in order).
+                    if event.mask & libc::IN_MODIFY != 0 {
+                        woke.closed = false;
+                    }
+                    if event.mask & libc::IN_CLOSE_WRITE != 0 {
+                        woke.closed = true;
+                    }
                 }
                 at += header + event.len as usize;
             }

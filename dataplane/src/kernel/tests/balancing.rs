@@ -56,11 +56,8 @@ fn service(dp: &mut Datapath, backends: &[[u8; 4]], algo: u8) {
             .unwrap();
     }
     if !backends.is_empty() {
-        dp.set_maglev(
-            1,
-            &maglev::table(&members, dataplane_common::MAGLEV_TABLE_SIZE),
-        )
-        .unwrap();
+        dp.set_maglev(1, &maglev::table(&members, dp.maglev_size()))
+            .unwrap();
     }
     let info = ServiceInfo {
         id: 1,
@@ -136,6 +133,43 @@ fn maglev_spreads_connections_evenly_and_replies_come_from_the_vip() {
         tuple(&out),
         (Ipv4Addr::from(VIP), Ipv4Addr::from(CLIENT), 80, 20000)
     );
+}
+
+/// `--maglev-size`: the programs index tables of the size given at load (a stride the
+/// default would get wrong: a table at the wrong offset would send every connection of
+/// service 1 to whatever slots of id 0's spare table or of the next table hold).
+#[test]
+fn a_maglev_table_of_a_size_set_at_load_balances_evenly() {
+    let options = crate::kernel::LoadOptions {
+        maglev_size: 4093,
+        max_services: 64,
+        ..Default::default()
+    };
+    let mut t = loaded_or_skip!(&options);
+    let dp = t.get();
+    assert_eq!(dp.maglev_size(), 4093);
+    assert_eq!(dp.maglev(1).len(), 4093);
+    service(dp, &BACKENDS, algorithm::MAGLEV);
+    let counts = spread(dp, 3000);
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (backend, n) in &counts {
+        assert!(
+            (900..=1100).contains(n),
+            "{backend}: {n} of 3000 ({counts:?})"
+        );
+    }
+    assert!(dp.maglev(1).iter().all(|&i| i < 3));
+}
+
+#[test]
+fn a_size_that_is_not_prime_or_does_not_fit_is_refused() {
+    use crate::kernel::check_maglev_size;
+    assert!(check_maglev_size(16381, 1024).is_ok());
+    assert!(check_maglev_size(1021, 51_200).is_ok());
+    for (size, services) in [(16383, 10), (250, 10), (131_101, 10), (131_071, 40_000)] {
+        let refused = check_maglev_size(size, services);
+        assert!(refused.is_err(), "{size} x {services}");
+    }
 }
 
 #[test]

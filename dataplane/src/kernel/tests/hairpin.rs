@@ -86,11 +86,8 @@ fn host(dp: &mut Datapath) {
         identity: "web1".into(),
         weight: 1,
     }];
-    dp.set_maglev(
-        1,
-        &maglev::table(&members, dataplane_common::MAGLEV_TABLE_SIZE),
-    )
-    .unwrap();
+    dp.set_maglev(1, &maglev::table(&members, dp.maglev_size()))
+        .unwrap();
     let service = ServiceKey {
         vip: be(VIP),
         port: 80u16.to_be(),
