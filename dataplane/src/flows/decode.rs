@@ -462,7 +462,7 @@ pub mod tests {
             port: 8080,
             source: None,
         };
-        assert_eq!(event.nat, Some(expected.clone()));
+        assert_eq!(event.nat, Some(expected));
         // The same from its conntrack entry (periodic and end records).
         let forward = CtEntry {
             origin: ct_origin::SERVICE,
