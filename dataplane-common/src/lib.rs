@@ -68,6 +68,14 @@ pub mod map_names {
     /// really talks to) -> the address it asked for, so that replies and getpeername() show
     /// the VIP or published port (LRU; written by the cgroup hooks only).
     pub const SOCK_REV_NAT: &str = "dp_sock_rev_nat_v1";
+    /// Containers' network namespaces: netns cookie -> the container's address, whose
+    /// sockets the cgroup hooks translate too (written by the reconciler only).
+    pub const SOCK_NETNS: &str = "dp_sock_netns_v1";
+    /// Connections a container's socket was translated for at connect()/sendmsg(), by
+    /// (container address, backend address and port, protocol): the service address the
+    /// socket asked for, so that the packet path tracks and reports the connection as the
+    /// service's (LRU; written by the cgroup hooks only).
+    pub const SOCK_LB: &str = "dp_sock_lb_v1";
 }
 
 /// Load-time settings of the kernel programs (`Global`s, set through `EbpfLoader`).
@@ -165,6 +173,16 @@ pub mod capacity {
     /// a socket idle through 65,536 newer translations shows the backend as its source, and
     /// getpeername() the backend; the connection itself is not affected.
     pub const SOCK_REV_NAT: u32 = 65_536;
+    /// Containers whose sockets the hooks translate: one entry per container (network
+    /// namespace), so as many as endpoints.
+    pub const SOCK_NETNS: u32 = ENDPOINTS;
+    /// (container, backend) pairs recently translated at a container's socket. An entry
+    /// only has to live from connect() to the connection's first packet (microseconds), and
+    /// is rewritten by every new socket of the same pair; 65,536 pairs (about 70 bytes an
+    /// entry: 4.5 MiB) hold every pair of 1,000 containers each talking to 65 backends at
+    /// once. What an eviction costs: that connection is tracked and reported as a plain
+    /// one to the backend (not as the service's); it works the same.
+    pub const SOCK_LB: u32 = 65_536;
 }
 
 /// Slots of one service's Maglev table unless `--maglev-size` says otherwise (a load-time
@@ -471,6 +489,12 @@ pub mod ct_rewrite {
     /// container's port; reply: source back to the published address (or VIP) and port,
     /// destination back to the client's port. Docker's MASQUERADE for `-s C -d C`.
     pub const HAIRPIN: u8 = 3;
+    /// Nothing, because it was done at the socket: a container's connection that the cgroup
+    /// hooks pointed at a backend at connect()/sendmsg(). The key's destination is already
+    /// the backend; `nat_addr`:`nat_port` of the forward entry are the service address the
+    /// socket asked for, for flow records only. Neither direction is rewritten (the socket
+    /// itself is connected to the backend, so replies need no reverse translation).
+    pub const SOCKET: u8 = 4;
 }
 
 /// How far a connection got, in [`CtEntry::state`] (the same in both of its entries).
@@ -652,6 +676,40 @@ pub struct SockRevNatKey {
 pub struct SockRevNat {
     pub addr: u32,
     pub port: u16,
+    pub _pad: u16,
+}
+
+/// A container's network namespace, as the socket hooks know it: the address its sockets'
+/// connections leave from when not bound (its first interface's, network byte order), the
+/// source identity policy judges them by.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockNetns {
+    pub addr: u32,
+    pub _pad: u32,
+}
+
+/// A connection a container's socket hook translated, before its first packet: (container
+/// address, backend address and port, protocol), network byte order. No source port: the
+/// kernel picks it after connect4 runs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockLbKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The service address (VIP and port, network byte order) the socket asked for, and when
+/// (CLOCK_MONOTONIC ns): the packet path believes it only for a short while after.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLb {
+    pub time_ns: u64,
+    pub vip: u32,
+    pub vip_port: u16,
     pub _pad: u16,
 }
 
@@ -924,6 +982,9 @@ const _: () = assert!(core::mem::size_of::<CtEntry>() == 72);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SockRevNatKey>() == 16);
 const _: () = assert!(core::mem::size_of::<SockRevNat>() == 8);
+const _: () = assert!(core::mem::size_of::<SockNetns>() == 8);
+const _: () = assert!(core::mem::size_of::<SockLbKey>() == 12);
+const _: () = assert!(core::mem::size_of::<SockLb>() == 16);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FragEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<DropAggKey>() == 8);
@@ -957,6 +1018,12 @@ mod pod {
     unsafe impl aya::Pod for super::SockRevNatKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockRevNat {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockNetns {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockLbKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockLb {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
     // SAFETY: as above.

@@ -11,7 +11,8 @@ use dataplane_common::{
     Backend, BackendKey, Config, CtEntry, CtKey, DropAggKey, DropAggValue, DropBudget, DropReason,
     EndpointInfo, FLOW_RING_BYTES, FragEntry, FragKey, IfaceStats, IfaceStatsKey,
     MAGLEV_DEFAULT_SIZE, PolicyKey, PolicyMeta, PolicyPrefix, PolicyVerdict, PortKey, PortTarget,
-    ServiceInfo, ServiceKey, SockRevNat, SockRevNatKey, capacity, maglev_elements, tcp_flag_count,
+    ServiceInfo, ServiceKey, SockLb, SockLbKey, SockNetns, SockRevNat, SockRevNatKey, capacity,
+    maglev_elements, tcp_flag_count,
 };
 
 /// Packets and bytes per (interface, hook); per-CPU so the hot path never contends.
@@ -148,3 +149,16 @@ pub static DENY_SOURCES: LpmTrie<u32, u8> = LpmTrie::pinned(capacity::DENY_SOURC
 #[map(name = "dp_sock_rev_nat_v1")]
 pub static SOCK_REV_NAT: LruHashMap<SockRevNatKey, SockRevNat> =
     LruHashMap::pinned(capacity::SOCK_REV_NAT, 0);
+
+/// Containers' network namespaces (netns cookie -> the container's address): sockets made in
+/// one of them are translated by the cgroup hooks too, judged with the container as source.
+/// Written by the reconciler only; one entry per container (`capacity::SOCK_NETNS`).
+#[map(name = "dp_sock_netns_v1")]
+pub static SOCK_NETNS: HashMap<u64, SockNetns> = HashMap::pinned(capacity::SOCK_NETNS, 0);
+
+/// Containers' connections translated at the socket, between connect()/sendmsg() and their
+/// first packet: the container veth's tc program finds the service address here, so it
+/// tracks and reports the connection as the service's, untranslated. Written by the cgroup
+/// hooks, read by tc; LRU (see `capacity::SOCK_LB` for the size and what an eviction costs).
+#[map(name = "dp_sock_lb_v1")]
+pub static SOCK_LB: LruHashMap<SockLbKey, SockLb> = LruHashMap::pinned(capacity::SOCK_LB, 0);

@@ -1,30 +1,39 @@
-//! Socket-level translation for processes of the host (cgroup hooks), as Cilium's socket LB
-//! does: a connect() or an unconnected UDP sendmsg() to a service VIP or to a published port
-//! (on localhost or on one of the host's addresses) is pointed at a backend or the container
-//! before the first packet exists, so host processes reach them without a proxy and without
-//! per-packet rewriting. recvmsg() and getpeername() put the address the process asked for
-//! back, so a UDP reply comes from the VIP (or host:port) the request went to.
+//! Socket-level translation (cgroup hooks), as Cilium's socket LB does: a connect() or an
+//! unconnected UDP sendmsg() to a service VIP (and, for host processes, to a published port
+//! on localhost or on one of the host's addresses) is pointed at a backend or the container
+//! before the first packet exists, so the connection needs no proxy and no per-packet
+//! rewriting. recvmsg() and getpeername() put the address the process asked for back, so a
+//! UDP reply comes from the VIP (or host:port) the request went to.
+//!
+//! Whose sockets: the hooks run for every process of the cgroups they are attached to, and
+//! act on sockets of two kinds of network namespace only (by netns cookie):
+//! - the agent's own (the host's processes): VIPs and published ports;
+//! - a container's (`SOCK_NETNS`, written by the reconciler from each endpoint's
+//!   namespace): VIPs only; the container is the source identity (bound address, or its
+//!   address from the map), judged by policy as the packet path judges it. Its published
+//!   ports and a VIP whose pick is the container itself (a hairpin, which needs a source
+//!   rewrite) are left to the packet path. The connection's packets then go container ->
+//!   backend untranslated; `SOCK_LB` tells the container veth's tc program which service the
+//!   socket asked for, so that it tracks and reports the connection as the service's, once.
 //!
 //! The lookups are the packet path's (published ports, services, the Maglev tables) and so is
-//! the policy, judged against the translated destination. Every hook acts only on sockets of
-//! the agent's network namespace: the cgroup's processes may live in any.
-//!
-//! Nothing here depends on the cgroup being the host's: attached to a container's cgroup the
-//! same programs would balance its connections at the socket too (only the namespace check
-//! would need the container's namespace cookie).
+//! the policy, judged against the translated destination.
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, sockaddr},
-    helpers::{bpf_bind, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{
+        bpf_bind, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
+    },
     programs::SockAddrContext,
 };
 use dataplane_common::{
-    CtKey, DropReason, PortKey, SockRevNat, SockRevNatKey, ct_origin, ct_rewrite, tcp_flag,
+    CtKey, DropReason, PortKey, SockLb, SockLbKey, SockRevNat, SockRevNatKey, ct_origin,
+    ct_rewrite, tcp_flag,
 };
 
 use crate::{
     flow, lb,
-    maps::{CONFIG, LOCAL_ADDRS, PORTS, SERVICES, SOCK_REV_NAT},
+    maps::{CONFIG, LOCAL_ADDRS, PORTS, SERVICES, SOCK_LB, SOCK_NETNS, SOCK_REV_NAT},
     parse::{IPPROTO_TCP, IPPROTO_UDP},
     policy::{self, Via},
     stats,
@@ -69,16 +78,32 @@ fn is_loopback(addr: u32) -> bool {
     addr & 0xff == 127
 }
 
-/// Whether the socket of `sa` lives in the agent's network namespace.
+/// Whose socket `sa` is, by its network namespace.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// The agent's namespace: a host process.
+    Host,
+    /// A container's namespace; its address (network byte order).
+    Container(u32),
+    /// Any other: left alone.
+    Other,
+}
+
 #[inline(always)]
-fn ours(sa: *mut bpf_sock_addr) -> bool {
-    let Some(config) = CONFIG.get_ptr(0) else {
-        return false;
-    };
-    // SAFETY: `sa` is the context the kernel passed; `config` is array element 0.
-    unsafe {
-        let cookie = bpf_get_netns_cookie(sa.cast());
-        (*config).netns_cookie != 0 && cookie == (*config).netns_cookie
+fn owner(sa: *mut bpf_sock_addr) -> Owner {
+    // SAFETY: `sa` is the context the kernel passed.
+    let cookie = unsafe { bpf_get_netns_cookie(sa.cast()) };
+    if let Some(config) = CONFIG.get_ptr(0) {
+        // SAFETY: array element 0, read in place.
+        let ours = unsafe { (*config).netns_cookie };
+        if ours != 0 && cookie == ours {
+            return Owner::Host;
+        }
+    }
+    match SOCK_NETNS.get_ptr(&cookie) {
+        // SAFETY: a map value from this program run's lookup.
+        Some(netns) => Owner::Container(unsafe { (*netns).addr }),
+        None => Owner::Other,
     }
 }
 
@@ -147,9 +172,14 @@ fn service_backend(vip: u32, port: u16, proto: u8, cookie: u64, source: u32) -> 
 }
 
 #[inline(always)]
-fn lookup(addr: u32, port: u16, proto: u8, cookie: u64, source: u32) -> Lookup {
+fn lookup(addr: u32, port: u16, proto: u8, cookie: u64, source: u32, owner: Owner) -> Lookup {
     if let Some(found) = service_backend(addr, port, proto, cookie, source) {
         return found;
+    }
+    // A container's connections to published ports stay the packet path's (its hairpin
+    // and Docker's source address for them need packet rewrites).
+    if owner != Owner::Host {
+        return Lookup::Untouched;
     }
     let Some(target) = published(addr, port, proto) else {
         return Lookup::Untouched;
@@ -171,12 +201,13 @@ fn lookup(addr: u32, port: u16, proto: u8, cookie: u64, source: u32) -> Lookup {
     }
 }
 
-/// The connect4 and sendmsg4 hooks: translate the destination of a host process's socket.
-/// Returns the program's verdict.
+/// The connect4 and sendmsg4 hooks: translate the destination of a host process's or a
+/// container's socket. Returns the program's verdict.
 #[inline(always)]
 pub fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
     let sa = ctx.sock_addr;
-    if !ours(sa) {
+    let owner = owner(sa);
+    if owner == Owner::Other {
         return PROCEED;
     }
     // SAFETY: `sa` is the context the kernel passed, and its `sk` the socket it is about
@@ -206,6 +237,10 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
     // The source the connection will have where it is already known (a bound socket, a
     // datagram's IP_PKTINFO); 0 when the kernel picks it after this hook.
     let mut source = if msg_src != 0 { msg_src } else { bound_addr };
+    // A container's unbound socket leaves from the container's address: its identity.
+    if let (0, Owner::Container(own)) = (source, owner) {
+        source = own;
+    }
     let tuple = CtKey {
         saddr: source,
         daddr: addr,
@@ -214,7 +249,7 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
         proto,
         _pad: [0; 3],
     };
-    let target = match lookup(addr, port, proto, cookie, source) {
+    let target = match lookup(addr, port, proto, cookie, source, owner) {
         Lookup::Untouched => return PROCEED,
         Lookup::Found(target) => target,
         Lookup::NoBackend => {
@@ -229,8 +264,19 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
     // destination): the container sees the host's address, not the bridge's. Loopback is
     // the exception: 127.0.0.1 cannot leave the host, so the kernel's choice (the bridge's
     // address, what Docker's MASQUERADE of 127.0.0.0/8 gives) stays.
-    if source == 0 && !is_loopback(addr) && LOCAL_ADDRS.get_ptr(&addr).is_some() {
+    if owner == Owner::Host
+        && source == 0
+        && !is_loopback(addr)
+        && LOCAL_ADDRS.get_ptr(&addr).is_some()
+    {
         source = keep_local_source(sa, hook, addr, bound_port);
+    }
+    // A container picked as its own VIP's backend: a hairpin, which needs the packet path's
+    // source rewrite (a socket connected to its own address would see itself as the peer).
+    if let Owner::Container(own) = owner
+        && (target.addr == own || target.addr == source)
+    {
+        return PROCEED;
     }
     let via = if target.origin == ct_origin::PUBLISHED {
         Via::Published
@@ -265,7 +311,26 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
         (*sa).user_ip4 = target.addr;
         (*sa).user_port = u32::from(target.port);
     }
-    if new {
+    if owner != Owner::Host {
+        // The container's veth sees this connection's packets: its tc program tracks and
+        // reports it as the service's (it finds the service address here), once.
+        let pending = SockLbKey {
+            saddr: source,
+            daddr: target.addr,
+            dport: target.port,
+            proto,
+            _pad: 0,
+        };
+        let service = SockLb {
+            // SAFETY: a helper without arguments.
+            time_ns: unsafe { bpf_ktime_get_ns() },
+            vip: addr,
+            vip_port: port,
+            _pad: 0,
+        };
+        // A full LRU evicts an older pair: at worst this connection is reported as plain.
+        let _ = SOCK_LB.insert(&pending, &service, 0);
+    } else if new {
         flow::new_connection(&flow::NewFlow {
             forward: CtKey {
                 saddr: source,
@@ -353,7 +418,7 @@ fn refused(tuple: &CtKey, reason: DropReason, hook: Forward) {
 #[inline(always)]
 pub fn reverse(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    if !ours(sa) {
+    if owner(sa) == Owner::Other {
         return PROCEED;
     }
     // SAFETY: `sa` is the context the kernel passed; a helper on it.

@@ -17,7 +17,7 @@ use dataplane_common::{
 use crate::{
     conntrack::{self, CtError, NewConnection},
     early, flow, lb,
-    maps::{CONFIG, ENDPOINTS, FRAGMENTS, LOCAL_ADDRS, PORTS, SERVICES},
+    maps::{CONFIG, ENDPOINTS, FRAGMENTS, LOCAL_ADDRS, PORTS, SERVICES, SOCK_LB},
     nat,
     parse::{
         Frame, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Packet, L4, Quoted, Transport, parse_l4,
@@ -208,7 +208,7 @@ fn later_fragment(
         return Verdict::Drop(DropReason::PolicyDenied);
     }
     conntrack::account(&key, entry, &packet_seen(site, ip.len, None));
-    if rewrite != ct_rewrite::NONE && nat::rewrite_addresses(ctx, ip, rewrite, addr).is_err() {
+    if rewrites(rewrite) && nat::rewrite_addresses(ctx, ip, rewrite, addr).is_err() {
         return Verdict::Drop(DropReason::Malformed);
     }
     onward(ctx, site.hook, ip, rewrite)
@@ -323,7 +323,7 @@ fn decide(ctx: &TcContext, site: Site, arrived: &mut Arrived) -> Verdict {
             return Verdict::Drop(DropReason::PolicyDenied);
         }
         conntrack::account(&key, entry, &packet_seen(site, ip.len, Some(&l4)));
-        if rewrite != ct_rewrite::NONE
+        if rewrites(rewrite)
             && nat::rewrite_entry(ctx, &mut ip, &mut l4, rewrite, addr, port, hairpin_port).is_err()
         {
             return Verdict::Drop(DropReason::Malformed);
@@ -383,7 +383,15 @@ fn track_plain(
     if let Err(reason) = policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, via) {
         return Verdict::Drop(reason);
     }
-    track_untranslated(site, ip, forward, l4);
+    // A container's connection its socket hook already pointed at this backend: tracked as
+    // the service's, still untranslated (the same verdict: the hook judged it against the
+    // same backend, Via::Direct, as `balance` does).
+    let service = if site.hook == Hook::ContainerIngress {
+        socket_service(forward)
+    } else {
+        0
+    };
+    track_untranslated(site, ip, forward, l4, service);
     // Untranslated traffic does not depend on its entry: a full table costs the flow record,
     // not the connection.
     deliver(ctx, ip)
@@ -393,14 +401,20 @@ fn track_plain(
 /// replies known as replies (not masqueraded, not judged as new) and gives its flow record.
 /// A full table costs the record, not the connection.
 #[inline(always)]
-fn track_untranslated(site: Site, ip: &Ipv4Packet, forward: &CtKey, l4: &L4) {
+fn track_untranslated(site: Site, ip: &Ipv4Packet, forward: &CtKey, l4: &L4, service: u64) {
+    let (origin, rewrite) = if service == 0 {
+        (ct_origin::PLAIN, ct_rewrite::NONE)
+    } else {
+        (ct_origin::SERVICE, ct_rewrite::SOCKET)
+    };
     let connection = NewConnection {
         forward: *forward,
         reply: conntrack::reply_key(ip.protocol, ip.saddr, l4.sport, ip.daddr, l4.dport),
-        origin: ct_origin::PLAIN,
-        rewrite: ct_rewrite::NONE,
-        nat_addr: 0,
-        nat_port: 0,
+        origin,
+        rewrite,
+        // For the flow records only (see `ct_rewrite::SOCKET`).
+        nat_addr: (service >> 16) as u32,
+        nat_port: service as u16,
         orig_addr: 0,
         orig_port: 0,
         hairpin_port: 0,
@@ -412,6 +426,37 @@ fn track_untranslated(site: Site, ip: &Ipv4Packet, forward: &CtKey, l4: &L4) {
     };
     if conntrack::create(&connection).is_ok() {
         report_new(&connection, site);
+    }
+}
+
+/// How long after a socket hook's translation its `SOCK_LB` entry is believed: the first
+/// packet follows connect()/sendmsg() within microseconds; a connected UDP socket that waits
+/// longer before its first datagram is reported as a plain connection to the backend.
+const SOCK_LB_FRESH_NS: u64 = 10_000_000_000;
+
+/// The service address (VIP << 16 | port, network byte order; 0: none) a container's socket
+/// asked for when its cgroup hook pointed it at `forward`'s destination just now. Out of
+/// line: the container hook's stack is spent.
+#[inline(never)]
+fn socket_service(forward: &CtKey) -> u64 {
+    let key = dataplane_common::SockLbKey {
+        saddr: forward.saddr,
+        daddr: forward.daddr,
+        dport: forward.dport,
+        proto: forward.proto,
+        _pad: 0,
+    };
+    let Some(entry) = SOCK_LB.get_ptr(&key) else {
+        return 0;
+    };
+    // SAFETY: a map value from this program run's lookup, read in place; a helper without
+    // arguments.
+    unsafe {
+        let now = aya_ebpf::helpers::bpf_ktime_get_ns();
+        if now.wrapping_sub((*entry).time_ns) > SOCK_LB_FRESH_NS {
+            return 0;
+        }
+        (u64::from((*entry).vip) << 16) | u64::from((*entry).vip_port)
     }
 }
 
@@ -438,6 +483,13 @@ fn report_new(c: &NewConnection, site: Site) {
         hook: site.hook.number(),
         ifindex: site.ifindex,
     });
+}
+
+/// Whether packets of an entry with this rewrite are rewritten at all (a connection
+/// translated at its socket is not: it already goes to its backend).
+#[inline(always)]
+fn rewrites(rewrite: u8) -> bool {
+    rewrite != ct_rewrite::NONE && rewrite != ct_rewrite::SOCKET
 }
 
 /// Whether `hook` translates packets of entries with this origin and rewrite.
@@ -474,6 +526,9 @@ fn icmp_error(ctx: &TcContext, hook: Hook, ip: &mut Ipv4Packet, quoted: &Quoted)
     let (origin, rewrite, addr, port, hairpin_port) = translation_of(entry);
     if !owns(hook, origin, rewrite) {
         return Verdict::Pass;
+    }
+    if !rewrites(rewrite) {
+        return onward(ctx, hook, ip, rewrite);
     }
     let translated = if rewrite == ct_rewrite::HAIRPIN {
         // Both sides, as for the connection's own packets: the destination back to the
@@ -874,7 +929,7 @@ fn masquerade(
         if let Err(reason) = policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct) {
             return Verdict::Drop(reason);
         }
-        track_untranslated(site, ip, forward, l4);
+        track_untranslated(site, ip, forward, l4, 0);
         return Verdict::Pass;
     }
     if masquerade_addr == 0 {

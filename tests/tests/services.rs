@@ -6,10 +6,11 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::TcpStream,
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use dataplane_tests::{Agent, Sandbox, StatusExt as _, in_netns};
+use dataplane_tests::{Agent, Sandbox, StatusExt as _, docker::TestCgroup, in_netns};
 
 const SPEC: &str = r#"
 uplink: eth0
@@ -504,4 +505,264 @@ fn host_curl_once(sandbox: &Sandbox) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+// Containers' processes in a cgroup the agent's container hooks are attached to
+// (`--container-cgroup`): their connections to VIPs are translated at connect() and
+// sendmsg() too (the sandbox gives each endpoint's namespace in `netns`), judged with the
+// container as source, and reported once, by the packet path, as the service's.
+
+/// A cgroup of the test's own and the agent on `spec` with its container hooks there.
+fn container_hooked(spec: &str, name: &str) -> (Sandbox, TestCgroup, Agent) {
+    let sandbox = Sandbox::up(spec);
+    let cgroup = TestCgroup::create(&dataplane_tests::unique_name(name)).unwrap();
+    let agent = Agent::start_with(&sandbox, &["--container-cgroup", cgroup.path_str()]);
+    (sandbox, cgroup, agent)
+}
+
+/// Runs `cmd` in endpoint `target`'s namespace as a process of `cgroup`.
+fn in_container(sandbox: &Sandbox, cgroup: &TestCgroup, target: &str, cmd: &[&str]) -> Output {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net=/run/netns/{}", sandbox.netns(target)))
+        .arg("--")
+        .args(cmd);
+    cgroup.enter(&mut command);
+    command
+        .stdin(Stdio::null())
+        .output()
+        .expect("running a command in a container's namespace")
+}
+
+fn in_container_ok(sandbox: &Sandbox, cgroup: &TestCgroup, target: &str, cmd: &[&str]) -> String {
+    let out = in_container(sandbox, cgroup, target, cmd);
+    assert!(out.status.success(), "{cmd:?} in {target}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn per_name<'a>(names: impl Iterator<Item = &'a str>) -> BTreeMap<&'a str, usize> {
+    names.fold(BTreeMap::new(), |mut m, n| {
+        *m.entry(n).or_insert(0) += 1;
+        m
+    })
+}
+
+#[test]
+fn a_container_reaches_a_vip_translated_at_its_socket_over_tcp_and_udp() {
+    let (sandbox, cgroup, agent) = container_hooked(&host_spec(""), "sock-container");
+    let status = agent.wait_for("the client's namespace known", |s| {
+        s.map_entries("dp_sock_netns_v1") >= 4
+    });
+    let on_cgroup = status
+        .attached()
+        .into_iter()
+        .filter(|(target, _)| target == cgroup.path_str())
+        .count();
+    assert_eq!(on_cgroup, 4, "the four hooks: {:?}", status.attached());
+    let mut cmd = vec!["curl", "-sS", "--max-time", "10", "-H", "Connection: close"];
+    cmd.extend(std::iter::repeat_n("http://10.96.0.10/", 150));
+    let answers = pairs(&in_container_ok(&sandbox, &cgroup, "client", &cmd));
+    assert_eq!(answers.len(), 150, "{answers:?}");
+    let names = per_name(answers.iter().map(|(n, _)| n.as_str()));
+    eprintln!("150 container connections to the VIP, per backend: {names:?}");
+    assert_eq!(
+        names.keys().copied().collect::<Vec<_>>(),
+        ["web1", "web2", "web3"],
+        "{names:?}"
+    );
+    // Maglev over the socket cookies: 50 each; 25 off is 4 standard deviations.
+    for (backend, n) in &names {
+        assert!((25..=75).contains(n), "{backend}: {n} of 150: {names:?}");
+    }
+    // The backends see the container itself (no NAT on either path).
+    assert!(
+        answers.iter().all(|(_, seen)| seen == "172.30.1.9"),
+        "{answers:?}"
+    );
+    // Translated at the socket: one reverse entry per connect(), and the packet path found
+    // the service the socket asked for.
+    let status = agent.status();
+    assert!(
+        status.map_entries("dp_sock_rev_nat_v1") >= 150,
+        "{:?}",
+        status.maps
+    );
+    assert!(
+        status.map_entries("dp_sock_lb_v1") >= 3,
+        "{:?}",
+        status.maps
+    );
+    // UDP, unconnected sockets: each reply from the VIP (recvmsg4), every backend used.
+    let udp = in_container_ok(
+        &sandbox,
+        &cgroup,
+        "client",
+        &[
+            "/usr/bin/python3",
+            "-c",
+            UDP_CLIENT,
+            "10.96.0.13",
+            "53",
+            "30",
+        ],
+    );
+    let replies: Vec<(&str, &str)> = udp
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(peer, rest)| (peer, rest.split_whitespace().next().unwrap_or_default()))
+        .collect();
+    assert_eq!(replies.len(), 30, "{udp}");
+    assert!(
+        replies.iter().all(|(peer, _)| *peer == "10.96.0.13:53"),
+        "{replies:?}"
+    );
+    let names = per_name(replies.iter().map(|(_, n)| *n));
+    eprintln!("30 container UDP sockets to the VIP, per backend: {names:?}");
+    assert_eq!(names.len(), 3, "{names:?}");
+    // getpeername() says the VIP.
+    let peer = in_container_ok(
+        &sandbox,
+        &cgroup,
+        "client",
+        &[
+            "/usr/bin/python3",
+            "-c",
+            "import socket; s = socket.create_connection(('10.96.0.10', 80), 5); \
+             print('%s:%d' % s.getpeername())",
+        ],
+    );
+    assert_eq!(peer.trim(), "10.96.0.10:80");
+
+    // Flow records: one per connection, each naming the service and its backend, with the
+    // container as source (as the packet path's records do).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let records = loop {
+        let records = agent.observe(&["--last", "1000"]);
+        let new: Vec<serde_json::Value> = records
+            .into_iter()
+            .filter(|r| {
+                r["flow"]["connection"]["event"] == "new"
+                    && r["flow"]["source"]["pod_name"] == "client"
+                    && r["flow"]["l4"]["TCP"].is_object()
+            })
+            .collect();
+        if new.len() >= 151 || Instant::now() > deadline {
+            break new;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(
+        records.len(),
+        151,
+        "one record per connection (150 + getpeername's)"
+    );
+    for record in &records {
+        let flow = &record["flow"];
+        assert_eq!(flow["destination_service"]["name"], "web", "{record}");
+        assert_eq!(flow["verdict"], "FORWARDED", "{record}");
+        assert_eq!(flow["l4"]["TCP"]["destination_port"], 80, "{record}");
+        assert!(
+            ["web1", "web2", "web3"]
+                .contains(&flow["destination"]["pod_name"].as_str().unwrap_or("")),
+            "the backend: {record}"
+        );
+    }
+    let udp_record = agent.wait_for_record("a UDP record naming the service", |r| {
+        r["flow"]["source"]["pod_name"] == "client"
+            && r["flow"]["destination_service"]["name"] == "dns"
+    });
+    assert!(
+        udp_record["flow"]["IP"]["destination"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("172.30.1.")),
+        "{udp_record}"
+    );
+    assert_eq!(status.drops("POLICY_DENIED"), 0);
+}
+
+#[test]
+fn policy_denies_a_containers_vip_connection_at_its_socket() {
+    // The client may not reach the web backends: refused at connect() (EPERM) and sendmsg(),
+    // counted, and recorded with the container as source.
+    let policy = "policies:\n  - {name: no-web, action: deny, from: {endpoint: client}, \
+                  to: {labels: {app: web}}}\n";
+    let (sandbox, cgroup, agent) = container_hooked(&host_spec(policy), "sock-deny");
+    agent.wait_for("the client's namespace known", |s| {
+        s.map_entries("dp_sock_netns_v1") >= 4
+    });
+    let tcp = in_container(
+        &sandbox,
+        &cgroup,
+        "client",
+        &[
+            "/usr/bin/python3",
+            "-c",
+            "import socket; socket.create_connection(('10.96.0.10', 80), 5)",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&tcp.stderr).contains("PermissionError"),
+        "refused at connect(): {tcp:?}"
+    );
+    let udp = in_container(
+        &sandbox,
+        &cgroup,
+        "client",
+        &[
+            "/usr/bin/python3",
+            "-c",
+            UDP_CLIENT,
+            "10.96.0.13",
+            "53",
+            "1",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&udp.stderr).contains("PermissionError"),
+        "{udp:?}"
+    );
+    agent.wait_for("policy drops counted", |s| s.drops("POLICY_DENY") >= 2);
+    let record = agent.wait_for_record("the drop's record", |r| {
+        r["flow"]["verdict"] == "DROPPED" && r["flow"]["source"]["pod_name"] == "client"
+    });
+    assert_eq!(
+        record["flow"]["drop_reason_desc"], "POLICY_DENY",
+        "{record}"
+    );
+    // Another container, not denied, still gets through at its socket.
+    let out = in_container_ok(
+        &sandbox,
+        &cgroup,
+        "web1",
+        &["curl", "-sS", "--max-time", "10", "http://10.96.0.10/"],
+    );
+    assert!(out.starts_with("web"), "{out}");
+}
+
+#[test]
+fn without_the_container_hooks_the_packet_path_balances_the_same_clients() {
+    // The same client process in a cgroup of its own, but the agent has no container
+    // hooks: the VIP is translated per packet at the client's veth, as before.
+    let sandbox = Sandbox::up(&host_spec(""));
+    let cgroup = TestCgroup::create(&dataplane_tests::unique_name("sock-none")).unwrap();
+    let agent = Agent::start(&sandbox);
+    let mut cmd = vec!["curl", "-sS", "--max-time", "10", "-H", "Connection: close"];
+    cmd.extend(std::iter::repeat_n("http://10.96.0.10/", 60));
+    let answers = pairs(&in_container_ok(&sandbox, &cgroup, "client", &cmd));
+    assert_eq!(answers.len(), 60, "{answers:?}");
+    let names = per_name(answers.iter().map(|(n, _)| n.as_str()));
+    assert_eq!(names.len(), 3, "{names:?}");
+    let status = agent.status();
+    assert_eq!(
+        status.map_entries("dp_sock_rev_nat_v1"),
+        0,
+        "{:?}",
+        status.maps
+    );
+    assert_eq!(status.map_entries("dp_sock_lb_v1"), 0, "{:?}", status.maps);
+    let record = agent.wait_for_record("a record naming the service", |r| {
+        r["flow"]["source"]["pod_name"] == "client"
+            && r["flow"]["destination_service"]["name"] == "web"
+    });
+    assert_eq!(record["flow"]["verdict"], "FORWARDED", "{record}");
 }

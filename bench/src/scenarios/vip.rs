@@ -85,8 +85,12 @@ pub fn vip() -> Scenario {
             },
             PathDef {
                 name: "dataplane",
-                description: "our agent: the VIP translated at the client's veth (tc), \
-                              Maglev backend choice, delivered with bpf_redirect_peer",
+                description: "our agent: the client container's processes in a cgroup its \
+                              container hooks are on (--container-cgroup), so the VIP is \
+                              translated at connect() (socket-level, Maglev over the socket \
+                              cookie) and the packets go straight to the backend, tracked \
+                              untranslated at the client's veth and delivered with \
+                              bpf_redirect_peer",
                 setup: dataplane_setup,
             },
         ],
@@ -179,7 +183,12 @@ fn iptables_outside_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
 }
 
 fn dataplane_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
-    bed.start_agent_with(&["--cgroup", "none"])?;
+    // A cgroup of the bench's own for the client container's processes (wrk, curl, the
+    // probe), never the machine's root: the agent's container hooks go there.
+    let cgroup = testbed::cgroup::TestCgroup::create(&format!("{}-cli", bed.name))?;
+    bed.sandbox().join_cgroup("cli", &cgroup.path);
+    bed.start_agent_with(&["--cgroup", "none", "--container-cgroup", cgroup.path_str()])?;
+    bed.keep(cgroup);
     Ok(targets(VIP, 80))
 }
 

@@ -96,6 +96,15 @@ pub struct AgentArgs {
     /// sockets of the agent's network namespace are translated). `none` turns it off.
     #[arg(long)]
     cgroup: Option<String>,
+    /// cgroup (v2) of the containers whose connections to service VIPs are translated at
+    /// connect()/sendmsg() (socket-level load balancing), the same four hooks: Docker's
+    /// cgroup parent, e.g. `system.slice` (systemd driver) or `docker` (cgroupfs driver);
+    /// a relative path is under the cgroup2 mount. Only sockets of containers' network
+    /// namespaces (learnt from each endpoint's `netns`) and of the agent's are translated.
+    /// Not needed when it lies under `--cgroup` (the default, the root, covers every
+    /// container). Default: none.
+    #[arg(long)]
+    container_cgroup: Option<String>,
     /// When to attach the XDP program to the uplink.
     #[arg(long, value_enum, default_value = "auto")]
     xdp: XdpMode,
@@ -129,9 +138,37 @@ struct Agent {
     last_applied_unix: Option<u64>,
     /// See [`AgentArgs::cgroup`]; None when off or when the host has no cgroup2.
     cgroup: Option<String>,
+    /// See [`AgentArgs::container_cgroup`]; None when off or under `cgroup`.
+    container_cgroup: Option<String>,
     netns_cookie: u64,
     /// Flow records: history, followers, export, metrics.
     flows: flows::Pipeline,
+}
+
+/// The containers' cgroup to attach the socket hooks to (`--container-cgroup`): a relative
+/// path is under the cgroup2 mount; none when off, and none when it is `host_cgroup` or
+/// lies under it (the hooks there already run for its processes).
+fn container_cgroup(arg: Option<&str>, host_cgroup: Option<&str>) -> Option<String> {
+    let arg = arg.filter(|a| *a != "none" && !a.is_empty())?;
+    let path = if arg.starts_with('/') {
+        std::path::PathBuf::from(arg)
+    } else {
+        let Some(root) = netdev::cgroup2_root() else {
+            log::warn!("no cgroup2 mounted: --container-cgroup {arg} is ignored");
+            return None;
+        };
+        std::path::Path::new(&root).join(arg)
+    };
+    if let Some(host) = host_cgroup
+        && path.starts_with(host)
+    {
+        log::info!(
+            "--container-cgroup {} lies under --cgroup {host}, whose socket hooks cover it",
+            path.display()
+        );
+        return None;
+    }
+    Some(path.display().to_string())
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -280,6 +317,7 @@ async fn start(args: AgentArgs) -> anyhow::Result<(Agent, Sources, tokio::net::U
             root
         }
     };
+    let container_cgroup = container_cgroup(args.container_cgroup.as_deref(), cgroup.as_deref());
     let netns_cookie = netdev::netns_cookie().context("reading this network namespace's cookie")?;
     let listener = control::bind(&args.socket)?;
     let source = if args.state.is_some() {
@@ -297,6 +335,7 @@ async fn start(args: AgentArgs) -> anyhow::Result<(Agent, Sources, tokio::net::U
         reconciles: 0,
         last_applied_unix: None,
         cgroup,
+        container_cgroup,
         netns_cookie,
         flows: flow_pipeline,
     };
@@ -337,6 +376,7 @@ impl Agent {
         Ok(HostSettings {
             uplink,
             cgroup: self.cgroup.clone(),
+            container_cgroup: self.container_cgroup.clone(),
             netns_cookie: self.netns_cookie,
             xdp,
         })

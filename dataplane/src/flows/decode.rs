@@ -133,6 +133,22 @@ pub struct Event {
     pub ifindex: u32,
 }
 
+/// A connection translated at its socket (`ct_rewrite::SOCKET`: the key goes to the backend,
+/// `addr`:`port` is the service address the socket asked for) as the packet path's record of
+/// the same connection is: to the service address, its destination translated to the
+/// backend. Anything else as it is.
+fn presented(key: &CtKey, rewrite: u8, addr: u32, port: u16) -> (CtKey, u8, u32, u16) {
+    if rewrite != ct_rewrite::SOCKET {
+        return (*key, rewrite, addr, port);
+    }
+    let asked = CtKey {
+        daddr: addr,
+        dport: port,
+        ..*key
+    };
+    (asked, ct_rewrite::DST, key.daddr, key.dport)
+}
+
 /// The translation an event or a forward conntrack entry of the connection `key` says.
 fn nat(
     key: &CtKey,
@@ -197,16 +213,18 @@ pub fn from_raw(raw: &FlowEvent) -> Result<Event, DecodeError> {
         ),
         other => return Err(DecodeError::Kind(other)),
     };
+    let (tuple, rewrite, nat_addr, nat_port) =
+        presented(&raw.tuple, raw.rewrite, raw.nat_addr, raw.nat_port);
     Ok(Event {
         time_ns: raw.time_ns,
         kind,
-        tuple: Tuple::from(&raw.tuple),
+        tuple: Tuple::from(&tuple),
         nat: nat(
-            &raw.tuple,
+            &tuple,
             raw.origin,
-            raw.rewrite,
-            raw.nat_addr,
-            raw.nat_port,
+            rewrite,
+            nat_addr,
+            nat_port,
             raw.hairpin_port,
         ),
         tcp_flags: raw.tcp_flags,
@@ -234,16 +252,18 @@ pub fn from_conntrack(
     kind: Kind,
     now_ns: u64,
 ) -> Event {
+    let (tuple, rewrite, nat_addr, nat_port) =
+        presented(key, forward.rewrite, forward.nat_addr, forward.nat_port);
     Event {
         time_ns: now_ns,
         kind,
-        tuple: Tuple::from(key),
+        tuple: Tuple::from(&tuple),
         nat: nat(
-            key,
+            &tuple,
             forward.origin,
-            forward.rewrite,
-            forward.nat_addr,
-            forward.nat_port,
+            rewrite,
+            nat_addr,
+            nat_port,
             forward.hairpin_port,
         ),
         tcp_flags: forward.tcp_flags | reply.map_or(0, |r| r.tcp_flags),
@@ -414,6 +434,46 @@ pub mod tests {
         odd.kind = flow_kind::DROP;
         odd.drop_reason = 15;
         assert_eq!(from_raw(&odd), Err(DecodeError::DropReason(15)));
+    }
+
+    #[test]
+    fn a_connection_translated_at_its_socket_reads_as_the_packet_paths() {
+        // Tracked as it went (container -> backend), the VIP it asked for in nat_*: the
+        // record is the one the packet path's translation would give.
+        let mut raw = raw_event(
+            flow_kind::NEW,
+            IPPROTO_TCP,
+            ("172.30.1.9", 40000),
+            ("172.30.1.3", 8080),
+        );
+        raw.origin = ct_origin::SERVICE;
+        raw.rewrite = ct_rewrite::SOCKET;
+        raw.nat_addr = u32::from(Ipv4Addr::new(10, 96, 0, 10)).to_be();
+        raw.nat_port = 80u16.to_be();
+        let event = from_raw(&raw).unwrap();
+        assert_eq!(event.tuple.daddr, Ipv4Addr::new(10, 96, 0, 10));
+        assert_eq!(event.tuple.dport, 80);
+        assert_eq!(event.tuple.saddr, Ipv4Addr::new(172, 30, 1, 9));
+        assert_eq!(event.tuple.sport, 40000);
+        let expected = Nat {
+            kind: TranslationKind::Service,
+            destination: true,
+            addr: Ipv4Addr::new(172, 30, 1, 3),
+            port: 8080,
+            source: None,
+        };
+        assert_eq!(event.nat, Some(expected));
+        // The same from its conntrack entry (periodic and end records).
+        let forward = CtEntry {
+            origin: ct_origin::SERVICE,
+            rewrite: ct_rewrite::SOCKET,
+            nat_addr: raw.nat_addr,
+            nat_port: raw.nat_port,
+            ..CtEntry::default()
+        };
+        let event = from_conntrack(&raw.tuple, &forward, None, Kind::End, 42);
+        assert_eq!(event.tuple.daddr, Ipv4Addr::new(10, 96, 0, 10));
+        assert_eq!(event.nat, Some(expected));
     }
 
     #[test]

@@ -20,8 +20,8 @@ use aya::{
 };
 use dataplane_common::{
     Backend, BackendKey, CtEntry, CtKey, DropAggKey, DropAggValue, EndpointInfo, PolicyKey,
-    PolicyVerdict, PortKey, PortTarget, ServiceInfo, ServiceKey, SockRevNat, SockRevNatKey,
-    map_names,
+    PolicyVerdict, PortKey, PortTarget, ServiceInfo, ServiceKey, SockLb, SockLbKey, SockNetns,
+    SockRevNat, SockRevNatKey, map_names,
 };
 
 use super::DatapathError;
@@ -99,6 +99,16 @@ hash_map!(
     /// Socket-level translations of host processes (an LRU map the socket hooks write and
     /// read; the agent only counts it).
     SockRevNats, map_names::SOCK_REV_NAT, SockRevNatKey => SockRevNat
+);
+hash_map!(
+    /// Containers' network namespaces whose sockets the cgroup hooks translate, by netns
+    /// cookie (written by the reconciler).
+    SockNetnsMap, map_names::SOCK_NETNS, u64 => SockNetns, reconciled
+);
+hash_map!(
+    /// Containers' connections translated at their socket, until their first packet (an LRU
+    /// map the socket hooks write and the container hook reads; the agent only counts it).
+    SockLbs, map_names::SOCK_LB, SockLbKey => SockLb
 );
 
 /// The agent's writable handle on a map the kernel programs fill: its own file descriptor,

@@ -34,7 +34,7 @@ pub mod sockets;
 
 use maps::{
     Backends, Conntrack, ConntrackNew, Endpoints, HashMapSpec, LocalAddrs, Policy, Ports,
-    Reconciled, Services, SockRevNats,
+    Reconciled, Services, SockLbs, SockNetnsMap, SockRevNats,
 };
 #[cfg(test)]
 mod tests;
@@ -389,10 +389,21 @@ fn check_layouts(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
     use std::mem::size_of;
 
     use aya::maps::Map;
+    use dataplane_common::SockRevNatKey;
     use dataplane_common::{Backend, BackendKey, ServiceInfo, ServiceKey};
     use dataplane_common::{CtEntry, CtKey, EndpointInfo, PortKey, PortTarget};
-    use dataplane_common::{FragEntry, FragKey, SockRevNat, SockRevNatKey};
-    let expected: [(&'static str, usize, usize); 16] = [
+    use dataplane_common::{FragEntry, FragKey, SockLb, SockLbKey, SockNetns, SockRevNat};
+    let expected: [(&'static str, usize, usize); 18] = [
+        (
+            map_names::SOCK_NETNS,
+            size_of::<u64>(),
+            size_of::<SockNetns>(),
+        ),
+        (
+            map_names::SOCK_LB,
+            size_of::<SockLbKey>(),
+            size_of::<SockLb>(),
+        ),
         (
             map_names::SOCK_REV_NAT,
             size_of::<SockRevNatKey>(),
@@ -1188,6 +1199,16 @@ impl Datapath {
                 name: map_names::SOCK_REV_NAT,
                 entries: self.count::<SockRevNats>()?,
                 capacity: self.capacity::<SockRevNats>()?,
+            },
+            MapFill {
+                name: map_names::SOCK_NETNS,
+                entries: self.count::<SockNetnsMap>()?,
+                capacity: capacity::SOCK_NETNS,
+            },
+            MapFill {
+                name: map_names::SOCK_LB,
+                entries: self.count::<SockLbs>()?,
+                capacity: self.capacity::<SockLbs>()?,
             },
             MapFill {
                 name: map_names::IFACE_STATS,

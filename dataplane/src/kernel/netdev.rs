@@ -250,6 +250,57 @@ pub fn netns_cookie() -> std::io::Result<u64> {
     }
 }
 
+/// The cookie of the network namespace the file `netns` stands for (`/proc/PID/ns/net` or a
+/// bind mount of it, such as /run/netns/NAME): read with SO_NETNS_COOKIE on a socket made by
+/// a thread of its own that enters the namespace and then ends, so no thread of the agent
+/// ever changes namespace. Cached by the path and the namespace's inode (number and change
+/// time: an inode number of a namespace that is gone can come back for a new one, its time
+/// not), so each namespace costs one thread once.
+pub fn netns_cookie_of(netns: &std::path::Path) -> std::io::Result<u64> {
+    use std::{collections::HashMap, os::fd::AsRawFd as _, os::unix::fs::MetadataExt as _};
+    type Inode = (std::path::PathBuf, u64, u64, i64, i64);
+    static CACHE: std::sync::Mutex<Option<HashMap<Inode, u64>>> = std::sync::Mutex::new(None);
+    let meta = std::fs::metadata(netns)?;
+    let inode = (
+        netns.to_owned(),
+        meta.dev(),
+        meta.ino(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    );
+    if let Some(cookie) = CACHE
+        .lock()
+        .ok()
+        .and_then(|c| c.as_ref().and_then(|c| c.get(&inode).copied()))
+    {
+        return Ok(cookie);
+    }
+    let path = netns.to_owned();
+    let cookie = std::thread::Builder::new()
+        .name("netns-cookie".into())
+        .spawn(move || {
+            let file = std::fs::File::open(&path)?;
+            // SAFETY: a namespace file descriptor we hold open; setns changes only this
+            // thread, which ends right after reading the cookie.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            netns_cookie()
+        })?
+        .join()
+        .map_err(|_| std::io::Error::other("the netns thread panicked"))??;
+    if let Ok(mut cache) = CACHE.lock() {
+        let cache = cache.get_or_insert_with(HashMap::new);
+        // Namespaces come and go; the cache stays small (one entry per container ever seen
+        // since the last clear).
+        if cache.len() > 65_536 {
+            cache.clear();
+        }
+        cache.insert(inode, cookie);
+    }
+    Ok(cookie)
+}
+
 /// Where the cgroup2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on
 /// hybrid hosts), from /proc/self/mounts.
 pub fn cgroup2_root() -> Option<String> {

@@ -107,6 +107,13 @@ pub struct EndpointSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub interfaces: Vec<InterfaceSpec>,
+    /// The container's network namespace as a file (`/proc/PID/ns/net`, or a bind mount
+    /// such as `/run/netns/NAME` or Docker's SandboxKey): where the agent learns its netns
+    /// cookie, so that the socket hooks translate the container's connections to VIPs at
+    /// connect() (on cgroups given with `--container-cgroup`, or under `--cgroup`). Without
+    /// it the container's VIP connections are translated per packet at its veth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -344,6 +351,8 @@ pub struct Endpoint {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub interfaces: Vec<Interface>,
+    /// See [`EndpointSpec::netns`].
+    pub netns: Option<String>,
 }
 
 /// Inclusive port range; a single port has `first == last`.
@@ -750,6 +759,7 @@ impl Model {
                 name: e.name.clone(),
                 labels: e.labels.clone(),
                 interfaces,
+                netns: e.netns.clone().filter(|n| !n.is_empty()),
             });
         }
         Ok(endpoints)

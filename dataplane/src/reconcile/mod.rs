@@ -11,7 +11,7 @@ use std::{
 
 use dataplane_common::{
     Backend, BackendKey, Config, EndpointInfo, PolicyKey, PolicyMeta, PortKey, PortTarget,
-    PrefixKey, ServiceInfo, ServiceKey, algorithm, net_flags,
+    PrefixKey, ServiceInfo, ServiceKey, SockNetns, algorithm, net_flags,
 };
 
 pub mod capacity;
@@ -21,7 +21,9 @@ pub mod policy;
 use crate::{
     kernel::{
         Datapath, DatapathError, Hook,
-        maps::{Backends, Endpoints, LocalAddrs, Policy, Ports, Reconciled, Services},
+        maps::{
+            Backends, Endpoints, LocalAddrs, Policy, Ports, Reconciled, Services, SockNetnsMap,
+        },
     },
     model::{Algorithm, GatewayMode, Model, PortTarget as ModelPortTarget, Protocol, StateError},
 };
@@ -33,6 +35,9 @@ pub const SNAT_PORTS: (u16, u16) = (20000, 32767);
 /// What the reconciler needs from the kernel; [`Datapath`] is the real one, tests use a fake.
 /// Map keys and values are the kernel's own types, in network byte order.
 pub trait Kernel {
+    /// The cookie of the network namespace the file `netns` stands for; None when it cannot
+    /// be read (the container is gone).
+    fn netns_cookie(&self, netns: &str) -> Option<u64>;
     /// The index of an interface in the agent's namespace.
     fn ifindex(&self, interface: &str) -> Option<u32>;
     /// IPv4 addresses of the interfaces in the agent's namespace: (interface, address).
@@ -66,6 +71,11 @@ pub trait Kernel {
 }
 
 impl Kernel for Datapath {
+    fn netns_cookie(&self, netns: &str) -> Option<u64> {
+        crate::kernel::netdev::netns_cookie_of(std::path::Path::new(netns))
+            .inspect_err(|e| log::warn!("reading the netns cookie of {netns}: {e}"))
+            .ok()
+    }
     fn ifindex(&self, interface: &str) -> Option<u32> {
         crate::kernel::netdev::ifindex(interface)
     }
@@ -313,6 +323,8 @@ pub struct Desired {
     /// The compiled policy (keys of half 0: `apply` writes them into the half not live).
     pub policy: crate::reconcile::policy::Tables,
     pub deny_sources: BTreeSet<PrefixKey>,
+    /// Containers' network namespaces by netns cookie, for the socket hooks.
+    pub sock_netns: BTreeMap<u64, SockNetns>,
 }
 
 /// A service as the kernel should have it, before it gets an id.
@@ -331,6 +343,10 @@ pub struct DesiredService {
 pub struct HostSettings {
     pub uplink: String,
     pub cgroup: Option<String>,
+    /// The cgroup (Docker's cgroup parent) whose containers' connections to VIPs the socket
+    /// hooks translate; None when off, or when it lies under `cgroup` (whose hooks already
+    /// run for it: attached twice, every connect() would run them twice).
+    pub container_cgroup: Option<String>,
     pub netns_cookie: u64,
     /// Whether the uplink gets the XDP program: always (Some(true)), never (Some(false)), or
     /// while it has work, the deny list (None). See `XdpMode` in agent.rs.
@@ -370,7 +386,7 @@ pub fn desired(
             .attachments
             .insert((uplink.to_owned(), Hook::UplinkXdp));
     }
-    if let Some(cgroup) = &host.cgroup {
+    for cgroup in [&host.cgroup, &host.container_cgroup].into_iter().flatten() {
         for hook in Hook::CGROUP {
             desired.attachments.insert((cgroup.clone(), hook));
         }
@@ -481,6 +497,19 @@ fn add_endpoints(
             desired
                 .attachments
                 .insert((itf.host_veth.clone(), Hook::ContainerIngress));
+        }
+        // Its sockets, for the cgroup hooks: they leave from its first interface's address
+        // unless bound (the one Docker's default route of the container goes out of).
+        if let (Some(netns), Some(first)) = (&endpoint.netns, endpoint.interfaces.first())
+            && let Some(cookie) = kernel.netns_cookie(netns)
+        {
+            desired.sock_netns.insert(
+                cookie,
+                SockNetns {
+                    addr: be(first.ip),
+                    _pad: 0,
+                },
+            );
         }
     }
     Ok(())
@@ -833,6 +862,7 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
     let endpoints = kernel.entries::<Endpoints>()?;
     let ports = kernel.entries::<Ports>()?;
     let local_addrs = kernel.entries::<LocalAddrs>()?;
+    let sock_netns = kernel.entries::<SockNetnsMap>()?;
     let endpoints_written = write_missing::<Endpoints>(kernel, &endpoints, &desired.endpoints)?;
     changes.entries_set += endpoints_written;
     // The policy before the config; a changed policy or changed endpoints bump the policy
@@ -856,6 +886,8 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
     let (services_set, services_removed) = apply_services(desired, kernel)?;
     changes.entries_set += services_set;
     changes.entries_set += write_missing::<Ports>(kernel, &ports, &desired.ports)?;
+    // After the services and endpoints they lead to; before the attachments that use them.
+    changes.entries_set += write_missing::<SockNetnsMap>(kernel, &sock_netns, &desired.sock_netns)?;
     let config = Config {
         policy_generation: current_config.policy_generation + u32::from(policy_changed),
         ..desired.config
@@ -880,6 +912,8 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
     changes.entries_removed += remove_stale::<Ports>(kernel, &ports, &desired.ports)?;
     changes.entries_removed +=
         remove_stale::<LocalAddrs>(kernel, &local_addrs, &desired.local_addrs)?;
+    changes.entries_removed +=
+        remove_stale::<SockNetnsMap>(kernel, &sock_netns, &desired.sock_netns)?;
     changes.entries_removed += remove_stale::<Endpoints>(kernel, &endpoints, &desired.endpoints)?;
     changes.entries_removed += services_removed;
     for prefix in current_deny.difference(&desired.deny_sources) {
@@ -931,6 +965,10 @@ pub mod fake {
     }
 
     impl Kernel for FakeKernel {
+        fn netns_cookie(&self, netns: &str) -> Option<u64> {
+            // A cookie per path, as the kernel gives one per namespace.
+            (!netns.contains("gone")).then(|| netns.bytes().map(u64::from).sum())
+        }
         fn ifindex(&self, interface: &str) -> Option<u32> {
             self.interfaces.get(interface).copied()
         }
@@ -1084,6 +1122,7 @@ ports:
         let host = HostSettings {
             uplink: "eth0".into(),
             cgroup: None,
+            container_cgroup: None,
             netns_cookie: 7,
             // Auto: XDP only while the deny list has entries.
             xdp: None,

@@ -503,6 +503,13 @@ fn write_state(
 ) -> anyhow::Result<PathBuf> {
     let mut state = spec.clone();
     state.uplink = Some(uplink.to_string());
+    // Each endpoint's namespace, for the agent's socket hooks on containers (an endpoint's
+    // own `netns` stays).
+    for endpoint in &mut state.endpoints {
+        if endpoint.netns.is_none() {
+            endpoint.netns = Some(netns_path(&sandbox.endpoint_ns(&endpoint.name)));
+        }
+    }
     let yaml = state.to_yaml();
     fs::write(sandbox.state_path(), &yaml)
         .with_context(|| format!("writing the state file {}", sandbox.state_path().display()))?;

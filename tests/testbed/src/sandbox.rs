@@ -31,6 +31,8 @@ pub struct Sandbox {
     pub dir: PathBuf,
     names: Names,
     binary: PathBuf,
+    /// Targets whose commands join a cgroup of the caller's ([`Sandbox::join_cgroup`]).
+    cgroups: std::sync::Mutex<Vec<(String, PathBuf)>>,
 }
 
 impl Sandbox {
@@ -46,6 +48,7 @@ impl Sandbox {
             dir: work.to_owned(),
             names,
             binary: binary.to_owned(),
+            cgroups: std::sync::Mutex::new(Vec::new()),
         };
         let spec_path = work.join("spec.yaml");
         fs::write(&spec_path, spec).map_err(io(format!("writing {}", spec_path.display())))?;
@@ -105,10 +108,18 @@ impl Sandbox {
         cmd.arg(format!("--net={}", netns_path(&self.netns(target))))
             .arg("--")
             .args(args);
-        if target == HOST_CGROUP
-            && let Some(cgroup) = self.host_cgroup()
-        {
-            let procs = PathBuf::from(cgroup).join("cgroup.procs");
+        let joined = self
+            .cgroups
+            .lock()
+            .ok()
+            .and_then(|c| c.iter().find(|(t, _)| t == target).map(|(_, p)| p.clone()));
+        let cgroup = match joined {
+            Some(cgroup) => Some(cgroup),
+            None if target == HOST_CGROUP => self.host_cgroup().map(PathBuf::from),
+            None => None,
+        };
+        if let Some(cgroup) = cgroup {
+            let procs = cgroup.join("cgroup.procs");
             // SAFETY: the closure runs in the child between fork and exec and only writes a
             // file.
             unsafe {
@@ -116,6 +127,16 @@ impl Sandbox {
             }
         }
         cmd
+    }
+
+    /// From now on the commands [`Sandbox::command_in`] makes for `target` (an endpoint, as
+    /// a container's processes) join `cgroup` (one of the caller's, e.g. where the agent's
+    /// container hooks are: `--container-cgroup`).
+    pub fn join_cgroup(&self, target: &str, cgroup: &Path) {
+        if let Ok(mut cgroups) = self.cgroups.lock() {
+            cgroups.retain(|(t, _)| t != target);
+            cgroups.push((target.to_owned(), cgroup.to_owned()));
+        }
     }
 
     /// Runs a command in a target's namespace to completion (or `timeout`, or Ctrl-C).

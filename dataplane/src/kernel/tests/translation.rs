@@ -425,6 +425,106 @@ fn connections_between_containers_are_tracked_untranslated() {
     assert_eq!(ct(dp).len(), 2);
 }
 
+/// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// What a container's connect4 hook leaves behind for the packet path: `client`'s socket
+/// to VIP:80 was pointed at `backend`:80, `age_ns` ago.
+fn socket_translated(dp: &mut Datapath, client: [u8; 4], backend: [u8; 4], age_ns: u64) {
+    use dataplane_common::{SockLb, SockLbKey, map_names};
+    let key = SockLbKey {
+        saddr: be(client),
+        daddr: be(backend),
+        dport: 80u16.to_be(),
+        proto: 6,
+        _pad: 0,
+    };
+    let value = SockLb {
+        time_ns: monotonic_ns() - age_ns,
+        vip: be(VIP),
+        vip_port: 80u16.to_be(),
+        _pad: 0,
+    };
+    dp.hash_mut::<SockLbKey, SockLb>(map_names::SOCK_LB)
+        .unwrap()
+        .insert(key, value, 0)
+        .unwrap();
+}
+
+const VIP: [u8; 4] = [10, 96, 0, 10];
+
+#[test]
+fn a_connection_translated_at_its_socket_is_the_services_and_never_rewritten() {
+    use dataplane_common::{ct_origin, ct_rewrite};
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    host(dp);
+    socket_translated(dp, WEB2, WEB1, 0);
+    // Already to the backend: delivered as it is, both ways (no reverse NAT for the reply,
+    // whose source the socket expects to be the backend it is connected to).
+    let syn = ipv4_frame(&Ipv4Spec::new(WEB2, WEB1, 6), &tcp(46000, 80, TCP_SYN, b""));
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &syn);
+    assert_eq!((verdict, &out[12..]), (TC_REDIRECT, &syn[12..]));
+    let synack = ipv4_frame(
+        &Ipv4Spec::new(WEB1, WEB2, 6),
+        &tcp(80, 46000, TCP_SYN | TCP_ACK, b""),
+    );
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &synack);
+    assert_eq!((verdict, &out[12..]), (TC_REDIRECT, &synack[12..]));
+    assert_checksums(&out);
+    // Tracked as the service's: the forward entry keeps the VIP for the flow records.
+    let entries = ct(dp);
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    let (_, forward) = entries
+        .iter()
+        .find(|(k, _)| k.saddr == be(WEB2))
+        .expect("the forward entry");
+    assert_eq!(
+        (
+            forward.origin,
+            forward.rewrite,
+            forward.nat_addr,
+            forward.nat_port
+        ),
+        (
+            ct_origin::SERVICE,
+            ct_rewrite::SOCKET,
+            be(VIP),
+            80u16.to_be()
+        )
+    );
+    let (_, reply) = entries
+        .iter()
+        .find(|(k, _)| k.saddr == be(WEB1))
+        .expect("the reply entry");
+    assert_eq!(
+        (reply.origin, reply.rewrite),
+        (ct_origin::SERVICE, ct_rewrite::NONE)
+    );
+    // A pair the hook wrote long ago says nothing about a new connection: plain.
+    socket_translated(dp, WEB2, WEB1, 60_000_000_000);
+    let later = ipv4_frame(&Ipv4Spec::new(WEB2, WEB1, 6), &tcp(46001, 80, TCP_SYN, b""));
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &later);
+    assert_eq!((verdict, &out[12..]), (TC_REDIRECT, &later[12..]));
+    let plain = ct(dp)
+        .into_iter()
+        .find(|(k, _)| k.sport == 46001u16.to_be())
+        .expect("tracked")
+        .1;
+    assert_eq!(
+        (plain.origin, plain.rewrite),
+        (ct_origin::PLAIN, ct_rewrite::NONE)
+    );
+}
+
 #[test]
 fn a_syn_reusing_the_tuple_of_a_closed_connection_is_a_new_connection() {
     let mut t = loaded_or_skip!();

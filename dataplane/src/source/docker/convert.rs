@@ -255,6 +255,8 @@ fn endpoint(
         name: name.to_owned(),
         labels: container.inspect.config.labels.clone(),
         interfaces,
+        // The running container's own process: the namespace its sockets live in.
+        netns: Some(format!("/proc/{}/ns/net", container.inspect.state.pid)),
     })
 }
 
