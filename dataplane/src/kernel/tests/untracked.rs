@@ -87,6 +87,9 @@ fn stray_error(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
     ipv4_frame(&Ipv4Spec::new(src, dst, ICMP), &icmp_error(3, 3, &quoted))
 }
 
+/// (what, hook, source, destination, expected verdict).
+type Case = (&'static str, Hook, [u8; 4], [u8; 4], u32);
+
 /// Pass or drop: a packet sent straight on (redirect) counts as passed.
 fn verdict(dp: &mut Datapath, hook: Hook, frame: &[u8]) -> u32 {
     match run_tc(dp, hook, frame).0 {
@@ -102,7 +105,7 @@ fn untracked_packets_are_judged_by_isolation_as_new_connections_are() {
     host(dp);
     let (pass, shot) = (TC_PASS, TC_SHOT);
     #[rustfmt::skip]
-    let cases: [(&str, Hook, [u8; 4], [u8; 4], u32); 18] = [
+    let cases: [Case; 18] = [
         // From a container (its interface's ingress hook).
         ("same network", Hook::ContainerIngress, A, B, pass),
         ("across networks", Hook::ContainerIngress, A, C, shot),
