@@ -425,6 +425,21 @@ fn run_size(
         }
         other => anyhow::bail!("scale: no path {other:?}"),
     }
+    measure_with_others(bed, client, targets, durations, m, &mut values)?;
+    Ok(values)
+}
+
+/// The per-N measurement of the scale scenarios, once the N other entries are in place:
+/// new connections/s (wrk, `Connection: close`), the probe's p50 and p99 (handshake
+/// included), and the agent's CPU share meanwhile, pushed as metrics 0, 1, 2 and 5 of `m`.
+pub(super) fn measure_with_others(
+    bed: &Bed,
+    client: &str,
+    targets: &Targets,
+    durations: Durations,
+    m: &[&'static Metric; 6],
+    values: &mut Vec<(&'static Metric, f64)>,
+) -> anyhow::Result<()> {
     let url = format!("http://{}/", targets.http);
     let before = super::agent_drops(bed);
     // 3 s of wrk also in the full run: rates of 1-15k requests/s need no more, and the 8
@@ -445,7 +460,7 @@ fn run_size(
     if let Some(cpu) = cpu {
         values.push((m[5], cpu));
     }
-    Ok(values)
+    Ok(())
 }
 
 #[cfg(test)]

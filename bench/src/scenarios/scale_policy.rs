@@ -27,10 +27,10 @@ use std::{
 use anyhow::Context as _;
 
 use super::published_port::docker_rules;
-use super::scale::size_metrics;
+use super::scale::{measure_with_others, size_metrics};
 use super::{
-    HOST_IP, addr, cpu_share_during, iptables_restore, last_reconcile, map_entries, new_conn_wrk,
-    path_of, probe, wait_applied, write_state,
+    HOST_IP, addr, iptables_restore, last_reconcile, map_entries, path_of, wait_applied,
+    write_state,
 };
 use crate::bed::{Bed, Server};
 use crate::client::Targets;
@@ -229,24 +229,7 @@ fn run_size(
         }
         other => anyhow::bail!("scale-policy: no path {other:?}"),
     }
-    let url = format!("http://{}/", targets.http);
-    let before = super::agent_drops(bed);
-    let short = Durations {
-        wrk_secs: durations.wrk_secs.min(3),
-        ..durations
-    };
-    let ((r, p), cpu) = cpu_share_during(bed.agent_pid(), || {
-        let r = new_conn_wrk(bed, client, &url, short)?;
-        let p = probe::probe(bed, client, targets.http, super::probe_secs(short))?;
-        Ok((r, p))
-    })?;
-    super::note_trouble(bed, before, &p);
-    values.push((m[0], r.requests_per_sec));
-    values.push((m[1], p.p50_us / 1000.0));
-    values.push((m[2], p.p99_us / 1000.0));
-    if let Some(cpu) = cpu {
-        values.push((m[5], cpu));
-    }
+    measure_with_others(bed, client, targets, durations, m, &mut values)?;
     Ok(values)
 }
 
