@@ -903,20 +903,23 @@ fn masquerade(
     };
     let Some(source) = ENDPOINTS.get_ptr(&ip.saddr) else {
         // Not a container: the host's own traffic keeps its address, untracked, unless it
-        // opens a connection on a tuple one of ours holds (a port a container kept, which the
-        // host's connect() could not know about): then it is translated itself, to a probed
-        // port, so that neither loses its replies (Cilium's SNAT does the same with the
-        // host's connections).
+        // opens a connection on a tuple one of ours holds as a masqueraded connection's reply
+        // (a port a container kept, which the host's connect() could not know about): then it
+        // is translated itself, to a probed port, so that neither loses its replies (Cilium's
+        // SNAT does the same with the host's connections). Only a reply entry counts: the
+        // answers of a published port leave here with the host's address too, and the
+        // reversed tuple they find is their own connection's forward entry.
         if masquerade_addr == 0
             || ip.saddr != masquerade_addr
-            || conntrack::lookup(&conntrack::reply_key(
+            || !conntrack::lookup(&conntrack::reply_key(
                 ip.protocol,
                 ip.saddr,
                 l4.sport,
                 ip.daddr,
                 l4.dport,
             ))
-            .is_none()
+            // SAFETY: a map value from this program run's lookup.
+            .is_some_and(|held| unsafe { (*held).is_reply } == 1)
         {
             return Verdict::Pass;
         }
