@@ -122,6 +122,10 @@ pub enum FlowError {
     Ring(#[source] std::io::Error),
 }
 
+/// How often the ring is read when no wakeup came: the longest a flow event waits on a quiet
+/// host (the kernel programs wake the agent only for a batch of events).
+pub const FLOW_TICK: Duration = Duration::from_millis(50);
+
 /// Reads the flow-event ring buffer from its own task and hands the events on in batches.
 pub fn spawn_reader(ring: RingBuf<MapData>) -> Result<mpsc::Receiver<Vec<FlowEvent>>, FlowError> {
     // SAFETY: the ring buffer owns its map's fd and keeps it open, unchanged, for as long as
@@ -132,10 +136,9 @@ pub fn spawn_reader(ring: RingBuf<MapData>) -> Result<mpsc::Receiver<Vec<FlowEve
     tokio::spawn(async move {
         let mut reported_bad = false;
         loop {
-            // Besides the kernel's wakeups, look every half second: a wakeup can be missed
-            // between the last read and clearing readiness (the kernel wakes the reader only
-            // when it had caught up), and then the ring would sit unread until the next one.
-            let ready = tokio::time::timeout(Duration::from_millis(500), fd.readable_mut()).await;
+            // The kernel wakes the reader only once 64 events wait (see the kernel's
+            // `WAKEUP_PENDING_BYTES`), so fewer than that are picked up on this tick.
+            let ready = tokio::time::timeout(FLOW_TICK, fd.readable_mut()).await;
             let mut batch = Vec::new();
             match ready {
                 Ok(Ok(mut guard)) => {
