@@ -336,10 +336,7 @@ fn host_processes_reach_a_vip_over_tcp_spread_evenly_over_every_backend() {
     let agent = Agent::start(&sandbox);
     let answers = host_curl(&sandbox, "http://10.96.0.10/", 300);
     assert_eq!(answers.len(), 300, "{answers:?}");
-    let names: BTreeMap<&str, usize> = answers.iter().fold(BTreeMap::new(), |mut m, (n, _)| {
-        *m.entry(n.as_str()).or_insert(0) += 1;
-        m
-    });
+    let names = per_name(answers.iter().map(|(n, _)| n.as_str()));
     eprintln!("300 host connections to the VIP, per backend: {names:?}");
     assert_eq!(
         names.keys().copied().collect::<Vec<_>>(),
@@ -389,10 +386,7 @@ fn host_processes_reach_a_udp_vip_and_the_reply_comes_from_the_vip() {
         replies.iter().all(|(peer, _)| peer == "10.96.0.13:53"),
         "every reply from the VIP: {replies:?}"
     );
-    let per_backend = replies.iter().fold(BTreeMap::new(), |mut m, (_, n)| {
-        *m.entry(n.as_str()).or_insert(0) += 1;
-        m
-    });
+    let per_backend = per_name(replies.iter().map(|(_, n)| n.as_str()));
     eprintln!("30 host UDP sockets to the VIP, per backend: {per_backend:?}");
     let names: std::collections::BTreeSet<&str> = replies.iter().map(|(_, n)| n.as_str()).collect();
     assert_eq!(
