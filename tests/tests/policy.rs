@@ -50,6 +50,15 @@ ports:
 const HOST: &str = "192.0.2.1";
 const OUTSIDE: &str = "192.0.2.2";
 
+/// A route on the outside client to every test network through the host, as a router in
+/// front of the host would have.
+fn route_outside_to_containers(sandbox: &Sandbox) {
+    sandbox.exec_ok(
+        "outside",
+        &["ip", "route", "add", "172.30.0.0/16", "via", HOST],
+    );
+}
+
 /// Whether a TCP connection from `from` to `addr`:`port` is answered by a server.
 fn reaches(sandbox: &Sandbox, from: &str, addr: &str, port: u16) -> bool {
     let out = sandbox.exec(from, &["nc", "-w2", addr, &port.to_string()]);
@@ -82,10 +91,7 @@ fn reachability_matrix_behaves_like_docker() {
     let agent = Agent::start(&sandbox);
     let _server = sandbox.serve_outside("9999", None);
     // Give the outside client a route to the containers, to show it still cannot use it.
-    sandbox.exec_ok(
-        "outside",
-        &["ip", "route", "add", "172.30.0.0/16", "via", HOST],
-    );
+    route_outside_to_containers(&sandbox);
 
     let cells: Vec<(&str, &str, &str, u16, bool)> = vec![
         ("same network", "web2", "172.30.1.2", 80, true),
@@ -211,10 +217,7 @@ fn snmp(sandbox: &Sandbox, target: &str, group: &str, field: &str) -> u64 {
 fn other_protocols_and_icmp_types_are_isolated_too() {
     let sandbox = Sandbox::up(SPEC);
     let agent = Agent::start(&sandbox);
-    sandbox.exec_ok(
-        "outside",
-        &["ip", "route", "add", "172.30.0.0/16", "via", HOST],
-    );
+    route_outside_to_containers(&sandbox);
     let cases = [
         ("same network", "web1", "web2", "172.30.1.3", true),
         ("other network", "web1", "db", "172.30.2.2", false),
@@ -424,10 +427,7 @@ fn gateway_modes_behave_like_docker_28() {
     let agent = Agent::start(&sandbox);
     let _server = sandbox.serve_outside("9999", None);
     // The outside routes to the containers through the host, as a router in front would.
-    sandbox.exec_ok(
-        "outside",
-        &["ip", "route", "add", "172.30.0.0/16", "via", HOST],
-    );
+    route_outside_to_containers(&sandbox);
     let cells: Vec<(&str, &str, &str, u16, bool)> = vec![
         ("nat: published port", "outside", HOST, 8090, true),
         ("nat: container address", "outside", "172.30.5.2", 80, false),
