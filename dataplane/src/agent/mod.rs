@@ -391,9 +391,10 @@ impl Agent {
         model: Model,
         notes: Vec<String>,
     ) -> Result<(), ReconcileError> {
-        let host_addrs: Vec<std::net::Ipv4Addr> = netdev::ipv4_addresses()
+        let host_addrs: Vec<std::net::IpAddr> = netdev::ipv4_addresses()
             .into_iter()
-            .map(|(_, a)| a)
+            .map(|(_, a)| a.into())
+            .chain(netdev::ipv6_addresses().into_iter().map(|(_, a)| a.into()))
             .collect();
         let mut warnings = model.check_host(&host_addrs)?;
         warnings.extend(model.warnings());

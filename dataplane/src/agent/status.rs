@@ -7,7 +7,64 @@ use super::Agent;
 use crate::{
     control::status::{self, Status},
     kernel::netdev,
+    model::{Model, PortRange, PortTarget},
 };
+
+/// The networks, services and published ports of `model`, as `status` shows them.
+fn model_rows(
+    model: &Model,
+) -> (
+    Vec<status::NetworkRow>,
+    Vec<status::ServiceRow>,
+    Vec<status::PortRow>,
+) {
+    let networks = model
+        .networks
+        .iter()
+        .map(|n| status::NetworkRow {
+            name: n.name.clone(),
+            bridge: n.bridge.clone(),
+            subnet: n.subnet.map(|c| c.to_string()),
+            gateway: n.gateway.map(|g| g.to_string()),
+            subnet6: n.subnet6.map(|c| c.to_string()),
+            gateway6: n.gateway6.map(|g| g.to_string()),
+        })
+        .collect();
+    let services = model
+        .services
+        .iter()
+        .map(|s| status::ServiceRow {
+            name: s.name.clone(),
+            vip: s.vip.map(|v| v.to_string()),
+            vip6: s.vip6.map(|v| v.to_string()),
+            port: s.port,
+            protocol: s.protocol.to_string(),
+            backends: s.backends.clone(),
+        })
+        .collect();
+    let range = |r: &PortRange| {
+        if r.first == r.last {
+            r.first.to_string()
+        } else {
+            format!("{}-{}", r.first, r.last)
+        }
+    };
+    let ports = model
+        .ports
+        .iter()
+        .map(|p| status::PortRow {
+            target: match &p.target {
+                PortTarget::Endpoint(name) => format!("endpoint {name}"),
+                PortTarget::Service(name) => format!("service {name}"),
+            },
+            protocol: p.protocol.to_string(),
+            host_ip: p.host_ip.map(|ip| ip.to_string()),
+            host_port: range(&p.host_ports),
+            container_port: range(&p.container_ports),
+        })
+        .collect();
+    (networks, services, ports)
+}
 
 impl Agent {
     pub(super) fn status(&self) -> anyhow::Result<Status> {
@@ -61,11 +118,17 @@ impl Agent {
                 e.interfaces.iter().map(|i| status::EndpointRow {
                     name: e.name.clone(),
                     network: i.network.clone(),
-                    ip: i.ip.to_string(),
+                    ip: i.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                    ip6: i.ip6.map(|ip| ip.to_string()),
                     host_veth: i.host_veth.clone(),
                 })
             })
             .collect();
+        let (networks, services, ports) = self
+            .reconciler
+            .applied()
+            .map(model_rows)
+            .unwrap_or_default();
         let drops = datapath
             .drops()?
             .into_iter()
@@ -83,6 +146,9 @@ impl Agent {
             maps,
             interfaces,
             endpoints,
+            networks,
+            services,
+            ports,
             drops,
             reconciles: self.reconciles,
             ct_collected: self.collector.collected,

@@ -15,6 +15,13 @@ pub struct Status {
     pub maps: Vec<MapFill>,
     pub interfaces: Vec<InterfaceCounters>,
     pub endpoints: Vec<EndpointRow>,
+    /// The networks, services and published ports of the state in force.
+    #[serde(default)]
+    pub networks: Vec<NetworkRow>,
+    #[serde(default)]
+    pub services: Vec<ServiceRow>,
+    #[serde(default)]
+    pub ports: Vec<PortRow>,
     /// Drops by Hubble reason name.
     pub drops: BTreeMap<String, u64>,
     pub reconciles: u64,
@@ -106,6 +113,43 @@ pub struct InterfaceCounters {
 pub struct EndpointRow {
     pub name: String,
     pub network: String,
+    /// Its IPv4 address; empty on an IPv6-only network.
     pub ip: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<String>,
     pub host_veth: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkRow {
+    pub name: String,
+    pub bridge: String,
+    /// IPv4 subnet and gateway (None: an IPv6-only network).
+    pub subnet: Option<String>,
+    pub gateway: Option<String>,
+    pub subnet6: Option<String>,
+    pub gateway6: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceRow {
+    pub name: String,
+    pub vip: Option<String>,
+    pub vip6: Option<String>,
+    pub port: u16,
+    pub protocol: String,
+    pub backends: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PortRow {
+    /// `endpoint NAME` or `service NAME`.
+    pub target: String,
+    pub protocol: String,
+    /// The host address as given: None = every address of both families, 0.0.0.0 = every
+    /// IPv4 one, :: = every IPv6 one.
+    pub host_ip: Option<String>,
+    /// "8080" or "8000-8010".
+    pub host_port: String,
+    pub container_port: String,
 }

@@ -478,7 +478,12 @@ impl Identities {
                 })
                 .into_iter()
                 .collect();
-            for interface in &endpoint.interfaces {
+            // (IPv4 addresses only, until the records know IPv6 ones.)
+            for (interface, ip) in endpoint
+                .interfaces
+                .iter()
+                .filter_map(|i| i.ip.map(|ip| (i, ip)))
+            {
                 let namespace = project.unwrap_or(&interface.network).clone();
                 namespaces
                     .entry(endpoint.name.as_str())
@@ -499,7 +504,7 @@ impl Identities {
                 );
                 labels.sort();
                 containers.insert(
-                    interface.ip,
+                    ip,
                     Endpoint {
                         id: endpoint_id_of(&endpoint.name),
                         identity,
@@ -528,14 +533,20 @@ impl Identities {
         let vips = model
             .services
             .iter()
-            .map(|s| ((s.vip, s.port, s.protocol.number()), service_of(&s.name)))
+            .filter_map(|s| Some(((s.vip?, s.port, s.protocol.number()), service_of(&s.name))))
             .collect();
         let published = model
             .ports
             .iter()
             .filter_map(|p| match &p.target {
                 PortTarget::Service(name) => Some(PublishedService {
-                    host_ip: p.host_ip,
+                    host_ip: match p.host_ip {
+                        None => None,
+                        Some(std::net::IpAddr::V4(ip)) if !ip.is_unspecified() => Some(ip),
+                        Some(std::net::IpAddr::V4(_)) => None,
+                        // An IPv6 binding: not one of the IPv4 addresses records show yet.
+                        Some(std::net::IpAddr::V6(_)) => return None,
+                    },
                     first: p.host_ports.first,
                     last: p.host_ports.last,
                     proto: p.protocol.number(),
@@ -547,7 +558,7 @@ impl Identities {
         let host = model
             .networks
             .iter()
-            .map(|n| n.gateway)
+            .filter_map(|n| n.gateway)
             .chain(host_addrs)
             .collect();
         Identities {

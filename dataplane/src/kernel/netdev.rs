@@ -222,6 +222,26 @@ pub fn ipv4_addresses() -> Vec<(String, Ipv4Addr)> {
         .collect()
 }
 
+/// IPv6 addresses of every interface in this network namespace but link-local ones
+/// (fe80::/10: every interface has its own, the same on many, and nothing is published or
+/// balanced on them): (interface, address).
+pub fn ipv6_addresses() -> Vec<(String, std::net::Ipv6Addr)> {
+    let (Ok(addresses), Ok(links)) = (addresses(), links()) else {
+        return Vec::new();
+    };
+    addresses
+        .into_iter()
+        .filter_map(|a| {
+            let IpAddr::V6(ip) = a.ip else { return None };
+            if ip.segments()[0] & 0xffc0 == 0xfe80 {
+                return None;
+            }
+            let name = links.iter().find(|l| l.index == a.index)?.name.clone();
+            Some((name, ip))
+        })
+        .collect()
+}
+
 /// The cookie the kernel gives this network namespace (SO_NETNS_COOKIE), which kernel
 /// programs compare with bpf_get_netns_cookie.
 pub fn netns_cookie() -> std::io::Result<u64> {
@@ -417,6 +437,12 @@ mod tests {
             ipv6_off || on_lo(Ipv6Addr::LOCALHOST.into(), 128),
             "{addresses:?}"
         );
+        let v6 = super::ipv6_addresses();
+        assert!(
+            ipv6_off || v6.contains(&("lo".to_string(), Ipv6Addr::LOCALHOST)),
+            "{v6:?}"
+        );
+        assert!(v6.iter().all(|(_, ip)| ip.segments()[0] & 0xffc0 != 0xfe80));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
 };
 
@@ -83,8 +83,16 @@ pub struct StateFile {
 pub struct NetworkSpec {
     pub name: String,
     pub bridge: String,
-    pub subnet: String,
-    pub gateway: String,
+    /// IPv4; optional when `subnet6` is given (an IPv6-only network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// IPv6 (`docker network create --ipv6`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<String>,
     #[serde(default)]
     pub internal: bool,
     #[serde(default = "default_true")]
@@ -120,7 +128,12 @@ pub struct EndpointSpec {
 #[serde(deny_unknown_fields)]
 pub struct InterfaceSpec {
     pub network: String,
-    pub ip: String,
+    /// Required on a network with an IPv4 subnet, refused on an IPv6-only one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// Optional on a dual-stack network, required on an IPv6-only one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<String>,
     pub mac: String,
     pub host_veth: String,
 }
@@ -151,7 +164,12 @@ pub struct PortSpec {
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub name: String,
-    pub vip: String,
+    /// IPv4; optional when `vip6` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<String>,
+    /// The same service over IPv6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip6: Option<String>,
     pub port: u32,
     #[serde(default = "default_tcp")]
     pub protocol: String,
@@ -293,12 +311,131 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// An IPv6 prefix, as [`Cidr`] is an IPv4 one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct Cidr6 {
+    pub addr: Ipv6Addr,
+    pub prefix_len: u8,
+}
+
+impl Cidr6 {
+    pub fn parse(text: &str) -> Result<Cidr6, String> {
+        let (addr, len) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not a CIDR (expected an IPv6 address/len)"))?;
+        let addr: Ipv6Addr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IPv6 address"))?;
+        let prefix_len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 128)
+            .ok_or_else(|| format!("prefix length {len:?} is not 0-128"))?;
+        let cidr = Cidr6 { addr, prefix_len };
+        if cidr.network() != addr {
+            return Err(format!(
+                "{text} has host bits set (the network is {}/{prefix_len})",
+                cidr.network()
+            ));
+        }
+        Ok(cidr)
+    }
+
+    pub fn mask(&self) -> u128 {
+        if self.prefix_len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(self.prefix_len))
+        }
+    }
+
+    pub fn network(&self) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.addr) & self.mask())
+    }
+
+    pub fn contains(&self, ip: Ipv6Addr) -> bool {
+        u128::from(ip) & self.mask() == u128::from(self.addr) & self.mask()
+    }
+
+    /// Whether the two prefixes share an address.
+    pub fn overlaps(&self, other: &Cidr6) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
+}
+
+impl fmt::Display for Cidr6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// A prefix of either family (a policy's `cidr`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(untagged)]
+pub enum IpCidr {
+    V4(Cidr),
+    V6(Cidr6),
+}
+
+impl IpCidr {
+    /// An IPv6 prefix when the text has a `:`, else an IPv4 one.
+    pub fn parse(text: &str) -> Result<IpCidr, String> {
+        if text.contains(':') {
+            Cidr6::parse(text).map(IpCidr::V6)
+        } else {
+            Cidr::parse(text).map(IpCidr::V4)
+        }
+    }
+}
+
+impl fmt::Display for IpCidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IpCidr::V4(c) => c.fmt(f),
+            IpCidr::V6(c) => c.fmt(f),
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`): how an IPv4-only container or backend is
+/// written in the IPv6 maps (the kernel translates to IPv4 there), so no IPv6 network,
+/// address or VIP may lie in it.
+pub const IPV4_MAPPED: Cidr6 = Cidr6 {
+    addr: Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0),
+    prefix_len: 96,
+};
+
+/// Link-local unicast (fe80::/10): every interface has one of its own; never a container's,
+/// a VIP or a network's.
+pub const LINK_LOCAL6: Cidr6 = Cidr6 {
+    addr: Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
+    prefix_len: 10,
+};
+
+/// Why an IPv6 address cannot be a container's, a gateway or a VIP (None: it can).
+fn not_unicast6(ip: Ipv6Addr) -> Option<&'static str> {
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+        Some("not a unicast address")
+    } else if IPV4_MAPPED.contains(ip) {
+        Some("an IPv4-mapped address (::ffff:0:0/96)")
+    } else if LINK_LOCAL6.contains(ip) {
+        Some("a link-local address (fe80::/10)")
+    } else {
+        None
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Network {
     pub name: String,
     pub bridge: String,
-    pub subnet: Cidr,
-    pub gateway: Ipv4Addr,
+    /// None: an IPv6-only network (then `subnet6` is set).
+    pub subnet: Option<Cidr>,
+    /// Set exactly when `subnet` is.
+    pub gateway: Option<Ipv4Addr>,
+    pub subnet6: Option<Cidr6>,
+    /// Set exactly when `subnet6` is.
+    pub gateway6: Option<Ipv6Addr>,
     pub internal: bool,
     pub icc: bool,
     pub gateway_mode: GatewayMode,
@@ -341,7 +478,10 @@ impl GatewayMode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Interface {
     pub network: String,
-    pub ip: Ipv4Addr,
+    /// Set exactly when its network has an IPv4 subnet.
+    pub ip: Option<Ipv4Addr>,
+    /// Always set on an IPv6-only network; optional on a dual-stack one.
+    pub ip6: Option<Ipv6Addr>,
     pub mac: [u8; 6],
     pub host_veth: String,
 }
@@ -419,8 +559,9 @@ pub enum PortTarget {
 pub struct PublishedPort {
     pub target: PortTarget,
     pub protocol: Protocol,
-    /// `None`: every host address.
-    pub host_ip: Option<Ipv4Addr>,
+    /// `None`: every host address of both families; `0.0.0.0` every IPv4 one, `::` every
+    /// IPv6 one; else that one address.
+    pub host_ip: Option<IpAddr>,
     pub host_ports: PortRange,
     pub container_ports: PortRange,
 }
@@ -453,7 +594,9 @@ impl Algorithm {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Service {
     pub name: String,
-    pub vip: Ipv4Addr,
+    /// At least one of `vip` and `vip6` is set.
+    pub vip: Option<Ipv4Addr>,
+    pub vip6: Option<Ipv6Addr>,
     pub port: u16,
     pub protocol: Protocol,
     pub target_port: u16,
@@ -464,13 +607,24 @@ pub struct Service {
     pub weights: Vec<u32>,
 }
 
+impl Service {
+    /// Its VIPs, IPv4 first.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        self.vip
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.vip6.map(IpAddr::V6))
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Selector {
     Any,
     Network(String),
     Endpoint(String),
     Labels(BTreeMap<String, String>),
-    Cidr(Cidr),
+    Cidr(IpCidr),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -523,6 +677,11 @@ fn check_ifname(name: &str) -> Result<(), String> {
 fn parse_ip(text: &str) -> Result<Ipv4Addr, String> {
     text.parse()
         .map_err(|_| format!("{text:?} is not an IPv4 address"))
+}
+
+fn parse_ip6(text: &str) -> Result<Ipv6Addr, String> {
+    text.parse()
+        .map_err(|_| format!("{text:?} is not an IPv6 address"))
 }
 
 pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
@@ -623,33 +782,112 @@ impl Model {
                     format!("{:?} is already the bridge of network {other}", n.bridge),
                 ));
             }
-            let subnet = Cidr::parse(&n.subnet).map_err(|m| invalid(&entry, "subnet", m))?;
-            if let Some(other) = networks
-                .iter()
-                .find(|o| o.subnet.contains(subnet.addr) || subnet.contains(o.subnet.addr))
-            {
+            if n.subnet.is_none() && n.subnet6.is_none() {
                 return Err(invalid(
                     entry,
                     "subnet",
-                    format!(
-                        "{subnet} overlaps {} of network {}",
-                        other.subnet, other.name
-                    ),
+                    "give subnet, subnet6 or both (an IPv6-only network has subnet6 only)",
                 ));
             }
-            let gateway = parse_ip(&n.gateway).map_err(|m| invalid(&entry, "gateway", m))?;
-            if !subnet.contains(gateway) {
-                return Err(invalid(
-                    entry,
-                    "gateway",
-                    format!("{gateway} is outside the subnet {subnet}"),
-                ));
-            }
+            let (subnet, gateway) = match (&n.subnet, &n.gateway) {
+                (None, None) => (None, None),
+                (None, Some(_)) => {
+                    return Err(invalid(entry, "gateway", "is given without a subnet"));
+                }
+                (Some(_), None) => {
+                    return Err(invalid(entry, "gateway", "is required with subnet"));
+                }
+                (Some(subnet), Some(gateway)) => {
+                    let subnet = Cidr::parse(subnet).map_err(|m| invalid(&entry, "subnet", m))?;
+                    if let Some((other, other_subnet)) = networks.iter().find_map(|o| {
+                        o.subnet
+                            .filter(|os| os.contains(subnet.addr) || subnet.contains(os.addr))
+                            .map(|os| (o, os))
+                    }) {
+                        return Err(invalid(
+                            entry,
+                            "subnet",
+                            format!("{subnet} overlaps {other_subnet} of network {}", other.name),
+                        ));
+                    }
+                    let gateway = parse_ip(gateway).map_err(|m| invalid(&entry, "gateway", m))?;
+                    if !subnet.contains(gateway) {
+                        return Err(invalid(
+                            entry,
+                            "gateway",
+                            format!("{gateway} is outside the subnet {subnet}"),
+                        ));
+                    }
+                    (Some(subnet), Some(gateway))
+                }
+            };
+            let (subnet6, gateway6) = match (&n.subnet6, &n.gateway6) {
+                (None, None) => (None, None),
+                (None, Some(_)) => {
+                    return Err(invalid(entry, "gateway6", "is given without a subnet6"));
+                }
+                (Some(_), None) => {
+                    return Err(invalid(entry, "gateway6", "is required with subnet6"));
+                }
+                (Some(subnet6), Some(gateway6)) => {
+                    let subnet6 =
+                        Cidr6::parse(subnet6).map_err(|m| invalid(&entry, "subnet6", m))?;
+                    for reserved in [IPV4_MAPPED, LINK_LOCAL6] {
+                        if subnet6.overlaps(&reserved) {
+                            return Err(invalid(
+                                entry,
+                                "subnet6",
+                                format!("{subnet6} overlaps the reserved {reserved}"),
+                            ));
+                        }
+                    }
+                    if subnet6.addr.is_multicast() || subnet6.prefix_len < 8 {
+                        return Err(invalid(
+                            entry,
+                            "subnet6",
+                            format!("{subnet6} is not a unicast subnet of at most /8"),
+                        ));
+                    }
+                    if let Some((other, other_subnet)) = networks.iter().find_map(|o| {
+                        o.subnet6
+                            .filter(|os| os.overlaps(&subnet6))
+                            .map(|os| (o, os))
+                    }) {
+                        return Err(invalid(
+                            entry,
+                            "subnet6",
+                            format!(
+                                "{subnet6} overlaps {other_subnet} of network {}",
+                                other.name
+                            ),
+                        ));
+                    }
+                    let gateway6 =
+                        parse_ip6(gateway6).map_err(|m| invalid(&entry, "gateway6", m))?;
+                    if !subnet6.contains(gateway6) {
+                        return Err(invalid(
+                            entry,
+                            "gateway6",
+                            format!("{gateway6} is outside the subnet {subnet6}"),
+                        ));
+                    }
+                    if gateway6 == subnet6.network() {
+                        return Err(invalid(
+                            entry,
+                            "gateway6",
+                            format!("{gateway6} is the subnet-router anycast address of {subnet6}"),
+                        ));
+                    }
+                    (Some(subnet6), Some(gateway6))
+                }
+            };
             networks.push(Network {
                 name: n.name.clone(),
                 bridge: n.bridge.clone(),
                 subnet,
                 gateway,
+                subnet6,
+                gateway6,
                 internal: n.internal,
                 icc: n.icc,
                 gateway_mode: n
@@ -667,7 +905,7 @@ impl Model {
     fn endpoints(spec: &StateFile, networks: &[Network]) -> Result<Vec<Endpoint>, StateError> {
         let mut names = BTreeSet::new();
         // Address -> (endpoint, field) of its first use, to name both sides of a duplicate.
-        let mut ips: HashMap<Ipv4Addr, String> = HashMap::new();
+        let mut ips: HashMap<IpAddr, String> = HashMap::new();
         let mut veths: HashMap<&str, String> = HashMap::new();
         let mut macs: HashMap<[u8; 6], String> = HashMap::new();
         let mut endpoints = Vec::new();
@@ -700,31 +938,110 @@ impl Model {
                         format!("the endpoint is already on network {}", itf.network),
                     ));
                 }
-                let ip = parse_ip(&itf.ip).map_err(|m| invalid(&entry, field("ip"), m))?;
-                if !network.subnet.contains(ip) {
-                    return Err(invalid(
-                        &entry,
-                        field("ip"),
-                        format!(
-                            "{ip} is outside {}'s subnet {}",
-                            network.name, network.subnet
-                        ),
-                    ));
-                }
-                if ip == network.gateway {
-                    return Err(invalid(
-                        &entry,
-                        field("ip"),
-                        format!("{ip} is the gateway of network {}", network.name),
-                    ));
-                }
-                if let Some(first) = ips.insert(ip, format!("{entry}.{}", field("ip"))) {
-                    return Err(invalid(
-                        &entry,
-                        field("ip"),
-                        format!("duplicate IP {ip}: already used by {first}"),
-                    ));
-                }
+                let ip = match (&itf.ip, network.subnet, network.gateway) {
+                    (None, None, _) => None,
+                    (None, Some(subnet), _) => {
+                        return Err(invalid(
+                            &entry,
+                            field("ip"),
+                            format!(
+                                "is required: network {} has the IPv4 subnet {subnet}",
+                                network.name
+                            ),
+                        ));
+                    }
+                    (Some(_), None, _) | (Some(_), _, None) => {
+                        return Err(invalid(
+                            &entry,
+                            field("ip"),
+                            format!(
+                                "network {} is IPv6-only (no subnet); give ip6",
+                                network.name
+                            ),
+                        ));
+                    }
+                    (Some(text), Some(subnet), Some(gateway)) => {
+                        let ip = parse_ip(text).map_err(|m| invalid(&entry, field("ip"), m))?;
+                        if !subnet.contains(ip) {
+                            return Err(invalid(
+                                &entry,
+                                field("ip"),
+                                format!("{ip} is outside {}'s subnet {subnet}", network.name),
+                            ));
+                        }
+                        if ip == gateway {
+                            return Err(invalid(
+                                &entry,
+                                field("ip"),
+                                format!("{ip} is the gateway of network {}", network.name),
+                            ));
+                        }
+                        if let Some(first) =
+                            ips.insert(IpAddr::V4(ip), format!("{entry}.{}", field("ip")))
+                        {
+                            return Err(invalid(
+                                &entry,
+                                field("ip"),
+                                format!("duplicate IP {ip}: already used by {first}"),
+                            ));
+                        }
+                        Some(ip)
+                    }
+                };
+                let ip6 = match (&itf.ip6, network.subnet6, network.gateway6) {
+                    (None, _, _) if ip.is_none() => {
+                        return Err(invalid(
+                            &entry,
+                            field("ip6"),
+                            format!("is required: network {} is IPv6-only", network.name),
+                        ));
+                    }
+                    (None, _, _) => None,
+                    (Some(_), None, _) | (Some(_), _, None) => {
+                        return Err(invalid(
+                            &entry,
+                            field("ip6"),
+                            format!("network {} has no subnet6", network.name),
+                        ));
+                    }
+                    (Some(text), Some(subnet6), Some(gateway6)) => {
+                        let ip6 = parse_ip6(text).map_err(|m| invalid(&entry, field("ip6"), m))?;
+                        if !subnet6.contains(ip6) {
+                            return Err(invalid(
+                                &entry,
+                                field("ip6"),
+                                format!("{ip6} is outside {}'s subnet6 {subnet6}", network.name),
+                            ));
+                        }
+                        if ip6 == gateway6 {
+                            return Err(invalid(
+                                &entry,
+                                field("ip6"),
+                                format!("{ip6} is the gateway6 of network {}", network.name),
+                            ));
+                        }
+                        if ip6 == subnet6.network() {
+                            return Err(invalid(
+                                &entry,
+                                field("ip6"),
+                                format!("{ip6} is the subnet-router anycast address of {subnet6}"),
+                            ));
+                        }
+                        if let Some(why) = not_unicast6(ip6) {
+                            return Err(invalid(&entry, field("ip6"), format!("{ip6} is {why}")));
+                        }
+                        if let Some(first) =
+                            ips.insert(IpAddr::V6(ip6), format!("{entry}.{}", field("ip6")))
+                        {
+                            return Err(invalid(
+                                &entry,
+                                field("ip6"),
+                                format!("duplicate IP {ip6}: already used by {first}"),
+                            ));
+                        }
+                        Some(ip6)
+                    }
+                };
                 let mac = parse_mac(&itf.mac).map_err(|m| invalid(&entry, field("mac"), m))?;
                 if let Some(first) = macs.insert(mac, entry.clone()) {
                     return Err(invalid(
@@ -751,6 +1068,7 @@ impl Model {
                 interfaces.push(Interface {
                     network: itf.network.clone(),
                     ip,
+                    ip6,
                     mac,
                     host_veth: itf.host_veth.clone(),
                 });
@@ -781,8 +1099,29 @@ impl Model {
             if !names.insert(s.name.as_str()) {
                 return Err(invalid(entry, "name", "is used by an earlier service"));
             }
-            let vip = parse_ip(&s.vip).map_err(|m| invalid(&entry, "vip", m))?;
-            check_vip(vip, networks, endpoints).map_err(|m| invalid(&entry, "vip", m))?;
+            let vip = s
+                .vip
+                .as_deref()
+                .map(|text| {
+                    let vip = parse_ip(text)?;
+                    check_vip(vip, networks, endpoints)?;
+                    Ok(vip)
+                })
+                .transpose()
+                .map_err(|m: String| invalid(&entry, "vip", m))?;
+            let vip6 = s
+                .vip6
+                .as_deref()
+                .map(|text| {
+                    let vip6 = parse_ip6(text)?;
+                    check_vip6(vip6, networks, endpoints)?;
+                    Ok(vip6)
+                })
+                .transpose()
+                .map_err(|m: String| invalid(&entry, "vip6", m))?;
+            if vip.is_none() && vip6.is_none() {
+                return Err(invalid(entry, "vip", "give vip, vip6 or both"));
+            }
             let port = single_port(s.port).map_err(|m| invalid(&entry, "port", m))?;
             let protocol = Protocol::parse(&s.protocol).ok_or_else(|| {
                 invalid(
@@ -791,12 +1130,19 @@ impl Model {
                     format!("{:?} is not tcp or udp", s.protocol),
                 )
             })?;
-            if let Some(first) = vips.insert((vip, port, protocol), entry.clone()) {
-                return Err(invalid(
-                    &entry,
-                    "vip",
-                    format!("{vip}:{port}/{protocol} is already the address of {first}"),
-                ));
+            for (field, address) in [("vip", vip.map(IpAddr::V4)), ("vip6", vip6.map(IpAddr::V6))] {
+                let Some(address) = address else { continue };
+                if let Some(first) = vips.insert((address, port, protocol), entry.clone()) {
+                    let shown = match address {
+                        IpAddr::V4(a) => format!("{a}:{port}"),
+                        IpAddr::V6(a) => format!("[{a}]:{port}"),
+                    };
+                    return Err(invalid(
+                        &entry,
+                        field,
+                        format!("{shown}/{protocol} is already the address of {first}"),
+                    ));
+                }
             }
             let target_port = match s.target_port {
                 Some(p) => single_port(p).map_err(|m| invalid(&entry, "target_port", m))?,
@@ -808,6 +1154,7 @@ impl Model {
             services.push(Service {
                 name: s.name.clone(),
                 vip,
+                vip6,
                 port,
                 protocol,
                 target_port,
@@ -862,9 +1209,52 @@ impl Model {
                 )
             })?;
             let host_ip = match p.host_ip.as_deref() {
-                None | Some("0.0.0.0") => None,
-                Some(text) => Some(parse_ip(text).map_err(|m| invalid(&entry, "host_ip", m))?),
+                None => None,
+                Some(text) if text.contains(':') => Some(IpAddr::V6(
+                    parse_ip6(text).map_err(|m| invalid(&entry, "host_ip", m))?,
+                )),
+                Some(text) => Some(IpAddr::V4(
+                    parse_ip(text).map_err(|m| invalid(&entry, "host_ip", m))?,
+                )),
             };
+            // A port of one family must lead somewhere with an address of that family (an
+            // IPv4-only container is reached over IPv6 through the kernel's translation, so
+            // only IPv4 needs the target's own address).
+            match (&target, host_ip) {
+                (PortTarget::Endpoint(name), Some(IpAddr::V4(_))) => {
+                    let endpoint = endpoints.iter().find(|e| &e.name == name);
+                    if let Some(first) = endpoint.and_then(|e| e.interfaces.first())
+                        && first.ip.is_none()
+                    {
+                        return Err(invalid(
+                            &entry,
+                            "host_ip",
+                            format!(
+                                "an IPv4 host_ip, but endpoint {name} has no IPv4 address on \
+                                 its first network {} (IPv6-only)",
+                                first.network
+                            ),
+                        ));
+                    }
+                }
+                (PortTarget::Service(name), Some(ip)) => {
+                    let service = services.iter().find(|s| &s.name == name);
+                    if let Some(service) = service {
+                        let (has, vip_field) = match ip {
+                            IpAddr::V4(_) => (service.vip.is_some(), "vip"),
+                            IpAddr::V6(_) => (service.vip6.is_some(), "vip6"),
+                        };
+                        if !has {
+                            return Err(invalid(
+                                &entry,
+                                "host_ip",
+                                format!("{ip} leads to service {name}, which has no {vip_field}"),
+                            ));
+                        }
+                    }
+                }
+                _ => {}
+            }
             let host_ports =
                 PortRange::parse(&p.host_port).map_err(|m| invalid(&entry, "host_port", m))?;
             let container_ports = PortRange::parse(&p.container_port)
@@ -962,8 +1352,16 @@ impl Model {
             if s.backends.is_empty() {
                 warnings.push(format!(
                     "services[{}]: no endpoint matches its selector or list; connections to \
-                     {}:{} get no backend",
-                    s.name, s.vip, s.port
+                     {} get no backend",
+                    s.name,
+                    s.addresses()
+                        .iter()
+                        .map(|a| match a {
+                            IpAddr::V4(a) => format!("{a}:{}", s.port),
+                            IpAddr::V6(a) => format!("[{a}]:{}", s.port),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" and ")
                 ));
             }
         }
@@ -985,18 +1383,25 @@ impl Model {
         warnings
     }
 
-    /// Checks the model against the host's own IPv4 addresses: a VIP that is one of them is
-    /// refused (the host's own traffic to it would be balanced away); a `host_ip` that is
-    /// none of them is a warning (the port is published on it all the same, for the day the
-    /// host gets the address).
-    pub fn check_host(&self, host: &[Ipv4Addr]) -> Result<Vec<String>, StateError> {
+    /// Checks the model against the host's own addresses (both families): a VIP that is one
+    /// of them is refused (the host's own traffic to it would be balanced away); a `host_ip`
+    /// that is none of them is a warning (the port is published on it all the same, for the
+    /// day the host gets the address).
+    pub fn check_host(&self, host: &[IpAddr]) -> Result<Vec<String>, StateError> {
         for s in &self.services {
-            if host.contains(&s.vip) {
-                return Err(invalid(
-                    format!("services[{}]", s.name),
-                    "vip",
-                    format!("{} is an address of this host", s.vip),
-                ));
+            for (field, vip) in [
+                ("vip", s.vip.map(IpAddr::V4)),
+                ("vip6", s.vip6.map(IpAddr::V6)),
+            ] {
+                if let Some(vip) = vip
+                    && host.contains(&vip)
+                {
+                    return Err(invalid(
+                        format!("services[{}]", s.name),
+                        field,
+                        format!("{vip} is an address of this host"),
+                    ));
+                }
             }
         }
         Ok(self
@@ -1004,7 +1409,7 @@ impl Model {
             .iter()
             .enumerate()
             .filter_map(|(i, p)| {
-                let ip = p.host_ip?;
+                let ip = p.host_ip.filter(|ip| !ip.is_unspecified())?;
                 (!host.contains(&ip))
                     .then(|| format!("ports[{i}].host_ip: {ip} is not an address of this host"))
             })
@@ -1024,26 +1429,39 @@ fn single_port(n: u32) -> Result<u16, String> {
 }
 
 /// Which entry first bound each port number, for the overlap check of published ports: two
-/// bindings may share a port only on different, specific host addresses. Linear in the port
-/// numbers; comparing every pair of entries took 25 s for 100,000 of them.
+/// bindings may share a port only on different, specific host addresses, or on different
+/// families. Linear in the port numbers; comparing every pair of entries took 25 s for
+/// 100,000 of them.
 #[derive(Default)]
 struct PortBook {
-    /// Bound on any address.
-    any: HashMap<(Protocol, u16), usize>,
-    /// Bound on every address (no host_ip).
-    every: HashMap<(Protocol, u16), usize>,
-    specific: HashMap<(Protocol, Ipv4Addr, u16), usize>,
+    /// Bound on any address of a family (4 or 6).
+    any: HashMap<(u8, Protocol, u16), usize>,
+    /// Bound on every address of a family (no host_ip, 0.0.0.0 or ::).
+    every: HashMap<(u8, Protocol, u16), usize>,
+    specific: HashMap<(Protocol, IpAddr, u16), usize>,
+}
+
+/// The families a published port binds, and its one address in each (None: every address of
+/// that family).
+fn port_bindings(port: &PublishedPort) -> Vec<(u8, Option<IpAddr>)> {
+    match port.host_ip {
+        None => vec![(4, None), (6, None)],
+        Some(ip @ IpAddr::V4(v4)) => vec![(4, (!v4.is_unspecified()).then_some(ip))],
+        Some(ip @ IpAddr::V6(v6)) => vec![(6, (!v6.is_unspecified()).then_some(ip))],
+    }
 }
 
 impl PortBook {
     /// The earliest entry whose ports `port` overlaps.
     fn conflict(&self, port: &PublishedPort) -> Option<usize> {
         let proto = port.protocol;
+        let bindings = port_bindings(port);
         (port.host_ports.first..=port.host_ports.last)
-            .filter_map(|n| match port.host_ip {
-                None => self.any.get(&(proto, n)).copied(),
+            .flat_map(|n| bindings.iter().map(move |b| (n, *b)))
+            .filter_map(|(n, (family, ip))| match ip {
+                None => self.any.get(&(family, proto, n)).copied(),
                 Some(ip) => {
-                    let every = self.every.get(&(proto, n)).copied();
+                    let every = self.every.get(&(family, proto, n)).copied();
                     let same = self.specific.get(&(proto, ip, n)).copied();
                     every.into_iter().chain(same).min()
                 }
@@ -1053,12 +1471,15 @@ impl PortBook {
 
     fn insert(&mut self, index: usize, port: &PublishedPort) {
         let proto = port.protocol;
+        let bindings = port_bindings(port);
         for n in port.host_ports.first..=port.host_ports.last {
-            self.any.entry((proto, n)).or_insert(index);
-            match port.host_ip {
-                None => self.every.entry((proto, n)).or_insert(index),
-                Some(ip) => self.specific.entry((proto, ip, n)).or_insert(index),
-            };
+            for &(family, ip) in &bindings {
+                self.any.entry((family, proto, n)).or_insert(index);
+                match ip {
+                    None => self.every.entry((family, proto, n)).or_insert(index),
+                    Some(ip) => self.specific.entry((proto, ip, n)).or_insert(index),
+                };
+            }
         }
     }
 }
@@ -1071,16 +1492,38 @@ fn check_vip(vip: Ipv4Addr, networks: &[Network], endpoints: &[Endpoint]) -> Res
     if vip.is_unspecified() || vip.is_broadcast() || vip.is_multicast() {
         return Err(format!("{vip} is not a unicast address"));
     }
-    if let Some(n) = networks.iter().find(|n| n.gateway == vip) {
+    if let Some(n) = networks.iter().find(|n| n.gateway == Some(vip)) {
         return Err(format!(
             "{vip} is the gateway (the host's address) of network {}",
             n.name
         ));
     }
     for (i, e) in endpoints.iter().enumerate() {
-        if let Some(j) = e.interfaces.iter().position(|itf| itf.ip == vip) {
+        if let Some(j) = e.interfaces.iter().position(|itf| itf.ip == Some(vip)) {
             return Err(format!(
                 "{vip} is the address of {}.interfaces[{j}].ip",
+                entry_label("endpoints", i, &e.name)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// [`check_vip`] for IPv6: unicast, global or unique-local, nobody else's.
+fn check_vip6(vip: Ipv6Addr, networks: &[Network], endpoints: &[Endpoint]) -> Result<(), String> {
+    if let Some(why) = not_unicast6(vip) {
+        return Err(format!("{vip} is {why}"));
+    }
+    if let Some(n) = networks.iter().find(|n| n.gateway6 == Some(vip)) {
+        return Err(format!(
+            "{vip} is the gateway6 (the host's address) of network {}",
+            n.name
+        ));
+    }
+    for (i, e) in endpoints.iter().enumerate() {
+        if let Some(j) = e.interfaces.iter().position(|itf| itf.ip6 == Some(vip)) {
+            return Err(format!(
+                "{vip} is the address of {}.interfaces[{j}].ip6",
                 entry_label("endpoints", i, &e.name)
             ));
         }
@@ -1186,7 +1629,7 @@ fn selector(
         return Ok(Selector::Labels(l.clone()));
     }
     if let Some(c) = &spec.cidr {
-        return Ok(Selector::Cidr(Cidr::parse(c).map_err(|m| ("cidr", m))?));
+        return Ok(Selector::Cidr(IpCidr::parse(c).map_err(|m| ("cidr", m))?));
     }
     Ok(Selector::Any)
 }
@@ -1267,7 +1710,10 @@ policies:
                 last: 9002
             }
         );
-        assert_eq!(model.ports[1].host_ip, Some(Ipv4Addr::new(192, 0, 2, 1)));
+        assert_eq!(
+            model.ports[1].host_ip,
+            Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)))
+        );
         assert_eq!(model.services[0].backends, vec!["web1".to_string()]);
         assert_eq!(model.services[0].algorithm, Algorithm::Maglev);
         assert_eq!(model.policies[0].ports, vec![(5432, Protocol::Tcp)]);
@@ -1301,7 +1747,7 @@ policies:
     fn duplicate_ip_names_both_entries() {
         let mut spec = good();
         spec.endpoints[1].interfaces[0].network = "frontend".into();
-        spec.endpoints[1].interfaces[0].ip = "172.30.1.2".into();
+        spec.endpoints[1].interfaces[0].ip = Some("172.30.1.2".into());
         assert_eq!(
             error_of(&spec),
             "endpoints[db].interfaces[0].ip: duplicate IP 172.30.1.2: already used by \
@@ -1314,19 +1760,19 @@ policies:
         type Mutation = Box<dyn Fn(&mut StateFile)>;
         let cases: Vec<(Mutation, &str)> = vec![
             (
-                Box::new(|s| s.networks[0].subnet = "172.30.1.0/33".into()),
+                Box::new(|s| s.networks[0].subnet = Some("172.30.1.0/33".into())),
                 "networks[frontend].subnet",
             ),
             (
-                Box::new(|s| s.networks[0].subnet = "172.30.1.5/24".into()),
+                Box::new(|s| s.networks[0].subnet = Some("172.30.1.5/24".into())),
                 "networks[frontend].subnet",
             ),
             (
-                Box::new(|s| s.networks[1].subnet = "172.30.0.0/16".into()),
+                Box::new(|s| s.networks[1].subnet = Some("172.30.0.0/16".into())),
                 "networks[backend].subnet",
             ),
             (
-                Box::new(|s| s.networks[0].gateway = "10.0.0.1".into()),
+                Box::new(|s| s.networks[0].gateway = Some("10.0.0.1".into())),
                 "networks[frontend].gateway",
             ),
             (
@@ -1338,11 +1784,11 @@ policies:
                 "networks[frontend].name",
             ),
             (
-                Box::new(|s| s.endpoints[0].interfaces[0].ip = "172.30.2.9".into()),
+                Box::new(|s| s.endpoints[0].interfaces[0].ip = Some("172.30.2.9".into())),
                 "endpoints[web1].interfaces[0].ip",
             ),
             (
-                Box::new(|s| s.endpoints[0].interfaces[0].ip = "172.30.1.1".into()),
+                Box::new(|s| s.endpoints[0].interfaces[0].ip = Some("172.30.1.1".into())),
                 "endpoints[web1].interfaces[0].ip",
             ),
             (
@@ -1456,7 +1902,7 @@ policies:
             ),
         ] {
             let mut spec = good();
-            spec.services[0].vip = vip.into();
+            spec.services[0].vip = Some(vip.into());
             let err = error_of(&spec);
             assert!(
                 err.starts_with("services[web].vip: ") && err.contains(expected),
@@ -1464,7 +1910,7 @@ policies:
             );
         }
         let model = Model::from_spec(&good()).unwrap();
-        let host = ["10.96.0.10".parse().unwrap()];
+        let host: [IpAddr; 1] = ["10.96.0.10".parse().unwrap()];
         assert_eq!(
             model.check_host(&host).unwrap_err().to_string(),
             "services[web].vip: 10.96.0.10 is an address of this host"
@@ -1485,7 +1931,7 @@ policies:
             "policies[no-frontend-to-db].to.labels: matches no endpoint"
         );
         assert!(Model::from_spec(&good()).unwrap().warnings().is_empty());
-        let host: Vec<Ipv4Addr> = vec!["192.0.2.1".parse().unwrap()];
+        let host: Vec<IpAddr> = vec!["192.0.2.1".parse().unwrap()];
         assert!(model.check_host(&host).unwrap().is_empty());
         assert_eq!(
             model.check_host(&[]).unwrap(),
@@ -1546,6 +1992,367 @@ policies:
                 .unwrap()
                 .contains("1.2.3.4".parse().unwrap())
         );
+    }
+
+    const DUAL: &str = r#"
+networks:
+  - {name: frontend, bridge: br-frontend, subnet: 172.30.1.0/24, gateway: 172.30.1.1,
+     subnet6: "fd00:30:1::/64", gateway6: "fd00:30:1::1"}
+  - {name: six, bridge: br-six, subnet6: "fd00:30:2::/64", gateway6: "fd00:30:2::1"}
+endpoints:
+  - name: web1
+    labels: {app: web}
+    interfaces:
+      - {network: frontend, ip: 172.30.1.2, ip6: "fd00:30:1::2", mac: "02:42:ac:1e:01:02", host_veth: veth-web1}
+  - name: only4
+    labels: {app: web}
+    interfaces:
+      - {network: frontend, ip: 172.30.1.3, mac: "02:42:ac:1e:01:03", host_veth: veth-only4}
+  - name: only6
+    labels: {app: web}
+    interfaces:
+      - {network: six, ip6: "fd00:30:2::2", mac: "02:42:ac:1e:02:02", host_veth: veth-only6}
+ports:
+  - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}
+  - {endpoint: web1, protocol: tcp, host_ip: "0.0.0.0", host_port: 8081, container_port: 81}
+  - {endpoint: web1, protocol: tcp, host_ip: "::", host_port: 8081, container_port: 82}
+  - {endpoint: only4, protocol: tcp, host_ip: "2001:db8::1", host_port: 8082, container_port: 80}
+  - {endpoint: only6, protocol: udp, host_ip: "::", host_port: 5353, container_port: 53}
+services:
+  - {name: web, vip: 10.96.0.10, vip6: "fd00:96::10", port: 80, selector: {app: web}}
+  - {name: web6, vip6: "fd00:96::11", port: 80, endpoints: [only6]}
+policies:
+  - {name: block6, action: deny, from: {cidr: "2001:db8:bad::/48"}}
+  - {name: block4, action: deny, from: {cidr: 203.0.113.0/24}}
+"#;
+
+    fn dual() -> StateFile {
+        StateFile::parse(DUAL).unwrap()
+    }
+
+    #[test]
+    fn ipv6_and_dual_stack_parse() {
+        let model = Model::from_spec(&dual()).unwrap();
+        let v6 = |t: &str| -> Ipv6Addr { t.parse().unwrap() };
+        let front = &model.networks[0];
+        assert_eq!(front.subnet6, Some(Cidr6::parse("fd00:30:1::/64").unwrap()));
+        assert_eq!(front.gateway6, Some(v6("fd00:30:1::1")));
+        let six = &model.networks[1];
+        assert_eq!((six.subnet, six.gateway), (None, None));
+        let web1 = &model.endpoints[0].interfaces[0];
+        assert_eq!(
+            (web1.ip, web1.ip6),
+            (
+                Some("172.30.1.2".parse().unwrap()),
+                Some(v6("fd00:30:1::2"))
+            )
+        );
+        assert_eq!(model.endpoints[1].interfaces[0].ip6, None);
+        assert_eq!(model.endpoints[2].interfaces[0].ip, None);
+        let hosts: Vec<Option<IpAddr>> = model.ports.iter().map(|p| p.host_ip).collect();
+        assert_eq!(
+            hosts,
+            vec![
+                None,
+                Some("0.0.0.0".parse().unwrap()),
+                Some("::".parse().unwrap()),
+                Some("2001:db8::1".parse().unwrap()),
+                Some("::".parse().unwrap()),
+            ]
+        );
+        assert_eq!(model.services[0].vip6, Some(v6("fd00:96::10")));
+        assert_eq!(model.services[1].vip, None);
+        assert_eq!(
+            model.policies[0].from,
+            Selector::Cidr(IpCidr::V6(Cidr6::parse("2001:db8:bad::/48").unwrap()))
+        );
+        // JSON and YAML give the same.
+        let json = serde_json::to_string(&dual()).unwrap();
+        assert_eq!(StateFile::parse(&json).unwrap(), dual());
+        assert_eq!(StateFile::parse(&dual().to_yaml()).unwrap(), dual());
+    }
+
+    #[test]
+    fn bad_ipv6_values_are_rejected_by_field() {
+        type Mutation = Box<dyn Fn(&mut StateFile)>;
+        let some = |t: &str| Some(t.to_string());
+        let cases: Vec<(Mutation, &str, &str)> = vec![
+            (
+                Box::new(|s| {
+                    s.networks[1].subnet6 = None;
+                    s.networks[1].gateway6 = None;
+                }),
+                "networks[six].subnet",
+                "give subnet, subnet6 or both",
+            ),
+            (
+                Box::new(move |s| s.networks[1].subnet6 = some("fd00:30:2::/129")),
+                "networks[six].subnet6",
+                "not 0-128",
+            ),
+            (
+                Box::new(move |s| s.networks[1].subnet6 = some("fd00:30:2::5/64")),
+                "networks[six].subnet6",
+                "host bits set",
+            ),
+            (
+                Box::new(move |s| s.networks[1].subnet6 = some("172.30.9.0/24")),
+                "networks[six].subnet6",
+                "is not an IPv6 address",
+            ),
+            (
+                Box::new(move |s| s.networks[1].subnet6 = some("fd00:30::/32")),
+                "networks[six].subnet6",
+                "overlaps fd00:30:1::/64 of network frontend",
+            ),
+            (
+                Box::new(move |s| s.networks[1].subnet6 = some("::ffff:0:0/104")),
+                "networks[six].subnet6",
+                "overlaps the reserved ::ffff:0.0.0.0/96",
+            ),
+            (
+                Box::new(move |s| s.networks[1].subnet6 = some("fe80::/64")),
+                "networks[six].subnet6",
+                "overlaps the reserved fe80::/10",
+            ),
+            (
+                Box::new(move |s| s.networks[1].subnet6 = some("ff02::/64")),
+                "networks[six].subnet6",
+                "not a unicast subnet",
+            ),
+            (
+                Box::new(|s| s.networks[1].gateway6 = None),
+                "networks[six].gateway6",
+                "is required with subnet6",
+            ),
+            (
+                Box::new(move |s| s.networks[1].gateway6 = some("fd00:30:9::1")),
+                "networks[six].gateway6",
+                "is outside the subnet fd00:30:2::/64",
+            ),
+            (
+                Box::new(move |s| s.networks[1].gateway6 = some("fd00:30:2::")),
+                "networks[six].gateway6",
+                "subnet-router anycast",
+            ),
+            (
+                Box::new(move |s| s.networks[1].gateway = some("172.30.9.1")),
+                "networks[six].gateway",
+                "is given without a subnet",
+            ),
+            (
+                Box::new(|s| s.networks[0].gateway = None),
+                "networks[frontend].gateway",
+                "is required with subnet",
+            ),
+            (
+                Box::new(move |s| s.endpoints[0].interfaces[0].ip6 = some("fd00:30:2::9")),
+                "endpoints[web1].interfaces[0].ip6",
+                "is outside frontend's subnet6 fd00:30:1::/64",
+            ),
+            (
+                Box::new(move |s| s.endpoints[0].interfaces[0].ip6 = some("fd00:30:1::1")),
+                "endpoints[web1].interfaces[0].ip6",
+                "is the gateway6 of network frontend",
+            ),
+            (
+                Box::new(move |s| s.endpoints[0].interfaces[0].ip6 = some("fd00:30:1::")),
+                "endpoints[web1].interfaces[0].ip6",
+                "subnet-router anycast",
+            ),
+            (
+                Box::new(move |s| s.endpoints[0].interfaces[0].ip6 = some("172.30.1.2")),
+                "endpoints[web1].interfaces[0].ip6",
+                "is not an IPv6 address",
+            ),
+            (
+                Box::new(move |s| s.endpoints[1].interfaces[0].ip6 = some("fd00:30:1::2")),
+                "endpoints[only4].interfaces[0].ip6",
+                "duplicate IP fd00:30:1::2: already used by endpoints[web1].interfaces[0].ip6",
+            ),
+            (
+                Box::new(|s| s.endpoints[2].interfaces[0].ip6 = None),
+                "endpoints[only6].interfaces[0].ip6",
+                "is required: network six is IPv6-only",
+            ),
+            (
+                Box::new(move |s| s.endpoints[2].interfaces[0].ip = some("172.30.2.2")),
+                "endpoints[only6].interfaces[0].ip",
+                "network six is IPv6-only",
+            ),
+            (
+                Box::new(|s| s.endpoints[1].interfaces[0].ip = None),
+                "endpoints[only4].interfaces[0].ip",
+                "is required: network frontend has the IPv4 subnet 172.30.1.0/24",
+            ),
+            (
+                Box::new(|s| {
+                    s.networks[0].subnet6 = None;
+                    s.networks[0].gateway6 = None;
+                }),
+                "endpoints[web1].interfaces[0].ip6",
+                "network frontend has no subnet6",
+            ),
+            (
+                Box::new(move |s| s.ports[0].host_ip = some("fd00::zz")),
+                "ports[0].host_ip",
+                "is not an IPv6 address",
+            ),
+            (
+                Box::new(move |s| s.ports[4].host_ip = some("0.0.0.0")),
+                "ports[4].host_ip",
+                "endpoint only6 has no IPv4 address on its first network six",
+            ),
+            (
+                Box::new(move |s| {
+                    s.ports.push(PortSpec {
+                        endpoint: None,
+                        service: Some("web6".into()),
+                        protocol: "tcp".into(),
+                        host_ip: some("192.0.2.1"),
+                        host_port: PortValue::Number(7000),
+                        container_port: PortValue::Number(80),
+                    })
+                }),
+                "ports[5].host_ip",
+                "192.0.2.1 leads to service web6, which has no vip",
+            ),
+            (
+                // Every address of both families overlaps :: of the same port.
+                Box::new(|s| s.ports[2].host_port = PortValue::Number(8080)),
+                "ports[2].host_port",
+                "overlaps the ports of ports[0]",
+            ),
+            (
+                // One IPv6 address inside :: of the same port.
+                Box::new(|s| s.ports[3].host_port = PortValue::Number(8081)),
+                "ports[3].host_port",
+                "overlaps the ports of ports[2]",
+            ),
+            (
+                Box::new(|s| s.services[1].vip6 = None),
+                "services[web6].vip",
+                "give vip, vip6 or both",
+            ),
+            (
+                Box::new(move |s| s.services[1].vip6 = some("fd00:96::10")),
+                "services[web6].vip6",
+                "[fd00:96::10]:80/tcp is already the address of services[web]",
+            ),
+            (
+                Box::new(move |s| s.services[1].vip6 = some("fd00:30:1::2")),
+                "services[web6].vip6",
+                "is the address of endpoints[web1].interfaces[0].ip6",
+            ),
+            (
+                Box::new(move |s| s.services[1].vip6 = some("fd00:30:2::1")),
+                "services[web6].vip6",
+                "is the gateway6 (the host's address) of network six",
+            ),
+            (
+                Box::new(move |s| s.services[1].vip6 = some("::")),
+                "services[web6].vip6",
+                "not a unicast address",
+            ),
+            (
+                Box::new(move |s| s.services[1].vip6 = some("ff05::1")),
+                "services[web6].vip6",
+                "not a unicast address",
+            ),
+            (
+                Box::new(move |s| s.services[1].vip6 = some("::ffff:10.96.0.1")),
+                "services[web6].vip6",
+                "an IPv4-mapped address",
+            ),
+            (
+                Box::new(move |s| s.services[1].vip6 = some("fe80::1")),
+                "services[web6].vip6",
+                "a link-local address",
+            ),
+            (
+                Box::new(move |s| s.services[1].vip6 = some("10.96.0.11")),
+                "services[web6].vip6",
+                "is not an IPv6 address",
+            ),
+            (
+                Box::new(move |s| s.policies[0].from.cidr = some("2001:db8:bad::1/48")),
+                "policies[block6].from.cidr",
+                "host bits set",
+            ),
+            (
+                Box::new(move |s| s.policies[0].from.cidr = some("2001:db8::/200")),
+                "policies[block6].from.cidr",
+                "not 0-128",
+            ),
+        ];
+        for (mutate, location, message) in cases {
+            let mut spec = dual();
+            mutate(&mut spec);
+            let err = error_of(&spec);
+            assert!(
+                err.starts_with(&format!("{location}: ")) && err.contains(message),
+                "expected {location}: ...{message}..., got: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn ipv6_ports_of_different_families_or_addresses_do_not_overlap() {
+        let mut spec = dual();
+        // 8081 is on 0.0.0.0 and on ::; one specific IPv6 address of a third family-less
+        // port on 8083 beside an IPv4 one.
+        for ip in ["192.0.2.1", "2001:db8::1", "2001:db8::2"] {
+            spec.ports.push(PortSpec {
+                endpoint: Some("web1".into()),
+                service: None,
+                protocol: "tcp".into(),
+                host_ip: Some(ip.into()),
+                host_port: PortValue::Number(8083),
+                container_port: PortValue::Number(80),
+            });
+        }
+        assert_eq!(Model::from_spec(&spec).unwrap().ports.len(), 8);
+    }
+
+    #[test]
+    fn ipv6_host_addresses_are_checked_like_ipv4_ones() {
+        let model = Model::from_spec(&dual()).unwrap();
+        let vip6: IpAddr = "fd00:96::10".parse().unwrap();
+        assert_eq!(
+            model.check_host(&[vip6]).unwrap_err().to_string(),
+            "services[web].vip6: fd00:96::10 is an address of this host"
+        );
+        // 2001:db8::1 (ports[3]) is not the host's; :: and 0.0.0.0 are every address.
+        assert_eq!(
+            model.check_host(&[]).unwrap(),
+            vec!["ports[3].host_ip: 2001:db8::1 is not an address of this host".to_string()]
+        );
+        let host: IpAddr = "2001:db8::1".parse().unwrap();
+        assert!(model.check_host(&[host]).unwrap().is_empty());
+        // A service whose backends are gone names both its addresses.
+        let mut spec = dual();
+        spec.services[0].selector = Some(BTreeMap::from([("app".into(), "none".into())]));
+        let warnings = Model::from_spec(&spec).unwrap().warnings();
+        assert!(
+            warnings[0].contains("10.96.0.10:80 and [fd00:96::10]:80"),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn ipv6_cidrs() {
+        let c = Cidr6::parse("2001:db8::/32").unwrap();
+        assert!(c.contains("2001:db8:ffff::1".parse().unwrap()));
+        assert!(!c.contains("2001:db9::1".parse().unwrap()));
+        assert!(
+            Cidr6::parse("::/0")
+                .unwrap()
+                .contains("::1".parse().unwrap())
+        );
+        assert!(Cidr6::parse("2001:db8::1/128").is_ok());
+        assert!(matches!(IpCidr::parse("10.0.0.0/8"), Ok(IpCidr::V4(_))));
+        assert!(matches!(IpCidr::parse("fd00::/8"), Ok(IpCidr::V6(_))));
+        assert_eq!(IpCidr::parse("fd00::/8").unwrap().to_string(), "fd00::/8");
     }
 
     #[test]

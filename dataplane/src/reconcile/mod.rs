@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use dataplane_common::{
@@ -261,7 +261,7 @@ fn departed_addresses(old: &Model, new: &Model) -> BTreeSet<u32> {
     let addresses = |m: &Model| -> BTreeSet<u32> {
         m.endpoints
             .iter()
-            .flat_map(|e| e.interfaces.iter().map(|i| be(i.ip)))
+            .flat_map(|e| e.interfaces.iter().filter_map(|i| i.ip.map(be)))
             .collect()
     };
     addresses(old)
@@ -393,9 +393,10 @@ pub fn desired(
     }
     add_endpoints(&mut desired, model, &policy, kernel)?;
     for service in &model.services {
+        let Some(vip) = service.vip else { continue };
         desired.services.insert(
             ServiceKey {
-                vip: be(service.vip),
+                vip: be(vip),
                 port: service.port.to_be(),
                 proto: service.protocol.number(),
                 _pad: 0,
@@ -480,8 +481,14 @@ fn add_endpoints(
                 // Docker's `isolated` is `internal` with the gateway address kept.
                 GatewayMode::Isolated => net_flags::INTERNAL,
             };
+            desired
+                .attachments
+                .insert((itf.host_veth.clone(), Hook::ContainerIngress));
+            let (Some(ip), Some(gateway)) = (itf.ip, network.gateway) else {
+                continue; // an IPv6-only network
+            };
             desired.endpoints.insert(
-                be(itf.ip),
+                be(ip),
                 EndpointInfo {
                     label_class,
                     _pad_class: 0,
@@ -491,22 +498,21 @@ fn add_endpoints(
                     mac: itf.mac,
                     net_flags: flags,
                     _pad: 0,
-                    gateway: be(network.gateway),
+                    gateway: be(gateway),
                 },
             );
-            desired
-                .attachments
-                .insert((itf.host_veth.clone(), Hook::ContainerIngress));
         }
         // Its sockets, for the cgroup hooks: they leave from its first interface's address
         // unless bound (the one Docker's default route of the container goes out of).
-        if let (Some(netns), Some(first)) = (&endpoint.netns, endpoint.interfaces.first())
-            && let Some(cookie) = kernel.netns_cookie(netns)
+        if let (Some(netns), Some(first)) = (
+            &endpoint.netns,
+            endpoint.interfaces.first().and_then(|i| i.ip),
+        ) && let Some(cookie) = kernel.netns_cookie(netns)
         {
             desired.sock_netns.insert(
                 cookie,
                 SockNetns {
-                    addr: be(first.ip),
+                    addr: be(first),
                     _pad: 0,
                 },
             );
@@ -523,8 +529,13 @@ fn add_port(
     i: usize,
     port: &crate::model::PublishedPort,
 ) -> Result<(), ReconcileError> {
+    let host_ip = match port.host_ip {
+        None => None,
+        Some(IpAddr::V4(ip)) => Some(ip),
+        Some(IpAddr::V6(_)) => return Ok(()),
+    };
     let key = |host_port: u16| PortKey {
-        addr: port.host_ip.map(be).unwrap_or(0),
+        addr: host_ip.map(be).unwrap_or(0),
         port: host_port.to_be(),
         proto: port.protocol.number(),
         _pad: 0,
@@ -548,10 +559,13 @@ fn add_port(
                 }
                 .into());
             }
+            let Some(vip) = service.vip else {
+                return Ok(());
+            };
             desired.ports.insert(
                 key(port.host_ports.first),
                 PortTarget {
-                    addr: be(service.vip),
+                    addr: be(vip),
                     port: service.port.to_be(),
                     is_service: 1,
                     _pad: 0,
@@ -573,6 +587,9 @@ fn add_port(
         }
         .into());
     };
+    let Some(ip) = itf.ip else {
+        return Ok(());
+    };
     let routed = model
         .network(&itf.network)
         .is_some_and(|n| n.gateway_mode == GatewayMode::Routed);
@@ -583,7 +600,7 @@ fn add_port(
         // is published to itself (tracked like any published connection, not translated).
         let port_key = if routed {
             PortKey {
-                addr: be(itf.ip),
+                addr: be(ip),
                 port: container_port.to_be(),
                 proto: port.protocol.number(),
                 _pad: 0,
@@ -594,7 +611,7 @@ fn add_port(
         desired.ports.insert(
             port_key,
             PortTarget {
-                addr: be(itf.ip),
+                addr: be(ip),
                 port: container_port.to_be(),
                 is_service: 0,
                 _pad: 0,
@@ -624,7 +641,9 @@ fn desired_service(
             continue; // an endpoint without interfaces serves nothing
         };
         backends.push(Backend {
-            addr: be(itf.ip),
+            // A backend with no IPv4 address (IPv6-only) keeps its index in the table; the
+            // kernel finds no address there (SERVICE_BACKEND_NOT_FOUND).
+            addr: itf.ip.map(be).unwrap_or(0),
             port: service.target_port.to_be(),
             _pad: [0; 2],
         });

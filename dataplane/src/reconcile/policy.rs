@@ -14,7 +14,7 @@ use dataplane_common::{
     policy_tuple, selector_kind,
 };
 
-use crate::model::{Action, Cidr, Model, Selector};
+use crate::model::{Action, Cidr, Cidr6, IpCidr, Model, Selector};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
@@ -35,6 +35,8 @@ pub enum Side {
     /// Index into [`Compiled::label_selectors`].
     Labels(u32),
     Cidr(u32, u8),
+    /// An IPv6 prefix: (address as a number, prefix length).
+    Cidr6(u128, u8),
 }
 
 /// One rule after port expansion; its index in the list is its priority.
@@ -55,6 +57,9 @@ pub struct Tables {
     pub entries: BTreeMap<PolicyKey, PolicyVerdict>,
     /// (prefix length, address in network byte order) -> CIDR class.
     pub prefixes: BTreeMap<(u8, u32), u32>,
+    /// The IPv6 prefixes: (prefix length, address) -> CIDR class. Classes are numbered
+    /// across both families (the policy map itself does not know families).
+    pub prefixes6: BTreeMap<(u8, std::net::Ipv6Addr), u32>,
     /// Key shapes present ([`PolicyMeta::tuples`]), sorted.
     pub tuples: Vec<u8>,
     /// [`PolicyMeta::cidr_sides`].
@@ -87,6 +92,8 @@ pub struct Compiled {
     pub tables: Tables,
     /// Outside source prefixes dropped at XDP.
     pub deny_sources: Vec<PrefixKey>,
+    /// The IPv6 ones: (prefix length, address).
+    pub deny_sources6: Vec<(u8, std::net::Ipv6Addr)>,
 }
 
 fn be(addr: std::net::Ipv4Addr) -> u32 {
@@ -98,6 +105,46 @@ fn mask(len: u8) -> u32 {
         0
     } else {
         u32::MAX << (32 - u32::from(len))
+    }
+}
+
+fn mask6(len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len))
+    }
+}
+
+/// A rule's prefix of either family, ordered IPv4 first, each by (length, address): the
+/// order CIDR classes are numbered in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Prefix {
+    V4(u8, u32),
+    V6(u8, u128),
+}
+
+impl Prefix {
+    fn of(side: &Side) -> Option<Prefix> {
+        match *side {
+            Side::Cidr(addr, len) => Some(Prefix::V4(len, addr & mask(len))),
+            Side::Cidr6(addr, len) => Some(Prefix::V6(len, addr & mask6(len))),
+            _ => None,
+        }
+    }
+
+    /// This prefix shortened to `len` bits (None past its own length).
+    fn outer(self, len: u8) -> Option<Prefix> {
+        match self {
+            Prefix::V4(own, addr) => (len <= own).then(|| Prefix::V4(len, addr & mask(len))),
+            Prefix::V6(own, addr) => (len <= own).then(|| Prefix::V6(len, addr & mask6(len))),
+        }
+    }
+
+    fn len(self) -> u8 {
+        match self {
+            Prefix::V4(len, _) | Prefix::V6(len, _) => len,
+        }
     }
 }
 
@@ -129,7 +176,12 @@ pub fn compile(model: &Model) -> Result<Compiled, PolicyError> {
                 });
                 Side::Labels(id)
             }
-            Selector::Cidr(cidr) => Side::Cidr(u32::from(cidr.network()), cidr.prefix_len),
+            Selector::Cidr(IpCidr::V4(cidr)) => {
+                Side::Cidr(u32::from(cidr.network()), cidr.prefix_len)
+            }
+            Selector::Cidr(IpCidr::V6(cidr)) => {
+                Side::Cidr6(u128::from(cidr.network()), cidr.prefix_len)
+            }
         };
         let from = side(&policy.from);
         let to = side(&policy.to);
@@ -160,7 +212,7 @@ pub fn compile(model: &Model) -> Result<Compiled, PolicyError> {
     let (endpoint_classes, selector_classes) = label_classes(model, &compiled.label_selectors);
     compiled.endpoint_classes = endpoint_classes;
     compiled.tables = tables(&compiled.rules, &selector_classes);
-    compiled.deny_sources = deny_sources(model);
+    (compiled.deny_sources, compiled.deny_sources6) = deny_sources(model);
     Ok(compiled)
 }
 
@@ -228,32 +280,38 @@ pub fn tables(rules: &[Rule], selector_classes: &[Vec<u32>]) -> Tables {
     // order. An address's class is its longest matching prefix, so a CIDR selector matches
     // exactly the classes of the prefixes nested in it (itself included): the rule is
     // expanded to those.
-    let prefixes: BTreeSet<(u8, u32)> = rules
+    let prefixes: BTreeSet<Prefix> = rules
         .iter()
         .flat_map(|r| [r.from, r.to])
-        .filter_map(|side| match side {
-            Side::Cidr(addr, len) => Some((len, addr & mask(len))),
-            _ => None,
-        })
+        .filter_map(|side| Prefix::of(&side))
         .collect();
-    let class_of: HashMap<(u8, u32), u32> = prefixes
+    let class_of: HashMap<Prefix, u32> = prefixes
         .iter()
         .enumerate()
         .map(|(i, p)| (*p, i as u32 + 1))
         .collect();
-    let mut nested: HashMap<(u8, u32), Vec<u32>> = HashMap::new();
-    for (&(len, addr), &class) in &class_of {
-        for outer in 0..=len {
-            let key = (outer, addr & mask(outer));
-            if class_of.contains_key(&key) {
+    let mut nested: HashMap<Prefix, Vec<u32>> = HashMap::new();
+    for (&prefix, &class) in &class_of {
+        for outer in 0..=prefix.len() {
+            if let Some(key) = prefix.outer(outer)
+                && class_of.contains_key(&key)
+            {
                 nested.entry(key).or_default().push(class);
             }
         }
     }
-    tables.prefixes = class_of
-        .iter()
-        .map(|(&(len, addr), &class)| ((len, addr.to_be()), class))
-        .collect();
+    for (&prefix, &class) in &class_of {
+        match prefix {
+            Prefix::V4(len, addr) => {
+                tables.prefixes.insert((len, addr.to_be()), class);
+            }
+            Prefix::V6(len, addr) => {
+                tables
+                    .prefixes6
+                    .insert((len, std::net::Ipv6Addr::from(addr)), class);
+            }
+        }
+    }
     let values = |side: &Side| -> (u8, Vec<u32>) {
         match *side {
             Side::Any => (selector_kind::ANY, vec![0]),
@@ -266,9 +324,9 @@ pub fn tables(rules: &[Rule], selector_classes: &[Vec<u32>]) -> Tables {
                     .cloned()
                     .unwrap_or_default(),
             ),
-            Side::Cidr(addr, len) => (
+            Side::Cidr(..) | Side::Cidr6(..) => (
                 selector_kind::CIDR,
-                nested[&(len, addr & mask(len))].clone(),
+                nested[&Prefix::of(side).expect("a CIDR side")].clone(),
             ),
         }
     };
@@ -325,8 +383,8 @@ pub fn tables(rules: &[Rule], selector_classes: &[Vec<u32>]) -> Tables {
 /// A deny of a source prefix towards everything, on every port, is decided before a socket
 /// buffer exists. Only if no earlier rule could allow that source: first match wins, and XDP
 /// would otherwise pre-empt an earlier allow.
-fn deny_sources(model: &Model) -> Vec<PrefixKey> {
-    let mut deny = Vec::new();
+fn deny_sources(model: &Model) -> (Vec<PrefixKey>, Vec<(u8, std::net::Ipv6Addr)>) {
+    let (mut deny, mut deny6) = (Vec::new(), Vec::new());
     let mut allowed_before = false;
     for policy in &model.policies {
         if let (Action::Deny, Selector::Cidr(cidr), Selector::Any, true, false) = (
@@ -336,11 +394,14 @@ fn deny_sources(model: &Model) -> Vec<PrefixKey> {
             policy.ports.is_empty(),
             allowed_before,
         ) {
-            deny.push(prefix_key(cidr));
+            match cidr {
+                IpCidr::V4(cidr) => deny.push(prefix_key(cidr)),
+                IpCidr::V6(cidr) => deny6.push(prefix6(cidr)),
+            }
         }
         allowed_before |= policy.action == Action::Allow;
     }
-    deny
+    (deny, deny6)
 }
 
 fn prefix_key(cidr: &Cidr) -> PrefixKey {
@@ -348,6 +409,10 @@ fn prefix_key(cidr: &Cidr) -> PrefixKey {
         prefix_len: u32::from(cidr.prefix_len),
         addr: be(cidr.network()),
     }
+}
+
+fn prefix6(cidr: &Cidr6) -> (u8, std::net::Ipv6Addr) {
+    (cidr.prefix_len, cidr.network())
 }
 
 #[cfg(test)]
@@ -447,6 +512,68 @@ policies:
         assert_eq!(by_class[&1], vec![1]);
         assert_eq!(by_class[&3], vec![3]);
         assert_eq!(t.tuples, vec![selector_kind::CIDR]);
+    }
+
+    #[test]
+    fn ipv6_prefixes_get_classes_after_the_ipv4_ones_and_nest_within_their_family() {
+        let v6 = |t: &str| u128::from(t.parse::<std::net::Ipv6Addr>().unwrap());
+        let rule = |action, from| Rule {
+            action,
+            from,
+            to: Side::Any,
+            port: None,
+        };
+        let rules = [
+            rule(policy_action::DENY, Side::Cidr6(v6("2001:db8:1::"), 48)),
+            rule(policy_action::ALLOW, Side::Cidr6(v6("2001:db8::"), 32)),
+            rule(
+                policy_action::DENY,
+                Side::Cidr(u32::from_be_bytes([10, 0, 0, 0]), 8),
+            ),
+            // ::/0 covers every IPv6 prefix, never an IPv4 one.
+            rule(policy_action::DENY, Side::Cidr6(0, 0)),
+        ];
+        let t = tables(&rules, &[]);
+        // IPv4 first: 10/8 = 1; then IPv6 by (length, address): ::/0 = 2, /32 = 3, /48 = 4.
+        assert_eq!(
+            t.prefixes,
+            BTreeMap::from([((8, u32::from_be_bytes([10, 0, 0, 0]).to_be()), 1)])
+        );
+        let p6 = |t: &str| t.parse::<std::net::Ipv6Addr>().unwrap();
+        assert_eq!(
+            t.prefixes6,
+            BTreeMap::from([
+                ((0, p6("::")), 2),
+                ((32, p6("2001:db8::")), 3),
+                ((48, p6("2001:db8:1::")), 4)
+            ])
+        );
+        let by_class: BTreeMap<u32, Vec<u32>> =
+            t.entries.iter().fold(BTreeMap::new(), |mut m, (k, v)| {
+                m.entry(k.from_value).or_default().push(v.priority);
+                m
+            });
+        assert_eq!(by_class[&4], vec![0], "the /48 itself first");
+        assert_eq!(by_class[&3], vec![1], "the /32 allow");
+        assert_eq!(
+            by_class[&2],
+            vec![3],
+            "::/0 covers only itself of what is left"
+        );
+        assert_eq!(by_class[&1], vec![2], "10/8: no IPv6 prefix covers it");
+        assert_eq!(t.cidr_sides, 1);
+    }
+
+    #[test]
+    fn ipv6_source_denies_go_to_the_ipv6_deny_list() {
+        let text = STATE.split("policies:").next().unwrap().to_owned()
+            + "policies:\n  - {name: b6, action: deny, from: {cidr: \"2001:db8:bad::/48\"}}\n  - {name: b4, action: deny, from: {cidr: 203.0.113.0/24}}\n";
+        let (_, c) = compiled(&text);
+        assert_eq!(
+            c.deny_sources6,
+            vec![(48, "2001:db8:bad::".parse().unwrap())]
+        );
+        assert_eq!(c.deny_sources.len(), 1);
     }
 
     #[test]

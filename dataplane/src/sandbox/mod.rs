@@ -45,9 +45,14 @@ pub const NETNS_DIR: &str = "/run/netns";
 /// addresses that can never clash with anything real, and both live in our namespaces only.
 const UPLINK_HOST_CIDR: &str = "192.0.2.1/24";
 const OUTSIDE_CIDR: &str = "192.0.2.2/24";
+/// The uplink's IPv6 addresses (documentation prefix), given when a network has subnet6.
+const UPLINK_HOST_CIDR6: &str = "2001:db8::1/64";
+const OUTSIDE_CIDR6: &str = "2001:db8::2/64";
 /// The same addresses without the prefix, for clients (the tests, the bench).
 pub const UPLINK_HOST_IP: &str = "192.0.2.1";
 pub const OUTSIDE_IP: &str = "192.0.2.2";
+pub const UPLINK_HOST_IP6: &str = "2001:db8::1";
+pub const OUTSIDE_IP6: &str = "2001:db8::2";
 /// Host uplink name when the spec names none (Docker hosts' usual default-route interface).
 const DEFAULT_UPLINK: &str = "eth0";
 /// Every container serves port 80 over TCP and UDP, whatever the spec publishes.
@@ -401,7 +406,7 @@ fn build(
     fs::copy(spec_path, sandbox.spec_path())
         .with_context(|| format!("copying the spec to {}", sandbox.spec_path().display()))?;
     let uplink = model.uplink.as_deref().unwrap_or(DEFAULT_UPLINK);
-    build_host(sandbox, uplink)?;
+    build_host(sandbox, uplink, has_ipv6(model))?;
     build_bridges(&sandbox.host_ns(), model)?;
     for endpoint in &model.endpoints {
         build_endpoint(sandbox, model, endpoint)?;
@@ -416,13 +421,22 @@ fn build(
     Ok(state)
 }
 
+/// Whether any network of the model has IPv6.
+fn has_ipv6(model: &Model) -> bool {
+    model.networks.iter().any(|n| n.subnet6.is_some())
+}
+
 /// The host's namespace (forwarding on, no strict reverse-path filter) and the outside
-/// client's, joined by the uplink veth pair.
-fn build_host(sandbox: &Names, uplink: &str) -> anyhow::Result<()> {
+/// client's, joined by the uplink veth pair; with IPv6 on both when `ipv6` (a network has
+/// subnet6).
+fn build_host(sandbox: &Names, uplink: &str, ipv6: bool) -> anyhow::Result<()> {
     let host = sandbox.host_ns();
     let outside = sandbox.outside_ns();
-    add_namespace(sandbox, &host)?;
-    add_namespace(sandbox, &outside)?;
+    add_namespace(sandbox, &host, ipv6)?;
+    add_namespace(sandbox, &outside, ipv6)?;
+    if ipv6 {
+        sysctl_in(&host, "net.ipv6.conf.all.forwarding", "1")?;
+    }
     ip_in(
         &host,
         "bringing up lo in the host namespace",
@@ -467,7 +481,30 @@ fn build_host(sandbox: &Names, uplink: &str) -> anyhow::Result<()> {
         &outside,
         "bringing up the outside client",
         &["link", "set", "eth0", "up"],
-    )
+    )?;
+    if ipv6 {
+        // nodad: usable at once (duplicate address detection would hold them for a second
+        // or so, and there is nobody else on these links).
+        ip_in(
+            &host,
+            "addressing the host uplink (IPv6)",
+            &[
+                "-6",
+                "addr",
+                "add",
+                UPLINK_HOST_CIDR6,
+                "dev",
+                uplink,
+                "nodad",
+            ],
+        )?;
+        ip_in(
+            &outside,
+            "addressing the outside client (IPv6)",
+            &["-6", "addr", "add", OUTSIDE_CIDR6, "dev", "eth0", "nodad"],
+        )?;
+    }
+    Ok(())
 }
 
 /// One bridge per network in the host namespace, with the network's gateway address.
@@ -482,12 +519,30 @@ fn build_bridges(host: &str, model: &Model) -> anyhow::Result<()> {
             &step,
             &["link", "add", &network.bridge, "type", "bridge"],
         )?;
-        let gateway = format!("{}/{}", network.gateway, network.subnet.prefix_len);
-        ip_in(
-            host,
-            &step,
-            &["addr", "add", &gateway, "dev", &network.bridge],
-        )?;
+        if let (Some(gateway), Some(subnet)) = (network.gateway, network.subnet) {
+            let gateway = format!("{gateway}/{}", subnet.prefix_len);
+            ip_in(
+                host,
+                &step,
+                &["addr", "add", &gateway, "dev", &network.bridge],
+            )?;
+        }
+        if let (Some(gateway6), Some(subnet6)) = (network.gateway6, network.subnet6) {
+            let gateway6 = format!("{gateway6}/{}", subnet6.prefix_len);
+            ip_in(
+                host,
+                &step,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &gateway6,
+                    "dev",
+                    &network.bridge,
+                    "nodad",
+                ],
+            )?;
+        }
         ip_in(host, &step, &["link", "set", &network.bridge, "up"])?;
     }
     Ok(())
@@ -530,16 +585,32 @@ fn print_summary(sandbox: &Names, model: &Model, uplink: &str) {
         sandbox.outside_ns()
     );
     for network in &model.networks {
+        let mut families = Vec::new();
+        if let (Some(subnet), Some(gateway)) = (network.subnet, network.gateway) {
+            families.push(format!("{subnet} gateway {gateway}"));
+        }
+        if let (Some(subnet6), Some(gateway6)) = (network.subnet6, network.gateway6) {
+            families.push(format!("{subnet6} gateway {gateway6}"));
+        }
         println!(
-            "  network {}: bridge {} {} gateway {}",
-            network.name, network.bridge, network.subnet, network.gateway
+            "  network {}: bridge {} {}",
+            network.name,
+            network.bridge,
+            families.join(", ")
         );
     }
     for endpoint in &model.endpoints {
         let addresses: Vec<String> = endpoint
             .interfaces
             .iter()
-            .map(|i| format!("{} on {}", i.ip, i.network))
+            .map(|i| {
+                let addresses: Vec<String> =
+                    i.ip.map(|ip| ip.to_string())
+                        .into_iter()
+                        .chain(i.ip6.map(|ip| ip.to_string()))
+                        .collect();
+                format!("{} on {}", addresses.join(" "), i.network)
+            })
             .collect();
         let (tcp, udp) = served_ports(model, &endpoint.name);
         println!(
@@ -553,15 +624,17 @@ fn print_summary(sandbox: &Names, model: &Model, uplink: &str) {
     }
 }
 
-fn add_namespace(sandbox: &Names, ns: &str) -> anyhow::Result<()> {
+/// A namespace, with IPv6 on only when `ipv6`.
+fn add_namespace(sandbox: &Names, ns: &str, ipv6: bool) -> anyhow::Result<()> {
     run_step(
         &format!("creating namespace {ns}"),
         Command::new("ip").args(["netns", "add", ns]),
     )?;
     sandbox.record(&sandbox.namespaces_path(), ns)?;
-    // The dataplane is IPv4-only. Docker disables IPv6 in containers on networks without it;
-    // doing the same keeps neighbour discovery and MLD chatter out of the flows tests count.
-    if Path::new("/proc/sys/net/ipv6").exists() {
+    // Docker disables IPv6 in containers on networks without it; doing the same keeps
+    // neighbour discovery and MLD chatter out of the flows tests count where IPv6 is not
+    // used.
+    if !ipv6 && Path::new("/proc/sys/net/ipv6").exists() {
         sysctl_in(ns, "net.ipv6.conf.all.disable_ipv6", "1")?;
         sysctl_in(ns, "net.ipv6.conf.default.disable_ipv6", "1")?;
     }
@@ -572,7 +645,8 @@ fn add_namespace(sandbox: &Names, ns: &str) -> anyhow::Result<()> {
 fn build_endpoint(sandbox: &Names, model: &Model, endpoint: &Endpoint) -> anyhow::Result<()> {
     let host = sandbox.host_ns();
     let ns = sandbox.endpoint_ns(&endpoint.name);
-    add_namespace(sandbox, &ns)?;
+    let ipv6 = endpoint.interfaces.iter().any(|i| i.ip6.is_some());
+    add_namespace(sandbox, &ns, ipv6)?;
     ip_in(
         &ns,
         &format!("bringing up lo in {ns}"),
@@ -626,27 +700,45 @@ fn build_endpoint(sandbox: &Names, model: &Model, endpoint: &Endpoint) -> anyhow
                 &format_mac(&interface.mac),
             ],
         )?;
-        let address = format!("{}/{}", interface.ip, network.subnet.prefix_len);
-        ip_in(&ns, &step, &["addr", "add", &address, "dev", &inner])?;
+        if let (Some(ip), Some(subnet)) = (interface.ip, network.subnet) {
+            let address = format!("{ip}/{}", subnet.prefix_len);
+            ip_in(&ns, &step, &["addr", "add", &address, "dev", &inner])?;
+        }
+        if let (Some(ip6), Some(subnet6)) = (interface.ip6, network.subnet6) {
+            let address = format!("{ip6}/{}", subnet6.prefix_len);
+            ip_in(
+                &ns,
+                &step,
+                &["-6", "addr", "add", &address, "dev", &inner, "nodad"],
+            )?;
+        }
         ip_in(&ns, &step, &["link", "set", &inner, "up"])?;
     }
-    if let Some(first) = endpoint.interfaces.first() {
-        let network = model
-            .network(&first.network)
-            .context("the model guarantees every interface's network exists")?;
-        ip_in(
-            &ns,
-            &format!("adding the default route of endpoint {}", endpoint.name),
-            &[
-                "route",
-                "add",
-                "default",
-                "via",
-                &network.gateway.to_string(),
-                "dev",
-                "eth0",
-            ],
-        )?;
+    // The default route of each family: through the first interface that has an address of
+    // that family (for IPv4 the first interface, as Docker does).
+    let gateways = |family: u8| {
+        endpoint.interfaces.iter().enumerate().find_map(|(j, i)| {
+            let network = model.network(&i.network)?;
+            let gateway = match family {
+                4 => i.ip.and(network.gateway).map(|g| g.to_string()),
+                _ => i.ip6.and(network.gateway6).map(|g| g.to_string()),
+            }?;
+            Some((format!("eth{j}"), gateway))
+        })
+    };
+    for (family, flag) in [(4, "-4"), (6, "-6")] {
+        if let Some((dev, gateway)) = gateways(family) {
+            ip_in(
+                &ns,
+                &format!(
+                    "adding the IPv{family} default route of endpoint {}",
+                    endpoint.name
+                ),
+                &[
+                    flag, "route", "add", "default", "via", &gateway, "dev", &dev,
+                ],
+            )?;
+        }
     }
     Ok(())
 }
@@ -732,6 +824,13 @@ fn start_server(
         .arg(port_list(&tcp))
         .arg("--udp")
         .arg(port_list(&udp))
+        .args(
+            endpoint
+                .interfaces
+                .iter()
+                .any(|i| i.ip6.is_some())
+                .then_some("--ipv6"),
+        )
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)

@@ -49,6 +49,9 @@ pub struct ServeArgs {
     /// UDP ports to listen on, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub udp: Vec<u16>,
+    /// Listen on [::] too (IPv6 only there, so IPv4 clients keep showing as IPv4).
+    #[arg(long)]
+    pub ipv6: bool,
 }
 
 /// Binds every port on 0.0.0.0, says "ready" on stdout (the sandbox waits for that line), and
@@ -62,12 +65,27 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         raise_backlog(&listener);
         println!("{name}: serving tcp/{port}");
         threads.push(spawn_tcp(listener, name.clone())?);
+        if args.ipv6 {
+            let listener = TcpListener::from(
+                bind_v6only(port, libc::SOCK_STREAM)
+                    .with_context(|| format!("binding TCP port [::]:{port}"))?,
+            );
+            raise_backlog(&listener);
+            threads.push(spawn_tcp(listener, name.clone())?);
+        }
     }
     for port in dedup(&args.udp) {
         let socket = UdpSocket::bind(("0.0.0.0", port))
             .with_context(|| format!("binding UDP port {port}"))?;
         println!("{name}: serving udp/{port}");
         threads.push(spawn_udp(socket, name.clone())?);
+        if args.ipv6 {
+            let socket = UdpSocket::from(
+                bind_v6only(port, libc::SOCK_DGRAM)
+                    .with_context(|| format!("binding UDP port [::]:{port}"))?,
+            );
+            threads.push(spawn_udp(socket, name.clone())?);
+        }
     }
     println!("{name}: ready");
     io::stdout().flush().ok();
@@ -76,6 +94,52 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let _ = thread.join();
     }
     Ok(())
+}
+
+/// A socket of `kind` bound to [::]:`port` with IPV6_V6ONLY (beside the one on 0.0.0.0,
+/// which a dual-stack socket would collide with), listening if it is a stream socket.
+fn bind_v6only(port: u16, kind: libc::c_int) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    // SAFETY: plain socket syscalls; the descriptor is owned by the OwnedFd from creation on,
+    // and every pointer passed points at a live local of the size given.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, kind | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let owned = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        for option in [
+            (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+        ] {
+            if libc::setsockopt(
+                fd,
+                option.0,
+                option.1,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        let mut addr: libc::sockaddr_in6 = std::mem::zeroed();
+        addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        addr.sin6_port = port.to_be();
+        if libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        if kind == libc::SOCK_STREAM && libc::listen(fd, LISTEN_BACKLOG) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(owned)
+    }
 }
 
 fn dedup(ports: &[u16]) -> Vec<u16> {

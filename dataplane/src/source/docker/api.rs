@@ -395,6 +395,9 @@ pub struct EndpointSettings {
     pub network_id: String,
     pub ip_address: String,
     pub gateway: String,
+    /// "" when the network has no IPv6 (`GlobalIPv6Address`, `IPv6Gateway`).
+    pub global_ipv6_address: String,
+    pub ipv6_gateway: String,
     pub mac_address: String,
 }
 
@@ -404,6 +407,8 @@ impl From<models::EndpointSettings> for EndpointSettings {
             network_id: m.network_id.unwrap_or_default(),
             ip_address: m.ip_address.unwrap_or_default(),
             gateway: m.gateway.unwrap_or_default(),
+            global_ipv6_address: m.global_ipv6_address.unwrap_or_default(),
+            ipv6_gateway: m.ipv6_gateway.unwrap_or_default(),
             mac_address: m.mac_address.unwrap_or_default(),
         }
     }
@@ -419,6 +424,8 @@ pub struct NetworkInspect {
     pub driver: String,
     pub internal: bool,
     pub config_only: bool,
+    /// `docker network create --ipv6`.
+    pub enable_ipv6: bool,
     pub ipam: Vec<IpamConfig>,
     pub options: BTreeMap<String, String>,
 }
@@ -432,6 +439,7 @@ impl From<models::Network> for NetworkInspect {
             driver: m.driver.unwrap_or_default(),
             internal: m.internal.unwrap_or_default(),
             config_only: m.config_only.unwrap_or_default(),
+            enable_ipv6: m.enable_ipv6.unwrap_or_default(),
             ipam: m
                 .ipam
                 .and_then(|i| i.config)

@@ -2,24 +2,28 @@
 //! the same [`Model::from_spec`] every source goes through. Pure functions of the engine's
 //! objects, the host-side veths found for each container and the VIPs handed out so far.
 //!
-//! - networks: bridge-driver networks with an IPv4 subnet; the bridge is
+//! - networks: bridge-driver networks with an IPv4 subnet, an IPv6 one (`EnableIPv6`, its
+//!   IPAM config's IPv6 subnet and gateway) or both; the bridge is
 //!   `com.docker.network.bridge.name` or `br-` + the first 12 characters of the id (docker0 for
 //!   the default `bridge` network), `icc` from `com.docker.network.bridge.enable_icc`;
 //! - endpoints: running containers with at least one interface on such a network, named like
 //!   the container, with its labels; the network it was started on comes first (Docker
 //!   publishes ports to that address);
-//! - ports: every IPv4 binding of `NetworkSettings.Ports` (host IP "" or 0.0.0.0 = all),
-//!   consecutive ports merged back into the ranges `-p 9000-9002:7000-7002` made;
+//! - endpoints' addresses: `IPAddress` and `GlobalIPv6Address` of each network;
+//! - ports: every binding of `NetworkSettings.Ports`: host IP "" = every address, 0.0.0.0
+//!   every IPv4 one, "::" every IPv6 one (the pair Docker lists for a plain `-p` becomes one
+//!   entry on every address), or one address of either family; consecutive ports merged
+//!   back into the ranges `-p 9000-9002:7000-7002` made;
 //! - services: see [`SERVICE_LABEL`].
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use super::api::{ContainerInspect, NetworkInspect};
 use crate::model::{
-    Cidr, EndpointSpec, InterfaceSpec, Model, NetworkSpec, PortSpec, PortValue, Protocol,
+    Cidr, Cidr6, EndpointSpec, InterfaceSpec, Model, NetworkSpec, PortSpec, PortValue, Protocol,
     ServiceSpec, StateError, StateFile, parse_mac,
 };
 
@@ -90,7 +94,7 @@ pub fn build(inputs: &Inputs<'_>, vips: &mut VipAllocator) -> Built {
     }
     let subnets: Vec<Cidr> = networks
         .iter()
-        .filter_map(|(n, _)| Cidr::parse(&n.subnet).ok())
+        .filter_map(|(n, _)| Cidr::parse(n.subnet.as_deref()?).ok())
         .collect();
     let services = services(&members, vips, &subnets, &mut notes);
     Built {
@@ -117,28 +121,59 @@ fn networks(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Vec<(NetworkSpec, S
     list.sort_by(|a, b| (&a.created, &a.name).cmp(&(&b.created, &b.name)));
     let mut out = Vec::new();
     for n in list {
-        let Some((subnet, ipam_gateway)) = n.ipam.iter().find_map(|c| {
+        let v4 = n.ipam.iter().find_map(|c| {
             let subnet = Cidr::parse(&c.subnet).ok()?;
             let gateway = c.gateway.split('/').next().unwrap_or_default();
             Some((subnet, gateway.parse::<Ipv4Addr>().ok()))
-        }) else {
-            notes.push(format!("network {}: no IPv4 subnet; left out", n.name));
-            continue;
-        };
-        // The default bridge's IPAM config has no gateway: take the one its containers
-        // were given, else the subnet's first address (Docker's choice).
-        let gateway = ipam_gateway
-            .or_else(|| {
-                inputs.containers.values().find_map(|c| {
-                    c.inspect
-                        .network_settings
-                        .networks
-                        .values()
-                        .find(|e| e.network_id == n.id)
-                        .and_then(|e| e.gateway.parse().ok())
+        });
+        // The IPv6 subnet only when IPv6 is on (an IPAM config alone does not give the
+        // containers addresses).
+        let v6 = n
+            .enable_ipv6
+            .then(|| {
+                n.ipam.iter().find_map(|c| {
+                    let subnet = Cidr6::parse(&c.subnet).ok()?;
+                    let gateway = c.gateway.split('/').next().unwrap_or_default();
+                    Some((subnet, gateway.parse::<Ipv6Addr>().ok()))
                 })
             })
-            .unwrap_or_else(|| Ipv4Addr::from(u32::from(subnet.network()) + 1));
+            .flatten();
+        if v4.is_none() && v6.is_none() {
+            notes.push(format!(
+                "network {}: no IPv4 or IPv6 subnet; left out",
+                n.name
+            ));
+            continue;
+        }
+        if n.enable_ipv6 && v6.is_none() {
+            notes.push(format!(
+                "network {}: IPv6 is enabled but its IPAM config has no IPv6 subnet; IPv4 only",
+                n.name
+            ));
+        }
+        let attached = || {
+            inputs.containers.values().flat_map(|c| {
+                c.inspect
+                    .network_settings
+                    .networks
+                    .values()
+                    .filter(|e| e.network_id == n.id)
+            })
+        };
+        // The default bridge's IPAM config has no gateway: take the one its containers
+        // were given, else the subnet's first address (Docker's choice); the same for IPv6.
+        let v4 = v4.map(|(subnet, ipam_gateway)| {
+            let gateway = ipam_gateway
+                .or_else(|| attached().find_map(|e| e.gateway.parse().ok()))
+                .unwrap_or_else(|| Ipv4Addr::from(u32::from(subnet.network()) + 1));
+            (subnet, gateway)
+        });
+        let v6 = v6.map(|(subnet, ipam_gateway)| {
+            let gateway = ipam_gateway
+                .or_else(|| attached().find_map(|e| e.ipv6_gateway.parse().ok()))
+                .unwrap_or_else(|| Ipv6Addr::from(u128::from(subnet.network()) + 1));
+            (subnet, gateway)
+        });
         let bridge = match n.options.get(BRIDGE_NAME_OPTION) {
             Some(name) if !name.is_empty() => name.clone(),
             _ => format!("br-{}", n.id.get(..12).unwrap_or(&n.id)),
@@ -173,8 +208,10 @@ fn networks(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Vec<(NetworkSpec, S
             NetworkSpec {
                 name: n.name.clone(),
                 bridge,
-                subnet: subnet.to_string(),
-                gateway: gateway.to_string(),
+                subnet: v4.map(|(subnet, _)| subnet.to_string()),
+                gateway: v4.map(|(_, gateway)| gateway.to_string()),
+                subnet6: v6.map(|(subnet, _)| subnet.to_string()),
+                gateway6: v6.map(|(_, gateway)| gateway.to_string()),
                 internal: n.internal,
                 icc,
                 gateway_mode,
@@ -209,13 +246,35 @@ fn endpoint(
             continue; // host, none, another driver, or a network left out above
         };
         let problem = |what: String| format!("container {name}: network {net_name}: {what}");
-        if ep.ip_address.parse::<Ipv4Addr>().is_err() {
-            notes.push(problem(format!(
-                "no IPv4 address ({:?}); interface left out",
-                ep.ip_address
-            )));
-            continue;
-        }
+        let ip = match (&network.subnet, ep.ip_address.parse::<Ipv4Addr>()) {
+            (None, _) => None,
+            (Some(_), Ok(_)) => Some(ep.ip_address.clone()),
+            (Some(_), Err(_)) => {
+                notes.push(problem(format!(
+                    "no IPv4 address ({:?}); interface left out",
+                    ep.ip_address
+                )));
+                continue;
+            }
+        };
+        let ip6 = match (&network.subnet6, ep.global_ipv6_address.parse::<Ipv6Addr>()) {
+            (Some(_), Ok(_)) => Some(ep.global_ipv6_address.clone()),
+            (None, _) => None,
+            (Some(_), Err(_)) if ip.is_some() => {
+                notes.push(problem(format!(
+                    "no IPv6 address ({:?}); the interface is IPv4 only",
+                    ep.global_ipv6_address
+                )));
+                None
+            }
+            (Some(_), Err(_)) => {
+                notes.push(problem(format!(
+                    "no IPv6 address ({:?}) on an IPv6-only network; interface left out",
+                    ep.global_ipv6_address
+                )));
+                continue;
+            }
+        };
         let Ok(mac) = parse_mac(&ep.mac_address) else {
             notes.push(problem(format!(
                 "MAC {:?} unusable; interface left out",
@@ -243,7 +302,8 @@ fn endpoint(
         }
         interfaces.push(InterfaceSpec {
             network: network.name.clone(),
-            ip: ep.ip_address.clone(),
+            ip,
+            ip6,
             mac: ep.mac_address.to_ascii_lowercase(),
             host_veth: host_veth.clone(),
         });
@@ -273,7 +333,7 @@ fn parse_port_key(key: &str) -> Option<(u16, Option<Protocol>)> {
 }
 
 /// One published port before merging: (endpoint, protocol, host ip, host port, container port).
-type Binding = (String, Protocol, Option<Ipv4Addr>, u16, u16);
+type Binding = (String, Protocol, Option<IpAddr>, u16, u16);
 
 fn published_ports(container: &Container, endpoint: &str, notes: &mut Vec<String>) -> Vec<Binding> {
     let mut out = Vec::new();
@@ -295,10 +355,16 @@ fn published_ports(container: &Container, endpoint: &str, notes: &mut Vec<String
         };
         for binding in bindings {
             let host_ip = match binding.host_ip.as_str() {
-                "" | "0.0.0.0" => None,
-                text => match text.parse::<Ipv4Addr>() {
+                "" => None,
+                text => match text.parse::<IpAddr>() {
                     Ok(ip) => Some(ip),
-                    Err(_) => continue, // an IPv6 binding ("::"); the dataplane is IPv4
+                    Err(_) => {
+                        notes.push(format!(
+                            "container {endpoint}: port {key}: host IP {text:?} unreadable; \
+                             left out"
+                        ));
+                        continue;
+                    }
                 },
             };
             let Some(host_port) = binding.host_port.parse::<u16>().ok().filter(|p| *p != 0) else {
@@ -316,8 +382,39 @@ fn published_ports(container: &Container, endpoint: &str, notes: &mut Vec<String
     out
 }
 
+/// The two bindings Docker makes of one `-p` on every address, 0.0.0.0 and "::", are one
+/// binding on every address of both families.
+fn join_families(bindings: Vec<Binding>) -> Vec<Binding> {
+    let every = |ip: &Option<IpAddr>| ip.is_some_and(|ip| ip.is_unspecified());
+    let mut families: BTreeMap<(String, Protocol, u16, u16), u8> = BTreeMap::new();
+    for (endpoint, proto, host_ip, host_port, container_port) in &bindings {
+        if every(host_ip) {
+            let bit = if host_ip.is_some_and(|ip| ip.is_ipv4()) {
+                1
+            } else {
+                2
+            };
+            *families
+                .entry((endpoint.clone(), *proto, *host_port, *container_port))
+                .or_default() |= bit;
+        }
+    }
+    bindings
+        .into_iter()
+        .map(|b| {
+            let both = families.get(&(b.0.clone(), b.1, b.3, b.4)) == Some(&3);
+            if both && every(&b.2) {
+                (b.0, b.1, None, b.3, b.4)
+            } else {
+                b
+            }
+        })
+        .collect()
+}
+
 /// Runs of consecutive host ports leading to consecutive container ports become one range.
-fn merge_ranges(mut bindings: Vec<Binding>) -> Vec<PortSpec> {
+fn merge_ranges(bindings: Vec<Binding>) -> Vec<PortSpec> {
+    let mut bindings = join_families(bindings);
     bindings.sort();
     bindings.dedup();
     // (binding of the run's first port, run length)
@@ -480,7 +577,8 @@ fn services(
             };
             out.push(ServiceSpec {
                 name,
-                vip: vip.to_string(),
+                vip: Some(vip.to_string()),
+                vip6: None,
                 port: u32::from(port),
                 protocol: proto.to_string(),
                 target_port: None,
@@ -901,8 +999,8 @@ mod tests {
                 (
                     n.name.as_str(),
                     n.bridge.as_str(),
-                    n.subnet.as_str(),
-                    n.gateway.as_str(),
+                    n.subnet.as_deref().unwrap(),
+                    n.gateway.as_deref().unwrap(),
                     n.internal,
                     n.icc,
                 )
@@ -944,7 +1042,13 @@ mod tests {
         let on: Vec<(&str, String, &str)> = two
             .interfaces
             .iter()
-            .map(|i| (i.network.as_str(), i.ip.to_string(), i.host_veth.as_str()))
+            .map(|i| {
+                (
+                    i.network.as_str(),
+                    i.ip.unwrap().to_string(),
+                    i.host_veth.as_str(),
+                )
+            })
             .collect();
         assert_eq!(
             on,
@@ -964,7 +1068,8 @@ mod tests {
             .iter()
             .map(|p| {
                 assert_eq!(p.target, PortTarget::Endpoint("web".into()));
-                assert_eq!(p.host_ip, None);
+                // dockerd listed 0.0.0.0 only (no "::" beside it): IPv4 only.
+                assert_eq!(p.host_ip, Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)));
                 (
                     format!("{}-{}", p.host_ports.first, p.host_ports.last),
                     p.protocol,
@@ -1034,6 +1139,8 @@ mod tests {
         web.inspect.network_settings.ports = super::super::api::ports(serde_json::from_str(
             r#"{"80/tcp":[{"HostIp":"192.0.2.1","HostPort":"9090"},{"HostIp":"::","HostPort":"9090"}],
                 "81/tcp":[{"HostIp":"0.0.0.0","HostPort":"9091"}],
+                "83/tcp":[{"HostIp":"0.0.0.0","HostPort":"9093"},{"HostIp":"::","HostPort":"9093"}],
+                "84/udp":[{"HostIp":"2001:db8::1","HostPort":"9094"}],
                 "82/tcp":null,
                 "132/sctp":[{"HostIp":"","HostPort":"132"}]}"#,
         )
@@ -1045,15 +1152,160 @@ mod tests {
             .iter()
             .map(|p| (p.host_ip.as_deref(), format!("{:?}", p.host_port)))
             .collect();
-        // 9090 on one address and 9091 on all are not one range.
+        // 9090 on one address and 9091 on all are not one range; `-p 9093:83` as dockerd
+        // 20.10 lists it (0.0.0.0 and ::) is one entry on every address of both families.
         assert_eq!(
             ports,
             vec![
-                (None, "Number(9091)".to_string()),
+                (None, "Number(9093)".to_string()),
+                (Some("0.0.0.0"), "Number(9091)".to_string()),
                 (Some("192.0.2.1"), "Number(9090)".to_string()),
+                (Some("::"), "Number(9090)".to_string()),
+                (Some("2001:db8::1"), "Number(9094)".to_string()),
             ]
         );
+        let model = validate(built.spec.clone(), &mut Vec::new()).unwrap();
+        assert_eq!(model.ports.len(), 5);
         assert!(built.notes.iter().any(|n| n.contains("132/sctp")));
+    }
+
+    // Trimmed from dockerd 20.10.24 (`GET /v1.41/networks/net6`, `GET
+    // /v1.41/containers/c6/json`) after `docker network create --ipv6 --subnet 172.28.0.0/16
+    // --subnet fd00:28::/64 net6; docker run -d --name c6 --network net6 -p 8080:80
+    // -p 127.0.0.1:8081:81 -p '[::1]:8082:82' bb:latest sleep 1000`. The IPAM config names no
+    // gateway; the container's endpoint does.
+    const NET6: &str = r#"[{"Name":"net6",
+      "Id":"852f102bfb3c0299700204c0e851ceb6793f830341ffe75cfbedfefcc4f2a59f",
+      "Created":"2026-12-02T06:04:50.635237399Z","Scope":"local","Driver":"bridge",
+      "EnableIPv6":true,"IPAM":{"Driver":"default","Options":{},
+        "Config":[{"Subnet":"172.28.0.0/16"},{"Subnet":"fd00:28::/64"}]},
+      "Internal":false,"Attachable":false,"Ingress":false,"ConfigFrom":{"Network":""},
+      "ConfigOnly":false,
+      "Containers":{"b84e591ee59d0edd634956f8e82cb6e64b9599610e680b290e1b3c565889ddd4":{
+        "Name":"c6","EndpointID":"39750316ff8178f376ab824d057cc03770b480ab47ef9941e8672e612aa8d690",
+        "MacAddress":"02:42:ac:1c:00:02","IPv4Address":"172.28.0.2/16",
+        "IPv6Address":"fd00:28::2/64"}},
+      "Options":{},"Labels":{}}]"#;
+
+    const C6: &str = r#"{
+      "Id":"b84e591ee59d0edd634956f8e82cb6e64b9599610e680b290e1b3c565889ddd4",
+      "Created":"2026-12-02T06:04:50.715648238Z","Name":"/c6",
+      "State":{"Status":"running","Running":true,"Paused":false,"Pid":26755},
+      "HostConfig":{"NetworkMode":"net6",
+        "PortBindings":{"80/tcp":[{"HostIp":"","HostPort":"8080"}],
+          "81/tcp":[{"HostIp":"127.0.0.1","HostPort":"8081"}],
+          "82/tcp":[{"HostIp":"::1","HostPort":"8082"}]}},
+      "Config":{"Hostname":"b84e591ee59d","Env":null,"Cmd":["sleep","1000"],
+        "ExposedPorts":{"80/tcp":{},"81/tcp":{},"82/tcp":{}},"Labels":{}},
+      "NetworkSettings":{"Bridge":"",
+        "SandboxID":"fba91349911751838365d8eda353996049eeae7bdd79670be1267b64adc5eec3",
+        "HairpinMode":false,"LinkLocalIPv6Address":"","LinkLocalIPv6PrefixLen":0,
+        "Ports":{"80/tcp":[{"HostIp":"0.0.0.0","HostPort":"8080"},{"HostIp":"::","HostPort":"8080"}],
+          "81/tcp":[{"HostIp":"127.0.0.1","HostPort":"8081"}],
+          "82/tcp":[{"HostIp":"::1","HostPort":"8082"}]},
+        "SandboxKey":"/tmp/v6m-dkr/exec/netns/fba913499117",
+        "SecondaryIPAddresses":null,"SecondaryIPv6Addresses":null,"EndpointID":"",
+        "Gateway":"","GlobalIPv6Address":"","GlobalIPv6PrefixLen":0,"IPAddress":"",
+        "IPPrefixLen":0,"IPv6Gateway":"","MacAddress":"",
+        "Networks":{"net6":{"IPAMConfig":null,"Links":null,"Aliases":["b84e591ee59d"],
+          "NetworkID":"852f102bfb3c0299700204c0e851ceb6793f830341ffe75cfbedfefcc4f2a59f",
+          "EndpointID":"39750316ff8178f376ab824d057cc03770b480ab47ef9941e8672e612aa8d690",
+          "Gateway":"172.28.0.1","IPAddress":"172.28.0.2","IPPrefixLen":16,
+          "IPv6Gateway":"fd00:28::1","GlobalIPv6Address":"fd00:28::2",
+          "GlobalIPv6PrefixLen":64,"MacAddress":"02:42:ac:1c:00:02","DriverOpts":null}}}
+    }"#;
+
+    #[test]
+    fn an_ipv6_network_its_addresses_and_ipv6_port_bindings() {
+        let networks = networks_of(NET6);
+        assert!(networks[0].enable_ipv6);
+        let mut containers = BTreeMap::new();
+        containers.insert(
+            "b84e".to_string(),
+            container(C6, &[([2, 0x42, 0xac, 0x1c, 0, 2], "veth5d1a2b3")]),
+        );
+        let built = build_sample(&networks, &containers, &mut vips());
+        assert_eq!(built.notes, Vec::<String>::new());
+        let net = &built.spec.networks[0];
+        assert_eq!(
+            (
+                net.subnet.as_deref(),
+                net.gateway.as_deref(),
+                net.subnet6.as_deref(),
+                net.gateway6.as_deref()
+            ),
+            (
+                Some("172.28.0.0/16"),
+                Some("172.28.0.1"),
+                Some("fd00:28::/64"),
+                // Not in the IPAM config: the one the container was given.
+                Some("fd00:28::1")
+            )
+        );
+        let model = validate(built.spec.clone(), &mut Vec::new()).unwrap();
+        let itf = &model.endpoints[0].interfaces[0];
+        assert_eq!(itf.ip, Some("172.28.0.2".parse().unwrap()));
+        assert_eq!(itf.ip6, Some("fd00:28::2".parse().unwrap()));
+        let ports: Vec<(Option<IpAddr>, u16, u16)> = model
+            .ports
+            .iter()
+            .map(|p| (p.host_ip, p.host_ports.first, p.container_ports.first))
+            .collect();
+        assert_eq!(
+            ports,
+            vec![
+                // -p 8080:80: 0.0.0.0 and :: are every address of both families.
+                (None, 8080, 80),
+                (Some("127.0.0.1".parse().unwrap()), 8081, 81),
+                (Some("::1".parse().unwrap()), 8082, 82),
+            ]
+        );
+
+        // IPv6 off: the IPv6 subnet and addresses are not used, and the :: binding stays
+        // apart from the 0.0.0.0 one as dockerd listed them.
+        let mut off = networks.clone();
+        off[0].enable_ipv6 = false;
+        let built = build_sample(&off, &containers, &mut vips());
+        assert_eq!(built.spec.networks[0].subnet6, None);
+        assert_eq!(built.spec.endpoints[0].interfaces[0].ip6, None);
+
+        // Without a gateway anywhere, Docker's choice: the subnet's first address.
+        let mut bare = containers.clone();
+        for c in bare.values_mut() {
+            for e in c.inspect.network_settings.networks.values_mut() {
+                e.ipv6_gateway.clear();
+            }
+        }
+        let built = build_sample(&networks, &bare, &mut vips());
+        assert_eq!(
+            built.spec.networks[0].gateway6.as_deref(),
+            Some("fd00:28::1")
+        );
+
+        // An IPv6-only network (Docker 28's `--ipv4=false`): no IPv4 subnet or address.
+        let mut only6 = networks.clone();
+        only6[0].ipam.retain(|c| c.subnet.contains(':'));
+        let mut c6 = containers.clone();
+        for c in c6.values_mut() {
+            for e in c.inspect.network_settings.networks.values_mut() {
+                e.ip_address.clear();
+                e.gateway.clear();
+            }
+            // Docker lists no 0.0.0.0 binding on an IPv6-only network; the IPv4 ones here
+            // would be refused by the model (no IPv4 address to lead to).
+            c.inspect.network_settings.ports = super::super::api::ports(
+                serde_json::from_str(r#"{"80/tcp":[{"HostIp":"::","HostPort":"8080"}]}"#).unwrap(),
+            );
+        }
+        let built = build_sample(&only6, &c6, &mut vips());
+        assert_eq!(built.notes, Vec::<String>::new());
+        let model = validate(built.spec, &mut Vec::new()).unwrap();
+        assert_eq!(model.networks[0].subnet, None);
+        assert_eq!(model.endpoints[0].interfaces[0].ip, None);
+        assert_eq!(
+            model.ports[0].host_ip,
+            Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED))
+        );
     }
 
     fn with_labels(json: &str, labels: &[(&str, &str)], exposed: &[&str]) -> ContainerInspect {
@@ -1160,8 +1412,14 @@ mod tests {
             ]
         );
         // One VIP per service name, inside the range, kept across rebuilds.
-        let vip_of =
-            |m: &Model, name: &str| m.services.iter().find(|s| s.name == name).unwrap().vip;
+        let vip_of = |m: &Model, name: &str| {
+            m.services
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap()
+                .vip
+                .unwrap()
+        };
         assert_eq!(
             vip_of(&model, "shop_web:80"),
             vip_of(&model, "shop_web:443")
@@ -1272,7 +1530,7 @@ mod tests {
         // one entry must not hold back the others).
         let mut clone = spec.endpoints[0].clone();
         clone.name = "clone".into();
-        clone.interfaces[0].ip = "172.17.0.99".into();
+        clone.interfaces[0].ip = Some("172.17.0.99".into());
         clone.interfaces[0].host_veth = "vethclone".into();
         spec.endpoints.push(clone);
         spec.ports.push(PortSpec {

@@ -498,7 +498,7 @@ fn services_summary(model: &Model) -> String {
             format!(
                 "{} {}:{}/{} -> {} backends",
                 s.name,
-                s.vip,
+                s.vip.map(|v| v.to_string()).unwrap_or_default(),
                 s.port,
                 s.protocol,
                 s.backends.len()
