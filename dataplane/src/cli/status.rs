@@ -109,12 +109,67 @@ fn render(s: &Status) -> String {
             m.name, m.entries, m.capacity
         );
     }
-    let _ = writeln!(out, "\nENDPOINTS");
-    for e in &s.endpoints {
+    let _ = writeln!(out, "\nNETWORKS");
+    for n in &s.networks {
+        let families: Vec<String> = [(&n.subnet, &n.gateway), (&n.subnet6, &n.gateway6)]
+            .into_iter()
+            .filter_map(|(subnet, gateway)| {
+                Some(format!(
+                    "{} gateway {}",
+                    subnet.as_deref()?,
+                    gateway.as_deref().unwrap_or("-")
+                ))
+            })
+            .collect();
         let _ = writeln!(
             out,
-            "  {:<16} {:<12} {:<16} {}",
-            e.name, e.network, e.ip, e.host_veth
+            "  {:<16} {:<16} {}",
+            n.name,
+            n.bridge,
+            families.join(", ")
+        );
+    }
+    let _ = writeln!(out, "\nENDPOINTS");
+    for e in &s.endpoints {
+        let ip = if e.ip.is_empty() { "-" } else { e.ip.as_str() };
+        let _ = writeln!(
+            out,
+            "  {:<16} {:<12} {:<16} {:<24} {}",
+            e.name,
+            e.network,
+            ip,
+            e.ip6.as_deref().unwrap_or("-"),
+            e.host_veth
+        );
+    }
+    let _ = writeln!(out, "\nSERVICES");
+    for v in &s.services {
+        let addresses: Vec<String> = v
+            .vip
+            .iter()
+            .map(|a| format!("{a}:{}", v.port))
+            .chain(v.vip6.iter().map(|a| format!("[{a}]:{}", v.port)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {:<16} {}/{} -> {}",
+            v.name,
+            addresses.join(" "),
+            v.protocol,
+            v.backends.join(", ")
+        );
+    }
+    let _ = writeln!(out, "\nPUBLISHED PORTS");
+    for p in &s.ports {
+        let host = match p.host_ip.as_deref() {
+            None => "*".to_owned(),
+            Some(ip) if ip.contains(':') => format!("[{ip}]"),
+            Some(ip) => ip.to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "  {host}:{}/{} -> {}:{}",
+            p.host_port, p.protocol, p.target, p.container_port
         );
     }
     let _ = writeln!(out, "\nTRAFFIC SEEN BY THE PROGRAMS");
@@ -180,6 +235,51 @@ mod tests {
             text.contains("warning: ports[0].host_ip: 192.0.2.9"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn ipv6_addresses_of_networks_endpoints_services_and_ports_are_printed() {
+        let status: super::Status = serde_json::from_value(serde_json::json!({
+            "pin_dir": "/sys/fs/bpf/dp", "state_file": null, "uplink": "eth0",
+            "attachments": [], "maps": [], "interfaces": [], "drops": {},
+            "endpoints": [
+                {"name": "web1", "network": "front", "ip": "172.30.1.2",
+                 "ip6": "fd00:30:1::2", "host_veth": "veth-web1"},
+                {"name": "six", "network": "only6", "ip": "", "ip6": "fd00:30:2::2",
+                 "host_veth": "veth-six"}
+            ],
+            "networks": [
+                {"name": "front", "bridge": "br-front", "subnet": "172.30.1.0/24",
+                 "gateway": "172.30.1.1", "subnet6": "fd00:30:1::/64",
+                 "gateway6": "fd00:30:1::1"},
+                {"name": "only6", "bridge": "br-six", "subnet": null, "gateway": null,
+                 "subnet6": "fd00:30:2::/64", "gateway6": "fd00:30:2::1"}
+            ],
+            "services": [{"name": "web", "vip": "10.96.0.10", "vip6": "fd00:96::10",
+                          "port": 80, "protocol": "tcp", "backends": ["web1"]}],
+            "ports": [
+                {"target": "endpoint web1", "protocol": "tcp", "host_ip": null,
+                 "host_port": "8080", "container_port": "80"},
+                {"target": "endpoint six", "protocol": "udp", "host_ip": "::",
+                 "host_port": "5353", "container_port": "53"}
+            ],
+            "reconciles": 1, "ct_collected": 0, "last_applied_unix": null,
+            "last_error": null
+        }))
+        .unwrap();
+        let text = super::render(&status);
+        for expected in [
+            "front            br-front         172.30.1.0/24 gateway 172.30.1.1, \
+             fd00:30:1::/64 gateway fd00:30:1::1",
+            "only6            br-six           fd00:30:2::/64 gateway fd00:30:2::1",
+            "web1             front        172.30.1.2       fd00:30:1::2",
+            "six              only6        -                fd00:30:2::2",
+            "web              10.96.0.10:80 [fd00:96::10]:80/tcp -> web1",
+            "*:8080/tcp -> endpoint web1:80",
+            "[::]:5353/udp -> endpoint six:53",
+        ] {
+            assert!(text.contains(expected), "{expected:?} not in:\n{text}");
+        }
     }
 
     #[test]
