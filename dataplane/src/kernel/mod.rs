@@ -19,9 +19,10 @@ use aya::{
     },
 };
 use dataplane_common::{
-    Config, DropReason, IfaceStats, IfaceStatsKey, MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE,
-    MAGLEV_MIN_SIZE, PolicyKey, PolicyMeta, PolicyPrefix, PolicyVerdict, PrefixKey, capacity, hook,
-    is_prime, maglev_elements, maglev_stride, map_names, program_names, tcp_flag_count,
+    Config, DropReason, IfaceStats, IfaceStatsKey, In6Addr, MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE,
+    MAGLEV_MIN_SIZE, PolicyKey, PolicyMeta, PolicyPrefix, PolicyPrefix6, PolicyVerdict, PrefixKey,
+    PrefixKey6, capacity, hook, is_prime, maglev_elements, maglev_stride, map_names, program_names,
+    tcp_flag_count,
 };
 use serde::Serialize;
 
@@ -33,8 +34,9 @@ pub mod pin_lock;
 pub mod sockets;
 
 use maps::{
-    Backends, Conntrack, ConntrackNew, Endpoints, HashMapSpec, LocalAddrs, Policy, Ports,
-    Reconciled, Services, SockLbs, SockNetnsMap, SockRevNats,
+    Backends, Backends6, Conntrack, ConntrackNew, Endpoints, Endpoints6, HashMapSpec, LocalAddrs,
+    LocalAddrs6, Policy, Ports, Ports6, Reconciled, Services, Services6, SockLbs, SockNetnsMap,
+    SockRevNats,
 };
 #[cfg(test)]
 mod tests;
@@ -1124,6 +1126,104 @@ impl Datapath {
         }
     }
 
+    /// The IPv6 policy trie, both halves: (half, length, address) -> CIDR class (as
+    /// [`Datapath::policy_prefixes`]).
+    pub fn policy_prefixes6(&self) -> Result<BTreeMap<(u32, u8, In6Addr), u32>, DatapathError> {
+        let name = map_names::POLICY_PREFIXES6;
+        let err = |source| DatapathError::Map { map: name, source };
+        let trie: LpmTrie<&MapData, PolicyPrefix6, u32> =
+            LpmTrie::try_from(self.map_ref(name)?).map_err(err)?;
+        trie.iter()
+            .map(|entry| {
+                entry
+                    .map(|(k, class)| {
+                        let data = k.data();
+                        (
+                            (
+                                u32::from_be(data.slot),
+                                k.prefix_len().saturating_sub(32) as u8,
+                                data.addr,
+                            ),
+                            class,
+                        )
+                    })
+                    .map_err(err)
+            })
+            .collect()
+    }
+
+    /// Sets (`Some(class)`) or removes the IPv6 policy trie's prefix `addr/len` of half
+    /// `slot`.
+    pub fn set_policy_prefix6(
+        &mut self,
+        (slot, len, addr): (u32, u8, In6Addr),
+        class: Option<u32>,
+    ) -> Result<(), DatapathError> {
+        let name = map_names::POLICY_PREFIXES6;
+        let err = |source| DatapathError::Map { map: name, source };
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let mut trie: LpmTrie<&mut MapData, PolicyPrefix6, u32> =
+            LpmTrie::try_from(map).map_err(err)?;
+        let key = aya::maps::lpm_trie::Key::new(
+            32 + u32::from(len),
+            PolicyPrefix6 {
+                slot: slot.to_be(),
+                addr,
+            },
+        );
+        match class {
+            Some(class) => trie.insert(&key, class, 0).map_err(err),
+            None => match trie.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(err(e)),
+            },
+        }
+    }
+
+    /// The prefixes on the IPv6 deny list.
+    pub fn deny_sources6(&self) -> Result<std::collections::BTreeSet<PrefixKey6>, DatapathError> {
+        let name = map_names::DENY_SOURCES6;
+        let err = |source| DatapathError::Map { map: name, source };
+        let trie: LpmTrie<&MapData, In6Addr, u8> =
+            LpmTrie::try_from(self.map_ref(name)?).map_err(err)?;
+        trie.keys()
+            .map(|key| {
+                key.map(|k| PrefixKey6 {
+                    prefix_len: k.prefix_len(),
+                    addr: k.data(),
+                })
+                .map_err(err)
+            })
+            .collect()
+    }
+
+    /// Puts `prefix` on the IPv6 deny list (`deny`) or takes it off.
+    pub fn set_deny_source6(
+        &mut self,
+        prefix: PrefixKey6,
+        deny: bool,
+    ) -> Result<(), DatapathError> {
+        let name = map_names::DENY_SOURCES6;
+        let err = |source| DatapathError::Map { map: name, source };
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let mut trie: LpmTrie<&mut MapData, In6Addr, u8> = LpmTrie::try_from(map).map_err(err)?;
+        let key = aya::maps::lpm_trie::Key::new(prefix.prefix_len, prefix.addr);
+        if deny {
+            trie.insert(&key, 1, 0).map_err(err)
+        } else {
+            match trie.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(err(e)),
+            }
+        }
+    }
+
     /// The Maglev table of service `id` as the kernel sees it.
     pub fn maglev(&self, id: u32) -> Vec<u32> {
         self.maglev.get(id).to_vec()
@@ -1254,6 +1354,32 @@ impl Datapath {
             MapFill {
                 name: map_names::LOCAL_ADDRS,
                 entries: self.count::<LocalAddrs>()?,
+                capacity: capacity::LOCAL_ADDRS,
+            },
+            // IPv6's reconciled maps, with their IPv4 namesakes' capacities.
+            MapFill {
+                name: map_names::ENDPOINTS6,
+                entries: self.count::<Endpoints6>()?,
+                capacity: capacity::ENDPOINTS,
+            },
+            MapFill {
+                name: map_names::PORTS6,
+                entries: self.count::<Ports6>()?,
+                capacity: self.capacity::<Ports6>()?,
+            },
+            MapFill {
+                name: map_names::SERVICES6,
+                entries: self.count::<Services6>()?,
+                capacity: self.max_services,
+            },
+            MapFill {
+                name: map_names::BACKENDS6,
+                entries: self.count::<Backends6>()?,
+                capacity: capacity::BACKENDS,
+            },
+            MapFill {
+                name: map_names::LOCAL_ADDRS6,
+                entries: self.count::<LocalAddrs6>()?,
                 capacity: capacity::LOCAL_ADDRS,
             },
             MapFill {

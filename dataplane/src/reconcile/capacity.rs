@@ -17,20 +17,69 @@ pub struct CapacityError {
     pub raise: &'static str,
 }
 
-/// Checks every map the desired state fills; `ports_capacity` is the ports map's own (it is
-/// set at load time and a pinned map keeps its size).
-pub fn check(desired: &Desired, ports_capacity: u32) -> Result<(), CapacityError> {
+/// Checks every map the desired state fills; `ports_capacity` and `ports6_capacity` are the
+/// ports maps' own (set at load time; a pinned map keeps its size).
+pub fn check(
+    desired: &Desired,
+    ports_capacity: u32,
+    ports6_capacity: u32,
+) -> Result<(), CapacityError> {
     const FIXED: &str =
         "its capacity is fixed when the agent is built (dataplane_common::capacity)";
+    const RAISE_PORTS: &str = "start the agent with a larger --max-ports (a pinned map keeps \
+                               its size: on a new --pin-dir, or after removing the pinned \
+                               dp_ports maps)";
     let backends = desired.services.values().map(|s| s.backends.len()).sum();
+    let backends6 = desired.services.values().map(|s| s.backends6.len()).sum();
     let checks = [
         (
             map_names::PORTS,
             "published port numbers (per protocol and address)",
             desired.ports.len(),
             ports_capacity,
-            "start the agent with a larger --max-ports (a pinned map keeps its size: on a new \
-             --pin-dir, or after removing the pinned dp_ports map)",
+            RAISE_PORTS,
+        ),
+        (
+            map_names::PORTS6,
+            "published port numbers on IPv6 (per protocol and address)",
+            desired.ports6.len(),
+            ports6_capacity,
+            RAISE_PORTS,
+        ),
+        (
+            map_names::ENDPOINTS6,
+            "container interfaces with an IPv6 address",
+            desired.endpoints6.len(),
+            capacity::ENDPOINTS,
+            FIXED,
+        ),
+        (
+            map_names::BACKENDS6,
+            "service backends of IPv6 VIPs",
+            backends6,
+            capacity::BACKENDS,
+            FIXED,
+        ),
+        (
+            map_names::POLICY_PREFIXES6,
+            "distinct IPv6 policy CIDR prefixes",
+            desired.policy.prefixes6.len(),
+            capacity::POLICY_PREFIXES,
+            FIXED,
+        ),
+        (
+            map_names::DENY_SOURCES6,
+            "IPv6 deny-list prefixes",
+            desired.deny_sources6.len(),
+            capacity::DENY_SOURCES,
+            FIXED,
+        ),
+        (
+            map_names::LOCAL_ADDRS6,
+            "host IPv6 addresses",
+            desired.local_addrs6.len(),
+            capacity::LOCAL_ADDRS,
+            FIXED,
         ),
         (
             map_names::ENDPOINTS,
@@ -93,7 +142,7 @@ pub fn check(desired: &Desired, ports_capacity: u32) -> Result<(), CapacityError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dataplane_common::{PortKey, PortTarget};
+    use dataplane_common::{PortKey, PortKey6, PortTarget, PortTarget6, PrefixKey6};
 
     #[test]
     fn too_many_ports_name_the_map_its_capacity_and_the_option() {
@@ -107,13 +156,42 @@ mod tests {
                 PortTarget::default(),
             );
         }
-        assert_eq!(check(&desired, 11), Ok(()));
-        let err = check(&desired, 10).unwrap_err();
+        assert_eq!(check(&desired, 11, 11), Ok(()));
+        let err = check(&desired, 10, 11).unwrap_err();
         assert_eq!((err.wanted, err.capacity), (11, 10));
         let text = err.to_string();
         assert!(
             text.contains("dp_ports") && text.contains("--max-ports"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_ipv6_maps_are_checked_by_name() {
+        let mut desired = Desired::default();
+        for port in 0..11u16 {
+            desired.ports6.insert(
+                PortKey6 {
+                    port: port.to_be(),
+                    ..PortKey6::default()
+                },
+                PortTarget6::default(),
+            );
+        }
+        let err = check(&desired, 100, 10).unwrap_err();
+        assert_eq!(
+            (err.map, err.wanted, err.capacity),
+            (map_names::PORTS6, 11, 10)
+        );
+        assert!(err.to_string().contains("--max-ports"), "{err}");
+        let mut desired = Desired::default();
+        for len in 0..=capacity::DENY_SOURCES {
+            desired.deny_sources6.insert(PrefixKey6 {
+                prefix_len: len,
+                ..PrefixKey6::default()
+            });
+        }
+        let err = check(&desired, 100, 100).unwrap_err();
+        assert_eq!(err.map, map_names::DENY_SOURCES6);
     }
 }

@@ -6,12 +6,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use dataplane_common::{
-    Backend, BackendKey, Config, EndpointInfo, PolicyKey, PolicyMeta, PortKey, PortTarget,
-    PrefixKey, ServiceInfo, ServiceKey, SockNetns, algorithm, net_flags,
+    Backend, Backend6, BackendKey, Config, EndpointInfo, EndpointInfo6, In6Addr, PolicyKey,
+    PolicyMeta, PortKey, PortKey6, PortTarget, PortTarget6, PrefixKey, PrefixKey6, ServiceInfo,
+    ServiceKey, ServiceKey6, SockNetns, algorithm, net_flags,
 };
 
 pub mod capacity;
@@ -22,7 +23,8 @@ use crate::{
     kernel::{
         Datapath, DatapathError, Hook,
         maps::{
-            Backends, Endpoints, LocalAddrs, Policy, Ports, Reconciled, Services, SockNetnsMap,
+            Backends, Backends6, Endpoints, Endpoints6, LocalAddrs, LocalAddrs6, Policy, Ports,
+            Ports6, Reconciled, Services, Services6, SockNetnsMap,
         },
     },
     model::{Algorithm, GatewayMode, Model, PortTarget as ModelPortTarget, Protocol, StateError},
@@ -42,6 +44,8 @@ pub trait Kernel {
     fn ifindex(&self, interface: &str) -> Option<u32>;
     /// IPv4 addresses of the interfaces in the agent's namespace: (interface, address).
     fn addresses(&self) -> Vec<(String, Ipv4Addr)>;
+    /// Their IPv6 addresses but link-local ones: (interface, address).
+    fn addresses6(&self) -> Vec<(String, Ipv6Addr)>;
     fn attach(&mut self, interface: &str, hook: Hook) -> Result<(), DatapathError>;
     fn detach(&mut self, interface: &str, hook: Hook) -> Result<(), DatapathError>;
     fn attachments(&self) -> BTreeSet<(String, Hook)>;
@@ -59,8 +63,17 @@ pub trait Kernel {
     ) -> Result<(), DatapathError>;
     fn policy_meta(&self) -> Result<PolicyMeta, DatapathError>;
     fn set_policy_meta(&mut self, meta: PolicyMeta) -> Result<(), DatapathError>;
+    /// The IPv6 policy prefix trie, both halves: (half, length, address) -> CIDR class.
+    fn policy_prefixes6(&self) -> Result<BTreeMap<(u32, u8, In6Addr), u32>, DatapathError>;
+    fn set_policy_prefix6(
+        &mut self,
+        prefix: (u32, u8, In6Addr),
+        class: Option<u32>,
+    ) -> Result<(), DatapathError>;
     fn deny_sources(&self) -> Result<BTreeSet<PrefixKey>, DatapathError>;
     fn set_deny_source(&mut self, prefix: PrefixKey, deny: bool) -> Result<(), DatapathError>;
+    fn deny_sources6(&self) -> Result<BTreeSet<PrefixKey6>, DatapathError>;
+    fn set_deny_source6(&mut self, prefix: PrefixKey6, deny: bool) -> Result<(), DatapathError>;
     /// How many services the maps hold (service ids are 1..=this).
     fn max_services(&self) -> u32;
     /// Slots of each service's Maglev table (`--maglev-size`).
@@ -81,6 +94,9 @@ impl Kernel for Datapath {
     }
     fn addresses(&self) -> Vec<(String, Ipv4Addr)> {
         crate::kernel::netdev::ipv4_addresses()
+    }
+    fn addresses6(&self) -> Vec<(String, Ipv6Addr)> {
+        crate::kernel::netdev::ipv6_addresses()
     }
     fn attach(&mut self, interface: &str, hook: Hook) -> Result<(), DatapathError> {
         Datapath::attach(self, interface, hook)
@@ -125,11 +141,27 @@ impl Kernel for Datapath {
     fn set_policy_meta(&mut self, meta: PolicyMeta) -> Result<(), DatapathError> {
         Datapath::set_policy_meta(self, meta)
     }
+    fn policy_prefixes6(&self) -> Result<BTreeMap<(u32, u8, In6Addr), u32>, DatapathError> {
+        Datapath::policy_prefixes6(self)
+    }
+    fn set_policy_prefix6(
+        &mut self,
+        prefix: (u32, u8, In6Addr),
+        class: Option<u32>,
+    ) -> Result<(), DatapathError> {
+        Datapath::set_policy_prefix6(self, prefix, class)
+    }
     fn deny_sources(&self) -> Result<BTreeSet<PrefixKey>, DatapathError> {
         Datapath::deny_sources(self)
     }
     fn set_deny_source(&mut self, prefix: PrefixKey, deny: bool) -> Result<(), DatapathError> {
         Datapath::set_deny_source(self, prefix, deny)
+    }
+    fn deny_sources6(&self) -> Result<BTreeSet<PrefixKey6>, DatapathError> {
+        Datapath::deny_sources6(self)
+    }
+    fn set_deny_source6(&mut self, prefix: PrefixKey6, deny: bool) -> Result<(), DatapathError> {
+        Datapath::set_deny_source6(self, prefix, deny)
     }
     fn max_services(&self) -> u32 {
         Datapath::max_services(self)
@@ -179,6 +211,8 @@ pub struct Applied {
     /// Addresses (network byte order) of container interfaces the previous model had and this
     /// one does not: their translated connections are to be forgotten.
     pub departed: BTreeSet<u32>,
+    /// The same for their IPv6 addresses.
+    pub departed6: BTreeSet<In6Addr>,
     /// Host TCP ports this apply published or led elsewhere: connections that reached the
     /// host on them before (dockerd's placeholder socket) are to be reset.
     pub published_tcp: BTreeSet<u16>,
@@ -211,7 +245,7 @@ impl Reconciler {
     pub fn apply(&mut self, model: Model, host: HostSettings) -> Result<Applied, ReconcileError> {
         match self.reconcile(&model, &host) {
             Ok(changes) => {
-                let departed = self
+                let (departed, departed6) = self
                     .applied()
                     .map(|old| departed_addresses(old, &model))
                     .unwrap_or_default();
@@ -220,6 +254,7 @@ impl Reconciler {
                 Ok(Applied {
                     changes,
                     departed,
+                    departed6,
                     published_tcp,
                 })
             }
@@ -245,7 +280,11 @@ impl Reconciler {
         }
         let desired = desired(model, host, &self.datapath)?;
         // Refused whole before any write, rather than failing half-way.
-        capacity::check(&desired, self.datapath.capacity::<Ports>()?)?;
+        capacity::check(
+            &desired,
+            self.datapath.capacity::<Ports>()?,
+            self.datapath.capacity::<Ports6>()?,
+        )?;
         apply(&desired, &mut self.datapath)
     }
 
@@ -255,19 +294,31 @@ impl Reconciler {
     }
 }
 
-/// Addresses (network byte order, as in the maps) of container interfaces in `old` that
-/// `new` no longer has.
-fn departed_addresses(old: &Model, new: &Model) -> BTreeSet<u32> {
+/// Addresses (as in the maps) of container interfaces in `old` that `new` no longer has:
+/// IPv4 and IPv6.
+fn departed_addresses(old: &Model, new: &Model) -> (BTreeSet<u32>, BTreeSet<In6Addr>) {
     let addresses = |m: &Model| -> BTreeSet<u32> {
         m.endpoints
             .iter()
             .flat_map(|e| e.interfaces.iter().filter_map(|i| i.ip.map(be)))
             .collect()
     };
-    addresses(old)
-        .difference(&addresses(new))
-        .copied()
-        .collect()
+    let addresses6 = |m: &Model| -> BTreeSet<In6Addr> {
+        m.endpoints
+            .iter()
+            .flat_map(|e| e.interfaces.iter().filter_map(|i| i.ip6.map(be6)))
+            .collect()
+    };
+    (
+        addresses(old)
+            .difference(&addresses(new))
+            .copied()
+            .collect(),
+        addresses6(old)
+            .difference(&addresses6(new))
+            .copied()
+            .collect(),
+    )
 }
 
 /// Host TCP ports of `new` that `old` did not publish to the same target.
@@ -315,24 +366,37 @@ pub struct Desired {
     pub attachments: BTreeSet<(String, Hook)>,
     /// Keyed by container address (network byte order).
     pub endpoints: BTreeMap<u32, EndpointInfo>,
+    /// Keyed by container IPv6 address: the same ids as the IPv4 entry of the interface.
+    pub endpoints6: BTreeMap<In6Addr, EndpointInfo6>,
     pub ports: BTreeMap<PortKey, PortTarget>,
+    pub ports6: BTreeMap<PortKey6, PortTarget6>,
     /// The host's own addresses (network byte order).
     pub local_addrs: BTreeMap<u32, u8>,
+    pub local_addrs6: BTreeMap<In6Addr, u8>,
     pub config: Config,
-    pub services: BTreeMap<ServiceKey, DesiredService>,
+    /// By service name.
+    pub services: BTreeMap<String, DesiredService>,
     /// The compiled policy (keys of half 0: `apply` writes them into the half not live).
     pub policy: crate::reconcile::policy::Tables,
     pub deny_sources: BTreeSet<PrefixKey>,
+    pub deny_sources6: BTreeSet<PrefixKey6>,
     /// Containers' network namespaces by netns cookie, for the socket hooks.
     pub sock_netns: BTreeMap<u64, SockNetns>,
 }
 
-/// A service as the kernel should have it, before it gets an id.
+/// A service as the kernel should have it, before it gets an id: one id, one table and one
+/// backend count for both of its families.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct DesiredService {
+    /// Its IPv4 VIP's key, its IPv6 VIP's (at least one).
+    pub key: Option<ServiceKey>,
+    pub key6: Option<ServiceKey6>,
     pub algorithm: u8,
-    /// In index order.
+    /// In index order (for a service with an IPv4 VIP).
     pub backends: Vec<Backend>,
+    /// The same backends' IPv6 addresses at the same indexes (for a service with an IPv6
+    /// VIP).
+    pub backends6: Vec<Backend6>,
     /// The Maglev table (backend indexes), for maglev and source_hash; empty otherwise.
     pub table: Vec<u32>,
 }
@@ -379,7 +443,7 @@ pub fn desired(
     for hook in [Hook::UplinkIngress, Hook::UplinkEgress] {
         desired.attachments.insert((uplink.to_owned(), hook));
     }
-    let has_deny_list = !policy.deny_sources.is_empty();
+    let has_deny_list = !policy.deny_sources.is_empty() || !policy.deny_sources6.is_empty();
     let xdp_attached = host.xdp.unwrap_or(has_deny_list);
     if xdp_attached {
         desired
@@ -393,14 +457,8 @@ pub fn desired(
     }
     add_endpoints(&mut desired, model, &policy, kernel)?;
     for service in &model.services {
-        let Some(vip) = service.vip else { continue };
         desired.services.insert(
-            ServiceKey {
-                vip: be(vip),
-                port: service.port.to_be(),
-                proto: service.protocol.number(),
-                _pad: 0,
-            },
+            service.name.clone(),
             desired_service(model, service, kernel.maglev_size()),
         );
     }
@@ -410,6 +468,9 @@ pub fn desired(
     let addresses = kernel.addresses();
     for (_, addr) in &addresses {
         desired.local_addrs.insert(be(*addr), 1);
+    }
+    for (_, addr) in kernel.addresses6() {
+        desired.local_addrs6.insert(be6(addr), 1);
     }
     desired.config = Config {
         // Masquerade to the uplink's first address; none yet means no masquerade yet.
@@ -430,6 +491,14 @@ pub fn desired(
     };
     desired.policy = policy.tables;
     desired.deny_sources = policy.deny_sources.into_iter().collect();
+    desired.deny_sources6 = policy
+        .deny_sources6
+        .into_iter()
+        .map(|(len, addr)| PrefixKey6 {
+            prefix_len: u32::from(len),
+            addr: be6(addr),
+        })
+        .collect();
     Ok(desired)
 }
 
@@ -484,23 +553,39 @@ fn add_endpoints(
             desired
                 .attachments
                 .insert((itf.host_veth.clone(), Hook::ContainerIngress));
-            let (Some(ip), Some(gateway)) = (itf.ip, network.gateway) else {
-                continue; // an IPv6-only network
-            };
-            desired.endpoints.insert(
-                be(ip),
-                EndpointInfo {
-                    label_class,
-                    _pad_class: 0,
-                    ifindex,
-                    network_id,
-                    endpoint_id: endpoint_index as u32 + 1,
-                    mac: itf.mac,
-                    net_flags: flags,
-                    _pad: 0,
-                    gateway: be(gateway),
-                },
-            );
+            // One endpoint whatever its families: the same ids in both maps.
+            if let (Some(ip6), Some(gateway6)) = (itf.ip6, network.gateway6) {
+                desired.endpoints6.insert(
+                    be6(ip6),
+                    EndpointInfo6 {
+                        label_class,
+                        _pad_class: 0,
+                        ifindex,
+                        network_id,
+                        endpoint_id: endpoint_index as u32 + 1,
+                        mac: itf.mac,
+                        net_flags: flags,
+                        _pad: 0,
+                        gateway: be6(gateway6),
+                    },
+                );
+            }
+            if let (Some(ip), Some(gateway)) = (itf.ip, network.gateway) {
+                desired.endpoints.insert(
+                    be(ip),
+                    EndpointInfo {
+                        label_class,
+                        _pad_class: 0,
+                        ifindex,
+                        network_id,
+                        endpoint_id: endpoint_index as u32 + 1,
+                        mac: itf.mac,
+                        net_flags: flags,
+                        _pad: 0,
+                        gateway: be(gateway),
+                    },
+                );
+            }
         }
         // Its sockets, for the cgroup hooks: they leave from its first interface's address
         // unless bound (the one Docker's default route of the container goes out of).
@@ -521,23 +606,36 @@ fn add_endpoints(
     Ok(())
 }
 
-/// The entries of published port `ports[i]`: one per host port of its range, leading to the
-/// container (on its first network, as Docker publishes) or to a service's VIP.
+/// The entries of published port `ports[i]`: one per host port of its range and family,
+/// leading to the container (on its first network, as Docker publishes) or to a service's
+/// VIP. A port on every address (no `host_ip`) has entries in both families' maps; 0.0.0.0
+/// and :: are the all-zero address of their family's map. Over IPv6, a container without an
+/// IPv6 address is reached at its IPv4-mapped address (::ffff:a.b.c.d: the kernel translates
+/// to IPv4, as docker-proxy serves such containers on [::]); over IPv4 an IPv6-only container
+/// has no entry.
 fn add_port(
     desired: &mut Desired,
     model: &Model,
     i: usize,
     port: &crate::model::PublishedPort,
 ) -> Result<(), ReconcileError> {
-    let host_ip = match port.host_ip {
-        None => None,
-        Some(IpAddr::V4(ip)) => Some(ip),
-        Some(IpAddr::V6(_)) => return Ok(()),
+    // The key address of each family the port binds (0 / :: = every address of it).
+    let (host4, host6) = match port.host_ip {
+        None => (Some(0), Some(In6Addr::UNSPECIFIED)),
+        Some(IpAddr::V4(ip)) => (Some(be(ip)), None),
+        Some(IpAddr::V6(ip)) => (None, Some(be6(ip))),
     };
-    let key = |host_port: u16| PortKey {
-        addr: host_ip.map(be).unwrap_or(0),
+    let proto = port.protocol.number();
+    let key = |addr: u32, host_port: u16| PortKey {
+        addr,
         port: host_port.to_be(),
-        proto: port.protocol.number(),
+        proto,
+        _pad: 0,
+    };
+    let key6 = |addr: In6Addr, host_port: u16| PortKey6 {
+        addr,
+        port: host_port.to_be(),
+        proto,
         _pad: 0,
     };
     let name = match &port.target {
@@ -559,18 +657,30 @@ fn add_port(
                 }
                 .into());
             }
-            let Some(vip) = service.vip else {
-                return Ok(());
-            };
-            desired.ports.insert(
-                key(port.host_ports.first),
-                PortTarget {
-                    addr: be(vip),
-                    port: service.port.to_be(),
-                    is_service: 1,
-                    _pad: 0,
-                },
-            );
+            // Each family to the service's VIP of that family (the model refuses a host_ip
+            // of a family the service has no VIP of).
+            if let (Some(addr), Some(vip)) = (host4, service.vip) {
+                desired.ports.insert(
+                    key(addr, port.host_ports.first),
+                    PortTarget {
+                        addr: be(vip),
+                        port: service.port.to_be(),
+                        is_service: 1,
+                        _pad: 0,
+                    },
+                );
+            }
+            if let (Some(addr), Some(vip6)) = (host6, service.vip6) {
+                desired.ports6.insert(
+                    key6(addr, port.host_ports.first),
+                    PortTarget6 {
+                        addr: be6(vip6),
+                        port: service.port.to_be(),
+                        is_service: 1,
+                        _pad: 0,
+                    },
+                );
+            }
             return Ok(());
         }
     };
@@ -587,49 +697,76 @@ fn add_port(
         }
         .into());
     };
-    let Some(ip) = itf.ip else {
-        return Ok(());
-    };
     let routed = model
         .network(&itf.network)
         .is_some_and(|n| n.gateway_mode == GatewayMode::Routed);
+    let target6 = address6_of(itf);
     for offset in 0..port.host_ports.len() {
         let container_port = port.container_ports.first + offset as u16;
+        let host_port = port.host_ports.first + offset as u16;
         // In routed mode Docker opens the container's own port and leaves the host port
         // unused: the entry is keyed by the container's address, so a packet routed to it
         // is published to itself (tracked like any published connection, not translated).
-        let port_key = if routed {
-            PortKey {
-                addr: be(ip),
-                port: container_port.to_be(),
-                proto: port.protocol.number(),
-                _pad: 0,
-            }
-        } else {
-            key(port.host_ports.first + offset as u16)
-        };
-        desired.ports.insert(
-            port_key,
-            PortTarget {
-                addr: be(ip),
-                port: container_port.to_be(),
-                is_service: 0,
-                _pad: 0,
-            },
-        );
+        if let (Some(host), Some(ip)) = (host4, itf.ip) {
+            let port_key = if routed {
+                key(be(ip), container_port)
+            } else {
+                key(host, host_port)
+            };
+            desired.ports.insert(
+                port_key,
+                PortTarget {
+                    addr: be(ip),
+                    port: container_port.to_be(),
+                    is_service: 0,
+                    _pad: 0,
+                },
+            );
+        }
+        if let (Some(host), Some(target)) = (host6, target6) {
+            let port_key = match (routed, itf.ip6) {
+                (false, _) => key6(host, host_port),
+                (true, Some(ip6)) => key6(be6(ip6), container_port),
+                // Routed to an IPv4-only container: nothing is routed to it over IPv6.
+                (true, None) => continue,
+            };
+            desired.ports6.insert(
+                port_key,
+                PortTarget6 {
+                    addr: target,
+                    port: container_port.to_be(),
+                    is_service: 0,
+                    _pad: 0,
+                },
+            );
+        }
     }
     Ok(())
 }
 
-/// The kernel's view of `service`: backends at their endpoint's first address and the
-/// target port, and the Maglev table over their names (so it does not depend on addresses or
-/// order).
+/// Where an interface is reached over IPv6: its own IPv6 address, else its IPv4 address
+/// mapped (::ffff:a.b.c.d), which the kernel translates to IPv4.
+fn address6_of(itf: &crate::model::Interface) -> Option<In6Addr> {
+    itf.ip6
+        .map(be6)
+        .or_else(|| itf.ip.map(|ip| In6Addr::mapped_v4(be(ip))))
+}
+
+/// The kernel's view of `service`: backends at their endpoint's first interface's address of
+/// each family and the target port, and the Maglev table over their names (so it does not
+/// depend on addresses or order). A dual-stack service has one table: its backends by index,
+/// the IPv4 addresses in BACKENDS and the IPv6 ones in BACKENDS6 at the same index. A backend
+/// without an address of a family keeps its index: over IPv6 an IPv4-only backend is its
+/// IPv4-mapped address (the kernel translates to IPv4, as for published ports); over IPv4 an
+/// IPv6-only backend is address 0, which the kernel treats as no backend
+/// (SERVICE_BACKEND_NOT_FOUND).
 fn desired_service(
     model: &Model,
     service: &crate::model::Service,
     maglev_size: u32,
 ) -> DesiredService {
     let mut backends = Vec::new();
+    let mut backends6 = Vec::new();
     let mut members = Vec::new();
     for (name, weight) in service.backends.iter().zip(&service.weights) {
         let Some(itf) = model
@@ -641,9 +778,12 @@ fn desired_service(
             continue; // an endpoint without interfaces serves nothing
         };
         backends.push(Backend {
-            // A backend with no IPv4 address (IPv6-only) keeps its index in the table; the
-            // kernel finds no address there (SERVICE_BACKEND_NOT_FOUND).
             addr: itf.ip.map(be).unwrap_or(0),
+            port: service.target_port.to_be(),
+            _pad: [0; 2],
+        });
+        backends6.push(Backend6 {
+            addr: address6_of(itf).unwrap_or_default(),
             port: service.target_port.to_be(),
             _pad: [0; 2],
         });
@@ -662,23 +802,45 @@ fn desired_service(
         Algorithm::Maglev | Algorithm::SourceHash => maglev::table(&members, maglev_size),
         Algorithm::Random | Algorithm::RoundRobin => Vec::new(),
     };
+    let key = service.vip.map(|vip| ServiceKey {
+        vip: be(vip),
+        port: service.port.to_be(),
+        proto: service.protocol.number(),
+        _pad: 0,
+    });
+    let key6 = service.vip6.map(|vip6| ServiceKey6 {
+        vip: be6(vip6),
+        port: service.port.to_be(),
+        proto: service.protocol.number(),
+        _pad: 0,
+    });
     DesiredService {
+        backends: if key.is_some() { backends } else { Vec::new() },
+        backends6: if key6.is_some() {
+            backends6
+        } else {
+            Vec::new()
+        },
+        key,
+        key6,
         algorithm,
-        backends,
         table,
     }
 }
 
 /// Brings the services to `desired`: a service keeps its id (and so its table and its
-/// connections' backends) while it exists; a new one gets the lowest free id. Per service the
-/// order is backends, then table, then the backend count, then stale backends, so a lookup in
-/// between always lands on a valid backend.
+/// connections' backends) while it exists in either family; a new one gets the lowest free id.
+/// Per service the order is backends (both families), then table, then the backend count (in
+/// both families' VIP entries), then stale backends, so a lookup in between always lands on a
+/// valid backend.
 fn apply_services(
     desired: &Desired,
     kernel: &mut impl Kernel,
 ) -> Result<(usize, usize), ReconcileError> {
     let current = kernel.entries::<Services>()?;
+    let current6 = kernel.entries::<Services6>()?;
     let backends = kernel.entries::<Backends>()?;
+    let backends6 = kernel.entries::<Backends6>()?;
     let max = kernel.max_services();
     if desired.services.len() > max as usize {
         return Err(ReconcileError::TooManyServices {
@@ -686,16 +848,20 @@ fn apply_services(
             max,
         });
     }
-    let mut used: BTreeSet<u32> = desired
-        .services
-        .keys()
-        .filter_map(|k| current.get(k).map(|info| info.id))
-        .collect();
+    // The id a service has now: its IPv4 VIP's, else its IPv6 VIP's.
+    let id_now = |service: &DesiredService| {
+        service
+            .key
+            .and_then(|k| current.get(&k))
+            .or_else(|| service.key6.and_then(|k| current6.get(&k)))
+            .map(|info| info.id)
+    };
+    let mut used: BTreeSet<u32> = desired.services.values().filter_map(id_now).collect();
     let mut next_free = 1;
     let (mut set, mut removed) = (0, 0);
-    for (key, service) in &desired.services {
-        let id = match current.get(key) {
-            Some(info) => info.id,
+    for service in desired.services.values() {
+        let id = match id_now(service) {
+            Some(id) => id,
             None => {
                 while used.contains(&next_free) {
                     next_free += 1;
@@ -714,41 +880,70 @@ fn apply_services(
                 set += 1;
             }
         }
+        for (index, backend) in service.backends6.iter().enumerate() {
+            let bkey = BackendKey {
+                service_id: id,
+                index: index as u32,
+            };
+            if backends6.get(&bkey) != Some(backend) {
+                kernel.set::<Backends6>(bkey, *backend)?;
+                set += 1;
+            }
+        }
         if !service.table.is_empty() && kernel.maglev(id) != service.table {
             kernel.set_maglev(id, &service.table)?;
             set += 1;
         }
         let info = ServiceInfo {
             id,
-            backend_count: service.backends.len() as u32,
+            backend_count: service.backends.len().max(service.backends6.len()) as u32,
             algorithm: service.algorithm,
             _pad: [0; 3],
         };
-        if current.get(key) != Some(&info) {
-            kernel.set::<Services>(*key, info)?;
+        if let Some(key) = service.key
+            && current.get(&key) != Some(&info)
+        {
+            kernel.set::<Services>(key, info)?;
+            set += 1;
+        }
+        if let Some(key6) = service.key6
+            && current6.get(&key6) != Some(&info)
+        {
+            kernel.set::<Services6>(key6, info)?;
             set += 1;
         }
     }
-    // Services that went, and backends past each service's count.
-    for key in current.keys() {
-        if !desired.services.contains_key(key) {
-            kernel.remove::<Services>(*key)?;
-            removed += 1;
-        }
+    // Services that went, and backends past each service's count in each family.
+    let keys: BTreeSet<ServiceKey> = desired.services.values().filter_map(|s| s.key).collect();
+    let keys6: BTreeSet<ServiceKey6> = desired.services.values().filter_map(|s| s.key6).collect();
+    for key in current.keys().filter(|k| !keys.contains(k)) {
+        kernel.remove::<Services>(*key)?;
+        removed += 1;
     }
-    let counts: BTreeMap<u32, u32> = kernel
-        .entries::<Services>()?
-        .values()
-        .map(|info| (info.id, info.backend_count))
-        .collect();
-    for bkey in backends.keys() {
-        if counts
+    for key in current6.keys().filter(|k| !keys6.contains(k)) {
+        kernel.remove::<Services6>(*key)?;
+        removed += 1;
+    }
+    fn counts<K>(entries: BTreeMap<K, ServiceInfo>) -> BTreeMap<u32, u32> {
+        entries
+            .values()
+            .map(|info| (info.id, info.backend_count))
+            .collect()
+    }
+    let stale = |counts: &BTreeMap<u32, u32>, bkey: &BackendKey| {
+        counts
             .get(&bkey.service_id)
             .is_none_or(|count| bkey.index >= *count)
-        {
-            kernel.remove::<Backends>(*bkey)?;
-            removed += 1;
-        }
+    };
+    let counts4 = counts(kernel.entries::<Services>()?);
+    for bkey in backends.keys().filter(|k| stale(&counts4, k)) {
+        kernel.remove::<Backends>(*bkey)?;
+        removed += 1;
+    }
+    let counts6 = counts(kernel.entries::<Services6>()?);
+    for bkey in backends6.keys().filter(|k| stale(&counts6, k)) {
+        kernel.remove::<Backends6>(*bkey)?;
+        removed += 1;
     }
     Ok((set, removed))
 }
@@ -765,6 +960,7 @@ pub(crate) fn apply_policy(
     let live = meta.slot & 1;
     let entries = kernel.entries::<Policy>()?;
     let prefixes = kernel.policy_prefixes()?;
+    let prefixes6 = kernel.policy_prefixes6()?;
     let in_half = |slot: u32| -> (BTreeMap<PolicyKey, _>, BTreeMap<(u8, u32), u32>) {
         (
             entries
@@ -779,10 +975,23 @@ pub(crate) fn apply_policy(
                 .collect(),
         )
     };
+    let in_half6 = |slot: u32| -> BTreeMap<(u8, In6Addr), u32> {
+        prefixes6
+            .iter()
+            .filter(|((s, _, _), _)| *s == slot)
+            .map(|((_, len, addr), class)| ((*len, *addr), *class))
+            .collect()
+    };
+    let desired6: BTreeMap<(u8, In6Addr), u32> = desired
+        .prefixes6
+        .iter()
+        .map(|(&(len, addr), &class)| ((len, be6(addr)), class))
+        .collect();
     let (live_entries, live_prefixes) = in_half(live);
     let (mut set, mut removed) = (0, 0);
     let switched = live_entries != desired.entries
         || live_prefixes != desired.prefixes
+        || in_half6(live) != desired6
         || meta != desired.meta(live);
     // The half the next tables go to: the other one, or (nothing to switch) the live one, in
     // which case only leftovers of the other half are removed below.
@@ -818,6 +1027,19 @@ pub(crate) fn apply_policy(
                 removed += 1;
             }
         }
+        let old_prefixes6 = in_half6(target);
+        for (&(len, addr), &class) in &desired6 {
+            if old_prefixes6.get(&(len, addr)) != Some(&class) {
+                kernel.set_policy_prefix6((target, len, addr), Some(class))?;
+                set += 1;
+            }
+        }
+        for &(len, addr) in old_prefixes6.keys() {
+            if !desired6.contains_key(&(len, addr)) {
+                kernel.set_policy_prefix6((target, len, addr), None)?;
+                removed += 1;
+            }
+        }
         kernel.set_policy_meta(desired.meta(target))?;
         set += 1;
     }
@@ -829,12 +1051,21 @@ pub(crate) fn apply_policy(
         kernel.set_policy_prefix((slot, len, addr), None)?;
         removed += 1;
     }
+    for &(slot, len, addr) in prefixes6.keys().filter(|(s, _, _)| *s == stale) {
+        kernel.set_policy_prefix6((slot, len, addr), None)?;
+        removed += 1;
+    }
     Ok((set, removed, switched))
 }
 
 /// An address as the kernel keeps it: the bytes in network order, read as a native u32.
 pub fn be(addr: Ipv4Addr) -> u32 {
     u32::from(addr).to_be()
+}
+
+/// An IPv6 address as the kernel keeps it: its bytes in network order.
+pub fn be6(addr: Ipv6Addr) -> In6Addr {
+    In6Addr::from_ipv6(addr)
 }
 
 /// Writes the entries of `desired` that `current` lacks or has different; returns how many.
@@ -879,10 +1110,14 @@ fn remove_stale<M: Reconciled>(
 pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, ReconcileError> {
     let mut changes = Changes::default();
     let endpoints = kernel.entries::<Endpoints>()?;
+    let endpoints6 = kernel.entries::<Endpoints6>()?;
     let ports = kernel.entries::<Ports>()?;
+    let ports6 = kernel.entries::<Ports6>()?;
     let local_addrs = kernel.entries::<LocalAddrs>()?;
+    let local_addrs6 = kernel.entries::<LocalAddrs6>()?;
     let sock_netns = kernel.entries::<SockNetnsMap>()?;
-    let endpoints_written = write_missing::<Endpoints>(kernel, &endpoints, &desired.endpoints)?;
+    let endpoints_written = write_missing::<Endpoints>(kernel, &endpoints, &desired.endpoints)?
+        + write_missing::<Endpoints6>(kernel, &endpoints6, &desired.endpoints6)?;
     changes.entries_set += endpoints_written;
     // The policy before the config; a changed policy or changed endpoints bump the policy
     // generation so tracked connections are judged again.
@@ -895,16 +1130,28 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
         kernel.set_deny_source(*prefix, true)?;
         changes.entries_set += 1;
     }
+    let current_deny6 = kernel.deny_sources6()?;
+    for prefix in desired.deny_sources6.difference(&current_deny6) {
+        kernel.set_deny_source6(*prefix, true)?;
+        changes.entries_set += 1;
+    }
     let endpoints_removed = endpoints
         .keys()
         .filter(|k| !desired.endpoints.contains_key(k))
-        .count();
+        .count()
+        + endpoints6
+            .keys()
+            .filter(|k| !desired.endpoints6.contains_key(k))
+            .count();
     let policy_changed = endpoints_written > 0 || endpoints_removed > 0 || policy_switched;
     changes.entries_set += write_missing::<LocalAddrs>(kernel, &local_addrs, &desired.local_addrs)?;
+    changes.entries_set +=
+        write_missing::<LocalAddrs6>(kernel, &local_addrs6, &desired.local_addrs6)?;
     // Services before the ports that may lead to them.
     let (services_set, services_removed) = apply_services(desired, kernel)?;
     changes.entries_set += services_set;
     changes.entries_set += write_missing::<Ports>(kernel, &ports, &desired.ports)?;
+    changes.entries_set += write_missing::<Ports6>(kernel, &ports6, &desired.ports6)?;
     // After the services and endpoints they lead to; before the attachments that use them.
     changes.entries_set += write_missing::<SockNetnsMap>(kernel, &sock_netns, &desired.sock_netns)?;
     let config = Config {
@@ -929,14 +1176,23 @@ pub fn apply(desired: &Desired, kernel: &mut impl Kernel) -> Result<Changes, Rec
             .push(format!("{}@{interface}", hook.program()));
     }
     changes.entries_removed += remove_stale::<Ports>(kernel, &ports, &desired.ports)?;
+    changes.entries_removed += remove_stale::<Ports6>(kernel, &ports6, &desired.ports6)?;
     changes.entries_removed +=
         remove_stale::<LocalAddrs>(kernel, &local_addrs, &desired.local_addrs)?;
     changes.entries_removed +=
+        remove_stale::<LocalAddrs6>(kernel, &local_addrs6, &desired.local_addrs6)?;
+    changes.entries_removed +=
         remove_stale::<SockNetnsMap>(kernel, &sock_netns, &desired.sock_netns)?;
     changes.entries_removed += remove_stale::<Endpoints>(kernel, &endpoints, &desired.endpoints)?;
+    changes.entries_removed +=
+        remove_stale::<Endpoints6>(kernel, &endpoints6, &desired.endpoints6)?;
     changes.entries_removed += services_removed;
     for prefix in current_deny.difference(&desired.deny_sources) {
         kernel.set_deny_source(*prefix, false)?;
+        changes.entries_removed += 1;
+    }
+    for prefix in current_deny6.difference(&desired.deny_sources6) {
+        kernel.set_deny_source6(*prefix, false)?;
         changes.entries_removed += 1;
     }
     Ok(changes)
@@ -967,13 +1223,16 @@ pub mod fake {
     pub struct FakeKernel {
         pub interfaces: BTreeMap<String, u32>,
         pub addresses: Vec<(String, Ipv4Addr)>,
+        pub addresses6: Vec<(String, Ipv6Addr)>,
         pub attached: BTreeSet<(String, Hook)>,
         pub maps: BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>,
         pub config: Config,
         pub maglev: BTreeMap<u32, Vec<u32>>,
         pub prefixes: BTreeMap<(u32, u8, u32), u32>,
+        pub prefixes6: BTreeMap<(u32, u8, In6Addr), u32>,
         pub meta: Option<PolicyMeta>,
         pub deny: BTreeSet<PrefixKey>,
+        pub deny6: BTreeSet<PrefixKey6>,
         pub writes: usize,
     }
 
@@ -993,6 +1252,9 @@ pub mod fake {
         }
         fn addresses(&self) -> Vec<(String, Ipv4Addr)> {
             self.addresses.clone()
+        }
+        fn addresses6(&self) -> Vec<(String, Ipv6Addr)> {
+            self.addresses6.clone()
         }
         fn attach(&mut self, interface: &str, hook: Hook) -> Result<(), DatapathError> {
             self.writes += 1;
@@ -1056,6 +1318,37 @@ pub mod fake {
                 Some(class) => self.prefixes.insert(prefix, class),
                 None => self.prefixes.remove(&prefix),
             };
+            Ok(())
+        }
+        fn policy_prefixes6(&self) -> Result<BTreeMap<(u32, u8, In6Addr), u32>, DatapathError> {
+            Ok(self.prefixes6.clone())
+        }
+        fn set_policy_prefix6(
+            &mut self,
+            prefix: (u32, u8, In6Addr),
+            class: Option<u32>,
+        ) -> Result<(), DatapathError> {
+            self.writes += 1;
+            match class {
+                Some(class) => self.prefixes6.insert(prefix, class),
+                None => self.prefixes6.remove(&prefix),
+            };
+            Ok(())
+        }
+        fn deny_sources6(&self) -> Result<BTreeSet<PrefixKey6>, DatapathError> {
+            Ok(self.deny6.clone())
+        }
+        fn set_deny_source6(
+            &mut self,
+            prefix: PrefixKey6,
+            deny: bool,
+        ) -> Result<(), DatapathError> {
+            self.writes += 1;
+            if deny {
+                self.deny6.insert(prefix);
+            } else {
+                self.deny6.remove(&prefix);
+            }
             Ok(())
         }
         fn policy_meta(&self) -> Result<PolicyMeta, DatapathError> {
@@ -1192,7 +1485,21 @@ ports:
             _pad: 0,
         }];
         assert_eq!((udp.addr, udp.port), (ip("10.1.0.3"), 7001u16.to_be()));
-        // Removing the TCP port removes just its entry.
+        // On every address: on IPv6 too, to the container's IPv4-mapped address (it has no
+        // IPv6 address; the kernel translates).
+        let v6 = k.map::<Ports6>();
+        assert_eq!(v6.len(), 1, "{v6:?}");
+        assert_eq!(
+            v6[&PortKey6 {
+                addr: In6Addr::UNSPECIFIED,
+                port: 8080u16.to_be(),
+                proto: 6,
+                _pad: 0
+            }]
+                .addr,
+            In6Addr::mapped_v4(ip("10.1.0.2"))
+        );
+        // Removing the TCP port removes just its entry in each family.
         let fewer = format!(
             "{STATE}{}",
             PORTS.replace(
@@ -1201,8 +1508,9 @@ ports:
             )
         );
         let changes = reconcile(&model(&fewer), &mut k).unwrap();
-        assert_eq!(changes.entries_removed, 1, "{changes:?}");
+        assert_eq!(changes.entries_removed, 2, "{changes:?}");
         assert_eq!(k.map::<Ports>().len(), 3);
+        assert!(k.map::<Ports6>().is_empty());
     }
 
     const SERVICES: &str = r#"
@@ -1408,6 +1716,382 @@ policies:
         );
         let err = Model::from_spec(&StateFile::parse(&bad).unwrap()).unwrap_err();
         assert!(err.to_string().contains("gateway_mode"), "{err}");
+    }
+
+    const STATE6: &str = r#"
+networks:
+  - {name: a, bridge: br-a, subnet: 10.1.0.0/24, gateway: 10.1.0.1, subnet6: "fd00:1::/64", gateway6: "fd00:1::1"}
+  - {name: six, bridge: br-six, subnet6: "fd00:2::/64", gateway6: "fd00:2::1", icc: false}
+endpoints:
+  - name: one
+    labels: {app: web}
+    interfaces: [{network: a, ip: 10.1.0.2, ip6: "fd00:1::2", mac: "02:00:00:00:00:02", host_veth: veth-one}]
+  - name: two
+    interfaces: [{network: a, ip: 10.1.0.3, mac: "02:00:00:00:00:03", host_veth: veth-two}]
+  - name: three
+    labels: {app: web}
+    interfaces: [{network: six, ip6: "fd00:2::3", mac: "02:00:00:00:00:04", host_veth: veth-three}]
+"#;
+
+    fn kernel6() -> FakeKernel {
+        let mut k = kernel();
+        for (i, name) in ["br-six", "veth-three"].iter().enumerate() {
+            k.interfaces.insert(name.to_string(), i as u32 + 20);
+        }
+        k.addresses6 = vec![
+            ("lo".into(), Ipv6Addr::LOCALHOST),
+            ("eth0".into(), "2001:db8::1".parse().unwrap()),
+            ("br-a".into(), "fd00:1::1".parse().unwrap()),
+        ];
+        k
+    }
+
+    fn ip6(text: &str) -> In6Addr {
+        be6(text.parse().unwrap())
+    }
+
+    #[test]
+    fn ipv6_endpoints_have_the_ids_of_their_ipv4_entry_and_the_gateway6() {
+        let mut k = kernel6();
+        let text = format!(
+            "{STATE6}policies:\n  - {{name: p, action: deny, from: {{labels: {{app: web}}}}}}\n"
+        );
+        reconcile(&model(&text), &mut k).unwrap();
+        let v4 = k.map::<Endpoints>();
+        let v6 = k.map::<Endpoints6>();
+        assert_eq!(v4.len(), 2, "one and two: three is IPv6-only");
+        assert_eq!(v6.len(), 2, "one and three: two is IPv4-only");
+        let (one4, one6) = (v4[&ip("10.1.0.2")], v6[&ip6("fd00:1::2")]);
+        assert_eq!(
+            (
+                one6.endpoint_id,
+                one6.network_id,
+                one6.label_class,
+                one6.ifindex,
+                one6.mac,
+                one6.net_flags
+            ),
+            (
+                one4.endpoint_id,
+                one4.network_id,
+                one4.label_class,
+                one4.ifindex,
+                one4.mac,
+                one4.net_flags
+            )
+        );
+        assert_eq!((one6.endpoint_id, one6.label_class), (1, 1));
+        assert_eq!(one6.gateway, ip6("fd00:1::1"));
+        assert_eq!(one4.gateway, ip("10.1.0.1"));
+        let three = v6[&ip6("fd00:2::3")];
+        assert_eq!(
+            (three.endpoint_id, three.network_id, three.label_class),
+            (3, 2, 1)
+        );
+        assert_eq!(three.net_flags, net_flags::NO_ICC);
+        assert_eq!(three.gateway, ip6("fd00:2::1"));
+        // An IPv6-only container's veth gets its program too.
+        assert!(
+            k.attached
+                .contains(&("veth-three".into(), Hook::ContainerIngress))
+        );
+        // The host's IPv6 addresses (link-local ones are never listed).
+        let local6 = k.map::<LocalAddrs6>();
+        assert_eq!(
+            local6.keys().copied().collect::<BTreeSet<_>>(),
+            BTreeSet::from([ip6("::1"), ip6("2001:db8::1"), ip6("fd00:1::1")])
+        );
+        assert!(local6.values().all(|v| *v == 1));
+        // Three goes: its IPv6 entry goes, the others stay.
+        let smaller = format!(
+            "{}policies:\n  - {{name: p, action: deny, from: {{labels: {{app: web}}}}}}\n",
+            STATE6.split("  - name: three").next().unwrap()
+        );
+        let applied = reconcile(&model(&smaller), &mut k).unwrap();
+        assert_eq!(applied.entries_removed, 1, "{applied:?}");
+        assert_eq!(k.map::<Endpoints6>().len(), 1);
+        assert_eq!(k.map::<Endpoints>().len(), 2);
+    }
+
+    const PORTS6: &str = r#"
+ports:
+  - {endpoint: one, protocol: tcp, host_port: 8080, container_port: 80}
+  - {endpoint: two, protocol: tcp, host_ip: "::", host_port: 8081, container_port: 81}
+  - {endpoint: three, protocol: udp, host_port: 5353, container_port: 53}
+  - {endpoint: one, protocol: tcp, host_ip: "2001:db8::1", host_port: "9090-9091", container_port: "90-91"}
+  - {endpoint: one, protocol: tcp, host_ip: 0.0.0.0, host_port: 9092, container_port: 92}
+"#;
+
+    fn key6(addr: &str, port: u16, proto: u8) -> PortKey6 {
+        PortKey6 {
+            addr: ip6(addr),
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        }
+    }
+
+    fn key4(addr: &str, port: u16, proto: u8) -> PortKey {
+        PortKey {
+            addr: ip(addr),
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn published_ports_fill_the_map_of_each_family_they_bind() {
+        let mut k = kernel6();
+        reconcile(&model(&format!("{STATE6}{PORTS6}")), &mut k).unwrap();
+        let v4 = k.map::<Ports>();
+        let v6 = k.map::<Ports6>();
+        let target = |addr: In6Addr, port: u16| PortTarget6 {
+            addr,
+            port: port.to_be(),
+            is_service: 0,
+            _pad: 0,
+        };
+        // No host_ip: both families, each to the container's address of that family.
+        assert_eq!(
+            (
+                v4[&key4("0.0.0.0", 8080, 6)].addr,
+                v4[&key4("0.0.0.0", 8080, 6)].port
+            ),
+            (ip("10.1.0.2"), 80u16.to_be())
+        );
+        assert_eq!(v6[&key6("::", 8080, 6)], target(ip6("fd00:1::2"), 80));
+        // `::` to an IPv4-only container: its IPv4-mapped address, nothing over IPv4.
+        assert_eq!(v6[&key6("::", 8081, 6)], target(ip6("::ffff:10.1.0.3"), 81));
+        assert!(!v4.contains_key(&key4("0.0.0.0", 8081, 6)));
+        // No host_ip to an IPv6-only container: IPv6 only.
+        assert_eq!(v6[&key6("::", 5353, 17)], target(ip6("fd00:2::3"), 53));
+        assert!(!v4.contains_key(&key4("0.0.0.0", 5353, 17)));
+        // One IPv6 host address, a range.
+        assert_eq!(
+            v6[&key6("2001:db8::1", 9091, 6)],
+            target(ip6("fd00:1::2"), 91)
+        );
+        // 0.0.0.0: IPv4 only.
+        assert!(v4.contains_key(&key4("0.0.0.0", 9092, 6)));
+        assert!(!v6.contains_key(&key6("::", 9092, 6)));
+        assert_eq!((v4.len(), v6.len()), (2, 5), "{v4:?} {v6:?}");
+        // The first port goes: its entry in each family goes, nothing else.
+        let fewer = PORTS6.replace(
+            "  - {endpoint: one, protocol: tcp, host_port: 8080, container_port: 80}\n",
+            "",
+        );
+        let changes = reconcile(&model(&format!("{STATE6}{fewer}")), &mut k).unwrap();
+        assert_eq!(changes.entries_removed, 2, "{changes:?}");
+        assert_eq!((k.map::<Ports>().len(), k.map::<Ports6>().len()), (1, 4));
+    }
+
+    #[test]
+    fn routed_ipv6_ports_open_the_container_ipv6_address() {
+        let mut k = kernel6();
+        let routed = STATE6.replace(
+            "gateway6: \"fd00:1::1\"}",
+            "gateway6: \"fd00:1::1\", gateway_mode: routed}",
+        );
+        reconcile(&model(&format!("{routed}{PORTS6}")), &mut k).unwrap();
+        let v6 = k.map::<Ports6>();
+        assert_eq!(v6[&key6("fd00:1::2", 80, 6)].addr, ip6("fd00:1::2"));
+        // Routed to an IPv4-only container: nothing over IPv6.
+        assert!(v6.keys().all(|key| key.addr != ip6("::ffff:10.1.0.3")));
+        assert!(!v6.contains_key(&key6("::", 8080, 6)));
+    }
+
+    const SERVICES6: &str = r#"
+services:
+  - {name: web, vip: 10.96.0.10, vip6: "fd00:96::10", port: 80, target_port: 8080, endpoints: [one, two, three]}
+  - {name: web6, vip6: "fd00:96::11", port: 443, endpoints: [three]}
+"#;
+
+    #[test]
+    fn a_dual_stack_service_has_one_id_one_table_and_backends_by_index_in_both_maps() {
+        let mut k = kernel6();
+        reconcile(&model(&format!("{STATE6}{SERVICES6}")), &mut k).unwrap();
+        let key = ServiceKey {
+            vip: ip("10.96.0.10"),
+            port: 80u16.to_be(),
+            proto: 6,
+            _pad: 0,
+        };
+        let key6 = ServiceKey6 {
+            vip: ip6("fd00:96::10"),
+            port: 80u16.to_be(),
+            proto: 6,
+            _pad: 0,
+        };
+        let web = k.map::<Services>()[&key];
+        assert_eq!(k.map::<Services6>()[&key6], web, "one id, count, algorithm");
+        assert_eq!(web.backend_count, 3);
+        let (b4, b6) = (k.map::<Backends>(), k.map::<Backends6>());
+        let at = |index| BackendKey {
+            service_id: web.id,
+            index,
+        };
+        // Backends by name: one, three, two.
+        assert_eq!(
+            (b4[&at(0)].addr, b6[&at(0)].addr),
+            (ip("10.1.0.2"), ip6("fd00:1::2"))
+        );
+        assert_eq!(
+            (b4[&at(1)].addr, b6[&at(1)].addr),
+            (0, ip6("fd00:2::3")),
+            "IPv6-only: no IPv4 address"
+        );
+        assert_eq!(
+            (b4[&at(2)].addr, b6[&at(2)].addr),
+            (ip("10.1.0.3"), ip6("::ffff:10.1.0.3")),
+            "IPv4-only: its mapped address"
+        );
+        assert!(
+            b6.iter()
+                .filter(|(k, _)| k.service_id == web.id)
+                .all(|(_, b)| b.port == 8080u16.to_be())
+        );
+        let table = &k.maglev[&web.id];
+        assert!(table.iter().all(|i| *i < 3));
+        // The IPv6-only service: SERVICES6 only, and no IPv4 backends.
+        let web6 = k
+            .map::<Services6>()
+            .into_iter()
+            .find(|(k6, _)| k6.vip == ip6("fd00:96::11"))
+            .unwrap()
+            .1;
+        assert_ne!(web6.id, web.id);
+        assert_eq!(k.map::<Services>().len(), 1);
+        assert!(b4.keys().all(|b| b.service_id != web6.id));
+        assert_eq!(
+            b6[&BackendKey {
+                service_id: web6.id,
+                index: 0
+            }]
+                .addr,
+            ip6("fd00:2::3")
+        );
+        assert_eq!((b4.len(), b6.len()), (3, 4));
+
+        // web loses its IPv4 VIP: same id (found by its IPv6 VIP), the IPv4 entry and
+        // backends go, the IPv6 ones stay untouched.
+        let no_v4 = SERVICES6.replace("vip: 10.96.0.10, ", "");
+        reconcile(&model(&format!("{STATE6}{no_v4}")), &mut k).unwrap();
+        assert_eq!(k.map::<Services6>()[&key6].id, web.id);
+        assert!(k.map::<Services>().is_empty());
+        assert!(k.map::<Backends>().is_empty());
+        assert_eq!(k.map::<Backends6>().len(), 4);
+        // ... and gets it back: still the same id.
+        reconcile(&model(&format!("{STATE6}{SERVICES6}")), &mut k).unwrap();
+        assert_eq!(k.map::<Services>()[&key].id, web.id);
+        // A backend goes: both families' count and entries follow.
+        let fewer = SERVICES6.replace("endpoints: [one, two, three]", "endpoints: [one]");
+        reconcile(&model(&format!("{STATE6}{fewer}")), &mut k).unwrap();
+        assert_eq!(k.map::<Services6>()[&key6].backend_count, 1);
+        assert_eq!(
+            (k.map::<Backends>().len(), k.map::<Backends6>().len()),
+            (1, 2)
+        );
+        // Every service goes.
+        reconcile(&model(STATE6), &mut k).unwrap();
+        assert!(k.map::<Services6>().is_empty() && k.map::<Backends6>().is_empty());
+    }
+
+    #[test]
+    fn a_published_port_leads_to_a_services_vip_of_each_family() {
+        let mut k = kernel6();
+        let text = format!(
+            "{STATE6}{SERVICES6}ports:\n  - {{service: web, protocol: tcp, host_port: 8000, container_port: 80}}\n  - {{service: web6, protocol: tcp, host_port: 8443, container_port: 443}}\n"
+        );
+        reconcile(&model(&text), &mut k).unwrap();
+        let v6 = k.map::<Ports6>();
+        assert_eq!(
+            v6[&key6("::", 8000, 6)],
+            PortTarget6 {
+                addr: ip6("fd00:96::10"),
+                port: 80u16.to_be(),
+                is_service: 1,
+                _pad: 0
+            }
+        );
+        assert_eq!(v6[&key6("::", 8443, 6)].addr, ip6("fd00:96::11"));
+        let v4 = k.map::<Ports>();
+        assert_eq!(v4[&key4("0.0.0.0", 8000, 6)].addr, ip("10.96.0.10"));
+        assert!(
+            !v4.contains_key(&key4("0.0.0.0", 8443, 6)),
+            "web6 has no IPv4 VIP"
+        );
+    }
+
+    #[test]
+    fn ipv6_cidr_policies_fill_the_ipv6_trie_and_deny_list() {
+        let mut k = kernel6();
+        let policies = r#"
+policies:
+  - {name: b6, action: deny, from: {cidr: "2001:db8:bad::/48"}}
+  - {name: only6, action: allow, from: {cidr: "2001:db8::/32"}, to: {endpoint: three}}
+"#;
+        reconcile(&model(&format!("{STATE6}{policies}")), &mut k).unwrap();
+        let live = k.meta.unwrap().slot;
+        // Classes: /32 = 1, /48 = 2 (IPv6 only here, so from 1).
+        assert_eq!(
+            k.prefixes6,
+            BTreeMap::from([
+                ((live, 32, ip6("2001:db8::")), 1),
+                ((live, 48, ip6("2001:db8:bad::")), 2)
+            ])
+        );
+        assert!(k.prefixes.is_empty());
+        assert_eq!(k.config.rule_count, 2);
+        assert_eq!(
+            k.deny6,
+            BTreeSet::from([PrefixKey6 {
+                prefix_len: 48,
+                addr: ip6("2001:db8:bad::")
+            }])
+        );
+        assert!(k.deny.is_empty());
+        // The IPv6 deny list alone attaches XDP, as the IPv4 one does.
+        assert!(k.attached.contains(&("eth0".into(), Hook::UplinkXdp)));
+        // The same again: nothing written.
+        let writes = k.writes;
+        reconcile(&model(&format!("{STATE6}{policies}")), &mut k).unwrap();
+        assert_eq!(k.writes, writes);
+        // Another IPv6 prefix: the other half becomes live, the old half empties.
+        let other = policies.replace("2001:db8:bad::/48", "2001:db8:bad::/64");
+        reconcile(&model(&format!("{STATE6}{other}")), &mut k).unwrap();
+        assert_eq!(k.meta.unwrap().slot, 1 - live);
+        assert!(k.prefixes6.keys().all(|(slot, _, _)| *slot == 1 - live));
+        assert_eq!(k.deny6.len(), 1);
+        reconcile(&model(STATE6), &mut k).unwrap();
+        assert!(k.prefixes6.is_empty() && k.deny6.is_empty());
+        assert!(!k.attached.contains(&("eth0".into(), Hook::UplinkXdp)));
+    }
+
+    #[test]
+    fn ipv6_maps_are_idempotent_and_drift_is_repaired() {
+        let mut k = kernel6();
+        let m = model(&format!("{STATE6}{PORTS6}{SERVICES6}"));
+        reconcile(&m, &mut k).unwrap();
+        let writes = k.writes;
+        assert!(reconcile(&m, &mut k).unwrap().is_empty());
+        assert_eq!(k.writes, writes);
+        // Entries an earlier agent left, and one changed behind the agent's back.
+        k.set::<Endpoints6>(ip6("fd00:9::9"), EndpointInfo6::default())
+            .unwrap();
+        k.set::<Ports6>(key6("::", 1, 6), PortTarget6::default())
+            .unwrap();
+        k.set::<LocalAddrs6>(ip6("2001:db8::99"), 1).unwrap();
+        k.set::<Ports6>(key6("::", 8080, 6), PortTarget6::default())
+            .unwrap();
+        let changes = reconcile(&m, &mut k).unwrap();
+        // (The gone endpoint also moves the policy generation: the config is written too.)
+        assert_eq!(changes.entries_removed, 3, "{changes:?}");
+        assert!(changes.entries_set >= 1, "{changes:?}");
+        assert_eq!(
+            k.map::<Ports6>()[&key6("::", 8080, 6)].addr,
+            ip6("fd00:1::2")
+        );
     }
 
     #[test]
