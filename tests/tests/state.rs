@@ -516,3 +516,109 @@ fn huge_and_deep_files_are_refused_by_name_while_the_agent_answers() {
     wait_applied(&agent, SPEC, "the good file after the refused ones");
     poller.finish();
 }
+
+/// A dual-stack network, an IPv6-only one, a dual-stack service and ports of each family.
+const SPEC6: &str = r#"
+uplink: eth0
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1,
+     subnet6: "fd00:30:1::/64", gateway6: "fd00:30:1::1"}
+  - {name: six, bridge: br-six, subnet6: "fd00:30:2::/64", gateway6: "fd00:30:2::1"}
+endpoints:
+  - name: web1
+    labels: {app: web}
+    interfaces: [{network: front, ip: 172.30.1.2, ip6: "fd00:30:1::2", mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
+  - name: only6
+    labels: {app: web}
+    interfaces: [{network: six, ip6: "fd00:30:2::2", mac: "02:42:ac:1e:02:02", host_veth: veth-only6}]
+ports:
+  - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}
+  - {endpoint: only6, protocol: tcp, host_ip: "::", host_port: 8086, container_port: 80}
+services:
+  - {name: web, vip: 10.96.0.10, vip6: "fd00:96::10", port: 80, selector: {app: web}}
+policies:
+  - {name: block6, action: deny, from: {cidr: "2001:db8:bad::/48"}}
+"#;
+
+#[test]
+fn an_ipv6_state_file_is_applied_and_shown_in_status() {
+    let sandbox = Sandbox::up(SPEC6);
+    // The sandbox gave the containers their IPv6 addresses and routes.
+    let addr = Command::new("ip")
+        .args([
+            "-n",
+            &sandbox.netns("only6"),
+            "-6",
+            "addr",
+            "show",
+            "dev",
+            "eth0",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&addr.stdout);
+    assert!(text.contains("inet6 fd00:30:2::2/64"), "{text}");
+    let route = Command::new("ip")
+        .args([
+            "-n",
+            &sandbox.netns("only6"),
+            "-6",
+            "route",
+            "show",
+            "default",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&route.stdout);
+    assert!(text.contains("via fd00:30:2::1 dev eth0"), "{text}");
+
+    let agent = Agent::start(&sandbox);
+    let s = agent.wait_for_within(Duration::from_secs(30), "the IPv6 state applied", |s| {
+        s.last_applied_unix.is_some() && s.find_map_entries("dp_endpoints6").unwrap_or(0) == 2
+    });
+    assert_eq!(s.last_error, None);
+    // web1 in both families' endpoint maps, only6 in the IPv6 one.
+    assert_eq!(s.map_entries("dp_endpoints"), 1);
+    // 8080 on every address: one entry per family; 8086 on :: only.
+    assert_eq!(s.map_entries("dp_ports"), 1);
+    assert_eq!(s.map_entries("dp_ports6"), 2);
+    assert_eq!(s.map_entries("dp_services"), 1);
+    assert_eq!(s.map_entries("dp_services6"), 1);
+    // Two backends by index in each family (only6 has no IPv4 address, its index stays).
+    assert_eq!(s.map_entries("dp_backends"), 2);
+    assert_eq!(s.map_entries("dp_backends6"), 2);
+    // The host's IPv6 addresses: ::1, the uplink's and the two gateways (no link-local).
+    assert_eq!(s.map_entries("dp_local_addrs6"), 4);
+
+    let row = |name: &str| s.endpoints.iter().find(|e| e.name == name).unwrap().clone();
+    assert_eq!(
+        (row("web1").ip.as_str(), row("web1").ip6.as_deref()),
+        ("172.30.1.2", Some("fd00:30:1::2"))
+    );
+    assert_eq!(
+        (row("only6").ip.as_str(), row("only6").ip6.as_deref()),
+        ("", Some("fd00:30:2::2"))
+    );
+    let six = s.networks.iter().find(|n| n.name == "six").unwrap();
+    assert_eq!(
+        (six.subnet.as_deref(), six.subnet6.as_deref()),
+        (None, Some("fd00:30:2::/64"))
+    );
+    assert_eq!(s.services[0].vip6.as_deref(), Some("fd00:96::10"));
+    assert_eq!(s.ports[1].host_ip.as_deref(), Some("::"));
+    // And as people read it.
+    let out = Command::new(dataplane_bin())
+        .args(["status", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "fd00:30:1::2",
+        "fd00:30:2::/64 gateway fd00:30:2::1",
+        "[fd00:96::10]:80/tcp",
+        "[::]:8086/tcp -> endpoint only6:80",
+    ] {
+        assert!(text.contains(expected), "{expected:?} not in:\n{text}");
+    }
+}
