@@ -743,3 +743,63 @@ fn an_internal_network_reaches_no_published_port_as_with_dockers_dataplane() {
         }
     }
 }
+
+#[test]
+fn an_ipv6_network_its_addresses_and_ipv6_bindings_are_followed() {
+    let dockerd = Dockerd::start();
+    let agent = dockerd.agent(&[]);
+    dockerd.docker_ok(&[
+        "network",
+        "create",
+        "--ipv6",
+        "--subnet",
+        "172.28.0.0/16",
+        "--subnet",
+        "fd00:28::/64",
+        "net6",
+    ]);
+    run_web(
+        &dockerd,
+        "web6",
+        &["--network", "net6", "-p", "8080:80", "-p", "[::1]:8082:80"],
+    );
+    let s = agent.wait_for("web6 with its IPv6 address", |s| {
+        s.endpoints
+            .iter()
+            .any(|e| e.name == "web6" && e.ip6.is_some())
+            && s.ports.len() == 2
+    });
+    assert!(s.last_error.is_none(), "{s:#?}");
+    let ip6 = dockerd.inspect(
+        "web6",
+        "{{.NetworkSettings.Networks.net6.GlobalIPv6Address}}",
+    );
+    let row = s.endpoints.iter().find(|e| e.name == "web6").unwrap();
+    assert_eq!(row.ip6.as_deref(), Some(ip6.as_str()));
+    assert!(ip6.starts_with("fd00:28::"), "{ip6}");
+    let net = s.networks.iter().find(|n| n.name == "net6").unwrap();
+    assert_eq!(
+        (net.subnet6.as_deref(), net.gateway6.as_deref()),
+        (Some("fd00:28::/64"), Some("fd00:28::1"))
+    );
+    // `-p 8080:80`, which dockerd lists on 0.0.0.0 and ::, is one port on every address of
+    // both families; `[::1]:8082` one IPv6 address.
+    let ports: BTreeSet<(Option<String>, String)> = s
+        .ports
+        .iter()
+        .map(|p| (p.host_ip.clone(), p.host_port.clone()))
+        .collect();
+    assert_eq!(
+        ports,
+        BTreeSet::from([
+            (None, "8080".to_owned()),
+            (Some("::1".to_owned()), "8082".to_owned())
+        ])
+    );
+    assert_eq!(s.map_entries("dp_endpoints6"), 1);
+    assert_eq!(s.map_entries("dp_ports6"), 2);
+    // Over IPv4 only 8080 (::1 is IPv6), on every address.
+    assert_eq!(s.map_entries("dp_ports"), 1);
+    // The container's veth has its program whatever the family.
+    assert!(attached_to(&s, &row.host_veth));
+}
