@@ -857,10 +857,13 @@ fn apply_services(
             .map(|info| info.id)
     };
     let mut used: BTreeSet<u32> = desired.services.values().filter_map(id_now).collect();
+    // Ids taken in this pass: a dual-stack service split in two finds its id under both
+    // VIPs, and only the first of the two keeps it.
+    let mut claimed = BTreeSet::new();
     let mut next_free = 1;
     let (mut set, mut removed) = (0, 0);
     for service in desired.services.values() {
-        let id = match id_now(service) {
+        let id = match id_now(service).filter(|id| !claimed.contains(id)) {
             Some(id) => id,
             None => {
                 while used.contains(&next_free) {
@@ -870,6 +873,7 @@ fn apply_services(
                 next_free
             }
         };
+        claimed.insert(id);
         for (index, backend) in service.backends.iter().enumerate() {
             let bkey = BackendKey {
                 service_id: id,
@@ -1992,6 +1996,13 @@ services:
             (k.map::<Backends>().len(), k.map::<Backends6>().len()),
             (1, 2)
         );
+        // Split in two (one VIP each): each half finds the old id, one keeps it, the other
+        // gets a new one.
+        let split = "services:\n  - {name: a4, vip: 10.96.0.10, port: 80, endpoints: [one]}\n  - {name: b6, vip6: \"fd00:96::10\", port: 80, endpoints: [one]}\n";
+        reconcile(&model(&format!("{STATE6}{split}")), &mut k).unwrap();
+        let (id4, id6) = (k.map::<Services>()[&key].id, k.map::<Services6>()[&key6].id);
+        assert_ne!(id4, id6);
+        assert!(id4 == web.id || id6 == web.id);
         // Every service goes.
         reconcile(&model(STATE6), &mut k).unwrap();
         assert!(k.map::<Services6>().is_empty() && k.map::<Backends6>().is_empty());
