@@ -1,14 +1,28 @@
 //! Flow events as the agent works with them: the kernel's [`FlowEvent`] decoded into addresses,
 //! host-order ports and enums, and the same shape built from conntrack entries for the
 //! records the agent adds itself (periodic counters, the end of a connection that expired).
+//! Both families decode to the same [`Event`]: addresses are [`IpAddr`], so that nothing after
+//! this module cares which family a connection is.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use dataplane_common::{CtEntry, CtKey, DropReason, FlowEvent, ct_origin, ct_rewrite, flow_kind};
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// An address as the kernel's maps hold it (network byte order), of either family.
+pub trait WireAddr: Copy {
+    fn ip(self) -> IpAddr;
+}
+
+impl WireAddr for u32 {
+    fn ip(self) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(u32::from_be(self)))
+    }
+}
 
 /// An event the kernel wrote that this agent cannot read. The layout is shared through
 /// dataplane-common, so these mean a kernel object of another version is running.
@@ -66,32 +80,39 @@ pub struct Nat {
     pub kind: TranslationKind,
     /// The destination was rewritten (published port, service); else the source (masquerade).
     pub destination: bool,
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// A hairpin connection (a container's connection translated back to itself): its source
     /// was rewritten too, to this address and port (the network's gateway); `addr`:`port`
     /// is then the container's own address and the port it was reached on.
-    pub source: Option<(Ipv4Addr, u16)>,
+    pub source: Option<(IpAddr, u16)>,
 }
 
 /// A connection's 5-tuple as its first packet (or the dropped packet) had it, ports in host
-/// byte order. For ICMP echo `sport` is the identifier and `dport` 0.
+/// byte order. For ICMP echo `sport` is the identifier and `dport` 0. Both addresses are of
+/// one family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Tuple {
     pub proto: u8,
-    pub saddr: Ipv4Addr,
+    pub saddr: IpAddr,
     pub sport: u16,
-    pub daddr: Ipv4Addr,
+    pub daddr: IpAddr,
     pub dport: u16,
+}
+
+impl Tuple {
+    pub fn is_ipv6(&self) -> bool {
+        self.saddr.is_ipv6()
+    }
 }
 
 impl From<&CtKey> for Tuple {
     fn from(key: &CtKey) -> Tuple {
         Tuple {
             proto: key.proto,
-            saddr: Ipv4Addr::from(u32::from_be(key.saddr)),
+            saddr: key.saddr.ip(),
             sport: u16::from_be(key.sport),
-            daddr: Ipv4Addr::from(u32::from_be(key.daddr)),
+            daddr: key.daddr.ip(),
             dport: u16::from_be(key.dport),
         }
     }
@@ -133,56 +154,71 @@ pub struct Event {
     pub ifindex: u32,
 }
 
+/// What the kernel says of a connection's translation, in host byte order: how it was
+/// rewritten (`ct_rewrite`), to which address and port, and a hairpin's port.
+#[derive(Clone, Copy, Debug)]
+struct Rewrite {
+    origin: u8,
+    rewrite: u8,
+    addr: IpAddr,
+    port: u16,
+    hairpin_port: u16,
+}
+
 /// A connection translated at its socket (`ct_rewrite::SOCKET`: the key goes to the backend,
 /// `addr`:`port` is the service address the socket asked for) as the packet path's record of
 /// the same connection is: to the service address, its destination translated to the
 /// backend. Anything else as it is.
-fn presented(key: &CtKey, rewrite: u8, addr: u32, port: u16) -> (CtKey, u8, u32, u16) {
-    if rewrite != ct_rewrite::SOCKET {
-        return (*key, rewrite, addr, port);
+fn presented(tuple: Tuple, rw: Rewrite) -> (Tuple, Rewrite) {
+    if rw.rewrite != ct_rewrite::SOCKET {
+        return (tuple, rw);
     }
-    let asked = CtKey {
-        daddr: addr,
-        dport: port,
-        ..*key
+    let asked = Tuple {
+        daddr: rw.addr,
+        dport: rw.port,
+        ..tuple
     };
-    (asked, ct_rewrite::DST, key.daddr, key.dport)
+    let to_backend = Rewrite {
+        rewrite: ct_rewrite::DST,
+        addr: tuple.daddr,
+        port: tuple.dport,
+        ..rw
+    };
+    (asked, to_backend)
 }
 
-/// The translation an event or a forward conntrack entry of the connection `key` says.
-fn nat(
-    key: &CtKey,
-    origin: u8,
-    rewrite: u8,
-    addr: u32,
-    port: u16,
-    hairpin_port: u16,
-) -> Option<Nat> {
-    let kind = match origin {
+/// The translation an event or a forward conntrack entry of the connection `tuple` says.
+fn nat(tuple: &Tuple, rw: Rewrite) -> Option<Nat> {
+    let kind = match rw.origin {
         ct_origin::PUBLISHED => TranslationKind::PublishedPort,
         ct_origin::MASQUERADE => TranslationKind::Masquerade,
         ct_origin::SERVICE => TranslationKind::Service,
         // PLAIN, and 0 for drops.
         _ => return None,
     };
-    let ip = |a: u32| Ipv4Addr::from(u32::from_be(a));
-    if rewrite == ct_rewrite::HAIRPIN {
+    if rw.rewrite == ct_rewrite::HAIRPIN {
         // Back to the client itself, from the gateway.
         return Some(Nat {
             kind,
             destination: true,
-            addr: ip(key.saddr),
-            port: u16::from_be(hairpin_port),
-            source: Some((ip(addr), u16::from_be(port))),
+            addr: tuple.saddr,
+            port: rw.hairpin_port,
+            source: Some((rw.addr, rw.port)),
         });
     }
     Some(Nat {
         kind,
-        destination: rewrite == ct_rewrite::DST,
-        addr: ip(addr),
-        port: u16::from_be(port),
+        destination: rw.rewrite == ct_rewrite::DST,
+        addr: rw.addr,
+        port: rw.port,
         source: None,
     })
+}
+
+/// The tuple and translation as records present them.
+fn translated(tuple: Tuple, rw: Rewrite) -> (Tuple, Option<Nat>) {
+    let (tuple, rw) = presented(tuple, rw);
+    (tuple, nat(&tuple, rw))
 }
 
 /// Copies one ring-buffer record out of the ring (the reader task does this much only, so
@@ -213,20 +249,21 @@ pub fn from_raw(raw: &FlowEvent) -> Result<Event, DecodeError> {
         ),
         other => return Err(DecodeError::Kind(other)),
     };
-    let (tuple, rewrite, nat_addr, nat_port) =
-        presented(&raw.tuple, raw.rewrite, raw.nat_addr, raw.nat_port);
+    let (tuple, nat) = translated(
+        Tuple::from(&raw.tuple),
+        Rewrite {
+            origin: raw.origin,
+            rewrite: raw.rewrite,
+            addr: raw.nat_addr.ip(),
+            port: u16::from_be(raw.nat_port),
+            hairpin_port: u16::from_be(raw.hairpin_port),
+        },
+    );
     Ok(Event {
         time_ns: raw.time_ns,
         kind,
-        tuple: Tuple::from(&tuple),
-        nat: nat(
-            &tuple,
-            raw.origin,
-            rewrite,
-            nat_addr,
-            nat_port,
-            raw.hairpin_port,
-        ),
+        tuple,
+        nat,
         tcp_flags: raw.tcp_flags,
         icmp: Icmp {
             icmp_type: raw.icmp_type,
@@ -252,20 +289,21 @@ pub fn from_conntrack(
     kind: Kind,
     now_ns: u64,
 ) -> Event {
-    let (tuple, rewrite, nat_addr, nat_port) =
-        presented(key, forward.rewrite, forward.nat_addr, forward.nat_port);
+    let (tuple, nat) = translated(
+        Tuple::from(key),
+        Rewrite {
+            origin: forward.origin,
+            rewrite: forward.rewrite,
+            addr: forward.nat_addr.ip(),
+            port: u16::from_be(forward.nat_port),
+            hairpin_port: u16::from_be(forward.hairpin_port),
+        },
+    );
     Event {
         time_ns: now_ns,
         kind,
-        tuple: Tuple::from(&tuple),
-        nat: nat(
-            &tuple,
-            forward.origin,
-            rewrite,
-            nat_addr,
-            nat_port,
-            forward.hairpin_port,
-        ),
+        tuple,
+        nat,
         tcp_flags: forward.tcp_flags | reply.map_or(0, |r| r.tcp_flags),
         // The first direction's type; tracked ICMP is echo, whose code is 0.
         icmp: Icmp {
@@ -317,6 +355,37 @@ pub mod tests {
         }
     }
 
+    /// An event as [`from_raw`] gives it, of either family (ports in host order): a new
+    /// connection's, untranslated, seen at a container's ingress.
+    pub fn event(
+        kind: Kind,
+        proto: u8,
+        (saddr, sport): (&str, u16),
+        (daddr, dport): (&str, u16),
+    ) -> Event {
+        Event {
+            time_ns: 5_000_000_000,
+            kind,
+            tuple: Tuple {
+                proto,
+                saddr: saddr.parse().unwrap(),
+                sport,
+                daddr: daddr.parse().unwrap(),
+                dport,
+            },
+            nat: None,
+            tcp_flags: if proto == IPPROTO_TCP { 0x02 } else { 0 },
+            icmp: Icmp::default(),
+            counters: Counters {
+                packets: 1,
+                bytes: 60,
+                ..Counters::default()
+            },
+            hook: hook::CONTAINER_INGRESS,
+            ifindex: 7,
+        }
+    }
+
     fn as_bytes(event: &FlowEvent) -> Vec<u8> {
         // SAFETY: a plain #[repr(C)] value viewed as its bytes.
         unsafe {
@@ -346,9 +415,9 @@ pub mod tests {
             event.tuple,
             Tuple {
                 proto: IPPROTO_TCP,
-                saddr: Ipv4Addr::new(192, 0, 2, 2),
+                saddr: Ipv4Addr::new(192, 0, 2, 2).into(),
                 sport: 41234,
-                daddr: Ipv4Addr::new(192, 0, 2, 1),
+                daddr: Ipv4Addr::new(192, 0, 2, 1).into(),
                 dport: 8080,
             }
         );
@@ -357,7 +426,7 @@ pub mod tests {
             Some(Nat {
                 kind: TranslationKind::PublishedPort,
                 destination: true,
-                addr: Ipv4Addr::new(172, 30, 1, 2),
+                addr: Ipv4Addr::new(172, 30, 1, 2).into(),
                 port: 80,
                 source: None,
             })
@@ -386,9 +455,9 @@ pub mod tests {
             Some(Nat {
                 kind: TranslationKind::PublishedPort,
                 destination: true,
-                addr: Ipv4Addr::new(172, 30, 1, 2),
+                addr: Ipv4Addr::new(172, 30, 1, 2).into(),
                 port: 80,
-                source: Some((Ipv4Addr::new(172, 30, 1, 1), 20077)),
+                source: Some((Ipv4Addr::new(172, 30, 1, 1).into(), 20077)),
             })
         );
     }
@@ -458,7 +527,7 @@ pub mod tests {
         let expected = Nat {
             kind: TranslationKind::Service,
             destination: true,
-            addr: Ipv4Addr::new(172, 30, 1, 3),
+            addr: Ipv4Addr::new(172, 30, 1, 3).into(),
             port: 8080,
             source: None,
         };
@@ -513,7 +582,10 @@ pub mod tests {
         let nat = event.nat.unwrap();
         assert_eq!(nat.kind, TranslationKind::Masquerade);
         assert!(!nat.destination);
-        assert_eq!((nat.addr, nat.port), (Ipv4Addr::new(192, 0, 2, 1), 20001));
+        assert_eq!(
+            (nat.addr, nat.port),
+            (Ipv4Addr::new(192, 0, 2, 1).into(), 20001)
+        );
         assert_eq!(event.time_ns, 42);
     }
 }

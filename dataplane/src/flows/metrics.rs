@@ -2,7 +2,8 @@
 //!
 //! Hubble's names and labels, so existing dashboards work, derived from the flow records:
 //! `hubble_flows_processed_total{type,subtype,verdict,protocol}`,
-//! `hubble_drop_total{reason,protocol}`, `hubble_icmp_total{family,type}`,
+//! `hubble_drop_total{reason,protocol}`, `hubble_icmp_total{family,type}` (family `IPv4` or
+//! `IPv6`, type gopacket's name of the message as Hubble has it),
 //! `hubble_port_distribution_total{protocol,port}`; `hubble_tcp_flags_total{flag,family}` from
 //! the kernel's per-packet counters (the records come per connection, Hubble counts packets);
 //! and the agent's own `dataplane_*` from the kernel maps and the reconciler.
@@ -277,18 +278,24 @@ impl Metrics {
             event,
             Some(ConnectionEvent::New | ConnectionEvent::Reply | ConnectionEvent::Drop)
         );
-        if let Some(L4::Icmpv4 { icmp_type, code }) = &flow.l4
+        // Hubble's family and type text per ICMP version (gopacket's names of each).
+        let icmp = match flow.l4 {
+            Some(L4::Icmpv4 { icmp_type, code }) => Some((
+                "IPv4",
+                record::icmpv4_type_code(icmp_type as u8, code as u8),
+            )),
+            Some(L4::Icmpv6 { icmp_type, code }) => Some((
+                "IPv6",
+                record::icmpv6_type_code(icmp_type as u8, code as u8),
+            )),
+            _ => None,
+        };
+        if let Some((family, name)) = icmp
             && about_a_packet
         {
             self.icmp
                 .get_or_create(&with(
-                    [
-                        ("family", "IPv4".into()),
-                        (
-                            "type",
-                            Cow::Owned(record::icmpv4_type_code(*icmp_type as u8, *code as u8)),
-                        ),
-                    ],
+                    [("family", family.into()), ("type", Cow::Owned(name))],
                     &cx,
                 ))
                 .inc();
@@ -477,7 +484,7 @@ mod tests {
     use super::*;
     use crate::flows::{
         clock::Clock,
-        decode::{self, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, tests::raw_event},
+        decode::{self, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, tests::raw_event},
         record::{self, Context, Identities},
     };
 
@@ -594,6 +601,54 @@ mod tests {
             format!(
                 "hubble_icmp_total{{family=\"IPv4\",type=\"DestinationUnreachable(Port)\",{EMPTY}}} 1"
             ),
+        ] {
+            assert!(text.contains(&line), "missing {line} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn icmpv6_is_counted_under_its_family_with_its_own_names() {
+        let (mut metrics, registry) = Metrics::new();
+        let flow = |kind, proto, icmp_type, code| {
+            let mut event = decode::tests::event(kind, proto, ("fd00::2", 7), ("fd00::9", 0));
+            event.icmp = decode::Icmp { icmp_type, code };
+            record::build(
+                &event,
+                &Context {
+                    identities: &Identities::default(),
+                    clock: &Clock::with_offset(0),
+                    node_name: "n",
+                    ifname: None,
+                },
+            )
+            .flow
+        };
+        metrics.record(&flow(decode::Kind::New, IPPROTO_ICMPV6, 128, 0));
+        metrics.record(&flow(decode::Kind::Reply, IPPROTO_ICMPV6, 129, 0));
+        metrics.record(&flow(
+            decode::Kind::Drop(DropReason::PolicyDeny),
+            IPPROTO_ICMPV6,
+            1,
+            4,
+        ));
+        // An ICMPv4 message of the same type numbers is another family's.
+        metrics.record(&flow(decode::Kind::New, IPPROTO_ICMP, 3, 3));
+        metrics.record(&flow(decode::Kind::New, IPPROTO_TCP, 0, 0));
+        let text = scrape(&registry);
+        for line in [
+            format!("hubble_icmp_total{{family=\"IPv6\",type=\"EchoRequest\",{EMPTY}}} 1"),
+            format!("hubble_icmp_total{{family=\"IPv6\",type=\"EchoReply\",{EMPTY}}} 1"),
+            format!(
+                "hubble_icmp_total{{family=\"IPv6\",type=\"DestinationUnreachable(PortUnreachable)\",{EMPTY}}} 1"
+            ),
+            format!(
+                "hubble_icmp_total{{family=\"IPv4\",type=\"DestinationUnreachable(Port)\",{EMPTY}}} 1"
+            ),
+            format!(
+                "hubble_flows_processed_total{{protocol=\"ICMPv6\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\",{EMPTY}}} 2"
+            ),
+            format!("hubble_drop_total{{reason=\"POLICY_DENY\",protocol=\"ICMPv6\",{EMPTY}}} 1"),
+            format!("hubble_port_distribution_total{{protocol=\"TCP\",port=\"0\",{EMPTY}}} 1"),
         ] {
             assert!(text.contains(&line), "missing {line} in:\n{text}");
         }

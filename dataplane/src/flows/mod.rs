@@ -24,7 +24,12 @@ pub mod metrics;
 pub mod periodic;
 pub mod record;
 
-use std::{collections::HashMap, net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
 use dataplane_common::FlowEvent;
@@ -197,7 +202,7 @@ pub struct Pipeline {
     node_name: String,
     /// The model the identities were built from, and the host's addresses.
     model: Model,
-    host_addrs: Vec<Ipv4Addr>,
+    host_addrs: Vec<IpAddr>,
     identities: Identities,
     ifnames: HashMap<u32, String>,
     hub: Arc<Hub>,
@@ -284,7 +289,7 @@ impl Pipeline {
         }
     }
 
-    fn set_host_addrs(&mut self, mut addrs: Vec<Ipv4Addr>) {
+    fn set_host_addrs(&mut self, mut addrs: Vec<IpAddr>) {
         addrs.sort();
         if addrs != self.host_addrs {
             self.host_addrs = addrs;
@@ -437,7 +442,7 @@ impl Pipeline {
                 Ok(addrs) => self.set_host_addrs(
                     addrs
                         .keys()
-                        .map(|a| Ipv4Addr::from(u32::from_be(*a)))
+                        .map(|a| IpAddr::V4(Ipv4Addr::from(u32::from_be(*a))))
                         .collect(),
                 ),
                 Err(e) => log::debug!("flows: reading the host's addresses: {e}"),
