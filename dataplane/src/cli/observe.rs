@@ -50,6 +50,9 @@ pub struct ObserveArgs {
     /// or IPv6), `host` or `world`.
     #[arg(long, value_name = "NAME")]
     to: Option<String>,
+    /// Only flows with this IP address or CIDR prefix (IPv4 or IPv6) at either end.
+    #[arg(long, value_name = "ADDR|CIDR")]
+    ip: Option<String>,
     /// Only flows with this port at either end (or as a translated address's port, e.g. a
     /// published port).
     #[arg(long)]
@@ -78,6 +81,7 @@ impl ObserveArgs {
                 verdict: self.verdict.clone(),
                 from: self.from.clone(),
                 to: self.to.clone(),
+                ip: self.ip.clone(),
                 port: self.port,
                 protocol: self.protocol.clone(),
                 ip_version: match (self.ipv4, self.ipv6) {

@@ -18,6 +18,8 @@ pub enum FilterError {
     Protocol(String),
     #[error("IP version {0:?}: expected 4 or 6")]
     IpVersion(String),
+    #[error("--ip {0:?}: expected an IP address or a CIDR prefix (IPv4 or IPv6)")]
+    Ip(String),
     #[error("the observe request is not valid: {0}")]
     Request(String),
 }
@@ -36,6 +38,10 @@ pub struct Filter {
     /// service name, `host` or `world`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
+    /// Either end's address, an IP address or CIDR prefix of either family (`hubble observe
+    /// --ip`). Refused when it is neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
     /// Either end's port, or the port of the translation's original or translated address
     /// (so `--port 8080` finds the connections to a published port 8080).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -197,6 +203,11 @@ impl Filter {
         {
             return Err(FilterError::IpVersion(v.clone()));
         }
+        if let Some(ip) = &self.ip
+            && AddrMatch::parse(ip).is_none()
+        {
+            return Err(FilterError::Ip(ip.clone()));
+        }
         Ok(())
     }
 
@@ -213,6 +224,13 @@ impl Filter {
         }
         if let Some(v) = &self.ip_version
             && parse_ip_version(v) != Some(flow.ip_version())
+        {
+            return false;
+        }
+        if let Some(ip) = &self.ip
+            && !AddrMatch::parse(ip).is_some_and(|m| {
+                m.matches_text(flow.source_ip()) || m.matches_text(flow.destination_ip())
+            })
         {
             return false;
         }
@@ -388,6 +406,11 @@ mod tests {
             (r#"{"ip_version": "6"}"#, false, true),
             (r#"{"ip_version": "ipv4"}"#, true, false),
             (r#"{"ip_version": "v6", "from": "web1"}"#, false, true),
+            (r#"{"ip": "2001:db8:ffff::/48"}"#, false, true),
+            (r#"{"ip": "fd00:30:1::2"}"#, false, true),
+            (r#"{"ip": "172.30.1.2"}"#, true, false),
+            (r#"{"ip": "192.0.2.2"}"#, true, false),
+            (r#"{"ip": "10.0.0.0/8"}"#, false, false),
         ];
         for (json, v4, v6) in cases {
             assert_eq!(filter(json).matches(&f), v4, "{json} on the IPv4 flow");
@@ -396,6 +419,10 @@ mod tests {
         assert_eq!(
             ObserveRequest::parse(r#"{"filter": {"ip_version": "5"}}"#),
             Err(FilterError::IpVersion("5".into()))
+        );
+        assert_eq!(
+            ObserveRequest::parse(r#"{"filter": {"ip": "web1"}}"#),
+            Err(FilterError::Ip("web1".into()))
         );
         let m = AddrMatch::parse("2001:db8::/32").unwrap();
         assert!(m.matches("2001:db8:ffff::1".parse().unwrap()));
