@@ -587,12 +587,16 @@ impl Identities {
     }
 
     fn is_host(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
         ip.is_loopback() || self.host.contains(&ip)
     }
 
     /// The endpoint behind `ip`. A service VIP that was not translated (no backend) is
     /// `reserved:world` as in Cilium; its flow names the service in `destination_service`.
+    /// An IPv4-mapped IPv6 address (`::ffff:172.30.1.2`, what an IPv6 socket reaches an IPv4
+    /// container through) is its IPv4 address's.
     pub fn endpoint(&self, ip: IpAddr) -> Endpoint {
+        let ip = ip.to_canonical();
         if let Some(container) = self.containers.get(&ip) {
             return container.clone();
         }
@@ -605,6 +609,7 @@ impl Identities {
     /// The service a connection to `ip:port` reached: a VIP's, or the one a published port
     /// leads to.
     fn service(&self, ip: IpAddr, port: u16, proto: u8) -> Option<Service> {
+        let ip = ip.to_canonical();
         if let Some(service) = self.vips.get(&(ip, port, proto)) {
             return Some(service.clone());
         }
@@ -2100,6 +2105,23 @@ endpoints:
         let line = record.hubble_json();
         strict(&line);
         assert!(record.flow.ip.is_none(), "{line}");
+    }
+
+    #[test]
+    fn an_ipv4_mapped_address_is_its_ipv4_address_s_endpoint() {
+        let ids = dual_stack();
+        assert_eq!(ids.endpoint(v6("::ffff:172.30.1.2")).pod_name, "web1");
+        assert_eq!(
+            ids.endpoint(v6("::ffff:192.0.2.1")).labels,
+            vec![LABEL_HOST]
+        );
+        assert_eq!(ids.endpoint(v6("::1")).labels, vec![LABEL_HOST]);
+        assert_eq!(
+            ids.service(v6("::ffff:10.96.0.10"), 80, IPPROTO_TCP)
+                .map(|s| s.name),
+            Some("web".into())
+        );
+        assert_eq!(ids.endpoint(v6("fd00:30:1::3")).labels, vec![LABEL_WORLD]);
     }
 
     #[test]
