@@ -13,6 +13,32 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
+/// An IP family, named as Hubble names it (`IP.ipVersion`, the metrics' `family`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub const ALL: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+    pub fn of(ip: IpAddr) -> IpFamily {
+        if ip.is_ipv4() {
+            IpFamily::V4
+        } else {
+            IpFamily::V6
+        }
+    }
+
+    pub fn hubble_name(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+}
+
 /// An address as the kernel's maps hold it (network byte order), of either family.
 pub trait WireAddr: Copy {
     fn ip(self) -> IpAddr;
@@ -101,8 +127,8 @@ pub struct Tuple {
 }
 
 impl Tuple {
-    pub fn is_ipv6(&self) -> bool {
-        self.saddr.is_ipv6()
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(self.saddr)
     }
 }
 

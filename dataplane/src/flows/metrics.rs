@@ -39,7 +39,10 @@ use tokio::net::TcpListener;
 use dataplane_common::tcp_flag_count;
 
 use crate::{
-    flows::record::{self, ConnectionEvent, Flow, L4, Verdict},
+    flows::{
+        decode::IpFamily,
+        record::{self, ConnectionEvent, Flow, L4, Verdict},
+    },
     kernel::TcpFlagTotals,
 };
 
@@ -141,8 +144,8 @@ pub struct Metrics {
     reconcile_errors: Counter,
     programs_attached: Gauge,
     drop_accounting: DropAccounting,
-    /// The kernel's TCP flag totals counted already.
-    tcp_flags_seen: TcpFlagTotals,
+    /// The kernel's TCP flag totals counted already, per family (`IpFamily as usize`).
+    tcp_flags_seen: [TcpFlagTotals; 2],
 }
 
 fn drop_reason_of(desc: &str) -> Option<DropReason> {
@@ -169,7 +172,7 @@ impl Metrics {
             reconcile_errors: Counter::default(),
             programs_attached: Gauge::default(),
             drop_accounting: DropAccounting::default(),
-            tcp_flags_seen: [0; tcp_flag_count::KINDS as usize],
+            tcp_flags_seen: [[0; tcp_flag_count::KINDS as usize]; 2],
         };
         // Counters get their `_total` suffix from the encoder.
         registry.register(
@@ -347,17 +350,22 @@ impl Metrics {
         }
     }
 
-    /// The kernel's per-packet TCP flag counters (totals per kind since the agent loaded the
-    /// programs, summed over CPUs and counting points), read every refresh. Hubble's labels;
-    /// the context labels are empty: the kernel counts packets, not workloads.
-    pub fn kernel_tcp_flags(&mut self, totals: &TcpFlagTotals) {
+    /// The kernel's per-packet TCP flag counters of one family's packets (totals per kind
+    /// since the agent loaded the programs, summed over CPUs and counting points), read every
+    /// refresh. Hubble's labels; the context labels are empty: the kernel counts packets, not
+    /// workloads.
+    pub fn kernel_tcp_flags(&mut self, family: IpFamily, totals: &TcpFlagTotals) {
+        let seen = &mut self.tcp_flags_seen[family as usize];
         for (kind, name) in tcp_flag_count::NAMES.iter().enumerate() {
-            let new = totals[kind].saturating_sub(self.tcp_flags_seen[kind]);
+            let new = totals[kind].saturating_sub(seen[kind]);
             if new > 0 {
-                self.tcp_flags_seen[kind] = totals[kind];
+                seen[kind] = totals[kind];
                 self.tcp_flags
                     .get_or_create(&with(
-                        [("flag", (*name).into()), ("family", "IPv4".into())],
+                        [
+                            ("flag", (*name).into()),
+                            ("family", family.hubble_name().into()),
+                        ],
                         &NO_CONTEXT,
                     ))
                     .inc_by(new);
@@ -658,16 +666,19 @@ mod tests {
     fn tcp_flags_follow_the_kernels_per_packet_counters() {
         let (mut metrics, registry) = Metrics::new();
         // [SYN, SYN-ACK, FIN, RST] since the agent loaded the programs.
-        metrics.kernel_tcp_flags(&[0, 0, 0, 0]);
+        metrics.kernel_tcp_flags(IpFamily::V4, &[0, 0, 0, 0]);
         assert!(!scrape(&registry).contains("hubble_tcp_flags_total{"));
-        metrics.kernel_tcp_flags(&[3, 2, 4, 0]);
-        metrics.kernel_tcp_flags(&[5, 2, 4, 1]);
+        metrics.kernel_tcp_flags(IpFamily::V4, &[3, 2, 4, 0]);
+        metrics.kernel_tcp_flags(IpFamily::V4, &[5, 2, 4, 1]);
+        // The other family's packets, counted apart.
+        metrics.kernel_tcp_flags(IpFamily::V6, &[7, 0, 0, 0]);
         let text = scrape(&registry);
         for line in [
             format!("hubble_tcp_flags_total{{flag=\"SYN\",family=\"IPv4\",{EMPTY}}} 5"),
             format!("hubble_tcp_flags_total{{flag=\"SYN-ACK\",family=\"IPv4\",{EMPTY}}} 2"),
             format!("hubble_tcp_flags_total{{flag=\"FIN\",family=\"IPv4\",{EMPTY}}} 4"),
             format!("hubble_tcp_flags_total{{flag=\"RST\",family=\"IPv4\",{EMPTY}}} 1"),
+            format!("hubble_tcp_flags_total{{flag=\"SYN\",family=\"IPv6\",{EMPTY}}} 7"),
         ] {
             assert!(text.contains(&line), "missing {line} in:\n{text}");
         }

@@ -425,7 +425,8 @@ impl Pipeline {
             Err(e) => log::debug!("metrics: {e}"),
         }
         match datapath.tcp_flags() {
-            Ok(flags) => self.metrics.kernel_tcp_flags(&flags),
+            // The kernel's counters do not tell the families apart (yet): IPv4's.
+            Ok(flags) => self.metrics.kernel_tcp_flags(decode::IpFamily::V4, &flags),
             Err(e) => log::debug!("metrics: {e}"),
         }
         self.metrics.programs_attached(datapath.attachments().len());

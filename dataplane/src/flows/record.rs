@@ -902,7 +902,7 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
             source: tuple.saddr.to_string(),
             source_xlated,
             destination: daddr.to_string(),
-            ip_version: if tuple.is_ipv6() { "IPv6" } else { "IPv4" }.into(),
+            ip_version: tuple.family().hubble_name().into(),
         }),
         l4: if unparsed { None } else { l4 },
         traffic_direction: traffic_direction.into(),
