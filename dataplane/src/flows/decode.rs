@@ -6,7 +6,9 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use dataplane_common::{CtEntry, CtKey, DropReason, FlowEvent, ct_origin, ct_rewrite, flow_kind};
+use dataplane_common::{
+    Address, CtEntryOf, CtKeyOf, DropReason, FlowEvent, In6Addr, ct_origin, ct_rewrite, flow_kind,
+};
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -40,13 +42,33 @@ impl IpFamily {
 }
 
 /// An address as the kernel's maps hold it (network byte order), of either family.
-pub trait WireAddr: Copy {
+pub trait WireAddr: Address {
     fn ip(self) -> IpAddr;
 }
 
 impl WireAddr for u32 {
     fn ip(self) -> IpAddr {
         IpAddr::V4(Ipv4Addr::from(u32::from_be(self)))
+    }
+}
+
+impl WireAddr for In6Addr {
+    /// As it is: an IPv6 table's address is IPv6, IPv4-mapped or not.
+    fn ip(self) -> IpAddr {
+        IpAddr::V6(self.to_ipv6())
+    }
+}
+
+/// An address of a flow event of `family`: IPv4 events carry theirs mapped (::ffff:a.b.c.d),
+/// IPv6 events theirs as they are.
+fn event_addr(addr: In6Addr, family: u8) -> Result<IpAddr, DecodeError> {
+    match family {
+        4 => addr
+            .as_mapped_v4()
+            .map(WireAddr::ip)
+            .ok_or(DecodeError::Unmapped),
+        6 => Ok(addr.ip()),
+        other => Err(DecodeError::Family(other)),
     }
 }
 
@@ -60,6 +82,10 @@ pub enum DecodeError {
     Kind(u8),
     #[error("drop event with unknown reason {0}")]
     DropReason(u8),
+    #[error("flow event of address family {0}, which this agent does not decode")]
+    Family(u8),
+    #[error("IPv4 flow event with an address that is not IPv4-mapped")]
+    Unmapped,
 }
 
 /// What a record says about its connection.
@@ -132,8 +158,8 @@ impl Tuple {
     }
 }
 
-impl From<&CtKey> for Tuple {
-    fn from(key: &CtKey) -> Tuple {
+impl<A: WireAddr> From<&CtKeyOf<A>> for Tuple {
+    fn from(key: &CtKeyOf<A>) -> Tuple {
         Tuple {
             proto: key.proto,
             saddr: key.saddr.ip(),
@@ -275,12 +301,21 @@ pub fn from_raw(raw: &FlowEvent) -> Result<Event, DecodeError> {
         ),
         other => return Err(DecodeError::Kind(other)),
     };
+    let addr = |a: In6Addr| event_addr(a, raw.family);
+    let tuple = Tuple {
+        proto: raw.tuple.proto,
+        saddr: addr(raw.tuple.saddr)?,
+        sport: u16::from_be(raw.tuple.sport),
+        daddr: addr(raw.tuple.daddr)?,
+        dport: u16::from_be(raw.tuple.dport),
+    };
     let (tuple, nat) = translated(
-        Tuple::from(&raw.tuple),
+        tuple,
         Rewrite {
             origin: raw.origin,
             rewrite: raw.rewrite,
-            addr: raw.nat_addr.ip(),
+            // Of the family it was translated to (IPv4 mapped).
+            addr: raw.nat_addr.to_ip(),
             port: u16::from_be(raw.nat_port),
             hairpin_port: u16::from_be(raw.hairpin_port),
         },
@@ -308,10 +343,10 @@ pub fn from_raw(raw: &FlowEvent) -> Result<Event, DecodeError> {
 
 /// A record the agent makes from a connection's conntrack entries (`key`/`forward` its first
 /// direction, `reply` the other when present), at `now_ns`.
-pub fn from_conntrack(
-    key: &CtKey,
-    forward: &CtEntry,
-    reply: Option<&CtEntry>,
+pub fn from_conntrack<A: WireAddr>(
+    key: &CtKeyOf<A>,
+    forward: &CtEntryOf<A>,
+    reply: Option<&CtEntryOf<A>>,
     kind: Kind,
     now_ns: u64,
 ) -> Event {
@@ -349,36 +384,43 @@ pub fn from_conntrack(
 
 #[cfg(test)]
 pub mod tests {
-    use dataplane_common::hook;
+    use dataplane_common::{CtEntry, CtEntry6, CtKey6, hook};
 
     use super::*;
 
-    /// A kernel event as the programs write it: addresses and ports in network byte order.
+    /// A kernel event as the programs write it, of either family: addresses in IPv6 form
+    /// (IPv4 mapped, `family` 4) and ports in network byte order.
     pub fn raw_event(
         kind: u8,
         proto: u8,
         (saddr, sport): (&str, u16),
         (daddr, dport): (&str, u16),
     ) -> FlowEvent {
-        let ip = |s: &str| u32::from(s.parse::<Ipv4Addr>().unwrap()).to_be();
+        let (saddr, daddr): (IpAddr, IpAddr) = (saddr.parse().unwrap(), daddr.parse().unwrap());
         FlowEvent {
             time_ns: 5_000_000_000,
             packets: 1,
             bytes: 60,
-            tuple: CtKey {
-                saddr: ip(saddr),
-                daddr: ip(daddr),
+            tuple: CtKey6 {
+                saddr: In6Addr::from_ip(saddr),
+                daddr: In6Addr::from_ip(daddr),
                 sport: sport.to_be(),
                 dport: dport.to_be(),
                 proto,
                 _pad: [0; 3],
             },
+            family: if saddr.is_ipv4() { 4 } else { 6 },
             kind,
             tcp_flags: if proto == IPPROTO_TCP { 0x02 } else { 0 },
             hook: hook::CONTAINER_INGRESS as u8,
             ifindex: 7,
             ..FlowEvent::default()
         }
+    }
+
+    /// `addr` (either family) as an event's `nat_addr`.
+    pub fn nat_addr(addr: &str) -> In6Addr {
+        In6Addr::from_ip(addr.parse().unwrap())
     }
 
     /// An event as [`from_raw`] gives it, of either family (ports in host order): a new
@@ -433,7 +475,7 @@ pub mod tests {
         );
         raw.origin = ct_origin::PUBLISHED;
         raw.rewrite = ct_rewrite::DST;
-        raw.nat_addr = u32::from(Ipv4Addr::new(172, 30, 1, 2)).to_be();
+        raw.nat_addr = In6Addr::mapped_v4(u32::from(Ipv4Addr::new(172, 30, 1, 2)).to_be());
         raw.nat_port = 80u16.to_be();
         let event = from_raw(&copy_event(&as_bytes(&raw)).unwrap()).unwrap();
         assert_eq!(event.kind, Kind::New);
@@ -472,7 +514,7 @@ pub mod tests {
         );
         raw.origin = ct_origin::PUBLISHED;
         raw.rewrite = ct_rewrite::HAIRPIN;
-        raw.nat_addr = u32::from(Ipv4Addr::new(172, 30, 1, 1)).to_be();
+        raw.nat_addr = In6Addr::mapped_v4(u32::from(Ipv4Addr::new(172, 30, 1, 1)).to_be());
         raw.nat_port = 20077u16.to_be();
         raw.hairpin_port = 80u16.to_be();
         let event = from_raw(&copy_event(&as_bytes(&raw)).unwrap()).unwrap();
@@ -519,7 +561,7 @@ pub mod tests {
             copy_event(&bytes[..40]),
             Err(DecodeError::Size {
                 size: 40,
-                expected: 80
+                expected: 120
             })
         );
         let mut odd = raw;
@@ -543,7 +585,7 @@ pub mod tests {
         );
         raw.origin = ct_origin::SERVICE;
         raw.rewrite = ct_rewrite::SOCKET;
-        raw.nat_addr = u32::from(Ipv4Addr::new(10, 96, 0, 10)).to_be();
+        raw.nat_addr = In6Addr::mapped_v4(u32::from(Ipv4Addr::new(10, 96, 0, 10)).to_be());
         raw.nat_port = 80u16.to_be();
         let event = from_raw(&raw).unwrap();
         assert_eq!(event.tuple.daddr, Ipv4Addr::new(10, 96, 0, 10));
@@ -562,11 +604,11 @@ pub mod tests {
         let forward = CtEntry {
             origin: ct_origin::SERVICE,
             rewrite: ct_rewrite::SOCKET,
-            nat_addr: raw.nat_addr,
+            nat_addr: raw.nat_addr.as_mapped_v4().unwrap(),
             nat_port: raw.nat_port,
             ..CtEntry::default()
         };
-        let event = from_conntrack(&raw.tuple, &forward, None, Kind::End, 42);
+        let event = from_conntrack(&raw.tuple.as_v4().unwrap(), &forward, None, Kind::End, 42);
         assert_eq!(event.tuple.daddr, Ipv4Addr::new(10, 96, 0, 10));
         assert_eq!(event.nat, Some(expected));
     }
@@ -579,7 +621,9 @@ pub mod tests {
             ("172.30.1.2", 5000),
             ("192.0.2.2", 53),
         )
-        .tuple;
+        .tuple
+        .as_v4()
+        .unwrap();
         let forward = CtEntry {
             origin: ct_origin::MASQUERADE,
             rewrite: ct_rewrite::SRC,
@@ -613,5 +657,145 @@ pub mod tests {
             (Ipv4Addr::new(192, 0, 2, 1).into(), 20001)
         );
         assert_eq!(event.time_ns, 42);
+    }
+
+    #[test]
+    fn ipv6_events_decode_to_ipv6_tuples_and_translations() {
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        // A published port over IPv6.
+        let mut raw = raw_event(
+            flow_kind::NEW,
+            IPPROTO_TCP,
+            ("2001:db8::2", 41234),
+            ("2001:db8::1", 8080),
+        );
+        raw.origin = ct_origin::PUBLISHED;
+        raw.rewrite = ct_rewrite::DST;
+        raw.nat_addr = nat_addr("fd00:30:1::2");
+        raw.nat_port = 80u16.to_be();
+        let event = from_raw(&copy_event(&as_bytes(&raw)).unwrap()).unwrap();
+        assert_eq!(
+            event.tuple,
+            Tuple {
+                proto: IPPROTO_TCP,
+                saddr: v6("2001:db8::2"),
+                sport: 41234,
+                daddr: v6("2001:db8::1"),
+                dport: 8080,
+            }
+        );
+        assert_eq!(event.tuple.family(), IpFamily::V6);
+        assert_eq!(
+            event.nat,
+            Some(Nat {
+                kind: TranslationKind::PublishedPort,
+                destination: true,
+                addr: v6("fd00:30:1::2"),
+                port: 80,
+                source: None,
+            })
+        );
+        // A hairpin: back to the container from its gateway.
+        raw.tuple.saddr = nat_addr("fd00:30:1::2");
+        raw.rewrite = ct_rewrite::HAIRPIN;
+        raw.nat_addr = nat_addr("fd00:30:1::1");
+        raw.nat_port = 20077u16.to_be();
+        raw.hairpin_port = 80u16.to_be();
+        assert_eq!(
+            from_raw(&raw).unwrap().nat,
+            Some(Nat {
+                kind: TranslationKind::PublishedPort,
+                destination: true,
+                addr: v6("fd00:30:1::2"),
+                port: 80,
+                source: Some((v6("fd00:30:1::1"), 20077)),
+            })
+        );
+        // An ICMPv6 echo's answer, and a drop: their types and reasons as IPv4's.
+        let mut reply = raw_event(
+            flow_kind::REPLY,
+            IPPROTO_ICMPV6,
+            ("fd00:30:1::1", 77),
+            ("fd00:30:1::9", 0),
+        );
+        reply.icmp_type = 129;
+        let event = from_raw(&reply).unwrap();
+        assert_eq!((event.kind, event.icmp.icmp_type), (Kind::Reply, 129));
+        assert_eq!(event.tuple.saddr, v6("fd00:30:1::1"));
+        let mut drop = raw_event(
+            flow_kind::DROP,
+            IPPROTO_UDP,
+            ("2001:db8:ffff::7", 5000),
+            ("fd00:30:1::2", 53),
+        );
+        drop.drop_reason = DropReason::PolicyDeny as u8;
+        let event = from_raw(&drop).unwrap();
+        assert_eq!(event.kind, Kind::Drop(DropReason::PolicyDeny));
+        assert_eq!(event.nat, None);
+        // An IPv6 event's IPv4-mapped address stays IPv6 (an IPv6 packet had it); an IPv4
+        // event's address must be mapped; an unknown family is refused.
+        let mapped = raw_event(
+            flow_kind::NEW,
+            IPPROTO_UDP,
+            ("fd00:30:1::9", 5000),
+            ("2001:db8::1", 53),
+        );
+        let mut odd = mapped;
+        odd.tuple.daddr = nat_addr("192.0.2.1");
+        assert_eq!(from_raw(&odd).unwrap().tuple.daddr, v6("::ffff:192.0.2.1"));
+        odd.family = 4;
+        assert_eq!(from_raw(&odd), Err(DecodeError::Unmapped));
+        odd.family = 0;
+        assert_eq!(from_raw(&odd), Err(DecodeError::Family(0)));
+        // A connection of an IPv6 socket translated to an IPv4 backend: the translation in
+        // the backend's family.
+        let mut across = mapped;
+        across.origin = ct_origin::SERVICE;
+        across.rewrite = ct_rewrite::DST;
+        across.nat_addr = nat_addr("172.30.1.2");
+        across.nat_port = 80u16.to_be();
+        assert_eq!(
+            from_raw(&across).unwrap().nat.map(|n| n.addr),
+            Some("172.30.1.2".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn ipv6_conntrack_entries_give_the_same_events_as_ipv4_ones() {
+        let key = raw_event(
+            flow_kind::NEW,
+            IPPROTO_UDP,
+            ("fd00:30:1::2", 5000),
+            ("2001:db8:ffff::7", 53),
+        )
+        .tuple;
+        let forward = CtEntry6 {
+            origin: ct_origin::MASQUERADE,
+            rewrite: ct_rewrite::SRC,
+            nat_addr: nat_addr("2001:db8::1"),
+            nat_port: 20001u16.to_be(),
+            packets: 3,
+            bytes: 300,
+            ..CtEntry6::default()
+        };
+        let reply = CtEntry6 {
+            packets: 2,
+            bytes: 500,
+            is_reply: 1,
+            ..CtEntry6::default()
+        };
+        let event = from_conntrack(&key, &forward, Some(&reply), Kind::End, 42);
+        assert_eq!(event.tuple.saddr, "fd00:30:1::2".parse::<IpAddr>().unwrap());
+        assert_eq!(event.tuple.dport, 53);
+        let nat = event.nat.unwrap();
+        assert_eq!(nat.kind, TranslationKind::Masquerade);
+        assert_eq!(
+            (nat.addr, nat.port),
+            ("2001:db8::1".parse().unwrap(), 20001)
+        );
+        assert_eq!(
+            (event.counters.packets, event.counters.reply_bytes),
+            (3, 500)
+        );
     }
 }
