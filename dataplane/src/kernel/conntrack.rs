@@ -585,4 +585,114 @@ mod tests {
         half.retain(|_, e| e.is_reply == 0);
         assert_eq!(expired(&half, 1000 * NS_PER_SEC).len(), 1);
     }
+
+    /// The collector on a loaded datapath's real IPv6 tables (root; skipped otherwise): 3,000
+    /// UDP connections written into `dp_ct6_v1` (6,000 entries, past one lookup batch), 1,000
+    /// of them idle past the UDP timeout and 100 translated to a departed backend. One pass
+    /// removes exactly the idle ones and reads the rest; the departed backend's go next.
+    #[test]
+    fn the_collector_walks_and_cleans_the_kernels_ipv6_tables() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading the kernel programs needs root");
+            return;
+        }
+        let pin_dir =
+            std::path::PathBuf::from(format!("/sys/fs/bpf/dp-unit-ct6-{}", std::process::id()));
+        let (datapath, maps) = super::super::Datapath::load(&pin_dir, &Default::default())
+            .unwrap_or_else(|e| {
+                let _ = std::fs::remove_dir_all(&pin_dir);
+                panic!("loading the kernel programs: {e}")
+            });
+        let mut collector = Collector::new(maps);
+        let data =
+            aya::maps::MapData::from_pin(pin_dir.join(dataplane_common::map_names::CONNTRACK6))
+                .unwrap();
+        let mut table: aya::maps::HashMap<_, CtKey6, CtEntry6> =
+            aya::maps::HashMap::try_from(Map::HashMap(data)).unwrap();
+        let now = monotonic_now_ns();
+        let idle = now - (ct_timeout::UDP + 10) * NS_PER_SEC;
+        let addr = |i: u16| {
+            let mut o = [0u8; 16];
+            o[0] = 0xfd;
+            o[14..].copy_from_slice(&i.to_be_bytes());
+            In6Addr::from_octets(o)
+        };
+        let departed = addr(60_000);
+        for i in 0..3000u16 {
+            let forward = CtKey6 {
+                saddr: addr(i),
+                daddr: addr(50_000),
+                sport: (10_000 + i).to_be(),
+                dport: 53u16.to_be(),
+                proto: IPPROTO_UDP,
+                _pad: [0; 3],
+            };
+            let reply = CtKey6 {
+                saddr: forward.daddr,
+                daddr: forward.saddr,
+                sport: forward.dport,
+                dport: forward.sport,
+                ..forward
+            };
+            let seen = if i < 1000 { idle } else { now };
+            let entry = CtEntry6 {
+                created_ns: seen,
+                last_seen_ns: seen,
+                packets: 1,
+                ..CtEntry6::default()
+            };
+            let translated = (2000..2100).contains(&i);
+            table
+                .insert(
+                    forward,
+                    CtEntry6 {
+                        peer: reply,
+                        rewrite: if translated { ct_rewrite::DST } else { 0 },
+                        nat_addr: if translated {
+                            departed
+                        } else {
+                            In6Addr::UNSPECIFIED
+                        },
+                        ..entry
+                    },
+                    0,
+                )
+                .unwrap();
+            table
+                .insert(
+                    reply,
+                    CtEntry6 {
+                        peer: forward,
+                        is_reply: 1,
+                        ..entry
+                    },
+                    0,
+                )
+                .unwrap();
+        }
+        let started = Instant::now();
+        let walk = collector.collect();
+        let took = started.elapsed();
+        eprintln!("one pass over 6,000 IPv6 entries: {took:?}");
+        assert_eq!(walk.v6.entries.len(), 6000);
+        assert_eq!(walk.v6.removed.len(), 2000);
+        assert!(walk.v4.entries.is_empty());
+        assert_eq!(collector.collected, 2000);
+        let count = |t: &aya::maps::HashMap<_, CtKey6, CtEntry6>| t.keys().count();
+        assert_eq!(count(&table), 4000);
+        // Their end records: one per idle connection, IPv6 tuples.
+        let ended = crate::flows::periodic::ended(&walk.v6.entries, &walk.v6.removed, walk.now_ns);
+        assert_eq!(ended.len(), 1000);
+        assert!(ended.iter().all(|e| e.tuple.saddr.is_ipv6()));
+        collector.forget_translated_to(&BTreeSet::from([departed]));
+        assert_eq!(count(&table), 3800);
+        // IPv4's tables untouched by IPv6's departed addresses and the other way round.
+        collector.forget_translated_to(&BTreeSet::from([42u32]));
+        assert_eq!(count(&table), 3800);
+        drop(collector);
+        drop(table);
+        drop(datapath);
+        let _ = std::fs::remove_dir_all(&pin_dir);
+    }
 }
