@@ -1824,21 +1824,19 @@ endpoints:
 
     #[test]
     fn an_ipv6_published_port_connection_is_an_ipv6_flow_to_the_container() {
-        let mut event = decode::tests::event(
-            Kind::New,
+        // As the kernel writes it (family 6), decoded.
+        let mut raw = raw_event(
+            flow_kind::NEW,
             IPPROTO_TCP,
             ("2001:db8::2", 41234),
             ("2001:db8::1", 8080),
         );
-        event.nat = Some(Nat {
-            kind: TranslationKind::PublishedPort,
-            destination: true,
-            addr: v6("fd00:30:1::2"),
-            port: 80,
-            source: None,
-        });
-        event.hook = hook::UPLINK_INGRESS;
-        let mut record = record_of_event(&event);
+        raw.origin = ct_origin::PUBLISHED;
+        raw.rewrite = ct_rewrite::DST;
+        raw.nat_addr = decode::tests::nat_addr("fd00:30:1::2");
+        raw.nat_port = 80u16.to_be();
+        raw.hook = hook::UPLINK_INGRESS as u8;
+        let mut record = record_of_event(&decode::from_raw(&raw).unwrap());
         let web1 = identity_of(&[
             "container:app=web".into(),
             "container:tier=front".into(),
@@ -1989,17 +1987,15 @@ endpoints:
 
     #[test]
     fn icmpv6_echo_is_an_icmpv6_flow_with_hubbles_names() {
-        let mut event = decode::tests::event(
-            Kind::New,
+        let mut raw = raw_event(
+            flow_kind::NEW,
             IPPROTO_ICMPV6,
             ("fd00:30:1::9", 77),
             ("fd00:30:1::1", 0),
         );
-        event.icmp = Icmp {
-            icmp_type: 128,
-            code: 0,
-        };
-        let mut record = record_of_event(&event);
+        raw.origin = ct_origin::PLAIN;
+        raw.icmp_type = 128;
+        let mut record = record_of_event(&decode::from_raw(&raw).unwrap());
         let line = record.hubble_json();
         let json: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(
