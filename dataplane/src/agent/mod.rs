@@ -523,12 +523,16 @@ impl Agent {
         // Drops the kernel aggregated but had no later drop to report them with; before the
         // metrics refresh below, as drop accounting counts kernel drops without a record one
         // refresh later as unattributed, and these records are the late ones.
-        let pending = flows::periodic::pending_drops(&walk.drop_aggregates, walk.now_ns);
-        if !pending.is_empty() {
+        let pending4 = flows::periodic::pending_drops(&walk.v4.drop_aggregates, walk.now_ns);
+        let pending6 = flows::periodic::pending_drops(&walk.v6.drop_aggregates, walk.now_ns);
+        if !pending4.is_empty() || !pending6.is_empty() {
             self.collector
-                .forget_drop_aggregates(pending.iter().map(|(key, _)| key));
+                .forget_drop_aggregates(pending4.iter().map(|(key, _)| key));
+            self.collector
+                .forget_drop_aggregates(pending6.iter().map(|(key, _)| key));
+            let events = pending4.into_iter().map(|(_, event)| event);
             self.flows
-                .ingest(pending.into_iter().map(|(_, event)| event).collect());
+                .ingest(events.chain(pending6.into_iter().map(|(_, e)| e)).collect());
         }
         self.flows
             .after_conntrack_walk(self.reconciler.datapath(), &walk);

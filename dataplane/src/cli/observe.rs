@@ -1,6 +1,6 @@
 //! `dataplane observe`: the agent's flow records, like `hubble observe`: the latest ones, or
 //! following new ones as they come, as JSON lines or one compact line each, filtered by
-//! verdict, source, destination, port and protocol.
+//! verdict, source, destination, port, protocol and IP family.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -42,19 +42,30 @@ pub struct ObserveArgs {
     /// Only flows with this verdict: FORWARDED, TRANSLATED or DROPPED.
     #[arg(long)]
     verdict: Option<String>,
-    /// Only flows from this container (name), IP address, `host` or `world`.
+    /// Only flows from this container (name), IP address or CIDR prefix (IPv4 or IPv6),
+    /// `host` or `world`.
     #[arg(long, value_name = "NAME")]
     from: Option<String>,
-    /// Only flows to this container (name), service (name), IP address, `host` or `world`.
+    /// Only flows to this container (name), service (name), IP address or CIDR prefix (IPv4
+    /// or IPv6), `host` or `world`.
     #[arg(long, value_name = "NAME")]
     to: Option<String>,
+    /// Only flows with this IP address or CIDR prefix (IPv4 or IPv6) at either end.
+    #[arg(long, value_name = "ADDR|CIDR")]
+    ip: Option<String>,
     /// Only flows with this port at either end (or as a translated address's port, e.g. a
     /// published port).
     #[arg(long)]
     port: Option<u16>,
-    /// Only flows of this protocol: tcp, udp or icmp.
+    /// Only flows of this protocol: tcp, udp, icmp (ICMPv4 and ICMPv6), icmpv4 or icmpv6.
     #[arg(long)]
     protocol: Option<String>,
+    /// Only IPv4 flows.
+    #[arg(short = '4', long, conflicts_with = "ipv6")]
+    ipv4: bool,
+    /// Only IPv6 flows.
+    #[arg(short = '6', long)]
+    ipv6: bool,
     /// The agent's control socket.
     #[arg(long, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
@@ -70,8 +81,14 @@ impl ObserveArgs {
                 verdict: self.verdict.clone(),
                 from: self.from.clone(),
                 to: self.to.clone(),
+                ip: self.ip.clone(),
                 port: self.port,
                 protocol: self.protocol.clone(),
+                ip_version: match (self.ipv4, self.ipv6) {
+                    (true, _) => Some("4".into()),
+                    (_, true) => Some("6".into()),
+                    _ => None,
+                },
             },
         }
     }

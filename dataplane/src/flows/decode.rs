@@ -1,14 +1,76 @@
 //! Flow events as the agent works with them: the kernel's [`FlowEvent`] decoded into addresses,
 //! host-order ports and enums, and the same shape built from conntrack entries for the
 //! records the agent adds itself (periodic counters, the end of a connection that expired).
+//! Both families decode to the same [`Event`]: addresses are [`IpAddr`], so that nothing after
+//! this module cares which family a connection is.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use dataplane_common::{CtEntry, CtKey, DropReason, FlowEvent, ct_origin, ct_rewrite, flow_kind};
+use dataplane_common::{
+    Address, CtEntryOf, CtKeyOf, DropReason, FlowEvent, In6Addr, ct_origin, ct_rewrite, flow_kind,
+};
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// An IP family, named as Hubble names it (`IP.ipVersion`, the metrics' `family`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub const ALL: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+    pub fn of(ip: IpAddr) -> IpFamily {
+        if ip.is_ipv4() {
+            IpFamily::V4
+        } else {
+            IpFamily::V6
+        }
+    }
+
+    pub fn hubble_name(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+}
+
+/// An address as the kernel's maps hold it (network byte order), of either family.
+pub trait WireAddr: Address {
+    fn ip(self) -> IpAddr;
+}
+
+impl WireAddr for u32 {
+    fn ip(self) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(u32::from_be(self)))
+    }
+}
+
+impl WireAddr for In6Addr {
+    /// As it is: an IPv6 table's address is IPv6, IPv4-mapped or not.
+    fn ip(self) -> IpAddr {
+        IpAddr::V6(self.to_ipv6())
+    }
+}
+
+/// An address of a flow event of `family`: IPv4 events carry theirs mapped (::ffff:a.b.c.d),
+/// IPv6 events theirs as they are.
+fn event_addr(addr: In6Addr, family: u8) -> Result<IpAddr, DecodeError> {
+    match family {
+        4 => addr
+            .as_mapped_v4()
+            .map(WireAddr::ip)
+            .ok_or(DecodeError::Unmapped),
+        6 => Ok(addr.ip()),
+        other => Err(DecodeError::Family(other)),
+    }
+}
 
 /// An event the kernel wrote that this agent cannot read. The layout is shared through
 /// dataplane-common, so these mean a kernel object of another version is running.
@@ -22,6 +84,8 @@ pub enum DecodeError {
     DropReason(u8),
     #[error("flow event of address family {0}, which this agent does not decode")]
     Family(u8),
+    #[error("IPv4 flow event with an address that is not IPv4-mapped")]
+    Unmapped,
 }
 
 /// What a record says about its connection.
@@ -68,32 +132,39 @@ pub struct Nat {
     pub kind: TranslationKind,
     /// The destination was rewritten (published port, service); else the source (masquerade).
     pub destination: bool,
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// A hairpin connection (a container's connection translated back to itself): its source
     /// was rewritten too, to this address and port (the network's gateway); `addr`:`port`
     /// is then the container's own address and the port it was reached on.
-    pub source: Option<(Ipv4Addr, u16)>,
+    pub source: Option<(IpAddr, u16)>,
 }
 
 /// A connection's 5-tuple as its first packet (or the dropped packet) had it, ports in host
-/// byte order. For ICMP echo `sport` is the identifier and `dport` 0.
+/// byte order. For ICMP echo `sport` is the identifier and `dport` 0. Both addresses are of
+/// one family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Tuple {
     pub proto: u8,
-    pub saddr: Ipv4Addr,
+    pub saddr: IpAddr,
     pub sport: u16,
-    pub daddr: Ipv4Addr,
+    pub daddr: IpAddr,
     pub dport: u16,
 }
 
-impl From<&CtKey> for Tuple {
-    fn from(key: &CtKey) -> Tuple {
+impl Tuple {
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(self.saddr)
+    }
+}
+
+impl<A: WireAddr> From<&CtKeyOf<A>> for Tuple {
+    fn from(key: &CtKeyOf<A>) -> Tuple {
         Tuple {
             proto: key.proto,
-            saddr: Ipv4Addr::from(u32::from_be(key.saddr)),
+            saddr: key.saddr.ip(),
             sport: u16::from_be(key.sport),
-            daddr: Ipv4Addr::from(u32::from_be(key.daddr)),
+            daddr: key.daddr.ip(),
             dport: u16::from_be(key.dport),
         }
     }
@@ -135,56 +206,71 @@ pub struct Event {
     pub ifindex: u32,
 }
 
+/// What the kernel says of a connection's translation, in host byte order: how it was
+/// rewritten (`ct_rewrite`), to which address and port, and a hairpin's port.
+#[derive(Clone, Copy, Debug)]
+struct Rewrite {
+    origin: u8,
+    rewrite: u8,
+    addr: IpAddr,
+    port: u16,
+    hairpin_port: u16,
+}
+
 /// A connection translated at its socket (`ct_rewrite::SOCKET`: the key goes to the backend,
 /// `addr`:`port` is the service address the socket asked for) as the packet path's record of
 /// the same connection is: to the service address, its destination translated to the
 /// backend. Anything else as it is.
-fn presented(key: &CtKey, rewrite: u8, addr: u32, port: u16) -> (CtKey, u8, u32, u16) {
-    if rewrite != ct_rewrite::SOCKET {
-        return (*key, rewrite, addr, port);
+fn presented(tuple: Tuple, rw: Rewrite) -> (Tuple, Rewrite) {
+    if rw.rewrite != ct_rewrite::SOCKET {
+        return (tuple, rw);
     }
-    let asked = CtKey {
-        daddr: addr,
-        dport: port,
-        ..*key
+    let asked = Tuple {
+        daddr: rw.addr,
+        dport: rw.port,
+        ..tuple
     };
-    (asked, ct_rewrite::DST, key.daddr, key.dport)
+    let to_backend = Rewrite {
+        rewrite: ct_rewrite::DST,
+        addr: tuple.daddr,
+        port: tuple.dport,
+        ..rw
+    };
+    (asked, to_backend)
 }
 
-/// The translation an event or a forward conntrack entry of the connection `key` says.
-fn nat(
-    key: &CtKey,
-    origin: u8,
-    rewrite: u8,
-    addr: u32,
-    port: u16,
-    hairpin_port: u16,
-) -> Option<Nat> {
-    let kind = match origin {
+/// The translation an event or a forward conntrack entry of the connection `tuple` says.
+fn nat(tuple: &Tuple, rw: Rewrite) -> Option<Nat> {
+    let kind = match rw.origin {
         ct_origin::PUBLISHED => TranslationKind::PublishedPort,
         ct_origin::MASQUERADE => TranslationKind::Masquerade,
         ct_origin::SERVICE => TranslationKind::Service,
         // PLAIN, and 0 for drops.
         _ => return None,
     };
-    let ip = |a: u32| Ipv4Addr::from(u32::from_be(a));
-    if rewrite == ct_rewrite::HAIRPIN {
+    if rw.rewrite == ct_rewrite::HAIRPIN {
         // Back to the client itself, from the gateway.
         return Some(Nat {
             kind,
             destination: true,
-            addr: ip(key.saddr),
-            port: u16::from_be(hairpin_port),
-            source: Some((ip(addr), u16::from_be(port))),
+            addr: tuple.saddr,
+            port: rw.hairpin_port,
+            source: Some((rw.addr, rw.port)),
         });
     }
     Some(Nat {
         kind,
-        destination: rewrite == ct_rewrite::DST,
-        addr: ip(addr),
-        port: u16::from_be(port),
+        destination: rw.rewrite == ct_rewrite::DST,
+        addr: rw.addr,
+        port: rw.port,
         source: None,
     })
+}
+
+/// The tuple and translation as records present them.
+fn translated(tuple: Tuple, rw: Rewrite) -> (Tuple, Option<Nat>) {
+    let (tuple, rw) = presented(tuple, rw);
+    (tuple, nat(&tuple, rw))
 }
 
 /// Copies one ring-buffer record out of the ring (the reader task does this much only, so
@@ -215,25 +301,30 @@ pub fn from_raw(raw: &FlowEvent) -> Result<Event, DecodeError> {
         ),
         other => return Err(DecodeError::Kind(other)),
     };
-    // IPv4 events carry mapped addresses; IPv6 ones are not decoded yet.
-    let (Some(key), 4) = (raw.tuple.as_v4(), raw.family) else {
-        return Err(DecodeError::Family(raw.family));
+    let addr = |a: In6Addr| event_addr(a, raw.family);
+    let tuple = Tuple {
+        proto: raw.tuple.proto,
+        saddr: addr(raw.tuple.saddr)?,
+        sport: u16::from_be(raw.tuple.sport),
+        daddr: addr(raw.tuple.daddr)?,
+        dport: u16::from_be(raw.tuple.dport),
     };
-    let raw_nat_addr = raw.nat_addr.as_mapped_v4().unwrap_or(0);
-    let (tuple, rewrite, nat_addr, nat_port) =
-        presented(&key, raw.rewrite, raw_nat_addr, raw.nat_port);
+    let (tuple, nat) = translated(
+        tuple,
+        Rewrite {
+            origin: raw.origin,
+            rewrite: raw.rewrite,
+            // Of the family it was translated to (IPv4 mapped).
+            addr: raw.nat_addr.to_ip(),
+            port: u16::from_be(raw.nat_port),
+            hairpin_port: u16::from_be(raw.hairpin_port),
+        },
+    );
     Ok(Event {
         time_ns: raw.time_ns,
         kind,
-        tuple: Tuple::from(&tuple),
-        nat: nat(
-            &tuple,
-            raw.origin,
-            rewrite,
-            nat_addr,
-            nat_port,
-            raw.hairpin_port,
-        ),
+        tuple,
+        nat,
         tcp_flags: raw.tcp_flags,
         icmp: Icmp {
             icmp_type: raw.icmp_type,
@@ -252,27 +343,28 @@ pub fn from_raw(raw: &FlowEvent) -> Result<Event, DecodeError> {
 
 /// A record the agent makes from a connection's conntrack entries (`key`/`forward` its first
 /// direction, `reply` the other when present), at `now_ns`.
-pub fn from_conntrack(
-    key: &CtKey,
-    forward: &CtEntry,
-    reply: Option<&CtEntry>,
+pub fn from_conntrack<A: WireAddr>(
+    key: &CtKeyOf<A>,
+    forward: &CtEntryOf<A>,
+    reply: Option<&CtEntryOf<A>>,
     kind: Kind,
     now_ns: u64,
 ) -> Event {
-    let (tuple, rewrite, nat_addr, nat_port) =
-        presented(key, forward.rewrite, forward.nat_addr, forward.nat_port);
+    let (tuple, nat) = translated(
+        Tuple::from(key),
+        Rewrite {
+            origin: forward.origin,
+            rewrite: forward.rewrite,
+            addr: forward.nat_addr.ip(),
+            port: u16::from_be(forward.nat_port),
+            hairpin_port: u16::from_be(forward.hairpin_port),
+        },
+    );
     Event {
         time_ns: now_ns,
         kind,
-        tuple: Tuple::from(&tuple),
-        nat: nat(
-            &tuple,
-            forward.origin,
-            rewrite,
-            nat_addr,
-            nat_port,
-            forward.hairpin_port,
-        ),
+        tuple,
+        nat,
         tcp_flags: forward.tcp_flags | reply.map_or(0, |r| r.tcp_flags),
         // The first direction's type; tracked ICMP is echo, whose code is 0.
         icmp: Icmp {
@@ -292,37 +384,73 @@ pub fn from_conntrack(
 
 #[cfg(test)]
 pub mod tests {
-    use dataplane_common::{In6Addr, hook};
+    use dataplane_common::{CtEntry, CtEntry6, CtKey6, hook};
 
     use super::*;
 
-    /// A kernel event as the programs write it: addresses and ports in network byte order.
+    /// A kernel event as the programs write it, of either family: addresses in IPv6 form
+    /// (IPv4 mapped, `family` 4) and ports in network byte order.
     pub fn raw_event(
         kind: u8,
         proto: u8,
         (saddr, sport): (&str, u16),
         (daddr, dport): (&str, u16),
     ) -> FlowEvent {
-        let ip = |s: &str| u32::from(s.parse::<Ipv4Addr>().unwrap()).to_be();
+        let (saddr, daddr): (IpAddr, IpAddr) = (saddr.parse().unwrap(), daddr.parse().unwrap());
         FlowEvent {
             time_ns: 5_000_000_000,
             packets: 1,
             bytes: 60,
-            tuple: CtKey {
-                saddr: ip(saddr),
-                daddr: ip(daddr),
+            tuple: CtKey6 {
+                saddr: In6Addr::from_ip(saddr),
+                daddr: In6Addr::from_ip(daddr),
                 sport: sport.to_be(),
                 dport: dport.to_be(),
                 proto,
                 _pad: [0; 3],
-            }
-            .to_in6(),
-            family: 4,
+            },
+            family: if saddr.is_ipv4() { 4 } else { 6 },
             kind,
             tcp_flags: if proto == IPPROTO_TCP { 0x02 } else { 0 },
             hook: hook::CONTAINER_INGRESS as u8,
             ifindex: 7,
             ..FlowEvent::default()
+        }
+    }
+
+    /// `addr` (either family) as an event's `nat_addr`.
+    pub fn nat_addr(addr: &str) -> In6Addr {
+        In6Addr::from_ip(addr.parse().unwrap())
+    }
+
+    /// An event as [`from_raw`] gives it, of either family (ports in host order): a new
+    /// connection's, untranslated, seen at a container's ingress.
+    pub fn event(
+        kind: Kind,
+        proto: u8,
+        (saddr, sport): (&str, u16),
+        (daddr, dport): (&str, u16),
+    ) -> Event {
+        Event {
+            time_ns: 5_000_000_000,
+            kind,
+            tuple: Tuple {
+                proto,
+                saddr: saddr.parse().unwrap(),
+                sport,
+                daddr: daddr.parse().unwrap(),
+                dport,
+            },
+            nat: None,
+            tcp_flags: if proto == IPPROTO_TCP { 0x02 } else { 0 },
+            icmp: Icmp::default(),
+            counters: Counters {
+                packets: 1,
+                bytes: 60,
+                ..Counters::default()
+            },
+            hook: hook::CONTAINER_INGRESS,
+            ifindex: 7,
         }
     }
 
@@ -355,9 +483,9 @@ pub mod tests {
             event.tuple,
             Tuple {
                 proto: IPPROTO_TCP,
-                saddr: Ipv4Addr::new(192, 0, 2, 2),
+                saddr: Ipv4Addr::new(192, 0, 2, 2).into(),
                 sport: 41234,
-                daddr: Ipv4Addr::new(192, 0, 2, 1),
+                daddr: Ipv4Addr::new(192, 0, 2, 1).into(),
                 dport: 8080,
             }
         );
@@ -366,7 +494,7 @@ pub mod tests {
             Some(Nat {
                 kind: TranslationKind::PublishedPort,
                 destination: true,
-                addr: Ipv4Addr::new(172, 30, 1, 2),
+                addr: Ipv4Addr::new(172, 30, 1, 2).into(),
                 port: 80,
                 source: None,
             })
@@ -395,9 +523,9 @@ pub mod tests {
             Some(Nat {
                 kind: TranslationKind::PublishedPort,
                 destination: true,
-                addr: Ipv4Addr::new(172, 30, 1, 2),
+                addr: Ipv4Addr::new(172, 30, 1, 2).into(),
                 port: 80,
-                source: Some((Ipv4Addr::new(172, 30, 1, 1), 20077)),
+                source: Some((Ipv4Addr::new(172, 30, 1, 1).into(), 20077)),
             })
         );
     }
@@ -467,7 +595,7 @@ pub mod tests {
         let expected = Nat {
             kind: TranslationKind::Service,
             destination: true,
-            addr: Ipv4Addr::new(172, 30, 1, 3),
+            addr: Ipv4Addr::new(172, 30, 1, 3).into(),
             port: 8080,
             source: None,
         };
@@ -524,7 +652,150 @@ pub mod tests {
         let nat = event.nat.unwrap();
         assert_eq!(nat.kind, TranslationKind::Masquerade);
         assert!(!nat.destination);
-        assert_eq!((nat.addr, nat.port), (Ipv4Addr::new(192, 0, 2, 1), 20001));
+        assert_eq!(
+            (nat.addr, nat.port),
+            (Ipv4Addr::new(192, 0, 2, 1).into(), 20001)
+        );
         assert_eq!(event.time_ns, 42);
+    }
+
+    #[test]
+    fn ipv6_events_decode_to_ipv6_tuples_and_translations() {
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        // A published port over IPv6.
+        let mut raw = raw_event(
+            flow_kind::NEW,
+            IPPROTO_TCP,
+            ("2001:db8::2", 41234),
+            ("2001:db8::1", 8080),
+        );
+        raw.origin = ct_origin::PUBLISHED;
+        raw.rewrite = ct_rewrite::DST;
+        raw.nat_addr = nat_addr("fd00:30:1::2");
+        raw.nat_port = 80u16.to_be();
+        let event = from_raw(&copy_event(&as_bytes(&raw)).unwrap()).unwrap();
+        assert_eq!(
+            event.tuple,
+            Tuple {
+                proto: IPPROTO_TCP,
+                saddr: v6("2001:db8::2"),
+                sport: 41234,
+                daddr: v6("2001:db8::1"),
+                dport: 8080,
+            }
+        );
+        assert_eq!(event.tuple.family(), IpFamily::V6);
+        assert_eq!(
+            event.nat,
+            Some(Nat {
+                kind: TranslationKind::PublishedPort,
+                destination: true,
+                addr: v6("fd00:30:1::2"),
+                port: 80,
+                source: None,
+            })
+        );
+        // A hairpin: back to the container from its gateway.
+        raw.tuple.saddr = nat_addr("fd00:30:1::2");
+        raw.rewrite = ct_rewrite::HAIRPIN;
+        raw.nat_addr = nat_addr("fd00:30:1::1");
+        raw.nat_port = 20077u16.to_be();
+        raw.hairpin_port = 80u16.to_be();
+        assert_eq!(
+            from_raw(&raw).unwrap().nat,
+            Some(Nat {
+                kind: TranslationKind::PublishedPort,
+                destination: true,
+                addr: v6("fd00:30:1::2"),
+                port: 80,
+                source: Some((v6("fd00:30:1::1"), 20077)),
+            })
+        );
+        // An ICMPv6 echo's answer, and a drop: their types and reasons as IPv4's.
+        let mut reply = raw_event(
+            flow_kind::REPLY,
+            IPPROTO_ICMPV6,
+            ("fd00:30:1::1", 77),
+            ("fd00:30:1::9", 0),
+        );
+        reply.icmp_type = 129;
+        let event = from_raw(&reply).unwrap();
+        assert_eq!((event.kind, event.icmp.icmp_type), (Kind::Reply, 129));
+        assert_eq!(event.tuple.saddr, v6("fd00:30:1::1"));
+        let mut drop = raw_event(
+            flow_kind::DROP,
+            IPPROTO_UDP,
+            ("2001:db8:ffff::7", 5000),
+            ("fd00:30:1::2", 53),
+        );
+        drop.drop_reason = DropReason::PolicyDeny as u8;
+        let event = from_raw(&drop).unwrap();
+        assert_eq!(event.kind, Kind::Drop(DropReason::PolicyDeny));
+        assert_eq!(event.nat, None);
+        // An IPv6 event's IPv4-mapped address stays IPv6 (an IPv6 packet had it); an IPv4
+        // event's address must be mapped; an unknown family is refused.
+        let mapped = raw_event(
+            flow_kind::NEW,
+            IPPROTO_UDP,
+            ("fd00:30:1::9", 5000),
+            ("2001:db8::1", 53),
+        );
+        let mut odd = mapped;
+        odd.tuple.daddr = nat_addr("192.0.2.1");
+        assert_eq!(from_raw(&odd).unwrap().tuple.daddr, v6("::ffff:192.0.2.1"));
+        odd.family = 4;
+        assert_eq!(from_raw(&odd), Err(DecodeError::Unmapped));
+        odd.family = 0;
+        assert_eq!(from_raw(&odd), Err(DecodeError::Family(0)));
+        // A connection of an IPv6 socket translated to an IPv4 backend: the translation in
+        // the backend's family.
+        let mut across = mapped;
+        across.origin = ct_origin::SERVICE;
+        across.rewrite = ct_rewrite::DST;
+        across.nat_addr = nat_addr("172.30.1.2");
+        across.nat_port = 80u16.to_be();
+        assert_eq!(
+            from_raw(&across).unwrap().nat.map(|n| n.addr),
+            Some("172.30.1.2".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn ipv6_conntrack_entries_give_the_same_events_as_ipv4_ones() {
+        let key = raw_event(
+            flow_kind::NEW,
+            IPPROTO_UDP,
+            ("fd00:30:1::2", 5000),
+            ("2001:db8:ffff::7", 53),
+        )
+        .tuple;
+        let forward = CtEntry6 {
+            origin: ct_origin::MASQUERADE,
+            rewrite: ct_rewrite::SRC,
+            nat_addr: nat_addr("2001:db8::1"),
+            nat_port: 20001u16.to_be(),
+            packets: 3,
+            bytes: 300,
+            ..CtEntry6::default()
+        };
+        let reply = CtEntry6 {
+            packets: 2,
+            bytes: 500,
+            is_reply: 1,
+            ..CtEntry6::default()
+        };
+        let event = from_conntrack(&key, &forward, Some(&reply), Kind::End, 42);
+        assert_eq!(event.tuple.saddr, "fd00:30:1::2".parse::<IpAddr>().unwrap());
+        assert_eq!(event.tuple.dport, 53);
+        let nat = event.nat.unwrap();
+        assert_eq!(nat.kind, TranslationKind::Masquerade);
+        assert_eq!(
+            (nat.addr, nat.port),
+            ("2001:db8::1".parse().unwrap(), 20001)
+        );
+        assert_eq!(
+            (event.counters.packets, event.counters.reply_bytes),
+            (3, 500)
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! What `dataplane observe` asks the agent for: history, following, and the filters records
 //! must match (all of them). Sent as JSON after the word `observe` on the control socket.
 
+use std::net::IpAddr;
+
 use serde::{Deserialize, Serialize};
 
 use super::record::{Endpoint, Flow, LABEL_HOST, LABEL_WORLD, Verdict};
@@ -12,8 +14,12 @@ pub const DEFAULT_LAST: usize = 20;
 pub enum FilterError {
     #[error("--verdict {0:?}: expected FORWARDED, DROPPED or TRANSLATED")]
     Verdict(String),
-    #[error("--protocol {0:?}: expected tcp, udp or icmp")]
+    #[error("--protocol {0:?}: expected tcp, udp, icmp (both families), icmpv4 or icmpv6")]
     Protocol(String),
+    #[error("IP version {0:?}: expected 4 or 6")]
+    IpVersion(String),
+    #[error("--ip {0:?}: expected an IP address or a CIDR prefix (IPv4 or IPv6)")]
+    Ip(String),
     #[error("the observe request is not valid: {0}")]
     Request(String),
 }
@@ -24,18 +30,27 @@ pub enum FilterError {
 pub struct Filter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<String>,
-    /// The source: a container name, an IP address, `host` or `world`.
+    /// The source: a container name, an IP address or CIDR prefix of either family, `host` or
+    /// `world`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
-    /// The destination: a container name, an IP address, a service name, `host` or `world`.
+    /// The destination: a container name, an IP address or CIDR prefix of either family, a
+    /// service name, `host` or `world`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
+    /// Either end's address, an IP address or CIDR prefix of either family (`hubble observe
+    /// --ip`). Refused when it is neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
     /// Either end's port, or the port of the translation's original or translated address
     /// (so `--port 8080` finds the connections to a published port 8080).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+    /// The IP family: `4` or `6` (also `v4`, `ipv6`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_version: Option<String>,
 }
 
 /// A whole request.
@@ -83,13 +98,78 @@ fn parse_verdict(text: &str) -> Option<Verdict> {
     }
 }
 
-/// Hubble's protocol name for what the user wrote.
-fn parse_protocol(text: &str) -> Option<&'static str> {
+/// Hubble's protocol names for what the user wrote: `icmp` is either family's, as in Hubble.
+fn parse_protocol(text: &str) -> Option<&'static [&'static str]> {
     match text.to_ascii_lowercase().as_str() {
-        "tcp" => Some("TCP"),
-        "udp" => Some("UDP"),
-        "icmp" | "icmpv4" => Some("ICMPv4"),
+        "tcp" => Some(&["TCP"]),
+        "udp" => Some(&["UDP"]),
+        "icmp" => Some(&["ICMPv4", "ICMPv6"]),
+        "icmpv4" => Some(&["ICMPv4"]),
+        "icmpv6" => Some(&["ICMPv6"]),
         _ => None,
+    }
+}
+
+/// Hubble's name of the IP version the user wrote.
+fn parse_ip_version(text: &str) -> Option<&'static str> {
+    match text.to_ascii_lowercase().as_str() {
+        "4" | "v4" | "ipv4" => Some("IPv4"),
+        "6" | "v6" | "ipv6" => Some("IPv6"),
+        _ => None,
+    }
+}
+
+/// An address or a CIDR prefix of either family as filters take them (`172.30.1.9`,
+/// `2001:db8::/32`). The host bits of a prefix are ignored, as Hubble's filters (Go's
+/// `net.ParseCIDR`) ignore them; an address matches only its own family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrMatch {
+    addr: IpAddr,
+    len: u8,
+}
+
+fn bits(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() { 32 } else { 128 }
+}
+
+impl AddrMatch {
+    pub fn parse(text: &str) -> Option<AddrMatch> {
+        let (addr, len) = match text.split_once('/') {
+            None => {
+                let addr: IpAddr = text.parse().ok()?;
+                (addr, bits(addr))
+            }
+            Some((addr, len)) => {
+                let addr: IpAddr = addr.parse().ok()?;
+                let len: u8 = len.parse().ok().filter(|l| *l <= bits(addr))?;
+                (addr, len)
+            }
+        };
+        Some(AddrMatch { addr, len })
+    }
+
+    pub fn matches(&self, ip: IpAddr) -> bool {
+        // The top `len` bits of `a` and `b` (of `width` bits) are the same.
+        fn same_prefix(a: u128, b: u128, len: u8, width: u8) -> bool {
+            len == 0 || (a ^ b) >> (width - len) == 0
+        }
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => same_prefix(
+                u128::from(u32::from(net)),
+                u128::from(u32::from(ip)),
+                self.len,
+                32,
+            ),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                same_prefix(u128::from(net), u128::from(ip), self.len, 128)
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the address a record writes (`ip`, empty for none) matches.
+    pub fn matches_text(&self, ip: &str) -> bool {
+        ip.parse().is_ok_and(|ip| self.matches(ip))
     }
 }
 
@@ -99,7 +179,7 @@ fn port_of(addr: &str) -> Option<u16> {
 
 /// Whether `who` names this end (`ip` is its address).
 fn names(who: &str, endpoint: &Endpoint, ip: &str) -> bool {
-    who == ip
+    AddrMatch::parse(who).is_some_and(|m| m.matches_text(ip))
         || (endpoint.is_container() && endpoint.pod_name == who)
         || (who == "host" && endpoint.has_label(LABEL_HOST))
         || (who == "world" && endpoint.has_label(LABEL_WORLD))
@@ -118,6 +198,16 @@ impl Filter {
         {
             return Err(FilterError::Protocol(p.clone()));
         }
+        if let Some(v) = &self.ip_version
+            && parse_ip_version(v).is_none()
+        {
+            return Err(FilterError::IpVersion(v.clone()));
+        }
+        if let Some(ip) = &self.ip
+            && AddrMatch::parse(ip).is_none()
+        {
+            return Err(FilterError::Ip(ip.clone()));
+        }
         Ok(())
     }
 
@@ -128,7 +218,19 @@ impl Filter {
             return false;
         }
         if let Some(p) = &self.protocol
-            && parse_protocol(p) != Some(flow.protocol())
+            && !parse_protocol(p).is_some_and(|names| names.contains(&flow.protocol()))
+        {
+            return false;
+        }
+        if let Some(v) = &self.ip_version
+            && parse_ip_version(v) != Some(flow.ip_version())
+        {
+            return false;
+        }
+        if let Some(ip) = &self.ip
+            && !AddrMatch::parse(ip).is_some_and(|m| {
+                m.matches_text(flow.source_ip()) || m.matches_text(flow.destination_ip())
+            })
         {
             return false;
         }
@@ -251,6 +353,93 @@ mod tests {
         for (json, expected) in cases {
             assert_eq!(filter(json).matches(&f), expected, "{json}");
         }
+    }
+
+    /// An IPv6 flow: an ICMPv6 echo from a container to the outside.
+    fn flow6() -> Flow {
+        let mut f = flow();
+        f.ip = Some(Ip {
+            source: "fd00:30:1::2".into(),
+            source_xlated: "2001:db8::1".into(),
+            destination: "2001:db8:ffff::7".into(),
+            ip_version: "IPv6".into(),
+        });
+        f.l4 = Some(L4::Icmpv6 {
+            icmp_type: 128,
+            code: 0,
+        });
+        f.source = f.destination.take();
+        f.destination = Some(Endpoint {
+            identity: 2,
+            labels: vec![LABEL_WORLD.into()],
+            ..Endpoint::default()
+        });
+        f.destination_service = None;
+        f.translation = None;
+        f
+    }
+
+    #[test]
+    fn addresses_and_prefixes_of_both_families_match_their_own_family() {
+        let f = flow();
+        let f6 = flow6();
+        let cases = [
+            (r#"{"from": "192.0.2.0/24"}"#, true, false),
+            (r#"{"from": "192.0.2.2/32"}"#, true, false),
+            (r#"{"from": "192.0.3.0/24"}"#, false, false),
+            (r#"{"from": "0.0.0.0/0"}"#, true, false),
+            (r#"{"from": "fd00:30:1::2"}"#, false, true),
+            // Written otherwise, the same address.
+            (r#"{"from": "FD00:30:1:0::2"}"#, false, true),
+            (r#"{"from": "fd00:30:1::/64"}"#, false, true),
+            (r#"{"from": "fd00:30:1::1/64"}"#, false, true),
+            (r#"{"from": "fd00:30:2::/64"}"#, false, false),
+            (r#"{"from": "::/0"}"#, false, true),
+            (r#"{"to": "2001:db8::/32"}"#, false, true),
+            (r#"{"to": "world"}"#, false, true),
+            (r#"{"from": "web1"}"#, false, true),
+            (r#"{"from": "fd00:30:1::2/129"}"#, false, false),
+            (r#"{"protocol": "icmp"}"#, false, true),
+            (r#"{"protocol": "icmpv6"}"#, false, true),
+            (r#"{"protocol": "icmpv4"}"#, false, false),
+            (r#"{"protocol": "tcp"}"#, true, false),
+            (r#"{"ip_version": "6"}"#, false, true),
+            (r#"{"ip_version": "ipv4"}"#, true, false),
+            (r#"{"ip_version": "v6", "from": "web1"}"#, false, true),
+            (r#"{"ip": "2001:db8:ffff::/48"}"#, false, true),
+            (r#"{"ip": "fd00:30:1::2"}"#, false, true),
+            (r#"{"ip": "172.30.1.2"}"#, true, false),
+            (r#"{"ip": "192.0.2.2"}"#, true, false),
+            (r#"{"ip": "10.0.0.0/8"}"#, false, false),
+        ];
+        for (json, v4, v6) in cases {
+            assert_eq!(filter(json).matches(&f), v4, "{json} on the IPv4 flow");
+            assert_eq!(filter(json).matches(&f6), v6, "{json} on the IPv6 flow");
+        }
+        assert_eq!(
+            ObserveRequest::parse(r#"{"filter": {"ip_version": "5"}}"#),
+            Err(FilterError::IpVersion("5".into()))
+        );
+        assert_eq!(
+            ObserveRequest::parse(r#"{"filter": {"ip": "web1"}}"#),
+            Err(FilterError::Ip("web1".into()))
+        );
+        let m = AddrMatch::parse("2001:db8::/32").unwrap();
+        assert!(m.matches("2001:db8:ffff::1".parse().unwrap()));
+        assert!(!m.matches("2001:db9::1".parse().unwrap()));
+        assert!(!m.matches("32.1.13.184".parse().unwrap()));
+        assert!(
+            AddrMatch::parse("::ffff:0:0/96")
+                .unwrap()
+                .matches("::ffff:1.2.3.4".parse().unwrap())
+        );
+        assert!(
+            !AddrMatch::parse("::ffff:0:0/96")
+                .unwrap()
+                .matches("1.2.3.4".parse().unwrap())
+        );
+        assert!(AddrMatch::parse("2001:db8::/x").is_none());
+        assert!(AddrMatch::parse("10.0.0.0/33").is_none());
     }
 
     #[test]

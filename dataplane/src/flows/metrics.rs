@@ -2,7 +2,8 @@
 //!
 //! Hubble's names and labels, so existing dashboards work, derived from the flow records:
 //! `hubble_flows_processed_total{type,subtype,verdict,protocol}`,
-//! `hubble_drop_total{reason,protocol}`, `hubble_icmp_total{family,type}`,
+//! `hubble_drop_total{reason,protocol}`, `hubble_icmp_total{family,type}` (family `IPv4` or
+//! `IPv6`, type gopacket's name of the message as Hubble has it),
 //! `hubble_port_distribution_total{protocol,port}`; `hubble_tcp_flags_total{flag,family}` from
 //! the kernel's per-packet counters (the records come per connection, Hubble counts packets);
 //! and the agent's own `dataplane_*` from the kernel maps and the reconciler.
@@ -38,7 +39,10 @@ use tokio::net::TcpListener;
 use dataplane_common::tcp_flag_count;
 
 use crate::{
-    flows::record::{self, ConnectionEvent, Flow, L4, Verdict},
+    flows::{
+        decode::IpFamily,
+        record::{self, ConnectionEvent, Flow, L4, Verdict},
+    },
     kernel::TcpFlagTotals,
 };
 
@@ -140,8 +144,8 @@ pub struct Metrics {
     reconcile_errors: Counter,
     programs_attached: Gauge,
     drop_accounting: DropAccounting,
-    /// The kernel's TCP flag totals counted already.
-    tcp_flags_seen: TcpFlagTotals,
+    /// The kernel's TCP flag totals counted already, per family (`IpFamily as usize`).
+    tcp_flags_seen: [TcpFlagTotals; 2],
 }
 
 fn drop_reason_of(desc: &str) -> Option<DropReason> {
@@ -168,7 +172,7 @@ impl Metrics {
             reconcile_errors: Counter::default(),
             programs_attached: Gauge::default(),
             drop_accounting: DropAccounting::default(),
-            tcp_flags_seen: [0; tcp_flag_count::KINDS as usize],
+            tcp_flags_seen: [[0; tcp_flag_count::KINDS as usize]; 2],
         };
         // Counters get their `_total` suffix from the encoder.
         registry.register(
@@ -277,18 +281,24 @@ impl Metrics {
             event,
             Some(ConnectionEvent::New | ConnectionEvent::Reply | ConnectionEvent::Drop)
         );
-        if let Some(L4::Icmpv4 { icmp_type, code }) = &flow.l4
+        // Hubble's family and type text per ICMP version (gopacket's names of each).
+        let icmp = match flow.l4 {
+            Some(L4::Icmpv4 { icmp_type, code }) => Some((
+                "IPv4",
+                record::icmpv4_type_code(icmp_type as u8, code as u8),
+            )),
+            Some(L4::Icmpv6 { icmp_type, code }) => Some((
+                "IPv6",
+                record::icmpv6_type_code(icmp_type as u8, code as u8),
+            )),
+            _ => None,
+        };
+        if let Some((family, name)) = icmp
             && about_a_packet
         {
             self.icmp
                 .get_or_create(&with(
-                    [
-                        ("family", "IPv4".into()),
-                        (
-                            "type",
-                            Cow::Owned(record::icmpv4_type_code(*icmp_type as u8, *code as u8)),
-                        ),
-                    ],
+                    [("family", family.into()), ("type", Cow::Owned(name))],
                     &cx,
                 ))
                 .inc();
@@ -340,17 +350,22 @@ impl Metrics {
         }
     }
 
-    /// The kernel's per-packet TCP flag counters (totals per kind since the agent loaded the
-    /// programs, summed over CPUs and counting points), read every refresh. Hubble's labels;
-    /// the context labels are empty: the kernel counts packets, not workloads.
-    pub fn kernel_tcp_flags(&mut self, totals: &TcpFlagTotals) {
+    /// The kernel's per-packet TCP flag counters of one family's packets (totals per kind
+    /// since the agent loaded the programs, summed over CPUs and counting points), read every
+    /// refresh. Hubble's labels; the context labels are empty: the kernel counts packets, not
+    /// workloads.
+    pub fn kernel_tcp_flags(&mut self, family: IpFamily, totals: &TcpFlagTotals) {
+        let seen = &mut self.tcp_flags_seen[family as usize];
         for (kind, name) in tcp_flag_count::NAMES.iter().enumerate() {
-            let new = totals[kind].saturating_sub(self.tcp_flags_seen[kind]);
+            let new = totals[kind].saturating_sub(seen[kind]);
             if new > 0 {
-                self.tcp_flags_seen[kind] = totals[kind];
+                seen[kind] = totals[kind];
                 self.tcp_flags
                     .get_or_create(&with(
-                        [("flag", (*name).into()), ("family", "IPv4".into())],
+                        [
+                            ("flag", (*name).into()),
+                            ("family", family.hubble_name().into()),
+                        ],
                         &NO_CONTEXT,
                     ))
                     .inc_by(new);
@@ -477,7 +492,7 @@ mod tests {
     use super::*;
     use crate::flows::{
         clock::Clock,
-        decode::{self, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, tests::raw_event},
+        decode::{self, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, tests::raw_event},
         record::{self, Context, Identities},
     };
 
@@ -600,19 +615,70 @@ mod tests {
     }
 
     #[test]
+    fn icmpv6_is_counted_under_its_family_with_its_own_names() {
+        let (mut metrics, registry) = Metrics::new();
+        let flow = |kind, proto, icmp_type, code| {
+            let mut event = decode::tests::event(kind, proto, ("fd00::2", 7), ("fd00::9", 0));
+            event.icmp = decode::Icmp { icmp_type, code };
+            record::build(
+                &event,
+                &Context {
+                    identities: &Identities::default(),
+                    clock: &Clock::with_offset(0),
+                    node_name: "n",
+                    ifname: None,
+                },
+            )
+            .flow
+        };
+        metrics.record(&flow(decode::Kind::New, IPPROTO_ICMPV6, 128, 0));
+        metrics.record(&flow(decode::Kind::Reply, IPPROTO_ICMPV6, 129, 0));
+        metrics.record(&flow(
+            decode::Kind::Drop(DropReason::PolicyDeny),
+            IPPROTO_ICMPV6,
+            1,
+            4,
+        ));
+        // An ICMPv4 message of the same type numbers is another family's.
+        metrics.record(&flow(decode::Kind::New, IPPROTO_ICMP, 3, 3));
+        metrics.record(&flow(decode::Kind::New, IPPROTO_TCP, 0, 0));
+        let text = scrape(&registry);
+        for line in [
+            format!("hubble_icmp_total{{family=\"IPv6\",type=\"EchoRequest\",{EMPTY}}} 1"),
+            format!("hubble_icmp_total{{family=\"IPv6\",type=\"EchoReply\",{EMPTY}}} 1"),
+            format!(
+                "hubble_icmp_total{{family=\"IPv6\",type=\"DestinationUnreachable(PortUnreachable)\",{EMPTY}}} 1"
+            ),
+            format!(
+                "hubble_icmp_total{{family=\"IPv4\",type=\"DestinationUnreachable(Port)\",{EMPTY}}} 1"
+            ),
+            format!(
+                "hubble_flows_processed_total{{protocol=\"ICMPv6\",type=\"Trace\",subtype=\"to-network\",verdict=\"FORWARDED\",{EMPTY}}} 2"
+            ),
+            format!("hubble_drop_total{{reason=\"POLICY_DENY\",protocol=\"ICMPv6\",{EMPTY}}} 1"),
+            format!("hubble_port_distribution_total{{protocol=\"TCP\",port=\"0\",{EMPTY}}} 1"),
+        ] {
+            assert!(text.contains(&line), "missing {line} in:\n{text}");
+        }
+    }
+
+    #[test]
     fn tcp_flags_follow_the_kernels_per_packet_counters() {
         let (mut metrics, registry) = Metrics::new();
         // [SYN, SYN-ACK, FIN, RST] since the agent loaded the programs.
-        metrics.kernel_tcp_flags(&[0, 0, 0, 0]);
+        metrics.kernel_tcp_flags(IpFamily::V4, &[0, 0, 0, 0]);
         assert!(!scrape(&registry).contains("hubble_tcp_flags_total{"));
-        metrics.kernel_tcp_flags(&[3, 2, 4, 0]);
-        metrics.kernel_tcp_flags(&[5, 2, 4, 1]);
+        metrics.kernel_tcp_flags(IpFamily::V4, &[3, 2, 4, 0]);
+        metrics.kernel_tcp_flags(IpFamily::V4, &[5, 2, 4, 1]);
+        // The other family's packets, counted apart.
+        metrics.kernel_tcp_flags(IpFamily::V6, &[7, 0, 0, 0]);
         let text = scrape(&registry);
         for line in [
             format!("hubble_tcp_flags_total{{flag=\"SYN\",family=\"IPv4\",{EMPTY}}} 5"),
             format!("hubble_tcp_flags_total{{flag=\"SYN-ACK\",family=\"IPv4\",{EMPTY}}} 2"),
             format!("hubble_tcp_flags_total{{flag=\"FIN\",family=\"IPv4\",{EMPTY}}} 4"),
             format!("hubble_tcp_flags_total{{flag=\"RST\",family=\"IPv4\",{EMPTY}}} 1"),
+            format!("hubble_tcp_flags_total{{flag=\"SYN\",family=\"IPv6\",{EMPTY}}} 7"),
         ] {
             assert!(text.contains(&line), "missing {line} in:\n{text}");
         }

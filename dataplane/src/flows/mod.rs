@@ -24,7 +24,12 @@ pub mod metrics;
 pub mod periodic;
 pub mod record;
 
-use std::{collections::HashMap, net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
 use dataplane_common::FlowEvent;
@@ -37,7 +42,7 @@ use crate::{
     kernel::{
         Datapath,
         conntrack::Walk,
-        maps::{Conntrack, ConntrackNew},
+        maps::{Conntrack, Conntrack6, Conntrack6New, ConntrackNew, LocalAddrs, LocalAddrs6},
     },
     model::Model,
 };
@@ -197,7 +202,7 @@ pub struct Pipeline {
     node_name: String,
     /// The model the identities were built from, and the host's addresses.
     model: Model,
-    host_addrs: Vec<Ipv4Addr>,
+    host_addrs: Vec<IpAddr>,
     identities: Identities,
     ifnames: HashMap<u32, String>,
     hub: Arc<Hub>,
@@ -284,7 +289,7 @@ impl Pipeline {
         }
     }
 
-    fn set_host_addrs(&mut self, mut addrs: Vec<Ipv4Addr>) {
+    fn set_host_addrs(&mut self, mut addrs: Vec<IpAddr>) {
         addrs.sort();
         if addrs != self.host_addrs {
             self.host_addrs = addrs;
@@ -392,20 +397,34 @@ impl Pipeline {
     /// After each conntrack walk of the garbage collector (the table as read, the keys it
     /// removed, when): the final record of expired connections that had no close event, every
     /// report interval the counters of connections still open, and the kernel-side metrics.
+    /// Both families' tables, the same way.
     pub fn after_conntrack_walk(&mut self, datapath: &Datapath, walk: &Walk) {
-        let (entries, doomed, now_ns) = (&walk.entries, walk.removed.as_slice(), walk.now_ns);
-        for event in periodic::ended(entries, doomed, now_ns) {
-            self.publish(&event);
-        }
+        let now_ns = walk.now_ns;
+        let mut events = periodic::ended(&walk.v4.entries, &walk.v4.removed, now_ns);
+        events.extend(periodic::ended(&walk.v6.entries, &walk.v6.removed, now_ns));
         let interval = self.report_interval.as_nanos() as u64;
         if now_ns.saturating_sub(self.last_report_ns) >= interval {
             let since = std::mem::replace(&mut self.last_report_ns, now_ns);
-            for event in periodic::updates(entries, doomed, since, now_ns, interval) {
-                self.publish(&event);
-            }
+            events.extend(periodic::updates(
+                &walk.v4.entries,
+                &walk.v4.removed,
+                since,
+                now_ns,
+                interval,
+            ));
+            events.extend(periodic::updates(
+                &walk.v6.entries,
+                &walk.v6.removed,
+                since,
+                now_ns,
+                interval,
+            ));
+        }
+        for event in &events {
+            self.publish(event);
         }
         self.flush_log();
-        self.refresh_kernel_metrics(datapath, entries.len());
+        self.refresh_kernel_metrics(datapath, walk.entries());
     }
 
     fn refresh_kernel_metrics(&mut self, datapath: &Datapath, conntrack_entries: usize) {
@@ -420,7 +439,8 @@ impl Pipeline {
             Err(e) => log::debug!("metrics: {e}"),
         }
         match datapath.tcp_flags() {
-            Ok(flags) => self.metrics.kernel_tcp_flags(&flags),
+            // The kernel's counters do not tell the families apart (yet): IPv4's.
+            Ok(flags) => self.metrics.kernel_tcp_flags(decode::IpFamily::V4, &flags),
             Err(e) => log::debug!("metrics: {e}"),
         }
         self.metrics.programs_attached(datapath.attachments().len());
@@ -433,26 +453,43 @@ impl Pipeline {
                 }
                 Err(e) => log::debug!("metrics: {e}"),
             }
-            match datapath.entries::<crate::kernel::maps::LocalAddrs>() {
-                Ok(addrs) => self.set_host_addrs(
-                    addrs
-                        .keys()
-                        .map(|a| Ipv4Addr::from(u32::from_be(*a)))
-                        .collect(),
-                ),
-                Err(e) => log::debug!("flows: reading the host's addresses: {e}"),
+            let v4 = datapath.entries::<LocalAddrs>().map(|addrs| {
+                addrs
+                    .keys()
+                    .map(|a| IpAddr::V4(Ipv4Addr::from(u32::from_be(*a))))
+                    .collect::<Vec<_>>()
+            });
+            let v6 = datapath
+                .entries::<LocalAddrs6>()
+                .map(|addrs| addrs.keys().map(|a| IpAddr::V6(a.to_ipv6())).collect());
+            match (v4, v6) {
+                (Ok(mut addrs), Ok(v6)) => {
+                    addrs.extend::<Vec<_>>(v6);
+                    self.set_host_addrs(addrs);
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    log::debug!("flows: reading the host's addresses: {e}")
+                }
             }
         }
         self.walks = self.walks.wrapping_add(1);
     }
 
-    /// Both conntrack tables' capacity (established and handshakes under way), as the walk
-    /// counts both tables' entries; `dataplane_map_entries` has each table on its own.
+    /// Both conntrack tables' capacity (established and handshakes under way) of both
+    /// families, as the walk counts all their entries; `dataplane_map_entries` has each table
+    /// on its own.
     fn metrics_ct_capacity(&self, datapath: &Datapath) -> u64 {
         let main = datapath
             .capacity::<Conntrack>()
             .map_or(u64::from(dataplane_common::capacity::CONNTRACK), u64::from);
-        main + datapath.capacity::<ConntrackNew>().map_or(0, u64::from)
+        main + [
+            datapath.capacity::<ConntrackNew>(),
+            datapath.capacity::<Conntrack6>(),
+            datapath.capacity::<Conntrack6New>(),
+        ]
+        .into_iter()
+        .map(|c| c.map_or(0, u64::from))
+        .sum::<u64>()
     }
 
     /// `observe {json}` from the control socket: the reply (the latest matching records, one

@@ -5,19 +5,24 @@
 use std::collections::{BTreeMap, HashSet};
 
 use dataplane_common::{
-    CtEntry, CtKey, DropAggKey, DropAggValue, FlowEvent, drop_events, flow_kind, tcp_flag,
+    Address, CtEntryOf, CtKeyOf, DropAggKeyOf, DropAggValueOf, FlowEvent, drop_events, flow_kind,
+    tcp_flag,
 };
 
-use super::decode::{self, Event, IPPROTO_TCP, Kind};
+use super::decode::{self, Event, IPPROTO_TCP, Kind, WireAddr};
 
-fn closing(entry: &CtEntry) -> bool {
+fn closing<A: Address>(entry: &CtEntryOf<A>) -> bool {
     entry.tcp_flags & (tcp_flag::FIN | tcp_flag::RST) != 0
 }
 
 /// Final records of the connections among `doomed` (keys the collector removes) that had no
 /// close record from the kernel: UDP, ICMP, and TCP that never saw FIN or RST (an unanswered
-/// SYN, an idle connection timing out).
-pub fn ended(entries: &BTreeMap<CtKey, CtEntry>, doomed: &[CtKey], now_ns: u64) -> Vec<Event> {
+/// SYN, an idle connection timing out). Of either family's tables.
+pub fn ended<A: WireAddr>(
+    entries: &BTreeMap<CtKeyOf<A>, CtEntryOf<A>>,
+    doomed: &[CtKeyOf<A>],
+    now_ns: u64,
+) -> Vec<Event> {
     let mut events = Vec::new();
     for key in doomed {
         let Some(forward) = entries.get(key).filter(|e| e.is_reply == 0) else {
@@ -44,14 +49,14 @@ pub fn ended(entries: &BTreeMap<CtKey, CtEntry>, doomed: &[CtKey], now_ns: u64) 
 /// Counter records of the connections open for at least `interval_ns` that saw traffic after
 /// `since_ns` (the previous report), except those being removed or closing (their last word
 /// is the close or end record).
-pub fn updates(
-    entries: &BTreeMap<CtKey, CtEntry>,
-    doomed: &[CtKey],
+pub fn updates<A: WireAddr>(
+    entries: &BTreeMap<CtKeyOf<A>, CtEntryOf<A>>,
+    doomed: &[CtKeyOf<A>],
     since_ns: u64,
     now_ns: u64,
     interval_ns: u64,
 ) -> Vec<Event> {
-    let doomed: HashSet<&CtKey> = doomed.iter().collect();
+    let doomed: HashSet<&CtKeyOf<A>> = doomed.iter().collect();
     let mut events = Vec::new();
     for (key, forward) in entries {
         if forward.is_reply == 1 || doomed.contains(key) {
@@ -80,11 +85,12 @@ pub fn updates(
 /// The drops the kernel aggregated and has not reported yet because no later drop of the
 /// same (source, reason, hook) came after the key's interval: one DROP event per such key,
 /// carrying the count, for the agent to publish and then remove the key (so that the kernel
-/// starts the key afresh). Keys still within their interval are the kernel's to report.
-pub fn pending_drops(
-    entries: &BTreeMap<DropAggKey, DropAggValue>,
+/// starts the key afresh). Keys still within their interval are the kernel's to report. The
+/// events are the kernel's form, of the family of the table.
+pub fn pending_drops<A: Address>(
+    entries: &BTreeMap<DropAggKeyOf<A>, DropAggValueOf<A>>,
     now_ns: u64,
-) -> Vec<(DropAggKey, FlowEvent)> {
+) -> Vec<(DropAggKeyOf<A>, FlowEvent)> {
     entries
         .iter()
         .filter(|(_, v)| {
@@ -96,7 +102,7 @@ pub fn pending_drops(
                 packets: v.pending,
                 bytes: v.pending_bytes,
                 tuple: v.tuple.to_in6(),
-                family: 4,
+                family: A::FAMILY,
                 kind: flow_kind::DROP,
                 tcp_flags: v.tcp_flags,
                 icmp_type: v.icmp_type,
@@ -113,6 +119,11 @@ pub fn pending_drops(
 
 #[cfg(test)]
 mod tests {
+    use dataplane_common::{
+        CtEntry, CtEntry6, CtKey, CtKey6, DropAggKey, DropAggKey6, DropAggValue, DropAggValue6,
+        In6Addr,
+    };
+
     use super::*;
 
     #[test]
@@ -228,5 +239,86 @@ mod tests {
         // Being removed: no update.
         let doomed = vec![busy[0].0];
         assert!(updates(&entries, &doomed, 110 * S, 140 * S, 30 * S).is_empty());
+    }
+
+    #[test]
+    fn ipv6_connections_and_drops_get_their_records_too() {
+        let addr = |s: &str| In6Addr::from_ipv6(s.parse().unwrap());
+        let forward_key = CtKey6 {
+            saddr: addr("fd00:30:1::2"),
+            daddr: addr("2001:db8::7"),
+            sport: 5000u16.to_be(),
+            dport: 53u16.to_be(),
+            proto: IPPROTO_UDP,
+            _pad: [0; 3],
+        };
+        let reply_key = CtKey6 {
+            saddr: forward_key.daddr,
+            daddr: forward_key.saddr,
+            sport: forward_key.dport,
+            dport: forward_key.sport,
+            ..forward_key
+        };
+        let entries = BTreeMap::from([
+            (
+                forward_key,
+                CtEntry6 {
+                    created_ns: 100 * S,
+                    last_seen_ns: 139 * S,
+                    packets: 4,
+                    peer: reply_key,
+                    ..CtEntry6::default()
+                },
+            ),
+            (
+                reply_key,
+                CtEntry6 {
+                    is_reply: 1,
+                    created_ns: 100 * S,
+                    last_seen_ns: 139 * S,
+                    packets: 3,
+                    bytes: 900,
+                    peer: forward_key,
+                    ..CtEntry6::default()
+                },
+            ),
+        ]);
+        let ended = ended(&entries, &[forward_key, reply_key], 200 * S);
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].kind, Kind::End);
+        assert_eq!(
+            ended[0].tuple.saddr,
+            "fd00:30:1::2".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert_eq!(ended[0].tuple.sport, 5000);
+        assert_eq!(ended[0].counters.reply_bytes, 900);
+        let reported = updates(&entries, &[], 110 * S, 140 * S, 30 * S);
+        assert_eq!(reported.len(), 1);
+        assert_eq!(reported[0].kind, Kind::Update);
+        // A drop left pending in the IPv6 aggregates: an IPv6 event.
+        let key = DropAggKey6 {
+            saddr: forward_key.saddr,
+            reason: dataplane_common::DropReason::PolicyDeny as u8,
+            hook: 2,
+            _pad: 0,
+        };
+        let value = DropAggValue6 {
+            pending: 9,
+            last_event_ns: 10 * drop_events::INTERVAL_NS,
+            tuple: forward_key,
+            ..DropAggValue6::default()
+        };
+        let pending = pending_drops(
+            &BTreeMap::from([(key, value)]),
+            12 * drop_events::INTERVAL_NS,
+        );
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].1.family, 6);
+        let event = decode::from_raw(&pending[0].1).unwrap();
+        assert_eq!(
+            event.tuple.daddr,
+            "2001:db8::7".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert_eq!(event.counters.packets, 9);
     }
 }

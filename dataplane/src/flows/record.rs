@@ -12,7 +12,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, SocketAddr},
 };
 
 use dataplane_common::{DropReason, tcp_flag};
@@ -20,9 +20,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     clock::{self, Clock},
-    decode::{Event, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Icmp, Kind, Nat, TranslationKind},
+    decode::{
+        Event, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Icmp, Kind, Nat,
+        TranslationKind,
+    },
 };
-use crate::model::{Model, PortTarget};
+use crate::model::{self, Model, PortTarget};
 
 /// Cilium's reserved identities for the host and for everything outside the cluster.
 pub const IDENTITY_HOST: u32 = 1;
@@ -145,7 +148,7 @@ pub struct Ip {
     pub ip_version: String,
 }
 
-/// Layer 4, one of TCP, UDP or ICMPv4 (protobuf's `oneof` as JSON: `{"TCP": {...}}`).
+/// Layer 4, one of TCP, UDP, ICMPv4 or ICMPv6 (protobuf's `oneof` as JSON: `{"TCP": {...}}`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum L4 {
     #[serde(rename = "TCP")]
@@ -161,6 +164,12 @@ pub enum L4 {
     },
     #[serde(rename = "ICMPv4")]
     Icmpv4 {
+        #[serde(rename = "type")]
+        icmp_type: u32,
+        code: u32,
+    },
+    #[serde(rename = "ICMPv6")]
+    Icmpv6 {
         #[serde(rename = "type")]
         icmp_type: u32,
         code: u32,
@@ -445,7 +454,7 @@ impl TracePoint {
 /// A published port that leads to a service, to name the service in its flows.
 #[derive(Clone, Debug)]
 struct PublishedService {
-    host_ip: Option<Ipv4Addr>,
+    host_ip: Option<IpAddr>,
     first: u16,
     last: u16,
     proto: u8,
@@ -455,16 +464,34 @@ struct PublishedService {
 /// Who is behind an address, from the model and the host's addresses.
 #[derive(Clone, Debug, Default)]
 pub struct Identities {
-    containers: HashMap<Ipv4Addr, Endpoint>,
-    vips: HashMap<(Ipv4Addr, u16, u8), Service>,
+    containers: HashMap<IpAddr, Endpoint>,
+    vips: HashMap<(IpAddr, u16, u8), Service>,
     published: Vec<PublishedService>,
-    host: HashSet<Ipv4Addr>,
+    host: HashSet<IpAddr>,
+}
+
+/// Every address of a container's interface, of both families: the one place that knows which
+/// fields of the model hold them.
+fn interface_addrs(interface: &model::Interface) -> impl Iterator<Item = IpAddr> {
+    let v4 = interface.ip.map(IpAddr::V4);
+    v4.into_iter().chain(interface.ip6.map(IpAddr::V6))
+}
+
+/// Every gateway address of a network (the host's own, on the network's bridge).
+fn gateway_addrs(network: &model::Network) -> impl Iterator<Item = IpAddr> {
+    let v4 = network.gateway.map(IpAddr::V4);
+    v4.into_iter().chain(network.gateway6.map(IpAddr::V6))
+}
+
+/// Every VIP of a service.
+fn vip_addrs(service: &model::Service) -> impl Iterator<Item = IpAddr> {
+    service.addresses().into_iter()
 }
 
 impl Identities {
     /// `host_addrs`: the host's own addresses (the uplink's and the others the agent found);
     /// the networks' gateways are the host's too.
-    pub fn new(model: &Model, host_addrs: impl IntoIterator<Item = Ipv4Addr>) -> Identities {
+    pub fn new(model: &Model, host_addrs: impl IntoIterator<Item = IpAddr>) -> Identities {
         let mut containers = HashMap::new();
         let mut namespaces: HashMap<&str, String> = HashMap::new();
         for endpoint in &model.endpoints {
@@ -478,12 +505,7 @@ impl Identities {
                 })
                 .into_iter()
                 .collect();
-            // (IPv4 addresses only, until the records know IPv6 ones.)
-            for (interface, ip) in endpoint
-                .interfaces
-                .iter()
-                .filter_map(|i| i.ip.map(|ip| (i, ip)))
-            {
+            for interface in &endpoint.interfaces {
                 let namespace = project.unwrap_or(&interface.network).clone();
                 namespaces
                     .entry(endpoint.name.as_str())
@@ -503,17 +525,17 @@ impl Identities {
                         .collect::<Vec<_>>(),
                 );
                 labels.sort();
-                containers.insert(
-                    ip,
-                    Endpoint {
-                        id: endpoint_id_of(&endpoint.name),
-                        identity,
-                        namespace,
-                        labels,
-                        pod_name: endpoint.name.clone(),
-                        workloads: workloads.clone(),
-                    },
-                );
+                let container = Endpoint {
+                    id: endpoint_id_of(&endpoint.name),
+                    identity,
+                    namespace,
+                    labels,
+                    pod_name: endpoint.name.clone(),
+                    workloads: workloads.clone(),
+                };
+                for ip in interface_addrs(interface) {
+                    containers.insert(ip, container.clone());
+                }
             }
         }
         // A service's namespace: its backends' (the first one's).
@@ -533,20 +555,18 @@ impl Identities {
         let vips = model
             .services
             .iter()
-            .filter_map(|s| Some(((s.vip?, s.port, s.protocol.number()), service_of(&s.name))))
+            .flat_map(|s| {
+                let service = service_of(&s.name);
+                vip_addrs(s).map(move |vip| ((vip, s.port, s.protocol.number()), service.clone()))
+            })
             .collect();
         let published = model
             .ports
             .iter()
             .filter_map(|p| match &p.target {
                 PortTarget::Service(name) => Some(PublishedService {
-                    host_ip: match p.host_ip {
-                        None => None,
-                        Some(std::net::IpAddr::V4(ip)) if !ip.is_unspecified() => Some(ip),
-                        Some(std::net::IpAddr::V4(_)) => None,
-                        // An IPv6 binding: not one of the IPv4 addresses records show yet.
-                        Some(std::net::IpAddr::V6(_)) => return None,
-                    },
+                    // 0.0.0.0 / ::: every host address of that family.
+                    host_ip: p.host_ip,
                     first: p.host_ports.first,
                     last: p.host_ports.last,
                     proto: p.protocol.number(),
@@ -558,7 +578,7 @@ impl Identities {
         let host = model
             .networks
             .iter()
-            .filter_map(|n| n.gateway)
+            .flat_map(gateway_addrs)
             .chain(host_addrs)
             .collect();
         Identities {
@@ -569,13 +589,17 @@ impl Identities {
         }
     }
 
-    fn is_host(&self, ip: Ipv4Addr) -> bool {
+    fn is_host(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
         ip.is_loopback() || self.host.contains(&ip)
     }
 
     /// The endpoint behind `ip`. A service VIP that was not translated (no backend) is
     /// `reserved:world` as in Cilium; its flow names the service in `destination_service`.
-    pub fn endpoint(&self, ip: Ipv4Addr) -> Endpoint {
+    /// An IPv4-mapped IPv6 address (`::ffff:172.30.1.2`, what an IPv6 socket reaches an IPv4
+    /// container through) is its IPv4 address's.
+    pub fn endpoint(&self, ip: IpAddr) -> Endpoint {
+        let ip = ip.to_canonical();
         if let Some(container) = self.containers.get(&ip) {
             return container.clone();
         }
@@ -587,7 +611,8 @@ impl Identities {
 
     /// The service a connection to `ip:port` reached: a VIP's, or the one a published port
     /// leads to.
-    fn service(&self, ip: Ipv4Addr, port: u16, proto: u8) -> Option<Service> {
+    fn service(&self, ip: IpAddr, port: u16, proto: u8) -> Option<Service> {
+        let ip = ip.to_canonical();
         if let Some(service) = self.vips.get(&(ip, port, proto)) {
             return Some(service.clone());
         }
@@ -599,7 +624,9 @@ impl Identities {
             .find(|p| {
                 p.proto == proto
                     && (p.first..=p.last).contains(&port)
-                    && p.host_ip.is_none_or(|h| h == ip)
+                    && p.host_ip.is_none_or(|h| {
+                        h == ip || (h.is_unspecified() && h.is_ipv4() == ip.is_ipv4())
+                    })
             })
             .map(|p| p.service.clone())
     }
@@ -670,6 +697,54 @@ pub fn icmpv4_type_code(icmp_type: u8, code: u8) -> String {
     }
 }
 
+/// An ICMPv6 type and code as Hubble writes them (gopacket's `ICMPv6TypeCode` text, in a
+/// flow's `Summary` after `ICMPv6 ` and in `hubble_icmp_total{family="IPv6",type}`):
+/// `EchoRequest`, `DestinationUnreachable(PortUnreachable)`, `TimeExceeded(HopLimitExceeded)`,
+/// a code the type does not have `PacketTooBig(Code: 1)`, an unknown type `200(0)`. (The
+/// multicast listener messages 130..=132 and 143 have no name there: numbers, as in Hubble.)
+pub fn icmpv6_type_code(icmp_type: u8, code: u8) -> String {
+    let (name, codes): (&str, &[&str]) = match icmp_type {
+        1 => (
+            "DestinationUnreachable",
+            &[
+                "NoRouteToDst",
+                "AdminProhibited",
+                "BeyondScopeOfSrc",
+                "AddressUnreachable",
+                "PortUnreachable",
+                "SrcAddressFailedPolicy",
+                "RejectRouteToDst",
+            ],
+        ),
+        2 => ("PacketTooBig", &[]),
+        3 => (
+            "TimeExceeded",
+            &["HopLimitExceeded", "FragmentReassemblyTimeExceeded"],
+        ),
+        4 => (
+            "ParameterProblem",
+            &[
+                "ErroneousHeaderField",
+                "UnrecognizedNextHeader",
+                "UnrecognizedIPv6Option",
+            ],
+        ),
+        128 => ("EchoRequest", &[]),
+        129 => ("EchoReply", &[]),
+        133 => ("RouterSolicitation", &[]),
+        134 => ("RouterAdvertisement", &[]),
+        135 => ("NeighborSolicitation", &[]),
+        136 => ("NeighborAdvertisement", &[]),
+        137 => ("Redirect", &[]),
+        _ => return format!("{icmp_type}({code})"),
+    };
+    match codes.get(usize::from(code)) {
+        _ if codes.is_empty() && code == 0 => name.to_owned(),
+        Some(code_name) => format!("{name}({code_name})"),
+        None => format!("{name}(Code: {code})"),
+    }
+}
+
 fn protocol_summary(proto: u8, flags: u8, icmp: Icmp) -> String {
     match proto {
         // A packet dropped before its TCP header was read (XDP reads addresses only).
@@ -680,6 +755,7 @@ fn protocol_summary(proto: u8, flags: u8, icmp: Icmp) -> String {
         ),
         IPPROTO_UDP => "UDP".into(),
         IPPROTO_ICMP => format!("ICMPv4 {}", icmpv4_type_code(icmp.icmp_type, icmp.code)),
+        IPPROTO_ICMPV6 => format!("ICMPv6 {}", icmpv6_type_code(icmp.icmp_type, icmp.code)),
         0 => "unknown".into(),
         other => format!("IP protocol {other}"),
     }
@@ -769,6 +845,10 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
             icmp_type: u32::from(event.icmp.icmp_type),
             code: u32::from(event.icmp.code),
         }),
+        IPPROTO_ICMPV6 => Some(L4::Icmpv6 {
+            icmp_type: u32::from(event.icmp.icmp_type),
+            code: u32::from(event.icmp.code),
+        }),
         _ => None,
     };
     let source_xlated = match event.nat {
@@ -780,30 +860,26 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
         _ => String::new(),
     };
     // An ICMP echo's one identifier is in `sport` both ways (`dport` is 0).
-    let original_dport = if tuple.proto == IPPROTO_ICMP {
+    let original_dport = if matches!(tuple.proto, IPPROTO_ICMP | IPPROTO_ICMPV6) {
         tuple.sport
     } else {
         tuple.dport
     };
     let translation = event.nat.map(|nat| {
-        let (original, translated) = if nat.destination {
-            (
-                format!("{}:{}", tuple.daddr, original_dport),
-                format!("{}:{}", nat.addr, nat.port),
-            )
+        // `[2001:db8::1]:80` for IPv6, as everywhere an address and port are written.
+        let at = |addr: IpAddr, port: u16| SocketAddr::new(addr, port).to_string();
+        let original = if nat.destination {
+            at(tuple.daddr, original_dport)
         } else {
-            (
-                format!("{}:{}", tuple.saddr, tuple.sport),
-                format!("{}:{}", nat.addr, nat.port),
-            )
+            at(tuple.saddr, tuple.sport)
         };
         Translation {
             original,
-            translated,
+            translated: at(nat.addr, nat.port),
             kind: nat.kind.name().to_owned(),
             source_translated: nat
                 .source
-                .map(|(addr, port)| format!("{addr}:{port}"))
+                .map(|(addr, port)| at(addr, port))
                 .unwrap_or_default(),
         }
     });
@@ -831,7 +907,7 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
             source: tuple.saddr.to_string(),
             source_xlated,
             destination: daddr.to_string(),
-            ip_version: "IPv4".into(),
+            ip_version: tuple.family().hubble_name().into(),
         }),
         l4: if unparsed { None } else { l4 },
         traffic_direction: traffic_direction.into(),
@@ -887,15 +963,21 @@ static NO_ENDPOINT: Endpoint = Endpoint {
 };
 
 impl Flow {
-    /// Hubble's protocol name: TCP, UDP, ICMPv4; `Unknown L4` (as Hubble's metrics say) for
-    /// anything else.
+    /// Hubble's protocol name: TCP, UDP, ICMPv4, ICMPv6; `Unknown L4` (as Hubble's metrics
+    /// say) for anything else.
     pub fn protocol(&self) -> &'static str {
         match self.l4 {
             Some(L4::Tcp { .. }) => "TCP",
             Some(L4::Udp { .. }) => "UDP",
             Some(L4::Icmpv4 { .. }) => "ICMPv4",
+            Some(L4::Icmpv6 { .. }) => "ICMPv6",
             None => "Unknown L4",
         }
+    }
+
+    /// The IP family's name, `IPv4` or `IPv6` (Hubble's `IP.ipVersion`); empty without IP.
+    pub fn ip_version(&self) -> &str {
+        self.ip.as_ref().map_or("", |ip| ip.ip_version.as_str())
     }
 
     /// Source and destination ports (none for ICMP).
@@ -989,6 +1071,8 @@ fn compact_host(
         ip.to_owned()
     };
     match port {
+        // An IPv6 address with a port in brackets (Go's net.JoinHostPort, as hubble prints).
+        Some(port) if port != 0 && host.contains(':') => format!("[{host}]:{port}"),
         Some(port) if port != 0 => format!("{host}:{port}"),
         _ => host,
     }
@@ -1069,6 +1153,8 @@ pub fn compact(record: &Record) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use dataplane_common::{ct_origin, ct_rewrite, flow_kind, hook};
 
     use super::*;
@@ -1701,5 +1787,367 @@ endpoints:
             }]
         );
         assert!((1..=4095).contains(&web.id));
+    }
+
+    /// The spec's containers, gateway, host and VIP with an IPv6 address each besides their
+    /// IPv4 one (client fd00:30:1::9, web1 fd00:30:1::2, gateway fd00:30:1::1, host
+    /// 2001:db8::1, VIP of `web` fd00:96::10).
+    fn dual_stack() -> Identities {
+        let mut ids = identities();
+        for (v4, v6) in [
+            ("172.30.1.9", "fd00:30:1::9"),
+            ("172.30.1.2", "fd00:30:1::2"),
+        ] {
+            let container = ids.endpoint(v4.parse().unwrap());
+            ids.containers.insert(v6.parse().unwrap(), container);
+        }
+        ids.host.insert("2001:db8::1".parse().unwrap());
+        ids.host.insert("fd00:30:1::1".parse().unwrap());
+        let web = ids.vips[&("10.96.0.10".parse().unwrap(), 80, IPPROTO_TCP)].clone();
+        ids.vips
+            .insert(("fd00:96::10".parse().unwrap(), 80, IPPROTO_TCP), web);
+        ids
+    }
+
+    fn record_of_event(event: &Event) -> Record {
+        let ids = dual_stack();
+        let clock = Clock::with_offset(1_732_528_801_000_000_000 - 5_000_000_000);
+        build(
+            event,
+            &Context {
+                identities: &ids,
+                clock: &clock,
+                node_name: "node1",
+                ifname: Some("eth0"),
+            },
+        )
+    }
+
+    fn v6(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_ipv6_published_port_connection_is_an_ipv6_flow_to_the_container() {
+        // As the kernel writes it (family 6), decoded.
+        let mut raw = raw_event(
+            flow_kind::NEW,
+            IPPROTO_TCP,
+            ("2001:db8::2", 41234),
+            ("2001:db8::1", 8080),
+        );
+        raw.origin = ct_origin::PUBLISHED;
+        raw.rewrite = ct_rewrite::DST;
+        raw.nat_addr = decode::tests::nat_addr("fd00:30:1::2");
+        raw.nat_port = 80u16.to_be();
+        raw.hook = hook::UPLINK_INGRESS as u8;
+        let mut record = record_of_event(&decode::from_raw(&raw).unwrap());
+        let web1 = identity_of(&[
+            "container:app=web".into(),
+            "container:tier=front".into(),
+            "namespace=front".into(),
+        ]);
+        let line = record.hubble_json();
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            json["flow"]["IP"],
+            serde_json::json!({
+                "source": "2001:db8::2",
+                "destination": "fd00:30:1::2",
+                "ipVersion": "IPv6"
+            })
+        );
+        assert_eq!(
+            json["flow"]["l4"],
+            serde_json::json!({"TCP": {"source_port": 41234, "destination_port": 80, "flags": {"SYN": true}}})
+        );
+        assert_eq!(json["flow"]["destination"]["pod_name"], "web1");
+        assert_eq!(json["flow"]["traffic_direction"], "INGRESS");
+        assert_eq!(json["flow"]["trace_observation_point"], "TO_ENDPOINT");
+        let proto = strict(&line);
+        let Some(crate::hubble::api::observer::get_flows_response::ResponseTypes::Flow(f)) =
+            proto.response_types
+        else {
+            panic!("no flow in {line}");
+        };
+        assert_eq!(
+            f.ip.unwrap().ip_version(),
+            crate::hubble::api::flow::IpVersion::IPv6
+        );
+        let t = record.flow.translation.as_ref().unwrap();
+        assert_eq!(
+            (t.original.as_str(), t.translated.as_str()),
+            ("[2001:db8::1]:8080", "[fd00:30:1::2]:80")
+        );
+        assert_eq!(
+            compact(&record),
+            format!(
+                "Nov 25 10:00:01.000: [2001:db8::2]:41234 (world) -> front/web1:80 (ID:{web1}) \
+                 to-endpoint FORWARDED (TCP Flags: SYN) [published_port [2001:db8::1]:8080 => \
+                 [fd00:30:1::2]:80]"
+            )
+        );
+    }
+
+    #[test]
+    fn ipv6_between_containers_masquerade_and_vips_read_as_over_ipv4() {
+        // Container to container (UDP).
+        let event = decode::tests::event(
+            Kind::New,
+            IPPROTO_UDP,
+            ("fd00:30:1::9", 5000),
+            ("fd00:30:1::2", 53),
+        );
+        let mut record = record_of_event(&event);
+        strict(&record.hubble_json());
+        let flow = &record.flow;
+        assert_eq!(flow.ip_version(), "IPv6");
+        assert_eq!(
+            (
+                flow.source().pod_name.as_str(),
+                flow.destination().pod_name.as_str()
+            ),
+            ("client", "web1")
+        );
+        assert_eq!(flow.traffic_direction, "INGRESS");
+        assert_eq!(flow.summary, "UDP");
+        // The same container has the same identity over both families.
+        let over_v4 = record_of(&raw_event(
+            flow_kind::NEW,
+            IPPROTO_UDP,
+            ("172.30.1.9", 5000),
+            ("172.30.1.2", 53),
+        ));
+        assert_eq!(flow.source, over_v4.flow.source);
+        assert_eq!(flow.destination, over_v4.flow.destination);
+
+        // Masquerade (NAT66): the container stays the source, the host's address is the
+        // translated one.
+        let mut event = decode::tests::event(
+            Kind::Close,
+            IPPROTO_TCP,
+            ("fd00:30:1::2", 41000),
+            ("2001:db8:ffff::7", 443),
+        );
+        event.nat = Some(Nat {
+            kind: TranslationKind::Masquerade,
+            destination: false,
+            addr: v6("2001:db8::1"),
+            port: 20001,
+            source: None,
+        });
+        event.tcp_flags = tcp_flag::SYN | tcp_flag::ACK | tcp_flag::FIN;
+        event.hook = hook::UPLINK_EGRESS;
+        let mut record = record_of_event(&event);
+        strict(&record.hubble_json());
+        let flow = &record.flow;
+        let ip = flow.ip.as_ref().unwrap();
+        assert_eq!(
+            (
+                ip.source.as_str(),
+                ip.source_xlated.as_str(),
+                ip.destination.as_str(),
+                ip.ip_version.as_str()
+            ),
+            ("fd00:30:1::2", "2001:db8::1", "2001:db8:ffff::7", "IPv6")
+        );
+        assert_eq!(flow.traffic_direction, "EGRESS");
+        assert_eq!(flow.trace_observation_point.as_deref(), Some("TO_NETWORK"));
+        assert_eq!(
+            flow.translation.as_ref().unwrap().original,
+            "[fd00:30:1::2]:41000"
+        );
+
+        // A service's IPv6 VIP, translated to its backend's IPv6 address.
+        let mut event = decode::tests::event(
+            Kind::New,
+            IPPROTO_TCP,
+            ("fd00:30:1::9", 40000),
+            ("fd00:96::10", 80),
+        );
+        event.nat = Some(Nat {
+            kind: TranslationKind::Service,
+            destination: true,
+            addr: v6("fd00:30:1::2"),
+            port: 80,
+            source: None,
+        });
+        let mut record = record_of_event(&event);
+        strict(&record.hubble_json());
+        assert_eq!(
+            record
+                .flow
+                .destination_service
+                .as_ref()
+                .map(|s| s.name.as_str()),
+            Some("web")
+        );
+        assert_eq!(record.flow.destination().pod_name, "web1");
+        assert!(
+            compact(&record).contains("front/client:40000 (ID:"),
+            "{}",
+            compact(&record)
+        );
+    }
+
+    #[test]
+    fn icmpv6_echo_is_an_icmpv6_flow_with_hubbles_names() {
+        let mut raw = raw_event(
+            flow_kind::NEW,
+            IPPROTO_ICMPV6,
+            ("fd00:30:1::9", 77),
+            ("fd00:30:1::1", 0),
+        );
+        raw.origin = ct_origin::PLAIN;
+        raw.icmp_type = 128;
+        let mut record = record_of_event(&decode::from_raw(&raw).unwrap());
+        let line = record.hubble_json();
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            json["flow"]["l4"],
+            serde_json::json!({"ICMPv6": {"type": 128, "code": 0}})
+        );
+        let proto = strict(&line);
+        let Some(crate::hubble::api::observer::get_flows_response::ResponseTypes::Flow(f)) =
+            proto.response_types
+        else {
+            panic!("no flow in {line}");
+        };
+        assert!(matches!(
+            f.l4.and_then(|l| l.protocol),
+            Some(crate::hubble::api::flow::layer4::Protocol::IcmPv6(
+                crate::hubble::api::flow::IcmPv6 {
+                    r#type: 128,
+                    code: 0
+                }
+            ))
+        ));
+        let flow = &record.flow;
+        assert_eq!(flow.summary, "ICMPv6 EchoRequest");
+        assert_eq!(flow.protocol(), "ICMPv6");
+        assert_eq!(flow.destination().labels, vec![LABEL_HOST]);
+        assert_eq!(flow.trace_observation_point.as_deref(), Some("TO_STACK"));
+
+        // Its answer.
+        let mut reply = decode::tests::event(
+            Kind::Reply,
+            IPPROTO_ICMPV6,
+            ("fd00:30:1::1", 77),
+            ("fd00:30:1::9", 0),
+        );
+        reply.icmp = Icmp {
+            icmp_type: 129,
+            code: 0,
+        };
+        let mut record = record_of_event(&reply);
+        strict(&record.hubble_json());
+        assert_eq!(record.flow.summary, "ICMPv6 EchoReply");
+        assert!(record.flow.is_reply);
+        assert!(
+            compact(&record).contains(": front/client (ID:")
+                && compact(&record).contains("<- fd00:30:1::1 (host) to-endpoint FORWARDED"),
+            "{}",
+            compact(&record)
+        );
+    }
+
+    #[test]
+    fn dropped_ipv6_packets_carry_their_reason_and_message() {
+        let mut event = decode::tests::event(
+            Kind::Drop(DropReason::PolicyDenied),
+            IPPROTO_TCP,
+            ("fd00:30:1::9", 5000),
+            ("fd00:30:1::2", 80),
+        );
+        event.counters = decode::Counters::default();
+        let mut record = record_of_event(&event);
+        let line = record.hubble_json();
+        strict(&line);
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(json["flow"]["verdict"], "DROPPED");
+        assert_eq!(json["flow"]["drop_reason_desc"], "POLICY_DENIED");
+        assert_eq!(json["flow"]["IP"]["ipVersion"], "IPv6");
+        assert!(
+            compact(&record).contains("front/client:5000 (ID:")
+                && compact(&record).contains("front/web1:80 (ID:")
+                && compact(&record).contains(" Policy denied DROPPED (TCP Flags: SYN)"),
+            "{}",
+            compact(&record)
+        );
+        for (icmp_type, code, summary) in [
+            (1, 4, "ICMPv6 DestinationUnreachable(PortUnreachable)"),
+            (3, 0, "ICMPv6 TimeExceeded(HopLimitExceeded)"),
+            (2, 0, "ICMPv6 PacketTooBig"),
+            (128, 0, "ICMPv6 EchoRequest"),
+        ] {
+            let mut event = decode::tests::event(
+                Kind::Drop(DropReason::PolicyDeny),
+                IPPROTO_ICMPV6,
+                ("2001:db8:ffff::7", 0),
+                ("2001:db8::1", 0),
+            );
+            event.icmp = Icmp { icmp_type, code };
+            event.hook = hook::UPLINK_INGRESS;
+            let mut record = record_of_event(&event);
+            strict(&record.hubble_json());
+            assert_eq!(
+                record.flow.l4,
+                Some(L4::Icmpv6 {
+                    icmp_type: u32::from(icmp_type),
+                    code: u32::from(code)
+                })
+            );
+            assert_eq!(record.flow.summary, summary);
+            assert_eq!(record.flow.destination().labels, vec![LABEL_HOST]);
+        }
+        // Dropped before its addresses were read: no IP, whichever family.
+        let event =
+            decode::tests::event(Kind::Drop(DropReason::Malformed), 0, ("::", 0), ("::", 0));
+        let mut record = record_of_event(&event);
+        let line = record.hubble_json();
+        strict(&line);
+        assert!(record.flow.ip.is_none(), "{line}");
+    }
+
+    #[test]
+    fn an_ipv4_mapped_address_is_its_ipv4_address_s_endpoint() {
+        let ids = dual_stack();
+        assert_eq!(ids.endpoint(v6("::ffff:172.30.1.2")).pod_name, "web1");
+        assert_eq!(
+            ids.endpoint(v6("::ffff:192.0.2.1")).labels,
+            vec![LABEL_HOST]
+        );
+        assert_eq!(ids.endpoint(v6("::1")).labels, vec![LABEL_HOST]);
+        assert_eq!(
+            ids.service(v6("::ffff:10.96.0.10"), 80, IPPROTO_TCP)
+                .map(|s| s.name),
+            Some("web".into())
+        );
+        assert_eq!(ids.endpoint(v6("fd00:30:1::3")).labels, vec![LABEL_WORLD]);
+    }
+
+    #[test]
+    fn icmpv6_types_and_codes_are_named_as_hubble_names_them() {
+        for (icmp_type, code, name) in [
+            (128, 0, "EchoRequest"),
+            (129, 0, "EchoReply"),
+            (128, 1, "EchoRequest(Code: 1)"),
+            (1, 0, "DestinationUnreachable(NoRouteToDst)"),
+            (1, 1, "DestinationUnreachable(AdminProhibited)"),
+            (1, 6, "DestinationUnreachable(RejectRouteToDst)"),
+            (1, 7, "DestinationUnreachable(Code: 7)"),
+            (2, 0, "PacketTooBig"),
+            (3, 1, "TimeExceeded(FragmentReassemblyTimeExceeded)"),
+            (4, 2, "ParameterProblem(UnrecognizedIPv6Option)"),
+            (133, 0, "RouterSolicitation"),
+            (134, 0, "RouterAdvertisement"),
+            (135, 0, "NeighborSolicitation"),
+            (136, 0, "NeighborAdvertisement"),
+            (137, 0, "Redirect"),
+            (143, 0, "143(0)"),
+            (200, 3, "200(3)"),
+        ] {
+            assert_eq!(icmpv6_type_code(icmp_type, code), name);
+        }
     }
 }

@@ -4,9 +4,8 @@
 //! Filters on what our flows never carry (L7, DNS names, UUIDs, trace IDs, clusters other than
 //! the empty one) match nothing, as they would in Hubble for flows without that data.
 
-use std::net::Ipv4Addr;
-
 use super::api::flow::{self, Flow, FlowFilter, layer4::Protocol};
+use crate::flows::filter::AddrMatch;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FilterError {
@@ -31,26 +30,9 @@ fn matches_named(selector: &str, namespace: &str, name: &str) -> bool {
     }
 }
 
-/// An address or a CIDR prefix.
+/// An address or a CIDR prefix of either family (refused by [`check`] when it is neither).
 fn matches_ip(selector: &str, ip: &str) -> bool {
-    if ip.is_empty() {
-        return false;
-    }
-    let Some((net, len)) = selector.split_once('/') else {
-        return selector == ip;
-    };
-    let (Ok(net), Ok(len), Ok(ip)) = (
-        net.parse::<Ipv4Addr>(),
-        len.parse::<u32>(),
-        ip.parse::<Ipv4Addr>(),
-    ) else {
-        return false;
-    };
-    if len > 32 {
-        return false;
-    }
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-    u32::from(net) & mask == u32::from(ip) & mask
+    AddrMatch::parse(selector).is_some_and(|m| m.matches_text(ip))
 }
 
 /// A label without its source (`container:app=web` -> `app=web`; `reserved:host` stays).
@@ -156,6 +138,24 @@ pub fn check(filter: &FlowFilter) -> Result<(), FilterError> {
     {
         return Err(FilterError::Cel);
     }
+    // As Hubble refuses them (`invalid IP address in filter`, `invalid CIDR in filter`).
+    for (field, values) in [
+        ("source_ip", &filter.source_ip),
+        ("source_ip_xlated", &filter.source_ip_xlated),
+        ("destination_ip", &filter.destination_ip),
+    ] {
+        if let Some(v) = values.iter().find(|v| AddrMatch::parse(v).is_none()) {
+            return Err(FilterError::Value {
+                field,
+                value: v.clone(),
+                why: if v.contains('/') {
+                    "not a CIDR prefix"
+                } else {
+                    "not an IP address"
+                },
+            });
+        }
+    }
     for (field, values) in [
         ("source_port", &filter.source_port),
         ("destination_port", &filter.destination_port),
@@ -241,7 +241,8 @@ pub fn matches(filter: &FlowFilter, flow: &Flow) -> bool {
         && any(&filter.protocol, |p| {
             let p = p.to_ascii_lowercase();
             let name = protocol_name(flow);
-            name == Some(p.as_str()) || (p == "icmp" && name == Some("icmpv4"))
+            // `icmp` is either family's, as in Hubble.
+            name == Some(p.as_str()) || (p == "icmp" && matches!(name, Some("icmpv4" | "icmpv6")))
         })
         && any(&filter.source_port, |p| {
             p.parse::<u32>().ok().is_some_and(|p| sport == Some(p))
@@ -305,6 +306,12 @@ mod tests {
         assert!(!matches_ip("172.30.2.0/24", "172.30.1.9"));
         assert!(matches_ip("172.30.1.9", "172.30.1.9"));
         assert!(!matches_ip("172.30.1.9", ""));
+        assert!(matches_ip("fd00:30:1::/64", "fd00:30:1::9"));
+        assert!(matches_ip("fd00:30:1::9", "fd00:30:1::9"));
+        assert!(matches_ip("fd00:30:1:0:0::9", "fd00:30:1::9"));
+        assert!(!matches_ip("fd00:30:2::/64", "fd00:30:1::9"));
+        assert!(!matches_ip("::/0", "172.30.1.9"));
+        assert!(!matches_ip("0.0.0.0/0", "fd00:30:1::9"));
         let labels = vec![
             "container:app=web".to_owned(),
             "container:tier=front".into(),
@@ -327,5 +334,130 @@ mod tests {
         assert!(matches_glob("*1", "node1"));
         assert!(!matches_glob("host*", "node1"));
         assert!(matches_glob("node1", "node1"));
+    }
+
+    fn flow_of(ip: (&str, &str), version: flow::IpVersion, l4: Protocol) -> Flow {
+        Flow {
+            ip: Some(flow::Ip {
+                source: ip.0.into(),
+                destination: ip.1.into(),
+                ip_version: version as i32,
+                ..Default::default()
+            }),
+            l4: Some(flow::Layer4 { protocol: Some(l4) }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ipv6_flows_match_hubbles_address_family_and_protocol_filters() {
+        let v6 = flow_of(
+            ("fd00:30:1::9", "2001:db8::7"),
+            flow::IpVersion::IPv6,
+            Protocol::IcmPv6(flow::IcmPv6 {
+                r#type: 128,
+                code: 0,
+            }),
+        );
+        let v4 = flow_of(
+            ("172.30.1.9", "192.0.2.7"),
+            flow::IpVersion::IPv4,
+            Protocol::IcmPv4(flow::IcmPv4 { r#type: 8, code: 0 }),
+        );
+        let cases: [(FlowFilter, bool, bool); 8] = [
+            (
+                FlowFilter {
+                    source_ip: vec!["fd00:30:1::/48".into()],
+                    ..Default::default()
+                },
+                false,
+                true,
+            ),
+            (
+                FlowFilter {
+                    destination_ip: vec!["192.0.2.7".into(), "2001:db8::7".into()],
+                    ..Default::default()
+                },
+                true,
+                true,
+            ),
+            (
+                FlowFilter {
+                    ip_version: vec![flow::IpVersion::IPv6 as i32],
+                    ..Default::default()
+                },
+                false,
+                true,
+            ),
+            (
+                FlowFilter {
+                    ip_version: vec![flow::IpVersion::IPv4 as i32],
+                    ..Default::default()
+                },
+                true,
+                false,
+            ),
+            (
+                FlowFilter {
+                    protocol: vec!["icmp".into()],
+                    ..Default::default()
+                },
+                true,
+                true,
+            ),
+            (
+                FlowFilter {
+                    protocol: vec!["ICMPv6".into()],
+                    ..Default::default()
+                },
+                false,
+                true,
+            ),
+            (
+                FlowFilter {
+                    protocol: vec!["icmpv4".into()],
+                    ..Default::default()
+                },
+                true,
+                false,
+            ),
+            (
+                FlowFilter {
+                    source_ip: vec!["::/0".into()],
+                    protocol: vec!["icmpv6".into()],
+                    ..Default::default()
+                },
+                false,
+                true,
+            ),
+        ];
+        for (filter, on_v4, on_v6) in cases {
+            check(&filter).unwrap();
+            assert_eq!(matches(&filter, &v4), on_v4, "{filter:?} on IPv4");
+            assert_eq!(matches(&filter, &v6), on_v6, "{filter:?} on IPv6");
+        }
+        // What Hubble refuses, refused.
+        for (bad, field) in [
+            (
+                FlowFilter {
+                    source_ip: vec!["fd00::/129".into()],
+                    ..Default::default()
+                },
+                "source_ip",
+            ),
+            (
+                FlowFilter {
+                    destination_ip: vec!["fd00::zz".into()],
+                    ..Default::default()
+                },
+                "destination_ip",
+            ),
+        ] {
+            let err = check(&bad).unwrap_err();
+            assert!(
+                matches!(err, FilterError::Value { field: f, .. } if f == field),
+                "{err}"
+            );
+        }
     }
 }

@@ -561,4 +561,154 @@ mod tests {
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// Records of both families, served to the real `hubble` CLI (HUBBLE_BIN): it prints our
+    /// IPv6 flows (`IP.ipVersion: IPv6`, `ICMPv6` l4) and its IPv6 filters (addresses,
+    /// prefixes, `--ipv6`, `--protocol icmpv6`) reach them through our server.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_hubble_cli_reads_ipv6_flows_and_filters_them() {
+        let Some(hubble) = std::env::var_os("HUBBLE_BIN") else {
+            eprintln!("SKIPPED: HUBBLE_BIN is not set (the path of a `hubble` binary)");
+            return;
+        };
+        let stored_event = |event: &decode::Event| {
+            let record = record::build(
+                event,
+                &Context {
+                    identities: &Identities::default(),
+                    clock: &Clock::with_offset(1_700_000_000_000_000_000),
+                    node_name: "node1",
+                    ifname: None,
+                },
+            );
+            Arc::new(Stored::new(record))
+        };
+        let mut records = vec![tcp(1000)];
+        records.push(stored_event(&decode::tests::event(
+            decode::Kind::New,
+            IPPROTO_TCP,
+            ("2001:db8::2", 41234),
+            ("fd00:30:1::2", 80),
+        )));
+        let mut ping = decode::tests::event(
+            decode::Kind::New,
+            decode::IPPROTO_ICMPV6,
+            ("fd00:30:1::9", 77),
+            ("2001:db8:ffff::7", 0),
+        );
+        ping.icmp = decode::Icmp {
+            icmp_type: 128,
+            code: 0,
+        };
+        records.push(stored_event(&ping));
+        records.push(stored_event(&decode::tests::event(
+            decode::Kind::Drop(dataplane_common::DropReason::PolicyDenied),
+            IPPROTO_UDP,
+            ("fd00:30:1::9", 5000),
+            ("fd00:30:1::2", 53),
+        )));
+        let hub = Arc::new(Hub::new(100, "node1".into()));
+        for stored in &records {
+            hub.push(stored.clone());
+        }
+        let dir = std::env::temp_dir().join(format!("dp-hubble6-test-{}", std::process::id()));
+        let path = dir.join("hubble.sock");
+        let incoming = bind(&Listen::Unix(path.clone())).await.unwrap().unwrap();
+        tokio::spawn(serve(incoming, hub, "unix:///test".into()));
+        let server = format!("unix://{}", path.display());
+        let observe = move |args: &[&str]| -> Vec<String> {
+            let out = std::process::Command::new(&hubble)
+                .args(["observe", "--server", &server, "--last", "100"])
+                .args(args)
+                .output()
+                .expect("running hubble");
+            assert!(
+                out.status.success(),
+                "hubble observe {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(Into::into)
+                .collect()
+        };
+        let (json, by_filter, compact) = tokio::task::spawn_blocking(move || {
+            let json = observe(&["-o", "json"]);
+            let by_filter: Vec<(&str, usize)> = [
+                ("--ipv6", observe(&["--ipv6"]).len()),
+                ("-4", observe(&["-4"]).len()),
+                ("--ip-version v6", observe(&["--ip-version", "v6"]).len()),
+                (
+                    "--from-ip prefix",
+                    observe(&["--from-ip", "fd00:30:1::/64"]).len(),
+                ),
+                (
+                    "--to-ip address",
+                    observe(&["--to-ip", "fd00:30:1::2"]).len(),
+                ),
+                ("--ip", observe(&["--ip", "2001:db8::/32"]).len()),
+                (
+                    "--protocol icmpv6",
+                    observe(&["--protocol", "icmpv6"]).len(),
+                ),
+                ("--protocol icmp", observe(&["--protocol", "icmp"]).len()),
+                (
+                    "--not --ipv6",
+                    observe(&["--not", "--ip-version", "v6"]).len(),
+                ),
+            ]
+            .into_iter()
+            .collect();
+            (json, by_filter, observe(&["-o", "compact"]))
+        })
+        .await
+        .unwrap();
+        assert_eq!(json.len(), 4, "{json:?}");
+        let versions: Vec<String> = json
+            .iter()
+            .map(|line| {
+                let response: GetFlowsResponse = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("hubble's JSON is no valid flow: {e}: {line}"));
+                let Some(observer::get_flows_response::ResponseTypes::Flow(flow)) =
+                    response.response_types
+                else {
+                    panic!("not a flow: {line}");
+                };
+                flow.ip.unwrap().ip_version().as_str_name().to_owned()
+            })
+            .collect();
+        assert_eq!(versions, vec!["IPv4", "IPv6", "IPv6", "IPv6"]);
+        assert!(
+            json[2].contains(r#""ICMPv6":{"type":128}"#),
+            "hubble's own JSON of the ping: {}",
+            json[2]
+        );
+        assert_eq!(
+            by_filter,
+            vec![
+                ("--ipv6", 3),
+                ("-4", 1),
+                ("--ip-version v6", 3),
+                ("--from-ip prefix", 2),
+                ("--to-ip address", 2),
+                ("--ip", 2),
+                ("--protocol icmpv6", 1),
+                ("--protocol icmp", 1),
+                ("--not --ipv6", 1),
+            ]
+        );
+        // hubble writes an IPv6 end with its port as [address]:port, as our compact form:
+        // `dataplane observe` prints hubble's lines.
+        assert!(
+            compact[1].contains("[2001:db8::2]:41234 (world) -> [fd00:30:1::2]:80 (world)"),
+            "{compact:?}"
+        );
+        assert!(compact[2].contains("ICMPv6 EchoRequest"), "{compact:?}");
+        let ours: Vec<String> = records
+            .iter()
+            .map(|s| crate::flows::record::compact(&s.record))
+            .collect();
+        assert_eq!(compact, ours);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

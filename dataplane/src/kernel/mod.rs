@@ -1332,6 +1332,16 @@ impl Datapath {
                 capacity: self.capacity::<ConntrackNew>()?,
             },
             MapFill {
+                name: map_names::CONNTRACK6,
+                entries: self.count::<maps::Conntrack6>()?,
+                capacity: self.capacity::<maps::Conntrack6>()?,
+            },
+            MapFill {
+                name: map_names::CONNTRACK6_NEW,
+                entries: self.count::<maps::Conntrack6New>()?,
+                capacity: self.capacity::<maps::Conntrack6New>()?,
+            },
+            MapFill {
                 name: map_names::PORTS,
                 entries: self.count::<Ports>()?,
                 capacity: self.capacity::<Ports>()?,

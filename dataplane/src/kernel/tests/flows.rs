@@ -149,7 +149,11 @@ fn the_reply_event_carries_the_answer_and_its_way_back() {
     assert_eq!(reply.kind, decode::Kind::Reply);
     assert_eq!(
         (reply.tuple.saddr, reply.tuple.daddr, reply.tuple.sport),
-        (ip4(WEB2), ip4(WEB1), 0x0777),
+        (
+            std::net::IpAddr::from(ip4(WEB2)),
+            std::net::IpAddr::from(ip4(WEB1)),
+            0x0777
+        ),
         "the answer's own tuple"
     );
     assert_eq!((reply.icmp.icmp_type, reply.icmp.code), (0, 0));
