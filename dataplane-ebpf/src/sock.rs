@@ -44,22 +44,36 @@ pub const PROCEED: i32 = 1;
 pub const REJECT: i32 = 0;
 
 const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
 /// errno of a refused call: no backend (what a TCP reset gives a client of the packet path).
 const ECONNREFUSED: i32 = 111;
 
 /// Which forward hook runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Forward {
-    Connect,
-    Sendmsg,
+    Connect4,
+    Sendmsg4,
+    Connect6,
+    Sendmsg6,
 }
 
 impl Forward {
     fn hook(self) -> u32 {
         match self {
-            Forward::Connect => dataplane_common::hook::SOCK_CONNECT4,
-            Forward::Sendmsg => dataplane_common::hook::SOCK_SENDMSG4,
+            Forward::Connect4 => dataplane_common::hook::SOCK_CONNECT4,
+            Forward::Sendmsg4 => dataplane_common::hook::SOCK_SENDMSG4,
+            Forward::Connect6 => dataplane_common::hook::SOCK_CONNECT6,
+            Forward::Sendmsg6 => dataplane_common::hook::SOCK_SENDMSG6,
         }
+    }
+
+    fn is_connect(self) -> bool {
+        matches!(self, Forward::Connect4 | Forward::Connect6)
+    }
+
+    /// Whether the socket is an AF_INET6 one (its addresses are `user_ip6`).
+    fn is_inet6(self) -> bool {
+        matches!(self, Forward::Connect6 | Forward::Sendmsg6)
     }
 }
 
@@ -70,6 +84,71 @@ struct SockaddrIn {
     port: u16,
     addr: u32,
     zero: [u8; 8],
+}
+
+/// `struct sockaddr_in6`, for bpf_bind.
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: [u32; 4],
+    scope_id: u32,
+}
+
+/// The third word of a v4-mapped IPv6 address (`::ffff:a.b.c.d`), as on the wire.
+const V4_MAPPED_WORD: u32 = u32::from_be(0x0000_ffff);
+
+/// `::ffff:addr` (`addr` in network byte order): how an AF_INET6 socket names an IPv4 peer.
+#[inline(always)]
+fn v4_mapped(addr: u32) -> [u32; 4] {
+    [0, 0, V4_MAPPED_WORD, addr]
+}
+
+/// The IPv4 address of a v4-mapped IPv6 address.
+#[inline(always)]
+fn mapped_v4(addr: &[u32; 4]) -> Option<u32> {
+    (addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD).then_some(addr[3])
+}
+
+/// `::1`.
+#[inline(always)]
+fn is_loopback6(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == u32::from_be(1)
+}
+
+/// Reads an IPv6 address of the context one 32-bit word at a time: the verifier allows
+/// only word-sized loads of `bpf_sock`'s address fields.
+///
+/// # Safety
+/// `words` points at four readable words of the program's context.
+#[inline(always)]
+unsafe fn read_ip6(words: *const u32) -> [u32; 4] {
+    // SAFETY: the caller's promise; volatile keeps the compiler from merging the loads.
+    unsafe {
+        [
+            core::ptr::read_volatile(words),
+            core::ptr::read_volatile(words.add(1)),
+            core::ptr::read_volatile(words.add(2)),
+            core::ptr::read_volatile(words.add(3)),
+        ]
+    }
+}
+
+/// Writes an IPv6 address into the context one 32-bit word at a time (the only store size
+/// the verifier allows there).
+///
+/// # Safety
+/// `words` points at four writable words of the program's context.
+#[inline(always)]
+unsafe fn write_ip6(words: *mut u32, addr: [u32; 4]) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        core::ptr::write_volatile(words, addr[0]);
+        core::ptr::write_volatile(words.add(1), addr[1]);
+        core::ptr::write_volatile(words.add(2), addr[2]);
+        core::ptr::write_volatile(words.add(3), addr[3]);
+    }
 }
 
 /// Whether `addr` (network byte order) is in 127.0.0.0/8: its first octet is the lowest byte.
@@ -201,6 +280,22 @@ fn lookup(addr: u32, port: u16, proto: u8, cookie: u64, source: u32, owner: Owne
     }
 }
 
+/// What a forward hook was asked (network byte order but `bound_port`), for an IPv4
+/// destination: an AF_INET socket's, or the IPv4 address of an AF_INET6 socket's v4-mapped
+/// destination.
+#[derive(Clone, Copy)]
+struct Call {
+    proto: u8,
+    addr: u32,
+    port: u16,
+    /// The socket's bound IPv4 address, 0 when none.
+    bound_addr: u32,
+    /// The socket's bound port, host byte order (bpf_sock's), 0 when none.
+    bound_port: u16,
+    /// A datagram's source (IP_PKTINFO), 0 when none.
+    msg_src: u32,
+}
+
 /// The connect4 and sendmsg4 hooks: translate the destination of a host process's or a
 /// container's socket. Returns the program's verdict.
 #[inline(always)]
@@ -212,23 +307,90 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
     }
     // SAFETY: `sa` is the context the kernel passed, and its `sk` the socket it is about
     // (always set for sock_addr programs).
-    let (proto, addr, port, bound_addr, bound_port, msg_src) = unsafe {
+    let call = unsafe {
         let sk = (*sa).__bindgen_anon_1.sk;
-        (
-            (*sa).protocol as u8,
-            (*sa).user_ip4,
+        Call {
+            proto: (*sa).protocol as u8,
+            addr: (*sa).user_ip4,
             // user_port holds the port in network byte order in its low 16 bits.
-            (*sa).user_port as u16,
-            (*sk).src_ip4,
+            port: (*sa).user_port as u16,
+            bound_addr: (*sk).src_ip4,
             // bpf_sock's src_port is in host byte order.
-            (*sk).src_port as u16,
-            if hook == Forward::Sendmsg {
+            bound_port: (*sk).src_port as u16,
+            msg_src: if hook == Forward::Sendmsg4 {
                 (*sa).msg_src_ip4
             } else {
                 0
             },
+        }
+    };
+    translate4(sa, hook, owner, &call)
+}
+
+/// The connect6 and sendmsg6 hooks: an AF_INET6 socket's destination. A v4-mapped one
+/// (`::ffff:127.0.0.1`) is an IPv4 destination and translated as connect4 does, to a
+/// v4-mapped backend or container (the kernel's tcp_v6_connect and ip6_datagram_connect
+/// then connect over IPv4). An unconnected datagram to a v4-mapped address never comes here:
+/// udpv6_sendmsg hands it to the IPv4 path, whose sendmsg4 hook translates it.
+#[inline(always)]
+pub fn forward6(ctx: &SockAddrContext, hook: Forward) -> i32 {
+    let sa = ctx.sock_addr;
+    let owner = owner(sa);
+    if owner == Owner::Other {
+        return PROCEED;
+    }
+    // SAFETY: `sa` is the context the kernel passed and `sk` its socket; the address
+    // fields are four words each.
+    let (proto, addr, port, bound, bound_port) = unsafe {
+        let sk = (*sa).__bindgen_anon_1.sk;
+        (
+            (*sa).protocol as u8,
+            read_ip6((*sa).user_ip6.as_ptr()),
+            (*sa).user_port as u16,
+            read_ip6((*sk).src_ip6.as_ptr()),
+            (*sk).src_port as u16,
         )
     };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return PROCEED;
+    }
+    // The socket's bound address as IPv4: none (::), or a v4-mapped one. A socket bound to
+    // an IPv6 address cannot reach an IPv4 peer: left alone.
+    let bound_addr = if bound == [0; 4] {
+        0
+    } else if let Some(v4) = mapped_v4(&bound) {
+        v4
+    } else {
+        return PROCEED;
+    };
+    // (sendmsg6 never sees one: udpv6_sendmsg sends those datagrams through sendmsg4.)
+    if let (Some(v4), Forward::Connect6) = (mapped_v4(&addr), hook) {
+        let call = Call {
+            proto,
+            addr: v4,
+            port,
+            bound_addr,
+            bound_port,
+            msg_src: 0,
+        };
+        return translate4(sa, hook, owner, &call);
+    }
+    PROCEED
+}
+
+/// Translates `call`, an IPv4 destination of the socket of `sa`, as the packet path would,
+/// and writes the translation back into `sa` (as an IPv4 address, or v4-mapped for an
+/// AF_INET6 socket). Returns the program's verdict.
+#[inline(always)]
+fn translate4(sa: *mut bpf_sock_addr, hook: Forward, owner: Owner, call: &Call) -> i32 {
+    let Call {
+        proto,
+        addr,
+        port,
+        bound_addr,
+        bound_port,
+        msg_src,
+    } = *call;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return PROCEED;
     }
@@ -305,10 +467,14 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
     let new = SOCK_REV_NAT.get_ptr(&key).is_none();
     // A full LRU map evicts an older socket's entry; an error leaves replies untranslated.
     let _ = SOCK_REV_NAT.insert(&key, &asked, 0);
-    // SAFETY: `sa` is the context the kernel passed; both fields are writable in connect4
-    // and sendmsg4 (the port as a whole u32).
+    // SAFETY: `sa` is the context the kernel passed; the address fields are writable in
+    // connect4/6 and sendmsg4/6 (the port as a whole u32).
     unsafe {
-        (*sa).user_ip4 = target.addr;
+        if hook.is_inet6() {
+            write_ip6((*sa).user_ip6.as_mut_ptr(), v4_mapped(target.addr));
+        } else {
+            (*sa).user_ip4 = target.addr;
+        }
         (*sa).user_port = u32::from(target.port);
     }
     if owner != Owner::Host {
@@ -363,34 +529,67 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
 #[inline(always)]
 fn keep_local_source(sa: *mut bpf_sock_addr, hook: Forward, local: u32, bound_port: u16) -> u32 {
     match hook {
-        // bpf_bind is for connect4 only. Port 0 binds the address alone (the kernel passes
+        // bpf_bind is for connect4/6 only. Port 0 binds the address alone (the kernel passes
         // BIND_FORCE_ADDRESS_NO_PORT): connect() still picks the port for the whole 4-tuple.
         // A socket bound to a port (on no address) cannot be bound again: left alone.
-        Forward::Connect if bound_port == 0 => {
-            let mut sin = SockaddrIn {
-                family: AF_INET,
-                port: 0,
-                addr: local,
-                zero: [0; 8],
-            };
-            // SAFETY: `sin` is a sockaddr_in on this program's stack, of the size passed.
-            let bound = unsafe {
-                bpf_bind(
-                    sa,
-                    (&mut sin as *mut SockaddrIn).cast::<sockaddr>(),
-                    core::mem::size_of::<SockaddrIn>() as i32,
-                )
-            };
-            if bound == 0 { local } else { 0 }
+        Forward::Connect4 | Forward::Connect6 if bound_port == 0 => {
+            if bind_address(sa, hook, local) {
+                local
+            } else {
+                0
+            }
         }
-        Forward::Connect => 0,
+        Forward::Connect4 | Forward::Connect6 => 0,
         // A datagram's source can be set per datagram.
-        Forward::Sendmsg => {
+        Forward::Sendmsg4 => {
             // SAFETY: msg_src_ip4 is writable in sendmsg4.
             unsafe { (*sa).msg_src_ip4 = local };
             local
         }
+        // Never an IPv4 destination (udpv6_sendmsg sends those through sendmsg4); and
+        // msg_src_ip4 is not sendmsg6's to write.
+        Forward::Sendmsg6 => 0,
     }
+}
+
+/// Binds the socket of `sa` (connect4/6) to the IPv4 address `local` with no port (v4-mapped
+/// for an AF_INET6 socket); whether the kernel took it. An AF_INET6 socket with IPV6_V6ONLY
+/// refuses any v4-mapped address, 0.0.0.0 included: that is how its hooks tell one.
+#[inline(always)]
+fn bind_address(sa: *mut bpf_sock_addr, hook: Forward, local: u32) -> bool {
+    let bound = if hook.is_inet6() {
+        let mut sin6 = SockaddrIn6 {
+            family: AF_INET6,
+            port: 0,
+            flowinfo: 0,
+            addr: v4_mapped(local),
+            scope_id: 0,
+        };
+        // SAFETY: `sin6` is a sockaddr_in6 on this program's stack, of the size passed.
+        unsafe {
+            bpf_bind(
+                sa,
+                (&mut sin6 as *mut SockaddrIn6).cast::<sockaddr>(),
+                core::mem::size_of::<SockaddrIn6>() as i32,
+            )
+        }
+    } else {
+        let mut sin = SockaddrIn {
+            family: AF_INET,
+            port: 0,
+            addr: local,
+            zero: [0; 8],
+        };
+        // SAFETY: `sin` is a sockaddr_in on this program's stack, of the size passed.
+        unsafe {
+            bpf_bind(
+                sa,
+                (&mut sin as *mut SockaddrIn).cast::<sockaddr>(),
+                core::mem::size_of::<SockaddrIn>() as i32,
+            )
+        }
+    };
+    bound == 0
 }
 
 /// Counts a refused call and reports it as a drop of the connection it would have been.
@@ -435,6 +634,40 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
         };
         if let Some(asked) = SOCK_REV_NAT.get_ptr(&key) {
             (*sa).user_ip4 = (*asked).addr;
+            (*sa).user_port = u32::from((*asked).port);
+        }
+    }
+    PROCEED
+}
+
+/// The recvmsg6 and getpeername6 hooks: as [`reverse`], for AF_INET6 sockets. A peer that is
+/// v4-mapped was translated as an IPv4 destination (by connect6, or by sendmsg4 for a
+/// datagram the kernel sent over IPv4): its entry is the IPv4 one, by the real IPv4 peer.
+#[inline(always)]
+pub fn reverse6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if owner(sa) == Owner::Other {
+        return PROCEED;
+    }
+    // SAFETY: `sa` is the context the kernel passed; a helper on it; user_ip6 is four
+    // words, readable and writable in these hooks.
+    unsafe {
+        let proto = (*sa).protocol as u8;
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+            return PROCEED;
+        }
+        let peer = read_ip6((*sa).user_ip6.as_ptr());
+        let Some(peer4) = mapped_v4(&peer) else {
+            return PROCEED;
+        };
+        let key = SockRevNatKey {
+            cookie: bpf_get_socket_cookie(sa.cast()),
+            addr: peer4,
+            port: (*sa).user_port as u16,
+            _pad: 0,
+        };
+        if let Some(asked) = SOCK_REV_NAT.get_ptr(&key) {
+            write_ip6((*sa).user_ip6.as_mut_ptr(), v4_mapped((*asked).addr));
             (*sa).user_port = u32::from((*asked).port);
         }
     }

@@ -41,12 +41,16 @@ fn attached_programs_see_real_traffic() {
             "{program} on {interface}: {attached:?}"
         );
     }
-    // ...and the four socket hooks on the sandbox's host cgroup.
+    // ...and the eight socket hooks (both families) on the sandbox's host cgroup.
     for hook in [
         "dp_sock_connect4",
         "dp_sock_sendmsg4",
         "dp_sock_recvmsg4",
         "dp_sock_getpeername4",
+        "dp_sock_connect6",
+        "dp_sock_sendmsg6",
+        "dp_sock_recvmsg6",
+        "dp_sock_getpeername6",
     ] {
         assert!(
             attached.iter().any(|(target, program)| target
@@ -55,7 +59,7 @@ fn attached_programs_see_real_traffic() {
             "{hook}: {attached:?}"
         );
     }
-    assert_eq!(attached.len(), 10, "{attached:?}");
+    assert_eq!(attached.len(), 14, "{attached:?}");
     assert_eq!(status.map_entries("dp_endpoints_v2"), 3);
     // The kernel agrees (bpftool, not the agent's own account).
     let seen = attached_programs(&sandbox.netns("host"), "veth-web1");

@@ -288,6 +288,86 @@ fn host_processes_reach_published_ports_on_localhost_and_host_addresses() {
     );
 }
 
+/// One exchange from an AF_INET6 socket (`tcp`: connect, read the server's line; `udp`:
+/// connect, send, receive; `sendto`: unconnected sendto/recvfrom); prints the peer as the
+/// process sees it (getpeername, or the reply's source) and the reply. `v6only` sets
+/// IPV6_V6ONLY first.
+const INET6_EXCHANGE: &str = r#"
+import socket, sys
+mode, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+kind = socket.SOCK_STREAM if mode.startswith("tcp") else socket.SOCK_DGRAM
+s = socket.socket(socket.AF_INET6, kind)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if mode.endswith("v6only") else 0)
+s.settimeout(5)
+if mode.startswith("sendto"):
+    s.sendto(b"hi", (addr, port))
+    data, peer = s.recvfrom(512)
+else:
+    s.connect((addr, port))
+    if kind == socket.SOCK_DGRAM:
+        s.send(b"hi")
+    data = s.recv(512)
+    peer = s.getpeername()
+print("%s %d %s" % (peer[0], peer[1], data.decode().strip()))
+"#;
+
+/// Runs [`INET6_EXCHANGE`] on the sandbox host (in its cgroup, where the socket hooks are).
+fn inet6_exchange(sandbox: &Sandbox, mode: &str, addr: &str, port: &str) -> String {
+    sandbox.exec_ok(
+        "host",
+        &["/usr/bin/python3", "-c", INET6_EXCHANGE, mode, addr, port],
+    )
+}
+
+#[test]
+fn host_processes_reach_published_ports_through_ipv6_sockets() {
+    let sandbox = Sandbox::up(SPEC);
+    let _agent = Agent::start(&sandbox);
+    // An AF_INET6 socket to a v4-mapped address is an IPv4 connection: translated as one, and
+    // the process still sees the address it asked for (getpeername, a reply's source).
+    let reply = inet6_exchange(&sandbox, "tcp", "::ffff:127.0.0.1", "8080");
+    assert!(
+        reply.starts_with("::ffff:127.0.0.1 8080 web1 172.30.1.1:"),
+        "tcp: {reply:?}"
+    );
+    let reply = inet6_exchange(&sandbox, "tcp", &format!("::ffff:{HOST}"), "8080");
+    assert!(
+        reply.starts_with(&format!("::ffff:{HOST} 8080 web1 {HOST}:")),
+        "tcp to the host's address: {reply:?}"
+    );
+    let reply = inet6_exchange(&sandbox, "udp", &format!("::ffff:{HOST}"), "5353");
+    assert!(
+        reply.starts_with(&format!("::ffff:{HOST} 5353 web1 {HOST}:")),
+        "connected udp: {reply:?}"
+    );
+    // Unconnected: the kernel sends the datagram over IPv4 (sendmsg4 translates it), and the
+    // reply reaches recvmsg6 from the container, put back as the port it was sent to.
+    let reply = inet6_exchange(&sandbox, "sendto", &format!("::ffff:{HOST}"), "5353");
+    assert!(
+        reply.starts_with(&format!("::ffff:{HOST} 5353 web1 {HOST}:")),
+        "unconnected udp: {reply:?}"
+    );
+    // curl makes AF_INET6 sockets for IPv6 literals.
+    let out = curl(&sandbox, "host", "http://[::ffff:127.0.0.1]:8080/");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("web1 172.30.1.1:"),
+        "{out:?}"
+    );
+    // Bound to 192.0.2.1 only: not on localhost, whatever the family.
+    let out = sandbox.exec(
+        "host",
+        &[
+            "/usr/bin/python3",
+            "-c",
+            INET6_EXCHANGE,
+            "tcp",
+            "::ffff:127.0.0.1",
+            "9090",
+        ],
+    );
+    assert!(!out.status.success(), "{out:?}");
+}
+
 #[test]
 fn iperf3_through_a_published_port() {
     let sandbox = Sandbox::up(SPEC);
