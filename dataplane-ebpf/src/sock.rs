@@ -455,6 +455,7 @@ fn translate4(sa: *mut bpf_sock_addr, hook: Forward, owner: Owner, call: &Call) 
         addr: target.addr,
         port: target.port,
         _pad: 0,
+        _pad_family: (),
     };
     let asked = SockRevNat {
         addr,
@@ -493,6 +494,7 @@ fn translate4(sa: *mut bpf_sock_addr, hook: Forward, owner: Owner, call: &Call) 
             vip: addr,
             vip_port: port,
             _pad: 0,
+            _pad_family: (),
         };
         // A full LRU evicts an older pair: at worst this connection is reported as plain.
         let _ = SOCK_LB.insert(&pending, &service, 0);
@@ -631,6 +633,7 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
             addr: (*sa).user_ip4,
             port: (*sa).user_port as u16,
             _pad: 0,
+            _pad_family: (),
         };
         if let Some(asked) = SOCK_REV_NAT.get_ptr(&key) {
             (*sa).user_ip4 = (*asked).addr;
