@@ -138,7 +138,7 @@ fn state_edits_apply_and_bad_edits_keep_the_last_good_state() {
                 .is_some_and(|e| e.contains(expected))
         });
         assert_eq!(status.map_entries("dp_endpoints_v2"), 2, "{status:#?}");
-        assert_eq!(status.attached().len(), 8, "{status:#?}");
+        assert_eq!(status.attached().len(), 12, "{status:#?}");
         // Traffic still flows under the last good state.
         let reply = sandbox.exec_ok("web2", &["nc", "-w2", "172.30.1.2", "80"]);
         assert!(reply.starts_with("web1 "), "{reply}");
@@ -215,7 +215,7 @@ fn sigterm_detaches_and_a_restart_adopts_the_pinned_maps() {
     agent.stop("KILL");
     agent.restart();
     let status = agent.status();
-    assert_eq!(status.attached().len(), 9, "{status:#?}");
+    assert_eq!(status.attached().len(), 13, "{status:#?}");
     assert_eq!(status.map_entries("dp_endpoints_v2"), 3);
 }
 
