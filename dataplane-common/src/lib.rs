@@ -126,6 +126,16 @@ pub mod program_names {
     pub const SOCK_RECVMSG4: &str = "dp_sock_recvmsg4";
     /// cgroup getpeername4: a translated socket's peer as the process asked for it.
     pub const SOCK_GETPEERNAME4: &str = "dp_sock_getpeername4";
+    /// cgroup connect6: the same for AF_INET6 sockets: `[::1]:PORT`, the host's IPv6
+    /// addresses and v4-mapped ones (`::ffff:127.0.0.1`), to IPv4-only containers through a
+    /// v4-mapped address.
+    pub const SOCK_CONNECT6: &str = "dp_sock_connect6";
+    /// cgroup sendmsg6: each datagram of an unconnected AF_INET6 UDP socket.
+    pub const SOCK_SENDMSG6: &str = "dp_sock_sendmsg6";
+    /// cgroup recvmsg6: a reply's source back to what an AF_INET6 socket asked for.
+    pub const SOCK_RECVMSG6: &str = "dp_sock_recvmsg6";
+    /// cgroup getpeername6: a translated AF_INET6 socket's peer as the process asked for it.
+    pub const SOCK_GETPEERNAME6: &str = "dp_sock_getpeername6";
 }
 
 /// Capacities of the maps (see the map declarations in `dataplane-ebpf/src/maps.rs` for the
@@ -284,6 +294,10 @@ pub mod hook {
     pub const SOCK_SENDMSG4: u32 = 6;
     pub const SOCK_RECVMSG4: u32 = 7;
     pub const SOCK_GETPEERNAME4: u32 = 8;
+    pub const SOCK_CONNECT6: u32 = 9;
+    pub const SOCK_SENDMSG6: u32 = 10;
+    pub const SOCK_RECVMSG6: u32 = 11;
+    pub const SOCK_GETPEERNAME6: u32 = 12;
 
     /// The hook's name as `dataplane status` prints it.
     pub fn name(hook: u32) -> &'static str {
@@ -296,6 +310,10 @@ pub mod hook {
             SOCK_SENDMSG4 => "cgroup-sendmsg4",
             SOCK_RECVMSG4 => "cgroup-recvmsg4",
             SOCK_GETPEERNAME4 => "cgroup-getpeername4",
+            SOCK_CONNECT6 => "cgroup-connect6",
+            SOCK_SENDMSG6 => "cgroup-sendmsg6",
+            SOCK_RECVMSG6 => "cgroup-recvmsg6",
+            SOCK_GETPEERNAME6 => "cgroup-getpeername6",
             _ => "unknown",
         }
     }

@@ -78,13 +78,15 @@ fn put_tuple<A: Address>(e: &mut FlowEvent, key: &CtKeyOf<A>) {
     e.family = A::FAMILY;
 }
 
-/// A connection just tracked (or, for TCP, just established), as its first packet was.
+/// A connection just tracked (or, for TCP, just established), as its first packet was (or,
+/// from the socket hooks, as the process asked for it). Either family; the translation's
+/// address is in the tuple's (an IPv6 socket's IPv4 peer as v4-mapped).
 #[derive(Clone, Copy)]
-pub struct NewFlow {
-    pub forward: CtKey,
+pub struct NewFlowOf<A: Address> {
+    pub forward: CtKeyOf<A>,
     pub origin: u8,
     pub rewrite: u8,
-    pub nat_addr: u32,
+    pub nat_addr: A,
     pub nat_port: u16,
     pub hairpin_port: u16,
     pub packets: u64,
@@ -97,9 +99,11 @@ pub struct NewFlow {
     pub ifindex: u32,
 }
 
+pub type NewFlow = NewFlowOf<u32>;
+
 /// A connection was just tracked: `forward` is its first packet's key.
 #[inline(always)]
-pub fn new_connection(flow: &NewFlow) {
+pub fn new_connection<A: Address>(flow: &NewFlowOf<A>) {
     if !on() {
         return;
     }

@@ -73,6 +73,18 @@ pub fn pick(service: &ServiceInfo, flow: &CtKey) -> Option<Backend> {
 /// know no 5-tuple yet); None when it has none.
 #[inline(always)]
 pub fn pick_hashed(service: &ServiceInfo, hashes: &Hashes) -> Option<Backend> {
+    let key = BackendKey {
+        service_id: service.id,
+        index: pick_index(service, hashes)?,
+    };
+    // SAFETY: a map value from this program run's lookup.
+    BACKENDS.get_ptr(&key).map(|backend| unsafe { *backend })
+}
+
+/// The index of the backend [`pick_hashed`] picks: a dual-stack service's IPv4 and IPv6
+/// backends share their indexes (BACKENDS and BACKENDS6), so either family's is found at it.
+#[inline(always)]
+pub fn pick_index(service: &ServiceInfo, hashes: &Hashes) -> Option<u32> {
     let count = service.backend_count;
     if count == 0 {
         return None;
@@ -106,10 +118,5 @@ pub fn pick_hashed(service: &ServiceInfo, hashes: &Hashes) -> Option<Backend> {
             pair[(slot & 1) as usize]
         }
     };
-    let key = BackendKey {
-        service_id: service.id,
-        index,
-    };
-    // SAFETY: a map value from this program run's lookup.
-    BACKENDS.get_ptr(&key).map(|backend| unsafe { *backend })
+    Some(index)
 }

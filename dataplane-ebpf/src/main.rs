@@ -117,13 +117,13 @@ pub fn dp_uplink_xdp(ctx: XdpContext) -> u32 {
 /// connection goes to the backend; refused when the service has no backend or policy denies.
 #[cgroup_sock_addr(connect4)]
 pub fn dp_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::forward(&ctx, sock::Forward::Connect)
+    sock::forward(&ctx, sock::Forward::Connect4)
 }
 
 /// Each datagram of host processes' unconnected UDP sockets (cgroup sendmsg4), as connect4.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn dp_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::forward(&ctx, sock::Forward::Sendmsg)
+    sock::forward(&ctx, sock::Forward::Sendmsg4)
 }
 
 /// Replies received by those sockets (cgroup recvmsg4): their source back to the VIP.
@@ -136,6 +136,34 @@ pub fn dp_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn dp_sock_getpeername4(ctx: SockAddrContext) -> i32 {
     sock::reverse(&ctx)
+}
+
+/// Host processes' and containers' AF_INET6 sockets (cgroup connect6): to `[::1]:PORT`, the
+/// host's IPv6 addresses and v4-mapped addresses, as connect4 (an IPv4 container through a
+/// v4-mapped address).
+#[cgroup_sock_addr(connect6)]
+pub fn dp_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::forward6(&ctx, sock::Forward::Connect6)
+}
+
+/// Each datagram of unconnected AF_INET6 UDP sockets (cgroup sendmsg6), as connect6 for
+/// IPv6 destinations.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn dp_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::forward6(&ctx, sock::Forward::Sendmsg6)
+}
+
+/// Replies received by AF_INET6 sockets (cgroup recvmsg6): their source back to what the
+/// socket asked for.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn dp_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx)
+}
+
+/// getpeername() of a translated AF_INET6 socket (cgroup getpeername6).
+#[cgroup_sock_addr(getpeername6)]
+pub fn dp_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx)
 }
 
 #[cfg(not(test))]

@@ -41,12 +41,16 @@ fn attached_programs_see_real_traffic() {
             "{program} on {interface}: {attached:?}"
         );
     }
-    // ...and the four socket hooks on the sandbox's host cgroup.
+    // ...and the eight socket hooks (both families) on the sandbox's host cgroup.
     for hook in [
         "dp_sock_connect4",
         "dp_sock_sendmsg4",
         "dp_sock_recvmsg4",
         "dp_sock_getpeername4",
+        "dp_sock_connect6",
+        "dp_sock_sendmsg6",
+        "dp_sock_recvmsg6",
+        "dp_sock_getpeername6",
     ] {
         assert!(
             attached.iter().any(|(target, program)| target
@@ -55,7 +59,7 @@ fn attached_programs_see_real_traffic() {
             "{hook}: {attached:?}"
         );
     }
-    assert_eq!(attached.len(), 10, "{attached:?}");
+    assert_eq!(attached.len(), 14, "{attached:?}");
     assert_eq!(status.map_entries("dp_endpoints_v2"), 3);
     // The kernel agrees (bpftool, not the agent's own account).
     let seen = attached_programs(&sandbox.netns("host"), "veth-web1");
@@ -134,7 +138,7 @@ fn state_edits_apply_and_bad_edits_keep_the_last_good_state() {
                 .is_some_and(|e| e.contains(expected))
         });
         assert_eq!(status.map_entries("dp_endpoints_v2"), 2, "{status:#?}");
-        assert_eq!(status.attached().len(), 8, "{status:#?}");
+        assert_eq!(status.attached().len(), 12, "{status:#?}");
         // Traffic still flows under the last good state.
         let reply = sandbox.exec_ok("web2", &["nc", "-w2", "172.30.1.2", "80"]);
         assert!(reply.starts_with("web1 "), "{reply}");
@@ -211,7 +215,7 @@ fn sigterm_detaches_and_a_restart_adopts_the_pinned_maps() {
     agent.stop("KILL");
     agent.restart();
     let status = agent.status();
-    assert_eq!(status.attached().len(), 9, "{status:#?}");
+    assert_eq!(status.attached().len(), 13, "{status:#?}");
     assert_eq!(status.map_entries("dp_endpoints_v2"), 3);
 }
 

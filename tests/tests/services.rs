@@ -552,7 +552,7 @@ fn a_container_reaches_a_vip_translated_at_its_socket_over_tcp_and_udp() {
         .into_iter()
         .filter(|(target, _)| target == cgroup.path_str())
         .count();
-    assert_eq!(on_cgroup, 4, "the four hooks: {:?}", status.attached());
+    assert_eq!(on_cgroup, 8, "the eight hooks (both families): {:?}", status.attached());
     let mut cmd = vec!["curl", "-sS", "--max-time", "10", "-H", "Connection: close"];
     cmd.extend(std::iter::repeat_n("http://10.96.0.10/", 150));
     let answers = pairs(&in_container_ok(&sandbox, &cgroup, "client", &cmd));
@@ -759,4 +759,84 @@ fn without_the_container_hooks_the_packet_path_balances_the_same_clients() {
             && r["flow"]["destination_service"]["name"] == "web"
     });
     assert_eq!(record["flow"]["verdict"], "FORWARDED", "{record}");
+}
+
+/// `bpftool -j ARGS`, parsed.
+fn bpftool(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "bpftool {args:?}: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+}
+
+/// The bytes of a bpftool JSON byte list ("0x0a", ...), as hex words for its command line.
+fn hex_words(bytes: &serde_json::Value) -> Vec<String> {
+    bytes
+        .as_array()
+        .expect("a byte list")
+        .iter()
+        .map(|b| {
+            b.as_str()
+                .expect("a hex byte")
+                .trim_start_matches("0x")
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn host_processes_reach_a_vip_over_ipv6_sockets_its_ipv4_backends_v4_mapped() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    // The web service gets an IPv6 VIP too, fd00::10, as a dual-stack service has (one id,
+    // one Maglev table; the reconciler writes dp_services6_v1 once the model knows vip6).
+    // Its backends have no IPv6 address (no dp_backends6_v1 entry): they are reached
+    // v4-mapped, over IPv4.
+    let pin = |name: &str| agent.pin_dir.join(name).to_str().unwrap().to_owned();
+    let v4_key = ["0a", "60", "00", "0a", "00", "50", "06", "00"];
+    let mut args = vec!["map", "lookup", "pinned"];
+    let services = pin("dp_services_v1");
+    args.push(&services);
+    args.push("key");
+    args.push("hex");
+    args.extend(v4_key);
+    let info = bpftool(&args);
+    let value = hex_words(&info["value"]);
+    let vip6: Vec<String> = "fd00::10"
+        .parse::<std::net::Ipv6Addr>()
+        .unwrap()
+        .octets()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .chain(["00", "50", "06", "00"].map(String::from))
+        .collect();
+    let services6 = pin("dp_services6_v1");
+    let mut args: Vec<&str> = vec!["map", "update", "pinned", &services6, "key", "hex"];
+    args.extend(vip6.iter().map(String::as_str));
+    args.extend(["value", "hex"]);
+    args.extend(value.iter().map(String::as_str));
+    bpftool(&args);
+
+    let answers = host_curl(&sandbox, "http://[fd00::10]/", 60);
+    assert_eq!(answers.len(), 60, "{answers:?}");
+    let names = per_name(answers.iter().map(|(n, _)| n.as_str()));
+    assert_eq!(
+        names.keys().copied().collect::<Vec<_>>(),
+        ["web1", "web2", "web3"],
+        "every backend over 60 connections: {names:?}"
+    );
+    assert!(
+        answers.iter().all(|(_, seen)| seen == "172.30.1.1"),
+        "{answers:?}"
+    );
+    // The socket still says the VIP it connected to.
+    let script = "import socket\n\
+        s = socket.create_connection(('fd00::10', 80), timeout=5)\n\
+        p = s.getpeername()\n\
+        print(p[0], p[1], s.recv(256).decode().strip())";
+    let out = sandbox.exec_ok("host", &["/usr/bin/python3", "-c", script]);
+    assert!(out.starts_with("fd00::10 80 web"), "{out:?}");
 }

@@ -119,6 +119,11 @@ pub enum Hook {
     SockSendmsg4,
     SockRecvmsg4,
     SockGetpeername4,
+    /// connect6, sendmsg6, recvmsg6 and getpeername6 on the same cgroup: AF_INET6 sockets.
+    SockConnect6,
+    SockSendmsg6,
+    SockRecvmsg6,
+    SockGetpeername6,
 }
 
 impl Hook {
@@ -132,6 +137,10 @@ impl Hook {
             Hook::SockSendmsg4 => program_names::SOCK_SENDMSG4,
             Hook::SockRecvmsg4 => program_names::SOCK_RECVMSG4,
             Hook::SockGetpeername4 => program_names::SOCK_GETPEERNAME4,
+            Hook::SockConnect6 => program_names::SOCK_CONNECT6,
+            Hook::SockSendmsg6 => program_names::SOCK_SENDMSG6,
+            Hook::SockRecvmsg6 => program_names::SOCK_RECVMSG6,
+            Hook::SockGetpeername6 => program_names::SOCK_GETPEERNAME6,
         }
     }
 
@@ -146,16 +155,24 @@ impl Hook {
             Hook::SockSendmsg4 => hook::SOCK_SENDMSG4,
             Hook::SockRecvmsg4 => hook::SOCK_RECVMSG4,
             Hook::SockGetpeername4 => hook::SOCK_GETPEERNAME4,
+            Hook::SockConnect6 => hook::SOCK_CONNECT6,
+            Hook::SockSendmsg6 => hook::SOCK_SENDMSG6,
+            Hook::SockRecvmsg6 => hook::SOCK_RECVMSG6,
+            Hook::SockGetpeername6 => hook::SOCK_GETPEERNAME6,
         }
     }
 
-    /// The socket-level hooks, attached together to one cgroup: connect4 and sendmsg4
-    /// translate, recvmsg4 and getpeername4 translate back.
-    pub const CGROUP: [Hook; 4] = [
+    /// The socket-level hooks, attached together to one cgroup: connect4/6 and sendmsg4/6
+    /// translate, recvmsg4/6 and getpeername4/6 translate back.
+    pub const CGROUP: [Hook; 8] = [
         Hook::SockConnect4,
         Hook::SockSendmsg4,
         Hook::SockRecvmsg4,
         Hook::SockGetpeername4,
+        Hook::SockConnect6,
+        Hook::SockSendmsg6,
+        Hook::SockRecvmsg6,
+        Hook::SockGetpeername6,
     ];
 
     /// Whether the hook attaches to a cgroup rather than to an interface.
@@ -789,7 +806,11 @@ impl Datapath {
             Hook::SockConnect4
             | Hook::SockSendmsg4
             | Hook::SockRecvmsg4
-            | Hook::SockGetpeername4 => unreachable!("cgroup hooks attach in attach_cgroup"),
+            | Hook::SockGetpeername4
+            | Hook::SockConnect6
+            | Hook::SockSendmsg6
+            | Hook::SockRecvmsg6
+            | Hook::SockGetpeername6 => unreachable!("cgroup hooks attach in attach_cgroup"),
             Hook::ContainerIngress | Hook::UplinkIngress | Hook::UplinkEgress => {
                 let direction = if hook == Hook::UplinkEgress {
                     TcAttachType::Egress
@@ -844,7 +865,11 @@ impl Datapath {
             Hook::SockConnect4
             | Hook::SockSendmsg4
             | Hook::SockRecvmsg4
-            | Hook::SockGetpeername4 => anyhow::bail!("cgroup links are replaced, not adopted"),
+            | Hook::SockGetpeername4
+            | Hook::SockConnect6
+            | Hook::SockSendmsg6
+            | Hook::SockRecvmsg6
+            | Hook::SockGetpeername6 => anyhow::bail!("cgroup links are replaced, not adopted"),
             Hook::ContainerIngress | Hook::UplinkIngress | Hook::UplinkEgress => {
                 let program: &mut SchedClassifier = program_mut(&mut self.ebpf, hook.program())?;
                 let id = program.attach_to_link(SchedClassifierLink::try_from(old)?)?;
