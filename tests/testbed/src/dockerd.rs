@@ -334,6 +334,9 @@ pub fn libraries(binary: &str) -> Result<Vec<PathBuf>> {
 /// The uplink address of dockerd's namespace and the outside client's (TEST-NET-1).
 pub const HOST: &str = UPLINK_HOST_IP;
 pub const OUTSIDE: &str = OUTSIDE_IP;
+/// The same two over IPv6 (the documentation prefix, on the same veth).
+pub const HOST6: &str = "2001:db8::1";
+pub const OUTSIDE6: &str = "2001:db8::2";
 /// The image every test container runs: busybox with httpd and a CGI that answers
 /// `<hostname> <client address>` on `/cgi-bin/who`.
 pub const IMAGE: &str = "bb:latest";
@@ -560,10 +563,34 @@ fn build_namespaces(host: &str, out: &str) -> Namespaces {
         out,
         &["addr", "add", &format!("{OUTSIDE}/24"), "dev", "eth0"],
     );
+    // nodad: usable at once, not after duplicate address detection's second.
+    ip(
+        host,
+        &[
+            "addr",
+            "add",
+            &format!("{HOST6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    ip(
+        out,
+        &[
+            "addr",
+            "add",
+            &format!("{OUTSIDE6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
     ip(host, &["link", "set", "eth0", "up"]);
     ip(out, &["link", "set", "eth0", "up"]);
     for (key, value) in [
         ("net.ipv4.ip_forward", "1"),
+        ("net.ipv6.conf.all.forwarding", "1"),
         // Replies to published ports may leave by another interface than the request came in
         // on (the dataplane redirects); strict reverse-path filtering drops them.
         ("net.ipv4.conf.all.rp_filter", "0"),
