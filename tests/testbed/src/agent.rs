@@ -18,10 +18,10 @@ use crate::{
     sandbox::Sandbox,
 };
 
-/// How long an agent may take to answer after start (a second or two when idle; tens of
-/// seconds on a 2-core machine at load 10, where the verifier's work on every program waits
-/// for a CPU).
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an agent may take to answer after start (a few seconds when idle; 45-57 s was
+/// measured on a 2-core machine at load 10, where the verifier's work on every program, about
+/// a million instructions for the container hook, waits for a CPU).
+const START_TIMEOUT: Duration = Duration::from_secs(150);
 
 pub struct Agent {
     binary: PathBuf,
