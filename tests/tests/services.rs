@@ -552,7 +552,12 @@ fn a_container_reaches_a_vip_translated_at_its_socket_over_tcp_and_udp() {
         .into_iter()
         .filter(|(target, _)| target == cgroup.path_str())
         .count();
-    assert_eq!(on_cgroup, 8, "the eight hooks (both families): {:?}", status.attached());
+    assert_eq!(
+        on_cgroup,
+        8,
+        "the eight hooks (both families): {:?}",
+        status.attached()
+    );
     let mut cmd = vec!["curl", "-sS", "--max-time", "10", "-H", "Connection: close"];
     cmd.extend(std::iter::repeat_n("http://10.96.0.10/", 150));
     let answers = pairs(&in_container_ok(&sandbox, &cgroup, "client", &cmd));
