@@ -764,9 +764,10 @@ fn protocol_summary(proto: u8, flags: u8, icmp: Icmp) -> String {
 /// Whether `hook` is one of the cgroup socket hooks (their events come from a system call,
 /// not from a packet).
 fn is_socket_hook(hook: u32) -> bool {
+    use dataplane_common::hook::{SOCK_CONNECT4, SOCK_CONNECT6, SOCK_SENDMSG4, SOCK_SENDMSG6};
     matches!(
         hook,
-        dataplane_common::hook::SOCK_CONNECT4 | dataplane_common::hook::SOCK_SENDMSG4
+        SOCK_CONNECT4 | SOCK_SENDMSG4 | SOCK_CONNECT6 | SOCK_SENDMSG6
     )
 }
 
