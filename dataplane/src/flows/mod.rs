@@ -42,7 +42,7 @@ use crate::{
     kernel::{
         Datapath,
         conntrack::Walk,
-        maps::{Conntrack, Conntrack6, Conntrack6New, ConntrackNew, LocalAddrs, LocalAddrs6},
+        maps::{Conntrack, ConntrackNew, LocalAddrs, LocalAddrs6},
     },
     model::Model,
 };
@@ -424,7 +424,8 @@ impl Pipeline {
             self.publish(event);
         }
         self.flush_log();
-        self.refresh_kernel_metrics(datapath, walk.entries());
+        // IPv4's tables, as the gauges always were; IPv6's are in `dataplane_map_entries`.
+        self.refresh_kernel_metrics(datapath, walk.v4.entries.len());
     }
 
     fn refresh_kernel_metrics(&mut self, datapath: &Datapath, conntrack_entries: usize) {
@@ -475,21 +476,14 @@ impl Pipeline {
         self.walks = self.walks.wrapping_add(1);
     }
 
-    /// Both conntrack tables' capacity (established and handshakes under way) of both
-    /// families, as the walk counts all their entries; `dataplane_map_entries` has each table
-    /// on its own.
+    /// Both IPv4 conntrack tables' capacity (established and handshakes under way), as the
+    /// walk's IPv4 entries are counted; `dataplane_map_entries` has each table on its own,
+    /// IPv6's too.
     fn metrics_ct_capacity(&self, datapath: &Datapath) -> u64 {
         let main = datapath
             .capacity::<Conntrack>()
             .map_or(u64::from(dataplane_common::capacity::CONNTRACK), u64::from);
-        main + [
-            datapath.capacity::<ConntrackNew>(),
-            datapath.capacity::<Conntrack6>(),
-            datapath.capacity::<Conntrack6New>(),
-        ]
-        .into_iter()
-        .map(|c| c.map_or(0, u64::from))
-        .sum::<u64>()
+        main + datapath.capacity::<ConntrackNew>().map_or(0, u64::from)
     }
 
     /// `observe {json}` from the control socket: the reply (the latest matching records, one

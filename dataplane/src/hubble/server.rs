@@ -616,6 +616,7 @@ mod tests {
         let incoming = bind(&Listen::Unix(path.clone())).await.unwrap().unwrap();
         tokio::spawn(serve(incoming, hub, "unix:///test".into()));
         let server = format!("unix://{}", path.display());
+        let hubble_bin = hubble.clone();
         let observe = move |args: &[&str]| -> Vec<String> {
             let out = std::process::Command::new(&hubble)
                 .args(["observe", "--server", &server, "--last", "100"])
@@ -709,6 +710,24 @@ mod tests {
             .map(|s| crate::flows::record::compact(&s.record))
             .collect();
         assert_eq!(compact, ours);
+        // hubble reads a flow log of them (`--flow-log`'s lines) as its own, without a warning.
+        let log = dir.join("flows.json");
+        let lines: String = records
+            .iter()
+            .map(|s| format!("{}\n", s.line(false)))
+            .collect();
+        std::fs::write(&log, lines).unwrap();
+        let out = std::process::Command::new(&hubble_bin)
+            .arg("observe")
+            .arg("--input-file")
+            .arg(&log)
+            .args(["--ipv6", "-o", "json"])
+            .output()
+            .expect("running hubble");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(!stderr.to_lowercase().contains("warn"), "{stderr}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
