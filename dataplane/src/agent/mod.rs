@@ -451,6 +451,7 @@ impl Agent {
             self.flows.set_model(model);
         }
         self.collector.forget_translated_to(&applied.departed);
+        self.collector.forget_translated_to(&applied.departed6);
         // Only dockerd holds published ports with a socket of its own; a state file's ports
         // have no placeholder to reset.
         let placeholders = if self.args.docker.docker.is_some() {
