@@ -5,6 +5,7 @@
 use dataplane_common::{capacity, map_names};
 
 use super::Desired;
+use crate::model::Model;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{wanted} {what} do not fit the {map} map, which holds {capacity}; {raise}")]
@@ -17,6 +18,75 @@ pub struct CapacityError {
     pub raise: &'static str,
 }
 
+const RAISE_PORTS: &str = "start the agent with a larger --max-ports (a pinned map keeps its \
+                           size: on a new --pin-dir, or after removing the pinned dp_ports \
+                           maps)";
+const PORTS_WHAT: &str = "published port numbers (per protocol and address)";
+const PORTS6_WHAT: &str = "published port numbers on IPv6 (per protocol and address)";
+
+/// The published ports' entries in each family, counted from the model without building
+/// them: the same error as [`check`] gives, early. Skipped (Ok) when a network is routed,
+/// where entries of several ports may share a key (the container's own address and port)
+/// and only the built entries say how many there are.
+pub fn check_ports(model: &Model, capacity4: u32, capacity6: u32) -> Result<(), CapacityError> {
+    use crate::model::{GatewayMode, PortTarget};
+    use std::net::IpAddr;
+    if model
+        .networks
+        .iter()
+        .any(|n| n.gateway_mode == GatewayMode::Routed)
+    {
+        return Ok(());
+    }
+    let (mut wanted4, mut wanted6) = (0usize, 0usize);
+    for port in &model.ports {
+        let (host4, host6) = match port.host_ip {
+            None => (true, true),
+            Some(IpAddr::V4(_)) => (true, false),
+            Some(IpAddr::V6(_)) => (false, true),
+        };
+        let (has4, has6, count) = match &port.target {
+            PortTarget::Endpoint(name) => {
+                let first = model
+                    .endpoints
+                    .iter()
+                    .find(|e| &e.name == name)
+                    .and_then(|e| e.interfaces.first());
+                match first {
+                    // Over IPv6 an IPv4-only container is reached at its mapped address.
+                    Some(itf) => (
+                        itf.ip.is_some(),
+                        itf.ip.is_some() || itf.ip6.is_some(),
+                        port.host_ports.len() as usize,
+                    ),
+                    None => (false, false, 0),
+                }
+            }
+            PortTarget::Service(name) => match model.services.iter().find(|s| &s.name == name) {
+                Some(s) => (s.vip.is_some(), s.vip6.is_some(), 1),
+                None => (false, false, 0),
+            },
+        };
+        wanted4 += count * usize::from(host4 && has4);
+        wanted6 += count * usize::from(host6 && has6);
+    }
+    for (map, what, wanted, capacity) in [
+        (map_names::PORTS, PORTS_WHAT, wanted4, capacity4),
+        (map_names::PORTS6, PORTS6_WHAT, wanted6, capacity6),
+    ] {
+        if wanted > capacity as usize {
+            return Err(CapacityError {
+                map,
+                what,
+                wanted,
+                capacity,
+                raise: RAISE_PORTS,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Checks every map the desired state fills; `ports_capacity` and `ports6_capacity` are the
 /// ports maps' own (set at load time; a pinned map keeps its size).
 pub fn check(
@@ -26,22 +96,19 @@ pub fn check(
 ) -> Result<(), CapacityError> {
     const FIXED: &str =
         "its capacity is fixed when the agent is built (dataplane_common::capacity)";
-    const RAISE_PORTS: &str = "start the agent with a larger --max-ports (a pinned map keeps \
-                               its size: on a new --pin-dir, or after removing the pinned \
-                               dp_ports maps)";
     let backends = desired.services.values().map(|s| s.backends.len()).sum();
     let backends6 = desired.services.values().map(|s| s.backends6.len()).sum();
     let checks = [
         (
             map_names::PORTS,
-            "published port numbers (per protocol and address)",
+            PORTS_WHAT,
             desired.ports.len(),
             ports_capacity,
             RAISE_PORTS,
         ),
         (
             map_names::PORTS6,
-            "published port numbers on IPv6 (per protocol and address)",
+            PORTS6_WHAT,
             desired.ports6.len(),
             ports6_capacity,
             RAISE_PORTS,
@@ -193,5 +260,31 @@ mod tests {
         }
         let err = check(&desired, 100, 100).unwrap_err();
         assert_eq!(err.map, map_names::DENY_SOURCES6);
+    }
+
+    #[test]
+    fn the_early_port_count_is_what_the_entries_come_to() {
+        use crate::model::StateFile;
+        let text = r#"
+networks:
+  - {name: a, bridge: br-a, subnet: 10.1.0.0/24, gateway: 10.1.0.1, subnet6: "fd00:1::/64", gateway6: "fd00:1::1"}
+  - {name: six, bridge: br-six, subnet6: "fd00:2::/64", gateway6: "fd00:2::1"}
+endpoints:
+  - {name: one, interfaces: [{network: a, ip: 10.1.0.2, mac: "02:00:00:00:00:02", host_veth: v1}]}
+  - {name: three, interfaces: [{network: six, ip6: "fd00:2::3", mac: "02:00:00:00:00:04", host_veth: v3}]}
+services:
+  - {name: web6, vip6: "fd00:96::11", port: 443, endpoints: [three]}
+ports:
+  - {endpoint: one, protocol: tcp, host_port: "8000-8009", container_port: "8000-8009"}
+  - {endpoint: three, protocol: tcp, host_port: 9000, container_port: 80}
+  - {endpoint: one, protocol: udp, host_ip: 0.0.0.0, host_port: 53, container_port: 53}
+  - {service: web6, protocol: tcp, host_port: 443, container_port: 443}
+"#;
+        let model = Model::from_spec(&StateFile::parse(text).unwrap()).unwrap();
+        // IPv4: 10 + 1; IPv6: 10 (mapped) + 1 + 1.
+        assert_eq!(check_ports(&model, 11, 12), Ok(()));
+        assert_eq!(check_ports(&model, 10, 12).unwrap_err().wanted, 11);
+        let err = check_ports(&model, 11, 11).unwrap_err();
+        assert_eq!((err.map, err.wanted), (map_names::PORTS6, 12));
     }
 }

@@ -278,13 +278,17 @@ impl Reconciler {
         for gone in self.datapath.prune_vanished() {
             log::info!("{gone}: the interface is gone, and its attachment with it");
         }
-        let desired = desired(model, host, &self.datapath)?;
-        // Refused whole before any write, rather than failing half-way.
-        capacity::check(
-            &desired,
+        let ports_capacity = (
             self.datapath.capacity::<Ports>()?,
             self.datapath.capacity::<Ports6>()?,
-        )?;
+        );
+        // Published ports that cannot fit are refused before their entries are built: a
+        // port on every address is an entry in each family, and building 200,000 of them
+        // only to refuse them would hold the main loop (and `status`) for a second or more.
+        capacity::check_ports(model, ports_capacity.0, ports_capacity.1)?;
+        let desired = desired(model, host, &self.datapath)?;
+        // Refused whole before any write, rather than failing half-way.
+        capacity::check(&desired, ports_capacity.0, ports_capacity.1)?;
         apply(&desired, &mut self.datapath)
     }
 
