@@ -53,8 +53,9 @@ pub mod map_names {
     pub const MAGLEV: &str = "dp_maglev_v2";
     /// Round-robin position per service (per CPU).
     pub const RR_POSITION: &str = "dp_rr_v1";
-    /// Flow events (ring buffer): connections opened and closed, packets dropped.
-    pub const FLOW_EVENTS: &str = "dp_flow_events_v1";
+    /// Flow events (ring buffer): connections opened and closed, packets dropped. v2: events
+    /// carry addresses of either family.
+    pub const FLOW_EVENTS: &str = "dp_flow_events_v2";
     /// Flow events that found the ring buffer full, per CPU (the kernel does not count them).
     pub const FLOW_EVENTS_LOST: &str = "dp_flow_events_lost_v1";
     /// TCP flags of every packet the programs pass, per CPU, as Hubble's
@@ -76,6 +77,26 @@ pub mod map_names {
     /// socket asked for, so that the packet path tracks and reports the connection as the
     /// service's (LRU; written by the cgroup hooks only).
     pub const SOCK_LB: &str = "dp_sock_lb_v1";
+
+    // IPv6: each family has its own maps (keys 2.5 times IPv4's; see `crate::Address`). Each
+    // holds what its IPv4 namesake holds, keyed and valued by IPv6 addresses. The policy map,
+    // its meta, the Maglev tables, round-robin positions and the config are family-free and
+    // shared: a dual-stack service has one id (one Maglev table over its backends' indexes).
+    pub const CONNTRACK6: &str = "dp_ct6_v1";
+    pub const CONNTRACK6_NEW: &str = "dp_ct6_new_v1";
+    pub const FRAGMENTS6: &str = "dp_fragments6_v1";
+    pub const DROP_AGGREGATES6: &str = "dp_drop_agg6_v1";
+    pub const ENDPOINTS6: &str = "dp_endpoints6_v1";
+    pub const PORTS6: &str = "dp_ports6_v1";
+    pub const LOCAL_ADDRS6: &str = "dp_local_addrs6_v1";
+    pub const SERVICES6: &str = "dp_services6_v1";
+    /// Backends' IPv6 addresses, at the same (service id, index) as in [`BACKENDS`].
+    pub const BACKENDS6: &str = "dp_backends6_v1";
+    pub const POLICY_PREFIXES6: &str = "dp_policy_prefixes6_v1";
+    pub const DENY_SOURCES6: &str = "dp_deny_sources6_v1";
+    pub const SOCK_REV_NAT6: &str = "dp_sock_rev_nat6_v1";
+    pub const SOCK_LB6: &str = "dp_sock_lb6_v1";
+
     /// The IPv6 tc programs by hook number (a program array the IPv4 tc programs tail-call
     /// for IPv6 frames; written by the loader only).
     pub const PROGS6: &str = "dp_progs6_v1";
@@ -289,6 +310,125 @@ pub mod hook {
     }
 }
 
+/// An address as the maps hold it: `u32` for IPv4, [`In6Addr`] for IPv6, both the wire's bytes
+/// (network byte order). Each family has maps of its own (IPv4's keep their layout and size:
+/// an IPv6 key is 2.5 times as big); the kernel code that does not care about the family is
+/// generic over this, so there is one copy of it (see docs/DESIGN.md, "IPv6").
+pub trait Address:
+    Copy + Default + Eq + Ord + core::hash::Hash + core::fmt::Debug + 'static
+{
+    /// Explicit padding for structs whose addresses would leave implicit padding in one
+    /// family: nothing for IPv4, 4 bytes for IPv6.
+    type Pad: Copy + Default + Eq + Ord + core::hash::Hash + core::fmt::Debug + 'static;
+    /// 4 or 6, as [`FlowEvent::family`] says it.
+    const FAMILY: u8;
+    /// The address in the family-neutral form of flow events (IPv4 as ::ffff:a.b.c.d).
+    fn to_in6(self) -> In6Addr;
+    /// Writes [`Address::to_in6`] into `out`, which must be all zero (a flow event just
+    /// reserved and zeroed): IPv4 writes only the two words that are not, with no 16-byte
+    /// copy on the stack (every frame of a program shares its 512 bytes).
+    fn put_in6_zeroed(self, out: &mut In6Addr);
+}
+
+impl Address for u32 {
+    type Pad = ();
+    const FAMILY: u8 = 4;
+    #[inline(always)]
+    fn to_in6(self) -> In6Addr {
+        In6Addr::mapped_v4(self)
+    }
+    #[inline(always)]
+    fn put_in6_zeroed(self, out: &mut In6Addr) {
+        out.0[2] = u32::to_be(0xffff);
+        out.0[3] = self;
+    }
+}
+
+/// An IPv6 address: its 16 bytes as on the wire, held as four u32 words so the programs
+/// compare and checksum it a word at a time (each word is network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct In6Addr(pub [u32; 4]);
+
+impl In6Addr {
+    pub const UNSPECIFIED: In6Addr = In6Addr([0; 4]);
+
+    pub const fn from_octets(o: [u8; 16]) -> Self {
+        In6Addr([
+            u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+            u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+            u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+            u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+        ])
+    }
+
+    pub const fn octets(&self) -> [u8; 16] {
+        let w = [
+            self.0[0].to_ne_bytes(),
+            self.0[1].to_ne_bytes(),
+            self.0[2].to_ne_bytes(),
+            self.0[3].to_ne_bytes(),
+        ];
+        [
+            w[0][0], w[0][1], w[0][2], w[0][3], w[1][0], w[1][1], w[1][2], w[1][3], w[2][0],
+            w[2][1], w[2][2], w[2][3], w[3][0], w[3][1], w[3][2], w[3][3],
+        ]
+    }
+
+    pub const fn from_ipv6(addr: core::net::Ipv6Addr) -> Self {
+        In6Addr::from_octets(addr.octets())
+    }
+
+    pub const fn to_ipv6(self) -> core::net::Ipv6Addr {
+        core::net::Ipv6Addr::from_octets(self.octets())
+    }
+
+    /// ::ffff:a.b.c.d for the IPv4 address `v4` (network byte order).
+    pub const fn mapped_v4(v4: u32) -> Self {
+        In6Addr([0, 0, u32::to_be(0xffff), v4])
+    }
+
+    /// The IPv4 address (network byte order) this one maps, if it is ::ffff:a.b.c.d.
+    pub const fn as_mapped_v4(&self) -> Option<u32> {
+        if self.0[0] == 0 && self.0[1] == 0 && self.0[2] == u32::to_be(0xffff) {
+            Some(self.0[3])
+        } else {
+            None
+        }
+    }
+
+    /// The address as std knows it: an IPv4-mapped one as the IPv4 address it stands for.
+    pub const fn to_ip(self) -> core::net::IpAddr {
+        match self.as_mapped_v4() {
+            Some(v4) => core::net::IpAddr::V4(core::net::Ipv4Addr::from_bits(u32::from_be(v4))),
+            None => core::net::IpAddr::V6(self.to_ipv6()),
+        }
+    }
+
+    /// Either family's address in this form (IPv4 mapped).
+    pub const fn from_ip(addr: core::net::IpAddr) -> Self {
+        match addr {
+            core::net::IpAddr::V4(v4) => {
+                In6Addr::mapped_v4(u32::from_be_bytes(v4.octets()).to_be())
+            }
+            core::net::IpAddr::V6(v6) => In6Addr::from_ipv6(v6),
+        }
+    }
+}
+
+impl Address for In6Addr {
+    type Pad = u32;
+    const FAMILY: u8 = 6;
+    #[inline(always)]
+    fn to_in6(self) -> In6Addr {
+        self
+    }
+    #[inline(always)]
+    fn put_in6_zeroed(self, out: &mut In6Addr) {
+        *out = self;
+    }
+}
+
 /// Key of the per-interface counters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -306,10 +446,11 @@ pub struct IfaceStats {
     pub bytes: u64,
 }
 
-/// Where packets for a container's address go, and who the container is for policy.
+/// Where packets for a container's address go, and who the container is for policy. The same
+/// container has the same ids in both families' maps (one endpoint whatever its families).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EndpointInfo {
+pub struct EndpointInfoOf<A: Address> {
     /// The container's label class for policy: which label selectors of the policies its
     /// labels match, as one number (containers matching the same selectors share it; 0: it
     /// matches none). Compiled rules with a label selector are keyed by the classes it matches.
@@ -325,11 +466,14 @@ pub struct EndpointInfo {
     /// [`net_flags`] of the interface's network.
     pub net_flags: u8,
     pub _pad: u8,
-    /// The gateway of the interface's network (the host's address on its bridge, network byte
-    /// order): the source a hairpin connection of this container gets (0: none known, and
-    /// hairpin connections go untranslated).
-    pub gateway: u32,
+    /// The gateway of the interface's network in this family (the host's address on its
+    /// bridge, network byte order): the source a hairpin connection of this container gets
+    /// (0: none known, and hairpin connections go untranslated).
+    pub gateway: A,
 }
+
+pub type EndpointInfo = EndpointInfoOf<u32>;
+pub type EndpointInfo6 = EndpointInfoOf<In6Addr>;
 
 /// Properties of a network, in [`EndpointInfo::net_flags`].
 pub mod net_flags {
@@ -395,10 +539,13 @@ pub struct PolicyVerdict {
 /// bits) and the address; `prefix_len` counts the half's 32 bits too.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PolicyPrefix {
+pub struct PolicyPrefixOf<A: Address> {
     pub slot: u32,
-    pub addr: u32,
+    pub addr: A,
 }
+
+pub type PolicyPrefix = PolicyPrefixOf<u32>;
+pub type PolicyPrefix6 = PolicyPrefixOf<In6Addr>;
 
 /// The most key shapes there are: (from kind, to kind, with a port or not).
 pub const POLICY_MAX_TUPLES: usize = (selector_kind::COUNT as usize).pow(2) * 2;
@@ -449,23 +596,61 @@ pub mod policy_action {
 /// byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PrefixKey {
+pub struct PrefixKeyOf<A: Address> {
     pub prefix_len: u32,
-    pub addr: u32,
+    pub addr: A,
 }
+
+pub type PrefixKey = PrefixKeyOf<u32>;
+pub type PrefixKey6 = PrefixKeyOf<In6Addr>;
 
 /// A connection as seen on the wire in one direction: the conntrack key. Addresses and ports
 /// in network byte order, as in the packet. For ICMP echo, `sport` is the echo identifier and
 /// `dport` 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CtKey {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct CtKeyOf<A: Address> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
+}
+
+pub type CtKey = CtKeyOf<u32>;
+pub type CtKey6 = CtKeyOf<In6Addr>;
+
+impl<A: Address> CtKeyOf<A> {
+    /// The key in the family-neutral form of flow events (IPv4 addresses mapped).
+    #[inline(always)]
+    pub fn to_in6(&self) -> CtKey6 {
+        CtKeyOf {
+            saddr: self.saddr.to_in6(),
+            daddr: self.daddr.to_in6(),
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+impl CtKey6 {
+    /// The IPv4 key a family-neutral one stands for, if both its addresses are IPv4-mapped.
+    pub const fn as_v4(&self) -> Option<CtKey> {
+        match (self.saddr.as_mapped_v4(), self.daddr.as_mapped_v4()) {
+            (Some(saddr), Some(daddr)) => Some(CtKeyOf {
+                saddr,
+                daddr,
+                sport: self.sport,
+                dport: self.dport,
+                proto: self.proto,
+                _pad: [0; 3],
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Which translation created a conntrack entry; each hook acts only on the kinds it owns.
@@ -531,9 +716,9 @@ pub mod tcp_flag {
 /// One direction of a tracked connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CtEntry {
+pub struct CtEntryOf<A: Address> {
     /// Address and port to write (network byte order), into the field `rewrite` names.
-    pub nat_addr: u32,
+    pub nat_addr: A,
     pub nat_port: u16,
     /// One of [`ct_rewrite`].
     pub rewrite: u8,
@@ -551,6 +736,7 @@ pub struct CtEntry {
     /// [`Config::policy_generation`] when the connection was last judged by policy; the next
     /// packet after a change has it judged again.
     pub policy_generation: u32,
+    pub _pad_family: A::Pad,
     /// bpf_ktime_get_ns (CLOCK_MONOTONIC) of the first and the latest packet.
     pub created_ns: u64,
     pub last_seen_ns: u64,
@@ -558,7 +744,7 @@ pub struct CtEntry {
     pub packets: u64,
     pub bytes: u64,
     /// The key of the other direction, so both go together.
-    pub peer: CtKey,
+    pub peer: CtKeyOf<A>,
     /// On the reply entry of a TCP connection in SYN_RECV: the acknowledgement number (host
     /// order) the client's handshake ACK must carry (the SYN-ACK's sequence number + 1). A
     /// spoofing attacker never sees the SYN-ACK, so cannot complete the handshake blindly.
@@ -568,6 +754,9 @@ pub struct CtEntry {
     pub hairpin_port: u16,
     pub _pad2: u16,
 }
+
+pub type CtEntry = CtEntryOf<u32>;
+pub type CtEntry6 = CtEntryOf<In6Addr>;
 
 /// A datagram as each of its IPv4 fragments carries it (the fragment map's key): addresses
 /// as on the wire at the hook (before any translation), protocol and IP identification.
@@ -580,6 +769,18 @@ pub struct FragKey {
     pub id: u16,
     pub proto: u8,
     pub _pad: u8,
+}
+
+/// An IPv6 datagram as each of its fragments carries it: addresses, the protocol after the
+/// extension headers, and the fragment header's 32-bit identification (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey6 {
+    pub saddr: In6Addr,
+    pub daddr: In6Addr,
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
 }
 
 /// What the first fragment of a datagram was: its L4 ports (network byte order; for ICMP
@@ -598,8 +799,8 @@ pub struct FragEntry {
 /// Drop events are aggregated per (source, reason, hook).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DropAggKey {
-    pub saddr: u32,
+pub struct DropAggKeyOf<A: Address> {
+    pub saddr: A,
     /// A [`DropReason`].
     pub reason: u8,
     /// One of [`hook`].
@@ -607,17 +808,20 @@ pub struct DropAggKey {
     pub _pad: u16,
 }
 
+pub type DropAggKey = DropAggKeyOf<u32>;
+pub type DropAggKey6 = DropAggKeyOf<In6Addr>;
+
 /// Drops of one (source, reason, hook) not yet reported, and when the last event went out.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DropAggValue {
+pub struct DropAggValueOf<A: Address> {
     /// Drops since the last event (added atomically by every CPU).
     pub pending: u64,
     pub pending_bytes: u64,
     /// bpf_ktime_get_ns of the last event for this key.
     pub last_event_ns: u64,
     /// The latest dropped packet of the key, reported with the next event.
-    pub tuple: CtKey,
+    pub tuple: CtKeyOf<A>,
     pub tcp_flags: u8,
     /// ICMP type and code of that packet (0 for other protocols).
     pub icmp_type: u8,
@@ -625,6 +829,9 @@ pub struct DropAggValue {
     pub _pad: u8,
     pub ifindex: u32,
 }
+
+pub type DropAggValue = DropAggValueOf<u32>;
+pub type DropAggValue6 = DropAggValueOf<In6Addr>;
 
 /// Per-CPU token bucket for drop events (slot 0 of `dp_drop_budget_v1`).
 #[repr(C)]
@@ -648,44 +855,57 @@ pub mod drop_events {
 /// A published port as the kernel looks it up. `addr` 0 means every host address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PortKey {
-    pub addr: u32,
+pub struct PortKeyOf<A: Address> {
+    pub addr: A,
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
 }
 
+pub type PortKey = PortKeyOf<u32>;
+pub type PortKey6 = PortKeyOf<In6Addr>;
+
 /// Where a published port leads: a container address and port (network byte order), or, when
 /// `is_service` is 1, a service's VIP and port, whose backend is picked per connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PortTarget {
-    pub addr: u32,
+pub struct PortTargetOf<A: Address> {
+    pub addr: A,
     pub port: u16,
     pub is_service: u8,
     pub _pad: u8,
 }
 
+pub type PortTarget = PortTargetOf<u32>;
+pub type PortTarget6 = PortTargetOf<In6Addr>;
+
 /// Key of the socket-level reverse translation: a socket (its cookie) and the address and port
 /// it really talks to (network byte order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SockRevNatKey {
+pub struct SockRevNatKeyOf<A: Address> {
     pub cookie: u64,
-    pub addr: u32,
+    pub addr: A,
     pub port: u16,
     pub _pad: u16,
+    pub _pad_family: A::Pad,
 }
+
+pub type SockRevNatKey = SockRevNatKeyOf<u32>;
+pub type SockRevNatKey6 = SockRevNatKeyOf<In6Addr>;
 
 /// What a socket asked for (network byte order): the VIP or the host address and published
 /// port its process sees as its peer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockRevNat {
-    pub addr: u32,
+pub struct SockRevNatOf<A: Address> {
+    pub addr: A,
     pub port: u16,
     pub _pad: u16,
 }
+
+pub type SockRevNat = SockRevNatOf<u32>;
+pub type SockRevNat6 = SockRevNatOf<In6Addr>;
 
 /// A container's network namespace, as the socket hooks know it: the address its sockets'
 /// connections leave from when not bound (its first interface's, network byte order), the
@@ -702,34 +922,44 @@ pub struct SockNetns {
 /// kernel picks it after connect4 runs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SockLbKey {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct SockLbKeyOf<A: Address> {
+    pub saddr: A,
+    pub daddr: A,
     pub dport: u16,
     pub proto: u8,
     pub _pad: u8,
 }
 
+pub type SockLbKey = SockLbKeyOf<u32>;
+pub type SockLbKey6 = SockLbKeyOf<In6Addr>;
+
 /// The service address (VIP and port, network byte order) the socket asked for, and when
 /// (CLOCK_MONOTONIC ns): the packet path believes it only for a short while after.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockLb {
+pub struct SockLbOf<A: Address> {
     pub time_ns: u64,
-    pub vip: u32,
+    pub vip: A,
     pub vip_port: u16,
     pub _pad: u16,
+    pub _pad_family: A::Pad,
 }
+
+pub type SockLb = SockLbOf<u32>;
+pub type SockLb6 = SockLbOf<In6Addr>;
 
 /// A service VIP as the kernel looks it up (network byte order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey {
-    pub vip: u32,
+pub struct ServiceKeyOf<A: Address> {
+    pub vip: A,
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
 }
+
+pub type ServiceKey = ServiceKeyOf<u32>;
+pub type ServiceKey6 = ServiceKeyOf<In6Addr>;
 
 /// A service: its id (1-based index of its Maglev table and round-robin slot), how many
 /// backends it has (indexes `0..backend_count` in the backends map) and how it picks one.
@@ -753,11 +983,14 @@ pub struct BackendKey {
 /// A backend: container address and target port (network byte order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Backend {
-    pub addr: u32,
+pub struct BackendOf<A: Address> {
+    pub addr: A,
     pub port: u16,
     pub _pad: [u8; 2],
 }
+
+pub type Backend = BackendOf<u32>;
+pub type Backend6 = BackendOf<In6Addr>;
 
 /// Run-time settings, one element at index 0 of the config array.
 #[repr(C)]
@@ -803,7 +1036,8 @@ pub mod flow_kind {
 }
 
 /// One flow event from the kernel (ring buffer), per connection or per drop, never per
-/// forwarded packet. Addresses and ports in network byte order.
+/// forwarded packet, for both families: addresses in IPv6 form (IPv4 ones mapped,
+/// ::ffff:a.b.c.d) and `family` saying which it was. Addresses and ports in network byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEvent {
@@ -815,9 +1049,9 @@ pub struct FlowEvent {
     pub reply_packets: u64,
     pub reply_bytes: u64,
     /// The connection as its first packet was (before translation), or the dropped packet.
-    pub tuple: CtKey,
+    pub tuple: CtKey6,
     /// Where the translation sent it (destination for DNAT/VIP, source for masquerade).
-    pub nat_addr: u32,
+    pub nat_addr: In6Addr,
     pub nat_port: u16,
     /// One of [`flow_kind`].
     pub kind: u8,
@@ -840,6 +1074,10 @@ pub struct FlowEvent {
     /// [`ct_rewrite::HAIRPIN`] only: the destination port (the destination address being the
     /// tuple's source); `nat_addr`:`nat_port` is then the translated source.
     pub hairpin_port: u16,
+    /// 4 or 6: the family of the packet the event is about (a connection translated from
+    /// one family to the other is reported in its first packet's).
+    pub family: u8,
+    pub _pad: [u8; 7],
 }
 
 /// Per-packet TCP flag counters (`dp_tcp_flags_v1`, a per-CPU array of u64): slot
@@ -892,8 +1130,9 @@ pub mod tcp_flag_count {
     }
 }
 
-/// Size of the flow ring buffer: at 80 bytes an event, 1 MiB holds about 13,000 events between
-/// two reads of the agent (which reads continuously).
+/// Size of the flow ring buffer: at 128 bytes an event (with the ring's 8-byte header), 1 MiB
+/// holds about 8,000 events between two reads of the agent (which reads every 50 ms at most,
+/// and whenever 64 events wait).
 pub const FLOW_RING_BYTES: u32 = 1 << 20;
 
 /// Why a packet was dropped. One numbering for kernel counters, flow records and metric labels,
@@ -1004,7 +1243,24 @@ const _: () = assert!(core::mem::size_of::<ServiceInfo>() == 12);
 const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 32);
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 80);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 120);
+const _: () = assert!(core::mem::size_of::<In6Addr>() == 16);
+const _: () = assert!(core::mem::size_of::<EndpointInfo6>() == 44);
+const _: () = assert!(core::mem::size_of::<PolicyPrefix6>() == 20);
+const _: () = assert!(core::mem::size_of::<PrefixKey6>() == 20);
+const _: () = assert!(core::mem::size_of::<CtKey6>() == 40);
+const _: () = assert!(core::mem::size_of::<CtEntry6>() == 112);
+const _: () = assert!(core::mem::size_of::<FragKey6>() == 40);
+const _: () = assert!(core::mem::size_of::<DropAggKey6>() == 20);
+const _: () = assert!(core::mem::size_of::<DropAggValue6>() == 72);
+const _: () = assert!(core::mem::size_of::<PortKey6>() == 20);
+const _: () = assert!(core::mem::size_of::<PortTarget6>() == 20);
+const _: () = assert!(core::mem::size_of::<SockRevNatKey6>() == 32);
+const _: () = assert!(core::mem::size_of::<SockRevNat6>() == 20);
+const _: () = assert!(core::mem::size_of::<SockLbKey6>() == 36);
+const _: () = assert!(core::mem::size_of::<SockLb6>() == 32);
+const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 20);
+const _: () = assert!(core::mem::size_of::<Backend6>() == 20);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -1013,35 +1269,35 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::IfaceStats {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::EndpointInfo {}
+    unsafe impl<A: super::Address> aya::Pod for super::EndpointInfoOf<A> {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl<A: super::Address> aya::Pod for super::CtKeyOf<A> {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl<A: super::Address> aya::Pod for super::CtEntryOf<A> {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl<A: super::Address> aya::Pod for super::PortKeyOf<A> {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::PortTarget {}
+    unsafe impl<A: super::Address> aya::Pod for super::PortTargetOf<A> {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::SockRevNatKey {}
+    unsafe impl<A: super::Address> aya::Pod for super::SockRevNatKeyOf<A> {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::SockRevNat {}
+    unsafe impl<A: super::Address> aya::Pod for super::SockRevNatOf<A> {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockNetns {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::SockLbKey {}
+    unsafe impl<A: super::Address> aya::Pod for super::SockLbKeyOf<A> {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::SockLb {}
+    unsafe impl<A: super::Address> aya::Pod for super::SockLbOf<A> {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl<A: super::Address> aya::Pod for super::ServiceKeyOf<A> {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ServiceInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BackendKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl<A: super::Address> aya::Pod for super::BackendOf<A> {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowEvent {}
     // SAFETY: as above.
@@ -1049,17 +1305,21 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PolicyVerdict {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::PolicyPrefix {}
+    unsafe impl<A: super::Address> aya::Pod for super::PolicyPrefixOf<A> {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PolicyMeta {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::PrefixKey {}
+    unsafe impl<A: super::Address> aya::Pod for super::PrefixKeyOf<A> {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FragKey {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragKey6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::In6Addr {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::FragEntry {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::DropAggKey {}
+    unsafe impl<A: super::Address> aya::Pod for super::DropAggKeyOf<A> {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::DropAggValue {}
+    unsafe impl<A: super::Address> aya::Pod for super::DropAggValueOf<A> {}
 }

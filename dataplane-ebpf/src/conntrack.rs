@@ -316,6 +316,7 @@ pub fn create(c: &NewConnection) -> Result<(), CtError> {
         state: ct_state::SYN_SENT,
         icmp_type: 0,
         policy_generation: generation,
+        _pad_family: (),
         created_ns: now,
         last_seen_ns: now,
         packets: 0,

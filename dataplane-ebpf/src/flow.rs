@@ -15,8 +15,8 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use dataplane_common::{
-    CtEntry, CtKey, DropAggKey, DropAggValue, DropReason, FlowEvent, drop_events, flow_kind,
-    tcp_flag,
+    Address, CtEntry, CtKey, CtKeyOf, DropAggKey, DropAggValue, DropReason, FlowEvent, drop_events,
+    flow_kind, tcp_flag,
 };
 
 use crate::maps::{DROP_AGGREGATES, DROP_EVENT_BUDGET, FLOW_EVENTS, FLOW_EVENTS_LOST};
@@ -67,6 +67,17 @@ fn send(fill: impl FnOnce(&mut FlowEvent)) {
     }
 }
 
+/// Writes `key` into the (zeroed) event in its family-neutral form, with its family.
+#[inline(always)]
+fn put_tuple<A: Address>(e: &mut FlowEvent, key: &CtKeyOf<A>) {
+    key.saddr.put_in6_zeroed(&mut e.tuple.saddr);
+    key.daddr.put_in6_zeroed(&mut e.tuple.daddr);
+    e.tuple.sport = key.sport;
+    e.tuple.dport = key.dport;
+    e.tuple.proto = key.proto;
+    e.family = A::FAMILY;
+}
+
 /// A connection just tracked (or, for TCP, just established), as its first packet was.
 #[derive(Clone, Copy)]
 pub struct NewFlow {
@@ -97,8 +108,8 @@ pub fn new_connection(flow: &NewFlow) {
         e.time_ns = unsafe { bpf_ktime_get_ns() };
         e.packets = flow.packets;
         e.bytes = flow.bytes;
-        e.tuple = flow.forward;
-        e.nat_addr = flow.nat_addr;
+        put_tuple(e, &flow.forward);
+        flow.nat_addr.put_in6_zeroed(&mut e.nat_addr);
         e.nat_port = flow.nat_port;
         e.hairpin_port = flow.hairpin_port;
         e.kind = flow_kind::NEW;
@@ -132,8 +143,8 @@ pub fn replied(
         e.time_ns = bpf_ktime_get_ns();
         e.packets = (*entry).packets;
         e.bytes = (*entry).bytes;
-        e.tuple = *key;
-        e.nat_addr = (*entry).nat_addr;
+        put_tuple(e, key);
+        (*entry).nat_addr.put_in6_zeroed(&mut e.nat_addr);
         e.nat_port = (*entry).nat_port;
         e.kind = flow_kind::REPLY;
         e.origin = (*entry).origin;
@@ -158,8 +169,8 @@ pub fn established(key: &CtKey, entry: *const CtEntry, hook: u32, ifindex: u32) 
         e.time_ns = bpf_ktime_get_ns();
         e.packets = (*entry).packets;
         e.bytes = (*entry).bytes;
-        e.tuple = *key;
-        e.nat_addr = (*entry).nat_addr;
+        put_tuple(e, key);
+        (*entry).nat_addr.put_in6_zeroed(&mut e.nat_addr);
         e.nat_port = (*entry).nat_port;
         e.hairpin_port = (*entry).hairpin_port;
         e.kind = flow_kind::NEW;
@@ -196,8 +207,8 @@ pub fn closed(key: &CtKey, entry: *const CtEntry, hook: u32, ifindex: u32) {
             e.bytes = (*forward).bytes;
             e.reply_packets = (*reply).packets;
             e.reply_bytes = (*reply).bytes;
-            e.tuple = forward_key;
-            e.nat_addr = (*forward).nat_addr;
+            put_tuple(e, &forward_key);
+            (*forward).nat_addr.put_in6_zeroed(&mut e.nat_addr);
             e.nat_port = (*forward).nat_port;
             e.hairpin_port = (*forward).hairpin_port;
             e.kind = flow_kind::CLOSE;
@@ -319,11 +330,15 @@ pub fn dropped(d: &Dropped) {
             (now, 1, u64::from(d.len))
         }
     };
+    send_drop(d, now, packets, bytes);
+}
+
+/// The event of drops of `d`'s key. Out of line: `dropped`'s frame plus the container hook's
+/// would pass the stack's 512 bytes with the event's writes in it.
+#[inline(never)]
+fn send_drop(d: &Dropped, now: u64, packets: u64, bytes: u64) {
     send(|e| {
-        e.time_ns = now;
-        e.packets = packets;
-        e.bytes = bytes;
-        e.tuple = d.tuple;
+        put_tuple(e, &d.tuple);
         e.kind = flow_kind::DROP;
         e.tcp_flags = d.tcp_flags;
         e.icmp_type = d.icmp_type;
@@ -331,5 +346,8 @@ pub fn dropped(d: &Dropped) {
         e.drop_reason = d.reason as u8;
         e.hook = d.hook as u8;
         e.ifindex = d.ifindex;
+        e.time_ns = now;
+        e.packets = packets;
+        e.bytes = bytes;
     });
 }

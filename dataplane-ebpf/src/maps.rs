@@ -10,11 +10,13 @@ use aya_ebpf::{
     },
 };
 use dataplane_common::{
-    Backend, BackendKey, Config, CtEntry, CtKey, DropAggKey, DropAggValue, DropBudget, DropReason,
-    EndpointInfo, FLOW_RING_BYTES, FragEntry, FragKey, IfaceStats, IfaceStatsKey,
-    MAGLEV_DEFAULT_SIZE, PolicyKey, PolicyMeta, PolicyPrefix, PolicyVerdict, PortKey, PortTarget,
-    ServiceInfo, ServiceKey, SockLb, SockLbKey, SockNetns, SockRevNat, SockRevNatKey, capacity,
-    maglev_elements, tcp_flag_count,
+    Backend, Backend6, BackendKey, Config, CtEntry, CtEntry6, CtKey, CtKey6, DropAggKey,
+    DropAggKey6, DropAggValue, DropAggValue6, DropBudget, DropReason, EndpointInfo, EndpointInfo6,
+    FLOW_RING_BYTES, FragEntry, FragKey, FragKey6, IfaceStats, IfaceStatsKey, In6Addr,
+    MAGLEV_DEFAULT_SIZE, PolicyKey, PolicyMeta, PolicyPrefix, PolicyPrefix6, PolicyVerdict,
+    PortKey, PortKey6, PortTarget, PortTarget6, ServiceInfo, ServiceKey, ServiceKey6, SockLb,
+    SockLb6, SockLbKey, SockLbKey6, SockNetns, SockRevNat, SockRevNat6, SockRevNatKey,
+    SockRevNatKey6, capacity, maglev_elements, tcp_flag_count,
 };
 
 /// Packets and bytes per (interface, hook); per-CPU so the hot path never contends.
@@ -109,7 +111,7 @@ pub static RR_POSITION: PerCpuArray<u32> = PerCpuArray::pinned(capacity::SERVICE
 
 /// Flow events to the agent: one per new connection, per TCP close, per drop (never per
 /// forwarded packet, so logging costs no throughput). See `FLOW_RING_BYTES` for the size.
-#[map(name = "dp_flow_events_v1")]
+#[map(name = "dp_flow_events_v2")]
 pub static FLOW_EVENTS: RingBuf = RingBuf::pinned(FLOW_RING_BYTES, 0);
 
 /// Events that found the ring full (per CPU, slot 0): the kernel does not count failed
@@ -164,6 +166,56 @@ pub static SOCK_NETNS: HashMap<u64, SockNetns> = HashMap::pinned(capacity::SOCK_
 /// hooks, read by tc; LRU (see `capacity::SOCK_LB` for the size and what an eviction costs).
 #[map(name = "dp_sock_lb_v1")]
 pub static SOCK_LB: LruHashMap<SockLbKey, SockLb> = LruHashMap::pinned(capacity::SOCK_LB, 0);
+
+// IPv6: the same maps, keyed by IPv6 addresses (see `map_names`' IPv6 part for what is
+// shared). Sizes as their IPv4 namesakes': the agent sets the same load-time sizes on both,
+// and the maps allocated on use cost nothing until IPv6 traffic comes. The preallocated LRU
+// ones cost their IPv4 namesake's count at about 1.6 times the bytes.
+
+#[map(name = "dp_ct6_v1")]
+pub static CONNTRACK6: HashMap<CtKey6, CtEntry6> =
+    HashMap::pinned(capacity::CONNTRACK, BPF_F_NO_PREALLOC);
+
+#[map(name = "dp_ct6_new_v1")]
+pub static CONNTRACK6_NEW: LruHashMap<CtKey6, CtEntry6> =
+    LruHashMap::pinned(capacity::CONNTRACK_NEW_MIN, 0);
+
+#[map(name = "dp_fragments6_v1")]
+pub static FRAGMENTS6: LruHashMap<FragKey6, FragEntry> = LruHashMap::pinned(capacity::FRAGMENTS, 0);
+
+#[map(name = "dp_drop_agg6_v1")]
+pub static DROP_AGGREGATES6: LruHashMap<DropAggKey6, DropAggValue6> =
+    LruHashMap::pinned(capacity::DROP_AGGREGATES, 0);
+
+#[map(name = "dp_endpoints6_v1")]
+pub static ENDPOINTS6: HashMap<In6Addr, EndpointInfo6> = HashMap::pinned(capacity::ENDPOINTS, 0);
+
+#[map(name = "dp_ports6_v1")]
+pub static PORTS6: HashMap<PortKey6, PortTarget6> = HashMap::pinned(capacity::PORTS, 0);
+
+#[map(name = "dp_local_addrs6_v1")]
+pub static LOCAL_ADDRS6: HashMap<In6Addr, u8> = HashMap::pinned(capacity::LOCAL_ADDRS, 0);
+
+#[map(name = "dp_services6_v1")]
+pub static SERVICES6: HashMap<ServiceKey6, ServiceInfo> = HashMap::pinned(capacity::SERVICES, 0);
+
+#[map(name = "dp_backends6_v1")]
+pub static BACKENDS6: HashMap<BackendKey, Backend6> =
+    HashMap::pinned(capacity::BACKENDS, BPF_F_NO_PREALLOC);
+
+#[map(name = "dp_policy_prefixes6_v1")]
+pub static POLICY_PREFIXES6: LpmTrie<PolicyPrefix6, u32> =
+    LpmTrie::pinned(capacity::POLICY_PREFIXES * 2, 0);
+
+#[map(name = "dp_deny_sources6_v1")]
+pub static DENY_SOURCES6: LpmTrie<In6Addr, u8> = LpmTrie::pinned(capacity::DENY_SOURCES, 0);
+
+#[map(name = "dp_sock_rev_nat6_v1")]
+pub static SOCK_REV_NAT6: LruHashMap<SockRevNatKey6, SockRevNat6> =
+    LruHashMap::pinned(capacity::SOCK_REV_NAT, 0);
+
+#[map(name = "dp_sock_lb6_v1")]
+pub static SOCK_LB6: LruHashMap<SockLbKey6, SockLb6> = LruHashMap::pinned(capacity::SOCK_LB, 0);
 
 /// The IPv6 programs the IPv4 tc programs tail-call for each IPv6 frame, by hook number
 /// (`dataplane_common::hook`: 1 container ingress, 2 uplink ingress, 3 uplink egress; 4 slots).

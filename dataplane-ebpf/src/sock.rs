@@ -293,6 +293,7 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
         addr: target.addr,
         port: target.port,
         _pad: 0,
+        _pad_family: (),
     };
     let asked = SockRevNat {
         addr,
@@ -327,6 +328,7 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
             vip: addr,
             vip_port: port,
             _pad: 0,
+            _pad_family: (),
         };
         // A full LRU evicts an older pair: at worst this connection is reported as plain.
         let _ = SOCK_LB.insert(&pending, &service, 0);
@@ -432,6 +434,7 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
             addr: (*sa).user_ip4,
             port: (*sa).user_port as u16,
             _pad: 0,
+            _pad_family: (),
         };
         if let Some(asked) = SOCK_REV_NAT.get_ptr(&key) {
             (*sa).user_ip4 = (*asked).addr;

@@ -20,6 +20,8 @@ pub enum DecodeError {
     Kind(u8),
     #[error("drop event with unknown reason {0}")]
     DropReason(u8),
+    #[error("flow event of address family {0}, which this agent does not decode")]
+    Family(u8),
 }
 
 /// What a record says about its connection.
@@ -213,8 +215,13 @@ pub fn from_raw(raw: &FlowEvent) -> Result<Event, DecodeError> {
         ),
         other => return Err(DecodeError::Kind(other)),
     };
+    // IPv4 events carry mapped addresses; IPv6 ones are not decoded yet.
+    let (Some(key), 4) = (raw.tuple.as_v4(), raw.family) else {
+        return Err(DecodeError::Family(raw.family));
+    };
+    let raw_nat_addr = raw.nat_addr.as_mapped_v4().unwrap_or(0);
     let (tuple, rewrite, nat_addr, nat_port) =
-        presented(&raw.tuple, raw.rewrite, raw.nat_addr, raw.nat_port);
+        presented(&key, raw.rewrite, raw_nat_addr, raw.nat_port);
     Ok(Event {
         time_ns: raw.time_ns,
         kind,
@@ -285,7 +292,7 @@ pub fn from_conntrack(
 
 #[cfg(test)]
 pub mod tests {
-    use dataplane_common::hook;
+    use dataplane_common::{In6Addr, hook};
 
     use super::*;
 
@@ -308,7 +315,9 @@ pub mod tests {
                 dport: dport.to_be(),
                 proto,
                 _pad: [0; 3],
-            },
+            }
+            .to_in6(),
+            family: 4,
             kind,
             tcp_flags: if proto == IPPROTO_TCP { 0x02 } else { 0 },
             hook: hook::CONTAINER_INGRESS as u8,
@@ -338,7 +347,7 @@ pub mod tests {
         );
         raw.origin = ct_origin::PUBLISHED;
         raw.rewrite = ct_rewrite::DST;
-        raw.nat_addr = u32::from(Ipv4Addr::new(172, 30, 1, 2)).to_be();
+        raw.nat_addr = In6Addr::mapped_v4(u32::from(Ipv4Addr::new(172, 30, 1, 2)).to_be());
         raw.nat_port = 80u16.to_be();
         let event = from_raw(&copy_event(&as_bytes(&raw)).unwrap()).unwrap();
         assert_eq!(event.kind, Kind::New);
@@ -377,7 +386,7 @@ pub mod tests {
         );
         raw.origin = ct_origin::PUBLISHED;
         raw.rewrite = ct_rewrite::HAIRPIN;
-        raw.nat_addr = u32::from(Ipv4Addr::new(172, 30, 1, 1)).to_be();
+        raw.nat_addr = In6Addr::mapped_v4(u32::from(Ipv4Addr::new(172, 30, 1, 1)).to_be());
         raw.nat_port = 20077u16.to_be();
         raw.hairpin_port = 80u16.to_be();
         let event = from_raw(&copy_event(&as_bytes(&raw)).unwrap()).unwrap();
@@ -424,7 +433,7 @@ pub mod tests {
             copy_event(&bytes[..40]),
             Err(DecodeError::Size {
                 size: 40,
-                expected: 80
+                expected: 120
             })
         );
         let mut odd = raw;
@@ -448,7 +457,7 @@ pub mod tests {
         );
         raw.origin = ct_origin::SERVICE;
         raw.rewrite = ct_rewrite::SOCKET;
-        raw.nat_addr = u32::from(Ipv4Addr::new(10, 96, 0, 10)).to_be();
+        raw.nat_addr = In6Addr::mapped_v4(u32::from(Ipv4Addr::new(10, 96, 0, 10)).to_be());
         raw.nat_port = 80u16.to_be();
         let event = from_raw(&raw).unwrap();
         assert_eq!(event.tuple.daddr, Ipv4Addr::new(10, 96, 0, 10));
@@ -467,11 +476,11 @@ pub mod tests {
         let forward = CtEntry {
             origin: ct_origin::SERVICE,
             rewrite: ct_rewrite::SOCKET,
-            nat_addr: raw.nat_addr,
+            nat_addr: raw.nat_addr.as_mapped_v4().unwrap(),
             nat_port: raw.nat_port,
             ..CtEntry::default()
         };
-        let event = from_conntrack(&raw.tuple, &forward, None, Kind::End, 42);
+        let event = from_conntrack(&raw.tuple.as_v4().unwrap(), &forward, None, Kind::End, 42);
         assert_eq!(event.tuple.daddr, Ipv4Addr::new(10, 96, 0, 10));
         assert_eq!(event.nat, Some(expected));
     }
@@ -484,7 +493,9 @@ pub mod tests {
             ("172.30.1.2", 5000),
             ("192.0.2.2", 53),
         )
-        .tuple;
+        .tuple
+        .as_v4()
+        .unwrap();
         let forward = CtEntry {
             origin: ct_origin::MASQUERADE,
             rewrite: ct_rewrite::SRC,

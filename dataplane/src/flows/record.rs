@@ -1122,7 +1122,7 @@ ports:
         );
         raw.origin = ct_origin::PUBLISHED;
         raw.rewrite = ct_rewrite::DST;
-        raw.nat_addr = ip("172.30.1.2");
+        raw.nat_addr = dataplane_common::In6Addr::mapped_v4(ip("172.30.1.2"));
         raw.nat_port = 80u16.to_be();
         raw.hook = hook::UPLINK_INGRESS as u8;
         let mut record = record_of(&raw);
@@ -1220,7 +1220,7 @@ ports:
         );
         raw.origin = ct_origin::MASQUERADE;
         raw.rewrite = ct_rewrite::SRC;
-        raw.nat_addr = ip("192.0.2.1");
+        raw.nat_addr = dataplane_common::In6Addr::mapped_v4(ip("192.0.2.1"));
         raw.nat_port = 20001u16.to_be();
         raw.hook = hook::UPLINK_EGRESS as u8;
         raw.tcp_flags = tcp_flag::SYN | tcp_flag::ACK | tcp_flag::FIN;
@@ -1266,7 +1266,7 @@ ports:
         );
         raw.origin = ct_origin::SERVICE;
         raw.rewrite = ct_rewrite::HAIRPIN;
-        raw.nat_addr = ip("172.30.1.1");
+        raw.nat_addr = dataplane_common::In6Addr::mapped_v4(ip("172.30.1.1"));
         raw.nat_port = 20077u16.to_be();
         raw.hairpin_port = 80u16.to_be();
         let mut record = record_of(&raw);
@@ -1319,7 +1319,7 @@ ports:
         );
         raw.origin = ct_origin::SERVICE;
         raw.rewrite = ct_rewrite::DST;
-        raw.nat_addr = ip("172.30.1.2");
+        raw.nat_addr = dataplane_common::In6Addr::mapped_v4(ip("172.30.1.2"));
         raw.nat_port = 80u16.to_be();
         let mut record = record_of(&raw);
         strict(&record.hubble_json());
@@ -1342,7 +1342,7 @@ ports:
         );
         raw.origin = ct_origin::PUBLISHED;
         raw.rewrite = ct_rewrite::DST;
-        raw.nat_addr = ip("172.30.1.2");
+        raw.nat_addr = dataplane_common::In6Addr::mapped_v4(ip("172.30.1.2"));
         raw.nat_port = 80u16.to_be();
         let flow = record_of(&raw).flow;
         assert_eq!(flow.destination_service.unwrap().name, "web");
@@ -1362,7 +1362,7 @@ ports:
         );
         raw.origin = ct_origin::SERVICE;
         raw.rewrite = ct_rewrite::DST;
-        raw.nat_addr = ip("172.30.1.2");
+        raw.nat_addr = dataplane_common::In6Addr::mapped_v4(ip("172.30.1.2"));
         raw.nat_port = 80u16.to_be();
         raw.hook = dataplane_common::hook::SOCK_CONNECT4 as u8;
         let mut record = record_of(&raw);
@@ -1559,7 +1559,8 @@ ports:
         );
         raw.origin = ct_origin::MASQUERADE;
         raw.rewrite = ct_rewrite::DST;
-        raw.nat_addr = u32::from(Ipv4Addr::new(172, 30, 1, 2)).to_be();
+        raw.nat_addr =
+            dataplane_common::In6Addr::mapped_v4(u32::from(Ipv4Addr::new(172, 30, 1, 2)).to_be());
         raw.nat_port = 77u16.to_be();
         raw.hook = hook::UPLINK_INGRESS as u8;
         let mut record = record_of(&raw);

@@ -19,9 +19,11 @@ use aya::{
     maps::{HashMap, Map, MapData},
 };
 use dataplane_common::{
-    Backend, BackendKey, CtEntry, CtKey, DropAggKey, DropAggValue, EndpointInfo, PolicyKey,
-    PolicyVerdict, PortKey, PortTarget, ServiceInfo, ServiceKey, SockLb, SockLbKey, SockNetns,
-    SockRevNat, SockRevNatKey, map_names,
+    Backend, Backend6, BackendKey, CtEntry, CtEntry6, CtKey, CtKey6, DropAggKey, DropAggKey6,
+    DropAggValue, DropAggValue6, EndpointInfo, EndpointInfo6, In6Addr, PolicyKey, PolicyVerdict,
+    PortKey, PortKey6, PortTarget, PortTarget6, ServiceInfo, ServiceKey, ServiceKey6, SockLb,
+    SockLb6, SockLbKey, SockLbKey6, SockNetns, SockRevNat, SockRevNat6, SockRevNatKey,
+    SockRevNatKey6, map_names,
 };
 
 use super::DatapathError;
@@ -109,6 +111,48 @@ hash_map!(
     /// Containers' connections translated at their socket, until their first packet (an LRU
     /// map the socket hooks write and the container hook reads; the agent only counts it).
     SockLbs, map_names::SOCK_LB, SockLbKey => SockLb
+);
+
+// IPv6: each map holds what its IPv4 namesake above holds, with the same writer.
+hash_map!(
+    /// Container endpoints by IPv6 address (written by the reconciler).
+    Endpoints6, map_names::ENDPOINTS6, In6Addr => EndpointInfo6, reconciled
+);
+hash_map!(
+    /// Published ports on IPv6 host addresses (written by the reconciler).
+    Ports6, map_names::PORTS6, PortKey6 => PortTarget6, reconciled
+);
+hash_map!(
+    /// IPv6 service VIPs (written by the reconciler).
+    Services6, map_names::SERVICES6, ServiceKey6 => ServiceInfo, reconciled
+);
+hash_map!(
+    /// IPv6 addresses of services' backends (written by the reconciler).
+    Backends6, map_names::BACKENDS6, BackendKey => Backend6, reconciled
+);
+hash_map!(
+    /// The host's own IPv6 addresses (written by the reconciler).
+    LocalAddrs6, map_names::LOCAL_ADDRS6, In6Addr => u8, reconciled
+);
+hash_map!(
+    /// IPv6 connection tracking, established connections (as [`Conntrack`]).
+    Conntrack6, map_names::CONNTRACK6, CtKey6 => CtEntry6
+);
+hash_map!(
+    /// IPv6 connection tracking, handshakes under way (as [`ConntrackNew`]).
+    Conntrack6New, map_names::CONNTRACK6_NEW, CtKey6 => CtEntry6
+);
+hash_map!(
+    /// IPv6 drop aggregates (as [`DropAggregates`]).
+    DropAggregates6, map_names::DROP_AGGREGATES6, DropAggKey6 => DropAggValue6
+);
+hash_map!(
+    /// Socket-level translations to IPv6 peers (as [`SockRevNats`]).
+    SockRevNats6, map_names::SOCK_REV_NAT6, SockRevNatKey6 => SockRevNat6
+);
+hash_map!(
+    /// Containers' IPv6 connections translated at their socket (as [`SockLbs`]).
+    SockLbs6, map_names::SOCK_LB6, SockLbKey6 => SockLb6
 );
 
 /// The agent's writable handle on a map the kernel programs fill: its own file descriptor,

@@ -391,9 +391,13 @@ fn check_layouts(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
     use aya::maps::Map;
     use dataplane_common::SockRevNatKey;
     use dataplane_common::{Backend, BackendKey, ServiceInfo, ServiceKey};
+    use dataplane_common::{
+        Backend6, CtEntry6, CtKey6, DropAggKey6, DropAggValue6, EndpointInfo6, FragKey6, In6Addr,
+        PortKey6, PortTarget6, ServiceKey6, SockLb6, SockLbKey6, SockRevNat6, SockRevNatKey6,
+    };
     use dataplane_common::{CtEntry, CtKey, EndpointInfo, PortKey, PortTarget};
     use dataplane_common::{FragEntry, FragKey, SockLb, SockLbKey, SockNetns, SockRevNat};
-    let expected: [(&'static str, usize, usize); 18] = [
+    let expected: [(&'static str, usize, usize); 29] = [
         (
             map_names::SOCK_NETNS,
             size_of::<u64>(),
@@ -464,6 +468,61 @@ fn check_layouts(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
         ),
         (map_names::DROPS, size_of::<u32>(), size_of::<u64>()),
         (map_names::TCP_FLAGS, size_of::<u32>(), size_of::<u64>()),
+        (
+            map_names::CONNTRACK6,
+            size_of::<CtKey6>(),
+            size_of::<CtEntry6>(),
+        ),
+        (
+            map_names::CONNTRACK6_NEW,
+            size_of::<CtKey6>(),
+            size_of::<CtEntry6>(),
+        ),
+        (
+            map_names::FRAGMENTS6,
+            size_of::<FragKey6>(),
+            size_of::<FragEntry>(),
+        ),
+        (
+            map_names::DROP_AGGREGATES6,
+            size_of::<DropAggKey6>(),
+            size_of::<DropAggValue6>(),
+        ),
+        (
+            map_names::ENDPOINTS6,
+            size_of::<In6Addr>(),
+            size_of::<EndpointInfo6>(),
+        ),
+        (
+            map_names::PORTS6,
+            size_of::<PortKey6>(),
+            size_of::<PortTarget6>(),
+        ),
+        (
+            map_names::LOCAL_ADDRS6,
+            size_of::<In6Addr>(),
+            size_of::<u8>(),
+        ),
+        (
+            map_names::SERVICES6,
+            size_of::<ServiceKey6>(),
+            size_of::<ServiceInfo>(),
+        ),
+        (
+            map_names::BACKENDS6,
+            size_of::<BackendKey>(),
+            size_of::<Backend6>(),
+        ),
+        (
+            map_names::SOCK_REV_NAT6,
+            size_of::<SockRevNatKey6>(),
+            size_of::<SockRevNat6>(),
+        ),
+        (
+            map_names::SOCK_LB6,
+            size_of::<SockLbKey6>(),
+            size_of::<SockLb6>(),
+        ),
     ];
     for (name, key, value) in expected {
         let data = match ebpf.map(name).ok_or(DatapathError::MissingMap(name))? {
@@ -525,6 +584,14 @@ impl Datapath {
                 capacity::conntrack_new(options.ct_max_entries),
             )
             .map_max_entries(map_names::SERVICES, options.max_services)
+            // IPv6's maps take the sizes of their IPv4 namesakes.
+            .map_max_entries(map_names::CONNTRACK6, options.ct_max_entries)
+            .map_max_entries(
+                map_names::CONNTRACK6_NEW,
+                capacity::conntrack_new(options.ct_max_entries),
+            )
+            .map_max_entries(map_names::SERVICES6, options.max_services)
+            .map_max_entries(map_names::PORTS6, options.max_ports)
             .map_max_entries(
                 map_names::MAGLEV,
                 // check_maglev_size made sure it fits.

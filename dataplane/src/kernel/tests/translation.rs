@@ -459,6 +459,7 @@ fn socket_translated(dp: &mut Datapath, client: [u8; 4], backend: [u8; 4], age_n
         vip: be(VIP),
         vip_port: 80u16.to_be(),
         _pad: 0,
+        _pad_family: (),
     };
     dp.hash_mut::<SockLbKey, SockLb>(map_names::SOCK_LB)
         .unwrap()
