@@ -136,18 +136,6 @@ pub(super) fn upper_layer(frame: &[u8]) -> (Ipv6Addr, Ipv6Addr, u8, Option<usize
     }
 }
 
-/// The addresses and ports (ICMPv6 echo: the identifier as both) of an IPv6 frame.
-pub(super) fn tuple6(frame: &[u8]) -> (Ipv6Addr, Ipv6Addr, u16, u16) {
-    let (src, dst, protocol, l4) = upper_layer(frame);
-    let l4 = l4.expect("a frame with an upper-layer header");
-    let word = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
-    if protocol == IPPROTO_ICMPV6 {
-        (src, dst, word(l4 + 4), word(l4 + 4))
-    } else {
-        (src, dst, word(l4), word(l4 + 2))
-    }
-}
-
 /// Checks the TCP, UDP or ICMPv6 checksum of `frame` over the IPv6 pseudo-header, and that the
 /// payload length is the frame's; panics with what is wrong.
 pub(super) fn assert_checksums6(frame: &[u8]) {
