@@ -96,6 +96,10 @@ pub mod map_names {
     pub const DENY_SOURCES6: &str = "dp_deny_sources6_v1";
     pub const SOCK_REV_NAT6: &str = "dp_sock_rev_nat6_v1";
     pub const SOCK_LB6: &str = "dp_sock_lb6_v1";
+
+    /// The IPv6 tc programs by hook number (a program array the IPv4 tc programs tail-call
+    /// for IPv6 frames; written by the loader only).
+    pub const PROGS6: &str = "dp_progs6_v1";
 }
 
 /// Load-time settings of the kernel programs (`Global`s, set through `EbpfLoader`).
@@ -136,6 +140,11 @@ pub mod program_names {
     pub const SOCK_RECVMSG6: &str = "dp_sock_recvmsg6";
     /// cgroup getpeername6: a translated AF_INET6 socket's peer as the process asked for it.
     pub const SOCK_GETPEERNAME6: &str = "dp_sock_getpeername6";
+    /// The IPv6 halves of the tc programs, tail-called by them for each IPv6 frame (from
+    /// [`crate::map_names::PROGS6`], at the index of their hook's number); never attached.
+    pub const CONTAINER_INGRESS6: &str = "dp_container_ingress6";
+    pub const UPLINK_INGRESS6: &str = "dp_uplink_ingress6";
+    pub const UPLINK_EGRESS6: &str = "dp_uplink_egress6";
 }
 
 /// Capacities of the maps (see the map declarations in `dataplane-ebpf/src/maps.rs` for the

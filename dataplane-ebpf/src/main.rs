@@ -40,7 +40,13 @@ fn skb_ifindex(ctx: &TcContext) -> u32 {
 #[inline(always)]
 fn tc_verdict(ctx: &TcContext, counter_hook: u32, hook: translate::Hook) -> i32 {
     stats::count_packet(skb_ifindex(ctx), counter_hook, ctx.len());
-    match translate::handle(ctx, hook) {
+    tc_action(translate::handle(ctx, hook))
+}
+
+/// The tc action of a verdict, counting drops.
+#[inline(always)]
+fn tc_action(verdict: Verdict) -> i32 {
+    match verdict {
         Verdict::Pass => TC_PASS,
         Verdict::Drop(reason) => {
             stats::count_drop(reason);
@@ -84,6 +90,27 @@ pub fn dp_uplink_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn dp_uplink_egress(ctx: TcContext) -> i32 {
     tc_verdict(&ctx, hook::UPLINK_EGRESS, translate::Hook::UplinkEgress)
+}
+
+/// IPv6 traffic of a container's veth: the IPv4 program's tail call for each IPv6 frame (see
+/// `translate::ipv6`), which has counted the packet already. A program of its own, so that
+/// the IPv6 path has the verifier's whole 512-byte stack (the IPv4 program's main frame takes
+/// most of it).
+#[classifier]
+pub fn dp_container_ingress6(ctx: TcContext) -> i32 {
+    tc_action(translate::handle6(&ctx, translate::Hook::ContainerIngress))
+}
+
+/// IPv6 traffic arriving on the uplink (tail call of `dp_uplink_ingress`).
+#[classifier]
+pub fn dp_uplink_ingress6(ctx: TcContext) -> i32 {
+    tc_action(translate::handle6(&ctx, translate::Hook::UplinkIngress))
+}
+
+/// IPv6 traffic leaving through the uplink (tail call of `dp_uplink_egress`).
+#[classifier]
+pub fn dp_uplink_egress6(ctx: TcContext) -> i32 {
+    tc_action(translate::handle6(&ctx, translate::Hook::UplinkEgress))
 }
 
 /// Early path on the uplink, before a socket buffer exists: drops outside sources on the deny

@@ -5,7 +5,9 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf,
+    },
 };
 use dataplane_common::{
     Backend, Backend6, BackendKey, Config, CtEntry, CtEntry6, CtKey, CtKey6, DropAggKey,
@@ -214,3 +216,12 @@ pub static SOCK_REV_NAT6: LruHashMap<SockRevNatKey6, SockRevNat6> =
 
 #[map(name = "dp_sock_lb6_v1")]
 pub static SOCK_LB6: LruHashMap<SockLbKey6, SockLb6> = LruHashMap::pinned(capacity::SOCK_LB, 0);
+
+/// The IPv6 programs the IPv4 tc programs tail-call for each IPv6 frame, by hook number
+/// (`dataplane_common::hook`: 1 container ingress, 2 uplink ingress, 3 uplink egress; 4 slots).
+/// A tail call gives the IPv6 path the verifier's whole 512-byte stack: the IPv4 program's
+/// main frame takes 392 of it. Pinned, so that across an agent restart the programs still
+/// attached find IPv6 programs here until the new ones replace them; written by the loader
+/// only. An empty slot (an older loader) leaves IPv6 frames passing untouched.
+#[map(name = "dp_progs6_v1")]
+pub static PROGS6: ProgramArray = ProgramArray::pinned(4, 0);

@@ -1,11 +1,13 @@
 //! Header parsing. Fields are read as integers at offsets; packet bytes are never cast to Rust
-//! enums. IPv4 options are honoured through the header length. Addresses and ports stay in
-//! network byte order, as they are in the packet and in the maps.
+//! enums. IPv4 options are honoured through the header length, IPv6 extension headers by
+//! walking them (bounded). Addresses and ports stay in network byte order, as they are in the
+//! packet and in the maps.
 
 use aya_ebpf::programs::TcContext;
 
 pub const ETH_HDR_LEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -59,6 +61,71 @@ impl Ipv4Packet {
     }
 }
 
+/// The fixed IPv6 header's length; extension headers follow it.
+pub const IPV6_HDR_LEN: usize = 40;
+/// Offsets of the IPv6 fields the dataplane reads and rewrites.
+pub const IP6_PAYLOAD_LEN_OFF: usize = ETH_HDR_LEN + 4;
+pub const IP6_NEXT_HEADER_OFF: usize = ETH_HDR_LEN + 6;
+pub const IP6_SADDR_OFF: usize = ETH_HDR_LEN + 8;
+pub const IP6_DADDR_OFF: usize = ETH_HDR_LEN + 24;
+
+/// IPv6 next-header values: the extension headers walked over, and the upper layers.
+pub const IPV6_HOP_BY_HOP: u8 = 0;
+pub const IPV6_ROUTING: u8 = 43;
+pub const IPV6_FRAGMENT: u8 = 44;
+pub const IPV6_AUTH: u8 = 51;
+pub const IPV6_DEST_OPTS: u8 = 60;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// Extension headers walked at most before the upper-layer header (Cilium walks 4; real
+/// traffic has one or two: hop-by-hop for MLD, a fragment header). More is dropped as
+/// malformed: a chain the parser gave up on must not be taken for an upper-layer header.
+const IPV6_MAX_EXT_HEADERS: usize = 8;
+
+/// An IPv6 address as on the wire: 16 bytes as four u32, each in network byte order.
+pub type Addr6 = [u32; 4];
+
+/// The parts of an IPv6 packet the dataplane decides on.
+#[derive(Clone, Copy)]
+pub struct Ipv6Packet {
+    /// Offset of the upper-layer header (after every extension header; for a later fragment,
+    /// of the fragment's data).
+    pub l4_offset: usize,
+    /// The upper-layer protocol (the last next-header value).
+    pub protocol: u8,
+    pub saddr: Addr6,
+    pub daddr: Addr6,
+    /// Length of the frame (for counters).
+    pub len: u32,
+    /// Bytes after the fixed header, as the header says (or the frame's, for a GSO packet
+    /// larger than a payload length can say).
+    pub payload_len: u32,
+    /// The fragment header's offset and flags word (host order: offset in 8-byte units in
+    /// bits 3-15, "more fragments" in bit 0), 0 without one; its identification (network byte
+    /// order; 0 without one).
+    pub frag: u16,
+    pub id: u32,
+}
+
+/// The "more fragments" flag of [`Ipv6Packet::frag`].
+const IP6_MF: u16 = 0x0001;
+const IP6_OFFSET_MASK: u16 = 0xfff8;
+
+impl Ipv6Packet {
+    /// A fragment after the first: it has no upper-layer header of its own.
+    #[inline(always)]
+    pub fn is_later_fragment(&self) -> bool {
+        self.frag & IP6_OFFSET_MASK != 0
+    }
+
+    /// The first fragment of a datagram that was split. A fragment header with offset 0 and
+    /// no "more fragments" (an atomic fragment, RFC 6946) is a whole datagram.
+    #[inline(always)]
+    pub fn is_first_fragment(&self) -> bool {
+        self.frag & IP6_MF != 0 && self.frag & IP6_OFFSET_MASK == 0
+    }
+}
+
 /// The transport part of a packet that conntrack and NAT work on.
 #[derive(Clone, Copy)]
 pub struct L4 {
@@ -85,7 +152,10 @@ pub struct L4 {
 /// What the first headers of a frame are.
 pub enum Frame {
     Ipv4(Ipv4Packet),
-    /// Not IPv4 (ARP, IPv6, ...): not ours to decide on.
+    /// An IPv6 frame: its header is read by [`parse_ipv6`], on the IPv6 path (its own
+    /// program, with its own stack).
+    Ipv6,
+    /// Neither (ARP, ...): not ours to decide on.
     Other,
     /// An IPv4 header that is truncated or inconsistent.
     Malformed,
@@ -120,8 +190,10 @@ pub fn parse_tc(ctx: &TcContext) -> Frame {
     let Ok(ether_type) = ctx.load::<u16>(12) else {
         return Frame::Other; // shorter than an Ethernet header: no IPv4 to judge
     };
-    if u16::from_be(ether_type) != ETH_P_IP {
-        return Frame::Other;
+    match u16::from_be(ether_type) {
+        ETH_P_IP => {}
+        ETH_P_IPV6 => return Frame::Ipv6,
+        _ => return Frame::Other,
     }
     let Ok(version_ihl) = ctx.load::<u8>(ETH_HDR_LEN) else {
         return Frame::Malformed;
@@ -157,6 +229,82 @@ pub fn parse_tc(ctx: &TcContext) -> Frame {
         id,
         frag: u16::from_be(frag),
     })
+}
+
+/// Reads the IPv6 header of a tc packet and walks its extension headers (hop-by-hop,
+/// routing, destination options, authentication, fragment) to the upper-layer header, at most
+/// `IPV6_MAX_EXT_HEADERS` of them (a bounded loop, which the verifier walks once per
+/// iteration). None for a header that is truncated or inconsistent: a version that is not 6,
+/// a payload length beyond the frame, an extension header beyond the payload, a chain too
+/// long. A later fragment stops the walk at its fragment header: what follows is data.
+#[inline(always)]
+pub fn parse_ipv6(ctx: &TcContext) -> Option<Ipv6Packet> {
+    let version = ctx.load::<u8>(ETH_HDR_LEN).ok()?;
+    if version >> 4 != 6 {
+        return None;
+    }
+    let header_payload = u32::from(u16::from_be(ctx.load::<u16>(IP6_PAYLOAD_LEN_OFF).ok()?));
+    let frame_payload = ctx.len().checked_sub((ETH_HDR_LEN + IPV6_HDR_LEN) as u32)?;
+    // A payload length of 0 with more bytes than 16 bits can say: a GSO packet of the host's
+    // (BIG TCP), whose length is the frame's. Anything else must fit in the frame.
+    let payload_len = if header_payload == 0 && frame_payload > u32::from(u16::MAX) {
+        frame_payload
+    } else if header_payload <= frame_payload {
+        header_payload
+    } else {
+        return None;
+    };
+    let end = ETH_HDR_LEN + IPV6_HDR_LEN + payload_len as usize;
+    let mut next = ctx.load::<u8>(IP6_NEXT_HEADER_OFF).ok()?;
+    let mut offset = ETH_HDR_LEN + IPV6_HDR_LEN;
+    let (mut frag, mut id) = (0u16, 0u32);
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        let len = match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                (usize::from(ctx.load::<u8>(offset + 1).ok()?) + 1) * 8
+            }
+            IPV6_AUTH => (usize::from(ctx.load::<u8>(offset + 1).ok()?) + 2) * 4,
+            IPV6_FRAGMENT => 8,
+            _ => break,
+        };
+        if offset + len > end {
+            return None;
+        }
+        let header_next = ctx.load::<u8>(offset).ok()?;
+        if next == IPV6_FRAGMENT {
+            frag = u16::from_be(ctx.load::<u16>(offset + 2).ok()?);
+            id = ctx.load::<u32>(offset + 4).ok()?;
+        }
+        next = header_next;
+        offset += len;
+        if frag & IP6_OFFSET_MASK != 0 {
+            // A later fragment: its data is no header.
+            break;
+        }
+    }
+    let later_fragment = frag & IP6_OFFSET_MASK != 0;
+    if !later_fragment && is_extension_header(next) {
+        return None; // a chain longer than the walk
+    }
+    Some(Ipv6Packet {
+        l4_offset: offset,
+        protocol: next,
+        saddr: ctx.load::<Addr6>(IP6_SADDR_OFF).ok()?,
+        daddr: ctx.load::<Addr6>(IP6_DADDR_OFF).ok()?,
+        len: ctx.len(),
+        payload_len,
+        frag,
+        id,
+    })
+}
+
+/// Whether IPv6's next-header value `next` is an extension header the walk goes over.
+#[inline(always)]
+fn is_extension_header(next: u8) -> bool {
+    matches!(
+        next,
+        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_AUTH | IPV6_DEST_OPTS
+    )
 }
 
 /// The packet an ICMP error quotes: its IPv4 header and the first 8 bytes of its TCP or UDP

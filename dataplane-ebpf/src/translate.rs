@@ -17,11 +17,11 @@ use dataplane_common::{
 use crate::{
     conntrack::{self, CtError, NewConnection},
     early, flow, lb,
-    maps::{CONFIG, ENDPOINTS, FRAGMENTS, LOCAL_ADDRS, PORTS, SERVICES, SOCK_LB},
+    maps::{CONFIG, ENDPOINTS, FRAGMENTS, LOCAL_ADDRS, PORTS, PROGS6, SERVICES, SOCK_LB},
     nat,
     parse::{
-        Frame, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Packet, L4, Quoted, Transport, parse_l4,
-        parse_tc, salvage_icmp, salvage_tc,
+        Frame, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Packet, L4, Quoted, Transport,
+        parse_ipv6, parse_l4, parse_tc, salvage_icmp, salvage_tc,
     },
     policy::{self, Via},
     reject, stats,
@@ -120,6 +120,17 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
         None => {}
     }
     verdict
+}
+
+/// The IPv6 program of `hook` (tail-called by the IPv4 one for each IPv6 frame): the IPv6
+/// header and its extension headers are read; one that is truncated or inconsistent is
+/// dropped as malformed.
+#[inline(always)]
+pub fn handle6(ctx: &TcContext, _hook: Hook) -> Verdict {
+    match parse_ipv6(ctx) {
+        Some(_ip) => Verdict::Pass,
+        None => Verdict::Drop(DropReason::Malformed),
+    }
 }
 
 /// Records what the first fragment of a datagram was (its ports as it arrived) and whether it
@@ -276,6 +287,13 @@ fn decide(ctx: &TcContext, site: Site, arrived: &mut Arrived) -> Verdict {
     }
     let mut ip = match parse_tc(ctx) {
         Frame::Ipv4(ip) => ip,
+        Frame::Ipv6 => {
+            // On to this hook's IPv6 program (which returns the verdict); an empty slot
+            // leaves the frame passing untouched.
+            // SAFETY: a tail call with the program's own context; on failure it returns.
+            unsafe { PROGS6.tail_call(ctx, hook.number()) };
+            return Verdict::Pass;
+        }
         Frame::Other => return Verdict::Pass,
         Frame::Malformed => {
             // The record says where it came from, as far as the frame tells.

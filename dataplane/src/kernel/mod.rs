@@ -660,6 +660,7 @@ impl Datapath {
                 source,
             })?;
         }
+        load_ipv6_programs(&mut ebpf)?;
         let xdp: &mut Xdp = program_mut(&mut ebpf, Hook::UplinkXdp.program())?;
         xdp.load().map_err(|source| DatapathError::Program {
             program: Hook::UplinkXdp.program(),
@@ -1461,6 +1462,46 @@ fn removed(
         }
         Err(source) => Err(DatapathError::Map { map, source }),
     }
+}
+
+/// Loads the IPv6 halves of the tc programs and puts each at its hook's number in the program
+/// array the IPv4 programs tail-call for IPv6 frames (pinned: across a restart, the programs
+/// still attached keep finding IPv6 programs there until this load's replace them).
+fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    use aya::maps::ProgramArray;
+    let mut fds = Vec::new();
+    for (number, name) in [
+        (hook::CONTAINER_INGRESS, program_names::CONTAINER_INGRESS6),
+        (hook::UPLINK_INGRESS, program_names::UPLINK_INGRESS6),
+        (hook::UPLINK_EGRESS, program_names::UPLINK_EGRESS6),
+    ] {
+        let program: &mut SchedClassifier = program_mut(ebpf, name)?;
+        let error = |source| DatapathError::Program {
+            program: name,
+            source,
+        };
+        program.load().map_err(error)?;
+        fds.push((
+            number,
+            program
+                .fd()
+                .map_err(error)?
+                .try_clone()
+                .map_err(|e| error(aya::programs::ProgramError::IOError(e)))?,
+        ));
+    }
+    let map = ebpf
+        .map_mut(map_names::PROGS6)
+        .ok_or(DatapathError::MissingMap(map_names::PROGS6))?;
+    let map_error = |source| DatapathError::Map {
+        map: map_names::PROGS6,
+        source,
+    };
+    let mut programs = ProgramArray::try_from(map).map_err(map_error)?;
+    for (number, fd) in &fds {
+        programs.set(*number, fd, 0).map_err(map_error)?;
+    }
+    Ok(())
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>

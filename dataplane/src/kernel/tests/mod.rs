@@ -4,6 +4,7 @@ mod balancing;
 mod flows;
 mod hairpin;
 mod hostile;
+mod ipv6;
 mod masquerade;
 mod packet;
 mod policy;

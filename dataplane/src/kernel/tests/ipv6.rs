@@ -1,0 +1,260 @@
+//! Packet tests of the IPv6 path: the IPv4 tc programs tail-call their IPv6 halves for each
+//! IPv6 frame. Header parsing (extension headers, the fragment header, malformed headers).
+//! IPv6 has no header checksum: every TCP, UDP and ICMPv6 checksum is verified over the
+//! pseudo-header with the 128-bit addresses.
+
+use std::net::Ipv6Addr;
+
+use dataplane_common::DropReason;
+
+use super::{
+    packet::{ETH_LEN, TCP_SYN, csum_fold, sum_words, tcp, udp},
+    programs::{TC_PASS, TC_SHOT, loaded_or_skip, run_tc},
+    translation::drops,
+};
+use crate::kernel::Hook;
+
+pub(super) const IPPROTO_ICMPV6: u8 = 58;
+const HOP_BY_HOP: u8 = 0;
+const ROUTING: u8 = 43;
+const FRAGMENT: u8 = 44;
+const DEST_OPTS: u8 = 60;
+const IPV6_HDR_LEN: usize = 40;
+
+/// An IPv6 packet to craft: addresses, the upper-layer protocol and the extension headers
+/// before it (each as its type and its whole bytes; the builder fills in each one's next
+/// header).
+#[derive(Clone, Debug)]
+pub(super) struct Ipv6Spec {
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub protocol: u8,
+    pub ext: Vec<(u8, Vec<u8>)>,
+}
+
+impl Ipv6Spec {
+    pub fn new(src: Ipv6Addr, dst: Ipv6Addr, protocol: u8) -> Ipv6Spec {
+        Ipv6Spec {
+            src,
+            dst,
+            protocol,
+            ext: Vec::new(),
+        }
+    }
+
+    /// With an extension header of `kind` (8 bytes: options padding, or an empty routing
+    /// header) before the upper layer.
+    pub fn with(mut self, kind: u8) -> Ipv6Spec {
+        let bytes = match kind {
+            // Next header, length 0, then PadN of 4 bytes of padding.
+            HOP_BY_HOP | DEST_OPTS => vec![0, 0, 1, 4, 0, 0, 0, 0],
+            // Routing type 4 (segment routing) with no segments left: ignored on the way.
+            ROUTING => vec![0, 0, 4, 0, 0, 0, 0, 0],
+            _ => panic!("no 8-byte header of type {kind}"),
+        };
+        self.ext.push((kind, bytes));
+        self
+    }
+}
+
+/// The sum of the upper-layer pseudo-header: addresses, upper-layer length, next header.
+pub(super) fn pseudo_sum(src: Ipv6Addr, dst: Ipv6Addr, protocol: u8, l4_len: usize) -> u32 {
+    sum_words(&src.octets())
+        + sum_words(&dst.octets())
+        + sum_words(&(l4_len as u32).to_be_bytes())
+        + u32::from(protocol)
+}
+
+/// Where the checksum of `protocol` sits in its header.
+fn csum_offset(protocol: u8) -> Option<usize> {
+    match protocol {
+        6 => Some(16),
+        17 => Some(6),
+        IPPROTO_ICMPV6 => Some(2),
+        _ => None,
+    }
+}
+
+/// An Ethernet frame carrying IPv6, its extension headers and `l4` (a TCP, UDP or ICMPv6
+/// message with its checksum field zero); fills in the L4 checksum.
+pub(super) fn ipv6_frame(ip: &Ipv6Spec, l4: &[u8]) -> Vec<u8> {
+    let mut ext = Vec::new();
+    for (i, (_, bytes)) in ip.ext.iter().enumerate() {
+        let next = ip.ext.get(i + 1).map_or(ip.protocol, |(kind, _)| *kind);
+        let mut header = bytes.clone();
+        header[0] = next;
+        ext.extend_from_slice(&header);
+    }
+    let first = ip.ext.first().map_or(ip.protocol, |(kind, _)| *kind);
+    let mut frame = Vec::with_capacity(ETH_LEN + IPV6_HDR_LEN + ext.len() + l4.len());
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]); // dst MAC
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]); // src MAC
+    frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+    frame.extend_from_slice(&[0x60, 0, 0, 0]); // version 6, no traffic class, no flow label
+    frame.extend_from_slice(&((ext.len() + l4.len()) as u16).to_be_bytes());
+    frame.push(first);
+    frame.push(64); // hop limit
+    frame.extend_from_slice(&ip.src.octets());
+    frame.extend_from_slice(&ip.dst.octets());
+    frame.extend_from_slice(&ext);
+    let l4_start = frame.len();
+    frame.extend_from_slice(l4);
+    if let Some(off) = csum_offset(ip.protocol) {
+        let sum = pseudo_sum(ip.src, ip.dst, ip.protocol, l4.len()) + sum_words(&frame[l4_start..]);
+        let mut csum = csum_fold(sum);
+        if ip.protocol == 17 && csum == 0 {
+            csum = 0xffff;
+        }
+        frame[l4_start + off..l4_start + off + 2].copy_from_slice(&csum.to_be_bytes());
+    }
+    frame
+}
+
+/// An IPv6 frame's addresses, upper-layer protocol and the offset of its upper-layer header
+/// (after the extension headers); None for a later fragment.
+pub(super) fn upper_layer(frame: &[u8]) -> (Ipv6Addr, Ipv6Addr, u8, Option<usize>) {
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&frame[ETH_LEN + 8..ETH_LEN + 24]).unwrap());
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&frame[ETH_LEN + 24..ETH_LEN + 40]).unwrap());
+    let mut next = frame[ETH_LEN + 6];
+    let mut at = ETH_LEN + IPV6_HDR_LEN;
+    loop {
+        match next {
+            HOP_BY_HOP | ROUTING | DEST_OPTS => {
+                next = frame[at];
+                at += (usize::from(frame[at + 1]) + 1) * 8;
+            }
+            FRAGMENT => {
+                let offset = u16::from_be_bytes([frame[at + 2], frame[at + 3]]) & 0xfff8;
+                next = frame[at];
+                at += 8;
+                if offset != 0 {
+                    return (src, dst, next, None);
+                }
+            }
+            _ => return (src, dst, next, Some(at)),
+        }
+    }
+}
+
+/// Checks the TCP, UDP or ICMPv6 checksum of `frame` over the IPv6 pseudo-header, and that the
+/// payload length is the frame's; panics with what is wrong.
+pub(super) fn assert_checksums6(frame: &[u8]) {
+    let payload_len = usize::from(u16::from_be_bytes([frame[ETH_LEN + 4], frame[ETH_LEN + 5]]));
+    assert_eq!(
+        ETH_LEN + IPV6_HDR_LEN + payload_len,
+        frame.len(),
+        "IPv6 payload length is the frame's"
+    );
+    let (src, dst, protocol, l4) = upper_layer(frame);
+    let Some(l4) = l4 else {
+        return; // a later fragment: the datagram's checksum is in its first fragment
+    };
+    if csum_offset(protocol).is_some() {
+        let sum = pseudo_sum(src, dst, protocol, frame.len() - l4) + sum_words(&frame[l4..]);
+        assert_eq!(
+            csum_fold(sum),
+            0,
+            "L4 checksum (protocol {protocol}) over the IPv6 pseudo-header is wrong"
+        );
+    }
+}
+
+pub(super) fn v6(s: &str) -> Ipv6Addr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn crafted_ipv6_frames_have_valid_checksums() {
+    let ip = Ipv6Spec::new(v6("2001:db8::2"), v6("2001:db8::1"), 6).with(HOP_BY_HOP);
+    assert_checksums6(&ipv6_frame(&ip, &tcp(1234, 80, TCP_SYN, b"hello")));
+    let ip = Ipv6Spec::new(v6("2001:db8::2"), v6("fd00::2"), 17).with(DEST_OPTS);
+    assert_checksums6(&ipv6_frame(&ip, &udp(53, 5353, b"abc")));
+}
+
+/// A fragment header (first fragment when `offset` is 0 with "more fragments").
+fn fragment_header(offset: u16, more: bool, id: u32) -> (u8, Vec<u8>) {
+    let word = (offset << 3) | u16::from(more);
+    let mut h = vec![0, 0];
+    h.extend_from_slice(&word.to_be_bytes());
+    h.extend_from_slice(&id.to_be_bytes());
+    (FRAGMENT, h)
+}
+
+#[test]
+fn ipv6_headers_are_walked_and_malformed_ones_dropped() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (client, server) = (v6("2001:db8::2"), v6("2001:db8:1::7"));
+    let syn = || tcp(40000, 80, TCP_SYN, b"");
+    let plain = ipv6_frame(&Ipv6Spec::new(client, server, 6), &syn());
+    let chained = ipv6_frame(
+        &Ipv6Spec::new(client, server, 17)
+            .with(HOP_BY_HOP)
+            .with(ROUTING)
+            .with(DEST_OPTS),
+        &udp(5353, 53, b"q"),
+    );
+    let mut first_fragment = Ipv6Spec::new(client, server, 17);
+    first_fragment
+        .ext
+        .push(fragment_header(0, true, 0xdead_beef));
+    let first_fragment = ipv6_frame(&first_fragment, &udp(5353, 53, b"0123456789abcdef"));
+    let mut later_fragment = Ipv6Spec::new(client, server, 17);
+    later_fragment
+        .ext
+        .push(fragment_header(3, false, 0xdead_beef));
+    let later_fragment = ipv6_frame(&later_fragment, b"01234567");
+    // Broken ones: an IPv4 version nibble, a payload length beyond the frame, an extension
+    // header running past the payload, a chain longer than the walk.
+    let mut wrong_version = plain.clone();
+    wrong_version[ETH_LEN] = 0x45;
+    let mut payload_beyond_frame = plain.clone();
+    payload_beyond_frame[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&1400u16.to_be_bytes());
+    let mut ext_beyond_payload = chained.clone();
+    ext_beyond_payload[ETH_LEN + IPV6_HDR_LEN + 1] = 200; // hop-by-hop of 1608 bytes
+    let mut long_chain = Ipv6Spec::new(client, server, 6);
+    for _ in 0..9 {
+        long_chain = long_chain.with(DEST_OPTS);
+    }
+    let long_chain = ipv6_frame(&long_chain, &syn());
+    let cases: [(&str, &Vec<u8>, u32); 8] = [
+        ("TCP SYN without extension headers", &plain, TC_PASS),
+        (
+            "UDP after hop-by-hop, routing, destination options",
+            &chained,
+            TC_PASS,
+        ),
+        ("a first fragment", &first_fragment, TC_PASS),
+        ("a later fragment", &later_fragment, TC_PASS),
+        ("version 4 in an IPv6 frame", &wrong_version, TC_SHOT),
+        (
+            "payload length beyond the frame",
+            &payload_beyond_frame,
+            TC_SHOT,
+        ),
+        (
+            "extension header beyond the payload",
+            &ext_beyond_payload,
+            TC_SHOT,
+        ),
+        ("nine extension headers", &long_chain, TC_SHOT),
+    ];
+    let mut dropped = 0;
+    for hook in [
+        Hook::ContainerIngress,
+        Hook::UplinkIngress,
+        Hook::UplinkEgress,
+    ] {
+        for (description, input, verdict) in &cases {
+            let (got, output) = run_tc(dp, hook, input);
+            assert_eq!(got, *verdict, "{hook:?}, {description}: verdict");
+            assert_eq!(&output, *input, "{hook:?}, {description}: unchanged");
+            if got == TC_SHOT {
+                dropped += 1;
+            } else {
+                assert_checksums6(&output);
+            }
+        }
+    }
+    assert_eq!(drops(dp, DropReason::Malformed), dropped);
+}
