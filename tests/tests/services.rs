@@ -794,37 +794,16 @@ fn hex_words(bytes: &serde_json::Value) -> Vec<String> {
 
 #[test]
 fn host_processes_reach_a_vip_over_ipv6_sockets_its_ipv4_backends_v4_mapped() {
-    let sandbox = Sandbox::up(SPEC);
-    let agent = Agent::start(&sandbox);
-    // The web service gets an IPv6 VIP too, fd00::10, as a dual-stack service has (one id,
-    // one Maglev table; the reconciler writes dp_services6_v1 once the model knows vip6).
-    // Its backends have no IPv6 address (no dp_backends6_v1 entry): they are reached
-    // v4-mapped, over IPv4.
-    let pin = |name: &str| agent.pin_dir.join(name).to_str().unwrap().to_owned();
-    let v4_key = ["0a", "60", "00", "0a", "00", "50", "06", "00"];
-    let mut args = vec!["map", "lookup", "pinned"];
-    let services = pin("dp_services_v1");
-    args.push(&services);
-    args.push("key");
-    args.push("hex");
-    args.extend(v4_key);
-    let info = bpftool(&args);
-    let value = hex_words(&info["value"]);
-    let vip6: Vec<String> = "fd00::10"
-        .parse::<std::net::Ipv6Addr>()
-        .unwrap()
-        .octets()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .chain(["00", "50", "06", "00"].map(String::from))
-        .collect();
-    let services6 = pin("dp_services6_v1");
-    let mut args: Vec<&str> = vec!["map", "update", "pinned", &services6, "key", "hex"];
-    args.extend(vip6.iter().map(String::as_str));
-    args.extend(["value", "hex"]);
-    args.extend(value.iter().map(String::as_str));
-    bpftool(&args);
-
+    // The web service gets an IPv6 VIP too, fd00::10: a dual-stack service (one id, one
+    // Maglev table). Its backends have no IPv6 address: the reconciler gives them their
+    // IPv4-mapped one in dp_backends6_v1, and they are reached over IPv4.
+    let spec = SPEC.replace(
+        "{name: web, vip: 10.96.0.10,",
+        "{name: web, vip: 10.96.0.10, vip6: \"fd00::10\",",
+    );
+    assert_ne!(spec, SPEC, "the web service's line in SPEC changed");
+    let sandbox = Sandbox::up(&spec);
+    let _agent = Agent::start(&sandbox);
     let answers = host_curl(&sandbox, "http://[fd00::10]/", 60);
     assert_eq!(answers.len(), 60, "{answers:?}");
     let names = per_name(answers.iter().map(|(n, _)| n.as_str()));
