@@ -766,32 +766,6 @@ fn without_the_container_hooks_the_packet_path_balances_the_same_clients() {
     assert_eq!(record["flow"]["verdict"], "FORWARDED", "{record}");
 }
 
-/// `bpftool -j ARGS`, parsed.
-fn bpftool(args: &[&str]) -> serde_json::Value {
-    let out = Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .expect("bpftool");
-    assert!(out.status.success(), "bpftool {args:?}: {out:?}");
-    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
-}
-
-/// The bytes of a bpftool JSON byte list ("0x0a", ...), as hex words for its command line.
-fn hex_words(bytes: &serde_json::Value) -> Vec<String> {
-    bytes
-        .as_array()
-        .expect("a byte list")
-        .iter()
-        .map(|b| {
-            b.as_str()
-                .expect("a hex byte")
-                .trim_start_matches("0x")
-                .to_owned()
-        })
-        .collect()
-}
-
 #[test]
 fn host_processes_reach_a_vip_over_ipv6_sockets_its_ipv4_backends_v4_mapped() {
     // The web service gets an IPv6 VIP too, fd00::10: a dual-stack service (one id, one

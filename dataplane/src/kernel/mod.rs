@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, lpm_trie},
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -19,10 +19,10 @@ use aya::{
     },
 };
 use dataplane_common::{
-    Config, DropReason, IfaceStats, IfaceStatsKey, In6Addr, MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE,
-    MAGLEV_MIN_SIZE, PolicyKey, PolicyMeta, PolicyPrefix, PolicyPrefix6, PolicyVerdict, PrefixKey,
-    PrefixKey6, capacity, hook, is_prime, maglev_elements, maglev_stride, map_names, program_names,
-    tcp_flag_count,
+    Address, Config, DropReason, IfaceStats, IfaceStatsKey, In6Addr, MAGLEV_DEFAULT_SIZE,
+    MAGLEV_MAX_SIZE, MAGLEV_MIN_SIZE, PolicyKey, PolicyMeta, PolicyPrefixOf, PolicyVerdict,
+    PrefixKey, PrefixKey6, PrefixKeyOf, capacity, hook, is_prime, maglev_elements, maglev_stride,
+    map_names, program_names, tcp_flag_count,
 };
 use serde::Serialize;
 
@@ -1035,27 +1035,7 @@ impl Datapath {
     /// Every prefix of the policy trie, both halves: (half, prefix length, address in
     /// network byte order) -> CIDR class.
     pub fn policy_prefixes(&self) -> Result<BTreeMap<(u32, u8, u32), u32>, DatapathError> {
-        let name = map_names::POLICY_PREFIXES;
-        let err = |source| DatapathError::Map { map: name, source };
-        let trie: LpmTrie<&MapData, PolicyPrefix, u32> =
-            LpmTrie::try_from(self.map_ref(name)?).map_err(err)?;
-        trie.iter()
-            .map(|entry| {
-                entry
-                    .map(|(k, class)| {
-                        let data = k.data();
-                        (
-                            (
-                                u32::from_be(data.slot),
-                                k.prefix_len().saturating_sub(32) as u8,
-                                data.addr,
-                            ),
-                            class,
-                        )
-                    })
-                    .map_err(err)
-            })
-            .collect()
+        self.prefixes_of(map_names::POLICY_PREFIXES)
     }
 
     /// Slots of each service's Maglev table.
@@ -1066,31 +1046,10 @@ impl Datapath {
     /// Sets (`Some(class)`) or removes the policy trie's prefix `addr/len` of half `slot`.
     pub fn set_policy_prefix(
         &mut self,
-        (slot, len, addr): (u32, u8, u32),
+        prefix: (u32, u8, u32),
         class: Option<u32>,
     ) -> Result<(), DatapathError> {
-        let name = map_names::POLICY_PREFIXES;
-        let err = |source| DatapathError::Map { map: name, source };
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(DatapathError::MissingMap(name))?;
-        let mut trie: LpmTrie<&mut MapData, PolicyPrefix, u32> =
-            LpmTrie::try_from(map).map_err(err)?;
-        let key = aya::maps::lpm_trie::Key::new(
-            32 + u32::from(len),
-            PolicyPrefix {
-                slot: slot.to_be(),
-                addr,
-            },
-        );
-        match class {
-            Some(class) => trie.insert(&key, class, 0).map_err(err),
-            None => match trie.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(e) => Err(err(e)),
-            },
-        }
+        self.set_prefix_of(map_names::POLICY_PREFIXES, prefix, class)
     }
 
     /// Which half of the policy is live and the key shapes it has.
@@ -1117,113 +1076,33 @@ impl Datapath {
 
     /// The prefixes on the XDP deny list.
     pub fn deny_sources(&self) -> Result<std::collections::BTreeSet<PrefixKey>, DatapathError> {
-        let name = map_names::DENY_SOURCES;
-        let err = |source| DatapathError::Map { map: name, source };
-        let trie: LpmTrie<&MapData, u32, u8> =
-            LpmTrie::try_from(self.map_ref(name)?).map_err(err)?;
-        trie.keys()
-            .map(|key| {
-                key.map(|k| PrefixKey {
-                    prefix_len: k.prefix_len(),
-                    addr: k.data(),
-                })
-                .map_err(err)
-            })
-            .collect()
+        self.deny_sources_of(map_names::DENY_SOURCES)
     }
 
     /// Puts `prefix` on the XDP deny list (`deny`) or takes it off.
     pub fn set_deny_source(&mut self, prefix: PrefixKey, deny: bool) -> Result<(), DatapathError> {
-        let name = map_names::DENY_SOURCES;
-        let err = |source| DatapathError::Map { map: name, source };
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(DatapathError::MissingMap(name))?;
-        let mut trie: LpmTrie<&mut MapData, u32, u8> = LpmTrie::try_from(map).map_err(err)?;
-        let key = aya::maps::lpm_trie::Key::new(prefix.prefix_len, prefix.addr);
-        if deny {
-            trie.insert(&key, 1, 0).map_err(err)
-        } else {
-            match trie.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(e) => Err(err(e)),
-            }
-        }
+        self.set_deny_source_of(map_names::DENY_SOURCES, prefix, deny)
     }
 
     /// The IPv6 policy trie, both halves: (half, length, address) -> CIDR class (as
     /// [`Datapath::policy_prefixes`]).
     pub fn policy_prefixes6(&self) -> Result<BTreeMap<(u32, u8, In6Addr), u32>, DatapathError> {
-        let name = map_names::POLICY_PREFIXES6;
-        let err = |source| DatapathError::Map { map: name, source };
-        let trie: LpmTrie<&MapData, PolicyPrefix6, u32> =
-            LpmTrie::try_from(self.map_ref(name)?).map_err(err)?;
-        trie.iter()
-            .map(|entry| {
-                entry
-                    .map(|(k, class)| {
-                        let data = k.data();
-                        (
-                            (
-                                u32::from_be(data.slot),
-                                k.prefix_len().saturating_sub(32) as u8,
-                                data.addr,
-                            ),
-                            class,
-                        )
-                    })
-                    .map_err(err)
-            })
-            .collect()
+        self.prefixes_of(map_names::POLICY_PREFIXES6)
     }
 
     /// Sets (`Some(class)`) or removes the IPv6 policy trie's prefix `addr/len` of half
     /// `slot`.
     pub fn set_policy_prefix6(
         &mut self,
-        (slot, len, addr): (u32, u8, In6Addr),
+        prefix: (u32, u8, In6Addr),
         class: Option<u32>,
     ) -> Result<(), DatapathError> {
-        let name = map_names::POLICY_PREFIXES6;
-        let err = |source| DatapathError::Map { map: name, source };
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(DatapathError::MissingMap(name))?;
-        let mut trie: LpmTrie<&mut MapData, PolicyPrefix6, u32> =
-            LpmTrie::try_from(map).map_err(err)?;
-        let key = aya::maps::lpm_trie::Key::new(
-            32 + u32::from(len),
-            PolicyPrefix6 {
-                slot: slot.to_be(),
-                addr,
-            },
-        );
-        match class {
-            Some(class) => trie.insert(&key, class, 0).map_err(err),
-            None => match trie.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(e) => Err(err(e)),
-            },
-        }
+        self.set_prefix_of(map_names::POLICY_PREFIXES6, prefix, class)
     }
 
     /// The prefixes on the IPv6 deny list.
     pub fn deny_sources6(&self) -> Result<std::collections::BTreeSet<PrefixKey6>, DatapathError> {
-        let name = map_names::DENY_SOURCES6;
-        let err = |source| DatapathError::Map { map: name, source };
-        let trie: LpmTrie<&MapData, In6Addr, u8> =
-            LpmTrie::try_from(self.map_ref(name)?).map_err(err)?;
-        trie.keys()
-            .map(|key| {
-                key.map(|k| PrefixKey6 {
-                    prefix_len: k.prefix_len(),
-                    addr: k.data(),
-                })
-                .map_err(err)
-            })
-            .collect()
+        self.deny_sources_of(map_names::DENY_SOURCES6)
     }
 
     /// Puts `prefix` on the IPv6 deny list (`deny`) or takes it off.
@@ -1232,22 +1111,96 @@ impl Datapath {
         prefix: PrefixKey6,
         deny: bool,
     ) -> Result<(), DatapathError> {
-        let name = map_names::DENY_SOURCES6;
+        self.set_deny_source_of(map_names::DENY_SOURCES6, prefix, deny)
+    }
+
+    // The LPM tries of both families, one copy: `name` is the family's map, `A` its address.
+
+    /// Every (key, value) of the LPM trie `name`.
+    fn lpm_entries<K: Pod, V: Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<Vec<(lpm_trie::Key<K>, V)>, DatapathError> {
+        let err = |source| DatapathError::Map { map: name, source };
+        let trie: LpmTrie<&MapData, K, V> = LpmTrie::try_from(self.map_ref(name)?).map_err(err)?;
+        trie.iter().map(|entry| entry.map_err(err)).collect()
+    }
+
+    /// Inserts (`Some(value)`) or removes `key` of the LPM trie `name` (a key already gone is
+    /// not an error).
+    fn lpm_set<K: Pod, V: Pod>(
+        &mut self,
+        name: &'static str,
+        key: lpm_trie::Key<K>,
+        value: Option<V>,
+    ) -> Result<(), DatapathError> {
         let err = |source| DatapathError::Map { map: name, source };
         let map = self
             .ebpf
             .map_mut(name)
             .ok_or(DatapathError::MissingMap(name))?;
-        let mut trie: LpmTrie<&mut MapData, In6Addr, u8> = LpmTrie::try_from(map).map_err(err)?;
-        let key = aya::maps::lpm_trie::Key::new(prefix.prefix_len, prefix.addr);
-        if deny {
-            trie.insert(&key, 1, 0).map_err(err)
-        } else {
-            match trie.remove(&key) {
+        let mut trie: LpmTrie<&mut MapData, K, V> = LpmTrie::try_from(map).map_err(err)?;
+        match value {
+            Some(value) => trie.insert(&key, value, 0).map_err(err),
+            None => match trie.remove(&key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
                 Err(e) => Err(err(e)),
-            }
+            },
         }
+    }
+
+    /// A policy trie's prefixes: the half leads the key (network byte order), so the
+    /// prefix length counts its 32 bits too.
+    fn prefixes_of<A: Address + Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<BTreeMap<(u32, u8, A), u32>, DatapathError> {
+        Ok(self
+            .lpm_entries::<PolicyPrefixOf<A>, u32>(name)?
+            .into_iter()
+            .map(|(k, class)| {
+                let data = k.data();
+                let len = k.prefix_len().saturating_sub(32) as u8;
+                ((u32::from_be(data.slot), len, data.addr), class)
+            })
+            .collect())
+    }
+
+    fn set_prefix_of<A: Address + Pod>(
+        &mut self,
+        name: &'static str,
+        (slot, len, addr): (u32, u8, A),
+        class: Option<u32>,
+    ) -> Result<(), DatapathError> {
+        let data = PolicyPrefixOf {
+            slot: slot.to_be(),
+            addr,
+        };
+        self.lpm_set(name, lpm_trie::Key::new(32 + u32::from(len), data), class)
+    }
+
+    fn deny_sources_of<A: Address + Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<std::collections::BTreeSet<PrefixKeyOf<A>>, DatapathError> {
+        Ok(self
+            .lpm_entries::<A, u8>(name)?
+            .into_iter()
+            .map(|(k, _)| PrefixKeyOf {
+                prefix_len: k.prefix_len(),
+                addr: k.data(),
+            })
+            .collect())
+    }
+
+    fn set_deny_source_of<A: Address + Pod>(
+        &mut self,
+        name: &'static str,
+        prefix: PrefixKeyOf<A>,
+        deny: bool,
+    ) -> Result<(), DatapathError> {
+        let key = lpm_trie::Key::new(prefix.prefix_len, prefix.addr);
+        self.lpm_set(name, key, deny.then_some(1u8))
     }
 
     /// The Maglev table of service `id` as the kernel sees it.
