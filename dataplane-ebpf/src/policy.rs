@@ -13,13 +13,13 @@
 
 use aya_ebpf::{cty::c_void, helpers::bpf_loop, maps::lpm_trie::Key};
 use dataplane_common::{
-    DropReason, POLICY_MAX_TUPLES, PolicyKey, PolicyPrefix, net_flags, policy_action, policy_tuple,
-    selector_kind,
+    DropReason, In6Addr, POLICY_MAX_TUPLES, PolicyKey, PolicyPrefix, net_flags, policy_action,
+    policy_tuple, selector_kind,
 };
 
 use crate::{
-    maps::{ENDPOINTS, LOCAL_ADDRS, POLICY, POLICY_META, POLICY_PREFIXES},
-    parse::IPPROTO_ICMP,
+    maps::{ENDPOINTS, ENDPOINTS6, LOCAL_ADDRS, POLICY, POLICY_META, POLICY_PREFIXES},
+    parse::{Addr6, IPPROTO_ICMP},
 };
 
 /// Who one side of a connection is: the values its selectors can be keyed by.
@@ -238,6 +238,35 @@ fn judge(saddr: u32, daddr: u32, what: u32) -> u32 {
     }
 }
 
+/// Docker's isolation between two containers, (network, endpoint, flags) of the one that
+/// sends and (network, endpoint) of the other: networks apart; within an `icc: false` network
+/// only a container to itself. The same both ways, so it can be judged per packet too.
+#[inline(always)]
+fn containers_may_talk(from: (u32, u32, u8), to: (u32, u32)) -> bool {
+    from.0 == to.0 && (from.2 & net_flags::NO_ICC == 0 || from.1 == to.1)
+}
+
+/// Whether an IPv6 packet from `saddr` to `daddr` crosses Docker's isolation between two
+/// containers. Judged per packet, by the isolation alone: IPv6 connections are not tracked
+/// yet, and the compiled policy needs a connection's direction (a per-packet judgement would
+/// take a reply for a new connection the other way); the isolation is the same both ways.
+#[inline(always)]
+pub fn isolated6(saddr: &Addr6, daddr: &Addr6) -> bool {
+    let (Some(from), Some(to)) = (
+        ENDPOINTS6.get_ptr(&In6Addr(*saddr)),
+        ENDPOINTS6.get_ptr(&In6Addr(*daddr)),
+    ) else {
+        return false;
+    };
+    // SAFETY: map values from this program run's lookups, read field by field.
+    unsafe {
+        !containers_may_talk(
+            ((*from).network_id, (*from).endpoint_id, (*from).net_flags),
+            ((*to).network_id, (*to).endpoint_id),
+        )
+    }
+}
+
 /// Docker's isolation, where no user rule decided.
 #[inline(always)]
 fn isolation(from: &Who, to: &Who, daddr: u32, via: Via, proto: u8) -> bool {
@@ -248,10 +277,10 @@ fn isolation(from: &Who, to: &Who, daddr: u32, via: Via, proto: u8) -> bool {
             // host's published ports (Docker drops what leaves an internal bridge for another).
             return (from.net_flags | to.net_flags) & net_flags::INTERNAL == 0;
         }
-        if from.network_id != to.network_id {
-            return false;
-        }
-        return from.net_flags & net_flags::NO_ICC == 0 || from.endpoint_id == to.endpoint_id;
+        return containers_may_talk(
+            (from.network_id, from.endpoint_id, from.net_flags),
+            (to.network_id, to.endpoint_id),
+        );
     }
     if from.container != 0 {
         // To the host or outside: internal networks stay on the host.

@@ -126,11 +126,30 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
 /// header and its extension headers are read; one that is truncated or inconsistent is
 /// dropped as malformed.
 #[inline(always)]
-pub fn handle6(ctx: &TcContext, _hook: Hook) -> Verdict {
-    match parse_ipv6(ctx) {
-        Some(_ip) => Verdict::Pass,
-        None => Verdict::Drop(DropReason::Malformed),
+pub fn handle6(ctx: &TcContext, hook: Hook) -> Verdict {
+    let Some(ip) = parse_ipv6(ctx) else {
+        return Verdict::Drop(DropReason::Malformed);
+    };
+    // Between two containers: Docker's isolation, per packet. Neighbour discovery (router and
+    // neighbour solicitations and advertisements, redirects) is the link's own and passes.
+    if hook == Hook::ContainerIngress
+        && !is_neighbour_discovery(ctx, &ip)
+        && policy::isolated6(&ip.saddr, &ip.daddr)
+    {
+        return Verdict::Drop(DropReason::PolicyDenied);
     }
+    Verdict::Pass
+}
+
+/// ICMPv6 types 133-137: router solicitation and advertisement, neighbour solicitation and
+/// advertisement, redirect.
+#[inline(always)]
+fn is_neighbour_discovery(ctx: &TcContext, ip: &crate::parse::Ipv6Packet) -> bool {
+    ip.protocol == crate::parse::IPPROTO_ICMPV6
+        && ip.frag == 0
+        && ctx
+            .load::<u8>(ip.l4_offset)
+            .is_ok_and(|t| (133..=137).contains(&t))
 }
 
 /// Records what the first fragment of a datagram was (its ports as it arrived) and whether it

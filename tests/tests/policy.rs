@@ -476,3 +476,74 @@ fn gateway_modes_behave_like_docker_28() {
     // Refusals are counted as Docker's isolation (POLICY_DENIED).
     assert!(agent.status().drops("POLICY_DENIED") > 0);
 }
+
+/// The same networks dual-stack: over IPv6 too, containers of different networks do not reach
+/// each other, and `icc: false` keeps the containers of one network apart, both ways; the same
+/// network and a container on both networks reach each other (Docker's isolation over IPv6,
+/// which Docker itself applies with `--ip6tables`, on by default since 27.0).
+const SPEC6: &str = r#"
+uplink: eth0
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1,
+     subnet6: "fd00:30:1::/64", gateway6: "fd00:30:1::1"}
+  - {name: back, bridge: br-back, subnet6: "fd00:30:2::/64", gateway6: "fd00:30:2::1"}
+  - {name: quiet, bridge: br-quiet, subnet6: "fd00:30:4::/64", gateway6: "fd00:30:4::1",
+     icc: false}
+endpoints:
+  - name: web1
+    interfaces: [{network: front, ip: 172.30.1.2, ip6: "fd00:30:1::2", mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
+  - name: web2
+    interfaces: [{network: front, ip: 172.30.1.3, ip6: "fd00:30:1::3", mac: "02:42:ac:1e:01:03", host_veth: veth-web2}]
+  - name: db
+    interfaces: [{network: back, ip6: "fd00:30:2::2", mac: "02:42:ac:1e:02:02", host_veth: veth-db}]
+  - name: both
+    interfaces:
+      - {network: front, ip: 172.30.1.4, ip6: "fd00:30:1::4", mac: "02:42:ac:1e:01:04", host_veth: veth-both1}
+      - {network: back, ip6: "fd00:30:2::4", mac: "02:42:ac:1e:02:04", host_veth: veth-both2}
+  - name: q1
+    interfaces: [{network: quiet, ip6: "fd00:30:4::2", mac: "02:42:ac:1e:04:02", host_veth: veth-q1}]
+  - name: q2
+    interfaces: [{network: quiet, ip6: "fd00:30:4::3", mac: "02:42:ac:1e:04:03", host_veth: veth-q2}]
+"#;
+
+#[test]
+fn ipv6_between_networks_is_isolated_as_ipv4() {
+    let sandbox = Sandbox::up(SPEC6);
+    let _agent = Agent::start(&sandbox);
+    let cells: Vec<(&str, &str, &str, u16, bool)> = vec![
+        ("same network over IPv6", "web2", "fd00:30:1::2", 80, true),
+        ("same network over IPv4", "web2", "172.30.1.2", 80, true),
+        ("other network over IPv6", "web1", "fd00:30:2::2", 80, false),
+        (
+            "other network over IPv6, back",
+            "db",
+            "fd00:30:1::2",
+            80,
+            false,
+        ),
+        (
+            "two-network container to front",
+            "both",
+            "fd00:30:1::2",
+            80,
+            true,
+        ),
+        (
+            "two-network container to back",
+            "both",
+            "fd00:30:2::2",
+            80,
+            true,
+        ),
+        ("icc: false over IPv6", "q1", "fd00:30:4::3", 80, false),
+        (
+            "icc: false over IPv6, back",
+            "q2",
+            "fd00:30:4::2",
+            80,
+            false,
+        ),
+    ];
+    let wrong = unexpected(&sandbox, &cells);
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}

@@ -258,3 +258,76 @@ fn ipv6_headers_are_walked_and_malformed_ones_dropped() {
     }
     assert_eq!(drops(dp, DropReason::Malformed), dropped);
 }
+
+#[test]
+fn ipv6_between_containers_keeps_dockers_network_isolation() {
+    use dataplane_common::{EndpointInfo6, In6Addr, net_flags};
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    // Two containers on network 1, one on network 2, two on network 3 (icc: false).
+    let (a1, a2, b1) = (v6("fd00:1::2"), v6("fd00:1::3"), v6("fd00:2::2"));
+    let (c1, c2) = (v6("fd00:3::2"), v6("fd00:3::3"));
+    let host = v6("2001:db8::1");
+    for (i, (addr, network, flags)) in [
+        (a1, 1, 0),
+        (a2, 1, 0),
+        (b1, 2, 0),
+        (c1, 3, net_flags::NO_ICC),
+        (c2, 3, net_flags::NO_ICC),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let info = EndpointInfo6 {
+            ifindex: 100 + i as u32,
+            network_id: network,
+            endpoint_id: 1 + i as u32,
+            net_flags: flags,
+            ..EndpointInfo6::default()
+        };
+        dp.set::<crate::kernel::maps::Endpoints6>(In6Addr::from_ipv6(addr), info)
+            .unwrap();
+    }
+    let syn = |from, to| ipv6_frame(&Ipv6Spec::new(from, to, 6), &tcp(40000, 80, TCP_SYN, b""));
+    let icmp6 = |from, to, kind: u8| {
+        // Type, code, checksum (filled in by the builder), 4 bytes, and the target address of
+        // a neighbour solicitation (the echo's identifier and sequence for an echo).
+        let mut message = vec![kind, 0, 0, 0, 0, 0, 0, 0];
+        message.extend_from_slice(&Ipv6Addr::octets(&to));
+        ipv6_frame(&Ipv6Spec::new(from, to, IPPROTO_ICMPV6), &message)
+    };
+    const ECHO_REQUEST6: u8 = 128;
+    const NEIGHBOUR_SOLICITATION: u8 = 135;
+    let cases = [
+        ("same network", syn(a1, a2), TC_PASS),
+        ("to another network", syn(a1, b1), TC_SHOT),
+        ("from the other network back", syn(b1, a1), TC_SHOT),
+        (
+            "a ping to another network",
+            icmp6(a1, b1, ECHO_REQUEST6),
+            TC_SHOT,
+        ),
+        ("icc: false between two containers", syn(c1, c2), TC_SHOT),
+        ("icc: false, a container to itself", syn(c1, c1), TC_PASS),
+        ("to the host", syn(a1, host), TC_PASS),
+        ("to outside", syn(b1, v6("2001:db8:9::9")), TC_PASS),
+        (
+            "neighbour discovery across icc: false",
+            icmp6(c1, c2, NEIGHBOUR_SOLICITATION),
+            TC_PASS,
+        ),
+    ];
+    let mut denied = 0;
+    for (description, input, verdict) in &cases {
+        let (got, output) = run_tc(dp, Hook::ContainerIngress, input);
+        assert_eq!(got, *verdict, "{description}: verdict");
+        assert_eq!(&output, input, "{description}: untouched");
+        assert_checksums6(&output);
+        denied += u64::from(got == TC_SHOT);
+    }
+    assert_eq!(drops(dp, DropReason::PolicyDenied), denied);
+    // From outside (the uplink), nothing is judged yet: the packet goes on as before.
+    let (got, _) = run_tc(dp, Hook::UplinkIngress, &syn(b1, a1));
+    assert_eq!(got, TC_PASS);
+}
