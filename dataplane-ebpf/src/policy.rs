@@ -18,7 +18,9 @@ use dataplane_common::{
 };
 
 use crate::{
-    maps::{ENDPOINTS, ENDPOINTS6, LOCAL_ADDRS, POLICY, POLICY_META, POLICY_PREFIXES},
+    maps::{
+        ENDPOINTS, ENDPOINTS6, LOCAL_ADDRS, LOCAL_ADDRS6, POLICY, POLICY_META, POLICY_PREFIXES,
+    },
     parse::{Addr6, IPPROTO_ICMP},
 };
 
@@ -265,6 +267,22 @@ pub fn isolated6(saddr: &Addr6, daddr: &Addr6) -> bool {
             ((*to).network_id, (*to).endpoint_id),
         )
     }
+}
+
+/// Whether an IPv6 packet from `saddr` leaves an `internal` network's container for
+/// outside the host (neither a container nor the host): internal networks stay on the host.
+/// Per packet, as [`isolated6`]: an answer to an outside client is a packet leaving for
+/// outside too, so nothing from outside gets an answer either.
+#[inline(always)]
+pub fn internal_leaving6(saddr: &Addr6, daddr: &Addr6) -> bool {
+    let Some(from) = ENDPOINTS6.get_ptr(&In6Addr(*saddr)) else {
+        return false;
+    };
+    // SAFETY: a map value from this program run's lookup.
+    let flags = unsafe { (*from).net_flags };
+    flags & net_flags::INTERNAL != 0
+        && ENDPOINTS6.get_ptr(&In6Addr(*daddr)).is_none()
+        && LOCAL_ADDRS6.get_ptr(&In6Addr(*daddr)).is_none()
 }
 
 /// Docker's isolation, where no user rule decided.

@@ -132,9 +132,11 @@ pub fn handle6(ctx: &TcContext, hook: Hook) -> Verdict {
     };
     // Between two containers: Docker's isolation, per packet. Neighbour discovery (router and
     // neighbour solicitations and advertisements, redirects) is the link's own and passes.
+    // From an internal network's container, nothing leaves for outside.
     if hook == Hook::ContainerIngress
         && !is_neighbour_discovery(ctx, &ip)
-        && policy::isolated6(&ip.saddr, &ip.daddr)
+        && (policy::isolated6(&ip.saddr, &ip.daddr)
+            || policy::internal_leaving6(&ip.saddr, &ip.daddr))
     {
         return Verdict::Drop(DropReason::PolicyDenied);
     }

@@ -489,7 +489,11 @@ networks:
   - {name: back, bridge: br-back, subnet6: "fd00:30:2::/64", gateway6: "fd00:30:2::1"}
   - {name: quiet, bridge: br-quiet, subnet6: "fd00:30:4::/64", gateway6: "fd00:30:4::1",
      icc: false}
+  - {name: vault, bridge: br-vault, subnet6: "fd00:30:3::/64", gateway6: "fd00:30:3::1",
+     internal: true}
 endpoints:
+  - name: secret
+    interfaces: [{network: vault, ip6: "fd00:30:3::2", mac: "02:42:ac:1e:03:02", host_veth: veth-secret}]
   - name: web1
     interfaces: [{network: front, ip: 172.30.1.2, ip6: "fd00:30:1::2", mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
   - name: web2
@@ -510,7 +514,44 @@ endpoints:
 fn ipv6_between_networks_is_isolated_as_ipv4() {
     let sandbox = Sandbox::up(SPEC6);
     let _agent = Agent::start(&sandbox);
+    let bin = dataplane_tests::dataplane_bin();
+    let mut server = sandbox.spawn(
+        "outside",
+        &[
+            bin.to_str().unwrap(),
+            "sandbox",
+            "serve",
+            "--name",
+            "outside",
+            "--tcp",
+            "9999",
+            "--ipv6",
+        ],
+    );
+    server.wait_for_line("ready");
+    // No NAT66 yet: the outside client routes the containers' prefix back through the host,
+    // as a router in front of the host would.
+    sandbox.exec_ok(
+        "outside",
+        &[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "fd00:30::/32",
+            "via",
+            "2001:db8::1",
+        ],
+    );
     let cells: Vec<(&str, &str, &str, u16, bool)> = vec![
+        ("to outside over IPv6", "db", "2001:db8::2", 9999, true),
+        (
+            "internal to outside over IPv6",
+            "secret",
+            "2001:db8::2",
+            9999,
+            false,
+        ),
         ("same network over IPv6", "web2", "fd00:30:1::2", 80, true),
         ("same network over IPv4", "web2", "172.30.1.2", 80, true),
         ("other network over IPv6", "web1", "fd00:30:2::2", 80, false),

@@ -265,16 +265,22 @@ fn ipv6_between_containers_keeps_dockers_network_isolation() {
 
     let mut t = loaded_or_skip!();
     let dp = t.get();
-    // Two containers on network 1, one on network 2, two on network 3 (icc: false).
+    // Two containers on network 1, one on network 2, two on network 3 (icc: false), two on
+    // network 4 (internal).
     let (a1, a2, b1) = (v6("fd00:1::2"), v6("fd00:1::3"), v6("fd00:2::2"));
     let (c1, c2) = (v6("fd00:3::2"), v6("fd00:3::3"));
+    let (i1, i2) = (v6("fd00:4::2"), v6("fd00:4::3"));
     let host = v6("2001:db8::1");
+    dp.set::<crate::kernel::maps::LocalAddrs6>(In6Addr::from_ipv6(host), 1u8)
+        .unwrap();
     for (i, (addr, network, flags)) in [
         (a1, 1, 0),
         (a2, 1, 0),
         (b1, 2, 0),
         (c1, 3, net_flags::NO_ICC),
         (c2, 3, net_flags::NO_ICC),
+        (i1, 4, net_flags::INTERNAL),
+        (i2, 4, net_flags::INTERNAL),
     ]
     .into_iter()
     .enumerate()
@@ -312,6 +318,18 @@ fn ipv6_between_containers_keeps_dockers_network_isolation() {
         ("icc: false, a container to itself", syn(c1, c1), TC_PASS),
         ("to the host", syn(a1, host), TC_PASS),
         ("to outside", syn(b1, v6("2001:db8:9::9")), TC_PASS),
+        ("internal, within its network", syn(i1, i2), TC_PASS),
+        ("internal, to the host", syn(i1, host), TC_PASS),
+        (
+            "internal, to outside",
+            syn(i1, v6("2001:db8:9::9")),
+            TC_SHOT,
+        ),
+        (
+            "internal, a ping to outside",
+            icmp6(i1, v6("2001:db8:9::9"), ECHO_REQUEST6),
+            TC_SHOT,
+        ),
         (
             "neighbour discovery across icc: false",
             icmp6(c1, c2, NEIGHBOUR_SOLICITATION),
