@@ -64,7 +64,7 @@ pub mod map_names {
     /// The host's own IPv4 addresses: which destinations "all host addresses" means.
     pub const LOCAL_ADDRS: &str = "dp_local_addrs_v1";
     /// Settings the agent writes at run time (uplink, masquerade address, port range).
-    pub const CONFIG: &str = "dp_config_v4";
+    pub const CONFIG: &str = "dp_config_v5";
     /// Socket-level translations of host processes: (socket cookie, address the socket
     /// really talks to) -> the address it asked for, so that replies and getpeername() show
     /// the VIP or published port (LRU; written by the cgroup hooks only).
@@ -1036,6 +1036,9 @@ pub struct Config {
     /// 1: tc ingress of the uplink drops the deny list's sources (XDP is not attached there:
     /// `--xdp auto` keeps XDP off uplinks that are not physical devices, where tc is cheaper).
     pub deny_at_tc: u32,
+    /// The uplink's global IPv6 address masqueraded IPv6 connections leave with (NAT66); `::`
+    /// while the uplink has none (IPv6 masquerade then passes packets untranslated).
+    pub masquerade_addr6: In6Addr,
 }
 
 /// What a flow event reports, in [`FlowEvent::kind`].
@@ -1260,7 +1263,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceInfo>() == 12);
 const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 120);
 const _: () = assert!(core::mem::size_of::<In6Addr>() == 16);
 const _: () = assert!(core::mem::size_of::<EndpointInfo6>() == 44);

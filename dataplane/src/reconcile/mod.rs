@@ -473,8 +473,9 @@ pub fn desired(
     for (_, addr) in &addresses {
         desired.local_addrs.insert(be(*addr), 1);
     }
-    for (_, addr) in kernel.addresses6() {
-        desired.local_addrs6.insert(be6(addr), 1);
+    let addresses6 = kernel.addresses6();
+    for (_, addr) in &addresses6 {
+        desired.local_addrs6.insert(be6(*addr), 1);
     }
     desired.config = Config {
         // Masquerade to the uplink's first address; none yet means no masquerade yet.
@@ -492,6 +493,12 @@ pub fn desired(
         rule_count: policy.rules.len() as u32,
         // Without XDP the deny list is enforced at tc ingress of the uplink instead.
         deny_at_tc: u32::from(has_deny_list && !xdp_attached),
+        // NAT66 to the uplink's first IPv6 address (link-local ones are not listed).
+        masquerade_addr6: addresses6
+            .iter()
+            .find(|(interface, _)| interface == uplink)
+            .map(|(_, addr)| be6(*addr))
+            .unwrap_or_default(),
     };
     desired.policy = policy.tables;
     desired.deny_sources = policy.deny_sources.into_iter().collect();
@@ -1791,6 +1798,8 @@ endpoints:
         assert_eq!((one6.endpoint_id, one6.label_class), (1, 1));
         assert_eq!(one6.gateway, ip6("fd00:1::1"));
         assert_eq!(one4.gateway, ip("10.1.0.1"));
+        // NAT66 leaves with the uplink's IPv6 address (not the bridge's, not ::1).
+        assert_eq!(k.config.masquerade_addr6, ip6("2001:db8::1"));
         let three = v6[&ip6("fd00:2::3")];
         assert_eq!(
             (three.endpoint_id, three.network_id, three.label_class),
