@@ -83,7 +83,7 @@ pub static PORTS: HashMap<PortKey, PortTarget> = HashMap::pinned(capacity::PORTS
 pub static LOCAL_ADDRS: HashMap<u32, u8> = HashMap::pinned(capacity::LOCAL_ADDRS, 0);
 
 /// Run-time settings at index 0, written by the reconciler only.
-#[map(name = "dp_config_v4")]
+#[map(name = "dp_config_v5")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 /// Service VIPs, written by the reconciler only. The agent sets the size (`--max-services`).
