@@ -6,11 +6,14 @@
 //! Entries expire in the agent's garbage collector (timeouts in `dataplane_common::ct_timeout`).
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use dataplane_common::{CtEntry, CtKey, ct_origin, ct_rewrite, ct_state, tcp_flag};
+use dataplane_common::{
+    CtEntry, CtEntryOf, CtKey, CtKeyOf, ct_origin, ct_rewrite, ct_state, tcp_flag,
+};
 
 use crate::{
-    maps::{CONFIG, CONNTRACK, CONNTRACK_NEW},
-    parse::{IPPROTO_ICMP, IPPROTO_TCP, Ipv4Packet, L4},
+    family::Family,
+    maps::CONFIG,
+    parse::{IPPROTO_TCP, Ipv4Packet, L4},
     policy::{self, Via},
 };
 
@@ -36,10 +39,10 @@ pub fn key_of(ip: &Ipv4Packet, l4: &L4) -> CtKey {
 /// The key the reply of a connection whose packets (`forward`) leave translated to the
 /// destination `daddr`:`dport` and source `saddr`:`sport` will carry.
 #[inline(always)]
-pub fn reply_key(proto: u8, saddr: u32, sport: u16, daddr: u32, dport: u16) -> CtKey {
-    if proto == IPPROTO_ICMP {
+pub fn reply_key<A: Family>(proto: u8, saddr: A, sport: u16, daddr: A, dport: u16) -> CtKeyOf<A> {
+    if proto == A::ICMP {
         // An echo reply keeps the request's identifier, in the same field.
-        CtKey {
+        CtKeyOf {
             saddr: daddr,
             daddr: saddr,
             sport,
@@ -48,7 +51,7 @@ pub fn reply_key(proto: u8, saddr: u32, sport: u16, daddr: u32, dport: u16) -> C
             _pad: [0; 3],
         }
     } else {
-        CtKey {
+        CtKeyOf {
             saddr: daddr,
             daddr: saddr,
             sport: dport,
@@ -63,17 +66,17 @@ pub fn reply_key(proto: u8, saddr: u32, sport: u16, daddr: u32, dport: u16) -> C
 /// packet), then those whose handshake is under way. The pointer stays valid for this program
 /// run.
 #[inline(always)]
-pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
-    CONNTRACK
+pub fn lookup<A: Family>(key: &CtKeyOf<A>) -> Option<*mut CtEntryOf<A>> {
+    A::conntrack()
         .get_ptr_mut(key)
-        .or_else(|| CONNTRACK_NEW.get_ptr_mut(key))
+        .or_else(|| A::conntrack_new().get_ptr_mut(key))
 }
 
 /// Removes `key` from whichever table holds it.
 #[inline(always)]
-pub fn remove(key: &CtKey) {
-    if CONNTRACK.remove(key).is_err() {
-        let _ = CONNTRACK_NEW.remove(key);
+pub fn remove<A: Family>(key: &CtKeyOf<A>) {
+    if A::conntrack().remove(key).is_err() {
+        let _ = A::conntrack_new().remove(key);
     }
 }
 
@@ -83,7 +86,7 @@ pub fn remove(key: &CtKey) {
 /// stays taken: a closed connection's reply tuple is reserved for the original tuple that
 /// owned it (see `nat::allocate_source_port`).
 #[inline(always)]
-pub fn reclaim_for(key: &CtKey, forward: &CtKey) -> bool {
+pub fn reclaim_for<A: Family>(key: &CtKeyOf<A>, forward: &CtKeyOf<A>) -> bool {
     let Some(entry) = lookup(key) else {
         return false;
     };
@@ -101,7 +104,7 @@ pub fn reclaim_for(key: &CtKey, forward: &CtKey) -> bool {
 /// does): then the old connection's entries go, and the packet is a new connection, with its
 /// own translation, policy judgement and flow record (Cilium's conntrack does the same).
 #[inline(always)]
-pub fn lookup_packet(key: &CtKey, tcp_flags: u8) -> Option<*mut CtEntry> {
+pub fn lookup_packet<A: Family>(key: &CtKeyOf<A>, tcp_flags: u8) -> Option<*mut CtEntryOf<A>> {
     const CLOSING: u8 = tcp_flag::FIN | tcp_flag::RST;
     let entry = lookup(key)?;
     if key.proto != IPPROTO_TCP || tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) != tcp_flag::SYN {
@@ -141,7 +144,7 @@ pub struct Seen {
 /// becomes a CLOSE flow event, and a connection not yet established moves on through its
 /// handshake (and into the main table once it completed).
 #[inline(always)]
-pub fn account(key: &CtKey, entry: *mut CtEntry, seen: &Seen) {
+pub fn account<A: Family>(key: &CtKeyOf<A>, entry: *mut CtEntryOf<A>, seen: &Seen) {
     const CLOSING: u8 = tcp_flag::FIN | tcp_flag::RST;
     let tcp_flags = seen.tcp_flags;
     // SAFETY: `entry` came from a map lookup in this program run; map values stay valid
@@ -174,7 +177,7 @@ pub fn account(key: &CtKey, entry: *mut CtEntry, seen: &Seen) {
 /// its entries into the main table. Until then an attacker's spoofed SYNs, which are answered
 /// but never acknowledged, occupy only the LRU table.
 #[inline(never)]
-fn handshake(key: &CtKey, entry: *mut CtEntry, state: u8, seen: &Seen) {
+fn handshake<A: Family>(key: &CtKeyOf<A>, entry: *mut CtEntryOf<A>, state: u8, seen: &Seen) {
     const SYN_ACK: u8 = tcp_flag::SYN | tcp_flag::ACK;
     let tcp = key.proto == IPPROTO_TCP;
     // SAFETY: map values from lookups in this program run.
@@ -184,10 +187,10 @@ fn handshake(key: &CtKey, entry: *mut CtEntry, state: u8, seen: &Seen) {
             if state == ct_state::SYN_SENT && (!tcp || seen.tcp_flags & SYN_ACK == SYN_ACK) {
                 (*entry).state = ct_state::SYN_RECV;
                 (*entry).handshake_ack = seen.seq.wrapping_add(1);
-                if let Some(peer) = CONNTRACK_NEW.get_ptr_mut(&peer_key) {
+                if let Some(peer) = A::conntrack_new().get_ptr_mut(&peer_key) {
                     (*peer).state = ct_state::SYN_RECV;
                 }
-                if key.proto == IPPROTO_ICMP {
+                if key.proto == A::ICMP {
                     // The echo reply: a record of its own (once per connection).
                     (*entry).icmp_type = seen.icmp_type;
                     crate::flow::replied(
@@ -205,7 +208,7 @@ fn handshake(key: &CtKey, entry: *mut CtEntry, state: u8, seen: &Seen) {
         if state != ct_state::SYN_RECV {
             return;
         }
-        let Some(peer) = CONNTRACK_NEW.get_ptr_mut(&peer_key) else {
+        let Some(peer) = A::conntrack_new().get_ptr_mut(&peer_key) else {
             return; // evicted half: the connection stays where it is until it expires
         };
         // TCP: the handshake's ACK, acknowledging the SYN-ACK the server really sent.
@@ -218,15 +221,15 @@ fn handshake(key: &CtKey, entry: *mut CtEntry, state: u8, seen: &Seen) {
         (*entry).state = ct_state::ESTABLISHED;
         (*peer).state = ct_state::ESTABLISHED;
         // Straight from the LRU's values into the main table (no copies on the stack).
-        if CONNTRACK.insert(&peer_key, &*peer, 0).is_err() {
+        if A::conntrack().insert(&peer_key, &*peer, 0).is_err() {
             // The main table is full of established connections: this one goes on
             // unestablished (and may be evicted); none of theirs is touched.
             (*entry).state = ct_state::SYN_RECV;
             (*peer).state = ct_state::SYN_RECV;
             return;
         }
-        if CONNTRACK.insert(key, &*entry, 0).is_err() {
-            let _ = CONNTRACK.remove(&peer_key);
+        if A::conntrack().insert(key, &*entry, 0).is_err() {
+            let _ = A::conntrack().remove(&peer_key);
             (*entry).state = ct_state::SYN_RECV;
             (*peer).state = ct_state::SYN_RECV;
             return;
@@ -235,8 +238,8 @@ fn handshake(key: &CtKey, entry: *mut CtEntry, state: u8, seen: &Seen) {
             // A TCP connection is reported when it exists: a flood of SYNs reports nothing.
             crate::flow::established(key, entry, seen.hook, seen.ifindex);
         }
-        let _ = CONNTRACK_NEW.remove(key);
-        let _ = CONNTRACK_NEW.remove(&peer_key);
+        let _ = A::conntrack_new().remove(key);
+        let _ = A::conntrack_new().remove(&peer_key);
     }
 }
 
@@ -248,8 +251,12 @@ pub enum CtError {
     Exists,
 }
 
-fn insert_new(key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), CtError> {
-    match CONNTRACK_NEW.insert(key, entry, flags) {
+fn insert_new<A: Family>(
+    key: &CtKeyOf<A>,
+    entry: &CtEntryOf<A>,
+    flags: u64,
+) -> Result<(), CtError> {
+    match A::conntrack_new().insert(key, entry, flags) {
         Ok(()) => Ok(()),
         Err(e) if e == -EEXIST => Err(CtError::Exists),
         Err(e) if e == -E2BIG => Err(CtError::Full),
@@ -262,14 +269,14 @@ fn insert_new(key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), CtError> {
 /// `nat_port`); `reply` is the key its answers will carry, which get the inverse rewrite back
 /// to (`orig_addr`, `orig_port`).
 #[derive(Clone, Copy)]
-pub struct NewConnection {
-    pub forward: CtKey,
-    pub reply: CtKey,
+pub struct NewConnectionOf<A: Family> {
+    pub forward: CtKeyOf<A>,
+    pub reply: CtKeyOf<A>,
     pub origin: u8,
     pub rewrite: u8,
-    pub nat_addr: u32,
+    pub nat_addr: A,
     pub nat_port: u16,
-    pub orig_addr: u32,
+    pub orig_addr: A,
     pub orig_port: u16,
     /// [`ct_rewrite::HAIRPIN`] only: the destination port each direction gets (forward: the
     /// container's port; reply: the client's own source port); 0 otherwise.
@@ -282,13 +289,15 @@ pub struct NewConnection {
     pub icmp_code: u8,
 }
 
+pub type NewConnection = NewConnectionOf<u32>;
+
 /// Tracks `c` as not yet established (in the LRU table, which makes room by evicting the
 /// oldest unestablished connection). The reply entry goes in first with NOEXIST, and a reply
 /// key an established connection holds counts as taken, so two connections can never share a
 /// reply key (masquerade probes the next port on `Exists`).
 #[inline(never)]
-pub fn create(c: &NewConnection) -> Result<(), CtError> {
-    if CONNTRACK.get_ptr(&c.reply).is_some() {
+pub fn create<A: Family>(c: &NewConnectionOf<A>) -> Result<(), CtError> {
+    if A::conntrack().get_ptr(&c.reply).is_some() {
         return Err(CtError::Exists);
     }
     // SAFETY: a helper without arguments or preconditions.
@@ -306,7 +315,7 @@ pub fn create(c: &NewConnection) -> Result<(), CtError> {
     };
     // One entry on the stack, written twice: the reply direction, then the forward one (the
     // stack is 512 bytes for every frame of a program together).
-    let mut entry = CtEntry {
+    let mut entry = CtEntryOf {
         nat_addr: c.orig_addr,
         nat_port: c.orig_port,
         rewrite: inverse,
@@ -316,7 +325,7 @@ pub fn create(c: &NewConnection) -> Result<(), CtError> {
         state: ct_state::SYN_SENT,
         icmp_type: 0,
         policy_generation: generation,
-        _pad_family: (),
+        _pad_family: Default::default(),
         created_ns: now,
         last_seen_ns: now,
         packets: 0,
@@ -339,7 +348,7 @@ pub fn create(c: &NewConnection) -> Result<(), CtError> {
     entry.peer = c.reply;
     if let Err(e) = insert_new(&c.forward, &entry, 0) {
         // Never leave half a connection behind.
-        let _ = CONNTRACK_NEW.remove(&c.reply);
+        let _ = A::conntrack_new().remove(&c.reply);
         return Err(e);
     }
     Ok(())

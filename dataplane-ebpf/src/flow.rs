@@ -15,8 +15,8 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use dataplane_common::{
-    Address, CtEntry, CtKey, CtKeyOf, DropAggKey, DropAggValue, DropReason, FlowEvent, drop_events,
-    flow_kind, tcp_flag,
+    Address, CtEntryOf, CtKey, CtKeyOf, DropAggKey, DropAggValue, DropReason, FlowEvent,
+    drop_events, flow_kind, tcp_flag,
 };
 
 use crate::maps::{DROP_AGGREGATES, DROP_EVENT_BUDGET, FLOW_EVENTS, FLOW_EVENTS_LOST};
@@ -131,9 +131,9 @@ pub fn new_connection<A: Address>(flow: &NewFlowOf<A>) {
 /// answer's own key as it arrived): an event of its own, as the answer was (its type and code,
 /// the entry's counters and the translation back to the connection's first side).
 #[inline(always)]
-pub fn replied(
-    key: &CtKey,
-    entry: *const CtEntry,
+pub fn replied<A: Address>(
+    key: &CtKeyOf<A>,
+    entry: *const CtEntryOf<A>,
     icmp_type: u8,
     icmp_code: u8,
     hook: u32,
@@ -164,7 +164,12 @@ pub fn replied(
 /// handshake: its NEW event, sent now rather than at the SYN so that SYNs nobody
 /// acknowledges (a spoofed flood) make no records. Reported as its first packet was (SYN).
 #[inline(always)]
-pub fn established(key: &CtKey, entry: *const CtEntry, hook: u32, ifindex: u32) {
+pub fn established<A: Address>(
+    key: &CtKeyOf<A>,
+    entry: *const CtEntryOf<A>,
+    hook: u32,
+    ifindex: u32,
+) {
     if !on() {
         return;
     }
@@ -190,7 +195,12 @@ pub fn established(key: &CtKey, entry: *const CtEntry, hook: u32, ifindex: u32) 
 /// its forward side with both directions' counters. Reads fields through the map pointers
 /// rather than copying entries around: fewer stack copies for the verifier to follow.
 #[inline(never)]
-pub fn closed(key: &CtKey, entry: *const CtEntry, hook: u32, ifindex: u32) {
+pub fn closed<A: crate::family::Family>(
+    key: &CtKeyOf<A>,
+    entry: *const CtEntryOf<A>,
+    hook: u32,
+    ifindex: u32,
+) {
     if !on() {
         return;
     }
@@ -201,9 +211,9 @@ pub fn closed(key: &CtKey, entry: *const CtEntry, hook: u32, ifindex: u32) {
             return;
         };
         let (forward, reply, forward_key) = if (*entry).is_reply == 1 {
-            (peer as *const CtEntry, entry, peer_key)
+            (peer as *const CtEntryOf<A>, entry, peer_key)
         } else {
-            (entry, peer as *const CtEntry, *key)
+            (entry, peer as *const CtEntryOf<A>, *key)
         };
         send(|e| {
             e.time_ns = bpf_ktime_get_ns();

@@ -5,6 +5,7 @@
 
 mod conntrack;
 mod early;
+mod family;
 mod flow;
 mod lb;
 mod maps;
