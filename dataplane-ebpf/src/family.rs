@@ -20,8 +20,6 @@ pub trait Family: Address {
     fn conntrack() -> &'static HashMap<CtKeyOf<Self>, CtEntryOf<Self>>;
     /// Connections whose handshake has not completed.
     fn conntrack_new() -> &'static LruHashMap<CtKeyOf<Self>, CtEntryOf<Self>>;
-    /// The address folded into 32 bits, for hashing.
-    fn fold(&self) -> u32;
 }
 
 impl Family for u32 {
@@ -34,10 +32,6 @@ impl Family for u32 {
     fn conntrack_new() -> &'static LruHashMap<CtKeyOf<Self>, CtEntryOf<Self>> {
         &CONNTRACK_NEW
     }
-    #[inline(always)]
-    fn fold(&self) -> u32 {
-        *self
-    }
 }
 
 impl Family for In6Addr {
@@ -49,9 +43,5 @@ impl Family for In6Addr {
     #[inline(always)]
     fn conntrack_new() -> &'static LruHashMap<CtKeyOf<Self>, CtEntryOf<Self>> {
         &CONNTRACK6_NEW
-    }
-    #[inline(always)]
-    fn fold(&self) -> u32 {
-        self.0[0] ^ self.0[1].rotate_left(8) ^ self.0[2].rotate_left(16) ^ self.0[3]
     }
 }

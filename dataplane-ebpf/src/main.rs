@@ -16,6 +16,7 @@ mod reject;
 mod sock;
 mod stats;
 mod translate;
+mod translate6;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},

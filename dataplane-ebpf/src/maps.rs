@@ -217,6 +217,14 @@ pub static SOCK_REV_NAT6: LruHashMap<SockRevNatKey6, SockRevNat6> =
 #[map(name = "dp_sock_lb6_v1")]
 pub static SOCK_LB6: LruHashMap<SockLbKey6, SockLb6> = LruHashMap::pinned(capacity::SOCK_LB, 0);
 
+/// Per-CPU scratch space for the IPv6 programs: the new connection being tracked (about 150
+/// bytes) does not fit on their stack (512 bytes for every frame together) beside the packet,
+/// its key and conntrack's entry. Not pinned: it holds nothing from one program run to the
+/// next.
+#[map(name = "dp_scratch6")]
+pub static NEW_CONNECTION6: PerCpuArray<crate::conntrack::NewConnectionOf<In6Addr>> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// The IPv6 programs the IPv4 tc programs tail-call for each IPv6 frame, by hook number
 /// (`dataplane_common::hook`: 1 container ingress, 2 uplink ingress, 3 uplink egress; 4 slots).
 /// A tail call gives the IPv6 path the verifier's whole 512-byte stack: the IPv4 program's

@@ -127,7 +127,7 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
 /// dropped as malformed.
 #[inline(always)]
 pub fn handle6(ctx: &TcContext, hook: Hook) -> Verdict {
-    let Some(ip) = parse_ipv6(ctx) else {
+    let Some(mut ip) = parse_ipv6(ctx) else {
         return Verdict::Drop(DropReason::Malformed);
     };
     // Between two containers: Docker's isolation, per packet. Neighbour discovery (router and
@@ -140,7 +140,7 @@ pub fn handle6(ctx: &TcContext, hook: Hook) -> Verdict {
     {
         return Verdict::Drop(DropReason::PolicyDenied);
     }
-    Verdict::Pass
+    crate::translate6::translate(ctx, hook, &mut ip)
 }
 
 /// ICMPv6 types 133-137: router solicitation and advertisement, neighbour solicitation and

@@ -349,3 +349,128 @@ fn ipv6_between_containers_keeps_dockers_network_isolation() {
     let (got, _) = run_tc(dp, Hook::UplinkIngress, &syn(b1, a1));
     assert_eq!(got, TC_PASS);
 }
+
+/// `frame`'s source and destination ports (TCP or UDP right after the fixed header).
+fn ports6(frame: &[u8]) -> (u16, u16) {
+    let at = ETH_LEN + IPV6_HDR_LEN;
+    (
+        u16::from_be_bytes([frame[at], frame[at + 1]]),
+        u16::from_be_bytes([frame[at + 2], frame[at + 3]]),
+    )
+}
+
+#[test]
+fn ipv6_published_port_from_outside_keeps_the_client_and_replies_from_the_host() {
+    use dataplane_common::{Config, EndpointInfo6, In6Addr, PortKey6, PortTarget6};
+
+    const TC_REDIRECT: u32 = 7;
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (host, client, container) = (v6("2001:db8::1"), v6("2001:db8::2"), v6("fd00:1::2"));
+    let mac = [2, 0, 0, 0, 0, 2];
+    dp.set::<crate::kernel::maps::LocalAddrs6>(In6Addr::from_ipv6(host), 1u8)
+        .unwrap();
+    dp.set::<crate::kernel::maps::Endpoints6>(
+        In6Addr::from_ipv6(container),
+        EndpointInfo6 {
+            ifindex: 1,
+            network_id: 1,
+            endpoint_id: 1,
+            mac,
+            ..EndpointInfo6::default()
+        },
+    )
+    .unwrap();
+    // TCP 8080 on the host's address, UDP 5353 on every host address (::).
+    for (addr, port, proto, to_port) in [
+        (host, 8080u16, 6u8, 80u16),
+        (Ipv6Addr::UNSPECIFIED, 5353, 17, 53),
+    ] {
+        dp.set::<crate::kernel::maps::Ports6>(
+            PortKey6 {
+                addr: In6Addr::from_ipv6(addr),
+                port: port.to_be(),
+                proto,
+                _pad: 0,
+            },
+            PortTarget6 {
+                addr: In6Addr::from_ipv6(container),
+                port: to_port.to_be(),
+                is_service: 0,
+                _pad: 0,
+            },
+        )
+        .unwrap();
+    }
+    dp.set_config(Config {
+        uplink_ifindex: 1,
+        ..Config::default()
+    })
+    .unwrap();
+    let frame =
+        |from, to, l4: Vec<u8>, protocol| ipv6_frame(&Ipv6Spec::new(from, to, protocol), &l4);
+
+    for (what, protocol, request, reply, published, inner) in [
+        (
+            "TCP on the host's address",
+            6u8,
+            tcp(40000, 8080, TCP_SYN, b"hello"),
+            tcp(80, 40000, TCP_SYN | super::packet::TCP_ACK, b"hi"),
+            8080u16,
+            80u16,
+        ),
+        (
+            "UDP on every host address",
+            17,
+            udp(40001, 5353, b"query"),
+            udp(53, 40001, b"answer"),
+            5353,
+            53,
+        ),
+    ] {
+        let (got, out) = run_tc(
+            dp,
+            Hook::UplinkIngress,
+            &frame(client, host, request, protocol),
+        );
+        assert_eq!(got, TC_REDIRECT, "{what}: straight into the container");
+        let (src, dst, _, _) = upper_layer(&out);
+        assert_eq!(
+            (src, dst),
+            (client, container),
+            "{what}: the client's address is kept"
+        );
+        assert_eq!(ports6(&out).1, inner, "{what}: to the container's port");
+        assert_eq!(&out[..6], &mac, "{what}: to the container's MAC");
+        assert_checksums6(&out);
+
+        let (got, out) = run_tc(
+            dp,
+            Hook::ContainerIngress,
+            &frame(container, client, reply, protocol),
+        );
+        assert_eq!(
+            got, TC_REDIRECT,
+            "{what}: the reply straight out of the uplink"
+        );
+        let (src, dst, _, _) = upper_layer(&out);
+        assert_eq!(
+            (src, dst),
+            (host, client),
+            "{what}: the reply comes from the host"
+        );
+        assert_eq!(ports6(&out).0, published, "{what}: from the published port");
+        assert_checksums6(&out);
+    }
+    // A port nobody published, and the container's own traffic to outside: untouched.
+    let other = frame(client, host, tcp(40002, 9999, TCP_SYN, b""), 6);
+    assert_eq!(
+        run_tc(dp, Hook::UplinkIngress, &other),
+        (TC_PASS, other.clone())
+    );
+    let out = frame(container, client, tcp(40003, 443, TCP_SYN, b""), 6);
+    assert_eq!(
+        run_tc(dp, Hook::ContainerIngress, &out),
+        (TC_PASS, out.clone())
+    );
+}
