@@ -1,6 +1,6 @@
 //! What differs between IPv4 and IPv6 for the code both families share: each family's
-//! conntrack tables and ICMP protocol number. Conntrack, the flow events of a connection and
-//! the source-port allocation are written once, generic over [`Family`]; each instance is
+//! conntrack tables and ICMP protocol number. Conntrack and the flow events of a connection
+//! are written once, generic over [`Family`]; each instance is
 //! the same code with the family's constants and maps (the IPv4 one is what it was before
 //! IPv6 existed, instruction for instruction). The per-packet parts (headers, checksums,
 //! hooks) are per family: their offsets and checksum rules differ.
