@@ -1,11 +1,17 @@
 //! What differs between IPv4 and IPv6 for the code both families share: each family's
-//! conntrack tables and ICMP protocol number. Conntrack and the flow events of a connection
-//! are written once, generic over [`Family`]; each instance is
+//! conntrack tables, ICMP protocol number and socket-lookup tuple. Conntrack, the flow events
+//! of a connection and the source-port allocation are written once, generic over [`Family`]; each instance is
 //! the same code with the family's constants and maps (the IPv4 one is what it was before
 //! IPv6 existed, instruction for instruction). The per-packet parts (headers, checksums,
 //! hooks) are per family: their offsets and checksum rules differ.
 
-use aya_ebpf::maps::{HashMap, LruHashMap};
+use aya_ebpf::{
+    bindings::{
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+    },
+    maps::{HashMap, LruHashMap},
+};
 use dataplane_common::{Address, CtEntryOf, CtKeyOf, In6Addr};
 
 use crate::{
@@ -20,6 +26,11 @@ pub trait Family: Address {
     fn conntrack() -> &'static HashMap<CtKeyOf<Self>, CtEntryOf<Self>>;
     /// Connections whose handshake has not completed.
     fn conntrack_new() -> &'static LruHashMap<CtKeyOf<Self>, CtEntryOf<Self>>;
+    /// The address folded into 32 bits, for hashing (IPv4's is itself).
+    fn fold(&self) -> u32;
+    /// The socket-lookup tuple of `key` (as a packet with that key carries it) and its size,
+    /// for bpf_sk_lookup_*.
+    fn sock_tuple(key: &CtKeyOf<Self>) -> (bpf_sock_tuple, u32);
 }
 
 impl Family for u32 {
@@ -32,6 +43,26 @@ impl Family for u32 {
     fn conntrack_new() -> &'static LruHashMap<CtKeyOf<Self>, CtEntryOf<Self>> {
         &CONNTRACK_NEW
     }
+    #[inline(always)]
+    fn fold(&self) -> u32 {
+        *self
+    }
+    #[inline(always)]
+    fn sock_tuple(key: &CtKeyOf<Self>) -> (bpf_sock_tuple, u32) {
+        (
+            bpf_sock_tuple {
+                __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+                    ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                        saddr: key.saddr,
+                        daddr: key.daddr,
+                        sport: key.sport,
+                        dport: key.dport,
+                    },
+                },
+            },
+            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
+        )
+    }
 }
 
 impl Family for In6Addr {
@@ -43,5 +74,25 @@ impl Family for In6Addr {
     #[inline(always)]
     fn conntrack_new() -> &'static LruHashMap<CtKeyOf<Self>, CtEntryOf<Self>> {
         &CONNTRACK6_NEW
+    }
+    #[inline(always)]
+    fn fold(&self) -> u32 {
+        self.0[0] ^ self.0[1].rotate_left(8) ^ self.0[2].rotate_left(16) ^ self.0[3]
+    }
+    #[inline(always)]
+    fn sock_tuple(key: &CtKeyOf<Self>) -> (bpf_sock_tuple, u32) {
+        (
+            bpf_sock_tuple {
+                __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+                    ipv6: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+                        saddr: key.saddr.0,
+                        daddr: key.daddr.0,
+                        sport: key.sport,
+                        dport: key.dport,
+                    },
+                },
+            },
+            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32,
+        )
     }
 }

@@ -6,10 +6,11 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use dataplane_common::{CtKey, DropReason, ct_rewrite};
+use dataplane_common::{CtKeyOf, DropReason, ct_rewrite};
 
 use crate::{
-    conntrack::{self, CtError, NewConnection},
+    conntrack::{self, CtError, NewConnectionOf},
+    family::Family,
     parse::{
         IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
         Ipv4Packet, L4, Quoted,
@@ -26,9 +27,10 @@ const SNAT_PROBES: u32 = 32;
 const SNAT_PROBE_STRIDE: u32 = 7919;
 
 #[inline(always)]
-fn mix(key: &CtKey) -> u32 {
-    let mut h =
-        key.saddr ^ key.daddr.rotate_left(11) ^ (u32::from(key.sport) << 16 | u32::from(key.dport));
+fn mix<A: Family>(key: &CtKeyOf<A>) -> u32 {
+    let mut h = key.saddr.fold()
+        ^ key.daddr.fold().rotate_left(11)
+        ^ (u32::from(key.sport) << 16 | u32::from(key.dport));
     h ^= u32::from(key.proto).rotate_left(7);
     h ^= h >> 16;
     h = h.wrapping_mul(0x45d9_f3b);
@@ -56,9 +58,9 @@ fn mix(key: &CtKey) -> u32 {
 /// entries `conntrack::lookup_packet` already removed on its SYN, or whose forward half was
 /// evicted) gets the tuple back.
 #[inline(always)]
-pub fn allocate_source_port(
-    c: &mut NewConnection,
-    daddr: u32,
+pub fn allocate_source_port<A: Family>(
+    c: &mut NewConnectionOf<A>,
+    daddr: A,
     dport: u16,
     min: u16,
     max: u16,
@@ -92,10 +94,10 @@ pub fn allocate_source_port(
 /// `Ok(false)` when it is taken (by a tracked connection, a closed one's reservation, or a
 /// socket of the host's).
 #[inline(always)]
-fn try_port(
-    c: &mut NewConnection,
+fn try_port<A: Family>(
+    c: &mut NewConnectionOf<A>,
     port: u16,
-    daddr: u32,
+    daddr: A,
     dport: u16,
     host: Option<&TcContext>,
 ) -> Result<bool, DropReason> {
@@ -125,26 +127,13 @@ fn try_port(
 /// ports for the same reason). A host connection opened later on a tuple of ours is
 /// translated itself (`translate::masquerade`).
 #[inline(never)]
-fn host_holds(ctx: &TcContext, reply: &CtKey) -> bool {
+fn host_holds<A: Family>(ctx: &TcContext, reply: &CtKeyOf<A>) -> bool {
     use aya_ebpf::{
         EbpfContext as _,
-        bindings::{
-            BPF_F_CURRENT_NETNS, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
-            bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
-        },
+        bindings::BPF_F_CURRENT_NETNS,
         helpers::generated::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     };
-    let mut tuple = bpf_sock_tuple {
-        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
-            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-                saddr: reply.saddr,
-                daddr: reply.daddr,
-                sport: reply.sport,
-                dport: reply.dport,
-            },
-        },
-    };
-    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    let (mut tuple, size) = A::sock_tuple(reply);
     let netns = BPF_F_CURRENT_NETNS as u64;
     // SAFETY: the context is the program's own; the tuple lives on this frame for the call;
     // a socket found is released before returning, as the helpers require.

@@ -1,27 +1,32 @@
 //! The IPv6 programs' translations (tail-called by the IPv4 programs for each IPv6 frame, so
 //! they have a stack of their own). Today: published ports reached from outside over IPv6,
-//! to a container's IPv6 address with the client's address kept, and their replies; tracked
-//! in the IPv6 conntrack tables with the IPv4 path's conntrack code (`family.rs`).
+//! to a container's IPv6 address with the client's address kept, and masquerade (NAT66) of
+//! containers' connections out (TCP, UDP, ICMPv6 echo); tracked in the IPv6 conntrack tables
+//! with the IPv4 path's conntrack and port allocation code (`family.rs`).
 //!
 //! | hook | tracked packet (hit) | new connection (miss) |
 //! |---|---|---|
 //! | container veth ingress | published-port replies (source back to host:port) | - |
-//! | uplink ingress | published-port requests | published port from outside |
+//! | uplink ingress | published-port requests, masquerade replies | published port from outside |
+//! | uplink egress | masquerade requests | NAT66 of a container's connection |
 //!
-//! Not yet (README, "IPv6 today"): NAT66, NAT64, VIPs at tc, ICMPv6 errors and fragments of
+//! Not yet (README, "IPv6 today"): NAT64, VIPs at tc, ICMPv6 errors and fragments of
 //! translated connections, user policies; a packet none of this concerns passes untouched.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use dataplane_common::{CtKey6, In6Addr, PortKey6, PortTarget6, ct_origin, ct_rewrite};
+use dataplane_common::{
+    CtKey6, DropReason, In6Addr, PortKey6, PortTarget6, ct_origin, ct_rewrite, net_flags,
+};
 
 use crate::{
     conntrack::{self, CtError},
     flow,
     maps::{CONFIG, ENDPOINTS6, LOCAL_ADDRS6, NEW_CONNECTION6, PORTS6},
-    parse::{IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_TCP, IPPROTO_UDP, Ipv6Packet},
+    nat,
+    parse::{IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ipv6Packet},
     translate::{Hook, Verdict},
 };
 
@@ -33,22 +38,51 @@ const BPF_F_IPV6: u64 = 1 << 7;
 /// The TCP or UDP header of an IPv6 packet (the first fragment's, for a split datagram).
 #[derive(Clone, Copy)]
 pub struct L4v6 {
+    /// For ICMPv6 echo, `sport` is the identifier and `dport` 0 (as IPv4's).
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
+    pub icmp_type: u8,
     pub seq: u32,
     pub ack_seq: u32,
     pub csum_offset: usize,
+    /// Where the source and destination ports are (both the identifier's, for echo).
+    pub sport_offset: usize,
+    pub dport_offset: usize,
 }
 
-/// TCP or UDP, read; None for anything else, and for headers cut short (they pass as before:
-/// the receiving stack judges them).
+/// ICMPv6 echo request and reply: tracked as IPv4's echo is (the identifier as the port).
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// TCP, UDP or ICMPv6 echo, read; None for anything else, and for headers cut short (they
+/// pass as before: the receiving stack judges them).
 #[inline(always)]
 fn parse_l4(ctx: &TcContext, ip: &Ipv6Packet) -> Option<L4v6> {
-    if ip.is_later_fragment() || (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP) {
+    if ip.is_later_fragment() {
         return None;
     }
     let off = ip.l4_offset;
+    if ip.protocol == IPPROTO_ICMPV6 {
+        let icmp_type = ctx.load::<u8>(off).ok()?;
+        if icmp_type != ICMPV6_ECHO_REQUEST && icmp_type != ICMPV6_ECHO_REPLY {
+            return None;
+        }
+        return Some(L4v6 {
+            sport: ctx.load::<u16>(off + 4).ok()?,
+            dport: 0,
+            tcp_flags: 0,
+            icmp_type,
+            seq: 0,
+            ack_seq: 0,
+            csum_offset: off + 2,
+            sport_offset: off + 4,
+            dport_offset: off + 4,
+        });
+    }
+    if ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP {
+        return None;
+    }
     let sport = ctx.load::<u16>(off).ok()?;
     let dport = ctx.load::<u16>(off + 2).ok()?;
     if ip.protocol == IPPROTO_UDP {
@@ -56,27 +90,30 @@ fn parse_l4(ctx: &TcContext, ip: &Ipv6Packet) -> Option<L4v6> {
             sport,
             dport,
             tcp_flags: 0,
+            icmp_type: 0,
             seq: 0,
             ack_seq: 0,
             csum_offset: off + 6,
+            sport_offset: off,
+            dport_offset: off + 2,
         });
     }
     Some(L4v6 {
         sport,
         dport,
         tcp_flags: ctx.load::<u8>(off + 13).ok()?,
+        icmp_type: 0,
         seq: u32::from_be(ctx.load::<u32>(off + 4).ok()?),
         ack_seq: u32::from_be(ctx.load::<u32>(off + 8).ok()?),
         csum_offset: off + 16,
+        sport_offset: off,
+        dport_offset: off + 2,
     })
 }
 
 /// The translations of `hook` for a parsed IPv6 packet that isolation let through.
 #[inline(always)]
 pub fn translate(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
-    if hook == Hook::UplinkEgress {
-        return Verdict::Pass;
-    }
     let Some(mut l4) = parse_l4(ctx, ip) else {
         return Verdict::Pass;
     };
@@ -98,9 +135,11 @@ pub fn translate(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
                 (*entry).nat_port,
             )
         };
+        // As IPv4's `owns`: each hook translates the entries whose direction it sees.
         let ours = match hook {
             Hook::ContainerIngress => origin == ct_origin::PUBLISHED && rewrite == ct_rewrite::SRC,
-            _ => origin == ct_origin::PUBLISHED && rewrite == ct_rewrite::DST,
+            Hook::UplinkIngress => rewrite == ct_rewrite::DST,
+            Hook::UplinkEgress => origin == ct_origin::MASQUERADE && rewrite == ct_rewrite::SRC,
         };
         if !ours {
             return Verdict::Pass;
@@ -110,7 +149,7 @@ pub fn translate(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
             tcp_flags: l4.tcp_flags,
             seq: l4.seq,
             ack_seq: l4.ack_seq,
-            icmp_type: 0,
+            icmp_type: l4.icmp_type,
             icmp_code: 0,
             hook: hook.number(),
             // SAFETY: `skb` points at the context the kernel passed to this program.
@@ -118,16 +157,19 @@ pub fn translate(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
         };
         conntrack::account(&key, entry, &seen);
         if rewrite_packet(ctx, ip, &mut l4, rewrite, &addr, port).is_err() {
-            return Verdict::Drop(dataplane_common::DropReason::Malformed);
+            return Verdict::Drop(DropReason::Malformed);
         }
-        return if hook == Hook::ContainerIngress {
-            reply_to_client(ctx, ip)
-        } else {
-            deliver(ctx, ip)
+        return match hook {
+            Hook::ContainerIngress => reply_to_client(ctx, ip),
+            Hook::UplinkIngress => deliver(ctx, ip),
+            Hook::UplinkEgress => Verdict::Pass,
         };
     }
-    if hook != Hook::UplinkIngress {
-        return Verdict::Pass;
+    match hook {
+        Hook::UplinkEgress => return masquerade(ctx, ip, &mut l4, &key),
+        Hook::ContainerIngress => return Verdict::Pass,
+        Hook::UplinkIngress if ip.protocol == IPPROTO_ICMPV6 => return Verdict::Pass,
+        Hook::UplinkIngress => {}
     }
     let Some(target) = published_target(ip, &l4) else {
         return Verdict::Pass;
@@ -214,31 +256,109 @@ fn publish(
         other => other,
     };
     if created.is_err() {
-        return Verdict::Drop(dataplane_common::DropReason::CtMapInsertionFailed);
+        return Verdict::Drop(DropReason::CtMapInsertionFailed);
     }
     if rewrite_packet(ctx, ip, l4, ct_rewrite::DST, &target.addr, target.port).is_err() {
-        return Verdict::Drop(dataplane_common::DropReason::Malformed);
+        return Verdict::Drop(DropReason::Malformed);
     }
-    // TCP is reported when its handshake completes (conntrack::account), as for IPv4.
-    if forward.proto != IPPROTO_TCP {
-        flow::new_connection(&flow::NewFlowOf {
-            forward: *forward,
-            origin: connection.origin,
-            rewrite: connection.rewrite,
-            nat_addr: connection.nat_addr,
-            nat_port: connection.nat_port,
-            hairpin_port: 0,
-            packets: 1,
-            bytes: u64::from(ip.len),
-            tcp_flags: 0,
-            icmp_type: 0,
-            icmp_code: 0,
-            hook: Hook::UplinkIngress.number(),
-            // SAFETY: `skb` points at the context the kernel passed to this program.
-            ifindex: unsafe { (*ctx.skb.skb).ifindex },
-        });
-    }
+    report_new(ctx, Hook::UplinkIngress);
     deliver(ctx, ip)
+}
+
+/// A container's new connection leaving through the uplink over IPv6 (NAT66, Docker's
+/// default for its IPv6 networks): its source becomes the uplink's IPv6 address
+/// (`Config::masquerade_addr6`), with its own source port when that tuple is free and a
+/// probed one otherwise, exactly as IPv4's masquerade (`nat::allocate_source_port`, the same
+/// code); tracked, so that the replies get the container back. `routed` networks and the
+/// host's own traffic keep their addresses.
+#[inline(always)]
+fn masquerade(ctx: &TcContext, ip: &mut Ipv6Packet, l4: &mut L4v6, forward: &CtKey6) -> Verdict {
+    let Some(source) = ENDPOINTS6.get_ptr(&forward.saddr) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: a map value from this program run's lookup.
+    if unsafe { (*source).net_flags } & net_flags::ROUTED != 0 {
+        return Verdict::Pass;
+    }
+    let Some(config) = CONFIG.get_ptr(0) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: array element 0 always exists; fields read one by one.
+    let (masquerade_addr, port_min, port_max) = unsafe {
+        (
+            (*config).masquerade_addr6,
+            (*config).snat_port_min,
+            (*config).snat_port_max,
+        )
+    };
+    if masquerade_addr == In6Addr::UNSPECIFIED {
+        return Verdict::Pass;
+    }
+    let Some(connection) = NEW_CONNECTION6.get_ptr_mut(0) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: this CPU's element, used by this program run only.
+    let connection = unsafe { &mut *connection };
+    connection.forward = *forward;
+    connection.reply = *forward;
+    connection.origin = ct_origin::MASQUERADE;
+    connection.rewrite = ct_rewrite::SRC;
+    connection.nat_addr = masquerade_addr;
+    connection.nat_port = 0;
+    connection.orig_addr = forward.saddr;
+    connection.orig_port = l4.sport;
+    connection.hairpin_port = 0;
+    connection.reply_hairpin_port = 0;
+    connection.len = ip.len;
+    connection.tcp_flags = l4.tcp_flags;
+    connection.icmp_type = l4.icmp_type;
+    connection.icmp_code = 0;
+    if let Err(reason) = nat::allocate_source_port(
+        connection,
+        forward.daddr,
+        forward.dport,
+        port_min,
+        port_max,
+        Some(ctx),
+    ) {
+        return Verdict::Drop(reason);
+    }
+    let port = connection.nat_port;
+    if rewrite_packet(ctx, ip, l4, ct_rewrite::SRC, &masquerade_addr, port).is_err() {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    report_new(ctx, Hook::UplinkEgress);
+    Verdict::Pass
+}
+
+/// The NEW flow event of the connection just tracked (in `NEW_CONNECTION6`), except TCP's,
+/// which is reported when its handshake completes (`conntrack::account`), as for IPv4.
+#[inline(always)]
+fn report_new(ctx: &TcContext, hook: Hook) {
+    let Some(c) = NEW_CONNECTION6.get_ptr(0) else {
+        return;
+    };
+    // SAFETY: this CPU's element, filled by this program run.
+    let c = unsafe { &*c };
+    if c.forward.proto == IPPROTO_TCP {
+        return;
+    }
+    flow::new_connection(&flow::NewFlowOf {
+        forward: c.forward,
+        origin: c.origin,
+        rewrite: c.rewrite,
+        nat_addr: c.nat_addr,
+        nat_port: c.nat_port,
+        hairpin_port: 0,
+        packets: 1,
+        bytes: u64::from(c.len),
+        tcp_flags: 0,
+        icmp_type: c.icmp_type,
+        icmp_code: 0,
+        hook: hook.number(),
+        // SAFETY: `skb` points at the context the kernel passed to this program.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+    });
 }
 
 /// Rewrites the destination (`ct_rewrite::DST`) or source address and port of the packet to
@@ -254,12 +374,16 @@ fn rewrite_packet(
     port: u16,
 ) -> Result<(), ()> {
     let dst = which == ct_rewrite::DST;
+    // ICMPv6 echo has one identifier for both directions, kept in `sport`.
+    let is_icmp = ip.protocol == IPPROTO_ICMPV6;
     let (addr_offset, old_addr, port_offset, old_port) = if dst {
-        (IP6_DADDR_OFF, ip.daddr, ip.l4_offset + 2, l4.dport)
+        let old_port = if is_icmp { l4.sport } else { l4.dport };
+        (IP6_DADDR_OFF, ip.daddr, l4.dport_offset, old_port)
     } else {
-        (IP6_SADDR_OFF, ip.saddr, ip.l4_offset, l4.sport)
+        (IP6_SADDR_OFF, ip.saddr, l4.sport_offset, l4.sport)
     };
     // UDP may carry no checksum (0); MARK_MANGLED_0 leaves it so and never produces a 0.
+    // ICMPv6's checksum covers the pseudo-header too (unlike ICMP's).
     let l4_flags = if ip.protocol == IPPROTO_UDP {
         u64::from(BPF_F_MARK_MANGLED_0)
     } else {
@@ -289,7 +413,11 @@ fn rewrite_packet(
     }
     if dst {
         ip.daddr = addr.0;
-        l4.dport = port;
+        if is_icmp {
+            l4.sport = port;
+        } else {
+            l4.dport = port;
+        }
     } else {
         ip.saddr = addr.0;
         l4.sport = port;

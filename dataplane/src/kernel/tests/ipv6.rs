@@ -474,3 +474,111 @@ fn ipv6_published_port_from_outside_keeps_the_client_and_replies_from_the_host()
         (TC_PASS, out.clone())
     );
 }
+
+#[test]
+fn ipv6_masquerade_leaves_with_the_uplinks_address_and_replies_come_back() {
+    use dataplane_common::{Config, EndpointInfo6, In6Addr};
+
+    const TC_REDIRECT: u32 = 7;
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (host, server, container) = (v6("2001:db8::1"), v6("2001:db8:9::9"), v6("fd00:1::2"));
+    let mac = [2, 0, 0, 0, 0, 2];
+    dp.set::<crate::kernel::maps::Endpoints6>(
+        In6Addr::from_ipv6(container),
+        EndpointInfo6 {
+            ifindex: 1,
+            network_id: 1,
+            endpoint_id: 1,
+            mac,
+            ..EndpointInfo6::default()
+        },
+    )
+    .unwrap();
+    dp.set_config(Config {
+        masquerade_addr6: In6Addr::from_ipv6(host),
+        uplink_ifindex: 1,
+        snat_port_min: 61000,
+        snat_port_max: 65000,
+        ..Config::default()
+    })
+    .unwrap();
+    let frame =
+        |from, to, l4: Vec<u8>, protocol| ipv6_frame(&Ipv6Spec::new(from, to, protocol), &l4);
+    let echo = |kind: u8, id: u16| {
+        let mut m = vec![kind, 0, 0, 0];
+        m.extend_from_slice(&id.to_be_bytes());
+        m.extend_from_slice(&[0, 1, b'p', b'i', b'n', b'g']);
+        m
+    };
+    for (what, protocol, request, reply, port) in [
+        (
+            "TCP",
+            6u8,
+            tcp(40010, 443, TCP_SYN, b""),
+            tcp(443, 40010, TCP_SYN | super::packet::TCP_ACK, b""),
+            40010u16,
+        ),
+        (
+            "UDP",
+            17,
+            udp(40011, 53, b"query"),
+            udp(53, 40011, b"answer"),
+            40011,
+        ),
+        (
+            "ICMPv6 echo",
+            IPPROTO_ICMPV6,
+            echo(128, 77),
+            echo(129, 77),
+            77,
+        ),
+    ] {
+        let (got, out) = run_tc(
+            dp,
+            Hook::UplinkEgress,
+            &frame(container, server, request, protocol),
+        );
+        assert_eq!(got, TC_PASS, "{what}: out of the uplink");
+        let (src, dst, _, _) = upper_layer(&out);
+        assert_eq!(
+            (src, dst),
+            (host, server),
+            "{what}: from the uplink's address"
+        );
+        let sport = if protocol == IPPROTO_ICMPV6 {
+            u16::from_be_bytes([
+                out[ETH_LEN + IPV6_HDR_LEN + 4],
+                out[ETH_LEN + IPV6_HDR_LEN + 5],
+            ])
+        } else {
+            ports6(&out).0
+        };
+        assert_eq!(
+            sport, port,
+            "{what}: its own port (identifier) kept: the tuple is free"
+        );
+        assert_checksums6(&out);
+
+        let (got, out) = run_tc(
+            dp,
+            Hook::UplinkIngress,
+            &frame(server, host, reply, protocol),
+        );
+        assert_eq!(
+            got, TC_REDIRECT,
+            "{what}: the reply straight into the container"
+        );
+        let (src, dst, _, _) = upper_layer(&out);
+        assert_eq!(
+            (src, dst),
+            (server, container),
+            "{what}: back to the container"
+        );
+        assert_eq!(&out[..6], &mac, "{what}: to the container's MAC");
+        assert_checksums6(&out);
+    }
+    // The host's own traffic keeps its address.
+    let own = frame(host, server, tcp(40020, 443, TCP_SYN, b""), 6);
+    assert_eq!(run_tc(dp, Hook::UplinkEgress, &own), (TC_PASS, own.clone()));
+}
