@@ -178,7 +178,7 @@ fn remember_first_fragment(arrived: &Arrived, dropped: Option<DropReason>) {
 
 /// The drop reason a fragment entry recorded (its numbers are `DropReason`'s).
 #[inline(always)]
-fn recorded_drop(reason: u8) -> DropReason {
+pub(crate) fn recorded_drop(reason: u8) -> DropReason {
     const POLICY_DENIED: u8 = DropReason::PolicyDenied as u8;
     const INVALID_L4_HEADER: u8 = DropReason::InvalidL4Header as u8;
     const CT_MAP_INSERTION_FAILED: u8 = DropReason::CtMapInsertionFailed as u8;

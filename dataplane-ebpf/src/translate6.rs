@@ -10,21 +10,23 @@
 //! | uplink ingress | published-port requests, masquerade replies | published port from outside |
 //! | uplink egress | masquerade requests | NAT66 of a container's connection |
 //!
-//! Not yet (README, "IPv6 today"): NAT64, VIPs at tc, ICMPv6 errors and fragments of
-//! translated connections, user policies; a packet none of this concerns passes untouched.
+//! Fragments of a translated datagram are translated as their first fragment was (the
+//! fragment map, as IPv4's). Not yet (README, "IPv6 today"): NAT64, VIPs at tc, ICMPv6 errors
+//! about translated connections, user policies; a packet none of this concerns passes untouched.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
 use dataplane_common::{
-    CtKey6, DropReason, In6Addr, PortKey6, PortTarget6, ct_origin, ct_rewrite, net_flags,
+    CtKey6, DropReason, FragEntry, FragKey6, In6Addr, PortKey6, PortTarget6, ct_origin, ct_rewrite,
+    net_flags,
 };
 
 use crate::{
     conntrack::{self, CtError},
     flow,
-    maps::{CONFIG, ENDPOINTS6, LOCAL_ADDRS6, NEW_CONNECTION6, PORTS6},
+    maps::{CONFIG, ENDPOINTS6, FRAGMENTS6, LOCAL_ADDRS6, NEW_CONNECTION6, PORTS6},
     nat,
     parse::{IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ipv6Packet},
     translate::{Hook, Verdict},
@@ -114,6 +116,9 @@ fn parse_l4(ctx: &TcContext, ip: &Ipv6Packet) -> Option<L4v6> {
 /// The translations of `hook` for a parsed IPv6 packet that isolation let through.
 #[inline(always)]
 pub fn translate(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
+    if ip.is_later_fragment() {
+        return later_fragment(ctx, hook, ip);
+    }
     let Some(mut l4) = parse_l4(ctx, ip) else {
         return Verdict::Pass;
     };
@@ -125,6 +130,126 @@ pub fn translate(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
         proto: ip.protocol,
         _pad: [0; 3],
     };
+    let (first_fragment, id) = (ip.is_first_fragment(), ip.id);
+    let verdict = decide(ctx, hook, ip, &mut l4, &key);
+    if first_fragment {
+        remember_first_fragment(&key, id, &verdict);
+    }
+    verdict
+}
+
+/// Whether `hook` translates packets of entries with this origin and rewrite (as IPv4's
+/// `owns`: each hook the entries whose direction it sees).
+#[inline(always)]
+fn owns(hook: Hook, origin: u8, rewrite: u8) -> bool {
+    match hook {
+        Hook::ContainerIngress => origin == ct_origin::PUBLISHED && rewrite == ct_rewrite::SRC,
+        Hook::UplinkIngress => rewrite == ct_rewrite::DST,
+        Hook::UplinkEgress => origin == ct_origin::MASQUERADE && rewrite == ct_rewrite::SRC,
+    }
+}
+
+/// Where a packet of a tracked connection goes once translated at `hook`.
+#[inline(always)]
+fn onward(ctx: &TcContext, hook: Hook, ip: &Ipv6Packet) -> Verdict {
+    match hook {
+        Hook::ContainerIngress => reply_to_client(ctx, ip),
+        Hook::UplinkIngress => deliver(ctx, ip),
+        Hook::UplinkEgress => Verdict::Pass,
+    }
+}
+
+/// Records what the first fragment of a datagram was (its ports as it arrived, `key`) and
+/// whether it was dropped, for the later fragments of the same datagram (the same addresses,
+/// protocol and fragment identification), as IPv4's fragment map does.
+#[inline(always)]
+fn remember_first_fragment(key: &CtKey6, id: u32, verdict: &Verdict) {
+    let dropped = match verdict {
+        Verdict::Drop(reason) | Verdict::Refuse(reason, _) => *reason as u8,
+        _ => 0,
+    };
+    let fragment = FragKey6 {
+        saddr: key.saddr,
+        daddr: key.daddr,
+        id,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    let entry = FragEntry {
+        sport: key.sport,
+        dport: key.dport,
+        drop_reason: dropped,
+        _pad: [0; 3],
+    };
+    // A full LRU drops the oldest datagram's entry; nothing to do on failure.
+    let _ = FRAGMENTS6.insert(&fragment, &entry, 0);
+}
+
+/// A fragment after the first: it gets what its datagram's first fragment got here (found
+/// through the fragment map): dropped with it, or translated by the same connection's entry
+/// (addresses only: ports and the checksum are in the first fragment; IPv6 has no header
+/// checksum), and delivered the same way. A TCP or UDP fragment without its first is dropped
+/// and counted, never passed untranslated; other protocols' pass, as before.
+#[inline(always)]
+fn later_fragment(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
+    let fragment = FragKey6 {
+        saddr: In6Addr(ip.saddr),
+        daddr: In6Addr(ip.daddr),
+        id: ip.id,
+        proto: ip.protocol,
+        _pad: [0; 3],
+    };
+    let Some(first) = FRAGMENTS6.get_ptr(&fragment) else {
+        return if ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP {
+            Verdict::Drop(DropReason::FragmentNotFound)
+        } else {
+            Verdict::Pass
+        };
+    };
+    // SAFETY: a map value from this program run's lookup.
+    let first = unsafe { *first };
+    if first.drop_reason != 0 {
+        return Verdict::Drop(crate::translate::recorded_drop(first.drop_reason));
+    }
+    let key = CtKey6 {
+        saddr: fragment.saddr,
+        daddr: fragment.daddr,
+        sport: first.sport,
+        dport: first.dport,
+        proto: ip.protocol,
+        _pad: [0; 3],
+    };
+    let Some(entry) = conntrack::lookup(&key) else {
+        // The first fragment went on untracked (to the host, routed, not ours).
+        return Verdict::Pass;
+    };
+    // SAFETY: a map value from this program run's lookup.
+    let (origin, rewrite, addr) = unsafe { ((*entry).origin, (*entry).rewrite, (*entry).nat_addr) };
+    if !owns(hook, origin, rewrite) {
+        return Verdict::Pass;
+    }
+    let (offset, old) = if rewrite == ct_rewrite::DST {
+        (IP6_DADDR_OFF, &mut ip.daddr)
+    } else {
+        (IP6_SADDR_OFF, &mut ip.saddr)
+    };
+    if ctx.store(offset, &addr.0, 0).is_err() {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    *old = addr.0;
+    onward(ctx, hook, ip)
+}
+
+/// The translations of a TCP, UDP or ICMPv6 echo packet whose conntrack key is `key`.
+#[inline(always)]
+fn decide(
+    ctx: &TcContext,
+    hook: Hook,
+    ip: &mut Ipv6Packet,
+    l4: &mut L4v6,
+    key: &CtKey6,
+) -> Verdict {
+    let key = *key;
     // SAFETY (for the reads below): map values from lookups in this program run.
     if let Some(entry) = conntrack::lookup_packet(&key, l4.tcp_flags) {
         let (origin, rewrite, addr, port) = unsafe {
@@ -135,13 +260,7 @@ pub fn translate(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
                 (*entry).nat_port,
             )
         };
-        // As IPv4's `owns`: each hook translates the entries whose direction it sees.
-        let ours = match hook {
-            Hook::ContainerIngress => origin == ct_origin::PUBLISHED && rewrite == ct_rewrite::SRC,
-            Hook::UplinkIngress => rewrite == ct_rewrite::DST,
-            Hook::UplinkEgress => origin == ct_origin::MASQUERADE && rewrite == ct_rewrite::SRC,
-        };
-        if !ours {
+        if !owns(hook, origin, rewrite) {
             return Verdict::Pass;
         }
         let seen = conntrack::Seen {
@@ -156,17 +275,13 @@ pub fn translate(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
             ifindex: unsafe { (*ctx.skb.skb).ifindex },
         };
         conntrack::account(&key, entry, &seen);
-        if rewrite_packet(ctx, ip, &mut l4, rewrite, &addr, port).is_err() {
+        if rewrite_packet(ctx, ip, l4, rewrite, &addr, port).is_err() {
             return Verdict::Drop(DropReason::Malformed);
         }
-        return match hook {
-            Hook::ContainerIngress => reply_to_client(ctx, ip),
-            Hook::UplinkIngress => deliver(ctx, ip),
-            Hook::UplinkEgress => Verdict::Pass,
-        };
+        return onward(ctx, hook, ip);
     }
     match hook {
-        Hook::UplinkEgress => return masquerade(ctx, ip, &mut l4, &key),
+        Hook::UplinkEgress => return masquerade(ctx, ip, l4, &key),
         Hook::ContainerIngress => return Verdict::Pass,
         Hook::UplinkIngress if ip.protocol == IPPROTO_ICMPV6 => return Verdict::Pass,
         Hook::UplinkIngress => {}
@@ -179,7 +294,7 @@ pub fn translate(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
         // (not at tc yet); left to the host as before.
         return Verdict::Pass;
     }
-    publish(ctx, ip, &mut l4, &key, &target)
+    publish(ctx, ip, l4, &key, &target)
 }
 
 /// The container a published port leads to: an exact host-address binding first, then one on

@@ -582,3 +582,109 @@ fn ipv6_masquerade_leaves_with_the_uplinks_address_and_replies_come_back() {
     let own = frame(host, server, tcp(40020, 443, TCP_SYN, b""), 6);
     assert_eq!(run_tc(dp, Hook::UplinkEgress, &own), (TC_PASS, own.clone()));
 }
+
+#[test]
+fn ipv6_fragments_of_a_translated_datagram_are_translated_as_its_first() {
+    use dataplane_common::{Config, EndpointInfo6, In6Addr, PortKey6, PortTarget6};
+
+    const TC_REDIRECT: u32 = 7;
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (host, client, container) = (v6("2001:db8::1"), v6("2001:db8::2"), v6("fd00:1::2"));
+    dp.set::<crate::kernel::maps::LocalAddrs6>(In6Addr::from_ipv6(host), 1u8)
+        .unwrap();
+    dp.set::<crate::kernel::maps::Endpoints6>(
+        In6Addr::from_ipv6(container),
+        EndpointInfo6 {
+            ifindex: 1,
+            network_id: 1,
+            endpoint_id: 1,
+            mac: [2, 0, 0, 0, 0, 2],
+            ..EndpointInfo6::default()
+        },
+    )
+    .unwrap();
+    dp.set::<crate::kernel::maps::Ports6>(
+        PortKey6 {
+            addr: In6Addr::UNSPECIFIED,
+            port: 5353u16.to_be(),
+            proto: 17,
+            _pad: 0,
+        },
+        PortTarget6 {
+            addr: In6Addr::from_ipv6(container),
+            port: 53u16.to_be(),
+            is_service: 0,
+            _pad: 0,
+        },
+    )
+    .unwrap();
+    dp.set_config(Config {
+        masquerade_addr6: In6Addr::from_ipv6(host),
+        uplink_ifindex: 1,
+        snat_port_min: 61000,
+        snat_port_max: 65000,
+        ..Config::default()
+    })
+    .unwrap();
+    let fragment = |from, to, offset: u16, more: bool, id: u32, l4: &[u8]| {
+        let mut spec = Ipv6Spec::new(from, to, 17);
+        spec.ext.push(fragment_header(offset, more, id));
+        ipv6_frame(&spec, l4)
+    };
+    // A UDP datagram of 8 + 16 + 16 bytes in two fragments: the first carries the UDP header
+    // (its length is the whole datagram's) and 16 bytes, the second the last 16.
+    let mut first_l4 = udp(40030, 5353, &[7u8; 16]);
+    first_l4[4..6].copy_from_slice(&40u16.to_be_bytes());
+    for (what, hook, from, to, port, verdict, want) in [
+        (
+            "published port, from outside",
+            Hook::UplinkIngress,
+            client,
+            host,
+            5353u16,
+            TC_REDIRECT,
+            (client, container),
+        ),
+        (
+            "masquerade, from a container",
+            Hook::UplinkEgress,
+            container,
+            v6("2001:db8:9::9"),
+            53,
+            TC_PASS,
+            (host, v6("2001:db8:9::9")),
+        ),
+    ] {
+        let mut l4 = first_l4.clone();
+        l4[2..4].copy_from_slice(&port.to_be_bytes());
+        let id = 0x1234 + u32::from(port);
+        let (got, out) = run_tc(dp, hook, &fragment(from, to, 0, true, id, &l4));
+        assert_eq!(got, verdict, "{what}: first fragment");
+        let (src, dst, _, _) = upper_layer(&out);
+        assert_eq!((src, dst), want, "{what}: first fragment translated");
+        let later = fragment(from, to, 3, false, id, &[9u8; 16]);
+        let (got, out) = run_tc(dp, hook, &later);
+        assert_eq!(got, verdict, "{what}: later fragment goes the same way");
+        let (src, dst, _, _) = upper_layer(&out);
+        assert_eq!(
+            (src, dst),
+            want,
+            "{what}: later fragment translated as its first"
+        );
+        assert_eq!(
+            &out[out.len() - 16..],
+            &later[later.len() - 16..],
+            "{what}: its data untouched"
+        );
+    }
+    // A later fragment whose first never came: dropped and counted, never passed untranslated.
+    let before = drops(dp, DropReason::FragmentNotFound);
+    let (got, _) = run_tc(
+        dp,
+        Hook::UplinkIngress,
+        &fragment(client, host, 3, false, 0x9999, &[9u8; 16]),
+    );
+    assert_eq!(got, TC_SHOT);
+    assert_eq!(drops(dp, DropReason::FragmentNotFound), before + 1);
+}
