@@ -529,8 +529,9 @@ fn ipv6_between_networks_is_isolated_as_ipv4() {
         ],
     );
     server.wait_for_line("ready");
-    // No NAT66 yet: the outside client routes the containers' prefix back through the host,
-    // as a router in front of the host would.
+    // The outside client routes the containers' prefix back through the host, as a router
+    // in front of the host would: a cell that must fail fails by isolation, not for want of
+    // a route (the containers' connections out are masqueraded anyway, NAT66).
     sandbox.exec_ok(
         "outside",
         &[

@@ -676,3 +676,85 @@ fn icmp_errors_reach_the_clients_of_translated_connections() {
     let err = udp_exchange(&sandbox, "web1", "192.0.2.2:7777").unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
 }
+
+/// The outside client's IPv6 address.
+const OUTSIDE6: &str = "2001:db8::2";
+
+const SPEC_DUAL: &str = r#"
+uplink: eth0
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1,
+     subnet6: "fd00:30:1::/64", gateway6: "fd00:30:1::1"}
+endpoints:
+  - name: web1
+    interfaces: [{network: front, ip: 172.30.1.2, ip6: "fd00:30:1::2", mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
+ports:
+  - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}
+  - {endpoint: web1, protocol: udp, host_port: 5353, container_port: 80}
+"#;
+
+#[test]
+fn ipv6_published_ports_keep_the_client_address_and_nat66_gives_the_host_address() {
+    let sandbox = Sandbox::up(SPEC_DUAL);
+    let _agent = Agent::start(&sandbox);
+    // The outside client has no route to the containers' prefix: only translation answers.
+    let routes = sandbox.exec_ok("outside", &["ip", "-6", "route", "show"]);
+    assert!(!routes.contains("fd00"), "{routes}");
+
+    // From outside to the port on the host's IPv6 address: the container sees the client.
+    let out = curl(&sandbox, "outside", &format!("http://[{HOST6}]:8080/"));
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.starts_with("web1 ") && body.contains(OUTSIDE6),
+        "TCP over IPv6: {out:?}"
+    );
+    let reply = sandbox.exec_ok(
+        "outside",
+        &["sh", "-c", &format!("echo hi | nc -6 -u -w1 {HOST6} 5353")],
+    );
+    assert!(
+        reply.starts_with("web1 ") && reply.contains(OUTSIDE6),
+        "UDP over IPv6: {reply:?}"
+    );
+
+    // From the container out: the outside sees the host's IPv6 address (NAT66), with the
+    // container's own source port (its tuple is free), and answers come back.
+    let bin = dataplane_tests::dataplane_bin();
+    let mut server = sandbox.spawn(
+        "outside",
+        &[
+            bin.to_str().unwrap(),
+            "sandbox",
+            "serve",
+            "--name",
+            "outside",
+            "--tcp",
+            "9999",
+            "--udp",
+            "9999",
+            "--ipv6",
+        ],
+    );
+    server.wait_for_line("ready");
+    let reply = sandbox.exec_ok(
+        "web1",
+        &["nc", "-6", "-w3", "-p", "40124", OUTSIDE6, "9999"],
+    );
+    assert!(
+        reply.starts_with("outside ") && reply.contains(HOST6) && reply.contains("40124"),
+        "TCP out over IPv6: {reply:?}"
+    );
+    let reply = sandbox.exec_ok(
+        "web1",
+        &[
+            "sh",
+            "-c",
+            &format!("echo hi | nc -6 -u -w1 {OUTSIDE6} 9999"),
+        ],
+    );
+    assert!(
+        reply.starts_with("outside ") && reply.contains(HOST6),
+        "UDP out over IPv6: {reply:?}"
+    );
+    sandbox.exec_ok("web1", &["ping", "-6", "-c2", "-i0.2", "-W2", OUTSIDE6]);
+}
