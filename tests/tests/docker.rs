@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, process::Output, time::Duration};
 use dataplane::control::status::Status;
 use dataplane_tests::{
     Agent, StatusExt as _, dataplane_bin,
-    docker::{Dockerd, HOST, IMAGE, OUTSIDE, TestCgroup},
+    docker::{Dockerd, HOST, HOST6, IMAGE, OUTSIDE, OUTSIDE6, TestCgroup},
 };
 
 /// Whether interface `name` exists in dockerd's namespace.
@@ -169,6 +169,63 @@ fn published_ports_reach_the_container_with_the_client_address() {
     let body = body.expect("host port 9001 reaches container port 7001");
     assert!(
         body.starts_with("web ") && body.contains(OUTSIDE),
+        "{body:?}"
+    );
+}
+
+/// Docker's IPv6 networks (`docker network create --ipv6`): a published port answers the
+/// outside client over IPv6 with the client's own address, where docker-proxy (Docker's
+/// answer over IPv6 with `--userland-proxy`) shows the container its own address instead; the
+/// same port over IPv4 still answers.
+#[test]
+fn a_published_port_over_ipv6_keeps_the_client_address() {
+    let dockerd = Dockerd::start();
+    let agent = dockerd.agent(&[]);
+    dockerd.docker_ok(&[
+        "network",
+        "create",
+        "--ipv6",
+        "--subnet",
+        "172.31.6.0/24",
+        "--subnet",
+        "fd00:d0c:6::/64",
+        "dual",
+    ]);
+    run_web(&dockerd, "web6", &["--network", "dual", "-p", "8080:80"]);
+    agent.wait_for("web6", |s| s.endpoint_names().contains("web6"));
+    let ip6 = dockerd.inspect(
+        "web6",
+        "{{.NetworkSettings.Networks.dual.GlobalIPv6Address}}",
+    );
+    assert!(
+        ip6.starts_with("fd00:d0c:6:"),
+        "web6 has no IPv6 address: {ip6:?}"
+    );
+    // curl -g: the brackets of the IPv6 address are not a glob.
+    let url = format!("http://[{HOST6}]:8080/cgi-bin/who");
+    let mut last = String::new();
+    let mut body = None;
+    for _ in 0..30 {
+        let out = dockerd.outside(&["curl", "-g", "-sS", "--max-time", "3", &url]);
+        if out.status.success() {
+            body = Some(text(&out));
+            break;
+        }
+        last = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let body = body.unwrap_or_else(|| {
+        let log = agent.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        panic!("[{HOST6}]:8080 did not answer over IPv6: {last}\n{tail:?}")
+    });
+    assert!(
+        body.starts_with("web6 ") && body.contains(OUTSIDE6),
+        "the container must see the outside client's IPv6 address: {body:?}"
+    );
+    let body = who_from_outside(&dockerd, &format!("{HOST}:8080")).unwrap();
+    assert!(
+        body.starts_with("web6 ") && body.contains(OUTSIDE),
         "{body:?}"
     );
 }
