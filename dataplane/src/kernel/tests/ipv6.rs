@@ -350,72 +350,108 @@ fn ipv6_between_containers_keeps_dockers_network_isolation() {
     assert_eq!(got, TC_PASS);
 }
 
-/// `frame`'s source and destination ports (TCP or UDP right after the fixed header).
+/// `frame`'s source and destination ports (TCP or UDP right after the fixed header; the
+/// identifier twice for ICMPv6 echo).
 fn ports6(frame: &[u8]) -> (u16, u16) {
     let at = ETH_LEN + IPV6_HDR_LEN;
-    (
-        u16::from_be_bytes([frame[at], frame[at + 1]]),
-        u16::from_be_bytes([frame[at + 2], frame[at + 3]]),
-    )
+    let word = |o: usize| u16::from_be_bytes([frame[at + o], frame[at + o + 1]]);
+    if frame[ETH_LEN + 6] == IPPROTO_ICMPV6 {
+        return (word(4), word(4));
+    }
+    (word(0), word(2))
 }
 
-#[test]
-fn ipv6_published_port_from_outside_keeps_the_client_and_replies_from_the_host() {
-    use dataplane_common::{Config, EndpointInfo6, In6Addr, PortKey6, PortTarget6};
+const TC_REDIRECT: u32 = 7;
+/// The MAC of the translation tests' container.
+const CONTAINER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
-    const TC_REDIRECT: u32 = 7;
-    let mut t = loaded_or_skip!();
-    let dp = t.get();
-    let (host, client, container) = (v6("2001:db8::1"), v6("2001:db8::2"), v6("fd00:1::2"));
-    let mac = [2, 0, 0, 0, 0, 2];
-    dp.set::<crate::kernel::maps::LocalAddrs6>(In6Addr::from_ipv6(host), 1u8)
+/// Gives a loaded datapath one container (`fd00:1::2`, behind the test run's loopback), the
+/// host address `2001:db8::1` (also the IPv6 masquerade address) and an uplink.
+fn with_container6(dp: &mut crate::kernel::Datapath) {
+    use dataplane_common::{Config, EndpointInfo6, In6Addr};
+
+    dp.set::<crate::kernel::maps::LocalAddrs6>(In6Addr::from_ipv6(v6("2001:db8::1")), 1u8)
         .unwrap();
     dp.set::<crate::kernel::maps::Endpoints6>(
-        In6Addr::from_ipv6(container),
+        In6Addr::from_ipv6(v6("fd00:1::2")),
         EndpointInfo6 {
             ifindex: 1,
             network_id: 1,
             endpoint_id: 1,
-            mac,
+            mac: CONTAINER_MAC,
             ..EndpointInfo6::default()
         },
     )
     .unwrap();
-    // TCP 8080 on the host's address, UDP 5353 on every host address (::).
-    for (addr, port, proto, to_port) in [
-        (host, 8080u16, 6u8, 80u16),
-        (Ipv6Addr::UNSPECIFIED, 5353, 17, 53),
-    ] {
-        dp.set::<crate::kernel::maps::Ports6>(
-            PortKey6 {
-                addr: In6Addr::from_ipv6(addr),
-                port: port.to_be(),
-                proto,
-                _pad: 0,
-            },
-            PortTarget6 {
-                addr: In6Addr::from_ipv6(container),
-                port: to_port.to_be(),
-                is_service: 0,
-                _pad: 0,
-            },
-        )
-        .unwrap();
-    }
     dp.set_config(Config {
+        masquerade_addr6: In6Addr::from_ipv6(v6("2001:db8::1")),
         uplink_ifindex: 1,
+        snat_port_min: 61000,
+        snat_port_max: 65000,
         ..Config::default()
     })
     .unwrap();
-    let frame =
-        |from, to, l4: Vec<u8>, protocol| ipv6_frame(&Ipv6Spec::new(from, to, protocol), &l4);
+}
 
+/// Publishes `port` of `proto` on `addr` (`::`: every host address) to the container's `to`.
+fn publish6(dp: &mut crate::kernel::Datapath, addr: Ipv6Addr, port: u16, proto: u8, to: u16) {
+    use dataplane_common::{In6Addr, PortKey6, PortTarget6};
+
+    dp.set::<crate::kernel::maps::Ports6>(
+        PortKey6 {
+            addr: In6Addr::from_ipv6(addr),
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        },
+        PortTarget6 {
+            addr: In6Addr::from_ipv6(v6("fd00:1::2")),
+            port: to.to_be(),
+            is_service: 0,
+            _pad: 0,
+        },
+    )
+    .unwrap();
+}
+
+/// Runs `input` through `hook` and checks the verdict, the addresses it leaves with and every
+/// checksum; returns the packet.
+fn translated(
+    dp: &mut crate::kernel::Datapath,
+    hook: Hook,
+    input: &[u8],
+    verdict: u32,
+    addresses: (Ipv6Addr, Ipv6Addr),
+    what: &str,
+) -> Vec<u8> {
+    let (got, out) = run_tc(dp, hook, input);
+    assert_eq!(got, verdict, "{what}: verdict");
+    let (src, dst, _, _) = upper_layer(&out);
+    assert_eq!((src, dst), addresses, "{what}: addresses");
+    assert_checksums6(&out);
+    out
+}
+
+fn frame6(from: Ipv6Addr, to: Ipv6Addr, protocol: u8, l4: &[u8]) -> Vec<u8> {
+    ipv6_frame(&Ipv6Spec::new(from, to, protocol), l4)
+}
+
+#[test]
+fn ipv6_published_port_from_outside_keeps_the_client_and_replies_from_the_host() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (host, client, container) = (v6("2001:db8::1"), v6("2001:db8::2"), v6("fd00:1::2"));
+    with_container6(dp);
+    // TCP 8080 on the host's address, UDP 5353 on every host address (::).
+    publish6(dp, host, 8080, 6, 80);
+    publish6(dp, Ipv6Addr::UNSPECIFIED, 5353, 17, 53);
+    let syn_ack = TCP_SYN | super::packet::TCP_ACK;
     for (what, protocol, request, reply, published, inner) in [
         (
             "TCP on the host's address",
             6u8,
             tcp(40000, 8080, TCP_SYN, b"hello"),
-            tcp(80, 40000, TCP_SYN | super::packet::TCP_ACK, b"hi"),
+            tcp(80, 40000, syn_ack, b"hi"),
             8080u16,
             80u16,
         ),
@@ -428,47 +464,37 @@ fn ipv6_published_port_from_outside_keeps_the_client_and_replies_from_the_host()
             53,
         ),
     ] {
-        let (got, out) = run_tc(
+        let input = frame6(client, host, protocol, &request);
+        let what_in = format!("{what}: into the container, the client's address kept");
+        let out = translated(
             dp,
             Hook::UplinkIngress,
-            &frame(client, host, request, protocol),
-        );
-        assert_eq!(got, TC_REDIRECT, "{what}: straight into the container");
-        let (src, dst, _, _) = upper_layer(&out);
-        assert_eq!(
-            (src, dst),
+            &input,
+            TC_REDIRECT,
             (client, container),
-            "{what}: the client's address is kept"
+            &what_in,
         );
         assert_eq!(ports6(&out).1, inner, "{what}: to the container's port");
-        assert_eq!(&out[..6], &mac, "{what}: to the container's MAC");
-        assert_checksums6(&out);
-
-        let (got, out) = run_tc(
+        assert_eq!(&out[..6], &CONTAINER_MAC, "{what}: to the container's MAC");
+        let input = frame6(container, client, protocol, &reply);
+        let what_out = format!("{what}: the reply out of the uplink, from the host");
+        let out = translated(
             dp,
             Hook::ContainerIngress,
-            &frame(container, client, reply, protocol),
-        );
-        assert_eq!(
-            got, TC_REDIRECT,
-            "{what}: the reply straight out of the uplink"
-        );
-        let (src, dst, _, _) = upper_layer(&out);
-        assert_eq!(
-            (src, dst),
+            &input,
+            TC_REDIRECT,
             (host, client),
-            "{what}: the reply comes from the host"
+            &what_out,
         );
         assert_eq!(ports6(&out).0, published, "{what}: from the published port");
-        assert_checksums6(&out);
     }
     // A port nobody published, and the container's own traffic to outside: untouched.
-    let other = frame(client, host, tcp(40002, 9999, TCP_SYN, b""), 6);
+    let other = frame6(client, host, 6, &tcp(40002, 9999, TCP_SYN, b""));
     assert_eq!(
         run_tc(dp, Hook::UplinkIngress, &other),
         (TC_PASS, other.clone())
     );
-    let out = frame(container, client, tcp(40003, 443, TCP_SYN, b""), 6);
+    let out = frame6(container, client, 6, &tcp(40003, 443, TCP_SYN, b""));
     assert_eq!(
         run_tc(dp, Hook::ContainerIngress, &out),
         (TC_PASS, out.clone())
@@ -477,46 +503,23 @@ fn ipv6_published_port_from_outside_keeps_the_client_and_replies_from_the_host()
 
 #[test]
 fn ipv6_masquerade_leaves_with_the_uplinks_address_and_replies_come_back() {
-    use dataplane_common::{Config, EndpointInfo6, In6Addr};
-
-    const TC_REDIRECT: u32 = 7;
     let mut t = loaded_or_skip!();
     let dp = t.get();
     let (host, server, container) = (v6("2001:db8::1"), v6("2001:db8:9::9"), v6("fd00:1::2"));
-    let mac = [2, 0, 0, 0, 0, 2];
-    dp.set::<crate::kernel::maps::Endpoints6>(
-        In6Addr::from_ipv6(container),
-        EndpointInfo6 {
-            ifindex: 1,
-            network_id: 1,
-            endpoint_id: 1,
-            mac,
-            ..EndpointInfo6::default()
-        },
-    )
-    .unwrap();
-    dp.set_config(Config {
-        masquerade_addr6: In6Addr::from_ipv6(host),
-        uplink_ifindex: 1,
-        snat_port_min: 61000,
-        snat_port_max: 65000,
-        ..Config::default()
-    })
-    .unwrap();
-    let frame =
-        |from, to, l4: Vec<u8>, protocol| ipv6_frame(&Ipv6Spec::new(from, to, protocol), &l4);
+    with_container6(dp);
     let echo = |kind: u8, id: u16| {
         let mut m = vec![kind, 0, 0, 0];
         m.extend_from_slice(&id.to_be_bytes());
         m.extend_from_slice(&[0, 1, b'p', b'i', b'n', b'g']);
         m
     };
+    let syn_ack = TCP_SYN | super::packet::TCP_ACK;
     for (what, protocol, request, reply, port) in [
         (
             "TCP",
             6u8,
             tcp(40010, 443, TCP_SYN, b""),
-            tcp(443, 40010, TCP_SYN | super::packet::TCP_ACK, b""),
+            tcp(443, 40010, syn_ack, b""),
             40010u16,
         ),
         (
@@ -534,99 +537,46 @@ fn ipv6_masquerade_leaves_with_the_uplinks_address_and_replies_come_back() {
             77,
         ),
     ] {
-        let (got, out) = run_tc(
+        let input = frame6(container, server, protocol, &request);
+        let what_out = format!("{what}: out of the uplink from its address");
+        let out = translated(
             dp,
             Hook::UplinkEgress,
-            &frame(container, server, request, protocol),
-        );
-        assert_eq!(got, TC_PASS, "{what}: out of the uplink");
-        let (src, dst, _, _) = upper_layer(&out);
-        assert_eq!(
-            (src, dst),
+            &input,
+            TC_PASS,
             (host, server),
-            "{what}: from the uplink's address"
+            &what_out,
         );
-        let sport = if protocol == IPPROTO_ICMPV6 {
-            u16::from_be_bytes([
-                out[ETH_LEN + IPV6_HDR_LEN + 4],
-                out[ETH_LEN + IPV6_HDR_LEN + 5],
-            ])
-        } else {
-            ports6(&out).0
-        };
         assert_eq!(
-            sport, port,
+            ports6(&out).0,
+            port,
             "{what}: its own port (identifier) kept: the tuple is free"
         );
-        assert_checksums6(&out);
-
-        let (got, out) = run_tc(
+        let input = frame6(server, host, protocol, &reply);
+        let what_in = format!("{what}: the reply straight back into the container");
+        let out = translated(
             dp,
             Hook::UplinkIngress,
-            &frame(server, host, reply, protocol),
-        );
-        assert_eq!(
-            got, TC_REDIRECT,
-            "{what}: the reply straight into the container"
-        );
-        let (src, dst, _, _) = upper_layer(&out);
-        assert_eq!(
-            (src, dst),
+            &input,
+            TC_REDIRECT,
             (server, container),
-            "{what}: back to the container"
+            &what_in,
         );
-        assert_eq!(&out[..6], &mac, "{what}: to the container's MAC");
-        assert_checksums6(&out);
+        assert_eq!(&out[..6], &CONTAINER_MAC, "{what}: to the container's MAC");
     }
     // The host's own traffic keeps its address.
-    let own = frame(host, server, tcp(40020, 443, TCP_SYN, b""), 6);
+    let own = frame6(host, server, 6, &tcp(40020, 443, TCP_SYN, b""));
     assert_eq!(run_tc(dp, Hook::UplinkEgress, &own), (TC_PASS, own.clone()));
 }
 
 #[test]
 fn ipv6_fragments_of_a_translated_datagram_are_translated_as_its_first() {
-    use dataplane_common::{Config, EndpointInfo6, In6Addr, PortKey6, PortTarget6};
-
-    const TC_REDIRECT: u32 = 7;
     let mut t = loaded_or_skip!();
     let dp = t.get();
     let (host, client, container) = (v6("2001:db8::1"), v6("2001:db8::2"), v6("fd00:1::2"));
-    dp.set::<crate::kernel::maps::LocalAddrs6>(In6Addr::from_ipv6(host), 1u8)
-        .unwrap();
-    dp.set::<crate::kernel::maps::Endpoints6>(
-        In6Addr::from_ipv6(container),
-        EndpointInfo6 {
-            ifindex: 1,
-            network_id: 1,
-            endpoint_id: 1,
-            mac: [2, 0, 0, 0, 0, 2],
-            ..EndpointInfo6::default()
-        },
-    )
-    .unwrap();
-    dp.set::<crate::kernel::maps::Ports6>(
-        PortKey6 {
-            addr: In6Addr::UNSPECIFIED,
-            port: 5353u16.to_be(),
-            proto: 17,
-            _pad: 0,
-        },
-        PortTarget6 {
-            addr: In6Addr::from_ipv6(container),
-            port: 53u16.to_be(),
-            is_service: 0,
-            _pad: 0,
-        },
-    )
-    .unwrap();
-    dp.set_config(Config {
-        masquerade_addr6: In6Addr::from_ipv6(host),
-        uplink_ifindex: 1,
-        snat_port_min: 61000,
-        snat_port_max: 65000,
-        ..Config::default()
-    })
-    .unwrap();
+    let server = v6("2001:db8:9::9");
+    with_container6(dp);
+    publish6(dp, Ipv6Addr::UNSPECIFIED, 5353, 17, 53);
     let fragment = |from, to, offset: u16, more: bool, id: u32, l4: &[u8]| {
         let mut spec = Ipv6Spec::new(from, to, 17);
         spec.ext.push(fragment_header(offset, more, id));
@@ -650,27 +600,32 @@ fn ipv6_fragments_of_a_translated_datagram_are_translated_as_its_first() {
             "masquerade, from a container",
             Hook::UplinkEgress,
             container,
-            v6("2001:db8:9::9"),
+            server,
             53,
             TC_PASS,
-            (host, v6("2001:db8:9::9")),
+            (host, server),
         ),
     ] {
         let mut l4 = first_l4.clone();
         l4[2..4].copy_from_slice(&port.to_be_bytes());
         let id = 0x1234 + u32::from(port);
-        let (got, out) = run_tc(dp, hook, &fragment(from, to, 0, true, id, &l4));
-        assert_eq!(got, verdict, "{what}: first fragment");
-        let (src, dst, _, _) = upper_layer(&out);
-        assert_eq!((src, dst), want, "{what}: first fragment translated");
-        let later = fragment(from, to, 3, false, id, &[9u8; 16]);
-        let (got, out) = run_tc(dp, hook, &later);
-        assert_eq!(got, verdict, "{what}: later fragment goes the same way");
-        let (src, dst, _, _) = upper_layer(&out);
-        assert_eq!(
-            (src, dst),
+        let first = fragment(from, to, 0, true, id, &l4);
+        translated(
+            dp,
+            hook,
+            &first,
+            verdict,
             want,
-            "{what}: later fragment translated as its first"
+            &format!("{what}: first fragment"),
+        );
+        let later = fragment(from, to, 3, false, id, &[9u8; 16]);
+        let out = translated(
+            dp,
+            hook,
+            &later,
+            verdict,
+            want,
+            &format!("{what}: later fragment, as its first"),
         );
         assert_eq!(
             &out[out.len() - 16..],
