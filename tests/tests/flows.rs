@@ -138,20 +138,7 @@ fn seen(record: &Value) -> Seen {
 fn known_connections_give_exactly_their_flows_and_a_drop_its_reason() {
     let sandbox = Sandbox::up(SPEC);
     let agent = Agent::start(&sandbox);
-    let bin = dataplane_bin();
-    let mut outside_server = sandbox.spawn(
-        "outside",
-        &[
-            bin.to_str().unwrap(),
-            "sandbox",
-            "serve",
-            "--name",
-            "outside",
-            "--tcp",
-            "9999",
-        ],
-    );
-    outside_server.wait_for_line("ready");
+    let _outside_server = sandbox.serve_outside("9999", None);
 
     // 1. From outside through the published port.
     let reply = sandbox.exec_ok(
@@ -531,20 +518,7 @@ fn every_kind_of_record_is_a_valid_hubble_flow_served_over_hubbles_api() {
     let log = sandbox.dir.join("hubble-flows.json");
     let hubble_socket = format!("/run/dataplane/{}.hubble.sock", sandbox.name);
     let agent = Agent::start_with(&sandbox, &["--flow-log", log.to_str().unwrap()]);
-    let bin = dataplane_bin();
-    let mut outside_server = sandbox.spawn(
-        "outside",
-        &[
-            bin.to_str().unwrap(),
-            "sandbox",
-            "serve",
-            "--name",
-            "outside",
-            "--tcp",
-            "9999",
-        ],
-    );
-    outside_server.wait_for_line("ready");
+    let outside_server = sandbox.serve_outside("9999", None);
     let curl = |from: &str, url: &str| {
         sandbox.exec(from, &["curl", "-sS", "--max-time", "2", url]);
     };

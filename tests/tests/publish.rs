@@ -719,23 +719,7 @@ fn ipv6_published_ports_keep_the_client_address_and_nat66_gives_the_host_address
 
     // From the container out: the outside sees the host's IPv6 address (NAT66), with the
     // container's own source port (its tuple is free), and answers come back.
-    let bin = dataplane_tests::dataplane_bin();
-    let mut server = sandbox.spawn(
-        "outside",
-        &[
-            bin.to_str().unwrap(),
-            "sandbox",
-            "serve",
-            "--name",
-            "outside",
-            "--tcp",
-            "9999",
-            "--udp",
-            "9999",
-            "--ipv6",
-        ],
-    );
-    server.wait_for_line("ready");
+    let _server = sandbox.serve_outside_dual("9999", Some("9999"));
     let reply = sandbox.exec_ok(
         "web1",
         &["nc", "-6", "-w3", "-p", "40124", OUTSIDE6, "9999"],
