@@ -496,6 +496,17 @@ mod tests {
         record::{self, Context, Identities},
     };
 
+    /// A flow record from a decoded event, with an empty identity table on node `n`.
+    fn build(event: &decode::Event) -> Flow {
+        let context = Context {
+            identities: &Identities::default(),
+            clock: &Clock::with_offset(0),
+            node_name: "n",
+            ifname: None,
+        };
+        record::build(event, &context).flow
+    }
+
     fn flow(kind: u8, proto: u8, flags: u8, reason: Option<DropReason>) -> Flow {
         let mut raw = raw_event(kind, proto, ("192.0.2.2", 5000), ("192.0.2.9", 80));
         raw.tcp_flags = flags;
@@ -503,16 +514,7 @@ mod tests {
         if let Some(reason) = reason {
             raw.drop_reason = reason as u8;
         }
-        record::build(
-            &decode::from_raw(&raw).unwrap(),
-            &Context {
-                identities: &Identities::default(),
-                clock: &Clock::with_offset(0),
-                node_name: "n",
-                ifname: None,
-            },
-        )
-        .flow
+        build(&decode::from_raw(&raw).unwrap())
     }
 
     fn scrape(registry: &Registry) -> String {
@@ -531,16 +533,7 @@ mod tests {
         if let Some(reason) = reason {
             raw.drop_reason = reason as u8;
         }
-        record::build(
-            &decode::from_raw(&raw).unwrap(),
-            &Context {
-                identities: &Identities::default(),
-                clock: &Clock::with_offset(0),
-                node_name: "n",
-                ifname: None,
-            },
-        )
-        .flow
+        build(&decode::from_raw(&raw).unwrap())
     }
 
     const EMPTY: &str = "source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"";
@@ -620,16 +613,7 @@ mod tests {
         let flow = |kind, proto, icmp_type, code| {
             let mut event = decode::tests::event(kind, proto, ("fd00::2", 7), ("fd00::9", 0));
             event.icmp = decode::Icmp { icmp_type, code };
-            record::build(
-                &event,
-                &Context {
-                    identities: &Identities::default(),
-                    clock: &Clock::with_offset(0),
-                    node_name: "n",
-                    ifname: None,
-                },
-            )
-            .flow
+            build(&event)
         };
         metrics.record(&flow(decode::Kind::New, IPPROTO_ICMPV6, 128, 0));
         metrics.record(&flow(decode::Kind::Reply, IPPROTO_ICMPV6, 129, 0));

@@ -690,11 +690,7 @@ pub fn icmpv4_type_code(icmp_type: u8, code: u8) -> String {
         18 => ("AddressMaskReply", &[]),
         _ => return format!("{icmp_type}({code})"),
     };
-    match codes.get(usize::from(code)) {
-        _ if codes.is_empty() && code == 0 => name.to_owned(),
-        Some(code_name) => format!("{name}({code_name})"),
-        None => format!("{name}(Code: {code})"),
-    }
+    type_code_text(name, codes, code)
 }
 
 /// An ICMPv6 type and code as Hubble writes them (gopacket's `ICMPv6TypeCode` text, in a
@@ -738,6 +734,13 @@ pub fn icmpv6_type_code(icmp_type: u8, code: u8) -> String {
         137 => ("Redirect", &[]),
         _ => return format!("{icmp_type}({code})"),
     };
+    type_code_text(name, codes, code)
+}
+
+/// gopacket's text for a named ICMP type and its code, shared by both families: the bare
+/// name for a type without codes and code 0, `Name(CodeName)` for a known code, and
+/// `Name(Code: n)` for a code the type does not have.
+fn type_code_text(name: &str, codes: &[&str], code: u8) -> String {
     match codes.get(usize::from(code)) {
         _ if codes.is_empty() && code == 0 => name.to_owned(),
         Some(code_name) => format!("{name}({code_name})"),

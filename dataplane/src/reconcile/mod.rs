@@ -1221,6 +1221,23 @@ pub mod fake {
 
     use aya::Pod;
 
+    /// The fake's prefix tables, either family: a class sets the entry, `None` removes it.
+    fn set_class<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, class: Option<u32>) {
+        match class {
+            Some(class) => map.insert(key, class),
+            None => map.remove(&key),
+        };
+    }
+
+    /// The fake's deny lists, either family: present or not.
+    fn set_member<K: Ord>(set: &mut BTreeSet<K>, key: K, member: bool) {
+        if member {
+            set.insert(key);
+        } else {
+            set.remove(&key);
+        }
+    }
+
     fn bytes<T: Pod>(value: &T) -> Vec<u8> {
         // SAFETY: Pod types are plain bytes with no padding left uninitialised.
         unsafe {
@@ -1329,10 +1346,7 @@ pub mod fake {
             class: Option<u32>,
         ) -> Result<(), DatapathError> {
             self.writes += 1;
-            match class {
-                Some(class) => self.prefixes.insert(prefix, class),
-                None => self.prefixes.remove(&prefix),
-            };
+            set_class(&mut self.prefixes, prefix, class);
             Ok(())
         }
         fn policy_prefixes6(&self) -> Result<BTreeMap<(u32, u8, In6Addr), u32>, DatapathError> {
@@ -1344,10 +1358,7 @@ pub mod fake {
             class: Option<u32>,
         ) -> Result<(), DatapathError> {
             self.writes += 1;
-            match class {
-                Some(class) => self.prefixes6.insert(prefix, class),
-                None => self.prefixes6.remove(&prefix),
-            };
+            set_class(&mut self.prefixes6, prefix, class);
             Ok(())
         }
         fn deny_sources6(&self) -> Result<BTreeSet<PrefixKey6>, DatapathError> {
@@ -1359,11 +1370,7 @@ pub mod fake {
             deny: bool,
         ) -> Result<(), DatapathError> {
             self.writes += 1;
-            if deny {
-                self.deny6.insert(prefix);
-            } else {
-                self.deny6.remove(&prefix);
-            }
+            set_member(&mut self.deny6, prefix, deny);
             Ok(())
         }
         fn policy_meta(&self) -> Result<PolicyMeta, DatapathError> {
@@ -1379,11 +1386,7 @@ pub mod fake {
         }
         fn set_deny_source(&mut self, prefix: PrefixKey, deny: bool) -> Result<(), DatapathError> {
             self.writes += 1;
-            if deny {
-                self.deny.insert(prefix);
-            } else {
-                self.deny.remove(&prefix);
-            }
+            set_member(&mut self.deny, prefix, deny);
             Ok(())
         }
         fn max_services(&self) -> u32 {
