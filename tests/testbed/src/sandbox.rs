@@ -193,10 +193,23 @@ impl Sandbox {
     /// ports, so containers have something outside to reach; it answers
     /// `outside <peer-address>:<port>`. Ready when this returns.
     pub fn serve_outside(&self, tcp: &str, udp: Option<&str>) -> Process {
+        self.serve_outside_on(tcp, udp, false)
+    }
+
+    /// [`Sandbox::serve_outside`], listening on [::] too (`--ipv6`), for IPv6 networks'
+    /// connections out (NAT66) and IPv6 clients.
+    pub fn serve_outside6(&self, tcp: &str, udp: Option<&str>) -> Process {
+        self.serve_outside_on(tcp, udp, true)
+    }
+
+    fn serve_outside_on(&self, tcp: &str, udp: Option<&str>, ipv6: bool) -> Process {
         let bin = self.binary.to_str().expect("UTF-8 path");
         let mut cmd = vec![bin, "sandbox", "serve", "--name", "outside", "--tcp", tcp];
         if let Some(udp) = udp {
             cmd.extend(["--udp", udp]);
+        }
+        if ipv6 {
+            cmd.push("--ipv6");
         }
         let mut server = self.spawn("outside", &cmd);
         server.wait_for_line("ready");
