@@ -917,3 +917,95 @@ fn observe_lines(agent: &Agent, args: &[&str]) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+const SPEC_DUAL: &str = r#"
+uplink: eth0
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1,
+     subnet6: "fd00:30:1::/64", gateway6: "fd00:30:1::1"}
+endpoints:
+  - name: web1
+    labels: {app: web}
+    interfaces: [{network: front, ip: 172.30.1.2, ip6: "fd00:30:1::2", mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
+ports:
+  - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}
+"#;
+
+/// IPv6 connections give the records IPv4's give: `ipVersion: IPv6`, and the same translation
+/// fields for a published port (from outside over IPv6) and for masquerade (NAT66).
+#[test]
+fn ipv6_connections_give_ipv6_flows_with_their_translations() {
+    const HOST6: &str = "2001:db8::1";
+    const OUTSIDE6: &str = "2001:db8::2";
+    const WEB1_6: &str = "fd00:30:1::2";
+    let sandbox = Sandbox::up(SPEC_DUAL);
+    let agent = Agent::start(&sandbox);
+    let _server = sandbox.serve_outside6("9999", None);
+
+    let reply = sandbox.exec_ok(
+        "outside",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "3",
+            &format!("http://[{HOST6}]:8080/"),
+        ],
+    );
+    let published_port = seen_port(&reply, "web1", OUTSIDE6);
+    let reply = sandbox.exec_ok("web1", &["nc", "-6", "-w3", OUTSIDE6, "9999"]);
+    let masquerade_port = seen_port(&reply, "outside", HOST6);
+
+    let records = wait_for_records(&agent, "2 new IPv6 flows", |r| {
+        r.iter()
+            .filter(|x| event(x) == "new" && x["flow"]["IP"]["ipVersion"] == "IPv6")
+            .count()
+            >= 2
+    });
+    let new: Vec<&Value> = records.iter().filter(|r| event(r) == "new").collect();
+    assert!(
+        new.iter().all(|r| r["flow"]["IP"]["ipVersion"] == "IPv6"),
+        "{new:#?}"
+    );
+    let new: BTreeSet<Seen> = new.into_iter().map(seen).collect();
+    let masquerade_sport = new
+        .iter()
+        .find(|s| s.destination_port == 9999)
+        .map(|s| s.source_port)
+        .expect("a flow to port 9999");
+    let expected: BTreeSet<Seen> = [
+        Seen {
+            verdict: "FORWARDED".into(),
+            protocol: "TCP".into(),
+            source: format!("{OUTSIDE6} (reserved:world)"),
+            source_port: published_port.into(),
+            destination: "web1 (front)".into(),
+            destination_port: 80,
+            direction: "INGRESS".into(),
+            translation: Some((
+                "published_port".into(),
+                format!("[{HOST6}]:8080"),
+                format!("[{WEB1_6}]:80"),
+            )),
+            service: None,
+        },
+        Seen {
+            verdict: "FORWARDED".into(),
+            protocol: "TCP".into(),
+            source: "web1 (front)".into(),
+            source_port: masquerade_sport,
+            destination: format!("{OUTSIDE6} (reserved:world)"),
+            destination_port: 9999,
+            direction: "EGRESS".into(),
+            translation: Some((
+                "masquerade".into(),
+                format!("[{WEB1_6}]:{masquerade_sport}"),
+                format!("[{HOST6}]:{masquerade_port}"),
+            )),
+            service: None,
+        },
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(new, expected);
+}

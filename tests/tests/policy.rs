@@ -514,7 +514,7 @@ endpoints:
 fn ipv6_between_networks_is_isolated_as_ipv4() {
     let sandbox = Sandbox::up(SPEC6);
     let _agent = Agent::start(&sandbox);
-    let _server = sandbox.serve_outside_dual("9999", None);
+    let _server = sandbox.serve_outside6("9999", None);
     // The outside client routes the containers' prefix back through the host, as a router
     // in front of the host would: a cell that must fail fails by isolation, not for want of
     // a route (the containers' connections out are masqueraded anyway, NAT66).

@@ -719,7 +719,7 @@ fn ipv6_published_ports_keep_the_client_address_and_nat66_gives_the_host_address
 
     // From the container out: the outside sees the host's IPv6 address (NAT66), with the
     // container's own source port (its tuple is free), and answers come back.
-    let _server = sandbox.serve_outside_dual("9999", Some("9999"));
+    let _server = sandbox.serve_outside6("9999", Some("9999"));
     let reply = sandbox.exec_ok(
         "web1",
         &["nc", "-6", "-w3", "-p", "40124", OUTSIDE6, "9999"],
@@ -741,4 +741,73 @@ fn ipv6_published_ports_keep_the_client_address_and_nat66_gives_the_host_address
         "UDP out over IPv6: {reply:?}"
     );
     sandbox.exec_ok("web1", &["ping", "-6", "-c2", "-i0.2", "-W2", OUTSIDE6]);
+}
+
+/// An IPv6-only network (subnet6 only), its container with ip6 only; one port bound to the
+/// host's IPv6 address (host_ip), one to all of them.
+const SPEC_V6ONLY: &str = r#"
+uplink: eth0
+networks:
+  - {name: six, bridge: br-six, subnet6: "fd00:30:6::/64", gateway6: "fd00:30:6::1"}
+endpoints:
+  - name: web6
+    interfaces: [{network: six, ip6: "fd00:30:6::2", mac: "02:42:ac:1e:06:02", host_veth: veth-web6}]
+ports:
+  - {endpoint: web6, protocol: tcp, host_port: 8080, container_port: 80}
+  - {endpoint: web6, protocol: tcp, host_ip: "2001:db8::1", host_port: 8081, container_port: 80}
+  - {endpoint: web6, protocol: udp, host_port: 5353, container_port: 80}
+"#;
+
+/// Published ports (to all host addresses and to host_ip 2001:db8::1) and NAT66 (TCP, UDP,
+/// ping -6) for a container that has no IPv4 at all, with no route back from the outside: only
+/// translation at the uplink can answer.
+#[test]
+fn an_ipv6_only_network_publishes_ports_and_is_masqueraded() {
+    let sandbox = Sandbox::up(SPEC_V6ONLY);
+    let _agent = Agent::start(&sandbox);
+    let routes = sandbox.exec_ok("outside", &["ip", "-6", "route", "show"]);
+    assert!(
+        !routes.contains("fd00"),
+        "the outside must not route back: {routes}"
+    );
+    let addrs = sandbox.exec_ok("outside", &["ip", "-6", "addr", "show"]);
+    assert!(addrs.contains("2001:db8::2/64"), "{addrs}");
+
+    for port in [8080, 8081] {
+        let out = curl(&sandbox, "outside", &format!("http://[{HOST6}]:{port}/"));
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            body.starts_with("web6 ") && body.contains(OUTSIDE6),
+            "TCP over IPv6 to {port}: {out:?}"
+        );
+    }
+    let reply = sandbox.exec_ok(
+        "outside",
+        &["sh", "-c", &format!("echo hi | nc -6 -u -w1 {HOST6} 5353")],
+    );
+    assert!(
+        reply.starts_with("web6 ") && reply.contains(OUTSIDE6),
+        "UDP over IPv6: {reply:?}"
+    );
+
+    let _server = sandbox.serve_outside6("9999", Some("9999"));
+    let reply = sandbox.exec_ok("web6", &["nc", "-6", "-w3", OUTSIDE6, "9999"]);
+    assert!(
+        reply.starts_with("outside ") && reply.contains(HOST6),
+        "TCP out over IPv6: {reply:?}"
+    );
+    let reply = sandbox.exec_ok(
+        "web6",
+        &[
+            "sh",
+            "-c",
+            &format!("echo hi | nc -6 -u -w1 {OUTSIDE6} 9999"),
+        ],
+    );
+    assert!(
+        reply.starts_with("outside ") && reply.contains(HOST6),
+        "UDP out over IPv6: {reply:?}"
+    );
+    let ping = sandbox.exec_ok("web6", &["ping", "-6", "-c3", "-i0.2", "-W2", OUTSIDE6]);
+    assert!(ping.contains("3 received"), "{ping}");
 }

@@ -196,8 +196,9 @@ impl Sandbox {
         self.serve_outside_on(tcp, udp, false)
     }
 
-    /// [`Sandbox::serve_outside`] on IPv6 too (`[::]` beside `0.0.0.0`).
-    pub fn serve_outside_dual(&self, tcp: &str, udp: Option<&str>) -> Process {
+    /// [`Sandbox::serve_outside`], listening on [::] too (`--ipv6`), for IPv6 networks'
+    /// connections out (NAT66) and IPv6 clients.
+    pub fn serve_outside6(&self, tcp: &str, udp: Option<&str>) -> Process {
         self.serve_outside_on(tcp, udp, true)
     }
 
