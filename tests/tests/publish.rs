@@ -677,6 +677,36 @@ fn icmp_errors_reach_the_clients_of_translated_connections() {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
 }
 
+/// A UDP datagram from the outside client to port 5353 on the host's IPv6 address reaches
+/// `container`, which sees the client's own address.
+fn udp6_through_published_port(sandbox: &Sandbox, container: &str) {
+    let reply = sandbox.exec_ok(
+        "outside",
+        &["sh", "-c", &format!("echo hi | nc -6 -u -w1 {HOST6} 5353")],
+    );
+    assert!(
+        reply.starts_with(&format!("{container} ")) && reply.contains(OUTSIDE6),
+        "UDP over IPv6: {reply:?}"
+    );
+}
+
+/// A UDP datagram from `container` to the outside server's port 9999 arrives from the host's
+/// IPv6 address (NAT66) and is answered.
+fn udp6_out_through_nat66(sandbox: &Sandbox, container: &str) {
+    let reply = sandbox.exec_ok(
+        container,
+        &[
+            "sh",
+            "-c",
+            &format!("echo hi | nc -6 -u -w1 {OUTSIDE6} 9999"),
+        ],
+    );
+    assert!(
+        reply.starts_with("outside ") && reply.contains(HOST6),
+        "UDP out over IPv6: {reply:?}"
+    );
+}
+
 /// The outside client's IPv6 address.
 const OUTSIDE6: &str = "2001:db8::2";
 
@@ -708,14 +738,7 @@ fn ipv6_published_ports_keep_the_client_address_and_nat66_gives_the_host_address
         body.starts_with("web1 ") && body.contains(OUTSIDE6),
         "TCP over IPv6: {out:?}"
     );
-    let reply = sandbox.exec_ok(
-        "outside",
-        &["sh", "-c", &format!("echo hi | nc -6 -u -w1 {HOST6} 5353")],
-    );
-    assert!(
-        reply.starts_with("web1 ") && reply.contains(OUTSIDE6),
-        "UDP over IPv6: {reply:?}"
-    );
+    udp6_through_published_port(&sandbox, "web1");
 
     // From the container out: the outside sees the host's IPv6 address (NAT66), with the
     // container's own source port (its tuple is free), and answers come back.
@@ -728,18 +751,7 @@ fn ipv6_published_ports_keep_the_client_address_and_nat66_gives_the_host_address
         reply.starts_with("outside ") && reply.contains(HOST6) && reply.contains("40124"),
         "TCP out over IPv6: {reply:?}"
     );
-    let reply = sandbox.exec_ok(
-        "web1",
-        &[
-            "sh",
-            "-c",
-            &format!("echo hi | nc -6 -u -w1 {OUTSIDE6} 9999"),
-        ],
-    );
-    assert!(
-        reply.starts_with("outside ") && reply.contains(HOST6),
-        "UDP out over IPv6: {reply:?}"
-    );
+    udp6_out_through_nat66(&sandbox, "web1");
     sandbox.exec_ok("web1", &["ping", "-6", "-c2", "-i0.2", "-W2", OUTSIDE6]);
 }
 
@@ -781,14 +793,7 @@ fn an_ipv6_only_network_publishes_ports_and_is_masqueraded() {
             "TCP over IPv6 to {port}: {out:?}"
         );
     }
-    let reply = sandbox.exec_ok(
-        "outside",
-        &["sh", "-c", &format!("echo hi | nc -6 -u -w1 {HOST6} 5353")],
-    );
-    assert!(
-        reply.starts_with("web6 ") && reply.contains(OUTSIDE6),
-        "UDP over IPv6: {reply:?}"
-    );
+    udp6_through_published_port(&sandbox, "web6");
 
     let _server = sandbox.serve_outside6("9999", Some("9999"));
     let reply = sandbox.exec_ok("web6", &["nc", "-6", "-w3", OUTSIDE6, "9999"]);
@@ -796,18 +801,7 @@ fn an_ipv6_only_network_publishes_ports_and_is_masqueraded() {
         reply.starts_with("outside ") && reply.contains(HOST6),
         "TCP out over IPv6: {reply:?}"
     );
-    let reply = sandbox.exec_ok(
-        "web6",
-        &[
-            "sh",
-            "-c",
-            &format!("echo hi | nc -6 -u -w1 {OUTSIDE6} 9999"),
-        ],
-    );
-    assert!(
-        reply.starts_with("outside ") && reply.contains(HOST6),
-        "UDP out over IPv6: {reply:?}"
-    );
+    udp6_out_through_nat66(&sandbox, "web6");
     let ping = sandbox.exec_ok("web6", &["ping", "-6", "-c3", "-i0.2", "-W2", OUTSIDE6]);
     assert!(ping.contains("3 received"), "{ping}");
 }
