@@ -145,6 +145,11 @@ pub mod program_names {
     pub const CONTAINER_INGRESS6: &str = "dp_container_ingress6";
     pub const UPLINK_INGRESS6: &str = "dp_uplink_ingress6";
     pub const UPLINK_EGRESS6: &str = "dp_uplink_egress6";
+    /// NAT64 of published ports (IPv6 client, IPv4-only container), both directions:
+    /// tail-called from [`crate::map_names::PROGS6`]'s slot [`crate::hook::NAT64_SLOT`] by
+    /// the IPv6 uplink ingress program (requests) and the IPv4 container ingress program
+    /// (replies); never attached.
+    pub const NAT64: &str = "dp_nat64";
 }
 
 /// Capacities of the maps (see the map declarations in `dataplane-ebpf/src/maps.rs` for the
@@ -298,6 +303,9 @@ pub mod hook {
     pub const UPLINK_INGRESS: u32 = 2;
     pub const UPLINK_EGRESS: u32 = 3;
     pub const UPLINK_XDP: u32 = 4;
+    /// Not a hook: the slot of the NAT64 program in the program array of the IPv6 halves
+    /// (whose other slots are their hooks' numbers).
+    pub const NAT64_SLOT: u32 = 0;
     /// Not packet hooks (no counters): the cgroup socket hooks, in flow events and names.
     pub const SOCK_CONNECT4: u32 = 5;
     pub const SOCK_SENDMSG4: u32 = 6;
@@ -706,6 +714,16 @@ pub mod ct_rewrite {
     /// socket asked for, for flow records only. Neither direction is rewritten (the socket
     /// itself is connected to the backend, so replies need no reverse translation).
     pub const SOCKET: u8 = 4;
+    /// Both addresses and ports, and the address family: a published port reached over IPv6
+    /// whose container has only IPv4 (NAT64). Both entries live in the IPv6 tables, the
+    /// container's side keyed by IPv4-mapped addresses (::ffff:a.b.c.d); each direction's
+    /// packet is rewritten to its entry's `peer` key reversed (the forward entry's peer is the
+    /// reply key: source the network's gateway at an allocated port, destination the
+    /// container; the reply entry's is the client's first packet: source the published
+    /// address and port, destination the client). The forward entry's `nat_addr`:`nat_port`
+    /// are the container's (mapped) address and port, for flow records, and its
+    /// `hairpin_port` the allocated source port.
+    pub const NAT64: u8 = 5;
 }
 
 /// How far a connection got, in [`CtEntry::state`] (the same in both of its entries).

@@ -10,6 +10,7 @@ mod flow;
 mod lb;
 mod maps;
 mod nat;
+mod nat64;
 mod parse;
 mod policy;
 mod reject;
@@ -113,6 +114,13 @@ pub fn dp_uplink_ingress6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn dp_uplink_egress6(ctx: TcContext) -> i32 {
     tc_action(translate::handle6(&ctx, translate::Hook::UplinkEgress))
+}
+
+/// NAT64 of published ports, both directions (tail call of `dp_uplink_ingress6` for IPv6
+/// requests, of `dp_container_ingress` for IPv4 replies; see `nat64.rs`).
+#[classifier]
+pub fn dp_nat64(ctx: TcContext) -> i32 {
+    tc_action(nat64::handle(&ctx))
 }
 
 /// Early path on the uplink, before a socket buffer exists: drops outside sources on the deny

@@ -411,11 +411,18 @@ fn track_plain(
     if ENDPOINTS.get_ptr(&ip.daddr).is_none() {
         // To the host: judged per packet (nothing tracks it). Out of the host: judged once,
         // where masquerade tracks it.
-        if LOCAL_ADDRS.get_ptr(&ip.daddr).is_some()
-            && let Err(reason) =
+        if LOCAL_ADDRS.get_ptr(&ip.daddr).is_some() {
+            // A container's reply to its gateway at a port NAT64 allocated: on to the NAT64
+            // program (which returns the verdict). A reply, so not judged as new.
+            if site.hook == Hook::ContainerIngress && crate::nat64::is_reply(forward) {
+                // SAFETY: a tail call with the program's own context; on failure it returns.
+                unsafe { PROGS6.tail_call(ctx, hook::NAT64_SLOT) };
+            }
+            if let Err(reason) =
                 policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct)
-        {
-            return Verdict::Drop(reason);
+            {
+                return Verdict::Drop(reason);
+            }
         }
         return Verdict::Pass;
     }

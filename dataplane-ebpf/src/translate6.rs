@@ -11,7 +11,9 @@
 //! | uplink egress | masquerade requests | NAT66 of a container's connection |
 //!
 //! Fragments of a translated datagram are translated as their first fragment was (the
-//! fragment map, as IPv4's). Not yet (README, "IPv6 today"): NAT64, VIPs at tc, ICMPv6 errors
+//! fragment map, as IPv4's). A published port of an IPv4-only container (its target an
+//! IPv4-mapped address) and its tracked connections go on to the NAT64 program (`nat64.rs`).
+//! Not yet (README, "IPv6 today"): VIPs at tc, ICMPv6 errors
 //! about translated connections, user policies; a packet none of this concerns passes untouched.
 
 use aya_ebpf::{
@@ -20,13 +22,13 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     CtKey6, DropReason, FragEntry, FragKey6, In6Addr, PortKey6, PortTarget6, ct_origin, ct_rewrite,
-    net_flags,
+    hook, net_flags,
 };
 
 use crate::{
     conntrack::{self, CtError},
     flow,
-    maps::{CONFIG, ENDPOINTS6, FRAGMENTS6, LOCAL_ADDRS6, NEW_CONNECTION6, PORTS6},
+    maps::{CONFIG, ENDPOINTS6, FRAGMENTS6, LOCAL_ADDRS6, NEW_CONNECTION6, PORTS6, PROGS6},
     nat,
     parse::{IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ipv6Packet},
     translate::{Hook, Verdict},
@@ -60,7 +62,7 @@ const ICMPV6_ECHO_REPLY: u8 = 129;
 /// TCP, UDP or ICMPv6 echo, read; None for anything else, and for headers cut short (they
 /// pass as before: the receiving stack judges them).
 #[inline(always)]
-fn parse_l4(ctx: &TcContext, ip: &Ipv6Packet) -> Option<L4v6> {
+pub(crate) fn parse_l4(ctx: &TcContext, ip: &Ipv6Packet) -> Option<L4v6> {
     if ip.is_later_fragment() {
         return None;
     }
@@ -260,6 +262,9 @@ fn decide(
                 (*entry).nat_port,
             )
         };
+        if rewrite == ct_rewrite::NAT64 {
+            return nat64(ctx);
+        }
         if !owns(hook, origin, rewrite) {
             return Verdict::Pass;
         }
@@ -294,13 +299,26 @@ fn decide(
         // (not at tc yet); left to the host as before.
         return Verdict::Pass;
     }
+    if target.addr.as_mapped_v4().is_some() {
+        // An IPv4-only container (reached at its IPv4-mapped address).
+        return nat64(ctx);
+    }
     publish(ctx, ip, l4, &key, &target)
+}
+
+/// On to the NAT64 program (`nat64.rs`), which returns the verdict; an empty slot leaves the
+/// packet passing untouched.
+#[inline(always)]
+fn nat64(ctx: &TcContext) -> Verdict {
+    // SAFETY: a tail call with the program's own context; on failure it returns.
+    unsafe { PROGS6.tail_call(ctx, hook::NAT64_SLOT) };
+    Verdict::Pass
 }
 
 /// The container a published port leads to: an exact host-address binding first, then one on
 /// every host address when the destination is one of the host's own.
 #[inline(always)]
-fn published_target(ip: &Ipv6Packet, l4: &L4v6) -> Option<PortTarget6> {
+pub(crate) fn published_target(ip: &Ipv6Packet, l4: &L4v6) -> Option<PortTarget6> {
     let mut key = PortKey6 {
         addr: In6Addr(ip.daddr),
         port: l4.dport,

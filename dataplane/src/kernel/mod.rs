@@ -1427,6 +1427,7 @@ fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
         (hook::CONTAINER_INGRESS, program_names::CONTAINER_INGRESS6),
         (hook::UPLINK_INGRESS, program_names::UPLINK_INGRESS6),
         (hook::UPLINK_EGRESS, program_names::UPLINK_EGRESS6),
+        (hook::NAT64_SLOT, program_names::NAT64),
     ] {
         let program: &mut SchedClassifier = program_mut(ebpf, name)?;
         let error = |source| DatapathError::Program {
