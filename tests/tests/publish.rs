@@ -805,3 +805,100 @@ fn an_ipv6_only_network_publishes_ports_and_is_masqueraded() {
     let ping = sandbox.exec_ok("web6", &["ping", "-6", "-c3", "-i0.2", "-W2", OUTSIDE6]);
     assert!(ping.contains("3 received"), "{ping}");
 }
+
+/// Gives the outside client IPv6 and [`OUTSIDE6`] on its uplink side, for a host whose
+/// networks have none (the sandbox turns IPv6 off in its namespaces then).
+fn give_the_outside_ipv6(sandbox: &Sandbox) {
+    for cmd in [
+        &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0"][..],
+        &["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=0"],
+        &["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=0"],
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "replace",
+            "2001:db8::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    ] {
+        sandbox.exec_ok("outside", cmd);
+    }
+}
+
+/// What docker-proxy serves on [::]:PORT for an IPv4-only container, done in the kernel
+/// (NAT64 at the uplink): a client from outside over IPv6 reaches the container, which sees
+/// its network's gateway as the client (as docker-proxy's connections come), while the flow
+/// record names the client's own IPv6 address. No docker-proxy runs here, so without NAT64
+/// the host itself would refuse the connection.
+#[test]
+fn ipv6_clients_reach_an_ipv4_only_containers_published_port_through_nat64() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    give_the_host_ipv6(&sandbox, &agent);
+    give_the_outside_ipv6(&sandbox);
+    let addrs = sandbox.exec_ok("web1", &["ip", "addr", "show"]);
+    assert!(
+        !addrs.contains("inet6 fd") && !addrs.contains("2001:"),
+        "IPv4 only: {addrs}"
+    );
+
+    for port in ["8080", "9000"] {
+        let out = sandbox.exec(
+            "outside",
+            &[
+                "curl",
+                "-6",
+                "-sS",
+                "--max-time",
+                "3",
+                &format!("http://[{HOST6}]:{port}/"),
+            ],
+        );
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            body.starts_with(&format!("web1 {GATEWAY}:")),
+            "TCP over IPv6 to an IPv4-only container's port {port}: {out:?}"
+        );
+    }
+    let reply = sandbox.exec_ok(
+        "outside",
+        &["sh", "-c", &format!("echo hi | nc -6 -u -w1 {HOST6} 5353")],
+    );
+    assert!(
+        reply.starts_with(&format!("web1 {GATEWAY}:")),
+        "UDP over IPv6 to an IPv4-only container: {reply:?}"
+    );
+
+    // The records: the real client, over IPv6, to the published address, translated to the
+    // container's IPv4 address.
+    for (protocol, port, container_port) in [("TCP", 8080, 80), ("UDP", 5353, 80)] {
+        let record = agent.wait_for_record(&format!("the NAT64 {protocol} flow"), |r| {
+            let flow = &r["flow"];
+            flow["connection"]["event"] == "new"
+                && flow["IP"]["source"] == OUTSIDE6
+                && flow["l4"][protocol].is_object()
+        });
+        let flow = &record["flow"];
+        assert_eq!(flow["IP"]["ipVersion"], "IPv6", "{record:#}");
+        assert_eq!(flow["verdict"], "FORWARDED", "{record:#}");
+        assert_eq!(flow["destination"]["pod_name"], "web1", "{record:#}");
+        assert_eq!(
+            flow["l4"][protocol]["destination_port"], container_port,
+            "{record:#}"
+        );
+        assert_eq!(flow["translation"]["kind"], "published_port", "{record:#}");
+        assert_eq!(
+            flow["translation"]["original"],
+            format!("[{HOST6}]:{port}"),
+            "{record:#}"
+        );
+        assert_eq!(
+            flow["translation"]["translated"],
+            format!("172.30.1.2:{container_port}"),
+            "{record:#}"
+        );
+    }
+}

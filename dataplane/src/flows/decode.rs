@@ -260,7 +260,9 @@ fn nat(tuple: &Tuple, rw: Rewrite) -> Option<Nat> {
     }
     Some(Nat {
         kind,
-        destination: rw.rewrite == ct_rewrite::DST,
+        // NAT64's source change (to the container's gateway) is not in the record: the
+        // translation it names is the destination's, to the container's IPv4 address.
+        destination: rw.rewrite == ct_rewrite::DST || rw.rewrite == ct_rewrite::NAT64,
         addr: rw.addr,
         port: rw.port,
         source: None,
