@@ -29,7 +29,10 @@ use crate::{
     flow,
     maps::{CONFIG, ENDPOINTS6, FRAGMENTS6, LOCAL_ADDRS6, NEW_CONNECTION6, PORTS6},
     nat,
-    parse::{IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ipv6Packet},
+    parse::{
+        ETH_HDR_LEN, IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+        IPV6_HDR_LEN, Ipv6Packet, invalid_tcp_flags,
+    },
     translate::{Hook, Verdict},
 };
 
@@ -412,6 +415,9 @@ fn decide(
     l4: &mut L4v6,
     key: &CtKey6,
 ) -> Verdict {
+    if invalid_header(ctx, ip, l4) {
+        return Verdict::Drop(DropReason::InvalidL4Header);
+    }
     let key = *key;
     // SAFETY (for the reads below): map values from lookups in this program run.
     if let Some(entry) = conntrack::lookup_packet(&key, l4.tcp_flags) {
@@ -458,6 +464,32 @@ fn decide(
         return Verdict::Pass;
     }
     publish(ctx, ip, l4, &key, &target)
+}
+
+/// A TCP or UDP header the receiving kernel would drop anyway, as IPv4's parse judges them
+/// (`DropReason::InvalidL4Header`): TCP flags no stack accepts (SYN+FIN, none, ...) or a data
+/// offset inside the fixed header; a UDP length under the UDP header's or beyond the datagram. Dropped before they can be tracked, so a scan of them fills nothing.
+#[inline(always)]
+fn invalid_header(ctx: &TcContext, ip: &Ipv6Packet, l4: &L4v6) -> bool {
+    let off = ip.l4_offset;
+    if ip.protocol == IPPROTO_TCP {
+        let Ok(data_offset) = ctx.load::<u8>(off + 12) else {
+            return true;
+        };
+        return data_offset >> 4 < 5 || invalid_tcp_flags(l4.tcp_flags);
+    }
+    if ip.protocol != IPPROTO_UDP {
+        return false;
+    }
+    let Ok(length) = ctx.load::<u16>(off + 4) else {
+        return true;
+    };
+    // As Linux's UDP receive judges it: shorter than its header, or longer than what came
+    // (a first fragment's length covers the whole datagram). A shorter length is trimmed to,
+    // not dropped, by the receiver.
+    let length = u32::from(u16::from_be(length));
+    let carried = (ETH_HDR_LEN + IPV6_HDR_LEN) as u32 + ip.payload_len - off as u32;
+    length < 8 || (!ip.is_first_fragment() && length > carried)
 }
 
 /// The container a published port leads to: an exact host-address binding first, then one on

@@ -336,7 +336,11 @@ fn fragmented_ipv6_udp_datagrams_arrive_whole_with_their_replies() {
     });
     let sizes = [4000, 60000];
     let server = udp_echo_on(sandbox.netns("web1"), "::", 5300, sizes.len());
-    exchange(&sandbox.netns("outside"), &format!("[{HOST6}]:5300"), &sizes);
+    exchange(
+        &sandbox.netns("outside"),
+        &format!("[{HOST6}]:5300"),
+        &sizes,
+    );
     let seen = server.join().unwrap();
     assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), sizes);
     assert!(
@@ -345,7 +349,11 @@ fn fragmented_ipv6_udp_datagrams_arrive_whole_with_their_replies() {
         "{seen:?}"
     );
     let server = udp_echo_on(sandbox.netns("outside"), "::", 7777, sizes.len());
-    exchange(&sandbox.netns("web2"), &format!("[{OUTSIDE6}]:7777"), &sizes);
+    exchange(
+        &sandbox.netns("web2"),
+        &format!("[{OUTSIDE6}]:7777"),
+        &sizes,
+    );
     let seen = server.join().unwrap();
     assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), sizes);
     assert!(

@@ -821,3 +821,70 @@ fn ipv6_icmp_errors_about_translated_connections_are_translated_back() {
         (TC_PASS, stray.clone())
     );
 }
+
+/// TCP and UDP headers no receiving kernel accepts are dropped before anything is tracked,
+/// counted as `CT_TRUNCATED_OR_INVALID_HEADER`, at every hook, as IPv4's are: a scan with
+/// SYN+FIN or no flags, a data offset inside the fixed header, a UDP length that is not the
+/// datagram's. Their valid neighbours pass.
+#[test]
+fn ipv6_tcp_and_udp_headers_no_kernel_accepts_are_dropped() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (host, client) = (v6("2001:db8::1"), v6("2001:db8::2"));
+    with_container6(dp);
+    publish6(dp, host, 8080, 6, 80);
+    publish6(dp, host, 5353, 17, 53);
+    let tcp_with = |flags: u8| frame6(client, host, 6, &tcp(40000, 8080, flags, b""));
+    let mut short_offset = tcp_with(TCP_SYN);
+    short_offset[ETH_LEN + IPV6_HDR_LEN + 12] = 4 << 4;
+    let mut udp_long = udp(40001, 5353, b"query");
+    udp_long[4..6].copy_from_slice(&100u16.to_be_bytes());
+    let mut udp_short = udp(40001, 5353, b"query");
+    udp_short[4..6].copy_from_slice(&6u16.to_be_bytes());
+    let invalid = [
+        ("SYN+FIN", tcp_with(TCP_SYN | 0x01)),
+        ("no flags", tcp_with(0)),
+        ("SYN+RST", tcp_with(TCP_SYN | 0x04)),
+        ("a data offset of 4 words", short_offset),
+        (
+            "a UDP length beyond the datagram",
+            frame6(client, host, 17, &udp_long),
+        ),
+        (
+            "a UDP length under its header",
+            frame6(client, host, 17, &udp_short),
+        ),
+    ];
+    let mut dropped = 0;
+    for hook in [
+        Hook::UplinkIngress,
+        Hook::ContainerIngress,
+        Hook::UplinkEgress,
+    ] {
+        for (what, input) in &invalid {
+            let (got, _) = run_tc(dp, hook, input);
+            assert_eq!(got, TC_SHOT, "{hook:?}, {what}");
+            dropped += 1;
+        }
+    }
+    assert_eq!(drops(dp, DropReason::InvalidL4Header), dropped);
+    // Nothing of them was tracked: a valid SYN after them is a new connection, translated.
+    let syn = tcp_with(TCP_SYN);
+    translated(
+        dp,
+        Hook::UplinkIngress,
+        &syn,
+        TC_REDIRECT,
+        (client, v6("fd00:1::2")),
+        "a valid SYN",
+    );
+    let query = frame6(client, host, 17, &udp(40002, 5353, b"query"));
+    translated(
+        dp,
+        Hook::UplinkIngress,
+        &query,
+        TC_REDIRECT,
+        (client, v6("fd00:1::2")),
+        "a valid datagram",
+    );
+}
