@@ -432,7 +432,12 @@ fn decide(
             )
         };
         if rewrite == ct_rewrite::NAT64 {
-            return nat64(ctx);
+            // Its IPv6 side: the client's requests, at the uplink (its replies are IPv4).
+            return if hook == Hook::UplinkIngress {
+                nat64(ctx)
+            } else {
+                Verdict::Pass
+            };
         }
         if !owns(hook, origin, rewrite) {
             return Verdict::Pass;
