@@ -216,3 +216,36 @@ fn nat64_udp_both_ways_and_a_reply_without_checksum_is_dropped() {
     assert_eq!(run_tc(dp, Hook::ContainerIngress, &no_checksum).0, TC_SHOT);
     assert_eq!(drops(dp, DropReason::InvalidL4Header), before + 1);
 }
+
+/// Two clients with the same source port: the first keeps its port at the gateway, the
+/// second gets one probed from the masquerade range, and each one's replies reach it.
+#[test]
+fn nat64_clients_sharing_a_source_port_get_distinct_gateway_ports() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    ipv4_only_container(dp);
+    let (container, gateway) = (Ipv4Addr::from(CONTAINER), Ipv4Addr::from(GATEWAY));
+    let other = v6("2001:db8::3");
+    let first = from_client(6, &tcp(40000, 8080, TCP_SYN, b""));
+    assert_eq!(
+        inward(dp, &first, "first client"),
+        (gateway, container, 40000, 80)
+    );
+    let second = ipv6_frame(
+        &Ipv6Spec::new(other, host(), 6),
+        &tcp(40000, 8080, TCP_SYN, b""),
+    );
+    let (_, _, probed, _) = inward(dp, &second, "second client");
+    assert!(
+        (SNAT_RANGE.0..=SNAT_RANGE.1).contains(&probed),
+        "a probed port: {probed}"
+    );
+    for (port, client) in [(40000, client()), (probed, other)] {
+        let reply = from_container(6, &tcp(80, port, TCP_SYN | TCP_ACK, b""));
+        assert_eq!(
+            outward(dp, &reply, "reply"),
+            (host(), client, 8080, 40000),
+            "the reply to gateway port {port}"
+        );
+    }
+}
