@@ -21,10 +21,12 @@
 //! Limits (README, "IPv6 today"): no IPv6 extension headers and no IPv4 options (such packets
 //! pass as before); fragments are not translated (they pass, IPv4 ones to the host as
 //! before; TCP sets DF); a UDP reply without a checksum is dropped (IPv6 requires one),
-//! `InvalidL4Header`. MTU: the requests get 20 bytes shorter; the replies 20 bytes longer,
-//! which TCP fits by itself (the container's segments are sized by the client's MSS, which
-//! the client computed for IPv6's 40-byte header, so they grow back to the client's own
-//! MTU); a UDP reply within 20 bytes of the uplink's MTU is dropped by the device.
+//! `InvalidL4Header`, and so is a request without one (never valid in IPv6). MTU: the
+//! requests get 20 bytes shorter; the replies 20 bytes longer, which TCP fits by itself (the
+//! container's segments are sized by the client's MSS, which the client computed for IPv6's
+//! 40-byte header, so they grow back to the client's own MTU); a UDP reply within 20 bytes
+//! of the uplink's MTU is dropped by the device. ICMP errors about these connections are not
+//! translated between the families.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
@@ -97,6 +99,11 @@ fn inward(ctx: &TcContext) -> Verdict {
     let Some(l4) = translate6::parse_l4(ctx, &ip) else {
         return Verdict::Pass;
     };
+    if ip.protocol == IPPROTO_UDP && ctx.load::<u16>(l4.csum_offset).is_ok_and(|c| c == 0) {
+        // IPv6 has no checksum-less UDP (its receiver would drop it); as IPv4 it would pass
+        // unchecked.
+        return Verdict::Drop(DropReason::InvalidL4Header);
+    }
     let key = CtKey6 {
         saddr: In6Addr(ip.saddr),
         daddr: In6Addr(ip.daddr),

@@ -215,6 +215,11 @@ fn nat64_udp_both_ways_and_a_reply_without_checksum_is_dropped() {
     let before = drops(dp, DropReason::InvalidL4Header);
     assert_eq!(run_tc(dp, Hook::ContainerIngress, &no_checksum).0, TC_SHOT);
     assert_eq!(drops(dp, DropReason::InvalidL4Header), before + 1);
+    // Nor is one without checksum let in as IPv4 (where 0 would mean "not checked").
+    let mut no_checksum = from_client(17, &udp(40011, 5353, b"query"));
+    no_checksum[ETH_LEN + 40 + 6..ETH_LEN + 40 + 8].copy_from_slice(&[0, 0]);
+    assert_eq!(run_tc(dp, Hook::UplinkIngress, &no_checksum).0, TC_SHOT);
+    assert_eq!(drops(dp, DropReason::InvalidL4Header), before + 2);
 }
 
 /// Two clients with the same source port: the first keeps its port at the gateway, the
