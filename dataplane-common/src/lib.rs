@@ -145,7 +145,15 @@ pub mod program_names {
     pub const CONTAINER_INGRESS6: &str = "dp_container_ingress6";
     pub const UPLINK_INGRESS6: &str = "dp_uplink_ingress6";
     pub const UPLINK_EGRESS6: &str = "dp_uplink_egress6";
+    /// Where an IPv6 program hands a packet it drops (tail call, slot
+    /// [`crate::PROGS6_DROP_SLOT`] of [`crate::map_names::PROGS6`]): counts the drop, sends its
+    /// flow event and gives the verdict, on a stack of its own.
+    pub const DROP6: &str = "dp_drop6";
 }
+
+/// The slot of [`program_names::DROP6`] in the IPv6 program array (the hooks' numbers take
+/// 1-3).
+pub const PROGS6_DROP_SLOT: u32 = 0;
 
 /// Capacities of the maps (see the map declarations in `dataplane-ebpf/src/maps.rs` for the
 /// reasoning behind each size).

@@ -225,8 +225,17 @@ pub static SOCK_LB6: LruHashMap<SockLbKey6, SockLb6> = LruHashMap::pinned(capaci
 pub static NEW_CONNECTION6: PerCpuArray<crate::conntrack::NewConnectionOf<In6Addr>> =
     PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU hand-over from an IPv6 program to the drop reporter it tail-calls
+/// (`dp_drop6`): the verdict the program reached. A tail call, because the drop's flow event
+/// (its aggregation and the event's frames) does not fit on the IPv6 programs' stack beside
+/// their deepest chain. Not pinned: it holds nothing from one program run to the next.
+#[map(name = "dp_drop6_next")]
+pub static DROP6_NEXT: PerCpuArray<crate::translate6::PendingDrop> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// The IPv6 programs the IPv4 tc programs tail-call for each IPv6 frame, by hook number
-/// (`dataplane_common::hook`: 1 container ingress, 2 uplink ingress, 3 uplink egress; 4 slots).
+/// (`dataplane_common::hook`: 1 container ingress, 2 uplink ingress, 3 uplink egress; slot 0
+/// is the drop reporter, `dp_drop6`).
 /// A tail call gives the IPv6 path the verifier's whole 512-byte stack: the IPv4 program's
 /// main frame takes 392 of it. Pinned, so that across an agent restart the programs still
 /// attached find IPv6 programs here until the new ones replace them; written by the loader

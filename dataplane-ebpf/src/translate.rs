@@ -130,17 +130,27 @@ pub fn handle6(ctx: &TcContext, hook: Hook) -> Verdict {
     let Some(mut ip) = parse_ipv6(ctx) else {
         return Verdict::Drop(DropReason::Malformed);
     };
+    let verdict = decide6(ctx, hook, &mut ip);
+    // A drop's flow event: by the drop reporter, which this returns from only if it is
+    // missing.
+    crate::translate6::hand_over_drop(ctx, hook, &verdict);
+    verdict
+}
+
+/// What `hook` does with a parsed IPv6 packet: Docker's isolation, then the translations.
+#[inline(always)]
+fn decide6(ctx: &TcContext, hook: Hook, ip: &mut crate::parse::Ipv6Packet) -> Verdict {
     // Between two containers: Docker's isolation, per packet. Neighbour discovery (router and
     // neighbour solicitations and advertisements, redirects) is the link's own and passes.
     // From an internal network's container, nothing leaves for outside.
     if hook == Hook::ContainerIngress
-        && !is_neighbour_discovery(ctx, &ip)
+        && !is_neighbour_discovery(ctx, ip)
         && (policy::isolated6(&ip.saddr, &ip.daddr)
             || policy::internal_leaving6(&ip.saddr, &ip.daddr))
     {
         return Verdict::Drop(DropReason::PolicyDenied);
     }
-    crate::translate6::translate(ctx, hook, &mut ip)
+    crate::translate6::translate(ctx, hook, ip)
 }
 
 /// ICMPv6 types 133-137: router solicitation and advertisement, neighbour solicitation and

@@ -20,9 +20,9 @@ use aya::{
 };
 use dataplane_common::{
     Address, Config, DropReason, IfaceStats, IfaceStatsKey, In6Addr, MAGLEV_DEFAULT_SIZE,
-    MAGLEV_MAX_SIZE, MAGLEV_MIN_SIZE, PolicyKey, PolicyMeta, PolicyPrefixOf, PolicyVerdict,
-    PrefixKey, PrefixKey6, PrefixKeyOf, capacity, hook, is_prime, maglev_elements, maglev_stride,
-    map_names, program_names, tcp_flag_count,
+    MAGLEV_MAX_SIZE, MAGLEV_MIN_SIZE, PROGS6_DROP_SLOT, PolicyKey, PolicyMeta, PolicyPrefixOf,
+    PolicyVerdict, PrefixKey, PrefixKey6, PrefixKeyOf, capacity, hook, is_prime, maglev_elements,
+    maglev_stride, map_names, program_names, tcp_flag_count,
 };
 use serde::Serialize;
 
@@ -1418,7 +1418,7 @@ fn removed(
 }
 
 /// Loads the IPv6 halves of the tc programs and puts each at its hook's number in the program
-/// array the IPv4 programs tail-call for IPv6 frames (pinned: across a restart, the programs
+/// array the IPv4 programs tail-call for IPv6 frames (and their drop reporter at slot 0) (pinned: across a restart, the programs
 /// still attached keep finding IPv6 programs there until this load's replace them).
 fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     use aya::maps::ProgramArray;
@@ -1427,6 +1427,7 @@ fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
         (hook::CONTAINER_INGRESS, program_names::CONTAINER_INGRESS6),
         (hook::UPLINK_INGRESS, program_names::UPLINK_INGRESS6),
         (hook::UPLINK_EGRESS, program_names::UPLINK_EGRESS6),
+        (PROGS6_DROP_SLOT, program_names::DROP6),
     ] {
         let program: &mut SchedClassifier = program_mut(ebpf, name)?;
         let error = |source| DatapathError::Program {

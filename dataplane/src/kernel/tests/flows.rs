@@ -30,7 +30,7 @@ const OTHER_NET: [u8; 4] = [172, 30, 2, 2];
 const DENIED: [u8; 4] = [203, 0, 113, 9];
 
 /// Every event the programs wrote so far (the ring can be taken once per datapath).
-fn events(dp: &mut Datapath) -> Vec<FlowEvent> {
+pub(super) fn events(dp: &mut Datapath) -> Vec<FlowEvent> {
     let mut ring = dp.take_flow_events().unwrap();
     let mut events = Vec::new();
     while let Some(item) = ring.next() {
