@@ -61,6 +61,8 @@ pub mod map_names {
     /// TCP flags of every packet the programs pass, per CPU, as Hubble's
     /// `hubble_tcp_flags_total` counts them (see [`crate::tcp_flag_count`]).
     pub const TCP_FLAGS: &str = "dp_tcp_flags_v1";
+    /// The same for IPv6 packets (`hubble_tcp_flags_total{family="IPv6"}`).
+    pub const TCP_FLAGS6: &str = "dp_tcp_flags6_v1";
     /// The host's own IPv4 addresses: which destinations "all host addresses" means.
     pub const LOCAL_ADDRS: &str = "dp_local_addrs_v1";
     /// Settings the agent writes at run time (uplink, masquerade address, port range).

@@ -38,6 +38,10 @@ pub static TCP_FLAGS: PerCpuArray<u64> = PerCpuArray::pinned(tcp_flag_count::SLO
 
 /// Container interfaces by IPv4 address (network byte order), written by the agent's
 /// reconciler only.
+/// The same for IPv6 packets: each family's counters apart, as Hubble's `family` label is.
+#[map(name = "dp_tcp_flags6_v1")]
+pub static TCP_FLAGS6: PerCpuArray<u64> = PerCpuArray::pinned(tcp_flag_count::SLOTS, 0);
+
 #[map(name = "dp_endpoints_v2")]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 

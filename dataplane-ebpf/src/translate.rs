@@ -131,9 +131,20 @@ pub fn handle6(ctx: &TcContext, hook: Hook) -> Verdict {
         return Verdict::Drop(DropReason::Malformed);
     };
     let verdict = decide6(ctx, hook, &mut ip);
-    // A drop's flow event: by the drop reporter, which this returns from only if it is
-    // missing.
-    crate::translate6::hand_over_drop(ctx, hook, &verdict);
+    match verdict {
+        // A drop's flow event: by the drop reporter, which this returns from only if it is
+        // missing.
+        Verdict::Drop(_) | Verdict::Refuse(..) => {
+            crate::translate6::hand_over_drop(ctx, hook, &verdict)
+        }
+        // Hubble counts the flags of forwarded packets only.
+        _ if ip.protocol == IPPROTO_TCP && !ip.is_later_fragment() => {
+            if let Ok(flags) = ctx.load::<u8>(ip.l4_offset + 13) {
+                stats::count_tcp_flags6(ctx.skb.skb, hook.number(), flags);
+            }
+        }
+        _ => {}
+    }
     verdict
 }
 

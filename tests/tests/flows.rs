@@ -1024,7 +1024,10 @@ fn ipv6_connections_give_ipv6_flows_with_their_translations() {
         .iter()
         .find(|x| x["flow"]["verdict"] == "DROPPED")
         .unwrap()["flow"];
-    assert_eq!(drop["drop_reason_desc"], "CT_TRUNCATED_OR_INVALID_HEADER", "{drop:#}");
+    assert_eq!(
+        drop["drop_reason_desc"], "CT_TRUNCATED_OR_INVALID_HEADER",
+        "{drop:#}"
+    );
     assert_eq!(drop["IP"]["ipVersion"], "IPv6", "{drop:#}");
     assert_eq!(drop["IP"]["source"], OUTSIDE6, "{drop:#}");
     assert_eq!(drop["IP"]["destination"], HOST6, "{drop:#}");

@@ -254,5 +254,5 @@ fn tcp_flags_are_counted_per_packet_once_each() {
     assert_eq!(at(dp, tcp_flag_count::FROM_OUTSIDE), [2, 0, 1, 1]);
 
     // Summed over the points, since this datapath was loaded: what the metric shows.
-    assert_eq!(dp.tcp_flags().unwrap(), [4, 1, 2, 1]);
+    assert_eq!(dp.tcp_flags(false).unwrap(), [4, 1, 2, 1]);
 }
