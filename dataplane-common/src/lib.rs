@@ -61,6 +61,8 @@ pub mod map_names {
     /// TCP flags of every packet the programs pass, per CPU, as Hubble's
     /// `hubble_tcp_flags_total` counts them (see [`crate::tcp_flag_count`]).
     pub const TCP_FLAGS: &str = "dp_tcp_flags_v1";
+    /// The same for IPv6 packets (`hubble_tcp_flags_total{family="IPv6"}`).
+    pub const TCP_FLAGS6: &str = "dp_tcp_flags6_v1";
     /// The host's own IPv4 addresses: which destinations "all host addresses" means.
     pub const LOCAL_ADDRS: &str = "dp_local_addrs_v1";
     /// Settings the agent writes at run time (uplink, masquerade address, port range).
@@ -99,7 +101,7 @@ pub mod map_names {
 
     /// The IPv6 tc programs by hook number (a program array the IPv4 tc programs tail-call
     /// for IPv6 frames; written by the loader only).
-    pub const PROGS6: &str = "dp_progs6_v1";
+    pub const PROGS6: &str = "dp_progs6_v2";
 }
 
 /// Load-time settings of the kernel programs (`Global`s, set through `EbpfLoader`).
@@ -146,11 +148,22 @@ pub mod program_names {
     pub const UPLINK_INGRESS6: &str = "dp_uplink_ingress6";
     pub const UPLINK_EGRESS6: &str = "dp_uplink_egress6";
     /// NAT64 of published ports (IPv6 client, IPv4-only container), both directions:
-    /// tail-called from [`crate::map_names::PROGS6`]'s slot [`crate::hook::NAT64_SLOT`] by
+    /// tail-called from [`crate::map_names::PROGS6`]'s slot [`crate::PROGS6_NAT64_SLOT`] by
     /// the IPv6 uplink ingress program (requests) and the IPv4 container ingress program
     /// (replies); never attached.
     pub const NAT64: &str = "dp_nat64";
+    /// Where an IPv6 program hands a packet it drops (tail call, slot
+    /// [`crate::PROGS6_DROP_SLOT`] of [`crate::map_names::PROGS6`]): counts the drop, sends its
+    /// flow event and gives the verdict, on a stack of its own.
+    pub const DROP6: &str = "dp_drop6";
 }
+
+/// The slot of [`program_names::DROP6`] in the IPv6 program array (the hooks' numbers take
+/// 1-3).
+pub const PROGS6_DROP_SLOT: u32 = 0;
+
+/// The slot of [`program_names::NAT64`] in the IPv6 program array.
+pub const PROGS6_NAT64_SLOT: u32 = 4;
 
 /// Capacities of the maps (see the map declarations in `dataplane-ebpf/src/maps.rs` for the
 /// reasoning behind each size).
@@ -303,9 +316,6 @@ pub mod hook {
     pub const UPLINK_INGRESS: u32 = 2;
     pub const UPLINK_EGRESS: u32 = 3;
     pub const UPLINK_XDP: u32 = 4;
-    /// Not a hook: the slot of the NAT64 program in the program array of the IPv6 halves
-    /// (whose other slots are their hooks' numbers).
-    pub const NAT64_SLOT: u32 = 0;
     /// Not packet hooks (no counters): the cgroup socket hooks, in flow events and names.
     pub const SOCK_CONNECT4: u32 = 5;
     pub const SOCK_SENDMSG4: u32 = 6;

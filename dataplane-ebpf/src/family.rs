@@ -1,5 +1,5 @@
 //! What differs between IPv4 and IPv6 for the code both families share: each family's
-//! conntrack tables, ICMP protocol number and socket-lookup tuple. Conntrack, the flow events
+//! conntrack tables, drop aggregates, ICMP protocol number and socket-lookup tuple. Conntrack, the flow events
 //! of a connection and the source-port allocation are written once, generic over [`Family`]; each instance is
 //! the same code with the family's constants and maps (the IPv4 one is what it was before
 //! IPv6 existed, instruction for instruction). The per-packet parts (headers, checksums,
@@ -12,10 +12,12 @@ use aya_ebpf::{
     },
     maps::{HashMap, LruHashMap},
 };
-use dataplane_common::{Address, CtEntryOf, CtKeyOf, In6Addr};
+use dataplane_common::{Address, CtEntryOf, CtKeyOf, DropAggKeyOf, DropAggValueOf, In6Addr};
 
 use crate::{
-    maps::{CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW},
+    maps::{
+        CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, DROP_AGGREGATES, DROP_AGGREGATES6,
+    },
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
 
@@ -26,6 +28,8 @@ pub trait Family: Address {
     fn conntrack() -> &'static HashMap<CtKeyOf<Self>, CtEntryOf<Self>>;
     /// Connections whose handshake has not completed.
     fn conntrack_new() -> &'static LruHashMap<CtKeyOf<Self>, CtEntryOf<Self>>;
+    /// Drops not yet reported, by (source, reason, hook): the flow events' aggregation.
+    fn drop_aggregates() -> &'static LruHashMap<DropAggKeyOf<Self>, DropAggValueOf<Self>>;
     /// The address folded into 32 bits, for hashing (IPv4's is itself).
     fn fold(&self) -> u32;
     /// The socket-lookup tuple of `key` (as a packet with that key carries it) and its size,
@@ -42,6 +46,10 @@ impl Family for u32 {
     #[inline(always)]
     fn conntrack_new() -> &'static LruHashMap<CtKeyOf<Self>, CtEntryOf<Self>> {
         &CONNTRACK_NEW
+    }
+    #[inline(always)]
+    fn drop_aggregates() -> &'static LruHashMap<DropAggKeyOf<Self>, DropAggValueOf<Self>> {
+        &DROP_AGGREGATES
     }
     #[inline(always)]
     fn fold(&self) -> u32 {
@@ -74,6 +82,10 @@ impl Family for In6Addr {
     #[inline(always)]
     fn conntrack_new() -> &'static LruHashMap<CtKeyOf<Self>, CtEntryOf<Self>> {
         &CONNTRACK6_NEW
+    }
+    #[inline(always)]
+    fn drop_aggregates() -> &'static LruHashMap<DropAggKeyOf<Self>, DropAggValueOf<Self>> {
+        &DROP_AGGREGATES6
     }
     #[inline(always)]
     fn fold(&self) -> u32 {

@@ -123,6 +123,14 @@ pub fn dp_nat64(ctx: TcContext) -> i32 {
     tc_action(nat64::handle(&ctx))
 }
 
+/// The drop reporter of the IPv6 programs (tail-called by them, slot 0 of `dp_progs6_v2`):
+/// the drop they decided on, its flow event (on this program's own stack), and their verdict.
+#[classifier]
+pub fn dp_drop6(ctx: TcContext) -> i32 {
+    let ip = crate::parse::parse_ipv6(&ctx);
+    tc_action(translate6::report_handed_over(&ctx, ip.as_ref()))
+}
+
 /// Early path on the uplink, before a socket buffer exists: drops outside sources on the deny
 /// list (attached only while the list has entries; see the agent's `--xdp`).
 #[xdp]

@@ -755,6 +755,52 @@ fn ipv6_published_ports_keep_the_client_address_and_nat66_gives_the_host_address
     sandbox.exec_ok("web1", &["ping", "-6", "-c2", "-i0.2", "-W2", OUTSIDE6]);
 }
 
+/// iperf3 -6 through a published port (both ways: the container receiving, and sending with
+/// -R, its segments translated at its veth and sent out of the uplink) and through NAT66 (the
+/// container the client of an outside server).
+#[test]
+fn iperf3_over_ipv6_through_a_published_port_and_nat66() {
+    let sandbox = Sandbox::up(SPEC_DUAL);
+    let agent = Agent::start(&sandbox);
+    sandbox.write_state(&format!(
+        "{SPEC_DUAL}  - {{endpoint: web1, protocol: tcp, host_port: 15201, container_port: 5201}}\n"
+    ));
+    agent.wait_for("iperf port published", |s| {
+        s.map_entries("dp_ports6_v1") == 3
+    });
+    let received = |report: &Value| report["end"]["sum_received"]["bits_per_second"].as_f64();
+    for reverse in [false, true] {
+        let mut server = sandbox.spawn(
+            "web1",
+            &["iperf3", "-s", "-1", "-p", "5201", "--forceflush"],
+        );
+        server.wait_for_line("Server listening");
+        let mut args = vec!["iperf3", "-6", "-c", HOST6, "-p", "15201", "-t", "1", "-J"];
+        if reverse {
+            args.push("-R");
+        }
+        let out = sandbox.exec_ok("outside", &args);
+        let report: Value = serde_json::from_str(&out).expect("iperf3 JSON");
+        assert!(
+            received(&report).is_some_and(|b| b > 0.0),
+            "reverse {reverse}: {report:#}"
+        );
+    }
+    let mut server = sandbox.spawn(
+        "outside",
+        &["iperf3", "-s", "-1", "-p", "5202", "--forceflush"],
+    );
+    server.wait_for_line("Server listening");
+    let out = sandbox.exec_ok(
+        "web1",
+        &[
+            "iperf3", "-6", "-c", OUTSIDE6, "-p", "5202", "-t", "1", "-J",
+        ],
+    );
+    let report: Value = serde_json::from_str(&out).expect("iperf3 JSON");
+    assert!(received(&report).is_some_and(|b| b > 0.0), "{report:#}");
+}
+
 /// An IPv6-only network (subnet6 only), its container with ip6 only; one port bound to the
 /// host's IPv6 address (host_ip), one to all of them.
 const SPEC_V6ONLY: &str = r#"

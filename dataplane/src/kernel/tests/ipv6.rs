@@ -888,3 +888,78 @@ fn ipv6_tcp_and_udp_headers_no_kernel_accepts_are_dropped() {
         "a valid datagram",
     );
 }
+
+/// Every IPv6 drop gives a flow event (the drop reporter the IPv6 programs tail-call) with
+/// the packet's tuple as it arrived, its reason and hook, as IPv4's drops do; the counters
+/// count each drop once.
+#[test]
+fn ipv6_drops_give_flow_events_with_their_tuple_and_reason() {
+    use crate::flows::decode::{self, Kind};
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (host, client) = (v6("2001:db8::1"), v6("2001:db8::2"));
+    with_container6(dp);
+    publish6(dp, host, 8080, 6, 80);
+    // Another network's container: isolation drops a SYN to it.
+    dp.set::<crate::kernel::maps::Endpoints6>(
+        dataplane_common::In6Addr::from_ipv6(v6("fd00:2::2")),
+        dataplane_common::EndpointInfo6 {
+            ifindex: 2,
+            network_id: 2,
+            endpoint_id: 2,
+            ..dataplane_common::EndpointInfo6::default()
+        },
+    )
+    .unwrap();
+    let across = frame6(
+        v6("fd00:1::2"),
+        v6("fd00:2::2"),
+        6,
+        &tcp(40000, 80, TCP_SYN, b""),
+    );
+    let scan = frame6(client, host, 6, &tcp(40001, 8080, TCP_SYN | 0x01, b""));
+    for (hook, input) in [
+        (Hook::ContainerIngress, &across),
+        (Hook::UplinkIngress, &scan),
+    ] {
+        assert_eq!(run_tc(dp, hook, input).0, TC_SHOT);
+    }
+    assert_eq!(drops(dp, DropReason::PolicyDenied), 1);
+    assert_eq!(drops(dp, DropReason::InvalidL4Header), 1);
+    let seen: Vec<_> = super::flows::events(dp)
+        .iter()
+        .map(|e| {
+            let e = decode::from_raw(e).unwrap();
+            (
+                e.kind,
+                e.tuple.saddr,
+                e.tuple.sport,
+                e.tuple.daddr,
+                e.tuple.dport,
+                e.hook,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                Kind::Drop(DropReason::PolicyDenied),
+                v6("fd00:1::2").into(),
+                40000,
+                v6("fd00:2::2").into(),
+                80,
+                dataplane_common::hook::CONTAINER_INGRESS,
+            ),
+            (
+                Kind::Drop(DropReason::InvalidL4Header),
+                client.into(),
+                40001,
+                host.into(),
+                8080,
+                dataplane_common::hook::UPLINK_INGRESS,
+            ),
+        ]
+    );
+}
