@@ -21,8 +21,11 @@ pub use testbed::sandbox::HOST_CGROUP;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub enum Server {
-    /// nginx answering `ok` (bed.rs writes its config).
+    /// nginx answering `ok` (bed.rs writes its config), on IPv4.
     Nginx { target: &'static str, port: u16 },
+    /// The same on IPv4 and IPv6 (a socket of each family: the IPv4 one is the same as
+    /// `Nginx`'s, so that IPv4 scenarios are not changed by IPv6 ones).
+    NginxDual { target: &'static str, port: u16 },
     /// `iperf3 -s`.
     Iperf3 { target: &'static str, port: u16 },
 }
@@ -30,13 +33,17 @@ pub enum Server {
 impl Server {
     pub fn target(&self) -> &'static str {
         match self {
-            Server::Nginx { target, .. } | Server::Iperf3 { target, .. } => target,
+            Server::Nginx { target, .. }
+            | Server::NginxDual { target, .. }
+            | Server::Iperf3 { target, .. } => target,
         }
     }
 
     pub fn port(&self) -> u16 {
         match self {
-            Server::Nginx { port, .. } | Server::Iperf3 { port, .. } => *port,
+            Server::Nginx { port, .. }
+            | Server::NginxDual { port, .. }
+            | Server::Iperf3 { port, .. } => *port,
         }
     }
 }
@@ -113,13 +120,14 @@ impl Bed {
         // The sandbox runs its own tiny server on port 80 and on every published container
         // port of each endpoint; ours need those ports.
         self.sandbox.stop_sandbox_server(server.target())?;
-        let index = match server {
-            Server::Nginx { target, port } => {
+        let index = match *server {
+            Server::Nginx { target, port } | Server::NginxDual { target, port } => {
+                let ipv6 = matches!(server, Server::NginxDual { .. });
                 // One directory per server: a scenario may run several (scenarios/vip.rs).
                 let dir = self.work_file(&format!("nginx-{target}-{port}"));
                 fs::create_dir_all(&dir)?;
                 let conf = dir.join("nginx.conf");
-                fs::write(&conf, nginx_conf(&dir, *port))?;
+                fs::write(&conf, nginx_conf(&dir, port, ipv6))?;
                 let conf = conf.to_string_lossy().into_owned();
                 let error_log = dir.join("error.log").to_string_lossy().into_owned();
                 let prefix = format!("{}/", dir.display());
@@ -140,6 +148,7 @@ impl Bed {
                 )?
             }
             // In the foreground rather than `-D`: a child of ours is one we can stop by pid.
+            // iperf3 -s listens on IPv4 and IPv6 (one dual-stack socket) by itself.
             Server::Iperf3 { target, port } => self.spawn(
                 "iperf3 server",
                 target,
@@ -227,8 +236,13 @@ impl Drop for Bed {
 /// nginx answering `ok` to everything on one port. One worker: with wrk's one thread that
 /// fills the 2 cores, and the kernel's share of the work is what the paths differ in. Every
 /// path it writes is in the bench's temp dir, so nothing under /etc or /var is used.
-fn nginx_conf(dir: &Path, port: u16) -> String {
+fn nginx_conf(dir: &Path, port: u16, ipv6: bool) -> String {
     let d = dir.display();
+    let listen6 = if ipv6 {
+        format!("\n        listen [::]:{port} ipv6only=on;")
+    } else {
+        String::new()
+    };
     format!(
         r#"# Written by cargo xtask bench.
 worker_processes 1;
@@ -248,7 +262,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     server {{
-        listen {port};
+        listen {port};{listen6}
         location / {{
             default_type text/plain;
             return 200 "ok\n";
@@ -265,8 +279,11 @@ mod tests {
 
     #[test]
     fn nginx_conf_keeps_everything_in_its_dir() {
-        let conf = nginx_conf(Path::new("/tmp/x"), 80);
+        let conf = nginx_conf(Path::new("/tmp/x"), 80, false);
         assert!(conf.contains("listen 80;"));
+        assert!(!conf.contains("[::]"));
+        let dual = nginx_conf(Path::new("/tmp/x"), 80, true);
+        assert!(dual.contains("listen 80;\n        listen [::]:80 ipv6only=on;\n"));
         assert!(conf.contains("pid /tmp/x/nginx.pid;"));
         assert!(conf.contains("access_log off;"));
         let paths = [

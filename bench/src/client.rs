@@ -2,7 +2,7 @@
 //! parsing of what they report.
 
 use std::{
-    net::SocketAddrV4,
+    net::SocketAddr,
     thread,
     time::{Duration, Instant},
 };
@@ -13,11 +13,12 @@ use testbed::interrupt;
 
 use crate::bed::Bed;
 
-/// Where a path's clients connect for each server.
+/// Where a path's clients connect for each server, of either family (an IPv6 address shows
+/// in brackets, as a URL wants it).
 #[derive(Clone, Copy, Debug)]
 pub struct Targets {
-    pub http: SocketAddrV4,
-    pub iperf: SocketAddrV4,
+    pub http: SocketAddr,
+    pub iperf: SocketAddr,
 }
 
 /// Connections wrk keeps open; one thread (the other core serves).
@@ -163,12 +164,15 @@ fn parse_wrk(stdout: &str) -> anyhow::Result<WrkResult> {
 pub fn iperf3(
     bed: &Bed,
     client: &str,
-    target: SocketAddrV4,
+    target: SocketAddr,
     streams: u32,
     secs: u32,
 ) -> anyhow::Result<f64> {
-    let args = [
-        "iperf3".to_string(),
+    let mut args = vec!["iperf3".to_string()];
+    if target.is_ipv6() {
+        args.push("-6".into());
+    }
+    args.extend([
         "-c".into(),
         target.ip().to_string(),
         "-p".into(),
@@ -181,7 +185,7 @@ pub fn iperf3(
         // Milliseconds: a path that drops the SYN fails fast instead of after minutes.
         "--connect-timeout".into(),
         "3000".into(),
-    ];
+    ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = bed.run(
         client,

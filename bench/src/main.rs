@@ -2,7 +2,7 @@
 //! bench/README.md). Needs root.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
 };
 
@@ -36,7 +36,7 @@ enum Command {
     },
     /// The latency probe, run by the bench in a client's namespace (scenarios/probe.rs).
     #[command(hide = true)]
-    Probe { addr: SocketAddrV4, secs: u32 },
+    Probe { addr: SocketAddr, secs: u32 },
     /// The paced generator of the xdp-drop scenario, run by the bench in the outside
     /// namespace (scenarios/drop_gen.rs).
     #[command(hide = true)]

@@ -27,7 +27,7 @@ const REASON_CHARS: usize = 150;
 fn color(path: &str, index: usize) -> &'static str {
     match path {
         "plain" => "#9e9e9e",
-        "iptables" => "#e07b39",
+        "iptables" | "ip6tables" => "#e07b39",
         "dataplane" => "#2f6db5",
         _ => ["#5a9e5a", "#a05fb0", "#c9a227"][index % 3],
     }

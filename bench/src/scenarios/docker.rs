@@ -26,7 +26,7 @@ use testbed::{
     process::run_timed,
 };
 
-use super::{HOST_IP, IPERF_1, WRK, addr};
+use super::{HOST_IP, IPERF_1, WRK, socket_addr};
 use crate::bed::Bed;
 use crate::client::Targets;
 use crate::framework::scenario::PathDef;
@@ -94,8 +94,8 @@ fn plain_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
         Duration::from_secs(5),
     )?;
     Ok(Targets {
-        http: addr(&ip, 80),
-        iperf: addr(&ip, 5201),
+        http: socket_addr(&ip, 80),
+        iperf: socket_addr(&ip, 5201),
     })
 }
 
@@ -117,8 +117,8 @@ fn dataplane_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
 
 fn published() -> Targets {
     Targets {
-        http: addr(HOST_IP, 8080),
-        iperf: addr(HOST_IP, 15201),
+        http: socket_addr(HOST_IP, 8080),
+        iperf: socket_addr(HOST_IP, 15201),
     }
 }
 

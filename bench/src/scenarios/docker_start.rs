@@ -22,7 +22,7 @@ use anyhow::{Context as _, bail};
 use testbed::dockerd::{Cli, Engine};
 
 use super::docker::{IMAGE, start_engine};
-use super::{HOST_IP, addr};
+use super::{HOST_IP, socket_addr};
 use crate::bed::Bed;
 use crate::client::Targets;
 use crate::framework::Durations;
@@ -129,8 +129,8 @@ const CHECK_PORT: u16 = 8099;
 
 fn targets() -> Targets {
     Targets {
-        http: addr(HOST_IP, CHECK_PORT),
-        iperf: addr(HOST_IP, CHECK_PORT),
+        http: socket_addr(HOST_IP, CHECK_PORT),
+        iperf: socket_addr(HOST_IP, CHECK_PORT),
     }
 }
 

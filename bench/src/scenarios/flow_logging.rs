@@ -2,10 +2,11 @@
 //! against off.
 
 use super::{
-    HOST_IP, addr,
+    HOST_IP,
     published_port::{
         HTTP_HOST_PORT, IPERF_HOST_PORT, PUBLISHED_PORT_SERVERS, PUBLISHED_PORT_SPEC,
     },
+    socket_addr,
 };
 use crate::{
     bed::Bed,
@@ -74,8 +75,8 @@ pub fn scenario() -> Scenario {
 fn agent_with_flow_events(bed: &mut Bed, on_off: &str) -> anyhow::Result<Targets> {
     bed.start_agent_with(&["--flow-events", on_off, "--cgroup", "none"])?;
     Ok(Targets {
-        http: addr(HOST_IP, HTTP_HOST_PORT),
-        iperf: addr(HOST_IP, IPERF_HOST_PORT),
+        http: socket_addr(HOST_IP, HTTP_HOST_PORT),
+        iperf: socket_addr(HOST_IP, IPERF_HOST_PORT),
     })
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 
 use super::published_port::docker_rules;
-use super::{BRIDGE, WRK, WRK_NEW_CONN, addr, iptables_restore};
+use super::{BRIDGE, WRK, WRK_NEW_CONN, iptables_restore, socket_addr};
 use crate::bed::Bed;
 use crate::bed::Server;
 use crate::client::Targets;
@@ -91,8 +91,8 @@ pub fn scenario() -> Scenario {
 
 fn targets(ip: &str, port: u16) -> Targets {
     Targets {
-        http: addr(ip, port),
-        iperf: addr(ip, 5201),
+        http: socket_addr(ip, port),
+        iperf: socket_addr(ip, 5201),
     }
 }
 

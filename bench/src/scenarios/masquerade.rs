@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use super::published_port::docker_rules;
-use super::{HOST_IP, IPERF_1, NETWORK, OUTSIDE_IP, WRK, WRK_NEW_CONN, addr, iptables_restore};
+use super::{
+    HOST_IP, IPERF_1, NETWORK, OUTSIDE_IP, WRK, WRK_NEW_CONN, iptables_restore, socket_addr,
+};
 use crate::bed::Bed;
 use crate::bed::Server;
 use crate::client::Targets;
@@ -80,8 +82,8 @@ pub fn scenario() -> Scenario {
 
 fn targets() -> Targets {
     Targets {
-        http: addr(OUTSIDE_IP, 80),
-        iperf: addr(OUTSIDE_IP, 5201),
+        http: socket_addr(OUTSIDE_IP, 80),
+        iperf: socket_addr(OUTSIDE_IP, 5201),
     }
 }
 

@@ -3,7 +3,8 @@
 //! (`scale-ports`, `scale-services`), the XDP deny list (`xdp-drop`), outbound masquerade
 //! (`masquerade`), localhost to a published port (`localhost`) and a real Docker engine
 //! (`docker`) of issues 4, 5 and 8; new connections during a spoofed SYN flood (`syn-flood`,
-//! issue 12); a container's port right after `docker run` (`docker-start`, issue 14).
+//! issue 12); a container's port right after `docker run` (`docker-start`, issue 14); a
+//! published port and masquerade over IPv6 (`published-port6`, `masquerade6`, issue 15).
 //! [`all`] lists them in the order they run.
 //!
 //! What they share lives here: workloads whose runs are capped at [`MAX_SECS`] (so that the
@@ -16,9 +17,11 @@ pub mod drop_gen;
 mod flow_logging;
 mod localhost;
 mod masquerade;
+mod masquerade6;
 mod memory;
 pub mod probe;
 mod published_port;
+mod published_port6;
 mod scale;
 mod scale_policy;
 mod syn_flood;
@@ -27,7 +30,7 @@ mod xdp_drop;
 
 use std::{
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -63,6 +66,8 @@ pub fn all() -> Vec<Scenario> {
         localhost::scenario(),
         docker::scenario(),
         docker_start::scenario(),
+        published_port6::scenario(),
+        masquerade6::scenario(),
     ]
 }
 
@@ -86,9 +91,19 @@ pub const NETWORK: &str = "172.31.0.0/24";
 pub const BRIDGE: &str = "br-bench";
 /// The sandbox host's uplink address and the outside client's.
 pub use dataplane::sandbox::{OUTSIDE_IP, UPLINK_HOST_IP as HOST_IP};
+/// The same over IPv6 (the sandbox gives them when a network has `subnet6`), and the IPv6
+/// scenarios' network: a ULA prefix, as Docker's IPv6 networks usually have.
+pub use dataplane::sandbox::{OUTSIDE_IP6, UPLINK_HOST_IP6 as HOST_IP6};
+pub const NETWORK6: &str = "fd00:31::/64";
 
 pub fn addr(ip: &str, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip.parse().expect("constant IPv4 address"), port)
+}
+
+/// A client target of either family (`ip` an IPv4 or IPv6 address without brackets).
+pub fn socket_addr(ip: &str, port: u16) -> SocketAddr {
+    let ip: IpAddr = ip.parse().expect("constant IP address");
+    SocketAddr::new(ip, port)
 }
 
 /// The path a bed was built for: sandboxes are named `dpbench-PID-PATH` (run.rs).
@@ -220,15 +235,25 @@ fn run_iperf_1(
 /// Loads `rules` with `iptables-restore` in the sandbox's host namespace; returns how long
 /// the command took (start of the process to its exit).
 pub fn iptables_restore(bed: &Bed, file: &str, rules: &str) -> anyhow::Result<Duration> {
+    iptables_restore_family(bed, "iptables-restore", file, rules)
+}
+
+/// [`iptables_restore`] with `command` (`iptables-restore` or `ip6tables-restore`).
+pub fn iptables_restore_family(
+    bed: &Bed,
+    command: &str,
+    file: &str,
+    rules: &str,
+) -> anyhow::Result<Duration> {
     let path = bed.work_file(file);
     std::fs::write(&path, rules).with_context(|| format!("writing {}", path.display()))?;
     let started = Instant::now();
     bed.run_ok(
         "host",
-        &["iptables-restore", &path.to_string_lossy()],
+        &[command, &path.to_string_lossy()],
         Duration::from_secs(600),
     )
-    .with_context(|| format!("iptables-restore {file}"))?;
+    .with_context(|| format!("{command} {file}"))?;
     Ok(started.elapsed())
 }
 

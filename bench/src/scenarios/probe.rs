@@ -9,7 +9,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, SocketAddrV4, TcpStream},
+    net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -34,7 +34,7 @@ pub struct ProbeResult {
 }
 
 /// The probe's side: runs for `secs` and prints one `XTASK_PROBE ...` line.
-pub fn main(addr: SocketAddrV4, secs: u32) -> anyhow::Result<()> {
+pub fn main(addr: SocketAddr, secs: u32) -> anyhow::Result<()> {
     let (result, last_error) = measure(addr, Duration::from_secs(secs.into()));
     println!(
         "XTASK_PROBE requests={} errors={} p50_us={:.1} p99_us={:.1}",
@@ -47,7 +47,7 @@ pub fn main(addr: SocketAddrV4, secs: u32) -> anyhow::Result<()> {
 }
 
 /// Requests one after the other for `duration`; the last error seen, if any.
-fn measure(addr: SocketAddrV4, duration: Duration) -> (ProbeResult, Option<String>) {
+fn measure(addr: SocketAddr, duration: Duration) -> (ProbeResult, Option<String>) {
     let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     let deadline = Instant::now() + duration;
     let mut samples = Vec::new();
@@ -57,7 +57,7 @@ fn measure(addr: SocketAddrV4, duration: Duration) -> (ProbeResult, Option<Strin
     while Instant::now() < deadline {
         let started = Instant::now();
         let result = (|| -> std::io::Result<bool> {
-            let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(addr), TIMEOUT)?;
+            let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
             stream.set_read_timeout(Some(TIMEOUT))?;
             stream.set_nodelay(true)?;
             stream.write_all(request.as_bytes())?;
@@ -103,7 +103,7 @@ fn measure(addr: SocketAddrV4, duration: Duration) -> (ProbeResult, Option<Strin
 pub fn probe(
     bed: &Bed,
     client: &str,
-    target: SocketAddrV4,
+    target: SocketAddr,
     secs: u32,
 ) -> anyhow::Result<ProbeResult> {
     // Our own binary through /proc: it still runs when a build beside the bench replaced
@@ -179,9 +179,7 @@ mod tests {
     fn probe_measures_a_local_server() {
         // A server on loopback that answers every connection with a 200 and closes.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
-            unreachable!()
-        };
+        let addr = listener.local_addr().unwrap();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let mut stream = stream.unwrap();

@@ -16,7 +16,7 @@ use crate::{
     },
 };
 
-use super::{BRIDGE, HOST_IP, NETWORK, addr};
+use super::{BRIDGE, HOST_IP, NETWORK, socket_addr};
 
 const CONTAINER_IP: &str = "172.31.0.2";
 const HTTP_PORT: u16 = 80;
@@ -110,8 +110,8 @@ fn plain_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
         Duration::from_secs(5),
     )?;
     Ok(Targets {
-        http: addr(CONTAINER_IP, HTTP_PORT),
-        iperf: addr(CONTAINER_IP, IPERF_PORT),
+        http: socket_addr(CONTAINER_IP, HTTP_PORT),
+        iperf: socket_addr(CONTAINER_IP, IPERF_PORT),
     })
 }
 
@@ -127,8 +127,8 @@ fn iptables_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
     )
     .context("loading Docker's rules with iptables-restore")?;
     Ok(Targets {
-        http: addr(HOST_IP, HTTP_HOST_PORT),
-        iperf: addr(HOST_IP, IPERF_HOST_PORT),
+        http: socket_addr(HOST_IP, HTTP_HOST_PORT),
+        iperf: socket_addr(HOST_IP, IPERF_HOST_PORT),
     })
 }
 
@@ -136,8 +136,8 @@ fn iptables_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
 fn dataplane_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
     bed.start_agent()?;
     Ok(Targets {
-        http: addr(HOST_IP, HTTP_HOST_PORT),
-        iperf: addr(HOST_IP, IPERF_HOST_PORT),
+        http: socket_addr(HOST_IP, HTTP_HOST_PORT),
+        iperf: socket_addr(HOST_IP, IPERF_HOST_PORT),
     })
 }
 
@@ -147,24 +147,62 @@ fn dataplane_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
 /// FORWARD chain with DOCKER-USER, the two isolation stages and the per-port ACCEPT in DOCKER.
 /// FORWARD's policy is DROP, as Docker sets it.
 pub fn docker_rules(ports: &[(u16, u16)]) -> String {
-    let (net, br, ip) = (NETWORK, BRIDGE, CONTAINER_IP);
+    rules_of(&DOCKER_NETWORK4, ports)
+}
+
+/// One Docker bridge network with one container, as its rules name them in either family.
+pub struct DockerNetwork {
+    pub subnet: &'static str,
+    pub bridge: &'static str,
+    pub container: &'static str,
+    /// The container's address as a single-host prefix (`/32`, `/128`).
+    pub host_prefix: u8,
+    /// What OUTPUT's jump to DOCKER excludes: the loopback prefix.
+    pub loopback: &'static str,
+}
+
+const DOCKER_NETWORK4: DockerNetwork = DockerNetwork {
+    subnet: NETWORK,
+    bridge: BRIDGE,
+    container: CONTAINER_IP,
+    host_prefix: 32,
+    loopback: "127.0.0.0/8",
+};
+
+/// Docker's rules for `network` (see [`docker_rules`]); the text the same for IPv6, with
+/// IPv6 prefixes and the DNAT target in brackets (`[fd00::2]:80`), as `ip6tables-save` shows.
+pub fn rules_of(network: &DockerNetwork, ports: &[(u16, u16)]) -> String {
+    let (net, br, ip, lo) = (
+        network.subnet,
+        network.bridge,
+        network.container,
+        network.loopback,
+    );
+    let host = format!("{ip}/{}", network.host_prefix);
+    let to = |port: u16| {
+        if ip.contains(':') {
+            format!("[{ip}]:{port}")
+        } else {
+            format!("{ip}:{port}")
+        }
+    };
     let mut nat = String::new();
     let mut dnat = String::new();
     let mut accept = String::new();
-    for (host_port, container_port) in ports {
+    for &(host_port, container_port) in ports {
         let _ = writeln!(
             nat,
-            "-A POSTROUTING -s {ip}/32 -d {ip}/32 -p tcp -m tcp --dport {container_port} \
+            "-A POSTROUTING -s {host} -d {host} -p tcp -m tcp --dport {container_port} \
              -j MASQUERADE"
         );
         let _ = writeln!(
             dnat,
-            "-A DOCKER ! -i {br} -p tcp -m tcp --dport {host_port} -j DNAT --to-destination \
-             {ip}:{container_port}"
+            "-A DOCKER ! -i {br} -p tcp -m tcp --dport {host_port} -j DNAT --to-destination {}",
+            to(container_port)
         );
         let _ = writeln!(
             accept,
-            "-A DOCKER -d {ip}/32 ! -i {br} -o {br} -p tcp -m tcp --dport {container_port} \
+            "-A DOCKER -d {host} ! -i {br} -o {br} -p tcp -m tcp --dport {container_port} \
              -j ACCEPT"
         );
     }
@@ -176,7 +214,7 @@ pub fn docker_rules(ports: &[(u16, u16)]) -> String {
 :POSTROUTING ACCEPT [0:0]
 :DOCKER - [0:0]
 -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
--A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
+-A OUTPUT ! -d {lo} -m addrtype --dst-type LOCAL -j DOCKER
 -A POSTROUTING -s {net} ! -o {br} -j MASQUERADE
 {nat}-A DOCKER -i {br} -j RETURN
 {dnat}COMMIT

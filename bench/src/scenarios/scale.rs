@@ -27,8 +27,8 @@ use anyhow::Context as _;
 
 use super::published_port::docker_rules;
 use super::{
-    HOST_IP, KubeService, addr, cpu_share_during, iptables_restore, kube_proxy_rules,
-    last_reconcile, map_entries, new_conn_wrk, path_of, probe, wait_applied, write_state,
+    HOST_IP, KubeService, cpu_share_during, iptables_restore, kube_proxy_rules, last_reconcile,
+    map_entries, new_conn_wrk, path_of, probe, socket_addr, wait_applied, write_state,
 };
 use crate::bed::Bed;
 use crate::bed::Server;
@@ -211,8 +211,8 @@ pub fn ports() -> Scenario {
 
 fn ports_targets() -> Targets {
     Targets {
-        http: addr(HOST_IP, 8080),
-        iperf: addr(HOST_IP, 15201),
+        http: socket_addr(HOST_IP, 8080),
+        iperf: socket_addr(HOST_IP, 15201),
     }
 }
 
@@ -283,8 +283,8 @@ pub fn services() -> Scenario {
 
 fn services_targets() -> Targets {
     Targets {
-        http: addr(WEB_VIP, 80),
-        iperf: addr(WEB_VIP, 5201),
+        http: socket_addr(WEB_VIP, 80),
+        iperf: socket_addr(WEB_VIP, 5201),
     }
 }
 

@@ -29,7 +29,7 @@ use anyhow::Context as _;
 use super::published_port::docker_rules;
 use super::scale::{measure_with_others, size_metrics};
 use super::{
-    HOST_IP, addr, iptables_restore, last_reconcile, map_entries, path_of, wait_applied,
+    HOST_IP, iptables_restore, last_reconcile, map_entries, path_of, socket_addr, wait_applied,
     write_state,
 };
 use crate::bed::{Bed, Server};
@@ -121,8 +121,8 @@ pub fn scenario() -> Scenario {
 
 fn targets() -> Targets {
     Targets {
-        http: addr(HOST_IP, 8080),
-        iperf: addr(HOST_IP, 15201),
+        http: socket_addr(HOST_IP, 8080),
+        iperf: socket_addr(HOST_IP, 15201),
     }
 }
 

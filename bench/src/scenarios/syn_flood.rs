@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use super::{HOST_IP, NEWCONN_P50, NEWCONN_P99, NEWCONN_RPS, addr, new_conn_wrk, path_of};
+use super::{HOST_IP, NEWCONN_P50, NEWCONN_P99, NEWCONN_RPS, new_conn_wrk, path_of, socket_addr};
 use crate::bed::{Bed, Server};
 use crate::client::Targets;
 use crate::framework::Durations;
@@ -77,8 +77,8 @@ pub fn scenario() -> Scenario {
 
 fn targets() -> Targets {
     Targets {
-        http: addr(HOST_IP, 8080),
-        iperf: addr(HOST_IP, 5201),
+        http: socket_addr(HOST_IP, 8080),
+        iperf: socket_addr(HOST_IP, 5201),
     }
 }
 

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use super::{HOST_IP, KubeService, WRK, WRK_NEW_CONN, addr, iptables_restore, kube_proxy_rules};
+use super::{
+    HOST_IP, KubeService, WRK, WRK_NEW_CONN, addr, iptables_restore, kube_proxy_rules, socket_addr,
+};
 use crate::bed::Bed;
 use crate::bed::Server;
 use crate::client::Targets;
@@ -137,8 +139,8 @@ pub fn vip_outside() -> Scenario {
 
 fn targets(ip: &str, port: u16) -> Targets {
     Targets {
-        http: addr(ip, port),
-        iperf: addr(ip, 5201),
+        http: socket_addr(ip, port),
+        iperf: socket_addr(ip, 5201),
     }
 }
 

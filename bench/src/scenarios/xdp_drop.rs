@@ -39,7 +39,7 @@ use anyhow::{Context as _, bail};
 use testbed::StatusExt as _;
 
 use super::drop_gen::{BLOCK, Measured};
-use super::{HOST_IP, addr, path_of};
+use super::{HOST_IP, path_of, socket_addr};
 use crate::bed::Bed;
 use crate::bed::Server;
 use crate::client::Targets;
@@ -173,8 +173,8 @@ pub fn scenario() -> Scenario {
 fn targets() -> Targets {
     // The functional check: the host reaches the container (nothing here translates).
     Targets {
-        http: addr("172.31.0.2", 80),
-        iperf: addr("172.31.0.2", 5201),
+        http: socket_addr("172.31.0.2", 80),
+        iperf: socket_addr("172.31.0.2", 5201),
     }
 }
 
