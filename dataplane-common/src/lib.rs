@@ -145,7 +145,15 @@ pub mod program_names {
     pub const CONTAINER_INGRESS6: &str = "dp_container_ingress6";
     pub const UPLINK_INGRESS6: &str = "dp_uplink_ingress6";
     pub const UPLINK_EGRESS6: &str = "dp_uplink_egress6";
+    /// New IPv6 connections to a service (a container's to a VIP, or from outside to a port
+    /// that leads to a service), tail-called by the two ingress IPv6 programs, at
+    /// [`crate::PROGS6_BALANCE`] in the same array; never attached.
+    pub const BALANCE6: &str = "dp_balance6";
 }
+
+/// The slot of [`program_names::BALANCE6`] in [`map_names::PROGS6`] (the hooks' numbers start
+/// at 1; slot 0 was free).
+pub const PROGS6_BALANCE: u32 = 0;
 
 /// Capacities of the maps (see the map declarations in `dataplane-ebpf/src/maps.rs` for the
 /// reasoning behind each size).

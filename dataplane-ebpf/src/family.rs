@@ -1,6 +1,7 @@
 //! What differs between IPv4 and IPv6 for the code both families share: each family's
-//! conntrack tables, ICMP protocol number and socket-lookup tuple. Conntrack, the flow events
-//! of a connection and the source-port allocation are written once, generic over [`Family`]; each instance is
+//! conntrack tables, service maps, ICMP protocol number and socket-lookup tuple. Conntrack,
+//! the flow events of a connection, the source-port allocation and the choice of a service's
+//! backend (`lb.rs`) are written once, generic over [`Family`]; each instance is
 //! the same code with the family's constants and maps (the IPv4 one is what it was before
 //! IPv6 existed, instruction for instruction). The per-packet parts (headers, checksums,
 //! hooks) are per family: their offsets and checksum rules differ.
@@ -12,10 +13,15 @@ use aya_ebpf::{
     },
     maps::{HashMap, LruHashMap},
 };
-use dataplane_common::{Address, CtEntryOf, CtKeyOf, In6Addr};
+use dataplane_common::{
+    Address, BackendKey, BackendOf, CtEntryOf, CtKeyOf, In6Addr, ServiceInfo, ServiceKeyOf,
+};
 
 use crate::{
-    maps::{CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW},
+    maps::{
+        BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, SERVICES,
+        SERVICES6,
+    },
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
 
@@ -26,6 +32,10 @@ pub trait Family: Address {
     fn conntrack() -> &'static HashMap<CtKeyOf<Self>, CtEntryOf<Self>>;
     /// Connections whose handshake has not completed.
     fn conntrack_new() -> &'static LruHashMap<CtKeyOf<Self>, CtEntryOf<Self>>;
+    /// The family's service VIPs.
+    fn services() -> &'static HashMap<ServiceKeyOf<Self>, ServiceInfo>;
+    /// The family's backends of every service (a dual-stack service's share their indexes).
+    fn backends() -> &'static HashMap<BackendKey, BackendOf<Self>>;
     /// The address folded into 32 bits, for hashing (IPv4's is itself).
     fn fold(&self) -> u32;
     /// The socket-lookup tuple of `key` (as a packet with that key carries it) and its size,
@@ -42,6 +52,14 @@ impl Family for u32 {
     #[inline(always)]
     fn conntrack_new() -> &'static LruHashMap<CtKeyOf<Self>, CtEntryOf<Self>> {
         &CONNTRACK_NEW
+    }
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKeyOf<Self>, ServiceInfo> {
+        &SERVICES
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<BackendKey, BackendOf<Self>> {
+        &BACKENDS
     }
     #[inline(always)]
     fn fold(&self) -> u32 {
@@ -74,6 +92,14 @@ impl Family for In6Addr {
     #[inline(always)]
     fn conntrack_new() -> &'static LruHashMap<CtKeyOf<Self>, CtEntryOf<Self>> {
         &CONNTRACK6_NEW
+    }
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKeyOf<Self>, ServiceInfo> {
+        &SERVICES6
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<BackendKey, BackendOf<Self>> {
+        &BACKENDS6
     }
     #[inline(always)]
     fn fold(&self) -> u32 {

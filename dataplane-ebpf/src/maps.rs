@@ -225,11 +225,19 @@ pub static SOCK_LB6: LruHashMap<SockLbKey6, SockLb6> = LruHashMap::pinned(capaci
 pub static NEW_CONNECTION6: PerCpuArray<crate::conntrack::NewConnectionOf<In6Addr>> =
     PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU scratch space of the IPv6 balancing program (`balance6.rs`): the packet it works
+/// on. Not pinned, as `dp_scratch6`.
+#[map(name = "dp_scratch6_pkt")]
+pub static BALANCE6_PACKET: PerCpuArray<crate::balance6::Packet6> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// The IPv6 programs the IPv4 tc programs tail-call for each IPv6 frame, by hook number
 /// (`dataplane_common::hook`: 1 container ingress, 2 uplink ingress, 3 uplink egress; 4 slots).
 /// A tail call gives the IPv6 path the verifier's whole 512-byte stack: the IPv4 program's
 /// main frame takes 392 of it. Pinned, so that across an agent restart the programs still
 /// attached find IPv6 programs here until the new ones replace them; written by the loader
-/// only. An empty slot (an older loader) leaves IPv6 frames passing untouched.
+/// only. An empty slot (an older loader) leaves IPv6 frames passing untouched. Slot 0
+/// (`PROGS6_BALANCE`): the IPv6 ingress programs' own tail call, for new connections to a
+/// service (`balance6.rs`).
 #[map(name = "dp_progs6_v1")]
 pub static PROGS6: ProgramArray = ProgramArray::pinned(4, 0);

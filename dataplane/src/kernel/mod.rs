@@ -1418,7 +1418,8 @@ fn removed(
 }
 
 /// Loads the IPv6 halves of the tc programs and puts each at its hook's number in the program
-/// array the IPv4 programs tail-call for IPv6 frames (pinned: across a restart, the programs
+/// array the IPv4 programs tail-call for IPv6 frames (and the IPv6 programs' own for new
+/// service connections at slot 0) (pinned: across a restart, the programs
 /// still attached keep finding IPv6 programs there until this load's replace them).
 fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     use aya::maps::ProgramArray;
@@ -1427,6 +1428,7 @@ fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
         (hook::CONTAINER_INGRESS, program_names::CONTAINER_INGRESS6),
         (hook::UPLINK_INGRESS, program_names::UPLINK_INGRESS6),
         (hook::UPLINK_EGRESS, program_names::UPLINK_EGRESS6),
+        (dataplane_common::PROGS6_BALANCE, program_names::BALANCE6),
     ] {
         let program: &mut SchedClassifier = program_mut(ebpf, name)?;
         let error = |source| DatapathError::Program {
