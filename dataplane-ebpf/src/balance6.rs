@@ -12,8 +12,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    lb,
-    conntrack,
+    conntrack, lb,
     maps::{BALANCE6_PACKET, NEW_CONNECTION6, PROGS6},
     parse::{IPPROTO_ICMPV6, Ipv6Packet, parse_ipv6},
     policy, reject,
@@ -204,7 +203,8 @@ fn go(
         return Verdict::Pass;
     };
     // SAFETY: this CPU's element, just written by `choose` in this program run.
-    let (origin, addr, port) = unsafe { ((*chosen).origin, (*chosen).nat_addr, (*chosen).nat_port) };
+    let (origin, addr, port) =
+        unsafe { ((*chosen).origin, (*chosen).nat_addr, (*chosen).nat_port) };
     track_dnat(ctx, hook, ip, l4, forward, origin, &addr, port)
 }
 

@@ -90,7 +90,9 @@ pub fn pick_hashed<A: Family>(service: &ServiceInfo, hashes: &Hashes) -> Option<
         index: pick_index(service, hashes)?,
     };
     // SAFETY: a map value from this program run's lookup.
-    A::backends().get_ptr(&key).map(|backend| unsafe { *backend })
+    A::backends()
+        .get_ptr(&key)
+        .map(|backend| unsafe { *backend })
 }
 
 /// The index of the backend [`pick_hashed`] picks: a dual-stack service's IPv4 and IPv6

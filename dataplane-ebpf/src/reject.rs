@@ -157,7 +157,8 @@ pub fn tcp_reset6(ctx: &TcContext, ip: &Ipv6Packet, l4: &L4v6) -> Result<(), ()>
     words[25] = (reset_ack as u16).to_be();
     words[26] = ((5 << 12) | u16::from(flags)).to_be();
     // The pseudo-header: both addresses (words 4-19), the upper-layer length and next header.
-    let mut pseudo = u32::from((TCP_HDR_LEN as u16).to_be()) + u32::from(u16::from(IPPROTO_TCP).to_be());
+    let mut pseudo =
+        u32::from((TCP_HDR_LEN as u16).to_be()) + u32::from(u16::from(IPPROTO_TCP).to_be());
     for w in &words[4..20] {
         pseudo += u32::from(*w);
     }

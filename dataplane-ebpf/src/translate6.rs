@@ -362,13 +362,7 @@ pub(crate) fn track_dnat(
     // (a struct literal would be built on the stack first).
     let connection = unsafe { &mut *connection };
     connection.forward = *forward;
-    connection.reply = conntrack::reply_key(
-        ip.protocol,
-        In6Addr(ip.saddr),
-        l4.sport,
-        *addr,
-        port,
-    );
+    connection.reply = conntrack::reply_key(ip.protocol, In6Addr(ip.saddr), l4.sport, *addr, port);
     connection.origin = origin;
     connection.rewrite = ct_rewrite::DST;
     connection.nat_addr = *addr;
