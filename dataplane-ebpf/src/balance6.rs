@@ -8,13 +8,13 @@
 
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
-    CtKey6, DropReason, In6Addr, PROGS6_BALANCE, PortTarget6, ct_origin, ct_rewrite, hook,
+    CtKey6, DropReason, FragKey6, In6Addr, PROGS6_BALANCE, PortTarget6, ct_origin, ct_rewrite, hook,
 };
 
 use crate::{
     conntrack, lb,
-    maps::{BALANCE6_PACKET, NEW_CONNECTION6, PROGS6},
-    parse::{IPPROTO_ICMPV6, Ipv6Packet, parse_ipv6},
+    maps::{BALANCE6_PACKET, FRAGMENTS6, NEW_CONNECTION6, PROGS6},
+    parse::{IP6_DADDR_OFF, IPPROTO_ICMPV6, Ipv6Packet, parse_ipv6},
     policy, reject,
     translate::{Hook, Verdict},
     translate6::{
@@ -87,6 +87,9 @@ pub fn handle(ctx: &TcContext) -> Verdict {
         Some(ip) => ip,
         None => return Verdict::Drop(DropReason::Malformed),
     };
+    if p.ip.is_later_fragment() {
+        return later_fragment(ctx, &mut p.ip);
+    }
     p.l4 = match parse_l4(ctx, &p.ip) {
         Some(l4) => l4,
         None => return Verdict::Pass,
@@ -104,6 +107,49 @@ pub fn handle(ctx: &TcContext) -> Verdict {
         remember_first_fragment(&p.key, p.ip.id, &verdict);
     }
     verdict
+}
+
+/// A later fragment of a datagram of a service connection from a container: its destination
+/// becomes the backend, as its first fragment's did (found through the fragment map; ports
+/// and the checksum are in the first fragment).
+#[inline(always)]
+fn later_fragment(ctx: &TcContext, ip: &mut Ipv6Packet) -> Verdict {
+    let fragment = FragKey6 {
+        saddr: In6Addr(ip.saddr),
+        daddr: In6Addr(ip.daddr),
+        id: ip.id,
+        proto: ip.protocol,
+        _pad: [0; 3],
+    };
+    let Some(first) = FRAGMENTS6.get_ptr(&fragment) else {
+        return Verdict::Drop(DropReason::FragmentNotFound);
+    };
+    // SAFETY: a map value from this program run's lookup.
+    let first = unsafe { *first };
+    if first.drop_reason != 0 {
+        return Verdict::Drop(crate::translate::recorded_drop(first.drop_reason));
+    }
+    let key = CtKey6 {
+        saddr: fragment.saddr,
+        daddr: fragment.daddr,
+        sport: first.sport,
+        dport: first.dport,
+        proto: ip.protocol,
+        _pad: [0; 3],
+    };
+    let Some(entry) = conntrack::lookup(&key) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: a map value from this program run's lookup.
+    let (origin, rewrite, addr) = unsafe { ((*entry).origin, (*entry).rewrite, (*entry).nat_addr) };
+    if origin != ct_origin::SERVICE || rewrite != ct_rewrite::DST {
+        return Verdict::Pass;
+    }
+    if ctx.store(IP6_DADDR_OFF, &addr.0, 0).is_err() {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    ip.daddr = addr.0;
+    deliver(ctx, ip)
 }
 
 #[inline(always)]

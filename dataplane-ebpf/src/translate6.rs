@@ -232,6 +232,11 @@ fn later_fragment(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
     };
     // SAFETY: a map value from this program run's lookup.
     let (origin, rewrite, addr) = unsafe { ((*entry).origin, (*entry).rewrite, (*entry).nat_addr) };
+    if hook == Hook::ContainerIngress && origin == ct_origin::SERVICE && rewrite == ct_rewrite::DST
+    {
+        // As the connection's other packets to its backend (`decide`).
+        return crate::balance6::to_balancer(ctx, hook);
+    }
     if !owns(hook, origin, rewrite) {
         return Verdict::Pass;
     }

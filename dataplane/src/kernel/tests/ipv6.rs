@@ -649,7 +649,7 @@ fn ipv6_fragments_of_a_translated_datagram_are_translated_as_its_first() {
 const VIP6: &str = "fd00::10";
 const BACKENDS6: [&str; 2] = ["fd00:1::3", "fd00:1::4"];
 
-/// [`with_container6`] and a service `VIP6`:80/tcp over `backends` (Maglev, id 1), each
+/// [`with_container6`] and a service `VIP6`:80/tcp and :53/udp over `backends` (Maglev, id 1), each
 /// backend a container of the client's network (ifindex 10 + i, MAC 02:..:10+i).
 fn with_service6(dp: &mut crate::kernel::Datapath, backends: &[&str]) {
     use dataplane_common::{
@@ -693,21 +693,24 @@ fn with_service6(dp: &mut crate::kernel::Datapath, backends: &[&str]) {
         let table = crate::reconcile::maglev::table(&members, dp.maglev_size());
         dp.set_maglev(1, &table).unwrap();
     }
-    dp.set::<crate::kernel::maps::Services6>(
-        ServiceKey6 {
-            vip: In6Addr::from_ipv6(v6(VIP6)),
-            port: 80u16.to_be(),
-            proto: 6,
-            _pad: 0,
-        },
-        ServiceInfo {
-            id: 1,
-            backend_count: backends.len() as u32,
-            algorithm: algorithm::MAGLEV,
-            _pad: [0; 3],
-        },
-    )
-    .unwrap();
+    // TCP 80 and UDP 53 on the VIP, the same backends.
+    for (port, proto) in [(80u16, 6u8), (53, 17)] {
+        dp.set::<crate::kernel::maps::Services6>(
+            ServiceKey6 {
+                vip: In6Addr::from_ipv6(v6(VIP6)),
+                port: port.to_be(),
+                proto,
+                _pad: 0,
+            },
+            ServiceInfo {
+                id: 1,
+                backend_count: backends.len() as u32,
+                algorithm: algorithm::MAGLEV,
+                _pad: [0; 3],
+            },
+        )
+        .unwrap();
+    }
 }
 
 #[test]
@@ -850,4 +853,57 @@ fn ipv6_vip_without_backends_refuses_with_a_reset_and_counts_it() {
     assert_eq!(ack, 1001, "acknowledges the SYN (seq 1000)");
     assert_eq!(&out[0..6], &syn[6..12], "back to the sender's MAC");
     assert_eq!(drops(dp, DropReason::ServiceBackendNotFound), 1);
+}
+
+#[test]
+fn ipv6_udp_to_a_vip_and_the_fragments_of_a_datagram_go_to_one_backend() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    with_service6(dp, &BACKENDS6);
+    let (client, vip) = (v6("fd00:1::2"), v6(VIP6));
+    // One datagram, then its reply from the VIP.
+    let query = frame6(client, vip, 17, &udp(40100, 53, b"query"));
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &query);
+    assert_eq!(verdict, TC_REDIRECT);
+    assert_checksums6(&out);
+    let (_, backend, _, _) = upper_layer(&out);
+    assert!(BACKENDS6.iter().any(|b| v6(b) == backend), "{backend}");
+    assert_eq!(ports6(&out), (40100, 8080));
+    let answer = frame6(backend, client, 17, &udp(8080, 40100, b"answer"));
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &answer,
+        TC_REDIRECT,
+        (vip, client),
+        "the UDP answer from the VIP",
+    );
+    assert_eq!(ports6(&out), (53, 40100));
+    // A datagram in two fragments (UDP header and 16 bytes, then 16 more): both to the
+    // backend the first went to.
+    let fragment = |offset: u16, more: bool, l4: &[u8]| {
+        let mut spec = Ipv6Spec::new(client, vip, 17);
+        spec.ext.push(fragment_header(offset, more, 0x4242));
+        ipv6_frame(&spec, l4)
+    };
+    let mut first_l4 = udp(40101, 53, &[7u8; 16]);
+    first_l4[4..6].copy_from_slice(&40u16.to_be_bytes());
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &fragment(0, true, &first_l4));
+    assert_eq!(verdict, TC_REDIRECT, "first fragment");
+    let (_, backend, _, _) = upper_layer(&out);
+    assert!(BACKENDS6.iter().any(|b| v6(b) == backend), "{backend}");
+    let later = fragment(3, false, &[9u8; 16]);
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &later,
+        TC_REDIRECT,
+        (client, backend),
+        "the later fragment, as its first",
+    );
+    assert_eq!(
+        &out[out.len() - 16..],
+        &later[later.len() - 16..],
+        "its data untouched"
+    );
 }
