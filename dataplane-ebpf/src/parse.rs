@@ -347,7 +347,7 @@ pub enum Transport {
 /// SYN with FIN, SYN with RST (scans and floods use them; Linux's conntrack calls them
 /// invalid).
 #[inline(always)]
-fn invalid_tcp_flags(flags: u8) -> bool {
+pub fn invalid_tcp_flags(flags: u8) -> bool {
     const SYN_FIN: u8 = 0x02 | 0x01;
     const SYN_RST: u8 = 0x02 | 0x04;
     flags & 0x3f == 0 || flags & SYN_FIN == SYN_FIN || flags & SYN_RST == SYN_RST

@@ -11,10 +11,11 @@
 //! | uplink egress | masquerade requests | NAT66 of a container's connection |
 //!
 //! Fragments of a translated datagram are translated as their first fragment was (the
-//! fragment map, as IPv4's). Service VIPs (a container's connection to a `vip6`, a published
-//! port leading to a service) are balanced in `balance6.rs`. Not yet (README, "IPv6 today"):
-//! NAT64, a container's VIP connection to itself (hairpin), ICMPv6 errors about translated
-//! connections, user policies; a packet none of this concerns passes untouched.
+//! fragment map, as IPv4's); ICMPv6 errors about a translated connection as that connection's
+//! packets travelling their way (`icmp_error`). Service VIPs (a container's connection to a
+//! `vip6`, a published port leading to a service) are balanced in `balance6.rs`. Not yet
+//! (README, "IPv6 today"): NAT64, a container's VIP connection to itself (hairpin), user
+//! policies; a packet none of this concerns passes untouched.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -30,7 +31,10 @@ use crate::{
     flow,
     maps::{CONFIG, ENDPOINTS6, FRAGMENTS6, LOCAL_ADDRS6, NEW_CONNECTION6, PORTS6},
     nat,
-    parse::{IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ipv6Packet},
+    parse::{
+        ETH_HDR_LEN, IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+        IPV6_HDR_LEN, Ipv6Packet, invalid_tcp_flags,
+    },
     translate::{Hook, Verdict},
 };
 
@@ -58,6 +62,56 @@ pub struct L4v6 {
 /// ICMPv6 echo request and reply: tracked as IPv4's echo is (the identifier as the port).
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// ICMPv6 errors (RFC 4443): destination unreachable, packet too big, time exceeded,
+/// parameter problem. Each quotes as much of the packet it is about as fits.
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
+
+/// The packet an ICMPv6 error quotes: its IPv6 header (without extension headers: a quoted
+/// packet with one is not looked into) and the first bytes of its TCP or UDP header, as they
+/// were when it left, so its tuple is the reverse of the error's own direction.
+#[derive(Clone, Copy)]
+struct Quoted6 {
+    icmp_csum_offset: usize,
+    /// Offset of the quoted IPv6 header.
+    ip_offset: usize,
+    /// Offset of the quoted TCP/UDP header.
+    l4_offset: usize,
+    protocol: u8,
+    saddr: In6Addr,
+    daddr: In6Addr,
+    sport: u16,
+    dport: u16,
+}
+
+/// The quoted packet of an ICMPv6 error about a TCP or UDP packet; None for any other ICMPv6
+/// message, and for an error cut short (it passes untouched, as before).
+#[inline(always)]
+fn parse_icmp_error(ctx: &TcContext, ip: &Ipv6Packet) -> Option<Quoted6> {
+    let off = ip.l4_offset;
+    let icmp_type = ctx.load::<u8>(off).ok()?;
+    if !(ICMPV6_DEST_UNREACH..=ICMPV6_PARAMETER_PROBLEM).contains(&icmp_type) {
+        return None;
+    }
+    let ip_offset = off + 8;
+    let version = ctx.load::<u8>(ip_offset).ok()? >> 4;
+    let protocol = ctx.load::<u8>(ip_offset + 6).ok()?;
+    if version != 6 || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP) {
+        return None;
+    }
+    let l4_offset = ip_offset + 40;
+    Some(Quoted6 {
+        icmp_csum_offset: off + 2,
+        ip_offset,
+        l4_offset,
+        protocol,
+        saddr: In6Addr(ctx.load::<[u32; 4]>(ip_offset + 8).ok()?),
+        daddr: In6Addr(ctx.load::<[u32; 4]>(ip_offset + 24).ok()?),
+        sport: ctx.load::<u16>(l4_offset).ok()?,
+        dport: ctx.load::<u16>(l4_offset + 2).ok()?,
+    })
+}
 
 /// TCP, UDP or ICMPv6 echo, read; None for anything else, and for headers cut short (they
 /// pass as before: the receiving stack judges them).
@@ -122,6 +176,11 @@ pub fn translate(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
         return later_fragment(ctx, hook, ip);
     }
     let Some(mut l4) = parse_l4(ctx, ip) else {
+        if ip.protocol == IPPROTO_ICMPV6 {
+            if let Some(quoted) = parse_icmp_error(ctx, ip) {
+                return icmp_error(ctx, hook, ip, &quoted);
+            }
+        }
         return Verdict::Pass;
     };
     let key = CtKey6 {
@@ -252,6 +311,113 @@ fn later_fragment(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
     onward(ctx, hook, ip)
 }
 
+/// An ICMPv6 error about a translated connection (packet too big above all: path MTU
+/// discovery through the translation depends on it): found by the quoted packet's reversed
+/// tuple, the key a packet of the connection travelling the error's way carries, and
+/// translated and sent on like one. About no connection we track: it passes untouched.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet, quoted: &Quoted6) -> Verdict {
+    let key = CtKey6 {
+        saddr: quoted.daddr,
+        daddr: quoted.saddr,
+        sport: quoted.dport,
+        dport: quoted.sport,
+        proto: quoted.protocol,
+        _pad: [0; 3],
+    };
+    let Some(entry) = conntrack::lookup(&key) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: a map value from this program run's lookup.
+    let (origin, rewrite, addr, port) = unsafe {
+        (
+            (*entry).origin,
+            (*entry).rewrite,
+            (*entry).nat_addr,
+            (*entry).nat_port,
+        )
+    };
+    if !owns(hook, origin, rewrite) {
+        return Verdict::Pass;
+    }
+    if rewrite_icmp_error(ctx, ip, quoted, rewrite, &addr, port).is_err() {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    onward(ctx, hook, ip)
+}
+
+/// Translates an ICMPv6 error the way its connection's packets travelling the same way are:
+/// the outer header's field `which` (destination or source) becomes `addr`; the quoted packet,
+/// which travelled the other way, gets the same change on its other side (source address and
+/// port for `DST`, destination for `SRC`). The ICMPv6 checksum covers the pseudo-header (the
+/// outer addresses) and the quoted bytes: every change is folded into it. The quoted TCP/UDP
+/// checksum is left alone, as Linux's NAT leaves a quote cut short: receivers match the quote's
+/// addresses and ports, not its checksum.
+#[inline(always)]
+fn rewrite_icmp_error(
+    ctx: &TcContext,
+    ip: &mut Ipv6Packet,
+    quoted: &Quoted6,
+    which: u8,
+    addr: &In6Addr,
+    port: u16,
+) -> Result<(), ()> {
+    let (outer_offset, old_outer, quoted_offset, old_quoted, port_offset, old_port) =
+        if which == ct_rewrite::DST {
+            (
+                IP6_DADDR_OFF,
+                ip.daddr,
+                quoted.ip_offset + 8,
+                quoted.saddr.0,
+                quoted.l4_offset,
+                quoted.sport,
+            )
+        } else {
+            (
+                IP6_SADDR_OFF,
+                ip.saddr,
+                quoted.ip_offset + 24,
+                quoted.daddr.0,
+                quoted.l4_offset + 2,
+                quoted.dport,
+            )
+        };
+    let csum = quoted.icmp_csum_offset;
+    for word in 0..4 {
+        if old_outer[word] != addr.0[word] {
+            ctx.l4_csum_replace(
+                csum,
+                u64::from(old_outer[word]),
+                u64::from(addr.0[word]),
+                u64::from(BPF_F_PSEUDO_HDR) | BPF_F_IPV6 | 4,
+            )
+            .map_err(|_| ())?;
+        }
+        if old_quoted[word] != addr.0[word] {
+            ctx.l4_csum_replace(
+                csum,
+                u64::from(old_quoted[word]),
+                u64::from(addr.0[word]),
+                4,
+            )
+            .map_err(|_| ())?;
+        }
+    }
+    ctx.store(outer_offset, &addr.0, 0).map_err(|_| ())?;
+    ctx.store(quoted_offset, &addr.0, 0).map_err(|_| ())?;
+    if old_port != port {
+        ctx.l4_csum_replace(csum, u64::from(old_port), u64::from(port), 2)
+            .map_err(|_| ())?;
+        ctx.store(port_offset, &port, 0).map_err(|_| ())?;
+    }
+    if which == ct_rewrite::DST {
+        ip.daddr = addr.0;
+    } else {
+        ip.saddr = addr.0;
+    }
+    Ok(())
+}
+
 /// The translations of a TCP, UDP or ICMPv6 echo packet whose conntrack key is `key`.
 #[inline(always)]
 fn decide(
@@ -261,6 +427,9 @@ fn decide(
     l4: &mut L4v6,
     key: &CtKey6,
 ) -> Verdict {
+    if invalid_header(ctx, ip, l4) {
+        return Verdict::Drop(DropReason::InvalidL4Header);
+    }
     let key = *key;
     // SAFETY (for the reads below): map values from lookups in this program run.
     if let Some(entry) = conntrack::lookup_packet(&key, l4.tcp_flags) {
@@ -322,6 +491,32 @@ fn decide(
         &addr,
         port,
     )
+}
+
+/// A TCP or UDP header the receiving kernel would drop anyway, as IPv4's parse judges them
+/// (`DropReason::InvalidL4Header`): TCP flags no stack accepts (SYN+FIN, none, ...) or a data
+/// offset inside the fixed header; a UDP length under the UDP header's or beyond the datagram. Dropped before they can be tracked, so a scan of them fills nothing.
+#[inline(always)]
+fn invalid_header(ctx: &TcContext, ip: &Ipv6Packet, l4: &L4v6) -> bool {
+    let off = ip.l4_offset;
+    if ip.protocol == IPPROTO_TCP {
+        let Ok(data_offset) = ctx.load::<u8>(off + 12) else {
+            return true;
+        };
+        return data_offset >> 4 < 5 || invalid_tcp_flags(l4.tcp_flags);
+    }
+    if ip.protocol != IPPROTO_UDP {
+        return false;
+    }
+    let Ok(length) = ctx.load::<u16>(off + 4) else {
+        return true;
+    };
+    // As Linux's UDP receive judges it: shorter than its header, or longer than what came
+    // (a first fragment's length covers the whole datagram). A shorter length is trimmed to,
+    // not dropped, by the receiver.
+    let length = u32::from(u16::from_be(length));
+    let carried = (ETH_HDR_LEN + IPV6_HDR_LEN) as u32 + ip.payload_len - off as u32;
+    length < 8 || (!ip.is_first_fragment() && length > carried)
 }
 
 /// The container a published port leads to: an exact host-address binding first, then one on

@@ -1,8 +1,8 @@
 //! Hostile traffic on a namespaced host: a spoofed SYN flood at a published port (bounded, a
 //! few seconds, inside the sandbox's namespaces) locks nobody out and leaves an established
 //! connection alone; UDP datagrams that must be fragmented arrive whole, with their replies,
-//! through a published port, masquerade and a VIP; orphan and out-of-order fragments are
-//! counted; a flood of denied packets keeps earlier records in `observe` and costs the agent
+//! through a published port, masquerade and a VIP, and over IPv6 (the fragment header); orphan
+//! and out-of-order fragments are counted; a flood of denied packets keeps earlier records in `observe` and costs the agent
 //! little CPU.
 
 use std::{
@@ -193,7 +193,17 @@ fn udp_echo(
     port: u16,
     count: usize,
 ) -> thread::JoinHandle<Vec<(usize, SocketAddr)>> {
-    let socket = in_netns(&netns, move || UdpSocket::bind(("0.0.0.0", port))).expect("binding");
+    udp_echo_on(netns, "0.0.0.0", port, count)
+}
+
+/// [`udp_echo`] on address `addr` (`::` for IPv6 clients).
+fn udp_echo_on(
+    netns: String,
+    addr: &'static str,
+    port: u16,
+    count: usize,
+) -> thread::JoinHandle<Vec<(usize, SocketAddr)>> {
+    let socket = in_netns(&netns, move || UdpSocket::bind((addr, port))).expect("binding");
     socket
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -229,7 +239,8 @@ fn exchange(netns: &str, to: &str, sizes: &[usize]) {
     let to: SocketAddr = to.parse().unwrap();
     let sizes = sizes.to_vec();
     in_netns(netns, move || {
-        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+        let socket = UdpSocket::bind(any).unwrap();
         socket
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
@@ -289,6 +300,85 @@ fn fragmented_udp_datagrams_arrive_whole_with_their_replies() {
         0,
         "{status:#?}"
     );
+}
+
+/// [`SPEC`] with IPv6 on the network and the containers (Docker's `--ipv6` network).
+const SPEC6: &str = r#"
+uplink: eth0
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1,
+     subnet6: "fd00:30:1::/64", gateway6: "fd00:30:1::1"}
+endpoints:
+  - name: web1
+    interfaces: [{network: front, ip: 172.30.1.2, ip6: "fd00:30:1::2", mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
+  - name: web2
+    interfaces: [{network: front, ip: 172.30.1.3, ip6: "fd00:30:1::3", mac: "02:42:ac:1e:01:03", host_veth: veth-web2}]
+ports:
+  - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}
+"#;
+
+const HOST6: &str = "2001:db8::1";
+const OUTSIDE6: &str = "2001:db8::2";
+
+/// The IPv6 fragment header's way: UDP datagrams bigger than the path, split by their sender
+/// into fragments (IPv6 routers never split), arrive whole with their replies through a
+/// published port (the container sees the client) and through NAT66 (every fragment leaves
+/// from the host's address).
+#[test]
+fn fragmented_ipv6_udp_datagrams_arrive_whole_with_their_replies() {
+    let sandbox = Sandbox::up(SPEC6);
+    let agent = Agent::start(&sandbox);
+    sandbox.write_state(&format!(
+        "{SPEC6}  - {{endpoint: web1, protocol: udp, host_port: 5300, container_port: 5300}}\n"
+    ));
+    agent.wait_for("the UDP port", |s| {
+        s.last_error.is_none() && s.map_entries("dp_ports6_v1") == 2
+    });
+    let sizes = [4000, 60000];
+    let server = udp_echo_on(sandbox.netns("web1"), "::", 5300, sizes.len());
+    exchange(
+        &sandbox.netns("outside"),
+        &format!("[{HOST6}]:5300"),
+        &sizes,
+    );
+    let seen = server.join().unwrap();
+    assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), sizes);
+    assert!(
+        seen.iter()
+            .all(|(_, peer)| peer.ip().to_string() == OUTSIDE6),
+        "{seen:?}"
+    );
+    let server = udp_echo_on(sandbox.netns("outside"), "::", 7777, sizes.len());
+    exchange(
+        &sandbox.netns("web2"),
+        &format!("[{OUTSIDE6}]:7777"),
+        &sizes,
+    );
+    let seen = server.join().unwrap();
+    assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), sizes);
+    assert!(
+        seen.iter().all(|(_, peer)| peer.ip().to_string() == HOST6),
+        "{seen:?}"
+    );
+    let status = agent.status();
+    assert_eq!(
+        status.drops("FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND"),
+        0,
+        "{status:#?}"
+    );
+    // An orphan later fragment, then a datagram's fragments last-first: each later fragment
+    // that comes before its first is dropped and counted, as over IPv4.
+    let script = format!(
+        "from scapy.all import IPv6, IPv6ExtHdrFragment, UDP, Raw, fragment6, send\n\
+         send(IPv6(dst='{HOST6}')/IPv6ExtHdrFragment(id=4242, offset=100, nh=17)/Raw(b'x'*64), iface='eth0', verbose=0)\n\
+         parts = fragment6(IPv6(dst='{HOST6}')/IPv6ExtHdrFragment(id=4343)/UDP(sport=7000, dport=5300)/Raw(b'y'*3000), 1000)\n\
+         send(list(reversed(parts)), iface='eth0', verbose=0)\n"
+    );
+    sandbox.exec_ok("outside", &["/usr/bin/python3", "-c", &script]);
+    let status = agent.wait_for("IPv6 fragments counted", |s| {
+        s.drops("FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND") >= 3
+    });
+    assert!(status.last_error.is_none());
 }
 
 #[test]

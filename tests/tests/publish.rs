@@ -805,3 +805,175 @@ fn an_ipv6_only_network_publishes_ports_and_is_masqueraded() {
     let ping = sandbox.exec_ok("web6", &["ping", "-6", "-c3", "-i0.2", "-W2", OUTSIDE6]);
     assert!(ping.contains("3 received"), "{ping}");
 }
+
+/// A client behind a hop of a smaller MTU than the host's (1280, IPv6's minimum), in a
+/// namespace of its own behind the outside one, which routes for it. The client advertises
+/// the MSS of a 1500-byte LAN (`advmss`, as a client behind a tunnel does), so only path MTU
+/// discovery keeps a container's big segments from being lost at the hop.
+struct FarClient {
+    netns: String,
+}
+
+const FAR6: &str = "2001:db8:f::2";
+
+impl FarClient {
+    fn behind(sandbox: &Sandbox) -> FarClient {
+        // `{sandbox}-far`: the sandbox's drop removes every namespace named after it.
+        let netns = format!("{}-far", sandbox.names().name());
+        let outside = sandbox.netns("outside");
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("ip");
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        };
+        ip(&["netns", "add", &netns]);
+        let far = FarClient { netns };
+        let (o, f) = (outside.as_str(), far.netns.as_str());
+        ip(&[
+            "-n", o, "link", "add", "to-far", "mtu", "1280", "type", "veth", "peer", "name",
+            "eth0", "mtu", "1280", "netns", f,
+        ]);
+        ip(&[
+            "-n",
+            o,
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:f::1/64",
+            "dev",
+            "to-far",
+            "nodad",
+        ]);
+        ip(&["-n", o, "link", "set", "to-far", "up"]);
+        ip(&["-n", f, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            f,
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:f::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        ip(&["-n", f, "link", "set", "eth0", "up"]);
+        ip(&[
+            "-n",
+            f,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "2001:db8:f::1",
+            "advmss",
+            "1440",
+        ]);
+        sandbox.exec_ok(
+            "outside",
+            &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+        );
+        sandbox.exec_ok(
+            "host",
+            &[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "2001:db8:f::/64",
+                "via",
+                OUTSIDE6,
+            ],
+        );
+        far
+    }
+}
+
+/// What a peer sends on a TCP connection, counted to its end (at most `timeout` of silence).
+fn bytes_until_close(mut stream: TcpStream, timeout: Duration) -> usize {
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let (mut total, mut buf) = (0, vec![0u8; 64 * 1024]);
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return total,
+            Ok(n) => total += n,
+        }
+    }
+}
+
+/// Path MTU discovery through the translations: a router on the way to the client cannot
+/// forward the container's 1500-byte packets onto its 1280-byte hop and says so (ICMPv6
+/// "packet too big") to the address they came from, the host's. Translated back, the error
+/// reaches the container, which lowers its path MTU and its segments get through: a published
+/// port's download, and an upload through NAT66. Untranslated, both transfers stall.
+#[test]
+fn ipv6_path_mtu_discovery_works_through_a_published_port_and_nat66() {
+    const SIZE: usize = 256 * 1024;
+    let sandbox = Sandbox::up(SPEC_DUAL);
+    let _agent = Agent::start(&sandbox);
+    let far = FarClient::behind(&sandbox);
+    // The container serves the download itself on its published port 80.
+    sandbox.stop_sandbox_server("web1").unwrap();
+    let listener = in_netns(&sandbox.netns("web1"), || {
+        std::net::TcpListener::bind("[::]:80").expect("binding [::]:80 in web1")
+    });
+    let server = std::thread::spawn(move || {
+        let (mut stream, peer) = listener.accept().expect("the download's connection");
+        // A stalled transfer must end the test, not hang it: the far end counts what came.
+        stream
+            .set_write_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let _ = stream.write_all(&vec![b'x'; SIZE]);
+        peer
+    });
+    let got = in_netns(&far.netns, || {
+        let stream = TcpStream::connect_timeout(
+            &format!("[{HOST6}]:8080").parse().unwrap(),
+            Duration::from_secs(3),
+        )
+        .expect("the far client connecting to the published port");
+        bytes_until_close(stream, Duration::from_secs(10))
+    });
+    let peer = server.join().unwrap();
+    assert_eq!(
+        peer.ip().to_string(),
+        FAR6,
+        "the container sees the far client"
+    );
+    assert_eq!(got, SIZE, "the whole download crossed the 1280-byte hop");
+    let route = sandbox.exec_ok("web1", &["ip", "-6", "route", "get", FAR6]);
+    assert!(
+        route.contains("mtu 1280"),
+        "the container learnt the path MTU: {route}"
+    );
+
+    // The other way: the container uploads to the far client through NAT66.
+    let listener = in_netns(&far.netns, || {
+        std::net::TcpListener::bind("[::]:9000").expect("binding [::]:9000 in the far client")
+    });
+    let receiver = std::thread::spawn(move || {
+        let (stream, peer) = listener.accept().expect("the upload's connection");
+        (bytes_until_close(stream, Duration::from_secs(10)), peer)
+    });
+    in_netns(&sandbox.netns("web1"), || {
+        let mut stream = TcpStream::connect_timeout(
+            &format!("[{FAR6}]:9000").parse().unwrap(),
+            Duration::from_secs(3),
+        )
+        .expect("web1 connecting to the far client");
+        stream
+            .set_write_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let _ = stream.write_all(&vec![b'y'; SIZE]);
+    });
+    let (received, peer) = receiver.join().unwrap();
+    assert_eq!(
+        peer.ip().to_string(),
+        HOST6,
+        "masqueraded to the host's address"
+    );
+    assert_eq!(received, SIZE, "the whole upload crossed the 1280-byte hop");
+}

@@ -907,3 +907,248 @@ fn ipv6_udp_to_a_vip_and_the_fragments_of_a_datagram_go_to_one_backend() {
         "its data untouched"
     );
 }
+
+/// An ICMPv6 error of `kind` (and `code`; for packet too big, `mtu` in its 4 bytes) quoting
+/// `frame`'s IPv6 packet, its checksum left for the builder.
+fn icmp6_error(kind: u8, code: u8, mtu: u32, frame: &[u8]) -> Vec<u8> {
+    let mut message = vec![kind, code, 0, 0];
+    message.extend_from_slice(&mtu.to_be_bytes());
+    message.extend_from_slice(&frame[ETH_LEN..]);
+    message
+}
+
+/// The addresses and ports of the packet an ICMPv6 error frame quotes.
+fn quoted6(frame: &[u8]) -> (Ipv6Addr, Ipv6Addr, u16, u16) {
+    let at = ETH_LEN + IPV6_HDR_LEN + 8;
+    let addr =
+        |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&frame[at + o..at + o + 16]).unwrap());
+    let port = |o: usize| u16::from_be_bytes([frame[at + o], frame[at + o + 1]]);
+    (addr(8), addr(24), port(40), port(42))
+}
+
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+
+/// Path MTU discovery through the translations: a router's "packet too big" about a reply
+/// of a published port (sent from the host's address) reaches the container about its own
+/// packet, and one about a masqueraded connection too; a container's "port unreachable"
+/// about a published port's request or a masqueraded reply leaves about the translated
+/// packet. Every ICMPv6 checksum (pseudo-header and quoted bytes) verified.
+#[test]
+fn ipv6_icmp_errors_about_translated_connections_are_translated_back() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (host, client, container) = (v6("2001:db8::1"), v6("2001:db8::2"), v6("fd00:1::2"));
+    let (router, server) = (v6("2001:db8::fe"), v6("2001:db8:9::9"));
+    with_container6(dp);
+    publish6(dp, host, 8080, 6, 80);
+    publish6(dp, Ipv6Addr::UNSPECIFIED, 5353, 17, 53);
+    let syn_ack = TCP_SYN | super::packet::TCP_ACK;
+
+    // A published TCP port: the client's SYN in, the container's SYN-ACK out from host:8080.
+    let syn = frame6(client, host, 6, &tcp(40000, 8080, TCP_SYN, b""));
+    translated(
+        dp,
+        Hook::UplinkIngress,
+        &syn,
+        TC_REDIRECT,
+        (client, container),
+        "SYN",
+    );
+    let reply = frame6(container, client, 6, &tcp(80, 40000, syn_ack, &[0u8; 64]));
+    let sent = translated(
+        dp,
+        Hook::ContainerIngress,
+        &reply,
+        TC_REDIRECT,
+        (host, client),
+        "reply",
+    );
+    let too_big = frame6(
+        router,
+        host,
+        IPPROTO_ICMPV6,
+        &icmp6_error(ICMPV6_PACKET_TOO_BIG, 0, 1280, &sent),
+    );
+    let out = translated(
+        dp,
+        Hook::UplinkIngress,
+        &too_big,
+        TC_REDIRECT,
+        (router, container),
+        "packet too big about a published port's reply",
+    );
+    assert_eq!(
+        quoted6(&out),
+        (container, client, 80, 40000),
+        "the quote is the container's own packet"
+    );
+    assert_eq!(&out[..6], &CONTAINER_MAC);
+
+    // Masquerade: the container's UDP out leaves from the host's address; the far end's
+    // "port unreachable" comes back to the container about its own datagram.
+    let request = frame6(container, server, 17, &udp(40011, 53, b"query"));
+    let left = translated(
+        dp,
+        Hook::UplinkEgress,
+        &request,
+        TC_PASS,
+        (host, server),
+        "out",
+    );
+    let unreachable = frame6(
+        server,
+        host,
+        IPPROTO_ICMPV6,
+        &icmp6_error(ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, &left),
+    );
+    let out = translated(
+        dp,
+        Hook::UplinkIngress,
+        &unreachable,
+        TC_REDIRECT,
+        (server, container),
+        "unreachable about a masqueraded datagram",
+    );
+    assert_eq!(quoted6(&out), (container, server, 40011, 53));
+
+    // The container's own errors: about a published port's request (it saw the client send
+    // to its port 53) and about a masqueraded connection's reply.
+    let query = frame6(client, host, 17, &udp(40001, 5353, b"query"));
+    let arrived = translated(
+        dp,
+        Hook::UplinkIngress,
+        &query,
+        TC_REDIRECT,
+        (client, container),
+        "query",
+    );
+    let refused = frame6(
+        container,
+        client,
+        IPPROTO_ICMPV6,
+        &icmp6_error(ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, &arrived),
+    );
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &refused,
+        TC_REDIRECT,
+        (host, client),
+        "the container's unreachable about a published port's request",
+    );
+    assert_eq!(
+        quoted6(&out),
+        (client, host, 40001, 5353),
+        "about what the client sent"
+    );
+    let answer = frame6(server, host, 17, &udp(53, 40011, b"answer"));
+    let delivered = translated(
+        dp,
+        Hook::UplinkIngress,
+        &answer,
+        TC_REDIRECT,
+        (server, container),
+        "answer",
+    );
+    let refused = frame6(
+        container,
+        server,
+        IPPROTO_ICMPV6,
+        &icmp6_error(ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, &delivered),
+    );
+    let out = translated(
+        dp,
+        Hook::UplinkEgress,
+        &refused,
+        TC_PASS,
+        (host, server),
+        "the container's unreachable about a masqueraded reply",
+    );
+    assert_eq!(quoted6(&out), (server, host, 53, 40011));
+
+    // About no connection we track: untouched.
+    let stray = frame6(
+        router,
+        host,
+        IPPROTO_ICMPV6,
+        &icmp6_error(
+            ICMPV6_PACKET_TOO_BIG,
+            0,
+            1280,
+            &frame6(host, client, 6, &tcp(22, 40999, syn_ack, b"")),
+        ),
+    );
+    assert_eq!(
+        run_tc(dp, Hook::UplinkIngress, &stray),
+        (TC_PASS, stray.clone())
+    );
+}
+
+/// TCP and UDP headers no receiving kernel accepts are dropped before anything is tracked,
+/// counted as `CT_TRUNCATED_OR_INVALID_HEADER`, at every hook, as IPv4's are: a scan with
+/// SYN+FIN or no flags, a data offset inside the fixed header, a UDP length that is not the
+/// datagram's. Their valid neighbours pass.
+#[test]
+fn ipv6_tcp_and_udp_headers_no_kernel_accepts_are_dropped() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (host, client) = (v6("2001:db8::1"), v6("2001:db8::2"));
+    with_container6(dp);
+    publish6(dp, host, 8080, 6, 80);
+    publish6(dp, host, 5353, 17, 53);
+    let tcp_with = |flags: u8| frame6(client, host, 6, &tcp(40000, 8080, flags, b""));
+    let mut short_offset = tcp_with(TCP_SYN);
+    short_offset[ETH_LEN + IPV6_HDR_LEN + 12] = 4 << 4;
+    let mut udp_long = udp(40001, 5353, b"query");
+    udp_long[4..6].copy_from_slice(&100u16.to_be_bytes());
+    let mut udp_short = udp(40001, 5353, b"query");
+    udp_short[4..6].copy_from_slice(&6u16.to_be_bytes());
+    let invalid = [
+        ("SYN+FIN", tcp_with(TCP_SYN | 0x01)),
+        ("no flags", tcp_with(0)),
+        ("SYN+RST", tcp_with(TCP_SYN | 0x04)),
+        ("a data offset of 4 words", short_offset),
+        (
+            "a UDP length beyond the datagram",
+            frame6(client, host, 17, &udp_long),
+        ),
+        (
+            "a UDP length under its header",
+            frame6(client, host, 17, &udp_short),
+        ),
+    ];
+    let mut dropped = 0;
+    for hook in [
+        Hook::UplinkIngress,
+        Hook::ContainerIngress,
+        Hook::UplinkEgress,
+    ] {
+        for (what, input) in &invalid {
+            let (got, _) = run_tc(dp, hook, input);
+            assert_eq!(got, TC_SHOT, "{hook:?}, {what}");
+            dropped += 1;
+        }
+    }
+    assert_eq!(drops(dp, DropReason::InvalidL4Header), dropped);
+    // Nothing of them was tracked: a valid SYN after them is a new connection, translated.
+    let syn = tcp_with(TCP_SYN);
+    translated(
+        dp,
+        Hook::UplinkIngress,
+        &syn,
+        TC_REDIRECT,
+        (client, v6("fd00:1::2")),
+        "a valid SYN",
+    );
+    let query = frame6(client, host, 17, &udp(40002, 5353, b"query"));
+    translated(
+        dp,
+        Hook::UplinkIngress,
+        &query,
+        TC_REDIRECT,
+        (client, v6("fd00:1::2")),
+        "a valid datagram",
+    );
+}
