@@ -13,13 +13,14 @@ use dataplane_common::{
 
 use crate::{
     conntrack, lb,
-    maps::{BALANCE6_PACKET, FRAGMENTS6, NEW_CONNECTION6, PROGS6},
+    maps::{BALANCE6_PACKET, CONFIG, ENDPOINTS6, FRAGMENTS6, NEW_CONNECTION6, PROGS6},
+    nat,
     parse::{IP6_DADDR_OFF, IPPROTO_ICMPV6, Ipv6Packet, parse_ipv6},
     policy, reject,
     translate::{Hook, Verdict},
     translate6::{
-        L4v6, deliver, parse_l4, published_target, remember_first_fragment, rewrite_packet,
-        track_dnat,
+        L4v6, deliver, parse_l4, published_target, remember_first_fragment, report_new,
+        rewrite_packet, track_dnat,
     },
 };
 
@@ -166,10 +167,12 @@ fn decide(ctx: &TcContext, hook: Hook, p: &mut Packet6) -> Verdict {
         };
         if hook != Hook::ContainerIngress
             || origin != ct_origin::SERVICE
-            || rewrite != ct_rewrite::DST
+            || (rewrite != ct_rewrite::DST && rewrite != ct_rewrite::HAIRPIN)
         {
             return Verdict::Pass;
         }
+        // SAFETY: as above.
+        let hairpin_port = unsafe { (*entry).hairpin_port };
         let seen = conntrack::Seen {
             len: p.ip.len,
             tcp_flags: p.l4.tcp_flags,
@@ -182,6 +185,25 @@ fn decide(ctx: &TcContext, hook: Hook, p: &mut Packet6) -> Verdict {
             ifindex: unsafe { (*ctx.skb.skb).ifindex },
         };
         conntrack::account(&p.key, entry, &seen);
+        if rewrite == ct_rewrite::HAIRPIN {
+            // Both sides: the destination back to the container (the key's source) at the
+            // entry's hairpin port, the source to the entry's address and port.
+            let own = p.key.saddr;
+            if rewrite_packet(
+                ctx,
+                &mut p.ip,
+                &mut p.l4,
+                ct_rewrite::DST,
+                &own,
+                hairpin_port,
+            )
+            .is_err()
+                || rewrite_packet(ctx, &mut p.ip, &mut p.l4, ct_rewrite::SRC, &addr, port).is_err()
+            {
+                return Verdict::Drop(DropReason::Malformed);
+            }
+            return deliver_back(ctx, &p.ip);
+        }
         if rewrite_packet(ctx, &mut p.ip, &mut p.l4, ct_rewrite::DST, &addr, port).is_err() {
             return Verdict::Drop(DropReason::Malformed);
         }
@@ -251,7 +273,80 @@ fn go(
     // SAFETY: this CPU's element, just written by `choose` in this program run.
     let (origin, addr, port) =
         unsafe { ((*chosen).origin, (*chosen).nat_addr, (*chosen).nat_port) };
+    if hook == Hook::ContainerIngress && addr == forward.saddr {
+        return hairpin(ctx, ip, l4, forward, port);
+    }
     track_dnat(ctx, hook, ip, l4, forward, origin, &addr, port)
+}
+
+/// A container's new connection to a VIP whose chosen backend is the container itself.
+/// Untranslated, it would receive a packet from its own address, answered inside the
+/// container and never seen here: so the source becomes its network's gateway with a source
+/// port allocated as masquerade's are, and both translations are tracked (as IPv4's
+/// `track_hairpin`), so the replies get the VIP back as their source and the client's own
+/// port as destination. Both directions go straight back into the container.
+#[inline(always)]
+fn hairpin(
+    ctx: &TcContext,
+    ip: &mut Ipv6Packet,
+    l4: &mut L4v6,
+    forward: &CtKey6,
+    container_port: u16,
+) -> Verdict {
+    // SAFETY: a map value from this program run's lookup.
+    let gateway = ENDPOINTS6
+        .get_ptr(&forward.saddr)
+        .map_or(In6Addr::UNSPECIFIED, |e| unsafe { (*e).gateway });
+    // SAFETY: array element 0 always exists; fields read one by one.
+    let (port_min, port_max) = CONFIG.get_ptr(0).map_or((1, 0), |config| unsafe {
+        ((*config).snat_port_min, (*config).snat_port_max)
+    });
+    if gateway == In6Addr::UNSPECIFIED {
+        return Verdict::Drop(DropReason::NoMappingForNatMasquerade);
+    }
+    let Some(connection) = NEW_CONNECTION6.get_ptr_mut(0) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: this CPU's element, used by this program run only; filled field by field.
+    let c = unsafe { &mut *connection };
+    c.forward = *forward;
+    c.origin = ct_origin::SERVICE;
+    c.rewrite = ct_rewrite::HAIRPIN;
+    c.nat_addr = gateway;
+    c.nat_port = 0;
+    c.orig_addr = forward.daddr;
+    c.orig_port = forward.dport;
+    c.hairpin_port = container_port;
+    c.reply_hairpin_port = forward.sport;
+    c.len = ip.len;
+    c.tcp_flags = l4.tcp_flags;
+    c.icmp_type = 0;
+    c.icmp_code = 0;
+    if let Err(reason) =
+        nat::allocate_source_port(c, forward.saddr, container_port, port_min, port_max, None)
+    {
+        return Verdict::Drop(reason);
+    }
+    let port = c.nat_port;
+    let own = forward.saddr;
+    if rewrite_packet(ctx, ip, l4, ct_rewrite::DST, &own, container_port).is_err()
+        || rewrite_packet(ctx, ip, l4, ct_rewrite::SRC, &gateway, port).is_err()
+    {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    report_new(ctx, Hook::ContainerIngress);
+    deliver_back(ctx, ip)
+}
+
+/// A hairpin packet, back into the container it came from, as if the gateway had routed it:
+/// from the gateway's MAC (the frame's destination, since the container sent it to its
+/// gateway) to the container's.
+#[inline(always)]
+fn deliver_back(ctx: &TcContext, ip: &Ipv6Packet) -> Verdict {
+    if let Ok(gateway_mac) = ctx.load::<[u8; 6]>(0) {
+        let _ = ctx.store(6, &gateway_mac, 0);
+    }
+    deliver(ctx, ip)
 }
 
 /// Picks the backend of the service at `vip`:`port` (`forward`'s protocol) for the new

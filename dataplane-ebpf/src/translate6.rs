@@ -14,8 +14,8 @@
 //! fragment map, as IPv4's); ICMPv6 errors about a translated connection as that connection's
 //! packets travelling their way (`icmp_error`). Service VIPs (a container's connection to a
 //! `vip6`, a published port leading to a service) are balanced in `balance6.rs`. Not yet
-//! (README, "IPv6 today"): NAT64, a container's VIP connection to itself (hairpin), user
-//! policies; a packet none of this concerns passes untouched.
+//! (README, "IPv6 today"): NAT64, user policies; a packet none of this concerns passes
+//! untouched.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -443,9 +443,10 @@ fn decide(
         };
         if hook == Hook::ContainerIngress
             && origin == ct_origin::SERVICE
-            && rewrite == ct_rewrite::DST
+            && (rewrite == ct_rewrite::DST || rewrite == ct_rewrite::HAIRPIN)
         {
-            // A service connection's packet to its backend: the balancing program's (stack).
+            // A service connection's packet to its backend (or either way of one to the
+            // client itself): the balancing program's (stack).
             return crate::balance6::to_balancer(ctx, hook);
         }
         if !owns(hook, origin, rewrite) {
@@ -670,7 +671,7 @@ fn masquerade(ctx: &TcContext, ip: &mut Ipv6Packet, l4: &mut L4v6, forward: &CtK
 /// The NEW flow event of the connection just tracked (in `NEW_CONNECTION6`), except TCP's,
 /// which is reported when its handshake completes (`conntrack::account`), as for IPv4.
 #[inline(always)]
-fn report_new(ctx: &TcContext, hook: Hook) {
+pub(crate) fn report_new(ctx: &TcContext, hook: Hook) {
     let Some(c) = NEW_CONNECTION6.get_ptr(0) else {
         return;
     };

@@ -884,6 +884,13 @@ fn a_container_reaches_an_ipv6_vip_through_the_packet_path_and_outside_a_publish
         "{record}"
     );
 
+    // A backend calling its own VIP: answered every time, by itself too (hairpin: back
+    // through its gateway).
+    let answers = curl6(&sandbox, "web1", "http://[fd00::10]/", 20);
+    assert_eq!(answers.len(), 20, "{answers:?}");
+    let names = per_name(answers.iter().map(|(n, _)| n.as_str()));
+    assert!(names.contains_key("web1"), "{names:?}");
+
     // From outside, the port published on the host's IPv6 address leads to the service.
     let answers = curl6(&sandbox, "outside", "http://[2001:db8::1]:8000/", 30);
     assert_eq!(answers.len(), 30, "{answers:?}");

@@ -1152,3 +1152,64 @@ fn ipv6_tcp_and_udp_headers_no_kernel_accepts_are_dropped() {
         "a valid datagram",
     );
 }
+
+#[test]
+fn ipv6_vip_whose_backend_is_the_client_itself_goes_back_through_the_gateway() {
+    use dataplane_common::{EndpointInfo6, In6Addr};
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (client, vip, gateway) = (v6("fd00:1::2"), v6(VIP6), v6("fd00:1::1"));
+    with_service6(dp, &["fd00:1::2"]);
+    // The client is the backend: its endpoint as `with_container6` has it, with its gateway.
+    dp.set::<crate::kernel::maps::Endpoints6>(
+        In6Addr::from_ipv6(client),
+        EndpointInfo6 {
+            ifindex: 1,
+            network_id: 1,
+            endpoint_id: 1,
+            mac: CONTAINER_MAC,
+            gateway: In6Addr::from_ipv6(gateway),
+            ..EndpointInfo6::default()
+        },
+    )
+    .unwrap();
+    let syn = frame6(client, vip, 6, &tcp(40300, 80, TCP_SYN, b""));
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &syn,
+        TC_REDIRECT,
+        (gateway, client),
+        "back into the client, from its gateway",
+    );
+    let (port, to) = ports6(&out);
+    assert_eq!(to, 8080, "to the target port");
+    assert_eq!(&out[..6], &CONTAINER_MAC, "to the client's MAC");
+    assert_eq!(&out[6..12], &syn[..6], "from the gateway's MAC");
+    let syn_ack = TCP_SYN | super::packet::TCP_ACK;
+    let reply = frame6(client, gateway, 6, &tcp(8080, port, syn_ack, b""));
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &reply,
+        TC_REDIRECT,
+        (vip, client),
+        "the answer, from the VIP to the client",
+    );
+    assert_eq!(
+        ports6(&out),
+        (80, 40300),
+        "from the VIP's port to the client's own"
+    );
+    let ack = frame6(client, vip, 6, &tcp(40300, 80, super::packet::TCP_ACK, b""));
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &ack,
+        TC_REDIRECT,
+        (gateway, client),
+        "the connection's next packet, the same way",
+    );
+    assert_eq!(ports6(&out), (port, 8080));
+}
