@@ -1213,3 +1213,29 @@ fn ipv6_vip_whose_backend_is_the_client_itself_goes_back_through_the_gateway() {
     );
     assert_eq!(ports6(&out), (port, 8080));
 }
+
+#[test]
+fn ipv6_vip_keeps_dockers_isolation_between_the_client_and_its_backend() {
+    use dataplane_common::{EndpointInfo6, In6Addr};
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    with_service6(dp, &BACKENDS6);
+    // The client on another network than the backends: the VIP does not open a way across.
+    let client = v6("fd00:2::2");
+    dp.set::<crate::kernel::maps::Endpoints6>(
+        In6Addr::from_ipv6(client),
+        EndpointInfo6 {
+            ifindex: 20,
+            network_id: 2,
+            endpoint_id: 20,
+            mac: [2, 0, 0, 0, 0, 0x20],
+            ..EndpointInfo6::default()
+        },
+    )
+    .unwrap();
+    let syn = frame6(client, v6(VIP6), 6, &tcp(40400, 80, TCP_SYN, b""));
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &syn);
+    assert_eq!((verdict, out), (TC_SHOT, syn.clone()));
+    assert_eq!(drops(dp, DropReason::PolicyDenied), 1);
+}
