@@ -61,6 +61,8 @@ pub mod map_names {
     /// TCP flags of every packet the programs pass, per CPU, as Hubble's
     /// `hubble_tcp_flags_total` counts them (see [`crate::tcp_flag_count`]).
     pub const TCP_FLAGS: &str = "dp_tcp_flags_v1";
+    /// The same for IPv6 packets (`hubble_tcp_flags_total{family="IPv6"}`).
+    pub const TCP_FLAGS6: &str = "dp_tcp_flags6_v1";
     /// The host's own IPv4 addresses: which destinations "all host addresses" means.
     pub const LOCAL_ADDRS: &str = "dp_local_addrs_v1";
     /// Settings the agent writes at run time (uplink, masquerade address, port range).
@@ -99,7 +101,7 @@ pub mod map_names {
 
     /// The IPv6 tc programs by hook number (a program array the IPv4 tc programs tail-call
     /// for IPv6 frames; written by the loader only).
-    pub const PROGS6: &str = "dp_progs6_v1";
+    pub const PROGS6: &str = "dp_progs6_v2";
 }
 
 /// Load-time settings of the kernel programs (`Global`s, set through `EbpfLoader`).
@@ -145,15 +147,30 @@ pub mod program_names {
     pub const CONTAINER_INGRESS6: &str = "dp_container_ingress6";
     pub const UPLINK_INGRESS6: &str = "dp_uplink_ingress6";
     pub const UPLINK_EGRESS6: &str = "dp_uplink_egress6";
+    /// NAT64 of published ports (IPv6 client, IPv4-only container), both directions:
+    /// tail-called from [`crate::map_names::PROGS6`]'s slot [`crate::PROGS6_NAT64_SLOT`] by
+    /// the IPv6 uplink ingress program (requests) and the IPv4 container ingress program
+    /// (replies); never attached.
+    pub const NAT64: &str = "dp_nat64";
+    /// Where an IPv6 program hands a packet it drops (tail call, slot
+    /// [`crate::PROGS6_DROP_SLOT`] of [`crate::map_names::PROGS6`]): counts the drop, sends its
+    /// flow event and gives the verdict, on a stack of its own.
+    pub const DROP6: &str = "dp_drop6";
     /// New IPv6 connections to a service (a container's to a VIP, or from outside to a port
     /// that leads to a service), tail-called by the two ingress IPv6 programs, at
     /// [`crate::PROGS6_BALANCE`] in the same array; never attached.
     pub const BALANCE6: &str = "dp_balance6";
 }
 
-/// The slot of [`program_names::BALANCE6`] in [`map_names::PROGS6`] (the hooks' numbers start
-/// at 1; slot 0 was free).
-pub const PROGS6_BALANCE: u32 = 0;
+/// The slot of [`program_names::DROP6`] in the IPv6 program array (the hooks' numbers take
+/// 1-3).
+pub const PROGS6_DROP_SLOT: u32 = 0;
+
+/// The slot of [`program_names::NAT64`] in the IPv6 program array.
+pub const PROGS6_NAT64_SLOT: u32 = 4;
+
+/// The slot of [`program_names::BALANCE6`] in the IPv6 program array.
+pub const PROGS6_BALANCE_SLOT: u32 = 5;
 
 /// Capacities of the maps (see the map declarations in `dataplane-ebpf/src/maps.rs` for the
 /// reasoning behind each size).
@@ -714,6 +731,16 @@ pub mod ct_rewrite {
     /// socket asked for, for flow records only. Neither direction is rewritten (the socket
     /// itself is connected to the backend, so replies need no reverse translation).
     pub const SOCKET: u8 = 4;
+    /// Both addresses and ports, and the address family: a published port reached over IPv6
+    /// whose container has only IPv4 (NAT64). Both entries live in the IPv6 tables, the
+    /// container's side keyed by IPv4-mapped addresses (::ffff:a.b.c.d); each direction's
+    /// packet is rewritten to its entry's `peer` key reversed (the forward entry's peer is the
+    /// reply key: source the network's gateway at an allocated port, destination the
+    /// container; the reply entry's is the client's first packet: source the published
+    /// address and port, destination the client). The forward entry's `nat_addr`:`nat_port`
+    /// are the container's (mapped) address and port, for flow records, and its
+    /// `hairpin_port` the allocated source port.
+    pub const NAT64: u8 = 5;
 }
 
 /// How far a connection got, in [`CtEntry::state`] (the same in both of its entries).

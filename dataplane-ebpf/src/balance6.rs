@@ -8,7 +8,8 @@
 
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
-    CtKey6, DropReason, FragKey6, In6Addr, PROGS6_BALANCE, PortTarget6, ct_origin, ct_rewrite, hook,
+    CtKey6, DropReason, FragKey6, In6Addr, PROGS6_BALANCE_SLOT, PortTarget6, ct_origin, ct_rewrite,
+    hook,
 };
 
 use crate::{
@@ -52,7 +53,7 @@ pub fn to_balancer(ctx: &TcContext, hook: Hook) -> Verdict {
     // may write cb[]. A tail call with the program's own context; on failure it returns.
     unsafe {
         (*ctx.skb.skb).cb[0] = hook.number();
-        let _ = PROGS6.tail_call(ctx, PROGS6_BALANCE);
+        let _ = PROGS6.tail_call(ctx, PROGS6_BALANCE_SLOT);
     }
     Verdict::Pass
 }
@@ -106,6 +107,11 @@ pub fn handle(ctx: &TcContext) -> Verdict {
     let verdict = decide(ctx, hook, p);
     if p.ip.is_first_fragment() {
         remember_first_fragment(&p.key, p.ip.id, &verdict);
+    }
+    if let Verdict::Drop(_) = verdict {
+        // Its flow event by the drop reporter, as the IPv6 programs' drops (a refusal, the
+        // packet rewritten into a reset, is counted only).
+        crate::translate6::hand_over_drop(ctx, hook, &verdict);
     }
     verdict
 }

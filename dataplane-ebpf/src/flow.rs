@@ -15,11 +15,14 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use dataplane_common::{
-    Address, CtEntryOf, CtKey, CtKeyOf, DropAggKey, DropAggValue, DropReason, FlowEvent,
-    drop_events, flow_kind, tcp_flag,
+    Address, CtEntryOf, CtKeyOf, DropAggKeyOf, DropAggValueOf, DropReason, FlowEvent, drop_events,
+    flow_kind, tcp_flag,
 };
 
-use crate::maps::{DROP_AGGREGATES, DROP_EVENT_BUDGET, FLOW_EVENTS, FLOW_EVENTS_LOST};
+use crate::{
+    family::Family,
+    maps::{DROP_EVENT_BUDGET, FLOW_EVENTS, FLOW_EVENTS_LOST},
+};
 
 /// Whether flow events are sent at all: a load-time setting (`--flow-events off` on the agent),
 /// so the cost of flow logging can be measured against none.
@@ -237,8 +240,8 @@ pub fn closed<A: crate::family::Family>(
 
 /// A packet being dropped: what it was when it arrived (zero where it could not be read).
 #[derive(Clone, Copy)]
-pub struct Dropped {
-    pub tuple: CtKey,
+pub struct DroppedOf<A: Address> {
+    pub tuple: CtKeyOf<A>,
     pub tcp_flags: u8,
     /// ICMP type and code (0 for other protocols, and where the packet ends first).
     pub icmp_type: u8,
@@ -248,6 +251,8 @@ pub struct Dropped {
     pub hook: u32,
     pub ifindex: u32,
 }
+
+pub type Dropped = DroppedOf<u32>;
 
 /// Takes one event from this CPU's budget, refilled at `PER_SEC_PER_CPU` a second.
 #[inline(always)]
@@ -274,17 +279,17 @@ fn take_token(now: u64) -> bool {
 /// Counts the drop `d` towards its (source, reason, hook) and sends an event when that key's
 /// interval has passed and the budget allows, carrying every drop since the key's last event.
 #[inline(never)]
-pub fn dropped(d: &Dropped) {
+pub fn dropped<A: Family>(d: &DroppedOf<A>) {
     if !on() {
         return;
     }
-    let key = DropAggKey {
+    let key = DropAggKeyOf::<A> {
         saddr: d.tuple.saddr,
         reason: d.reason as u8,
         hook: d.hook as u8,
         _pad: 0,
     };
-    let (now, packets, bytes) = match DROP_AGGREGATES.get_ptr_mut(&key) {
+    let (now, packets, bytes) = match A::drop_aggregates().get_ptr_mut(&key) {
         Some(agg) => {
             // SAFETY: a map value from this program run's lookup, and clock helpers without
             // arguments. Plain adds (the BPF target has no atomic read-modify-write in Rust's
@@ -321,7 +326,7 @@ pub fn dropped(d: &Dropped) {
             // SAFETY: a helper without arguments.
             let now = unsafe { bpf_ktime_get_ns() };
             let sent = take_token(now);
-            let first = DropAggValue {
+            let first = DropAggValueOf::<A> {
                 pending: u64::from(!sent),
                 pending_bytes: if sent { 0 } else { u64::from(d.len) },
                 // Without a token the first drop waits: the next one may send it.
@@ -337,7 +342,7 @@ pub fn dropped(d: &Dropped) {
                 _pad: 0,
                 ifindex: d.ifindex,
             };
-            let _ = DROP_AGGREGATES.insert(&key, &first, 0);
+            let _ = A::drop_aggregates().insert(&key, &first, 0);
             if !sent {
                 return;
             }
@@ -350,7 +355,7 @@ pub fn dropped(d: &Dropped) {
 /// The event of drops of `d`'s key. Out of line: `dropped`'s frame plus the container hook's
 /// would pass the stack's 512 bytes with the event's writes in it.
 #[inline(never)]
-fn send_drop(d: &Dropped, now: u64, packets: u64, bytes: u64) {
+fn send_drop<A: Address>(d: &DroppedOf<A>, now: u64, packets: u64, bytes: u64) {
     send(|e| {
         put_tuple(e, &d.tuple);
         e.kind = flow_kind::DROP;

@@ -11,6 +11,7 @@ mod flow;
 mod lb;
 mod maps;
 mod nat;
+mod nat64;
 mod parse;
 mod policy;
 mod reject;
@@ -122,6 +123,21 @@ pub fn dp_uplink_egress6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn dp_balance6(ctx: TcContext) -> i32 {
     tc_action(balance6::handle(&ctx))
+}
+
+/// NAT64 of published ports, both directions (tail call of `dp_uplink_ingress6` for IPv6
+/// requests, of `dp_container_ingress` for IPv4 replies; see `nat64.rs`).
+#[classifier]
+pub fn dp_nat64(ctx: TcContext) -> i32 {
+    tc_action(nat64::handle(&ctx))
+}
+
+/// The drop reporter of the IPv6 programs (tail-called by them, slot 0 of `dp_progs6_v2`):
+/// the drop they decided on, its flow event (on this program's own stack), and their verdict.
+#[classifier]
+pub fn dp_drop6(ctx: TcContext) -> i32 {
+    let ip = crate::parse::parse_ipv6(&ctx);
+    tc_action(translate6::report_handed_over(&ctx, ip.as_ref()))
 }
 
 /// Early path on the uplink, before a socket buffer exists: drops outside sources on the deny

@@ -38,6 +38,10 @@ pub static TCP_FLAGS: PerCpuArray<u64> = PerCpuArray::pinned(tcp_flag_count::SLO
 
 /// Container interfaces by IPv4 address (network byte order), written by the agent's
 /// reconciler only.
+/// The same for IPv6 packets: each family's counters apart, as Hubble's `family` label is.
+#[map(name = "dp_tcp_flags6_v1")]
+pub static TCP_FLAGS6: PerCpuArray<u64> = PerCpuArray::pinned(tcp_flag_count::SLOTS, 0);
+
 #[map(name = "dp_endpoints_v2")]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
@@ -231,13 +235,23 @@ pub static NEW_CONNECTION6: PerCpuArray<crate::conntrack::NewConnectionOf<In6Add
 pub static BALANCE6_PACKET: PerCpuArray<crate::balance6::Packet6> =
     PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU hand-over from an IPv6 program to the drop reporter it tail-calls
+/// (`dp_drop6`): the verdict the program reached. A tail call, because the drop's flow event
+/// (its aggregation and the event's frames) does not fit on the IPv6 programs' stack beside
+/// their deepest chain. Not pinned: it holds nothing from one program run to the next.
+#[map(name = "dp_drop6_next")]
+pub static DROP6_NEXT: PerCpuArray<crate::translate6::PendingDrop> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// The IPv6 programs the IPv4 tc programs tail-call for each IPv6 frame, by hook number
-/// (`dataplane_common::hook`: 1 container ingress, 2 uplink ingress, 3 uplink egress; 4 slots).
+/// (`dataplane_common::hook`: 1 container ingress, 2 uplink ingress, 3 uplink egress; slot 0
+/// is the drop reporter, `dp_drop6`; slot 4 NAT64, `dp_nat64`, which the IPv4 container
+/// program tail-calls too; 8 slots, v2: v1 had 4).
 /// A tail call gives the IPv6 path the verifier's whole 512-byte stack: the IPv4 program's
 /// main frame takes 392 of it. Pinned, so that across an agent restart the programs still
 /// attached find IPv6 programs here until the new ones replace them; written by the loader
-/// only. An empty slot (an older loader) leaves IPv6 frames passing untouched. Slot 0
-/// (`PROGS6_BALANCE`): the IPv6 ingress programs' own tail call, for new connections to a
+/// only. An empty slot (an older loader) leaves IPv6 frames passing untouched. Slot 5
+/// (`PROGS6_BALANCE_SLOT`): the IPv6 ingress programs' own tail call, for new connections to a
 /// service (`balance6.rs`).
-#[map(name = "dp_progs6_v1")]
-pub static PROGS6: ProgramArray = ProgramArray::pinned(4, 0);
+#[map(name = "dp_progs6_v2")]
+pub static PROGS6: ProgramArray = ProgramArray::pinned(8, 0);

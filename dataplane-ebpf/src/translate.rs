@@ -130,17 +130,38 @@ pub fn handle6(ctx: &TcContext, hook: Hook) -> Verdict {
     let Some(mut ip) = parse_ipv6(ctx) else {
         return Verdict::Drop(DropReason::Malformed);
     };
+    let verdict = decide6(ctx, hook, &mut ip);
+    match verdict {
+        // A drop's flow event: by the drop reporter, which this returns from only if it is
+        // missing.
+        Verdict::Drop(_) | Verdict::Refuse(..) => {
+            crate::translate6::hand_over_drop(ctx, hook, &verdict)
+        }
+        // Hubble counts the flags of forwarded packets only.
+        _ if ip.protocol == IPPROTO_TCP && !ip.is_later_fragment() => {
+            if let Ok(flags) = ctx.load::<u8>(ip.l4_offset + 13) {
+                stats::count_tcp_flags6(ctx.skb.skb, hook.number(), flags);
+            }
+        }
+        _ => {}
+    }
+    verdict
+}
+
+/// What `hook` does with a parsed IPv6 packet: Docker's isolation, then the translations.
+#[inline(always)]
+fn decide6(ctx: &TcContext, hook: Hook, ip: &mut crate::parse::Ipv6Packet) -> Verdict {
     // Between two containers: Docker's isolation, per packet. Neighbour discovery (router and
     // neighbour solicitations and advertisements, redirects) is the link's own and passes.
     // From an internal network's container, nothing leaves for outside.
     if hook == Hook::ContainerIngress
-        && !is_neighbour_discovery(ctx, &ip)
+        && !is_neighbour_discovery(ctx, ip)
         && (policy::isolated6(&ip.saddr, &ip.daddr)
             || policy::internal_leaving6(&ip.saddr, &ip.daddr))
     {
         return Verdict::Drop(DropReason::PolicyDenied);
     }
-    crate::translate6::translate(ctx, hook, &mut ip)
+    crate::translate6::translate(ctx, hook, ip)
 }
 
 /// ICMPv6 types 133-137: router solicitation and advertisement, neighbour solicitation and
@@ -411,11 +432,18 @@ fn track_plain(
     if ENDPOINTS.get_ptr(&ip.daddr).is_none() {
         // To the host: judged per packet (nothing tracks it). Out of the host: judged once,
         // where masquerade tracks it.
-        if LOCAL_ADDRS.get_ptr(&ip.daddr).is_some()
-            && let Err(reason) =
+        if LOCAL_ADDRS.get_ptr(&ip.daddr).is_some() {
+            // A container's reply to its gateway at a port NAT64 allocated: on to the NAT64
+            // program (which returns the verdict). A reply, so not judged as new.
+            if site.hook == Hook::ContainerIngress && crate::nat64::is_reply(forward) {
+                // SAFETY: a tail call with the program's own context; on failure it returns.
+                unsafe { PROGS6.tail_call(ctx, dataplane_common::PROGS6_NAT64_SLOT) };
+            }
+            if let Err(reason) =
                 policy::check(ip.saddr, ip.daddr, ip.protocol, l4.dport, Via::Direct)
-        {
-            return Verdict::Drop(reason);
+            {
+                return Verdict::Drop(reason);
+            }
         }
         return Verdict::Pass;
     }

@@ -12,24 +12,27 @@
 //!
 //! Fragments of a translated datagram are translated as their first fragment was (the
 //! fragment map, as IPv4's); ICMPv6 errors about a translated connection as that connection's
-//! packets travelling their way (`icmp_error`). Service VIPs (a container's connection to a
-//! `vip6`, a published port leading to a service) are balanced in `balance6.rs`. Not yet
-//! (README, "IPv6 today"): NAT64, user policies; a packet none of this concerns passes
-//! untouched.
+//! packets travelling their way (`icmp_error`). A published port of an IPv4-only container
+//! (its target an IPv4-mapped address) and its tracked connections go on to the NAT64
+//! program (`nat64.rs`). Service VIPs (a container's connection to a `vip6`, a published
+//! port leading to a service) are balanced in `balance6.rs`. Not yet (README, "IPv6
+//! today"): user policies; a packet none of this concerns passes untouched.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
 use dataplane_common::{
-    CtKey6, DropReason, FragEntry, FragKey6, In6Addr, PortKey6, PortTarget6, ct_origin, ct_rewrite,
-    net_flags,
+    CtKey6, DropReason, FragEntry, FragKey6, In6Addr, PROGS6_DROP_SLOT, PROGS6_NAT64_SLOT,
+    PortKey6, PortTarget6, ct_origin, ct_rewrite, net_flags,
 };
 
 use crate::{
     conntrack::{self, CtError},
     flow,
-    maps::{CONFIG, ENDPOINTS6, FRAGMENTS6, LOCAL_ADDRS6, NEW_CONNECTION6, PORTS6},
+    maps::{
+        CONFIG, DROP6_NEXT, ENDPOINTS6, FRAGMENTS6, LOCAL_ADDRS6, NEW_CONNECTION6, PORTS6, PROGS6,
+    },
     nat,
     parse::{
         ETH_HDR_LEN, IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
@@ -449,6 +452,14 @@ fn decide(
             // client itself): the balancing program's (stack).
             return crate::balance6::to_balancer(ctx, hook);
         }
+        if rewrite == ct_rewrite::NAT64 {
+            // Its IPv6 side: the client's requests, at the uplink (its replies are IPv4).
+            return if hook == Hook::UplinkIngress {
+                nat64(ctx)
+            } else {
+                Verdict::Pass
+            };
+        }
         if !owns(hook, origin, rewrite) {
             return Verdict::Pass;
         }
@@ -481,6 +492,10 @@ fn decide(
     if target.is_service != 0 {
         return crate::balance6::to_balancer(ctx, hook);
     }
+    if target.addr.as_mapped_v4().is_some() {
+        // An IPv4-only container (reached at its IPv4-mapped address).
+        return nat64(ctx);
+    }
     let (addr, port) = (target.addr, target.port);
     track_dnat(
         ctx,
@@ -494,9 +509,19 @@ fn decide(
     )
 }
 
+/// On to the NAT64 program (`nat64.rs`), which returns the verdict; an empty slot leaves the
+/// packet passing untouched.
+#[inline(always)]
+fn nat64(ctx: &TcContext) -> Verdict {
+    // SAFETY: a tail call with the program's own context; on failure it returns.
+    unsafe { PROGS6.tail_call(ctx, PROGS6_NAT64_SLOT) };
+    Verdict::Pass
+}
+
 /// A TCP or UDP header the receiving kernel would drop anyway, as IPv4's parse judges them
 /// (`DropReason::InvalidL4Header`): TCP flags no stack accepts (SYN+FIN, none, ...) or a data
-/// offset inside the fixed header; a UDP length under the UDP header's or beyond the datagram. Dropped before they can be tracked, so a scan of them fills nothing.
+/// offset inside the fixed header; a UDP length under the UDP header's or beyond the datagram.
+/// Dropped before they can be tracked, so a scan of them fills nothing.
 #[inline(always)]
 fn invalid_header(ctx: &TcContext, ip: &Ipv6Packet, l4: &L4v6) -> bool {
     let off = ip.l4_offset;
@@ -760,6 +785,107 @@ pub(crate) fn rewrite_packet(
         l4.sport = port;
     }
     Ok(())
+}
+
+/// What an IPv6 program decided for a packet it drops, handed to the drop reporter.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct PendingDrop {
+    pub hook: u32,
+    /// For a refusal (a reset built in place of the packet), where it is sent; 0 for a drop.
+    pub refuse_ifindex: u32,
+    /// A `DropReason`.
+    pub reason: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Hands a dropped packet to the drop reporter (`dp_drop6`), which counts it, sends its flow
+/// event and returns the verdict; the IPv6 programs' own stack has no room for the event's
+/// frames beside their deepest chain. Returns only if the reporter is not there (an older
+/// loader, or the hand-over slot missing): the verdict then stands without an event.
+#[inline(always)]
+pub fn hand_over_drop(ctx: &TcContext, hook: Hook, verdict: &Verdict) {
+    let (reason, refuse_ifindex) = match *verdict {
+        Verdict::Drop(reason) => (reason, 0),
+        Verdict::Refuse(reason, ifindex) => (reason, ifindex),
+        _ => return,
+    };
+    let Some(pending) = DROP6_NEXT.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's element, used by this program run and the one it tail-calls only.
+    unsafe {
+        (*pending).hook = hook.number();
+        (*pending).refuse_ifindex = refuse_ifindex;
+        (*pending).reason = reason as u8;
+        // SAFETY: a tail call with the program's own context; on failure it returns.
+        let _ = PROGS6.tail_call(ctx, PROGS6_DROP_SLOT);
+    }
+}
+
+/// The drop reporter's work (`dp_drop6`): the verdict handed over, the flow event of the
+/// packet, and the verdict again for the hook to act on.
+#[inline(always)]
+pub fn report_handed_over(ctx: &TcContext, ip: Option<&Ipv6Packet>) -> Verdict {
+    let Some(pending) = DROP6_NEXT.get_ptr(0) else {
+        return Verdict::Drop(DropReason::Malformed);
+    };
+    // SAFETY: this CPU's element, written by the program that tail-called this one.
+    let pending = unsafe { *pending };
+    let reason = crate::translate::recorded_drop(pending.reason);
+    if let Some(ip) = ip {
+        report_drop(ctx, pending.hook, ip, reason);
+    }
+    if pending.refuse_ifindex != 0 {
+        Verdict::Refuse(reason, pending.refuse_ifindex)
+    } else {
+        Verdict::Drop(reason)
+    }
+}
+
+/// The flow event of an IPv6 packet dropped at `hook` for `reason` (aggregated and bounded
+/// as IPv4's: `flow::dropped`), with its ports and TCP flags read back from the packet (0 for
+/// a later fragment). The addresses are the packet's as it arrived: every drop happens
+/// before a rewrite, but for a rewrite that failed halfway (`Malformed`).
+#[inline(always)]
+fn report_drop(ctx: &TcContext, hook: u32, ip: &Ipv6Packet, reason: DropReason) {
+    let skb = ctx.skb.skb;
+    let off = ip.l4_offset;
+    let mut drop = flow::DroppedOf::<In6Addr> {
+        tuple: CtKey6 {
+            saddr: In6Addr(ip.saddr),
+            daddr: In6Addr(ip.daddr),
+            sport: 0,
+            dport: 0,
+            proto: ip.protocol,
+            _pad: [0; 3],
+        },
+        tcp_flags: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+        len: ctx.len(),
+        reason,
+        hook,
+        // SAFETY: `skb` points at the context the kernel passed to this program.
+        ifindex: unsafe { (*skb).ifindex },
+    };
+    if !ip.is_later_fragment() {
+        match ip.protocol {
+            IPPROTO_TCP | IPPROTO_UDP => {
+                drop.tuple.sport = ctx.load::<u16>(off).unwrap_or(0);
+                drop.tuple.dport = ctx.load::<u16>(off + 2).unwrap_or(0);
+                if ip.protocol == IPPROTO_TCP {
+                    drop.tcp_flags = ctx.load::<u8>(off + 13).unwrap_or(0);
+                }
+            }
+            IPPROTO_ICMPV6 => {
+                drop.icmp_type = ctx.load::<u8>(off).unwrap_or(0);
+                drop.icmp_code = ctx.load::<u8>(off + 1).unwrap_or(0);
+            }
+            _ => {}
+        }
+    }
+    flow::dropped(&drop);
 }
 
 /// Towards a container: straight into its namespace (bpf_redirect_peer) with its MAC, as the

@@ -932,7 +932,8 @@ ports:
 "#;
 
 /// IPv6 connections give the records IPv4's give: `ipVersion: IPv6`, and the same translation
-/// fields for a published port (from outside over IPv6) and for masquerade (NAT66).
+/// fields for a published port (from outside over IPv6) and for masquerade (NAT66); an IPv6
+/// packet dropped gives a DROPPED record with its reason.
 #[test]
 fn ipv6_connections_give_ipv6_flows_with_their_translations() {
     const HOST6: &str = "2001:db8::1";
@@ -1008,4 +1009,27 @@ fn ipv6_connections_give_ipv6_flows_with_their_translations() {
     .into_iter()
     .collect();
     assert_eq!(new, expected);
+
+    // A drop over IPv6 (a SYN+FIN scan of the published port, from scapy): a DROPPED record
+    // with its reason and the packet's IPv6 tuple.
+    let script = format!(
+        "from scapy.all import IPv6, TCP, send\n\
+         send(IPv6(dst='{HOST6}')/TCP(sport=40999, dport=8080, flags='SF'), iface='eth0', verbose=0)\n"
+    );
+    sandbox.exec_ok("outside", &["/usr/bin/python3", "-c", &script]);
+    let records = wait_for_records(&agent, "an IPv6 drop", |r| {
+        r.iter().any(|x| x["flow"]["verdict"] == "DROPPED")
+    });
+    let drop = &records
+        .iter()
+        .find(|x| x["flow"]["verdict"] == "DROPPED")
+        .unwrap()["flow"];
+    assert_eq!(
+        drop["drop_reason_desc"], "CT_TRUNCATED_OR_INVALID_HEADER",
+        "{drop:#}"
+    );
+    assert_eq!(drop["IP"]["ipVersion"], "IPv6", "{drop:#}");
+    assert_eq!(drop["IP"]["source"], OUTSIDE6, "{drop:#}");
+    assert_eq!(drop["IP"]["destination"], HOST6, "{drop:#}");
+    assert_eq!(drop["l4"]["TCP"]["source_port"], 40999, "{drop:#}");
 }

@@ -53,11 +53,13 @@ struct KeepAlive(TcpStream);
 
 impl KeepAlive {
     fn open(sandbox: &Sandbox) -> KeepAlive {
-        let stream = in_netns(&sandbox.netns("outside"), || {
-            TcpStream::connect_timeout(
-                &format!("{HOST}:8080").parse().unwrap(),
-                Duration::from_secs(3),
-            )
+        KeepAlive::open_to(sandbox, format!("{HOST}:8080"))
+    }
+
+    /// To `addr` (`[2001:db8::1]:8080` over IPv6).
+    fn open_to(sandbox: &Sandbox, addr: String) -> KeepAlive {
+        let stream = in_netns(&sandbox.netns("outside"), move || {
+            TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3))
         })
         .expect("connecting through the published port");
         stream
@@ -319,6 +321,125 @@ ports:
 
 const HOST6: &str = "2001:db8::1";
 const OUTSIDE6: &str = "2001:db8::2";
+
+/// A spoofed IPv6 SYN flood, sent by a packet socket in the outside namespace (hping3 has no
+/// IPv6): 4,096 SYNs from random sources of 2001:db8:ffff::/48 and random ports to the
+/// published port, again and again for `secs` seconds, each with its TCP checksum over the
+/// IPv6 pseudo-header. Prints how many it sent.
+const SYN_FLOOD6: &str = r#"
+import random, socket, struct, sys, time
+dst, dmac, port, secs = sys.argv[1], bytes.fromhex(sys.argv[2].replace(':', '')), int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(('eth0', 0))
+smac = s.getsockname()[4]
+daddr = socket.inet_pton(socket.AF_INET6, dst)
+def csum(b):
+    t = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    while t >> 16:
+        t = (t & 0xffff) + (t >> 16)
+    return ~t & 0xffff
+frames = []
+for _ in range(4096):
+    saddr = socket.inet_pton(socket.AF_INET6, '2001:db8:ffff::%x:%x' % (random.randrange(1, 65536), random.randrange(1, 65536)))
+    tcp = struct.pack('!HHIIBBHHH', random.randrange(1024, 65535), port, random.getrandbits(32), 0, 5 << 4, 0x02, 64240, 0, 0)
+    c = csum(saddr + daddr + struct.pack('!IxxxB', len(tcp), 6) + tcp)
+    tcp = tcp[:16] + struct.pack('!H', c) + tcp[18:]
+    ip = struct.pack('!IHBB', 0x60000000, len(tcp), 6, 64) + saddr + daddr
+    frames.append(dmac + smac + b'\x86\xdd' + ip + tcp)
+end, sent = time.time() + secs, 0
+while time.time() < end:
+    for f in frames:
+        s.send(f)
+    sent += len(frames)
+print(sent)
+"#;
+
+/// The MAC address of `target`'s eth0 (the uplink's, in `host`).
+fn mac_of(sandbox: &Sandbox, target: &str) -> String {
+    let link = sandbox.exec_ok(target, &["ip", "-o", "link", "show", "eth0"]);
+    link.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .expect("eth0's MAC")
+        .to_owned()
+}
+
+/// The IPv6 SYN flood at a published port locks nobody out either: it only churns the table
+/// of handshakes under way (IPv6's own, `dp_ct6_new_v1`), an established IPv6 connection goes
+/// on answering throughout, and new clients get in at once after it.
+#[test]
+fn a_spoofed_ipv6_syn_flood_locks_nobody_out_and_spares_established_connections() {
+    let sandbox = Sandbox::up(SPEC6);
+    let agent = Agent::start_with(&sandbox, &["--ct-max-entries", "4096"]);
+    let mut established = KeepAlive::open_to(&sandbox, format!("[{HOST6}]:8080"));
+    assert!(
+        established
+            .get()
+            .expect("before the flood")
+            .starts_with("web1 ")
+    );
+    let uplink_mac = mac_of(&sandbox, "host");
+    let flood = {
+        let outside = sandbox.netns("outside");
+        thread::spawn(move || {
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{outside}"))
+                .args([
+                    "/usr/bin/python3",
+                    "-c",
+                    SYN_FLOOD6,
+                    HOST6,
+                    &uplink_mac,
+                    "8080",
+                    "3",
+                ])
+                .output()
+                .expect("running the IPv6 SYN flood")
+        })
+    };
+    let started = Instant::now();
+    let mut during = 0;
+    while started.elapsed() < Duration::from_millis(2500) {
+        let body = established
+            .get()
+            .expect("the established IPv6 connection during the flood");
+        assert!(body.starts_with("web1 "), "{body}");
+        during += 1;
+        thread::sleep(Duration::from_millis(200));
+    }
+    let out = flood.join().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let sent: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    let status = agent.status();
+    let new_entries = status.map_entries("dp_ct6_new_v1");
+    assert!(
+        new_entries > 500,
+        "the flood ({sent} SYNs) filled the table of handshakes: {new_entries} entries"
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let inbound = curl(&sandbox, "outside", &format!("http://[{HOST6}]:8080/"));
+    assert!(
+        String::from_utf8_lossy(&inbound.stdout).starts_with("web1 "),
+        "{inbound:?}"
+    );
+    assert!(
+        Instant::now() < deadline,
+        "a new client took longer than 2 s"
+    );
+    assert!(
+        established
+            .get()
+            .expect("after the flood")
+            .starts_with("web1 ")
+    );
+    assert!(during >= 5, "{during} requests during the flood");
+    let status = agent.status();
+    assert_eq!(status.drops("CT_MAP_INSERTION_FAILED"), 0, "{status:#?}");
+    eprintln!("IPv6 SYN flood: {sent} SYNs in 3 s, {new_entries} handshake entries");
+}
 
 /// The IPv6 fragment header's way: UDP datagrams bigger than the path, split by their sender
 /// into fragments (IPv6 routers never split), arrive whole with their replies through a

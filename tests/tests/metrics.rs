@@ -276,12 +276,65 @@ fn prometheus_scrapes_flow_and_drop_counters_after_known_traffic() {
         1.0,
     );
     prometheus.wait_for("dataplane_flow_events_lost_total", 0.0);
-    // Both tables: the established connections' and the handshakes' (a quarter of it).
-    prometheus.wait_for("dataplane_conntrack_capacity", (262_144 + 65_536) as f64);
+    // Both tables of each family: the established connections' and the handshakes' (a
+    // quarter of it).
+    for family in ["IPv4", "IPv6"] {
+        prometheus.wait_for(
+            &format!("dataplane_conntrack_capacity{{family=\"{family}\"}}"),
+            (262_144 + 65_536) as f64,
+        );
+    }
     // Uplink ingress and egress and the two containers' veths (and the sandbox cgroup's
     // connect hook).
     prometheus.wait_for("dataplane_programs_attached >= bool 4", 1.0);
     prometheus.wait_for("dataplane_map_entries{map=\"dp_ports_v2\"}", 1.0);
     assert!(prometheus.value("dataplane_reconcile_duration_seconds_count") >= 1.0);
     assert_eq!(prometheus.value("dataplane_reconcile_errors_total"), 0.0);
+}
+
+/// [`SPEC`]'s host with IPv6 on its network: the published port reached over IPv6.
+const SPEC_DUAL: &str = r#"
+uplink: eth0
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1,
+     subnet6: "fd00:30:1::/64", gateway6: "fd00:30:1::1"}
+endpoints:
+  - name: web1
+    interfaces: [{network: front, ip: 172.30.1.2, ip6: "fd00:30:1::2", mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
+ports:
+  - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}
+"#;
+
+/// IPv6 packets are counted under their own family: the kernel's per-packet TCP flags of
+/// connections over IPv6 in `hubble_tcp_flags_total{family="IPv6"}`, none of them under
+/// IPv4's.
+#[test]
+fn prometheus_counts_ipv6_tcp_flags_under_their_family() {
+    let sandbox = Sandbox::up(SPEC_DUAL);
+    let _agent = Agent::start_with(&sandbox, &["--flow-report-interval", "3600"]);
+    let prometheus = Prometheus::start(&sandbox);
+    prometheus.wait_for("up{job=\"dataplane\"}", 1.0);
+    for _ in 0..2 {
+        sandbox.exec_ok(
+            "outside",
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "3",
+                "http://[2001:db8::1]:8080/",
+            ],
+        );
+    }
+    for (flag, least) in [("SYN", 2.0), ("SYN-ACK", 2.0), ("FIN", 2.0)] {
+        prometheus.wait_for_at_least(
+            &format!("sum(hubble_tcp_flags_total{{flag=\"{flag}\",family=\"IPv6\"}})"),
+            least,
+        );
+    }
+    assert_eq!(
+        prometheus.value("sum(hubble_tcp_flags_total{family=\"IPv4\"}) or vector(0)"),
+        0.0,
+        "no IPv4 TCP was sent"
+    );
 }

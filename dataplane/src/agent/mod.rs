@@ -451,7 +451,15 @@ impl Agent {
             self.flows.set_model(model);
         }
         self.collector.forget_translated_to(&applied.departed);
-        self.collector.forget_translated_to(&applied.departed6);
+        // NAT64 connections are in the IPv6 tables, to the container's IPv4-mapped address.
+        let mut departed6 = applied.departed6.clone();
+        departed6.extend(
+            applied
+                .departed
+                .iter()
+                .map(|addr| dataplane_common::In6Addr::mapped_v4(*addr)),
+        );
+        self.collector.forget_translated_to(&departed6);
         // Only dockerd holds published ports with a socket of its own; a state file's ports
         // have no placeholder to reset.
         let placeholders = if self.args.docker.docker.is_some() {

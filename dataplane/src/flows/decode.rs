@@ -260,7 +260,9 @@ fn nat(tuple: &Tuple, rw: Rewrite) -> Option<Nat> {
     }
     Some(Nat {
         kind,
-        destination: rw.rewrite == ct_rewrite::DST,
+        // NAT64's source change (to the container's gateway) is not in the record: the
+        // translation it names is the destination's, to the container's IPv4 address.
+        destination: rw.rewrite == ct_rewrite::DST || rw.rewrite == ct_rewrite::NAT64,
         addr: rw.addr,
         port: rw.port,
         source: None,
@@ -695,6 +697,26 @@ pub mod tests {
                 source: None,
             })
         );
+        // NAT64: the same IPv6 connection, translated to an IPv4-only container (its address
+        // IPv4 again, not the mapped IPv6 form the event carries).
+        raw.rewrite = ct_rewrite::NAT64;
+        raw.nat_addr = In6Addr::mapped_v4(u32::from(Ipv4Addr::new(172, 30, 1, 2)).to_be());
+        raw.hairpin_port = 41234u16.to_be();
+        let event = from_raw(&copy_event(&as_bytes(&raw)).unwrap()).unwrap();
+        assert_eq!(event.tuple.family(), IpFamily::V6);
+        assert_eq!(event.tuple.saddr, v6("2001:db8::2"));
+        assert_eq!(
+            event.nat,
+            Some(Nat {
+                kind: TranslationKind::PublishedPort,
+                destination: true,
+                addr: v6("172.30.1.2"),
+                port: 80,
+                source: None,
+            })
+        );
+        raw.rewrite = ct_rewrite::DST;
+        raw.hairpin_port = 0;
         // A hairpin: back to the container from its gateway.
         raw.tuple.saddr = nat_addr("fd00:30:1::2");
         raw.rewrite = ct_rewrite::HAIRPIN;

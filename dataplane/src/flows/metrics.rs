@@ -135,8 +135,8 @@ pub struct Metrics {
     icmp: Family<Labels<6>, Counter>,
     ports: Family<Labels<6>, Counter>,
     lost_events: Family<Labels<1>, Counter>,
-    conntrack_entries: Gauge,
-    conntrack_capacity: Gauge,
+    conntrack_entries: Family<Labels<1>, Gauge>,
+    conntrack_capacity: Family<Labels<1>, Gauge>,
     map_entries: Family<Labels<1>, Gauge>,
     map_capacity: Family<Labels<1>, Gauge>,
     flow_events_lost: Counter,
@@ -162,8 +162,8 @@ impl Metrics {
             icmp: Family::default(),
             ports: Family::default(),
             lost_events: Family::default(),
-            conntrack_entries: Gauge::default(),
-            conntrack_capacity: Gauge::default(),
+            conntrack_entries: Family::default(),
+            conntrack_capacity: Family::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
             flow_events_lost: Counter::default(),
@@ -199,12 +199,12 @@ impl Metrics {
         );
         registry.register(
             "dataplane_conntrack_entries",
-            "Entries in the connection-tracking table (two per connection)",
+            "Entries in a family's connection-tracking tables (two per connection)",
             metrics.conntrack_entries.clone(),
         );
         registry.register(
             "dataplane_conntrack_capacity",
-            "Capacity of the connection-tracking table",
+            "Capacity of a family's connection-tracking tables",
             metrics.conntrack_capacity.clone(),
         );
         registry.register(
@@ -385,9 +385,15 @@ impl Metrics {
         }
     }
 
-    pub fn conntrack(&self, entries: u64, capacity: u64) {
-        self.conntrack_entries.set(entries as i64);
-        self.conntrack_capacity.set(capacity as i64);
+    /// One family's conntrack fill (`family` IPv4 or IPv6, as Hubble names them).
+    pub fn conntrack(&self, family: IpFamily, entries: u64, capacity: u64) {
+        let labels = [("family", family.hubble_name().into())];
+        self.conntrack_entries
+            .get_or_create(&labels)
+            .set(entries as i64);
+        self.conntrack_capacity
+            .get_or_create(&labels)
+            .set(capacity as i64);
     }
 
     pub fn map_fill(&self, name: &'static str, entries: u32, capacity: u32) {
@@ -711,7 +717,8 @@ mod tests {
         let (metrics, registry) = Metrics::new();
         metrics.flow_events_lost(5);
         metrics.flow_events_lost(7);
-        metrics.conntrack(10, 262_144);
+        metrics.conntrack(IpFamily::V4, 10, 262_144);
+        metrics.conntrack(IpFamily::V6, 4, 131_072);
         metrics.map_fill("dp_ports_v2", 3, 65_536);
         metrics.programs_attached(4);
         metrics.reconciled(Duration::from_millis(3), true);
@@ -720,8 +727,10 @@ mod tests {
         for line in [
             "dataplane_flow_events_lost_total 7",
             "hubble_lost_events_total{source=\"perf_event_ring_buffer\"} 7",
-            "dataplane_conntrack_entries 10",
-            "dataplane_conntrack_capacity 262144",
+            "dataplane_conntrack_entries{family=\"IPv4\"} 10",
+            "dataplane_conntrack_capacity{family=\"IPv4\"} 262144",
+            "dataplane_conntrack_entries{family=\"IPv6\"} 4",
+            "dataplane_conntrack_capacity{family=\"IPv6\"} 131072",
             "dataplane_map_entries{map=\"dp_ports_v2\"} 3",
             "dataplane_map_capacity{map=\"dp_ports_v2\"} 65536",
             "dataplane_programs_attached 4",

@@ -42,7 +42,7 @@ use crate::{
     kernel::{
         Datapath,
         conntrack::Walk,
-        maps::{Conntrack, ConntrackNew, LocalAddrs, LocalAddrs6},
+        maps::{Conntrack, Conntrack6, Conntrack6New, ConntrackNew, LocalAddrs, LocalAddrs6},
     },
     model::Model,
 };
@@ -424,13 +424,17 @@ impl Pipeline {
             self.publish(event);
         }
         self.flush_log();
-        // IPv4's tables, as the gauges always were; IPv6's are in `dataplane_map_entries`.
-        self.refresh_kernel_metrics(datapath, walk.v4.entries.len());
+        self.refresh_kernel_metrics(datapath, [walk.v4.entries.len(), walk.v6.entries.len()]);
     }
 
-    fn refresh_kernel_metrics(&mut self, datapath: &Datapath, conntrack_entries: usize) {
-        let capacity = self.metrics_ct_capacity(datapath);
-        self.metrics.conntrack(conntrack_entries as u64, capacity);
+    /// `conntrack_entries`: IPv4's and IPv6's.
+    fn refresh_kernel_metrics(&mut self, datapath: &Datapath, conntrack_entries: [usize; 2]) {
+        let [v4, v6] = conntrack_entries;
+        let (capacity4, capacity6) = self.metrics_ct_capacity(datapath);
+        self.metrics
+            .conntrack(decode::IpFamily::V4, v4 as u64, capacity4);
+        self.metrics
+            .conntrack(decode::IpFamily::V6, v6 as u64, capacity6);
         match datapath.flow_events_lost() {
             Ok(lost) => self.metrics.flow_events_lost(lost),
             Err(e) => log::debug!("metrics: {e}"),
@@ -439,10 +443,11 @@ impl Pipeline {
             Ok(drops) => self.metrics.kernel_drops(&drops),
             Err(e) => log::debug!("metrics: {e}"),
         }
-        match datapath.tcp_flags() {
-            // The kernel's counters do not tell the families apart (yet): IPv4's.
-            Ok(flags) => self.metrics.kernel_tcp_flags(decode::IpFamily::V4, &flags),
-            Err(e) => log::debug!("metrics: {e}"),
+        for (family, ipv6) in [(decode::IpFamily::V4, false), (decode::IpFamily::V6, true)] {
+            match datapath.tcp_flags(ipv6) {
+                Ok(flags) => self.metrics.kernel_tcp_flags(family, &flags),
+                Err(e) => log::debug!("metrics: {e}"),
+            }
         }
         self.metrics.programs_attached(datapath.attachments().len());
         if self.walks.is_multiple_of(MAP_FILL_EVERY) {
@@ -479,11 +484,18 @@ impl Pipeline {
     /// Both IPv4 conntrack tables' capacity (established and handshakes under way), as the
     /// walk's IPv4 entries are counted; `dataplane_map_entries` has each table on its own,
     /// IPv6's too.
-    fn metrics_ct_capacity(&self, datapath: &Datapath) -> u64 {
+    /// Both tables of each family, IPv4's and IPv6's: established connections and handshakes.
+    fn metrics_ct_capacity(&self, datapath: &Datapath) -> (u64, u64) {
         let main = datapath
             .capacity::<Conntrack>()
             .map_or(u64::from(dataplane_common::capacity::CONNTRACK), u64::from);
-        main + datapath.capacity::<ConntrackNew>().map_or(0, u64::from)
+        let main6 = datapath
+            .capacity::<Conntrack6>()
+            .map_or(u64::from(dataplane_common::capacity::CONNTRACK), u64::from);
+        (
+            main + datapath.capacity::<ConntrackNew>().map_or(0, u64::from),
+            main6 + datapath.capacity::<Conntrack6New>().map_or(0, u64::from),
+        )
     }
 
     /// `observe {json}` from the control socket: the reply (the latest matching records, one

@@ -363,6 +363,8 @@ fn translated_to<A: Address>(
             ct_rewrite::DST => entry.nat_addr,
             // A hairpin goes back to its own source, in both directions.
             ct_rewrite::HAIRPIN => key.saddr,
+            // NAT64 (IPv6 tables): the forward entry names the container (IPv4-mapped).
+            ct_rewrite::NAT64 if entry.is_reply == 0 => entry.nat_addr,
             _ => continue,
         };
         if addresses.contains(&target) {
@@ -485,6 +487,24 @@ mod tests {
         }
         assert_eq!(translated_to(&entries, &BTreeSet::from([42])).len(), 2);
         assert!(translated_to(&entries, &BTreeSet::from([43])).is_empty());
+    }
+
+    #[test]
+    fn nat64_connections_to_departed_containers_are_found_by_their_mapped_address() {
+        let container = In6Addr::mapped_v4(u32::from_be_bytes([172, 30, 1, 2]).to_be());
+        let mut entries = pair6(IPPROTO_TCP, SYN, 1000);
+        for entry in entries.values_mut() {
+            entry.rewrite = ct_rewrite::NAT64;
+            if entry.is_reply == 0 {
+                entry.nat_addr = container;
+            }
+        }
+        assert_eq!(
+            translated_to(&entries, &BTreeSet::from([container])).len(),
+            2
+        );
+        let other = In6Addr::mapped_v4(u32::from_be_bytes([172, 30, 1, 3]).to_be());
+        assert!(translated_to(&entries, &BTreeSet::from([other])).is_empty());
     }
 
     #[test]

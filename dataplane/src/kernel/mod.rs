@@ -20,9 +20,9 @@ use aya::{
 };
 use dataplane_common::{
     Address, Config, DropReason, IfaceStats, IfaceStatsKey, In6Addr, MAGLEV_DEFAULT_SIZE,
-    MAGLEV_MAX_SIZE, MAGLEV_MIN_SIZE, PolicyKey, PolicyMeta, PolicyPrefixOf, PolicyVerdict,
-    PrefixKey, PrefixKey6, PrefixKeyOf, capacity, hook, is_prime, maglev_elements, maglev_stride,
-    map_names, program_names, tcp_flag_count,
+    MAGLEV_MAX_SIZE, MAGLEV_MIN_SIZE, PROGS6_DROP_SLOT, PROGS6_NAT64_SLOT, PolicyKey, PolicyMeta,
+    PolicyPrefixOf, PolicyVerdict, PrefixKey, PrefixKey6, PrefixKeyOf, capacity, hook, is_prime,
+    maglev_elements, maglev_stride, map_names, program_names, tcp_flag_count,
 };
 use serde::Serialize;
 
@@ -199,9 +199,9 @@ pub struct Datapath {
     links: BTreeMap<(String, Hook), Attachment>,
     /// Services the maps hold (from the pinned maps when adopted).
     max_services: u32,
-    /// The kernel's TCP flag counters when this agent loaded its programs (the map is pinned
-    /// and counts across agents): [`Datapath::tcp_flags`] counts from here.
-    tcp_flags_at_load: TcpFlagTotals,
+    /// The kernel's TCP flag counters when this agent loaded its programs, IPv4's and IPv6's
+    /// (the maps are pinned and count across agents): [`Datapath::tcp_flags`] counts from here.
+    tcp_flags_at_load: [TcpFlagTotals; 2],
 }
 
 /// Packets counted per TCP flag kind (indexed by `tcp_flag_count::SYN` ...), summed over CPUs
@@ -416,7 +416,7 @@ fn check_layouts(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
     };
     use dataplane_common::{CtEntry, CtKey, EndpointInfo, PortKey, PortTarget};
     use dataplane_common::{FragEntry, FragKey, SockLb, SockLbKey, SockNetns, SockRevNat};
-    let expected: [(&'static str, usize, usize); 29] = [
+    let expected: [(&'static str, usize, usize); 30] = [
         (
             map_names::SOCK_NETNS,
             size_of::<u64>(),
@@ -487,6 +487,7 @@ fn check_layouts(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
         ),
         (map_names::DROPS, size_of::<u32>(), size_of::<u64>()),
         (map_names::TCP_FLAGS, size_of::<u32>(), size_of::<u64>()),
+        (map_names::TCP_FLAGS6, size_of::<u32>(), size_of::<u64>()),
         (
             map_names::CONNTRACK6,
             size_of::<CtKey6>(),
@@ -680,9 +681,12 @@ impl Datapath {
             pin_dir: pin_dir.to_owned(),
             links: BTreeMap::new(),
             max_services,
-            tcp_flags_at_load: [0; tcp_flag_count::KINDS as usize],
+            tcp_flags_at_load: [[0; tcp_flag_count::KINDS as usize]; 2],
         };
-        datapath.tcp_flags_at_load = datapath.tcp_flag_totals()?;
+        datapath.tcp_flags_at_load = [
+            datapath.tcp_flag_totals(map_names::TCP_FLAGS)?,
+            datapath.tcp_flag_totals(map_names::TCP_FLAGS6)?,
+        ];
         Ok((datapath, conntrack))
     }
 
@@ -1418,8 +1422,8 @@ fn removed(
 }
 
 /// Loads the IPv6 halves of the tc programs and puts each at its hook's number in the program
-/// array the IPv4 programs tail-call for IPv6 frames (and the IPv6 programs' own for new
-/// service connections at slot 0) (pinned: across a restart, the programs
+/// array the IPv4 programs tail-call for IPv6 frames (and their drop reporter at slot 0, the
+/// IPv6 balancing program at slot 5) (pinned: across a restart, the programs
 /// still attached keep finding IPv6 programs there until this load's replace them).
 fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     use aya::maps::ProgramArray;
@@ -1428,7 +1432,12 @@ fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
         (hook::CONTAINER_INGRESS, program_names::CONTAINER_INGRESS6),
         (hook::UPLINK_INGRESS, program_names::UPLINK_INGRESS6),
         (hook::UPLINK_EGRESS, program_names::UPLINK_EGRESS6),
-        (dataplane_common::PROGS6_BALANCE, program_names::BALANCE6),
+        (
+            dataplane_common::PROGS6_BALANCE_SLOT,
+            program_names::BALANCE6,
+        ),
+        (PROGS6_NAT64_SLOT, program_names::NAT64),
+        (PROGS6_DROP_SLOT, program_names::DROP6),
     ] {
         let program: &mut SchedClassifier = program_mut(ebpf, name)?;
         let error = |source| DatapathError::Program {
@@ -1500,19 +1509,30 @@ impl Datapath {
         aya::maps::RingBuf::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
     }
 
-    /// TCP packets the programs passed per flag kind (Hubble's SYN, SYN-ACK, FIN, RST), summed
-    /// over CPUs and counting points, since this agent loaded the programs.
-    pub fn tcp_flags(&self) -> Result<TcpFlagTotals, DatapathError> {
-        let totals = self.tcp_flag_totals()?;
+    /// TCP packets of one family (IPv4's, or IPv6's when `ipv6`) the programs passed per flag
+    /// kind (Hubble's SYN, SYN-ACK, FIN, RST), summed over CPUs and counting points, since this
+    /// agent loaded the programs.
+    pub fn tcp_flags(&self, ipv6: bool) -> Result<TcpFlagTotals, DatapathError> {
+        let name = if ipv6 {
+            map_names::TCP_FLAGS6
+        } else {
+            map_names::TCP_FLAGS
+        };
+        let totals = self.tcp_flag_totals(name)?;
+        let at_load = &self.tcp_flags_at_load[usize::from(ipv6)];
         Ok(std::array::from_fn(|kind| {
-            totals[kind].saturating_sub(self.tcp_flags_at_load[kind])
+            totals[kind].saturating_sub(at_load[kind])
         }))
     }
 
-    /// The same per counting point (`tcp_flag_count::FROM_CONTAINER` ...), since the map was
+    /// IPv4's per counting point (`tcp_flag_count::FROM_CONTAINER` ...), since the map was
     /// created: what the packet tests look at.
     pub fn tcp_flags_at(&self, point: u32) -> Result<TcpFlagTotals, DatapathError> {
-        let name = map_names::TCP_FLAGS;
+        self.tcp_flags_in(map_names::TCP_FLAGS, point)
+    }
+
+    /// The counters of map `name` (IPv4's or IPv6's) at counting point `point`.
+    fn tcp_flags_in(&self, name: &'static str, point: u32) -> Result<TcpFlagTotals, DatapathError> {
         let err = |source| DatapathError::Map { map: name, source };
         let map: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.map_ref(name)?).map_err(err)?;
@@ -1524,10 +1544,10 @@ impl Datapath {
         Ok(totals)
     }
 
-    fn tcp_flag_totals(&self) -> Result<TcpFlagTotals, DatapathError> {
+    fn tcp_flag_totals(&self, name: &'static str) -> Result<TcpFlagTotals, DatapathError> {
         let mut sum = [0; tcp_flag_count::KINDS as usize];
         for point in 0..tcp_flag_count::POINTS {
-            for (total, at) in sum.iter_mut().zip(self.tcp_flags_at(point)?) {
+            for (total, at) in sum.iter_mut().zip(self.tcp_flags_in(name, point)?) {
                 *total += at;
             }
         }

@@ -30,7 +30,7 @@ const OTHER_NET: [u8; 4] = [172, 30, 2, 2];
 const DENIED: [u8; 4] = [203, 0, 113, 9];
 
 /// Every event the programs wrote so far (the ring can be taken once per datapath).
-fn events(dp: &mut Datapath) -> Vec<FlowEvent> {
+pub(super) fn events(dp: &mut Datapath) -> Vec<FlowEvent> {
     let mut ring = dp.take_flow_events().unwrap();
     let mut events = Vec::new();
     while let Some(item) = ring.next() {
@@ -254,5 +254,5 @@ fn tcp_flags_are_counted_per_packet_once_each() {
     assert_eq!(at(dp, tcp_flag_count::FROM_OUTSIDE), [2, 0, 1, 1]);
 
     // Summed over the points, since this datapath was loaded: what the metric shows.
-    assert_eq!(dp.tcp_flags().unwrap(), [4, 1, 2, 1]);
+    assert_eq!(dp.tcp_flags(false).unwrap(), [4, 1, 2, 1]);
 }

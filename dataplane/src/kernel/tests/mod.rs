@@ -6,6 +6,7 @@ mod hairpin;
 mod hostile;
 mod ipv6;
 mod masquerade;
+mod nat64;
 mod packet;
 mod policy;
 mod programs;

@@ -1,0 +1,347 @@
+//! Packet tests of NAT64 for published ports: an IPv6 client to a port published on the
+//! host's IPv6 addresses whose container has only IPv4. The request leaves as IPv4 (from the
+//! container network's gateway, to the container), the reply as IPv6 (from the published
+//! address and port, to the client); every IPv4 header checksum and TCP/UDP checksum (over
+//! the pseudo-header of the family the packet leaves with) is verified.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use dataplane_common::{
+    Config, CtKey6, DropReason, EndpointInfo, In6Addr, PortKey6, PortTarget6, ct_rewrite,
+};
+
+use super::{
+    ipv6::{Ipv6Spec, assert_checksums6, ipv6_frame, upper_layer, v6},
+    packet::{ETH_LEN, Ipv4Spec, TCP_ACK, TCP_SYN, assert_checksums, ipv4_frame, tcp, tuple, udp},
+    programs::{TC_PASS, TC_SHOT, loaded_or_skip, run_tc},
+    translation::{TC_REDIRECT, be, drops},
+};
+use crate::kernel::{Datapath, Hook};
+
+const CONTAINER: [u8; 4] = [172, 30, 1, 2];
+const GATEWAY: [u8; 4] = [172, 30, 1, 1];
+const CONTAINER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 7];
+const SNAT_RANGE: (u16, u16) = (20000, 32767);
+
+fn host() -> Ipv6Addr {
+    v6("2001:db8::1")
+}
+
+fn client() -> Ipv6Addr {
+    v6("2001:db8::2")
+}
+
+/// An IPv4-only container (172.30.1.2, gateway 172.30.1.1, behind the test run's loopback),
+/// the host's IPv6 address 2001:db8::1, and the container's port 80/tcp published on every
+/// host address at 8080 and 53/udp at 5353 (as the reconciler writes them over IPv6: to the
+/// container's IPv4-mapped address).
+fn ipv4_only_container(dp: &mut Datapath) {
+    dp.set::<crate::kernel::maps::Endpoints>(
+        be(CONTAINER),
+        EndpointInfo {
+            ifindex: 1,
+            network_id: 1,
+            endpoint_id: 1,
+            mac: CONTAINER_MAC,
+            gateway: be(GATEWAY),
+            ..EndpointInfo::default()
+        },
+    )
+    .unwrap();
+    dp.set::<crate::kernel::maps::LocalAddrs>(be(GATEWAY), 1u8)
+        .unwrap();
+    dp.set::<crate::kernel::maps::LocalAddrs6>(In6Addr::from_ipv6(host()), 1u8)
+        .unwrap();
+    for (port, proto, to) in [(8080u16, 6u8, 80u16), (5353, 17, 53)] {
+        dp.set::<crate::kernel::maps::Ports6>(
+            PortKey6 {
+                addr: In6Addr::UNSPECIFIED,
+                port: port.to_be(),
+                proto,
+                _pad: 0,
+            },
+            PortTarget6 {
+                addr: In6Addr::mapped_v4(be(CONTAINER)),
+                port: to.to_be(),
+                is_service: 0,
+                _pad: 0,
+            },
+        )
+        .unwrap();
+    }
+    dp.set_config(Config {
+        uplink_ifindex: 1,
+        snat_port_min: SNAT_RANGE.0,
+        snat_port_max: SNAT_RANGE.1,
+        ..Config::default()
+    })
+    .unwrap();
+}
+
+/// A request from the client, through the uplink's ingress: delivered into the container as
+/// IPv4, 20 bytes shorter, with valid checksums; its addresses and ports.
+fn inward(dp: &mut Datapath, frame: &[u8], what: &str) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
+    let (verdict, out) = run_tc(dp, Hook::UplinkIngress, frame);
+    assert_eq!(verdict, TC_REDIRECT, "{what}: into the container");
+    assert_eq!(&out[12..14], &0x0800u16.to_be_bytes(), "{what}: IPv4 now");
+    assert_eq!(
+        out.len(),
+        frame.len() - 20,
+        "{what}: the IPv4 header's 20 bytes shorter"
+    );
+    assert_eq!(&out[..6], &CONTAINER_MAC, "{what}: to the container's MAC");
+    assert_eq!(out[ETH_LEN + 8], 64, "{what}: the hop limit as TTL");
+    assert_checksums(&out);
+    tuple(&out)
+}
+
+/// A reply from the container, through its veth's ingress: out of the uplink as IPv6, 20
+/// bytes longer, with a valid checksum; its addresses and ports.
+fn outward(dp: &mut Datapath, frame: &[u8], what: &str) -> (Ipv6Addr, Ipv6Addr, u16, u16) {
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, frame);
+    assert_eq!(verdict, TC_REDIRECT, "{what}: out of the uplink");
+    assert_eq!(&out[12..14], &0x86ddu16.to_be_bytes(), "{what}: IPv6 now");
+    assert_eq!(out.len(), frame.len() + 20, "{what}: 20 bytes longer");
+    assert_eq!(out[ETH_LEN + 7], 64, "{what}: the TTL as hop limit");
+    assert_checksums6(&out);
+    let (src, dst, _, l4) = upper_layer(&out);
+    let l4 = l4.unwrap();
+    let word = |at: usize| u16::from_be_bytes([out[at], out[at + 1]]);
+    (src, dst, word(l4), word(l4 + 2))
+}
+
+fn from_client(protocol: u8, l4: &[u8]) -> Vec<u8> {
+    ipv6_frame(&Ipv6Spec::new(client(), host(), protocol), l4)
+}
+
+fn from_container(protocol: u8, l4: &[u8]) -> Vec<u8> {
+    ipv4_frame(&Ipv4Spec::new(CONTAINER, GATEWAY, protocol), l4)
+}
+
+#[test]
+fn nat64_tcp_to_an_ipv4_only_container_and_its_replies_back_over_ipv6() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    ipv4_only_container(dp);
+    let container = Ipv4Addr::from(CONTAINER);
+    let gateway = Ipv4Addr::from(GATEWAY);
+    // The SYN: from the gateway at the client's own port (free), to the container's port.
+    let syn = from_client(6, &tcp(40000, 8080, TCP_SYN, b""));
+    assert_eq!(
+        inward(dp, &syn, "SYN"),
+        (gateway, container, 40000, 80),
+        "SYN: from the gateway to the container"
+    );
+    // Tracked in the IPv6 tables: the client's side as it is, the container's IPv4-mapped.
+    let mut tracked = dp.entries::<crate::kernel::maps::Conntrack6New>().unwrap();
+    tracked.extend(dp.entries::<crate::kernel::maps::Conntrack6>().unwrap());
+    let reply_key = CtKey6 {
+        saddr: In6Addr::mapped_v4(be(CONTAINER)),
+        daddr: In6Addr::mapped_v4(be(GATEWAY)),
+        sport: 80u16.to_be(),
+        dport: 40000u16.to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    };
+    let reply_entry = tracked
+        .get(&reply_key)
+        .expect("the container's side is tracked");
+    assert_eq!(reply_entry.rewrite, ct_rewrite::NAT64);
+    let forward = reply_entry.peer;
+    assert_eq!(forward.saddr, In6Addr::from_ipv6(client()));
+    let forward_entry = tracked.get(&forward).expect("the client's side is tracked");
+    assert_eq!(forward_entry.rewrite, ct_rewrite::NAT64);
+    assert_eq!(forward_entry.nat_addr, In6Addr::mapped_v4(be(CONTAINER)));
+    assert_eq!(forward_entry.nat_port, 80u16.to_be());
+
+    let syn_ack = from_container(6, &tcp(80, 40000, TCP_SYN | TCP_ACK, b""));
+    assert_eq!(
+        outward(dp, &syn_ack, "SYN-ACK"),
+        (host(), client(), 8080, 40000),
+        "SYN-ACK: from the published address and port, to the client"
+    );
+    let ack = from_client(6, &tcp(40000, 8080, TCP_ACK, b"GET / HTTP/1.0\r\n\r\n"));
+    assert_eq!(inward(dp, &ack, "data"), (gateway, container, 40000, 80));
+    let data = from_container(6, &tcp(80, 40000, TCP_ACK, b"HTTP/1.0 200 OK\r\n\r\nhello"));
+    assert_eq!(
+        outward(dp, &data, "reply data"),
+        (host(), client(), 8080, 40000)
+    );
+
+    // The container's own packets to its gateway that no NAT64 connection tracked, and a
+    // client's to a port nobody published: untouched.
+    let other = from_container(6, &tcp(80, 40001, TCP_SYN | TCP_ACK, b""));
+    assert_eq!(
+        run_tc(dp, Hook::ContainerIngress, &other),
+        (TC_PASS, other.clone())
+    );
+    let unpublished = from_client(6, &tcp(40002, 9999, TCP_SYN, b""));
+    assert_eq!(
+        run_tc(dp, Hook::UplinkIngress, &unpublished),
+        (TC_PASS, unpublished.clone())
+    );
+}
+
+#[test]
+fn nat64_udp_both_ways_and_a_reply_without_checksum_is_dropped() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    ipv4_only_container(dp);
+    let container = Ipv4Addr::from(CONTAINER);
+    let gateway = Ipv4Addr::from(GATEWAY);
+    let query = from_client(17, &udp(40010, 5353, b"query"));
+    assert_eq!(
+        inward(dp, &query, "UDP query"),
+        (gateway, container, 40010, 53)
+    );
+    let answer = from_container(17, &udp(53, 40010, b"answer"));
+    assert_eq!(
+        outward(dp, &answer, "UDP answer"),
+        (host(), client(), 5353, 40010)
+    );
+    // A second datagram each way, on the tracked connection.
+    let query = from_client(17, &udp(40010, 5353, b"again"));
+    assert_eq!(
+        inward(dp, &query, "second query"),
+        (gateway, container, 40010, 53)
+    );
+    assert_eq!(
+        outward(dp, &answer, "second answer"),
+        (host(), client(), 5353, 40010)
+    );
+    // IPv6 has no checksum-less UDP: such a reply is dropped, and counted.
+    let mut no_checksum = answer.clone();
+    no_checksum[ETH_LEN + 20 + 6..ETH_LEN + 20 + 8].copy_from_slice(&[0, 0]);
+    let before = drops(dp, DropReason::InvalidL4Header);
+    assert_eq!(run_tc(dp, Hook::ContainerIngress, &no_checksum).0, TC_SHOT);
+    assert_eq!(drops(dp, DropReason::InvalidL4Header), before + 1);
+    // Nor is one without checksum let in as IPv4 (where 0 would mean "not checked").
+    let mut no_checksum = from_client(17, &udp(40011, 5353, b"query"));
+    no_checksum[ETH_LEN + 40 + 6..ETH_LEN + 40 + 8].copy_from_slice(&[0, 0]);
+    assert_eq!(run_tc(dp, Hook::UplinkIngress, &no_checksum).0, TC_SHOT);
+    assert_eq!(drops(dp, DropReason::InvalidL4Header), before + 2);
+}
+
+/// Two clients with the same source port: the first keeps its port at the gateway, the
+/// second gets one probed from the masquerade range, and each one's replies reach it.
+#[test]
+fn nat64_clients_sharing_a_source_port_get_distinct_gateway_ports() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    ipv4_only_container(dp);
+    let (container, gateway) = (Ipv4Addr::from(CONTAINER), Ipv4Addr::from(GATEWAY));
+    let other = v6("2001:db8::3");
+    let first = from_client(6, &tcp(40000, 8080, TCP_SYN, b""));
+    assert_eq!(
+        inward(dp, &first, "first client"),
+        (gateway, container, 40000, 80)
+    );
+    let second = ipv6_frame(
+        &Ipv6Spec::new(other, host(), 6),
+        &tcp(40000, 8080, TCP_SYN, b""),
+    );
+    let (_, _, probed, _) = inward(dp, &second, "second client");
+    assert!(
+        (SNAT_RANGE.0..=SNAT_RANGE.1).contains(&probed),
+        "a probed port: {probed}"
+    );
+    for (port, client) in [(40000, client()), (probed, other)] {
+        let reply = from_container(6, &tcp(80, port, TCP_SYN | TCP_ACK, b""));
+        assert_eq!(
+            outward(dp, &reply, "reply"),
+            (host(), client, 8080, 40000),
+            "the reply to gateway port {port}"
+        );
+    }
+}
+
+/// Thousands of packets both ways (IPv6 TCP with any flags and UDP from clients to the
+/// published ports, some with an extension or fragment header; IPv4 answers from the
+/// container to its gateway; some cut short): whatever goes on translated has every checksum
+/// of the family it leaves as right, and a packet cut short never goes on changed.
+#[test]
+fn random_packets_through_nat64_never_leave_with_a_wrong_checksum() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    ipv4_only_container(dp);
+    // xorshift64*: the same packets on every run.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let clients = [client(), v6("2001:db8::3"), v6("2001:db8:9::9")];
+    let client_ports = [40000u16, 40001, 40002];
+    let (mut inward_changed, mut outward_changed) = (0, 0);
+    for _ in 0..3000 {
+        let protocol = if next() % 3 == 0 { 17u8 } else { 6 };
+        let flags = next() as u8 & 0x3f;
+        let client_port = client_ports[(next() % 3) as usize];
+        let from_outside = next() % 2 == 0;
+        let mut input = if from_outside {
+            let published = if protocol == 6 { 8080 } else { 5353 };
+            let l4 = if protocol == 6 {
+                tcp(client_port, published, flags, b"data")
+            } else {
+                udp(client_port, published, b"datagram")
+            };
+            let src = clients[(next() % 3) as usize];
+            let mut spec = Ipv6Spec::new(src, host(), protocol);
+            match next() % 8 {
+                0 => spec = spec.with(0),
+                1 => {
+                    let offset: u16 = if next() % 2 == 0 { 0 } else { 100 };
+                    let word = (offset << 3) | (next() % 2) as u16;
+                    let mut header = vec![0, 0];
+                    header.extend_from_slice(&word.to_be_bytes());
+                    header.extend_from_slice(&7u32.to_be_bytes());
+                    spec.ext.push((44, header));
+                }
+                _ => {}
+            }
+            ipv6_frame(&spec, &l4)
+        } else {
+            let container_port = if protocol == 6 { 80 } else { 53 };
+            let l4 = if protocol == 6 {
+                tcp(container_port, client_port, flags, b"answer")
+            } else {
+                udp(container_port, client_port, b"answer")
+            };
+            from_container(protocol, &l4)
+        };
+        let cut = next() % 6 == 0;
+        if cut {
+            let fixed = ETH_LEN + if from_outside { 40 } else { 20 };
+            let keep = fixed + (next() as usize % (input.len() - fixed));
+            input.truncate(keep);
+        }
+        let hook = if from_outside {
+            Hook::UplinkIngress
+        } else {
+            Hook::ContainerIngress
+        };
+        let (verdict, out) = run_tc(dp, hook, &input);
+        assert!(
+            [TC_PASS, TC_SHOT, TC_REDIRECT].contains(&verdict),
+            "{hook:?}: verdict {verdict} for {input:02x?}"
+        );
+        if verdict == TC_SHOT || out.get(ETH_LEN..) == input.get(ETH_LEN..) {
+            continue;
+        }
+        assert!(
+            !cut,
+            "{hook:?}: a packet cut short went on changed: {input:02x?}"
+        );
+        if out[12..14] == 0x0800u16.to_be_bytes() {
+            assert_checksums(&out);
+            inward_changed += 1;
+        } else {
+            assert_checksums6(&out);
+            outward_changed += 1;
+        }
+    }
+    eprintln!("NAT64: {inward_changed} requests and {outward_changed} replies translated");
+    assert!(inward_changed > 50 && outward_changed > 50);
+}
