@@ -156,6 +156,10 @@ pub mod program_names {
     /// [`crate::PROGS6_DROP_SLOT`] of [`crate::map_names::PROGS6`]): counts the drop, sends its
     /// flow event and gives the verdict, on a stack of its own.
     pub const DROP6: &str = "dp_drop6";
+    /// New IPv6 connections to a service (a container's to a VIP, or from outside to a port
+    /// that leads to a service), tail-called by the two ingress IPv6 programs, at
+    /// [`crate::PROGS6_BALANCE`] in the same array; never attached.
+    pub const BALANCE6: &str = "dp_balance6";
 }
 
 /// The slot of [`program_names::DROP6`] in the IPv6 program array (the hooks' numbers take
@@ -164,6 +168,9 @@ pub const PROGS6_DROP_SLOT: u32 = 0;
 
 /// The slot of [`program_names::NAT64`] in the IPv6 program array.
 pub const PROGS6_NAT64_SLOT: u32 = 4;
+
+/// The slot of [`program_names::BALANCE6`] in the IPv6 program array.
+pub const PROGS6_BALANCE_SLOT: u32 = 5;
 
 /// Capacities of the maps (see the map declarations in `dataplane-ebpf/src/maps.rs` for the
 /// reasoning behind each size).

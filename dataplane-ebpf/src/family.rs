@@ -1,6 +1,7 @@
 //! What differs between IPv4 and IPv6 for the code both families share: each family's
-//! conntrack tables, drop aggregates, ICMP protocol number and socket-lookup tuple. Conntrack, the flow events
-//! of a connection and the source-port allocation are written once, generic over [`Family`]; each instance is
+//! conntrack tables, drop aggregates, service maps, ICMP protocol number and socket-lookup
+//! tuple. Conntrack, the flow events of a connection, the source-port allocation and the
+//! choice of a service's backend (`lb.rs`) are written once, generic over [`Family`]; each instance is
 //! the same code with the family's constants and maps (the IPv4 one is what it was before
 //! IPv6 existed, instruction for instruction). The per-packet parts (headers, checksums,
 //! hooks) are per family: their offsets and checksum rules differ.
@@ -12,11 +13,15 @@ use aya_ebpf::{
     },
     maps::{HashMap, LruHashMap},
 };
-use dataplane_common::{Address, CtEntryOf, CtKeyOf, DropAggKeyOf, DropAggValueOf, In6Addr};
+use dataplane_common::{
+    Address, BackendKey, BackendOf, CtEntryOf, CtKeyOf, DropAggKeyOf, DropAggValueOf, In6Addr,
+    ServiceInfo, ServiceKeyOf,
+};
 
 use crate::{
     maps::{
-        CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, DROP_AGGREGATES, DROP_AGGREGATES6,
+        BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, DROP_AGGREGATES,
+        DROP_AGGREGATES6, SERVICES, SERVICES6,
     },
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
@@ -28,6 +33,10 @@ pub trait Family: Address {
     fn conntrack() -> &'static HashMap<CtKeyOf<Self>, CtEntryOf<Self>>;
     /// Connections whose handshake has not completed.
     fn conntrack_new() -> &'static LruHashMap<CtKeyOf<Self>, CtEntryOf<Self>>;
+    /// The family's service VIPs.
+    fn services() -> &'static HashMap<ServiceKeyOf<Self>, ServiceInfo>;
+    /// The family's backends of every service (a dual-stack service's share their indexes).
+    fn backends() -> &'static HashMap<BackendKey, BackendOf<Self>>;
     /// Drops not yet reported, by (source, reason, hook): the flow events' aggregation.
     fn drop_aggregates() -> &'static LruHashMap<DropAggKeyOf<Self>, DropAggValueOf<Self>>;
     /// The address folded into 32 bits, for hashing (IPv4's is itself).
@@ -46,6 +55,14 @@ impl Family for u32 {
     #[inline(always)]
     fn conntrack_new() -> &'static LruHashMap<CtKeyOf<Self>, CtEntryOf<Self>> {
         &CONNTRACK_NEW
+    }
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKeyOf<Self>, ServiceInfo> {
+        &SERVICES
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<BackendKey, BackendOf<Self>> {
+        &BACKENDS
     }
     #[inline(always)]
     fn drop_aggregates() -> &'static LruHashMap<DropAggKeyOf<Self>, DropAggValueOf<Self>> {
@@ -82,6 +99,14 @@ impl Family for In6Addr {
     #[inline(always)]
     fn conntrack_new() -> &'static LruHashMap<CtKeyOf<Self>, CtEntryOf<Self>> {
         &CONNTRACK6_NEW
+    }
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKeyOf<Self>, ServiceInfo> {
+        &SERVICES6
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<BackendKey, BackendOf<Self>> {
+        &BACKENDS6
     }
     #[inline(always)]
     fn drop_aggregates() -> &'static LruHashMap<DropAggKeyOf<Self>, DropAggValueOf<Self>> {

@@ -1,15 +1,19 @@
 //! Service load balancing: the VIP lookup and the choice of a backend for a new connection.
 //! The choice is made once per connection; conntrack keeps the connection on its backend
-//! whatever happens to the backend set afterwards.
+//! whatever happens to the backend set afterwards. Generic over the address family
+//! (`family.rs`): an IPv6 VIP is looked up and balanced by the same code with the family's
+//! maps (SERVICES6, BACKENDS6) and the same Maglev tables (a dual-stack service has one id);
+//! the IPv4 instance is the code it was before.
 
 use aya_ebpf::{Global, helpers::bpf_get_prandom_u32};
 use dataplane_common::{
-    Backend, BackendKey, CtKey, MAGLEV_DEFAULT_SIZE, ServiceInfo, ServiceKey, algorithm,
+    BackendKey, BackendOf, CtKeyOf, MAGLEV_DEFAULT_SIZE, ServiceInfo, ServiceKeyOf, algorithm,
     maglev_stride,
 };
 
 use crate::{
-    maps::{BACKENDS, MAGLEV, RR_POSITION, SERVICES},
+    family::Family,
+    maps::{MAGLEV, RR_POSITION},
     parse::{Ipv4Packet, L4},
 };
 
@@ -21,14 +25,20 @@ static MAGLEV_SIZE: Global<u32> = Global::new(MAGLEV_DEFAULT_SIZE);
 /// The service whose VIP:port the packet is addressed to.
 #[inline(always)]
 pub fn service_of(ip: &Ipv4Packet, l4: &L4) -> Option<ServiceInfo> {
-    let key = ServiceKey {
-        vip: ip.daddr,
-        port: l4.dport,
-        proto: ip.protocol,
+    service_at(ip.daddr, l4.dport, ip.protocol)
+}
+
+/// The service at `vip`:`port` (network byte order) of `proto`, in the VIP's family.
+#[inline(always)]
+pub fn service_at<A: Family>(vip: A, port: u16, proto: u8) -> Option<ServiceInfo> {
+    let key = ServiceKeyOf {
+        vip,
+        port,
+        proto,
         _pad: 0,
     };
     // SAFETY: a map value from this program run's lookup.
-    SERVICES.get_ptr(&key).map(|info| unsafe { *info })
+    A::services().get_ptr(&key).map(|info| unsafe { *info })
 }
 
 /// Jenkins-style mixing: spreads nearby tuples (consecutive ports) over the table.
@@ -42,10 +52,12 @@ pub fn mix(mut h: u32) -> u32 {
     h
 }
 
+/// The hash of a connection's tuple; an IPv6 address folded into 32 bits first (IPv4's is
+/// itself: the same hash as before IPv6).
 #[inline(always)]
-fn flow_hash(flow: &CtKey) -> u32 {
-    mix(flow.saddr
-        ^ mix(flow.daddr)
+fn flow_hash<A: Family>(flow: &CtKeyOf<A>) -> u32 {
+    mix(flow.saddr.fold()
+        ^ mix(flow.daddr.fold())
         ^ mix(u32::from(flow.sport) << 16 | u32::from(flow.dport))
         ^ u32::from(flow.proto))
 }
@@ -59,12 +71,12 @@ pub struct Hashes {
 
 /// Picks the backend of `service` for the new connection `flow`; None when it has none.
 #[inline(always)]
-pub fn pick(service: &ServiceInfo, flow: &CtKey) -> Option<Backend> {
+pub fn pick<A: Family>(service: &ServiceInfo, flow: &CtKeyOf<A>) -> Option<BackendOf<A>> {
     pick_hashed(
         service,
         &Hashes {
             flow: flow_hash(flow),
-            source: mix(flow.saddr),
+            source: mix(flow.saddr.fold()),
         },
     )
 }
@@ -72,13 +84,15 @@ pub fn pick(service: &ServiceInfo, flow: &CtKey) -> Option<Backend> {
 /// Picks the backend of `service` for a new connection known by its hashes (the socket hooks
 /// know no 5-tuple yet); None when it has none.
 #[inline(always)]
-pub fn pick_hashed(service: &ServiceInfo, hashes: &Hashes) -> Option<Backend> {
+pub fn pick_hashed<A: Family>(service: &ServiceInfo, hashes: &Hashes) -> Option<BackendOf<A>> {
     let key = BackendKey {
         service_id: service.id,
         index: pick_index(service, hashes)?,
     };
     // SAFETY: a map value from this program run's lookup.
-    BACKENDS.get_ptr(&key).map(|backend| unsafe { *backend })
+    A::backends()
+        .get_ptr(&key)
+        .map(|backend| unsafe { *backend })
 }
 
 /// The index of the backend [`pick_hashed`] picks: a dual-stack service's IPv4 and IPv6

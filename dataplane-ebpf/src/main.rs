@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod balance6;
 mod conntrack;
 mod early;
 mod family;
@@ -114,6 +115,14 @@ pub fn dp_uplink_ingress6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn dp_uplink_egress6(ctx: TcContext) -> i32 {
     tc_action(translate::handle6(&ctx, translate::Hook::UplinkEgress))
+}
+
+/// New IPv6 connections to a service: tail-called by `dp_container_ingress6` (a container's
+/// connection to a VIP) and `dp_uplink_ingress6` (a published port leading to a service)
+/// once conntrack missed, so that balancing has a 512-byte stack of its own.
+#[classifier]
+pub fn dp_balance6(ctx: TcContext) -> i32 {
+    tc_action(balance6::handle(&ctx))
 }
 
 /// NAT64 of published ports, both directions (tail call of `dp_uplink_ingress6` for IPv6

@@ -229,6 +229,12 @@ pub static SOCK_LB6: LruHashMap<SockLbKey6, SockLb6> = LruHashMap::pinned(capaci
 pub static NEW_CONNECTION6: PerCpuArray<crate::conntrack::NewConnectionOf<In6Addr>> =
     PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU scratch space of the IPv6 balancing program (`balance6.rs`): the packet it works
+/// on. Not pinned, as `dp_scratch6`.
+#[map(name = "dp_scratch6_pkt")]
+pub static BALANCE6_PACKET: PerCpuArray<crate::balance6::Packet6> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU hand-over from an IPv6 program to the drop reporter it tail-calls
 /// (`dp_drop6`): the verdict the program reached. A tail call, because the drop's flow event
 /// (its aggregation and the event's frames) does not fit on the IPv6 programs' stack beside
@@ -244,6 +250,8 @@ pub static DROP6_NEXT: PerCpuArray<crate::translate6::PendingDrop> =
 /// A tail call gives the IPv6 path the verifier's whole 512-byte stack: the IPv4 program's
 /// main frame takes 392 of it. Pinned, so that across an agent restart the programs still
 /// attached find IPv6 programs here until the new ones replace them; written by the loader
-/// only. An empty slot (an older loader) leaves IPv6 frames passing untouched.
+/// only. An empty slot (an older loader) leaves IPv6 frames passing untouched. Slot 5
+/// (`PROGS6_BALANCE_SLOT`): the IPv6 ingress programs' own tail call, for new connections to a
+/// service (`balance6.rs`).
 #[map(name = "dp_progs6_v2")]
 pub static PROGS6: ProgramArray = ProgramArray::pinned(8, 0);

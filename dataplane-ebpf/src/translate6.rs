@@ -6,16 +6,17 @@
 //!
 //! | hook | tracked packet (hit) | new connection (miss) |
 //! |---|---|---|
-//! | container veth ingress | published-port replies (source back to host:port) | - |
-//! | uplink ingress | published-port requests, masquerade replies | published port from outside |
+//! | container veth ingress | published-port replies (source back to host:port), VIP connections both ways | a container to a VIP (`balance6.rs`) |
+//! | uplink ingress | published-port requests, masquerade replies | published port from outside (to a container, or a service's backend) |
 //! | uplink egress | masquerade requests | NAT66 of a container's connection |
 //!
 //! Fragments of a translated datagram are translated as their first fragment was (the
 //! fragment map, as IPv4's); ICMPv6 errors about a translated connection as that connection's
 //! packets travelling their way (`icmp_error`). A published port of an IPv4-only container
 //! (its target an IPv4-mapped address) and its tracked connections go on to the NAT64
-//! program (`nat64.rs`). Not yet (README, "IPv6 today"): VIPs at tc, user policies; a packet
-//! none of this concerns passes untouched.
+//! program (`nat64.rs`). Service VIPs (a container's connection to a `vip6`, a published
+//! port leading to a service) are balanced in `balance6.rs`. Not yet (README, "IPv6
+//! today"): user policies; a packet none of this concerns passes untouched.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -206,7 +207,12 @@ pub fn translate(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
 #[inline(always)]
 fn owns(hook: Hook, origin: u8, rewrite: u8) -> bool {
     match hook {
-        Hook::ContainerIngress => origin == ct_origin::PUBLISHED && rewrite == ct_rewrite::SRC,
+        // Replies of published ports and of services (from the VIP; the services' packets
+        // the other way are translated by `balance6.rs`).
+        Hook::ContainerIngress => {
+            (origin == ct_origin::PUBLISHED || origin == ct_origin::SERVICE)
+                && rewrite == ct_rewrite::SRC
+        }
         Hook::UplinkIngress => rewrite == ct_rewrite::DST,
         Hook::UplinkEgress => origin == ct_origin::MASQUERADE && rewrite == ct_rewrite::SRC,
     }
@@ -226,7 +232,7 @@ fn onward(ctx: &TcContext, hook: Hook, ip: &Ipv6Packet) -> Verdict {
 /// whether it was dropped, for the later fragments of the same datagram (the same addresses,
 /// protocol and fragment identification), as IPv4's fragment map does.
 #[inline(always)]
-fn remember_first_fragment(key: &CtKey6, id: u32, verdict: &Verdict) {
+pub(crate) fn remember_first_fragment(key: &CtKey6, id: u32, verdict: &Verdict) {
     let dropped = match verdict {
         Verdict::Drop(reason) | Verdict::Refuse(reason, _) => *reason as u8,
         _ => 0,
@@ -288,6 +294,11 @@ fn later_fragment(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
     };
     // SAFETY: a map value from this program run's lookup.
     let (origin, rewrite, addr) = unsafe { ((*entry).origin, (*entry).rewrite, (*entry).nat_addr) };
+    if hook == Hook::ContainerIngress && origin == ct_origin::SERVICE && rewrite == ct_rewrite::DST
+    {
+        // As the connection's other packets to its backend (`decide`).
+        return crate::balance6::to_balancer(ctx, hook);
+    }
     if !owns(hook, origin, rewrite) {
         return Verdict::Pass;
     }
@@ -433,6 +444,14 @@ fn decide(
                 (*entry).nat_port,
             )
         };
+        if hook == Hook::ContainerIngress
+            && origin == ct_origin::SERVICE
+            && (rewrite == ct_rewrite::DST || rewrite == ct_rewrite::HAIRPIN)
+        {
+            // A service connection's packet to its backend (or either way of one to the
+            // client itself): the balancing program's (stack).
+            return crate::balance6::to_balancer(ctx, hook);
+        }
         if rewrite == ct_rewrite::NAT64 {
             // Its IPv6 side: the client's requests, at the uplink (its replies are IPv4).
             return if hook == Hook::UplinkIngress {
@@ -463,7 +482,7 @@ fn decide(
     }
     match hook {
         Hook::UplinkEgress => return masquerade(ctx, ip, l4, &key),
-        Hook::ContainerIngress => return Verdict::Pass,
+        Hook::ContainerIngress => return crate::balance6::to_vip(ctx, ip, l4),
         Hook::UplinkIngress if ip.protocol == IPPROTO_ICMPV6 => return Verdict::Pass,
         Hook::UplinkIngress => {}
     }
@@ -471,15 +490,23 @@ fn decide(
         return Verdict::Pass;
     };
     if target.is_service != 0 {
-        // A port that leads to a service: its IPv6 VIPs are balanced at the socket hooks only
-        // (not at tc yet); left to the host as before.
-        return Verdict::Pass;
+        return crate::balance6::to_balancer(ctx, hook);
     }
     if target.addr.as_mapped_v4().is_some() {
         // An IPv4-only container (reached at its IPv4-mapped address).
         return nat64(ctx);
     }
-    publish(ctx, ip, l4, &key, &target)
+    let (addr, port) = (target.addr, target.port);
+    track_dnat(
+        ctx,
+        Hook::UplinkIngress,
+        ip,
+        l4,
+        &key,
+        ct_origin::PUBLISHED,
+        &addr,
+        port,
+    )
 }
 
 /// On to the NAT64 program (`nat64.rs`), which returns the verdict; an empty slot leaves the
@@ -538,16 +565,21 @@ pub(crate) fn published_target(ip: &Ipv6Packet, l4: &L4v6) -> Option<PortTarget6
     PORTS6.get_ptr(&key).map(|target| unsafe { *target })
 }
 
-/// A new connection from outside to a published port: tracked (its replies get the host's
-/// address and port back as their source), its destination rewritten to the container, and
+/// A new connection whose destination becomes `addr`:`port` (from outside to a published
+/// port: its container; to a service: its backend): tracked with `origin` (its replies get
+/// the address and port it was sent to back as their source), its destination rewritten, and
 /// delivered straight into the container.
 #[inline(always)]
-fn publish(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn track_dnat(
     ctx: &TcContext,
+    hook: Hook,
     ip: &mut Ipv6Packet,
     l4: &mut L4v6,
     forward: &CtKey6,
-    target: &PortTarget6,
+    origin: u8,
+    addr: &In6Addr,
+    port: u16,
 ) -> Verdict {
     let Some(connection) = NEW_CONNECTION6.get_ptr_mut(0) else {
         return Verdict::Pass;
@@ -556,17 +588,11 @@ fn publish(
     // (a struct literal would be built on the stack first).
     let connection = unsafe { &mut *connection };
     connection.forward = *forward;
-    connection.reply = conntrack::reply_key(
-        ip.protocol,
-        In6Addr(ip.saddr),
-        l4.sport,
-        target.addr,
-        target.port,
-    );
-    connection.origin = ct_origin::PUBLISHED;
+    connection.reply = conntrack::reply_key(ip.protocol, In6Addr(ip.saddr), l4.sport, *addr, port);
+    connection.origin = origin;
     connection.rewrite = ct_rewrite::DST;
-    connection.nat_addr = target.addr;
-    connection.nat_port = target.port;
+    connection.nat_addr = *addr;
+    connection.nat_port = port;
     connection.orig_addr = In6Addr(ip.daddr);
     connection.orig_port = l4.dport;
     connection.hairpin_port = 0;
@@ -594,10 +620,10 @@ fn publish(
     if created.is_err() {
         return Verdict::Drop(DropReason::CtMapInsertionFailed);
     }
-    if rewrite_packet(ctx, ip, l4, ct_rewrite::DST, &target.addr, target.port).is_err() {
+    if rewrite_packet(ctx, ip, l4, ct_rewrite::DST, addr, port).is_err() {
         return Verdict::Drop(DropReason::Malformed);
     }
-    report_new(ctx, Hook::UplinkIngress);
+    report_new(ctx, hook);
     deliver(ctx, ip)
 }
 
@@ -670,7 +696,7 @@ fn masquerade(ctx: &TcContext, ip: &mut Ipv6Packet, l4: &mut L4v6, forward: &CtK
 /// The NEW flow event of the connection just tracked (in `NEW_CONNECTION6`), except TCP's,
 /// which is reported when its handshake completes (`conntrack::account`), as for IPv4.
 #[inline(always)]
-fn report_new(ctx: &TcContext, hook: Hook) {
+pub(crate) fn report_new(ctx: &TcContext, hook: Hook) {
     let Some(c) = NEW_CONNECTION6.get_ptr(0) else {
         return;
     };
@@ -701,7 +727,7 @@ fn report_new(ctx: &TcContext, hook: Hook) {
 /// `addr`:`port`, keeping the TCP/UDP checksum valid (IPv6 has no header checksum; the
 /// 128-bit address is in the pseudo-header, changed a 32-bit word at a time).
 #[inline(always)]
-fn rewrite_packet(
+pub(crate) fn rewrite_packet(
     ctx: &TcContext,
     ip: &mut Ipv6Packet,
     l4: &mut L4v6,
@@ -865,7 +891,7 @@ fn report_drop(ctx: &TcContext, hook: u32, ip: &Ipv6Packet, reason: DropReason) 
 /// Towards a container: straight into its namespace (bpf_redirect_peer) with its MAC, as the
 /// IPv4 path does. Anything else goes on through the host.
 #[inline(always)]
-fn deliver(ctx: &TcContext, ip: &Ipv6Packet) -> Verdict {
+pub(crate) fn deliver(ctx: &TcContext, ip: &Ipv6Packet) -> Verdict {
     let Some(endpoint) = ENDPOINTS6.get_ptr(&In6Addr(ip.daddr)) else {
         return Verdict::Pass;
     };

@@ -798,3 +798,128 @@ fn host_processes_reach_a_vip_over_ipv6_sockets_its_ipv4_backends_v4_mapped() {
     let out = sandbox.exec_ok("host", &["/usr/bin/python3", "-c", script]);
     assert!(out.starts_with("fd00::10 80 web"), "{out:?}");
 }
+
+/// A dual-stack network: the client and two backends with IPv6 addresses too, a service with
+/// an IPv6 VIP, and a port published on every host address (IPv6 included) leading to it.
+const SPEC_DUAL: &str = r#"
+uplink: eth0
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1,
+     subnet6: "fd00:30:1::/64", gateway6: "fd00:30:1::1"}
+endpoints:
+  - name: client
+    interfaces: [{network: front, ip: 172.30.1.9, ip6: "fd00:30:1::9", mac: "02:42:ac:1e:01:09", host_veth: veth-client}]
+  - name: web1
+    labels: {app: web}
+    interfaces: [{network: front, ip: 172.30.1.2, ip6: "fd00:30:1::2", mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
+  - name: web2
+    labels: {app: web}
+    interfaces: [{network: front, ip: 172.30.1.3, ip6: "fd00:30:1::3", mac: "02:42:ac:1e:01:03", host_veth: veth-web2}]
+services:
+  - {name: web, vip: 10.96.0.10, vip6: "fd00::10", port: 80, selector: {app: web}}
+  - {name: empty, vip: 10.96.0.12, vip6: "fd00::12", port: 80, selector: {app: nothing}}
+ports:
+  - {service: web, protocol: tcp, host_port: 8000, container_port: 80}
+"#;
+
+/// `count` HTTP requests over IPv6 from one curl in `target`'s namespace (not in a cgroup
+/// the socket hooks are attached to), each on a new connection; (who answered, whom it saw).
+fn curl6(sandbox: &Sandbox, target: &str, url: &str, count: usize) -> Vec<(String, String)> {
+    let mut cmd = vec![
+        "curl",
+        "-6",
+        "-sS",
+        "--max-time",
+        "10",
+        "-H",
+        "Connection: close",
+    ];
+    cmd.extend(std::iter::repeat_n(url, count));
+    pairs(&sandbox.exec_ok(target, &cmd))
+}
+
+#[test]
+fn a_container_reaches_an_ipv6_vip_through_the_packet_path_and_outside_a_published_port() {
+    let sandbox = Sandbox::up(SPEC_DUAL);
+    let agent = Agent::start(&sandbox);
+    // The client's processes are in no cgroup the socket hooks cover: its connections to the
+    // VIP are translated per packet at its veth (tc), over IPv6.
+    let answers = curl6(&sandbox, "client", "http://[fd00::10]/", 40);
+    assert_eq!(answers.len(), 40, "{answers:?}");
+    let names = per_name(answers.iter().map(|(n, _)| n.as_str()));
+    assert_eq!(
+        names.keys().copied().collect::<Vec<_>>(),
+        ["web1", "web2"],
+        "both backends over 40 connections: {names:?}"
+    );
+    // The backends see the client itself (no NAT).
+    assert!(
+        answers
+            .iter()
+            .all(|(_, seen)| seen.contains("fd00:30:1::9")),
+        "{answers:?}"
+    );
+    // Tracked at tc (IPv6 conntrack), nothing translated at a socket.
+    let status = agent.status();
+    assert!(status.map_entries("dp_ct6_v1") >= 2, "{:?}", status.maps);
+    assert_eq!(status.map_entries("dp_sock_lb_v1"), 0, "{:?}", status.maps);
+    // The flow record names the service and the backend, as IPv4's.
+    let record = agent.wait_for_record("an IPv6 record naming the service", |r| {
+        r["flow"]["source"]["pod_name"] == "client"
+            && r["flow"]["destination_service"]["name"] == "web"
+    });
+    assert_eq!(record["flow"]["verdict"], "FORWARDED", "{record}");
+    assert!(
+        ["web1", "web2"].contains(
+            &record["flow"]["destination"]["pod_name"]
+                .as_str()
+                .unwrap_or("")
+        ),
+        "the backend: {record}"
+    );
+    assert!(
+        record["flow"]["IP"]["destination"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("fd00:30:1::")),
+        "{record}"
+    );
+
+    // A backend calling its own VIP: answered every time, by itself too (hairpin: back
+    // through its gateway).
+    let answers = curl6(&sandbox, "web1", "http://[fd00::10]/", 20);
+    assert_eq!(answers.len(), 20, "{answers:?}");
+    let names = per_name(answers.iter().map(|(n, _)| n.as_str()));
+    assert!(names.contains_key("web1"), "{names:?}");
+
+    // From outside, the port published on the host's IPv6 address leads to the service.
+    let answers = curl6(&sandbox, "outside", "http://[2001:db8::1]:8000/", 30);
+    assert_eq!(answers.len(), 30, "{answers:?}");
+    let names = per_name(answers.iter().map(|(n, _)| n.as_str()));
+    assert_eq!(names.len(), 2, "north-south balances too: {names:?}");
+    assert!(
+        answers.iter().all(|(_, seen)| seen.contains("2001:db8::2")),
+        "the backends see the outside client: {answers:?}"
+    );
+
+    // A VIP without backends: refused at once (a reset from the VIP), and counted.
+    let started = Instant::now();
+    let out = sandbox.exec(
+        "client",
+        &[
+            "/usr/bin/python3",
+            "-c",
+            "import socket; socket.create_connection(('fd00::12', 80), 5)",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ConnectionRefusedError"),
+        "{out:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "refused at once, not after retries"
+    );
+    agent.wait_for("the refusal counted", |s| {
+        s.drops("SERVICE_BACKEND_NOT_FOUND") >= 1
+    });
+}

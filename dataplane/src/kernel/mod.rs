@@ -1422,7 +1422,8 @@ fn removed(
 }
 
 /// Loads the IPv6 halves of the tc programs and puts each at its hook's number in the program
-/// array the IPv4 programs tail-call for IPv6 frames (and their drop reporter at slot 0) (pinned: across a restart, the programs
+/// array the IPv4 programs tail-call for IPv6 frames (and their drop reporter at slot 0, the
+/// IPv6 balancing program at slot 5) (pinned: across a restart, the programs
 /// still attached keep finding IPv6 programs there until this load's replace them).
 fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     use aya::maps::ProgramArray;
@@ -1431,6 +1432,10 @@ fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
         (hook::CONTAINER_INGRESS, program_names::CONTAINER_INGRESS6),
         (hook::UPLINK_INGRESS, program_names::UPLINK_INGRESS6),
         (hook::UPLINK_EGRESS, program_names::UPLINK_EGRESS6),
+        (
+            dataplane_common::PROGS6_BALANCE_SLOT,
+            program_names::BALANCE6,
+        ),
         (PROGS6_NAT64_SLOT, program_names::NAT64),
         (PROGS6_DROP_SLOT, program_names::DROP6),
     ] {

@@ -644,6 +644,270 @@ fn ipv6_fragments_of_a_translated_datagram_are_translated_as_its_first() {
     assert_eq!(drops(dp, DropReason::FragmentNotFound), before + 1);
 }
 
+/// The IPv6 VIP of the service tests, and its backends (containers on the client's network,
+/// target port 8080).
+const VIP6: &str = "fd00::10";
+const BACKENDS6: [&str; 2] = ["fd00:1::3", "fd00:1::4"];
+
+/// [`with_container6`] and a service `VIP6`:80/tcp and :53/udp over `backends` (Maglev, id 1), each
+/// backend a container of the client's network (ifindex 10 + i, MAC 02:..:10+i).
+fn with_service6(dp: &mut crate::kernel::Datapath, backends: &[&str]) {
+    use dataplane_common::{
+        Backend6, BackendKey, EndpointInfo6, In6Addr, ServiceInfo, ServiceKey6, algorithm,
+    };
+
+    with_container6(dp);
+    let members: Vec<crate::reconcile::maglev::Member> = backends
+        .iter()
+        .map(|b| crate::reconcile::maglev::Member {
+            identity: (*b).to_owned(),
+            weight: 1,
+        })
+        .collect();
+    for (i, backend) in backends.iter().enumerate() {
+        dp.set::<crate::kernel::maps::Backends6>(
+            BackendKey {
+                service_id: 1,
+                index: i as u32,
+            },
+            Backend6 {
+                addr: In6Addr::from_ipv6(v6(backend)),
+                port: 8080u16.to_be(),
+                _pad: [0; 2],
+            },
+        )
+        .unwrap();
+        dp.set::<crate::kernel::maps::Endpoints6>(
+            In6Addr::from_ipv6(v6(backend)),
+            EndpointInfo6 {
+                ifindex: 10 + i as u32,
+                network_id: 1,
+                endpoint_id: 10 + i as u32,
+                mac: [2, 0, 0, 0, 0, 0x10 + i as u8],
+                ..EndpointInfo6::default()
+            },
+        )
+        .unwrap();
+    }
+    if !backends.is_empty() {
+        let table = crate::reconcile::maglev::table(&members, dp.maglev_size());
+        dp.set_maglev(1, &table).unwrap();
+    }
+    // TCP 80 and UDP 53 on the VIP, the same backends.
+    for (port, proto) in [(80u16, 6u8), (53, 17)] {
+        dp.set::<crate::kernel::maps::Services6>(
+            ServiceKey6 {
+                vip: In6Addr::from_ipv6(v6(VIP6)),
+                port: port.to_be(),
+                proto,
+                _pad: 0,
+            },
+            ServiceInfo {
+                id: 1,
+                backend_count: backends.len() as u32,
+                algorithm: algorithm::MAGLEV,
+                _pad: [0; 3],
+            },
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn ipv6_vip_from_a_container_is_balanced_and_replies_come_from_the_vip() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    with_service6(dp, &BACKENDS6);
+    let (client, vip) = (v6("fd00:1::2"), v6(VIP6));
+    let syn_ack = TCP_SYN | super::packet::TCP_ACK;
+    let mut landed = std::collections::BTreeMap::new();
+    for sport in 40000..40200u16 {
+        let syn = frame6(client, vip, 6, &tcp(sport, 80, TCP_SYN, b""));
+        let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &syn);
+        assert_eq!(verdict, TC_REDIRECT, "{sport}: straight into the backend");
+        assert_checksums6(&out);
+        let (src, backend, _, _) = upper_layer(&out);
+        assert_eq!(src, client, "{sport}: the client's address kept");
+        assert_eq!(ports6(&out), (sport, 8080), "{sport}: to the target port");
+        let index = BACKENDS6
+            .iter()
+            .position(|b| v6(b) == backend)
+            .unwrap_or_else(|| panic!("{sport}: to {backend}, not a backend"));
+        assert_eq!(
+            &out[..6],
+            &[2, 0, 0, 0, 0, 0x10 + index as u8],
+            "{sport}: to the backend's MAC"
+        );
+        *landed.entry(backend).or_insert(0u32) += 1;
+        if sport % 50 != 0 {
+            continue;
+        }
+        // The reply comes back from the VIP, straight into the client; the connection's
+        // next packet goes to the same backend.
+        let reply = frame6(backend, client, 6, &tcp(8080, sport, syn_ack, b""));
+        let out = translated(
+            dp,
+            Hook::ContainerIngress,
+            &reply,
+            TC_REDIRECT,
+            (vip, client),
+            "the reply from the VIP",
+        );
+        assert_eq!(ports6(&out), (80, sport), "from the VIP's port");
+        assert_eq!(&out[..6], &CONTAINER_MAC, "to the client's MAC");
+        let ack = frame6(
+            client,
+            vip,
+            6,
+            &tcp(sport, 80, super::packet::TCP_ACK, b"GET"),
+        );
+        let out = translated(
+            dp,
+            Hook::ContainerIngress,
+            &ack,
+            TC_REDIRECT,
+            (client, backend),
+            "the connection's next packet",
+        );
+        assert_eq!(ports6(&out), (sport, 8080));
+    }
+    assert_eq!(landed.len(), 2, "both backends: {landed:?}");
+    assert!(
+        landed.values().all(|n| (70..=130).contains(n)),
+        "Maglev spreads 200 connections: {landed:?}"
+    );
+    // Not a VIP (another port): untouched.
+    let other = frame6(client, vip, 6, &tcp(41000, 81, TCP_SYN, b""));
+    assert_eq!(
+        run_tc(dp, Hook::ContainerIngress, &other),
+        (TC_PASS, other.clone())
+    );
+}
+
+#[test]
+fn ipv6_published_port_leading_to_a_service_is_balanced_from_outside() {
+    use dataplane_common::{In6Addr, PortKey6, PortTarget6};
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    with_service6(dp, &BACKENDS6);
+    let (host, outside) = (v6("2001:db8::1"), v6("2001:db8::2"));
+    dp.set::<crate::kernel::maps::Ports6>(
+        PortKey6 {
+            addr: In6Addr::UNSPECIFIED,
+            port: 8000u16.to_be(),
+            proto: 6,
+            _pad: 0,
+        },
+        PortTarget6 {
+            addr: In6Addr::from_ipv6(v6(VIP6)),
+            port: 80u16.to_be(),
+            is_service: 1,
+            _pad: 0,
+        },
+    )
+    .unwrap();
+    let syn_ack = TCP_SYN | super::packet::TCP_ACK;
+    let mut landed = std::collections::BTreeSet::new();
+    for sport in 50000..50060u16 {
+        let syn = frame6(outside, host, 6, &tcp(sport, 8000, TCP_SYN, b""));
+        let (verdict, out) = run_tc(dp, Hook::UplinkIngress, &syn);
+        assert_eq!(verdict, TC_REDIRECT, "{sport}: straight into the backend");
+        assert_checksums6(&out);
+        let (src, backend, _, _) = upper_layer(&out);
+        assert_eq!(src, outside, "the client's address kept");
+        assert_eq!(ports6(&out), (sport, 8080));
+        assert!(BACKENDS6.iter().any(|b| v6(b) == backend), "{backend}");
+        landed.insert(backend);
+        let reply = frame6(backend, outside, 6, &tcp(8080, sport, syn_ack, b""));
+        let out = translated(
+            dp,
+            Hook::ContainerIngress,
+            &reply,
+            TC_REDIRECT,
+            (host, outside),
+            "the reply out of the uplink, from the host",
+        );
+        assert_eq!(ports6(&out), (8000, sport), "from the published port");
+    }
+    assert_eq!(landed.len(), 2, "both backends: {landed:?}");
+}
+
+#[test]
+fn ipv6_vip_without_backends_refuses_with_a_reset_and_counts_it() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    with_service6(dp, &[]);
+    let (client, vip) = (v6("fd00:1::2"), v6(VIP6));
+    let syn = frame6(client, vip, 6, &tcp(40000, 80, TCP_SYN, b""));
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &syn);
+    assert_eq!(verdict, TC_REDIRECT, "sent back where it came from");
+    assert_eq!(out.len(), ETH_LEN + IPV6_HDR_LEN + 20, "a bare reset");
+    assert_checksums6(&out);
+    let (src, dst, protocol, _) = upper_layer(&out);
+    assert_eq!((src, dst, protocol), (vip, client, 6), "from the VIP");
+    assert_eq!(ports6(&out), (80, 40000));
+    let l4 = ETH_LEN + IPV6_HDR_LEN;
+    assert_eq!(out[l4 + 13], 0x14, "RST|ACK");
+    let ack = u32::from_be_bytes(out[l4 + 8..l4 + 12].try_into().unwrap());
+    assert_eq!(ack, 1001, "acknowledges the SYN (seq 1000)");
+    assert_eq!(&out[0..6], &syn[6..12], "back to the sender's MAC");
+    assert_eq!(drops(dp, DropReason::ServiceBackendNotFound), 1);
+}
+
+#[test]
+fn ipv6_udp_to_a_vip_and_the_fragments_of_a_datagram_go_to_one_backend() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    with_service6(dp, &BACKENDS6);
+    let (client, vip) = (v6("fd00:1::2"), v6(VIP6));
+    // One datagram, then its reply from the VIP.
+    let query = frame6(client, vip, 17, &udp(40100, 53, b"query"));
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &query);
+    assert_eq!(verdict, TC_REDIRECT);
+    assert_checksums6(&out);
+    let (_, backend, _, _) = upper_layer(&out);
+    assert!(BACKENDS6.iter().any(|b| v6(b) == backend), "{backend}");
+    assert_eq!(ports6(&out), (40100, 8080));
+    let answer = frame6(backend, client, 17, &udp(8080, 40100, b"answer"));
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &answer,
+        TC_REDIRECT,
+        (vip, client),
+        "the UDP answer from the VIP",
+    );
+    assert_eq!(ports6(&out), (53, 40100));
+    // A datagram in two fragments (UDP header and 16 bytes, then 16 more): both to the
+    // backend the first went to.
+    let fragment = |offset: u16, more: bool, l4: &[u8]| {
+        let mut spec = Ipv6Spec::new(client, vip, 17);
+        spec.ext.push(fragment_header(offset, more, 0x4242));
+        ipv6_frame(&spec, l4)
+    };
+    let mut first_l4 = udp(40101, 53, &[7u8; 16]);
+    first_l4[4..6].copy_from_slice(&40u16.to_be_bytes());
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &fragment(0, true, &first_l4));
+    assert_eq!(verdict, TC_REDIRECT, "first fragment");
+    let (_, backend, _, _) = upper_layer(&out);
+    assert!(BACKENDS6.iter().any(|b| v6(b) == backend), "{backend}");
+    let later = fragment(3, false, &[9u8; 16]);
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &later,
+        TC_REDIRECT,
+        (client, backend),
+        "the later fragment, as its first",
+    );
+    assert_eq!(
+        &out[out.len() - 16..],
+        &later[later.len() - 16..],
+        "its data untouched"
+    );
+}
+
 /// An ICMPv6 error of `kind` (and `code`; for packet too big, `mtu` in its 4 bytes) quoting
 /// `frame`'s IPv6 packet, its checksum left for the builder.
 fn icmp6_error(kind: u8, code: u8, mtu: u32, frame: &[u8]) -> Vec<u8> {
@@ -887,6 +1151,93 @@ fn ipv6_tcp_and_udp_headers_no_kernel_accepts_are_dropped() {
         (client, v6("fd00:1::2")),
         "a valid datagram",
     );
+}
+
+#[test]
+fn ipv6_vip_whose_backend_is_the_client_itself_goes_back_through_the_gateway() {
+    use dataplane_common::{EndpointInfo6, In6Addr};
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (client, vip, gateway) = (v6("fd00:1::2"), v6(VIP6), v6("fd00:1::1"));
+    with_service6(dp, &["fd00:1::2"]);
+    // The client is the backend: its endpoint as `with_container6` has it, with its gateway.
+    dp.set::<crate::kernel::maps::Endpoints6>(
+        In6Addr::from_ipv6(client),
+        EndpointInfo6 {
+            ifindex: 1,
+            network_id: 1,
+            endpoint_id: 1,
+            mac: CONTAINER_MAC,
+            gateway: In6Addr::from_ipv6(gateway),
+            ..EndpointInfo6::default()
+        },
+    )
+    .unwrap();
+    let syn = frame6(client, vip, 6, &tcp(40300, 80, TCP_SYN, b""));
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &syn,
+        TC_REDIRECT,
+        (gateway, client),
+        "back into the client, from its gateway",
+    );
+    let (port, to) = ports6(&out);
+    assert_eq!(to, 8080, "to the target port");
+    assert_eq!(&out[..6], &CONTAINER_MAC, "to the client's MAC");
+    assert_eq!(&out[6..12], &syn[..6], "from the gateway's MAC");
+    let syn_ack = TCP_SYN | super::packet::TCP_ACK;
+    let reply = frame6(client, gateway, 6, &tcp(8080, port, syn_ack, b""));
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &reply,
+        TC_REDIRECT,
+        (vip, client),
+        "the answer, from the VIP to the client",
+    );
+    assert_eq!(
+        ports6(&out),
+        (80, 40300),
+        "from the VIP's port to the client's own"
+    );
+    let ack = frame6(client, vip, 6, &tcp(40300, 80, super::packet::TCP_ACK, b""));
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &ack,
+        TC_REDIRECT,
+        (gateway, client),
+        "the connection's next packet, the same way",
+    );
+    assert_eq!(ports6(&out), (port, 8080));
+}
+
+#[test]
+fn ipv6_vip_keeps_dockers_isolation_between_the_client_and_its_backend() {
+    use dataplane_common::{EndpointInfo6, In6Addr};
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    with_service6(dp, &BACKENDS6);
+    // The client on another network than the backends: the VIP does not open a way across.
+    let client = v6("fd00:2::2");
+    dp.set::<crate::kernel::maps::Endpoints6>(
+        In6Addr::from_ipv6(client),
+        EndpointInfo6 {
+            ifindex: 20,
+            network_id: 2,
+            endpoint_id: 20,
+            mac: [2, 0, 0, 0, 0, 0x20],
+            ..EndpointInfo6::default()
+        },
+    )
+    .unwrap();
+    let syn = frame6(client, v6(VIP6), 6, &tcp(40400, 80, TCP_SYN, b""));
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &syn);
+    assert_eq!((verdict, out), (TC_SHOT, syn.clone()));
+    assert_eq!(drops(dp, DropReason::PolicyDenied), 1);
 }
 
 /// Every IPv6 drop gives a flow event (the drop reporter the IPv6 programs tail-call) with
