@@ -1098,8 +1098,18 @@ fn ipv6_path_mtu_discovery_works_through_a_published_port_and_nat66() {
     let far = FarClient::behind(&sandbox);
     // The container serves the download itself on its published port 80.
     sandbox.stop_sandbox_server("web1").unwrap();
+    // The sandbox's server was signalled, not waited for: its port may take a moment to free.
     let listener = in_netns(&sandbox.netns("web1"), || {
-        std::net::TcpListener::bind("[::]:80").expect("binding [::]:80 in web1")
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match std::net::TcpListener::bind("[::]:80") {
+                Ok(listener) => return listener,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("binding [::]:80 in web1: {e}"),
+            }
+        }
     });
     let server = std::thread::spawn(move || {
         let (mut stream, peer) = listener.accept().expect("the download's connection");
