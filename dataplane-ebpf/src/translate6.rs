@@ -13,7 +13,8 @@
 //! Fragments of a translated datagram are translated as their first fragment was (the
 //! fragment map, as IPv4's); ICMPv6 errors about a translated connection as that connection's
 //! packets travelling their way (`icmp_error`). Not yet (README, "IPv6 today"): NAT64, VIPs
-//! at tc, user policies; a packet none of this concerns passes untouched.
+//! at tc; a packet none of this concerns passes untouched. Policy judges each new connection
+//! before any of this (`policy6`).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -179,7 +180,13 @@ pub fn translate(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
                 return icmp_error(ctx, hook, ip, &quoted);
             }
         }
-        return Verdict::Pass;
+        return crate::policy6::untracked(
+            ctx,
+            hook,
+            ip.protocol,
+            ip.l4_offset as u32,
+            ip.frag != 0,
+        );
     };
     let key = CtKey6 {
         saddr: In6Addr(ip.saddr),
@@ -429,6 +436,10 @@ fn decide(
                 (*entry).nat_port,
             )
         };
+        if origin == ct_origin::PLAIN {
+            let (what, seq_ack) = crate::policy6::packed_seen(hook, l4);
+            return crate::policy6::tracked(ctx, what, seq_ack, &key, entry);
+        }
         if !owns(hook, origin, rewrite) {
             return Verdict::Pass;
         }
@@ -448,6 +459,11 @@ fn decide(
             return Verdict::Drop(DropReason::Malformed);
         }
         return onward(ctx, hook, ip);
+    }
+    // Policy first: judged once per new connection (`policy6`).
+    let what = crate::policy6::packed(ip.protocol, l4);
+    if let Some(verdict) = crate::policy6::new_connection(ctx, hook, what) {
+        return verdict;
     }
     match hook {
         Hook::UplinkEgress => return masquerade(ctx, ip, l4, &key),
@@ -644,7 +660,7 @@ fn masquerade(ctx: &TcContext, ip: &mut Ipv6Packet, l4: &mut L4v6, forward: &CtK
 /// The NEW flow event of the connection just tracked (in `NEW_CONNECTION6`), except TCP's,
 /// which is reported when its handshake completes (`conntrack::account`), as for IPv4.
 #[inline(always)]
-fn report_new(ctx: &TcContext, hook: Hook) {
+pub(crate) fn report_new(ctx: &TcContext, hook: Hook) {
     let Some(c) = NEW_CONNECTION6.get_ptr(0) else {
         return;
     };
