@@ -17,7 +17,8 @@ use crate::{
     maps::{BALANCE6_PACKET, CONFIG, ENDPOINTS6, FRAGMENTS6, NEW_CONNECTION6, PROGS6},
     nat,
     parse::{IP6_DADDR_OFF, IPPROTO_ICMPV6, Ipv6Packet, parse_ipv6},
-    policy, reject,
+    policy::{self, Via},
+    reject,
     translate::{Hook, Verdict},
     translate6::{
         L4v6, deliver, parse_l4, published_target, remember_first_fragment, report_new,
@@ -29,20 +30,17 @@ use crate::{
 const CHOSEN: u32 = 0;
 const NOT_A_SERVICE: u32 = 1;
 const NO_BACKEND: u32 = 2;
-const ISOLATED: u32 = 3;
+/// Denied by policy (a user rule or Docker's isolation), the reason in the bits above.
+const DENIED: u32 = 3;
+const DENIED_REASON_SHIFT: u32 = 8;
 
-/// At a container's veth, a new connection (conntrack missed) to an IPv6 VIP:port: on to
-/// the balancing program. Anything else passes as before; so does everything when the slot
-/// is empty (an older loader).
+/// Whether a new connection (conntrack missed) at a container's veth goes to an IPv6
+/// VIP:port, for the balancing program ([`to_balancer`]).
 #[inline(always)]
-pub fn to_vip(ctx: &TcContext, ip: &Ipv6Packet, l4: &L4v6) -> Verdict {
+pub fn is_vip(ip: &Ipv6Packet, l4: &L4v6) -> bool {
     // Services are TCP and UDP: an echo to a VIP is nobody's.
-    if ip.protocol == IPPROTO_ICMPV6
-        || lb::service_at(In6Addr(ip.daddr), l4.dport, ip.protocol).is_none()
-    {
-        return Verdict::Pass;
-    }
-    to_balancer(ctx, Hook::ContainerIngress)
+    ip.protocol != IPPROTO_ICMPV6
+        && lb::service_at(In6Addr(ip.daddr), l4.dport, ip.protocol).is_some()
 }
 
 /// Tail-calls the balancing program for the new connection in `ctx`, seen at `hook` (passed
@@ -267,8 +265,10 @@ fn go(
     forward: &CtKey6,
     outcome: u32,
 ) -> Verdict {
-    if outcome == ISOLATED {
-        return Verdict::Drop(DropReason::PolicyDenied);
+    if outcome & 0xff == DENIED {
+        return Verdict::Drop(crate::translate::recorded_drop(
+            (outcome >> DENIED_REASON_SHIFT) as u8,
+        ));
     }
     if outcome != CHOSEN {
         return refuse(ctx, ip, l4);
@@ -375,10 +375,21 @@ fn choose(forward: &CtKey6, vip: &In6Addr, port: u16, origin: u8) -> u32 {
         // does not do.
         return NO_BACKEND;
     }
-    // Judged by where the connection really goes, as IPv4's: Docker's isolation between a
-    // container and the backend (the IPv6 path has no user policies yet).
-    if origin == ct_origin::SERVICE && policy::isolated6(&forward.saddr.0, &backend.addr.0) {
-        return ISOLATED;
+    // Judged by where the connection really goes, as IPv4's: the user rules, then Docker's
+    // isolation, between the client and the backend.
+    let via = if origin == ct_origin::SERVICE {
+        Via::Direct
+    } else {
+        Via::Published
+    };
+    if let Err(reason) = policy::check6(
+        &forward.saddr,
+        &backend.addr,
+        forward.proto,
+        backend.port,
+        via,
+    ) {
+        return DENIED | (reason as u32) << DENIED_REASON_SHIFT;
     }
     let Some(chosen) = NEW_CONNECTION6.get_ptr_mut(0) else {
         return NO_BACKEND;

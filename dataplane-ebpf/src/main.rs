@@ -14,6 +14,7 @@ mod nat;
 mod nat64;
 mod parse;
 mod policy;
+mod policy6;
 mod reject;
 mod sock;
 mod stats;
@@ -141,7 +142,7 @@ pub fn dp_drop6(ctx: TcContext) -> i32 {
 }
 
 /// Early path on the uplink, before a socket buffer exists: drops outside sources on the deny
-/// list (attached only while the list has entries; see the agent's `--xdp`).
+/// list, IPv4 and IPv6 (attached only while a list has entries; see the agent's `--xdp`).
 #[xdp]
 pub fn dp_uplink_xdp(ctx: XdpContext) -> u32 {
     // SAFETY: `ctx` points at the xdp_md the kernel passed to this program.
@@ -161,6 +162,11 @@ pub fn dp_uplink_xdp(ctx: XdpContext) -> u32 {
                 hook: hook::UPLINK_XDP,
                 ifindex,
             });
+            xdp_action::XDP_DROP
+        }
+        // IPv6 sources on the list: counted as IPv4's (IPv6 drops make no flow records yet).
+        early::Early::Unread if early::denied6_at_xdp(&ctx) => {
+            stats::count_drop(DropReason::PolicyDeny);
             xdp_action::XDP_DROP
         }
         early::Early::Allowed | early::Early::Unread => xdp_action::XDP_PASS,

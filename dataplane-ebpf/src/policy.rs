@@ -13,15 +13,16 @@
 
 use aya_ebpf::{cty::c_void, helpers::bpf_loop, maps::lpm_trie::Key};
 use dataplane_common::{
-    DropReason, In6Addr, POLICY_MAX_TUPLES, PolicyKey, PolicyPrefix, net_flags, policy_action,
-    policy_tuple, selector_kind,
+    DropReason, In6Addr, POLICY_MAX_TUPLES, PolicyKey, PolicyPrefix, PolicyPrefix6, net_flags,
+    policy_action, policy_tuple, selector_kind,
 };
 
 use crate::{
     maps::{
         ENDPOINTS, ENDPOINTS6, LOCAL_ADDRS, LOCAL_ADDRS6, POLICY, POLICY_META, POLICY_PREFIXES,
+        POLICY_PREFIXES6,
     },
-    parse::{Addr6, IPPROTO_ICMP},
+    parse::{IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
 
 /// Who one side of a connection is: the values its selectors can be keyed by.
@@ -70,6 +71,71 @@ fn cidr_class(slot: u32, addr: u32) -> u32 {
         },
     );
     POLICY_PREFIXES.get(key).copied().unwrap_or(0)
+}
+
+/// As [`identify`], for an IPv6 address (its endpoint in `ENDPOINTS6`, its CIDR class in the
+/// IPv6 prefix trie: classes are numbered across both families, so the policy map itself is
+/// the same for both).
+#[inline(always)]
+fn identify6(addr: &In6Addr, slot: u32, cidr: bool, side: &mut Who) {
+    // An IPv4-only container behind NAT64 (at its IPv4-mapped address) is what it is over
+    // IPv4: its endpoint, the IPv4 prefixes its address falls in (`cidr_class6`).
+    // The IPv4 key is the address's last word where it is (a copy would grow this frame,
+    // which is on the IPv6 programs' deepest chain).
+    // SAFETY: map values from this program run's lookups; fields read one by one.
+    let found = match addr.as_mapped_v4() {
+        Some(_) => ENDPOINTS.get_ptr(&addr.0[3]).map(|e| unsafe {
+            (
+                (*e).network_id,
+                (*e).endpoint_id,
+                (*e).label_class,
+                (*e).net_flags,
+            )
+        }),
+        None => ENDPOINTS6.get_ptr(addr).map(|e| unsafe {
+            (
+                (*e).network_id,
+                (*e).endpoint_id,
+                (*e).label_class,
+                (*e).net_flags,
+            )
+        }),
+    };
+    if let Some((network_id, endpoint_id, label_class, net_flags)) = found {
+        side.container = 1;
+        side.network_id = network_id;
+        side.endpoint_id = endpoint_id;
+        side.label_class = label_class;
+        side.net_flags = net_flags;
+    }
+    if cidr {
+        side.cidr_class = cidr_class6(slot, addr);
+    }
+}
+
+/// As [`cidr_class`], in the IPv6 trie (the half's 32 bits, then the 128 of the address); an
+/// IPv4-mapped address in the IPv4 trie. Both keys in this one short frame: a call to
+/// `cidr_class` from here would add a frame to the IPv6 programs' deepest chain.
+#[inline(never)]
+fn cidr_class6(slot: u32, addr: &In6Addr) -> u32 {
+    if let Some(v4) = addr.as_mapped_v4() {
+        let key = Key::new(
+            64,
+            PolicyPrefix {
+                slot: slot.to_be(),
+                addr: v4,
+            },
+        );
+        return POLICY_PREFIXES.get(key).copied().unwrap_or(0);
+    }
+    let key = Key::new(
+        160,
+        PolicyPrefix6 {
+            slot: slot.to_be(),
+            addr: *addr,
+        },
+    );
+    POLICY_PREFIXES6.get(key).copied().unwrap_or(0)
 }
 
 const NOBODY: Who = Who {
@@ -187,6 +253,25 @@ pub fn check(saddr: u32, daddr: u32, proto: u8, dport: u16, via: Via) -> Result<
     }
 }
 
+/// As [`check`], for a new IPv6 connection from `saddr` to `daddr`:`dport` (the destination
+/// after any translation): the same rules (their CIDRs in the IPv6 trie) and the same
+/// isolation, ICMPv6 standing for ICMP.
+#[inline(always)]
+pub fn check6(
+    saddr: &In6Addr,
+    daddr: &In6Addr,
+    proto: u8,
+    dport: u16,
+    via: Via,
+) -> Result<(), DropReason> {
+    let what = u32::from(dport) | u32::from(proto) << 16 | (via as u32) << 24;
+    match judge6(saddr, daddr, what) {
+        JUDGED_ALLOW => Ok(()),
+        JUDGED_DENY => Err(DropReason::PolicyDeny),
+        _ => Err(DropReason::PolicyDenied),
+    }
+}
+
 const JUDGED_ALLOW: u32 = 0;
 const JUDGED_DENY: u32 = 1;
 const JUDGED_ISOLATED: u32 = 2;
@@ -240,49 +325,59 @@ fn judge(saddr: u32, daddr: u32, what: u32) -> u32 {
     }
 }
 
+/// The judgement of an IPv6 connection, as [`judge`] (a frame of its own in the IPv6
+/// programs, which have a stack of their own): the addresses by reference (the callers'
+/// are in a map value, the per-CPU scratch: nothing of 16 bytes is copied onto the stack).
+#[inline(never)]
+fn judge6(saddr: &In6Addr, daddr: &In6Addr, what: u32) -> u32 {
+    let dport = what as u16;
+    let proto = (what >> 16) as u8;
+    let via = match what >> 24 {
+        0 => Via::Direct,
+        1 => Via::Published,
+        _ => Via::Routed,
+    };
+    // SAFETY: array element 0 always exists; fields read one by one.
+    let (slot, count, cidr_sides) = POLICY_META.get_ptr(0).map_or((0, 0, 0), |m| unsafe {
+        ((*m).slot, (*m).tuple_count, (*m).cidr_sides)
+    });
+    let mut walk = Lookups {
+        from: NOBODY,
+        to: NOBODY,
+        priority: u32::MAX,
+        dport,
+        proto,
+        slot: slot as u8,
+        action: 0,
+        _pad: [0; 3],
+    };
+    identify6(saddr, slot, cidr_sides & 1 != 0, &mut walk.from);
+    identify6(daddr, slot, cidr_sides & 2 != 0, &mut walk.to);
+    if count > 0 {
+        // SAFETY: as in judge().
+        unsafe {
+            bpf_loop(
+                count.min(POLICY_MAX_TUPLES as u32),
+                lookup_step as *mut c_void,
+                (&mut walk as *mut Lookups).cast(),
+                0,
+            )
+        };
+    }
+    match walk.action {
+        policy_action::ALLOW => JUDGED_ALLOW,
+        policy_action::DENY => JUDGED_DENY,
+        _ if isolation6(&walk.from, &walk.to, daddr, via, walk.proto) => JUDGED_ALLOW,
+        _ => JUDGED_ISOLATED,
+    }
+}
+
 /// Docker's isolation between two containers, (network, endpoint, flags) of the one that
 /// sends and (network, endpoint) of the other: networks apart; within an `icc: false` network
 /// only a container to itself. The same both ways, so it can be judged per packet too.
 #[inline(always)]
 fn containers_may_talk(from: (u32, u32, u8), to: (u32, u32)) -> bool {
     from.0 == to.0 && (from.2 & net_flags::NO_ICC == 0 || from.1 == to.1)
-}
-
-/// Whether an IPv6 packet from `saddr` to `daddr` crosses Docker's isolation between two
-/// containers. Judged per packet, by the isolation alone: IPv6 connections are not tracked
-/// yet, and the compiled policy needs a connection's direction (a per-packet judgement would
-/// take a reply for a new connection the other way); the isolation is the same both ways.
-#[inline(always)]
-pub fn isolated6(saddr: &Addr6, daddr: &Addr6) -> bool {
-    let (Some(from), Some(to)) = (
-        ENDPOINTS6.get_ptr(&In6Addr(*saddr)),
-        ENDPOINTS6.get_ptr(&In6Addr(*daddr)),
-    ) else {
-        return false;
-    };
-    // SAFETY: map values from this program run's lookups, read field by field.
-    unsafe {
-        !containers_may_talk(
-            ((*from).network_id, (*from).endpoint_id, (*from).net_flags),
-            ((*to).network_id, (*to).endpoint_id),
-        )
-    }
-}
-
-/// Whether an IPv6 packet from `saddr` leaves an `internal` network's container for
-/// outside the host (neither a container nor the host): internal networks stay on the host.
-/// Per packet, as [`isolated6`]: an answer to an outside client is a packet leaving for
-/// outside too, so nothing from outside gets an answer either.
-#[inline(always)]
-pub fn internal_leaving6(saddr: &Addr6, daddr: &Addr6) -> bool {
-    let Some(from) = ENDPOINTS6.get_ptr(&In6Addr(*saddr)) else {
-        return false;
-    };
-    // SAFETY: a map value from this program run's lookup.
-    let flags = unsafe { (*from).net_flags };
-    flags & net_flags::INTERNAL != 0
-        && ENDPOINTS6.get_ptr(&In6Addr(*daddr)).is_none()
-        && LOCAL_ADDRS6.get_ptr(&In6Addr(*daddr)).is_none()
 }
 
 /// Docker's isolation, where no user rule decided.
@@ -323,4 +418,48 @@ fn isolation(from: &Who, to: &Who, daddr: u32, via: Via, proto: u8) -> bool {
             || (to.net_flags & net_flags::ROUTED != 0 && proto == IPPROTO_ICMP);
     }
     true
+}
+
+/// As [`isolation`], for IPv6 (the host's IPv6 addresses, ICMPv6). A copy of its own rather
+/// than one generic function: the IPv4 judgement's code stays what it was (its program's
+/// stack is spent to the byte).
+#[inline(always)]
+fn isolation6(from: &Who, to: &Who, daddr: &In6Addr, via: Via, proto: u8) -> bool {
+    if from.container != 0 && to.container != 0 {
+        if via == Via::Published {
+            return (from.net_flags | to.net_flags) & net_flags::INTERNAL == 0;
+        }
+        return containers_may_talk(
+            (from.network_id, from.endpoint_id, from.net_flags),
+            (to.network_id, to.endpoint_id),
+        );
+    }
+    if from.container != 0 {
+        return from.net_flags & net_flags::INTERNAL == 0 || LOCAL_ADDRS6.get_ptr(daddr).is_some();
+    }
+    if to.container != 0 {
+        return outside_to_container(to, via, proto == IPPROTO_ICMPV6);
+    }
+    true
+}
+
+/// Docker's isolation for a connection to a container from a non-container (`icmp`: it is
+/// the family's ICMP).
+#[inline(always)]
+fn outside_to_container(to: &Who, via: Via, icmp: bool) -> bool {
+    if via == Via::Direct {
+        // The host's own processes (only the socket hooks judge those): the host is on
+        // every bridge, internal ones too, as with Docker.
+        return true;
+    }
+    if to.net_flags & net_flags::INTERNAL != 0 {
+        return false;
+    }
+    if via != Via::Routed {
+        return true;
+    }
+    // Routed to the container's address: closed in `nat` mode (Docker 28), open in
+    // `nat-unprotected`; in `routed` mode open to ICMP (published ports come here as
+    // published connections, not routed ones).
+    to.net_flags & net_flags::UNPROTECTED != 0 || (to.net_flags & net_flags::ROUTED != 0 && icmp)
 }

@@ -122,15 +122,22 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Verdict {
     verdict
 }
 
-/// The IPv6 program of `hook` (tail-called by the IPv4 one for each IPv6 frame): the IPv6
+/// The IPv6 program of `hook` (tail-called by the IPv4 one for each IPv6 frame): the deny
+/// list first at the uplink (as IPv4's at tc, while XDP is not attached); then the IPv6
 /// header and its extension headers are read; one that is truncated or inconsistent is
 /// dropped as malformed.
 #[inline(always)]
 pub fn handle6(ctx: &TcContext, hook: Hook) -> Verdict {
+    if hook == Hook::UplinkIngress && deny_list_at_tc() && early::denied_source6_tc(ctx) {
+        // The deny list is user rules, as at XDP; its drops are recorded, as IPv4's at tc.
+        let verdict = Verdict::Drop(DropReason::PolicyDeny);
+        crate::translate6::hand_over_drop(ctx, hook, &verdict);
+        return verdict;
+    }
     let Some(mut ip) = parse_ipv6(ctx) else {
         return Verdict::Drop(DropReason::Malformed);
     };
-    let verdict = decide6(ctx, hook, &mut ip);
+    let verdict = crate::translate6::translate(ctx, hook, &mut ip);
     match verdict {
         // A drop's flow event: by the drop reporter, which this returns from only if it is
         // missing.
@@ -146,33 +153,6 @@ pub fn handle6(ctx: &TcContext, hook: Hook) -> Verdict {
         _ => {}
     }
     verdict
-}
-
-/// What `hook` does with a parsed IPv6 packet: Docker's isolation, then the translations.
-#[inline(always)]
-fn decide6(ctx: &TcContext, hook: Hook, ip: &mut crate::parse::Ipv6Packet) -> Verdict {
-    // Between two containers: Docker's isolation, per packet. Neighbour discovery (router and
-    // neighbour solicitations and advertisements, redirects) is the link's own and passes.
-    // From an internal network's container, nothing leaves for outside.
-    if hook == Hook::ContainerIngress
-        && !is_neighbour_discovery(ctx, ip)
-        && (policy::isolated6(&ip.saddr, &ip.daddr)
-            || policy::internal_leaving6(&ip.saddr, &ip.daddr))
-    {
-        return Verdict::Drop(DropReason::PolicyDenied);
-    }
-    crate::translate6::translate(ctx, hook, ip)
-}
-
-/// ICMPv6 types 133-137: router solicitation and advertisement, neighbour solicitation and
-/// advertisement, redirect.
-#[inline(always)]
-fn is_neighbour_discovery(ctx: &TcContext, ip: &crate::parse::Ipv6Packet) -> bool {
-    ip.protocol == crate::parse::IPPROTO_ICMPV6
-        && ip.frag == 0
-        && ctx
-            .load::<u8>(ip.l4_offset)
-            .is_ok_and(|t| (133..=137).contains(&t))
 }
 
 /// Records what the first fragment of a datagram was (its ports as it arrived) and whether it

@@ -15,8 +15,9 @@
 //! packets travelling their way (`icmp_error`). A published port of an IPv4-only container
 //! (its target an IPv4-mapped address) and its tracked connections go on to the NAT64
 //! program (`nat64.rs`). Service VIPs (a container's connection to a `vip6`, a published
-//! port leading to a service) are balanced in `balance6.rs`. Not yet (README, "IPv6
-//! today"): user policies; a packet none of this concerns passes untouched.
+//! port leading to a service) are balanced in `balance6.rs`, which judges their policy by
+//! the backend chosen. Every other new connection is judged by policy before any
+//! translation (`policy6`); a packet none of this concerns passes untouched.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -184,7 +185,13 @@ pub fn translate(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
                 return icmp_error(ctx, hook, ip, &quoted);
             }
         }
-        return Verdict::Pass;
+        return crate::policy6::untracked(
+            ctx,
+            hook,
+            ip.protocol,
+            ip.l4_offset as u32,
+            ip.frag != 0,
+        );
     };
     let key = CtKey6 {
         saddr: In6Addr(ip.saddr),
@@ -460,6 +467,10 @@ fn decide(
                 Verdict::Pass
             };
         }
+        if origin == ct_origin::PLAIN {
+            let (what, seq_ack) = crate::policy6::packed_seen(hook, l4);
+            return crate::policy6::tracked(ctx, what, seq_ack, &key, entry);
+        }
         if !owns(hook, origin, rewrite) {
             return Verdict::Pass;
         }
@@ -480,9 +491,19 @@ fn decide(
         }
         return onward(ctx, hook, ip);
     }
+    if hook == Hook::ContainerIngress && crate::balance6::is_vip(ip, l4) {
+        // Judged by the backend the balancing program chooses, as IPv4's VIPs are.
+        return crate::balance6::to_balancer(ctx, hook);
+    }
+    // Policy first: judged once per new connection (`policy6`); a published port that
+    // leads to a service is left to the balancing program, as a VIP is.
+    let what = crate::policy6::packed(ip.protocol, l4);
+    if let Some(verdict) = crate::policy6::new_connection(ctx, hook, what) {
+        return verdict;
+    }
     match hook {
         Hook::UplinkEgress => return masquerade(ctx, ip, l4, &key),
-        Hook::ContainerIngress => return crate::balance6::to_vip(ctx, ip, l4),
+        Hook::ContainerIngress => return Verdict::Pass,
         Hook::UplinkIngress if ip.protocol == IPPROTO_ICMPV6 => return Verdict::Pass,
         Hook::UplinkIngress => {}
     }

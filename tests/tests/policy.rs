@@ -575,3 +575,109 @@ fn ipv6_between_networks_is_isolated_as_ipv4() {
     let wrong = unexpected(&sandbox, &cells);
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+const SPEC_DUAL: &str = r#"
+uplink: eth0
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1,
+     subnet6: "fd00:30:1::/64", gateway6: "fd00:30:1::1"}
+endpoints:
+  - name: web1
+    interfaces: [{network: front, ip: 172.30.1.2, ip6: "fd00:30:1::2", mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
+ports:
+  - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}
+"#;
+
+const HOST6: &str = "2001:db8::1";
+/// The outside client's second IPv6 address, next to the sandbox's 2001:db8::2.
+const OUTSIDE6_OTHER: &str = "2001:db8::3";
+
+/// Whether an HTTP request of the outside client, from its IPv6 address `from`, gets an
+/// answer of web1 through the published port on the host's IPv6 address (curl -6).
+fn curl6_from(sandbox: &Sandbox, from: &str) -> bool {
+    let out = sandbox.exec(
+        "outside",
+        &[
+            "curl",
+            "-6",
+            "-sS",
+            "--max-time",
+            "2",
+            "--interface",
+            from,
+            &format!("http://[{HOST6}]:8080/"),
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout).starts_with("web1 ")
+}
+
+/// Whether a TCP connection of the outside client from `from` to the published port gets
+/// through (nc -6 -z, another client than curl).
+fn nc6_from(sandbox: &Sandbox, from: &str) -> bool {
+    sandbox
+        .exec(
+            "outside",
+            &["nc", "-6", "-z", "-w2", "-s", from, HOST6, "8080"],
+        )
+        .status
+        .success()
+}
+
+#[test]
+fn ipv6_rules_and_the_deny_list_judge_outside_clients() {
+    let sandbox = Sandbox::up(SPEC_DUAL);
+    let agent = Agent::start(&sandbox);
+    sandbox.exec_ok(
+        "outside",
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{OUTSIDE6_OTHER}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    let (client, neighbour) = ("2001:db8::2", OUTSIDE6_OTHER);
+    assert!(curl6_from(&sandbox, client), "the published port over IPv6");
+    assert!(curl6_from(&sandbox, neighbour));
+
+    // A rule with an IPv6 CIDR: the client may not reach web1's port 80 (the published
+    // port leads there); its neighbour still may.
+    sandbox.write_state(&format!(
+        "{SPEC_DUAL}policies:\n  - {{name: no-client6, action: deny, from: {{cidr: \"2001:db8::2/128\"}}, to: {{endpoint: web1}}, ports: [\"80/tcp\"]}}\n"
+    ));
+    let status = agent.wait_for("the IPv6 rule applied", |s| {
+        s.last_error.is_none() && !curl6_from(&sandbox, client) && s.drops("POLICY_DENY") > 0
+    });
+    assert!(status.last_error.is_none(), "{status:#?}");
+    assert!(!nc6_from(&sandbox, client), "nc -6 is denied too");
+    assert!(curl6_from(&sandbox, neighbour), "the neighbour passes");
+    assert!(nc6_from(&sandbox, neighbour));
+
+    // The deny list: every packet of the prefix dropped first thing on the uplink (a deny
+    // from a source to everything); the neighbour outside the prefix passes.
+    sandbox.write_state(&format!(
+        "{SPEC_DUAL}policies:\n  - {{name: blocklist6, action: deny, from: {{cidr: \"2001:db8::2/128\"}}}}\n"
+    ));
+    let before = agent.status().drops("POLICY_DENY");
+    agent.wait_for("the IPv6 deny list applied", |s| {
+        !curl6_from(&sandbox, client) && s.drops("POLICY_DENY") > before
+    });
+    assert!(
+        !sandbox
+            .exec(
+                "outside",
+                &["ping", "-6", "-c1", "-W1", "-I", client, HOST6]
+            )
+            .status
+            .success(),
+        "the denied source's ping to the host too: the list is first thing"
+    );
+    assert!(curl6_from(&sandbox, neighbour), "the neighbour passes");
+
+    // The list empties: the client is back.
+    sandbox.write_state(SPEC_DUAL);
+    agent.wait_for("the client back", |_| curl6_from(&sandbox, client));
+}

@@ -345,9 +345,14 @@ fn ipv6_between_containers_keeps_dockers_network_isolation() {
         denied += u64::from(got == TC_SHOT);
     }
     assert_eq!(drops(dp, DropReason::PolicyDenied), denied);
-    // From outside (the uplink), nothing is judged yet: the packet goes on as before.
-    let (got, _) = run_tc(dp, Hook::UplinkIngress, &syn(b1, a1));
-    assert_eq!(got, TC_PASS);
+    // From outside (the uplink), straight to a `nat` network's container address: Docker's
+    // isolation from outside closes it.
+    let (got, _) = run_tc(dp, Hook::UplinkIngress, &syn(v6("2001:db8::2"), a1));
+    assert_eq!(
+        got, TC_SHOT,
+        "routed from outside to a nat network's container"
+    );
+    assert_eq!(drops(dp, DropReason::PolicyDenied), denied + 1);
 }
 
 /// `frame`'s source and destination ports (TCP or UDP right after the fixed header; the
@@ -1438,4 +1443,349 @@ fn random_ipv6_packets_never_leave_with_a_wrong_checksum() {
         "{changed} packets translated: the test must exercise the rewrites"
     );
     assert!(dropped > 50, "{dropped} packets dropped");
+}
+
+/// An IPv6 prefix for the deny list.
+fn prefix6(addr: &str, len: u32) -> dataplane_common::PrefixKey6 {
+    dataplane_common::PrefixKey6 {
+        prefix_len: len,
+        addr: dataplane_common::In6Addr::from_ipv6(v6(addr)),
+    }
+}
+
+#[test]
+fn ipv6_deny_list_drops_denied_sources_first_thing_at_tc_and_xdp() {
+    use dataplane_common::{Config, In6Addr};
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (host, container) = (v6("2001:db8::1"), v6("fd00:1::2"));
+    with_container6(dp);
+    publish6(dp, host, 8080, 6, 80);
+    dp.set_deny_source6(prefix6("2001:db8:bad::", 48), true)
+        .unwrap();
+    let (denied, neighbour) = (v6("2001:db8:bad:1::7"), v6("2001:db8:bae::7"));
+    let syn = |from, sport| frame6(from, host, 6, &tcp(sport, 8080, TCP_SYN, b""));
+    // Without XDP the uplink's tc ingress enforces the list.
+    let config = |deny_at_tc| Config {
+        masquerade_addr6: In6Addr::from_ipv6(host),
+        uplink_ifindex: 1,
+        snat_port_min: 61000,
+        snat_port_max: 65000,
+        deny_at_tc,
+        ..Config::default()
+    };
+    dp.set_config(config(1)).unwrap();
+    let (got, _) = run_tc(dp, Hook::UplinkIngress, &syn(denied, 40000));
+    assert_eq!(got, TC_SHOT, "a denied source, at tc");
+    // Even a header the parse would refuse: the list comes first.
+    let mut broken = syn(denied, 40001);
+    broken.truncate(ETH_LEN + IPV6_HDR_LEN + 4);
+    let (got, _) = run_tc(dp, Hook::UplinkIngress, &broken);
+    assert_eq!(got, TC_SHOT, "a denied source's broken packet, at tc");
+    assert_eq!(drops(dp, DropReason::PolicyDeny), 2);
+    assert_eq!(
+        drops(dp, DropReason::Malformed),
+        0,
+        "dropped as denied, first"
+    );
+    translated(
+        dp,
+        Hook::UplinkIngress,
+        &syn(neighbour, 40002),
+        TC_REDIRECT,
+        (neighbour, container),
+        "the neighbouring prefix reaches the published port",
+    );
+    // With XDP attached, tc leaves the list to it.
+    dp.set_config(config(0)).unwrap();
+    let (got, _) = run_tc(dp, Hook::UplinkIngress, &syn(denied, 40003));
+    assert_eq!(got, TC_REDIRECT, "tc leaves the list to XDP");
+    let run_xdp = |dp: &mut crate::kernel::Datapath, frame: &[u8]| {
+        use aya::programs::{TestRun, TestRunOptions};
+        let mut out = vec![0u8; frame.len() + 64];
+        dp.xdp()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .unwrap()
+            .return_value
+    };
+    const XDP_DROP: u32 = 1;
+    const XDP_PASS: u32 = 2;
+    assert_eq!(run_xdp(dp, &syn(denied, 40004)), XDP_DROP, "at XDP");
+    assert_eq!(run_xdp(dp, &syn(neighbour, 40005)), XDP_PASS);
+    assert_eq!(drops(dp, DropReason::PolicyDeny), 3);
+}
+
+#[test]
+fn ipv6_policy_rules_judge_new_connections_and_their_replies_pass() {
+    use crate::reconcile::policy::{Rule, Side, tables};
+    use dataplane_common::{EndpointInfo6, In6Addr, policy_action};
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (host, a, b) = (v6("2001:db8::1"), v6("fd00:1::2"), v6("fd00:1::3"));
+    with_container6(dp);
+    // A second container on A's network (endpoint 2).
+    dp.set::<crate::kernel::maps::Endpoints6>(
+        In6Addr::from_ipv6(b),
+        EndpointInfo6 {
+            ifindex: 2,
+            network_id: 1,
+            endpoint_id: 2,
+            ..EndpointInfo6::default()
+        },
+    )
+    .unwrap();
+    publish6(dp, host, 8080, 6, 80);
+    let cidr6 = |addr: &str, len| Side::Cidr6(u128::from(v6(addr)), len);
+    let rule = |action, from, to, port: u16| Rule {
+        action,
+        from,
+        to,
+        port: (port != 0).then_some((6, port)),
+    };
+    let rules = [
+        // Outside clients of one prefix kept off the container's port 80.
+        rule(
+            policy_action::DENY,
+            cidr6("2001:db8:bad::", 48),
+            Side::Any,
+            80,
+        ),
+        // B may not open connections to A (A to B is fine).
+        rule(policy_action::DENY, Side::Endpoint(2), Side::Endpoint(1), 0),
+        // Containers kept off one outside prefix's HTTPS.
+        rule(
+            policy_action::DENY,
+            Side::Any,
+            cidr6("2001:db8:9::", 48),
+            443,
+        ),
+    ];
+    crate::reconcile::apply_policy(&tables(&rules, &[]), dp).unwrap();
+    let syn_ack = TCP_SYN | super::packet::TCP_ACK;
+    let check = |dp: &mut crate::kernel::Datapath, hook, frame: Vec<u8>, verdict, what: &str| {
+        let (got, _) = run_tc(dp, hook, &frame);
+        assert_eq!(got, verdict, "{what}");
+    };
+    // A published port: the denied prefix's client is dropped, its neighbour's passes, and
+    // the reply of the allowed connection goes back out.
+    let (bad, good) = (v6("2001:db8:bad::7"), v6("2001:db8:bae::7"));
+    let request = |from| frame6(from, host, 6, &tcp(40000, 8080, TCP_SYN, b""));
+    check(
+        dp,
+        Hook::UplinkIngress,
+        request(bad),
+        TC_SHOT,
+        "denied CIDR to the published port",
+    );
+    assert_eq!(drops(dp, DropReason::PolicyDeny), 1);
+    translated(
+        dp,
+        Hook::UplinkIngress,
+        &request(good),
+        TC_REDIRECT,
+        (good, a),
+        "the neighbouring prefix to the published port",
+    );
+    translated(
+        dp,
+        Hook::ContainerIngress,
+        &frame6(a, good, 6, &tcp(80, 40000, syn_ack, b"")),
+        TC_REDIRECT,
+        (host, good),
+        "the allowed connection's reply",
+    );
+    // Container to container: A opens to B; B's reply passes (it is no new connection from
+    // B, which the rule denies); a connection B opens to A is dropped.
+    check(
+        dp,
+        Hook::ContainerIngress,
+        frame6(a, b, 6, &tcp(40100, 5432, TCP_SYN, b"")),
+        TC_PASS,
+        "A to B",
+    );
+    check(
+        dp,
+        Hook::ContainerIngress,
+        frame6(b, a, 6, &tcp(5432, 40100, syn_ack, b"")),
+        TC_PASS,
+        "B's reply to A",
+    );
+    check(
+        dp,
+        Hook::ContainerIngress,
+        frame6(a, b, 6, &tcp(40100, 5432, super::packet::TCP_ACK, b"")),
+        TC_PASS,
+        "A's ACK",
+    );
+    check(
+        dp,
+        Hook::ContainerIngress,
+        frame6(b, a, 6, &tcp(5432, 40100, super::packet::TCP_ACK, b"data")),
+        TC_PASS,
+        "B's data on the established connection",
+    );
+    check(
+        dp,
+        Hook::ContainerIngress,
+        frame6(b, a, 6, &tcp(40200, 22, TCP_SYN, b"")),
+        TC_SHOT,
+        "B opening to A",
+    );
+    check(
+        dp,
+        Hook::ContainerIngress,
+        frame6(b, a, 17, &udp(40201, 53, b"q")),
+        TC_SHOT,
+        "B opening UDP to A",
+    );
+    assert_eq!(drops(dp, DropReason::PolicyDeny), 3);
+    // Container to outside: the denied prefix's 443 dropped, another port and the
+    // neighbouring prefix pass.
+    let out = |to, port| frame6(a, v6(to), 6, &tcp(40300, port, TCP_SYN, b""));
+    check(
+        dp,
+        Hook::ContainerIngress,
+        out("2001:db8:9::9", 443),
+        TC_SHOT,
+        "to the denied prefix's 443",
+    );
+    check(
+        dp,
+        Hook::ContainerIngress,
+        out("2001:db8:9::9", 80),
+        TC_PASS,
+        "its port 80",
+    );
+    check(
+        dp,
+        Hook::ContainerIngress,
+        out("2001:db8:a::9", 443),
+        TC_PASS,
+        "the neighbour's 443",
+    );
+    assert_eq!(drops(dp, DropReason::PolicyDeny), 4);
+    assert_eq!(
+        drops(dp, DropReason::PolicyDenied),
+        0,
+        "isolation decided nothing"
+    );
+}
+
+#[test]
+fn ipv6_from_outside_to_container_addresses_by_gateway_mode() {
+    use dataplane_common::{EndpointInfo6, In6Addr, net_flags};
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    with_container6(dp);
+    let (nat, routed, open) = (v6("fd00:1::2"), v6("2001:db8:2::2"), v6("2001:db8:3::2"));
+    for (i, (addr, flags)) in [(routed, net_flags::ROUTED), (open, net_flags::UNPROTECTED)]
+        .into_iter()
+        .enumerate()
+    {
+        dp.set::<crate::kernel::maps::Endpoints6>(
+            In6Addr::from_ipv6(addr),
+            EndpointInfo6 {
+                ifindex: 10 + i as u32,
+                network_id: 2 + i as u32,
+                endpoint_id: 2 + i as u32,
+                net_flags: flags,
+                ..EndpointInfo6::default()
+            },
+        )
+        .unwrap();
+    }
+    let client = v6("2001:db8:9::9");
+    let syn = |to, sport| frame6(client, to, 6, &tcp(sport, 80, TCP_SYN, b""));
+    let ping = |to| {
+        let mut m = vec![128, 0, 0, 0, 0, 9, 0, 1];
+        m.extend_from_slice(b"ping");
+        frame6(client, to, IPPROTO_ICMPV6, &m)
+    };
+    for (what, frame, verdict) in [
+        ("TCP to a nat network's container", syn(nat, 40000), TC_SHOT),
+        ("a ping to a nat network's container", ping(nat), TC_SHOT),
+        (
+            "TCP to a routed network's container",
+            syn(routed, 40001),
+            TC_SHOT,
+        ),
+        (
+            "a ping to a routed network's container",
+            ping(routed),
+            TC_PASS,
+        ),
+        ("TCP to a nat-unprotected one", syn(open, 40002), TC_PASS),
+    ] {
+        let (got, _) = run_tc(dp, Hook::UplinkIngress, &frame);
+        assert_eq!(got, verdict, "{what}");
+    }
+    assert_eq!(drops(dp, DropReason::PolicyDenied), 3);
+    // A routed network's container's own connection out keeps its address and is tracked:
+    // its reply from outside comes in.
+    let out = frame6(routed, client, 6, &tcp(40500, 443, TCP_SYN, b""));
+    assert_eq!(run_tc(dp, Hook::UplinkEgress, &out), (TC_PASS, out.clone()));
+    let reply = frame6(
+        client,
+        routed,
+        6,
+        &tcp(443, 40500, TCP_SYN | super::packet::TCP_ACK, b""),
+    );
+    let (got, _) = run_tc(dp, Hook::UplinkIngress, &reply);
+    assert_eq!(got, TC_PASS, "the reply of a routed container's connection");
+    assert_eq!(drops(dp, DropReason::PolicyDenied), 3);
+}
+
+/// A container's connection to a VIP is judged by the user rules against the backend it is
+/// balanced to (as IPv4's): a rule keeping the client off one backend's port drops the SYN
+/// to the VIP, counted as the rule's (`POLICY_DENY`); another client of the same VIP passes.
+#[test]
+fn ipv6_vip_connections_are_judged_by_the_user_rules_against_their_backend() {
+    use crate::reconcile::policy::{Rule, Side, tables};
+    use dataplane_common::{EndpointInfo6, In6Addr, policy_action};
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    with_service6(dp, &BACKENDS6[..1]);
+    // A second client on the same network (endpoint 3).
+    let other = v6("fd00:1::9");
+    dp.set::<crate::kernel::maps::Endpoints6>(
+        In6Addr::from_ipv6(other),
+        EndpointInfo6 {
+            ifindex: 3,
+            network_id: 1,
+            endpoint_id: 3,
+            ..EndpointInfo6::default()
+        },
+    )
+    .unwrap();
+    let rules = [Rule {
+        action: policy_action::DENY,
+        from: Side::Endpoint(1),
+        to: Side::Endpoint(10),
+        port: Some((6, 8080)),
+    }];
+    crate::reconcile::apply_policy(&tables(&rules, &[]), dp).unwrap();
+    let syn = frame6(v6("fd00:1::2"), v6(VIP6), 6, &tcp(40500, 80, TCP_SYN, b""));
+    let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &syn);
+    assert_eq!(
+        (verdict, out),
+        (TC_SHOT, syn.clone()),
+        "denied to its backend"
+    );
+    assert_eq!(drops(dp, DropReason::PolicyDeny), 1);
+    translated(
+        dp,
+        Hook::ContainerIngress,
+        &frame6(other, v6(VIP6), 6, &tcp(40501, 80, TCP_SYN, b"")),
+        TC_REDIRECT,
+        (other, v6(BACKENDS6[0])),
+        "another client of the VIP",
+    );
 }

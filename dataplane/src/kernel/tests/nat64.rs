@@ -345,3 +345,39 @@ fn random_packets_through_nat64_never_leave_with_a_wrong_checksum() {
     eprintln!("NAT64: {inward_changed} requests and {outward_changed} replies translated");
     assert!(inward_changed > 50 && outward_changed > 50);
 }
+
+/// A NAT64 connection is judged by the IPv4-only container it leads to, as it is over IPv4
+/// (its endpoint; the client by its IPv6 address): a rule keeping one IPv6 prefix off the
+/// container's port drops its SYN (`POLICY_DENY`), a client outside the prefix gets in.
+#[test]
+fn nat64_connections_are_judged_by_the_user_rules_against_their_container() {
+    use crate::reconcile::policy::{Rule, Side, tables};
+    use dataplane_common::policy_action;
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    ipv4_only_container(dp);
+    let rules = [Rule {
+        action: policy_action::DENY,
+        from: Side::Cidr6(u128::from(client()), 128),
+        to: Side::Endpoint(1),
+        port: Some((6, 80)),
+    }];
+    crate::reconcile::apply_policy(&tables(&rules, &[]), dp).unwrap();
+    let syn = from_client(6, &tcp(40000, 8080, TCP_SYN, b""));
+    assert_eq!(
+        run_tc(dp, Hook::UplinkIngress, &syn),
+        (TC_SHOT, syn.clone()),
+        "the denied client"
+    );
+    assert_eq!(drops(dp, DropReason::PolicyDeny), 1);
+    let neighbour = v6("2001:db8::3");
+    let syn = ipv6_frame(
+        &Ipv6Spec::new(neighbour, host(), 6),
+        &tcp(40000, 8080, TCP_SYN, b""),
+    );
+    assert_eq!(
+        inward(dp, &syn, "another client").1,
+        Ipv4Addr::from(CONTAINER)
+    );
+}
