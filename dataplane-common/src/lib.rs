@@ -160,6 +160,11 @@ pub mod program_names {
     /// that leads to a service), tail-called by the two ingress IPv6 programs, at
     /// [`crate::PROGS6_BALANCE`] in the same array; never attached.
     pub const BALANCE6: &str = "dp_balance6";
+    /// An IPv6 connection judged again after a policy change, tail-called by the IPv6
+    /// programs at [`crate::PROGS6_REJUDGE_SLOT`] for the first packet of a tracked
+    /// connection they see under a newer policy: it drops the packet (and the connection),
+    /// or tail-calls the hook's program again; never attached.
+    pub const REJUDGE6: &str = "dp_rejudge6";
 }
 
 /// The slot of [`program_names::DROP6`] in the IPv6 program array (the hooks' numbers take
@@ -171,6 +176,9 @@ pub const PROGS6_NAT64_SLOT: u32 = 4;
 
 /// The slot of [`program_names::BALANCE6`] in the IPv6 program array.
 pub const PROGS6_BALANCE_SLOT: u32 = 5;
+
+/// The slot of [`program_names::REJUDGE6`] in the IPv6 program array.
+pub const PROGS6_REJUDGE_SLOT: u32 = 6;
 
 /// Capacities of the maps (see the map declarations in `dataplane-ebpf/src/maps.rs` for the
 /// reasoning behind each size).

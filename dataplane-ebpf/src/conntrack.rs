@@ -7,14 +7,14 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use dataplane_common::{
-    CtEntry, CtEntryOf, CtKey, CtKeyOf, ct_origin, ct_rewrite, ct_state, tcp_flag,
+    CtEntry, CtEntry6, CtEntryOf, CtKey, CtKey6, CtKeyOf, ct_origin, ct_rewrite, ct_state, tcp_flag,
 };
 
 use crate::{
     family::Family,
     maps::CONFIG,
     parse::{IPPROTO_TCP, Ipv4Packet, L4},
-    policy::{self, Via},
+    policy::Via,
 };
 
 /// BPF_NOEXIST: fail with -EEXIST when the key is present.
@@ -359,6 +359,18 @@ pub fn create<A: Family>(c: &NewConnectionOf<A>) -> Result<(), CtError> {
 /// A connection the new policy denies loses both entries; its packets are dropped from now on.
 #[inline(always)]
 pub fn still_allowed(key: &CtKey, entry: *mut CtEntry) -> bool {
+    still_allowed_of(key, entry)
+}
+
+/// As [`still_allowed`], for an IPv6 connection (a NAT64 one included: judged by its IPv4
+/// container); the IPv6 programs judge again in a program of their own (`policy6::rejudge`).
+#[inline(always)]
+pub fn still_allowed6(key: &CtKey6, entry: *mut CtEntry6) -> bool {
+    still_allowed_of(key, entry)
+}
+
+#[inline(always)]
+fn still_allowed_of<A: Family>(key: &CtKeyOf<A>, entry: *mut CtEntryOf<A>) -> bool {
     let Some(config) = CONFIG.get_ptr(0) else {
         return true;
     };
@@ -377,19 +389,19 @@ pub fn still_allowed(key: &CtKey, entry: *mut CtEntry) -> bool {
         } else {
             (*key, entry)
         };
-        // The destination as policy first saw it: after translation for DNAT (a hairpin's is
-        // the client itself).
+        // The destination as policy first saw it: after translation for DNAT and NAT64 (the
+        // container), a hairpin's is the client itself.
         let (daddr, dport) = match (*forward).rewrite {
-            ct_rewrite::DST => ((*forward).nat_addr, (*forward).nat_port),
+            ct_rewrite::DST | ct_rewrite::NAT64 => ((*forward).nat_addr, (*forward).nat_port),
             ct_rewrite::HAIRPIN => (forward_key.saddr, (*forward).hairpin_port),
             _ => (forward_key.daddr, forward_key.dport),
         };
-        let via = if (*forward).origin == ct_origin::PUBLISHED {
-            Via::Published
-        } else {
-            Via::Direct
+        let via = match (*forward).origin {
+            ct_origin::PUBLISHED => Via::Published,
+            ct_origin::PLAIN => A::plain_via(&forward_key.saddr),
+            _ => Via::Direct,
         };
-        if policy::allows(forward_key.saddr, daddr, forward_key.proto, dport, via) {
+        if A::allows(&forward_key.saddr, &daddr, forward_key.proto, dport, via) {
             (*entry).policy_generation = generation;
             (*peer).policy_generation = generation;
             true

@@ -21,9 +21,10 @@ use dataplane_common::{
 use crate::{
     maps::{
         BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, DROP_AGGREGATES,
-        DROP_AGGREGATES6, SERVICES, SERVICES6,
+        DROP_AGGREGATES6, ENDPOINTS6, SERVICES, SERVICES6,
     },
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6},
+    policy::{self, Via},
 };
 
 pub trait Family: Address {
@@ -41,6 +42,13 @@ pub trait Family: Address {
     fn drop_aggregates() -> &'static LruHashMap<DropAggKeyOf<Self>, DropAggValueOf<Self>>;
     /// The address folded into 32 bits, for hashing (IPv4's is itself).
     fn fold(&self) -> u32;
+    /// Policy's judgement of a connection from `saddr` to `daddr`:`dport` (the destination
+    /// after any translation).
+    fn allows(saddr: &Self, daddr: &Self, proto: u8, dport: u16, via: Via) -> bool;
+    /// How a connection tracked untranslated (`ct_origin::PLAIN`) from `saddr` came: IPv4
+    /// tracks only containers' (direct); IPv6 also those routed in from outside to a
+    /// container's address (a source that is no container).
+    fn plain_via(saddr: &Self) -> Via;
     /// The socket-lookup tuple of `key` (as a packet with that key carries it) and its size,
     /// for bpf_sk_lookup_*.
     fn sock_tuple(key: &CtKeyOf<Self>) -> (bpf_sock_tuple, u32);
@@ -48,6 +56,14 @@ pub trait Family: Address {
 
 impl Family for u32 {
     const ICMP: u8 = IPPROTO_ICMP;
+    #[inline(always)]
+    fn allows(saddr: &Self, daddr: &Self, proto: u8, dport: u16, via: Via) -> bool {
+        policy::allows(*saddr, *daddr, proto, dport, via)
+    }
+    #[inline(always)]
+    fn plain_via(_saddr: &Self) -> Via {
+        Via::Direct
+    }
     #[inline(always)]
     fn conntrack() -> &'static HashMap<CtKeyOf<Self>, CtEntryOf<Self>> {
         &CONNTRACK
@@ -92,6 +108,18 @@ impl Family for u32 {
 
 impl Family for In6Addr {
     const ICMP: u8 = IPPROTO_ICMPV6;
+    #[inline(always)]
+    fn allows(saddr: &Self, daddr: &Self, proto: u8, dport: u16, via: Via) -> bool {
+        policy::check6(saddr, daddr, proto, dport, via).is_ok()
+    }
+    #[inline(always)]
+    fn plain_via(saddr: &Self) -> Via {
+        if ENDPOINTS6.get_ptr(saddr).is_some() {
+            Via::Direct
+        } else {
+            Via::Routed
+        }
+    }
     #[inline(always)]
     fn conntrack() -> &'static HashMap<CtKeyOf<Self>, CtEntryOf<Self>> {
         &CONNTRACK6

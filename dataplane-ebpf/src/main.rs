@@ -129,6 +129,11 @@ pub fn dp_balance6(ctx: TcContext) -> i32 {
 /// NAT64 of published ports, both directions (tail call of `dp_uplink_ingress6` for IPv6
 /// requests, of `dp_container_ingress` for IPv4 replies; see `nat64.rs`).
 #[classifier]
+pub fn dp_rejudge6(ctx: TcContext) -> i32 {
+    tc_action(policy6::rejudge(&ctx))
+}
+
+#[classifier]
 pub fn dp_nat64(ctx: TcContext) -> i32 {
     tc_action(nat64::handle(&ctx))
 }

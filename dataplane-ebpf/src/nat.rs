@@ -33,7 +33,7 @@ fn mix<A: Family>(key: &CtKeyOf<A>) -> u32 {
         ^ (u32::from(key.sport) << 16 | u32::from(key.dport));
     h ^= u32::from(key.proto).rotate_left(7);
     h ^= h >> 16;
-    h = h.wrapping_mul(0x45d9_f3b);
+    h = h.wrapping_mul(0x045d_9f3b);
     h ^= h >> 16;
     h
 }

@@ -13,16 +13,20 @@
 //!
 //! A container's connection out of a `nat` network is tracked by NAT66 (`translate6`), which
 //! follows this judgement.
+//!
+//! A policy change reaches the connections already open: the first packet of one under the
+//! new policy is judged again in a program of its own ([`rejudge`]).
 
 use aya_ebpf::{cty::c_void, helpers::bpf_skb_load_bytes, programs::TcContext};
 use dataplane_common::{
-    CtEntry6, CtKey6, DropReason, In6Addr, PortKey6, ct_origin, ct_rewrite, hook, net_flags,
+    CtEntry6, CtKey6, DropReason, In6Addr, PROGS6_REJUDGE_SLOT, PortKey6, ct_origin, ct_rewrite,
+    hook, net_flags,
 };
 
 use crate::{
     conntrack,
-    maps::{ENDPOINTS6, LOCAL_ADDRS6, NEW_CONNECTION6, PORTS6},
-    parse::{IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_ICMPV6},
+    maps::{CONFIG, ENDPOINTS6, LOCAL_ADDRS6, NEW_CONNECTION6, PORTS6, PROGS6},
+    parse::{IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_ICMPV6, parse_ipv6},
     policy::{self, Via},
     translate::{self, Hook, Verdict},
     translate6::{self, L4v6},
@@ -302,6 +306,77 @@ pub fn tracked(
     };
     conntrack::account(key, entry, &seen);
     Verdict::Pass
+}
+
+/// Whether the connection of `entry` was last judged under an older policy than today's
+/// (each entry remembers the generation it was judged under): its packet goes to
+/// [`to_rejudge`] first.
+#[inline(always)]
+pub fn judged_before_the_change(entry: *const CtEntry6) -> bool {
+    // SAFETY: array element 0 always exists; `entry` is a map value from a lookup in this
+    // program run.
+    CONFIG
+        .get_ptr(0)
+        .is_some_and(|c| unsafe { (*c).policy_generation != (*entry).policy_generation })
+}
+
+/// Tail-calls the program that judges an open connection again ([`rejudge`]), the hook in
+/// the skb's control buffer (which a tail call keeps). Returns only when its slot is empty:
+/// the packet then goes on under the judgement it had.
+#[inline(always)]
+pub fn to_rejudge(ctx: &TcContext, hook: Hook) {
+    // SAFETY: `skb` points at the context the kernel passed to this program; tc programs
+    // may write cb[]. A tail call with the program's own context; on failure it returns.
+    unsafe {
+        (*ctx.skb.skb).cb[0] = hook.number();
+        let _ = PROGS6.tail_call(ctx, PROGS6_REJUDGE_SLOT);
+    }
+}
+
+/// The program judging an open IPv6 connection again after a policy change (`dp_rejudge6`;
+/// as IPv4's `conntrack::still_allowed`, which the IPv4 programs call in line): the packet's
+/// connection found again, judged by the new rules and Docker's isolation, and either
+/// dropped with both its entries gone (its flow record by the drop reporter; a first
+/// fragment's fate recorded for the rest of its datagram), or let go on: its entries
+/// remember the new generation, and the hook's program runs again from the start, now
+/// finding nothing to judge. Nothing of the packet was changed before it came here.
+#[inline(always)]
+pub fn rejudge(ctx: &TcContext) -> Verdict {
+    // SAFETY: as in `to_rejudge`.
+    let number = unsafe { (*ctx.skb.skb).cb[0] };
+    let hook = match number {
+        hook::CONTAINER_INGRESS => Hook::ContainerIngress,
+        hook::UPLINK_INGRESS => Hook::UplinkIngress,
+        hook::UPLINK_EGRESS => Hook::UplinkEgress,
+        _ => return Verdict::Pass,
+    };
+    let Some(ip) = parse_ipv6(ctx) else {
+        return Verdict::Drop(DropReason::Malformed);
+    };
+    let Some(l4) = translate6::parse_l4(ctx, &ip) else {
+        return Verdict::Pass;
+    };
+    let key = CtKey6 {
+        saddr: In6Addr(ip.saddr),
+        daddr: In6Addr(ip.daddr),
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: ip.protocol,
+        _pad: [0; 3],
+    };
+    if conntrack::lookup(&key).is_none_or(|entry| conntrack::still_allowed6(&key, entry)) {
+        // SAFETY: a tail call with the program's own context, to the hook's IPv6 program.
+        unsafe {
+            let _ = PROGS6.tail_call(ctx, number);
+        }
+        return Verdict::Pass;
+    }
+    let verdict = Verdict::Drop(DropReason::PolicyDenied);
+    if ip.is_first_fragment() {
+        translate6::remember_first_fragment(&key, ip.id, &verdict);
+    }
+    translate6::hand_over_drop(ctx, hook, &verdict);
+    verdict
 }
 
 /// A packet conntrack does not follow (neither TCP, UDP nor ICMPv6 echo, nor an ICMPv6

@@ -443,6 +443,14 @@ fn decide(
     let key = *key;
     // SAFETY (for the reads below): map values from lookups in this program run.
     if let Some(entry) = conntrack::lookup_packet(&key, l4.tcp_flags) {
+        // A policy change reaches the connections already open (at whichever hook sees a
+        // packet of theirs first), as IPv4's; the balancing and NAT64 programs' tracked
+        // packets come through here first. Judged in a program of its own, which runs this
+        // one again when the connection may go on: the judgement's calls have no room here
+        // (stack and the verifier's instructions alike).
+        if crate::policy6::judged_before_the_change(entry) {
+            crate::policy6::to_rejudge(ctx, hook);
+        }
         let (origin, rewrite, addr, port) = unsafe {
             (
                 (*entry).origin,

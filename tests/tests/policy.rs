@@ -627,6 +627,10 @@ fn nc6_from(sandbox: &Sandbox, from: &str) -> bool {
 fn ipv6_rules_and_the_deny_list_judge_outside_clients() {
     let sandbox = Sandbox::up(SPEC_DUAL);
     let agent = Agent::start(&sandbox);
+    // A keep-alive connection of the client (its only IPv6 address yet, so its source), open
+    // before any rule.
+    let mut open = keep_alive(&sandbox, "outside", "[2001:db8::1]:8080");
+    assert!(get(&mut open).unwrap().contains("web1"));
     sandbox.exec_ok(
         "outside",
         &[
@@ -652,6 +656,9 @@ fn ipv6_rules_and_the_deny_list_judge_outside_clients() {
         s.last_error.is_none() && !curl6_from(&sandbox, client) && s.drops("POLICY_DENY") > 0
     });
     assert!(status.last_error.is_none(), "{status:#?}");
+    // As over IPv4: the open connection the new rule denies is cut (judged again on its next
+    // packet).
+    assert!(get(&mut open).is_err(), "the open IPv6 connection is cut");
     assert!(!nc6_from(&sandbox, client), "nc -6 is denied too");
     assert!(curl6_from(&sandbox, neighbour), "the neighbour passes");
     assert!(nc6_from(&sandbox, neighbour));

@@ -1423,7 +1423,8 @@ fn removed(
 
 /// Loads the IPv6 halves of the tc programs and puts each at its hook's number in the program
 /// array the IPv4 programs tail-call for IPv6 frames (and their drop reporter at slot 0, the
-/// IPv6 balancing program at slot 5) (pinned: across a restart, the programs
+/// IPv6 balancing program at slot 5, NAT64 at 4, the judgement of open connections after a
+/// policy change at 6) (pinned: across a restart, the programs
 /// still attached keep finding IPv6 programs there until this load's replace them).
 fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     use aya::maps::ProgramArray;
@@ -1438,6 +1439,10 @@ fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
         ),
         (PROGS6_NAT64_SLOT, program_names::NAT64),
         (PROGS6_DROP_SLOT, program_names::DROP6),
+        (
+            dataplane_common::PROGS6_REJUDGE_SLOT,
+            program_names::REJUDGE6,
+        ),
     ] {
         let program: &mut SchedClassifier = program_mut(ebpf, name)?;
         let error = |source| DatapathError::Program {

@@ -1789,3 +1789,151 @@ fn ipv6_vip_connections_are_judged_by_the_user_rules_against_their_backend() {
         "another client of the VIP",
     );
 }
+
+/// A policy change reaches the IPv6 connections already open, as IPv4's: each is judged again
+/// by the new rules at its next packet (the destination as policy first saw it: the
+/// container behind a published port, the outside peer of a masqueraded one), and one they
+/// deny loses its entries and is dropped from then on; one they still allow goes on. A
+/// connection routed in from outside is judged again as routed (Docker's isolation from
+/// outside), not as one of the host's own.
+#[test]
+fn ipv6_a_rule_change_reaches_the_connections_already_open() {
+    use crate::reconcile::policy::{Rule, Side, tables};
+    use dataplane_common::{Config, EndpointInfo6, In6Addr, net_flags, policy_action};
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (host, a, b) = (v6("2001:db8::1"), v6("fd00:1::2"), v6("fd00:1::3"));
+    let open = v6("2001:db8:3::2");
+    with_container6(dp);
+    let endpoint = |dp: &mut crate::kernel::Datapath, addr, network_id, endpoint_id, flags| {
+        dp.set::<crate::kernel::maps::Endpoints6>(
+            In6Addr::from_ipv6(addr),
+            EndpointInfo6 {
+                ifindex: 10 + endpoint_id,
+                network_id,
+                endpoint_id,
+                net_flags: flags,
+                ..EndpointInfo6::default()
+            },
+        )
+        .unwrap();
+    };
+    endpoint(dp, b, 1, 2, 0);
+    endpoint(dp, open, 2, 3, net_flags::UNPROTECTED);
+    publish6(dp, host, 8080, 6, 80);
+    let (bad, good, far) = (
+        v6("2001:db8:bad::7"),
+        v6("2001:db8:bae::7"),
+        v6("2001:db8:9::9"),
+    );
+    let syn_ack = TCP_SYN | super::packet::TCP_ACK;
+    let ack = super::packet::TCP_ACK;
+    // Five connections open under no rule at all.
+    for client in [bad, good] {
+        let syn = frame6(client, host, 6, &tcp(40000, 8080, TCP_SYN, b""));
+        translated(
+            dp,
+            Hook::UplinkIngress,
+            &syn,
+            TC_REDIRECT,
+            (client, a),
+            "published",
+        );
+    }
+    let a_to_b = frame6(a, b, 6, &tcp(40100, 5432, TCP_SYN, b""));
+    assert_eq!(run_tc(dp, Hook::ContainerIngress, &a_to_b).0, TC_PASS);
+    let out = frame6(a, far, 6, &tcp(40300, 443, TCP_SYN, b""));
+    assert_eq!(run_tc(dp, Hook::ContainerIngress, &out).0, TC_PASS);
+    translated(
+        dp,
+        Hook::UplinkEgress,
+        &out,
+        TC_PASS,
+        (host, far),
+        "masquerade",
+    );
+    let routed = frame6(far, open, 6, &tcp(40400, 22, TCP_SYN, b""));
+    assert_eq!(run_tc(dp, Hook::UplinkIngress, &routed).0, TC_PASS);
+    let tracked = |dp: &crate::kernel::Datapath| {
+        dp.entries::<crate::kernel::maps::Conntrack6New>()
+            .unwrap()
+            .len()
+            + dp.entries::<crate::kernel::maps::Conntrack6>()
+                .unwrap()
+                .len()
+    };
+    assert_eq!(tracked(dp), 10, "five connections, two entries each");
+    // The new policy: the bad prefix off the container's port 80, A off B, containers off
+    // the far prefix's HTTPS; and the open network's container closed to outside (its
+    // network now `nat`: Docker's isolation, no rule).
+    let cidr6 = |addr: &str, len| Side::Cidr6(u128::from(v6(addr)), len);
+    let rule = |from, to, port: u16| Rule {
+        action: policy_action::DENY,
+        from,
+        to,
+        port: (port != 0).then_some((6, port)),
+    };
+    let rules = [
+        rule(cidr6("2001:db8:bad::", 48), Side::Any, 80),
+        rule(Side::Endpoint(1), Side::Endpoint(2), 0),
+        rule(Side::Any, cidr6("2001:db8:9::", 48), 443),
+    ];
+    crate::reconcile::apply_policy(&tables(&rules, &[]), dp).unwrap();
+    endpoint(dp, open, 2, 3, 0);
+    dp.set_config(Config {
+        masquerade_addr6: In6Addr::from_ipv6(host),
+        uplink_ifindex: 1,
+        snat_port_min: 61000,
+        snat_port_max: 65000,
+        policy_generation: 1,
+        ..Config::default()
+    })
+    .unwrap();
+    let shot = |dp: &mut crate::kernel::Datapath, hook, frame: Vec<u8>, what: &str| {
+        assert_eq!(run_tc(dp, hook, &frame).0, TC_SHOT, "{what}");
+    };
+    shot(
+        dp,
+        Hook::UplinkIngress,
+        frame6(bad, host, 6, &tcp(40000, 8080, ack, b"GET")),
+        "the bad prefix's open connection to the published port",
+    );
+    translated(
+        dp,
+        Hook::UplinkIngress,
+        &frame6(good, host, 6, &tcp(40000, 8080, ack, b"GET")),
+        TC_REDIRECT,
+        (good, a),
+        "the good prefix's goes on",
+    );
+    translated(
+        dp,
+        Hook::ContainerIngress,
+        &frame6(a, good, 6, &tcp(80, 40000, syn_ack, b"")),
+        TC_REDIRECT,
+        (host, good),
+        "and so do its replies",
+    );
+    // A connection's reply is judged as its connection (by the forward direction).
+    shot(
+        dp,
+        Hook::ContainerIngress,
+        frame6(b, a, 6, &tcp(5432, 40100, syn_ack, b"")),
+        "B's reply to A, whose connection the rule now denies",
+    );
+    shot(
+        dp,
+        Hook::ContainerIngress,
+        frame6(a, far, 6, &tcp(40300, 443, ack, b"")),
+        "the masqueraded connection to the far prefix's 443",
+    );
+    shot(
+        dp,
+        Hook::UplinkIngress,
+        frame6(far, open, 6, &tcp(40400, 22, ack, b"")),
+        "the routed connection into a network closed to outside",
+    );
+    assert_eq!(tracked(dp), 2, "only the good client's connection is left");
+    assert_eq!(drops(dp, DropReason::PolicyDenied), 4);
+}
