@@ -16,7 +16,7 @@ use crate::{
     conntrack, lb,
     maps::{BALANCE6_PACKET, CONFIG, ENDPOINTS6, FRAGMENTS6, NEW_CONNECTION6, PROGS6},
     nat,
-    parse::{IP6_DADDR_OFF, IPPROTO_ICMPV6, Ipv6Packet, parse_ipv6},
+    parse::{IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_ICMPV6, Ipv6Packet, parse_ipv6},
     policy::{self, Via},
     reject,
     translate::{Hook, Verdict},
@@ -114,8 +114,9 @@ pub fn handle(ctx: &TcContext) -> Verdict {
     verdict
 }
 
-/// A later fragment of a datagram of a service connection from a container: its destination
-/// becomes the backend, as its first fragment's did (found through the fragment map; ports
+/// A later fragment of a datagram of a connection translated at a container's veth: its
+/// destination becomes the backend or container (both addresses for a hairpin), as its first
+/// fragment's did (found through the fragment map; ports
 /// and the checksum are in the first fragment).
 #[inline(always)]
 fn later_fragment(ctx: &TcContext, ip: &mut Ipv6Packet) -> Verdict {
@@ -146,8 +147,18 @@ fn later_fragment(ctx: &TcContext, ip: &mut Ipv6Packet) -> Verdict {
         return Verdict::Pass;
     };
     // SAFETY: a map value from this program run's lookup.
-    let (origin, rewrite, addr) = unsafe { ((*entry).origin, (*entry).rewrite, (*entry).nat_addr) };
-    if origin != ct_origin::SERVICE || rewrite != ct_rewrite::DST {
+    let (rewrite, addr) = unsafe { ((*entry).rewrite, (*entry).nat_addr) };
+    if rewrite == ct_rewrite::HAIRPIN {
+        // Both addresses, as its first fragment's: back to the container, from the entry's.
+        if ctx.store(IP6_DADDR_OFF, &key.saddr.0, 0).is_err()
+            || ctx.store(IP6_SADDR_OFF, &addr.0, 0).is_err()
+        {
+            return Verdict::Drop(DropReason::Malformed);
+        }
+        (ip.daddr, ip.saddr) = (key.saddr.0, addr.0);
+        return deliver_back(ctx, ip);
+    }
+    if rewrite != ct_rewrite::DST {
         return Verdict::Pass;
     }
     if ctx.store(IP6_DADDR_OFF, &addr.0, 0).is_err() {
@@ -161,16 +172,9 @@ fn later_fragment(ctx: &TcContext, ip: &mut Ipv6Packet) -> Verdict {
 fn decide(ctx: &TcContext, hook: Hook, p: &mut Packet6) -> Verdict {
     if let Some(entry) = conntrack::lookup_packet(&p.key, p.l4.tcp_flags) {
         // SAFETY: a map value from this program run's lookup, read field by field.
-        let (origin, rewrite, addr, port) = unsafe {
-            (
-                (*entry).origin,
-                (*entry).rewrite,
-                (*entry).nat_addr,
-                (*entry).nat_port,
-            )
-        };
+        let (rewrite, addr, port) =
+            unsafe { ((*entry).rewrite, (*entry).nat_addr, (*entry).nat_port) };
         if hook != Hook::ContainerIngress
-            || origin != ct_origin::SERVICE
             || (rewrite != ct_rewrite::DST && rewrite != ct_rewrite::HAIRPIN)
         {
             return Verdict::Pass;
@@ -216,12 +220,46 @@ fn decide(ctx: &TcContext, hook: Hook, p: &mut Packet6) -> Verdict {
     if hook == Hook::ContainerIngress {
         return from_container(ctx, &mut p.ip, &mut p.l4, &p.key);
     }
-    match published_target(&p.ip, &p.l4) {
-        Some(target) if target.is_service != 0 => {
-            published(ctx, &mut p.ip, &mut p.l4, &p.key, &target)
-        }
-        _ => Verdict::Pass,
+    to_published(ctx, hook, &mut p.ip, &mut p.l4, &p.key)
+}
+
+/// A new connection to a published port at `hook`: from outside, one that leads to a service
+/// (a container's port is `translate6`'s); from a container, either (as Docker's DNAT of what
+/// its bridges send to a host address), to a container with an IPv6 address: the client
+/// itself through its gateway (a hairpin), or another (its replies translated back by
+/// `translate6` at that container's veth). NAT64 is for clients from outside: a container's
+/// connection to an IPv4-only container's port over IPv6 passes untranslated.
+#[inline(always)]
+fn to_published(
+    ctx: &TcContext,
+    hook: Hook,
+    ip: &mut Ipv6Packet,
+    l4: &mut L4v6,
+    forward: &CtKey6,
+) -> Verdict {
+    let Some(target) = published_target(ip, l4) else {
+        return Verdict::Pass;
+    };
+    if target.is_service != 0 {
+        return published(ctx, hook, ip, l4, forward, &target);
     }
+    if hook != Hook::ContainerIngress || is_mapped_v4(&target.addr) {
+        return Verdict::Pass;
+    }
+    let (addr, port) = (target.addr, target.port);
+    if addr == forward.saddr {
+        return hairpin(ctx, ip, l4, forward, ct_origin::PUBLISHED, port);
+    }
+    track_dnat(
+        ctx,
+        Hook::ContainerIngress,
+        ip,
+        l4,
+        forward,
+        ct_origin::PUBLISHED,
+        &addr,
+        port,
+    )
 }
 
 /// A container's new connection (`forward`, at its veth's ingress) to an IPv6 VIP:port.
@@ -233,16 +271,17 @@ fn from_container(
     forward: &CtKey6,
 ) -> Verdict {
     match choose(forward, &forward.daddr, forward.dport, ct_origin::SERVICE) {
-        NOT_A_SERVICE => Verdict::Pass,
+        NOT_A_SERVICE => to_published(ctx, Hook::ContainerIngress, ip, l4, forward),
         outcome => go(ctx, Hook::ContainerIngress, ip, l4, forward, outcome),
     }
 }
 
-/// A new connection from outside to a port published on the host's IPv6 addresses that
-/// leads to the service at `target` (its IPv6 VIP and port).
+/// A new connection (from outside, or from a container) to a port published on the host's
+/// IPv6 addresses that leads to the service at `target` (its IPv6 VIP and port).
 #[inline(always)]
 fn published(
     ctx: &TcContext,
+    hook: Hook,
     ip: &mut Ipv6Packet,
     l4: &mut L4v6,
     forward: &CtKey6,
@@ -251,7 +290,7 @@ fn published(
     match choose(forward, &target.addr, target.port, ct_origin::PUBLISHED) {
         // The port was written before (or after) its service: nothing to balance over.
         NOT_A_SERVICE => Verdict::Drop(DropReason::ServiceBackendNotFound),
-        outcome => go(ctx, Hook::UplinkIngress, ip, l4, forward, outcome),
+        outcome => go(ctx, hook, ip, l4, forward, outcome),
     }
 }
 
@@ -280,12 +319,13 @@ fn go(
     let (origin, addr, port) =
         unsafe { ((*chosen).origin, (*chosen).nat_addr, (*chosen).nat_port) };
     if hook == Hook::ContainerIngress && addr == forward.saddr {
-        return hairpin(ctx, ip, l4, forward, port);
+        return hairpin(ctx, ip, l4, forward, origin, port);
     }
     track_dnat(ctx, hook, ip, l4, forward, origin, &addr, port)
 }
 
-/// A container's new connection to a VIP whose chosen backend is the container itself.
+/// A container's new connection to a VIP, or to a published port, that leads back to the
+/// container itself (`origin`: SERVICE or PUBLISHED).
 /// Untranslated, it would receive a packet from its own address, answered inside the
 /// container and never seen here: so the source becomes its network's gateway with a source
 /// port allocated as masquerade's are, and both translations are tracked (as IPv4's
@@ -297,6 +337,7 @@ fn hairpin(
     ip: &mut Ipv6Packet,
     l4: &mut L4v6,
     forward: &CtKey6,
+    origin: u8,
     container_port: u16,
 ) -> Verdict {
     // SAFETY: a map value from this program run's lookup.
@@ -316,7 +357,7 @@ fn hairpin(
     // SAFETY: this CPU's element, used by this program run only; filled field by field.
     let c = unsafe { &mut *connection };
     c.forward = *forward;
-    c.origin = ct_origin::SERVICE;
+    c.origin = origin;
     c.rewrite = ct_rewrite::HAIRPIN;
     c.nat_addr = gateway;
     c.nat_port = 0;

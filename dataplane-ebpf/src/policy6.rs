@@ -7,7 +7,7 @@
 //!
 //! | hook | judged as (via) | tracked here |
 //! |---|---|---|
-//! | container veth ingress | the container's connection, to the address it goes to (direct) | to another container |
+//! | container veth ingress | the container's connection, to the address it goes to (direct); to a published port: the container it leads to (published) | to another container |
 //! | uplink ingress | to a published port: the container it leads to (published); to a container's address: routed | routed ones let in |
 //! | uplink egress | (judged at the container's veth) | a `routed` network's connection out |
 //!
@@ -112,11 +112,21 @@ fn dropped(reason: DropReason) -> u32 {
 
 /// A container's new connection, judged at its own veth by where it goes (as IPv4 judges a
 /// connection to another container there, and one out of the host where NAT tracks it: the
-/// tuple is the same before NAT66). To another container it is tracked here; to the host it
+/// tuple is the same before NAT66); to a port published on the host, by the container it
+/// leads to (a service's, by the backend `balance6` chooses). To another container it is tracked here; to the host it
 /// is judged per packet (nothing tracks it: its replies cross no hook of ours); out of the
 /// host NAT66 tracks it next, at the uplink.
 #[inline(always)]
-fn from_container(c: &Connection) -> u32 {
+fn from_container(c: &mut Connection) -> u32 {
+    if c.forward.proto != IPPROTO_ICMPV6 && ENDPOINTS6.get_ptr(&c.forward.daddr).is_none() {
+        // To a port published on the host (`balance6` translates it): judged by where it
+        // leads, as from outside.
+        match published_target(c) {
+            PUBLISHED_TO_CONTAINER => return to_published_container(c),
+            PUBLISHED_TO_SERVICE => return GO_ON,
+            _ => {}
+        }
+    }
     let key = &c.forward;
     if let Err(reason) = policy::check6(&key.saddr, &key.daddr, key.proto, key.dport, Via::Direct) {
         return dropped(reason);
@@ -136,19 +146,7 @@ fn from_container(c: &Connection) -> u32 {
 fn from_outside(c: &mut Connection) -> u32 {
     if c.forward.proto != IPPROTO_ICMPV6 {
         match published_target(c) {
-            PUBLISHED_TO_CONTAINER => {
-                let key = &c.forward;
-                return match policy::check6(
-                    &key.saddr,
-                    &c.nat_addr,
-                    key.proto,
-                    c.nat_port,
-                    Via::Published,
-                ) {
-                    Ok(()) => GO_ON,
-                    Err(reason) => dropped(reason),
-                };
-            }
+            PUBLISHED_TO_CONTAINER => return to_published_container(c),
             // Judged by the backend the balancing program chooses (`balance6`).
             PUBLISHED_TO_SERVICE => return GO_ON,
             _ => {}
@@ -160,6 +158,23 @@ fn from_outside(c: &mut Connection) -> u32 {
     }
     match policy::check6(&key.saddr, &key.daddr, key.proto, key.dport, Via::Routed) {
         Ok(()) => PASS | TRACK,
+        Err(reason) => dropped(reason),
+    }
+}
+
+/// A new connection to a published port that leads to a container (`c.nat_addr`, found by
+/// [`published_target`]), judged against that container.
+#[inline(always)]
+fn to_published_container(c: &Connection) -> u32 {
+    let key = &c.forward;
+    match policy::check6(
+        &key.saddr,
+        &c.nat_addr,
+        key.proto,
+        c.nat_port,
+        Via::Published,
+    ) {
+        Ok(()) => GO_ON,
         Err(reason) => dropped(reason),
     }
 }

@@ -6,7 +6,7 @@
 //!
 //! | hook | tracked packet (hit) | new connection (miss) |
 //! |---|---|---|
-//! | container veth ingress | published-port replies (source back to host:port), VIP connections both ways | a container to a VIP (`balance6.rs`) |
+//! | container veth ingress | published-port replies (source back to host:port), connections translated here both ways (`balance6.rs`) | a container to a VIP or to a port published on the host (`balance6.rs`) |
 //! | uplink ingress | published-port requests, masquerade replies | published port from outside (to a container, or a service's backend) |
 //! | uplink egress | masquerade requests | NAT66 of a container's connection |
 //!
@@ -301,9 +301,10 @@ fn later_fragment(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
     };
     // SAFETY: a map value from this program run's lookup.
     let (origin, rewrite, addr) = unsafe { ((*entry).origin, (*entry).rewrite, (*entry).nat_addr) };
-    if hook == Hook::ContainerIngress && origin == ct_origin::SERVICE && rewrite == ct_rewrite::DST
+    if hook == Hook::ContainerIngress
+        && (rewrite == ct_rewrite::DST || rewrite == ct_rewrite::HAIRPIN)
     {
-        // As the connection's other packets to its backend (`decide`).
+        // As the connection's other packets to its backend or container (`decide`).
         return crate::balance6::to_balancer(ctx, hook);
     }
     if !owns(hook, origin, rewrite) {
@@ -460,11 +461,11 @@ fn decide(
             )
         };
         if hook == Hook::ContainerIngress
-            && origin == ct_origin::SERVICE
             && (rewrite == ct_rewrite::DST || rewrite == ct_rewrite::HAIRPIN)
         {
-            // A service connection's packet to its backend (or either way of one to the
-            // client itself): the balancing program's (stack).
+            // A connection translated at a container's veth (to a VIP, or to a port published
+            // on the host): its packet to the backend or container (or either way of one to
+            // the client itself), the balancing program's (stack).
             return crate::balance6::to_balancer(ctx, hook);
         }
         if rewrite == ct_rewrite::NAT64 {
@@ -511,7 +512,7 @@ fn decide(
     }
     match hook {
         Hook::UplinkEgress => return masquerade(ctx, ip, l4, &key),
-        Hook::ContainerIngress => return Verdict::Pass,
+        Hook::ContainerIngress => return published_from_container(ctx, ip, l4),
         Hook::UplinkIngress if ip.protocol == IPPROTO_ICMPV6 => return Verdict::Pass,
         Hook::UplinkIngress => {}
     }
@@ -536,6 +537,22 @@ fn decide(
         &addr,
         port,
     )
+}
+
+/// A container's new connection to a port published on one of the host's IPv6 addresses (as
+/// Docker's DNAT of what its bridges send to a host address, with `--userland-proxy=false`):
+/// translated in the balancing program (`balance6`), which has the stack for it, to the
+/// container the port leads to (the client itself through its gateway, a hairpin) or to a
+/// backend of its service. Judged already (`policy6`). Anything else passes.
+#[inline(always)]
+fn published_from_container(ctx: &TcContext, ip: &Ipv6Packet, l4: &L4v6) -> Verdict {
+    if ip.protocol != IPPROTO_ICMPV6
+        && ENDPOINTS6.get_ptr(&In6Addr(ip.daddr)).is_none()
+        && published_target(ip, l4).is_some()
+    {
+        return crate::balance6::to_balancer(ctx, Hook::ContainerIngress);
+    }
+    Verdict::Pass
 }
 
 /// On to the NAT64 program (`nat64.rs`), which returns the verdict; an empty slot leaves the
@@ -740,7 +757,7 @@ pub(crate) fn report_new(ctx: &TcContext, hook: Hook) {
         rewrite: c.rewrite,
         nat_addr: c.nat_addr,
         nat_port: c.nat_port,
-        hairpin_port: 0,
+        hairpin_port: c.hairpin_port,
         packets: 1,
         bytes: u64::from(c.len),
         tcp_flags: 0,

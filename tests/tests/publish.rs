@@ -755,6 +755,72 @@ fn ipv6_published_ports_keep_the_client_address_and_nat66_gives_the_host_address
     sandbox.exec_ok("web1", &["ping", "-6", "-c2", "-i0.2", "-W2", OUTSIDE6]);
 }
 
+const SPEC_DUAL_TWO: &str = r#"
+uplink: eth0
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1,
+     subnet6: "fd00:30:1::/64", gateway6: "fd00:30:1::1"}
+endpoints:
+  - name: web1
+    interfaces: [{network: front, ip: 172.30.1.2, ip6: "fd00:30:1::2", mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
+  - name: web2
+    interfaces: [{network: front, ip: 172.30.1.3, ip6: "fd00:30:1::3", mac: "02:42:ac:1e:01:03", host_veth: veth-web2}]
+ports:
+  - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}
+  - {endpoint: web1, protocol: udp, host_port: 5353, container_port: 80}
+"#;
+
+/// Containers reach ports published on their host's IPv6 address, as with Docker's DNAT of
+/// what its bridges send to a host address: another container from its own address, the
+/// port's own container from its gateway (a hairpin, Docker's MASQUERADE for `-s C -d C`), over
+/// TCP and UDP; the hairpins logged with both translations, as valid Hubble flows.
+#[test]
+fn ipv6_containers_reach_published_ports_of_their_host_and_their_own() {
+    const GATEWAY6: &str = "fd00:30:1::1";
+    let sandbox = Sandbox::up(SPEC_DUAL_TWO);
+    let agent = Agent::start(&sandbox);
+    let url = format!("http://[{HOST6}]:8080/");
+    let out = sandbox.exec("web2", &["curl", "-6", "-sS", "--max-time", "3", &url]);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.starts_with("web1 ") && body.contains("fd00:30:1::3"),
+        "web2 to the published port, seen from its own address: {out:?}"
+    );
+    for round in 0..2 {
+        let out = sandbox.exec("web1", &["curl", "-6", "-sS", "--max-time", "3", &url]);
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            body.starts_with("web1 ") && body.contains(GATEWAY6),
+            "web1 to its own published port, round {round}: {out:?}"
+        );
+        let reply = sandbox.exec_ok(
+            "web1",
+            &["sh", "-c", &format!("echo hi | nc -6 -u -w1 {HOST6} 5353")],
+        );
+        assert!(
+            reply.starts_with("web1 ") && reply.contains(GATEWAY6),
+            "UDP to its own published port, round {round}: {reply:?}"
+        );
+    }
+    let records = wait_for_hairpin_records(&agent, 4);
+    for record in &records {
+        let flow = &record["flow"];
+        assert_eq!(flow["verdict"], "FORWARDED", "{record}");
+        assert_eq!(flow["IP"]["ipVersion"], "IPv6", "{record}");
+        assert_eq!(flow["IP"]["source"], "fd00:30:1::2", "{record}");
+        assert_eq!(flow["IP"]["destination"], "fd00:30:1::2", "{record}");
+        assert_eq!(flow["IP"]["source_xlated"], GATEWAY6, "{record}");
+        assert_eq!(flow["destination"]["pod_name"], "web1", "{record}");
+        let port = flow["l4"]["TCP"]["destination_port"]
+            .as_u64()
+            .or(flow["l4"]["UDP"]["destination_port"].as_u64());
+        assert_eq!(port, Some(80), "the container's own port: {record}");
+        let line = serde_json::to_string(&without_extensions(record)).unwrap();
+        let _: dataplane::hubble::api::observer::GetFlowsResponse = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a valid Hubble flow ({e}): {line}"));
+    }
+}
+
 /// iperf3 -6 through a published port (both ways: the container receiving, and sending with
 /// -R, its segments translated at its veth and sent out of the uplink) and through NAT66 (the
 /// container the client of an outside server).

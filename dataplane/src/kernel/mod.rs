@@ -660,6 +660,7 @@ impl Datapath {
                 program: hook.program(),
                 source,
             })?;
+            log_verified(hook.program(), program.info());
         }
         load_ipv6_programs(&mut ebpf)?;
         let xdp: &mut Xdp = program_mut(&mut ebpf, Hook::UplinkXdp.program())?;
@@ -1421,6 +1422,14 @@ fn removed(
     }
 }
 
+/// How many instructions the verifier walked for a program just loaded (its limit is 1M per
+/// program: the container hook's IPv4 program is the closest to it), at debug level.
+fn log_verified(name: &str, info: Result<aya::programs::ProgramInfo, aya::programs::ProgramError>) {
+    if let Some(count) = info.ok().and_then(|i| i.verified_instruction_count()) {
+        log::debug!("{name}: {count} instructions verified");
+    }
+}
+
 /// Loads the IPv6 halves of the tc programs and puts each at its hook's number in the program
 /// array the IPv4 programs tail-call for IPv6 frames (and their drop reporter at slot 0, the
 /// IPv6 balancing program at slot 5, NAT64 at 4, the judgement of open connections after a
@@ -1450,6 +1459,7 @@ fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
             source,
         };
         program.load().map_err(error)?;
+        log_verified(name, program.info());
         fds.push((
             number,
             program

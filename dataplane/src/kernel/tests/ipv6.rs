@@ -1937,3 +1937,131 @@ fn ipv6_a_rule_change_reaches_the_connections_already_open() {
     assert_eq!(tracked(dp), 2, "only the good client's connection is left");
     assert_eq!(drops(dp, DropReason::PolicyDenied), 4);
 }
+
+/// A container's connection to a port published on the host's IPv6 address (as Docker's DNAT
+/// of what its bridges send to a host address, `--userland-proxy=false`): to another
+/// container, its destination becomes that container and the replies come back from the
+/// published address; to the container itself (a hairpin), from its gateway, both ways
+/// straight back into it. Judged by the container the port leads to (published), as from
+/// outside. Every checksum verified.
+#[test]
+fn ipv6_containers_reach_ports_published_on_the_host_and_their_own() {
+    use crate::reconcile::policy::{Rule, Side, tables};
+    use dataplane_common::{EndpointInfo6, In6Addr, PortKey6, PortTarget6, policy_action};
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (host, a, b, gateway) = (
+        v6("2001:db8::1"),
+        v6("fd00:1::2"),
+        v6("fd00:1::3"),
+        v6("fd00:1::1"),
+    );
+    with_container6(dp);
+    const B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
+    for (addr, endpoint_id, mac) in [(a, 1, CONTAINER_MAC), (b, 2, B_MAC)] {
+        dp.set::<crate::kernel::maps::Endpoints6>(
+            In6Addr::from_ipv6(addr),
+            EndpointInfo6 {
+                ifindex: endpoint_id,
+                network_id: 1,
+                endpoint_id,
+                mac,
+                gateway: In6Addr::from_ipv6(gateway),
+                ..EndpointInfo6::default()
+            },
+        )
+        .unwrap();
+    }
+    // A's port 80 on every host address at 8080.
+    dp.set::<crate::kernel::maps::Ports6>(
+        PortKey6 {
+            addr: In6Addr::UNSPECIFIED,
+            port: 8080u16.to_be(),
+            proto: 6,
+            _pad: 0,
+        },
+        PortTarget6 {
+            addr: In6Addr::from_ipv6(a),
+            port: 80u16.to_be(),
+            is_service: 0,
+            _pad: 0,
+        },
+    )
+    .unwrap();
+    let syn_ack = TCP_SYN | super::packet::TCP_ACK;
+    let ack = super::packet::TCP_ACK;
+    // B to the published port: into A, from B itself.
+    let syn = frame6(b, host, 6, &tcp(40000, 8080, TCP_SYN, b""));
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &syn,
+        TC_REDIRECT,
+        (b, a),
+        "B to the published port",
+    );
+    assert_eq!(ports6(&out), (40000, 80));
+    assert_eq!(&out[..6], &CONTAINER_MAC, "to A's MAC");
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &frame6(a, b, 6, &tcp(80, 40000, syn_ack, b"")),
+        TC_REDIRECT,
+        (host, b),
+        "A's answer, from the published address",
+    );
+    assert_eq!(ports6(&out), (8080, 40000));
+    assert_eq!(&out[..6], &B_MAC, "straight into B");
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &frame6(b, host, 6, &tcp(40000, 8080, ack, b"GET")),
+        TC_REDIRECT,
+        (b, a),
+        "B's next packet",
+    );
+    assert_eq!(ports6(&out), (40000, 80));
+    // A to its own published port: back into A from its gateway.
+    let syn = frame6(a, host, 6, &tcp(40300, 8080, TCP_SYN, b""));
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &syn,
+        TC_REDIRECT,
+        (gateway, a),
+        "A to its own published port",
+    );
+    let (port, to) = ports6(&out);
+    assert_eq!(to, 80);
+    assert_eq!(&out[..6], &CONTAINER_MAC);
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &frame6(a, gateway, 6, &tcp(80, port, syn_ack, b"")),
+        TC_REDIRECT,
+        (host, a),
+        "its answer, from the published address to its own port",
+    );
+    assert_eq!(ports6(&out), (8080, 40300));
+    let out = translated(
+        dp,
+        Hook::ContainerIngress,
+        &frame6(a, host, 6, &tcp(40300, 8080, ack, b"GET")),
+        TC_REDIRECT,
+        (gateway, a),
+        "the hairpin's next packet",
+    );
+    assert_eq!(ports6(&out), (port, 80));
+    // Judged by where the port leads: B kept off A's port 80 by a rule.
+    let rules = [Rule {
+        action: policy_action::DENY,
+        from: Side::Endpoint(2),
+        to: Side::Endpoint(1),
+        port: Some((6, 80)),
+    }];
+    crate::reconcile::apply_policy(&tables(&rules, &[]), dp).unwrap();
+    let syn = frame6(b, host, 6, &tcp(40001, 8080, TCP_SYN, b""));
+    assert_eq!(run_tc(dp, Hook::ContainerIngress, &syn).0, TC_SHOT);
+    assert_eq!(drops(dp, DropReason::PolicyDeny), 1);
+}
