@@ -138,12 +138,12 @@ pub fn dp_nat64(ctx: TcContext) -> i32 {
     tc_action(nat64::handle(&ctx))
 }
 
-/// The drop reporter of the IPv6 programs (tail-called by them, slot 0 of `dp_progs6_v2`):
-/// the drop they decided on, its flow event (on this program's own stack), and their verdict.
+/// The drop reporter of the IPv6 programs (tail-called by them, slot 0 of `dp_progs6_v2`; by
+/// NAT64 for the IPv4 packets it drops too): the drop they decided on, its flow event (on this
+/// program's own stack), and their verdict.
 #[classifier]
 pub fn dp_drop6(ctx: TcContext) -> i32 {
-    let ip = crate::parse::parse_ipv6(&ctx);
-    tc_action(translate6::report_handed_over(&ctx, ip.as_ref()))
+    tc_action(translate6::report_handed_over(&ctx))
 }
 
 /// Early path on the uplink, before a socket buffer exists: drops outside sources on the deny

@@ -235,6 +235,12 @@ pub static NEW_CONNECTION6: PerCpuArray<crate::conntrack::NewConnectionOf<In6Add
 pub static BALANCE6_PACKET: PerCpuArray<crate::balance6::Packet6> =
     PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU scratch space of the NAT64 program's ICMP error translation (`nat64.rs`): the
+/// words of its checksum difference and the headers it writes, too big for the stack beside
+/// the program's main frame. Not pinned, as `dp_scratch6`.
+#[map(name = "dp_scratch64")]
+pub static NAT64_ICMP: PerCpuArray<crate::nat64::IcmpScratch> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU hand-over from an IPv6 program to the drop reporter it tail-calls
 /// (`dp_drop6`): the verdict the program reached. A tail call, because the drop's flow event
 /// (its aggregation and the event's frames) does not fit on the IPv6 programs' stack beside

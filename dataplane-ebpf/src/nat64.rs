@@ -25,23 +25,35 @@
 //! requests get 20 bytes shorter; the replies 20 bytes longer, which TCP fits by itself (the
 //! container's segments are sized by the client's MSS, which the client computed for IPv6's
 //! 40-byte header, so they grow back to the client's own MTU); a UDP reply within 20 bytes
-//! of the uplink's MTU is dropped by the device. ICMP errors about these connections are not
-//! translated between the families.
+//! of the uplink's MTU is dropped by the device.
+//!
+//! ICMP errors about these connections are translated between the families (RFC 7915), so
+//! path MTU discovery works through NAT64: an ICMPv6 error from the client's side about a
+//! reply (packet too big, unreachable, time exceeded) reaches the container as the ICMPv4
+//! error about its own packet, from its gateway; an ICMPv4 error of the container about a
+//! request (its port unreachable, ...) reaches the client as the ICMPv6 one, from the
+//! published address. What RFC 7915 does not translate (parameter problems but an unknown
+//! next header, ...) passes untouched, as before. Drops get their flow records from the drop
+//! reporter, of the family the packet had.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
-    helpers::bpf_csum_diff,
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
+    },
+    cty::c_void,
+    helpers::{bpf_csum_diff, bpf_skb_load_bytes},
     programs::TcContext,
 };
 use dataplane_common::{CtKey, CtKey6, DropReason, In6Addr, ct_origin, ct_rewrite};
 
 use crate::{
     conntrack, flow,
-    maps::{CONFIG, ENDPOINTS, NEW_CONNECTION6},
+    maps::{CONFIG, ENDPOINTS, NAT64_ICMP, NEW_CONNECTION6},
     nat,
     parse::{
-        ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6, Frame, IPPROTO_TCP, IPPROTO_UDP, IPV6_HDR_LEN,
-        Transport, parse_ipv6, parse_tc,
+        ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6, Frame, IP6_SADDR_OFF, IPPROTO_ICMP, IPPROTO_ICMPV6,
+        IPPROTO_TCP, IPPROTO_UDP, IPV6_HDR_LEN, Transport, parse_ipv6, parse_tc,
     },
     translate::{Hook, Verdict},
     translate6,
@@ -59,11 +71,14 @@ const IP_DF: u16 = 0x4000;
 /// container (each caller tail-calls only those).
 #[inline(always)]
 pub fn handle(ctx: &TcContext) -> Verdict {
-    match ctx.load::<u16>(ETHERTYPE_OFF) {
-        Ok(t) if t == ETH_P_IPV6.to_be() => inward(ctx),
-        Ok(t) if t == ETH_P_IP.to_be() => outward(ctx),
-        _ => Verdict::Pass,
-    }
+    let (verdict, hook) = match ctx.load::<u16>(ETHERTYPE_OFF) {
+        Ok(t) if t == ETH_P_IPV6.to_be() => (inward(ctx), Hook::UplinkIngress),
+        Ok(t) if t == ETH_P_IP.to_be() => (outward(ctx), Hook::ContainerIngress),
+        _ => return Verdict::Pass,
+    };
+    // A drop's flow event, by the drop reporter (which returns only if it is missing).
+    translate6::hand_over_drop(ctx, hook, &verdict);
+    verdict
 }
 
 /// Whether a container's IPv4 packet (`key`) to one of the host's addresses is the reply of a
@@ -92,6 +107,9 @@ fn inward(ctx: &TcContext) -> Verdict {
     };
     if ip.frag != 0 || ip.l4_offset != L4_OFF6 {
         return Verdict::Pass;
+    }
+    if ip.protocol == IPPROTO_ICMPV6 {
+        return icmp_error_to_ipv4(ctx);
     }
     if ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP {
         return Verdict::Pass;
@@ -268,6 +286,9 @@ fn outward(ctx: &TcContext) -> Verdict {
     if ip.l4_offset != L4_OFF4 || ip.frag & 0x3fff != 0 {
         return Verdict::Pass;
     }
+    if ip.protocol == IPPROTO_ICMP {
+        return icmp_error_to_ipv6(ctx);
+    }
     let l4 = match crate::parse::parse_l4(ctx, &ip) {
         Transport::Tracked(l4) => l4,
         _ => return Verdict::Pass,
@@ -383,14 +404,7 @@ fn outward(ctx: &TcContext) -> Verdict {
     }
     // The reply of a published port from the host's address: never into the host's stack
     // (see translate6's reply_to_client), straight out of the uplink.
-    match CONFIG.get_ptr(0) {
-        // SAFETY: array element 0 always exists.
-        Some(config) if unsafe { (*config).uplink_ifindex } != 0 => {
-            // SAFETY: as just above.
-            Verdict::RedirectNeigh(unsafe { (*config).uplink_ifindex })
-        }
-        _ => Verdict::Drop(DropReason::Malformed),
-    }
+    to_uplink()
 }
 
 /// The IPv6 request `ip` as an IPv4 packet from `saddr`:`sport` to `daddr`:`dport` (ports
@@ -455,9 +469,406 @@ fn to_ipv4(
         .map_err(|_| ())
 }
 
-/// The IPv4 header checksum of `header` (host-order words, checksum field 0).
+/// ICMPv6 error types (RFC 4443) and the ICMPv4 ones RFC 7915 translates them to.
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+/// ICMPv4's destination unreachable codes.
+const ICMP_HOST_UNREACH: u8 = 1;
+const ICMP_PROT_UNREACH: u8 = 2;
+const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMP_HOST_ANO: u8 = 10;
+/// The smallest MTU an IPv4 host must accept (RFC 791).
+const IPV4_MIN_MTU: u32 = 68;
+
+/// The ICMPv4 type and code RFC 7915 (section 5.2) gives an ICMPv6 error; None for those it
+/// drops (parameter problems other than an unknown next header, whose pointer into the header
+/// does not carry over, and unreachable codes beyond port unreachable).
 #[inline(always)]
-fn ipv4_checksum(header: &[u32; 5]) -> u16 {
+fn icmp_type_to_ipv4(icmp_type: u8, code: u8) -> Option<(u8, u8)> {
+    match (icmp_type, code) {
+        (ICMPV6_DEST_UNREACH, 0 | 2 | 3) => Some((ICMP_DEST_UNREACH, ICMP_HOST_UNREACH)),
+        (ICMPV6_DEST_UNREACH, 1) => Some((ICMP_DEST_UNREACH, ICMP_HOST_ANO)),
+        (ICMPV6_DEST_UNREACH, 4) => Some((ICMP_DEST_UNREACH, ICMP_PORT_UNREACH)),
+        (ICMPV6_PACKET_TOO_BIG, _) => Some((ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED)),
+        (ICMPV6_TIME_EXCEEDED, _) => Some((ICMP_TIME_EXCEEDED, code)),
+        (ICMPV6_PARAMETER_PROBLEM, 1) => Some((ICMP_DEST_UNREACH, ICMP_PROT_UNREACH)),
+        _ => None,
+    }
+}
+
+/// The buffers of the ICMP error translations ([`icmp_error_to_ipv4`],
+/// [`icmp_error_to_ipv6`]; in `NAT64_ICMP`, per CPU), too big for the stack beside the
+/// program's main frame. Words in network order, as in the packet.
+#[repr(C)]
+pub struct IcmpScratch {
+    /// What leaves the ICMP checksum. To IPv4: the IPv6 pseudo-header (10 words: the
+    /// addresses loaded straight from the header, length, next header), the ICMPv6 header
+    /// with its checksum zeroed (2), the quoted IPv6 header (10), the quoted ports (1). To
+    /// IPv6: the ICMPv4 header with its checksum zeroed (2), the quoted IPv4 header (5), the
+    /// quoted ports (1).
+    from: [u32; 23],
+    /// The headers the packet gets, up to the quoted ports included. To IPv4: the IPv4 header
+    /// (5 words), the ICMPv4 header (2), the quoted IPv4 header (5), the ports (1). To IPv6:
+    /// the IPv6 header (10), the ICMPv6 header (2), the quoted IPv6 header (10), the ports (1).
+    to: [u32; 23],
+    /// The connection's key the quote's tuple reversed is, and its other key.
+    key: CtKey6,
+    peer: CtKey6,
+}
+
+/// Where an ICMPv6 error's parts are in a packet without extension headers (the caller's
+/// check): its header, the quoted IPv6 header, the quoted ports.
+const ICMP6_OFF: usize = L4_OFF6;
+const QUOTED6_OFF: usize = ICMP6_OFF + 8;
+const QUOTED6_PORTS_OFF: usize = QUOTED6_OFF + IPV6_HDR_LEN;
+
+/// An ICMPv6 error from the way to a NAT64 connection's client (packet too big above all: path
+/// MTU discovery through NAT64 depends on it), quoting the connection's reply as it left:
+/// translated into the ICMPv4 error the container would get were the whole path IPv4 (RFC
+/// 7915), from its gateway (which the container sees as the client) and quoting the reply as
+/// the container sent it (to the gateway at the allocated port), then delivered into the
+/// container. The message loses 40 bytes (20 of each header); the rest of the quote is left
+/// as it was, its TCP/UDP checksum too (as the IPv6 path leaves a quote's: receivers match a
+/// quote by its addresses and ports). The ICMPv4 checksum (no pseudo-header) is the ICMPv6
+/// one with every change folded in. Anything else ICMPv6 passes untouched, as before.
+///
+/// Out of line, with everything of size in the per-CPU scratch and the packet read again at
+/// fixed offsets: the program's main frame leaves 144 bytes for its calls.
+#[inline(never)]
+fn icmp_error_to_ipv4(ctx: &TcContext) -> Verdict {
+    let Some(scratch) = NAT64_ICMP.get_ptr_mut(0) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: this CPU's element, used by this program run only.
+    let s = unsafe { &mut *scratch };
+    let skb = ctx.skb.skb.cast::<c_void>();
+    // SAFETY: the helper writes 32 bytes from word 0 (both addresses), 40 from word 12 and 4
+    // at word 22, all inside `from`; constant lengths, as the verifier needs them.
+    let loaded = unsafe {
+        let from = s.from.as_mut_ptr();
+        bpf_skb_load_bytes(skb, IP6_SADDR_OFF as u32, from.cast(), 32) == 0
+            && bpf_skb_load_bytes(skb, QUOTED6_OFF as u32, from.add(12).cast(), 40) == 0
+            && bpf_skb_load_bytes(skb, QUOTED6_PORTS_OFF as u32, from.add(22).cast(), 4) == 0
+    };
+    let (Ok(first), Ok(second), Ok(payload_len), Ok(word0), Ok(hop_limit)) = (
+        ctx.load::<u32>(ICMP6_OFF),
+        ctx.load::<u32>(ICMP6_OFF + 4),
+        ctx.load::<u16>(ETH_HDR_LEN + 4),
+        ctx.load::<u32>(ETH_HDR_LEN),
+        ctx.load::<u8>(ETH_HDR_LEN + 7),
+    ) else {
+        return Verdict::Pass;
+    };
+    let head = u32::from_be(first);
+    let Some((icmp_type, code)) = icmp_type_to_ipv4((head >> 24) as u8, (head >> 16) as u8) else {
+        return Verdict::Pass;
+    };
+    // An error about an IPv6 TCP or UDP packet (no extension header in the quote).
+    let (q0, q1) = (u32::from_be(s.from[12]), u32::from_be(s.from[13]));
+    let protocol = (q1 >> 8) as u8;
+    if !loaded || q0 >> 28 != 6 || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP) {
+        return Verdict::Pass;
+    }
+    // The quote is the connection's reply as it left: its tuple reversed is the forward key.
+    s.key.saddr = In6Addr([s.from[18], s.from[19], s.from[20], s.from[21]]);
+    s.key.daddr = In6Addr([s.from[14], s.from[15], s.from[16], s.from[17]]);
+    // The ports word as in memory: the source port's bytes first.
+    s.key.sport = (s.from[22] >> 16) as u16;
+    s.key.dport = s.from[22] as u16;
+    s.key.proto = protocol;
+    s.key._pad = [0; 3];
+    let Some(entry) = conntrack::lookup(&s.key) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: a map value from this program run's lookup, read field by field.
+    unsafe {
+        if (*entry).rewrite != ct_rewrite::NAT64 || (*entry).is_reply != 0 {
+            return Verdict::Pass;
+        }
+        s.peer = (*entry).peer;
+    }
+    // The reply key is the container's packet as it left: container -> gateway.
+    let (Some(container), Some(gateway)) =
+        (s.peer.saddr.as_mapped_v4(), s.peer.daddr.as_mapped_v4())
+    else {
+        return Verdict::Pass;
+    };
+    let payload_len = u32::from(u16::from_be(payload_len));
+    s.from[8] = payload_len.to_be();
+    s.from[9] = u32::from(IPPROTO_ICMPV6).to_be();
+    s.from[10] = (head & 0xffff_0000).to_be();
+    s.from[11] = second;
+    // The outer header: from the gateway to the container, as long as the IPv6 payload was
+    // (20 + 8 + 20 + the rest, where it was 8 + 40 + the rest), traffic class and hop limit
+    // kept.
+    s.to[0] = 0x4500_0000 | (u32::from_be(word0) >> 20 & 0xff) << 16 | payload_len;
+    s.to[1] = 0;
+    s.to[2] = u32::from(hop_limit) << 24 | u32::from(IPPROTO_ICMP) << 16;
+    s.to[3] = u32::from_be(gateway);
+    s.to[4] = u32::from_be(container);
+    // Packet too big: IPv4's next-hop MTU is 20 bytes less (its header is), in the low half of
+    // the second word (RFC 1191); the other errors' second word is unused.
+    let mtu = if icmp_type == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED {
+        u32::from_be(second)
+            .saturating_sub(20)
+            .clamp(IPV4_MIN_MTU, 0xffff)
+    } else {
+        0
+    };
+    s.to[5] = u32::from(icmp_type) << 24 | u32::from(code) << 16;
+    s.to[6] = mtu;
+    // The quoted packet's IPv4 header, its traffic class, length and hop limit kept.
+    s.to[7] = 0x4500_0000 | (q0 >> 20 & 0xff) << 16 | ((q1 >> 16) + IPV4_HDR_LEN as u32) & 0xffff;
+    s.to[8] = u32::from(IP_DF);
+    s.to[9] = (q1 & 0xff) << 24 | u32::from(protocol) << 16;
+    s.to[10] = u32::from_be(container);
+    s.to[11] = u32::from_be(gateway);
+    s.to[2] |= u32::from(ipv4_checksum(&s.to[..5]));
+    s.to[9] |= u32::from(ipv4_checksum(&s.to[7..12]));
+    for word in s.to[..12].iter_mut() {
+        *word = word.to_be();
+    }
+    s.to[12] = ports_word(s.peer.sport, s.peer.dport);
+    // The ICMPv4 checksum: the ICMPv6 one, less what leaves, plus what comes.
+    let Ok(old_csum) = ctx.load::<u16>(ICMP6_OFF + 2) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: both buffers are this CPU's map value, of the sizes given.
+    let sum = unsafe {
+        bpf_csum_diff(
+            s.from.as_mut_ptr(),
+            23 * 4,
+            s.to.as_mut_ptr().add(5),
+            8 * 4,
+            u32::from(!old_csum),
+        )
+    };
+    if sum < 0 {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    // The checksum's bytes are the word's third and fourth.
+    s.to[5] |= u32::from(fold(sum)) << 16;
+    // 20 bytes off the front of the header (the family), then 20 after the new IPv4 header
+    // (the quoted header's difference); the 48 bytes before the quoted ports are rewritten.
+    if ctx.change_proto(ETH_P_IP.to_be(), 0).is_err()
+        || ctx
+            .adjust_room(-(IPV4_HDR_LEN as i32), BPF_ADJ_ROOM_NET, 0)
+            .is_err()
+        || s.to.first_chunk::<13>().is_none_or(|headers| {
+            ctx.store(ETH_HDR_LEN, headers, u64::from(BPF_F_RECOMPUTE_CSUM))
+                .is_err()
+        })
+        || ctx.store(ETHERTYPE_OFF, &ETH_P_IP.to_be(), 0).is_err()
+    {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    deliver4(ctx, container)
+}
+
+/// The ICMPv4 error types RFC 7915 (section 4.2) translates, and ICMPv6's for them; the
+/// pointer of a parameter problem at the IPv6 header's next-header field.
+const ICMP_PARAMETERPROB: u8 = 12;
+const ICMPV6_NEXT_HEADER_POINTER: u32 = 6;
+
+/// The ICMPv6 type and code RFC 7915 gives an ICMPv4 error, and the second word's value
+/// (the MTU, or the pointer) from the ICMPv4 one's; None for those it drops (parameter
+/// problems, whose pointer into the header does not carry over, source quench, redirects).
+#[inline(always)]
+fn icmp_type_to_ipv6(icmp_type: u8, code: u8, second: u32) -> Option<(u8, u8, u32)> {
+    match (icmp_type, code) {
+        (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH) => Some((ICMPV6_DEST_UNREACH, 4, 0)),
+        (ICMP_DEST_UNREACH, ICMP_PROT_UNREACH) => {
+            Some((ICMPV6_PARAMETER_PROBLEM, 1, ICMPV6_NEXT_HEADER_POINTER))
+        }
+        // IPv6's MTU is 20 bytes more (its header is), and never under IPv6's minimum.
+        (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED) => Some((
+            ICMPV6_PACKET_TOO_BIG,
+            0,
+            ((second & 0xffff) + 20).max(IPV6_MIN_MTU),
+        )),
+        // Administratively prohibited (network, host, communication).
+        (ICMP_DEST_UNREACH, 9 | 10 | 13) => Some((ICMPV6_DEST_UNREACH, 1, 0)),
+        (ICMP_DEST_UNREACH, 0..=15) => Some((ICMPV6_DEST_UNREACH, 0, 0)),
+        (ICMP_TIME_EXCEEDED, _) => Some((ICMPV6_TIME_EXCEEDED, code, 0)),
+        (ICMP_PARAMETERPROB, _) => None,
+        _ => None,
+    }
+}
+
+/// The smallest MTU of an IPv6 link (RFC 8200).
+const IPV6_MIN_MTU: u32 = 1280;
+
+/// Where an ICMPv4 error's parts are in a packet without IP options (the caller's check): its
+/// header, the quoted IPv4 header, the quoted ports.
+const ICMP4_OFF: usize = L4_OFF4;
+const QUOTED4_OFF: usize = ICMP4_OFF + 8;
+const QUOTED4_PORTS_OFF: usize = QUOTED4_OFF + IPV4_HDR_LEN;
+
+/// An ICMPv4 error of an IPv4-only container about a NAT64 connection's request (its port
+/// unreachable above all, or a router of its own network's "fragmentation needed"): translated
+/// into the ICMPv6 error the client would get were the whole path IPv6 (RFC 7915), from the
+/// published address and quoting the request as the client sent it (to the published
+/// address and port), then sent out of the uplink as the connection's replies are. The message
+/// gains 40 bytes; the rest of the quote is left as it was (as `icmp_error_to_ipv4`). The
+/// ICMPv6 checksum (its pseudo-header included) is the ICMPv4 one with every change folded
+/// in. Anything else passes untouched, as before. Out of line, as `icmp_error_to_ipv4`.
+#[inline(never)]
+fn icmp_error_to_ipv6(ctx: &TcContext) -> Verdict {
+    let Some(scratch) = NAT64_ICMP.get_ptr_mut(0) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: this CPU's element, used by this program run only.
+    let s = unsafe { &mut *scratch };
+    let skb = ctx.skb.skb.cast::<c_void>();
+    // SAFETY: the helper writes 8 bytes (the ICMPv4 header), 20 from word 2 and 4 at word 7,
+    // all inside `from`; constant lengths, as the verifier needs them.
+    let loaded = unsafe {
+        let from = s.from.as_mut_ptr();
+        bpf_skb_load_bytes(skb, ICMP4_OFF as u32, from.cast(), 8) == 0
+            && bpf_skb_load_bytes(skb, QUOTED4_OFF as u32, from.add(2).cast(), 20) == 0
+            && bpf_skb_load_bytes(skb, QUOTED4_PORTS_OFF as u32, from.add(7).cast(), 4) == 0
+    };
+    let (Ok(tos), Ok(total_len), Ok(ttl)) = (
+        ctx.load::<u8>(ETH_HDR_LEN + 1),
+        ctx.load::<u16>(ETH_HDR_LEN + 2),
+        ctx.load::<u8>(ETH_HDR_LEN + 8),
+    ) else {
+        return Verdict::Pass;
+    };
+    let (head, second) = (u32::from_be(s.from[0]), u32::from_be(s.from[1]));
+    // The quote: an IPv4 TCP or UDP packet without options.
+    let (q0, q2) = (u32::from_be(s.from[2]), u32::from_be(s.from[4]));
+    let protocol = (q2 >> 16) as u8;
+    if !loaded || q0 >> 24 != 0x45 || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP) {
+        return Verdict::Pass;
+    }
+    let Some((icmp_type, code, second6)) =
+        icmp_type_to_ipv6((head >> 24) as u8, (head >> 16) as u8, second)
+    else {
+        return Verdict::Pass;
+    };
+    // The quote is the connection's request as the container got it (gateway -> container):
+    // its tuple reversed, mapped, is the reply key.
+    s.key.saddr = In6Addr::mapped_v4(s.from[6]);
+    s.key.daddr = In6Addr::mapped_v4(s.from[5]);
+    s.key.sport = (s.from[7] >> 16) as u16;
+    s.key.dport = s.from[7] as u16;
+    s.key.proto = protocol;
+    s.key._pad = [0; 3];
+    let Some(entry) = conntrack::lookup(&s.key) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: a map value from this program run's lookup, read field by field.
+    unsafe {
+        if (*entry).rewrite != ct_rewrite::NAT64 || (*entry).is_reply != 1 {
+            return Verdict::Pass;
+        }
+        s.peer = (*entry).peer;
+    }
+    // The peer is the client's request as it arrived: client -> published address.
+    let payload_len = u32::from(u16::from_be(total_len)); // 8 + 40 + the rest
+    s.to[0] = (6u32 << 28 | u32::from(tos) << 20).to_be();
+    s.to[1] = (payload_len << 16 | u32::from(IPPROTO_ICMPV6) << 8 | u32::from(ttl)).to_be();
+    s.to[2..6].copy_from_slice(&s.peer.daddr.0);
+    s.to[6..10].copy_from_slice(&s.peer.saddr.0);
+    s.to[10] = (u32::from(icmp_type) << 24 | u32::from(code) << 16).to_be();
+    s.to[11] = second6.to_be();
+    // The quoted packet's IPv6 header: its type of service, length and TTL kept.
+    let (q1_tos, q_len, q_ttl) = ((q0 >> 16) & 0xff, q0 & 0xffff, q2 >> 24);
+    s.to[12] = (6u32 << 28 | q1_tos << 20).to_be();
+    s.to[13] = (q_len.saturating_sub(IPV4_HDR_LEN as u32) << 16 | u32::from(protocol) << 8 | q_ttl)
+        .to_be();
+    s.to[14..18].copy_from_slice(&s.peer.saddr.0);
+    s.to[18..22].copy_from_slice(&s.peer.daddr.0);
+    s.to[22] = ports_word(s.peer.sport, s.peer.dport);
+    // The ICMPv6 checksum: the ICMPv4 one, less what leaves, plus what comes: the ICMPv6
+    // header, the quote, the ports, and the pseudo-header (the addresses, then the length
+    // and next header).
+    s.from[0] &= u32::to_be(0xffff_0000);
+    let Ok(old_csum) = ctx.load::<u16>(ICMP4_OFF + 2) else {
+        return Verdict::Pass;
+    };
+    let mut pseudo_tail = [payload_len.to_be(), u32::from(IPPROTO_ICMPV6).to_be()];
+    // SAFETY: the buffers are this CPU's map value and this frame's array, of the sizes
+    // given (a zero size reads nothing).
+    let sum = unsafe {
+        let to = s.to.as_mut_ptr();
+        let sum = bpf_csum_diff(
+            s.from.as_mut_ptr(),
+            8 * 4,
+            to.add(10),
+            13 * 4,
+            u32::from(!old_csum),
+        );
+        let sum = bpf_csum_diff(core::ptr::null_mut(), 0, to.add(2), 8 * 4, sum as u32);
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            pseudo_tail.as_mut_ptr(),
+            2 * 4,
+            sum as u32,
+        )
+    };
+    if sum < 0 {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    s.to[10] |= u32::from(fold(sum)) << 16;
+    // 20 bytes before the header (the family), then 20 after the new IPv6 header (the
+    // quoted header's difference); the 92 bytes up to the quoted ports are rewritten.
+    if ctx.change_proto(ETH_P_IPV6.to_be(), 0).is_err()
+        || ctx
+            .adjust_room(IPV4_HDR_LEN as i32, BPF_ADJ_ROOM_NET, 0)
+            .is_err()
+        || ctx
+            .store(ETH_HDR_LEN, &s.to, u64::from(BPF_F_RECOMPUTE_CSUM))
+            .is_err()
+        || ctx.store(ETHERTYPE_OFF, &ETH_P_IPV6.to_be(), 0).is_err()
+    {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    to_uplink()
+}
+
+/// A port pair as the word that holds them in a TCP or UDP header (network order ports in,
+/// the source's bytes first in memory).
+#[inline(always)]
+fn ports_word(sport: u16, dport: u16) -> u32 {
+    (u32::from(u16::from_be(sport)) << 16 | u32::from(u16::from_be(dport))).to_be()
+}
+
+/// A 32-bit checksum sum from bpf_csum_diff folded and complemented: the 16-bit checksum, in
+/// the byte order of the words summed (as they are in memory).
+#[inline(always)]
+fn fold(sum: i64) -> u16 {
+    let mut folded = sum as u64;
+    for _ in 0..3 {
+        folded = (folded & 0xffff) + (folded >> 16);
+    }
+    !(folded as u16)
+}
+
+/// Out of the uplink, the kernel resolving the next hop: a NAT64 connection's packets to
+/// its client, from one of the host's addresses (never into the host's own stack).
+#[inline(always)]
+fn to_uplink() -> Verdict {
+    match CONFIG.get_ptr(0) {
+        // SAFETY: array element 0 always exists.
+        Some(config) if unsafe { (*config).uplink_ifindex } != 0 => {
+            // SAFETY: as just above.
+            Verdict::RedirectNeigh(unsafe { (*config).uplink_ifindex })
+        }
+        _ => Verdict::Drop(DropReason::Malformed),
+    }
+}
+
+/// The IPv4 header checksum of `header` (its 5 host-order words, checksum field 0).
+#[inline(always)]
+fn ipv4_checksum(header: &[u32]) -> u16 {
     let mut sum = 0u32;
     for w in header {
         sum += (w >> 16) + (w & 0xffff);

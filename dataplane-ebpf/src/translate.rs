@@ -567,6 +567,13 @@ fn icmp_error(ctx: &TcContext, hook: Hook, ip: &mut Ipv4Packet, quoted: &Quoted)
         _pad: [0; 3],
     };
     let Some(entry) = conntrack::lookup(&key) else {
+        if hook == Hook::ContainerIngress && crate::nat64::is_reply(&key) {
+            // An IPv4-only container's error about a NAT64 connection's request (its port
+            // unreachable, ...): translated for the IPv6 client by the NAT64 program, which
+            // returns the verdict. Its key is in the IPv6 tables, IPv4-mapped.
+            // SAFETY: a tail call with the program's own context; on failure it returns.
+            unsafe { PROGS6.tail_call(ctx, dataplane_common::PROGS6_NAT64_SLOT) };
+        }
         // About no connection we know: a packet like any other untracked one.
         return untracked(hook, ip);
     };

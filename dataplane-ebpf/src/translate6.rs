@@ -24,20 +24,21 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    CtKey6, DropReason, FragEntry, FragKey6, In6Addr, PROGS6_DROP_SLOT, PROGS6_NAT64_SLOT,
+    CtKey6, CtKeyOf, DropReason, FragEntry, FragKey6, In6Addr, PROGS6_DROP_SLOT, PROGS6_NAT64_SLOT,
     PortKey6, PortTarget6, ct_origin, ct_rewrite, net_flags,
 };
 
 use crate::{
     conntrack::{self, CtError},
+    family::Family,
     flow,
     maps::{
         CONFIG, DROP6_NEXT, ENDPOINTS6, FRAGMENTS6, LOCAL_ADDRS6, NEW_CONNECTION6, PORTS6, PROGS6,
     },
     nat,
     parse::{
-        ETH_HDR_LEN, IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-        IPV6_HDR_LEN, Ipv6Packet, invalid_tcp_flags,
+        ETH_HDR_LEN, Frame, IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+        IPV6_HDR_LEN, Ipv6Packet, invalid_tcp_flags, parse_ipv6, parse_tc,
     },
     translate::{Hook, Verdict},
 };
@@ -76,23 +77,23 @@ const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
 /// packet with one is not looked into) and the first bytes of its TCP or UDP header, as they
 /// were when it left, so its tuple is the reverse of the error's own direction.
 #[derive(Clone, Copy)]
-struct Quoted6 {
-    icmp_csum_offset: usize,
+pub(crate) struct Quoted6 {
+    pub icmp_csum_offset: usize,
     /// Offset of the quoted IPv6 header.
-    ip_offset: usize,
+    pub ip_offset: usize,
     /// Offset of the quoted TCP/UDP header.
-    l4_offset: usize,
-    protocol: u8,
-    saddr: In6Addr,
-    daddr: In6Addr,
-    sport: u16,
-    dport: u16,
+    pub l4_offset: usize,
+    pub protocol: u8,
+    pub saddr: In6Addr,
+    pub daddr: In6Addr,
+    pub sport: u16,
+    pub dport: u16,
 }
 
 /// The quoted packet of an ICMPv6 error about a TCP or UDP packet; None for any other ICMPv6
 /// message, and for an error cut short (it passes untouched, as before).
 #[inline(always)]
-fn parse_icmp_error(ctx: &TcContext, ip: &Ipv6Packet) -> Option<Quoted6> {
+pub(crate) fn parse_icmp_error(ctx: &TcContext, ip: &Ipv6Packet) -> Option<Quoted6> {
     let off = ip.l4_offset;
     let icmp_type = ctx.load::<u8>(off).ok()?;
     if !(ICMPV6_DEST_UNREACH..=ICMPV6_PARAMETER_PROBLEM).contains(&icmp_type) {
@@ -348,6 +349,15 @@ fn icmp_error(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet, quoted: &Quoted6
             (*entry).nat_port,
         )
     };
+    if rewrite == ct_rewrite::NAT64 {
+        // About a NAT64 connection's reply, from the way to its client: translated to ICMPv4
+        // for its IPv4-only container by the NAT64 program.
+        return if hook == Hook::UplinkIngress {
+            nat64(ctx)
+        } else {
+            Verdict::Pass
+        };
+    }
     if !owns(hook, origin, rewrite) {
         return Verdict::Pass;
     }
@@ -870,17 +880,47 @@ pub fn hand_over_drop(ctx: &TcContext, hook: Hook, verdict: &Verdict) {
 }
 
 /// The drop reporter's work (`dp_drop6`): the verdict handed over, the flow event of the
-/// packet, and the verdict again for the hook to act on.
+/// packet (IPv6, or IPv4 for what NAT64 drops of a container's packets), and the verdict
+/// again for the hook to act on.
 #[inline(always)]
-pub fn report_handed_over(ctx: &TcContext, ip: Option<&Ipv6Packet>) -> Verdict {
+pub fn report_handed_over(ctx: &TcContext) -> Verdict {
     let Some(pending) = DROP6_NEXT.get_ptr(0) else {
         return Verdict::Drop(DropReason::Malformed);
     };
     // SAFETY: this CPU's element, written by the program that tail-called this one.
     let pending = unsafe { *pending };
     let reason = crate::translate::recorded_drop(pending.reason);
-    if let Some(ip) = ip {
-        report_drop(ctx, pending.hook, ip, reason);
+    match parse_tc(ctx) {
+        Frame::Ipv6 => {
+            if let Some(ip) = parse_ipv6(ctx) {
+                let later = ip.is_later_fragment();
+                let (saddr, daddr) = (In6Addr(ip.saddr), In6Addr(ip.daddr));
+                report_drop(
+                    ctx,
+                    pending.hook,
+                    saddr,
+                    daddr,
+                    ip.protocol,
+                    ip.l4_offset,
+                    later,
+                    reason,
+                );
+            }
+        }
+        Frame::Ipv4(ip) => {
+            let later = ip.is_later_fragment();
+            report_drop(
+                ctx,
+                pending.hook,
+                ip.saddr,
+                ip.daddr,
+                ip.protocol,
+                ip.l4_offset,
+                later,
+                reason,
+            );
+        }
+        Frame::Other | Frame::Malformed => {}
     }
     if pending.refuse_ifindex != 0 {
         Verdict::Refuse(reason, pending.refuse_ifindex)
@@ -889,21 +929,31 @@ pub fn report_handed_over(ctx: &TcContext, ip: Option<&Ipv6Packet>) -> Verdict {
     }
 }
 
-/// The flow event of an IPv6 packet dropped at `hook` for `reason` (aggregated and bounded
-/// as IPv4's: `flow::dropped`), with its ports and TCP flags read back from the packet (0 for
-/// a later fragment). The addresses are the packet's as it arrived: every drop happens
-/// before a rewrite, but for a rewrite that failed halfway (`Malformed`).
+/// The flow event of a packet dropped at `hook` for `reason` (aggregated and bounded as
+/// IPv4's: `flow::dropped`), with its ports and TCP flags read back from the packet (0 for a
+/// later fragment). The addresses are the packet's as it arrived: every drop happens before
+/// a rewrite, but for a rewrite that failed halfway (`Malformed`).
 #[inline(always)]
-fn report_drop(ctx: &TcContext, hook: u32, ip: &Ipv6Packet, reason: DropReason) {
+#[allow(clippy::too_many_arguments)]
+fn report_drop<A: Family>(
+    ctx: &TcContext,
+    hook: u32,
+    saddr: A,
+    daddr: A,
+    protocol: u8,
+    l4_offset: usize,
+    later_fragment: bool,
+    reason: DropReason,
+) {
     let skb = ctx.skb.skb;
-    let off = ip.l4_offset;
-    let mut drop = flow::DroppedOf::<In6Addr> {
-        tuple: CtKey6 {
-            saddr: In6Addr(ip.saddr),
-            daddr: In6Addr(ip.daddr),
+    let off = l4_offset;
+    let mut drop = flow::DroppedOf::<A> {
+        tuple: CtKeyOf {
+            saddr,
+            daddr,
             sport: 0,
             dport: 0,
-            proto: ip.protocol,
+            proto: protocol,
             _pad: [0; 3],
         },
         tcp_flags: 0,
@@ -915,20 +965,16 @@ fn report_drop(ctx: &TcContext, hook: u32, ip: &Ipv6Packet, reason: DropReason) 
         // SAFETY: `skb` points at the context the kernel passed to this program.
         ifindex: unsafe { (*skb).ifindex },
     };
-    if !ip.is_later_fragment() {
-        match ip.protocol {
-            IPPROTO_TCP | IPPROTO_UDP => {
-                drop.tuple.sport = ctx.load::<u16>(off).unwrap_or(0);
-                drop.tuple.dport = ctx.load::<u16>(off + 2).unwrap_or(0);
-                if ip.protocol == IPPROTO_TCP {
-                    drop.tcp_flags = ctx.load::<u8>(off + 13).unwrap_or(0);
-                }
+    if !later_fragment {
+        if protocol == IPPROTO_TCP || protocol == IPPROTO_UDP {
+            drop.tuple.sport = ctx.load::<u16>(off).unwrap_or(0);
+            drop.tuple.dport = ctx.load::<u16>(off + 2).unwrap_or(0);
+            if protocol == IPPROTO_TCP {
+                drop.tcp_flags = ctx.load::<u8>(off + 13).unwrap_or(0);
             }
-            IPPROTO_ICMPV6 => {
-                drop.icmp_type = ctx.load::<u8>(off).unwrap_or(0);
-                drop.icmp_code = ctx.load::<u8>(off + 1).unwrap_or(0);
-            }
-            _ => {}
+        } else if protocol == A::ICMP {
+            drop.icmp_type = ctx.load::<u8>(off).unwrap_or(0);
+            drop.icmp_code = ctx.load::<u8>(off + 1).unwrap_or(0);
         }
     }
     flow::dropped(&drop);

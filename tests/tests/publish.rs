@@ -1139,6 +1139,55 @@ impl FarClient {
     }
 }
 
+impl FarClient {
+    /// The bytes of a download from the published port 8080 on [`HOST6`], to its end.
+    fn download(&self, size: usize) -> usize {
+        in_netns(&self.netns, move || {
+            let stream = TcpStream::connect_timeout(
+                &format!("[{HOST6}]:8080").parse().unwrap(),
+                Duration::from_secs(3),
+            )
+            .expect("the far client connecting to the published port");
+            let got = bytes_until_close(stream, Duration::from_secs(10));
+            assert!(got <= size);
+            got
+        })
+    }
+}
+
+/// The container `name` serves one download of `size` bytes itself, on `bind` (its published
+/// port's container port), in place of the sandbox's server; the client it saw.
+fn serve_download(
+    sandbox: &Sandbox,
+    name: &str,
+    bind: &'static str,
+    size: usize,
+) -> std::thread::JoinHandle<std::net::SocketAddr> {
+    sandbox.stop_sandbox_server(name).unwrap();
+    // The sandbox's server was signalled, not waited for: its port may take a moment to free.
+    let listener = in_netns(&sandbox.netns(name), move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match std::net::TcpListener::bind(bind) {
+                Ok(listener) => return listener,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("binding {bind}: {e}"),
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        let (mut stream, peer) = listener.accept().expect("the download's connection");
+        // A stalled transfer must end the test, not hang it: the far end counts what came.
+        stream
+            .set_write_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let _ = stream.write_all(&vec![b'x'; size]);
+        peer
+    })
+}
+
 /// What a peer sends on a TCP connection, counted to its end (at most `timeout` of silence).
 fn bytes_until_close(mut stream: TcpStream, timeout: Duration) -> usize {
     stream.set_read_timeout(Some(timeout)).unwrap();
@@ -1162,38 +1211,8 @@ fn ipv6_path_mtu_discovery_works_through_a_published_port_and_nat66() {
     let sandbox = Sandbox::up(SPEC_DUAL);
     let _agent = Agent::start(&sandbox);
     let far = FarClient::behind(&sandbox);
-    // The container serves the download itself on its published port 80.
-    sandbox.stop_sandbox_server("web1").unwrap();
-    // The sandbox's server was signalled, not waited for: its port may take a moment to free.
-    let listener = in_netns(&sandbox.netns("web1"), || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            match std::net::TcpListener::bind("[::]:80") {
-                Ok(listener) => return listener,
-                Err(_) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => panic!("binding [::]:80 in web1: {e}"),
-            }
-        }
-    });
-    let server = std::thread::spawn(move || {
-        let (mut stream, peer) = listener.accept().expect("the download's connection");
-        // A stalled transfer must end the test, not hang it: the far end counts what came.
-        stream
-            .set_write_timeout(Some(Duration::from_secs(15)))
-            .unwrap();
-        let _ = stream.write_all(&vec![b'x'; SIZE]);
-        peer
-    });
-    let got = in_netns(&far.netns, || {
-        let stream = TcpStream::connect_timeout(
-            &format!("[{HOST6}]:8080").parse().unwrap(),
-            Duration::from_secs(3),
-        )
-        .expect("the far client connecting to the published port");
-        bytes_until_close(stream, Duration::from_secs(10))
-    });
+    let server = serve_download(&sandbox, "web1", "[::]:80", SIZE);
+    let got = far.download(SIZE);
     let peer = server.join().unwrap();
     assert_eq!(
         peer.ip().to_string(),
@@ -1233,4 +1252,84 @@ fn ipv6_path_mtu_discovery_works_through_a_published_port_and_nat66() {
         "masqueraded to the host's address"
     );
     assert_eq!(received, SIZE, "the whole upload crossed the 1280-byte hop");
+}
+
+/// What an IPv6 client's connected UDP socket gets for one datagram to [`HOST6`]:`port`: an
+/// `answer`, `refused` (an ICMPv6 port unreachable came back) or `timeout`.
+fn udp6_fate(sandbox: &Sandbox, port: u16) -> String {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         s.connect(('{HOST6}', {port}))\n\
+         s.send(b'hi')\n\
+         try:\n    s.recv(512)\n    print('answer')\n\
+         except ConnectionRefusedError:\n    print('refused')\n\
+         except socket.timeout:\n    print('timeout')\n"
+    );
+    sandbox
+        .exec_ok("outside", &["/usr/bin/python3", "-c", &script])
+        .trim()
+        .to_owned()
+}
+
+/// An IPv4-only container's ICMP errors reach its IPv6 clients through NAT64: a datagram to
+/// its published UDP port once nothing listens there is refused at once (the container's
+/// ICMPv4 port unreachable, translated into ICMPv6's), where untranslated the client would
+/// wait in vain. (docker-proxy answers nothing either way: it takes the datagram itself.)
+#[test]
+fn an_ipv4_only_containers_port_unreachable_reaches_the_ipv6_client_through_nat64() {
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    give_the_host_ipv6(&sandbox, &agent);
+    give_the_outside_ipv6(&sandbox);
+    assert_eq!(
+        udp6_fate(&sandbox, 5353),
+        "answer",
+        "the container's server"
+    );
+    sandbox.stop_sandbox_server("web1").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let fate = udp6_fate(&sandbox, 5353);
+        if fate == "refused" {
+            break;
+        }
+        // The server was signalled, not waited for.
+        assert!(
+            fate == "answer" && std::time::Instant::now() < deadline,
+            "the closed port: {fate}"
+        );
+    }
+}
+
+/// Path MTU discovery through NAT64: the far client behind the 1280-byte hop downloads from
+/// an IPv4-only container through the published port over IPv6. The container's segments
+/// follow the client's MSS (1440, for a 1500-byte IPv6 link) and leave as 1500-byte IPv6
+/// packets, which the hop refuses with "packet too big" (MTU 1280) to the host's address. Translated into ICMPv4 "fragmentation
+/// needed" (MTU 1260) about the container's own packet, it makes the container lower its path
+/// MTU towards its gateway (which it sees as the client) and the download completes. Without
+/// the translation it stalls.
+#[test]
+fn ipv6_path_mtu_discovery_works_through_nat64() {
+    const SIZE: usize = 256 * 1024;
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    give_the_host_ipv6(&sandbox, &agent);
+    give_the_outside_ipv6(&sandbox);
+    let far = FarClient::behind(&sandbox);
+    let server = serve_download(&sandbox, "web1", "0.0.0.0:80", SIZE);
+    let got = far.download(SIZE);
+    let peer = server.join().unwrap();
+    assert_eq!(
+        peer.ip().to_string(),
+        GATEWAY,
+        "the IPv4-only container sees its gateway, as with docker-proxy"
+    );
+    assert_eq!(got, SIZE, "the whole download crossed the 1280-byte hop");
+    let route = sandbox.exec_ok("web1", &["ip", "route", "get", GATEWAY]);
+    assert!(
+        route.contains("mtu 1260"),
+        "the container learnt the path MTU less IPv4's 20 bytes: {route}"
+    );
 }

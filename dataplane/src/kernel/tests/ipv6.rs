@@ -915,7 +915,7 @@ fn ipv6_udp_to_a_vip_and_the_fragments_of_a_datagram_go_to_one_backend() {
 
 /// An ICMPv6 error of `kind` (and `code`; for packet too big, `mtu` in its 4 bytes) quoting
 /// `frame`'s IPv6 packet, its checksum left for the builder.
-fn icmp6_error(kind: u8, code: u8, mtu: u32, frame: &[u8]) -> Vec<u8> {
+pub(super) fn icmp6_error(kind: u8, code: u8, mtu: u32, frame: &[u8]) -> Vec<u8> {
     let mut message = vec![kind, code, 0, 0];
     message.extend_from_slice(&mtu.to_be_bytes());
     message.extend_from_slice(&frame[ETH_LEN..]);

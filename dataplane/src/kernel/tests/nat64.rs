@@ -220,6 +220,36 @@ fn nat64_udp_both_ways_and_a_reply_without_checksum_is_dropped() {
     no_checksum[ETH_LEN + 40 + 6..ETH_LEN + 40 + 8].copy_from_slice(&[0, 0]);
     assert_eq!(run_tc(dp, Hook::UplinkIngress, &no_checksum).0, TC_SHOT);
     assert_eq!(drops(dp, DropReason::InvalidL4Header), before + 2);
+    // Each with its flow record, of its own family, as it arrived.
+    use crate::flows::decode::{self, Kind};
+    let dropped: Vec<_> = super::flows::events(dp)
+        .iter()
+        .map(|e| decode::from_raw(e).unwrap())
+        .filter(|e| e.kind == Kind::Drop(DropReason::InvalidL4Header))
+        .map(|e| {
+            let t = e.tuple;
+            (t.saddr, t.sport, t.daddr, t.dport, e.hook)
+        })
+        .collect();
+    assert_eq!(
+        dropped,
+        [
+            (
+                container.into(),
+                53,
+                gateway.into(),
+                40010,
+                dataplane_common::hook::CONTAINER_INGRESS
+            ),
+            (
+                client().into(),
+                40011,
+                host().into(),
+                5353,
+                dataplane_common::hook::UPLINK_INGRESS
+            ),
+        ]
+    );
 }
 
 /// Two clients with the same source port: the first keeps its port at the gateway, the
@@ -380,4 +410,144 @@ fn nat64_connections_are_judged_by_the_user_rules_against_their_container() {
         inward(dp, &syn, "another client").1,
         Ipv4Addr::from(CONTAINER)
     );
+}
+
+/// Path MTU discovery through NAT64 (RFC 7915): an ICMPv6 error from the way to the client
+/// about a reply it sent (as it left, from the published address) reaches the IPv4-only
+/// container as the ICMPv4 error it would get were the path IPv4, from its gateway and about
+/// its own packet (to the gateway at the allocated port): packet too big as "fragmentation
+/// needed" with the MTU 20 bytes less, port unreachable and time exceeded likewise; one RFC
+/// 7915 does not translate passes untouched. Every IPv4 header checksum (the quote's too) and
+/// the ICMPv4 checksum verified.
+#[test]
+fn nat64_icmpv6_errors_reach_the_container_as_icmpv4_errors() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    ipv4_only_container(dp);
+    let (container, gateway) = (Ipv4Addr::from(CONTAINER), Ipv4Addr::from(GATEWAY));
+    let syn = from_client(6, &tcp(40000, 8080, TCP_SYN, b""));
+    inward(dp, &syn, "SYN");
+    let syn_ack = from_container(6, &tcp(80, 40000, TCP_SYN | TCP_ACK, b""));
+    let (verdict, reply) = run_tc(dp, Hook::ContainerIngress, &syn_ack);
+    assert_eq!(verdict, TC_REDIRECT);
+    let router = v6("2001:db8:ff::1");
+    let error_about = |kind: u8, code: u8, mtu: u32| {
+        ipv6_frame(
+            &Ipv6Spec::new(router, host(), 58),
+            &super::ipv6::icmp6_error(kind, code, mtu, &reply),
+        )
+    };
+    for (kind, code, mtu, expected) in [
+        (2u8, 0u8, 1280u32, (3u8, 4u8, 1260u16)),
+        (1, 4, 0, (3, 3, 0)),
+        (1, 0, 0, (3, 1, 0)),
+        (3, 0, 0, (11, 0, 0)),
+    ] {
+        let frame = error_about(kind, code, mtu);
+        let (verdict, out) = run_tc(dp, Hook::UplinkIngress, &frame);
+        let what = format!("ICMPv6 {kind}/{code}");
+        assert_eq!(verdict, TC_REDIRECT, "{what}: into the container");
+        assert_eq!(&out[12..14], &0x0800u16.to_be_bytes(), "{what}: IPv4 now");
+        assert_eq!(out.len(), frame.len() - 40, "{what}: 40 bytes shorter");
+        assert_eq!(&out[..6], &CONTAINER_MAC, "{what}");
+        assert_checksums(&out);
+        let (src, dst, _, _) = tuple(&out);
+        assert_eq!((src, dst), (gateway, container), "{what}: outer addresses");
+        assert_eq!(out[ETH_LEN + 9], 1, "{what}: ICMP");
+        let icmp = &out[ETH_LEN + 20..];
+        let next_hop_mtu = u16::from_be_bytes([icmp[6], icmp[7]]);
+        assert_eq!((icmp[0], icmp[1], next_hop_mtu), expected, "{what}");
+        // The quote: the container's own SYN-ACK, to the gateway at the client's port.
+        let quote = &icmp[8..];
+        let addr = |o: usize| Ipv4Addr::from(<[u8; 4]>::try_from(&quote[o..o + 4]).unwrap());
+        let port = |o: usize| u16::from_be_bytes([quote[o], quote[o + 1]]);
+        assert_eq!(
+            (addr(12), addr(16), quote[9], port(20), port(22)),
+            (container, gateway, 6, 80, 40000),
+            "{what}: the quoted packet"
+        );
+        assert_eq!(
+            usize::from(u16::from_be_bytes([quote[2], quote[3]])),
+            syn_ack.len() - ETH_LEN,
+            "{what}: the quoted packet's length as the container sent it"
+        );
+    }
+    // A parameter problem about a header field: RFC 7915's pointer does not carry over.
+    let frame = error_about(4, 0, 6);
+    assert_eq!(
+        run_tc(dp, Hook::UplinkIngress, &frame),
+        (TC_PASS, frame.clone())
+    );
+}
+
+/// The other way (RFC 7915): an IPv4-only container's ICMPv4 error about a NAT64 request it
+/// got (its UDP port closed, above all) reaches the IPv6 client as the ICMPv6 error it would
+/// get were the path IPv6, from the published address and about its own datagram (to the
+/// published address and port); "fragmentation needed" as packet too big, 20 bytes more and
+/// never under 1280; one RFC 7915 does not translate passes untouched. Every ICMPv6 checksum
+/// (pseudo-header included) verified.
+#[test]
+fn nat64_icmpv4_errors_of_the_container_reach_the_client_as_icmpv6_errors() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    ipv4_only_container(dp);
+    let request = from_client(17, &udp(40000, 5353, b"query"));
+    let (verdict, arrived) = run_tc(dp, Hook::UplinkIngress, &request);
+    assert_eq!(verdict, TC_REDIRECT);
+    let error_about = |kind: u8, code: u8, second: u32| {
+        let mut message = vec![kind, code, 0, 0];
+        message.extend_from_slice(&second.to_be_bytes());
+        message.extend_from_slice(&arrived[ETH_LEN..]);
+        ipv4_frame(&Ipv4Spec::new(CONTAINER, GATEWAY, 1), &message)
+    };
+    for (kind, code, second, expected) in [
+        (3u8, 3u8, 0u32, (1u8, 4u8, 0u32)),
+        (3, 4, 1400, (2, 0, 1420)),
+        (3, 4, 576, (2, 0, 1280)),
+        (3, 1, 0, (1, 0, 0)),
+        (3, 13, 0, (1, 1, 0)),
+        (3, 2, 0, (4, 1, 6)),
+        (11, 0, 0, (3, 0, 0)),
+    ] {
+        let frame = error_about(kind, code, second);
+        let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &frame);
+        let what = format!("ICMPv4 {kind}/{code}");
+        assert_eq!(verdict, TC_REDIRECT, "{what}: out of the uplink");
+        assert_eq!(&out[12..14], &0x86ddu16.to_be_bytes(), "{what}: IPv6 now");
+        assert_eq!(out.len(), frame.len() + 40, "{what}: 40 bytes longer");
+        assert_checksums6(&out);
+        let (src, dst, protocol, l4) = upper_layer(&out);
+        assert_eq!((src, dst, protocol), (host(), client(), 58), "{what}");
+        let icmp = &out[l4.unwrap()..];
+        let second = u32::from_be_bytes(icmp[4..8].try_into().unwrap());
+        assert_eq!((icmp[0], icmp[1], second), expected, "{what}");
+        // The quote: the client's own datagram, to the published address and port.
+        let quote = &icmp[8..];
+        let addr = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&quote[o..o + 16]).unwrap());
+        let port = |o: usize| u16::from_be_bytes([quote[o], quote[o + 1]]);
+        assert_eq!(
+            (
+                quote[0] >> 4,
+                quote[6],
+                addr(8),
+                addr(24),
+                port(40),
+                port(42)
+            ),
+            (6, 17, client(), host(), 40000, 5353),
+            "{what}: the quoted datagram"
+        );
+        assert_eq!(
+            usize::from(u16::from_be_bytes([quote[4], quote[5]])),
+            request.len() - ETH_LEN - 40,
+            "{what}: the quoted datagram's payload length as the client sent it"
+        );
+    }
+    // A parameter problem (its pointer does not carry over), and an error about no NAT64
+    // connection: untouched.
+    let frame = error_about(12, 0, 0);
+    assert_eq!(run_tc(dp, Hook::ContainerIngress, &frame).0, TC_PASS);
+    let mut other = error_about(3, 3, 0);
+    other[ETH_LEN + 20 + 8 + 20] ^= 1; // the quoted source port (the gateway's) changed
+    assert_eq!(run_tc(dp, Hook::ContainerIngress, &other).0, TC_PASS);
 }
