@@ -21,7 +21,7 @@ mod masquerade6;
 mod memory;
 pub mod probe;
 mod published_port;
-mod published_port6;
+pub mod published_port6;
 mod scale;
 mod scale_policy;
 mod syn_flood;
