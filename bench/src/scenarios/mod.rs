@@ -8,7 +8,7 @@
 //! [`all`] lists them in the order they run.
 //!
 //! What they share lives here: workloads whose runs are capped at [`MAX_SECS`] (so that the
-//! whole full run stays under about 25 minutes on 2 cores), the metrics they add, and helpers
+//! whole full run stays within about 35 minutes on 2 cores), the metrics they add, and helpers
 //! for iptables rule sets, the agent's status and its CPU time.
 
 mod docker;
