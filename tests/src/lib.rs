@@ -14,7 +14,7 @@ pub use testbed::{
 pub mod docker {
     pub use testbed::{
         cgroup::TestCgroup,
-        dockerd::{Dockerd, HOST, HOST6, IMAGE, OUTSIDE, OUTSIDE6},
+        dockerd::{DockerDataplane, Dockerd, HOST, HOST6, IMAGE, OUTSIDE, OUTSIDE6},
     };
 }
 

@@ -2,12 +2,20 @@
 //! Debian in a namespace of its own with Docker's iptables and docker-proxy off, containers
 //! from a busybox image, an outside client on a veth, real traffic (tests/src/docker.rs).
 
-use std::{collections::BTreeSet, process::Output, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    process::Output,
+    time::Duration,
+};
 
 use dataplane::control::status::Status;
+use dataplane_bench::scenarios::{
+    BRIDGE, NETWORK6,
+    published_port6::{CONTAINER_IP6, PUBLISHED, docker_rules6},
+};
 use dataplane_tests::{
     Agent, StatusExt as _, dataplane_bin,
-    docker::{Dockerd, HOST, HOST6, IMAGE, OUTSIDE, OUTSIDE6, TestCgroup},
+    docker::{DockerDataplane, Dockerd, HOST, HOST6, IMAGE, OUTSIDE, OUTSIDE6, TestCgroup},
 };
 
 /// Whether interface `name` exists in dockerd's namespace.
@@ -859,4 +867,108 @@ fn an_ipv6_network_its_addresses_and_ipv6_bindings_are_followed() {
     assert_eq!(s.map_entries("dp_ports"), 1);
     // The container's veth has its program whatever the family.
     assert!(attached_to(&s, &row.host_veth));
+}
+
+/// `command` (iptables-save or ip6tables-save) in dockerd's namespace.
+fn dockerd_save(dockerd: &Dockerd, command: &str) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", dockerd.name))
+        .arg(command)
+        .output()
+        .expect("running iptables-save");
+    assert!(out.status.success(), "{command}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An iptables-save text as `TABLE :CHAIN POLICY` and `TABLE -A CHAIN ...` lines, tables and
+/// chains sorted, each chain's rules in their order, counters and comments left out.
+fn normalised_rules(save: &str) -> Vec<String> {
+    let mut chains: BTreeMap<(String, String), (String, Vec<String>)> = BTreeMap::new();
+    let mut table = String::new();
+    for line in save.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('*') {
+            name.clone_into(&mut table);
+        } else if let Some(declared) = line.strip_prefix(':') {
+            let mut words = declared.split_whitespace();
+            let (chain, policy) = (words.next().unwrap(), words.next().unwrap());
+            chains
+                .entry((table.clone(), chain.to_owned()))
+                .or_default()
+                .0 = policy.to_owned();
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split_whitespace().next().unwrap();
+            chains
+                .entry((table.clone(), chain.to_owned()))
+                .or_default()
+                .1
+                .push(format!("{table} -A {rule}"));
+        }
+    }
+    chains
+        .into_iter()
+        .flat_map(|((table, chain), (policy, rules))| {
+            std::iter::once(format!("{table} :{chain} {policy}")).chain(rules)
+        })
+        .collect()
+}
+
+#[track_caller]
+fn assert_same_rules(real: &str, bench: &str, what: &str) {
+    let (real, bench) = (normalised_rules(real), normalised_rules(bench));
+    let missing: Vec<&String> = bench.iter().filter(|r| !real.contains(r)).collect();
+    let extra: Vec<&String> = real.iter().filter(|r| !bench.contains(r)).collect();
+    assert!(
+        real == bench,
+        "{what}: the bench's rules differ from dockerd's (if in neither's only, in their \
+         order)\nin the bench's only: {missing:#?}\nin dockerd's only: {extra:#?}\n\
+         dockerd's (in order): {real:#?}\nthe bench's: {bench:#?}"
+    );
+}
+
+/// The bench's ip6tables baseline (`docker_rules6`, bench/src/scenarios/published_port6.rs) is
+/// what a real dockerd installs: ip6tables on, docker-proxy off, the bench's network (bridge
+/// name, subnets, container address), first a container with no published port
+/// (masquerade6's rules), then one publishing the bench's ports (published-port6's). Every
+/// table, chain, policy and rule, in each chain's order, on both sides.
+#[test]
+fn the_ip6tables_baseline_is_what_dockerd_installs() {
+    let dockerd = Dockerd::start_as(DockerDataplane::RulesOnly);
+    dockerd.docker_ok(&[
+        "network",
+        "create",
+        "--ipv6",
+        "--subnet",
+        "172.31.0.0/24",
+        "--subnet",
+        NETWORK6,
+        "-o",
+        &format!("com.docker.network.bridge.name={BRIDGE}"),
+        "bench",
+    ]);
+    let on_the_network = [
+        "--network",
+        "bench",
+        "--ip",
+        "172.31.0.2",
+        "--ip6",
+        CONTAINER_IP6,
+    ];
+    run_client(&dockerd, "cli", &on_the_network);
+    assert_same_rules(
+        &dockerd_save(&dockerd, "ip6tables-save"),
+        &docker_rules6(&[]),
+        "a container without ports (masquerade6)",
+    );
+    dockerd.docker_ok(&["rm", "-f", "cli"]);
+    let published: Vec<String> = PUBLISHED.iter().map(|(h, c)| format!("{h}:{c}")).collect();
+    let mut args = on_the_network.to_vec();
+    for port in &published {
+        args.extend(["-p", port]);
+    }
+    run_web(&dockerd, "srv", &args);
+    assert_same_rules(
+        &dockerd_save(&dockerd, "ip6tables-save"),
+        &docker_rules6(&PUBLISHED),
+        "a container publishing the bench's ports (published-port6)",
+    );
 }

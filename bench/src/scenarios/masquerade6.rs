@@ -1,8 +1,9 @@
 //! `masquerade6` (issue 15): masquerade over IPv6 (NAT66, what Docker does for an IPv6 network
 //! with a ULA subnet). A container's connections to a server outside the host, through our
-//! NAT66 against Docker 27's ip6tables MASQUERADE and against plain routing (the outside has
-//! a route back to the container prefix, nothing is translated). The workloads of
-//! `masquerade` but its memory one (which reads the IPv4 conntrack map).
+//! NAT66 against Docker's ip6tables MASQUERADE (`docker_rules6`, dockerd 20.10's layout) and
+//! against plain routing (the outside has a route back to the container prefix, nothing is
+//! translated). The workloads of `masquerade` but its memory one (which reads the IPv4
+//! conntrack map).
 
 use std::time::Duration;
 
@@ -65,7 +66,7 @@ pub fn scenario() -> Scenario {
             },
             PathDef {
                 name: "ip6tables",
-                description: "Docker 27's ip6tables rules in the host namespace: nat \
+                description: "Docker 20.10's ip6tables rules in the host namespace: nat \
                               POSTROUTING MASQUERADE of fd00:31::/64 and the filter FORWARD \
                               chains (docker_rules6 with no published port)",
                 setup: ip6tables_setup,

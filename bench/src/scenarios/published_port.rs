@@ -142,67 +142,31 @@ fn dataplane_setup(bed: &mut Bed) -> anyhow::Result<Targets> {
 }
 
 /// What `iptables-save` shows on a Docker 20.10 host with one bridge network and one container
-/// publishing `ports` (host, container), TCP: the nat DOCKER chain with a DNAT per port and a
-/// hairpin MASQUERADE per port, MASQUERADE of the network's outbound traffic, and the filter
-/// FORWARD chain with DOCKER-USER, the two isolation stages and the per-port ACCEPT in DOCKER.
-/// FORWARD's policy is DROP, as Docker sets it.
+/// publishing `ports` (host, container), TCP, with docker-proxy on (Docker's default): the nat
+/// DOCKER chain with a DNAT per port and a hairpin MASQUERADE per port, MASQUERADE of the
+/// network's outbound traffic, and the filter FORWARD chain with DOCKER-USER, the two
+/// isolation stages and the per-port ACCEPT in DOCKER. FORWARD's policy is DROP, as Docker
+/// sets it. The default bridge's rules and Docker's order of the ports are left out (the IPv6
+/// twin, `published_port6::docker_rules6`, has them).
 pub fn docker_rules(ports: &[(u16, u16)]) -> String {
-    rules_of(&DOCKER_NETWORK4, ports)
-}
-
-/// One Docker bridge network with one container, as its rules name them in either family.
-pub struct DockerNetwork {
-    pub subnet: &'static str,
-    pub bridge: &'static str,
-    pub container: &'static str,
-    /// The container's address as a single-host prefix (`/32`, `/128`).
-    pub host_prefix: u8,
-    /// What OUTPUT's jump to DOCKER excludes: the loopback prefix.
-    pub loopback: &'static str,
-}
-
-const DOCKER_NETWORK4: DockerNetwork = DockerNetwork {
-    subnet: NETWORK,
-    bridge: BRIDGE,
-    container: CONTAINER_IP,
-    host_prefix: 32,
-    loopback: "127.0.0.0/8",
-};
-
-/// Docker's rules for `network` (see [`docker_rules`]); the text the same for IPv6, with
-/// IPv6 prefixes and the DNAT target in brackets (`[fd00::2]:80`), as `ip6tables-save` shows.
-pub fn rules_of(network: &DockerNetwork, ports: &[(u16, u16)]) -> String {
-    let (net, br, ip, lo) = (
-        network.subnet,
-        network.bridge,
-        network.container,
-        network.loopback,
-    );
-    let host = format!("{ip}/{}", network.host_prefix);
-    let to = |port: u16| {
-        if ip.contains(':') {
-            format!("[{ip}]:{port}")
-        } else {
-            format!("{ip}:{port}")
-        }
-    };
+    let (net, br, ip) = (NETWORK, BRIDGE, CONTAINER_IP);
     let mut nat = String::new();
     let mut dnat = String::new();
     let mut accept = String::new();
     for &(host_port, container_port) in ports {
         let _ = writeln!(
             nat,
-            "-A POSTROUTING -s {host} -d {host} -p tcp -m tcp --dport {container_port} \
+            "-A POSTROUTING -s {ip}/32 -d {ip}/32 -p tcp -m tcp --dport {container_port} \
              -j MASQUERADE"
         );
         let _ = writeln!(
             dnat,
-            "-A DOCKER ! -i {br} -p tcp -m tcp --dport {host_port} -j DNAT --to-destination {}",
-            to(container_port)
+            "-A DOCKER ! -i {br} -p tcp -m tcp --dport {host_port} -j DNAT --to-destination \
+             {ip}:{container_port}"
         );
         let _ = writeln!(
             accept,
-            "-A DOCKER -d {host} ! -i {br} -o {br} -p tcp -m tcp --dport {container_port} \
+            "-A DOCKER -d {ip}/32 ! -i {br} -o {br} -p tcp -m tcp --dport {container_port} \
              -j ACCEPT"
         );
     }
@@ -214,7 +178,7 @@ pub fn rules_of(network: &DockerNetwork, ports: &[(u16, u16)]) -> String {
 :POSTROUTING ACCEPT [0:0]
 :DOCKER - [0:0]
 -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
--A OUTPUT ! -d {lo} -m addrtype --dst-type LOCAL -j DOCKER
+-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
 -A POSTROUTING -s {net} ! -o {br} -j MASQUERADE
 {nat}-A DOCKER -i {br} -j RETURN
 {dnat}COMMIT

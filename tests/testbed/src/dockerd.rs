@@ -33,6 +33,30 @@ const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long dockerd gets to stop its containers and exit on SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How much of Docker's own dataplane an engine runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DockerDataplane {
+    /// `--iptables=false --userland-proxy=false`: the agent follows the engine.
+    Off,
+    /// As installed: its iptables rules and docker-proxy.
+    On,
+    /// Its iptables and ip6tables rules (`"ip6tables": true`, under `"experimental": true`
+    /// in 20.10) with `--userland-proxy=false`: the layout the bench's ip6tables baseline
+    /// copies.
+    RulesOnly,
+}
+
+/// `true` is Docker's dataplane as installed, `false` none of it.
+impl From<bool> for DockerDataplane {
+    fn from(on: bool) -> Self {
+        if on {
+            DockerDataplane::On
+        } else {
+            DockerDataplane::Off
+        }
+    }
+}
+
 /// One dockerd in an existing network namespace.
 pub struct Engine {
     pub netns: String,
@@ -41,8 +65,8 @@ pub struct Engine {
     pub socket: PathBuf,
     /// `--cgroup-parent`: its containers' cgroups, found and removed on drop.
     cgroup_parent: String,
-    /// Docker's own dataplane (`--iptables`, `--userland-proxy`) on or off.
-    docker_dataplane: bool,
+    /// Docker's own dataplane: on, off, or its rules without docker-proxy.
+    docker_dataplane: DockerDataplane,
     process: Option<Process>,
     /// How long the last start took until the engine answered.
     pub started_in: Duration,
@@ -97,10 +121,25 @@ impl Engine {
         cgroup_parent: &str,
         docker_dataplane: bool,
     ) -> Result<Engine> {
+        Engine::start_as(netns, dir, cgroup_parent, docker_dataplane.into())
+    }
+
+    /// [`Engine::start`] with any [`DockerDataplane`].
+    pub fn start_as(
+        netns: &str,
+        dir: &Path,
+        cgroup_parent: &str,
+        docker_dataplane: DockerDataplane,
+    ) -> Result<Engine> {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-        // An empty daemon config of its own, so a /etc/docker/daemon.json of the machine
-        // cannot turn Docker's iptables back on.
-        std::fs::write(dir.join("daemon.json"), "{}\n")
+        // A daemon config of its own, so a /etc/docker/daemon.json of the machine cannot turn
+        // Docker's iptables back on.
+        let config = if docker_dataplane == DockerDataplane::RulesOnly {
+            "{\"experimental\": true, \"ip6tables\": true}\n"
+        } else {
+            "{}\n"
+        };
+        std::fs::write(dir.join("daemon.json"), config)
             .map_err(io("writing the engine's daemon.json"))?;
         // The guard first: an engine that fails to answer is removed all the same.
         let mut engine = Engine {
@@ -119,10 +158,10 @@ impl Engine {
     /// Starts dockerd (again, on the same directories) and waits until it answers.
     pub fn spawn(&mut self) -> Result<()> {
         assert!(self.process.is_none(), "dockerd is running");
-        let flag = if self.docker_dataplane {
-            "true"
-        } else {
-            "false"
+        let (iptables, proxy) = match self.docker_dataplane {
+            DockerDataplane::Off => ("false", "false"),
+            DockerDataplane::On => ("true", "true"),
+            DockerDataplane::RulesOnly => ("true", "false"),
         };
         let started = Instant::now();
         // nsenter --net, not `ip netns exec`: the latter remounts /sys and dockerd then fails
@@ -139,8 +178,8 @@ impl Engine {
             .arg(self.dir.join("daemon.json"))
             .arg("-H")
             .arg(format!("unix://{}", self.socket.display()))
-            .arg(format!("--iptables={flag}"))
-            .arg(format!("--userland-proxy={flag}"))
+            .arg(format!("--iptables={iptables}"))
+            .arg(format!("--userland-proxy={proxy}"))
             .args(["--cgroup-parent", &self.cgroup_parent]);
         let process = self.process.insert(
             Process::spawn(
@@ -395,12 +434,18 @@ impl Dockerd {
     /// docker-proxy) on or off: the same scenario on both, to compare.
     #[track_caller]
     pub fn start_with(docker_dataplane: bool) -> Dockerd {
+        Dockerd::start_as(docker_dataplane.into())
+    }
+
+    /// Like [`Dockerd::start`], with any [`DockerDataplane`].
+    #[track_caller]
+    pub fn start_as(docker_dataplane: DockerDataplane) -> Dockerd {
         crate::require_root();
         let name = crate::unique_name("dkr");
         let outside = format!("{name}-out");
         let namespaces = build_namespaces(&name, &outside);
         let dir = std::env::temp_dir().join(format!("{name}-docker"));
-        let engine = Engine::start(&name, &dir, &name, docker_dataplane)
+        let engine = Engine::start_as(&name, &dir, &name, docker_dataplane)
             .unwrap_or_else(|e| panic!("starting dockerd: {e}"));
         eprintln!("dockerd {name} answered after {:?}", engine.started_in);
         let dockerd = Dockerd {
