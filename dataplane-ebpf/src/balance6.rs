@@ -8,13 +8,13 @@
 
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
-    CtKey6, DropReason, FragKey6, In6Addr, PROGS6_BALANCE_SLOT, PortTarget6, ct_origin, ct_rewrite,
-    hook,
+    BackendKey, CtKey6, DropReason, FragKey6, In6Addr, PROGS6_BALANCE_SLOT, PortTarget6,
+    ServiceInfo, ct_origin, ct_rewrite, hook,
 };
 
 use crate::{
     conntrack, lb,
-    maps::{BALANCE6_PACKET, CONFIG, ENDPOINTS6, FRAGMENTS6, NEW_CONNECTION6, PROGS6},
+    maps::{BACKENDS6, BALANCE6_PACKET, CONFIG, ENDPOINTS6, FRAGMENTS6, NEW_CONNECTION6, PROGS6},
     nat,
     parse::{IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_ICMPV6, Ipv6Packet, parse_ipv6},
     policy::{self, Via},
@@ -25,6 +25,9 @@ use crate::{
         rewrite_packet, track_dnat,
     },
 };
+
+/// A new connection as the per-CPU scratch (`NEW_CONNECTION6`) holds it.
+type Connection = conntrack::NewConnectionOf<In6Addr>;
 
 /// What [`choose`] found.
 const CHOSEN: u32 = 0;
@@ -406,14 +409,10 @@ fn choose(forward: &CtKey6, vip: &In6Addr, port: u16, origin: u8) -> u32 {
     let Some(service) = lb::service_at(*vip, port, forward.proto) else {
         return NOT_A_SERVICE;
     };
-    let Some(backend) = lb::pick::<In6Addr>(&service, forward) else {
+    let Some(chosen) = NEW_CONNECTION6.get_ptr_mut(0) else {
         return NO_BACKEND;
     };
-    if is_mapped_v4(&backend.addr) {
-        // A dual-stack service's backend without an IPv6 address (the reconciler writes its
-        // IPv4 one v4-mapped, for the socket hooks, where the kernel speaks IPv4 to it): a
-        // packet cannot reach it without translating the family (NAT64), which this path
-        // does not do.
+    if !reachable_backend(&service, forward, chosen) {
         return NO_BACKEND;
     }
     // Judged by where the connection really goes, as IPv4's: the user rules, then Docker's
@@ -423,25 +422,58 @@ fn choose(forward: &CtKey6, vip: &In6Addr, port: u16, origin: u8) -> u32 {
     } else {
         Via::Published
     };
-    if let Err(reason) = policy::check6(
-        &forward.saddr,
-        &backend.addr,
-        forward.proto,
-        backend.port,
-        via,
-    ) {
-        return DENIED | (reason as u32) << DENIED_REASON_SHIFT;
-    }
-    let Some(chosen) = NEW_CONNECTION6.get_ptr_mut(0) else {
-        return NO_BACKEND;
-    };
     // SAFETY: this CPU's element, used by this program run only.
     unsafe {
+        if let Err(reason) = policy::check6(
+            &forward.saddr,
+            &(*chosen).nat_addr,
+            forward.proto,
+            (*chosen).nat_port,
+            via,
+        ) {
+            return DENIED | (reason as u32) << DENIED_REASON_SHIFT;
+        }
         (*chosen).origin = origin;
-        (*chosen).nat_addr = backend.addr;
-        (*chosen).nat_port = backend.port;
     }
     CHOSEN
+}
+
+/// How many backends on from the one picked [`reachable_backend`] looks for one with IPv6.
+const FALLBACK_STEPS: u32 = 16;
+
+/// The backend of `service` for the new connection `forward` that has an IPv6 address, into
+/// `chosen` (its address and port): the one `lb.rs` picks, else the first one after it (by
+/// index, wrapping) that has one, at most [`FALLBACK_STEPS`] on. A dual-stack service's
+/// backend without IPv6 is in its IPv6 table v4-mapped (for the socket hooks, where the
+/// kernel speaks IPv4 to it); a packet cannot reach it without translating the family
+/// (NAT64), which this path does not do, so the connection goes to the next backend instead
+/// of being refused: the same one for the same connection, as the pick. False when no
+/// backend in reach has IPv6. Out of line: the search's keys and copies stay out of
+/// `choose`'s frame, which policy's calls sit on.
+#[inline(never)]
+fn reachable_backend(service: &ServiceInfo, forward: &CtKey6, chosen: *mut Connection) -> bool {
+    let Some(first) = lb::pick_index(service, &lb::hashes(forward)) else {
+        return false;
+    };
+    let count = service.backend_count.max(1);
+    for step in 0..FALLBACK_STEPS.min(count) {
+        let key = BackendKey {
+            service_id: service.id,
+            index: (first + step) % count,
+        };
+        let Some(backend) = BACKENDS6.get_ptr(&key) else {
+            return false;
+        };
+        // SAFETY: a map value from this program run's lookup; `chosen`, this CPU's scratch.
+        unsafe {
+            if !is_mapped_v4(&(*backend).addr) {
+                (*chosen).nat_addr = (*backend).addr;
+                (*chosen).nat_port = (*backend).port;
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// Whether `addr` is an IPv4 address written as IPv6 (::ffff:a.b.c.d).

@@ -69,16 +69,19 @@ pub struct Hashes {
     pub source: u32,
 }
 
+/// What the consistent-hashing algorithms hash for the new connection `flow`.
+#[inline(always)]
+pub fn hashes<A: Family>(flow: &CtKeyOf<A>) -> Hashes {
+    Hashes {
+        flow: flow_hash(flow),
+        source: mix(flow.saddr.fold()),
+    }
+}
+
 /// Picks the backend of `service` for the new connection `flow`; None when it has none.
 #[inline(always)]
 pub fn pick<A: Family>(service: &ServiceInfo, flow: &CtKeyOf<A>) -> Option<BackendOf<A>> {
-    pick_hashed(
-        service,
-        &Hashes {
-            flow: flow_hash(flow),
-            source: mix(flow.saddr.fold()),
-        },
-    )
+    pick_hashed(service, &hashes(flow))
 }
 
 /// Picks the backend of `service` for a new connection known by its hashes (the socket hooks

@@ -2065,3 +2065,52 @@ fn ipv6_containers_reach_ports_published_on_the_host_and_their_own() {
     assert_eq!(run_tc(dp, Hook::ContainerIngress, &syn).0, TC_SHOT);
     assert_eq!(drops(dp, DropReason::PolicyDeny), 1);
 }
+
+/// A dual-stack service whose backends are not all dual-stack: an IPv6 connection the pick
+/// sends to a backend without IPv6 (in the IPv6 table v4-mapped, for the socket hooks) goes
+/// to the next backend that has IPv6 instead of being refused, the same one for the same
+/// connection; with no backend of IPv6 at all it is refused as before.
+#[test]
+fn ipv6_vip_connections_skip_backends_without_ipv6() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    let (client, vip) = (v6("fd00:1::2"), v6(VIP6));
+    let reachable = ["fd00:1::3", "fd00:1::4"];
+    with_service6(
+        dp,
+        &[
+            "fd00:1::3",
+            "::ffff:172.30.1.9",
+            "fd00:1::4",
+            "::ffff:172.30.1.10",
+        ],
+    );
+    let mut seen = std::collections::BTreeMap::new();
+    for sport in 41000..41064u16 {
+        let syn = frame6(client, vip, 6, &tcp(sport, 80, TCP_SYN, b""));
+        let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &syn);
+        assert_eq!(verdict, TC_REDIRECT, "port {sport}: to a backend");
+        assert_checksums6(&out);
+        let (_, to, _, _) = upper_layer(&out);
+        assert!(reachable.contains(&to.to_string().as_str()), "{to}");
+        *seen.entry(to).or_insert(0) += 1;
+        // The connection's next packet: the same backend.
+        let ack = frame6(client, vip, 6, &tcp(sport, 80, super::packet::TCP_ACK, b""));
+        let (_, out) = run_tc(dp, Hook::ContainerIngress, &ack);
+        assert_eq!(upper_layer(&out).1, to, "port {sport}: kept on its backend");
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "both backends with IPv6 get connections: {seen:?}"
+    );
+    assert_eq!(drops(dp, DropReason::ServiceBackendNotFound), 0);
+    // None with IPv6: refused (a reset), counted.
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    with_service6(dp, &["::ffff:172.30.1.9", "::ffff:172.30.1.10"]);
+    let syn = frame6(client, vip, 6, &tcp(42000, 80, TCP_SYN, b""));
+    let (verdict, _) = run_tc(dp, Hook::ContainerIngress, &syn);
+    assert_ne!(verdict, TC_PASS, "refused");
+    assert_eq!(drops(dp, DropReason::ServiceBackendNotFound), 1);
+}
