@@ -539,9 +539,27 @@ fn two_hundred_parallel_connections_from_colliding_source_ports() {
     let sandbox = Sandbox::up(SPEC);
     let agent = Agent::start(&sandbox);
     let _server = sandbox.serve_outside("9999", None);
-    // web1 and web2 each open 100 connections at once, from the same 100 source ports, to
-    // the same server port: without port allocation every pair would collide on the host.
-    let script = format!("seq 41000 41099 | xargs -P 100 -I{{}} nc -d -w5 -p {{}} {OUTSIDE} 9999");
+    colliding_source_ports(&sandbox, &agent, "nc", OUTSIDE, HOST);
+}
+
+/// The same over IPv6 (NAT66): two dual-stack containers, the same 100 source ports each, to
+/// one IPv6 server port.
+#[test]
+fn two_hundred_parallel_ipv6_connections_from_colliding_source_ports() {
+    let sandbox = Sandbox::up(SPEC_DUAL_TWO);
+    let agent = Agent::start(&sandbox);
+    let _server = sandbox.serve_outside6("9999", None);
+    colliding_source_ports(&sandbox, &agent, "nc -6", OUTSIDE6, HOST6);
+}
+
+/// web1 and web2 each open 100 connections at once (`nc`: the client and its family), from
+/// the same 100 source ports, to the same server port at `outside`: without port allocation
+/// every pair would collide on the host. Every connection is answered, from `host` at 200
+/// distinct ports: of each colliding pair the first keeps its own, the second gets one probed
+/// in the masquerade range.
+fn colliding_source_ports(sandbox: &Sandbox, agent: &Agent, nc: &str, outside: &str, host: &str) {
+    let script =
+        format!("seq 41000 41099 | xargs -P 100 -I{{}} {nc} -d -w5 -p {{}} {outside} 9999");
     let web1 = sandbox.spawn("web1", &["sh", "-c", &script]);
     let web2 = sandbox.spawn("web2", &["sh", "-c", &script]);
     let mut ports = BTreeSet::new();
@@ -553,14 +571,12 @@ fn two_hundred_parallel_connections_from_colliding_source_ports() {
             .collect();
         assert_eq!(replies.len(), 100, "every connection answered:\n{output}");
         for reply in replies {
-            let (addr, port) = reply["outside ".len()..].trim().split_once(':').unwrap();
-            assert_eq!(addr, HOST);
+            let (addr, port) = reply["outside ".len()..].trim().rsplit_once(':').unwrap();
+            assert_eq!(addr.trim_start_matches('[').trim_end_matches(']'), host);
             ports.insert(port.parse::<u16>().unwrap());
         }
     }
     assert_eq!(ports.len(), 200, "200 distinct host ports");
-    // Of each colliding pair the first keeps its own port, the second gets one probed in the
-    // masquerade range.
     let kept = ports
         .iter()
         .filter(|p| (41000..=41099).contains(*p))
