@@ -21,7 +21,7 @@ use crate::{
     reject,
     translate::{Hook, Verdict},
     translate6::{
-        L4v6, deliver, parse_l4, published_target, remember_first_fragment, report_new,
+        L4v6, deliver, key_of, parse_l4, published_target, remember_first_fragment, report_new,
         rewrite_packet, track_dnat,
     },
 };
@@ -97,14 +97,7 @@ pub fn handle(ctx: &TcContext) -> Verdict {
         Some(l4) => l4,
         None => return Verdict::Pass,
     };
-    p.key = CtKey6 {
-        saddr: In6Addr(p.ip.saddr),
-        daddr: In6Addr(p.ip.daddr),
-        sport: p.l4.sport,
-        dport: p.l4.dport,
-        proto: p.ip.protocol,
-        _pad: [0; 3],
-    };
+    p.key = key_of(&p.ip, &p.l4);
     let verdict = decide(ctx, hook, p);
     if p.ip.is_first_fragment() {
         remember_first_fragment(&p.key, p.ip.id, &verdict);

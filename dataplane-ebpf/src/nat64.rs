@@ -122,14 +122,7 @@ fn inward(ctx: &TcContext) -> Verdict {
         // unchecked.
         return Verdict::Drop(DropReason::InvalidL4Header);
     }
-    let key = CtKey6 {
-        saddr: In6Addr(ip.saddr),
-        daddr: In6Addr(ip.daddr),
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: ip.protocol,
-        _pad: [0; 3],
-    };
+    let key = translate6::key_of(&ip, &l4);
     let seen = seen(ctx, ip.len, &l4, Hook::UplinkIngress);
     let reply = if let Some(entry) = conntrack::lookup_packet(&key, l4.tcp_flags) {
         // SAFETY: a map value from this program run's lookup.

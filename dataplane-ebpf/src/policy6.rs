@@ -371,14 +371,7 @@ pub fn rejudge(ctx: &TcContext) -> Verdict {
     let Some(l4) = translate6::parse_l4(ctx, &ip) else {
         return Verdict::Pass;
     };
-    let key = CtKey6 {
-        saddr: In6Addr(ip.saddr),
-        daddr: In6Addr(ip.daddr),
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: ip.protocol,
-        _pad: [0; 3],
-    };
+    let key = translate6::key_of(&ip, &l4);
     if conntrack::lookup(&key).is_none_or(|entry| conntrack::still_allowed6(&key, entry)) {
         // SAFETY: a tail call with the program's own context, to the hook's IPv6 program.
         unsafe {

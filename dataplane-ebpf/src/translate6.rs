@@ -174,6 +174,19 @@ pub(crate) fn parse_l4(ctx: &TcContext, ip: &Ipv6Packet) -> Option<L4v6> {
     })
 }
 
+/// The conntrack key of a packet as it is on the wire (IPv4's `conntrack::key_of`).
+#[inline(always)]
+pub(crate) fn key_of(ip: &Ipv6Packet, l4: &L4v6) -> CtKey6 {
+    CtKey6 {
+        saddr: In6Addr(ip.saddr),
+        daddr: In6Addr(ip.daddr),
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: ip.protocol,
+        _pad: [0; 3],
+    }
+}
+
 /// The translations of `hook` for a parsed IPv6 packet that isolation let through.
 #[inline(always)]
 pub fn translate(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
@@ -194,14 +207,7 @@ pub fn translate(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
             ip.frag != 0,
         );
     };
-    let key = CtKey6 {
-        saddr: In6Addr(ip.saddr),
-        daddr: In6Addr(ip.daddr),
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: ip.protocol,
-        _pad: [0; 3],
-    };
+    let key = key_of(ip, &l4);
     let (first_fragment, id) = (ip.is_first_fragment(), ip.id);
     let verdict = decide(ctx, hook, ip, &mut l4, &key);
     if first_fragment {

@@ -546,7 +546,7 @@ fn two_hundred_parallel_connections_from_colliding_source_ports() {
 /// one IPv6 server port.
 #[test]
 fn two_hundred_parallel_ipv6_connections_from_colliding_source_ports() {
-    let sandbox = Sandbox::up(SPEC_DUAL_TWO);
+    let sandbox = Sandbox::up(&spec_dual_two());
     let agent = Agent::start(&sandbox);
     let _server = sandbox.serve_outside6("9999", None);
     colliding_source_ports(&sandbox, &agent, "nc -6", OUTSIDE6, HOST6);
@@ -771,20 +771,13 @@ fn ipv6_published_ports_keep_the_client_address_and_nat66_gives_the_host_address
     sandbox.exec_ok("web1", &["ping", "-6", "-c2", "-i0.2", "-W2", OUTSIDE6]);
 }
 
-const SPEC_DUAL_TWO: &str = r#"
-uplink: eth0
-networks:
-  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1,
-     subnet6: "fd00:30:1::/64", gateway6: "fd00:30:1::1"}
-endpoints:
-  - name: web1
-    interfaces: [{network: front, ip: 172.30.1.2, ip6: "fd00:30:1::2", mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
-  - name: web2
-    interfaces: [{network: front, ip: 172.30.1.3, ip6: "fd00:30:1::3", mac: "02:42:ac:1e:01:03", host_veth: veth-web2}]
-ports:
-  - {endpoint: web1, protocol: tcp, host_port: 8080, container_port: 80}
-  - {endpoint: web1, protocol: udp, host_port: 5353, container_port: 80}
-"#;
+/// [`SPEC_DUAL`] with a second dual-stack container, web2.
+fn spec_dual_two() -> String {
+    SPEC_DUAL.replace(
+        "ports:\n",
+        "  - name: web2\n    interfaces: [{network: front, ip: 172.30.1.3, ip6: \"fd00:30:1::3\", mac: \"02:42:ac:1e:01:03\", host_veth: veth-web2}]\nports:\n",
+    )
+}
 
 /// Containers reach ports published on their host's IPv6 address, as with Docker's DNAT of
 /// what its bridges send to a host address: another container from its own address, the
@@ -793,7 +786,7 @@ ports:
 #[test]
 fn ipv6_containers_reach_published_ports_of_their_host_and_their_own() {
     const GATEWAY6: &str = "fd00:30:1::1";
-    let sandbox = Sandbox::up(SPEC_DUAL_TWO);
+    let sandbox = Sandbox::up(&spec_dual_two());
     let agent = Agent::start(&sandbox);
     let url = format!("http://[{HOST6}]:8080/");
     let out = sandbox.exec("web2", &["curl", "-6", "-sS", "--max-time", "3", &url]);
