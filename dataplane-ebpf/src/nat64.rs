@@ -18,9 +18,15 @@
 //! keyed by IPv4-mapped addresses: ::ffff:container:port -> ::ffff:gateway:allocated. Each
 //! entry's translation is its peer key reversed (`ct_rewrite::NAT64`).
 //!
-//! Limits (README, "IPv6 today"): no IPv6 extension headers and no IPv4 options (such packets
-//! pass as before); fragments are not translated (they pass, IPv4 ones to the host as
-//! before; TCP sets DF); a UDP reply without a checksum is dropped (IPv6 requires one),
+//! Fragments: a client's IPv6 fragments become IPv4 fragments (RFC 7915: the fragment
+//! header's offset and "more fragments" in IPv4's fields, DF clear, the identification's low
+//! 16 bits), the first one's fragment header taken out before its translation
+//! (`strip_fragment_header`), the later ones following it through the fragment map
+//! (`later_fragment_to_ipv4`). A container's IPv4 fragments are not translated (they would
+//! grow by 28 bytes past the uplink's MTU; they pass to the host as before).
+//!
+//! Limits (README, "IPv6 today"): no other IPv6 extension header and no IPv4 options (such
+//! packets pass as before); a UDP reply without a checksum is dropped (IPv6 requires one),
 //! `InvalidL4Header`, and so is a request without one (never valid in IPv6). MTU: the
 //! requests get 20 bytes shorter; the replies 20 bytes longer, which TCP fits by itself (the
 //! container's segments are sized by the client's MSS, which the client computed for IPv6's
@@ -45,15 +51,15 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use dataplane_common::{CtKey, CtKey6, DropReason, In6Addr, ct_origin, ct_rewrite};
+use dataplane_common::{CtKey, CtKey6, DropReason, FragKey6, In6Addr, ct_origin, ct_rewrite};
 
 use crate::{
     conntrack, flow,
-    maps::{CONFIG, ENDPOINTS, NAT64_ICMP, NEW_CONNECTION6},
+    maps::{CONFIG, ENDPOINTS, FRAGMENTS6, NAT64_ICMP, NEW_CONNECTION6},
     nat,
     parse::{
         ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6, Frame, IP6_SADDR_OFF, IPPROTO_ICMP, IPPROTO_ICMPV6,
-        IPPROTO_TCP, IPPROTO_UDP, IPV6_HDR_LEN, Transport, parse_ipv6, parse_tc,
+        IPPROTO_TCP, IPPROTO_UDP, IPV6_FRAGMENT, IPV6_HDR_LEN, Transport, parse_ipv6, parse_tc,
     },
     translate::{Hook, Verdict},
     translate6,
@@ -72,7 +78,7 @@ const IP_DF: u16 = 0x4000;
 #[inline(always)]
 pub fn handle(ctx: &TcContext) -> Verdict {
     let (verdict, hook) = match ctx.load::<u16>(ETHERTYPE_OFF) {
-        Ok(t) if t == ETH_P_IPV6.to_be() => (inward(ctx), Hook::UplinkIngress),
+        Ok(t) if t == ETH_P_IPV6.to_be() => (from_client(ctx), Hook::UplinkIngress),
         Ok(t) if t == ETH_P_IP.to_be() => (outward(ctx), Hook::ContainerIngress),
         _ => return Verdict::Pass,
     };
@@ -98,6 +104,32 @@ pub fn is_reply(key: &CtKey) -> bool {
     conntrack::lookup(&mapped).is_some()
 }
 
+/// A frame of an IPv6 client (checked by the IPv6 program that tail-called this one): an
+/// ICMPv6 error, a later fragment, or a request (a first fragment's without its fragment
+/// header, which becomes IPv4's fragment fields).
+#[inline(always)]
+fn from_client(ctx: &TcContext) -> Verdict {
+    // SAFETY: `skb` points at the context the kernel passed to this program; tc programs may
+    // write cb[]. No fragment until one is seen.
+    unsafe { (*ctx.skb.skb).cb[1] = 0 };
+    match ctx.load::<u8>(ETH_HDR_LEN + 6) {
+        Ok(IPPROTO_ICMPV6) => return icmp_error_to_ipv4(ctx),
+        Ok(IPV6_FRAGMENT) => match ctx.load::<u16>(L4_OFF6 + 2) {
+            Ok(word) if u16::from_be(word) & IP6_OFFSET_MASK != 0 => {
+                return later_fragment_to_ipv4(ctx);
+            }
+            Ok(_) => {
+                if strip_fragment_header(ctx).is_err() {
+                    return Verdict::Pass;
+                }
+            }
+            Err(_) => return Verdict::Pass,
+        },
+        _ => {}
+    }
+    inward(ctx)
+}
+
 /// A request from an IPv6 client: of a tracked NAT64 connection, or a new connection to a
 /// published port whose container has only IPv4.
 #[inline(always)]
@@ -107,9 +139,6 @@ fn inward(ctx: &TcContext) -> Verdict {
     };
     if ip.frag != 0 || ip.l4_offset != L4_OFF6 {
         return Verdict::Pass;
-    }
-    if ip.protocol == IPPROTO_ICMPV6 {
-        return icmp_error_to_ipv4(ctx);
     }
     if ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP {
         return Verdict::Pass;
@@ -149,7 +178,179 @@ fn inward(ctx: &TcContext) -> Verdict {
     if to_ipv4(ctx, &ip, &l4, saddr, reply.dport, daddr, reply.sport).is_err() {
         return Verdict::Drop(DropReason::Malformed);
     }
+    // SAFETY: as in `from_client`.
+    if unsafe { (*ctx.skb.skb).cb[1] } != 0 {
+        remember_first_fragment(ctx, &key);
+    }
     deliver4(ctx, daddr)
+}
+
+/// IPv6's fragment header: its length, and the offset and "more fragments" bits of its
+/// second 16-bit word; IPv4's "more fragments".
+const FRAG_HDR_LEN: usize = 8;
+const IP6_OFFSET_MASK: u16 = 0xfff8;
+const IP_MF: u32 = 0x2000;
+
+/// The IPv4 identification and fragment word (RFC 7915: the identification's low 16 bits,
+/// the offset in the same 8-byte units, "more fragments" kept, DF clear) of an IPv6 fragment
+/// header's second word `frag` (host order) and identification `id` (network order).
+#[inline(always)]
+fn ipv4_fragment_word(frag: u16, id: u32) -> u32 {
+    let more = if frag & 1 != 0 { IP_MF } else { 0 };
+    (u32::from_be(id) & 0xffff) << 16 | more | u32::from(frag >> 3)
+}
+
+/// A first fragment of a TCP or UDP datagram: its fragment header (the only extension
+/// header) taken out, the IPv6 header's next header and payload length set as if it had had
+/// none, so that the request's translation treats it as any packet; the IPv4 fragment word
+/// it is to get is left in cb[1] for `to_ipv4` (never 0: a first fragment has "more
+/// fragments"; an atomic one, offset 0 and no more, is a datagram and gets DF), the
+/// identification in cb[2] for the later fragments' record. Out of line: its loads stay out
+/// of the program's main frame.
+#[inline(never)]
+fn strip_fragment_header(ctx: &TcContext) -> Result<(), ()> {
+    let (Ok(next), Ok(frag), Ok(id), Ok(payload_len)) = (
+        ctx.load::<u8>(L4_OFF6),
+        ctx.load::<u16>(L4_OFF6 + 2),
+        ctx.load::<u32>(L4_OFF6 + 4),
+        ctx.load::<u16>(ETH_HDR_LEN + 4),
+    ) else {
+        return Err(());
+    };
+    let payload_len = u16::from_be(payload_len);
+    if (next != IPPROTO_TCP && next != IPPROTO_UDP) || usize::from(payload_len) < FRAG_HDR_LEN {
+        return Err(());
+    }
+    // RECOMPUTE_CSUM: a CHECKSUM_COMPLETE sum covers the header too.
+    let recompute = u64::from(BPF_F_RECOMPUTE_CSUM);
+    let shorter = (payload_len - FRAG_HDR_LEN as u16).to_be();
+    if ctx.store(ETH_HDR_LEN + 4, &shorter, recompute).is_err()
+        || ctx.store(ETH_HDR_LEN + 6, &next, recompute).is_err()
+        || ctx
+            .adjust_room(-(FRAG_HDR_LEN as i32), BPF_ADJ_ROOM_NET, 0)
+            .is_err()
+    {
+        return Err(());
+    }
+    let word = ipv4_fragment_word(u16::from_be(frag), id);
+    // SAFETY: as in `from_client`.
+    unsafe {
+        (*ctx.skb.skb).cb[1] = if word == 0 { u32::from(IP_DF) } else { word };
+        (*ctx.skb.skb).cb[2] = id;
+    }
+    Ok(())
+}
+
+/// A first fragment translated: the rest of its datagram follows it (its identification in
+/// cb[2]; `later_fragment_to_ipv4`). Out of line: the fragment map's key and value are built
+/// on a frame of their own, not on the program's main one.
+#[inline(never)]
+fn remember_first_fragment(ctx: &TcContext, key: &CtKey6) {
+    // SAFETY: as in `from_client`.
+    let id = unsafe { (*ctx.skb.skb).cb[2] };
+    translate6::remember_first_fragment(key, id, &Verdict::Pass);
+}
+
+/// A later fragment of a datagram whose first fragment NAT64 translated (found through the
+/// fragment map, as the IPv6 programs' later fragments are): the same translation of its
+/// addresses (no ports: they are in the first fragment, and so is the checksum), its
+/// fragment header made IPv4's fields, 28 bytes shorter, into the container. A fragment
+/// whose first was not seen is dropped (`FRAGMENT_NOT_FOUND`), as the IPv6 programs drop
+/// theirs. Out of line, its keys in the per-CPU scratch: the program's main frame leaves 144
+/// bytes for its calls.
+#[inline(never)]
+fn later_fragment_to_ipv4(ctx: &TcContext) -> Verdict {
+    let Some(scratch) = NAT64_ICMP.get_ptr_mut(0) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: this CPU's element, used by this program run only.
+    let s = unsafe { &mut *scratch };
+    let skb = ctx.skb.skb.cast::<c_void>();
+    // SAFETY: the helper writes both addresses (32 bytes) from the fragment key's first
+    // field, the two being next to each other (repr(C)).
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            skb,
+            IP6_SADDR_OFF as u32,
+            core::ptr::addr_of_mut!(s.fragment.saddr).cast(),
+            32,
+        ) == 0
+    };
+    let (Ok(protocol), Ok(frag), Ok(id), Ok(payload_len), Ok(word0), Ok(hop_limit)) = (
+        ctx.load::<u8>(L4_OFF6),
+        ctx.load::<u16>(L4_OFF6 + 2),
+        ctx.load::<u32>(L4_OFF6 + 4),
+        ctx.load::<u16>(ETH_HDR_LEN + 4),
+        ctx.load::<u32>(ETH_HDR_LEN),
+        ctx.load::<u8>(ETH_HDR_LEN + 7),
+    ) else {
+        return Verdict::Pass;
+    };
+    if !loaded {
+        return Verdict::Pass;
+    }
+    s.fragment.id = id;
+    s.fragment.proto = protocol;
+    s.fragment._pad = [0; 3];
+    let Some(first) = FRAGMENTS6.get_ptr(&s.fragment) else {
+        return Verdict::Drop(DropReason::FragmentNotFound);
+    };
+    // SAFETY: a map value from this program run's lookup, read field by field.
+    let (sport, dport, dropped) = unsafe { ((*first).sport, (*first).dport, (*first).drop_reason) };
+    if dropped != 0 {
+        return Verdict::Drop(crate::translate::recorded_drop(dropped));
+    }
+    s.key.saddr = s.fragment.saddr;
+    s.key.daddr = s.fragment.daddr;
+    s.key.sport = sport;
+    s.key.dport = dport;
+    s.key.proto = protocol;
+    s.key._pad = [0; 3];
+    let Some(entry) = conntrack::lookup(&s.key) else {
+        return Verdict::Drop(DropReason::FragmentNotFound);
+    };
+    // SAFETY: as above.
+    unsafe {
+        if (*entry).rewrite != ct_rewrite::NAT64 || (*entry).is_reply != 0 {
+            return Verdict::Pass;
+        }
+        s.peer = (*entry).peer;
+    }
+    // From the gateway (the reply key's destination) to the container (its source).
+    let (Some(gateway), Some(container)) =
+        (s.peer.daddr.as_mapped_v4(), s.peer.saddr.as_mapped_v4())
+    else {
+        return Verdict::Pass;
+    };
+    let payload_len = u32::from(u16::from_be(payload_len));
+    if payload_len < FRAG_HDR_LEN as u32 {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    let total_len = payload_len - FRAG_HDR_LEN as u32 + IPV4_HDR_LEN as u32;
+    s.to[0] = 0x4500_0000 | (u32::from_be(word0) >> 20 & 0xff) << 16 | total_len;
+    s.to[1] = ipv4_fragment_word(u16::from_be(frag), id);
+    s.to[2] = u32::from(hop_limit) << 24 | u32::from(protocol) << 16;
+    s.to[3] = u32::from_be(gateway);
+    s.to[4] = u32::from_be(container);
+    s.to[2] |= u32::from(ipv4_checksum(&s.to[..5]));
+    for word in s.to[..5].iter_mut() {
+        *word = word.to_be();
+    }
+    // 20 bytes off the front of the header (the family), then the fragment header after the
+    // new IPv4 header's room.
+    if ctx.change_proto(ETH_P_IP.to_be(), 0).is_err()
+        || ctx
+            .adjust_room(-(FRAG_HDR_LEN as i32), BPF_ADJ_ROOM_NET, 0)
+            .is_err()
+        || s.to.first_chunk::<5>().is_none_or(|header| {
+            ctx.store(ETH_HDR_LEN, header, u64::from(BPF_F_RECOMPUTE_CSUM))
+                .is_err()
+        })
+        || ctx.store(ETHERTYPE_OFF, &ETH_P_IP.to_be(), 0).is_err()
+    {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    deliver4(ctx, container)
 }
 
 /// A new connection to a published port (`key`, its first packet) that leads to an IPv4-only
@@ -442,9 +643,16 @@ fn to_ipv4(
     if total_len > 0xffff {
         return Err(());
     }
+    // A first fragment's fragment word (`strip_fragment_header`), else DF.
+    // SAFETY: as in `from_client`.
+    let fragment = unsafe { (*ctx.skb.skb).cb[1] };
     let mut header: [u32; 5] = [
         0x4500_0000 | tos << 16 | total_len,
-        u32::from(IP_DF),
+        if fragment == 0 {
+            u32::from(IP_DF)
+        } else {
+            fragment
+        },
         ttl << 24 | u32::from(ip.protocol) << 16,
         u32::from_be(saddr),
         u32::from_be(daddr),
@@ -509,9 +717,12 @@ pub struct IcmpScratch {
     /// (5 words), the ICMPv4 header (2), the quoted IPv4 header (5), the ports (1). To IPv6:
     /// the IPv6 header (10), the ICMPv6 header (2), the quoted IPv6 header (10), the ports (1).
     to: [u32; 23],
-    /// The connection's key the quote's tuple reversed is, and its other key.
+    /// The connection's key (the quote's tuple reversed; a later fragment's, with its first's
+    /// ports), and its other key.
     key: CtKey6,
     peer: CtKey6,
+    /// A later fragment's datagram, as the fragment map knows it.
+    fragment: FragKey6,
 }
 
 /// Where an ICMPv6 error's parts are in a packet without extension headers (the caller's

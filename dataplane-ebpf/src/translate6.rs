@@ -308,6 +308,14 @@ fn later_fragment(ctx: &TcContext, hook: Hook, ip: &mut Ipv6Packet) -> Verdict {
     };
     // SAFETY: a map value from this program run's lookup.
     let (origin, rewrite, addr) = unsafe { ((*entry).origin, (*entry).rewrite, (*entry).nat_addr) };
+    if rewrite == ct_rewrite::NAT64 {
+        // The client's side of a NAT64 connection: its fragments become IPv4 ones there.
+        return if hook == Hook::UplinkIngress {
+            nat64(ctx)
+        } else {
+            Verdict::Pass
+        };
+    }
     if hook == Hook::ContainerIngress
         && (rewrite == ct_rewrite::DST || rewrite == ct_rewrite::HAIRPIN)
     {

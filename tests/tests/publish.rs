@@ -1312,6 +1312,88 @@ fn an_ipv4_only_containers_port_unreachable_reaches_the_ipv6_client_through_nat6
     }
 }
 
+/// Fragmented UDP datagrams through NAT64: an IPv6 client's 4,000- and 60,000-byte
+/// datagrams to an IPv4-only container's published UDP port, split into IPv6 fragments by
+/// the client (IPv6 routers never split), arrive whole at the container as IPv4 fragments,
+/// from its gateway; its short answers come back over IPv6. Untranslated, the fragments would
+/// go to the host's own stack, which has no socket there. (The container's own datagrams
+/// bigger than the uplink's MTU less 28 bytes would not fit as IPv6 fragments: README.)
+#[test]
+fn fragmented_udp_datagrams_reach_an_ipv4_only_container_through_nat64() {
+    const SIZES: [usize; 2] = [4000, 60000];
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    give_the_host_ipv6(&sandbox, &agent);
+    give_the_outside_ipv6(&sandbox);
+    // The container answers each datagram with its size, in place of the sandbox's server
+    // (signalled, not waited for: its port may take a moment to free).
+    sandbox.stop_sandbox_server("web1").unwrap();
+    let socket = in_netns(&sandbox.netns("web1"), || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match std::net::UdpSocket::bind("0.0.0.0:80") {
+                Ok(socket) => return socket,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("binding 0.0.0.0:80/udp in web1: {e}"),
+            }
+        }
+    });
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        for _ in SIZES {
+            let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+                break;
+            };
+            let intact = buf[..n]
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == (i % 251) as u8);
+            socket.send_to(n.to_string().as_bytes(), peer).unwrap();
+            seen.push((n, intact, peer.ip().to_string()));
+        }
+        seen
+    });
+    in_netns(&sandbox.netns("outside"), || {
+        let socket = std::net::UdpSocket::bind("[::]:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        for size in SIZES {
+            let datagram: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            socket
+                .send_to(&datagram, format!("[{HOST6}]:5353"))
+                .unwrap();
+            let (n, _) = socket
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("no answer to {size} bytes: {e}"));
+            assert_eq!(
+                String::from_utf8_lossy(&buf[..n]),
+                size.to_string(),
+                "the container got the {size} bytes whole"
+            );
+        }
+    });
+    let seen = server.join().unwrap();
+    let expected: Vec<_> = SIZES
+        .iter()
+        .map(|n| (*n, true, GATEWAY.to_owned()))
+        .collect();
+    assert_eq!(seen, expected, "whole, intact, from the gateway");
+    let status = agent.status();
+    assert_eq!(
+        status.drops("FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND"),
+        0,
+        "{status:#?}"
+    );
+}
+
 /// Path MTU discovery through NAT64: the far client behind the 1280-byte hop downloads from
 /// an IPv4-only container through the published port over IPv6. The container's segments
 /// follow the client's MSS (1440, for a 1500-byte IPv6 link) and leave as 1500-byte IPv6

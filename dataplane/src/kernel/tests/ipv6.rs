@@ -172,7 +172,7 @@ fn crafted_ipv6_frames_have_valid_checksums() {
 }
 
 /// A fragment header (first fragment when `offset` is 0 with "more fragments").
-fn fragment_header(offset: u16, more: bool, id: u32) -> (u8, Vec<u8>) {
+pub(super) fn fragment_header(offset: u16, more: bool, id: u32) -> (u8, Vec<u8>) {
     let word = (offset << 3) | u16::from(more);
     let mut h = vec![0, 0];
     h.extend_from_slice(&word.to_be_bytes());

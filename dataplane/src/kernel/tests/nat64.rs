@@ -365,7 +365,16 @@ fn random_packets_through_nat64_never_leave_with_a_wrong_checksum() {
             "{hook:?}: a packet cut short went on changed: {input:02x?}"
         );
         if out[12..14] == 0x0800u16.to_be_bytes() {
-            assert_checksums(&out);
+            let offset = u16::from_be_bytes([out[ETH_LEN + 6], out[ETH_LEN + 7]]) & 0x1fff;
+            if offset == 0 {
+                assert_checksums(&out);
+            } else {
+                // A later fragment (of a datagram whose first fragment came before, with the
+                // same identification): no L4 header of its own.
+                let header = &out[ETH_LEN..ETH_LEN + 20];
+                let sum = super::packet::sum_words(header);
+                assert_eq!(super::packet::csum_fold(sum), 0, "IPv4 header checksum");
+            }
             inward_changed += 1;
         } else {
             assert_checksums6(&out);
@@ -550,4 +559,90 @@ fn nat64_icmpv4_errors_of_the_container_reach_the_client_as_icmpv6_errors() {
     let mut other = error_about(3, 3, 0);
     other[ETH_LEN + 20 + 8 + 20] ^= 1; // the quoted source port (the gateway's) changed
     assert_eq!(run_tc(dp, Hook::ContainerIngress, &other).0, TC_PASS);
+}
+
+/// A UDP datagram in IPv6 fragments (its sender split it; IPv6 routers never do) to an
+/// IPv4-only container's published port: each fragment becomes an IPv4 fragment (RFC 7915:
+/// the fragment header's offset and "more fragments" in IPv4's fields, DF clear, the
+/// identification's low 16 bits), 28 bytes shorter, the first with its ports translated and
+/// the second following it through the fragment map; reassembled, the datagram's UDP
+/// checksum is valid over the IPv4 pseudo-header. A later fragment whose first never came
+/// is dropped and counted.
+#[test]
+fn nat64_translates_ipv6_fragments_into_ipv4_fragments() {
+    use super::packet::{csum_fold, l4_pseudo_sum, sum_words};
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    ipv4_only_container(dp);
+    let (container, gateway) = (Ipv4Addr::from(CONTAINER), Ipv4Addr::from(GATEWAY));
+    // The whole datagram, its checksum computed over the IPv6 pseudo-header.
+    let data: Vec<u8> = (0..32u8).collect();
+    let whole = from_client(17, &udp(40030, 5353, &data));
+    let datagram = whole[ETH_LEN + 40..].to_vec();
+    let id = 0x0012_3456u32;
+    let fragment = |offset: u16, more: bool, id: u32, bytes: &[u8]| {
+        let mut spec = Ipv6Spec::new(client(), host(), 17);
+        spec.ext
+            .push(super::ipv6::fragment_header(offset, more, id));
+        let mut frame = ipv6_frame(&spec, bytes);
+        // The builder sums what it is given: put the datagram's own bytes back.
+        let at = frame.len() - bytes.len();
+        frame[at..].copy_from_slice(bytes);
+        frame
+    };
+    let mut reassembled = Vec::new();
+    let mut ids = Vec::new();
+    for (what, offset, more, bytes) in [
+        ("first fragment", 0u16, true, &datagram[..24]),
+        ("later fragment", 3, false, &datagram[24..]),
+    ] {
+        let frame = fragment(offset, more, id, bytes);
+        let (verdict, out) = run_tc(dp, Hook::UplinkIngress, &frame);
+        assert_eq!(verdict, TC_REDIRECT, "{what}: into the container");
+        assert_eq!(&out[12..14], &0x0800u16.to_be_bytes(), "{what}: IPv4 now");
+        assert_eq!(out.len(), frame.len() - 28, "{what}: 28 bytes shorter");
+        assert_eq!(&out[..6], &CONTAINER_MAC, "{what}");
+        let header = &out[ETH_LEN..ETH_LEN + 20];
+        assert_eq!(
+            csum_fold(sum_words(header)),
+            0,
+            "{what}: IPv4 header checksum"
+        );
+        assert_eq!(
+            usize::from(u16::from_be_bytes([header[2], header[3]])),
+            out.len() - ETH_LEN,
+            "{what}: total length"
+        );
+        let fragment_word = u16::from_be_bytes([header[6], header[7]]);
+        let expected = u16::from(more) << 13 | offset;
+        assert_eq!(fragment_word, expected, "{what}: MF and offset, DF clear");
+        ids.push(u16::from_be_bytes([header[4], header[5]]));
+        let src = Ipv4Addr::new(header[12], header[13], header[14], header[15]);
+        let dst = Ipv4Addr::new(header[16], header[17], header[18], header[19]);
+        assert_eq!((src, dst), (gateway, container), "{what}: addresses");
+        reassembled.extend_from_slice(&out[ETH_LEN + 20..]);
+    }
+    assert_eq!(
+        ids,
+        [0x3456, 0x3456],
+        "the identification's low 16 bits, alike"
+    );
+    let ports = (
+        u16::from_be_bytes([reassembled[0], reassembled[1]]),
+        u16::from_be_bytes([reassembled[2], reassembled[3]]),
+    );
+    assert_eq!(
+        ports,
+        (40030, 53),
+        "from the gateway to the container's port"
+    );
+    assert_eq!(&reassembled[8..], &data[..], "the data untouched");
+    let sum = l4_pseudo_sum(gateway, container, 17, reassembled.len()) + sum_words(&reassembled);
+    assert_eq!(csum_fold(sum), 0, "the reassembled datagram's UDP checksum");
+    // A later fragment of a datagram whose first never came.
+    let before = drops(dp, DropReason::FragmentNotFound);
+    let orphan = fragment(3, false, 0x0bad, &datagram[24..]);
+    assert_eq!(run_tc(dp, Hook::UplinkIngress, &orphan).0, TC_SHOT);
+    assert_eq!(drops(dp, DropReason::FragmentNotFound), before + 1);
 }

@@ -48,7 +48,7 @@ pub fn sum_words(data: &[u8]) -> u32 {
     sum
 }
 
-fn l4_pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4_len: usize) -> u32 {
+pub fn l4_pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4_len: usize) -> u32 {
     sum_words(&src.octets()) + sum_words(&dst.octets()) + u32::from(protocol) + l4_len as u32
 }
 
