@@ -25,7 +25,7 @@
 //! (`later_fragment_to_ipv4`). A container's IPv4 fragments are not translated (they would
 //! grow by 28 bytes past the uplink's MTU; they pass to the host as before).
 //!
-//! Limits (README, "IPv6 today"): no other IPv6 extension header and no IPv4 options (such
+//! Limits (README, "IPv6"): no other IPv6 extension header and no IPv4 options (such
 //! packets pass as before); a UDP reply without a checksum is dropped (IPv6 requires one),
 //! `InvalidL4Header`, and so is a request without one (never valid in IPv6). MTU: the
 //! requests get 20 bytes shorter; the replies 20 bytes longer, which TCP fits by itself (the
