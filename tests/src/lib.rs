@@ -18,6 +18,11 @@ pub mod docker {
     };
 }
 
+/// The Docker Swarm harness (testbed::swarm).
+pub mod swarm {
+    pub use testbed::swarm::{IMAGE, NETWORK, Node, OUTSIDE, Swarm};
+}
+
 /// Names of the BPF programs the kernel has attached to `interface` in namespace `netns`
 /// (TCX ingress and egress, and XDP), asked of the kernel directly rather than of the agent.
 /// The kernel keeps the first 15 characters of a program's name.

@@ -68,6 +68,8 @@ pub struct Engine {
     /// Docker's own dataplane: on, off, or its rules without docker-proxy.
     docker_dataplane: DockerDataplane,
     process: Option<Process>,
+    /// A UTS namespace of its own with this hostname (a swarm's nodes are told apart by it).
+    hostname: Option<String>,
     /// How long the last start took until the engine answered.
     pub started_in: Duration,
 }
@@ -131,6 +133,28 @@ impl Engine {
         cgroup_parent: &str,
         docker_dataplane: DockerDataplane,
     ) -> Result<Engine> {
+        Engine::launch(netns, dir, cgroup_parent, docker_dataplane, None)
+    }
+
+    /// [`Engine::start_as`] in a UTS namespace of its own named `hostname`: what a swarm
+    /// node calls itself (`docker node ls`, the tasks' node).
+    pub fn start_node(
+        netns: &str,
+        dir: &Path,
+        cgroup_parent: &str,
+        docker_dataplane: DockerDataplane,
+        hostname: &str,
+    ) -> Result<Engine> {
+        Engine::launch(netns, dir, cgroup_parent, docker_dataplane, Some(hostname))
+    }
+
+    fn launch(
+        netns: &str,
+        dir: &Path,
+        cgroup_parent: &str,
+        docker_dataplane: DockerDataplane,
+        hostname: Option<&str>,
+    ) -> Result<Engine> {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         // A daemon config of its own, so a /etc/docker/daemon.json of the machine cannot turn
         // Docker's iptables back on.
@@ -149,6 +173,7 @@ impl Engine {
             cgroup_parent: cgroup_parent.to_owned(),
             docker_dataplane,
             process: None,
+            hostname: hostname.map(str::to_owned),
             started_in: Duration::ZERO,
         };
         engine.spawn()?;
@@ -168,7 +193,14 @@ impl Engine {
         // with "Devices cgroup isn't mounted".
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", netns_path(&self.netns)))
-            .args(["--", "dockerd", "--data-root"])
+            .arg("--");
+        if let Some(hostname) = &self.hostname {
+            // unshare and sh exec: the pid stays dockerd's.
+            cmd.args(["unshare", "--uts", "--", "sh", "-c"])
+                .arg("hostname \"$0\" && exec \"$@\"")
+                .arg(hostname);
+        }
+        cmd.args(["dockerd", "--data-root"])
             .arg(self.dir.join("data"))
             .arg("--exec-root")
             .arg(self.dir.join("exec"))
@@ -388,7 +420,7 @@ const WHO_CGI: &str =
     "#!/bin/sh\necho 'Content-Type: text/plain'\necho\necho \"$(hostname) $REMOTE_ADDR\"\n";
 
 /// Network namespaces made by `ip netns add`, deleted on drop (last made first).
-struct Namespaces(Vec<String>);
+pub(crate) struct Namespaces(pub(crate) Vec<String>);
 
 impl Drop for Namespaces {
     fn drop(&mut self) {
@@ -411,7 +443,7 @@ pub struct Dockerd {
     _namespaces: Namespaces,
 }
 
-fn run(what: &str, cmd: &mut Command) {
+pub(crate) fn run(what: &str, cmd: &mut Command) {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -454,7 +486,7 @@ impl Dockerd {
             engine,
             _namespaces: namespaces,
         };
-        dockerd.make_image();
+        make_image(&dockerd.engine);
         dockerd
     }
 
@@ -475,27 +507,6 @@ impl Dockerd {
 
     pub fn stop(&mut self) {
         self.engine.stop();
-    }
-
-    /// `bb:latest` from /bin/busybox of busybox-static, with /www/index.html ("hello") and
-    /// /www/cgi-bin/who.
-    fn make_image(&self) {
-        let root = self.engine.dir.join("image");
-        for sub in ["bin", "www/cgi-bin", "tmp"] {
-            std::fs::create_dir_all(root.join(sub)).unwrap();
-        }
-        std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-            .expect("/bin/busybox (apt-get install busybox-static; cargo xtask setup does)");
-        for applet in APPLETS {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-        }
-        std::fs::write(root.join("www/index.html"), "hello\n").unwrap();
-        let cgi = root.join("www/cgi-bin/who");
-        std::fs::write(&cgi, WHO_CGI).unwrap();
-        std::fs::set_permissions(&cgi, std::fs::Permissions::from_mode(0o755)).unwrap();
-        self.engine
-            .import_image(&root, IMAGE)
-            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Runs the docker CLI against this engine.
@@ -579,6 +590,27 @@ impl Dockerd {
         )
         .unwrap_or_else(|e| panic!("{e}"))
     }
+}
+
+/// `bb:latest` from /bin/busybox of busybox-static, with /www/index.html ("hello") and
+/// /www/cgi-bin/who.
+pub(crate) fn make_image(engine: &Engine) {
+    let root = engine.dir.join("image");
+    for sub in ["bin", "www/cgi-bin", "tmp"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("/bin/busybox (apt-get install busybox-static; cargo xtask setup does)");
+    for applet in APPLETS {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("www/index.html"), "hello\n").unwrap();
+    let cgi = root.join("www/cgi-bin/who");
+    std::fs::write(&cgi, WHO_CGI).unwrap();
+    std::fs::set_permissions(&cgi, std::fs::Permissions::from_mode(0o755)).unwrap();
+    engine
+        .import_image(&root, IMAGE)
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// dockerd's namespace and the outside client's, joined by a veth made inside dockerd's and

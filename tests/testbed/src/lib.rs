@@ -7,6 +7,8 @@
 //!   socket of its own, its typed [`dataplane::control::status::Status`] read over that socket;
 //! - [`dockerd::Engine`]: a real dockerd in a namespace, with everything it leaves behind
 //!   (containers, shims, cgroups, mounts) found and removed;
+//! - [`swarm::Swarm`]: a Docker Swarm of such engines, one node per namespace, on one test
+//!   network;
 //! - [`process`]: processes killed on drop, commands with a time limit, and the /proc and
 //!   mount helpers the others share; [`interrupt`]: Ctrl-C as a flag the waits check.
 //!
@@ -23,6 +25,7 @@ pub mod netns;
 pub mod process;
 pub mod sandbox;
 pub mod status;
+pub mod swarm;
 
 use std::{
     path::{Path, PathBuf},
