@@ -338,15 +338,9 @@ fn later_fragment_to_ipv4(ctx: &TcContext) -> Verdict {
     }
     // 20 bytes off the front of the header (the family), then the fragment header after the
     // new IPv4 header's room.
-    if ctx.change_proto(ETH_P_IP.to_be(), 0).is_err()
-        || ctx
-            .adjust_room(-(FRAG_HDR_LEN as i32), BPF_ADJ_ROOM_NET, 0)
-            .is_err()
-        || s.to.first_chunk::<5>().is_none_or(|header| {
-            ctx.store(ETH_HDR_LEN, header, u64::from(BPF_F_RECOMPUTE_CSUM))
-                .is_err()
-        })
-        || ctx.store(ETHERTYPE_OFF, &ETH_P_IP.to_be(), 0).is_err()
+    if s.to
+        .first_chunk::<5>()
+        .is_none_or(|header| change_family(ctx, ETH_P_IP, -(FRAG_HDR_LEN as i32), header).is_err())
     {
         return Verdict::Drop(DropReason::Malformed);
     }
@@ -859,16 +853,9 @@ fn icmp_error_to_ipv4(ctx: &TcContext) -> Verdict {
     s.to[5] |= u32::from(fold(sum)) << 16;
     // 20 bytes off the front of the header (the family), then 20 after the new IPv4 header
     // (the quoted header's difference); the 48 bytes before the quoted ports are rewritten.
-    if ctx.change_proto(ETH_P_IP.to_be(), 0).is_err()
-        || ctx
-            .adjust_room(-(IPV4_HDR_LEN as i32), BPF_ADJ_ROOM_NET, 0)
-            .is_err()
-        || s.to.first_chunk::<13>().is_none_or(|headers| {
-            ctx.store(ETH_HDR_LEN, headers, u64::from(BPF_F_RECOMPUTE_CSUM))
-                .is_err()
-        })
-        || ctx.store(ETHERTYPE_OFF, &ETH_P_IP.to_be(), 0).is_err()
-    {
+    if s.to.first_chunk::<13>().is_none_or(|headers| {
+        change_family(ctx, ETH_P_IP, -(IPV4_HDR_LEN as i32), headers).is_err()
+    }) {
         return Verdict::Drop(DropReason::Malformed);
     }
     deliver4(ctx, container)
@@ -1024,18 +1011,32 @@ fn icmp_error_to_ipv6(ctx: &TcContext) -> Verdict {
     s.to[10] |= u32::from(fold(sum)) << 16;
     // 20 bytes before the header (the family), then 20 after the new IPv6 header (the
     // quoted header's difference); the 92 bytes up to the quoted ports are rewritten.
-    if ctx.change_proto(ETH_P_IPV6.to_be(), 0).is_err()
-        || ctx
-            .adjust_room(IPV4_HDR_LEN as i32, BPF_ADJ_ROOM_NET, 0)
-            .is_err()
-        || ctx
-            .store(ETH_HDR_LEN, &s.to, u64::from(BPF_F_RECOMPUTE_CSUM))
-            .is_err()
-        || ctx.store(ETHERTYPE_OFF, &ETH_P_IPV6.to_be(), 0).is_err()
-    {
+    if change_family(ctx, ETH_P_IPV6, IPV4_HDR_LEN as i32, &s.to).is_err() {
         return Verdict::Drop(DropReason::Malformed);
     }
     to_uplink()
+}
+
+/// The packet made `ethertype`'s family (bpf_skb_change_proto: 20 bytes of header room off
+/// or on at the front), `adjust` bytes more or fewer right after the new network header
+/// (bpf_skb_adjust_room: a fragment header, or a quoted header's difference), and `headers`
+/// written from the network header on, with the Ethernet type. RECOMPUTE_CSUM keeps a
+/// CHECKSUM_COMPLETE packet's sum right (the kernel took what it removed out of it; what it
+/// inserts is zeros).
+#[inline(always)]
+fn change_family<const N: usize>(
+    ctx: &TcContext,
+    ethertype: u16,
+    adjust: i32,
+    headers: &[u32; N],
+) -> Result<(), ()> {
+    ctx.change_proto(ethertype.to_be(), 0).map_err(|_| ())?;
+    ctx.adjust_room(adjust, BPF_ADJ_ROOM_NET, 0)
+        .map_err(|_| ())?;
+    ctx.store(ETH_HDR_LEN, headers, u64::from(BPF_F_RECOMPUTE_CSUM))
+        .map_err(|_| ())?;
+    ctx.store(ETHERTYPE_OFF, &ethertype.to_be(), 0)
+        .map_err(|_| ())
 }
 
 /// A port pair as the word that holds them in a TCP or UDP header (network order ports in,
