@@ -510,7 +510,7 @@ pub struct IcmpScratch {
     /// addresses loaded straight from the header, length, next header), the ICMPv6 header
     /// with its checksum zeroed (2), the quoted IPv6 header (10), the quoted ports (1). To
     /// IPv6: the ICMPv4 header with its checksum zeroed (2), the quoted IPv4 header (5), the
-    /// quoted ports (1).
+    /// quoted ports (1); then, only to check its checksum, the outer IPv4 header (5).
     from: [u32; 23],
     /// The headers the packet gets, up to the quoted ports included. To IPv4: the IPv4 header
     /// (5 words), the ICMPv4 header (2), the quoted IPv4 header (5), the ports (1). To IPv6:
@@ -568,10 +568,16 @@ fn icmp_error_to_ipv4(ctx: &TcContext) -> Verdict {
     let Some((icmp_type, code)) = icmp_type_to_ipv4((head >> 24) as u8, (head >> 16) as u8) else {
         return Verdict::Pass;
     };
-    // An error about an IPv6 TCP or UDP packet (no extension header in the quote).
+    // An error about an IPv6 TCP or UDP packet (no extension header in the quote), within
+    // the length the header gives the message: the bytes past it may be in the frame
+    // (loaded), but the checksum covers none of them, nor would the IPv4 header's length.
     let (q0, q1) = (u32::from_be(s.from[12]), u32::from_be(s.from[13]));
     let protocol = (q1 >> 8) as u8;
-    if !loaded || q0 >> 28 != 6 || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP) {
+    if !loaded
+        || usize::from(u16::from_be(payload_len)) < QUOTED6_PORTS_OFF + 4 - ICMP6_OFF
+        || q0 >> 28 != 6
+        || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+    {
         return Verdict::Pass;
     }
     // The quote is the connection's reply as it left: its tuple reversed is the forward key.
@@ -725,14 +731,27 @@ fn icmp_error_to_ipv6(ctx: &TcContext) -> Verdict {
     // SAFETY: this CPU's element, used by this program run only.
     let s = unsafe { &mut *scratch };
     let skb = ctx.skb.skb.cast::<c_void>();
-    // SAFETY: the helper writes 8 bytes (the ICMPv4 header), 20 from word 2 and 4 at word 7,
-    // all inside `from`; constant lengths, as the verifier needs them.
+    // SAFETY: the helper writes 8 bytes (the ICMPv4 header), 20 from word 2, 4 at word 7 and
+    // 20 from word 8 (the outer header), all inside `from`; constant lengths, as the verifier
+    // needs them.
     let loaded = unsafe {
         let from = s.from.as_mut_ptr();
         bpf_skb_load_bytes(skb, ICMP4_OFF as u32, from.cast(), 8) == 0
             && bpf_skb_load_bytes(skb, QUOTED4_OFF as u32, from.add(2).cast(), 20) == 0
             && bpf_skb_load_bytes(skb, QUOTED4_PORTS_OFF as u32, from.add(7).cast(), 4) == 0
+            && bpf_skb_load_bytes(skb, ETH_HDR_LEN as u32, from.add(8).cast(), 20) == 0
     };
+    // A header whose checksum is wrong passes untouched, for the host's stack to drop: the
+    // IPv6 packet has no header checksum, so translated it would arrive as sound (the ICMP
+    // checksum does not cover the IPv4 header).
+    // SAFETY: 20 bytes of this CPU's map value, loaded just above.
+    if !loaded
+        || fold(unsafe {
+            bpf_csum_diff(core::ptr::null_mut(), 0, s.from.as_mut_ptr().add(8), 20, 0)
+        }) != 0
+    {
+        return Verdict::Pass;
+    }
     let (Ok(tos), Ok(total_len), Ok(ttl)) = (
         ctx.load::<u8>(ETH_HDR_LEN + 1),
         ctx.load::<u16>(ETH_HDR_LEN + 2),
@@ -741,10 +760,15 @@ fn icmp_error_to_ipv6(ctx: &TcContext) -> Verdict {
         return Verdict::Pass;
     };
     let (head, second) = (u32::from_be(s.from[0]), u32::from_be(s.from[1]));
-    // The quote: an IPv4 TCP or UDP packet without options.
+    // The quote: an IPv4 TCP or UDP packet without options, within the header's total
+    // length (as `icmp_error_to_ipv4`: what the frame holds past it is no part of the message).
     let (q0, q2) = (u32::from_be(s.from[2]), u32::from_be(s.from[4]));
     let protocol = (q2 >> 16) as u8;
-    if !loaded || q0 >> 24 != 0x45 || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP) {
+    if !loaded
+        || usize::from(u16::from_be(total_len)) < QUOTED4_PORTS_OFF + 4 - ETH_HDR_LEN
+        || q0 >> 24 != 0x45
+        || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+    {
         return Verdict::Pass;
     }
     let Some((icmp_type, code, second6)) =
