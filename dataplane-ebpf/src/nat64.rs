@@ -482,8 +482,6 @@ const ICMP_PROT_UNREACH: u8 = 2;
 const ICMP_PORT_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMP_HOST_ANO: u8 = 10;
-/// The smallest MTU an IPv4 host must accept (RFC 791).
-const IPV4_MIN_MTU: u32 = 68;
 
 /// The ICMPv4 type and code RFC 7915 (section 5.2) gives an ICMPv6 error; None for those it
 /// drops (parameter problems other than an unknown next header, whose pointer into the header
@@ -618,11 +616,13 @@ fn icmp_error_to_ipv4(ctx: &TcContext) -> Verdict {
     s.to[3] = u32::from_be(gateway);
     s.to[4] = u32::from_be(container);
     // Packet too big: IPv4's next-hop MTU is 20 bytes less (its header is), in the low half of
-    // the second word (RFC 1191); the other errors' second word is unused.
+    // the second word (RFC 1191); the other errors' second word is unused. Never under what
+    // IPv6's minimum gives: the path past the translator is IPv6, whose links carry 1280
+    // bytes, and whose hosts ignore a smaller MTU (RFC 8201), as an IPv6 server would
+    // ignore one forged by anyone who knows the connection's tuple (translated as it came,
+    // 0 or 1 would shrink the container's segments to its stack's minimum).
     let mtu = if icmp_type == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED {
-        u32::from_be(second)
-            .saturating_sub(20)
-            .clamp(IPV4_MIN_MTU, 0xffff)
+        (u32::from_be(second).max(IPV6_MIN_MTU) - 20).min(0xffff)
     } else {
         0
     };

@@ -564,7 +564,7 @@ fn sums_to_zero(seed: u32, data: &[u8]) -> bool {
 /// error frame (`out`), the message's checksum valid exactly when the original's was (a
 /// corrupt message must stay detectable, a sound one must arrive sound). Err says what is
 /// wrong.
-fn check_translated_to_ipv4(out: &[u8], valid_in: bool) -> Result<(), String> {
+fn check_translated_to_ipv4(out: &[u8], valid_in: bool, mtu6: u32) -> Result<(), String> {
     if out.get(12..14) != Some(&0x0800u16.to_be_bytes()[..]) || out.len() < ETH_LEN + 52 {
         return Err("not an IPv4 frame long enough for an ICMP error".into());
     }
@@ -587,6 +587,13 @@ fn check_translated_to_ipv4(out: &[u8], valid_in: bool) -> Result<(), String> {
     if icmp[0] != 3 && icmp[0] != 11 {
         return Err(format!("ICMPv4 type {}", icmp[0]));
     }
+    // Packet too big: 20 bytes less, from no less than IPv6's minimum (1280).
+    let next_hop_mtu = u32::from(u16::from_be_bytes([icmp[6], icmp[7]]));
+    if (icmp[0], icmp[1]) == (3, 4) && next_hop_mtu != (mtu6.max(1280) - 20).min(0xffff) {
+        return Err(format!(
+            "next-hop MTU {next_hop_mtu} for an IPv6 MTU of {mtu6}"
+        ));
+    }
     let quote = &icmp[8..];
     if quote[0] != 0x45 || !sums_to_zero(0, &quote[..20]) {
         return Err("quoted IPv4 header: not 0x45 or a wrong checksum".into());
@@ -598,7 +605,7 @@ fn check_translated_to_ipv4(out: &[u8], valid_in: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn check_translated_to_ipv6(out: &[u8], valid_in: bool) -> Result<(), String> {
+fn check_translated_to_ipv6(out: &[u8], valid_in: bool, second4: u32) -> Result<(), String> {
     if out.get(12..14) != Some(&0x86ddu16.to_be_bytes()[..]) || out.len() < ETH_LEN + 92 {
         return Err("not an IPv6 frame long enough for an ICMPv6 error".into());
     }
@@ -628,6 +635,14 @@ fn check_translated_to_ipv6(out: &[u8], valid_in: bool) -> Result<(), String> {
     if !(1..=4).contains(&icmp[0]) {
         return Err(format!("ICMPv6 type {}", icmp[0]));
     }
+    // Packet too big: 20 bytes more than the next-hop MTU, and no less than 1280.
+    let mtu = u32::from_be_bytes(icmp[4..8].try_into().unwrap());
+    if icmp[0] == 2 && mtu != ((second4 & 0xffff) + 20).max(1280) {
+        return Err(format!(
+            "MTU {mtu} for a next-hop MTU of {}",
+            second4 & 0xffff
+        ));
+    }
     let quote = &icmp[8..];
     let addr = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&quote[o..o + 16]).unwrap());
     if quote[0] >> 4 != 6 || (addr(8), addr(24)) != (client(), host()) {
@@ -638,7 +653,8 @@ fn check_translated_to_ipv6(out: &[u8], valid_in: bool) -> Result<(), String> {
 
 /// Hostile ICMP errors both ways through NAT64, 4000 of them (RFC 7915's translation is
 /// reached by anyone on the path to a client, and by the container): from the uplink, ICMPv6
-/// messages of every type and code with any MTU (0, 1, 2^32 - 1, ...), quoting a tracked
+/// messages of every type and code with any MTU (0, 1, 2^32 - 1, ...: translated never
+/// under what IPv6's 1280 gives, which an IPv6 host would not go under either), quoting a tracked
 /// NAT64 reply (TCP or UDP), an untracked one, one with an extension header, a wrong version
 /// or another protocol, cut short at any length, behind an outer extension header, with a bad
 /// checksum, a payload length shorter than the frame (trailing bytes), cut short; from the
@@ -884,10 +900,10 @@ fn random_icmp_errors_through_nat64_leave_translated_right_or_untouched() {
         assert_eq!(verdict, TC_REDIRECT, "translated, not redirected: {what}");
         let checked = if from_outside {
             to_ipv4 += 1;
-            check_translated_to_ipv4(&out, valid_in)
+            check_translated_to_ipv4(&out, valid_in, second)
         } else {
             to_ipv6 += 1;
-            check_translated_to_ipv6(&out, valid_in)
+            check_translated_to_ipv6(&out, valid_in, second)
         };
         if let Err(wrong) = checked {
             panic!("{wrong}: {what}\n out {out:02x?}");
