@@ -119,3 +119,232 @@ fn ipv6_a_connection_missing_half_its_entries_is_judged_again_after_a_policy_cha
         "and stays so"
     );
 }
+
+const GATEWAY6: &str = "fd00:1::1";
+const B6: &str = "fd00:1::3";
+const B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
+
+/// [`with_container6`]'s container A (`fd00:1::2`) and B (`fd00:1::3`) on one network with
+/// gateway `fd00:1::1`; A's 80/tcp published on every host address at 8080 and 8081, its
+/// 53/udp at 5353.
+fn two_containers_and_a_published_port(dp: &mut Datapath) {
+    with_container6(dp);
+    for (addr, endpoint_id, mac) in [
+        (v6("fd00:1::2"), 1, super::ipv6::CONTAINER_MAC),
+        (v6(B6), 2, B_MAC),
+    ] {
+        dp.set::<crate::kernel::maps::Endpoints6>(
+            In6Addr::from_ipv6(addr),
+            dataplane_common::EndpointInfo6 {
+                ifindex: endpoint_id,
+                network_id: 1,
+                endpoint_id,
+                mac,
+                gateway: In6Addr::from_ipv6(v6(GATEWAY6)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    publish6(dp, Ipv6Addr::UNSPECIFIED, 8080, 6, 80);
+    publish6(dp, Ipv6Addr::UNSPECIFIED, 8081, 6, 80);
+    publish6(dp, Ipv6Addr::UNSPECIFIED, 5353, 17, 53);
+}
+
+/// Whether an IPv6 frame's payload length is the frame's and (unless it is a later
+/// fragment) its TCP/UDP checksum is right over the pseudo-header.
+fn sound6(frame: &[u8]) -> Result<(), String> {
+    let payload_len = usize::from(u16::from_be_bytes([frame[18], frame[19]]));
+    if 14 + 40 + payload_len != frame.len() {
+        return Err(format!(
+            "payload length {payload_len} in {} bytes",
+            frame.len()
+        ));
+    }
+    let (src, dst, protocol, l4) = super::ipv6::upper_layer(frame);
+    let Some(l4) = l4 else {
+        return Ok(());
+    };
+    let sum = super::ipv6::pseudo_sum(src, dst, protocol, frame.len() - l4)
+        + super::packet::sum_words(&frame[l4..]);
+    if super::packet::csum_fold(sum) != 0 {
+        return Err(format!("checksum of protocol {protocol} wrong"));
+    }
+    Ok(())
+}
+
+/// A container's hostile traffic on the IPv6 paths to ports published on the host: A to its
+/// own ports (two of them leading to its port 80: the second connection from a source port
+/// needs another gateway port) and its answers to the gateway, B to A's port and A's answers,
+/// 4000 packets: TCP with any flags (SYN, RST, FIN, none, ...), UDP, a few source ports used
+/// over and over, first and later fragments in any order, packets cut short, gateway ports
+/// nobody was given. Whatever leaves changed is redirected with every checksum right, with
+/// the addresses of its path (hairpin: gateway -> A, published address -> A; B's: B -> A,
+/// published address -> B), and an answer to a gateway port goes to the source port and from
+/// the published port that port was given for (an answer to B from the port B's latest
+/// connection went to); nothing cut short leaves changed; drops are counted.
+#[test]
+fn hostile_packets_on_the_ipv6_hairpin_leave_translated_right_or_untouched() {
+    use std::collections::BTreeMap;
+
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    two_containers_and_a_published_port(dp);
+    let (host, a, b, gateway) = (v6("2001:db8::1"), v6("fd00:1::2"), v6(B6), v6(GATEWAY6));
+    let mut state = 0x1234_5678_9abc_def1u64;
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let total_drops = |dp: &Datapath| dp.drops().unwrap().iter().map(|(_, n)| n).sum::<u64>();
+    let flags = [0x02u8, 0x12, 0x10, 0x04, 0x14, 0x11, 0x18, 0x00];
+    // (protocol, gateway port) -> (published port, A's source port), from what left.
+    let mut given: BTreeMap<(u8, u16), (u16, u16)> = BTreeMap::new();
+    // (protocol, B's source port) -> the published port of its latest connection (one from
+    // the same port to the other binding of A's port 80 replaces it: the same tuple at A).
+    let mut latest: BTreeMap<(u8, u16), u16> = BTreeMap::new();
+    let (mut changed, mut untouched, mut dropped) = (0, 0, 0);
+    for round in 0..4000 {
+        let udp = next() % 4 == 0;
+        let protocol = if udp { 17u8 } else { 6 };
+        let (published, inner) = match (udp, next() % 2) {
+            (true, _) => (5353u16, 53u16),
+            (false, 0) => (8080, 80),
+            (false, _) => (8081, 80),
+        };
+        let port = 40000 + (next() % 4) as u16;
+        let kind = next() % 4;
+        let gateway_port = if next() % 4 == 0 || given.is_empty() {
+            port
+        } else {
+            let ports: Vec<_> = given.keys().filter(|(p, _)| *p == protocol).collect();
+            ports
+                .get((next() % ports.len().max(1) as u64) as usize)
+                .map_or(port, |k| k.1)
+        };
+        let (src, dst, sport, dport) = match kind {
+            0 => (a, host, port, published),
+            1 => (a, gateway, inner, gateway_port),
+            2 => (b, host, port, published),
+            _ => (a, b, inner, port),
+        };
+        let l4 = if udp {
+            super::packet::udp(sport, dport, b"0123456789abcdef")
+        } else {
+            tcp(
+                sport,
+                dport,
+                flags[(next() % 8) as usize],
+                b"0123456789abcdef",
+            )
+        };
+        let mut spec = super::ipv6::Ipv6Spec::new(src, dst, protocol);
+        let shape = next() % 8;
+        let mut l4 = l4;
+        let id = 0x77 + (next() % 3) as u32;
+        match shape {
+            // A first fragment (its L4 length the whole datagram's).
+            0 => {
+                spec.ext.push(super::ipv6::fragment_header(0, true, id));
+                if udp {
+                    l4[4..6].copy_from_slice(&40u16.to_be_bytes());
+                }
+            }
+            // A later one: data only.
+            1 => {
+                spec.ext.push(super::ipv6::fragment_header(3, false, id));
+                l4 = vec![0x5a; 24];
+            }
+            _ => {}
+        }
+        let mut input = super::ipv6::ipv6_frame(&spec, &l4);
+        let cut = next() % 10 == 0;
+        if cut {
+            let keep = 14 + 40 + (next() as usize % (input.len() - 54));
+            input.truncate(keep);
+        }
+        let drops_before = total_drops(dp);
+        let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &input);
+        let what = format!("round {round}, kind {kind}, shape {shape}: {input:02x?}");
+        assert!(
+            [super::programs::TC_PASS, TC_SHOT, TC_REDIRECT].contains(&verdict),
+            "verdict {verdict}, {what}"
+        );
+        if verdict == TC_SHOT {
+            assert_eq!(
+                total_drops(dp),
+                drops_before + 1,
+                "a drop not counted, {what}"
+            );
+            dropped += 1;
+            continue;
+        }
+        if out[14..] == input[14..] {
+            untouched += 1;
+            continue;
+        }
+        changed += 1;
+        assert!(!cut, "cut short, yet changed: {what}");
+        assert_eq!(verdict, TC_REDIRECT, "changed, not redirected: {what}");
+        if let Err(wrong) = sound6(&out) {
+            panic!("{wrong}: {what}\n out {out:02x?}");
+        }
+        let (out_src, out_dst, _, l4_at) = super::ipv6::upper_layer(&out);
+        let want = match kind {
+            0 => (gateway, a),
+            1 => (host, a),
+            2 => (b, a),
+            _ => (host, b),
+        };
+        assert_eq!((out_src, out_dst), want, "addresses, {what}");
+        let mac = if want.1 == a {
+            super::ipv6::CONTAINER_MAC
+        } else {
+            B_MAC
+        };
+        assert_eq!(out[..6], mac, "into the right container, {what}");
+        let Some(l4_at) = l4_at else {
+            continue; // a later fragment: no ports
+        };
+        let word = |o: usize| u16::from_be_bytes([out[l4_at + o], out[l4_at + o + 1]]);
+        let ports = (word(0), word(2));
+        match kind {
+            0 => {
+                assert_eq!(ports.1, inner, "to A's port, {what}");
+                given.insert((protocol, ports.0), (published, port));
+            }
+            1 => {
+                let owner = given.get(&(protocol, gateway_port));
+                assert_eq!(
+                    Some(&ports),
+                    owner,
+                    "an answer to gateway port {gateway_port} goes back to whom it was given, {what}"
+                );
+            }
+            2 => {
+                assert_eq!(ports, (port, inner), "B's ports kept, {what}");
+                latest.insert((protocol, port), published);
+            }
+            _ => assert_eq!(
+                Some(ports),
+                latest.get(&(protocol, port)).map(|p| (*p, port)),
+                "from the published port B's connection went to, {what}"
+            ),
+        }
+    }
+    let probed = given.iter().filter(|((_, g), (_, s))| g != s).count();
+    let reasons: Vec<_> = dp
+        .drops()
+        .unwrap()
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    eprintln!(
+        "IPv6 hairpin: {changed} translated, {untouched} untouched, {dropped} dropped \
+         ({reasons:?}); {} gateway ports given, {probed} probed",
+        given.len()
+    );
+    assert!(changed > 1000 && probed > 0);
+}
