@@ -9,7 +9,7 @@ use dataplane_common::{CtKey6, DropReason, In6Addr};
 
 use super::{
     ipv6::{frame6, publish6, v6, with_container6},
-    packet::{TCP_ACK, TCP_SYN, tcp},
+    packet::{TCP_ACK, TCP_SYN, tcp, tcp_seq},
     programs::{TC_SHOT, loaded_or_skip, run_tc},
     translation::drops,
 };
@@ -347,4 +347,77 @@ fn hostile_packets_on_the_ipv6_hairpin_leave_translated_right_or_untouched() {
         given.len()
     );
     assert!(changed > 1000 && probed > 0);
+}
+
+/// A container flooding its own published port (and another container's connection to it)
+/// with SYNs from ever new source ports, twice as many as the table of handshakes holds, with
+/// the main table full: every SYN still goes round the hairpin (the LRU table makes room),
+/// none is dropped for want of an entry, and the connections established before go on both
+/// ways on the gateway port they had; a new hairpin handshake still completes.
+#[test]
+fn a_container_flooding_its_own_ipv6_port_never_displaces_established_connections() {
+    use crate::kernel::LoadOptions;
+    use dataplane_common::ct_state;
+
+    // The main tables have room for exactly one connection each (its two entries).
+    let mut t = loaded_or_skip!(&LoadOptions {
+        ct_max_entries: 2,
+        ..LoadOptions::default()
+    });
+    let dp = t.get();
+    two_containers_and_a_published_port(dp);
+    let (host, a, gateway) = (v6("2001:db8::1"), v6("fd00:1::2"), v6(GATEWAY6));
+    let out = |dp: &mut Datapath, frame: Vec<u8>, what: &str| {
+        let (verdict, out) = run_tc(dp, Hook::ContainerIngress, &frame);
+        assert_eq!(verdict, TC_REDIRECT, "{what}");
+        super::ipv6::assert_checksums6(&out);
+        let (src, dst, _, _) = super::ipv6::upper_layer(&out);
+        (src, dst, super::ipv6::ports6(&out))
+    };
+    let handshake = |dp: &mut Datapath, port: u16| -> u16 {
+        let syn = frame6(a, host, 6, &tcp_seq(port, 8080, TCP_SYN, 100, 0));
+        let (_, _, (given, _)) = out(dp, syn, "the hairpin SYN");
+        let syn_ack = frame6(
+            a,
+            gateway,
+            6,
+            &tcp_seq(80, given, TCP_SYN | TCP_ACK, 5000, 101),
+        );
+        assert_eq!(out(dp, syn_ack, "its SYN-ACK"), (host, a, (8080, port)));
+        let ack = frame6(a, host, 6, &tcp_seq(port, 8080, TCP_ACK, 101, 5001));
+        assert_eq!(out(dp, ack, "its ACK"), (gateway, a, (given, 80)));
+        given
+    };
+    let given = handshake(dp, 40000);
+    let established = |dp: &Datapath| {
+        dp.entries::<crate::kernel::maps::Conntrack6>()
+            .unwrap()
+            .values()
+            .filter(|e| e.state == ct_state::ESTABLISHED)
+            .count()
+    };
+    assert_eq!(
+        established(dp),
+        2,
+        "both directions moved to the main table"
+    );
+    let capacity = dp.capacity::<crate::kernel::maps::Conntrack6New>().unwrap();
+    for i in 0..capacity * 2 {
+        let port = 1024 + i as u16;
+        let syn = frame6(a, host, 6, &tcp(port, 8080 + (i % 2) as u16, TCP_SYN, b""));
+        let (src, dst, (_, to)) = out(dp, syn, &format!("flood SYN {i}"));
+        assert_eq!((src, dst, to), (gateway, a, 80), "flood SYN {i}");
+    }
+    assert_eq!(drops(dp, DropReason::CtMapInsertionFailed), 0);
+    assert_eq!(drops(dp, DropReason::NoMappingForNatMasquerade), 0);
+    assert_eq!(
+        established(dp),
+        2,
+        "the established connection is untouched"
+    );
+    let data = frame6(a, host, 6, &tcp(40000, 8080, TCP_ACK, b"GET"));
+    assert_eq!(out(dp, data, "its data"), (gateway, a, (given, 80)));
+    let answer = frame6(a, gateway, 6, &tcp(80, given, TCP_ACK, b"200"));
+    assert_eq!(out(dp, answer, "its answer"), (host, a, (8080, 40000)));
+    handshake(dp, 40001);
 }
