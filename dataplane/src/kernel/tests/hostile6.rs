@@ -421,3 +421,112 @@ fn a_container_flooding_its_own_ipv6_port_never_displaces_established_connection
     assert_eq!(out(dp, answer, "its answer"), (host, a, (8080, 40000)));
     handshake(dp, 40001);
 }
+
+/// Open connections of every kind at every hook (a client from outside to a published port,
+/// a container to another's published port, a hairpin, a masqueraded one out of the uplink)
+/// while the policy generation moves under them: two datapaths get the same 3000 packets,
+/// any TCP flags, one of them a new generation (the rules as they were) before one packet in
+/// eight. Re-judging a connection the rules still allow changes nothing: every packet leaves
+/// both alike (verdict and bytes). Then a rule keeps the outside client off the container in
+/// both: its packets are dropped from then on, the container's to it are never the published
+/// port's replies again, the others' connections go on alike.
+#[test]
+fn ipv6_policy_generations_moving_under_open_connections_change_nothing_the_rules_allow() {
+    use crate::reconcile::policy::{Rule, Side, tables};
+    use dataplane_common::policy_action;
+
+    let (Some(mut t1), Some(mut t2)) = (
+        super::programs::TestDatapath::load_with(&Default::default()),
+        super::programs::TestDatapath::load_with(&Default::default()),
+    ) else {
+        return;
+    };
+    for t in [&mut t1, &mut t2] {
+        two_containers_and_a_published_port(t.get());
+    }
+    let (host, a, b, gateway) = (v6("2001:db8::1"), v6("fd00:1::2"), v6(B6), v6(GATEWAY6));
+    let (client, far) = (v6("2001:db8::2"), v6("2001:db8:9::9"));
+    let mut state = 0x0dd_ba11_cafe_f00du64;
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let flags = [0x02u8, 0x12, 0x10, 0x18, 0x11, 0x04];
+    // The hairpin's gateway port and the masquerade port, as the packets left.
+    let (mut hairpin_port, mut masquerade_port) = (40002u16, 40003u16);
+    let mut bumps = 0;
+    let mut denied = false;
+    let (mut translated, mut client_dropped) = (0, 0);
+    for round in 0..3000 {
+        if round == 2500 {
+            // A rule keeping the client off the container's port 80, in both.
+            let rules = [Rule {
+                action: policy_action::DENY,
+                from: Side::Cidr6(u128::from(client), 128),
+                to: Side::Any,
+                port: Some((6, 80)),
+            }];
+            for t in [&mut t1, &mut t2] {
+                crate::reconcile::apply_policy(&tables(&rules, &[]), t.get()).unwrap();
+                bump_generation(t.get());
+            }
+            denied = true;
+        }
+        if next() % 8 == 0 {
+            bump_generation(t2.get());
+            bumps += 1;
+        }
+        let f = flags[(next() % flags.len() as u64) as usize];
+        let reply = next() % 2 == 0;
+        let conn = next() % 4;
+        let (hooks, src, dst, sport, dport): (&[Hook], _, _, _, _) = match (conn, reply) {
+            (0, false) => (&[Hook::UplinkIngress], client, host, 40000, 8080),
+            (0, true) => (&[Hook::ContainerIngress], a, client, 80, 40000),
+            (1, false) => (&[Hook::ContainerIngress], b, host, 40001, 8080),
+            (1, true) => (&[Hook::ContainerIngress], a, b, 80, 40001),
+            (2, false) => (&[Hook::ContainerIngress], a, host, 40002, 8081),
+            (2, true) => (&[Hook::ContainerIngress], a, gateway, 80, hairpin_port),
+            (_, false) => (
+                &[Hook::ContainerIngress, Hook::UplinkEgress],
+                a,
+                far,
+                40003,
+                443,
+            ),
+            (_, true) => (&[Hook::UplinkIngress], far, host, 443, masquerade_port),
+        };
+        let frame = frame6(src, dst, 6, &tcp(sport, dport, f, b"data"));
+        for &hook in hooks {
+            let one = run_tc(t1.get(), hook, &frame);
+            let two = run_tc(t2.get(), hook, &frame);
+            let what = format!("round {round} ({bumps} generations), {hook:?}, {frame:02x?}");
+            assert_eq!(one, two, "the two datapaths part: {what}");
+            if denied && conn == 0 && !reply {
+                assert_eq!(one.0, TC_SHOT, "the denied client's connection: {what}");
+                client_dropped += 1;
+            }
+            if denied && conn == 0 && reply && one.0 != TC_SHOT {
+                // The connection is gone (its entries with it): what the container sends the
+                // client now is a connection of its own, never the published port's reply.
+                let (src, _, _, _) = super::ipv6::upper_layer(&one.1);
+                assert_ne!(src, host, "the denied connection answered: {what}");
+            }
+            if one.1 != frame {
+                translated += 1;
+                let ports = super::ipv6::ports6(&one.1);
+                match (conn, reply) {
+                    (2, false) => hairpin_port = ports.0,
+                    (3, false) if hook == Hook::UplinkEgress => masquerade_port = ports.0,
+                    _ => {}
+                }
+            }
+        }
+    }
+    eprintln!(
+        "policy generations: {bumps} under open connections, {translated} packets translated, \
+         {client_dropped} of the denied client dropped"
+    );
+    assert!(bumps > 300 && translated > 1500 && client_dropped > 30);
+}
