@@ -283,7 +283,7 @@ fn outward(ctx: &TcContext) -> Verdict {
     let Frame::Ipv4(ip) = parse_tc(ctx) else {
         return Verdict::Pass;
     };
-    if ip.l4_offset != L4_OFF4 || ip.frag & 0x3fff != 0 {
+    if ip.l4_offset != L4_OFF4 || ip.frag & 0x3fff != 0 || !ipv4_header_sound(ctx) {
         return Verdict::Pass;
     }
     if ip.protocol == IPPROTO_ICMP {
@@ -508,7 +508,7 @@ pub struct IcmpScratch {
     /// addresses loaded straight from the header, length, next header), the ICMPv6 header
     /// with its checksum zeroed (2), the quoted IPv6 header (10), the quoted ports (1). To
     /// IPv6: the ICMPv4 header with its checksum zeroed (2), the quoted IPv4 header (5), the
-    /// quoted ports (1); then, only to check its checksum, the outer IPv4 header (5).
+    /// quoted ports (1).
     from: [u32; 23],
     /// The headers the packet gets, up to the quoted ports included. To IPv4: the IPv4 header
     /// (5 words), the ICMPv4 header (2), the quoted IPv4 header (5), the ports (1). To IPv6:
@@ -731,27 +731,14 @@ fn icmp_error_to_ipv6(ctx: &TcContext) -> Verdict {
     // SAFETY: this CPU's element, used by this program run only.
     let s = unsafe { &mut *scratch };
     let skb = ctx.skb.skb.cast::<c_void>();
-    // SAFETY: the helper writes 8 bytes (the ICMPv4 header), 20 from word 2, 4 at word 7 and
-    // 20 from word 8 (the outer header), all inside `from`; constant lengths, as the verifier
-    // needs them.
+    // SAFETY: the helper writes 8 bytes (the ICMPv4 header), 20 from word 2 and 4 at word 7,
+    // all inside `from`; constant lengths, as the verifier needs them.
     let loaded = unsafe {
         let from = s.from.as_mut_ptr();
         bpf_skb_load_bytes(skb, ICMP4_OFF as u32, from.cast(), 8) == 0
             && bpf_skb_load_bytes(skb, QUOTED4_OFF as u32, from.add(2).cast(), 20) == 0
             && bpf_skb_load_bytes(skb, QUOTED4_PORTS_OFF as u32, from.add(7).cast(), 4) == 0
-            && bpf_skb_load_bytes(skb, ETH_HDR_LEN as u32, from.add(8).cast(), 20) == 0
     };
-    // A header whose checksum is wrong passes untouched, for the host's stack to drop: the
-    // IPv6 packet has no header checksum, so translated it would arrive as sound (the ICMP
-    // checksum does not cover the IPv4 header).
-    // SAFETY: 20 bytes of this CPU's map value, loaded just above.
-    if !loaded
-        || fold(unsafe {
-            bpf_csum_diff(core::ptr::null_mut(), 0, s.from.as_mut_ptr().add(8), 20, 0)
-        }) != 0
-    {
-        return Verdict::Pass;
-    }
     let (Ok(tos), Ok(total_len), Ok(ttl)) = (
         ctx.load::<u8>(ETH_HDR_LEN + 1),
         ctx.load::<u16>(ETH_HDR_LEN + 2),
@@ -856,6 +843,25 @@ fn icmp_error_to_ipv6(ctx: &TcContext) -> Verdict {
         return Verdict::Drop(DropReason::Malformed);
     }
     to_uplink()
+}
+
+/// Whether the IPv4 header (without options: the caller's check) has a right checksum. One
+/// that is wrong passes untouched, for the host's stack to drop: the IPv6 packet has no header
+/// checksum, so translated it would arrive as sound (neither the TCP/UDP nor the ICMP
+/// checksum covers the IPv4 header). Out of line, its 20 bytes in the per-CPU scratch (words
+/// 0-4 of `to`, written afresh by whatever translation follows).
+#[inline(never)]
+fn ipv4_header_sound(ctx: &TcContext) -> bool {
+    let Some(scratch) = NAT64_ICMP.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's element, used by this program run only; the helper writes 20 bytes
+    // inside `to`.
+    unsafe {
+        let header = (*scratch).to.as_mut_ptr();
+        bpf_skb_load_bytes(ctx.skb.skb.cast(), ETH_HDR_LEN as u32, header.cast(), 20) == 0
+            && fold(bpf_csum_diff(core::ptr::null_mut(), 0, header, 20, 0)) == 0
+    }
 }
 
 /// A port pair as the word that holds them in a TCP or UDP header (network order ports in,

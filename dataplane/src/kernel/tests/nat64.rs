@@ -290,8 +290,9 @@ fn nat64_clients_sharing_a_source_port_get_distinct_gateway_ports() {
 
 /// Thousands of packets both ways (IPv6 TCP with any flags and UDP from clients to the
 /// published ports, some with an extension or fragment header; IPv4 answers from the
-/// container to its gateway; some cut short): whatever goes on translated has every checksum
-/// of the family it leaves as right, and a packet cut short never goes on changed.
+/// container to its gateway; some cut short, some with a wrong IPv4 header checksum):
+/// whatever goes on translated has every checksum of the family it leaves as right, and a
+/// packet cut short or with a wrong header checksum never goes on changed.
 #[test]
 fn random_packets_through_nat64_never_leave_with_a_wrong_checksum() {
     let mut t = loaded_or_skip!();
@@ -350,6 +351,12 @@ fn random_packets_through_nat64_never_leave_with_a_wrong_checksum() {
             let keep = fixed + (next() as usize % (input.len() - fixed));
             input.truncate(keep);
         }
+        // A container's packet with a wrong IPv4 header checksum: as IPv6 (no header
+        // checksum) it would arrive sound, so it must not be translated.
+        let bad_header = !from_outside && next() % 10 == 0;
+        if bad_header {
+            input[ETH_LEN + 10] ^= 0x40;
+        }
         let hook = if from_outside {
             Hook::UplinkIngress
         } else {
@@ -366,6 +373,10 @@ fn random_packets_through_nat64_never_leave_with_a_wrong_checksum() {
         assert!(
             !cut,
             "{hook:?}: a packet cut short went on changed: {input:02x?}"
+        );
+        assert!(
+            !bad_header,
+            "{hook:?}: a wrong IPv4 header checksum went on as IPv6: {input:02x?}"
         );
         if out[12..14] == 0x0800u16.to_be_bytes() {
             assert_checksums(&out);
