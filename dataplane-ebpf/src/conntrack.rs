@@ -359,18 +359,21 @@ pub fn create<A: Family>(c: &NewConnectionOf<A>) -> Result<(), CtError> {
 /// A connection the new policy denies loses both entries; its packets are dropped from now on.
 #[inline(always)]
 pub fn still_allowed(key: &CtKey, entry: *mut CtEntry) -> bool {
-    still_allowed_of(key, entry)
+    still_allowed_of::<u32, false>(key, entry)
 }
 
 /// As [`still_allowed`], for an IPv6 connection (a NAT64 one included: judged by its IPv4
 /// container); the IPv6 programs judge again in a program of their own (`policy6::rejudge`).
 #[inline(always)]
 pub fn still_allowed6(key: &CtKey6, entry: *mut CtEntry6) -> bool {
-    still_allowed_of(key, entry)
+    still_allowed_of::<dataplane_common::In6Addr, true>(key, entry)
 }
 
 #[inline(always)]
-fn still_allowed_of<A: Family>(key: &CtKeyOf<A>, entry: *mut CtEntryOf<A>) -> bool {
+fn still_allowed_of<A: Family, const HALVES: bool>(
+    key: &CtKeyOf<A>,
+    entry: *mut CtEntryOf<A>,
+) -> bool {
     let Some(config) = CONFIG.get_ptr(0) else {
         return true;
     };
@@ -381,8 +384,24 @@ fn still_allowed_of<A: Family>(key: &CtKeyOf<A>, entry: *mut CtEntryOf<A>) -> bo
             return true;
         }
         let peer_key = (*entry).peer;
+        // Half a connection (the table of handshakes, an LRU map, evicts one entry of a pair
+        // under a flood; the collector may take one before the other). A forward entry goes:
+        // its packets are new connections from now on, judged as such (IPv6 runs the hook
+        // again at once; IPv4's caller translates this one packet by the entry it holds). A
+        // reply entry has nothing to be judged by, and is marked judged (else each of its
+        // packets would come back here: IPv6 would tail-call between the hook and the
+        // re-judging until the kernel's limit) until the collector takes it. IPv4's (no
+        // `HALVES`) judges in line, where a half connection merely goes on as it was: the
+        // container program has no verifier budget left for these branches.
         let Some(peer) = lookup(&peer_key) else {
-            return true; // half a connection: the GC removes it
+            if HALVES {
+                if (*entry).is_reply == 1 {
+                    (*entry).policy_generation = generation;
+                } else {
+                    remove(key);
+                }
+            }
+            return true;
         };
         let (forward_key, forward) = if (*entry).is_reply == 1 {
             (peer_key, peer)

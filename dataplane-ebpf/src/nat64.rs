@@ -471,7 +471,7 @@ fn outward(ctx: &TcContext) -> Verdict {
     let Frame::Ipv4(ip) = parse_tc(ctx) else {
         return Verdict::Pass;
     };
-    if ip.l4_offset != L4_OFF4 || ip.frag & 0x3fff != 0 {
+    if ip.l4_offset != L4_OFF4 || ip.frag & 0x3fff != 0 || !ipv4_header_sound(ctx) {
         return Verdict::Pass;
     }
     if ip.protocol == IPPROTO_ICMP {
@@ -677,8 +677,6 @@ const ICMP_PROT_UNREACH: u8 = 2;
 const ICMP_PORT_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMP_HOST_ANO: u8 = 10;
-/// The smallest MTU an IPv4 host must accept (RFC 791).
-const IPV4_MIN_MTU: u32 = 68;
 
 /// The ICMPv4 type and code RFC 7915 (section 5.2) gives an ICMPv6 error; None for those it
 /// drops (parameter problems other than an unknown next header, whose pointer into the header
@@ -766,10 +764,16 @@ fn icmp_error_to_ipv4(ctx: &TcContext) -> Verdict {
     let Some((icmp_type, code)) = icmp_type_to_ipv4((head >> 24) as u8, (head >> 16) as u8) else {
         return Verdict::Pass;
     };
-    // An error about an IPv6 TCP or UDP packet (no extension header in the quote).
+    // An error about an IPv6 TCP or UDP packet (no extension header in the quote), within
+    // the length the header gives the message: the bytes past it may be in the frame
+    // (loaded), but the checksum covers none of them, nor would the IPv4 header's length.
     let (q0, q1) = (u32::from_be(s.from[12]), u32::from_be(s.from[13]));
     let protocol = (q1 >> 8) as u8;
-    if !loaded || q0 >> 28 != 6 || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP) {
+    if !loaded
+        || usize::from(u16::from_be(payload_len)) < QUOTED6_PORTS_OFF + 4 - ICMP6_OFF
+        || q0 >> 28 != 6
+        || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+    {
         return Verdict::Pass;
     }
     // The quote is the connection's reply as it left: its tuple reversed is the forward key.
@@ -810,11 +814,13 @@ fn icmp_error_to_ipv4(ctx: &TcContext) -> Verdict {
     s.to[3] = u32::from_be(gateway);
     s.to[4] = u32::from_be(container);
     // Packet too big: IPv4's next-hop MTU is 20 bytes less (its header is), in the low half of
-    // the second word (RFC 1191); the other errors' second word is unused.
+    // the second word (RFC 1191); the other errors' second word is unused. Never under what
+    // IPv6's minimum gives: the path past the translator is IPv6, whose links carry 1280
+    // bytes, and whose hosts ignore a smaller MTU (RFC 8201), as an IPv6 server would
+    // ignore one forged by anyone who knows the connection's tuple (translated as it came,
+    // 0 or 1 would shrink the container's segments to its stack's minimum).
     let mtu = if icmp_type == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED {
-        u32::from_be(second)
-            .saturating_sub(20)
-            .clamp(IPV4_MIN_MTU, 0xffff)
+        (u32::from_be(second).max(IPV6_MIN_MTU) - 20).min(0xffff)
     } else {
         0
     };
@@ -932,10 +938,15 @@ fn icmp_error_to_ipv6(ctx: &TcContext) -> Verdict {
         return Verdict::Pass;
     };
     let (head, second) = (u32::from_be(s.from[0]), u32::from_be(s.from[1]));
-    // The quote: an IPv4 TCP or UDP packet without options.
+    // The quote: an IPv4 TCP or UDP packet without options, within the header's total
+    // length (as `icmp_error_to_ipv4`: what the frame holds past it is no part of the message).
     let (q0, q2) = (u32::from_be(s.from[2]), u32::from_be(s.from[4]));
     let protocol = (q2 >> 16) as u8;
-    if !loaded || q0 >> 24 != 0x45 || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP) {
+    if !loaded
+        || usize::from(u16::from_be(total_len)) < QUOTED4_PORTS_OFF + 4 - ETH_HDR_LEN
+        || q0 >> 24 != 0x45
+        || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+    {
         return Verdict::Pass;
     }
     let Some((icmp_type, code, second6)) =
@@ -1037,6 +1048,25 @@ fn change_family<const N: usize>(
         .map_err(|_| ())?;
     ctx.store(ETHERTYPE_OFF, &ethertype.to_be(), 0)
         .map_err(|_| ())
+}
+
+/// Whether the IPv4 header (without options: the caller's check) has a right checksum. One
+/// that is wrong passes untouched, for the host's stack to drop: the IPv6 packet has no header
+/// checksum, so translated it would arrive as sound (neither the TCP/UDP nor the ICMP
+/// checksum covers the IPv4 header). Out of line, its 20 bytes in the per-CPU scratch (words
+/// 0-4 of `to`, written afresh by whatever translation follows).
+#[inline(never)]
+fn ipv4_header_sound(ctx: &TcContext) -> bool {
+    let Some(scratch) = NAT64_ICMP.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's element, used by this program run only; the helper writes 20 bytes
+    // inside `to`.
+    unsafe {
+        let header = (*scratch).to.as_mut_ptr();
+        bpf_skb_load_bytes(ctx.skb.skb.cast(), ETH_HDR_LEN as u32, header.cast(), 20) == 0
+            && fold(bpf_csum_diff(core::ptr::null_mut(), 0, header, 20, 0)) == 0
+    }
 }
 
 /// A port pair as the word that holds them in a TCP or UDP header (network order ports in,

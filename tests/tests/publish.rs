@@ -1424,3 +1424,89 @@ fn ipv6_path_mtu_discovery_works_through_nat64() {
         "the container learnt the path MTU less IPv4's 20 bytes: {route}"
     );
 }
+
+/// ICMPv6 errors forged by someone on the path to the client (who sees the connection's
+/// segments, so its quotes carry a sequence number the container's TCP accepts), about a
+/// live NAT64 download: packet too big with MTUs of 0, 1, 68, 1279 and 2^32 - 1, every
+/// unreachable code, time exceeded, parameter problems, a bad checksum, quotes cut short and
+/// one of no connection. The download completes whole, and the container's path MTU towards
+/// its gateway is never under 1260 (IPv6's 1280 less 20: no IPv6 path is smaller, and an
+/// IPv6 server would ignore such an MTU; translated as it came, 0 would have shrunk it to
+/// Linux's floor of 552). The agent reports no error.
+#[test]
+fn forged_icmpv6_errors_about_a_live_nat64_download_leave_it_whole() {
+    const SIZE: usize = 2 * 1024 * 1024;
+    let sandbox = Sandbox::up(SPEC);
+    let agent = Agent::start(&sandbox);
+    give_the_host_ipv6(&sandbox, &agent);
+    give_the_outside_ipv6(&sandbox);
+    let server = serve_download(&sandbox, "web1", "0.0.0.0:80", SIZE);
+    // The client and the forger, in the outside namespace. The client stops reading for 3 s
+    // after its first bytes: its window closes, so the container has sent all it may and the
+    // client's latest acknowledgement is the container's next sequence number, which the
+    // forger quotes (a TCP takes an ICMP error only about a sequence number in its window).
+    let script = format!(
+        r#"
+import socket, threading, time
+from scapy.all import IPv6, TCP, ICMPv6PacketTooBig, ICMPv6DestUnreach, ICMPv6TimeExceeded, ICMPv6ParamProblem, Raw, send, sniff
+got = [0]
+def client():
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.bind(('::', 47001))
+    s.connect(('{HOST6}', 8080))
+    s.settimeout(15)
+    first = True
+    while True:
+        data = s.recv(16384)
+        if not data:
+            break
+        got[0] += len(data)
+        if first:
+            time.sleep(3)
+            first = False
+t = threading.Thread(target=client)
+t.start()
+time.sleep(1)
+acks = sniff(iface='eth0', timeout=1, lfilter=lambda p: TCP in p and p[TCP].sport == 47001)
+seq = max(p[TCP].ack for p in acks)
+quote = IPv6(src='{HOST6}', dst='{OUTSIDE6}')/TCP(sport=8080, dport=47001, seq=seq, flags='A')
+raw = bytes(quote)
+errors = [ICMPv6PacketTooBig(mtu=m)/quote for m in (0, 1, 68, 1279, 0xffffffff)]
+errors += [ICMPv6DestUnreach(code=c)/quote for c in range(7)]
+errors += [ICMPv6TimeExceeded(code=c)/quote for c in (0, 1)]
+errors += [ICMPv6ParamProblem(code=c, ptr=6)/quote for c in (0, 1, 2)]
+errors += [ICMPv6PacketTooBig(mtu=0, cksum=0x1234)/quote]
+errors += [ICMPv6PacketTooBig(mtu=0)/Raw(raw[:n]) for n in (0, 10, 40, 44, 47)]
+errors += [ICMPv6PacketTooBig(mtu=0)/IPv6(src='{HOST6}', dst='{OUTSIDE6}')/TCP(sport=8080, dport=47002, seq=seq)]
+for e in errors:
+    send(IPv6(src='2001:db8::99', dst='{HOST6}')/e, iface='eth0', verbose=0)
+t.join()
+print(got[0])
+"#
+    );
+    let got = sandbox.exec_ok("outside", &["/usr/bin/python3", "-c", &script]);
+    server.join().unwrap();
+    assert_eq!(
+        got.trim(),
+        SIZE.to_string(),
+        "the whole download, through the forged errors"
+    );
+    let route = sandbox.exec_ok("web1", &["ip", "route", "get", GATEWAY]);
+    // "mtu 1260", or "mtu lock 552" for an MTU Linux raised to its floor.
+    let mtu = route
+        .split_whitespace()
+        .skip_while(|w| *w != "mtu")
+        .find_map(|w| w.parse::<u32>().ok());
+    if let Some(mtu) = mtu {
+        assert!(
+            mtu >= 1260,
+            "the container's path MTU went under IPv6's: {route}"
+        );
+    }
+    assert!(
+        route.contains("mtu 1260"),
+        "the forged packet too big did reach the container (as 1260): {route}"
+    );
+    let status = agent.status();
+    assert!(status.last_error.is_none(), "{status:#?}");
+}

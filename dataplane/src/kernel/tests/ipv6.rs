@@ -357,7 +357,7 @@ fn ipv6_between_containers_keeps_dockers_network_isolation() {
 
 /// `frame`'s source and destination ports (TCP or UDP right after the fixed header; the
 /// identifier twice for ICMPv6 echo).
-fn ports6(frame: &[u8]) -> (u16, u16) {
+pub(super) fn ports6(frame: &[u8]) -> (u16, u16) {
     let at = ETH_LEN + IPV6_HDR_LEN;
     let word = |o: usize| u16::from_be_bytes([frame[at + o], frame[at + o + 1]]);
     if frame[ETH_LEN + 6] == IPPROTO_ICMPV6 {
@@ -368,11 +368,11 @@ fn ports6(frame: &[u8]) -> (u16, u16) {
 
 const TC_REDIRECT: u32 = 7;
 /// The MAC of the translation tests' container.
-const CONTAINER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+pub(super) const CONTAINER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
 /// Gives a loaded datapath one container (`fd00:1::2`, behind the test run's loopback), the
 /// host address `2001:db8::1` (also the IPv6 masquerade address) and an uplink.
-fn with_container6(dp: &mut crate::kernel::Datapath) {
+pub(super) fn with_container6(dp: &mut crate::kernel::Datapath) {
     use dataplane_common::{Config, EndpointInfo6, In6Addr};
 
     dp.set::<crate::kernel::maps::LocalAddrs6>(In6Addr::from_ipv6(v6("2001:db8::1")), 1u8)
@@ -399,7 +399,13 @@ fn with_container6(dp: &mut crate::kernel::Datapath) {
 }
 
 /// Publishes `port` of `proto` on `addr` (`::`: every host address) to the container's `to`.
-fn publish6(dp: &mut crate::kernel::Datapath, addr: Ipv6Addr, port: u16, proto: u8, to: u16) {
+pub(super) fn publish6(
+    dp: &mut crate::kernel::Datapath,
+    addr: Ipv6Addr,
+    port: u16,
+    proto: u8,
+    to: u16,
+) {
     use dataplane_common::{In6Addr, PortKey6, PortTarget6};
 
     dp.set::<crate::kernel::maps::Ports6>(
@@ -421,7 +427,7 @@ fn publish6(dp: &mut crate::kernel::Datapath, addr: Ipv6Addr, port: u16, proto: 
 
 /// Runs `input` through `hook` and checks the verdict, the addresses it leaves with and every
 /// checksum; returns the packet.
-fn translated(
+pub(super) fn translated(
     dp: &mut crate::kernel::Datapath,
     hook: Hook,
     input: &[u8],
@@ -437,7 +443,7 @@ fn translated(
     out
 }
 
-fn frame6(from: Ipv6Addr, to: Ipv6Addr, protocol: u8, l4: &[u8]) -> Vec<u8> {
+pub(super) fn frame6(from: Ipv6Addr, to: Ipv6Addr, protocol: u8, l4: &[u8]) -> Vec<u8> {
     ipv6_frame(&Ipv6Spec::new(from, to, protocol), l4)
 }
 

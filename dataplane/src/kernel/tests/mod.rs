@@ -4,6 +4,7 @@ mod balancing;
 mod flows;
 mod hairpin;
 mod hostile;
+mod hostile6;
 mod ipv6;
 mod masquerade;
 mod nat64;

@@ -12,7 +12,10 @@ use dataplane_common::{
 
 use super::{
     ipv6::{Ipv6Spec, assert_checksums6, ipv6_frame, upper_layer, v6},
-    packet::{ETH_LEN, Ipv4Spec, TCP_ACK, TCP_SYN, assert_checksums, ipv4_frame, tcp, tuple, udp},
+    packet::{
+        ETH_LEN, Ipv4Spec, TCP_ACK, TCP_SYN, assert_checksums, csum_fold, fix_ip_checksum,
+        ipv4_frame, sum_words, tcp, tuple, udp,
+    },
     programs::{TC_PASS, TC_SHOT, loaded_or_skip, run_tc},
     translation::{TC_REDIRECT, be, drops},
 };
@@ -287,8 +290,9 @@ fn nat64_clients_sharing_a_source_port_get_distinct_gateway_ports() {
 
 /// Thousands of packets both ways (IPv6 TCP with any flags and UDP from clients to the
 /// published ports, some with an extension or fragment header; IPv4 answers from the
-/// container to its gateway; some cut short): whatever goes on translated has every checksum
-/// of the family it leaves as right, and a packet cut short never goes on changed.
+/// container to its gateway; some cut short, some with a wrong IPv4 header checksum):
+/// whatever goes on translated has every checksum of the family it leaves as right, and a
+/// packet cut short or with a wrong header checksum never goes on changed.
 #[test]
 fn random_packets_through_nat64_never_leave_with_a_wrong_checksum() {
     let mut t = loaded_or_skip!();
@@ -347,6 +351,12 @@ fn random_packets_through_nat64_never_leave_with_a_wrong_checksum() {
             let keep = fixed + (next() as usize % (input.len() - fixed));
             input.truncate(keep);
         }
+        // A container's packet with a wrong IPv4 header checksum: as IPv6 (no header
+        // checksum) it would arrive sound, so it must not be translated.
+        let bad_header = !from_outside && next() % 10 == 0;
+        if bad_header {
+            input[ETH_LEN + 10] ^= 0x40;
+        }
         let hook = if from_outside {
             Hook::UplinkIngress
         } else {
@@ -363,6 +373,10 @@ fn random_packets_through_nat64_never_leave_with_a_wrong_checksum() {
         assert!(
             !cut,
             "{hook:?}: a packet cut short went on changed: {input:02x?}"
+        );
+        assert!(
+            !bad_header,
+            "{hook:?}: a wrong IPv4 header checksum went on as IPv6: {input:02x?}"
         );
         if out[12..14] == 0x0800u16.to_be_bytes() {
             let offset = u16::from_be_bytes([out[ETH_LEN + 6], out[ETH_LEN + 7]]) & 0x1fff;
@@ -645,4 +659,370 @@ fn nat64_translates_ipv6_fragments_into_ipv4_fragments() {
     let orphan = fragment(3, false, 0x0bad, &datagram[24..]);
     assert_eq!(run_tc(dp, Hook::UplinkIngress, &orphan).0, TC_SHOT);
     assert_eq!(drops(dp, DropReason::FragmentNotFound), before + 1);
+}
+
+/// Whether the ones'-complement sum of `data` (plus `seed`, a pseudo-header's) checks.
+fn sums_to_zero(seed: u32, data: &[u8]) -> bool {
+    csum_fold(seed + sum_words(data)) == 0
+}
+
+/// What an ICMP error translated by NAT64 must be, whichever way: the checks of a translated
+/// error frame (`out`), the message's checksum valid exactly when the original's was (a
+/// corrupt message must stay detectable, a sound one must arrive sound). Err says what is
+/// wrong.
+fn check_translated_to_ipv4(out: &[u8], valid_in: bool, mtu6: u32) -> Result<(), String> {
+    if out.get(12..14) != Some(&0x0800u16.to_be_bytes()[..]) || out.len() < ETH_LEN + 52 {
+        return Err("not an IPv4 frame long enough for an ICMP error".into());
+    }
+    let ip = &out[ETH_LEN..];
+    if ip[0] != 0x45 || !sums_to_zero(0, &ip[..20]) || ip[9] != 1 {
+        return Err("outer IPv4 header: not 0x45, a wrong checksum or not ICMP".into());
+    }
+    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if total_len < 52 || total_len > ip.len() {
+        return Err(format!("total length {total_len} of {} bytes", ip.len()));
+    }
+    let icmp = &ip[20..total_len];
+    if sums_to_zero(0, icmp) != valid_in {
+        return Err(format!(
+            "ICMPv4 checksum {} while the ICMPv6 one was {}",
+            if valid_in { "wrong" } else { "right" },
+            if valid_in { "right" } else { "wrong" }
+        ));
+    }
+    if icmp[0] != 3 && icmp[0] != 11 {
+        return Err(format!("ICMPv4 type {}", icmp[0]));
+    }
+    // Packet too big: 20 bytes less, from no less than IPv6's minimum (1280).
+    let next_hop_mtu = u32::from(u16::from_be_bytes([icmp[6], icmp[7]]));
+    if (icmp[0], icmp[1]) == (3, 4) && next_hop_mtu != (mtu6.max(1280) - 20).min(0xffff) {
+        return Err(format!(
+            "next-hop MTU {next_hop_mtu} for an IPv6 MTU of {mtu6}"
+        ));
+    }
+    let quote = &icmp[8..];
+    if quote[0] != 0x45 || !sums_to_zero(0, &quote[..20]) {
+        return Err("quoted IPv4 header: not 0x45 or a wrong checksum".into());
+    }
+    let src_port = u16::from_be_bytes([quote[20], quote[21]]);
+    if quote[12..16] != CONTAINER || quote[16..20] != GATEWAY || ![80, 53].contains(&src_port) {
+        return Err("the quote is not the container's packet to its gateway".into());
+    }
+    Ok(())
+}
+
+fn check_translated_to_ipv6(out: &[u8], valid_in: bool, second4: u32) -> Result<(), String> {
+    if out.get(12..14) != Some(&0x86ddu16.to_be_bytes()[..]) || out.len() < ETH_LEN + 92 {
+        return Err("not an IPv6 frame long enough for an ICMPv6 error".into());
+    }
+    let ip = &out[ETH_LEN..];
+    let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    if ip[0] >> 4 != 6 || ip[6] != 58 || payload_len < 52 || 40 + payload_len > ip.len() {
+        return Err(format!(
+            "IPv6 header: version {}, next header {}, payload {payload_len} of {} bytes",
+            ip[0] >> 4,
+            ip[6],
+            ip.len()
+        ));
+    }
+    let (src, dst, _, _) = upper_layer(out);
+    if (src, dst) != (host(), client()) {
+        return Err(format!("outer addresses {src} -> {dst}"));
+    }
+    let icmp = &ip[40..40 + payload_len];
+    let seed = super::ipv6::pseudo_sum(src, dst, 58, payload_len);
+    if sums_to_zero(seed, icmp) != valid_in {
+        return Err(format!(
+            "ICMPv6 checksum {} while the ICMPv4 one was {}",
+            if valid_in { "wrong" } else { "right" },
+            if valid_in { "right" } else { "wrong" }
+        ));
+    }
+    if !(1..=4).contains(&icmp[0]) {
+        return Err(format!("ICMPv6 type {}", icmp[0]));
+    }
+    // Packet too big: 20 bytes more than the next-hop MTU, and no less than 1280.
+    let mtu = u32::from_be_bytes(icmp[4..8].try_into().unwrap());
+    if icmp[0] == 2 && mtu != ((second4 & 0xffff) + 20).max(1280) {
+        return Err(format!(
+            "MTU {mtu} for a next-hop MTU of {}",
+            second4 & 0xffff
+        ));
+    }
+    let quote = &icmp[8..];
+    let addr = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&quote[o..o + 16]).unwrap());
+    if quote[0] >> 4 != 6 || (addr(8), addr(24)) != (client(), host()) {
+        return Err("the quote is not the client's packet to the published address".into());
+    }
+    Ok(())
+}
+
+/// Hostile ICMP errors both ways through NAT64, 4000 of them (RFC 7915's translation is
+/// reached by anyone on the path to a client, and by the container): from the uplink, ICMPv6
+/// messages of every type and code with any MTU (0, 1, 2^32 - 1, ...: translated never
+/// under what IPv6's 1280 gives, which an IPv6 host would not go under either), quoting a tracked
+/// NAT64 reply (TCP or UDP), an untracked one, one with an extension header, a wrong version
+/// or another protocol, cut short at any length, behind an outer extension header, with a bad
+/// checksum, a payload length shorter than the frame (trailing bytes), cut short; from the
+/// container, ICMPv4 messages the same way damaged, with IP options outside or in the
+/// quote, fragment bits, a wrong header checksum, a total length shorter than the frame.
+/// Whatever leaves translated is a sound error of the other family about the connection, its
+/// checksum right exactly when the original's was; nothing else leaves changed, and what is
+/// dropped is counted.
+#[test]
+fn random_icmp_errors_through_nat64_leave_translated_right_or_untouched() {
+    let mut t = loaded_or_skip!();
+    let dp = t.get();
+    ipv4_only_container(dp);
+    // Two connections of each protocol, their packets as they left each way.
+    let (verdict, tcp_arrived) = run_tc(
+        dp,
+        Hook::UplinkIngress,
+        &from_client(6, &tcp(40000, 8080, TCP_SYN, b"")),
+    );
+    assert_eq!(verdict, TC_REDIRECT);
+    let (verdict, tcp_reply) = run_tc(
+        dp,
+        Hook::ContainerIngress,
+        &from_container(6, &tcp(80, 40000, TCP_SYN | TCP_ACK, b"")),
+    );
+    assert_eq!(verdict, TC_REDIRECT);
+    let (verdict, udp_arrived) = run_tc(
+        dp,
+        Hook::UplinkIngress,
+        &from_client(17, &udp(40000, 5353, b"query")),
+    );
+    assert_eq!(verdict, TC_REDIRECT);
+    let (verdict, udp_reply) = run_tc(
+        dp,
+        Hook::ContainerIngress,
+        &from_container(17, &udp(53, 40000, b"answer")),
+    );
+    assert_eq!(verdict, TC_REDIRECT);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let total_drops = |dp: &Datapath| dp.drops().unwrap().iter().map(|(_, n)| n).sum::<u64>();
+    let seconds = [
+        0u32,
+        1,
+        68,
+        576,
+        1279,
+        1280,
+        1300,
+        1500,
+        0xffff,
+        0x1_0000,
+        u32::MAX,
+    ];
+    let (mut to_ipv4, mut to_ipv6, mut untouched, mut dropped) = (0, 0, 0, 0);
+    for round in 0..4000 {
+        let from_outside = round % 2 == 0;
+        let kind = if next() % 4 == 0 {
+            next() as u8
+        } else if from_outside {
+            [1u8, 2, 3, 4][(next() % 4) as usize]
+        } else {
+            [3u8, 11, 12][(next() % 3) as usize]
+        };
+        let code = if next() % 4 == 0 {
+            next() as u8
+        } else {
+            (next() % 6) as u8
+        };
+        let second = if next() % 4 == 0 {
+            next() as u32
+        } else {
+            seconds[(next() % seconds.len() as u64) as usize]
+        };
+        // The quote, and whether it is one NAT64 translates (a tracked packet's headers in
+        // full, up to its ports).
+        let tracked = if from_outside {
+            [&tcp_reply, &udp_reply]
+        } else {
+            [&tcp_arrived, &udp_arrived]
+        }[(next() % 2) as usize];
+        let mut quote = tracked[ETH_LEN..].to_vec();
+        let fixed = if from_outside { 40 } else { 20 };
+        let mut translatable = true;
+        match next() % 8 {
+            // Another client port: no connection.
+            0 => {
+                quote[fixed + 1] ^= 0x5a;
+                translatable = false;
+            }
+            // A wrong version.
+            1 => {
+                quote[0] = (quote[0] & 0x0f) | ((next() as u8 % 16) << 4);
+                translatable &= quote[0] >> 4 == if from_outside { 6 } else { 4 };
+            }
+            // Another protocol.
+            2 => {
+                let protocol = next() as u8;
+                quote[if from_outside { 6 } else { 9 }] = protocol;
+                translatable &= protocol == quote_protocol(tracked, from_outside);
+            }
+            // A quoted extension header (hop-by-hop options) or IP options (4 NOPs).
+            3 => {
+                if from_outside {
+                    let (src, dst, protocol, l4) = upper_layer(tracked);
+                    let spec = Ipv6Spec::new(src, dst, protocol).with(0);
+                    quote = ipv6_frame(&spec, &tracked[l4.unwrap()..])[ETH_LEN..].to_vec();
+                } else {
+                    let mut spec = Ipv4Spec::new(GATEWAY, CONTAINER, quote[9]);
+                    spec.options = vec![1, 1, 1, 1];
+                    quote = ipv4_frame(&spec, &tracked[ETH_LEN + 20..])[ETH_LEN..].to_vec();
+                }
+                translatable = false;
+            }
+            _ => {}
+        }
+        if next() % 3 == 0 {
+            let keep = (next() % (quote.len() as u64 + 1)) as usize;
+            quote.truncate(keep);
+            translatable &= keep >= fixed + 4;
+        }
+        let mut message = vec![kind, code, 0, 0];
+        message.extend_from_slice(&second.to_be_bytes());
+        message.extend_from_slice(&quote);
+        translatable &= if from_outside {
+            (kind == 1 && code <= 4) || kind == 2 || kind == 3 || (kind, code) == (4, 1)
+        } else {
+            kind == 11 || (kind == 3 && code <= 15)
+        };
+        let mut input = if from_outside {
+            let mut spec = Ipv6Spec::new(v6("2001:db8:ff::1"), host(), 58);
+            if next() % 10 == 0 {
+                spec = spec.with(0);
+                translatable = false;
+            }
+            ipv6_frame(&spec, &message)
+        } else {
+            let mut spec = Ipv4Spec::new(CONTAINER, GATEWAY, 1);
+            if next() % 10 == 0 {
+                spec.options = vec![1, 1, 1, 0];
+                translatable = false;
+            }
+            ipv4_frame(&spec, &message)
+        };
+        // Damage to the outer packet.
+        let l3 = ETH_LEN;
+        let header = if from_outside { 40 } else { 20 };
+        match next() % 10 {
+            // A bad message checksum.
+            0 => {
+                let at = input.len() - message.len() + 2;
+                input[at] ^= 1 << (next() % 8);
+            }
+            // A length field shorter than the frame: the bytes past it are no part of it.
+            1 => {
+                let real = input.len() - ETH_LEN - header;
+                let claimed = (next() % (real as u64 + 1)) as u16;
+                if from_outside {
+                    input[l3 + 4..l3 + 6].copy_from_slice(&claimed.to_be_bytes());
+                } else {
+                    let total = claimed + header as u16;
+                    input[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
+                    fix_ip_checksum(&mut input);
+                }
+            }
+            // Padding after the packet.
+            2 => input.extend_from_slice(&[0xa5; 13]),
+            // Cut short: the length fields claim more than there is.
+            3 => {
+                let keep = ETH_LEN + header + (next() as usize % (input.len() - ETH_LEN - header));
+                input.truncate(keep);
+                translatable = false;
+            }
+            // IPv4 only: a fragment, or a wrong header checksum.
+            4 if !from_outside => {
+                input[l3 + 6] |= 0x20;
+                fix_ip_checksum(&mut input);
+                translatable = false;
+            }
+            5 if !from_outside => input[l3 + 10] ^= 0x10,
+            _ => {}
+        }
+        // The message's length as its header claims it; whether that covers what NAT64
+        // rewrites (the ICMP header, the quoted header, the ports) and the message's checksum
+        // is right over it (and, for IPv4, its header's): what a receiver checks.
+        let (ihl, claimed) = if from_outside {
+            (
+                40,
+                usize::from(u16::from_be_bytes([input[l3 + 4], input[l3 + 5]])),
+            )
+        } else {
+            let ihl = usize::from(input[l3] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([input[l3 + 2], input[l3 + 3]]));
+            (ihl, total.saturating_sub(ihl))
+        };
+        translatable &= claimed >= 8 + fixed + 4 && ETH_LEN + ihl + claimed <= input.len();
+        let message_at = l3 + ihl;
+        let valid_in = ETH_LEN + ihl + claimed <= input.len()
+            && if from_outside {
+                let addr = |o: usize| {
+                    Ipv6Addr::from(<[u8; 16]>::try_from(&input[l3 + o..l3 + o + 16]).unwrap())
+                };
+                let seed = super::ipv6::pseudo_sum(addr(8), addr(24), 58, claimed);
+                sums_to_zero(seed, &input[message_at..message_at + claimed])
+            } else {
+                sums_to_zero(0, &input[l3..l3 + ihl])
+                    && sums_to_zero(0, &input[message_at..message_at + claimed])
+            };
+        let hook = if from_outside {
+            Hook::UplinkIngress
+        } else {
+            Hook::ContainerIngress
+        };
+        let drops_before = total_drops(dp);
+        let (verdict, out) = run_tc(dp, hook, &input);
+        let what = format!("{hook:?} round {round}: {input:02x?}");
+        assert!(
+            [TC_PASS, TC_SHOT, TC_REDIRECT].contains(&verdict),
+            "verdict {verdict}, {what}"
+        );
+        if verdict == TC_SHOT {
+            assert_eq!(
+                total_drops(dp),
+                drops_before + 1,
+                "a drop not counted, {what}"
+            );
+            dropped += 1;
+            continue;
+        }
+        if out.get(ETH_LEN..) == input.get(ETH_LEN..) {
+            untouched += 1;
+            continue;
+        }
+        assert!(
+            translatable,
+            "changed, but no error NAT64 translates: {what}"
+        );
+        assert_eq!(verdict, TC_REDIRECT, "translated, not redirected: {what}");
+        let checked = if from_outside {
+            to_ipv4 += 1;
+            check_translated_to_ipv4(&out, valid_in, second)
+        } else {
+            to_ipv6 += 1;
+            check_translated_to_ipv6(&out, valid_in, second)
+        };
+        if let Err(wrong) = checked {
+            panic!("{wrong}: {what}\n out {out:02x?}");
+        }
+    }
+    eprintln!(
+        "NAT64 ICMP errors: {to_ipv4} to IPv4, {to_ipv6} to IPv6, {untouched} untouched, \
+         {dropped} dropped"
+    );
+    assert!(to_ipv4 > 100 && to_ipv6 > 100 && untouched > 500);
+}
+
+/// The protocol of the packet `frame` (as it left) carries.
+fn quote_protocol(frame: &[u8], ipv6: bool) -> u8 {
+    frame[ETH_LEN + if ipv6 { 6 } else { 9 }]
 }

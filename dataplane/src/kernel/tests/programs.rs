@@ -69,6 +69,18 @@ impl TestDatapath {
     pub(super) fn get(&mut self) -> &mut Datapath {
         self.datapath.as_mut().expect("loaded")
     }
+
+    /// Removes `key` from both IPv6 conntrack tables, as the table of handshakes (an LRU map)
+    /// evicts one entry of a pair under a flood, or the collector one it found expired.
+    pub(super) fn forget6(&self, key: &dataplane_common::CtKey6) {
+        use crate::kernel::maps::{Conntrack6, Conntrack6New, KernelFilled};
+        KernelFilled::<Conntrack6>::open(&self.pin_dir, aya::maps::Map::HashMap)
+            .unwrap()
+            .remove_all([key]);
+        KernelFilled::<Conntrack6New>::open(&self.pin_dir, aya::maps::Map::LruHashMap)
+            .unwrap()
+            .remove_all([key]);
+    }
 }
 
 /// Straight to stderr, not through `eprintln!`, which the test harness captures from passing
