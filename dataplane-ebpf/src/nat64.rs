@@ -306,15 +306,10 @@ fn later_fragment_to_ipv4(ctx: &TcContext) -> Verdict {
     s.key.dport = dport;
     s.key.proto = protocol;
     s.key._pad = [0; 3];
-    let Some(entry) = conntrack::lookup(&s.key) else {
-        return Verdict::Drop(DropReason::FragmentNotFound);
-    };
-    // SAFETY: as above.
-    unsafe {
-        if (*entry).rewrite != ct_rewrite::NAT64 || (*entry).is_reply != 0 {
-            return Verdict::Pass;
-        }
-        s.peer = (*entry).peer;
+    match nat64_peer(s, 0) {
+        None => return Verdict::Drop(DropReason::FragmentNotFound),
+        Some(false) => return Verdict::Pass,
+        Some(true) => {}
     }
     // From the gateway (the reply key's destination) to the container (its source).
     let (Some(gateway), Some(container)) =
@@ -327,15 +322,16 @@ fn later_fragment_to_ipv4(ctx: &TcContext) -> Verdict {
         return Verdict::Drop(DropReason::Malformed);
     }
     let total_len = payload_len - FRAG_HDR_LEN as u32 + IPV4_HDR_LEN as u32;
-    s.to[0] = 0x4500_0000 | (u32::from_be(word0) >> 20 & 0xff) << 16 | total_len;
-    s.to[1] = ipv4_fragment_word(u16::from_be(frag), id);
-    s.to[2] = u32::from(hop_limit) << 24 | u32::from(protocol) << 16;
-    s.to[3] = u32::from_be(gateway);
-    s.to[4] = u32::from_be(container);
-    s.to[2] |= u32::from(ipv4_checksum(&s.to[..5]));
-    for word in s.to[..5].iter_mut() {
-        *word = word.to_be();
-    }
+    write_ipv4_header(
+        &mut s.to,
+        u32::from_be(word0) >> 20,
+        total_len,
+        ipv4_fragment_word(u16::from_be(frag), id),
+        u32::from(hop_limit),
+        protocol,
+        gateway,
+        container,
+    );
     // 20 bytes off the front of the header (the family), then the fragment header after the
     // new IPv4 header's room.
     if s.to
@@ -640,21 +636,21 @@ fn to_ipv4(
     // A first fragment's fragment word (`strip_fragment_header`), else DF.
     // SAFETY: as in `from_client`.
     let fragment = unsafe { (*ctx.skb.skb).cb[1] };
-    let mut header: [u32; 5] = [
-        0x4500_0000 | tos << 16 | total_len,
+    let mut header = [0u32; 5];
+    write_ipv4_header(
+        &mut header,
+        tos,
+        total_len,
         if fragment == 0 {
             u32::from(IP_DF)
         } else {
             fragment
         },
-        ttl << 24 | u32::from(ip.protocol) << 16,
-        u32::from_be(saddr),
-        u32::from_be(daddr),
-    ];
-    header[2] |= u32::from(ipv4_checksum(&header));
-    for w in header.iter_mut() {
-        *w = w.to_be();
-    }
+        ttl,
+        ip.protocol,
+        saddr,
+        daddr,
+    );
     ctx.change_proto(ETH_P_IP.to_be(), 0).map_err(|_| ())?;
     // RECOMPUTE_CSUM keeps a CHECKSUM_COMPLETE packet's sum right (the kernel took the bytes
     // it removed out of it).
@@ -784,15 +780,8 @@ fn icmp_error_to_ipv4(ctx: &TcContext) -> Verdict {
     s.key.dport = s.from[22] as u16;
     s.key.proto = protocol;
     s.key._pad = [0; 3];
-    let Some(entry) = conntrack::lookup(&s.key) else {
+    if nat64_peer(s, 0) != Some(true) {
         return Verdict::Pass;
-    };
-    // SAFETY: a map value from this program run's lookup, read field by field.
-    unsafe {
-        if (*entry).rewrite != ct_rewrite::NAT64 || (*entry).is_reply != 0 {
-            return Verdict::Pass;
-        }
-        s.peer = (*entry).peer;
     }
     // The reply key is the container's packet as it left: container -> gateway.
     let (Some(container), Some(gateway)) =
@@ -808,11 +797,16 @@ fn icmp_error_to_ipv4(ctx: &TcContext) -> Verdict {
     // The outer header: from the gateway to the container, as long as the IPv6 payload was
     // (20 + 8 + 20 + the rest, where it was 8 + 40 + the rest), traffic class and hop limit
     // kept.
-    s.to[0] = 0x4500_0000 | (u32::from_be(word0) >> 20 & 0xff) << 16 | payload_len;
-    s.to[1] = 0;
-    s.to[2] = u32::from(hop_limit) << 24 | u32::from(IPPROTO_ICMP) << 16;
-    s.to[3] = u32::from_be(gateway);
-    s.to[4] = u32::from_be(container);
+    write_ipv4_header(
+        &mut s.to,
+        u32::from_be(word0) >> 20,
+        payload_len,
+        0,
+        u32::from(hop_limit),
+        IPPROTO_ICMP,
+        gateway,
+        container,
+    );
     // Packet too big: IPv4's next-hop MTU is 20 bytes less (its header is), in the low half of
     // the second word (RFC 1191); the other errors' second word is unused. Never under what
     // IPv6's minimum gives: the path past the translator is IPv6, whose links carry 1280
@@ -824,19 +818,19 @@ fn icmp_error_to_ipv4(ctx: &TcContext) -> Verdict {
     } else {
         0
     };
-    s.to[5] = u32::from(icmp_type) << 24 | u32::from(code) << 16;
-    s.to[6] = mtu;
+    s.to[5] = (u32::from(icmp_type) << 24 | u32::from(code) << 16).to_be();
+    s.to[6] = mtu.to_be();
     // The quoted packet's IPv4 header, its traffic class, length and hop limit kept.
-    s.to[7] = 0x4500_0000 | (q0 >> 20 & 0xff) << 16 | ((q1 >> 16) + IPV4_HDR_LEN as u32) & 0xffff;
-    s.to[8] = u32::from(IP_DF);
-    s.to[9] = (q1 & 0xff) << 24 | u32::from(protocol) << 16;
-    s.to[10] = u32::from_be(container);
-    s.to[11] = u32::from_be(gateway);
-    s.to[2] |= u32::from(ipv4_checksum(&s.to[..5]));
-    s.to[9] |= u32::from(ipv4_checksum(&s.to[7..12]));
-    for word in s.to[..12].iter_mut() {
-        *word = word.to_be();
-    }
+    write_ipv4_header(
+        &mut s.to[7..],
+        q0 >> 20,
+        (q1 >> 16) + IPV4_HDR_LEN as u32,
+        u32::from(IP_DF),
+        q1 & 0xff,
+        protocol,
+        container,
+        gateway,
+    );
     s.to[12] = ports_word(s.peer.sport, s.peer.dport);
     // The ICMPv4 checksum: the ICMPv6 one, less what leaves, plus what comes.
     let Ok(old_csum) = ctx.load::<u16>(ICMP6_OFF + 2) else {
@@ -962,15 +956,8 @@ fn icmp_error_to_ipv6(ctx: &TcContext) -> Verdict {
     s.key.dport = s.from[7] as u16;
     s.key.proto = protocol;
     s.key._pad = [0; 3];
-    let Some(entry) = conntrack::lookup(&s.key) else {
+    if nat64_peer(s, 1) != Some(true) {
         return Verdict::Pass;
-    };
-    // SAFETY: a map value from this program run's lookup, read field by field.
-    unsafe {
-        if (*entry).rewrite != ct_rewrite::NAT64 || (*entry).is_reply != 1 {
-            return Verdict::Pass;
-        }
-        s.peer = (*entry).peer;
     }
     // The peer is the client's request as it arrived: client -> published address.
     let payload_len = u32::from(u16::from_be(total_len)); // 8 + 40 + the rest
@@ -1099,6 +1086,48 @@ fn to_uplink() -> Verdict {
         }
         _ => Verdict::Drop(DropReason::Malformed),
     }
+}
+
+/// An IPv4 header without options into `out` (its first 5 words, network order, checksum
+/// computed): `fragment` is its identification and fragment word (host order), the addresses
+/// are in network order.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn write_ipv4_header(
+    out: &mut [u32],
+    tos: u32,
+    total_len: u32,
+    fragment: u32,
+    ttl: u32,
+    protocol: u8,
+    saddr: u32,
+    daddr: u32,
+) {
+    out[0] = 0x4500_0000 | (tos & 0xff) << 16 | total_len & 0xffff;
+    out[1] = fragment;
+    out[2] = ttl << 24 | u32::from(protocol) << 16;
+    out[3] = u32::from_be(saddr);
+    out[4] = u32::from_be(daddr);
+    out[2] |= u32::from(ipv4_checksum(&out[..5]));
+    for word in out[..5].iter_mut() {
+        *word = word.to_be();
+    }
+}
+
+/// The peer key (into `s.peer`) of the entry at `s.key` when it is a NAT64 connection's on
+/// that side (`is_reply`: 0 the client's, 1 the container's): Some(true); Some(false) for
+/// another entry; None for no entry.
+#[inline(always)]
+fn nat64_peer(s: &mut IcmpScratch, is_reply: u8) -> Option<bool> {
+    let entry = conntrack::lookup(&s.key)?;
+    // SAFETY: a map value from this program run's lookup, read field by field.
+    unsafe {
+        if (*entry).rewrite != ct_rewrite::NAT64 || (*entry).is_reply != is_reply {
+            return Some(false);
+        }
+        s.peer = (*entry).peer;
+    }
+    Some(true)
 }
 
 /// The IPv4 header checksum of `header` (its 5 host-order words, checksum field 0).
