@@ -9,6 +9,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
     process::Command,
+    sync::{Mutex, MutexGuard},
     thread,
     time::{Duration, Instant},
 };
@@ -38,6 +39,19 @@ const UDP_SERVICES: &str = r#"  - {endpoint: web1, protocol: udp, host_port: 530
 services:
   - {name: dns, vip: 10.96.0.53, port: 5300, protocol: udp, target_port: 5300, selector: {app: dns}}
 "#;
+
+/// The tests of this file run one at a time. A flood fills the per-CPU backlog that every
+/// veth shares, whatever its namespace, so a flood in one test drops another test's packets.
+/// Once, in CI, two lost SYNs of a connection made by another test timed it out. Each test takes
+/// [`one_at_a_time`] first.
+static FLOODS: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    // A test that failed while holding it poisons it; the next test still runs alone.
+    FLOODS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 const HOST: &str = "192.0.2.1";
 const OUTSIDE: &str = "192.0.2.2";
@@ -103,6 +117,7 @@ fn bounded(sandbox: &Sandbox, target: &str, secs: u32, cmd: &[&str]) {
 
 #[test]
 fn a_spoofed_syn_flood_locks_nobody_out_and_spares_established_connections() {
+    let _alone = one_at_a_time();
     let sandbox = Sandbox::up(SPEC);
     // A small main table (4,096 entries; 1,024 for handshakes under way) so that the flood
     // really fills what it can reach.
@@ -261,6 +276,7 @@ fn exchange(netns: &str, to: &str, sizes: &[usize]) {
 
 #[test]
 fn fragmented_udp_datagrams_arrive_whole_with_their_replies() {
+    let _alone = one_at_a_time();
     let sandbox = Sandbox::up(SPEC);
     let agent = Agent::start(&sandbox);
     sandbox.write_state(&format!("{SPEC}{UDP_SERVICES}"));
@@ -369,6 +385,7 @@ fn mac_of(sandbox: &Sandbox, target: &str) -> String {
 /// on answering throughout, and new clients get in at once after it.
 #[test]
 fn a_spoofed_ipv6_syn_flood_locks_nobody_out_and_spares_established_connections() {
+    let _alone = one_at_a_time();
     let sandbox = Sandbox::up(SPEC6);
     let agent = Agent::start_with(&sandbox, &["--ct-max-entries", "4096"]);
     let mut established = KeepAlive::open_to(&sandbox, format!("[{HOST6}]:8080"));
@@ -447,6 +464,7 @@ fn a_spoofed_ipv6_syn_flood_locks_nobody_out_and_spares_established_connections(
 /// from the host's address).
 #[test]
 fn fragmented_ipv6_udp_datagrams_arrive_whole_with_their_replies() {
+    let _alone = one_at_a_time();
     let sandbox = Sandbox::up(SPEC6);
     let agent = Agent::start(&sandbox);
     sandbox.write_state(&format!(
@@ -504,6 +522,7 @@ fn fragmented_ipv6_udp_datagrams_arrive_whole_with_their_replies() {
 
 #[test]
 fn orphan_and_out_of_order_fragments_are_dropped_and_counted() {
+    let _alone = one_at_a_time();
     let sandbox = Sandbox::up(SPEC);
     let agent = Agent::start(&sandbox);
     // scapy (Debian's, for /usr/bin/python3): an orphan later fragment to the published
@@ -547,6 +566,7 @@ fn observe(agent: &Agent) -> Vec<Value> {
 
 #[test]
 fn a_drop_flood_keeps_earlier_records_and_costs_the_agent_little() {
+    let _alone = one_at_a_time();
     let sandbox = Sandbox::up(SPEC);
     let log = sandbox.dir.join("flows.json");
     let agent = Agent::start_with(&sandbox, &["--flow-log", log.to_str().unwrap()]);
