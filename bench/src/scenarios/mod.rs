@@ -455,12 +455,12 @@ pub fn write_state(bed: &Bed, text: &str) -> anyhow::Result<()> {
 }
 
 /// Polls the agent's status until `done` says the state is in the maps; fails on an error the
-/// agent reports or after `timeout`. Returns when it saw it.
+/// agent reports or after `timeout`. Returns the status that showed it.
 pub fn wait_applied(
     bed: &Bed,
     timeout: Duration,
     done: impl Fn(&Status) -> anyhow::Result<bool>,
-) -> anyhow::Result<Instant> {
+) -> anyhow::Result<Status> {
     let deadline = Instant::now() + timeout;
     loop {
         testbed::interrupt::check()?;
@@ -469,7 +469,7 @@ pub fn wait_applied(
             bail!("the agent refused the state: {error}");
         }
         if done(&status)? {
-            return Ok(Instant::now());
+            return Ok(status);
         }
         if Instant::now() > deadline {
             bail!(
@@ -477,9 +477,42 @@ pub fn wait_applied(
                 bed.agent_log()
             );
         }
-        // Fine enough for applies of a few milliseconds (each look is one `status`).
-        std::thread::sleep(Duration::from_millis(2));
+        // Each look is one `status`, which the agent answers on the loop that also applies
+        // states, and which counts every map's entries (milliseconds): looking too often would
+        // delay the very apply being timed. The time itself is the agent's own record, not
+        // when a look saw it, so a coarser look costs the measure nothing.
+        std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Writes `text` as the agent's state file and waits until `done`; returns how long it took
+/// from the write to the agent's maps written, by the agent's own clock of the apply
+/// (`in_force.applied_unix_micros`, the same host's clock as the write's).
+pub fn timed_apply(
+    bed: &Bed,
+    text: &str,
+    timeout: Duration,
+    done: impl Fn(&Status) -> anyhow::Result<bool>,
+) -> anyhow::Result<Duration> {
+    let written = unix_micros();
+    write_state(bed, text)?;
+    let status = wait_applied(bed, timeout, |s| {
+        let applied = s
+            .state
+            .in_force
+            .as_ref()
+            .map_or(0, |v| v.applied_unix_micros);
+        Ok(applied >= written && done(s)?)
+    })?;
+    let applied = status.state.in_force.map_or(0, |v| v.applied_unix_micros);
+    Ok(Duration::from_micros(applied - written))
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 /// The duration in the agent's last `applied state in 1.234ms: ...` log line.

@@ -20,7 +20,7 @@
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -28,7 +28,7 @@ use anyhow::Context as _;
 use super::published_port::docker_rules;
 use super::{
     HOST_IP, KubeService, cpu_share_during, iptables_restore, kube_proxy_rules, last_reconcile,
-    map_entries, new_conn_wrk, path_of, probe, socket_addr, wait_applied, write_state,
+    map_entries, new_conn_wrk, path_of, probe, socket_addr, timed_apply, wait_applied, write_state,
 };
 use crate::bed::Bed;
 use crate::bed::Server;
@@ -415,10 +415,10 @@ fn run_size(
             agent_to_base(bed, kind)?;
             let text = state(kind, n);
             let (map, want) = map_of(kind, n);
-            let started = Instant::now();
-            write_state(bed, &text)?;
-            let seen = wait_applied(bed, APPLY_TIMEOUT, |s| Ok(map_entries(s, map)? == want))?;
-            values.push((m[3], (seen - started).as_secs_f64() * 1e3));
+            let took = timed_apply(bed, &text, APPLY_TIMEOUT, |s| {
+                Ok(map_entries(s, map)? == want)
+            })?;
+            values.push((m[3], took.as_secs_f64() * 1e3));
             if let Some(reconcile) = last_reconcile(&bed.agent_log()) {
                 values.push((m[4], reconcile.as_secs_f64() * 1e3));
             }

@@ -18,19 +18,15 @@
 //! from writing the state file until `dataplane status` shows the compiled entries (which
 //! includes the agent's polling of the file and the parsing), plus its own reconcile time.
 
-use std::{
-    fmt::Write as _,
-    net::Ipv4Addr,
-    time::{Duration, Instant},
-};
+use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
 
 use anyhow::Context as _;
 
 use super::published_port::docker_rules;
 use super::scale::{measure_with_others, size_metrics};
 use super::{
-    HOST_IP, iptables_restore, last_reconcile, map_entries, path_of, socket_addr, wait_applied,
-    write_state,
+    HOST_IP, iptables_restore, last_reconcile, map_entries, path_of, socket_addr, timed_apply,
+    wait_applied, write_state,
 };
 use crate::bed::{Bed, Server};
 use crate::client::Targets;
@@ -217,12 +213,10 @@ fn run_size(
         "dataplane" => {
             agent_to_base(bed)?;
             let text = state(n);
-            let started = Instant::now();
-            write_state(bed, &text)?;
-            let seen = wait_applied(bed, APPLY_TIMEOUT, |s| {
+            let took = timed_apply(bed, &text, APPLY_TIMEOUT, |s| {
                 Ok(map_entries(s, "dp_policy")? == entries_of(n))
             })?;
-            values.push((m[3], (seen - started).as_secs_f64() * 1e3));
+            values.push((m[3], took.as_secs_f64() * 1e3));
             if let Some(reconcile) = last_reconcile(&bed.agent_log()) {
                 values.push((m[4], reconcile.as_secs_f64() * 1e3));
             }

@@ -411,6 +411,7 @@ impl Agent {
             sha256: version.sha256,
             modified_unix: version.modified_unix,
             applied_unix: state_file::unix_now(),
+            applied_unix_micros: state_file::unix_now_micros(),
         });
         self.state.newer = None;
         self.last_error = None;

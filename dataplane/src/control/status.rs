@@ -57,6 +57,10 @@ pub struct StateVersion {
     /// The file's modification time, seconds since the Unix epoch.
     pub modified_unix: Option<u64>,
     pub applied_unix: u64,
+    /// When its maps were written, microseconds since the Unix epoch: what a tool that wrote
+    /// the file compares with its own clock to time an apply (the bench's scale scenarios).
+    #[serde(default)]
+    pub applied_unix_micros: u64,
 }
 
 /// A version of the state file seen after the one in force and not applied.

@@ -78,6 +78,14 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// [`unix_now`] in microseconds.
+pub fn unix_now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 impl Source {
     /// Starts watching `path`; the first [`Reading`] comes at once.
     pub fn start(path: PathBuf) -> Source {
