@@ -1,7 +1,8 @@
-//! A real Docker Swarm of three dockerd 20.10 nodes (tests/testbed/src/swarm.rs), without the
+//! A real Docker Swarm of three dockerd 20.10 nodes (tests/testbed/src/swarm.rs). Without the
 //! agent: what works today on this kernel, which has no IPVS. Overlay networks, tasks on every
 //! node and container-to-task traffic across nodes over VXLAN work; the service VIP and the
-//! routing mesh do not (printed, not asserted: that is the agent's work, issue 18).
+//! routing mesh do not (printed, not asserted: that is the agent's work, issue 18). With the
+//! agent on a worker: its Swarm view in `dataplane status`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -9,7 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_tests::swarm::{IMAGE, Node, Swarm};
+use dataplane::control::status::{Status, SwarmVipRow};
+use dataplane_tests::{
+    Agent, dataplane_bin,
+    swarm::{IMAGE, Node, Swarm},
+};
 
 /// How long the swarm may take to converge (tasks running, gossip spread): measured about 2 s.
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -231,4 +236,203 @@ fn three_nodes_serve_a_service_on_an_overlay_across_nodes() {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+}
+
+/// The running tasks of `service` as the manager schedules them: task name (`web.1.<id>`, the
+/// name the overlay listings use) -> its node's hostname.
+fn scheduled_tasks(manager: &Node, service: &str) -> BTreeMap<String, String> {
+    let out = manager.docker_ok(&[
+        "service",
+        "ps",
+        service,
+        "--no-trunc",
+        "--filter",
+        "desired-state=running",
+        "--format",
+        "{{.Name}}.{{.ID}} {{.Node}} {{.CurrentState}}",
+    ]);
+    out.lines()
+        .filter(|l| l.contains(" Running "))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            Some((words.next()?.to_owned(), words.next()?.to_owned()))
+        })
+        .collect()
+}
+
+/// Service `service` on network `network` of the agent's Swarm view.
+fn swarm_service<'a>(status: &'a Status, network: &str, service: &str) -> Option<&'a SwarmVipRow> {
+    let swarm = status.swarm.as_ref()?;
+    let network = swarm.networks.iter().find(|n| n.name == network)?;
+    network.services.iter().find(|s| s.name == service)
+}
+
+/// The agent's tasks of `service` on `network`: task name -> its node's address.
+fn viewed_tasks(status: &Status, network: &str, service: &str) -> BTreeMap<String, String> {
+    swarm_service(status, network, service)
+        .map(|s| {
+            s.tasks
+                .iter()
+                .map(|t| (t.name.clone(), t.node_addr.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The agent in a worker's namespace, following only that node's engine (which answers no
+/// `/nodes`, `/services` or `/tasks` and sends no event of other nodes' tasks), shows every
+/// task of every node with its node, follows a `service scale` within seconds, and keeps its
+/// last view, saying so, when the engine stops.
+#[test]
+fn an_agent_on_a_worker_shows_the_swarm_view() {
+    let mut swarm = Swarm::start(3);
+    let hostnames: BTreeSet<String> = swarm.nodes.iter().map(|n| n.hostname.clone()).collect();
+    wait_for("three nodes ready", || {
+        let out =
+            swarm
+                .manager()
+                .docker_ok(&["node", "ls", "--format", "{{.Hostname}} {{.Status}}"]);
+        let ready: BTreeSet<String> = out
+            .lines()
+            .filter_map(|l| l.strip_suffix(" Ready").map(str::to_owned))
+            .collect();
+        (ready == hostnames).then_some(())
+    });
+    let addr_of: BTreeMap<String, String> = swarm
+        .nodes
+        .iter()
+        .map(|n| (n.hostname.clone(), n.addr.clone()))
+        .collect();
+
+    // The agent as it would run on that node: in its network namespace, on its engine's
+    // socket, its uplink the node's eth0, pins and control socket named after the node's
+    // namespace (paths of their own), and no cgroup socket hooks (the Swarm view needs
+    // none; never the root cgroup).
+    let worker = &swarm.nodes[1];
+    let socket = worker.engine.socket.display().to_string();
+    let agent = Agent::launch(
+        &dataplane_bin(),
+        &worker.netns,
+        &worker.netns,
+        worker.engine.dir.join("agent.log"),
+        &["--docker", &socket, "--uplink", "eth0", "--cgroup", "none"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let status = agent.wait_for("the Swarm view of node2", |s| s.swarm.is_some());
+    let view = status.swarm.as_ref().unwrap();
+    assert_eq!(
+        (
+            view.node.as_str(),
+            view.role.as_str(),
+            view.node_addr.as_str()
+        ),
+        ("node2", "worker", worker.addr.as_str())
+    );
+    // A worker is told no nodes and services (503) and that is no error.
+    assert!(view.nodes.is_none() && view.services.is_none(), "{view:#?}");
+    assert_eq!(view.error, None);
+    assert!(
+        view.networks
+            .iter()
+            .any(|n| n.name == "ingress" && n.ingress),
+        "{view:#?}"
+    );
+
+    let manager = swarm.manager();
+    manager.docker_ok(&["network", "create", "-d", "overlay", "--attachable", "ov"]);
+    manager.docker_ok(&[
+        "service",
+        "create",
+        "-d",
+        "--no-resolve-image",
+        "--name",
+        "web",
+        "--replicas",
+        "3",
+        "--network",
+        "ov",
+        "-p",
+        "8080:80",
+        "--stop-grace-period",
+        "1s",
+        IMAGE,
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ]);
+    // What the agent must show: the manager's running tasks, each on its node's address.
+    let expected = |count: usize| {
+        wait_for(&format!("{count} running tasks of web"), || {
+            let tasks = scheduled_tasks(manager, "web");
+            (tasks.len() == count).then_some(tasks)
+        })
+        .into_iter()
+        .map(|(task, node)| (task, addr_of[&node].clone()))
+        .collect::<BTreeMap<String, String>>()
+    };
+    let three = expected(3);
+    assert!(
+        three.values().any(|addr| *addr == swarm.nodes[1].addr),
+        "a task on the worker (its engine then has the overlay): {three:?}"
+    );
+    let status = agent.wait_for_within(Duration::from_secs(30), "three tasks of web", |s| {
+        viewed_tasks(s, "ov", "web") == three && viewed_tasks(s, "ingress", "web") == three
+    });
+    let web = swarm_service(&status, "ov", "web").unwrap();
+    assert!(web.vip.is_some(), "web's VIP on ov: {web:?}");
+    assert!(web.ports.is_empty());
+    let mesh = swarm_service(&status, "ingress", "web").unwrap();
+    assert_eq!(mesh.ports, ["8080->80"]);
+    // Tasks by address; only the worker's own node has a name.
+    let ips: Vec<_> = web.tasks.iter().map(|t| t.ip.clone().unwrap()).collect();
+    let mut sorted = ips.clone();
+    sorted.sort_by_key(|ip| ip.parse::<std::net::IpAddr>().unwrap());
+    assert_eq!(ips, sorted);
+    for task in &web.tasks {
+        let own = task.node_addr == swarm.nodes[1].addr;
+        assert_eq!(task.node.as_deref(), own.then_some("node2"), "{task:?}");
+    }
+    let text = std::process::Command::new(dataplane_bin())
+        .arg("status")
+        .arg("--socket")
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    eprintln!("{text}");
+    assert!(text.contains("node node2 (worker)"), "{text}");
+
+    // Five tasks: the worker's engine sends no event of the other nodes' new tasks; the
+    // periodic re-read shows them.
+    manager.docker_ok(&["service", "scale", "-d", "web=5"]);
+    let five = expected(5);
+    let started = Instant::now();
+    agent.wait_for_within(Duration::from_secs(30), "five tasks of web", |s| {
+        viewed_tasks(s, "ov", "web") == five
+    });
+    eprintln!(
+        "the agent showed 5 tasks {:?} after the manager ran them",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "five tasks within seconds, not {:?}",
+        started.elapsed()
+    );
+
+    // The worker's engine stops: the last view stays, with the error.
+    swarm.nodes[1].engine.stop();
+    let status = agent.wait_for_within(Duration::from_secs(30), "the view marked stale", |s| {
+        s.swarm.as_ref().is_some_and(|v| v.error.is_some())
+    });
+    let view = status.swarm.as_ref().unwrap();
+    eprintln!("stale view: {:?}", view.error);
+    assert!(
+        swarm_service(&status, "ov", "web").is_some_and(|web| web.tasks.len() == 5),
+        "the last view kept: {view:#?}"
+    );
+    drop(agent);
 }

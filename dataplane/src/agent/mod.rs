@@ -143,6 +143,8 @@ struct Agent {
     netns_cookie: u64,
     /// Flow records: history, followers, export, metrics.
     flows: flows::Pipeline,
+    /// The Docker source's Swarm view, for `status`.
+    swarm: docker::SwarmFeed,
 }
 
 /// The containers' cgroup to attach the socket hooks to (`--container-cgroup`): a relative
@@ -338,6 +340,7 @@ async fn start(args: AgentArgs) -> anyhow::Result<(Agent, Sources, tokio::net::U
         container_cgroup,
         netns_cookie,
         flows: flow_pipeline,
+        swarm: docker.swarm(),
     };
     // The first state must apply: an agent that cannot start says why and exits.
     agent

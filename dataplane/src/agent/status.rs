@@ -8,7 +8,95 @@ use crate::{
     control::status::{self, Status},
     kernel::netdev,
     model::{Model, PortRange, PortTarget},
+    source::docker::SwarmView,
 };
+
+/// The Swarm view as `status` shows it.
+fn swarm_rows(view: SwarmView) -> status::SwarmStatus {
+    let networks = view
+        .networks
+        .into_iter()
+        .map(|n| status::SwarmNetworkRow {
+            name: n.name,
+            id: n.id,
+            ingress: n.ingress,
+            subnets: n.subnets,
+            vni: n.vni,
+            services: n
+                .services
+                .into_iter()
+                .map(|s| status::SwarmVipRow {
+                    name: s.name,
+                    vip: s.vip.map(|v| v.to_string()),
+                    ports: s
+                        .ports
+                        .iter()
+                        .map(|p| format!("{}->{}", p.published, p.target))
+                        .collect(),
+                    tasks: s
+                        .tasks
+                        .into_iter()
+                        .map(|t| status::SwarmTaskRow {
+                            name: t.name,
+                            ip: t.ip.map(|ip| ip.to_string()),
+                            node_addr: t.node_addr,
+                            node: t.node,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+        .collect();
+    let nodes = view.nodes.map(|list| {
+        list.into_iter()
+            .map(|n| status::SwarmNodeRow {
+                name: n.hostname,
+                id: n.id,
+                addr: n.addr,
+                role: n.role,
+                state: n.state,
+                availability: n.availability,
+                leader: n.leader,
+            })
+            .collect()
+    });
+    let services = view.services.map(|list| {
+        list.into_iter()
+            .map(|s| status::SwarmServiceRow {
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{}->{}/{} ({})",
+                            p.published, p.target, p.protocol, p.publish_mode
+                        )
+                    })
+                    .collect(),
+                name: s.name,
+                id: s.id,
+                mode: s.endpoint_mode,
+                replicas: s.replicas,
+            })
+            .collect()
+    });
+    status::SwarmStatus {
+        node: view.node.node_name,
+        node_id: view.node.node_id,
+        node_addr: view.node.node_addr,
+        role: if view.node.manager {
+            "manager"
+        } else {
+            "worker"
+        }
+        .to_owned(),
+        read_unix: view.read_unix,
+        error: view.error,
+        networks,
+        nodes,
+        services,
+    }
+}
 
 /// The networks, services and published ports of `model`, as `status` shows them.
 fn model_rows(
@@ -160,6 +248,7 @@ impl Agent {
                 .clone()
                 .or_else(|| self.repair_error.clone()),
             flows: self.flow_status(),
+            swarm: self.swarm.current().map(swarm_rows),
         })
     }
 

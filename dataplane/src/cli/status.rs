@@ -172,6 +172,9 @@ fn render(s: &Status) -> String {
             p.host_port, p.protocol, p.target, p.container_port
         );
     }
+    if let Some(swarm) = &s.swarm {
+        render_swarm(&mut out, swarm);
+    }
     let _ = writeln!(out, "\nTRAFFIC SEEN BY THE PROGRAMS");
     for c in &s.interfaces {
         let _ = writeln!(
@@ -196,6 +199,93 @@ fn render(s: &Status) -> String {
         f.followers
     );
     out
+}
+
+/// The SWARM section: this node, its overlays' services with their tasks on every node, and
+/// a manager's nodes and services.
+fn render_swarm(out: &mut String, s: &crate::control::status::SwarmStatus) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "\nSWARM");
+    let _ = writeln!(
+        out,
+        "  node {} ({}) {}   id {}   read {}",
+        s.node,
+        s.role,
+        s.node_addr,
+        s.node_id,
+        time(s.read_unix)
+    );
+    if let Some(e) = &s.error {
+        let _ = writeln!(
+            out,
+            "  the engine could not be read since (the last view is shown): {e}"
+        );
+    }
+    for n in &s.networks {
+        let _ = writeln!(
+            out,
+            "  network {}{} {}{}",
+            n.name,
+            if n.ingress { " (routing mesh)" } else { "" },
+            n.subnets.join(", "),
+            n.vni.map(|v| format!(" vni {v}")).unwrap_or_default()
+        );
+        for v in &n.services {
+            let ports = if v.ports.is_empty() {
+                String::new()
+            } else {
+                format!("   ports {}", v.ports.join(", "))
+            };
+            let _ = writeln!(
+                out,
+                "    {:<16} VIP {}{ports}",
+                v.name,
+                v.vip.as_deref().unwrap_or("none (dnsrr)")
+            );
+            for t in &v.tasks {
+                let _ = writeln!(
+                    out,
+                    "      {:<40} {:<16} on {}",
+                    t.name,
+                    t.ip.as_deref().unwrap_or("-"),
+                    match &t.node {
+                        Some(node) => format!("{node} ({})", t.node_addr),
+                        None => t.node_addr.clone(),
+                    }
+                );
+            }
+        }
+    }
+    if let Some(nodes) = &s.nodes {
+        let _ = writeln!(out, "  nodes");
+        for n in nodes {
+            let _ = writeln!(
+                out,
+                "    {:<16} {:<16} {:<8} {:<8} {}{}",
+                n.name,
+                n.addr,
+                n.role,
+                n.state,
+                n.availability,
+                if n.leader { " leader" } else { "" }
+            );
+        }
+    }
+    if let Some(services) = &s.services {
+        let _ = writeln!(out, "  services");
+        for v in services {
+            let _ = writeln!(
+                out,
+                "    {:<16} {:<6} {:<12} {}",
+                v.name,
+                v.mode,
+                v.replicas
+                    .map(|r| format!("{r} replicas"))
+                    .unwrap_or_else(|| "global".to_owned()),
+                v.ports.join(", ")
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -277,6 +367,56 @@ mod tests {
             "web              10.96.0.10:80 [fd00:96::10]:80/tcp -> web1",
             "*:8080/tcp -> endpoint web1:80",
             "[::]:5353/udp -> endpoint six:53",
+        ] {
+            assert!(text.contains(expected), "{expected:?} not in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_swarm_view_is_printed() {
+        let status: super::Status = serde_json::from_value(serde_json::json!({
+            "pin_dir": "/sys/fs/bpf/dp", "state_file": null, "uplink": "eth0",
+            "attachments": [], "maps": [], "interfaces": [], "endpoints": [], "drops": {},
+            "reconciles": 1, "ct_collected": 0, "last_applied_unix": null, "last_error": null,
+            "swarm": {
+                "node": "node1", "node_id": "05tn", "node_addr": "10.99.0.1", "role": "manager",
+                "read_unix": 60, "error": "cannot connect to the Docker engine",
+                "networks": [
+                    {"name": "ingress", "id": "tif5", "ingress": true,
+                     "subnets": ["10.0.0.0/24"], "vni": 4096,
+                     "services": [{"name": "web", "vip": "10.0.0.5", "ports": ["8080->80"],
+                                   "tasks": []}]},
+                    {"name": "ov1", "id": "rmk5", "ingress": false,
+                     "subnets": ["10.0.1.0/24"], "vni": 4097,
+                     "services": [
+                         {"name": "rr", "vip": null, "ports": [], "tasks": []},
+                         {"name": "web", "vip": "10.0.1.2", "ports": [], "tasks": [
+                             {"name": "web.1.jss2", "ip": "10.0.1.3", "node_addr": "10.99.0.2",
+                              "node": "node2"},
+                             {"name": "web.2.p72p", "ip": "10.0.1.4", "node_addr": "10.99.0.3",
+                              "node": null}
+                         ]}
+                     ]}
+                ],
+                "nodes": [{"name": "node1", "id": "05tn", "addr": "10.99.0.1",
+                           "role": "manager", "state": "ready", "availability": "active",
+                           "leader": true}],
+                "services": [{"name": "web", "id": "hajk", "mode": "vip", "replicas": 3,
+                              "ports": ["8080->80/tcp (ingress)"]}]
+            }
+        }))
+        .unwrap();
+        let text = super::render(&status);
+        for expected in [
+            "node node1 (manager) 10.99.0.1   id 05tn   read 1970-01-01 00:01:00 UTC",
+            "the engine could not be read since (the last view is shown): cannot connect",
+            "network ingress (routing mesh) 10.0.0.0/24 vni 4096",
+            "web              VIP 10.0.0.5   ports 8080->80",
+            "rr               VIP none (dnsrr)",
+            "web.1.jss2                               10.0.1.3         on node2 (10.99.0.2)",
+            "web.2.p72p                               10.0.1.4         on 10.99.0.3",
+            "node1            10.99.0.1        manager  ready    active leader",
+            "web              vip    3 replicas   8080->80/tcp (ingress)",
         ] {
             assert!(text.contains(expected), "{expected:?} not in:\n{text}");
         }

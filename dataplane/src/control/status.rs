@@ -36,6 +36,86 @@ pub struct Status {
     pub state: StateStatus,
     #[serde(default)]
     pub flows: FlowStatus,
+    /// The swarm this node is in, as its engine says (`--docker` only; None outside a swarm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swarm: Option<SwarmStatus>,
+}
+
+/// The Swarm view: this node, its overlay networks with their services and tasks on every
+/// node, and on a manager the swarm's nodes and services.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SwarmStatus {
+    /// This node's name (its hostname), id and address in the swarm.
+    pub node: String,
+    pub node_id: String,
+    pub node_addr: String,
+    /// "manager" or "worker".
+    pub role: String,
+    /// Seconds since the Unix epoch of the last read of the engine that succeeded.
+    pub read_unix: u64,
+    /// Why reading the engine failed since: the view shown is the last good one.
+    pub error: Option<String>,
+    pub networks: Vec<SwarmNetworkRow>,
+    /// A manager's `/nodes`; None on a worker (which is not told).
+    pub nodes: Option<Vec<SwarmNodeRow>>,
+    /// A manager's `/services`; None on a worker.
+    pub services: Option<Vec<SwarmServiceRow>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SwarmNetworkRow {
+    pub name: String,
+    pub id: String,
+    /// The routing mesh's network.
+    pub ingress: bool,
+    pub subnets: Vec<String>,
+    pub vni: Option<u32>,
+    pub services: Vec<SwarmVipRow>,
+}
+
+/// A service on one overlay network.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SwarmVipRow {
+    pub name: String,
+    /// None for a dnsrr service.
+    pub vip: Option<String>,
+    /// The routing mesh's ports, "8080->80" (on `ingress`).
+    pub ports: Vec<String>,
+    /// Sorted by address.
+    pub tasks: Vec<SwarmTaskRow>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SwarmTaskRow {
+    pub name: String,
+    pub ip: Option<String>,
+    /// The address of its node.
+    pub node_addr: String,
+    /// Its node's name where known (a manager knows all, a worker its own).
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SwarmNodeRow {
+    pub name: String,
+    pub id: String,
+    pub addr: String,
+    pub role: String,
+    pub state: String,
+    pub availability: String,
+    pub leader: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SwarmServiceRow {
+    pub name: String,
+    pub id: String,
+    /// "vip" or "dnsrr".
+    pub mode: String,
+    /// None for a global service.
+    pub replicas: Option<u64>,
+    /// "8080->80/tcp (ingress)".
+    pub ports: Vec<String>,
 }
 
 /// The state in force, a newer one that is not, and what the agent warns of in it.

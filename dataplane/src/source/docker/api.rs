@@ -25,7 +25,10 @@ use bollard::{
     Docker,
     errors::Error as BollardError,
     models,
-    query_parameters::{EventsOptionsBuilder, InspectContainerOptions, ListContainersOptions},
+    query_parameters::{
+        EventsOptionsBuilder, InspectContainerOptions, InspectNetworkOptionsBuilder,
+        ListContainersOptions, ListNodesOptions, ListServicesOptions,
+    },
 };
 use futures_util::{Stream, StreamExt as _};
 
@@ -77,16 +80,23 @@ pub enum DockerError {
 impl DockerError {
     /// The engine does not know the object (e.g. a container removed meanwhile).
     pub fn is_not_found(&self) -> bool {
-        matches!(
-            self,
+        self.status_code() == Some(404)
+    }
+
+    /// A swarm worker's answer to a manager's request (`/nodes`, `/services`, `/tasks`): HTTP
+    /// 503 "This node is not a swarm manager..." (fixture `worker-services.json`).
+    pub fn is_not_a_manager(&self) -> bool {
+        self.status_code() == Some(503)
+    }
+
+    fn status_code(&self) -> Option<u16> {
+        match self {
             DockerError::Api {
-                source: BollardError::DockerResponseServerError {
-                    status_code: 404,
-                    ..
-                },
+                source: BollardError::DockerResponseServerError { status_code, .. },
                 ..
-            }
-        )
+            } => Some(*status_code),
+            _ => None,
+        }
     }
 }
 
@@ -216,6 +226,59 @@ impl Client {
         Ok(list.into_iter().map(NetworkInspect::from).collect())
     }
 
+    /// The engine's place in a swarm (`GET /info`); None when it is in none (or the engine
+    /// says nothing of Swarm).
+    pub async fn swarm_membership(&self) -> Result<Option<SwarmMembership>, DockerError> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(api("reading the engine's info"))?;
+        let Some(swarm) = info.swarm else {
+            return Ok(None);
+        };
+        let state = swarm
+            .local_node_state
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        if state != "active" {
+            return Ok(None);
+        }
+        Ok(Some(SwarmMembership {
+            node_id: swarm.node_id.unwrap_or_default(),
+            node_name: info.name.unwrap_or_default(),
+            node_addr: swarm.node_addr.unwrap_or_default(),
+            manager: swarm.control_available.unwrap_or_default(),
+        }))
+    }
+
+    /// An overlay network with its services and their tasks on every node (`GET
+    /// /networks/{id}?verbose=true`, which managers and workers both answer).
+    pub async fn inspect_overlay(&self, id: &str) -> Result<OverlayInspect, DockerError> {
+        let options = InspectNetworkOptionsBuilder::new().verbose(true).build();
+        self.docker
+            .inspect_network(id, Some(options))
+            .await
+            .map(OverlayInspect::from)
+            .map_err(api(format!("inspecting network {id}")))
+    }
+
+    /// The swarm's nodes (`GET /nodes`); None on a worker (503).
+    pub async fn swarm_nodes(&self) -> Result<Option<Vec<SwarmNodeInfo>>, DockerError> {
+        match self.docker.list_nodes(None::<ListNodesOptions>).await {
+            Ok(list) => Ok(Some(list.into_iter().map(SwarmNodeInfo::from).collect())),
+            Err(e) => manager_only(e, "listing the swarm's nodes"),
+        }
+    }
+
+    /// The swarm's services (`GET /services`); None on a worker (503).
+    pub async fn swarm_services(&self) -> Result<Option<Vec<SwarmServiceInfo>>, DockerError> {
+        match self.docker.list_services(None::<ListServicesOptions>).await {
+            Ok(list) => Ok(Some(list.into_iter().map(SwarmServiceInfo::from).collect())),
+            Err(e) => manager_only(e, "listing the swarm's services"),
+        }
+    }
+
     /// The event stream of containers and networks, from `since` on (the engine replays what
     /// it keeps of the past). Reading it is cancel-safe; the request is sent when it is first
     /// polled. It ends when the engine ends it (e.g. it is shutting down).
@@ -223,7 +286,8 @@ impl Client {
         &self,
         since: std::time::SystemTime,
     ) -> impl Stream<Item = Result<Event, DockerError>> + Unpin + use<> {
-        let filters = HashMap::from([("type", vec!["container", "network"])]);
+        // Services and nodes only come on a manager; a worker's stream has none of them.
+        let filters = HashMap::from([("type", vec!["container", "network", "service", "node"])]);
         let since = since
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -235,6 +299,16 @@ impl Client {
         self.docker
             .events(Some(options))
             .map(|item| item.map(Event::from).map_err(api("the event stream")))
+    }
+}
+
+/// A manager-only request's error: None for a worker's 503, else the error.
+fn manager_only<T>(e: BollardError, what: &str) -> Result<Option<T>, DockerError> {
+    let e = api(what)(e);
+    if e.is_not_a_manager() {
+        Ok(None)
+    } else {
+        Err(e)
     }
 }
 
@@ -459,6 +533,212 @@ impl From<models::Network> for NetworkInspect {
 pub struct IpamConfig {
     pub subnet: String,
     pub gateway: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The views the Swarm view (super::swarm) reads.
+
+/// `GET /info`'s `Swarm`, of an engine in a swarm.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SwarmMembership {
+    pub node_id: String,
+    /// The engine's `Name`: its hostname, which is its node name.
+    pub node_name: String,
+    /// The node's address in the swarm (its advertise address).
+    pub node_addr: String,
+    /// `ControlAvailable`: a manager, which answers `/nodes`, `/services` and `/tasks`.
+    pub manager: bool,
+}
+
+/// `GET /networks/{id}?verbose=true` of a swarm-scope network.
+#[derive(Debug, Clone, Default)]
+pub struct OverlayInspect {
+    pub name: String,
+    pub id: String,
+    /// The routing mesh's network (`ingress`).
+    pub ingress: bool,
+    pub subnets: Vec<String>,
+    pub options: BTreeMap<String, String>,
+    /// By service name; "" gathers what is no service's (the nodes' `ingress-endpoint`s,
+    /// containers attached by hand).
+    pub services: BTreeMap<String, OverlayService>,
+}
+
+/// A service's entry in a verbose network listing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OverlayService {
+    /// Its VIP on this network; `<nil>` for a dnsrr service.
+    pub vip: String,
+    /// Only on `ingress`: "Target: 80, Publish: 8080".
+    pub ports: Vec<String>,
+    pub tasks: Vec<OverlayTask>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OverlayTask {
+    /// `SERVICE.SLOT.TASKID` (`SERVICE.NODEID.TASKID` for a global service).
+    pub name: String,
+    /// The task's address on this network.
+    pub endpoint_ip: String,
+    /// `Info["Host IP"]`: the address of the task's node.
+    pub host_ip: String,
+}
+
+impl From<models::NetworkInspect> for OverlayInspect {
+    fn from(m: models::NetworkInspect) -> OverlayInspect {
+        let services = m
+            .services
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, value)| {
+                // bollard leaves the entries as JSON; a malformed one is an empty service.
+                let info: models::ServiceInfo = serde_json::from_value(value).unwrap_or_default();
+                let tasks = info
+                    .tasks
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|t| OverlayTask {
+                        name: t.name.unwrap_or_default(),
+                        endpoint_ip: t.endpoint_ip.unwrap_or_default(),
+                        host_ip: t
+                            .info
+                            .unwrap_or_default()
+                            .remove("Host IP")
+                            .unwrap_or_default(),
+                    })
+                    .collect();
+                let service = OverlayService {
+                    vip: info.vip.unwrap_or_default(),
+                    ports: info.ports.unwrap_or_default(),
+                    tasks,
+                };
+                (name, service)
+            })
+            .collect();
+        OverlayInspect {
+            name: m.name.unwrap_or_default(),
+            id: m.id.unwrap_or_default(),
+            ingress: m.ingress.unwrap_or_default(),
+            subnets: m
+                .ipam
+                .and_then(|i| i.config)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|c| c.subnet)
+                .collect(),
+            options: map(m.options),
+            services,
+        }
+    }
+}
+
+/// An entry of a manager's `GET /nodes`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SwarmNodeInfo {
+    pub id: String,
+    pub hostname: String,
+    pub addr: String,
+    /// "manager" or "worker".
+    pub role: String,
+    /// "active", "pause" or "drain".
+    pub availability: String,
+    /// "ready", "down", "disconnected" or "unknown".
+    pub state: String,
+    pub leader: bool,
+}
+
+impl From<models::Node> for SwarmNodeInfo {
+    fn from(m: models::Node) -> SwarmNodeInfo {
+        let spec = m.spec.unwrap_or_default();
+        let status = m.status.unwrap_or_default();
+        SwarmNodeInfo {
+            id: m.id.unwrap_or_default(),
+            hostname: m.description.and_then(|d| d.hostname).unwrap_or_default(),
+            addr: status.addr.unwrap_or_default(),
+            role: spec.role.map(|r| r.to_string()).unwrap_or_default(),
+            availability: spec.availability.map(|a| a.to_string()).unwrap_or_default(),
+            state: status.state.map(|s| s.to_string()).unwrap_or_default(),
+            leader: m.manager_status.and_then(|s| s.leader).unwrap_or_default(),
+        }
+    }
+}
+
+/// An entry of a manager's `GET /services`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SwarmServiceInfo {
+    pub id: String,
+    pub name: String,
+    /// "vip" (the default when the spec says nothing) or "dnsrr".
+    pub endpoint_mode: String,
+    /// Replicas of a replicated service; None for a global one (or a job).
+    pub replicas: Option<u64>,
+    pub ports: Vec<ServicePort>,
+    /// (network id, address with prefix length) of each VIP.
+    pub vips: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServicePort {
+    /// "tcp", "udp" or "sctp".
+    pub protocol: String,
+    pub target: u16,
+    pub published: u16,
+    /// "ingress" (the routing mesh) or "host".
+    pub publish_mode: String,
+}
+
+impl From<models::Service> for SwarmServiceInfo {
+    fn from(m: models::Service) -> SwarmServiceInfo {
+        let spec = m.spec.unwrap_or_default();
+        let endpoint = m.endpoint.unwrap_or_default();
+        let endpoint_mode = spec
+            .endpoint_spec
+            .and_then(|e| e.mode)
+            .map(|mode| mode.to_string())
+            .filter(|mode| !mode.is_empty())
+            .unwrap_or_else(|| "vip".to_owned());
+        SwarmServiceInfo {
+            id: m.id.unwrap_or_default(),
+            name: spec.name.unwrap_or_default(),
+            endpoint_mode,
+            replicas: spec
+                .mode
+                .and_then(|mode| mode.replicated)
+                .and_then(|r| r.replicas)
+                .and_then(|n| u64::try_from(n).ok()),
+            ports: endpoint
+                .ports
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| ServicePort {
+                    protocol: p
+                        .protocol
+                        .map(|p| p.to_string())
+                        .filter(|p| !p.is_empty())
+                        .unwrap_or_else(|| "tcp".to_owned()),
+                    target: p
+                        .target_port
+                        .and_then(|n| u16::try_from(n).ok())
+                        .unwrap_or(0),
+                    published: p
+                        .published_port
+                        .and_then(|n| u16::try_from(n).ok())
+                        .unwrap_or(0),
+                    publish_mode: p
+                        .publish_mode
+                        .map(|m| m.to_string())
+                        .filter(|m| !m.is_empty())
+                        .unwrap_or_else(|| "ingress".to_owned()),
+                })
+                .collect(),
+            vips: endpoint
+                .virtual_ips
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| (v.network_id.unwrap_or_default(), v.addr.unwrap_or_default()))
+                .collect(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -19,10 +19,15 @@
 //!    doubling to 5 s) and start again at step 1. Meanwhile the last model stays in force.
 //!
 //! The mapping from engine objects to the state file is in [`convert`].
+//!
+//! Beside the model it keeps the Swarm view ([`swarm`]) of a node in a swarm: re-read after
+//! the full sync, after each batch of events that may change it, and every [`SWARM_REFRESH`];
+//! when the engine errs or cannot be reached, the last view stays, marked with the error.
 
 mod api;
 mod convert;
 mod links;
+mod swarm;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -36,7 +41,9 @@ use tokio::{sync::watch, time::Instant};
 
 use crate::model::{Cidr, Model, StateFile};
 use api::{Client, DockerError, Event};
+pub use api::{ServicePort, SwarmMembership, SwarmNodeInfo, SwarmServiceInfo};
 use convert::{Container, Inputs, VipAllocator};
+pub use swarm::{MeshPort, Overlay, OverlayServiceView, SwarmView, TaskView};
 
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 pub const DEFAULT_SERVICE_VIP_RANGE: &str = "10.96.0.0/16";
@@ -45,6 +52,13 @@ pub const DEFAULT_SERVICE_VIP_RANGE: &str = "10.96.0.0/16";
 const DEBOUNCE: Duration = Duration::from_millis(100);
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// How often the Swarm view is re-read besides on events. A worker's engine sends no event
+/// when a task on another node starts, stops or moves, while its network listing follows
+/// within the gossip's delay (about a second, measured after scaling and draining): every
+/// 2 s shows such a change within a few seconds, for one `/info`, one `/networks` and one
+/// verbose inspect per overlay (and `/nodes`, `/services` on a manager) per period, a few
+/// milliseconds on the engine's unix socket. Not in a swarm it is one `/info`.
+pub const SWARM_REFRESH: Duration = Duration::from_secs(2);
 /// How long the agent waits at start for the engine's state before it applies an empty one.
 pub const FIRST_SYNC_WAIT: Duration = Duration::from_secs(10);
 
@@ -72,6 +86,18 @@ pub struct DockerArgs {
 /// it never yields one.
 pub struct Source {
     models: Option<watch::Receiver<Option<Published>>>,
+    swarm: SwarmFeed,
+}
+
+/// The latest Swarm view, for whoever shows it (the agent's status); a clone reads the same.
+#[derive(Clone, Default)]
+pub struct SwarmFeed(Option<watch::Receiver<Option<SwarmView>>>);
+
+impl SwarmFeed {
+    /// The view now: None without --docker or when the node is in no swarm.
+    pub fn current(&self) -> Option<SwarmView> {
+        self.0.as_ref().and_then(|rx| rx.borrow().clone())
+    }
 }
 
 /// A model the engine's state makes, with what the source noticed while making it (an entry
@@ -86,9 +112,13 @@ impl Source {
     /// Starts following the engine when --docker was given (on the current tokio runtime).
     pub fn start(args: &DockerArgs) -> Source {
         let Some(socket) = &args.docker else {
-            return Source { models: None };
+            return Source {
+                models: None,
+                swarm: SwarmFeed::default(),
+            };
         };
         let (tx, rx) = watch::channel(None);
+        let (swarm_tx, swarm_rx) = watch::channel(None);
         log::info!(
             "following the Docker engine at {}; service VIPs from {}",
             socket.display(),
@@ -98,8 +128,17 @@ impl Source {
             socket.clone(),
             VipAllocator::new(args.service_vip_range),
             tx,
+            swarm_tx,
         ));
-        Source { models: Some(rx) }
+        Source {
+            models: Some(rx),
+            swarm: SwarmFeed(Some(swarm_rx)),
+        }
+    }
+
+    /// The Swarm view as it is read.
+    pub fn swarm(&self) -> SwarmFeed {
+        self.swarm.clone()
     }
 
     /// The engine's state once it has been read, waiting at most `limit`; an empty model
@@ -166,6 +205,8 @@ struct Engine {
 struct Dirty {
     networks: bool,
     containers: BTreeSet<String>,
+    /// The Swarm view: a local task or network changed, or (on a manager) a service or node.
+    swarm: bool,
 }
 
 impl Dirty {
@@ -180,14 +221,21 @@ impl Dirty {
                     return false;
                 }
                 self.containers.insert(event.actor.id.clone());
+                self.swarm = true;
                 true
             }
             ("network", "create" | "destroy" | "remove") => {
                 self.networks = true;
+                self.swarm = true;
+                true
+            }
+            ("service" | "node", _) => {
+                self.swarm = true;
                 true
             }
             ("network", "connect" | "disconnect") => {
                 self.networks = true;
+                self.swarm = true;
                 if let Some(container) = event.actor.attributes.get("container") {
                     self.containers.insert(container.clone());
                 }
@@ -198,7 +246,12 @@ impl Dirty {
     }
 }
 
-async fn follow(socket: PathBuf, vips: VipAllocator, tx: watch::Sender<Option<Published>>) {
+async fn follow(
+    socket: PathBuf,
+    vips: VipAllocator,
+    tx: watch::Sender<Option<Published>>,
+    swarm: watch::Sender<Option<SwarmView>>,
+) {
     let mut engine = Engine {
         networks: Vec::new(),
         containers: BTreeMap::new(),
@@ -211,7 +264,7 @@ async fn follow(socket: PathBuf, vips: VipAllocator, tx: watch::Sender<Option<Pu
     let mut last_error = String::new();
     loop {
         let syncs_before = engine.syncs;
-        let error = session(&socket, &mut engine, &tx).await;
+        let error = session(&socket, &mut engine, &tx, &swarm).await;
         if engine.syncs > syncs_before {
             // It had been working: the first retry comes quickly again, and the same error
             // as before the last success is news again.
@@ -219,6 +272,7 @@ async fn follow(socket: PathBuf, vips: VipAllocator, tx: watch::Sender<Option<Pu
             last_error.clear();
         }
         let message = error.to_string();
+        swarm_stale(&swarm, &message);
         if message != last_error {
             log::warn!(
                 "docker: {message}; retrying (backoff {RECONNECT_MIN:?} doubling to \
@@ -248,8 +302,9 @@ async fn session(
     socket: &Path,
     engine: &mut Engine,
     tx: &watch::Sender<Option<Published>>,
+    swarm: &watch::Sender<Option<SwarmView>>,
 ) -> SessionEnd {
-    let Err(end) = session_inner(socket, engine, tx).await;
+    let Err(end) = session_inner(socket, engine, tx, swarm).await;
     end
 }
 
@@ -263,6 +318,7 @@ async fn session_inner(
     socket: &Path,
     engine: &mut Engine,
     tx: &watch::Sender<Option<Published>>,
+    swarm: &watch::Sender<Option<SwarmView>>,
 ) -> Result<Infallible, SessionEnd> {
     let client = Client::connect(socket).await?;
     // The stream asks for events since a second before the full sync: the engine replays what
@@ -285,6 +341,9 @@ async fn session_inner(
         engine.containers.len()
     );
     publish(engine, tx);
+    read_swarm(&client, swarm).await;
+    let mut swarm_tick = tokio::time::interval_at(Instant::now() + SWARM_REFRESH, SWARM_REFRESH);
+    swarm_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     // The first event after a quiet spell is handled at once, with whatever else is already
     // queued; the events that follow within DEBOUNCE of that re-read are gathered into one
@@ -308,6 +367,10 @@ async fn session_inner(
                 }
             }
             _ = sleep_until(deadline), if deadline.is_some() => true,
+            _ = swarm_tick.tick() => {
+                read_swarm(&client, swarm).await;
+                continue;
+            }
         };
         if now_due {
             // Whatever is queued already joins this re-read.
@@ -315,8 +378,13 @@ async fn session_inner(
                 dirty.note(&next_event(item)?);
             }
             deadline = None;
-            refresh(&client, engine, std::mem::take(&mut dirty)).await?;
+            let dirty = std::mem::take(&mut dirty);
+            let swarm_dirty = dirty.swarm;
+            refresh(&client, engine, dirty).await?;
             publish(engine, tx);
+            if swarm_dirty {
+                read_swarm(&client, swarm).await;
+            }
             quiet_after = Instant::now() + DEBOUNCE;
         }
     }
@@ -335,6 +403,108 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
+}
+
+/// Reads the Swarm view and hands it on; on an error the last view stays, marked with it.
+async fn read_swarm(client: &Client, tx: &watch::Sender<Option<SwarmView>>) {
+    match swarm_view(client).await {
+        Ok(view) => {
+            let unchanged = {
+                let current = tx.borrow();
+                match (current.as_ref(), view.as_ref()) {
+                    (Some(a), Some(b)) => {
+                        SwarmView {
+                            read_unix: b.read_unix,
+                            error: None,
+                            ..a.clone()
+                        } == *b
+                    }
+                    (None, None) => true,
+                    _ => false,
+                }
+            };
+            if !unchanged {
+                log::info!("docker: {}", swarm_summary(view.as_ref()));
+            }
+            tx.send_replace(view);
+        }
+        Err(e) => swarm_stale(tx, &e.to_string()),
+    }
+}
+
+/// Marks the view in hand as the last good one: the engine could not say more (`error`).
+fn swarm_stale(tx: &watch::Sender<Option<SwarmView>>, error: &str) {
+    tx.send_if_modified(|view| match view {
+        Some(view) if view.error.as_deref() != Some(error) => {
+            log::warn!("docker: the Swarm view could not be read ({error}); keeping the last");
+            view.error = Some(error.to_owned());
+            true
+        }
+        _ => false,
+    });
+}
+
+/// The swarm as this node's engine says: None when the node is in none.
+async fn swarm_view(client: &Client) -> Result<Option<SwarmView>, DockerError> {
+    let Some(node) = client.swarm_membership().await? else {
+        return Ok(None);
+    };
+    let mut overlays = Vec::new();
+    for network in client.networks().await? {
+        if network.driver != "overlay" {
+            continue;
+        }
+        match client.inspect_overlay(&network.id).await {
+            Ok(overlay) => overlays.push(overlay),
+            // Removed since the list.
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // A worker answers these with 503 (None); one demoted meanwhile too.
+    let (nodes, services) = if node.manager {
+        (client.swarm_nodes().await?, client.swarm_services().await?)
+    } else {
+        (None, None)
+    };
+    Ok(Some(swarm::build(
+        node,
+        overlays,
+        nodes,
+        services,
+        super::state_file::unix_now(),
+    )))
+}
+
+/// "swarm view: node2 (worker), 2 overlays, web 3 tasks, ..." for the log.
+fn swarm_summary(view: Option<&SwarmView>) -> String {
+    let Some(view) = view else {
+        return "not in a swarm".to_owned();
+    };
+    let services: Vec<String> = view
+        .networks
+        .iter()
+        .flat_map(|n| {
+            n.services
+                .iter()
+                .map(move |s| format!("{}/{} {} tasks", n.name, s.name, s.tasks.len()))
+        })
+        .collect();
+    format!(
+        "swarm view: {} ({}), {} overlay networks{}",
+        view.node.node_name,
+        if view.node.manager {
+            "manager"
+        } else {
+            "worker"
+        },
+        view.networks.len(),
+        if services.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", services.join(", "))
+        }
+    )
 }
 
 async fn full_sync(client: &Client, engine: &mut Engine) -> Result<(), DockerError> {
@@ -546,11 +716,23 @@ mod tests {
             Dirty {
                 networks: true,
                 containers: ["c1", "c2", "c4"].iter().map(|s| s.to_string()).collect(),
+                swarm: true,
             }
         );
         let mut dirty = Dirty::default();
         assert!(dirty.note(&event("network", "destroy", "n1", &[])));
         assert!(dirty.networks && dirty.containers.is_empty());
+        // A manager's service and node events change only the Swarm view.
+        let mut dirty = Dirty::default();
+        assert!(dirty.note(&event("service", "update", "s1", &[("name", "web")])));
+        assert!(dirty.note(&event("node", "update", "n1", &[])));
+        assert_eq!(
+            dirty,
+            Dirty {
+                swarm: true,
+                ..Dirty::default()
+            }
+        );
     }
 
     #[test]
