@@ -494,7 +494,7 @@ pub fn timed_apply(
     timeout: Duration,
     done: impl Fn(&Status) -> anyhow::Result<bool>,
 ) -> anyhow::Result<Duration> {
-    let written = unix_micros();
+    let written = dataplane::source::state_file::unix_now_micros();
     write_state(bed, text)?;
     let status = wait_applied(bed, timeout, |s| {
         let applied = s
@@ -506,13 +506,6 @@ pub fn timed_apply(
     })?;
     let applied = status.state.in_force.map_or(0, |v| v.applied_unix_micros);
     Ok(Duration::from_micros(applied - written))
-}
-
-fn unix_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 /// The duration in the agent's last `applied state in 1.234ms: ...` log line.
