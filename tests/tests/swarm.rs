@@ -68,27 +68,28 @@ fn who(node: &Node, client: &str, ip: &str) -> Result<String, String> {
     }
 }
 
-#[test]
-fn three_nodes_serve_a_service_on_an_overlay_across_nodes() {
-    let swarm = Swarm::start(3);
-    let manager = swarm.manager();
+/// Waits until every node of `swarm` has joined and is ready, as its manager sees them.
+fn wait_for_every_node_ready(swarm: &Swarm) {
     let hostnames: BTreeSet<String> = swarm.nodes.iter().map(|n| n.hostname.clone()).collect();
-
-    // All three nodes joined and ready, as the manager sees them.
-    wait_for("three nodes ready", || {
-        let out = manager.docker_ok(&["node", "ls", "--format", "{{.Hostname}} {{.Status}}"]);
+    wait_for("every node ready", || {
+        let out =
+            swarm
+                .manager()
+                .docker_ok(&["node", "ls", "--format", "{{.Hostname}} {{.Status}}"]);
         let ready: BTreeSet<String> = out
             .lines()
             .filter_map(|l| l.strip_suffix(" Ready").map(str::to_owned))
             .collect();
         (ready == hostnames).then_some(())
     });
+}
 
-    let started = Instant::now();
+/// The attachable overlay `ov` and the service `web` on it: three busybox httpd tasks
+/// (`--replicas 3 -p 8080:80`), with `extra` options. busybox httpd as PID 1 ignores SIGTERM:
+/// a short grace period.
+fn create_web(manager: &Node, extra: &[&str]) {
     manager.docker_ok(&["network", "create", "-d", "overlay", "--attachable", "ov"]);
-    // As the issue has it (--replicas 3 -p 8080:80), at most one task per node so that every
-    // node runs one. busybox httpd as PID 1 ignores SIGTERM: a short grace period.
-    manager.docker_ok(&[
+    let mut args = vec![
         "service",
         "create",
         "-d",
@@ -97,8 +98,9 @@ fn three_nodes_serve_a_service_on_an_overlay_across_nodes() {
         "web",
         "--replicas",
         "3",
-        "--replicas-max-per-node",
-        "1",
+    ];
+    args.extend_from_slice(extra);
+    args.extend([
         "--network",
         "ov",
         "-p",
@@ -113,6 +115,21 @@ fn three_nodes_serve_a_service_on_an_overlay_across_nodes() {
         "-h",
         "/www",
     ]);
+    manager.docker_ok(&args);
+}
+
+#[test]
+fn three_nodes_serve_a_service_on_an_overlay_across_nodes() {
+    let swarm = Swarm::start(3);
+    let manager = swarm.manager();
+    let hostnames: BTreeSet<String> = swarm.nodes.iter().map(|n| n.hostname.clone()).collect();
+
+    wait_for_every_node_ready(&swarm);
+
+    let started = Instant::now();
+    // As the issue has it (--replicas 3 -p 8080:80), at most one task per node so that every
+    // node runs one.
+    create_web(manager, &["--replicas-max-per-node", "1"]);
 
     // A task running on every node.
     wait_for("a running task of web on every node", || {
@@ -286,18 +303,7 @@ fn viewed_tasks(status: &Status, network: &str, service: &str) -> BTreeMap<Strin
 #[test]
 fn an_agent_on_a_worker_shows_the_swarm_view() {
     let mut swarm = Swarm::start(3);
-    let hostnames: BTreeSet<String> = swarm.nodes.iter().map(|n| n.hostname.clone()).collect();
-    wait_for("three nodes ready", || {
-        let out =
-            swarm
-                .manager()
-                .docker_ok(&["node", "ls", "--format", "{{.Hostname}} {{.Status}}"]);
-        let ready: BTreeSet<String> = out
-            .lines()
-            .filter_map(|l| l.strip_suffix(" Ready").map(str::to_owned))
-            .collect();
-        (ready == hostnames).then_some(())
-    });
+    wait_for_every_node_ready(&swarm);
     let addr_of: BTreeMap<String, String> = swarm
         .nodes
         .iter()
@@ -339,30 +345,7 @@ fn an_agent_on_a_worker_shows_the_swarm_view() {
     );
 
     let manager = swarm.manager();
-    manager.docker_ok(&["network", "create", "-d", "overlay", "--attachable", "ov"]);
-    manager.docker_ok(&[
-        "service",
-        "create",
-        "-d",
-        "--no-resolve-image",
-        "--name",
-        "web",
-        "--replicas",
-        "3",
-        "--network",
-        "ov",
-        "-p",
-        "8080:80",
-        "--stop-grace-period",
-        "1s",
-        IMAGE,
-        "httpd",
-        "-f",
-        "-p",
-        "80",
-        "-h",
-        "/www",
-    ]);
+    create_web(manager, &[]);
     // What the agent must show: the manager's running tasks, each on its node's address.
     let expected = |count: usize| {
         wait_for(&format!("{count} running tasks of web"), || {
