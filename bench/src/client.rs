@@ -22,7 +22,7 @@ pub struct Targets {
 }
 
 /// Connections wrk keeps open; one thread (the other core serves).
-const WRK_CONNECTIONS: u32 = 32;
+pub const WRK_CONNECTIONS: u32 = 32;
 /// Extra time a client gets beyond its own duration before it is killed.
 const CLIENT_SLACK: Duration = Duration::from_secs(20);
 /// How long the functional check keeps trying (an agent may still be writing its maps).
@@ -98,11 +98,42 @@ pub fn wrk_with(
     connections: u32,
     close: bool,
 ) -> anyhow::Result<WrkResult> {
+    run_wrk(bed, client, url, &[], secs, connections, close)
+}
+
+/// wrk with one thread per address of `threads`, each thread's connections to its own
+/// address (the URL names the first; its path and Host header go to all; `connections`
+/// rounded up to a multiple of the threads): a client that
+/// spreads its load over several servers the way a load balancer would, without one.
+pub fn wrk_spread(
+    bed: &Bed,
+    client: &str,
+    threads: &[SocketAddr],
+    secs: u32,
+    connections: u32,
+    close: bool,
+) -> anyhow::Result<WrkResult> {
+    let first = threads.first().context("wrk_spread: no address")?;
+    let url = format!("http://{first}/");
+    // wrk gives each thread connections / threads: round up so that none is short.
+    let connections = connections.div_ceil(threads.len() as u32) * threads.len() as u32;
+    run_wrk(bed, client, &url, threads, secs, connections, close)
+}
+
+fn run_wrk(
+    bed: &Bed,
+    client: &str,
+    url: &str,
+    threads: &[SocketAddr],
+    secs: u32,
+    connections: u32,
+    close: bool,
+) -> anyhow::Result<WrkResult> {
     let script = bed.work_file("wrk-report.lua");
-    std::fs::write(&script, WRK_SCRIPT)?;
+    std::fs::write(&script, wrk_script(threads))?;
     let mut args = vec![
         "wrk".to_string(),
-        "-t1".into(),
+        format!("-t{}", threads.len().max(1)),
         format!("-c{connections}"),
         format!("-d{secs}s"),
         "--latency".into(),
@@ -123,6 +154,27 @@ pub fn wrk_with(
         bail!("wrk {url}: {}", out.complaint());
     }
     parse_wrk(&out.stdout).with_context(|| format!("wrk {url}"))
+}
+
+/// The report hook, and with `threads` a `setup` hook that gives wrk's n-th thread the n-th
+/// address (wrk calls `setup` once per thread, in order, before any connects).
+fn wrk_script(threads: &[SocketAddr]) -> String {
+    if threads.is_empty() {
+        return WRK_SCRIPT.to_string();
+    }
+    let addrs: Vec<String> = threads
+        .iter()
+        .map(|a| format!("{{\"{}\", \"{}\"}}", a.ip(), a.port()))
+        .collect();
+    format!(
+        "{WRK_SCRIPT}local addrs = {{{}}}\nlocal next_thread = 1\n\
+         setup = function(thread)\n  \
+         local a = addrs[next_thread]\n  \
+         thread.addr = wrk.lookup(a[1], a[2])[1]\n  \
+         next_thread = next_thread + 1\n\
+         end\n",
+        addrs.join(", ")
+    )
 }
 
 fn parse_wrk(stdout: &str) -> anyhow::Result<WrkResult> {
@@ -241,6 +293,19 @@ mod tests {
         assert!(err(line(1000, 0, 3)).contains("3 of 1000 responses were not 2xx/3xx"));
         assert!(err(line(1000, 50, 0)).contains("50 socket errors in 1000 requests"));
         assert!(err("garbage".into()).contains("no XTASK_BENCH line"));
+    }
+
+    #[test]
+    fn a_spread_script_gives_each_thread_its_address() {
+        assert_eq!(wrk_script(&[]), WRK_SCRIPT);
+        let threads: Vec<SocketAddr> = ["172.31.0.3:80", "[fd00::4]:8080"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let script = wrk_script(&threads);
+        assert!(script.starts_with(WRK_SCRIPT));
+        assert!(script.contains(r#"local addrs = {{"172.31.0.3", "80"}, {"fd00::4", "8080"}}"#));
+        assert!(script.contains("thread.addr = wrk.lookup(a[1], a[2])[1]"));
     }
 
     #[test]

@@ -170,9 +170,25 @@ fn run_wrk(
     targets: &Targets,
     durations: Durations,
 ) -> anyhow::Result<Vec<(&'static Metric, f64)>> {
+    wrk_keep_alive(bed, client, targets, &[], durations)
+}
+
+/// The keep-alive workload's metrics; with `spread`, one wrk thread per address of it
+/// instead of one thread to `targets.http`.
+pub fn wrk_keep_alive(
+    bed: &Bed,
+    client: &str,
+    targets: &Targets,
+    spread: &[SocketAddr],
+    durations: Durations,
+) -> anyhow::Result<Vec<(&'static Metric, f64)>> {
     let url = format!("http://{}/", targets.http);
-    client::wrk(bed, client, &url, durations.warmup_secs).context("warm-up")?;
-    let r = client::wrk(bed, client, &url, secs(durations))?;
+    let run = |secs| match spread {
+        [] => client::wrk(bed, client, &url, secs),
+        _ => client::wrk_spread(bed, client, spread, secs, client::WRK_CONNECTIONS, false),
+    };
+    run(durations.warmup_secs).context("warm-up")?;
+    let r = run(secs(durations))?;
     Ok(vec![
         (&HTTP_RPS, r.requests_per_sec),
         (&HTTP_P50, r.p50_us / 1000.0),
@@ -189,9 +205,31 @@ fn run_wrk_new_conn(
     targets: &Targets,
     durations: Durations,
 ) -> anyhow::Result<Vec<(&'static Metric, f64)>> {
+    wrk_new_conn(bed, client, targets, &[], durations)
+}
+
+/// The new-connection workload's metrics; with `spread`, wrk runs one thread per address of
+/// it (the latency probe, one request at a time, still goes to `targets.http`).
+pub fn wrk_new_conn(
+    bed: &Bed,
+    client: &str,
+    targets: &Targets,
+    spread: &[SocketAddr],
+    durations: Durations,
+) -> anyhow::Result<Vec<(&'static Metric, f64)>> {
     let url = format!("http://{}/", targets.http);
     let before = agent_drops(bed);
-    let r = new_conn_wrk(bed, client, &url, durations)?;
+    let r = match spread {
+        [] => new_conn_wrk(bed, client, &url, durations)?,
+        _ => client::wrk_spread(
+            bed,
+            client,
+            spread,
+            secs(durations),
+            NEW_CONN_CONCURRENCY,
+            true,
+        )?,
+    };
     let p = probe::probe(bed, client, targets.http, probe_secs(durations))?;
     note_trouble(bed, before, &p);
     Ok(vec![

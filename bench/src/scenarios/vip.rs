@@ -2,16 +2,19 @@
 //! reached from a container (east-west) and from outside through a published port (north-south),
 //! against kube-proxy's iptables rules and against talking to one backend directly.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::{
-    HOST_IP, KubeService, WRK, WRK_NEW_CONN, addr, iptables_restore, kube_proxy_rules, socket_addr,
+    HOST_IP, HTTP_P50, HTTP_P99, HTTP_RPS, KubeService, NEWCONN_P50, NEWCONN_P99, NEWCONN_RPS,
+    addr, iptables_restore, kube_proxy_rules, socket_addr, wrk_keep_alive, wrk_new_conn,
 };
 use crate::bed::Bed;
 use crate::bed::Server;
 use crate::client::Targets;
 use crate::framework::scenario::PathDef;
 use crate::framework::scenario::Scenario;
+use crate::framework::workload::CustomWorkload;
 use crate::framework::workload::Workload;
 
 /// Client container `cli`, backends b1-b3 labelled app=web, the service `web` (Maglev) over
@@ -58,7 +61,44 @@ static SERVERS: [Server; 3] = [
     },
 ];
 
-static WORKLOADS: [Workload; 2] = [Workload::Custom(&WRK), Workload::Custom(&WRK_NEW_CONN)];
+/// The scenario's own wrk workloads: as everywhere else (`WRK`, `WRK_NEW_CONN`), but with one
+/// wrk thread per backend, so that `plain` can be a true upper bound: its threads talk to the
+/// three backends directly, the load spread as the VIP spreads it, while every thread of the
+/// other paths talks to the VIP or the node port. Only the address differs between paths.
+static WORKLOADS: [Workload; 2] = [
+    Workload::Custom(&WRK_SPREAD),
+    Workload::Custom(&WRK_NEW_CONN_SPREAD),
+];
+
+static WRK_SPREAD: CustomWorkload = CustomWorkload {
+    label: "wrk, a thread per backend",
+    metrics: &[&HTTP_RPS, &HTTP_P50, &HTTP_P99],
+    run: |bed, client, targets, durations| {
+        wrk_keep_alive(bed, client, targets, &spread(targets), durations)
+    },
+};
+
+static WRK_NEW_CONN_SPREAD: CustomWorkload = CustomWorkload {
+    label: "wrk new conns, a thread per backend",
+    metrics: &[&NEWCONN_RPS, &NEWCONN_P50, &NEWCONN_P99],
+    run: |bed, client, targets, durations| {
+        wrk_new_conn(bed, client, targets, &spread(targets), durations)
+    },
+};
+
+/// The wrk threads' addresses: `plain`'s target is backend b1, and its threads go to each
+/// backend directly; a VIP or a node port gets every thread.
+fn spread(targets: &Targets) -> Vec<SocketAddr> {
+    let backends: Vec<SocketAddr> = BACKENDS
+        .iter()
+        .map(|ip| SocketAddr::V4(addr(ip, targets.http.port())))
+        .collect();
+    if backends.contains(&targets.http) {
+        backends
+    } else {
+        vec![targets.http; BACKENDS.len()]
+    }
+}
 
 pub fn vip() -> Scenario {
     Scenario {
@@ -72,9 +112,9 @@ pub fn vip() -> Scenario {
         paths: vec![
             PathDef {
                 name: "plain",
-                description: "the client talks to backend b1's address directly over the \
-                              bridge: no VIP, no load balancing (upper bound; one nginx \
-                              instead of three)",
+                description: "the client talks to the three backends' addresses directly \
+                              over the bridge, one wrk thread to each: no VIP, no load \
+                              balancing, the same three nginx (upper bound)",
                 setup: plain_setup,
             },
             PathDef {
@@ -113,9 +153,9 @@ pub fn vip_outside() -> Scenario {
         paths: vec![
             PathDef {
                 name: "plain",
-                description: "the client routes to backend b1's address through the host: no \
-                              translation, no load balancing (upper bound; one nginx instead \
-                              of three)",
+                description: "the client routes to the three backends' addresses through the \
+                              host, one wrk thread to each: no translation, no load \
+                              balancing, the same three nginx (upper bound)",
                 setup: plain_outside_setup,
             },
             PathDef {
