@@ -21,7 +21,7 @@ pub struct Targets {
     pub iperf: SocketAddr,
 }
 
-/// Connections wrk keeps open; one thread (the other core serves).
+/// Connections wrk keeps open, by default on one thread (the other core serves).
 pub const WRK_CONNECTIONS: u32 = 32;
 /// Extra time a client gets beyond its own duration before it is killed.
 const CLIENT_SLACK: Duration = Duration::from_secs(20);
@@ -98,29 +98,14 @@ pub fn wrk_with(
     connections: u32,
     close: bool,
 ) -> anyhow::Result<WrkResult> {
-    run_wrk(bed, client, url, &[], secs, connections, close)
+    wrk_threads(bed, client, url, &[], secs, connections, close)
 }
 
-/// wrk with one thread per address of `threads`, each thread's connections to its own
-/// address (the URL names the first; its path and Host header go to all; `connections`
-/// rounded up to a multiple of the threads): a client that
-/// spreads its load over several servers the way a load balancer would, without one.
-pub fn wrk_spread(
-    bed: &Bed,
-    client: &str,
-    threads: &[SocketAddr],
-    secs: u32,
-    connections: u32,
-    close: bool,
-) -> anyhow::Result<WrkResult> {
-    let first = threads.first().context("wrk_spread: no address")?;
-    let url = format!("http://{first}/");
-    // wrk gives each thread connections / threads: round up so that none is short.
-    let connections = connections.div_ceil(threads.len() as u32) * threads.len() as u32;
-    run_wrk(bed, client, &url, threads, secs, connections, close)
-}
-
-fn run_wrk(
+/// [`wrk_with`], and with `threads` one wrk thread per address of it, each thread's
+/// connections to its own address (the URL's path and Host header go to all; `connections`
+/// rounded up to a multiple of the threads): a client that spreads its load over several
+/// servers the way a load balancer would, without one. No `threads`: one thread to the URL.
+pub fn wrk_threads(
     bed: &Bed,
     client: &str,
     url: &str,
@@ -129,11 +114,14 @@ fn run_wrk(
     connections: u32,
     close: bool,
 ) -> anyhow::Result<WrkResult> {
+    let thread_count = threads.len().max(1) as u32;
+    // wrk gives each thread connections / threads: round up so that none is short.
+    let connections = connections.div_ceil(thread_count) * thread_count;
     let script = bed.work_file("wrk-report.lua");
     std::fs::write(&script, wrk_script(threads))?;
     let mut args = vec![
         "wrk".to_string(),
-        format!("-t{}", threads.len().max(1)),
+        format!("-t{thread_count}"),
         format!("-c{connections}"),
         format!("-d{secs}s"),
         "--latency".into(),

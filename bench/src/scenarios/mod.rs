@@ -183,9 +183,16 @@ pub fn wrk_keep_alive(
     durations: Durations,
 ) -> anyhow::Result<Vec<(&'static Metric, f64)>> {
     let url = format!("http://{}/", targets.http);
-    let run = |secs| match spread {
-        [] => client::wrk(bed, client, &url, secs),
-        _ => client::wrk_spread(bed, client, spread, secs, client::WRK_CONNECTIONS, false),
+    let run = |secs| {
+        client::wrk_threads(
+            bed,
+            client,
+            &url,
+            spread,
+            secs,
+            client::WRK_CONNECTIONS,
+            false,
+        )
     };
     run(durations.warmup_secs).context("warm-up")?;
     let r = run(secs(durations))?;
@@ -219,17 +226,15 @@ pub fn wrk_new_conn(
 ) -> anyhow::Result<Vec<(&'static Metric, f64)>> {
     let url = format!("http://{}/", targets.http);
     let before = agent_drops(bed);
-    let r = match spread {
-        [] => new_conn_wrk(bed, client, &url, durations)?,
-        _ => client::wrk_spread(
-            bed,
-            client,
-            spread,
-            secs(durations),
-            NEW_CONN_CONCURRENCY,
-            true,
-        )?,
-    };
+    let r = client::wrk_threads(
+        bed,
+        client,
+        &url,
+        spread,
+        secs(durations),
+        NEW_CONN_CONCURRENCY,
+        true,
+    )?;
     let p = probe::probe(bed, client, targets.http, probe_secs(durations))?;
     note_trouble(bed, before, &p);
     Ok(vec![

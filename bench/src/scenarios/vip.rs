@@ -1,6 +1,6 @@
 //! `vip` and `vip-outside` (issue 4): one service VIP load-balanced over three nginx backends,
 //! reached from a container (east-west) and from outside through a published port (north-south),
-//! against kube-proxy's iptables rules and against talking to one backend directly.
+//! against kube-proxy's iptables rules and against talking to the three backends directly.
 
 use std::net::SocketAddr;
 use std::time::Duration;
