@@ -10,6 +10,7 @@ use dataplane_common::{
 };
 
 use super::decode::{self, Event, IPPROTO_TCP, Kind, WireAddr};
+use crate::kernel::conntrack::CtTable;
 
 fn closing<A: Address>(entry: &CtEntryOf<A>) -> bool {
     entry.tcp_flags & (tcp_flag::FIN | tcp_flag::RST) != 0
@@ -18,11 +19,7 @@ fn closing<A: Address>(entry: &CtEntryOf<A>) -> bool {
 /// Final records of the connections among `doomed` (keys the collector removes) that had no
 /// close record from the kernel: UDP, ICMP, and TCP that never saw FIN or RST (an unanswered
 /// SYN, an idle connection timing out). Of either family's tables.
-pub fn ended<A: WireAddr>(
-    entries: &BTreeMap<CtKeyOf<A>, CtEntryOf<A>>,
-    doomed: &[CtKeyOf<A>],
-    now_ns: u64,
-) -> Vec<Event> {
+pub fn ended<A: WireAddr>(entries: &CtTable<A>, doomed: &[CtKeyOf<A>], now_ns: u64) -> Vec<Event> {
     let mut events = Vec::new();
     for key in doomed {
         let Some(forward) = entries.get(key).filter(|e| e.is_reply == 0) else {
@@ -50,7 +47,7 @@ pub fn ended<A: WireAddr>(
 /// `since_ns` (the previous report), except those being removed or closing (their last word
 /// is the close or end record).
 pub fn updates<A: WireAddr>(
-    entries: &BTreeMap<CtKeyOf<A>, CtEntryOf<A>>,
+    entries: &CtTable<A>,
     doomed: &[CtKeyOf<A>],
     since_ns: u64,
     now_ns: u64,
@@ -202,13 +199,14 @@ mod tests {
         let udp = connection(IPPROTO_UDP, 1, 0, 110);
         let syn_only = connection(IPPROTO_TCP, 2, tcp_flag::SYN, 110);
         let closed = connection(IPPROTO_TCP, 3, tcp_flag::SYN | tcp_flag::FIN, 110);
-        let entries: BTreeMap<CtKey, CtEntry> = udp
+        let entries: CtTable<u32> = udp
             .iter()
             .chain(&syn_only)
             .chain(&closed)
             .copied()
             .collect();
-        let doomed: Vec<CtKey> = entries.keys().copied().collect();
+        let mut doomed: Vec<CtKey> = entries.keys().copied().collect();
+        doomed.sort();
         let ended = ended(&entries, &doomed, 200 * S);
         let sports: Vec<u16> = ended.iter().map(|e| e.tuple.sport).collect();
         // By key order; the FIN-closed one had its record from the kernel.
@@ -217,7 +215,7 @@ mod tests {
         assert_eq!(ended[0].counters.reply_bytes, 900);
         // Half a connection is not reported.
         let [(forward_key, forward), _] = udp;
-        let half = BTreeMap::from([(forward_key, forward)]);
+        let half: CtTable<u32> = [(forward_key, forward)].into_iter().collect();
         assert!(super::ended(&half, &[forward_key], 200 * S).is_empty());
     }
 
@@ -226,8 +224,7 @@ mod tests {
         let busy = connection(IPPROTO_TCP, 1, tcp_flag::SYN | tcp_flag::ACK, 139);
         let idle = connection(IPPROTO_TCP, 2, tcp_flag::SYN | tcp_flag::ACK, 105);
         let closing = connection(IPPROTO_TCP, 3, tcp_flag::SYN | tcp_flag::RST, 139);
-        let entries: BTreeMap<CtKey, CtEntry> =
-            busy.iter().chain(&idle).chain(&closing).copied().collect();
+        let entries: CtTable<u32> = busy.iter().chain(&idle).chain(&closing).copied().collect();
         // Report at 140 s, the previous one at 110 s, every 30 s.
         let reported = updates(&entries, &[], 110 * S, 140 * S, 30 * S);
         assert_eq!(reported.len(), 1);
@@ -259,7 +256,7 @@ mod tests {
             dport: forward_key.sport,
             ..forward_key
         };
-        let entries = BTreeMap::from([
+        let entries: CtTable<dataplane_common::In6Addr> = [
             (
                 forward_key,
                 CtEntry6 {
@@ -282,7 +279,9 @@ mod tests {
                     ..CtEntry6::default()
                 },
             ),
-        ]);
+        ]
+        .into_iter()
+        .collect();
         let ended = ended(&entries, &[forward_key, reply_key], 200 * S);
         assert_eq!(ended.len(), 1);
         assert_eq!(ended[0].kind, Kind::End);

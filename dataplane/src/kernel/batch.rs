@@ -6,10 +6,7 @@
 //! A map or kernel that refuses batches (EINVAL, ENOTSUPP) is read entry by entry as before,
 //! by the caller.
 
-use std::{
-    collections::BTreeMap,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
-};
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd};
 
 use aya::Pod;
 
@@ -150,16 +147,17 @@ pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> Result<usize, BatchErro
     Ok(removed)
 }
 
-/// Every entry of a hash map, batched where the kernel can, else entry by entry through
-/// aya's iterator (`fallback`).
-pub fn entries<K: Pod + Ord, V: Pod>(
+/// Every entry of a hash map into a collection of the caller's choice (ordered for the
+/// reconciler's diffs, hashed for the conntrack walk's lookups), batched where the kernel
+/// can, else entry by entry through aya's iterator (`fallback`).
+pub fn entries<K: Pod, V: Pod, C: Default + Extend<(K, V)>>(
     name: &'static str,
     map: &aya::maps::MapData,
-    fallback: impl FnOnce() -> Result<BTreeMap<K, V>, DatapathError>,
-) -> Result<BTreeMap<K, V>, DatapathError> {
-    let mut entries = BTreeMap::new();
+    fallback: impl FnOnce() -> Result<C, DatapathError>,
+) -> Result<C, DatapathError> {
+    let mut entries = C::default();
     match for_each::<K, V>(map.fd().as_fd(), |k, v| {
-        entries.insert(*k, *v);
+        entries.extend([(*k, *v)]);
     }) {
         Ok(()) => Ok(entries),
         Err(BatchError::Unsupported) => fallback(),

@@ -12,7 +12,7 @@
 //!   `Datapath::load` makes and hands over beside the datapath (the same arrangement as
 //!   Cilium's ctmap GC).
 
-use std::{collections::BTreeMap, path::Path};
+use std::path::Path;
 
 use aya::{
     Pod,
@@ -183,8 +183,11 @@ impl<M: HashMapSpec> KernelFilled<M> {
         self.capacity
     }
 
-    /// Every entry of the map.
-    pub fn entries(&self) -> Result<BTreeMap<M::Key, M::Value>, DatapathError> {
+    /// Every entry of the map, into the collection the caller names.
+    pub fn entries<C>(&self) -> Result<C, DatapathError>
+    where
+        C: Default + Extend<(M::Key, M::Value)> + FromIterator<(M::Key, M::Value)>,
+    {
         use aya::maps::IterableMap as _;
         super::batch::entries(M::NAME, self.map.map(), || {
             self.map

@@ -992,7 +992,7 @@ impl Datapath {
     pub fn entries<M: HashMapSpec>(&self) -> Result<BTreeMap<M::Key, M::Value>, DatapathError> {
         use aya::maps::IterableMap as _;
         let map = self.hash::<M::Key, M::Value>(M::NAME)?;
-        batch::entries(M::NAME, map.map(), || {
+        batch::entries::<M::Key, M::Value, BTreeMap<_, _>>(M::NAME, map.map(), || {
             map.iter()
                 .map(|entry| {
                     entry.map_err(|source| DatapathError::Map {
