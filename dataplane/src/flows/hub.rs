@@ -53,6 +53,11 @@ impl Hub {
         let _no_subscriber = self.live.send(stored);
     }
 
+    /// See [`History::write_latest`].
+    pub fn write_latest(&self, n: usize) {
+        self.history().write_latest(n);
+    }
+
     pub fn last(&self, filter: impl Fn(&Flow) -> bool, n: usize) -> Vec<Arc<Stored>> {
         self.history().last(filter, n)
     }

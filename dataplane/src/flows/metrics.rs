@@ -41,7 +41,7 @@ use dataplane_common::tcp_flag_count;
 use crate::{
     flows::{
         decode::IpFamily,
-        record::{self, ConnectionEvent, Flow, L4, Verdict},
+        record::{self, ConnectionEvent, Facts, L4, Verdict},
     },
     kernel::TcpFlagTotals,
 };
@@ -60,8 +60,8 @@ const NO_CONTEXT: Context = [
     ("destination_workload", Cow::Borrowed("")),
 ];
 
-fn context(flow: &Flow) -> Context {
-    let (source, destination) = (flow.source(), flow.destination());
+fn context(facts: &Facts<'_>) -> Context {
+    let (source, destination) = facts.ends();
     [
         ("source_namespace", Cow::Owned(source.namespace.clone())),
         ("source_workload", Cow::Owned(source.workload().to_owned())),
@@ -146,10 +146,6 @@ pub struct Metrics {
     drop_accounting: DropAccounting,
     /// The kernel's TCP flag totals counted already, per family (`IpFamily as usize`).
     tcp_flags_seen: [TcpFlagTotals; 2],
-}
-
-fn drop_reason_of(desc: &str) -> Option<DropReason> {
-    DropReason::ALL.into_iter().find(|r| r.desc() == desc)
 }
 
 impl Metrics {
@@ -241,48 +237,46 @@ impl Metrics {
         (metrics, registry)
     }
 
-    /// Counts a flow record.
-    pub fn record(&mut self, flow: &Flow) {
-        let protocol = flow.protocol();
-        let dropped = flow.verdict == Verdict::Dropped;
-        let subtype = flow.trace_point().map_or("", |p| p.short_name());
-        let cx = context(flow);
+    /// Counts a flow record, from what it says ([`record::Facts`]: the record itself is only
+    /// written when someone reads it).
+    pub fn record(&mut self, facts: &Facts<'_>) {
+        let protocol = facts.protocol();
+        let dropped = facts.verdict == Verdict::Dropped;
+        let subtype = facts.point.map_or("", |p| p.short_name());
+        let cx = context(facts);
         self.flows_processed
             .get_or_create(&with(
                 [
                     ("protocol", protocol.into()),
                     ("type", if dropped { "Drop" } else { "Trace" }.into()),
                     ("subtype", subtype.into()),
-                    ("verdict", flow.verdict.name().into()),
+                    ("verdict", facts.verdict.name().into()),
                 ],
                 &cx,
             ))
             .inc();
-        if let Some(desc) = &flow.drop_reason_desc {
+        if let Some(reason) = facts.drop_reason {
             self.drops
                 .get_or_create(&with(
                     [
-                        ("reason", Cow::Owned(desc.clone())),
+                        ("reason", reason.desc().into()),
                         ("protocol", protocol.into()),
                     ],
                     &cx,
                 ))
                 .inc();
-            if let Some(reason) = drop_reason_of(desc) {
-                self.drop_accounting.recorded[reason as usize] += 1;
-            }
+            self.drop_accounting.recorded[reason as usize] += 1;
         }
-        let event = flow.connection.map(|c| c.event);
         // TCP flags are not counted from records (which come per connection) but per packet
         // by the kernel: see `kernel_tcp_flags`. ICMP is counted per record about a packet:
         // an echo's request (NEW) and its answer (REPLY), and dropped packets, with their own
         // type and code.
         let about_a_packet = matches!(
-            event,
-            Some(ConnectionEvent::New | ConnectionEvent::Reply | ConnectionEvent::Drop)
+            facts.event,
+            ConnectionEvent::New | ConnectionEvent::Reply | ConnectionEvent::Drop
         );
         // Hubble's family and type text per ICMP version (gopacket's names of each).
-        let icmp = match flow.l4 {
+        let icmp = match facts.l4 {
             Some(L4::Icmpv4 { icmp_type, code }) => Some((
                 "IPv4",
                 record::icmpv4_type_code(icmp_type as u8, code as u8),
@@ -303,8 +297,17 @@ impl Metrics {
                 ))
                 .inc();
         }
-        if event == Some(ConnectionEvent::New)
-            && let Some((_, port)) = flow.ports()
+        let port = match facts.l4 {
+            Some(L4::Tcp {
+                destination_port, ..
+            })
+            | Some(L4::Udp {
+                destination_port, ..
+            }) => Some(destination_port),
+            _ => None,
+        };
+        if facts.event == ConnectionEvent::New
+            && let Some(port) = port
         {
             self.ports
                 .get_or_create(&with(
@@ -497,30 +500,23 @@ fn respond(openmetrics: bool, registry: &Registry) -> (StatusCode, &'static str,
 mod tests {
     use super::*;
     use crate::flows::{
-        clock::Clock,
         decode::{self, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, tests::raw_event},
-        record::{self, Context, Identities},
+        record::{self, Identities},
     };
 
-    /// A flow record from a decoded event, with an empty identity table on node `n`.
-    fn build(event: &decode::Event) -> Flow {
-        let context = Context {
-            identities: &Identities::default(),
-            clock: &Clock::with_offset(0),
-            node_name: "n",
-            ifname: None,
-        };
-        record::build(event, &context).flow
+    /// Counts the record of a decoded event, with an empty identity table.
+    fn count(metrics: &mut Metrics, event: &decode::Event) {
+        metrics.record(&record::classify(event, &Identities::default()));
     }
 
-    fn flow(kind: u8, proto: u8, flags: u8, reason: Option<DropReason>) -> Flow {
+    fn flow(kind: u8, proto: u8, flags: u8, reason: Option<DropReason>) -> decode::Event {
         let mut raw = raw_event(kind, proto, ("192.0.2.2", 5000), ("192.0.2.9", 80));
         raw.tcp_flags = flags;
         raw.reply_packets = u64::from(kind == flow_kind::CLOSE);
         if let Some(reason) = reason {
             raw.drop_reason = reason as u8;
         }
-        build(&decode::from_raw(&raw).unwrap())
+        decode::from_raw(&raw).unwrap()
     }
 
     fn scrape(registry: &Registry) -> String {
@@ -532,14 +528,14 @@ mod tests {
 
     use dataplane_common::{flow_kind, tcp_flag};
 
-    fn icmp_flow(kind: u8, icmp_type: u8, code: u8, reason: Option<DropReason>) -> Flow {
+    fn icmp_flow(kind: u8, icmp_type: u8, code: u8, reason: Option<DropReason>) -> decode::Event {
         let mut raw = raw_event(kind, IPPROTO_ICMP, ("192.0.2.2", 7), ("192.0.2.9", 0));
         raw.icmp_type = icmp_type;
         raw.icmp_code = code;
         if let Some(reason) = reason {
             raw.drop_reason = reason as u8;
         }
-        build(&decode::from_raw(&raw).unwrap())
+        decode::from_raw(&raw).unwrap()
     }
 
     const EMPTY: &str = "source_namespace=\"\",source_workload=\"\",destination_namespace=\"\",destination_workload=\"\"";
@@ -547,20 +543,29 @@ mod tests {
     #[test]
     fn records_become_hubbles_metrics() {
         let (mut metrics, registry) = Metrics::new();
-        metrics.record(&flow(flow_kind::NEW, IPPROTO_TCP, tcp_flag::SYN, None));
-        metrics.record(&flow(
-            flow_kind::CLOSE,
-            IPPROTO_TCP,
-            tcp_flag::SYN | tcp_flag::ACK | tcp_flag::FIN,
-            None,
-        ));
-        metrics.record(&flow(flow_kind::NEW, IPPROTO_UDP, 0, None));
-        metrics.record(&flow(
-            flow_kind::DROP,
-            IPPROTO_TCP,
-            tcp_flag::SYN,
-            Some(DropReason::ServiceBackendNotFound),
-        ));
+        count(
+            &mut metrics,
+            &flow(flow_kind::NEW, IPPROTO_TCP, tcp_flag::SYN, None),
+        );
+        count(
+            &mut metrics,
+            &flow(
+                flow_kind::CLOSE,
+                IPPROTO_TCP,
+                tcp_flag::SYN | tcp_flag::ACK | tcp_flag::FIN,
+                None,
+            ),
+        );
+        count(&mut metrics, &flow(flow_kind::NEW, IPPROTO_UDP, 0, None));
+        count(
+            &mut metrics,
+            &flow(
+                flow_kind::DROP,
+                IPPROTO_TCP,
+                tcp_flag::SYN,
+                Some(DropReason::ServiceBackendNotFound),
+            ),
+        );
         let text = scrape(&registry);
         for line in [
             format!(
@@ -591,16 +596,14 @@ mod tests {
         // Two pings (each a request and its answer), one unanswered, and a dropped
         // port-unreachable; an expired echo connection's last record is no packet.
         for _ in 0..2 {
-            metrics.record(&icmp_flow(flow_kind::NEW, 8, 0, None));
-            metrics.record(&icmp_flow(flow_kind::REPLY, 0, 0, None));
+            count(&mut metrics, &icmp_flow(flow_kind::NEW, 8, 0, None));
+            count(&mut metrics, &icmp_flow(flow_kind::REPLY, 0, 0, None));
         }
-        metrics.record(&icmp_flow(flow_kind::NEW, 8, 0, None));
-        metrics.record(&icmp_flow(
-            flow_kind::DROP,
-            3,
-            3,
-            Some(DropReason::PolicyDeny),
-        ));
+        count(&mut metrics, &icmp_flow(flow_kind::NEW, 8, 0, None));
+        count(
+            &mut metrics,
+            &icmp_flow(flow_kind::DROP, 3, 3, Some(DropReason::PolicyDeny)),
+        );
         let text = scrape(&registry);
         for line in [
             format!("hubble_icmp_total{{family=\"IPv4\",type=\"EchoRequest\",{EMPTY}}} 3"),
@@ -619,19 +622,28 @@ mod tests {
         let flow = |kind, proto, icmp_type, code| {
             let mut event = decode::tests::event(kind, proto, ("fd00::2", 7), ("fd00::9", 0));
             event.icmp = decode::Icmp { icmp_type, code };
-            build(&event)
+            event
         };
-        metrics.record(&flow(decode::Kind::New, IPPROTO_ICMPV6, 128, 0));
-        metrics.record(&flow(decode::Kind::Reply, IPPROTO_ICMPV6, 129, 0));
-        metrics.record(&flow(
-            decode::Kind::Drop(DropReason::PolicyDeny),
-            IPPROTO_ICMPV6,
-            1,
-            4,
-        ));
+        count(
+            &mut metrics,
+            &flow(decode::Kind::New, IPPROTO_ICMPV6, 128, 0),
+        );
+        count(
+            &mut metrics,
+            &flow(decode::Kind::Reply, IPPROTO_ICMPV6, 129, 0),
+        );
+        count(
+            &mut metrics,
+            &flow(
+                decode::Kind::Drop(DropReason::PolicyDeny),
+                IPPROTO_ICMPV6,
+                1,
+                4,
+            ),
+        );
         // An ICMPv4 message of the same type numbers is another family's.
-        metrics.record(&flow(decode::Kind::New, IPPROTO_ICMP, 3, 3));
-        metrics.record(&flow(decode::Kind::New, IPPROTO_TCP, 0, 0));
+        count(&mut metrics, &flow(decode::Kind::New, IPPROTO_ICMP, 3, 3));
+        count(&mut metrics, &flow(decode::Kind::New, IPPROTO_TCP, 0, 0));
         let text = scrape(&registry);
         for line in [
             format!("hubble_icmp_total{{family=\"IPv6\",type=\"EchoRequest\",{EMPTY}}} 1"),
@@ -680,21 +692,27 @@ mod tests {
         // Before the agent: 100 drops, never counted.
         metrics.kernel_drops(&[(DropReason::PolicyDenied, 100)]);
         // Three more; one record arrives.
-        metrics.record(&flow(
-            flow_kind::DROP,
-            IPPROTO_TCP,
-            tcp_flag::SYN,
-            Some(DropReason::PolicyDenied),
-        ));
+        count(
+            &mut metrics,
+            &flow(
+                flow_kind::DROP,
+                IPPROTO_TCP,
+                tcp_flag::SYN,
+                Some(DropReason::PolicyDenied),
+            ),
+        );
         metrics.kernel_drops(&[(DropReason::PolicyDenied, 103)]);
         assert!(!scrape(&registry).contains("protocol=\"Unknown L4\""));
         // A second record arrives late; the third never does.
-        metrics.record(&flow(
-            flow_kind::DROP,
-            IPPROTO_TCP,
-            tcp_flag::SYN,
-            Some(DropReason::PolicyDenied),
-        ));
+        count(
+            &mut metrics,
+            &flow(
+                flow_kind::DROP,
+                IPPROTO_TCP,
+                tcp_flag::SYN,
+                Some(DropReason::PolicyDenied),
+            ),
+        );
         metrics.kernel_drops(&[(DropReason::PolicyDenied, 103)]);
         let text = scrape(&registry);
         assert!(

@@ -48,10 +48,10 @@ use crate::{
 };
 use export::FlowLog;
 use filter::ObserveRequest;
-use history::Stored;
+use history::{Basis, Stored};
 use hub::Hub;
 use metrics::Metrics;
-use record::{Context, Identities};
+use record::Identities;
 
 /// Every how many conntrack walks (one per GC round, 2 s) the fill level of every map is read
 /// for the metrics; counting a map walks it, so not on every round.
@@ -157,8 +157,10 @@ pub fn spawn_reader(ring: RingBuf<MapData>) -> Result<mpsc::Receiver<Vec<FlowEve
                 Err(_elapsed) => {}
             }
             drain(fd.get_mut(), &mut batch, &mut reported_bad);
-            for chunk in batch.chunks(MAX_BATCH) {
-                if tx.send(chunk.to_vec()).await.is_err() {
+            // Handed on as read (no copy), in parts of at most MAX_BATCH.
+            while !batch.is_empty() {
+                let rest = batch.split_off(batch.len().min(MAX_BATCH));
+                if tx.send(std::mem::replace(&mut batch, rest)).await.is_err() {
                     return; // the agent is stopping
                 }
             }
@@ -198,13 +200,14 @@ pub struct FlowStats {
 }
 
 pub struct Pipeline {
-    clock: clock::Clock,
-    node_name: String,
+    /// What records are written from: the identities of `model` and `host_addrs`.
+    basis: Arc<Basis>,
+    /// Records made with `basis` (written out, if still pending, when it changes).
+    made_with_basis: usize,
     /// The model the identities were built from, and the host's addresses.
     model: Model,
     host_addrs: Vec<IpAddr>,
-    identities: Identities,
-    ifnames: HashMap<u32, String>,
+    ifnames: HashMap<u32, Arc<str>>,
     hub: Arc<Hub>,
     followers: Vec<Follower>,
     log: Option<FlowLog>,
@@ -243,12 +246,15 @@ impl Pipeline {
         };
         let node_name = node_name();
         Ok(Pipeline {
-            clock: clock::Clock::now(),
             hub: Arc::new(Hub::new(args.flow_history, node_name.clone())),
-            node_name,
+            basis: Arc::new(Basis {
+                identities: Identities::default(),
+                clock: clock::Clock::now(),
+                node_name,
+            }),
+            made_with_basis: 0,
             model: Model::default(),
             host_addrs: Vec::new(),
-            identities: Identities::default(),
             ifnames: HashMap::new(),
             followers: Vec::new(),
             log,
@@ -283,7 +289,7 @@ impl Pipeline {
     pub fn set_model(&mut self, model: &Model) {
         if *model != self.model {
             self.model = model.clone();
-            self.identities = Identities::new(&self.model, self.host_addrs.iter().copied());
+            self.renew_basis();
             // Interfaces come and go with containers.
             self.ifnames.clear();
         }
@@ -293,8 +299,21 @@ impl Pipeline {
         addrs.sort();
         if addrs != self.host_addrs {
             self.host_addrs = addrs;
-            self.identities = Identities::new(&self.model, self.host_addrs.iter().copied());
+            self.renew_basis();
         }
+    }
+
+    /// Identities from the model and the host's addresses as they are now. The records still
+    /// pending are written out with the identities they were made under first, so no record
+    /// names what was applied after its event, and the old identities are not kept alive.
+    fn renew_basis(&mut self) {
+        self.hub.write_latest(self.made_with_basis);
+        self.made_with_basis = 0;
+        self.basis = Arc::new(Basis {
+            identities: Identities::new(&self.model, self.host_addrs.iter().copied()),
+            clock: self.basis.clock,
+            node_name: self.basis.node_name.clone(),
+        });
     }
 
     /// Events from the kernel.
@@ -313,57 +332,41 @@ impl Pipeline {
         self.flush_log();
     }
 
-    fn ifname(&mut self, ifindex: u32) -> Option<String> {
+    fn ifname(&mut self, ifindex: u32) -> Option<Arc<str>> {
         if ifindex == 0 {
             return None;
         }
         if let Some(name) = self.ifnames.get(&ifindex) {
             return Some(name.clone());
         }
-        let name = crate::kernel::netdev::ifname(ifindex)?;
+        let name: Arc<str> = crate::kernel::netdev::ifname(ifindex)?.into();
         self.ifnames.insert(ifindex, name.clone());
         Some(name)
     }
 
+    /// Counts the event's record and keeps it; it is written out here only when the flow log
+    /// or a follower needs it now, else when someone reads it (see [`Stored`]).
     fn publish(&mut self, event: &decode::Event) {
         let ifname = self.ifname(event.ifindex);
-        let mut record = record::build(
-            event,
-            &Context {
-                identities: &self.identities,
-                clock: &self.clock,
-                node_name: &self.node_name,
-                ifname: ifname.as_deref(),
-            },
-        );
-        self.metrics.record(&record.flow);
+        self.metrics
+            .record(&record::classify(event, &self.basis.identities));
         self.stats.records += 1;
-        // The flow log's line is made here (it is written at once); the other form, and both
-        // when there is no log, only when a reader asks (see `Stored`).
-        let stored = match &mut self.log {
-            Some(log) => {
-                let extended = self.log_format == LogFormat::Extended;
-                let line = if extended {
-                    record.extended_json()
-                } else {
-                    record.hubble_json()
-                };
-                match log.write_line(&line) {
-                    Ok(()) => self.log_failing = false,
-                    Err(e) => {
-                        if !self.log_failing {
-                            log::warn!("flow log: {e}; records are skipped until it works again");
-                        }
-                        self.log_failing = true;
+        self.made_with_basis += 1;
+        let stored = Arc::new(Stored::of_event(*event, self.basis.clone(), ifname));
+        if let Some(log) = &mut self.log {
+            let line = stored.line(self.log_format == LogFormat::Extended);
+            match log.write_line(line) {
+                Ok(()) => self.log_failing = false,
+                Err(e) => {
+                    if !self.log_failing {
+                        log::warn!("flow log: {e}; records are skipped until it works again");
                     }
+                    self.log_failing = true;
                 }
-                Stored::with_line(record, extended, line)
             }
-            None => Stored::new(record),
-        };
-        let stored = Arc::new(stored);
+        }
         self.followers.retain_mut(|f| {
-            if !f.request.filter.matches(&stored.record.flow) {
+            if !f.request.filter.matches(stored.flow()) {
                 return !f.lines.is_closed();
             }
             match f.lines.try_send(stored.line(f.request.extended).to_owned()) {
@@ -534,6 +537,40 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         flows: FlowArgs,
+    }
+
+    /// Records are written when read, but with the identities in force when their event
+    /// came: a model applied in between does not rename the ends of earlier connections.
+    #[test]
+    fn a_record_names_the_identities_in_force_when_its_event_came() {
+        let args = Cli::try_parse_from(["agent", "--metrics", "none"])
+            .unwrap()
+            .flows;
+        let mut pipeline = Pipeline::new(&args, Metrics::new().0).unwrap();
+        let raw = decode::tests::raw_event(
+            dataplane_common::flow_kind::NEW,
+            decode::IPPROTO_TCP,
+            ("172.30.1.9", 5000),
+            ("172.30.1.2", 80),
+        );
+        pipeline.ingest(vec![raw]);
+        let spec = crate::model::StateFile::parse(
+            r#"
+networks:
+  - {name: front, bridge: br-front, subnet: 172.30.1.0/24, gateway: 172.30.1.1}
+endpoints:
+  - name: web1
+    interfaces: [{network: front, ip: 172.30.1.2, mac: "02:42:ac:1e:01:02", host_veth: veth-web1}]
+"#,
+        )
+        .unwrap();
+        pipeline.set_model(&Model::from_spec(&spec).unwrap());
+        pipeline.ingest(vec![raw]);
+        let records = pipeline.hub().last(|_| true, 10);
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].flow().destination().labels, ["reserved:world"]);
+        assert_eq!(records[1].flow().destination().pod_name, "web1");
+        assert_eq!(pipeline.stats().records, 2);
     }
 
     #[test]

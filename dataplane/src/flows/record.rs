@@ -13,6 +13,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
+    sync::LazyLock,
 };
 
 use dataplane_common::{DropReason, tcp_flag};
@@ -149,7 +150,7 @@ pub struct Ip {
 }
 
 /// Layer 4, one of TCP, UDP, ICMPv4 or ICMPv6 (protobuf's `oneof` as JSON: `{"TCP": {...}}`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum L4 {
     #[serde(rename = "TCP")]
     Tcp {
@@ -598,23 +599,23 @@ impl Identities {
     /// `reserved:world` as in Cilium; its flow names the service in `destination_service`.
     /// An IPv4-mapped IPv6 address (`::ffff:172.30.1.2`, what an IPv6 socket reaches an IPv4
     /// container through) is its IPv4 address's.
-    pub fn endpoint(&self, ip: IpAddr) -> Endpoint {
+    pub fn endpoint(&self, ip: IpAddr) -> &Endpoint {
         let ip = ip.to_canonical();
         if let Some(container) = self.containers.get(&ip) {
-            return container.clone();
+            return container;
         }
         if self.is_host(ip) {
-            return Endpoint::reserved(IDENTITY_HOST, LABEL_HOST);
+            return &HOST;
         }
-        Endpoint::reserved(IDENTITY_WORLD, LABEL_WORLD)
+        &WORLD
     }
 
     /// The service a connection to `ip:port` reached: a VIP's, or the one a published port
     /// leads to.
-    fn service(&self, ip: IpAddr, port: u16, proto: u8) -> Option<Service> {
+    fn service(&self, ip: IpAddr, port: u16, proto: u8) -> Option<&Service> {
         let ip = ip.to_canonical();
         if let Some(service) = self.vips.get(&(ip, port, proto)) {
-            return Some(service.clone());
+            return Some(service);
         }
         if !self.is_host(ip) {
             return None;
@@ -628,9 +629,14 @@ impl Identities {
                         h == ip || (h.is_unspecified() && h.is_ipv4() == ip.is_ipv4())
                     })
             })
-            .map(|p| p.service.clone())
+            .map(|p| &p.service)
     }
 }
+
+/// The reserved endpoints every record without a container at that end names.
+static HOST: LazyLock<Endpoint> = LazyLock::new(|| Endpoint::reserved(IDENTITY_HOST, LABEL_HOST));
+static WORLD: LazyLock<Endpoint> =
+    LazyLock::new(|| Endpoint::reserved(IDENTITY_WORLD, LABEL_WORLD));
 
 /// What a record is built with besides its event.
 pub struct Context<'a> {
@@ -774,8 +780,44 @@ fn is_socket_hook(hook: u32) -> bool {
     )
 }
 
-/// Builds the record of `event`.
-pub fn build(event: &Event, cx: &Context<'_>) -> Record {
+/// What an event says once its ends are known, before anything is written out: the part of
+/// a record every event needs (the metrics count it), borrowed from the identities. The
+/// record itself ([`build`]) is written from it only when someone reads it.
+#[derive(Clone, Copy, Debug)]
+pub struct Facts<'a> {
+    /// No addresses were read (a packet dropped that early): the record has no ends.
+    pub unparsed: bool,
+    pub source: &'a Endpoint,
+    pub destination: &'a Endpoint,
+    /// The connection's real destination (after a destination rewrite).
+    pub daddr: IpAddr,
+    pub destination_service: Option<&'a Service>,
+    pub drop_reason: Option<DropReason>,
+    pub verdict: Verdict,
+    pub point: Option<TracePoint>,
+    pub reply: bool,
+    pub l4: Option<L4>,
+    pub event: ConnectionEvent,
+}
+
+impl Facts<'_> {
+    /// As [`Flow::protocol`] says it of the record.
+    pub fn protocol(&self) -> &'static str {
+        protocol_name(self.l4.as_ref())
+    }
+
+    /// The ends as the record has them (none when unparsed).
+    pub fn ends(&self) -> (&Endpoint, &Endpoint) {
+        if self.unparsed {
+            (&NO_ENDPOINT, &NO_ENDPOINT)
+        } else {
+            (self.source, self.destination)
+        }
+    }
+}
+
+/// The facts of `event`, its ends from `identities`.
+pub fn classify<'a>(event: &Event, identities: &'a Identities) -> Facts<'a> {
     let tuple = event.tuple;
     // A packet dropped before its addresses were read has none to report.
     let unparsed = tuple.saddr.is_unspecified() && tuple.daddr.is_unspecified();
@@ -788,17 +830,17 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
     // A host process's socket not bound yet has no source address when the socket hooks
     // translate it (the kernel picks it afterwards): the host all the same.
     let source = if tuple.saddr.is_unspecified() && is_socket_hook(event.hook) {
-        Endpoint::reserved(IDENTITY_HOST, LABEL_HOST)
+        &HOST
     } else {
-        cx.identities.endpoint(tuple.saddr)
+        identities.endpoint(tuple.saddr)
     };
-    let destination = cx.identities.endpoint(daddr);
+    let destination = identities.endpoint(daddr);
     let translated_to_service = matches!(
         event.nat.map(|n| n.kind),
         Some(TranslationKind::Service | TranslationKind::PublishedPort)
     );
     let destination_service = if translated_to_service || matches!(event.kind, Kind::Drop(_)) {
-        cx.identities.service(tuple.daddr, tuple.dport, tuple.proto)
+        identities.service(tuple.daddr, tuple.dport, tuple.proto)
     } else {
         None
     };
@@ -823,16 +865,6 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
     } else {
         Some(TracePoint::ToNetwork)
     };
-    let event_type = match (drop_reason, point) {
-        (Some(reason), _) => EventType {
-            event_type: MESSAGE_TYPE_DROP,
-            sub_type: reason as i32,
-        },
-        (None, point) => EventType {
-            event_type: MESSAGE_TYPE_TRACE,
-            sub_type: point.map_or(0, TracePoint::cilium_code),
-        },
-    };
     let l4 = match tuple.proto {
         IPPROTO_TCP => Some(L4::Tcp {
             source_port: tuple.sport,
@@ -854,6 +886,48 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
             code: u32::from(event.icmp.code),
         }),
         _ => None,
+    };
+    Facts {
+        unparsed,
+        source,
+        destination,
+        daddr,
+        destination_service,
+        drop_reason,
+        verdict,
+        point,
+        reply: event.kind == Kind::Reply,
+        l4: if unparsed { None } else { l4 },
+        event: ConnectionEvent::of(event.kind),
+    }
+}
+
+/// Builds the record of `event`.
+pub fn build(event: &Event, cx: &Context<'_>) -> Record {
+    let facts = classify(event, cx.identities);
+    let Facts {
+        unparsed,
+        source,
+        destination,
+        daddr,
+        drop_reason,
+        verdict,
+        point,
+        reply,
+        l4,
+        event: connection_event,
+        destination_service,
+    } = facts;
+    let tuple = event.tuple;
+    let event_type = match (drop_reason, point) {
+        (Some(reason), _) => EventType {
+            event_type: MESSAGE_TYPE_DROP,
+            sub_type: reason as i32,
+        },
+        (None, point) => EventType {
+            event_type: MESSAGE_TYPE_TRACE,
+            sub_type: point.map_or(0, TracePoint::cilium_code),
+        },
     };
     let source_xlated = match event.nat {
         Some(nat) if !nat.destination => nat.addr.to_string(),
@@ -891,11 +965,10 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
     // container is INGRESS (also from another container), leaving one for the host or the
     // outside is EGRESS. It is the connection's: a reply has the direction of the packet it
     // answers (Hubble flips the observed direction of replies).
-    let reply = event.kind == Kind::Reply;
     let (opener, answerer) = if reply {
-        (&destination, &source)
+        (destination, source)
     } else {
-        (&source, &destination)
+        (source, destination)
     };
     let traffic_direction = if answerer.is_container() || !opener.is_container() {
         "INGRESS"
@@ -913,14 +986,14 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
             destination: daddr.to_string(),
             ip_version: tuple.family().hubble_name().into(),
         }),
-        l4: if unparsed { None } else { l4 },
+        l4,
         traffic_direction: traffic_direction.into(),
-        source: (!unparsed).then_some(source),
-        destination: (!unparsed).then_some(destination),
+        source: (!unparsed).then(|| source.clone()),
+        destination: (!unparsed).then(|| destination.clone()),
         flow_type: "L3_L4".into(),
         node_name: cx.node_name.to_owned(),
         event_type,
-        destination_service,
+        destination_service: destination_service.cloned(),
         trace_observation_point: point.map(|p| p.enum_name().to_owned()),
         trace_reason: point.map(|_| {
             match event.kind {
@@ -943,7 +1016,7 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
         ),
         translation,
         connection: Some(Connection {
-            event: ConnectionEvent::of(event.kind),
+            event: connection_event,
             packets: event.counters.packets,
             bytes: event.counters.bytes,
             reply_packets: event.counters.reply_packets,
@@ -954,6 +1027,16 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
         flow,
         node_name: cx.node_name.to_owned(),
         time,
+    }
+}
+
+fn protocol_name(l4: Option<&L4>) -> &'static str {
+    match l4 {
+        Some(L4::Tcp { .. }) => "TCP",
+        Some(L4::Udp { .. }) => "UDP",
+        Some(L4::Icmpv4 { .. }) => "ICMPv4",
+        Some(L4::Icmpv6 { .. }) => "ICMPv6",
+        None => "Unknown L4",
     }
 }
 
@@ -970,13 +1053,7 @@ impl Flow {
     /// Hubble's protocol name: TCP, UDP, ICMPv4, ICMPv6; `Unknown L4` (as Hubble's metrics
     /// say) for anything else.
     pub fn protocol(&self) -> &'static str {
-        match self.l4 {
-            Some(L4::Tcp { .. }) => "TCP",
-            Some(L4::Udp { .. }) => "UDP",
-            Some(L4::Icmpv4 { .. }) => "ICMPv4",
-            Some(L4::Icmpv6 { .. }) => "ICMPv6",
-            None => "Unknown L4",
-        }
+        protocol_name(self.l4.as_ref())
     }
 
     /// The IP family's name, `IPv4` or `IPv6` (Hubble's `IP.ipVersion`); empty without IP.
@@ -1211,6 +1288,82 @@ ports:
     fn strict(line: &str) -> crate::hubble::api::observer::GetFlowsResponse {
         serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("not a valid Hubble flow: {e}: {line}"))
+    }
+
+    /// The metrics count from `classify` without the record; they must say what the record
+    /// says, for every kind of event.
+    #[test]
+    fn the_facts_the_metrics_count_are_what_the_record_says() {
+        let ids = identities();
+        let clock = Clock::with_offset(0);
+        let cx = Context {
+            identities: &ids,
+            clock: &clock,
+            node_name: "n",
+            ifname: None,
+        };
+        let mut published = raw_event(
+            flow_kind::NEW,
+            IPPROTO_TCP,
+            ("192.0.2.2", 41234),
+            ("192.0.2.1", 8080),
+        );
+        published.origin = ct_origin::PUBLISHED;
+        published.rewrite = ct_rewrite::DST;
+        published.nat_addr = dataplane_common::In6Addr::mapped_v4(ip("172.30.1.2"));
+        published.nat_port = 80u16.to_be();
+        let mut dropped = raw_event(
+            flow_kind::DROP,
+            IPPROTO_UDP,
+            ("203.0.113.9", 53),
+            ("172.30.1.2", 53),
+        );
+        dropped.drop_reason = DropReason::PolicyDeny as u8;
+        let mut unparsed = raw_event(flow_kind::DROP, IPPROTO_TCP, ("0.0.0.0", 0), ("0.0.0.0", 0));
+        unparsed.drop_reason = DropReason::Malformed as u8;
+        let events = [
+            published,
+            raw_event(
+                flow_kind::REPLY,
+                IPPROTO_ICMP,
+                ("172.30.1.2", 7),
+                ("172.30.1.9", 0),
+            ),
+            raw_event(
+                flow_kind::CLOSE,
+                IPPROTO_TCP,
+                ("172.30.1.9", 5000),
+                ("10.96.0.12", 80),
+            ),
+            raw_event(
+                flow_kind::NEW,
+                IPPROTO_UDP,
+                ("172.30.1.9", 5000),
+                ("198.51.100.7", 53),
+            ),
+            dropped,
+            unparsed,
+        ];
+        for raw in &events {
+            let event = decode::from_raw(raw).unwrap();
+            let facts = classify(&event, &ids);
+            let flow = build(&event, &cx).flow;
+            assert_eq!(facts.protocol(), flow.protocol(), "{flow:?}");
+            assert_eq!(facts.point, flow.trace_point(), "{flow:?}");
+            assert_eq!(
+                facts.ends(),
+                (flow.source(), flow.destination()),
+                "{flow:?}"
+            );
+            assert_eq!(facts.drop_reason, flow.drop_reason(), "{flow:?}");
+            assert_eq!(facts.verdict, flow.verdict, "{flow:?}");
+            assert_eq!(facts.l4, flow.l4, "{flow:?}");
+            assert_eq!(
+                Some(facts.event),
+                flow.connection.map(|c| c.event),
+                "{flow:?}"
+            );
+        }
     }
 
     #[test]
@@ -1803,7 +1956,8 @@ endpoints:
             ("172.30.1.2", "fd00:30:1::2"),
         ] {
             let container = ids.endpoint(v4.parse().unwrap());
-            ids.containers.insert(v6.parse().unwrap(), container);
+            ids.containers
+                .insert(v6.parse().unwrap(), container.clone());
         }
         ids.host.insert("2001:db8::1".parse().unwrap());
         ids.host.insert("fd00:30:1::1".parse().unwrap());
@@ -2124,7 +2278,7 @@ endpoints:
         assert_eq!(ids.endpoint(v6("::1")).labels, vec![LABEL_HOST]);
         assert_eq!(
             ids.service(v6("::ffff:10.96.0.10"), 80, IPPROTO_TCP)
-                .map(|s| s.name),
+                .map(|s| s.name.clone()),
             Some("web".into())
         );
         assert_eq!(ids.endpoint(v6("fd00:30:1::3")).labels, vec![LABEL_WORLD]);

@@ -707,7 +707,7 @@ mod tests {
         assert!(compact[2].contains("ICMPv6 EchoRequest"), "{compact:?}");
         let ours: Vec<String> = records
             .iter()
-            .map(|s| crate::flows::record::compact(&s.record))
+            .map(|s| crate::flows::record::compact(s.record()))
             .collect();
         assert_eq!(compact, ours);
         // hubble reads a flow log of them (`--flow-log`'s lines) as its own, without a warning.
