@@ -3,6 +3,8 @@
 //! of the slots, taking turns, so each owns an (almost) equal share, and removing one backend
 //! moves only the slots it owned (about 1/N of the flows) plus a few of the others'.
 
+use std::{collections::HashMap, sync::Arc};
+
 /// A backend as the table sees it: a stable identity (its name, not its position in any list,
 /// so the table does not depend on the order or on the other backends) and a weight.
 #[derive(Debug, Clone)]
@@ -10,6 +12,46 @@ pub struct Member {
     pub identity: String,
     /// Turns per round: a backend of weight 2 owns twice the slots of one of weight 1.
     pub weight: u32,
+}
+
+/// Tables computed already, by their members and size. The drift check computes the desired
+/// state again every few seconds, and at 10,000 services computing their tables was most of
+/// its time (and of the agent's CPU between changes). Holds only the tables the last pass
+/// used ([`Memo::pass_done`]).
+#[derive(Debug, Default)]
+pub struct Memo {
+    previous: HashMap<MemoKey, Arc<[u32]>>,
+    current: HashMap<MemoKey, Arc<[u32]>>,
+}
+
+/// The members (identity, weight) in their order, and the size.
+type MemoKey = (Vec<(String, u32)>, u32);
+
+impl Memo {
+    /// [`table`], computed once for the same members and size.
+    pub fn table(&mut self, members: &[Member], size: u32) -> Arc<[u32]> {
+        let key = (
+            members
+                .iter()
+                .map(|m| (m.identity.clone(), m.weight))
+                .collect::<Vec<_>>(),
+            size,
+        );
+        if let Some(table) = self.current.get(&key) {
+            return table.clone();
+        }
+        let table = self
+            .previous
+            .remove(&key)
+            .unwrap_or_else(|| table(members, size).into());
+        self.current.insert(key, table.clone());
+        table
+    }
+
+    /// Forgets the tables this pass did not use.
+    pub fn pass_done(&mut self) {
+        self.previous = std::mem::take(&mut self.current);
+    }
 }
 
 /// FNV-1a 64 with a seed, so one name gives two independent hashes.
@@ -82,6 +124,32 @@ mod tests {
                 weight: 1,
             })
             .collect()
+    }
+
+    #[test]
+    fn the_memo_computes_a_table_once_and_keeps_only_what_the_last_pass_used() {
+        let mut memo = Memo::default();
+        let ab = members(&["a", "b"]);
+        let abc = members(&["a", "b", "c"]);
+        let first = memo.table(&ab, MAGLEV_TABLE_SIZE);
+        assert_eq!(first[..], table(&ab, MAGLEV_TABLE_SIZE)[..]);
+        assert!(Arc::ptr_eq(&first, &memo.table(&ab, MAGLEV_TABLE_SIZE)));
+        let other = memo.table(&abc, MAGLEV_TABLE_SIZE);
+        assert_eq!(other[..], table(&abc, MAGLEV_TABLE_SIZE)[..]);
+        // Another size, another weight: other tables.
+        assert_eq!(memo.table(&ab, 251).len(), 251);
+        let mut heavier = ab.clone();
+        heavier[0].weight = 2;
+        assert_eq!(
+            memo.table(&heavier, MAGLEV_TABLE_SIZE)[..],
+            table(&heavier, MAGLEV_TABLE_SIZE)[..]
+        );
+        memo.pass_done();
+        // The next pass uses only {a, b}: it is not computed again, the others are forgotten.
+        assert!(Arc::ptr_eq(&first, &memo.table(&ab, MAGLEV_TABLE_SIZE)));
+        memo.pass_done();
+        assert_eq!(memo.previous.len(), 1);
+        assert!(!Arc::ptr_eq(&other, &memo.table(&abc, MAGLEV_TABLE_SIZE)));
     }
 
     fn shares(table: &[u32], n: usize) -> Vec<usize> {

@@ -5,8 +5,9 @@
 //! changes nothing. [`Reconciler`] owns the [`Datapath`], so nothing else can write to it.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use dataplane_common::{
@@ -200,6 +201,8 @@ pub enum ReconcileError {
 /// else reads it through [`Reconciler::datapath`].
 pub struct Reconciler {
     datapath: Datapath,
+    /// The Maglev tables of the last pass, so a drift check does not compute them again.
+    maglev: maglev::Memo,
     /// The last model applied in full, and the host settings it was applied with.
     last_good: Option<(Model, HostSettings)>,
 }
@@ -222,6 +225,7 @@ impl Reconciler {
     pub fn new(datapath: Datapath) -> Reconciler {
         Reconciler {
             datapath,
+            maglev: maglev::Memo::default(),
             last_good: None,
         }
     }
@@ -286,7 +290,7 @@ impl Reconciler {
         // port on every address is an entry in each family, and building 200,000 of them
         // only to refuse them would hold the main loop (and `status`) for a second or more.
         capacity::check_ports(model, ports_capacity.0, ports_capacity.1)?;
-        let desired = desired(model, host, &self.datapath)?;
+        let desired = desired(model, host, &self.datapath, &mut self.maglev)?;
         // Refused whole before any write, rather than failing half-way.
         capacity::check(&desired, ports_capacity.0, ports_capacity.1)?;
         apply(&desired, &mut self.datapath)
@@ -402,7 +406,7 @@ pub struct DesiredService {
     /// VIP).
     pub backends6: Vec<Backend6>,
     /// The Maglev table (backend indexes), for maglev and source_hash; empty otherwise.
-    pub table: Vec<u32>,
+    pub table: Arc<[u32]>,
 }
 
 /// Where the agent is: its uplink, the cgroup of the host processes whose connections to
@@ -427,6 +431,7 @@ pub fn desired(
     model: &Model,
     host: &HostSettings,
     kernel: &impl Kernel,
+    maglev: &mut maglev::Memo,
 ) -> Result<Desired, ReconcileError> {
     let uplink = host.uplink.as_str();
     if kernel.ifindex(uplink).is_none() {
@@ -460,12 +465,18 @@ pub fn desired(
         }
     }
     add_endpoints(&mut desired, model, &policy, kernel)?;
+    // By name, the first of each (a linear search per backend was quadratic in services).
+    let mut endpoints: HashMap<&str, &crate::model::Endpoint> = HashMap::new();
+    for endpoint in &model.endpoints {
+        endpoints.entry(endpoint.name.as_str()).or_insert(endpoint);
+    }
     for service in &model.services {
         desired.services.insert(
             service.name.clone(),
-            desired_service(model, service, kernel.maglev_size()),
+            desired_service(&endpoints, service, kernel.maglev_size(), maglev),
         );
     }
+    maglev.pass_done();
     for (i, port) in model.ports.iter().enumerate() {
         add_port(&mut desired, model, i, port)?;
     }
@@ -772,18 +783,17 @@ fn address6_of(itf: &crate::model::Interface) -> Option<In6Addr> {
 /// IPv6-only backend is address 0, which the kernel treats as no backend
 /// (SERVICE_BACKEND_NOT_FOUND).
 fn desired_service(
-    model: &Model,
+    endpoints: &HashMap<&str, &crate::model::Endpoint>,
     service: &crate::model::Service,
     maglev_size: u32,
+    maglev: &mut maglev::Memo,
 ) -> DesiredService {
     let mut backends = Vec::new();
     let mut backends6 = Vec::new();
     let mut members = Vec::new();
     for (name, weight) in service.backends.iter().zip(&service.weights) {
-        let Some(itf) = model
-            .endpoints
-            .iter()
-            .find(|e| &e.name == name)
+        let Some(itf) = endpoints
+            .get(name.as_str())
             .and_then(|e| e.interfaces.first())
         else {
             continue; // an endpoint without interfaces serves nothing
@@ -810,8 +820,8 @@ fn desired_service(
         Algorithm::SourceHash => algorithm::SOURCE_HASH,
     };
     let table = match service.algorithm {
-        Algorithm::Maglev | Algorithm::SourceHash => maglev::table(&members, maglev_size),
-        Algorithm::Random | Algorithm::RoundRobin => Vec::new(),
+        Algorithm::Maglev | Algorithm::SourceHash => maglev.table(&members, maglev_size),
+        Algorithm::Random | Algorithm::RoundRobin => Arc::from([]),
     };
     let key = service.vip.map(|vip| ServiceKey {
         vip: be(vip),
@@ -905,7 +915,7 @@ fn apply_services(
                 set += 1;
             }
         }
-        if !service.table.is_empty() && kernel.maglev(id) != service.table {
+        if !service.table.is_empty() && kernel.maglev(id)[..] != service.table[..] {
             kernel.set_maglev(id, &service.table)?;
             set += 1;
         }
@@ -1457,7 +1467,7 @@ ports:
             // Auto: XDP only while the deny list has entries.
             xdp: None,
         };
-        let desired = desired(model, &host, kernel)?;
+        let desired = desired(model, &host, kernel, &mut maglev::Memo::default())?;
         apply(&desired, kernel)
     }
 
