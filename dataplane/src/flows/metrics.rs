@@ -692,27 +692,17 @@ mod tests {
         // Before the agent: 100 drops, never counted.
         metrics.kernel_drops(&[(DropReason::PolicyDenied, 100)]);
         // Three more; one record arrives.
-        count(
-            &mut metrics,
-            &flow(
-                flow_kind::DROP,
-                IPPROTO_TCP,
-                tcp_flag::SYN,
-                Some(DropReason::PolicyDenied),
-            ),
+        let drop = flow(
+            flow_kind::DROP,
+            IPPROTO_TCP,
+            tcp_flag::SYN,
+            Some(DropReason::PolicyDenied),
         );
+        count(&mut metrics, &drop);
         metrics.kernel_drops(&[(DropReason::PolicyDenied, 103)]);
         assert!(!scrape(&registry).contains("protocol=\"Unknown L4\""));
         // A second record arrives late; the third never does.
-        count(
-            &mut metrics,
-            &flow(
-                flow_kind::DROP,
-                IPPROTO_TCP,
-                tcp_flag::SYN,
-                Some(DropReason::PolicyDenied),
-            ),
-        );
+        count(&mut metrics, &drop);
         metrics.kernel_drops(&[(DropReason::PolicyDenied, 103)]);
         let text = scrape(&registry);
         assert!(

@@ -1302,16 +1302,7 @@ ports:
             node_name: "n",
             ifname: None,
         };
-        let mut published = raw_event(
-            flow_kind::NEW,
-            IPPROTO_TCP,
-            ("192.0.2.2", 41234),
-            ("192.0.2.1", 8080),
-        );
-        published.origin = ct_origin::PUBLISHED;
-        published.rewrite = ct_rewrite::DST;
-        published.nat_addr = dataplane_common::In6Addr::mapped_v4(ip("172.30.1.2"));
-        published.nat_port = 80u16.to_be();
+        let published = published_port_event();
         let mut dropped = raw_event(
             flow_kind::DROP,
             IPPROTO_UDP,
@@ -1366,8 +1357,8 @@ ports:
         }
     }
 
-    #[test]
-    fn a_published_port_connection_is_a_forwarded_flow_to_the_container() {
+    /// A new connection from 192.0.2.2 to the host's published port 8080, translated to web1.
+    fn published_port_event() -> dataplane_common::FlowEvent {
         let mut raw = raw_event(
             flow_kind::NEW,
             IPPROTO_TCP,
@@ -1378,6 +1369,12 @@ ports:
         raw.rewrite = ct_rewrite::DST;
         raw.nat_addr = dataplane_common::In6Addr::mapped_v4(ip("172.30.1.2"));
         raw.nat_port = 80u16.to_be();
+        raw
+    }
+
+    #[test]
+    fn a_published_port_connection_is_a_forwarded_flow_to_the_container() {
+        let mut raw = published_port_event();
         raw.hook = hook::UPLINK_INGRESS as u8;
         let mut record = record_of(&raw);
         let web1 = identity_of(&[
