@@ -713,6 +713,17 @@ fn entry_label(kind: &str, index: usize, name: &str) -> String {
 }
 
 impl Model {
+    /// Every endpoint by its name (the first of a name): what looking an endpoint up for each
+    /// service backend or published port goes through, so that it is not a search of the list
+    /// each time (quadratic at thousands of them).
+    pub fn endpoints_by_name(&self) -> HashMap<&str, &Endpoint> {
+        let mut by_name = HashMap::new();
+        for endpoint in &self.endpoints {
+            by_name.entry(endpoint.name.as_str()).or_insert(endpoint);
+        }
+        by_name
+    }
+
     /// Reads and validates a state file (YAML or JSON). The agent reads its state file through
     /// [`crate::source::state_file`], which also waits for a file to be whole.
     pub fn load(path: &Path) -> Result<(StateFile, Model), StateError> {

@@ -38,6 +38,7 @@ pub fn check_ports(model: &Model, capacity4: u32, capacity6: u32) -> Result<(), 
     {
         return Ok(());
     }
+    let endpoints = model.endpoints_by_name();
     let (mut wanted4, mut wanted6) = (0usize, 0usize);
     for port in &model.ports {
         let (host4, host6) = match port.host_ip {
@@ -47,10 +48,8 @@ pub fn check_ports(model: &Model, capacity4: u32, capacity6: u32) -> Result<(), 
         };
         let (has4, has6, count) = match &port.target {
             PortTarget::Endpoint(name) => {
-                let first = model
-                    .endpoints
-                    .iter()
-                    .find(|e| &e.name == name)
+                let first = endpoints
+                    .get(name.as_str())
                     .and_then(|e| e.interfaces.first());
                 match first {
                     // Over IPv6 an IPv4-only container is reached at its mapped address.

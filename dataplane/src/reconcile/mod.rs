@@ -465,11 +465,7 @@ pub fn desired(
         }
     }
     add_endpoints(&mut desired, model, &policy, kernel)?;
-    // By name, the first of each (a linear search per backend was quadratic in services).
-    let mut endpoints: HashMap<&str, &crate::model::Endpoint> = HashMap::new();
-    for endpoint in &model.endpoints {
-        endpoints.entry(endpoint.name.as_str()).or_insert(endpoint);
-    }
+    let endpoints = model.endpoints_by_name();
     for service in &model.services {
         desired.services.insert(
             service.name.clone(),
@@ -478,7 +474,7 @@ pub fn desired(
     }
     maglev.pass_done();
     for (i, port) in model.ports.iter().enumerate() {
-        add_port(&mut desired, model, i, port)?;
+        add_port(&mut desired, model, &endpoints, i, port)?;
     }
     let addresses = kernel.addresses();
     for (_, addr) in &addresses {
@@ -638,6 +634,7 @@ fn add_endpoints(
 fn add_port(
     desired: &mut Desired,
     model: &Model,
+    endpoints: &HashMap<&str, &crate::model::Endpoint>,
     i: usize,
     port: &crate::model::PublishedPort,
 ) -> Result<(), ReconcileError> {
@@ -706,10 +703,8 @@ fn add_port(
             return Ok(());
         }
     };
-    let endpoint = model
-        .endpoints
-        .iter()
-        .find(|e| &e.name == name)
+    let endpoint = endpoints
+        .get(name.as_str())
         .expect("validated: the port's endpoint exists");
     let Some(itf) = endpoint.interfaces.first() else {
         return Err(StateError::Invalid {
