@@ -297,17 +297,8 @@ impl Metrics {
                 ))
                 .inc();
         }
-        let port = match facts.l4 {
-            Some(L4::Tcp {
-                destination_port, ..
-            })
-            | Some(L4::Udp {
-                destination_port, ..
-            }) => Some(destination_port),
-            _ => None,
-        };
         if facts.event == ConnectionEvent::New
-            && let Some(port) = port
+            && let Some((_, port)) = facts.l4.and_then(|l4| l4.ports())
         {
             self.ports
                 .get_or_create(&with(

@@ -1030,6 +1030,24 @@ pub fn build(event: &Event, cx: &Context<'_>) -> Record {
     }
 }
 
+impl L4 {
+    /// Source and destination ports (none for ICMP).
+    pub fn ports(&self) -> Option<(u16, u16)> {
+        match *self {
+            L4::Tcp {
+                source_port,
+                destination_port,
+                ..
+            }
+            | L4::Udp {
+                source_port,
+                destination_port,
+            } => Some((source_port, destination_port)),
+            L4::Icmpv4 { .. } | L4::Icmpv6 { .. } => None,
+        }
+    }
+}
+
 fn protocol_name(l4: Option<&L4>) -> &'static str {
     match l4 {
         Some(L4::Tcp { .. }) => "TCP",
@@ -1063,18 +1081,7 @@ impl Flow {
 
     /// Source and destination ports (none for ICMP).
     pub fn ports(&self) -> Option<(u16, u16)> {
-        match self.l4 {
-            Some(L4::Tcp {
-                source_port,
-                destination_port,
-                ..
-            })
-            | Some(L4::Udp {
-                source_port,
-                destination_port,
-            }) => Some((source_port, destination_port)),
-            _ => None,
-        }
+        self.l4.and_then(|l4| l4.ports())
     }
 
     pub fn trace_point(&self) -> Option<TracePoint> {
