@@ -278,10 +278,29 @@ impl Reconciler {
     }
 
     fn reconcile(&mut self, model: &Model, host: &HostSettings) -> Result<Changes, ReconcileError> {
-        // Interfaces that went away (a container stopped) took their links with them.
+        self.prune_vanished();
+        let result = self.reconcile_pruned(model, host);
+        if result.is_err() {
+            // An interface can vanish during the pass (a container dying now), after the
+            // prune above and before the lookup that failed on it: its attachment goes too,
+            // not at the next pass.
+            self.prune_vanished();
+        }
+        result
+    }
+
+    /// Interfaces that went away (a container stopped) took their links with them.
+    fn prune_vanished(&mut self) {
         for gone in self.datapath.prune_vanished() {
             log::info!("{gone}: the interface is gone, and its attachment with it");
         }
+    }
+
+    fn reconcile_pruned(
+        &mut self,
+        model: &Model,
+        host: &HostSettings,
+    ) -> Result<Changes, ReconcileError> {
         let ports_capacity = (
             self.datapath.capacity::<Ports>()?,
             self.datapath.capacity::<Ports6>()?,
