@@ -975,7 +975,9 @@ pub type SockRevNat6 = SockRevNatOf<In6Addr>;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockNetns {
     pub addr: u32,
-    pub _pad: u32,
+    /// The Docker Swarm overlay networks the container is on: bit `n - 1` for a service's
+    /// `ServiceInfo::overlay` n.
+    pub overlays: u32,
 }
 
 /// A connection a container's socket hook translated, before its first packet: (container
@@ -1031,7 +1033,11 @@ pub struct ServiceInfo {
     pub backend_count: u32,
     /// One of [`algorithm`].
     pub algorithm: u8,
-    pub _pad: [u8; 3],
+    /// 0: anyone's. n: a Docker Swarm overlay network's VIP, translated only for sockets of
+    /// containers on it (bit `n - 1` of their `SockNetns::overlays`); the socket hooks alone
+    /// answer it.
+    pub overlay: u8,
+    pub _pad: [u8; 2],
 }
 
 #[repr(C)]

@@ -161,6 +161,8 @@ struct Owner {
     kind: u32,
     /// A container's address (network byte order); 0 for the others.
     addr: u32,
+    /// The Swarm overlay networks a container is on (`SockNetns::overlays`); 0 for the others.
+    overlays: u32,
 }
 
 /// The agent's namespace: a host process.
@@ -174,10 +176,12 @@ impl Owner {
     const HOST: Owner = Owner {
         kind: OWNER_HOST,
         addr: 0,
+        overlays: 0,
     };
     const OTHER: Owner = Owner {
         kind: OWNER_OTHER,
         addr: 0,
+        overlays: 0,
     };
 
     /// The container's address, if a container's.
@@ -199,10 +203,13 @@ fn owner(sa: *mut bpf_sock_addr) -> Owner {
         }
     }
     match SOCK_NETNS.get_ptr(&cookie) {
-        Some(netns) => Owner {
-            kind: OWNER_CONTAINER,
-            // SAFETY: a map value from this program run's lookup.
-            addr: unsafe { (*netns).addr },
+        // SAFETY: a map value from this program run's lookup.
+        Some(netns) => unsafe {
+            Owner {
+                kind: OWNER_CONTAINER,
+                addr: (*netns).addr,
+                overlays: (*netns).overlays,
+            }
         },
         None => Owner::OTHER,
     }
@@ -248,17 +255,36 @@ fn published(addr: u32, port: u16, proto: u8) -> Option<dataplane_common::PortTa
 }
 
 /// The backend of the service at `vip`:`port`, hashing `cookie` (the socket) where the
-/// packet path hashes the 5-tuple, and `source` where it hashes the client address.
+/// packet path hashes the 5-tuple, and `source` where it hashes the client address. A VIP on
+/// every port (port 0 in its key, a Swarm VIP's) answers the ports no service of its own
+/// has, each to the same port of the backend; an overlay network's VIP only sockets of the
+/// containers on that network (bits of `overlays`), as only they reach its tasks.
 #[inline(always)]
-fn service_backend(vip: u32, port: u16, proto: u8, cookie: u64, source: u32) -> Option<Lookup> {
-    let key = dataplane_common::ServiceKey {
+fn service_backend(
+    vip: u32,
+    port: u16,
+    proto: u8,
+    cookie: u64,
+    source: u32,
+    overlays: u32,
+) -> Option<Lookup> {
+    let mut key = dataplane_common::ServiceKey {
         vip,
         port,
         proto,
         _pad: 0,
     };
-    // SAFETY: a map value from this program run's lookup.
-    let service = unsafe { *SERVICES.get_ptr(&key)? };
+    // SAFETY: map values from this program run's lookups.
+    let service = match SERVICES.get_ptr(&key) {
+        Some(service) => unsafe { *service },
+        None => {
+            key.port = 0;
+            unsafe { *SERVICES.get_ptr(&key)? }
+        }
+    };
+    if service.overlay != 0 && overlays & (1u32 << (u32::from(service.overlay - 1) & 31)) == 0 {
+        return None;
+    }
     let hashes = lb::Hashes {
         flow: lb::mix(cookie as u32 ^ lb::mix((cookie >> 32) as u32)),
         source: lb::mix(source),
@@ -266,7 +292,7 @@ fn service_backend(vip: u32, port: u16, proto: u8, cookie: u64, source: u32) -> 
     Some(match lb::pick_hashed(&service, &hashes) {
         Some(b) => Lookup::Found(Target {
             addr: b.addr,
-            port: b.port,
+            port: if b.port == 0 { port } else { b.port },
             origin: ct_origin::SERVICE,
         }),
         None => Lookup::NoBackend,
@@ -275,7 +301,7 @@ fn service_backend(vip: u32, port: u16, proto: u8, cookie: u64, source: u32) -> 
 
 #[inline(always)]
 fn lookup(addr: u32, port: u16, proto: u8, cookie: u64, source: u32, owner: Owner) -> Lookup {
-    if let Some(found) = service_backend(addr, port, proto, cookie, source) {
+    if let Some(found) = service_backend(addr, port, proto, cookie, source, owner.overlays) {
         return found;
     }
     // A container's connections to published ports stay the packet path's (its hairpin
@@ -293,7 +319,7 @@ fn lookup(addr: u32, port: u16, proto: u8, cookie: u64, source: u32, owner: Owne
             origin: ct_origin::PUBLISHED,
         });
     }
-    match service_backend(target.addr, target.port, proto, cookie, source) {
+    match service_backend(target.addr, target.port, proto, cookie, source, 0) {
         Some(Lookup::Found(mut t)) => {
             // Reached through a published port: judged and reported as one.
             t.origin = ct_origin::PUBLISHED;
@@ -591,7 +617,7 @@ fn lookup6(call: &Call6, cookie: u64, owner: Owner) -> Target6 {
             ct_origin::PUBLISHED,
         );
     }
-    match service_backend(target.addr, target.port, call.proto, cookie, 0) {
+    match service_backend(target.addr, target.port, call.proto, cookie, 0, 0) {
         Some(Lookup::Found(t)) => {
             Target6::found(In6Addr::mapped_v4(t.addr), t.port, ct_origin::PUBLISHED)
         }

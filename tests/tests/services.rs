@@ -541,6 +541,114 @@ fn per_name<'a>(names: impl Iterator<Item = &'a str>) -> BTreeMap<&'a str, usize
     })
 }
 
+/// An overlay network's VIP on every port, as the Docker source writes a Swarm VIP (here in
+/// the state file): backends by address (web1's and web2's, reached by routing), each port
+/// to itself, translated at connect()/sendmsg() for the sockets of a container on that
+/// overlay only.
+const OVERLAY_SERVICES: &str = concat!(
+    "  - {name: far, vip: 10.96.0.20, port: 0, overlay: ov, addresses: {far1: 172.30.1.2, far2: 172.30.1.3}}\n",
+    "  - {name: far-udp, vip: 10.96.0.20, port: 0, protocol: udp, overlay: ov, addresses: {far1: 172.30.1.2, far2: 172.30.1.3}}\n",
+);
+
+#[test]
+fn an_overlay_vip_on_every_port_is_translated_for_the_containers_on_it_only() {
+    let spec = host_spec("")
+        .replacen(
+            "  - name: client\n",
+            "  - name: client\n    overlays: [ov]\n",
+            1,
+        )
+        .replacen("services:\n", &format!("services:\n{OVERLAY_SERVICES}"), 1);
+    let (sandbox, cgroup, agent) = container_hooked(&spec, "sock-overlay");
+    agent.wait_for("the containers' namespaces known", |s| {
+        s.map_entries("dp_sock_netns_v1") >= 4
+    });
+    // The client, on the overlay: every connection to one of the two addresses, which see
+    // the client itself.
+    let mut cmd = vec!["curl", "-sS", "--max-time", "10", "-H", "Connection: close"];
+    cmd.extend(std::iter::repeat_n("http://10.96.0.20/", 40));
+    let answers = pairs(&in_container_ok(&sandbox, &cgroup, "client", &cmd));
+    assert_eq!(answers.len(), 40, "{answers:?}");
+    let names = per_name(answers.iter().map(|(n, _)| n.as_str()));
+    assert_eq!(
+        names.keys().copied().collect::<Vec<_>>(),
+        ["web1", "web2"],
+        "{names:?}"
+    );
+    assert!(
+        answers.iter().all(|(_, seen)| seen == "172.30.1.9"),
+        "{answers:?}"
+    );
+    // Another port leads to that port of a backend, where nothing listens: refused at once
+    // (a reset from the backend), not left to time out as an unanswered VIP is.
+    let other = in_container(
+        &sandbox,
+        &cgroup,
+        "client",
+        &["curl", "-sS", "--max-time", "3", "http://10.96.0.20:81/"],
+    );
+    assert_eq!(
+        other.status.code(),
+        Some(7),
+        "curl's 'could not connect': {other:?}"
+    );
+    // UDP, unconnected sockets: replies from the VIP, from both backends.
+    let udp = in_container_ok(
+        &sandbox,
+        &cgroup,
+        "client",
+        &[
+            "/usr/bin/python3",
+            "-c",
+            UDP_CLIENT,
+            "10.96.0.20",
+            "80",
+            "20",
+        ],
+    );
+    let replies: Vec<(&str, &str)> = udp
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(peer, rest)| (peer, rest.split_whitespace().next().unwrap_or_default()))
+        .collect();
+    assert_eq!(replies.len(), 20, "{udp}");
+    assert!(
+        replies.iter().all(|(peer, _)| *peer == "10.96.0.20:80"),
+        "{replies:?}"
+    );
+    assert_eq!(
+        per_name(replies.iter().map(|(_, n)| *n)).len(),
+        2,
+        "{replies:?}"
+    );
+    // The client's records name the service.
+    agent.wait_for_record("a record of the client's connection naming far", |r| {
+        r["flow"]["source"]["pod_name"] == "client"
+            && r["flow"]["destination_service"]["name"] == "far"
+    });
+
+    // A container on no overlay and a host process: left alone, so the VIP (which is on no
+    // interface) does not answer them.
+    let web3 = in_container(
+        &sandbox,
+        &cgroup,
+        "web3",
+        &["curl", "-sS", "--max-time", "3", "http://10.96.0.20/"],
+    );
+    assert!(
+        !web3.status.success(),
+        "web3 reached the overlay's VIP: {web3:?}"
+    );
+    let host = sandbox.exec(
+        "host",
+        &["curl", "-sS", "--max-time", "3", "http://10.96.0.20/"],
+    );
+    assert!(
+        !host.status.success(),
+        "the host reached the overlay's VIP: {host:?}"
+    );
+}
+
 #[test]
 fn a_container_reaches_a_vip_translated_at_its_socket_over_tcp_and_udp() {
     let (sandbox, cgroup, agent) = container_hooked(&host_spec(""), "sock-container");

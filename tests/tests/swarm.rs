@@ -2,7 +2,8 @@
 //! agent: what works today on this kernel, which has no IPVS. Overlay networks, tasks on every
 //! node and container-to-task traffic across nodes over VXLAN work; the service VIP and the
 //! routing mesh do not (printed, not asserted: that is the agent's work, issue 18). With the
-//! agent on a worker: its Swarm view in `dataplane status`.
+//! agent on a worker: its Swarm view in `dataplane status`, and the service's VIP on the
+//! overlay answered by the tasks of every node.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -68,6 +69,89 @@ fn who(node: &Node, client: &str, ip: &str) -> Result<String, String> {
     }
 }
 
+/// Waits until web has a running task on every node.
+fn wait_for_a_task_on_every_node(swarm: &Swarm) {
+    let hostnames: BTreeSet<String> = swarm.nodes.iter().map(|n| n.hostname.clone()).collect();
+    wait_for("a running task of web on every node", || {
+        let out = swarm.manager().docker_ok(&[
+            "service",
+            "ps",
+            "web",
+            "--filter",
+            "desired-state=running",
+            "--format",
+            "{{.Node}} {{.CurrentState}}",
+        ]);
+        let running: BTreeSet<String> = out
+            .lines()
+            .filter(|l| l.contains(" Running "))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect();
+        (running == hostnames).then_some(())
+    });
+}
+
+/// Starts the container `client` on overlay `ov` on `node`; its address there.
+fn run_client(node: &Node) -> String {
+    node.docker_ok(&[
+        "run",
+        "-d",
+        "--stop-timeout",
+        "1",
+        "--name",
+        "client",
+        "--network",
+        "ov",
+        IMAGE,
+        "sleep",
+        "3600",
+    ]);
+    node.docker_ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.Networks.ov.IPAddress}}",
+        "client",
+    ])
+}
+
+/// web's VIP on overlay `ov`, as the manager allocated it.
+fn vip_on_ov(manager: &Node) -> String {
+    let ov_id = manager.docker_ok(&["network", "inspect", "-f", "{{.Id}}", "ov"]);
+    let vips = manager.docker_ok(&[
+        "service",
+        "inspect",
+        "-f",
+        "{{json .Endpoint.VirtualIPs}}",
+        "web",
+    ]);
+    let vips: serde_json::Value = serde_json::from_str(&vips).expect("the VIPs' JSON");
+    vips.as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["NetworkID"] == ov_id.as_str())
+        .and_then(|v| v["Addr"].as_str())
+        .and_then(|a| a.split('/').next())
+        .expect("web's VIP on ov")
+        .to_owned()
+}
+
+/// The short ids (the hostnames) of web's task containers on every node.
+fn task_containers(swarm: &Swarm) -> BTreeSet<String> {
+    swarm
+        .nodes
+        .iter()
+        .flat_map(|node| {
+            let out = node.docker_ok(&[
+                "ps",
+                "-q",
+                "--filter",
+                "label=com.docker.swarm.service.name=web",
+            ]);
+            out.lines().map(str::to_owned).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Waits until every node of `swarm` has joined and is ready, as its manager sees them.
 fn wait_for_every_node_ready(swarm: &Swarm) {
     let hostnames: BTreeSet<String> = swarm.nodes.iter().map(|n| n.hostname.clone()).collect();
@@ -122,7 +206,6 @@ fn create_web(manager: &Node, extra: &[&str]) {
 fn three_nodes_serve_a_service_on_an_overlay_across_nodes() {
     let swarm = Swarm::start(3);
     let manager = swarm.manager();
-    let hostnames: BTreeSet<String> = swarm.nodes.iter().map(|n| n.hostname.clone()).collect();
 
     wait_for_every_node_ready(&swarm);
 
@@ -131,24 +214,7 @@ fn three_nodes_serve_a_service_on_an_overlay_across_nodes() {
     // node runs one.
     create_web(manager, &["--replicas-max-per-node", "1"]);
 
-    // A task running on every node.
-    wait_for("a running task of web on every node", || {
-        let out = manager.docker_ok(&[
-            "service",
-            "ps",
-            "web",
-            "--filter",
-            "desired-state=running",
-            "--format",
-            "{{.Node}} {{.CurrentState}}",
-        ]);
-        let running: BTreeSet<String> = out
-            .lines()
-            .filter(|l| l.contains(" Running "))
-            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-            .collect();
-        (running == hostnames).then_some(())
-    });
+    wait_for_a_task_on_every_node(&swarm);
 
     // The overlay's view on the manager: three tasks, one on each node's address.
     let addrs: BTreeSet<String> = swarm.nodes.iter().map(|n| n.addr.clone()).collect();
@@ -171,25 +237,7 @@ fn three_nodes_serve_a_service_on_an_overlay_across_nodes() {
 
     // A container on the manager's node reaches the tasks on the other nodes by their overlay
     // addresses, and they see its own overlay address (no NAT on the overlay).
-    manager.docker_ok(&[
-        "run",
-        "-d",
-        "--stop-timeout",
-        "1",
-        "--name",
-        "client",
-        "--network",
-        "ov",
-        IMAGE,
-        "sleep",
-        "3600",
-    ]);
-    let client_ip = manager.docker_ok(&[
-        "inspect",
-        "-f",
-        "{{.NetworkSettings.Networks.ov.IPAddress}}",
-        "client",
-    ]);
+    let client_ip = run_client(manager);
     let mut remote = 0;
     for (task_ip, host) in &tasks {
         if *host == manager.addr {
@@ -219,24 +267,7 @@ fn three_nodes_serve_a_service_on_an_overlay_across_nodes() {
     assert_eq!(remote, 2, "two tasks on other nodes than the client's");
 
     // What does not work without IPVS (the agent's part, issue 18): recorded, not asserted.
-    let ov_id = manager.docker_ok(&["network", "inspect", "-f", "{{.Id}}", "ov"]);
-    let vips = manager.docker_ok(&[
-        "service",
-        "inspect",
-        "-f",
-        "{{json .Endpoint.VirtualIPs}}",
-        "web",
-    ]);
-    let vips: serde_json::Value = serde_json::from_str(&vips).expect("the VIPs' JSON");
-    let vip = vips
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|v| v["NetworkID"] == ov_id.as_str())
-        .and_then(|v| v["Addr"].as_str())
-        .and_then(|a| a.split('/').next())
-        .expect("web's VIP on ov")
-        .to_owned();
+    let vip = vip_on_ov(manager);
     eprintln!("web's VIP on ov {vip}: {:?}", who(manager, "client", &vip));
     for node in &swarm.nodes {
         let out = swarm.outside(&[
@@ -418,4 +449,142 @@ fn an_agent_on_a_worker_shows_the_swarm_view() {
         "the last view kept: {view:#?}"
     );
     drop(agent);
+}
+
+/// Asks web's VIP (`who`) from container `client` on `node` until every task in `tasks`
+/// has answered, each seeing the client's own overlay address `client_ip`; fails on an
+/// answer from anyone else or when some task stays unreached after 60 calls.
+#[track_caller]
+fn every_task_answers(
+    node: &Node,
+    client: &str,
+    vip: &str,
+    client_ip: &str,
+    tasks: &BTreeSet<String>,
+) {
+    let mut seen = BTreeSet::new();
+    for _ in 0..60 {
+        let reply =
+            who(node, client, vip).unwrap_or_else(|e| panic!("{vip}:80 from {client}: {e}"));
+        let (task, peer) = reply.split_once(' ').expect("`<task> <client>`");
+        assert!(
+            tasks.contains(task),
+            "{task} is none of web's tasks {tasks:?}"
+        );
+        assert_eq!(
+            peer,
+            format!("[::ffff:{client_ip}]"),
+            "the client's own address"
+        );
+        seen.insert(task.to_owned());
+        if seen == *tasks {
+            return;
+        }
+    }
+    panic!("after 60 calls only {seen:?} of {tasks:?} answered");
+}
+
+/// The agent on a worker answers web's VIP on the overlay for the containers on it, at
+/// connect() (its socket hooks on the engine's cgroup parent): over the tasks of every node,
+/// by Docker's own VXLAN, each task seeing the caller's own overlay address. It follows a
+/// scale-down within seconds, and a killed agent's pinned hooks go on answering.
+#[test]
+fn an_agent_on_a_worker_answers_the_service_vip_with_the_tasks_of_every_node() {
+    let swarm = Swarm::start(3);
+    wait_for_every_node_ready(&swarm);
+    let manager = swarm.manager();
+    create_web(manager, &["--replicas-max-per-node", "1"]);
+    wait_for_a_task_on_every_node(&swarm);
+    let vip = vip_on_ov(manager);
+    let tasks = wait_for("web's three task containers", || {
+        let tasks = task_containers(&swarm);
+        (tasks.len() == 3).then_some(tasks)
+    });
+
+    let worker = &swarm.nodes[1];
+    let client_ip = run_client(worker);
+    // Without the agent the VIP is on no interface (this kernel has no IPVS).
+    assert!(
+        who(worker, "client", &vip).is_err(),
+        "{vip} answered without the agent"
+    );
+
+    let cgroup = worker
+        .engine
+        .containers_cgroup()
+        .expect("the worker's containers' cgroup parent");
+    let socket = worker.engine.socket.display().to_string();
+    let mut agent = Agent::launch(
+        &dataplane_bin(),
+        &worker.netns,
+        &worker.netns,
+        worker.engine.dir.join("agent.log"),
+        &[
+            "--docker",
+            &socket,
+            "--uplink",
+            "eth0",
+            "--cgroup",
+            "none",
+            "--container-cgroup",
+            cgroup.to_str().unwrap(),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let backends = |s: &Status| {
+        s.services
+            .iter()
+            .find(|v| v.name == "web@ov")
+            .map_or(0, |v| v.backends.len())
+    };
+    let status = agent.wait_for_within(Duration::from_secs(30), "web@ov with three tasks", |s| {
+        backends(s) == 3
+    });
+    let web = status.services.iter().find(|v| v.name == "web@ov").unwrap();
+    assert_eq!(
+        (web.vip.as_deref(), web.port),
+        (Some(vip.as_str()), 0),
+        "{web:?}"
+    );
+    assert!(
+        status.services.iter().any(|v| v.name == "web@ov/udp"),
+        "{:?}",
+        status.services
+    );
+    every_task_answers(worker, "client", &vip, &client_ip, &tasks);
+    // A task calls its own service too, and reaches the tasks of the other nodes.
+    let own = worker.docker_ok(&[
+        "ps",
+        "-q",
+        "--filter",
+        "label=com.docker.swarm.service.name=web",
+    ]);
+    let own_ip = worker.docker_ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.Networks.ov.IPAddress}}",
+        &own,
+    ]);
+    every_task_answers(worker, &own, &vip, &own_ip, &tasks);
+
+    // Down to two tasks: the VIP leads to those within seconds (the worker's engine sends no
+    // event of the other nodes' tasks; the periodic re-read sees them go).
+    manager.docker_ok(&["service", "scale", "-d", "web=2"]);
+    let two = wait_for("web's two task containers", || {
+        let tasks = task_containers(&swarm);
+        (tasks.len() == 2).then_some(tasks)
+    });
+    let started = Instant::now();
+    agent.wait_for_within(Duration::from_secs(30), "web@ov with two tasks", |s| {
+        backends(s) == 2
+    });
+    eprintln!(
+        "the VIP had two tasks {:?} after their engines did",
+        started.elapsed()
+    );
+    every_task_answers(worker, "client", &vip, &client_ip, &two);
+
+    // The agent killed: its pinned hooks and maps go on answering.
+    agent.stop("KILL");
+    every_task_answers(worker, "client", &vip, &client_ip, &two);
 }

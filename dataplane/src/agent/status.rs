@@ -127,7 +127,13 @@ fn model_rows(
             vip6: s.vip6.map(|v| v.to_string()),
             port: s.port,
             protocol: s.protocol.to_string(),
-            backends: s.backends.clone(),
+            // Backends by address (Swarm tasks) as "name (address)".
+            backends: s
+                .backends
+                .iter()
+                .cloned()
+                .chain(s.remote.iter().map(|r| format!("{} ({})", r.name, r.addr)))
+                .collect(),
         })
         .collect();
     let range = |r: &PortRange| {

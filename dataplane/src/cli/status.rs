@@ -144,11 +144,16 @@ fn render(s: &Status) -> String {
     }
     let _ = writeln!(out, "\nSERVICES");
     for v in &s.services {
+        // Port 0: every port (a Swarm VIP).
+        let port = match v.port {
+            0 => "*".to_owned(),
+            p => p.to_string(),
+        };
         let addresses: Vec<String> = v
             .vip
             .iter()
-            .map(|a| format!("{a}:{}", v.port))
-            .chain(v.vip6.iter().map(|a| format!("[{a}]:{}", v.port)))
+            .map(|a| format!("{a}:{port}"))
+            .chain(v.vip6.iter().map(|a| format!("[{a}]:{port}")))
             .collect();
         let _ = writeln!(
             out,

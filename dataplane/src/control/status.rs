@@ -220,8 +220,10 @@ pub struct ServiceRow {
     pub name: String,
     pub vip: Option<String>,
     pub vip6: Option<String>,
+    /// 0: every port (a Swarm VIP's).
     pub port: u16,
     pub protocol: String,
+    /// Endpoint names, then backends by address as "name (address)".
     pub backends: Vec<String>,
 }
 

@@ -614,7 +614,12 @@ impl Identities {
     /// leads to.
     fn service(&self, ip: IpAddr, port: u16, proto: u8) -> Option<&Service> {
         let ip = ip.to_canonical();
-        if let Some(service) = self.vips.get(&(ip, port, proto)) {
+        // The VIP's service on that port, else one on every port (a Swarm VIP's).
+        if let Some(service) = self
+            .vips
+            .get(&(ip, port, proto))
+            .or_else(|| self.vips.get(&(ip, 0, proto)))
+        {
             return Some(service);
         }
         if !self.is_host(ip) {

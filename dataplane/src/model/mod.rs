@@ -122,6 +122,12 @@ pub struct EndpointSpec {
     /// it the container's VIP connections are translated per packet at its veth.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
+    /// Docker Swarm overlay networks the container is on. Their interfaces are not the
+    /// host's (they live in the overlay's own namespace), so they are no `interfaces`; a
+    /// service of such a network (`overlay`) is translated for this container's sockets only
+    /// when it is on that network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlays: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -170,6 +176,8 @@ pub struct ServiceSpec {
     /// The same service over IPv6.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vip6: Option<String>,
+    /// 0: every port, each to the same port of the backend (as a Docker Swarm VIP forwards
+    /// them all; no `target_port` then). Such a service is answered at the socket hooks only.
     pub port: u32,
     #[serde(default = "default_tcp")]
     pub protocol: String,
@@ -185,6 +193,15 @@ pub struct ServiceSpec {
     /// new connections). Used by maglev and source_hash.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub weights: BTreeMap<String, u32>,
+    /// Backends that are not endpoints of this host, by name and IPv4 address: reached by
+    /// routing, never through a veth of ours (Docker Swarm tasks on every node, which the
+    /// Docker source fills in). Weight 1 each; beside or instead of `selector`/`endpoints`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub addresses: BTreeMap<String, String>,
+    /// A Docker Swarm overlay network: the VIP is translated only for the sockets of
+    /// containers on it (`overlays` of an endpoint), as only they can reach its tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<String>,
 }
 
 fn default_tcp() -> String {
@@ -493,6 +510,8 @@ pub struct Endpoint {
     pub interfaces: Vec<Interface>,
     /// See [`EndpointSpec::netns`].
     pub netns: Option<String>,
+    /// See [`EndpointSpec::overlays`]; sorted.
+    pub overlays: Vec<String>,
 }
 
 /// Inclusive port range; a single port has `first == last`.
@@ -597,14 +616,28 @@ pub struct Service {
     /// At least one of `vip` and `vip6` is set.
     pub vip: Option<Ipv4Addr>,
     pub vip6: Option<Ipv6Addr>,
+    /// 0: every port (see [`ServiceSpec::port`]).
     pub port: u16,
     pub protocol: Protocol,
+    /// 0 with `port` 0: the port asked.
     pub target_port: u16,
     pub algorithm: Algorithm,
     /// Endpoint names, resolved from the selector or the list, sorted.
     pub backends: Vec<String>,
     /// Weight of each backend (same order as `backends`).
     pub weights: Vec<u32>,
+    /// Backends by address (see [`ServiceSpec::addresses`]), sorted by name; after
+    /// `backends` in the service's backend list.
+    pub remote: Vec<RemoteBackend>,
+    /// See [`ServiceSpec::overlay`].
+    pub overlay: Option<String>,
+}
+
+/// A backend that is no endpoint of this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RemoteBackend {
+    pub name: String,
+    pub addr: Ipv4Addr,
 }
 
 impl Service {
@@ -713,6 +746,18 @@ fn entry_label(kind: &str, index: usize, name: &str) -> String {
 }
 
 impl Model {
+    /// The overlay networks services are scoped to, numbered from 1 in name order: what the
+    /// socket hooks know them by (`ServiceInfo::overlay`, bits of `SockNetns::overlays`).
+    pub fn overlay_numbers(&self) -> BTreeMap<&str, u8> {
+        let names: BTreeSet<&str> = self
+            .services
+            .iter()
+            .filter_map(|s| s.overlay.as_deref())
+            .collect();
+        // At most MAX_OVERLAYS, which validation keeps.
+        names.into_iter().zip(1..).collect()
+    }
+
     /// Every endpoint by its name (the first of a name): what looking an endpoint up for each
     /// service backend or published port goes through, so that it is not a search of the list
     /// each time (quadratic at thousands of them).
@@ -1089,6 +1134,12 @@ impl Model {
                 labels: e.labels.clone(),
                 interfaces,
                 netns: e.netns.clone().filter(|n| !n.is_empty()),
+                overlays: {
+                    let mut overlays = e.overlays.clone();
+                    overlays.sort();
+                    overlays.dedup();
+                    overlays
+                },
             });
         }
         Ok(endpoints)
@@ -1101,6 +1152,7 @@ impl Model {
     ) -> Result<Vec<Service>, StateError> {
         let mut names = BTreeSet::new();
         let mut vips = HashMap::new();
+        let mut overlays = BTreeSet::new();
         let mut services = Vec::new();
         for (i, s) in spec.services.iter().enumerate() {
             let entry = entry_label("services", i, &s.name);
@@ -1133,7 +1185,11 @@ impl Model {
             if vip.is_none() && vip6.is_none() {
                 return Err(invalid(entry, "vip", "give vip, vip6 or both"));
             }
-            let port = single_port(s.port).map_err(|m| invalid(&entry, "port", m))?;
+            // Port 0 is every port (a Swarm VIP's), each to itself.
+            let port = match s.port {
+                0 => 0,
+                p => single_port(p).map_err(|m| invalid(&entry, "port", m))?,
+            };
             let protocol = Protocol::parse(&s.protocol).ok_or_else(|| {
                 invalid(
                     &entry,
@@ -1156,12 +1212,58 @@ impl Model {
                 }
             }
             let target_port = match s.target_port {
+                Some(_) if port == 0 => {
+                    return Err(invalid(
+                        &entry,
+                        "target_port",
+                        "a service on every port (port 0) leads each to itself: no target_port",
+                    ));
+                }
                 Some(p) => single_port(p).map_err(|m| invalid(&entry, "target_port", m))?,
                 None => port,
             };
             let algorithm =
                 Algorithm::parse(&s.algorithm).map_err(|m| invalid(&entry, "algorithm", m))?;
             let (backends, weights) = service_backends(&entry, s, endpoints)?;
+            let mut remote = Vec::new();
+            for (name, addr) in &s.addresses {
+                if name.is_empty() || backends.contains(name) {
+                    return Err(invalid(
+                        &entry,
+                        "addresses",
+                        format!("{name:?} is empty or already the name of a backend"),
+                    ));
+                }
+                let addr =
+                    parse_ip(addr).map_err(|m| invalid(&entry, format!("addresses.{name}"), m))?;
+                remote.push(RemoteBackend {
+                    name: name.clone(),
+                    addr,
+                });
+            }
+            let overlay = s.overlay.clone().filter(|o| !o.is_empty());
+            if let Some(o) = &overlay {
+                overlays.insert(o.clone());
+                if overlays.len() > MAX_OVERLAYS {
+                    return Err(invalid(
+                        &entry,
+                        "overlay",
+                        format!(
+                            "{o:?} would be the services' overlay network number {}: at most {MAX_OVERLAYS}",
+                            overlays.len()
+                        ),
+                    ));
+                }
+                // As Swarm's: an IPv4 VIP on every port. The socket hooks alone answer it
+                // (the packet path does not know who is on an overlay).
+                if vip.is_none() || vip6.is_some() || port != 0 {
+                    return Err(invalid(
+                        &entry,
+                        "overlay",
+                        "an overlay network's service has an IPv4 vip only and port 0 (every port)",
+                    ));
+                }
+            }
             services.push(Service {
                 name: s.name.clone(),
                 vip,
@@ -1172,6 +1274,8 @@ impl Model {
                 algorithm,
                 backends,
                 weights,
+                remote,
+                overlay,
             });
         }
         Ok(services)
@@ -1199,8 +1303,22 @@ impl Model {
                     PortTarget::Endpoint(e.clone())
                 }
                 (None, Some(s)) => {
-                    if !services.iter().any(|x| &x.name == s) {
-                        return Err(invalid(entry, "service", format!("unknown service {s:?}")));
+                    match services.iter().find(|x| &x.name == s) {
+                        None => {
+                            return Err(invalid(
+                                entry,
+                                "service",
+                                format!("unknown service {s:?}"),
+                            ));
+                        }
+                        Some(x) if x.port == 0 => {
+                            return Err(invalid(
+                                entry,
+                                "service",
+                                format!("{s:?} is on every port (port 0): publish a port of it"),
+                            ));
+                        }
+                        Some(_) => {}
                     }
                     PortTarget::Service(s.clone())
                 }
@@ -1360,7 +1478,7 @@ impl Model {
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
         for s in &self.services {
-            if s.backends.is_empty() {
+            if s.backends.is_empty() && s.remote.is_empty() {
                 warnings.push(format!(
                     "services[{}]: no endpoint matches its selector or list; connections to \
                      {} get no backend",
@@ -1431,6 +1549,10 @@ impl Model {
         self.networks.iter().find(|n| n.name == name)
     }
 }
+
+/// Most overlay networks services may be scoped to: one bit each in a container
+/// namespace's entry for the socket hooks (`SockNetns::overlays`).
+pub const MAX_OVERLAYS: usize = 32;
 
 fn single_port(n: u32) -> Result<u16, String> {
     u16::try_from(n)
@@ -1556,8 +1678,14 @@ fn service_backends(
                 "give either selector or endpoints, not both",
             ));
         }
+        // Backends by address alone, or none yet (a Swarm service without tasks).
+        (None, None) if !s.addresses.is_empty() || s.overlay.is_some() => Vec::new(),
         (None, None) => {
-            return Err(invalid(entry, "selector", "give a selector or endpoints"));
+            return Err(invalid(
+                entry,
+                "selector",
+                "give a selector, endpoints or addresses",
+            ));
         }
         (Some(selector), None) => endpoints
             .iter()
@@ -1895,6 +2023,128 @@ policies:
                 "expected an error at {expected_location}, got: {err}"
             );
         }
+    }
+
+    /// A Swarm VIP as the Docker source writes it: every port, backends by address, scoped
+    /// to an overlay network, and the endpoints on that overlay.
+    #[test]
+    fn overlay_vips_on_every_port_with_backends_by_address() {
+        let overlay = |spec: &mut StateFile| {
+            spec.endpoints[0].overlays = vec!["ov".into(), "ov".into(), "front".into()];
+            spec.services.push(ServiceSpec {
+                name: "web@ov".into(),
+                vip: Some("10.0.1.2".into()),
+                vip6: None,
+                port: 0,
+                protocol: "tcp".into(),
+                target_port: None,
+                selector: None,
+                endpoints: None,
+                algorithm: "maglev".into(),
+                weights: BTreeMap::new(),
+                addresses: [("web.2.b", "10.0.1.4"), ("web.1.a", "10.0.1.3")]
+                    .map(|(n, a)| (n.to_owned(), a.to_owned()))
+                    .into(),
+                overlay: Some("ov".into()),
+            });
+        };
+        let mut spec = good();
+        overlay(&mut spec);
+        let model = Model::from_spec(&spec).unwrap();
+        let web = &model.services[1];
+        assert_eq!((web.port, web.target_port), (0, 0));
+        assert!(web.backends.is_empty());
+        let remote: Vec<(&str, Ipv4Addr)> = web
+            .remote
+            .iter()
+            .map(|r| (r.name.as_str(), r.addr))
+            .collect();
+        assert_eq!(
+            remote,
+            [
+                ("web.1.a", Ipv4Addr::new(10, 0, 1, 3)),
+                ("web.2.b", Ipv4Addr::new(10, 0, 1, 4))
+            ]
+        );
+        assert_eq!(model.endpoints[0].overlays, ["front", "ov"]);
+        assert_eq!(model.overlay_numbers(), BTreeMap::from([("ov", 1)]));
+        // Backends by address are backends: no warning.
+        assert!(model.warnings().is_empty(), "{:?}", model.warnings());
+        // A Swarm service without tasks yet: no backend, a warning, not an error.
+        let mut spec = good();
+        overlay(&mut spec);
+        spec.services[1].addresses.clear();
+        let model = Model::from_spec(&spec).unwrap();
+        assert_eq!(model.warnings().len(), 1, "{:?}", model.warnings());
+
+        type Change = fn(&mut StateFile);
+        let refused: [(Change, &str); 6] = [
+            (
+                |s| s.services[1].target_port = Some(80),
+                "services[web@ov].target_port: a service on every port (port 0)",
+            ),
+            (
+                |s| s.services[1].port = 80,
+                "services[web@ov].overlay: an overlay network's service has an IPv4 vip only and port 0",
+            ),
+            (
+                |s| s.services[1].vip6 = Some("fd00::2".into()),
+                "services[web@ov].overlay: an overlay network's service has an IPv4 vip only",
+            ),
+            (
+                |s| {
+                    s.services[1]
+                        .addresses
+                        .insert("web1".into(), "10.0.1.9".into());
+                    s.services[1].endpoints = Some(vec!["web1".into()]);
+                },
+                "services[web@ov].addresses: \"web1\" is empty or already the name of a backend",
+            ),
+            (
+                |s| {
+                    s.services[1].addresses.insert("x".into(), "10.0.1".into());
+                },
+                "services[web@ov].addresses.x: \"10.0.1\" is not an IPv4 address",
+            ),
+            (
+                |s| {
+                    s.ports[0] = PortSpec {
+                        endpoint: None,
+                        service: Some("web@ov".into()),
+                        protocol: "tcp".into(),
+                        host_ip: None,
+                        host_port: PortValue::Number(8080),
+                        container_port: PortValue::Number(80),
+                    }
+                },
+                "ports[0].service: \"web@ov\" is on every port (port 0): publish a port of it",
+            ),
+        ];
+        for (change, expected) in refused {
+            let mut spec = good();
+            overlay(&mut spec);
+            change(&mut spec);
+            let err = error_of(&spec);
+            assert!(err.starts_with(expected), "{err}");
+        }
+        // At most 32 overlay networks have services.
+        let mut spec = good();
+        overlay(&mut spec);
+        let template = spec.services[1].clone();
+        for i in 0..MAX_OVERLAYS {
+            let mut s = template.clone();
+            s.name = format!("svc{i}");
+            s.vip = Some(format!("10.0.2.{}", i + 1));
+            s.overlay = Some(format!("ov{i}"));
+            spec.services.push(s);
+        }
+        assert!(
+            error_of(&spec).starts_with(
+                "services[svc31].overlay: \"ov31\" would be the services' overlay network number 33"
+            ),
+            "{}",
+            error_of(&spec)
+        );
     }
 
     #[test]

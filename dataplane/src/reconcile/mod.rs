@@ -426,6 +426,8 @@ pub struct DesiredService {
     pub backends6: Vec<Backend6>,
     /// The Maglev table (backend indexes), for maglev and source_hash; empty otherwise.
     pub table: Arc<[u32]>,
+    /// Its overlay network's number, 0 for none (`ServiceInfo::overlay`).
+    pub overlay: u8,
 }
 
 /// Where the agent is: its uplink, the cgroup of the host processes whose connections to
@@ -483,13 +485,17 @@ pub fn desired(
             desired.attachments.insert((cgroup.clone(), hook));
         }
     }
-    add_endpoints(&mut desired, model, &policy, kernel)?;
+    let overlays = model.overlay_numbers();
+    add_endpoints(&mut desired, model, &policy, &overlays, kernel)?;
     let endpoints = model.endpoints_by_name();
     for service in &model.services {
-        desired.services.insert(
-            service.name.clone(),
-            desired_service(&endpoints, service, kernel.maglev_size(), maglev),
-        );
+        let mut wanted = desired_service(&endpoints, service, kernel.maglev_size(), maglev);
+        wanted.overlay = service
+            .overlay
+            .as_deref()
+            .and_then(|o| overlays.get(o).copied())
+            .unwrap_or(0);
+        desired.services.insert(service.name.clone(), wanted);
     }
     maglev.pass_done();
     for (i, port) in model.ports.iter().enumerate() {
@@ -553,6 +559,7 @@ fn add_endpoints(
     desired: &mut Desired,
     model: &Model,
     policy: &crate::reconcile::policy::Compiled,
+    overlays: &BTreeMap<&str, u8>,
     kernel: &impl Kernel,
 ) -> Result<(), ReconcileError> {
     for (endpoint_index, endpoint) in model.endpoints.iter().enumerate() {
@@ -625,17 +632,23 @@ fn add_endpoints(
             }
         }
         // Its sockets, for the cgroup hooks: they leave from its first interface's address
-        // unless bound (the one Docker's default route of the container goes out of).
-        if let (Some(netns), Some(first)) = (
-            &endpoint.netns,
-            endpoint.interfaces.first().and_then(|i| i.ip),
-        ) && let Some(cookie) = kernel.netns_cookie(netns)
+        // unless bound (the one Docker's default route of the container goes out of). One on
+        // Swarm overlays alone has no address of ours (0: no identity, never a hairpin).
+        let first = endpoint.interfaces.first().and_then(|i| i.ip);
+        let first = first.or((!endpoint.overlays.is_empty()).then_some(Ipv4Addr::UNSPECIFIED));
+        if let (Some(netns), Some(first)) = (&endpoint.netns, first)
+            && let Some(cookie) = kernel.netns_cookie(netns)
         {
+            let on_overlays = endpoint
+                .overlays
+                .iter()
+                .filter_map(|o| overlays.get(o.as_str()))
+                .fold(0u32, |mask, n| mask | 1 << (n - 1));
             desired.sock_netns.insert(
                 cookie,
                 SockNetns {
                     addr: be(first),
-                    _pad: 0,
+                    overlays: on_overlays,
                 },
             );
         }
@@ -827,6 +840,19 @@ fn desired_service(
             weight: *weight,
         });
     }
+    // Backends by address: IPv4 only; port 0 (a service on every port) keeps the port asked.
+    for remote in &service.remote {
+        backends.push(Backend {
+            addr: be(remote.addr),
+            port: service.target_port.to_be(),
+            _pad: [0; 2],
+        });
+        backends6.push(Backend6::default());
+        members.push(maglev::Member {
+            identity: remote.name.clone(),
+            weight: 1,
+        });
+    }
     let algorithm = match service.algorithm {
         Algorithm::Maglev => algorithm::MAGLEV,
         Algorithm::Random => algorithm::RANDOM,
@@ -860,6 +886,7 @@ fn desired_service(
         key6,
         algorithm,
         table,
+        overlay: 0,
     }
 }
 
@@ -937,7 +964,8 @@ fn apply_services(
             id,
             backend_count: service.backends.len().max(service.backends6.len()) as u32,
             algorithm: service.algorithm,
-            _pad: [0; 3],
+            overlay: service.overlay,
+            _pad: [0; 2],
         };
         if let Some(key) = service.key
             && current.get(&key) != Some(&info)
@@ -1614,6 +1642,79 @@ services:
         reconcile(&model(STATE), &mut k).unwrap();
         assert!(services(&k).is_empty());
         assert!(k.map::<Backends>().is_empty());
+    }
+
+    /// A Swarm VIP: every port (key port 0), backends by address after the endpoints' with
+    /// port 0 (the port asked), its overlay's number; the namespaces of containers on that
+    /// overlay carry its bit, one on overlays alone with no address of ours.
+    #[test]
+    fn an_overlay_vip_has_its_number_and_the_namespaces_on_it_its_bit() {
+        let state = format!(
+            "{}\n  - name: far\n    netns: /run/netns/far\n    overlays: [ov2]\n{}",
+            STATE
+                .replacen(
+                    "  - name: one\n",
+                    "  - name: one\n    netns: /run/netns/one\n    overlays: [ov1, ov2, none]\n",
+                    1
+                )
+                .replacen(
+                    "  - name: two\n",
+                    "  - name: two\n    netns: /run/netns/two\n",
+                    1
+                )
+                .trim_end(),
+            r#"services:
+  - {name: a, vip: 10.0.1.2, port: 0, overlay: ov1, addresses: {t1: 10.0.1.3, t2: 10.0.1.4}}
+  - {name: b, vip: 10.0.2.2, port: 0, protocol: udp, overlay: ov2, endpoints: [two], addresses: {t3: 10.0.2.3}}
+"#
+        );
+        let mut k = kernel();
+        reconcile(&model(&state), &mut k).unwrap();
+        let svcs = services(&k);
+        let key = |vip: &str, proto: u8| ServiceKey {
+            vip: ip(vip),
+            port: 0,
+            proto,
+            _pad: 0,
+        };
+        let (a, b) = (svcs[&key("10.0.1.2", 6)], svcs[&key("10.0.2.2", 17)]);
+        assert_eq!((a.overlay, a.backend_count), (1, 2));
+        assert_eq!((b.overlay, b.backend_count), (2, 2));
+        let backends = k.map::<Backends>();
+        let at = |service_id: u32, index: u32| {
+            let b = backends[&BackendKey { service_id, index }];
+            (b.addr, b.port)
+        };
+        assert_eq!(at(a.id, 0), (ip("10.0.1.3"), 0));
+        assert_eq!(at(a.id, 1), (ip("10.0.1.4"), 0));
+        // The endpoint first, then the address.
+        assert_eq!(at(b.id, 0), (ip("10.1.0.3"), 0));
+        assert_eq!(at(b.id, 1), (ip("10.0.2.3"), 0));
+        assert!(k.maglev[&a.id].iter().all(|i| *i < 2));
+        let netns = k.map::<SockNetnsMap>();
+        let fake = FakeKernel::default();
+        let of = |path: &str| netns[&fake.netns_cookie(path).unwrap()];
+        assert_eq!(
+            of("/run/netns/one"),
+            SockNetns {
+                addr: ip("10.1.0.2"),
+                overlays: 0b11
+            }
+        );
+        assert_eq!(
+            of("/run/netns/two"),
+            SockNetns {
+                addr: ip("10.1.0.3"),
+                overlays: 0
+            }
+        );
+        assert_eq!(
+            of("/run/netns/far"),
+            SockNetns {
+                addr: 0,
+                overlays: 0b10
+            }
+        );
     }
 
     #[test]

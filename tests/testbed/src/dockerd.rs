@@ -332,6 +332,17 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// The cgroup (v2) its containers' cgroups are under (`--cgroup-parent`), once it has
+    /// made it (with its first container): for the agent's `--container-cgroup`.
+    pub fn containers_cgroup(&self) -> Option<PathBuf> {
+        process::cgroup_dirs(&self.cgroup_parent)
+            .into_iter()
+            .filter(|dir| dir.file_name().is_some_and(|n| *n == *self.cgroup_parent))
+            .min_by_key(|dir| dir.components().count())
+    }
+}
+
 impl Drop for Engine {
     fn drop(&mut self) {
         // 1. Containers, while the engine still runs; 2. the engine.

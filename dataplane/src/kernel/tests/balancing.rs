@@ -63,7 +63,8 @@ fn service(dp: &mut Datapath, backends: &[[u8; 4]], algo: u8) {
         id: 1,
         backend_count: backends.len() as u32,
         algorithm: algo,
-        _pad: [0; 3],
+        overlay: 0,
+        _pad: [0; 2],
     };
     dp.set::<crate::kernel::maps::Services>(key, info).unwrap();
     let endpoint = EndpointInfo {

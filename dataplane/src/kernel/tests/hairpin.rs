@@ -98,7 +98,8 @@ fn host(dp: &mut Datapath) {
         id: 1,
         backend_count: 1,
         algorithm: algorithm::MAGLEV,
-        _pad: [0; 3],
+        overlay: 0,
+        _pad: [0; 2],
     };
     dp.set::<crate::kernel::maps::Services>(service, info)
         .unwrap();

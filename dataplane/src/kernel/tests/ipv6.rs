@@ -717,7 +717,8 @@ fn with_service6(dp: &mut crate::kernel::Datapath, backends: &[&str]) {
                 id: 1,
                 backend_count: backends.len() as u32,
                 algorithm: algorithm::MAGLEV,
-                _pad: [0; 3],
+                overlay: 0,
+                _pad: [0; 2],
             },
         )
         .unwrap();

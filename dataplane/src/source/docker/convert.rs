@@ -21,7 +21,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use super::api::{ContainerInspect, NetworkInspect};
+use super::{
+    api::{ContainerInspect, NetworkInspect},
+    swarm::SwarmView,
+};
 use crate::model::{
     Cidr, Cidr6, EndpointSpec, InterfaceSpec, Model, NetworkSpec, PortSpec, PortValue, Protocol,
     ServiceSpec, StateError, StateFile, parse_mac,
@@ -66,6 +69,8 @@ pub struct Inputs<'a> {
     /// Whether an interface exists in the agent's namespace now (the reconciler refuses a
     /// model that names one that does not).
     pub interface_exists: &'a dyn Fn(&str) -> bool,
+    /// The Swarm view, when the node is in a swarm: its overlay networks' service VIPs.
+    pub swarm: Option<&'a SwarmView>,
 }
 
 /// A state file and what was left out of it, and why (for the log).
@@ -88,15 +93,31 @@ pub fn build(inputs: &Inputs<'_>, vips: &mut VipAllocator) -> Built {
         let Some(endpoint) = endpoint(container, &networks, inputs, &mut notes) else {
             continue;
         };
-        ports.extend(published_ports(container, &endpoint.name, &mut notes));
+        // Ports lead to the container's first interface; one on overlays alone has none of
+        // ours (a Swarm task's host-mode ports are on docker_gwbridge, which its inspect
+        // does not list).
+        if !endpoint.interfaces.is_empty() {
+            ports.extend(published_ports(container, &endpoint.name, &mut notes));
+        }
         members.push((endpoint.name.clone(), container));
         endpoints.push(endpoint);
     }
+    // Our VIPs stay out of the overlays' subnets too, where Swarm's VIPs and tasks are.
+    let overlay_subnets = inputs
+        .swarm
+        .into_iter()
+        .flat_map(|view| &view.networks)
+        .flat_map(|overlay| &overlay.subnets);
     let subnets: Vec<Cidr> = networks
         .iter()
-        .filter_map(|(n, _)| Cidr::parse(n.subnet.as_deref()?).ok())
+        .filter_map(|(n, _)| n.subnet.as_deref())
+        .chain(overlay_subnets.map(String::as_str))
+        .filter_map(|subnet| Cidr::parse(subnet).ok())
         .collect();
-    let services = services(&members, vips, &subnets, &mut notes);
+    let mut services = services(&members, vips, &subnets, &mut notes);
+    if let Some(view) = inputs.swarm {
+        services.extend(swarm_services(view));
+    }
     Built {
         spec: StateFile {
             uplink: None,
@@ -239,7 +260,18 @@ fn endpoint(
         settings.networks.iter().collect();
     attached.sort_by_key(|(net, _)| (net.as_str() != primary, net.as_str()));
     let mut interfaces = Vec::new();
+    let mut overlays = Vec::new();
     for (net_name, ep) in attached {
+        let is_overlay = inputs.networks.iter().any(|n| {
+            n.driver == "overlay"
+                && ((!ep.network_id.is_empty() && n.id == ep.network_id) || n.name == *net_name)
+        });
+        if is_overlay {
+            // Its interface is in the overlay's own namespace: no veth of ours, but its
+            // sockets are translated for the network's service VIPs.
+            overlays.push(net_name.clone());
+            continue;
+        }
         let Some((network, _)) = networks.iter().find(|(n, id)| {
             (!ep.network_id.is_empty() && *id == ep.network_id) || n.name == *net_name
         }) else {
@@ -308,7 +340,8 @@ fn endpoint(
             host_veth: host_veth.clone(),
         });
     }
-    if interfaces.is_empty() {
+    // On overlays alone it is still one: its sockets, for the overlays' VIPs.
+    if interfaces.is_empty() && overlays.is_empty() {
         return None;
     }
     Some(EndpointSpec {
@@ -317,7 +350,55 @@ fn endpoint(
         interfaces,
         // The running container's own process: the namespace its sockets live in.
         netns: Some(format!("/proc/{}/ns/net", container.inspect.state.pid)),
+        overlays,
     })
+}
+
+/// The service VIPs of the swarm's overlay networks (not `ingress`, whose VIPs serve the
+/// routing mesh): one service per Swarm service, network and protocol, named
+/// `<service>@<network>` (`/udp` for UDP), on every port as Swarm's VIP is, over the tasks of
+/// every node by name and overlay address. Every node's agent builds the same list, so the
+/// same Maglev table: a connection picks the same task whichever node it starts on. Only
+/// containers on the network have their sockets translated (`overlay`); its tasks are
+/// reached over Docker's own VXLAN overlay.
+pub(super) fn swarm_services(view: &SwarmView) -> Vec<ServiceSpec> {
+    let mut out = Vec::new();
+    for overlay in view.networks.iter().filter(|n| !n.ingress) {
+        for service in &overlay.services {
+            let Some(IpAddr::V4(vip)) = service.vip else {
+                continue; // dnsrr: Docker's DNS answers the tasks' addresses themselves
+            };
+            let addresses: BTreeMap<String, String> = service
+                .tasks
+                .iter()
+                .filter_map(|t| match t.ip {
+                    Some(IpAddr::V4(ip)) => Some((t.name.clone(), ip.to_string())),
+                    _ => None,
+                })
+                .collect();
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                let name = match protocol {
+                    Protocol::Tcp => format!("{}@{}", service.name, overlay.name),
+                    Protocol::Udp => format!("{}@{}/udp", service.name, overlay.name),
+                };
+                out.push(ServiceSpec {
+                    name,
+                    vip: Some(vip.to_string()),
+                    vip6: None,
+                    port: 0,
+                    protocol: protocol.to_string(),
+                    target_port: None,
+                    selector: None,
+                    endpoints: None,
+                    algorithm: "maglev".into(),
+                    weights: BTreeMap::new(),
+                    addresses: addresses.clone(),
+                    overlay: Some(overlay.name.clone()),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// "80/tcp" -> (80, tcp).
@@ -586,6 +667,8 @@ fn services(
                 endpoints: Some(endpoints.into_iter().collect()),
                 algorithm: "maglev".into(),
                 weights: BTreeMap::new(),
+                addresses: BTreeMap::new(),
+                overlay: None,
             });
         }
     }
@@ -974,6 +1057,7 @@ mod tests {
                 networks,
                 containers,
                 interface_exists: &exists,
+                swarm: None,
             },
             vips,
         )
@@ -1124,6 +1208,7 @@ mod tests {
                 networks: &networks,
                 containers: &containers,
                 interface_exists: &exists,
+                swarm: None,
             },
             &mut vips(),
         );

@@ -198,6 +198,8 @@ struct Engine {
     notes: BTreeSet<String>,
     /// Full syncs done.
     syncs: u64,
+    /// The last Swarm view read well: its overlays' service VIPs are in the model.
+    swarm: Option<SwarmView>,
 }
 
 /// What a batch of events asks to re-read.
@@ -259,6 +261,7 @@ async fn follow(
         published: None,
         notes: BTreeSet::new(),
         syncs: 0,
+        swarm: None,
     };
     let mut backoff = RECONNECT_MIN;
     let mut last_error = String::new();
@@ -341,7 +344,7 @@ async fn session_inner(
         engine.containers.len()
     );
     publish(engine, tx);
-    read_swarm(&client, swarm).await;
+    follow_swarm(&client, engine, tx, swarm).await;
     let mut swarm_tick = tokio::time::interval_at(Instant::now() + SWARM_REFRESH, SWARM_REFRESH);
     swarm_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -368,7 +371,7 @@ async fn session_inner(
             }
             _ = sleep_until(deadline), if deadline.is_some() => true,
             _ = swarm_tick.tick() => {
-                read_swarm(&client, swarm).await;
+                follow_swarm(&client, engine, tx, swarm).await;
                 continue;
             }
         };
@@ -383,7 +386,7 @@ async fn session_inner(
             refresh(&client, engine, dirty).await?;
             publish(engine, tx);
             if swarm_dirty {
-                read_swarm(&client, swarm).await;
+                follow_swarm(&client, engine, tx, swarm).await;
             }
             quiet_after = Instant::now() + DEBOUNCE;
         }
@@ -403,6 +406,29 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
+}
+
+/// Reads the Swarm view, hands it on, and publishes a model with its service VIPs when they
+/// changed. On an error the last view stays (in the model too), marked with it.
+async fn follow_swarm(
+    client: &Client,
+    engine: &mut Engine,
+    tx: &watch::Sender<Option<Published>>,
+    swarm: &watch::Sender<Option<SwarmView>>,
+) {
+    read_swarm(client, swarm).await;
+    let view = swarm.borrow();
+    if view.as_ref().is_none_or(|v| v.error.is_none())
+        && overlays_of(&engine.swarm) != overlays_of(&view)
+    {
+        engine.swarm = view.clone();
+        drop(view);
+        publish(engine, tx);
+    }
+}
+
+fn overlays_of(view: &Option<SwarmView>) -> Option<&Vec<Overlay>> {
+    view.as_ref().map(|v| &v.networks)
 }
 
 /// Reads the Swarm view and hands it on; on an error the last view stays, marked with it.
@@ -617,6 +643,7 @@ fn publish(engine: &mut Engine, tx: &watch::Sender<Option<Published>>) {
             networks: &engine.networks,
             containers: &engine.containers,
             interface_exists: &exists,
+            swarm: engine.swarm.as_ref(),
         },
         &mut engine.vips,
     );

@@ -223,6 +223,56 @@ mod tests {
         }
     }
 
+    /// The VIP services a manager's agent and a worker's build from their own engines'
+    /// answers are the same, so every node has the same Maglev table: a connection picks
+    /// the same task whichever node it starts on.
+    #[test]
+    fn every_node_builds_the_same_vip_services_from_its_own_engine() {
+        let on_manager = build(
+            manager(),
+            vec![
+                overlay(fixture!("manager-network-ov1-verbose.json")),
+                overlay(fixture!("manager-network-ingress-verbose.json")),
+            ],
+            None,
+            None,
+            7,
+        );
+        let on_worker = build(
+            worker(),
+            vec![overlay(fixture!("worker-network-ov1-verbose.json"))],
+            None,
+            None,
+            9,
+        );
+        let services = super::super::convert::swarm_services(&on_manager);
+        assert_eq!(services, super::super::convert::swarm_services(&on_worker));
+        // One per protocol on ov1 (ingress's VIPs are the routing mesh's, not these).
+        let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["web@ov1", "web@ov1/udp"]);
+        let web = &services[0];
+        assert_eq!((web.port, web.overlay.as_deref()), (0, Some("ov1")));
+        let tasks: Vec<(&str, &str)> = web
+            .addresses
+            .iter()
+            .map(|(n, a)| (n.as_str(), a.as_str()))
+            .collect();
+        assert_eq!(
+            tasks,
+            [
+                ("web.1.jss2iafjpu4m4a10thkmbb5v0", "10.0.1.3"),
+                ("web.2.p72pvqs86zefbp6w18191ffnq", "10.0.1.4"),
+                ("web.3.cgpsvgheip8cm0gicq4gy3qx6", "10.0.1.5"),
+            ]
+        );
+        let spec = crate::model::StateFile {
+            services,
+            ..Default::default()
+        };
+        let model = crate::model::Model::from_spec(&spec).unwrap();
+        assert_eq!(model.services[0].remote.len(), 3);
+    }
+
     #[test]
     fn a_managers_view_has_every_task_with_its_node_name_and_the_cluster_lists() {
         let nodes: Vec<models::Node> =
