@@ -487,7 +487,8 @@ fn every_task_answers(
 /// The agent on a worker answers web's VIP on the overlay for the containers on it, at
 /// connect() (its socket hooks on the engine's cgroup parent): over the tasks of every node,
 /// by Docker's own VXLAN, each task seeing the caller's own overlay address. It follows a
-/// scale-down within seconds, and a killed agent's pinned hooks go on answering.
+/// scale-down and a drained node within seconds, and a killed agent's pinned hooks go on
+/// answering.
 #[test]
 fn an_agent_on_a_worker_answers_the_service_vip_with_the_tasks_of_every_node() {
     let swarm = Swarm::start(3);
@@ -584,7 +585,36 @@ fn an_agent_on_a_worker_answers_the_service_vip_with_the_tasks_of_every_node() {
     );
     every_task_answers(worker, "client", &vip, &client_ip, &two);
 
+    // Another node with a task drained (at most one task per node: it is not rescheduled):
+    // its task leaves the VIP.
+    let drained = swarm
+        .nodes
+        .iter()
+        .enumerate()
+        .find(|(i, node)| {
+            *i != 1
+                && !node
+                    .docker_ok(&[
+                        "ps",
+                        "-q",
+                        "--filter",
+                        "label=com.docker.swarm.service.name=web",
+                    ])
+                    .is_empty()
+        })
+        .map(|(_, node)| node.hostname.clone())
+        .expect("a task on another node than the worker");
+    manager.docker_ok(&["node", "update", "--availability", "drain", &drained]);
+    let one = wait_for("web's one task container", || {
+        let tasks = task_containers(&swarm);
+        (tasks.len() == 1).then_some(tasks)
+    });
+    agent.wait_for_within(Duration::from_secs(30), "web@ov with one task", |s| {
+        backends(s) == 1
+    });
+    every_task_answers(worker, "client", &vip, &client_ip, &one);
+
     // The agent killed: its pinned hooks and maps go on answering.
     agent.stop("KILL");
-    every_task_answers(worker, "client", &vip, &client_ip, &two);
+    every_task_answers(worker, "client", &vip, &client_ip, &one);
 }
