@@ -534,6 +534,39 @@ fn in_container_ok(sandbox: &Sandbox, cgroup: &TestCgroup, target: &str, cmd: &[
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// [`UDP_CLIENT`] in container `target`: `count` datagrams to `addr`:`port`, each from a
+/// new unconnected socket; per reply (the address it came from, the server's name). Fails
+/// unless every datagram was answered.
+fn container_udp(
+    sandbox: &Sandbox,
+    cgroup: &TestCgroup,
+    target: &str,
+    addr: &str,
+    port: u16,
+    count: usize,
+) -> Vec<(String, String)> {
+    let (port, count_text) = (port.to_string(), count.to_string());
+    let cmd = [
+        "/usr/bin/python3",
+        "-c",
+        UDP_CLIENT,
+        addr,
+        &port,
+        &count_text,
+    ];
+    let udp = in_container_ok(sandbox, cgroup, target, &cmd);
+    let replies: Vec<(String, String)> = udp
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(peer, rest)| {
+            let name = rest.split_whitespace().next().unwrap_or_default();
+            (peer.to_owned(), name.to_owned())
+        })
+        .collect();
+    assert_eq!(replies.len(), count, "{udp}");
+    replies
+}
+
 fn per_name<'a>(names: impl Iterator<Item = &'a str>) -> BTreeMap<&'a str, usize> {
     names.fold(BTreeMap::new(), |mut m, n| {
         *m.entry(n).or_insert(0) += 1;
@@ -593,31 +626,13 @@ fn an_overlay_vip_on_every_port_is_translated_for_the_containers_on_it_only() {
         "curl's 'could not connect': {other:?}"
     );
     // UDP, unconnected sockets: replies from the VIP, from both backends.
-    let udp = in_container_ok(
-        &sandbox,
-        &cgroup,
-        "client",
-        &[
-            "/usr/bin/python3",
-            "-c",
-            UDP_CLIENT,
-            "10.96.0.20",
-            "80",
-            "20",
-        ],
-    );
-    let replies: Vec<(&str, &str)> = udp
-        .lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(peer, rest)| (peer, rest.split_whitespace().next().unwrap_or_default()))
-        .collect();
-    assert_eq!(replies.len(), 20, "{udp}");
+    let replies = container_udp(&sandbox, &cgroup, "client", "10.96.0.20", 80, 20);
     assert!(
         replies.iter().all(|(peer, _)| *peer == "10.96.0.20:80"),
         "{replies:?}"
     );
     assert_eq!(
-        per_name(replies.iter().map(|(_, n)| *n)).len(),
+        per_name(replies.iter().map(|(_, n)| n.as_str())).len(),
         2,
         "{replies:?}"
     );
@@ -700,30 +715,12 @@ fn a_container_reaches_a_vip_translated_at_its_socket_over_tcp_and_udp() {
         status.maps
     );
     // UDP, unconnected sockets: each reply from the VIP (recvmsg4), every backend used.
-    let udp = in_container_ok(
-        &sandbox,
-        &cgroup,
-        "client",
-        &[
-            "/usr/bin/python3",
-            "-c",
-            UDP_CLIENT,
-            "10.96.0.13",
-            "53",
-            "30",
-        ],
-    );
-    let replies: Vec<(&str, &str)> = udp
-        .lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(peer, rest)| (peer, rest.split_whitespace().next().unwrap_or_default()))
-        .collect();
-    assert_eq!(replies.len(), 30, "{udp}");
+    let replies = container_udp(&sandbox, &cgroup, "client", "10.96.0.13", 53, 30);
     assert!(
         replies.iter().all(|(peer, _)| *peer == "10.96.0.13:53"),
         "{replies:?}"
     );
-    let names = per_name(replies.iter().map(|(_, n)| *n));
+    let names = per_name(replies.iter().map(|(_, n)| n.as_str()));
     eprintln!("30 container UDP sockets to the VIP, per backend: {names:?}");
     assert_eq!(names.len(), 3, "{names:?}");
     // getpeername() says the VIP.
