@@ -762,11 +762,12 @@ impl Model {
     /// service backend or published port goes through, so that it is not a search of the list
     /// each time (quadratic at thousands of them).
     pub fn endpoints_by_name(&self) -> HashMap<&str, &Endpoint> {
-        let mut by_name = HashMap::new();
-        for endpoint in &self.endpoints {
-            by_name.entry(endpoint.name.as_str()).or_insert(endpoint);
-        }
-        by_name
+        first_by_name(&self.endpoints, |e| &e.name)
+    }
+
+    /// Every service by its name, for the published ports that lead to one.
+    pub fn services_by_name(&self) -> HashMap<&str, &Service> {
+        first_by_name(&self.services, |s| &s.name)
     }
 
     /// Reads and validates a state file (YAML or JSON). The agent reads its state file through
@@ -1289,6 +1290,7 @@ impl Model {
         let mut ports: Vec<PublishedPort> = Vec::new();
         let mut book = PortBook::default();
         let endpoint_names: BTreeSet<&str> = endpoints.iter().map(|e| e.name.as_str()).collect();
+        let services_by_name = first_by_name(services, |s| &s.name);
         for (i, p) in spec.ports.iter().enumerate() {
             let entry = format!("ports[{i}]");
             let target = match (&p.endpoint, &p.service) {
@@ -1303,7 +1305,7 @@ impl Model {
                     PortTarget::Endpoint(e.clone())
                 }
                 (None, Some(s)) => {
-                    match services.iter().find(|x| &x.name == s) {
+                    match services_by_name.get(s.as_str()) {
                         None => {
                             return Err(invalid(
                                 entry,
@@ -1548,6 +1550,15 @@ impl Model {
     pub fn network(&self, name: &str) -> Option<&Network> {
         self.networks.iter().find(|n| n.name == name)
     }
+}
+
+/// The first of each name in `items`.
+fn first_by_name<T>(items: &[T], name: impl Fn(&T) -> &String) -> HashMap<&str, &T> {
+    let mut by_name = HashMap::new();
+    for item in items {
+        by_name.entry(name(item).as_str()).or_insert(item);
+    }
+    by_name
 }
 
 /// Most overlay networks services may be scoped to: one bit each in a container

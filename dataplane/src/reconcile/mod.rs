@@ -498,8 +498,9 @@ pub fn desired(
         desired.services.insert(service.name.clone(), wanted);
     }
     maglev.pass_done();
+    let services = model.services_by_name();
     for (i, port) in model.ports.iter().enumerate() {
-        add_port(&mut desired, model, &endpoints, i, port)?;
+        add_port(&mut desired, model, &endpoints, &services, i, port)?;
     }
     let addresses = kernel.addresses();
     for (_, addr) in &addresses {
@@ -667,6 +668,7 @@ fn add_port(
     desired: &mut Desired,
     model: &Model,
     endpoints: &HashMap<&str, &crate::model::Endpoint>,
+    services: &HashMap<&str, &crate::model::Service>,
     i: usize,
     port: &crate::model::PublishedPort,
 ) -> Result<(), ReconcileError> {
@@ -692,10 +694,8 @@ fn add_port(
     let name = match &port.target {
         ModelPortTarget::Endpoint(name) => name,
         ModelPortTarget::Service(name) => {
-            let service = model
-                .services
-                .iter()
-                .find(|s| &s.name == name)
+            let service = services
+                .get(name.as_str())
                 .expect("validated: the port's service exists");
             if port.host_ports.len() != 1 || service.protocol != port.protocol {
                 return Err(StateError::Invalid {
