@@ -746,16 +746,12 @@ fn entry_label(kind: &str, index: usize, name: &str) -> String {
 }
 
 impl Model {
-    /// The overlay networks services are scoped to, numbered from 1 in name order: what the
-    /// socket hooks know them by (`ServiceInfo::overlay`, bits of `SockNetns::overlays`).
-    pub fn overlay_numbers(&self) -> BTreeMap<&str, u8> {
-        let names: BTreeSet<&str> = self
-            .services
+    /// The overlay networks services are scoped to (at most [`MAX_OVERLAYS`]).
+    pub fn overlays(&self) -> BTreeSet<&str> {
+        self.services
             .iter()
             .filter_map(|s| s.overlay.as_deref())
-            .collect();
-        // At most MAX_OVERLAYS, which validation keeps.
-        names.into_iter().zip(1..).collect()
+            .collect()
     }
 
     /// Every endpoint by its name (the first of a name): what looking an endpoint up for each
@@ -2078,7 +2074,7 @@ policies:
             ]
         );
         assert_eq!(model.endpoints[0].overlays, ["front", "ov"]);
-        assert_eq!(model.overlay_numbers(), BTreeMap::from([("ov", 1)]));
+        assert_eq!(model.overlays(), BTreeSet::from(["ov"]));
         // Backends by address are backends: no warning.
         assert!(model.warnings().is_empty(), "{:?}", model.warnings());
         // A Swarm service without tasks yet: no backend, a warning, not an error.

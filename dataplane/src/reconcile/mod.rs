@@ -28,7 +28,10 @@ use crate::{
             Ports6, Reconciled, Services, Services6, SockNetnsMap,
         },
     },
-    model::{Algorithm, GatewayMode, Model, PortTarget as ModelPortTarget, Protocol, StateError},
+    model::{
+        Algorithm, GatewayMode, MAX_OVERLAYS, Model, PortTarget as ModelPortTarget, Protocol,
+        StateError,
+    },
 };
 
 /// Source ports masquerade uses, kept apart from Linux's default ephemeral range
@@ -485,7 +488,7 @@ pub fn desired(
             desired.attachments.insert((cgroup.clone(), hook));
         }
     }
-    let overlays = model.overlay_numbers();
+    let overlays = overlay_numbers(model, kernel)?;
     add_endpoints(&mut desired, model, &policy, &overlays, kernel)?;
     let endpoints = model.endpoints_by_name();
     for service in &model.services {
@@ -544,6 +547,52 @@ pub fn desired(
         })
         .collect();
     Ok(desired)
+}
+
+/// The number (1-32) of each overlay network services are scoped to, what the socket hooks
+/// know it by (`ServiceInfo::overlay`, a bit of `SockNetns::overlays`). An overlay keeps the
+/// number its services have in the kernel (across passes and agent restarts): renumbering
+/// would rewrite the services and the namespaces' bits in two steps of a pass, between which
+/// a connect() could find the two disagree and go untranslated. A new one takes the lowest
+/// free number.
+fn overlay_numbers<'m>(
+    model: &'m Model,
+    kernel: &impl Kernel,
+) -> Result<BTreeMap<&'m str, u8>, ReconcileError> {
+    let overlays = model.overlays();
+    let mut numbers = BTreeMap::new();
+    if overlays.is_empty() {
+        return Ok(numbers);
+    }
+    let current = kernel.entries::<Services>()?;
+    let mut used = BTreeSet::new();
+    for service in &model.services {
+        let (Some(overlay), Some(vip)) = (service.overlay.as_deref(), service.vip) else {
+            continue;
+        };
+        let key = ServiceKey {
+            vip: be(vip),
+            port: service.port.to_be(),
+            proto: service.protocol.number(),
+            _pad: 0,
+        };
+        if let Some(info) = current.get(&key)
+            && (1..=MAX_OVERLAYS as u8).contains(&info.overlay)
+            && !numbers.contains_key(overlay)
+            && used.insert(info.overlay)
+        {
+            numbers.insert(overlay, info.overlay);
+        }
+    }
+    let mut free = (1..=MAX_OVERLAYS as u8).filter(|n| !used.contains(n));
+    for overlay in overlays {
+        if !numbers.contains_key(overlay) {
+            // Validation keeps the overlays within MAX_OVERLAYS: a number is always free.
+            let n = free.next().expect("at most MAX_OVERLAYS overlays");
+            numbers.insert(overlay, n);
+        }
+    }
+    Ok(numbers)
 }
 
 fn missing_interface(entry: String, field: String, name: &str) -> StateError {
@@ -1714,6 +1763,24 @@ services:
                 addr: 0,
                 overlays: 0b10
             }
+        );
+
+        // A service on a new overlay that sorts first: the others keep their numbers (and
+        // the namespaces their bits); it takes the lowest free one.
+        let state = state.replacen("overlays: [ov1, ov2, none]", "overlays: [ov1, ov2, aaa]", 1)
+            + "  - {name: c, vip: 10.0.3.2, port: 0, overlay: aaa, addresses: {t4: 10.0.3.3}}\n";
+        reconcile(&model(&state), &mut k).unwrap();
+        let svcs = services(&k);
+        let numbers: Vec<u8> = ["10.0.1.2", "10.0.2.2", "10.0.3.2"]
+            .iter()
+            .zip([6, 17, 6])
+            .map(|(vip, proto)| svcs[&key(vip, proto)].overlay)
+            .collect();
+        assert_eq!(numbers, [1, 2, 3]);
+        let netns = k.map::<SockNetnsMap>();
+        assert_eq!(
+            netns[&fake.netns_cookie("/run/netns/one").unwrap()].overlays,
+            0b111
         );
     }
 
