@@ -698,7 +698,7 @@ fn services_summary(model: &Model) -> String {
                 s.vip.map(|v| v.to_string()).unwrap_or_default(),
                 s.port,
                 s.protocol,
-                s.backends.len()
+                s.backends.len() + s.remote.len()
             )
         })
         .collect();
