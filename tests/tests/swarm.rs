@@ -135,21 +135,21 @@ fn vip_on_ov(manager: &Node) -> String {
         .to_owned()
 }
 
-/// The short ids (the hostnames) of web's task containers on every node.
+/// The short ids (a task's hostname is its container's) of web's running task containers
+/// on `node`.
+fn web_tasks_on(node: &Node) -> Vec<String> {
+    let out = node.docker_ok(&[
+        "ps",
+        "-q",
+        "--filter",
+        "label=com.docker.swarm.service.name=web",
+    ]);
+    out.lines().map(str::to_owned).collect()
+}
+
+/// The short ids of web's task containers on every node.
 fn task_containers(swarm: &Swarm) -> BTreeSet<String> {
-    swarm
-        .nodes
-        .iter()
-        .flat_map(|node| {
-            let out = node.docker_ok(&[
-                "ps",
-                "-q",
-                "--filter",
-                "label=com.docker.swarm.service.name=web",
-            ]);
-            out.lines().map(str::to_owned).collect::<Vec<_>>()
-        })
-        .collect()
+    swarm.nodes.iter().flat_map(web_tasks_on).collect()
 }
 
 /// Waits until every node of `swarm` has joined and is ready, as its manager sees them.
@@ -244,13 +244,7 @@ fn three_nodes_serve_a_service_on_an_overlay_across_nodes() {
             continue;
         }
         let node = swarm.node_at(host).expect("a task on a node of the swarm");
-        // A task's hostname is its container's short id.
-        let container = node.docker_ok(&[
-            "ps",
-            "-q",
-            "--filter",
-            "label=com.docker.swarm.service.name=web",
-        ]);
+        let container = web_tasks_on(node).join("\n");
         let reached = Instant::now();
         // The first packet may race the overlay's neighbour entries being programmed.
         let reply = wait_for(&format!("client reaching {task_ip} on {host}"), || {
@@ -554,12 +548,7 @@ fn an_agent_on_a_worker_answers_the_service_vip_with_the_tasks_of_every_node() {
     );
     every_task_answers(worker, "client", &vip, &client_ip, &tasks);
     // A task calls its own service too, and reaches the tasks of the other nodes.
-    let own = worker.docker_ok(&[
-        "ps",
-        "-q",
-        "--filter",
-        "label=com.docker.swarm.service.name=web",
-    ]);
+    let own = web_tasks_on(worker).join("\n");
     let own_ip = worker.docker_ok(&[
         "inspect",
         "-f",
@@ -591,17 +580,7 @@ fn an_agent_on_a_worker_answers_the_service_vip_with_the_tasks_of_every_node() {
         .nodes
         .iter()
         .enumerate()
-        .find(|(i, node)| {
-            *i != 1
-                && !node
-                    .docker_ok(&[
-                        "ps",
-                        "-q",
-                        "--filter",
-                        "label=com.docker.swarm.service.name=web",
-                    ])
-                    .is_empty()
-        })
+        .find(|(i, node)| *i != 1 && !web_tasks_on(node).is_empty())
         .map(|(_, node)| node.hostname.clone())
         .expect("a task on another node than the worker");
     manager.docker_ok(&["node", "update", "--availability", "drain", &drained]);

@@ -1301,22 +1301,15 @@ impl Model {
                     PortTarget::Endpoint(e.clone())
                 }
                 (None, Some(s)) => {
-                    match services_by_name.get(s.as_str()) {
-                        None => {
-                            return Err(invalid(
-                                entry,
-                                "service",
-                                format!("unknown service {s:?}"),
-                            ));
-                        }
-                        Some(x) if x.port == 0 => {
-                            return Err(invalid(
-                                entry,
-                                "service",
-                                format!("{s:?} is on every port (port 0): publish a port of it"),
-                            ));
-                        }
-                        Some(_) => {}
+                    let Some(service) = services_by_name.get(s.as_str()) else {
+                        return Err(invalid(entry, "service", format!("unknown service {s:?}")));
+                    };
+                    if service.port == 0 {
+                        return Err(invalid(
+                            entry,
+                            "service",
+                            format!("{s:?} is on every port (port 0): publish a port of it"),
+                        ));
                     }
                     PortTarget::Service(s.clone())
                 }

@@ -492,12 +492,12 @@ pub fn desired(
     add_endpoints(&mut desired, model, &policy, &overlays, kernel)?;
     let endpoints = model.endpoints_by_name();
     for service in &model.services {
-        let mut wanted = desired_service(&endpoints, service, kernel.maglev_size(), maglev);
-        wanted.overlay = service
+        let overlay = service
             .overlay
             .as_deref()
             .and_then(|o| overlays.get(o).copied())
             .unwrap_or(0);
+        let wanted = desired_service(&endpoints, service, overlay, kernel.maglev_size(), maglev);
         desired.services.insert(service.name.clone(), wanted);
     }
     maglev.pass_done();
@@ -567,14 +567,8 @@ fn overlay_numbers<'m>(
     let current = kernel.entries::<Services>()?;
     let mut used = BTreeSet::new();
     for service in &model.services {
-        let (Some(overlay), Some(vip)) = (service.overlay.as_deref(), service.vip) else {
+        let (Some(overlay), Some(key)) = (service.overlay.as_deref(), service_key(service)) else {
             continue;
-        };
-        let key = ServiceKey {
-            vip: be(vip),
-            port: service.port.to_be(),
-            proto: service.protocol.number(),
-            _pad: 0,
         };
         if let Some(info) = current.get(&key)
             && (1..=MAX_OVERLAYS as u8).contains(&info.overlay)
@@ -861,6 +855,8 @@ fn address6_of(itf: &crate::model::Interface) -> Option<In6Addr> {
 fn desired_service(
     endpoints: &HashMap<&str, &crate::model::Endpoint>,
     service: &crate::model::Service,
+    // Its overlay network's number, 0 for none.
+    overlay: u8,
     maglev_size: u32,
     maglev: &mut maglev::Memo,
 ) -> DesiredService {
@@ -912,12 +908,7 @@ fn desired_service(
         Algorithm::Maglev | Algorithm::SourceHash => maglev.table(&members, maglev_size),
         Algorithm::Random | Algorithm::RoundRobin => Arc::from([]),
     };
-    let key = service.vip.map(|vip| ServiceKey {
-        vip: be(vip),
-        port: service.port.to_be(),
-        proto: service.protocol.number(),
-        _pad: 0,
-    });
+    let key = service_key(service);
     let key6 = service.vip6.map(|vip6| ServiceKey6 {
         vip: be6(vip6),
         port: service.port.to_be(),
@@ -935,8 +926,18 @@ fn desired_service(
         key6,
         algorithm,
         table,
-        overlay: 0,
+        overlay,
     }
+}
+
+/// The key of `service`'s IPv4 VIP in the services map, if it has one.
+fn service_key(service: &crate::model::Service) -> Option<ServiceKey> {
+    service.vip.map(|vip| ServiceKey {
+        vip: be(vip),
+        port: service.port.to_be(),
+        proto: service.protocol.number(),
+        _pad: 0,
+    })
 }
 
 /// Brings the services to `desired`: a service keeps its id (and so its table and its

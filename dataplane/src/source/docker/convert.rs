@@ -262,19 +262,21 @@ fn endpoint(
     let mut interfaces = Vec::new();
     let mut overlays = Vec::new();
     for (net_name, ep) in attached {
-        let is_overlay = inputs.networks.iter().any(|n| {
-            n.driver == "overlay"
-                && ((!ep.network_id.is_empty() && n.id == ep.network_id) || n.name == *net_name)
-        });
+        // The network this attachment is on: by id, or by name where the engine gave none.
+        let is_it = |id: &str, name: &str| {
+            (!ep.network_id.is_empty() && id == ep.network_id) || name == net_name
+        };
+        let is_overlay = inputs
+            .networks
+            .iter()
+            .any(|n| n.driver == "overlay" && is_it(&n.id, &n.name));
         if is_overlay {
             // Its interface is in the overlay's own namespace: no veth of ours, but its
             // sockets are translated for the network's service VIPs.
             overlays.push(net_name.clone());
             continue;
         }
-        let Some((network, _)) = networks.iter().find(|(n, id)| {
-            (!ep.network_id.is_empty() && *id == ep.network_id) || n.name == *net_name
-        }) else {
+        let Some((network, _)) = networks.iter().find(|(n, id)| is_it(id, &n.name)) else {
             continue; // host, none, another driver, or a network left out above
         };
         let problem = |what: String| format!("container {name}: network {net_name}: {what}");
